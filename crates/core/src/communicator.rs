@@ -1,0 +1,460 @@
+//! The communicator: one per engine rank. A decode communicator registers its cache and listens; a prefill
+//! communicator connects to decode peers and writes blocks into them.
+//!
+//! ```
+//! use kvtransfer::{Communicator, CommunicatorSpec, Config, Role};
+//! use kvtransfer::memory::{CacheSpec, HostAllocation};
+//!
+//! let (blocks, bytes) = (8u32, 256u64);
+//! let mut src = HostAllocation::new((blocks as u64 * bytes) as usize).unwrap();
+//! let dst = HostAllocation::new((blocks as u64 * bytes) as usize).unwrap();
+//! src.as_mut_slice().iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+//! let spec = |role, addr| CommunicatorSpec {
+//!     role, gpu_idx: 0, port: 0, tp_size: 1, tp_idx: 0,
+//!     cache: CacheSpec { key: vec![addr], block_number: blocks, block_bytes: bytes, ..Default::default() },
+//! };
+//! let decode = Communicator::new(spec(Role::Decode, dst.addr()), Config::default()).unwrap();
+//! let port = decode.port();
+//! let prefill = Communicator::new(spec(Role::Prefill, src.addr()), Config::default()).unwrap();
+//! prefill.connect("127.0.0.1", port, 1).unwrap();
+//! prefill.write_cache("127.0.0.1", port, &[2, 3], &[0, 5], 0).unwrap();
+//! assert_eq!(&dst.as_slice()[..256], &src.as_slice()[512..768]);
+//! assert_eq!(&dst.as_slice()[1280..1536], &src.as_slice()[768..1024]);
+//! ```
+
+use crate::config::{Config, TransportChoice};
+use crate::control::{self, ControlServer, Hello, Reply, Welcome, PROTOCOL_VERSION};
+use crate::error::{Error, ErrorCode, Result};
+use crate::log::Logger;
+use crate::memory::{CacheLayout, CacheSpec, TensorSet};
+use crate::net;
+use crate::plan::{BlockPlan, SliceGeometry};
+use crate::transport::tcp::{Session, TcpLink, TcpReceiver};
+use crate::transport::Link;
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Which side of the transfer a communicator is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Owns finished KV blocks and writes them out.
+    Prefill,
+    /// Owns the cache the blocks are written into; listens on its port.
+    Decode,
+}
+
+impl Role {
+    /// `"prefill"` or `"decode"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Role> {
+        match s {
+            "prefill" => Ok(Role::Prefill),
+            "decode" => Ok(Role::Decode),
+            _ => Err(Error::invalid(format!("role must be \"prefill\" or \"decode\", not {s:?}"))),
+        }
+    }
+}
+
+/// Everything a communicator is built from, besides its configuration.
+#[derive(Debug, Clone)]
+pub struct CommunicatorSpec {
+    pub role: Role,
+    /// Picks the RDMA NIC (`KVCACHE_RDMA_NICS[gpu_idx % n]`).
+    pub gpu_idx: u32,
+    /// The decode side's control port (0 picks a free one; see [`Communicator::port`]). Unused by prefill.
+    pub port: u16,
+    pub cache: CacheSpec,
+    /// This rank's tensor-parallel size and index (prefill side; 1 and 0 for decode).
+    pub tp_size: u32,
+    pub tp_idx: u32,
+}
+
+/// The transport a communicator settled on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Tcp,
+}
+
+impl TransportKind {
+    /// The transport's name on the wire and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+        }
+    }
+}
+
+/// One side of KV-cache transfers. Safe to share between threads: writes to different peers run in
+/// parallel, writes to one peer one after another.
+pub struct Communicator {
+    role: Role,
+    gpu_idx: u32,
+    tp_size: u32,
+    tp_idx: u32,
+    cache: Arc<CacheLayout>,
+    config: Config,
+    transport: TransportKind,
+    log: Arc<Logger>,
+    closed: AtomicBool,
+    side: Side,
+}
+
+enum Side {
+    Prefill { zmq: zmq::Context, peers: Mutex<HashMap<String, Arc<Mutex<Peer>>>> },
+    Decode { port: u16, listening: Mutex<Option<(ControlServer, Arc<TcpReceiver>)>> },
+}
+
+/// A connected decode peer, as the prefill side sees it.
+struct Peer {
+    link: Box<dyn Link>,
+    plan: BlockPlan,
+    remote_blocks: u32,
+}
+
+impl Communicator {
+    /// Validates the cache, resolves the transport and, for a decode communicator, starts listening.
+    pub fn new(spec: CommunicatorSpec, config: Config) -> Result<Communicator> {
+        let log = Arc::new(Logger::new(&config, format!("{}:{}", spec.role.as_str(), spec.gpu_idx))?);
+        let built = Communicator::build(spec, config, log.clone());
+        if let Err(e) = &built {
+            log.error(format!("cannot create the communicator: {e}"));
+        }
+        built
+    }
+
+    fn build(spec: CommunicatorSpec, config: Config, log: Arc<Logger>) -> Result<Communicator> {
+        let cache = Arc::new(CacheLayout::new(spec.cache)?);
+        let (tp_size, tp_idx) = match spec.role {
+            Role::Prefill => {
+                SliceGeometry::for_ranks(spec.tp_size, spec.tp_idx, 1).map_err(|e| Error::invalid(e.message()))?;
+                (spec.tp_size, spec.tp_idx)
+            }
+            Role::Decode => (1, 0),
+        };
+        let transport = resolve_transport(&config, spec.gpu_idx, &log)?;
+        let side = match spec.role {
+            Role::Prefill => Side::Prefill { zmq: zmq::Context::new(), peers: Mutex::new(HashMap::new()) },
+            Role::Decode => listen(spec.port, &cache, &config, &log)?,
+        };
+        log.debug(format!(
+            "{} communicator ready: {} layers of {:?}, {} blocks of {} bytes, transport {}{}",
+            spec.role.as_str(),
+            cache.layers(),
+            cache.tensors().iter().map(|t| t.name()).collect::<Vec<_>>(),
+            cache.block_number(),
+            cache.kv_block_bytes(),
+            transport.as_str(),
+            match &side {
+                Side::Decode { port, .. } => format!(", control port {port}"),
+                Side::Prefill { .. } => format!(", tp {tp_idx}/{tp_size}"),
+            }
+        ));
+        Ok(Communicator {
+            role: spec.role,
+            gpu_idx: spec.gpu_idx,
+            tp_size,
+            tp_idx,
+            cache,
+            config,
+            transport,
+            log,
+            closed: AtomicBool::new(false),
+            side,
+        })
+    }
+
+    /// The role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    /// The GPU index given at construction.
+    pub fn gpu_idx(&self) -> u32 {
+        self.gpu_idx
+    }
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    /// The transport in use.
+    pub fn transport(&self) -> TransportKind {
+        self.transport
+    }
+    /// The registered cache.
+    pub fn cache(&self) -> &CacheLayout {
+        &self.cache
+    }
+    /// The control port a decode communicator listens on (0 for prefill).
+    pub fn port(&self) -> u16 {
+        match &self.side {
+            Side::Decode { port, .. } => *port,
+            Side::Prefill { .. } => 0,
+        }
+    }
+
+    /// Connects to the decode communicator at `ip:port` (whose tensor-parallel size is `dst_tp_size`).
+    /// Connecting to a connected peer does nothing.
+    pub fn connect(&self, ip: &str, port: u16, dst_tp_size: u32) -> Result<()> {
+        let result = self.try_connect(ip, port, dst_tp_size);
+        self.logged(&format!("connect to {ip}:{port}"), result)
+    }
+
+    fn try_connect(&self, ip: &str, port: u16, dst_tp_size: u32) -> Result<()> {
+        let (zmq, peers) = self.prefill_side("connect")?;
+        let key = peer_key(ip, port);
+        if peers.lock().unwrap().contains_key(&key) {
+            return Ok(());
+        }
+        SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size)?;
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Prefill.as_str().into(),
+            layers: self.cache.layers(),
+            tensors: self.cache.tensors().bits(),
+            block_bytes: self.cache.kv_block_bytes(),
+            scale_block_bytes: self.cache.scale_block_bytes(),
+            block_number: self.cache.block_number(),
+            tp_size: self.tp_size,
+            tp_idx: self.tp_idx,
+            dst_tp_size,
+            transports: vec![self.transport.as_str().into()],
+        };
+        let reply = control::request(zmq, ip, port, &control::encode(&hello), self.config.timeout)?;
+        let welcome = control::decode_reply(&reply)?;
+        let link: Box<dyn Link> = match welcome.transport.as_str() {
+            "tcp" => Box::new(TcpLink::connect(ip, welcome.tcp_port, welcome.token, self.cache.clone(), self.config.timeout)?),
+            other => return Err(Error::protocol(format!("the decode peer chose transport {other:?}, which was not offered"))),
+        };
+        self.log.debug(format!(
+            "connected to {key} over {}: its cache has {} blocks",
+            link.transport(),
+            welcome.block_number
+        ));
+        let peer = Peer { link, plan: BlockPlan::default(), remote_blocks: welcome.block_number };
+        self.check_open()?;
+        peers.lock().unwrap().entry(key).or_insert_with(|| Arc::new(Mutex::new(peer)));
+        Ok(())
+    }
+
+    /// Whether a connection to `ip:port` exists.
+    pub fn is_connected(&self, ip: &str, port: u16) -> bool {
+        match &self.side {
+            Side::Prefill { peers, .. } => peers.lock().unwrap().contains_key(&peer_key(ip, port)),
+            Side::Decode { .. } => false,
+        }
+    }
+
+    /// Writes blocks `local[i]` of layer `layer` (key and value, and scales if any) into blocks `remote[i]`
+    /// of the peer at `ip:port`. Returns once every byte is in the peer's memory. Nothing moves if any
+    /// argument is refused.
+    pub fn write_cache(&self, ip: &str, port: u16, local: &[u32], remote: &[u32], layer: u32) -> Result<()> {
+        let result = self.try_write(ip, port, local, remote, layer);
+        self.logged(&format!("writeCache to {ip}:{port} (layer {layer}, {} blocks)", local.len()), result)
+    }
+
+    fn try_write(&self, ip: &str, port: u16, local: &[u32], remote: &[u32], layer: u32) -> Result<()> {
+        let (_, peers) = self.prefill_side("writeCache")?;
+        let key = peer_key(ip, port);
+        let peer = peers.lock().unwrap().get(&key).cloned().ok_or_else(|| {
+            Error::new(ErrorCode::NotConnected, format!("not connected to {key}: call connect first"))
+        })?;
+        let mut guard = peer.lock().unwrap();
+        let peer_state = &mut *guard;
+        let cache = &*self.cache;
+        peer_state.plan.build(local, remote, layer, cache.layers(), cache.block_number(), peer_state.remote_blocks)?;
+        if peer_state.plan.is_empty() {
+            return Ok(());
+        }
+        let result = peer_state.link.write(&peer_state.plan);
+        if let Err(e) = &result {
+            if matches!(e.code(), ErrorCode::Transport | ErrorCode::Timeout | ErrorCode::Protocol) {
+                // The connection's state is unknown now: drop it, so the caller reconnects.
+                let mut map = peers.lock().unwrap();
+                if map.get(&key).is_some_and(|p| Arc::ptr_eq(p, &peer)) {
+                    map.remove(&key);
+                }
+            }
+        }
+        result
+    }
+
+    /// Closes every connection; a decode communicator stops listening and, once this returns, writes
+    /// nothing more into its cache. Later calls fail with `CLOSED`.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        match &self.side {
+            Side::Prefill { peers, .. } => peers.lock().unwrap().clear(),
+            Side::Decode { listening, .. } => {
+                // The control server goes first: it holds the last other reference to the receiver.
+                if let Some((control, receiver)) = listening.lock().unwrap().take() {
+                    drop(control);
+                    drop(receiver);
+                }
+            }
+        }
+        self.log.debug("closed");
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorCode::Closed, "the communicator is closed"));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn prefill_side(&self, op: &str) -> Result<(&zmq::Context, &Mutex<HashMap<String, Arc<Mutex<Peer>>>>)> {
+        self.check_open()?;
+        match &self.side {
+            Side::Prefill { zmq, peers } => Ok((zmq, peers)),
+            Side::Decode { .. } => Err(Error::invalid(format!("{op} is for prefill communicators; this one is decode"))),
+        }
+    }
+
+    fn logged<T>(&self, what: &str, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            self.log.error(format!("{what} failed: {e}"));
+        }
+        result
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn peer_key(ip: &str, port: u16) -> String {
+    format!("{ip}:{port}")
+}
+
+fn resolve_transport(config: &Config, gpu_idx: u32, log: &Logger) -> Result<TransportKind> {
+    match config.transport {
+        TransportChoice::Tcp => Ok(TransportKind::Tcp),
+        TransportChoice::Rdma => Err(Error::new(
+            ErrorCode::Unavailable,
+            "KVCACHE_TRANSPORT=rdma: this build has no RDMA transport; use tcp or auto",
+        )),
+        TransportChoice::Auto => {
+            log.debug(format!(
+                "transport auto: no RDMA transport in this build (NIC for GPU {gpu_idx}: {}), using tcp",
+                config.nic_for_gpu(gpu_idx).unwrap_or("none, KVCACHE_RDMA_NICS is unset")
+            ));
+            Ok(TransportKind::Tcp)
+        }
+    }
+}
+
+fn listen(port: u16, cache: &Arc<CacheLayout>, config: &Config, log: &Arc<Logger>) -> Result<Side> {
+    let ip = net::listen_addr(config.socket_ifname.as_deref())?;
+    if config.socket_ifname.is_none() && log.debug_enabled() {
+        let first = net::first_usable_interface().map(|(n, ip)| format!("{n} {ip}")).unwrap_or_else(|| "none".into());
+        log.debug(format!("KVCACHE_SOCKET_IFNAME unset: listening on all interfaces (first usable: {first})"));
+    }
+    let receiver = Arc::new(TcpReceiver::start(ip, cache.clone(), log.clone(), config.timeout)?);
+    let port = match port {
+        0 => free_port(ip)?,
+        p => p,
+    };
+    let handshake = Handshake { cache: cache.clone(), receiver: receiver.clone(), log: log.clone() };
+    let zmq = zmq::Context::new();
+    let control = ControlServer::bind(&zmq, &ip.to_string(), port, move |req| control::encode(&handshake.answer(req)))?;
+    Ok(Side::Decode { port, listening: Mutex::new(Some((control, receiver))) })
+}
+
+fn free_port(ip: std::net::IpAddr) -> Result<u16> {
+    let l = std::net::TcpListener::bind((ip, 0)).map_err(|e| Error::io("finding a free port", e))?;
+    l.local_addr().map(|a| a.port()).map_err(|e| Error::io("finding a free port", e))
+}
+
+/// The decode side's half of the handshake.
+struct Handshake {
+    cache: Arc<CacheLayout>,
+    receiver: Arc<TcpReceiver>,
+    log: Arc<Logger>,
+}
+
+impl Handshake {
+    fn answer(&self, request: &[u8]) -> Reply {
+        match self.accept(request) {
+            Ok(welcome) => Reply::Welcome(welcome),
+            Err(e) => {
+                self.log.error(format!("refused a connection: {e}"));
+                Reply::reject(&e)
+            }
+        }
+    }
+
+    fn accept(&self, request: &[u8]) -> Result<Welcome> {
+        let hello = control::decode_hello(request)?;
+        let cache = &*self.cache;
+        if hello.role != Role::Prefill.as_str() {
+            return Err(Error::protocol(format!("a {:?} communicator cannot connect to a decode one", hello.role)));
+        }
+        if hello.layers != cache.layers() {
+            return Err(Error::invalid(format!(
+                "layer count mismatch: the prefill cache has {} layers, this decode cache has {}",
+                hello.layers,
+                cache.layers()
+            )));
+        }
+        let theirs = TensorSet::from_bits(hello.tensors).ok_or_else(|| Error::protocol("bad tensor mask"))?;
+        if theirs != cache.tensors() {
+            let names = |s: TensorSet| s.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ");
+            return Err(Error::invalid(format!(
+                "tensor mismatch: the prefill cache has [{}], this decode cache has [{}] (key-only on one side only?)",
+                names(theirs),
+                names(cache.tensors())
+            )));
+        }
+        let geometry = SliceGeometry::for_ranks(hello.tp_size, hello.tp_idx, hello.dst_tp_size)?;
+        let ratio = geometry.ratio as u64;
+        for (what, theirs, ours) in [
+            ("blockBytes", hello.block_bytes, cache.kv_block_bytes()),
+            ("scaleBlockBytes", hello.scale_block_bytes, cache.scale_block_bytes()),
+        ] {
+            if theirs.checked_mul(ratio) != Some(ours) {
+                return Err(Error::invalid(format!(
+                    "block geometry mismatch: prefill {what} {theirs} × {ratio} slice(s) per decode block \
+                     (prefillTpSize {} / dstTpSize {}) ≠ this decode's {what} {ours}",
+                    hello.tp_size, hello.dst_tp_size
+                )));
+            }
+        }
+        if !hello.transports.iter().any(|t| t == TransportKind::Tcp.as_str()) {
+            return Err(Error::new(
+                ErrorCode::Unavailable,
+                format!("no common transport: the prefill offers {:?}, this decode has tcp", hello.transports),
+            ));
+        }
+        let token = self.receiver.admit(Session {
+            peer: format!("prefill tp {}/{}", hello.tp_idx, hello.tp_size),
+            geometry,
+            tensors: theirs,
+        });
+        self.log.debug(format!(
+            "accepted prefill tp {}/{} (slice {} of {} per block)",
+            hello.tp_idx, hello.tp_size, geometry.slot, geometry.ratio
+        ));
+        Ok(Welcome {
+            protocol: PROTOCOL_VERSION,
+            block_number: cache.block_number(),
+            transport: TransportKind::Tcp.as_str().into(),
+            tcp_port: self.receiver.port(),
+            token,
+        })
+    }
+}

@@ -1,0 +1,335 @@
+//! Configuration: the original's nine `KVCACHE_*` environment variables plus `KVCACHE_TRANSPORT`, each of
+//! which may also be set per communicator (an option wins over the environment).
+//!
+//! ```
+//! use kvtransfer::config::{Config, Setting};
+//! let cfg = Config::load_from(|name| (name == "KVCACHE_IB_TIMEOUT").then(|| "20".to_string()), &[]).unwrap();
+//! assert_eq!(cfg.ib_timeout, 20);
+//! assert_eq!(cfg.gid_index, 3);
+//! let err = Config::load_from(|_| None, &[(Setting::IbTimeout, "40".into())]).unwrap_err();
+//! assert!(err.to_string().contains("KVCACHE_IB_TIMEOUT"));
+//! ```
+
+use crate::error::{Error, Result};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One configurable setting: its environment variable and its option name in the bindings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    GidIndex,
+    RdmaNics,
+    IbTimeout,
+    RelaxOrdering,
+    SocketIfname,
+    Debug,
+    DebugFile,
+    ErrorFile,
+    GdrcopyFlushEnable,
+    Transport,
+    TimeoutMs,
+}
+
+impl Setting {
+    /// Every setting, in documentation order.
+    pub const ALL: [Setting; 11] = [
+        Setting::GidIndex,
+        Setting::RdmaNics,
+        Setting::IbTimeout,
+        Setting::RelaxOrdering,
+        Setting::SocketIfname,
+        Setting::Debug,
+        Setting::DebugFile,
+        Setting::ErrorFile,
+        Setting::GdrcopyFlushEnable,
+        Setting::Transport,
+        Setting::TimeoutMs,
+    ];
+
+    /// The environment variable that sets it (`None` for settings that are options only).
+    pub fn env_name(self) -> Option<&'static str> {
+        Some(match self {
+            Setting::GidIndex => "KVCACHE_RDMA_GID_INDEX",
+            Setting::RdmaNics => "KVCACHE_RDMA_NICS",
+            Setting::IbTimeout => "KVCACHE_IB_TIMEOUT",
+            Setting::RelaxOrdering => "KVCACHE_RELAX_ORDERING",
+            Setting::SocketIfname => "KVCACHE_SOCKET_IFNAME",
+            Setting::Debug => "KVCACHE_DEBUG",
+            Setting::DebugFile => "KVCACHE_DEBUG_FILE",
+            Setting::ErrorFile => "KVCACHE_ERROR_FILE",
+            Setting::GdrcopyFlushEnable => "KVCACHE_GDRCOPY_FLUSH_ENABLE",
+            Setting::Transport => "KVCACHE_TRANSPORT",
+            Setting::TimeoutMs => return None,
+        })
+    }
+
+    /// The option name in the bindings (camelCase).
+    pub fn option_name(self) -> &'static str {
+        match self {
+            Setting::GidIndex => "gidIndex",
+            Setting::RdmaNics => "rdmaNics",
+            Setting::IbTimeout => "ibTimeout",
+            Setting::RelaxOrdering => "relaxOrdering",
+            Setting::SocketIfname => "socketIfname",
+            Setting::Debug => "debug",
+            Setting::DebugFile => "debugFile",
+            Setting::ErrorFile => "errorFile",
+            Setting::GdrcopyFlushEnable => "gdrcopyFlushEnable",
+            Setting::Transport => "transport",
+            Setting::TimeoutMs => "timeoutMs",
+        }
+    }
+
+    /// The setting for an option name, if there is one.
+    pub fn from_option_name(name: &str) -> Option<Setting> {
+        Setting::ALL.into_iter().find(|s| s.option_name() == name)
+    }
+}
+
+/// Which transport a communicator uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// RDMA when a device of `KVCACHE_RDMA_NICS` is usable, otherwise TCP.
+    Auto,
+    /// TCP sockets, on any machine.
+    Tcp,
+    /// RDMA verbs (RC `RDMA_WRITE`).
+    Rdma,
+}
+
+impl TransportChoice {
+    /// The name as written in `KVCACHE_TRANSPORT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportChoice::Auto => "auto",
+            TransportChoice::Tcp => "tcp",
+            TransportChoice::Rdma => "rdma",
+        }
+    }
+}
+
+/// The settings in force for one communicator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `KVCACHE_RDMA_GID_INDEX` (default 3).
+    pub gid_index: u32,
+    /// `KVCACHE_RDMA_NICS`: the NIC of GPU `i` is `rdma_nics[i % len]`.
+    pub rdma_nics: Vec<String>,
+    /// `KVCACHE_IB_TIMEOUT` (default 18, 14..=31): the QP timeout is 4.096 µs · 2^v.
+    pub ib_timeout: u8,
+    /// `KVCACHE_RELAX_ORDERING`: register memory with relaxed ordering where supported.
+    pub relax_ordering: bool,
+    /// `KVCACHE_SOCKET_IFNAME`: the interface the decode side listens on (all interfaces when unset).
+    pub socket_ifname: Option<String>,
+    /// `KVCACHE_DEBUG`: write the debug log.
+    pub debug: bool,
+    /// `KVCACHE_DEBUG_FILE`: where the debug log goes (standard error when unset).
+    pub debug_file: Option<PathBuf>,
+    /// `KVCACHE_ERROR_FILE`: where the error log goes (standard error when unset).
+    pub error_file: Option<PathBuf>,
+    /// `KVCACHE_GDRCOPY_FLUSH_ENABLE`: finish each RDMA write call with a flush read.
+    pub gdrcopy_flush: bool,
+    /// `KVCACHE_TRANSPORT` (default `auto`).
+    pub transport: TransportChoice,
+    /// Option `timeoutMs` (default 10 000): the longest a handshake or a socket operation may go without
+    /// progress before it fails with `TIMEOUT`.
+    pub timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            gid_index: 3,
+            rdma_nics: Vec::new(),
+            ib_timeout: 18,
+            relax_ordering: false,
+            socket_ifname: None,
+            debug: false,
+            debug_file: None,
+            error_file: None,
+            gdrcopy_flush: false,
+            transport: TransportChoice::Auto,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the process environment, then applies `overrides` (option values, as strings).
+    pub fn load(overrides: &[(Setting, String)]) -> Result<Config> {
+        Config::load_from(|name| std::env::var(name).ok(), overrides)
+    }
+
+    /// Like [`Config::load`], with the environment given as a lookup function.
+    pub fn load_from(env: impl Fn(&str) -> Option<String>, overrides: &[(Setting, String)]) -> Result<Config> {
+        let mut cfg = Config::default();
+        for setting in Setting::ALL {
+            let from_option = overrides.iter().rev().find(|(s, _)| *s == setting);
+            let (value, origin) = match from_option {
+                Some((_, v)) => (Some(v.clone()), Origin::Option),
+                None => (setting.env_name().and_then(&env), Origin::Env),
+            };
+            let Some(value) = value else { continue };
+            let value = value.trim();
+            if value.is_empty() {
+                continue;
+            }
+            cfg.apply(setting, value).map_err(|why| {
+                let name = match (origin, setting.env_name()) {
+                    (Origin::Env, Some(env)) => env.to_string(),
+                    (_, Some(env)) => format!("{env} (option {})", setting.option_name()),
+                    (_, None) => format!("option {}", setting.option_name()),
+                };
+                Error::config(format!("{name}={value:?}: {why}"))
+            })?;
+        }
+        Ok(cfg)
+    }
+
+    fn apply(&mut self, setting: Setting, v: &str) -> std::result::Result<(), String> {
+        match setting {
+            Setting::GidIndex => self.gid_index = parse_int(v, 0, 255)? as u32,
+            Setting::RdmaNics => {
+                let nics: Vec<String> = v.split(',').map(|s| s.trim().to_string()).collect();
+                if nics.iter().any(|n| n.is_empty()) {
+                    return Err("expected a comma-separated list of RDMA device names, e.g. mlx5_0,mlx5_1".into());
+                }
+                self.rdma_nics = nics;
+            }
+            Setting::IbTimeout => self.ib_timeout = parse_int(v, 14, 31)? as u8,
+            Setting::RelaxOrdering => self.relax_ordering = parse_bool(v)?,
+            Setting::SocketIfname => self.socket_ifname = Some(v.to_string()),
+            Setting::Debug => self.debug = parse_bool(v)?,
+            Setting::DebugFile => self.debug_file = Some(PathBuf::from(v)),
+            Setting::ErrorFile => self.error_file = Some(PathBuf::from(v)),
+            Setting::GdrcopyFlushEnable => self.gdrcopy_flush = parse_bool(v)?,
+            Setting::Transport => {
+                self.transport = match v.to_ascii_lowercase().as_str() {
+                    "auto" => TransportChoice::Auto,
+                    "tcp" => TransportChoice::Tcp,
+                    "rdma" => TransportChoice::Rdma,
+                    _ => return Err("expected one of auto, tcp, rdma".into()),
+                }
+            }
+            Setting::TimeoutMs => self.timeout = Duration::from_millis(parse_int(v, 1, 86_400_000)?),
+        }
+        Ok(())
+    }
+
+    /// The RDMA device for a GPU index: `KVCACHE_RDMA_NICS[gpu_idx % n]`, or `None` when the list is empty.
+    pub fn nic_for_gpu(&self, gpu_idx: u32) -> Option<&str> {
+        if self.rdma_nics.is_empty() {
+            return None;
+        }
+        Some(&self.rdma_nics[gpu_idx as usize % self.rdma_nics.len()])
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Origin {
+    Env,
+    Option,
+}
+
+fn parse_int(v: &str, min: u64, max: u64) -> std::result::Result<u64, String> {
+    match v.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("expected a whole number from {min} to {max}")),
+    }
+}
+
+fn parse_bool(v: &str) -> std::result::Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err("expected a boolean: 1, 0, true, false, yes, no, on or off".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(env: &[(&str, &str)], overrides: &[(Setting, &str)]) -> Result<Config> {
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let overrides: Vec<(Setting, String)> = overrides.iter().map(|(s, v)| (*s, v.to_string())).collect();
+        Config::load_from(|k| env.get(k).cloned(), &overrides)
+    }
+
+    #[test]
+    fn defaults_match_the_original() {
+        let cfg = load(&[], &[]).unwrap();
+        assert_eq!(cfg, Config::default());
+        assert_eq!(cfg.gid_index, 3);
+        assert_eq!(cfg.ib_timeout, 18);
+        assert!(!cfg.relax_ordering && !cfg.debug && !cfg.gdrcopy_flush);
+        assert_eq!(cfg.transport, TransportChoice::Auto);
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let cfg = load(
+            &[
+                ("KVCACHE_RDMA_GID_INDEX", "1"),
+                ("KVCACHE_RDMA_NICS", "mlx5_0, mlx5_1,mlx5_2"),
+                ("KVCACHE_IB_TIMEOUT", "14"),
+                ("KVCACHE_RELAX_ORDERING", "true"),
+                ("KVCACHE_SOCKET_IFNAME", "eth0"),
+                ("KVCACHE_DEBUG", "1"),
+                ("KVCACHE_DEBUG_FILE", "/tmp/d.log"),
+                ("KVCACHE_ERROR_FILE", "/tmp/e.log"),
+                ("KVCACHE_GDRCOPY_FLUSH_ENABLE", "on"),
+                ("KVCACHE_TRANSPORT", "TCP"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(cfg.gid_index, 1);
+        assert_eq!(cfg.rdma_nics, ["mlx5_0", "mlx5_1", "mlx5_2"]);
+        assert_eq!(cfg.nic_for_gpu(4), Some("mlx5_1"));
+        assert_eq!(cfg.ib_timeout, 14);
+        assert!(cfg.relax_ordering && cfg.debug && cfg.gdrcopy_flush);
+        assert_eq!(cfg.socket_ifname.as_deref(), Some("eth0"));
+        assert_eq!(cfg.debug_file, Some(PathBuf::from("/tmp/d.log")));
+        assert_eq!(cfg.error_file, Some(PathBuf::from("/tmp/e.log")));
+        assert_eq!(cfg.transport, TransportChoice::Tcp);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, value) in [
+            ("KVCACHE_IB_TIMEOUT", "13"),
+            ("KVCACHE_IB_TIMEOUT", "32"),
+            ("KVCACHE_IB_TIMEOUT", "x"),
+            ("KVCACHE_RDMA_GID_INDEX", "-1"),
+            ("KVCACHE_RELAX_ORDERING", "maybe"),
+            ("KVCACHE_DEBUG", "2"),
+            ("KVCACHE_GDRCOPY_FLUSH_ENABLE", "yes please"),
+            ("KVCACHE_RDMA_NICS", "mlx5_0,,mlx5_1"),
+            ("KVCACHE_TRANSPORT", "carrier-pigeon"),
+        ] {
+            let err = load(&[(var, value)], &[]).unwrap_err();
+            assert_eq!(err.code(), crate::ErrorCode::Config);
+            assert!(err.message().starts_with(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn options_win_and_are_named_in_errors() {
+        let cfg = load(&[("KVCACHE_IB_TIMEOUT", "20")], &[(Setting::IbTimeout, "22")]).unwrap();
+        assert_eq!(cfg.ib_timeout, 22);
+        let err = load(&[], &[(Setting::Transport, "udp")]).unwrap_err();
+        assert!(err.message().contains("KVCACHE_TRANSPORT (option transport)"), "{err}");
+        let err = load(&[], &[(Setting::TimeoutMs, "0")]).unwrap_err();
+        assert!(err.message().contains("option timeoutMs"), "{err}");
+        assert_eq!(Setting::from_option_name("ibTimeout"), Some(Setting::IbTimeout));
+        assert_eq!(Setting::from_option_name("nope"), None);
+    }
+
+    #[test]
+    fn empty_values_mean_unset() {
+        let cfg = load(&[("KVCACHE_IB_TIMEOUT", ""), ("KVCACHE_DEBUG", " ")], &[]).unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+}

@@ -1,0 +1,175 @@
+//! The one error type of the core.
+//!
+//! Every failure carries a stable [`ErrorCode`] (what kind of failure, for programs) and a message (what
+//! happened and what to do, for people). The Node binding forwards both unchanged.
+
+use std::fmt;
+
+/// What kind of failure an [`Error`] is. The string form ([`ErrorCode::as_str`]) is stable API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// An argument was refused before anything moved (bad id, mismatched lists, bad layer, bad pointer).
+    InvalidArgument,
+    /// An environment variable or option has a value that cannot be used.
+    Config,
+    /// The operation needs a connection that does not exist (or no longer works).
+    NotConnected,
+    /// The peer answered with something that breaks the protocol, or the handshake found the two sides
+    /// incompatible (version, geometry, roles).
+    Protocol,
+    /// The peer refused the request (its own validation failed).
+    Rejected,
+    /// No progress within the configured timeout.
+    Timeout,
+    /// A transport failed to move the bytes (socket error, RDMA completion error).
+    Transport,
+    /// The transport asked for is not usable on this machine (no device, no library).
+    Unavailable,
+    /// The communicator was closed.
+    Closed,
+}
+
+impl ErrorCode {
+    /// The stable name of the code, as seen by every binding (e.g. `"INVALID_ARGUMENT"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidArgument => "INVALID_ARGUMENT",
+            ErrorCode::Config => "CONFIG",
+            ErrorCode::NotConnected => "NOT_CONNECTED",
+            ErrorCode::Protocol => "PROTOCOL",
+            ErrorCode::Rejected => "REJECTED",
+            ErrorCode::Timeout => "TIMEOUT",
+            ErrorCode::Transport => "TRANSPORT",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Closed => "CLOSED",
+        }
+    }
+
+    /// The code for a wire value (see [`ErrorCode::to_wire`]); unknown values read as `Protocol`.
+    pub fn from_wire(v: u32) -> ErrorCode {
+        match v {
+            1 => ErrorCode::InvalidArgument,
+            2 => ErrorCode::Config,
+            3 => ErrorCode::NotConnected,
+            5 => ErrorCode::Rejected,
+            6 => ErrorCode::Timeout,
+            7 => ErrorCode::Transport,
+            8 => ErrorCode::Unavailable,
+            9 => ErrorCode::Closed,
+            _ => ErrorCode::Protocol,
+        }
+    }
+
+    /// A number for this code on the wire (never 0, which means success).
+    pub fn to_wire(self) -> u32 {
+        match self {
+            ErrorCode::InvalidArgument => 1,
+            ErrorCode::Config => 2,
+            ErrorCode::NotConnected => 3,
+            ErrorCode::Protocol => 4,
+            ErrorCode::Rejected => 5,
+            ErrorCode::Timeout => 6,
+            ErrorCode::Transport => 7,
+            ErrorCode::Unavailable => 8,
+            ErrorCode::Closed => 9,
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure of a kvtransfer operation: a stable code and a message that says what went wrong.
+///
+/// ```
+/// use kvtransfer::{Error, ErrorCode};
+/// let e = Error::invalid("local block id 9 is outside [0, 8)");
+/// assert_eq!(e.code(), ErrorCode::InvalidArgument);
+/// assert_eq!(e.to_string(), "INVALID_ARGUMENT: local block id 9 is outside [0, 8)");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Error {
+    /// An error of the given code.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Error {
+        Error { code, message: message.into() }
+    }
+    /// An [`ErrorCode::InvalidArgument`] error.
+    pub fn invalid(message: impl Into<String>) -> Error {
+        Error::new(ErrorCode::InvalidArgument, message)
+    }
+    /// An [`ErrorCode::Config`] error.
+    pub fn config(message: impl Into<String>) -> Error {
+        Error::new(ErrorCode::Config, message)
+    }
+    /// An [`ErrorCode::Protocol`] error.
+    pub fn protocol(message: impl Into<String>) -> Error {
+        Error::new(ErrorCode::Protocol, message)
+    }
+    /// An [`ErrorCode::Transport`] error for an I/O failure, saying what was being done.
+    pub fn io(context: &str, err: std::io::Error) -> Error {
+        let code = match err.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ErrorCode::Timeout,
+            _ => ErrorCode::Transport,
+        };
+        Error::new(code, format!("{context}: {err}"))
+    }
+    /// The kind of failure.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+    /// What went wrong, without the code.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The result type of the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_codes_round_trip_and_never_zero() {
+        for code in [
+            ErrorCode::InvalidArgument,
+            ErrorCode::Config,
+            ErrorCode::NotConnected,
+            ErrorCode::Protocol,
+            ErrorCode::Rejected,
+            ErrorCode::Timeout,
+            ErrorCode::Transport,
+            ErrorCode::Unavailable,
+            ErrorCode::Closed,
+        ] {
+            assert_ne!(code.to_wire(), 0);
+            assert_eq!(ErrorCode::from_wire(code.to_wire()), code);
+        }
+        assert_eq!(ErrorCode::from_wire(12345), ErrorCode::Protocol);
+    }
+
+    #[test]
+    fn timeouts_are_classified() {
+        let e = Error::io("reading", std::io::Error::from(std::io::ErrorKind::WouldBlock));
+        assert_eq!(e.code(), ErrorCode::Timeout);
+        let e = Error::io("reading", std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(e.code(), ErrorCode::Transport);
+    }
+}

@@ -1,0 +1,23 @@
+//! kvtransfer moves an LLM's KV cache from a prefill engine into a decode engine's memory.
+//!
+//! A decode [`Communicator`] registers its cache (one address per layer for keys, values and optional
+//! scales) and listens; a prefill communicator connects to it and writes blocks, layer by layer, with
+//! [`Communicator::write_cache`]. Each call is validated ([`plan`]) before anything moves, and the decode
+//! side checks every write again against its own cache before a byte lands.
+//!
+//! Layers, top to bottom: [`communicator`] → [`plan`], [`control`], [`config`], [`transport`] →
+//! [`memory`] → [`error`].
+
+pub mod communicator;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod log;
+pub mod memory;
+mod net;
+pub mod plan;
+pub mod transport;
+
+pub use communicator::{Communicator, CommunicatorSpec, Role, TransportKind};
+pub use config::{Config, Setting, TransportChoice};
+pub use error::{Error, ErrorCode, Result};

@@ -1,0 +1,44 @@
+//! Which local address the decode side listens on (`KVCACHE_SOCKET_IFNAME`).
+
+use crate::error::{Error, Result};
+use std::net::{IpAddr, Ipv4Addr};
+
+/// The address to listen on: the IPv4 address of `ifname` when given, otherwise every interface.
+pub fn listen_addr(ifname: Option<&str>) -> Result<IpAddr> {
+    let Some(name) = ifname else { return Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)) };
+    let interfaces = if_addrs::get_if_addrs().map_err(|e| Error::config(format!("cannot list network interfaces: {e}")))?;
+    if let Some(found) = interfaces.iter().find(|i| i.name == name && i.ip().is_ipv4()) {
+        return Ok(found.ip());
+    }
+    if let Some(found) = interfaces.iter().find(|i| i.name == name) {
+        return Ok(found.ip());
+    }
+    let mut names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
+    names.dedup();
+    Err(Error::config(format!(
+        "KVCACHE_SOCKET_IFNAME={name:?}: no such interface with an address (this machine has: {})",
+        names.join(", ")
+    )))
+}
+
+/// The first interface that is up and not loopback, with its address: what "auto" means in the logs.
+pub fn first_usable_interface() -> Option<(String, IpAddr)> {
+    let interfaces = if_addrs::get_if_addrs().ok()?;
+    interfaces.into_iter().find(|i| !i.is_loopback() && i.ip().is_ipv4()).map(|i| {
+        let ip = i.ip();
+        (i.name, ip)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_by_name_and_unknown_names() {
+        assert!(listen_addr(None).unwrap().is_unspecified());
+        assert_eq!(listen_addr(Some("lo")).unwrap(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let err = listen_addr(Some("nosuchif0")).unwrap_err();
+        assert!(err.message().contains("KVCACHE_SOCKET_IFNAME") && err.message().contains("lo"), "{err}");
+    }
+}

@@ -1,0 +1,283 @@
+//! Turning one `writeCache` call into byte ranges: validation of the ids, coalescing of runs that are
+//! consecutive on both sides, and the tensor-parallel slice geometry. Knows no transport.
+
+use crate::error::{Error, Result};
+
+/// Blocks `local..local+count` go to `remote..remote+count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub local: u32,
+    pub remote: u32,
+    pub count: u32,
+}
+
+/// Where a prefill rank's block lands inside a decode block.
+///
+/// With `prefillTpSize = p` and the decode's `dstTpSize = d`, each decode block holds `ratio = p / d` slices
+/// of `blockBytes` bytes, and prefill rank `i` owns slice `slot = i % ratio`. Homogeneous TP is `ratio = 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SliceGeometry {
+    pub ratio: u32,
+    pub slot: u32,
+}
+
+impl SliceGeometry {
+    /// One slice per block: the two sides have the same block size.
+    pub const WHOLE: SliceGeometry = SliceGeometry { ratio: 1, slot: 0 };
+
+    /// The geometry for a prefill rank `tp_idx` of `tp_size` writing into a decode of `dst_tp_size` ranks.
+    pub fn for_ranks(tp_size: u32, tp_idx: u32, dst_tp_size: u32) -> Result<SliceGeometry> {
+        if tp_size == 0 || dst_tp_size == 0 {
+            return Err(Error::invalid("tensor-parallel sizes must be at least 1"));
+        }
+        if tp_idx >= tp_size {
+            return Err(Error::invalid(format!("prefillTpIdx {tp_idx} is outside [0, {tp_size})")));
+        }
+        if tp_size % dst_tp_size != 0 {
+            return Err(Error::invalid(format!(
+                "prefillTpSize {tp_size} is not a multiple of the decode's tensor-parallel size {dst_tp_size}"
+            )));
+        }
+        let ratio = tp_size / dst_tp_size;
+        Ok(SliceGeometry { ratio, slot: tp_idx % ratio })
+    }
+
+    /// Offset of `block` in a remote tensor whose slices are `slice_bytes` long.
+    #[inline]
+    pub fn remote_offset(self, block: u32, slice_bytes: u64) -> u64 {
+        (block as u64 * self.ratio as u64 + self.slot as u64) * slice_bytes
+    }
+
+    /// Calls `f(offset, len)` for each contiguous remote byte range of `run` (one range when the decode
+    /// block is one slice, else one range per block).
+    #[inline]
+    pub fn for_each_remote_range(self, run: Run, slice_bytes: u64, mut f: impl FnMut(u64, u64)) {
+        if self.ratio == 1 {
+            f(run.remote as u64 * slice_bytes, run.count as u64 * slice_bytes);
+        } else {
+            for b in run.remote..run.remote + run.count {
+                f(self.remote_offset(b, slice_bytes), slice_bytes);
+            }
+        }
+    }
+}
+
+/// One validated `writeCache` call: its layer and its runs, reusable across calls without allocating.
+///
+/// ```
+/// use kvtransfer::plan::{BlockPlan, Run};
+/// let mut plan = BlockPlan::default();
+/// plan.build(&[4, 5, 6, 9], &[0, 1, 2, 3], 0, 1, 16, 16).unwrap();
+/// assert_eq!(plan.runs(), &[Run { local: 4, remote: 0, count: 3 }, Run { local: 9, remote: 3, count: 1 }]);
+/// assert!(plan.build(&[4], &[16], 0, 1, 16, 16).is_err());
+/// ```
+#[derive(Debug, Default)]
+pub struct BlockPlan {
+    layer: u32,
+    blocks: u32,
+    runs: Vec<Run>,
+    seen: Vec<u64>,
+}
+
+impl BlockPlan {
+    /// Validates one call and computes its runs. Nothing of the previous plan survives an error.
+    ///
+    /// Refuses: lists of different lengths, a layer outside `[0, layers)`, a local id outside
+    /// `[0, local_blocks)`, a remote id outside `[0, remote_blocks)`, and a remote id listed twice.
+    pub fn build(
+        &mut self,
+        local: &[u32],
+        remote: &[u32],
+        layer: u32,
+        layers: u32,
+        local_blocks: u32,
+        remote_blocks: u32,
+    ) -> Result<()> {
+        self.runs.clear();
+        self.blocks = 0;
+        if local.len() != remote.len() {
+            return Err(Error::invalid(format!(
+                "localBlockIds has {} ids but remoteBlockIds has {}: they must pair up",
+                local.len(),
+                remote.len()
+            )));
+        }
+        if local.len() > u32::MAX as usize {
+            return Err(Error::invalid("too many block ids in one call"));
+        }
+        if layer >= layers {
+            return Err(Error::invalid(format!("layer {layer} is outside [0, {layers})")));
+        }
+        if let Some(i) = local.iter().position(|&b| b >= local_blocks) {
+            return Err(Error::invalid(format!(
+                "local block id {} (position {i}) is outside [0, {local_blocks})",
+                local[i]
+            )));
+        }
+        if let Some(i) = remote.iter().position(|&b| b >= remote_blocks) {
+            return Err(Error::invalid(format!(
+                "remote block id {} (position {i}) is outside [0, {remote_blocks})",
+                remote[i]
+            )));
+        }
+        self.check_distinct(remote, remote_blocks)?;
+        self.layer = layer;
+        self.blocks = local.len() as u32;
+        coalesce(local, remote, &mut self.runs);
+        Ok(())
+    }
+
+    /// The remote ids must be distinct: two blocks written to one place in one call is a caller's bug
+    /// whose outcome no transport could define.
+    fn check_distinct(&mut self, remote: &[u32], remote_blocks: u32) -> Result<()> {
+        let words = (remote_blocks as usize).div_ceil(64);
+        if self.seen.len() < words {
+            self.seen.resize(words, 0);
+        }
+        let mut duplicate = None;
+        for (i, &b) in remote.iter().enumerate() {
+            let (w, bit) = ((b / 64) as usize, 1u64 << (b % 64));
+            if self.seen[w] & bit != 0 {
+                duplicate = Some((i, b));
+                break;
+            }
+            self.seen[w] |= bit;
+        }
+        for &b in remote {
+            self.seen[(b / 64) as usize] = 0;
+        }
+        match duplicate {
+            Some((i, b)) => Err(Error::invalid(format!("remote block id {b} (position {i}) is listed twice"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The layer.
+    pub fn layer(&self) -> u32 {
+        self.layer
+    }
+    /// Number of blocks in the call.
+    pub fn blocks(&self) -> u32 {
+        self.blocks
+    }
+    /// The runs, in call order.
+    pub fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+    /// Whether the call moves nothing.
+    pub fn is_empty(&self) -> bool {
+        self.blocks == 0
+    }
+}
+
+/// Appends the maximal runs of `local`/`remote` that are consecutive on both sides.
+pub fn coalesce(local: &[u32], remote: &[u32], runs: &mut Vec<Run>) {
+    let mut pairs = local.iter().zip(remote);
+    let Some((&l, &r)) = pairs.next() else { return };
+    let mut cur = Run { local: l, remote: r, count: 1 };
+    for (&l, &r) in pairs {
+        if l == cur.local.wrapping_add(cur.count) && r == cur.remote.wrapping_add(cur.count) {
+            cur.count += 1;
+        } else {
+            runs.push(cur);
+            cur = Run { local: l, remote: r, count: 1 };
+        }
+    }
+    runs.push(cur);
+}
+
+/// Checks runs received from a peer against the receiver's own cache: each must lie inside
+/// `[0, block_number)`. Returns the number of blocks.
+pub fn check_remote_runs(runs: &[Run], block_number: u32) -> Result<u64> {
+    let mut blocks = 0u64;
+    for (i, run) in runs.iter().enumerate() {
+        let end = run.remote as u64 + run.count as u64;
+        if run.count == 0 || end > block_number as u64 {
+            return Err(Error::invalid(format!(
+                "run {i} covers blocks [{}, {end}), outside this cache's [0, {block_number})",
+                run.remote
+            )));
+        }
+        blocks += run.count as u64;
+    }
+    Ok(blocks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(local: &[u32], remote: &[u32]) -> Result<Vec<Run>> {
+        let mut p = BlockPlan::default();
+        p.build(local, remote, 1, 2, 100, 50)?;
+        Ok(p.runs().to_vec())
+    }
+
+    #[test]
+    fn coalesces_runs_consecutive_on_both_sides() {
+        let runs = plan(&[0, 1, 2, 10, 11, 5, 6], &[7, 8, 9, 3, 4, 40, 20]).unwrap();
+        assert_eq!(
+            runs,
+            [
+                Run { local: 0, remote: 7, count: 3 },
+                Run { local: 10, remote: 3, count: 2 },
+                Run { local: 5, remote: 40, count: 1 },
+                Run { local: 6, remote: 20, count: 1 },
+            ]
+        );
+        assert_eq!(plan(&[], &[]).unwrap(), []);
+    }
+
+    #[test]
+    fn refuses_bad_calls_with_clear_reasons() {
+        let cases: [(&[u32], &[u32], u32, &str); 6] = [
+            (&[1, 2], &[1], 0, "must pair up"),
+            (&[1], &[1], 2, "layer 2 is outside [0, 2)"),
+            (&[100], &[1], 0, "local block id 100"),
+            (&[1], &[50], 0, "remote block id 50"),
+            (&[1, 2, 3], &[4, 5, 4], 0, "remote block id 4 (position 2) is listed twice"),
+            (&[1], &[u32::MAX], 0, "outside [0, 50)"),
+        ];
+        for (local, remote, layer, want) in cases {
+            let mut p = BlockPlan::default();
+            p.build(&[3], &[3], 0, 2, 100, 50).unwrap();
+            let err = p.build(local, remote, layer, 2, 100, 50).unwrap_err();
+            assert!(err.message().contains(want), "{err} lacks {want}");
+            assert!(p.runs().is_empty() && p.is_empty());
+        }
+    }
+
+    #[test]
+    fn duplicate_check_leaves_no_state_behind() {
+        let mut p = BlockPlan::default();
+        assert!(p.build(&[1, 2], &[9, 9], 0, 1, 10, 10).is_err());
+        p.build(&[1, 2], &[9, 8], 0, 1, 10, 10).unwrap();
+        p.build(&[1, 2], &[8, 9], 0, 1, 10, 10).unwrap();
+    }
+
+    #[test]
+    fn tp_slices() {
+        let g = SliceGeometry::for_ranks(4, 3, 2).unwrap();
+        assert_eq!(g, SliceGeometry { ratio: 2, slot: 1 });
+        assert_eq!(g.remote_offset(5, 100), (5 * 2 + 1) * 100);
+        let mut ranges = vec![];
+        g.for_each_remote_range(Run { local: 0, remote: 2, count: 2 }, 10, |o, l| ranges.push((o, l)));
+        assert_eq!(ranges, [(50, 10), (70, 10)]);
+        ranges.clear();
+        SliceGeometry::WHOLE.for_each_remote_range(Run { local: 0, remote: 2, count: 2 }, 10, |o, l| {
+            ranges.push((o, l))
+        });
+        assert_eq!(ranges, [(20, 20)]);
+        assert!(SliceGeometry::for_ranks(2, 2, 1).is_err());
+        assert!(SliceGeometry::for_ranks(3, 0, 2).is_err());
+        assert_eq!(SliceGeometry::for_ranks(2, 1, 1).unwrap(), SliceGeometry { ratio: 2, slot: 1 });
+    }
+
+    #[test]
+    fn remote_runs_are_checked_by_the_receiver() {
+        assert_eq!(check_remote_runs(&[Run { local: 0, remote: 3, count: 2 }], 5).unwrap(), 2);
+        assert!(check_remote_runs(&[Run { local: 0, remote: 4, count: 2 }], 5).is_err());
+        assert!(check_remote_runs(&[Run { local: 0, remote: u32::MAX, count: u32::MAX }], 5).is_err());
+        assert!(check_remote_runs(&[Run { local: 0, remote: 0, count: 0 }], 5).is_err());
+    }
+}

@@ -1,0 +1,208 @@
+//! The TCP data path's framing. All integers little-endian.
+//!
+//! ```text
+//! data hello  (prefill → decode, once)  magic "KVTD" | protocol u32 | token u64            16 bytes
+//! hello ack   (decode → prefill, once)  magic "KVTK" | status u32                         8 bytes
+//! write       (prefill → decode)        magic "KVTW" | layer u32 | runs u32 | tensors u8 | 3 pad
+//!                                       | seq u64 | payload bytes u64                     32 bytes
+//!                                       then runs × (remote start u32 | count u32), then the payload:
+//!                                       for each tensor in mask order, for each run, its blocks' bytes
+//! ack         (decode → prefill)        magic "KVTA" | status u32 | seq u64 | reason len u32 | 4 pad
+//!                                       then the reason (UTF-8)                           24 bytes + reason
+//! ```
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::plan::Run;
+
+pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"KVTD");
+pub const HELLO_ACK_MAGIC: u32 = u32::from_le_bytes(*b"KVTK");
+pub const WRITE_MAGIC: u32 = u32::from_le_bytes(*b"KVTW");
+pub const ACK_MAGIC: u32 = u32::from_le_bytes(*b"KVTA");
+
+pub const HELLO_LEN: usize = 16;
+pub const HELLO_ACK_LEN: usize = 8;
+pub const WRITE_HEADER_LEN: usize = 32;
+pub const RUN_LEN: usize = 8;
+pub const ACK_LEN: usize = 24;
+/// The most runs one write may carry (a 32 MiB run table); more is garbage.
+pub const MAX_RUNS: u32 = 1 << 22;
+/// The longest reason an ack may carry.
+pub const MAX_REASON: u32 = 4096;
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// The first message of a data connection: which handshake session it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHello {
+    pub protocol: u32,
+    pub token: u64,
+}
+
+impl DataHello {
+    pub fn encode(&self) -> [u8; HELLO_LEN] {
+        let mut b = [0u8; HELLO_LEN];
+        b[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&self.protocol.to_le_bytes());
+        b[8..16].copy_from_slice(&self.token.to_le_bytes());
+        b
+    }
+    pub fn decode(b: &[u8; HELLO_LEN]) -> Result<DataHello> {
+        if u32_at(b, 0) != HELLO_MAGIC {
+            return Err(Error::protocol("a data connection did not start with a kvtransfer hello"));
+        }
+        Ok(DataHello { protocol: u32_at(b, 4), token: u64_at(b, 8) })
+    }
+}
+
+/// The answer to a [`DataHello`]: 0, or the wire code of an error.
+pub fn encode_hello_ack(status: u32) -> [u8; HELLO_ACK_LEN] {
+    let mut b = [0u8; HELLO_ACK_LEN];
+    b[0..4].copy_from_slice(&HELLO_ACK_MAGIC.to_le_bytes());
+    b[4..8].copy_from_slice(&status.to_le_bytes());
+    b
+}
+
+pub fn decode_hello_ack(b: &[u8; HELLO_ACK_LEN]) -> Result<()> {
+    if u32_at(b, 0) != HELLO_ACK_MAGIC {
+        return Err(Error::protocol("the decode peer answered the data hello with garbage"));
+    }
+    match u32_at(b, 4) {
+        0 => Ok(()),
+        code => Err(Error::new(
+            ErrorCode::from_wire(code),
+            "the decode peer refused the data connection (its handshake session is unknown or expired)",
+        )),
+    }
+}
+
+/// The fixed part of a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteHeader {
+    pub layer: u32,
+    pub runs: u32,
+    pub tensors: u8,
+    pub seq: u64,
+    pub payload_bytes: u64,
+}
+
+impl WriteHeader {
+    /// Appends the header and the run table (remote side of each run) to `out`.
+    pub fn encode_with_runs(&self, runs: &[Run], out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(WRITE_HEADER_LEN + runs.len() * RUN_LEN);
+        out.extend_from_slice(&WRITE_MAGIC.to_le_bytes());
+        out.extend_from_slice(&self.layer.to_le_bytes());
+        out.extend_from_slice(&self.runs.to_le_bytes());
+        out.extend_from_slice(&[self.tensors, 0, 0, 0]);
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.payload_bytes.to_le_bytes());
+        for r in runs {
+            out.extend_from_slice(&r.remote.to_le_bytes());
+            out.extend_from_slice(&r.count.to_le_bytes());
+        }
+    }
+
+    /// Parses a header; garbage (bad magic, absurd run count) is a protocol error.
+    pub fn decode(b: &[u8; WRITE_HEADER_LEN]) -> Result<WriteHeader> {
+        if u32_at(b, 0) != WRITE_MAGIC {
+            return Err(Error::protocol(format!("expected a write header, got bytes {:02x?}", &b[..8])));
+        }
+        let h = WriteHeader {
+            layer: u32_at(b, 4),
+            runs: u32_at(b, 8),
+            tensors: b[12],
+            seq: u64_at(b, 16),
+            payload_bytes: u64_at(b, 24),
+        };
+        if h.runs > MAX_RUNS {
+            return Err(Error::protocol(format!("a write claims {} runs (at most {MAX_RUNS})", h.runs)));
+        }
+        Ok(h)
+    }
+}
+
+/// Parses a run table (remote start, count); the local side is unknown to the receiver and read as 0.
+pub fn decode_runs(b: &[u8], out: &mut Vec<Run>) {
+    out.clear();
+    out.extend(b.chunks_exact(RUN_LEN).map(|c| Run { local: 0, remote: u32_at(c, 0), count: u32_at(c, 4) }));
+}
+
+/// The decode side's answer to a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    pub status: u32,
+    pub seq: u64,
+    pub reason: String,
+}
+
+impl Ack {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let reason = &self.reason.as_bytes()[..self.reason.len().min(MAX_REASON as usize)];
+        out.clear();
+        out.extend_from_slice(&ACK_MAGIC.to_le_bytes());
+        out.extend_from_slice(&self.status.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(reason);
+    }
+
+    /// Parses the fixed part; returns `(status, seq, reason length)`.
+    pub fn decode_fixed(b: &[u8; ACK_LEN]) -> Result<(u32, u64, u32)> {
+        if u32_at(b, 0) != ACK_MAGIC {
+            return Err(Error::protocol("the decode peer answered a write with garbage"));
+        }
+        let reason_len = u32_at(b, 16);
+        if reason_len > MAX_REASON {
+            return Err(Error::protocol(format!("an ack claims a {reason_len}-byte reason")));
+        }
+        Ok((u32_at(b, 4), u64_at(b, 8), reason_len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_header_round_trips() {
+        let h = WriteHeader { layer: 3, runs: 2, tensors: 0b11, seq: 77, payload_bytes: 4096 };
+        let runs = [Run { local: 9, remote: 1, count: 2 }, Run { local: 0, remote: 7, count: 1 }];
+        let mut buf = vec![];
+        h.encode_with_runs(&runs, &mut buf);
+        assert_eq!(buf.len(), WRITE_HEADER_LEN + 2 * RUN_LEN);
+        assert_eq!(WriteHeader::decode(buf[..WRITE_HEADER_LEN].try_into().unwrap()).unwrap(), h);
+        let mut back = vec![];
+        decode_runs(&buf[WRITE_HEADER_LEN..], &mut back);
+        assert_eq!(back, [Run { local: 0, remote: 1, count: 2 }, Run { local: 0, remote: 7, count: 1 }]);
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert!(WriteHeader::decode(&[0xAB; WRITE_HEADER_LEN]).is_err());
+        let mut buf = vec![];
+        WriteHeader { layer: 0, runs: MAX_RUNS + 1, tensors: 1, seq: 0, payload_bytes: 0 }.encode_with_runs(&[], &mut buf);
+        let err = WriteHeader::decode(buf[..WRITE_HEADER_LEN].try_into().unwrap()).unwrap_err();
+        assert!(err.message().contains("runs"));
+        assert!(DataHello::decode(&[1; HELLO_LEN]).is_err());
+        assert!(decode_hello_ack(&[2; HELLO_ACK_LEN]).is_err());
+        assert!(Ack::decode_fixed(&[3; ACK_LEN]).is_err());
+    }
+
+    #[test]
+    fn acks_and_hellos_round_trip() {
+        let mut buf = vec![];
+        Ack { status: 5, seq: 9, reason: "no".into() }.encode(&mut buf);
+        assert_eq!(Ack::decode_fixed(buf[..ACK_LEN].try_into().unwrap()).unwrap(), (5, 9, 2));
+        assert_eq!(&buf[ACK_LEN..], b"no");
+        let h = DataHello { protocol: 1, token: u64::MAX - 3 };
+        assert_eq!(DataHello::decode(&h.encode()).unwrap(), h);
+        assert!(decode_hello_ack(&encode_hello_ack(0)).is_ok());
+        assert_eq!(decode_hello_ack(&encode_hello_ack(5)).unwrap_err().code(), ErrorCode::Rejected);
+    }
+}

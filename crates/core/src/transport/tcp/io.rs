@@ -1,0 +1,135 @@
+//! Vectored socket I/O on raw addresses: the cache memory is handed to the kernel, never turned into Rust
+//! references. An address the process cannot access makes the call fail with `EFAULT`; it never faults.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// A byte range of the cache, as the kernel sees it.
+pub type IoVec = libc::iovec;
+
+/// The range `[addr, addr + len)`.
+#[inline]
+pub fn iovec(addr: u64, len: u64) -> IoVec {
+    libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len as usize }
+}
+
+/// A reusable list of ranges, rebuilt for every call.
+#[derive(Debug, Default)]
+pub struct IoVecs(pub Vec<IoVec>);
+
+// SAFETY: the pointers in an iovec are plain addresses that Rust code never dereferences; only the kernel
+// reads or writes through them, during a call made by whichever thread owns the list.
+unsafe impl Send for IoVecs {}
+
+/// Most ranges per system call (the kernel's `UIO_MAXIOV`).
+const MAX_IOV: usize = 1024;
+
+/// Drops what the kernel already moved (`done` bytes) from the front of `iov`.
+fn advance(iov: &mut [IoVec], mut done: usize) -> usize {
+    let mut first = 0;
+    while first < iov.len() && done >= iov[first].iov_len {
+        done -= iov[first].iov_len;
+        first += 1;
+    }
+    if done > 0 {
+        iov[first].iov_base = (iov[first].iov_base as usize + done) as *mut libc::c_void;
+        iov[first].iov_len -= done;
+    }
+    first
+}
+
+/// Writes every range of `iov`, in order, to the socket `fd`. `iov` is consumed (left advanced).
+pub fn write_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
+    while !iov.is_empty() {
+        let n = iov.len().min(MAX_IOV);
+        // SAFETY: `iov[..n]` are initialised iovecs; the kernel only reads the ranges they name, and a range
+        // this process cannot read makes writev fail with EFAULT instead of touching it.
+        let written = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
+        if written < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        let first = advance(iov, written as usize);
+        iov = &mut iov[first..];
+    }
+    Ok(())
+}
+
+/// Fills every range of `iov`, in order, from the socket `fd`. End of stream before that is an error.
+///
+/// The caller must own the ranges: they are overwritten.
+pub fn read_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
+    while !iov.is_empty() {
+        let n = iov.len().min(MAX_IOV);
+        // SAFETY: the caller checked that each range lies inside memory registered for receiving (see
+        // `receiver.rs`); the kernel writes only into them, or fails with EFAULT.
+        let read = unsafe { libc::readv(fd, iov.as_ptr(), n as libc::c_int) };
+        if read < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if read == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let first = advance(iov, read as usize);
+        iov = &mut iov[first..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn scatter_and_gather_through_a_socket_pair() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let src: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let mut dst = vec![0u8; 10_000];
+        // 2500 ranges of 4 bytes, reversed order on the receiving side.
+        let mut out = IoVecs((0..2500).map(|i| iovec(src.as_ptr() as u64 + i * 4, 4)).collect());
+        let mut inn: Vec<IoVec> = (0..2500).map(|i| iovec(dst.as_mut_ptr() as u64 + (2499 - i) * 4, 4)).collect();
+        let t = std::thread::spawn(move || {
+            let mut out = out;
+            write_all(a.as_raw_fd(), &mut out.0).unwrap();
+            a
+        });
+        read_all(b.as_raw_fd(), &mut inn).unwrap();
+        t.join().unwrap();
+        for i in 0..2500 {
+            assert_eq!(dst[(2499 - i) * 4..(2500 - i) * 4], src[i * 4..i * 4 + 4]);
+        }
+    }
+
+    #[test]
+    fn bad_addresses_fail_cleanly() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut bad = [iovec(8, 16)];
+        let err = write_all(a.as_raw_fd(), &mut bad).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+    }
+
+    #[test]
+    fn eof_is_an_error() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(a);
+        let mut buf = [0u8; 4];
+        let mut iov = [iovec(buf.as_mut_ptr() as u64, 4)];
+        assert_eq!(read_all(b.as_raw_fd(), &mut iov).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn advance_handles_partial_ranges() {
+        let mut v = [iovec(100, 10), iovec(200, 10), iovec(300, 10)];
+        assert_eq!(advance(&mut v, 15), 1);
+        assert_eq!((v[1].iov_base as usize, v[1].iov_len), (205, 5));
+        assert_eq!(advance(&mut v, 0), 0);
+    }
+}

@@ -1,0 +1,10 @@
+//! The TCP transport: works between any two machines. Blocks go from the cache to the socket with
+//! vectored writes (one range per run) and from the socket into the cache with vectored reads.
+
+pub mod frame;
+pub mod io;
+mod receiver;
+mod sender;
+
+pub use receiver::{Session, TcpReceiver};
+pub use sender::TcpLink;

@@ -1,0 +1,307 @@
+//! The decode side of the TCP data path: a listener and one thread per prefill connection, receiving each
+//! write straight into the cache after checking it against the cache's own geometry.
+
+use super::frame::{self, Ack, DataHello, WriteHeader};
+use super::io::{self, iovec, IoVecs};
+use crate::control::PROTOCOL_VERSION;
+use crate::error::{Error, ErrorCode, Result};
+use crate::log::Logger;
+use crate::memory::{CacheLayout, TensorSet};
+use crate::plan::{check_remote_runs, Run, SliceGeometry};
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// What the handshake agreed with one prefill peer.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The peer, for logs.
+    pub peer: String,
+    /// Where its blocks land inside ours.
+    pub geometry: SliceGeometry,
+    /// The tensors it sends.
+    pub tensors: TensorSet,
+}
+
+struct Shared {
+    cache: Arc<CacheLayout>,
+    log: Arc<Logger>,
+    timeout: Duration,
+    stop: AtomicBool,
+    next_token: AtomicU64,
+    pending: Mutex<HashMap<u64, Session>>,
+    connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+}
+
+/// The listening side of the TCP transport.
+pub struct TcpReceiver {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl TcpReceiver {
+    /// Listens on `ip` (an ephemeral port) and receives into `cache`.
+    pub fn start(ip: IpAddr, cache: Arc<CacheLayout>, log: Arc<Logger>, timeout: Duration) -> Result<TcpReceiver> {
+        let listener = TcpListener::bind((ip, 0)).map_err(|e| Error::io(&format!("listening for data on {ip}"), e))?;
+        let addr = listener.local_addr().map_err(|e| Error::io("reading the data port", e))?;
+        let shared = Arc::new(Shared {
+            cache,
+            log,
+            timeout,
+            stop: AtomicBool::new(false),
+            next_token: AtomicU64::new(seed()),
+            pending: Mutex::new(HashMap::new()),
+            connections: Mutex::new(Vec::new()),
+        });
+        let s = shared.clone();
+        let accept = std::thread::Builder::new()
+            .name("kvtransfer-accept".into())
+            .spawn(move || accept_loop(listener, s))
+            .map_err(|e| Error::io("starting the data listener", e))?;
+        Ok(TcpReceiver { addr, shared, accept: Some(accept) })
+    }
+
+    /// The data port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Registers a session agreed by the handshake; its data connection presents the returned token.
+    pub fn admit(&self, session: Session) -> u64 {
+        let token = self.shared.next_token.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        self.shared.pending.lock().unwrap().insert(token, session);
+        token
+    }
+}
+
+/// A starting point for tokens that differs between processes and runs.
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+impl Drop for TcpReceiver {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        // Wake the blocking accept with a connection of our own.
+        let wake = match self.addr.ip() {
+            ip if ip.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), self.addr.port()),
+            _ => self.addr,
+        };
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        let connections = std::mem::take(&mut *self.shared.connections.lock().unwrap());
+        for (stream, _) in &connections {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        for (_, thread) in connections {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let Ok(handle) = stream.try_clone() else { continue };
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kvtransfer-recv".into())
+            .spawn(move || serve_connection(stream, &s));
+        let mut connections = shared.connections.lock().unwrap();
+        connections.retain(|(_, t)| !t.is_finished());
+        if let Ok(thread) = spawned {
+            connections.push((handle, thread));
+        }
+    }
+}
+
+fn serve_connection(mut stream: TcpStream, shared: &Shared) {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let session = match greet(&mut stream, shared) {
+        Ok(session) => session,
+        Err(e) => {
+            if !shared.stop.load(Ordering::Acquire) {
+                shared.log.error(format!("data connection from {peer} refused: {e}"));
+            }
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    shared.log.debug(format!("data path open from {} ({peer})", session.peer));
+    let mut conn = Connection { stream, shared, session, runs_bytes: Vec::new(), runs: Vec::new(), iov: IoVecs::default(), out: Vec::new() };
+    loop {
+        match conn.serve_one() {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                if !shared.stop.load(Ordering::Acquire) {
+                    shared.log.error(format!("data connection from {} closed: {e}", conn.session.peer));
+                }
+                break;
+            }
+        }
+    }
+    // The listener keeps a clone of this socket (to stop it on close); shut it down so the peer sees the end.
+    let _ = conn.stream.shutdown(Shutdown::Both);
+}
+
+/// Reads the data hello and answers it; the session it names is consumed.
+fn greet(stream: &mut TcpStream, shared: &Shared) -> Result<Session> {
+    let setup = |e| Error::io("configuring the data socket", e);
+    stream.set_nodelay(true).map_err(setup)?;
+    stream.set_read_timeout(Some(shared.timeout)).map_err(setup)?;
+    stream.set_write_timeout(Some(shared.timeout)).map_err(setup)?;
+    let mut hello = [0u8; frame::HELLO_LEN];
+    stream.read_exact(&mut hello).map_err(|e| Error::io("reading the data hello", e))?;
+    let hello = DataHello::decode(&hello)?;
+    let session = match hello.protocol {
+        PROTOCOL_VERSION => shared.pending.lock().unwrap().remove(&hello.token),
+        _ => None,
+    };
+    let status = if session.is_some() { 0 } else { ErrorCode::Rejected.to_wire() };
+    stream.write_all(&frame::encode_hello_ack(status)).map_err(|e| Error::io("answering the data hello", e))?;
+    session.ok_or_else(|| Error::protocol(format!("unknown session token {:#x} (protocol {})", hello.token, hello.protocol)))
+}
+
+struct Connection<'a> {
+    stream: TcpStream,
+    shared: &'a Shared,
+    session: Session,
+    runs_bytes: Vec<u8>,
+    runs: Vec<Run>,
+    iov: IoVecs,
+    out: Vec<u8>,
+}
+
+impl Connection<'_> {
+    /// Receives one write. `Ok(false)`: the peer closed (or we are stopping) between writes.
+    fn serve_one(&mut self) -> Result<bool> {
+        let mut raw = [0u8; frame::WRITE_HEADER_LEN];
+        if !self.read_header(&mut raw)? {
+            return Ok(false);
+        }
+        let header = WriteHeader::decode(&raw)?;
+        self.runs_bytes.resize(header.runs as usize * frame::RUN_LEN, 0);
+        self.stream.read_exact(&mut self.runs_bytes).map_err(|e| Error::io("reading the run table", e))?;
+        frame::decode_runs(&self.runs_bytes, &mut self.runs);
+        // A refused write is drained and answered; a failure while receiving ends the connection.
+        let ack = match self.check(&header) {
+            Ok(()) => {
+                self.receive(&header)?;
+                Ack { status: 0, seq: header.seq, reason: String::new() }
+            }
+            Err(refusal) => {
+                self.drain(header.payload_bytes, &refusal)?;
+                self.shared.log.error(format!("refused a write from {}: {refusal}", self.session.peer));
+                Ack { status: refusal.code().to_wire(), seq: header.seq, reason: refusal.message().to_string() }
+            }
+        };
+        ack.encode(&mut self.out);
+        self.stream.write_all(&self.out).map_err(|e| Error::io("sending the ack", e))?;
+        Ok(true)
+    }
+
+    /// Waits for the next header; idle time between writes is not a stall.
+    fn read_header(&mut self, buf: &mut [u8]) -> Result<bool> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.stream.read(&mut buf[got..]) {
+                Ok(0) if got == 0 => return Ok(false),
+                Ok(0) => return Err(Error::protocol("the peer closed in the middle of a write header")),
+                Ok(n) => got += n,
+                Err(e) if got == 0 && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if self.shared.stop.load(Ordering::Acquire) {
+                        return Ok(false);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("reading a write header", e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The receiver's own validation: whatever arrives, nothing lands outside the registered cache.
+    fn check(&self, header: &WriteHeader) -> Result<()> {
+        let cache = &*self.shared.cache;
+        if header.layer >= cache.layers() {
+            return Err(Error::invalid(format!("layer {} is outside [0, {})", header.layer, cache.layers())));
+        }
+        if header.tensors != self.session.tensors.bits() {
+            return Err(Error::invalid(format!(
+                "the write carries tensors {:#06b}, the handshake agreed {:#06b}",
+                header.tensors,
+                self.session.tensors.bits()
+            )));
+        }
+        let blocks = check_remote_runs(&self.runs, cache.block_number())?;
+        let ratio = self.session.geometry.ratio as u64;
+        let expected: u64 = self.session.tensors.iter().map(|t| blocks * (cache.block_bytes(t) / ratio)).sum();
+        if expected != header.payload_bytes {
+            return Err(Error::invalid(format!(
+                "the write announces {} payload bytes but its {blocks} blocks make {expected}",
+                header.payload_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads the payload straight into the cache.
+    fn receive(&mut self, header: &WriteHeader) -> Result<()> {
+        let cache = &*self.shared.cache;
+        let geometry = self.session.geometry;
+        let iov = &mut self.iov.0;
+        iov.clear();
+        for t in self.session.tensors.iter() {
+            let base = cache.addr(t, header.layer);
+            let slice = cache.block_bytes(t) / geometry.ratio as u64;
+            for run in &self.runs {
+                // In range: `check` proved run ⊂ [0, block_number), so each range ends at most at
+                // block_number * block_bytes(t) = the tensor's size.
+                geometry.for_each_remote_range(*run, slice, |off, len| iov.push(iovec(base + off, len)));
+            }
+        }
+        io::read_all(self.stream.as_raw_fd(), iov).map_err(|e| Error::io("receiving blocks", e))?;
+        if self.shared.log.debug_enabled() {
+            self.shared.log.debug(format!(
+                "received layer {} ({} runs, {} bytes) from {}",
+                header.layer,
+                self.runs.len(),
+                header.payload_bytes,
+                self.session.peer
+            ));
+        }
+        Ok(())
+    }
+
+    /// Discards the payload of a refused write, so the connection stays usable. A payload larger than one
+    /// layer of this cache cannot be a real write: the connection is dropped instead.
+    fn drain(&mut self, mut bytes: u64, refusal: &Error) -> Result<()> {
+        let cache = &*self.shared.cache;
+        let limit: u64 = cache.tensors().iter().filter_map(|t| cache.tensor_bytes(t)).sum();
+        if bytes > limit {
+            return Err(Error::protocol(format!("{refusal}; and its {bytes}-byte payload is not believable")));
+        }
+        let mut scratch = [0u8; 64 * 1024];
+        while bytes > 0 {
+            let n = bytes.min(scratch.len() as u64) as usize;
+            self.stream.read_exact(&mut scratch[..n]).map_err(|e| Error::io("discarding a refused write", e))?;
+            bytes -= n as u64;
+        }
+        Ok(())
+    }
+}

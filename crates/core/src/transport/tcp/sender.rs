@@ -1,0 +1,108 @@
+//! The prefill side of a TCP connection: one write per `writeCache` call, gathered straight from the cache.
+
+use super::frame::{self, Ack, DataHello, WriteHeader};
+use super::io::{self, iovec, IoVecs};
+use crate::control::PROTOCOL_VERSION;
+use crate::error::{Error, ErrorCode, Result};
+use crate::memory::CacheLayout;
+use crate::plan::BlockPlan;
+use crate::transport::Link;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A connection to one decode peer's TCP data port.
+pub struct TcpLink {
+    stream: TcpStream,
+    peer: String,
+    cache: Arc<CacheLayout>,
+    seq: u64,
+    header: Vec<u8>,
+    iov: IoVecs,
+}
+
+impl TcpLink {
+    /// Connects to `host:port` and presents the handshake's `token`.
+    pub fn connect(host: &str, port: u16, token: u64, cache: Arc<CacheLayout>, timeout: Duration) -> Result<TcpLink> {
+        let peer = format!("{host}:{port}");
+        let addrs = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| Error::invalid(format!("cannot resolve {peer}: {e}")))?;
+        let mut last = Error::invalid(format!("{peer} resolves to no address"));
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(stream) => return TcpLink::start(stream, peer, token, cache, timeout),
+                Err(e) => last = Error::io(&format!("connecting the data path to {addr}"), e),
+            }
+        }
+        Err(last)
+    }
+
+    fn start(mut stream: TcpStream, peer: String, token: u64, cache: Arc<CacheLayout>, timeout: Duration) -> Result<TcpLink> {
+        let setup = |e| Error::io("configuring the data socket", e);
+        stream.set_nodelay(true).map_err(setup)?;
+        stream.set_read_timeout(Some(timeout)).map_err(setup)?;
+        stream.set_write_timeout(Some(timeout)).map_err(setup)?;
+        stream
+            .write_all(&DataHello { protocol: PROTOCOL_VERSION, token }.encode())
+            .map_err(|e| Error::io(&format!("greeting {peer}"), e))?;
+        let mut ack = [0u8; frame::HELLO_ACK_LEN];
+        stream.read_exact(&mut ack).map_err(|e| Error::io(&format!("waiting for {peer} to accept the data path"), e))?;
+        frame::decode_hello_ack(&ack)?;
+        Ok(TcpLink { stream, peer, cache, seq: 0, header: Vec::new(), iov: IoVecs::default() })
+    }
+
+    fn read_ack(&mut self) -> Result<()> {
+        let mut fixed = [0u8; frame::ACK_LEN];
+        self.stream
+            .read_exact(&mut fixed)
+            .map_err(|e| Error::io(&format!("waiting for {} to confirm the write", self.peer), e))?;
+        let (status, seq, reason_len) = Ack::decode_fixed(&fixed)?;
+        let mut reason = vec![0u8; reason_len as usize];
+        self.stream.read_exact(&mut reason).map_err(|e| Error::io("reading the refusal reason", e))?;
+        if seq != self.seq {
+            return Err(Error::protocol(format!("ack for write {seq} while waiting for write {}", self.seq)));
+        }
+        match status {
+            0 => Ok(()),
+            _ => Err(Error::new(
+                ErrorCode::Rejected,
+                format!("{} refused the write: {}", self.peer, String::from_utf8_lossy(&reason)),
+            )),
+        }
+    }
+}
+
+impl Link for TcpLink {
+    fn write(&mut self, plan: &BlockPlan) -> Result<()> {
+        let cache = &*self.cache;
+        let layer = plan.layer();
+        self.seq += 1;
+        let tensors = cache.tensors();
+        let payload_bytes: u64 = tensors.iter().map(|t| plan.blocks() as u64 * cache.block_bytes(t)).sum();
+        let header = WriteHeader {
+            layer,
+            runs: plan.runs().len() as u32,
+            tensors: tensors.bits(),
+            seq: self.seq,
+            payload_bytes,
+        };
+        header.encode_with_runs(plan.runs(), &mut self.header);
+        let iov = &mut self.iov.0;
+        iov.clear();
+        iov.push(iovec(self.header.as_ptr() as u64, self.header.len() as u64));
+        for t in tensors.iter() {
+            let (base, bytes) = (cache.addr(t, layer), cache.block_bytes(t));
+            iov.extend(plan.runs().iter().map(|r| iovec(base + r.local as u64 * bytes, r.count as u64 * bytes)));
+        }
+        io::write_all(self.stream.as_raw_fd(), iov)
+            .map_err(|e| Error::io(&format!("sending layer {layer} to {}", self.peer), e))?;
+        self.read_ack()
+    }
+
+    fn transport(&self) -> &'static str {
+        "tcp"
+    }
+}

@@ -1,0 +1,345 @@
+//! End-to-end transfers over the TCP transport between communicators of one process, and what the decode
+//! side does with traffic that did not come from a well-behaved prefill.
+
+use kvtransfer::control::{self, Hello, PROTOCOL_VERSION};
+use kvtransfer::memory::{CacheSpec, HostAllocation};
+use kvtransfer::transport::tcp::frame::{self, DataHello, WriteHeader};
+use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// One side's cache: `layers` × tensors, each `blocks × block_bytes`, filled with a pattern unique to
+/// (seed, tensor, layer, byte).
+struct Cache {
+    tensors: Vec<Vec<HostAllocation>>, // [tensor][layer]
+    blocks: u32,
+    block_bytes: u64,
+}
+
+impl Cache {
+    fn new(tensor_count: usize, layers: usize, blocks: u32, block_bytes: u64, seed: u8) -> Cache {
+        let tensors = (0..tensor_count)
+            .map(|t| {
+                (0..layers)
+                    .map(|l| {
+                        let mut a = HostAllocation::new((blocks as u64 * block_bytes) as usize).unwrap();
+                        for (i, b) in a.as_mut_slice().iter_mut().enumerate() {
+                            *b = (i as u32).wrapping_mul(31).wrapping_add((t * 7 + l * 13) as u32 + seed as u32 * 101) as u8;
+                        }
+                        a
+                    })
+                    .collect()
+            })
+            .collect();
+        Cache { tensors, blocks, block_bytes }
+    }
+    fn addrs(&self, t: usize) -> Vec<u64> {
+        self.tensors.get(t).map(|v| v.iter().map(|a| a.addr()).collect()).unwrap_or_default()
+    }
+    fn spec(&self) -> CacheSpec {
+        CacheSpec { key: self.addrs(0), value: self.addrs(1), block_number: self.blocks, block_bytes: self.block_bytes, ..CacheSpec::default() }
+    }
+    fn block(&self, t: usize, layer: usize, b: u32) -> &[u8] {
+        let n = self.block_bytes as usize;
+        &self.tensors[t][layer].as_slice()[b as usize * n..(b as usize + 1) * n]
+    }
+    fn snapshot(&self) -> Vec<Vec<Vec<u8>>> {
+        self.tensors.iter().map(|ls| ls.iter().map(|a| a.as_slice().to_vec()).collect()).collect()
+    }
+}
+
+fn tcp() -> Config {
+    Config { transport: TransportChoice::Tcp, timeout: Duration::from_secs(5), ..Config::default() }
+}
+
+fn decode(cache: CacheSpec) -> Communicator {
+    Communicator::new(CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache, tp_size: 1, tp_idx: 0 }, tcp()).unwrap()
+}
+
+fn prefill(cache: CacheSpec, tp_size: u32, tp_idx: u32) -> Communicator {
+    Communicator::new(CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache, tp_size, tp_idx }, tcp()).unwrap()
+}
+
+#[test]
+fn all_layers_scattered_and_contiguous() {
+    let src = Cache::new(2, 3, 64, 1024, 1);
+    let dst = Cache::new(2, 3, 80, 1024, 2);
+    let d = decode(dst.spec());
+    let p = prefill(src.spec(), 1, 0);
+    let port = d.port();
+    assert!(!p.is_connected("127.0.0.1", port));
+    p.connect("127.0.0.1", port, 1).unwrap();
+    assert!(p.is_connected("127.0.0.1", port));
+    let local: Vec<u32> = vec![5, 6, 7, 8, 40, 2, 63, 0, 1];
+    let remote: Vec<u32> = vec![70, 71, 72, 73, 3, 79, 10, 11, 12];
+    for layer in 0..3 {
+        p.write_cache("127.0.0.1", port, &local, &remote, layer).unwrap();
+    }
+    for layer in 0..3 {
+        for t in 0..2 {
+            for (l, r) in local.iter().zip(&remote) {
+                assert_eq!(dst.block(t, layer, *r), src.block(t, layer, *l), "tensor {t} layer {layer} block {l}->{r}");
+            }
+            // A block nobody wrote keeps its own pattern.
+            assert_ne!(dst.block(t, layer, 20), src.block(t, layer, 20));
+        }
+    }
+}
+
+#[test]
+fn key_only_cache() {
+    let src = Cache::new(1, 2, 16, 512, 3);
+    let dst = Cache::new(1, 2, 16, 512, 4);
+    let d = decode(dst.spec());
+    let p = prefill(src.spec(), 1, 0);
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    p.write_cache("127.0.0.1", d.port(), &[1, 9], &[15, 0], 1).unwrap();
+    assert_eq!(dst.block(0, 1, 15), src.block(0, 1, 1));
+    assert_eq!(dst.block(0, 1, 0), src.block(0, 1, 9));
+    // A key-only prefill cannot pair with a key+value decode.
+    let kv = Cache::new(2, 2, 16, 512, 5);
+    let d2 = decode(kv.spec());
+    let err = p.connect("127.0.0.1", d2.port(), 1).unwrap_err();
+    assert!(err.message().contains("tensor mismatch"), "{err}");
+}
+
+#[test]
+fn heterogeneous_tp_two_ranks_fill_halves() {
+    let (blocks, half) = (8u32, 256u64);
+    let rank0 = Cache::new(2, 2, blocks, half, 10);
+    let rank1 = Cache::new(2, 2, blocks, half, 11);
+    let dst = Cache::new(2, 2, blocks, half * 2, 12);
+    let d = decode(dst.spec());
+    let p0 = prefill(rank0.spec(), 2, 0);
+    let p1 = prefill(rank1.spec(), 2, 1);
+    for p in [&p0, &p1] {
+        p.connect("127.0.0.1", d.port(), 1).unwrap();
+    }
+    let (local, remote) = ([0u32, 1, 2, 6], [4u32, 5, 6, 0]);
+    // Both ranks at once, as engines do.
+    std::thread::scope(|s| {
+        s.spawn(|| p0.write_cache("127.0.0.1", d.port(), &local, &remote, 1).unwrap());
+        s.spawn(|| p1.write_cache("127.0.0.1", d.port(), &local, &remote, 1).unwrap());
+    });
+    for t in 0..2 {
+        for (l, r) in local.iter().zip(&remote) {
+            let block = dst.block(t, 1, *r);
+            assert_eq!(&block[..half as usize], rank0.block(t, 1, *l));
+            assert_eq!(&block[half as usize..], rank1.block(t, 1, *l));
+        }
+    }
+    // A geometry that does not add up is refused on both sides.
+    let wrong = prefill(rank0.spec(), 4, 0);
+    let err = wrong.connect("127.0.0.1", d.port(), 1).unwrap_err();
+    assert!(err.message().contains("block geometry mismatch"), "{err}");
+}
+
+#[test]
+fn quantised_scales_travel_with_their_blocks() {
+    let src = Cache::new(2, 1, 8, 128, 20);
+    let src_scales = Cache::new(2, 1, 8, 4, 21);
+    let dst = Cache::new(2, 1, 8, 128, 22);
+    let dst_scales = Cache::new(2, 1, 8, 4, 23);
+    let with_scales = |c: &Cache, s: &Cache| CacheSpec { key_scale: s.addrs(0), value_scale: s.addrs(1), scale_block_bytes: 4, ..c.spec() };
+    let d = decode(with_scales(&dst, &dst_scales));
+    let p = prefill(with_scales(&src, &src_scales), 1, 0);
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    p.write_cache("127.0.0.1", d.port(), &[3, 4], &[6, 1], 0).unwrap();
+    for t in 0..2 {
+        assert_eq!(dst.block(t, 0, 6), src.block(t, 0, 3));
+        assert_eq!(dst_scales.block(t, 0, 6), src_scales.block(t, 0, 3));
+        assert_eq!(dst_scales.block(t, 0, 1), src_scales.block(t, 0, 4));
+        assert_ne!(dst_scales.block(t, 0, 0), src_scales.block(t, 0, 0));
+    }
+}
+
+#[test]
+fn refusals_leave_the_remote_cache_untouched() {
+    let src = Cache::new(2, 2, 16, 256, 30);
+    let dst = Cache::new(2, 2, 16, 256, 31);
+    let d = decode(dst.spec());
+    let p = prefill(src.spec(), 1, 0);
+    let port = d.port();
+    let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::NotConnected);
+    p.connect("127.0.0.1", port, 1).unwrap();
+    let before = dst.snapshot();
+    let cases: [(&[u32], &[u32], u32); 5] = [
+        (&[16], &[0], 0),
+        (&[0], &[16], 0),
+        (&[0, 1], &[0], 0),
+        (&[0], &[0], 2),
+        (&[0, 1], &[3, 3], 0),
+    ];
+    for (local, remote, layer) in cases {
+        let err = p.write_cache("127.0.0.1", port, local, remote, layer).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+    }
+    assert!(dst.snapshot() == before, "a refused write changed the decode cache");
+    // The connection still works after refusals.
+    p.write_cache("127.0.0.1", port, &[2], &[9], 1).unwrap();
+    assert_eq!(dst.block(0, 1, 9), src.block(0, 1, 2));
+    // Decode communicators do not write.
+    assert_eq!(d.write_cache("127.0.0.1", port, &[0], &[0], 0).unwrap_err().code(), ErrorCode::InvalidArgument);
+}
+
+#[test]
+fn many_prefill_peers_write_at_once() {
+    let dst = Cache::new(2, 1, 64, 4096, 40);
+    let d = decode(dst.spec());
+    let sources: Vec<Cache> = (0..4).map(|i| Cache::new(2, 1, 16, 4096, 50 + i)).collect();
+    let peers: Vec<Communicator> = sources.iter().map(|c| prefill(c.spec(), 1, 0)).collect();
+    std::thread::scope(|s| {
+        for (i, p) in peers.iter().enumerate() {
+            let port = d.port();
+            s.spawn(move || {
+                p.connect("127.0.0.1", port, 1).unwrap();
+                let local: Vec<u32> = (0..16).collect();
+                let remote: Vec<u32> = (0..16).map(|b| i as u32 * 16 + b).collect();
+                for _ in 0..20 {
+                    p.write_cache("127.0.0.1", port, &local, &remote, 0).unwrap();
+                }
+            });
+        }
+    });
+    for (i, src) in sources.iter().enumerate() {
+        for b in 0..16 {
+            assert_eq!(dst.block(1, 0, i as u32 * 16 + b), src.block(1, 0, b));
+        }
+    }
+}
+
+#[test]
+fn closed_decode_fails_writes_without_hanging() {
+    let src = Cache::new(2, 1, 8, 256, 60);
+    let dst = Cache::new(2, 1, 8, 256, 61);
+    let d = decode(dst.spec());
+    let p = prefill(src.spec(), 1, 0);
+    let port = d.port();
+    p.connect("127.0.0.1", port, 1).unwrap();
+    d.close();
+    let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();
+    assert!(matches!(err.code(), ErrorCode::Transport | ErrorCode::Timeout), "{err}");
+    assert!(!p.is_connected("127.0.0.1", port), "a broken connection is dropped");
+    p.close();
+    assert_eq!(p.connect("127.0.0.1", port, 1).unwrap_err().code(), ErrorCode::Closed);
+}
+
+/// Performs the handshake by hand and opens a raw data connection, as a hostile or buggy peer would.
+fn raw_data_connection(port: u16, layers: u32, block_bytes: u64) -> TcpStream {
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        role: "prefill".into(),
+        layers,
+        tensors: 0b11,
+        block_bytes,
+        scale_block_bytes: 0,
+        block_number: 8,
+        tp_size: 1,
+        tp_idx: 0,
+        dst_tp_size: 1,
+        transports: vec!["tcp".into()],
+    };
+    let ctx = zmq::Context::new();
+    let reply = control::request(&ctx, "127.0.0.1", port, &control::encode(&hello), Duration::from_secs(5)).unwrap();
+    let welcome = control::decode_reply(&reply).unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", welcome.tcp_port)).unwrap();
+    s.write_all(&DataHello { protocol: PROTOCOL_VERSION, token: welcome.token }.encode()).unwrap();
+    let mut ack = [0u8; frame::HELLO_ACK_LEN];
+    s.read_exact(&mut ack).unwrap();
+    frame::decode_hello_ack(&ack).unwrap();
+    s
+}
+
+fn read_ack(s: &mut TcpStream) -> (u32, String) {
+    let mut fixed = [0u8; frame::ACK_LEN];
+    s.read_exact(&mut fixed).unwrap();
+    let (status, _, len) = frame::Ack::decode_fixed(&fixed).unwrap();
+    let mut reason = vec![0u8; len as usize];
+    s.read_exact(&mut reason).unwrap();
+    (status, String::from_utf8(reason).unwrap())
+}
+
+#[test]
+fn forged_writes_are_refused_by_the_decode_side() {
+    let dst = Cache::new(2, 2, 8, 64, 70);
+    let d = decode(dst.spec());
+    let before = dst.snapshot();
+    let mut s = raw_data_connection(d.port(), 2, 64);
+    let send = |s: &mut TcpStream, layer: u32, runs: &[(u32, u32)], payload: u64| {
+        let runs: Vec<kvtransfer::plan::Run> = runs.iter().map(|&(remote, count)| kvtransfer::plan::Run { local: 0, remote, count }).collect();
+        let mut buf = vec![];
+        WriteHeader { layer, runs: runs.len() as u32, tensors: 0b11, seq: 1, payload_bytes: payload }.encode_with_runs(&runs, &mut buf);
+        buf.extend(std::iter::repeat_n(0xEEu8, payload as usize));
+        s.write_all(&buf).unwrap();
+    };
+    // Block 7 + 2 blocks runs past the end of the cache.
+    send(&mut s, 0, &[(7, 2)], 2 * 2 * 64);
+    let (status, reason) = read_ack(&mut s);
+    assert_ne!(status, 0);
+    assert!(reason.contains("outside this cache"), "{reason}");
+    // A layer that does not exist.
+    send(&mut s, 5, &[(0, 1)], 2 * 64);
+    assert!(read_ack(&mut s).1.contains("layer 5"));
+    // A payload length that does not match its runs.
+    send(&mut s, 0, &[(0, 1)], 64);
+    assert!(read_ack(&mut s).1.contains("payload bytes"));
+    assert!(dst.snapshot() == before, "a forged write changed the cache");
+    // The same connection still carries a valid write.
+    send(&mut s, 1, &[(3, 1)], 2 * 64);
+    assert_eq!(read_ack(&mut s).0, 0);
+    assert_eq!(dst.block(0, 1, 3), &[0xEE; 64][..]);
+    assert_eq!(dst.block(1, 1, 3), &[0xEE; 64][..]);
+}
+
+#[test]
+fn garbage_on_the_wire_does_not_hurt_the_decode_side() {
+    let src = Cache::new(2, 1, 8, 64, 80);
+    let dst = Cache::new(2, 1, 8, 64, 81);
+    let d = decode(dst.spec());
+    let before = dst.snapshot();
+    // Garbage to the control port (not even ZeroMQ).
+    let mut c = TcpStream::connect(("127.0.0.1", d.port())).unwrap();
+    let _ = c.write_all(&[0xFF; 4096]);
+    drop(c);
+    // A handshake with garbage JSON gets a clear refusal.
+    let ctx = zmq::Context::new();
+    let reply = control::request(&ctx, "127.0.0.1", d.port(), b"{not json", Duration::from_secs(5)).unwrap();
+    let err = control::decode_reply(&reply).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Protocol);
+    // A valid data connection, then garbage instead of a header: the decode drops that connection.
+    let mut s = raw_data_connection(d.port(), 1, 64);
+    s.write_all(&[0x5A; 64]).unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "the decode side closes a garbled connection");
+    // An absurd payload on a refused write also ends the connection rather than being drained.
+    let mut s = raw_data_connection(d.port(), 1, 64);
+    let mut hdr = vec![];
+    WriteHeader { layer: 9, runs: 0, tensors: 0b11, seq: 1, payload_bytes: u64::MAX }.encode_with_runs(&[], &mut hdr);
+    s.write_all(&hdr).unwrap();
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
+    assert!(dst.snapshot() == before);
+    // And real peers still get through.
+    let p = prefill(src.spec(), 1, 0);
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    p.write_cache("127.0.0.1", d.port(), &[4], &[2], 0).unwrap();
+    assert_eq!(dst.block(1, 0, 2), src.block(1, 0, 4));
+}
+
+#[test]
+fn handshake_mismatches_are_errors_on_both_sides() {
+    let dir = std::env::temp_dir().join(format!("kvt-hs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let errors = dir.join("decode-errors.log");
+    let dst = Cache::new(2, 2, 8, 64, 90);
+    let cfg = Config { error_file: Some(errors.clone()), ..tcp() };
+    let d = Communicator::new(CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: dst.spec(), tp_size: 1, tp_idx: 0 }, cfg).unwrap();
+    let src = Cache::new(2, 3, 8, 64, 91);
+    let p = prefill(src.spec(), 1, 0);
+    let err = p.connect("127.0.0.1", d.port(), 1).unwrap_err();
+    assert!(err.message().contains("layer count mismatch"), "{err}");
+    let logged = std::fs::read_to_string(&errors).unwrap();
+    assert!(logged.contains("layer count mismatch"), "decode error log: {logged}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
