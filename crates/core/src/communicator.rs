@@ -307,6 +307,11 @@ impl Communicator {
         self.log.debug("closed");
     }
 
+    /// Writes a line to this communicator's error log: for refusals a binding makes before calling in.
+    pub fn log_error(&self, message: &str) {
+        self.log.error(message);
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::new(ErrorCode::Closed, "the communicator is closed"));
@@ -365,19 +370,10 @@ fn listen(port: u16, cache: &Arc<CacheLayout>, config: &Config, log: &Arc<Logger
         log.debug(format!("KVCACHE_SOCKET_IFNAME unset: listening on all interfaces (first usable: {first})"));
     }
     let receiver = Arc::new(TcpReceiver::start(ip, cache.clone(), log.clone(), config.timeout)?);
-    let port = match port {
-        0 => free_port(ip)?,
-        p => p,
-    };
     let handshake = Handshake { cache: cache.clone(), receiver: receiver.clone(), log: log.clone() };
     let zmq = zmq::Context::new();
     let control = ControlServer::bind(&zmq, &ip.to_string(), port, move |req| control::encode(&handshake.answer(req)))?;
-    Ok(Side::Decode { port, listening: Mutex::new(Some((control, receiver))) })
-}
-
-fn free_port(ip: std::net::IpAddr) -> Result<u16> {
-    let l = std::net::TcpListener::bind((ip, 0)).map_err(|e| Error::io("finding a free port", e))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| Error::io("finding a free port", e))
+    Ok(Side::Decode { port: control.port(), listening: Mutex::new(Some((control, receiver))) })
 }
 
 /// The decode side's half of the handshake.

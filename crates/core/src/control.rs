@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The version of the handshake and of the data-path framing. Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -118,12 +118,14 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 
 /// The decode side's listener: a thread answering handshakes on `tcp://addr:port`.
 pub struct ControlServer {
+    port: u16,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl ControlServer {
-    /// Binds and starts answering; `answer` turns each request into a reply.
+    /// Binds and starts answering; `answer` turns each request into a reply. Port 0 lets the system pick
+    /// a free port (see [`ControlServer::port`]).
     pub fn bind(
         ctx: &zmq::Context,
         addr: &str,
@@ -133,24 +135,38 @@ impl ControlServer {
         let socket = ctx.socket(zmq::ROUTER).map_err(|e| zmq_error("creating the control socket", e))?;
         socket.set_linger(0).map_err(|e| zmq_error("setting linger", e))?;
         socket.set_maxmsgsize(MAX_MESSAGE_BYTES).map_err(|e| zmq_error("setting the size limit", e))?;
-        let endpoint = format!("tcp://{addr}:{port}");
+        let endpoint = match port {
+            0 => format!("tcp://{addr}:*"),
+            p => format!("tcp://{addr}:{p}"),
+        };
         socket.bind(&endpoint).map_err(|e| {
             Error::new(ErrorCode::Transport, format!("cannot listen on {endpoint}: {e} (is the port in use?)"))
         })?;
+        let bound = socket.get_last_endpoint().ok().and_then(|e| e.ok());
+        let port = bound
+            .as_deref()
+            .and_then(|e| e.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| Error::new(ErrorCode::Transport, format!("cannot tell which port {endpoint} bound")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
             .name("kvtransfer-control".into())
             .spawn(move || serve(socket, &stopping, answer))
             .map_err(|e| Error::io("starting the control thread", e))?;
-        Ok(ControlServer { stop, thread: Some(thread) })
+        Ok(ControlServer { port, stop, thread: Some(thread) })
+    }
+
+    /// The port listened on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 }
 
 fn serve(socket: zmq::Socket, stop: &AtomicBool, answer: impl Fn(&[u8]) -> Vec<u8>) {
     while !stop.load(Ordering::Acquire) {
         match socket.poll(zmq::POLLIN, 50) {
-            Ok(0) => continue,
+            Ok(0) | Err(zmq::Error::EINTR) => continue,
             Ok(_) => {}
             Err(_) => return,
         }
@@ -182,14 +198,30 @@ pub fn request(ctx: &zmq::Context, host: &str, port: u16, body: &[u8], timeout: 
     socket.set_rcvtimeo(ms).map_err(|e| zmq_error("setting the receive timeout", e))?;
     let endpoint = format!("tcp://{}:{port}", bracket_v6(host));
     socket.connect(&endpoint).map_err(|e| Error::invalid(format!("cannot connect to {endpoint}: {e}")))?;
-    socket.send(body, 0).map_err(|e| zmq_error(&format!("sending the handshake to {endpoint}"), e))?;
-    match socket.recv_bytes(0) {
-        Ok(reply) => Ok(reply),
-        Err(zmq::Error::EAGAIN) => Err(Error::new(
-            ErrorCode::Timeout,
-            format!("no handshake reply from {endpoint} within {ms} ms (is a decode communicator listening there?)"),
-        )),
-        Err(e) => Err(zmq_error(&format!("waiting for the handshake reply from {endpoint}"), e)),
+    let deadline = Instant::now() + timeout;
+    // Signals (a host process's SIGCHLD, say) interrupt ZeroMQ calls: retry them until the deadline.
+    loop {
+        match socket.send(body, 0) {
+            Err(zmq::Error::EINTR) if Instant::now() < deadline => continue,
+            Err(e) => return Err(zmq_error(&format!("sending the handshake to {endpoint}"), e)),
+            Ok(()) => break,
+        }
+    }
+    loop {
+        match socket.recv_bytes(0) {
+            Ok(reply) => return Ok(reply),
+            Err(zmq::Error::EINTR) if Instant::now() < deadline => {
+                let left = deadline.saturating_duration_since(Instant::now()).as_millis().max(1) as i32;
+                socket.set_rcvtimeo(left).map_err(|e| zmq_error("setting the receive timeout", e))?;
+            }
+            Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => {
+                return Err(Error::new(
+                    ErrorCode::Timeout,
+                    format!("no handshake reply from {endpoint} within {ms} ms (is a decode communicator listening there?)"),
+                ))
+            }
+            Err(e) => return Err(zmq_error(&format!("waiting for the handshake reply from {endpoint}"), e)),
+        }
     }
 }
 
@@ -251,7 +283,11 @@ mod tests {
     fn request_and_answer_over_zmq() {
         let ctx = zmq::Context::new();
         let port = free_port();
-        let _server = ControlServer::bind(&ctx, "127.0.0.1", port, |req| [b"re:", req].concat()).unwrap();
+        let server = ControlServer::bind(&ctx, "127.0.0.1", port, |req| [b"re:", req].concat()).unwrap();
+        assert_eq!(server.port(), port);
+        let any = ControlServer::bind(&ctx, "127.0.0.1", 0, |req| req.to_vec()).unwrap();
+        assert_ne!(any.port(), 0);
+        assert_eq!(request(&ctx, "127.0.0.1", any.port(), b"x", Duration::from_secs(5)).unwrap(), b"x");
         let reply = request(&ctx, "127.0.0.1", port, b"hi", Duration::from_secs(5)).unwrap();
         assert_eq!(reply, b"re:hi");
         // The port is taken now.

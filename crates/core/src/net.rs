@@ -14,6 +14,7 @@ pub fn listen_addr(ifname: Option<&str>) -> Result<IpAddr> {
         return Ok(found.ip());
     }
     let mut names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
+    names.sort_unstable();
     names.dedup();
     Err(Error::config(format!(
         "KVCACHE_SOCKET_IFNAME={name:?}: no such interface with an address (this machine has: {})",

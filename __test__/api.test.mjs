@@ -1,0 +1,130 @@
+// The package surface: exports, constructor checks, configuration, HostBuffer.
+import test from 'ava'
+import { createRequire } from 'node:module'
+import * as esm from 'kvtransfer'
+import { RDMACommunicator, HostBuffer, KVTransferError } from 'kvtransfer'
+
+const require = createRequire(import.meta.url)
+const one = { layers: 1, blocks: 4, blockBytes: 64 }
+
+function decodeWith(options, ptrs) {
+  return new RDMACommunicator('decode', 0, 0, ptrs ?? [HostBuffer.alloc(256).ptr], [], 4, 64, 1, 0, options)
+}
+
+test('the package loads through import and require alike', (t) => {
+  const cjs = require('kvtransfer')
+  for (const name of ['RDMACommunicator', 'HostBuffer', 'KVTransferError']) {
+    t.is(typeof esm[name], 'function', name)
+    t.is(cjs[name], esm[name], name)
+  }
+})
+
+test('HostBuffer: aligned memory, one view, freed safely', (t) => {
+  const hb = HostBuffer.alloc(10000)
+  t.is(typeof hb.ptr, 'bigint')
+  t.is(hb.ptr % 4096n, 0n)
+  t.is(hb.buffer.length, 10000)
+  t.is(hb.byteLength, 10000)
+  t.true(hb.buffer.every((b) => b === 0))
+  hb.buffer[9999] = 42
+  t.is(hb.buffer.at(-1), 42)
+  hb.free()
+  t.true(hb.freed)
+  t.is(hb.buffer.length, 0, 'the buffer no longer reaches freed memory')
+  hb.free()
+  for (const bad of [0, -5, 1.5, NaN]) {
+    t.is(t.throws(() => HostBuffer.alloc(bad), { instanceOf: KVTransferError }).code, 'INVALID_ARGUMENT')
+  }
+})
+
+test('constructor arguments are checked', (t) => {
+  const p = HostBuffer.alloc(256).ptr
+  const cases = [
+    [() => new RDMACommunicator('middle', 0, 0, [p], [], 4, 64), /role/],
+    [() => new RDMACommunicator('decode', 0, 'abc', [p], [], 4, 64), /port/],
+    [() => new RDMACommunicator('decode', 0, 70000, [p], [], 4, 64), /port/],
+    [() => new RDMACommunicator('decode', 0, 0, [], [], 4, 64), /keyPtrs is empty/],
+    [() => new RDMACommunicator('decode', 0, 0, [p], [p, p], 4, 64), /valuePtrs has 2 entries/],
+    [() => new RDMACommunicator('decode', 0, 0, [-1n], [], 4, 64), /keyPtrs\[0\]/],
+    [() => new RDMACommunicator('decode', 0, 0, [0], [], 4, 64), /null/],
+    [() => new RDMACommunicator('decode', 0, 0, [p], [], 0, 64), /blockNumber/],
+    [() => new RDMACommunicator('decode', 0, 0, [p], [], 4, 0), /blockBytes/],
+    [() => new RDMACommunicator('prefill', 0, 0, [p], [], 4, 64, 2, 2), /prefillTpIdx 2/],
+    [() => new RDMACommunicator('decode', 0, 0, [p], [], 4, 64, 1, 0, { keyScalePtrs: [p] }), /scaleBlockBytes is 0/],
+  ]
+  for (const [make, why] of cases) {
+    const err = t.throws(make, { instanceOf: KVTransferError })
+    t.is(err.code, 'INVALID_ARGUMENT', err.message)
+    t.regex(err.message, why)
+  }
+})
+
+test.serial('bad environment variables are errors that name the variable', (t) => {
+  const cases = {
+    KVCACHE_IB_TIMEOUT: '40',
+    KVCACHE_RDMA_GID_INDEX: 'three',
+    KVCACHE_RELAX_ORDERING: 'perhaps',
+    KVCACHE_DEBUG: '2',
+    KVCACHE_GDRCOPY_FLUSH_ENABLE: 'x',
+    KVCACHE_TRANSPORT: 'pigeon',
+    KVCACHE_RDMA_NICS: 'mlx5_0,,',
+    KVCACHE_SOCKET_IFNAME: 'nosuchif9',
+    KVCACHE_ERROR_FILE: '/nonexistent/dir/errors.log',
+  }
+  for (const [name, value] of Object.entries(cases)) {
+    process.env[name] = value
+    try {
+      const err = t.throws(() => decodeWith(), { instanceOf: KVTransferError })
+      t.is(err.code, 'CONFIG', `${name}: ${err.message}`)
+      t.true(err.message.includes(name), `${name}: ${err.message}`)
+    } finally {
+      delete process.env[name]
+    }
+  }
+})
+
+test.serial('options override the environment and are checked the same way', (t) => {
+  process.env.KVCACHE_TRANSPORT = 'pigeon'
+  try {
+    const c = decodeWith({ transport: 'tcp' })
+    t.is(c.transport, 'tcp')
+    c.close()
+  } finally {
+    delete process.env.KVCACHE_TRANSPORT
+  }
+  const err = t.throws(() => decodeWith({ ibTimeout: 99 }), { instanceOf: KVTransferError })
+  t.is(err.code, 'CONFIG')
+  t.regex(err.message, /KVCACHE_IB_TIMEOUT \(option ibTimeout\)/)
+  t.regex(t.throws(() => decodeWith({ nonsense: 1 })).message, /unknown option "nonsense"/)
+  t.is(t.throws(() => decodeWith({ transport: 'rdma' })).code, 'UNAVAILABLE')
+})
+
+test('auto transport says what it picked in the debug log', async (t) => {
+  const { mkdtempSync, readFileSync } = await import('node:fs')
+  const { join } = await import('node:path')
+  const { tmpdir } = await import('node:os')
+  const file = join(mkdtempSync(join(tmpdir(), 'kvt-')), 'debug.log')
+  const c = decodeWith({ debug: true, debugFile: file })
+  t.is(c.transport, 'tcp')
+  c.close()
+  t.regex(readFileSync(file, 'utf8'), /transport auto: .*using tcp/)
+})
+
+test('a decode port in use is a clear error; asyncDispose closes', async (t) => {
+  const a = decodeWith({})
+  const err = t.throws(() => new RDMACommunicator('decode', 0, a.port, [HostBuffer.alloc(256).ptr], [], 4, 64, 1, 0, { errorFile: '/dev/null' }))
+  t.regex(err.message, /cannot listen/)
+  await a[Symbol.asyncDispose]()
+  // The port is free again.
+  const b = new RDMACommunicator('decode', 0, a.port, [HostBuffer.alloc(256).ptr], [], 4, 64)
+  t.is(b.port, a.port)
+  b.close()
+})
+
+test('KVTransferError parses native messages', (t) => {
+  const e = KVTransferError.from(new Error('TIMEOUT: no reply'))
+  t.is(e.code, 'TIMEOUT')
+  t.is(e.message, 'no reply')
+  t.is(KVTransferError.from(new Error('weird')).code, 'TRANSPORT')
+  t.true(e instanceof Error)
+})
