@@ -1,1 +1,110 @@
-fn main(){}
+//! The core's hot path, without Node: planning a call (ns per block) and the TCP transport against one
+//! plain stream of the same bytes over loopback. 1538 blocks per call, as in the reference benchmark.
+//!
+//!     cargo bench -p kvtransfer --bench hot_path
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kvtransfer::memory::{CacheSpec, HostAllocation};
+use kvtransfer::plan::BlockPlan;
+use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+const BATCH: u32 = 1538;
+const SIZES: [u64; 5] = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10];
+
+/// A fixed pseudo-random permutation of `0..n`: scattered ids, the hard case.
+fn scattered(n: u32, seed: u64) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..n).collect();
+    let mut x = seed | 1;
+    for i in (1..ids.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ids.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    ids
+}
+
+fn plan(c: &mut Criterion) {
+    let local = scattered(BATCH, 1);
+    let remote = scattered(BATCH, 2);
+    let contiguous: Vec<u32> = (0..BATCH).collect();
+    let mut g = c.benchmark_group("plan");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    let mut p = BlockPlan::default();
+    g.bench_function("scattered_1538", |b| b.iter(|| p.build(&local, &remote, 0, 1, BATCH, BATCH).unwrap()));
+    g.bench_function("contiguous_1538", |b| b.iter(|| p.build(&contiguous, &contiguous, 0, 1, BATCH, BATCH).unwrap()));
+    g.finish();
+}
+
+fn cache(block_bytes: u64) -> (Vec<HostAllocation>, CacheSpec) {
+    let bytes = (BATCH as u64 * block_bytes) as usize;
+    let mut mem = vec![HostAllocation::new(bytes).unwrap(), HostAllocation::new(bytes).unwrap()];
+    for m in &mut mem {
+        m.as_mut_slice().iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    }
+    let spec = CacheSpec { key: vec![mem[0].addr()], value: vec![mem[1].addr()], block_number: BATCH, block_bytes, ..CacheSpec::default() };
+    (mem, spec)
+}
+
+fn tcp(c: &mut Criterion) {
+    let config = Config { transport: TransportChoice::Tcp, timeout: Duration::from_secs(30), ..Config::default() };
+    let local = scattered(BATCH, 3);
+    let remote = scattered(BATCH, 4);
+    let mut g = c.benchmark_group("tcp_write_1538_scattered");
+    g.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(20);
+    for size in SIZES {
+        let (_dst_mem, dst) = cache(size);
+        let (_src_mem, src) = cache(size);
+        let spec = |role, cache| CommunicatorSpec { role, gpu_idx: 0, port: 0, cache, tp_size: 1, tp_idx: 0 };
+        let decode = Communicator::new(spec(Role::Decode, dst), config.clone()).unwrap();
+        let prefill = Communicator::new(spec(Role::Prefill, src), config.clone()).unwrap();
+        prefill.connect("127.0.0.1", decode.port(), 1).unwrap();
+        g.throughput(Throughput::Bytes(2 * BATCH as u64 * size));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, _| {
+            b.iter(|| prefill.write_cache("127.0.0.1", decode.port(), &local, &remote, 0).unwrap())
+        });
+    }
+    g.finish();
+}
+
+/// The ceiling: the same bytes as one contiguous stream, one write and one read loop, with a one-byte
+/// answer so each round trip is complete, as a write call is.
+fn plain_stream(c: &mut Criterion) {
+    let mut g = c.benchmark_group("plain_stream_same_bytes");
+    g.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(20);
+    for size in SIZES {
+        let total = (2 * BATCH as u64 * size) as usize;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_nodelay(true).unwrap();
+            let mut buf = vec![0u8; total];
+            while s.read_exact(&mut buf).is_ok() {
+                if s.write_all(&[1]).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        let data = vec![7u8; total];
+        let mut ack = [0u8; 1];
+        g.throughput(Throughput::Bytes(total as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, _| {
+            b.iter(|| {
+                s.write_all(&data).unwrap();
+                s.read_exact(&mut ack).unwrap();
+            })
+        });
+        drop(s);
+        server.join().unwrap();
+    }
+    g.finish();
+}
+
+criterion_group!(benches, plan, tcp, plain_stream);
+criterion_main!(benches);

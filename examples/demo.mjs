@@ -1,0 +1,103 @@
+// The demo: a decode process and a prefill process move a real KV cache and check every byte.
+//
+//   node examples/demo.mjs            # runs both processes on this machine
+//   node examples/demo.mjs decode     # one side only (for two machines: set DECODE_HOST on the prefill side)
+//   node examples/demo.mjs prefill
+import { fork } from 'node:child_process'
+import { createHash } from 'node:crypto'
+import { fileURLToPath } from 'node:url'
+import { RDMACommunicator, HostBuffer } from 'kvtransfer'
+
+const LAYERS = 8
+const BLOCKS = 512
+const BLOCK_BYTES = 16 * 1024
+const PORT = Number(process.env.DEMO_PORT ?? 23456)
+const HOST = process.env.DECODE_HOST ?? '127.0.0.1'
+
+// Both processes derive the prefill cache's contents from the layer, tensor and block, so the decode
+// side can check what arrived without being told.
+function fillBlock(buf, layer, tensor, block) {
+  let x = (layer * 7919 + tensor * 104729 + block * 1299709) >>> 0
+  for (let i = 0; i < buf.length; i += 4) {
+    x = (Math.imul(x, 1664525) + 1013904223) >>> 0
+    buf.writeUInt32LE(x, i)
+  }
+}
+
+function allocCache() {
+  const keys = Array.from({ length: LAYERS }, () => HostBuffer.alloc(BLOCKS * BLOCK_BYTES))
+  const values = Array.from({ length: LAYERS }, () => HostBuffer.alloc(BLOCKS * BLOCK_BYTES))
+  return { keys, values }
+}
+
+const sha = (b) => createHash('sha256').update(b).digest('hex')
+
+// The prefill engine finishes requests whose KV blocks sit scattered in its cache; the decode engine
+// allocated other scattered blocks for them.
+function assignment() {
+  const local = [], remote = []
+  for (let i = 0; i < BLOCKS / 2; i++) {
+    local.push((i * 37) % BLOCKS)
+    remote.push((i * 101 + 5) % BLOCKS)
+  }
+  return { local, remote }
+}
+
+async function decode() {
+  const cache = allocCache()
+  const comm = new RDMACommunicator('decode', 0, PORT, cache.keys.map((b) => b.ptr), cache.values.map((b) => b.ptr), BLOCKS, BLOCK_BYTES)
+  console.log(`[decode] listening on port ${comm.port} (${comm.transport}), ${LAYERS} layers × ${BLOCKS} blocks × ${BLOCK_BYTES} B`)
+  process.send?.({ ready: comm.port })
+  // Wait until the prefill side says it is done, then check every block it wrote.
+  await new Promise((resolve) => (process.send ? process.once('message', resolve) : process.stdin.once('data', resolve)))
+  const { local, remote } = assignment()
+  const expected = Buffer.alloc(BLOCK_BYTES)
+  let bad = 0
+  for (let layer = 0; layer < LAYERS; layer++) {
+    for (const [tensor, bufs] of [[0, cache.keys], [1, cache.values]]) {
+      local.forEach((l, i) => {
+        fillBlock(expected, layer, tensor, l)
+        const got = bufs[layer].buffer.subarray(remote[i] * BLOCK_BYTES, (remote[i] + 1) * BLOCK_BYTES)
+        if (sha(got) !== sha(expected)) bad++
+      })
+    }
+  }
+  const checked = LAYERS * 2 * local.length
+  console.log(bad === 0 ? `[decode] verified: all ${checked} blocks match, byte for byte` : `[decode] ${bad} of ${checked} blocks differ`)
+  comm.close()
+  process.exitCode = bad === 0 ? 0 : 1
+}
+
+async function prefill(port) {
+  const cache = allocCache()
+  for (let layer = 0; layer < LAYERS; layer++) {
+    for (let b = 0; b < BLOCKS; b++) {
+      fillBlock(cache.keys[layer].buffer.subarray(b * BLOCK_BYTES, (b + 1) * BLOCK_BYTES), layer, 0, b)
+      fillBlock(cache.values[layer].buffer.subarray(b * BLOCK_BYTES, (b + 1) * BLOCK_BYTES), layer, 1, b)
+    }
+  }
+  const comm = new RDMACommunicator('prefill', 0, port, cache.keys.map((b) => b.ptr), cache.values.map((b) => b.ptr), BLOCKS, BLOCK_BYTES)
+  await comm.connectAsync(HOST, port)
+  const { local, remote } = assignment()
+  const start = process.hrtime.bigint()
+  // Layer by layer, as a prefill engine hands over finished layers.
+  for (let layer = 0; layer < LAYERS; layer++) await comm.writeCacheAsync(HOST, port, local, remote, layer)
+  const seconds = Number(process.hrtime.bigint() - start) / 1e9
+  const bytes = LAYERS * 2 * local.length * BLOCK_BYTES
+  console.log(`[prefill] wrote ${LAYERS} layers, ${local.length} scattered blocks each (keys and values), ${(bytes / 2 ** 20).toFixed(0)} MiB in ${(seconds * 1000).toFixed(1)} ms over ${comm.transport}`)
+  comm.close()
+}
+
+const role = process.argv[2]
+if (role === 'decode') await decode()
+else if (role === 'prefill') await prefill(PORT)
+else {
+  const self = fileURLToPath(import.meta.url)
+  const child = fork(self, ['decode'], { env: { ...process.env, DEMO_PORT: '0' } })
+  const port = await new Promise((resolve) => child.once('message', (m) => resolve(m.ready)))
+  await prefill(port)
+  child.send('done')
+  const code = await new Promise((resolve) => child.once('exit', resolve))
+  console.log(code === 0 ? 'demo: OK' : 'demo: FAILED')
+  process.exitCode = code
+}
