@@ -395,6 +395,9 @@ export class RDMACommunicator {
  * hb.ptr                       // its address, for RDMACommunicator
  * hb.free()                    // the Buffer reads as empty from here on
  * ```
+ *
+ * The memory lives as long as the `HostBuffer` (or its `buffer`) is referenced: keep it referenced for as
+ * long as a communicator has it registered.
  */
 export class HostBuffer {
   /** A Node `Buffer` viewing the memory (empty after {@link HostBuffer.free}). */
