@@ -137,7 +137,7 @@ impl Communicator {
         let cache = Arc::new(CacheLayout::new(spec.cache)?);
         let (tp_size, tp_idx) = match spec.role {
             Role::Prefill => {
-                SliceGeometry::for_ranks(spec.tp_size, spec.tp_idx, 1).map_err(|e| Error::invalid(e.message()))?;
+                SliceGeometry::for_ranks(spec.tp_size, spec.tp_idx, 1)?;
                 (spec.tp_size, spec.tp_idx)
             }
             Role::Decode => (1, 0),
@@ -206,7 +206,7 @@ impl Communicator {
     /// Connecting to a connected peer does nothing.
     pub fn connect(&self, ip: &str, port: u16, dst_tp_size: u32) -> Result<()> {
         let result = self.try_connect(ip, port, dst_tp_size);
-        self.logged(&format!("connect to {ip}:{port}"), result)
+        self.logged(|| format!("connect to {ip}:{port}"), result)
     }
 
     fn try_connect(&self, ip: &str, port: u16, dst_tp_size: u32) -> Result<()> {
@@ -259,7 +259,7 @@ impl Communicator {
     /// argument is refused.
     pub fn write_cache(&self, ip: &str, port: u16, local: &[u32], remote: &[u32], layer: u32) -> Result<()> {
         let result = self.try_write(ip, port, local, remote, layer);
-        self.logged(&format!("writeCache to {ip}:{port} (layer {layer}, {} blocks)", local.len()), result)
+        self.logged(|| format!("writeCache to {ip}:{port} (layer {layer}, {} blocks)", local.len()), result)
     }
 
     fn try_write(&self, ip: &str, port: u16, local: &[u32], remote: &[u32], layer: u32) -> Result<()> {
@@ -328,9 +328,10 @@ impl Communicator {
         }
     }
 
-    fn logged<T>(&self, what: &str, result: Result<T>) -> Result<T> {
+    /// Logs a failure; `what` names the operation and is only formatted when there is one to log.
+    fn logged<T>(&self, what: impl FnOnce() -> String, result: Result<T>) -> Result<T> {
         if let Err(e) = &result {
-            self.log.error(format!("{what} failed: {e}"));
+            self.log.error(format!("{} failed: {e}", what()));
         }
         result
     }
@@ -442,8 +443,8 @@ impl Handshake {
             tensors: theirs,
         });
         self.log.debug(format!(
-            "accepted prefill tp {}/{} (slice {} of {} per block)",
-            hello.tp_idx, hello.tp_size, geometry.slot, geometry.ratio
+            "accepted prefill tp {}/{} with {} blocks (slice {} of {} per block)",
+            hello.tp_idx, hello.tp_size, hello.block_number, geometry.slot, geometry.ratio
         ));
         Ok(Welcome {
             protocol: PROTOCOL_VERSION,
