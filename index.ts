@@ -262,9 +262,17 @@ export class RDMACommunicator {
     this.port = this.#native.port
   }
 
-  /** The transport in use: `'tcp'` or `'rdma'`. */
-  get transport(): string {
-    return this.#native.transport
+  /**
+   * The preferred transport: `'rdma'` when the NIC is usable (with `transport: 'auto'`, connections to a
+   * decode without RDMA still fall back to TCP), else `'tcp'`.
+   */
+  get transport(): 'tcp' | 'rdma' {
+    return this.#native.transport as 'tcp' | 'rdma'
+  }
+
+  /** The RDMA device in use (`'mlx5_0'`, `'rxe0'`), or `null` when RDMA is not used. */
+  get rdmaDevice(): string | null {
+    return this.#native.rdmaDevice ?? null
   }
 
   /**
@@ -383,6 +391,22 @@ export class RDMACommunicator {
       this.lastError = e
       return failed
     }
+  }
+}
+
+/** One RDMA device of this machine, with its ports and their non-empty GID table entries. */
+export type RdmaDevice = native.RdmaDevice
+
+/**
+ * Lists the RDMA devices this machine has: ports with state, link layer (`Ethernet` for RoCE,
+ * `InfiniBand`), MTU, LID and GIDs — what `KVCACHE_RDMA_NICS` and `KVCACHE_RDMA_GID_INDEX` choose from.
+ * @throws {KVTransferError} `UNAVAILABLE` where libibverbs is not installed.
+ */
+export function rdmaDevices(): RdmaDevice[] {
+  try {
+    return native.rdmaDevices()
+  } catch (err) {
+    throw KVTransferError.from(err)
   }
 }
 

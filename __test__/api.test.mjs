@@ -96,7 +96,7 @@ test.serial('options override the environment and are checked the same way', (t)
   t.is(err.code, 'CONFIG')
   t.regex(err.message, /KVCACHE_IB_TIMEOUT \(option ibTimeout\)/)
   t.regex(t.throws(() => decodeWith({ nonsense: 1 })).message, /unknown option "nonsense"/)
-  t.is(t.throws(() => decodeWith({ transport: 'rdma' })).code, 'UNAVAILABLE')
+  t.is(t.throws(() => decodeWith({ transport: 'rdma', rdmaNics: 'no-such-nic' })).code, 'UNAVAILABLE')
 })
 
 test('auto transport says what it picked in the debug log', async (t) => {
@@ -104,7 +104,7 @@ test('auto transport says what it picked in the debug log', async (t) => {
   const { join } = await import('node:path')
   const { tmpdir } = await import('node:os')
   const file = join(mkdtempSync(join(tmpdir(), 'kvt-')), 'debug.log')
-  const c = decodeWith({ debug: true, debugFile: file })
+  const c = decodeWith({ debug: true, debugFile: file, rdmaNics: 'no-such-nic' })
   t.is(c.transport, 'tcp')
   c.close()
   t.regex(readFileSync(file, 'utf8'), /transport auto: .*using tcp/)

@@ -7,6 +7,7 @@ import { join } from 'node:path'
 import { RDMACommunicator, KVTransferError } from 'kvtransfer'
 import { makeCache } from './helpers/cache.mjs'
 import { startDecode } from './helpers/peer.mjs'
+import { transportOptions } from './helpers/transport.mjs'
 
 const HOST = '127.0.0.1'
 const shape = { layers: 2, blocks: 16, blockBytes: 256 }
@@ -14,11 +15,11 @@ const shape = { layers: 2, blocks: 16, blockBytes: 256 }
 async function setup(t, decodeOptions = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'kvt-'))
   const errorFile = join(dir, 'prefill-errors.log')
-  const decode = await startDecode(shape, { options: { transport: 'tcp', ...decodeOptions } })
+  const decode = await startDecode(shape, { options: { ...transportOptions, ...decodeOptions } })
   t.teardown(decode.stop)
   const src = makeCache(shape)
   const comm = new RDMACommunicator('prefill', 0, 0, src.keyPtrs, src.valuePtrs, shape.blocks, shape.blockBytes, 1, 0, {
-    transport: 'tcp',
+    ...transportOptions,
     errorFile,
   })
   t.teardown(() => comm.close())
@@ -61,10 +62,10 @@ test('invalid writes are refused, logged, and leave the remote cache untouched',
 test('handshake mismatches fail connect on the prefill side and are logged on the decode side', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'kvt-'))
   const decodeErrors = join(dir, 'decode-errors.log')
-  const decode = await startDecode(shape, { options: { transport: 'tcp', errorFile: decodeErrors } })
+  const decode = await startDecode(shape, { options: { ...transportOptions, errorFile: decodeErrors } })
   t.teardown(decode.stop)
   const wrong = makeCache({ ...shape, layers: 3 })
-  const comm = new RDMACommunicator('prefill', 0, 0, wrong.keyPtrs, wrong.valuePtrs, shape.blocks, shape.blockBytes, 1, 0, { transport: 'tcp' })
+  const comm = new RDMACommunicator('prefill', 0, 0, wrong.keyPtrs, wrong.valuePtrs, shape.blocks, shape.blockBytes, 1, 0, transportOptions)
   t.teardown(() => comm.close())
   t.false(comm.connect(HOST, decode.port))
   t.regex(comm.lastError.message, /layer count mismatch/)
@@ -75,7 +76,7 @@ test('handshake mismatches fail connect on the prefill side and are logged on th
 
 test('connecting to nobody fails within the timeout', async (t) => {
   const src = makeCache(shape)
-  const comm = new RDMACommunicator('prefill', 0, 0, src.keyPtrs, src.valuePtrs, shape.blocks, shape.blockBytes, 1, 0, { transport: 'tcp', timeoutMs: 300, errorFile: '/dev/null' })
+  const comm = new RDMACommunicator('prefill', 0, 0, src.keyPtrs, src.valuePtrs, shape.blocks, shape.blockBytes, 1, 0, { ...transportOptions, timeoutMs: 300, errorFile: '/dev/null' })
   const err = await t.throwsAsync(comm.connectAsync(HOST, 1))
   t.is(err.code, 'TIMEOUT')
   comm.close()

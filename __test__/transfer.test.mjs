@@ -3,14 +3,15 @@ import test from 'ava'
 import { RDMACommunicator } from 'kvtransfer'
 import { makeCache, hash } from './helpers/cache.mjs'
 import { startDecode } from './helpers/peer.mjs'
+import { transportOptions } from './helpers/transport.mjs'
 
 const HOST = '127.0.0.1'
-const tcp = { transport: 'tcp' }
+const transport = transportOptions
 
 function prefillFor(cache, shape, tpSize = 1, tpIdx = 0) {
   return new RDMACommunicator('prefill', 0, 0, cache.keyPtrs, cache.valuePtrs, shape.blocks, shape.blockBytes, tpSize, tpIdx, {
     ...cache.scaleOptions,
-    ...tcp,
+    ...transport,
   })
 }
 
@@ -24,7 +25,7 @@ async function expectLanded(t, decode, src, tensors, layer, local, remote) {
 
 test('all layers, keys and values, scattered and contiguous ids, sync and async', async (t) => {
   const shape = { layers: 4, blocks: 96, blockBytes: 1024 }
-  const decode = await startDecode({ ...shape, blocks: 128 }, { options: tcp })
+  const decode = await startDecode({ ...shape, blocks: 128 }, { options: transport })
   t.teardown(decode.stop)
   const src = makeCache(shape)
   const comm = prefillFor(src, shape)
@@ -50,7 +51,7 @@ test('all layers, keys and values, scattered and contiguous ids, sync and async'
 
 test('key-only caches (MLA)', async (t) => {
   const shape = { layers: 3, blocks: 32, blockBytes: 576, keyOnly: true }
-  const decode = await startDecode(shape, { options: tcp })
+  const decode = await startDecode(shape, { options: transport })
   t.teardown(decode.stop)
   const src = makeCache(shape)
   t.deepEqual(src.valuePtrs, [])
@@ -63,7 +64,7 @@ test('key-only caches (MLA)', async (t) => {
 
 test('heterogeneous TP: two prefill ranks fill the halves of each decode block', async (t) => {
   const half = { layers: 2, blocks: 16, blockBytes: 2048 }
-  const decode = await startDecode({ ...half, blockBytes: 4096 }, { options: tcp })
+  const decode = await startDecode({ ...half, blockBytes: 4096 }, { options: transport })
   t.teardown(decode.stop)
   const ranks = [makeCache(half), makeCache(half)]
   const comms = ranks.map((c, i) => prefillFor(c, half, 2, i))
@@ -79,7 +80,7 @@ test('heterogeneous TP: two prefill ranks fill the halves of each decode block',
 
 test('quantised caches: scales move with their blocks', async (t) => {
   const shape = { layers: 2, blocks: 20, blockBytes: 512, scaleBlockBytes: 16 }
-  const decode = await startDecode(shape, { options: tcp })
+  const decode = await startDecode(shape, { options: transport })
   t.teardown(decode.stop)
   const src = makeCache(shape)
   const comm = prefillFor(src, shape)
@@ -91,7 +92,7 @@ test('quantised caches: scales move with their blocks', async (t) => {
 
 test('the async API does not block the event loop', async (t) => {
   const shape = { layers: 1, blocks: 1024, blockBytes: 64 * 1024 }
-  const decode = await startDecode(shape, { options: tcp })
+  const decode = await startDecode(shape, { options: transport })
   t.teardown(decode.stop)
   const src = makeCache(shape)
   const comm = prefillFor(src, shape)

@@ -1,10 +1,13 @@
 // The demo: a decode process and a prefill process move a real KV cache and check every byte.
 //
 //   node examples/demo.mjs            # runs both processes on this machine
-//   node examples/demo.mjs decode     # one side only (for two machines: set DECODE_HOST on the prefill side)
-//   node examples/demo.mjs prefill
+//   node examples/demo.mjs decode     # one side only, on two machines: the decode listens on DEMO_PORT and
+//   DECODE_HOST=<decode ip> node examples/demo.mjs prefill   # DEMO_PORT + 1 (where the prefill says "done")
+//
+// The transport comes from the environment as in any engine: KVCACHE_TRANSPORT=rdma, KVCACHE_RDMA_NICS, ...
 import { fork } from 'node:child_process'
 import { createHash } from 'node:crypto'
+import net from 'node:net'
 import { fileURLToPath } from 'node:url'
 import { RDMACommunicator, HostBuffer } from 'kvtransfer'
 
@@ -48,8 +51,10 @@ async function decode() {
   const comm = new RDMACommunicator('decode', 0, PORT, cache.keys.map((b) => b.ptr), cache.values.map((b) => b.ptr), BLOCKS, BLOCK_BYTES)
   console.log(`[decode] listening on port ${comm.port} (${comm.transport}), ${LAYERS} layers × ${BLOCKS} blocks × ${BLOCK_BYTES} B`)
   process.send?.({ ready: comm.port })
-  // Wait until the prefill side says it is done, then check every block it wrote.
-  await new Promise((resolve) => (process.send ? process.once('message', resolve) : process.stdin.once('data', resolve)))
+  // Wait until the prefill side says it is done (over IPC, or on DEMO_PORT + 1 from another machine), then
+  // check every block it wrote.
+  const done = process.send ? new Promise((resolve) => process.once('message', () => resolve(null))) : waitForRemoteDone(PORT + 1)
+  const reply = await done
   const { local, remote } = assignment()
   const expected = Buffer.alloc(BLOCK_BYTES)
   let bad = 0
@@ -63,9 +68,35 @@ async function decode() {
     }
   }
   const checked = LAYERS * 2 * local.length
-  console.log(bad === 0 ? `[decode] verified: all ${checked} blocks match, byte for byte` : `[decode] ${bad} of ${checked} blocks differ`)
+  const verdict = bad === 0 ? `verified: all ${checked} blocks match, byte for byte` : `${bad} of ${checked} blocks differ`
+  console.log(`[decode] ${verdict}`)
+  reply?.(verdict)
   comm.close()
   process.exitCode = bad === 0 ? 0 : 1
+}
+
+// Resolves with a function that answers the prefill, once it connects to `port` and says "done".
+function waitForRemoteDone(port) {
+  return new Promise((resolve) => {
+    const server = net.createServer((socket) => {
+      socket.once('data', () => {
+        server.close()
+        resolve((verdict) => socket.end(verdict + '\n'))
+      })
+    })
+    server.listen(port)
+  })
+}
+
+// Tells a decode on another machine that the writes are done; resolves with its verdict.
+function tellRemoteDone(host, port) {
+  return new Promise((resolve, reject) => {
+    let answer = ''
+    const socket = net.connect(port, host, () => socket.write('done\n'))
+    socket.on('data', (d) => (answer += d))
+    socket.on('end', () => resolve(answer.trim()))
+    socket.on('error', reject)
+  })
 }
 
 async function prefill(port) {
@@ -84,13 +115,18 @@ async function prefill(port) {
   for (let layer = 0; layer < LAYERS; layer++) await comm.writeCacheAsync(HOST, port, local, remote, layer)
   const seconds = Number(process.hrtime.bigint() - start) / 1e9
   const bytes = LAYERS * 2 * local.length * BLOCK_BYTES
-  console.log(`[prefill] wrote ${LAYERS} layers, ${local.length} scattered blocks each (keys and values), ${(bytes / 2 ** 20).toFixed(0)} MiB in ${(seconds * 1000).toFixed(1)} ms over ${comm.transport}`)
+  console.log(`[prefill] wrote ${LAYERS} layers, ${local.length} scattered blocks each (keys and values), ${(bytes / 2 ** 20).toFixed(0)} MiB in ${(seconds * 1000).toFixed(1)} ms over ${comm.transport}${comm.rdmaDevice ? ` (${comm.rdmaDevice})` : ''}`)
   comm.close()
 }
 
 const role = process.argv[2]
 if (role === 'decode') await decode()
-else if (role === 'prefill') await prefill(PORT)
+else if (role === 'prefill') {
+  await prefill(PORT)
+  const verdict = await tellRemoteDone(HOST, PORT + 1)
+  console.log(`[prefill] the decode side says: ${verdict}`)
+  process.exitCode = verdict.startsWith('verified') ? 0 : 1
+}
 else {
   const self = fileURLToPath(import.meta.url)
   const child = fork(self, ['decode'], { env: { ...process.env, DEMO_PORT: '0' } })

@@ -1,11 +1,14 @@
-//! The core's hot path, without Node: planning a call (ns per block) and the TCP transport against one
-//! plain stream of the same bytes over loopback. 1538 blocks per call, as in the reference benchmark.
+//! The core's hot path, without Node: planning a call and building its RDMA work requests (ns per block,
+//! no NIC needed), and the TCP transport against one plain stream of the same bytes over loopback. 1538
+//! blocks per call, as in the reference benchmark.
 //!
 //!     cargo bench -p kvtransfer --bench hot_path
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kvtransfer::memory::{CacheSpec, HostAllocation};
-use kvtransfer::plan::BlockPlan;
+use kvtransfer::plan::{BlockPlan, SliceGeometry};
+use kvtransfer::transport::rdma::post::{LayerKeys, WriteChain};
+use kvtransfer::transport::rdma::registration::RemoteRegion;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -36,6 +39,43 @@ fn plan(c: &mut Criterion) {
     let mut p = BlockPlan::default();
     g.bench_function("scattered_1538", |b| b.iter(|| p.build(&local, &remote, 0, 1, BATCH, BATCH).unwrap()));
     g.bench_function("contiguous_1538", |b| b.iter(|| p.build(&contiguous, &contiguous, 0, 1, BATCH, BATCH).unwrap()));
+    g.finish();
+}
+
+/// What `writeCache` does on the CPU before the doorbell: validate and coalesce the ids, build one
+/// `RDMA_WRITE` per block and tensor (keys and values: 3076 work requests), and chain them into lists.
+fn rdma_work_requests(c: &mut Criterion) {
+    let local = scattered(BATCH, 1);
+    let remote = scattered(BATCH, 2);
+    let block_bytes = 1024;
+    let cache = kvtransfer::memory::CacheLayout::new(CacheSpec {
+        key: vec![0x1000_0000],
+        value: vec![0x2000_0000],
+        block_number: BATCH,
+        block_bytes,
+        ..CacheSpec::default()
+    })
+    .unwrap();
+    let region = |addr| RemoteRegion { addr, len: BATCH as u64 * block_bytes, rkey: 7 };
+    let keys = LayerKeys { lkeys: [1, 2, 0, 0], remote: [region(0x3000_0000), region(0x4000_0000), region(0), region(0)] };
+    let mut plan = BlockPlan::default();
+    let mut chain = WriteChain::default();
+    let mut g = c.benchmark_group("rdma_work_requests_1538_scattered");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    plan.build(&local, &remote, 0, 1, BATCH, BATCH).unwrap();
+    g.bench_function("build_and_chain", |b| {
+        b.iter(|| {
+            chain.build(&plan, &cache, &keys, SliceGeometry::WHOLE, 1 << 30);
+            chain.link(4096);
+        })
+    });
+    g.bench_function("plan_build_and_chain", |b| {
+        b.iter(|| {
+            plan.build(&local, &remote, 0, 1, BATCH, BATCH).unwrap();
+            chain.build(&plan, &cache, &keys, SliceGeometry::WHOLE, 1 << 30);
+            chain.link(4096);
+        })
+    });
     g.finish();
 }
 
@@ -106,5 +146,5 @@ fn plain_stream(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, plan, tcp, plain_stream);
+criterion_group!(benches, plan, rdma_work_requests, tcp, plain_stream);
 criterion_main!(benches);

@@ -29,6 +29,7 @@ use crate::log::Logger;
 use crate::memory::{CacheLayout, CacheSpec, TensorSet};
 use crate::net;
 use crate::plan::{BlockPlan, SliceGeometry};
+use crate::transport::rdma::{RdmaContext, RdmaTarget, RdmaWelcome};
 use crate::transport::tcp::{Session, TcpLink, TcpReceiver};
 use crate::transport::Link;
 use std::collections::HashMap;
@@ -84,6 +85,7 @@ pub struct CommunicatorSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportKind {
     Tcp,
+    Rdma,
 }
 
 impl TransportKind {
@@ -91,6 +93,7 @@ impl TransportKind {
     pub fn as_str(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
+            TransportKind::Rdma => "rdma",
         }
     }
 }
@@ -104,7 +107,9 @@ pub struct Communicator {
     tp_idx: u32,
     cache: Arc<CacheLayout>,
     config: Config,
-    transport: TransportKind,
+    /// Transports this side can use, preferred first.
+    transports: Vec<TransportKind>,
+    rdma: Option<Arc<RdmaContext>>,
     log: Arc<Logger>,
     closed: AtomicBool,
     side: Side,
@@ -112,14 +117,26 @@ pub struct Communicator {
 
 enum Side {
     Prefill { zmq: zmq::Context, peers: Mutex<HashMap<String, Arc<Mutex<Peer>>>> },
-    Decode { port: u16, listening: Mutex<Option<(ControlServer, Arc<TcpReceiver>)>> },
+    Decode { port: u16, listening: Mutex<Option<Listening>> },
 }
 
-/// A connected decode peer, as the prefill side sees it.
+/// A decode side's servers. Fields drop in order: the control server first (it holds the last other
+/// references to the others), then the data paths.
+struct Listening {
+    _control: ControlServer,
+    _tcp: Option<Arc<TcpReceiver>>,
+    _rdma: Option<Arc<RdmaTarget>>,
+}
+
+/// A decode peer, as the prefill side sees it.
 struct Peer {
-    link: Box<dyn Link>,
+    /// `None` after a failure broke it: the next call rebuilds it with a new handshake.
+    link: Option<Box<dyn Link>>,
     plan: BlockPlan,
     remote_blocks: u32,
+    dst_tp_size: u32,
+    /// The decode side's name for this connection.
+    token: u64,
 }
 
 impl Communicator {
@@ -142,19 +159,23 @@ impl Communicator {
             }
             Role::Decode => (1, 0),
         };
-        let transport = resolve_transport(&config, spec.gpu_idx, &log)?;
+        let (transports, rdma) = resolve_transports(&config, spec.gpu_idx, spec.role, &cache, &log)?;
         let side = match spec.role {
             Role::Prefill => Side::Prefill { zmq: zmq::Context::new(), peers: Mutex::new(HashMap::new()) },
-            Role::Decode => listen(spec.port, &cache, &config, &log)?,
+            Role::Decode => listen(spec.port, &cache, &config, &transports, rdma.clone(), &log)?,
         };
         log.debug(format!(
-            "{} communicator ready: {} layers of {:?}, {} blocks of {} bytes, transport {}{}",
+            "{} communicator ready: {} layers of {:?}, {} blocks of {} bytes, transports {:?}{}{}",
             spec.role.as_str(),
             cache.layers(),
             cache.tensors().iter().map(|t| t.name()).collect::<Vec<_>>(),
             cache.block_number(),
             cache.kv_block_bytes(),
-            transport.as_str(),
+            transports.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
+            match &rdma {
+                Some(r) => format!(" (RDMA on {})", r.device().name()),
+                None => String::new(),
+            },
             match &side {
                 Side::Decode { port, .. } => format!(", control port {port}"),
                 Side::Prefill { .. } => format!(", tp {tp_idx}/{tp_size}"),
@@ -167,7 +188,8 @@ impl Communicator {
             tp_idx,
             cache,
             config,
-            transport,
+            transports,
+            rdma,
             log,
             closed: AtomicBool::new(false),
             side,
@@ -186,9 +208,13 @@ impl Communicator {
     pub fn config(&self) -> &Config {
         &self.config
     }
-    /// The transport in use.
+    /// The preferred transport: the one connections use unless the peer lacks it.
     pub fn transport(&self) -> TransportKind {
-        self.transport
+        self.transports[0]
+    }
+    /// The RDMA device in use, if any.
+    pub fn rdma_device(&self) -> Option<&str> {
+        self.rdma.as_ref().map(|r| r.device().name())
     }
     /// The registered cache.
     pub fn cache(&self) -> &CacheLayout {
@@ -210,12 +236,31 @@ impl Communicator {
     }
 
     fn try_connect(&self, ip: &str, port: u16, dst_tp_size: u32) -> Result<()> {
-        let (zmq, peers) = self.prefill_side("connect")?;
+        let (_, peers) = self.prefill_side("connect")?;
         let key = peer_key(ip, port);
-        if peers.lock().unwrap().contains_key(&key) {
+        let existing = peers.lock().unwrap().get(&key).cloned();
+        if let Some(peer) = existing {
+            // Connected, or broken and due for a rebuild.
+            let mut peer = peer.lock().unwrap();
+            if peer.link.is_none() {
+                self.rebuild(ip, port, &mut peer)?;
+            }
             return Ok(());
         }
         SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size)?;
+        let peer = self.handshake(ip, port, dst_tp_size, None)?;
+        self.check_open()?;
+        peers.lock().unwrap().entry(key).or_insert_with(|| Arc::new(Mutex::new(peer)));
+        Ok(())
+    }
+
+    /// Runs the handshake with the decode at `ip:port` and opens the data path it chose.
+    fn handshake(&self, ip: &str, port: u16, dst_tp_size: u32, replaces: Option<u64>) -> Result<Peer> {
+        let (zmq, _) = self.prefill_side("connect")?;
+        let pending = match &self.rdma {
+            Some(rdma) => Some(rdma.prepare()?),
+            None => None,
+        };
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             role: Role::Prefill.as_str().into(),
@@ -227,29 +272,56 @@ impl Communicator {
             tp_size: self.tp_size,
             tp_idx: self.tp_idx,
             dst_tp_size,
-            transports: vec![self.transport.as_str().into()],
+            transports: self.transports.iter().map(|t| t.as_str().to_string()).collect(),
+            rdma: pending.as_ref().map(|p| p.endpoint()),
+            replaces,
         };
         let reply = control::request(zmq, ip, port, &control::encode(&hello), self.config.timeout)?;
         let welcome = control::decode_reply(&reply)?;
-        let link: Box<dyn Link> = match welcome.transport.as_str() {
-            "tcp" => Box::new(TcpLink::connect(ip, welcome.tcp_port, welcome.token, self.cache.clone(), self.config.timeout)?),
-            other => return Err(Error::protocol(format!("the decode peer chose transport {other:?}, which was not offered"))),
+        let key = peer_key(ip, port);
+        let link: Box<dyn Link> = match (welcome.transport.as_str(), pending, &welcome.rdma) {
+            ("tcp", _, _) if self.transports.contains(&TransportKind::Tcp) => Box::new(TcpLink::connect(
+                ip,
+                welcome.tcp_port,
+                welcome.token,
+                self.cache.clone(),
+                self.config.timeout,
+            )?),
+            ("rdma", Some(pending), Some(answer)) => {
+                let geometry = SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size)?;
+                Box::new(pending.finish(key.clone(), answer, geometry, welcome.block_number)?)
+            }
+            (other, _, _) => {
+                return Err(Error::protocol(format!(
+                    "the decode peer chose transport {other:?}, which was not offered (or came without its details)"
+                )))
+            }
         };
         self.log.debug(format!(
-            "connected to {key} over {}: its cache has {} blocks",
+            "connected to {key} over {}: its cache has {} blocks{}",
             link.transport(),
-            welcome.block_number
+            welcome.block_number,
+            if replaces.is_some() { " (rebuilt after a failure)" } else { "" }
         ));
-        let peer = Peer { link, plan: BlockPlan::default(), remote_blocks: welcome.block_number };
-        self.check_open()?;
-        peers.lock().unwrap().entry(key).or_insert_with(|| Arc::new(Mutex::new(peer)));
+        Ok(Peer { link: Some(link), plan: BlockPlan::default(), remote_blocks: welcome.block_number, dst_tp_size, token: welcome.token })
+    }
+
+    /// Replaces a broken connection with a new one to the same peer.
+    fn rebuild(&self, ip: &str, port: u16, peer: &mut Peer) -> Result<()> {
+        let fresh = self.handshake(ip, port, peer.dst_tp_size, Some(peer.token)).map_err(|e| {
+            Error::new(e.code(), format!("the connection broke earlier and could not be rebuilt: {}", e.message()))
+        })?;
+        *peer = fresh;
         Ok(())
     }
 
     /// Whether a connection to `ip:port` exists.
     pub fn is_connected(&self, ip: &str, port: u16) -> bool {
         match &self.side {
-            Side::Prefill { peers, .. } => peers.lock().unwrap().contains_key(&peer_key(ip, port)),
+            Side::Prefill { peers, .. } => {
+                let peer = peers.lock().unwrap().get(&peer_key(ip, port)).cloned();
+                peer.is_some_and(|p| p.lock().unwrap().link.is_some())
+            }
             Side::Decode { .. } => false,
         }
     }
@@ -275,14 +347,29 @@ impl Communicator {
         if peer_state.plan.is_empty() {
             return Ok(());
         }
-        let result = peer_state.link.write(&peer_state.plan);
+        let result = match peer_state.link.as_mut() {
+            Some(link) => link.write(&peer_state.plan),
+            None => {
+                let plan = std::mem::take(&mut peer_state.plan);
+                let rebuilt = self.rebuild(ip, port, peer_state);
+                peer_state.plan = plan;
+                match rebuilt {
+                    Ok(()) => peer_state.link.as_mut().expect("rebuilt").write(&peer_state.plan),
+                    Err(e) => {
+                        // The peer is gone: forget it, so the caller sees NOT_CONNECTED from now on.
+                        let mut map = peers.lock().unwrap();
+                        if map.get(&key).is_some_and(|p| Arc::ptr_eq(p, &peer)) {
+                            map.remove(&key);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        };
         if let Err(e) = &result {
             if matches!(e.code(), ErrorCode::Transport | ErrorCode::Timeout | ErrorCode::Protocol) {
-                // The connection's state is unknown now: drop it, so the caller reconnects.
-                let mut map = peers.lock().unwrap();
-                if map.get(&key).is_some_and(|p| Arc::ptr_eq(p, &peer)) {
-                    map.remove(&key);
-                }
+                // The connection's state is unknown now: drop it; the next call rebuilds it.
+                peer_state.link = None;
             }
         }
         result
@@ -297,11 +384,8 @@ impl Communicator {
         match &self.side {
             Side::Prefill { peers, .. } => peers.lock().unwrap().clear(),
             Side::Decode { listening, .. } => {
-                // The control server goes first: it holds the last other reference to the receiver.
-                if let Some((control, receiver)) = listening.lock().unwrap().take() {
-                    drop(control);
-                    drop(receiver);
-                }
+                // Stops the control server, then the data paths: nothing lands after this.
+                drop(listening.lock().unwrap().take());
             }
         }
         self.log.debug("closed");
@@ -347,40 +431,64 @@ fn peer_key(ip: &str, port: u16) -> String {
     format!("{ip}:{port}")
 }
 
-fn resolve_transport(config: &Config, gpu_idx: u32, log: &Logger) -> Result<TransportKind> {
+/// The transports this side offers, preferred first, and the RDMA resources if RDMA is among them.
+fn resolve_transports(
+    config: &Config,
+    gpu_idx: u32,
+    role: Role,
+    cache: &Arc<CacheLayout>,
+    log: &Logger,
+) -> Result<(Vec<TransportKind>, Option<Arc<RdmaContext>>)> {
+    let open = || RdmaContext::open(cache.clone(), config, gpu_idx, role == Role::Decode);
     match config.transport {
-        TransportChoice::Tcp => Ok(TransportKind::Tcp),
-        TransportChoice::Rdma => Err(Error::new(
-            ErrorCode::Unavailable,
-            "KVCACHE_TRANSPORT=rdma: this build has no RDMA transport; use tcp or auto",
-        )),
-        TransportChoice::Auto => {
-            log.debug(format!(
-                "transport auto: no RDMA transport in this build (NIC for GPU {gpu_idx}: {}), using tcp",
-                config.nic_for_gpu(gpu_idx).unwrap_or("none, KVCACHE_RDMA_NICS is unset")
-            ));
-            Ok(TransportKind::Tcp)
+        TransportChoice::Tcp => Ok((vec![TransportKind::Tcp], None)),
+        TransportChoice::Rdma => {
+            let rdma = open().map_err(|e| Error::new(e.code(), format!("KVCACHE_TRANSPORT=rdma: {}", e.message())))?;
+            Ok((vec![TransportKind::Rdma], Some(rdma)))
         }
+        TransportChoice::Auto => match open() {
+            Ok(rdma) => Ok((vec![TransportKind::Rdma, TransportKind::Tcp], Some(rdma))),
+            Err(e) => {
+                log.debug(format!(
+                    "transport auto: RDMA is not usable for GPU {gpu_idx} (NIC {}): {e}; using tcp",
+                    config.nic_for_gpu(gpu_idx).unwrap_or("any, KVCACHE_RDMA_NICS is unset")
+                ));
+                Ok((vec![TransportKind::Tcp], None))
+            }
+        },
     }
 }
 
-fn listen(port: u16, cache: &Arc<CacheLayout>, config: &Config, log: &Arc<Logger>) -> Result<Side> {
+fn listen(
+    port: u16,
+    cache: &Arc<CacheLayout>,
+    config: &Config,
+    transports: &[TransportKind],
+    rdma: Option<Arc<RdmaContext>>,
+    log: &Arc<Logger>,
+) -> Result<Side> {
     let ip = net::listen_addr(config.socket_ifname.as_deref())?;
     if config.socket_ifname.is_none() && log.debug_enabled() {
         let first = net::first_usable_interface().map(|(n, ip)| format!("{n} {ip}")).unwrap_or_else(|| "none".into());
         log.debug(format!("KVCACHE_SOCKET_IFNAME unset: listening on all interfaces (first usable: {first})"));
     }
-    let receiver = Arc::new(TcpReceiver::start(ip, cache.clone(), log.clone(), config.timeout)?);
-    let handshake = Handshake { cache: cache.clone(), receiver: receiver.clone(), log: log.clone() };
+    let tcp = match transports.contains(&TransportKind::Tcp) {
+        true => Some(Arc::new(TcpReceiver::start(ip, cache.clone(), log.clone(), config.timeout)?)),
+        false => None,
+    };
+    let rdma = rdma.map(|r| Arc::new(RdmaTarget::new(r)));
+    let handshake = Handshake { cache: cache.clone(), tcp: tcp.clone(), rdma: rdma.clone(), log: log.clone() };
     let zmq = zmq::Context::new();
     let control = ControlServer::bind(&zmq, &ip.to_string(), port, move |req| control::encode(&handshake.answer(req)))?;
-    Ok(Side::Decode { port: control.port(), listening: Mutex::new(Some((control, receiver))) })
+    let port = control.port();
+    Ok(Side::Decode { port, listening: Mutex::new(Some(Listening { _control: control, _tcp: tcp, _rdma: rdma })) })
 }
 
 /// The decode side's half of the handshake.
 struct Handshake {
     cache: Arc<CacheLayout>,
-    receiver: Arc<TcpReceiver>,
+    tcp: Option<Arc<TcpReceiver>>,
+    rdma: Option<Arc<RdmaTarget>>,
     log: Arc<Logger>,
 }
 
@@ -431,27 +539,47 @@ impl Handshake {
                 )));
             }
         }
-        if !hello.transports.iter().any(|t| t == TransportKind::Tcp.as_str()) {
-            return Err(Error::new(
-                ErrorCode::Unavailable,
-                format!("no common transport: the prefill offers {:?}, this decode has tcp", hello.transports),
-            ));
+        let peer = format!("prefill tp {}/{}", hello.tp_idx, hello.tp_size);
+        for offered in &hello.transports {
+            match (offered.as_str(), &self.rdma, &hello.rdma, &self.tcp) {
+                ("rdma", Some(rdma), Some(endpoint), _) => {
+                    let (token, answer) = rdma.accept(endpoint, hello.replaces)?;
+                    self.log.debug(format!(
+                        "accepted {peer} over rdma on {} with {} blocks (slice {} of {} per block; {} sessions)",
+                        rdma.device_name(),
+                        hello.block_number,
+                        geometry.slot,
+                        geometry.ratio,
+                        rdma.sessions()
+                    ));
+                    return Ok(self.welcome(TransportKind::Rdma, 0, token, Some(answer)));
+                }
+                ("tcp", _, _, Some(tcp)) => {
+                    let token = tcp.admit(Session { peer: peer.clone(), geometry, tensors: theirs });
+                    self.log.debug(format!(
+                        "accepted {peer} over tcp with {} blocks (slice {} of {} per block)",
+                        hello.block_number, geometry.slot, geometry.ratio
+                    ));
+                    return Ok(self.welcome(TransportKind::Tcp, tcp.port(), token, None));
+                }
+                _ => {}
+            }
         }
-        let token = self.receiver.admit(Session {
-            peer: format!("prefill tp {}/{}", hello.tp_idx, hello.tp_size),
-            geometry,
-            tensors: theirs,
-        });
-        self.log.debug(format!(
-            "accepted prefill tp {}/{} with {} blocks (slice {} of {} per block)",
-            hello.tp_idx, hello.tp_size, hello.block_number, geometry.slot, geometry.ratio
-        ));
-        Ok(Welcome {
+        let ours: Vec<&str> = [self.rdma.as_ref().map(|_| "rdma"), self.tcp.as_ref().map(|_| "tcp")].into_iter().flatten().collect();
+        Err(Error::new(
+            ErrorCode::Unavailable,
+            format!("no common transport: the prefill offers {:?}, this decode has {ours:?}", hello.transports),
+        ))
+    }
+
+    fn welcome(&self, transport: TransportKind, tcp_port: u16, token: u64, rdma: Option<RdmaWelcome>) -> Welcome {
+        Welcome {
             protocol: PROTOCOL_VERSION,
-            block_number: cache.block_number(),
-            transport: TransportKind::Tcp.as_str().into(),
-            tcp_port: self.receiver.port(),
+            block_number: self.cache.block_number(),
+            transport: transport.as_str().into(),
+            tcp_port,
             token,
-        })
+            rdma,
+        }
     }
 }

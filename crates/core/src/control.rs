@@ -5,6 +5,8 @@
 //! a peer of another version is refused with a message that names both versions.
 
 use crate::error::{Error, ErrorCode, Result};
+use crate::transport::rdma::queue_pair::QpEndpoint;
+use crate::transport::rdma::RdmaWelcome;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,6 +36,12 @@ pub struct Hello {
     pub dst_tp_size: u32,
     /// Transports the prefill side can use, in order of preference.
     pub transports: Vec<String>,
+    /// The prefill's queue pair, when it offers RDMA.
+    #[serde(default)]
+    pub rdma: Option<QpEndpoint>,
+    /// The session this connection rebuilds (after a failure), which the decode side can let go.
+    #[serde(default)]
+    pub replaces: Option<u64>,
 }
 
 /// The decode side's answer.
@@ -53,8 +61,11 @@ pub struct Welcome {
     pub transport: String,
     /// TCP data port of the decode side (for the TCP transport).
     pub tcp_port: u16,
-    /// Identifies this peer's session when its data connection arrives.
+    /// Identifies this peer's session (for TCP, when its data connection arrives).
     pub token: u64,
+    /// The decode's queue pair and cache regions, when RDMA was chosen.
+    #[serde(default)]
+    pub rdma: Option<RdmaWelcome>,
 }
 
 impl Reply {
@@ -254,6 +265,8 @@ mod tests {
             tp_idx: 0,
             dst_tp_size: 1,
             transports: vec!["tcp".into()],
+            rdma: None,
+            replaces: None,
         }
     }
 
@@ -275,7 +288,7 @@ mod tests {
         let err = decode_reply(&encode(&r)).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidArgument);
         assert!(err.message().contains("blockBytes 64 does not match"));
-        let w = Welcome { protocol: 7, block_number: 1, transport: "tcp".into(), tcp_port: 1, token: 2 };
+        let w = Welcome { protocol: 7, block_number: 1, transport: "tcp".into(), tcp_port: 1, token: 2, rdma: None };
         assert!(decode_reply(&encode(&Reply::Welcome(w))).unwrap_err().message().contains("version 7"));
     }
 

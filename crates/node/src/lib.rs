@@ -93,10 +93,16 @@ impl NativeCommunicator {
         self.inner.port() as u32
     }
 
-    /// The transport in use (`"tcp"`, ...).
+    /// The preferred transport (`"rdma"` or `"tcp"`).
     #[napi(getter)]
     pub fn transport(&self) -> &'static str {
         self.inner.transport().as_str()
+    }
+
+    /// The RDMA device in use, if any.
+    #[napi(getter)]
+    pub fn rdma_device(&self) -> Option<String> {
+        self.inner.rdma_device().map(str::to_string)
     }
 
     #[napi]
@@ -232,4 +238,57 @@ pub fn host_free(env: &Env, buffer: Unknown) -> Result<()> {
         return Err(invalid("this buffer's memory cannot be detached".into()));
     }
     Ok(())
+}
+
+/// One GID table entry of an RDMA port.
+#[napi(object)]
+pub struct RdmaGid {
+    pub index: u32,
+    pub gid: String,
+}
+
+/// One port of an RDMA device.
+#[napi(object)]
+pub struct RdmaPort {
+    pub port: u32,
+    /// `ACTIVE`, `DOWN`, ...
+    pub state: String,
+    /// `Ethernet` (RoCE) or `InfiniBand`.
+    pub link_layer: String,
+    /// Active MTU in bytes.
+    pub mtu: u32,
+    pub lid: u32,
+    pub gids: Vec<RdmaGid>,
+}
+
+/// An RDMA device of this machine.
+#[napi(object)]
+pub struct RdmaDevice {
+    pub name: String,
+    pub ports: Vec<RdmaPort>,
+}
+
+/// The RDMA devices this machine has, with their ports and GIDs. Fails with `UNAVAILABLE` where libibverbs
+/// is missing.
+#[napi]
+pub fn rdma_devices() -> Result<Vec<RdmaDevice>> {
+    let devices = kvtransfer::transport::rdma::devices().map_err(to_napi)?;
+    Ok(devices
+        .into_iter()
+        .map(|d| RdmaDevice {
+            name: d.name,
+            ports: d
+                .ports
+                .into_iter()
+                .map(|p| RdmaPort {
+                    port: p.port as u32,
+                    state: p.state.into(),
+                    link_layer: p.link_layer.into(),
+                    mtu: p.mtu,
+                    lid: p.lid as u32,
+                    gids: p.gids.into_iter().map(|g| RdmaGid { index: g.index, gid: g.gid }).collect(),
+                })
+                .collect(),
+        })
+        .collect())
 }

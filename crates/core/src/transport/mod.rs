@@ -1,6 +1,7 @@
 //! Transports: how a prefill side moves a [`BlockPlan`]'s bytes into a decode side's cache.
 //! Transports never import each other.
 
+pub mod rdma;
 pub mod tcp;
 
 use crate::error::Result;

@@ -94,7 +94,7 @@ mod tests {
         let src: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
         let mut dst = vec![0u8; 10_000];
         // 2500 ranges of 4 bytes, reversed order on the receiving side.
-        let mut out = IoVecs((0..2500).map(|i| iovec(src.as_ptr() as u64 + i * 4, 4)).collect());
+        let out = IoVecs((0..2500).map(|i| iovec(src.as_ptr() as u64 + i * 4, 4)).collect());
         let mut inn: Vec<IoVec> = (0..2500).map(|i| iovec(dst.as_mut_ptr() as u64 + (2499 - i) * 4, 4)).collect();
         let t = std::thread::spawn(move || {
             let mut out = out;

@@ -2,12 +2,16 @@
 // blocks per writeCache call, keys and values, block sizes 1 KiB to 256 KiB.
 //
 //   npm run bench                      # KVCACHE_TRANSPORT picks the transport (default auto)
+//   BENCH_SIZES=1,64,256 BENCH_KEY_ONLY=1 BENCH_SECONDS=3 npm run bench
 import { fork } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import { RDMACommunicator, HostBuffer } from 'kvtransfer'
 
 const BATCH = 1538
-const SIZES = [1, 4, 16, 64, 256].map((k) => k * 1024)
+const SIZES = (process.env.BENCH_SIZES ?? '1,4,16,64,256').split(',').map((k) => Number(k) * 1024)
+const KEY_ONLY = process.env.BENCH_KEY_ONLY === '1'
+const SECONDS = Number(process.env.BENCH_SECONDS ?? 1.5)
+const TENSORS = KEY_ONLY ? 1 : 2
 const HOST = '127.0.0.1'
 
 function scattered(n, seed) {
@@ -23,45 +27,45 @@ function scattered(n, seed) {
 
 function cache(blockBytes) {
   const k = HostBuffer.alloc(BATCH * blockBytes)
-  const v = HostBuffer.alloc(BATCH * blockBytes)
+  const v = KEY_ONLY ? null : HostBuffer.alloc(BATCH * blockBytes)
   k.buffer.fill(1)
-  v.buffer.fill(2)
-  return { k, v }
+  v?.buffer.fill(2)
+  return { k, v, values: v ? [v.ptr] : [] }
 }
 
 if (process.argv[2] === 'decode') {
   const size = Number(process.argv[3])
-  const { k, v } = cache(size)
-  const comm = new RDMACommunicator('decode', 0, 0, [k.ptr], [v.ptr], BATCH, size)
+  const { k, v, values } = cache(size)
+  const comm = new RDMACommunicator('decode', 0, 0, [k.ptr], values, BATCH, size)
   process.send({ port: comm.port })
   // The buffers must outlive the communicator that writes into them: keep them referenced until close.
   process.on('message', () => {})
   process.on('disconnect', () => {
     comm.close()
     k.free()
-    v.free()
+    v?.free()
   })
 } else {
-  console.log(`kvtransfer bench: ${BATCH} scattered blocks per call, keys and values, one thread`)
+  console.log(`kvtransfer bench: ${BATCH} scattered blocks per call, ${KEY_ONLY ? 'keys only' : 'keys and values'}, one thread`)
   console.log('block     GB/s     ms/call  transport')
   for (const size of SIZES) {
     const child = fork(fileURLToPath(import.meta.url), ['decode', String(size)])
     const { port } = await new Promise((r) => child.once('message', r))
-    const { k, v } = cache(size)
-    const comm = new RDMACommunicator('prefill', 0, port, [k.ptr], [v.ptr], BATCH, size)
+    const { k, values } = cache(size)
+    const comm = new RDMACommunicator('prefill', 0, port, [k.ptr], values, BATCH, size)
     await comm.connectAsync(HOST, port)
     const local = scattered(BATCH, 1)
     const remote = scattered(BATCH, 2)
-    for (let i = 0; i < 3; i++) await comm.writeCacheAsync(HOST, port, local, remote, 0)
+    await comm.writeCacheAsync(HOST, port, local, remote, 0)
     let calls = 0
     const start = process.hrtime.bigint()
     let elapsed = 0
-    while (elapsed < 1.5 || calls < 5) {
+    while (elapsed < SECONDS || calls < 2) {
       if (comm.writeCache(HOST, port, local, remote, 0) !== 0) throw comm.lastError
       calls++
       elapsed = Number(process.hrtime.bigint() - start) / 1e9
     }
-    const gbps = (calls * 2 * BATCH * size) / elapsed / 1e9
+    const gbps = (calls * TENSORS * BATCH * size) / elapsed / 1e9
     console.log(`${String(size / 1024).padStart(4)} KiB ${gbps.toFixed(2).padStart(8)} ${((elapsed / calls) * 1000).toFixed(3).padStart(10)}  ${comm.transport}`)
     comm.close()
     child.disconnect()

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The RDMA suites, inside Soft-RoCE VMs (this kernel may have no RDMA; the VM's has rdma_rxe):
+#   1. one VM, both ends on rxe0: the Rust RDMA tests, every ava suite over RDMA, the demo over RDMA;
+#   2. two VMs joined by a virtual link (two hosts): the demo across them, then again with 1% packet loss.
+# Build first (`npm run build`); cargo builds the Rust test binary here. Where the VM cannot be booted
+# (no root to install qemu) the suites are skipped with a message, unless KVTRANSFER_REQUIRE_RDMA=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+vm=.ci/rxe-vm/run-in-rxe-vm.sh
+
+if ! command -v qemu-system-x86_64 >/dev/null && [ "$(id -u)" != 0 ]; then
+  msg="SKIPPED the RDMA suites: booting the Soft-RoCE VM needs qemu (install qemu-system-x86, or run as root)"
+  [ "${KVTRANSFER_REQUIRE_RDMA:-0}" = 1 ] && { echo "$msg" >&2; exit 1; }
+  echo "$msg"; exit 0
+fi
+
+bin=$(cargo test --release -p kvtransfer --test rdma_transfer --no-run --message-format=json 2>/dev/null |
+  node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{for(const l of s.split("\n")){try{const m=JSON.parse(l);if(m.executable&&m.target.name==="rdma_transfer")console.log(m.executable)}catch{}}})')
+[ -x "$bin" ] || { echo "could not build the RDMA test binary" >&2; exit 1; }
+bin=${bin#"$PWD/"}
+
+rdma_env=(KVCACHE_TRANSPORT=rdma KVCACHE_RDMA_NICS=rxe0 KVCACHE_RDMA_GID_INDEX=1)
+
+echo "== RDMA, one host (rxe0) =="
+env KVTRANSFER_TEST_RDMA_NIC=rxe0 KVTRANSFER_TEST_RDMA_GID_INDEX=1 "$vm" -- bash -c "
+  set -e
+  ibv_devinfo -d rxe0 | grep -E 'hca_id|state|link_layer|active_mtu'
+  echo '-- cargo: rdma_transfer'
+  $bin --test-threads=1
+  echo '-- ava over RDMA'
+  npx ava
+  echo '-- demo over RDMA'
+  env ${rdma_env[*]} node examples/demo.mjs
+"
+
+echo "== RDMA, two hosts (a: decode, b: prefill) =="
+"$vm" --pair -- bash -c "
+  set -e
+  export ${rdma_env[*]}
+  for round in clean lossy; do
+    if [ \$round = lossy ]; then tc qdisc add dev eth0 root netem loss 1% delay 1ms; fi
+    echo \"-- demo across the link (\$round)\"
+    if [ \"\$RXE_VM_HOST\" = a ]; then
+      DEMO_PORT=23456 node examples/demo.mjs decode
+    else
+      sleep 3
+      DEMO_PORT=23456 DECODE_HOST=\$RXE_VM_PEER node examples/demo.mjs prefill
+    fi
+  done
+"
+echo "RDMA suites passed"

@@ -1,0 +1,268 @@
+//! Completion queues and reliable-connected queue pairs: creation and the INIT → RTR → RTS steps.
+
+use super::device::{check, os_error, Device, PORT};
+use super::registration::ProtectionDomain;
+use crate::error::{Error, ErrorCode, Result};
+use rdma_mummy_sys as ibv;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// An `ibv_cq`, destroyed on drop.
+pub struct CompletionQueue {
+    cq: *mut ibv::ibv_cq,
+    _device: Arc<Device>,
+}
+
+// SAFETY: CQs are thread-safe verbs objects; polling takes `&mut`, so one thread at a time polls.
+unsafe impl Send for CompletionQueue {}
+
+impl CompletionQueue {
+    /// A completion queue with room for `entries` completions.
+    fn new(device: &Arc<Device>, entries: u32) -> Result<CompletionQueue> {
+        // SAFETY: the context is open for as long as `device` lives, and we keep it.
+        let cq = unsafe { ibv::ibv_create_cq(device.raw(), entries as i32, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+        if cq.is_null() {
+            return Err(os_error(&format!("creating a completion queue on {}", device.name())));
+        }
+        Ok(CompletionQueue { cq, _device: device.clone() })
+    }
+
+    /// Fills `out` with up to `out.len()` completions; returns how many.
+    #[inline]
+    pub fn poll(&mut self, out: &mut [ibv::ibv_wc]) -> Result<usize> {
+        // SAFETY: the CQ is live and `out` has room for `out.len()` entries.
+        let n = unsafe { ibv::ibv_poll_cq(self.cq, out.len() as i32, out.as_mut_ptr()) };
+        if n < 0 {
+            return Err(Error::new(ErrorCode::Transport, "polling the completion queue failed"));
+        }
+        Ok(n as usize)
+    }
+}
+
+impl Drop for CompletionQueue {
+    fn drop(&mut self) {
+        // SAFETY: the queue pairs using this CQ hold it through their owner and are destroyed first.
+        unsafe { ibv::ibv_destroy_cq(self.cq) };
+    }
+}
+
+/// How a peer reaches a queue pair: exchanged in the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QpEndpoint {
+    pub qpn: u32,
+    pub psn: u32,
+    pub lid: u16,
+    pub gid: [u8; 16],
+    /// `ibv_mtu` of the port (1 = 256 B … 5 = 4096 B); the path uses the smaller of the two.
+    pub mtu: u32,
+    /// Whether the port runs RoCE (GID-addressed) rather than InfiniBand (LID-addressed).
+    pub ethernet: bool,
+}
+
+/// Timing knobs of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct PathOptions {
+    /// `KVCACHE_IB_TIMEOUT`: local ACK timeout, 4.096 µs · 2^timeout.
+    pub ack_timeout: u8,
+    /// Transport retries before a write fails with `RETRY_EXC_ERR`.
+    pub retry_count: u8,
+}
+
+/// A reliable-connected queue pair with its own completion queue, destroyed on drop. Whatever it was
+/// posting stops before `Drop` returns, so its memory regions can go next.
+pub struct QueuePair {
+    qp: *mut ibv::ibv_qp,
+    depth: u32,
+    psn: u32,
+    /// Declared after `qp` so that it is dropped after the queue pair is destroyed.
+    cq: CompletionQueue,
+    pd: Arc<ProtectionDomain>,
+}
+
+// SAFETY: posting and polling take `&mut self`, so one thread at a time uses a QP; libibverbs allows a QP
+// to move between threads.
+unsafe impl Send for QueuePair {}
+
+impl QueuePair {
+    /// Creates an RC queue pair whose send queue holds `depth` work requests (capped at the device's
+    /// limit) and moves it to INIT, accepting remote writes and reads.
+    pub fn new(pd: &Arc<ProtectionDomain>, depth: u32) -> Result<QueuePair> {
+        let device = pd.device();
+        let depth = depth.min(device.max_qp_wr()).max(2);
+        // Room for a completion per work request: after an error, flushed requests may all complete.
+        let cq = CompletionQueue::new(device, depth)?;
+        // SAFETY: plain data; zeroed is a valid "no SRQ, no context" init attr.
+        let mut init: ibv::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        init.send_cq = cq.cq;
+        init.recv_cq = cq.cq;
+        init.qp_type = ibv::ibv_qp_type::IBV_QPT_RC;
+        init.sq_sig_all = 0;
+        init.cap.max_send_wr = depth;
+        init.cap.max_recv_wr = 1;
+        init.cap.max_send_sge = 1;
+        init.cap.max_recv_sge = 1;
+        // SAFETY: pd and cq are live; the attr is fully initialised.
+        let qp = unsafe { ibv::ibv_create_qp(pd.raw(), &mut init) };
+        if qp.is_null() {
+            return Err(os_error(&format!("creating a queue pair on {}", device.name())));
+        }
+        let psn = initial_psn(qp);
+        let mut qp = QueuePair { qp, depth, psn, cq, pd: pd.clone() };
+        // SAFETY: as above.
+        let mut attr: ibv::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv::ibv_qp_state::IBV_QPS_INIT;
+        attr.pkey_index = 0;
+        attr.port_num = PORT;
+        attr.qp_access_flags = ibv::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0
+            | ibv::ibv_access_flags::IBV_ACCESS_REMOTE_READ.0
+            | ibv::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
+        use ibv::ibv_qp_attr_mask as m;
+        qp.modify(&mut attr, m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS, "INIT")?;
+        Ok(qp)
+    }
+
+    /// This queue pair's address, for the peer.
+    pub fn endpoint(&self) -> QpEndpoint {
+        let device = self.pd.device();
+        QpEndpoint {
+            // SAFETY: qp is live; qp_num is set at creation and never changes.
+            qpn: unsafe { (*self.qp).qp_num },
+            psn: self.psn,
+            lid: device.lid(),
+            gid: device.gid(),
+            mtu: device.active_mtu(),
+            ethernet: device.is_ethernet(),
+        }
+    }
+
+    /// Connects to the peer's queue pair: INIT → RTR (ready to receive) → RTS (ready to send).
+    pub fn connect(&mut self, remote: &QpEndpoint, opts: PathOptions) -> Result<()> {
+        let device = self.pd.device().clone();
+        if remote.ethernet != device.is_ethernet() {
+            return Err(Error::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "link layers differ: {} runs {}, the peer runs {}",
+                    device.name(),
+                    if device.is_ethernet() { "RoCE" } else { "InfiniBand" },
+                    if remote.ethernet { "RoCE" } else { "InfiniBand" }
+                ),
+            ));
+        }
+        use ibv::ibv_qp_attr_mask as m;
+        // SAFETY: plain data, fully set below for the fields the mask names.
+        let mut attr: ibv::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv::ibv_qp_state::IBV_QPS_RTR;
+        attr.path_mtu = remote.mtu.min(device.active_mtu()).max(ibv::ibv_mtu::IBV_MTU_256);
+        attr.dest_qp_num = remote.qpn;
+        attr.rq_psn = remote.psn;
+        attr.max_dest_rd_atomic = device.max_rd_atomic();
+        attr.min_rnr_timer = 12;
+        attr.ah_attr.port_num = PORT;
+        attr.ah_attr.sl = 0;
+        if device.is_ethernet() {
+            attr.ah_attr.is_global = 1;
+            attr.ah_attr.grh.dgid.raw = remote.gid;
+            attr.ah_attr.grh.sgid_index = device.gid_index();
+            attr.ah_attr.grh.hop_limit = 64;
+        } else {
+            attr.ah_attr.dlid = remote.lid;
+        }
+        self.modify(
+            &mut attr,
+            m::IBV_QP_STATE
+                | m::IBV_QP_AV
+                | m::IBV_QP_PATH_MTU
+                | m::IBV_QP_DEST_QPN
+                | m::IBV_QP_RQ_PSN
+                | m::IBV_QP_MAX_DEST_RD_ATOMIC
+                | m::IBV_QP_MIN_RNR_TIMER,
+            "RTR",
+        )?;
+        // SAFETY: as above.
+        let mut attr: ibv::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv::ibv_qp_state::IBV_QPS_RTS;
+        attr.timeout = opts.ack_timeout;
+        attr.retry_cnt = opts.retry_count;
+        attr.rnr_retry = 7;
+        attr.sq_psn = self.psn;
+        attr.max_rd_atomic = device.max_rd_atomic();
+        self.modify(
+            &mut attr,
+            m::IBV_QP_STATE | m::IBV_QP_TIMEOUT | m::IBV_QP_RETRY_CNT | m::IBV_QP_RNR_RETRY | m::IBV_QP_SQ_PSN | m::IBV_QP_MAX_QP_RD_ATOMIC,
+            "RTS",
+        )
+    }
+
+    /// Moves the queue pair to the error state: outstanding work requests complete with flush errors and
+    /// nothing more is sent.
+    pub fn fail(&mut self) {
+        // SAFETY: plain data.
+        let mut attr: ibv::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = ibv::ibv_qp_state::IBV_QPS_ERR;
+        let _ = self.modify(&mut attr, ibv::ibv_qp_attr_mask::IBV_QP_STATE, "ERR");
+    }
+
+    /// Fills `out` with up to `out.len()` completions of this queue pair; returns how many.
+    #[inline]
+    pub fn poll(&mut self, out: &mut [ibv::ibv_wc]) -> Result<usize> {
+        self.cq.poll(out)
+    }
+
+    /// Send queue capacity in work requests.
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// The device the queue pair lives on.
+    pub fn device(&self) -> &Arc<Device> {
+        self.pd.device()
+    }
+
+    /// Posts a chain of work requests (linked through `next`).
+    ///
+    /// # Safety
+    /// `first` must start a well-formed chain whose SGEs name memory registered on this queue pair's
+    /// protection domain, and the chain must not outlive its completion.
+    #[inline]
+    pub unsafe fn post_send(&mut self, first: *mut ibv::ibv_send_wr) -> Result<()> {
+        let mut bad: *mut ibv::ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: the qp is live; the caller vouches for the chain.
+        let rc = unsafe { ibv::ibv_post_send(self.qp, first, &mut bad) };
+        if rc != 0 {
+            return Err(Error::new(
+                ErrorCode::Transport,
+                format!("posting work requests failed: {}", std::io::Error::from_raw_os_error(rc)),
+            ));
+        }
+        Ok(())
+    }
+
+    fn modify(&mut self, attr: &mut ibv::ibv_qp_attr, mask: ibv::ibv_qp_attr_mask, state: &str) -> Result<()> {
+        // SAFETY: the qp is live and attr is initialised for every field in `mask`.
+        let rc = unsafe { ibv::ibv_modify_qp(self.qp, attr, mask.0 as i32) };
+        check(rc, &format!("moving the queue pair on {} to {state}", self.pd.device().name())).map_err(|e| {
+            let hint = if state == "RTR" && self.pd.device().is_ethernet() {
+                " (check KVCACHE_RDMA_GID_INDEX: both ends need a GID on a connected network)"
+            } else {
+                ""
+            };
+            Error::new(e.code(), format!("{}{hint}", e.message()))
+        })
+    }
+}
+
+impl Drop for QueuePair {
+    fn drop(&mut self) {
+        // SAFETY: created by ibv_create_qp; destroying it stops all its DMA before returning.
+        unsafe { ibv::ibv_destroy_qp(self.qp) };
+    }
+}
+
+/// A 24-bit starting packet sequence number that differs between queue pairs and runs.
+fn initial_psn(qp: *mut ibv::ibv_qp) -> u32 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    // SAFETY: qp was just created.
+    let qpn = unsafe { (*qp).qp_num };
+    (nanos ^ qpn.wrapping_mul(2654435761)) & 0xff_ffff
+}

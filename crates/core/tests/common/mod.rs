@@ -1,0 +1,45 @@
+//! Test caches shared by the integration tests.
+#![allow(dead_code)]
+
+use kvtransfer::memory::{CacheSpec, HostAllocation};
+
+/// One side's cache: `layers` × tensors, each `blocks × block_bytes`, filled with a pattern unique to
+/// (seed, tensor, layer, byte).
+pub struct Cache {
+    tensors: Vec<Vec<HostAllocation>>, // [tensor][layer]
+    blocks: u32,
+    block_bytes: u64,
+}
+
+impl Cache {
+    pub fn new(tensor_count: usize, layers: usize, blocks: u32, block_bytes: u64, seed: u8) -> Cache {
+        let tensors = (0..tensor_count)
+            .map(|t| {
+                (0..layers)
+                    .map(|l| {
+                        let mut a = HostAllocation::new((blocks as u64 * block_bytes) as usize).unwrap();
+                        for (i, b) in a.as_mut_slice().iter_mut().enumerate() {
+                            *b = (i as u32).wrapping_mul(31).wrapping_add((t * 7 + l * 13) as u32 + seed as u32 * 101) as u8;
+                        }
+                        a
+                    })
+                    .collect()
+            })
+            .collect();
+        Cache { tensors, blocks, block_bytes }
+    }
+    pub fn addrs(&self, t: usize) -> Vec<u64> {
+        self.tensors.get(t).map(|v| v.iter().map(|a| a.addr()).collect()).unwrap_or_default()
+    }
+    pub fn spec(&self) -> CacheSpec {
+        CacheSpec { key: self.addrs(0), value: self.addrs(1), block_number: self.blocks, block_bytes: self.block_bytes, ..CacheSpec::default() }
+    }
+    pub fn block(&self, t: usize, layer: usize, b: u32) -> &[u8] {
+        let n = self.block_bytes as usize;
+        &self.tensors[t][layer].as_slice()[b as usize * n..(b as usize + 1) * n]
+    }
+    pub fn snapshot(&self) -> Vec<Vec<Vec<u8>>> {
+        self.tensors.iter().map(|ls| ls.iter().map(|a| a.as_slice().to_vec()).collect()).collect()
+    }
+}
+

@@ -1,0 +1,225 @@
+//! End-to-end transfers over the RDMA transport between communicators of one process.
+//!
+//! These need an RDMA device: set `KVTRANSFER_TEST_RDMA_NIC` (and `KVTRANSFER_TEST_RDMA_GID_INDEX`, default
+//! 1 as on Soft-RoCE) to run them; `.ci/run` runs them inside a Soft-RoCE VM. Without it each test says it
+//! skipped.
+
+mod common;
+
+use common::Cache;
+use kvtransfer::memory::CacheSpec;
+use kvtransfer::transport::rdma;
+use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice, TransportKind};
+use std::time::Duration;
+
+/// The device to test on, or `None` (and a message) where there is none.
+fn nic(test: &str) -> Option<String> {
+    match std::env::var("KVTRANSFER_TEST_RDMA_NIC") {
+        Ok(n) if !n.is_empty() => Some(n),
+        _ => {
+            eprintln!("SKIPPED {test}: no RDMA device given (set KVTRANSFER_TEST_RDMA_NIC, e.g. rxe0)");
+            None
+        }
+    }
+}
+
+fn gid_index() -> u32 {
+    std::env::var("KVTRANSFER_TEST_RDMA_GID_INDEX").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+}
+
+fn rdma_config(nic: &str) -> Config {
+    Config {
+        transport: TransportChoice::Rdma,
+        rdma_nics: vec![nic.to_string()],
+        gid_index: gid_index(),
+        timeout: Duration::from_secs(20),
+        ..Config::default()
+    }
+}
+
+fn decode(cache: CacheSpec, config: Config) -> Communicator {
+    Communicator::new(CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache, tp_size: 1, tp_idx: 0 }, config).unwrap()
+}
+
+fn prefill(cache: CacheSpec, tp_size: u32, tp_idx: u32, config: Config) -> Communicator {
+    Communicator::new(CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache, tp_size, tp_idx }, config).unwrap()
+}
+
+#[test]
+fn all_layers_scattered_and_contiguous_with_and_without_flush() {
+    let Some(nic) = nic("all_layers_scattered_and_contiguous_with_and_without_flush") else { return };
+    for flush in [false, true] {
+        let src = Cache::new(2, 3, 64, 1024, 1);
+        let dst = Cache::new(2, 3, 80, 1024, 2);
+        let config = Config { gdrcopy_flush: flush, ..rdma_config(&nic) };
+        let d = decode(dst.spec(), config.clone());
+        let p = prefill(src.spec(), 1, 0, config);
+        assert_eq!(p.transport(), TransportKind::Rdma);
+        assert_eq!(p.rdma_device(), Some(nic.as_str()));
+        let port = d.port();
+        p.connect("127.0.0.1", port, 1).unwrap();
+        let scattered: Vec<u32> = (0..64).rev().step_by(3).collect();
+        let targets: Vec<u32> = (0..scattered.len() as u32).map(|i| 79 - 2 * i).collect();
+        let contiguous: Vec<u32> = (0..32).collect();
+        for layer in 0..3 {
+            p.write_cache("127.0.0.1", port, &scattered, &targets, layer).unwrap();
+            p.write_cache("127.0.0.1", port, &contiguous, &contiguous.iter().map(|b| b + 40).collect::<Vec<_>>(), layer).unwrap();
+        }
+        for layer in 0..3 {
+            for t in 0..2 {
+                for (s, r) in scattered.iter().zip(&targets) {
+                    assert_eq!(dst.block(t, layer, *r), src.block(t, layer, *s), "flush {flush} layer {layer} tensor {t}");
+                }
+                for b in 0..32 {
+                    assert_eq!(dst.block(t, layer, b + 40), src.block(t, layer, b));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn key_only_and_hetero_tp() {
+    let Some(nic) = nic("key_only_and_hetero_tp") else { return };
+    // Key-only: one tensor per layer.
+    let src = Cache::new(1, 2, 16, 512, 3);
+    let dst = Cache::new(1, 2, 16, 512, 4);
+    let d = decode(dst.spec(), rdma_config(&nic));
+    let p = prefill(src.spec(), 1, 0, rdma_config(&nic));
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    p.write_cache("127.0.0.1", d.port(), &[0, 5, 6], &[9, 1, 2], 1).unwrap();
+    assert_eq!(dst.block(0, 1, 9), src.block(0, 1, 0));
+    assert_eq!(dst.block(0, 1, 2), src.block(0, 1, 6));
+
+    // Two prefill ranks of 256-byte slices fill the two halves of 512-byte decode blocks.
+    let ranks: Vec<Cache> = (0..2).map(|i| Cache::new(2, 1, 8, 256, 10 + i)).collect();
+    let dst = Cache::new(2, 1, 8, 512, 12);
+    let d = decode(dst.spec(), rdma_config(&nic));
+    for (i, r) in ranks.iter().enumerate() {
+        let p = prefill(r.spec(), 2, i as u32, rdma_config(&nic));
+        p.connect("127.0.0.1", d.port(), 1).unwrap();
+        p.write_cache("127.0.0.1", d.port(), &[1, 2, 7], &[3, 4, 0], 0).unwrap();
+    }
+    for t in 0..2 {
+        for (s, r) in [(1, 3), (2, 4), (7, 0)] {
+            let block = dst.block(t, 0, r);
+            assert_eq!(&block[..256], ranks[0].block(t, 0, s));
+            assert_eq!(&block[256..], ranks[1].block(t, 0, s));
+        }
+    }
+}
+
+#[test]
+fn refused_calls_leave_the_remote_cache_untouched() {
+    let Some(nic) = nic("refused_calls_leave_the_remote_cache_untouched") else { return };
+    let src = Cache::new(2, 2, 16, 256, 5);
+    let dst = Cache::new(2, 2, 8, 256, 6);
+    let d = decode(dst.spec(), rdma_config(&nic));
+    let p = prefill(src.spec(), 1, 0, rdma_config(&nic));
+    let port = d.port();
+    let before = dst.snapshot();
+    assert_eq!(p.write_cache("127.0.0.1", port, &[0], &[0], 0).unwrap_err().code(), ErrorCode::NotConnected);
+    p.connect("127.0.0.1", port, 1).unwrap();
+    for (local, remote, layer, what) in [
+        (vec![0u32, 1], vec![0u32], 0u32, "must pair up"),
+        (vec![16], vec![0], 0, "local block id 16"),
+        (vec![0], vec![8], 0, "remote block id 8"),
+        (vec![0, 1], vec![3, 3], 0, "twice"),
+        (vec![0], vec![0], 2, "layer 2"),
+    ] {
+        let err = p.write_cache("127.0.0.1", port, &local, &remote, layer).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+        assert!(err.message().contains(what), "{err}");
+    }
+    assert!(dst.snapshot() == before, "a refused call changed the decode cache");
+    assert!(p.is_connected("127.0.0.1", port), "refusals keep the connection");
+    p.write_cache("127.0.0.1", port, &[15], &[7], 1).unwrap();
+    assert_eq!(dst.block(1, 1, 7), src.block(1, 1, 15));
+}
+
+#[test]
+fn nic_is_chosen_by_gpu_index_and_bad_devices_are_named() {
+    let Some(nic) = nic("nic_is_chosen_by_gpu_index_and_bad_devices_are_named") else { return };
+    let cache = Cache::new(2, 1, 4, 256, 7);
+    let spec = |gpu_idx| CommunicatorSpec { role: Role::Prefill, gpu_idx, port: 0, cache: cache.spec(), tp_size: 1, tp_idx: 0 };
+    let listed = Config { rdma_nics: vec!["no-such-nic".into(), nic.clone()], ..rdma_config(&nic) };
+    let c = Communicator::new(spec(1), listed.clone()).unwrap();
+    assert_eq!(c.rdma_device(), Some(nic.as_str()), "gpuIdx 1 of 2 NICs picks the second");
+    let c = Communicator::new(spec(3), listed.clone()).unwrap();
+    assert_eq!(c.rdma_device(), Some(nic.as_str()), "gpuIdx 3 of 2 NICs picks the second");
+    let err = Communicator::new(spec(0), listed.clone()).err().unwrap();
+    assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
+    assert!(err.message().contains("\"no-such-nic\"") && err.message().contains("KVCACHE_TRANSPORT=rdma"), "{err}");
+    // auto falls back to TCP when the NIC is unusable, and takes RDMA when it is.
+    let auto = Config { transport: TransportChoice::Auto, ..listed };
+    assert_eq!(Communicator::new(spec(0), auto.clone()).unwrap().transport(), TransportKind::Tcp);
+    assert_eq!(Communicator::new(spec(1), auto).unwrap().transport(), TransportKind::Rdma);
+    // A GID index past the table is a configuration error naming the variable.
+    let err = Communicator::new(spec(0), Config { gid_index: 250, ..rdma_config(&nic) }).err().unwrap();
+    assert_eq!(err.code(), ErrorCode::Config, "{err}");
+    assert!(err.message().contains("KVCACHE_RDMA_GID_INDEX=250"), "{err}");
+}
+
+#[test]
+fn auto_on_both_sides_negotiates_rdma_and_tcp_only_peers_still_connect() {
+    let Some(nic) = nic("auto_on_both_sides_negotiates_rdma_and_tcp_only_peers_still_connect") else { return };
+    let src = Cache::new(2, 1, 8, 256, 8);
+    let dst = Cache::new(2, 1, 8, 256, 9);
+    let auto = Config { transport: TransportChoice::Auto, ..rdma_config(&nic) };
+    let d = decode(dst.spec(), auto.clone());
+    assert_eq!(d.transport(), TransportKind::Rdma);
+    let p = prefill(src.spec(), 1, 0, auto);
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    p.write_cache("127.0.0.1", d.port(), &[1], &[2], 0).unwrap();
+    assert_eq!(dst.block(0, 0, 2), src.block(0, 0, 1));
+    let tcp = prefill(src.spec(), 1, 0, Config { transport: TransportChoice::Tcp, ..Config::default() });
+    tcp.connect("127.0.0.1", d.port(), 1).unwrap();
+    tcp.write_cache("127.0.0.1", d.port(), &[3], &[4], 0).unwrap();
+    assert_eq!(dst.block(1, 0, 4), src.block(1, 0, 3));
+}
+
+#[test]
+fn a_failed_connection_is_rebuilt_for_the_next_call() {
+    let Some(nic) = nic("a_failed_connection_is_rebuilt_for_the_next_call") else { return };
+    let src = Cache::new(2, 1, 8, 4096, 10);
+    let dst = Cache::new(2, 1, 8, 4096, 11);
+    // Short timeouts so the dead peer is noticed quickly: 4.096 µs · 2^14 ≈ 67 ms per transport retry
+    // (a NIC reports IBV_WC_RETRY_EXC_ERR after 7), and 3 s without progress in any case (Soft-RoCE may
+    // keep retrying).
+    let config = Config { ib_timeout: 14, timeout: Duration::from_secs(3), ..rdma_config(&nic) };
+    let d = decode(dst.spec(), config.clone());
+    let port = d.port();
+    let p = prefill(src.spec(), 1, 0, config.clone());
+    p.connect("127.0.0.1", port, 1).unwrap();
+    p.write_cache("127.0.0.1", port, &[0], &[0], 0).unwrap();
+    d.close();
+    drop(d);
+    let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();
+    match err.code() {
+        ErrorCode::Transport => assert!(err.message().contains("IBV_WC_"), "the completion status is named: {err}"),
+        ErrorCode::Timeout => assert!(err.message().contains("did not complete within 3000 ms"), "{err}"),
+        _ => panic!("unexpected error {err}"),
+    }
+    assert!(!p.is_connected("127.0.0.1", port));
+    // A decode comes back on the same port: the next call rebuilds the queue pair and lands.
+    let again = Cache::new(2, 1, 8, 4096, 12);
+    let d = Communicator::new(
+        CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port, cache: again.spec(), tp_size: 1, tp_idx: 0 },
+        config,
+    )
+    .unwrap();
+    p.write_cache("127.0.0.1", port, &[2, 3], &[5, 6], 0).unwrap();
+    assert!(p.is_connected("127.0.0.1", port));
+    assert_eq!(again.block(1, 0, 6), src.block(1, 0, 3));
+    drop(d);
+}
+
+#[test]
+fn devices_are_listed_with_ports_and_gids() {
+    let Some(nic) = nic("devices_are_listed_with_ports_and_gids") else { return };
+    let devices = rdma::devices().unwrap();
+    let dev = devices.iter().find(|d| d.name == nic).expect("the test NIC is listed");
+    let port = &dev.ports[0];
+    assert_eq!(port.state, "ACTIVE");
+    assert!(port.gids.iter().any(|g| g.index == gid_index()), "{:?}", port.gids);
+}
