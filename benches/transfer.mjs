@@ -66,7 +66,7 @@ if (process.argv[2] === 'decode') {
       elapsed = Number(process.hrtime.bigint() - start) / 1e9
     }
     const gbps = (calls * TENSORS * BATCH * size) / elapsed / 1e9
-    console.log(`${String(size / 1024).padStart(4)} KiB ${gbps.toFixed(2).padStart(8)} ${((elapsed / calls) * 1000).toFixed(3).padStart(10)}  ${comm.transport}`)
+    console.log(`${String(size / 1024).padStart(4)} KiB ${gbps.toFixed(3).padStart(8)} ${((elapsed / calls) * 1000).toFixed(3).padStart(10)}  ${comm.transport}`)
     comm.close()
     child.disconnect()
     await new Promise((r) => child.once('exit', r))
