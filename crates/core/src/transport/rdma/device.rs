@@ -271,7 +271,7 @@ impl DeviceList {
             return Err(match e.raw_os_error() {
                 Some(libc::EOPNOTSUPP) => Error::new(
                     ErrorCode::Unavailable,
-                    "RDMA is unavailable: libibverbs.so.1 is not installed (Debian/Ubuntu: ibverbs-providers; \
+                    "RDMA is unavailable: libibverbs.so.1 is not installed (Debian/Ubuntu: libibverbs1 and ibverbs-providers; \
                      RHEL: rdma-core)",
                 ),
                 _ => Error::new(ErrorCode::Unavailable, format!("RDMA is unavailable: listing devices failed: {e}")),
