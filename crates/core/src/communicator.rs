@@ -241,9 +241,12 @@ impl Communicator {
         let existing = peers.lock().unwrap().get(&key).cloned();
         if let Some(peer) = existing {
             // Connected, or broken and due for a rebuild.
-            let mut peer = peer.lock().unwrap();
-            if peer.link.is_none() {
-                self.rebuild(ip, port, &mut peer)?;
+            let mut state = peer.lock().unwrap();
+            if state.link.is_none() {
+                if let Err(e) = self.rebuild(ip, port, &mut state) {
+                    forget(peers, &key, &peer);
+                    return Err(e);
+                }
             }
             return Ok(());
         }
@@ -356,11 +359,7 @@ impl Communicator {
                 match rebuilt {
                     Ok(()) => peer_state.link.as_mut().expect("rebuilt").write(&peer_state.plan),
                     Err(e) => {
-                        // The peer is gone: forget it, so the caller sees NOT_CONNECTED from now on.
-                        let mut map = peers.lock().unwrap();
-                        if map.get(&key).is_some_and(|p| Arc::ptr_eq(p, &peer)) {
-                            map.remove(&key);
-                        }
+                        forget(peers, &key, &peer);
                         return Err(e);
                     }
                 }
@@ -424,6 +423,15 @@ impl Communicator {
 impl Drop for Communicator {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Drops a peer whose connection could not be rebuilt, so later calls say `NOT_CONNECTED`; a newer peer
+/// under the same key (from a concurrent `connect`) stays.
+fn forget(peers: &Mutex<HashMap<String, Arc<Mutex<Peer>>>>, key: &str, peer: &Arc<Mutex<Peer>>) {
+    let mut map = peers.lock().unwrap();
+    if map.get(key).is_some_and(|p| Arc::ptr_eq(p, peer)) {
+        map.remove(key);
     }
 }
 

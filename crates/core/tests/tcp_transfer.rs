@@ -185,6 +185,10 @@ fn closed_decode_fails_writes_without_hanging() {
     let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();
     assert!(matches!(err.code(), ErrorCode::Transport | ErrorCode::Timeout), "{err}");
     assert!(!p.is_connected("127.0.0.1", port), "a broken connection is dropped");
+    // The next call tries to rebuild it; with nobody listening that fails and the peer is forgotten.
+    let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();
+    assert!(err.message().contains("could not be rebuilt"), "{err}");
+    assert_eq!(p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err().code(), ErrorCode::NotConnected);
     p.close();
     assert_eq!(p.connect("127.0.0.1", port, 1).unwrap_err().code(), ErrorCode::Closed);
 }
