@@ -173,7 +173,7 @@ impl Communicator {
             cache.kv_block_bytes(),
             transports.iter().map(|t| t.as_str()).collect::<Vec<_>>(),
             match &rdma {
-                Some(r) => format!(" (RDMA on {})", r.device().name()),
+                Some(r) => format!(" (RDMA on {}, cache registered as {:?})", r.device().name(), r.registration_path()),
                 None => String::new(),
             },
             match &side {

@@ -11,6 +11,7 @@
 pub mod communicator;
 pub mod config;
 pub mod control;
+pub mod cuda;
 pub mod error;
 pub mod log;
 pub mod memory;

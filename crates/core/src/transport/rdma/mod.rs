@@ -16,7 +16,7 @@ pub mod registration;
 use self::device::Device;
 use self::post::{layer_keys, WriteChain};
 use self::queue_pair::{PathOptions, QpEndpoint, QueuePair};
-use self::registration::{check_remote, Access, CacheRegions, MemoryRegion, ProtectionDomain, RemoteRegion};
+use self::registration::{check_remote, Access, CacheRegions, MemoryRegion, ProtectionDomain, RegistrationPath, RemoteRegion};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::memory::{CacheLayout, HostAllocation};
@@ -88,6 +88,11 @@ impl RdmaContext {
     /// The device in use.
     pub fn device(&self) -> &Device {
         self.regions.pd().device()
+    }
+
+    /// How the cache was registered.
+    pub fn registration_path(&self) -> RegistrationPath {
+        self.regions.path()
     }
 
     /// A queue pair for a new peer, ready to be connected once the peer's address is known.

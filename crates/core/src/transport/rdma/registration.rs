@@ -1,7 +1,9 @@
 //! Memory registration: a protection domain per communicator and one memory region per layer and tensor.
 
 use super::device::{os_error, Device};
+use crate::cuda::{self, MemoryKind};
 use crate::error::{Error, ErrorCode, Result};
+use std::os::fd::AsRawFd;
 use crate::memory::{CacheLayout, Tensor};
 use rdma_mummy_sys as ibv;
 use serde::{Deserialize, Serialize};
@@ -73,9 +75,21 @@ impl Access {
     }
 }
 
+/// How a region was registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistrationPath {
+    /// Host memory, with `ibv_reg_mr`.
+    Host,
+    /// GPU memory exported by the CUDA driver as a dma-buf (`ibv_reg_dmabuf_mr`).
+    DmaBuf,
+    /// GPU memory through the peer-memory kernel module (nvidia-peermem), with plain `ibv_reg_mr`.
+    PeerMemory,
+}
+
 /// A registered memory region, deregistered on drop.
 pub struct MemoryRegion {
     mr: *mut ibv::ibv_mr,
+    path: RegistrationPath,
     _pd: Arc<ProtectionDomain>,
 }
 
@@ -84,18 +98,57 @@ unsafe impl Send for MemoryRegion {}
 unsafe impl Sync for MemoryRegion {}
 
 impl MemoryRegion {
-    /// Registers `len` bytes at `addr`. Host memory registers as is; device memory through the GPU's peer
-    /// memory driver (nvidia-peermem).
+    /// Registers `len` bytes at `addr`. Host memory registers as is. GPU memory (the CUDA driver says which
+    /// is which) registers as a dma-buf where the driver and NIC support it, else through peer memory.
     pub fn register(pd: &Arc<ProtectionDomain>, addr: u64, len: u64, access: Access) -> Result<MemoryRegion> {
+        let what = || format!("registering {len} bytes at {addr:#x} with {}", pd.device().name());
+        if let MemoryKind::Device { ordinal } = cuda::memory_kind(addr) {
+            let dmabuf = cuda::export_dmabuf(addr, len).and_then(|buf| {
+                // SAFETY: the fd is a live dma-buf covering [addr - offset, ...) and the range lies inside it;
+                // the kernel takes its own reference, so the fd may close when this returns.
+                let mr = unsafe {
+                    ibv::ibv_reg_dmabuf_mr(pd.raw(), buf.offset, len as usize, addr, buf.fd.as_raw_fd(), access.flags())
+                };
+                match mr.is_null() {
+                    true => Err(os_error("ibv_reg_dmabuf_mr")),
+                    false => Ok(mr),
+                }
+            });
+            return match dmabuf {
+                Ok(mr) => Ok(MemoryRegion { mr, path: RegistrationPath::DmaBuf, _pd: pd.clone() }),
+                Err(dmabuf_error) => MemoryRegion::reg_mr(pd, addr, len, access, RegistrationPath::PeerMemory).map_err(|e| {
+                    Error::new(
+                        e.code(),
+                        format!(
+                            "{}: GPU {ordinal} memory registers neither as a dma-buf ({}) nor through peer memory \
+                             ({}; is nvidia-peermem loaded?)",
+                            what(),
+                            dmabuf_error.message(),
+                            e.message()
+                        ),
+                    )
+                }),
+            };
+        }
+        MemoryRegion::reg_mr(pd, addr, len, access, RegistrationPath::Host).map_err(|e| {
+            Error::new(e.code(), format!("{}: {} (is the address mapped, and `ulimit -l` large enough?)", what(), e.message()))
+        })
+    }
+
+    fn reg_mr(pd: &Arc<ProtectionDomain>, addr: u64, len: u64, access: Access, path: RegistrationPath) -> Result<MemoryRegion> {
         // SAFETY: registration only pins and maps the range; the kernel checks that it is mapped and fails
         // with EFAULT otherwise. The caller keeps the memory alive while the region exists (a documented
         // requirement of the cache pointers handed to a communicator).
         let mr = unsafe { ibv::ibv_reg_mr(pd.raw(), addr as *mut libc::c_void, len as usize, access.flags()) };
         if mr.is_null() {
-            let e = os_error(&format!("registering {len} bytes at {addr:#x} with {}", pd.device().name()));
-            return Err(Error::new(e.code(), format!("{} (is the address mapped, and `ulimit -l` large enough?)", e.message())));
+            return Err(os_error("ibv_reg_mr"));
         }
-        Ok(MemoryRegion { mr, _pd: pd.clone() })
+        Ok(MemoryRegion { mr, path, _pd: pd.clone() })
+    }
+
+    /// How the region was registered.
+    pub fn path(&self) -> RegistrationPath {
+        self.path
     }
 
     /// The key local work requests name this region by.
@@ -176,6 +229,11 @@ impl CacheRegions {
                     .collect()
             })
             .collect()
+    }
+
+    /// How the cache was registered (every layer of one cache lives in one kind of memory).
+    pub fn path(&self) -> RegistrationPath {
+        self.regions[0].first().map(|r| r.path()).unwrap_or(RegistrationPath::Host)
     }
 
     /// The protection domain the regions belong to.

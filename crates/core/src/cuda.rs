@@ -1,0 +1,143 @@
+//! The CUDA driver, loaded at run time (`libcuda.so.1`, through `cudarc`): telling device memory from host
+//! memory, and exporting device memory as a dma-buf for RDMA registration. Without a driver every address is
+//! host memory and nothing here fails.
+
+use crate::error::{Error, ErrorCode, Result};
+use cudarc::driver::sys as cu;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+
+/// Where an address lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryKind {
+    /// Host memory (or any address the CUDA driver does not know).
+    Host,
+    /// Memory of GPU `ordinal`.
+    Device { ordinal: u32 },
+}
+
+/// The driver's version (`12080` for 12.8), or `None` where there is no usable CUDA driver.
+pub fn driver_version() -> Option<i32> {
+    static VERSION: OnceLock<Option<i32>> = OnceLock::new();
+    *VERSION.get_or_init(|| {
+        // SAFETY: `is_culib_present` only tries to open the library; the calls after it happen only once it
+        // is known to load, so cudarc's loader cannot panic.
+        unsafe {
+            if !cu::is_culib_present() {
+                return None;
+            }
+            if cu::cuInit(0) != cu::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+            let mut v = 0;
+            (cu::cuDriverGetVersion(&mut v) == cu::CUresult::CUDA_SUCCESS).then_some(v)
+        }
+    })
+}
+
+/// Asks the driver whether `addr` is device memory.
+pub fn memory_kind(addr: u64) -> MemoryKind {
+    if driver_version().is_none() {
+        return MemoryKind::Host;
+    }
+    let mut memory_type: u32 = 0;
+    let mut ordinal: i32 = 0;
+    // SAFETY: the driver is initialised; each attribute is written into a value of the size the driver
+    // documents (an unsigned int for the memory type, an int for the ordinal). Unknown addresses fail.
+    let device = unsafe {
+        cu::cuPointerGetAttribute(
+            &mut memory_type as *mut u32 as *mut _,
+            cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            addr,
+        ) == cu::CUresult::CUDA_SUCCESS
+            && memory_type == cu::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32
+            && cu::cuPointerGetAttribute(
+                &mut ordinal as *mut i32 as *mut _,
+                cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                addr,
+            ) == cu::CUresult::CUDA_SUCCESS
+    };
+    match device {
+        true => MemoryKind::Device { ordinal: ordinal.max(0) as u32 },
+        false => MemoryKind::Host,
+    }
+}
+
+/// Device memory exported as a dma-buf: the fd covers `[start, start + len)`, page-aligned around the range
+/// asked for, which begins `offset` bytes into it.
+#[derive(Debug)]
+pub struct DmaBuf {
+    pub fd: OwnedFd,
+    pub offset: u64,
+}
+
+/// Exports `len` bytes of device memory at `addr` as a dma-buf (CUDA 11.7 and later).
+pub fn export_dmabuf(addr: u64, len: u64) -> Result<DmaBuf> {
+    let unavailable = |why: String| Error::new(ErrorCode::Unavailable, why);
+    match driver_version() {
+        None => return Err(unavailable("no CUDA driver".into())),
+        Some(v) if v < 11070 => return Err(unavailable(format!("CUDA driver {v} exports no dma-buf (needs 11.7)"))),
+        Some(_) => {}
+    }
+    const PAGE: u64 = 4096;
+    let start = addr & !(PAGE - 1);
+    let end = addr.checked_add(len).and_then(|e| e.checked_next_multiple_of(PAGE)).ok_or_else(|| Error::invalid("range overflows"))?;
+    let mut context: cu::CUcontext = std::ptr::null_mut();
+    // SAFETY: the driver is initialised; the context attribute is a CUcontext-sized value.
+    let rc = unsafe {
+        cu::cuPointerGetAttribute(
+            &mut context as *mut cu::CUcontext as *mut _,
+            cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT,
+            addr,
+        )
+    };
+    check(rc, "finding the CUDA context of the cache")?;
+    let mut fd: i32 = -1;
+    // SAFETY: the memory's own context is made current around the export and popped after it; the handle
+    // is an int-sized fd.
+    let rc = unsafe {
+        check(cu::cuCtxPushCurrent_v2(context), "entering the cache's CUDA context")?;
+        let rc = cu::cuMemGetHandleForAddressRange(
+            &mut fd as *mut i32 as *mut _,
+            start,
+            (end - start) as usize,
+            cu::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+            0,
+        );
+        let mut popped = std::ptr::null_mut();
+        cu::cuCtxPopCurrent_v2(&mut popped);
+        rc
+    };
+    check(rc, "exporting the cache as a dma-buf")?;
+    // SAFETY: the driver returned a fresh fd that nothing else owns.
+    Ok(DmaBuf { fd: unsafe { OwnedFd::from_raw_fd(fd) }, offset: addr - start })
+}
+
+fn check(rc: cu::CUresult, what: &str) -> Result<()> {
+    if rc == cu::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut name: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorName writes a pointer to a static string, or fails and leaves it null.
+    unsafe { cu::cuGetErrorName(rc, &mut name) };
+    let name = match name.is_null() {
+        true => format!("{rc:?}"),
+        // SAFETY: non-null names are static NUL-terminated strings.
+        false => unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned(),
+    };
+    Err(Error::new(ErrorCode::Unavailable, format!("{what}: {name}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_memory_is_host_with_or_without_a_driver() {
+        let v = vec![0u8; 4096];
+        assert_eq!(memory_kind(v.as_ptr() as u64), MemoryKind::Host);
+        if driver_version().is_none() {
+            assert!(export_dmabuf(v.as_ptr() as u64, 4096).unwrap_err().message().contains("no CUDA driver"));
+        }
+    }
+}
