@@ -223,3 +223,31 @@ fn devices_are_listed_with_ports_and_gids() {
     assert_eq!(port.state, "ACTIVE");
     assert!(port.gids.iter().any(|g| g.index == gid_index()), "{:?}", port.gids);
 }
+
+#[test]
+fn the_flush_reads_back_the_last_block_written() {
+    use kvtransfer::memory::CacheLayout;
+    use kvtransfer::plan::{BlockPlan, SliceGeometry};
+    use kvtransfer::transport::rdma::{RdmaContext, RdmaTarget};
+    use kvtransfer::transport::Link;
+    use std::sync::Arc;
+    let Some(nic) = nic("the_flush_reads_back_the_last_block_written") else { return };
+    let src = Cache::new(2, 1, 8, 256, 13);
+    let dst = Cache::new(2, 1, 8, 256, 14);
+    for flush in [false, true] {
+        let config = Config { gdrcopy_flush: flush, ..rdma_config(&nic) };
+        let layout = |c: &Cache| Arc::new(CacheLayout::new(c.spec()).unwrap());
+        let target = RdmaTarget::new(RdmaContext::open(layout(&dst), &config, 0, true).unwrap());
+        let prefill = RdmaContext::open(layout(&src), &config, 0, false).unwrap();
+        let pending = prefill.prepare().unwrap();
+        let (_, welcome) = target.accept(&pending.endpoint(), None).unwrap();
+        let mut link = pending.finish("decode".into(), &welcome, SliceGeometry::WHOLE, 8).unwrap();
+        let mut plan = BlockPlan::default();
+        plan.build(&[2, 6], &[1, 4], 0, 1, 8, 8).unwrap();
+        link.write(&plan).unwrap();
+        // The last write is the value block 6 → 4; the flush reads its first bytes back.
+        let want: [u8; 8] = if flush { src.block(1, 0, 6)[..8].try_into().unwrap() } else { [0; 8] };
+        assert_eq!(prefill.last_flush_read(), want, "flush {flush}");
+        assert_eq!(dst.block(1, 0, 4), src.block(1, 0, 6));
+    }
+}

@@ -95,6 +95,18 @@ impl RdmaContext {
         self.regions.path()
     }
 
+    /// The bytes the most recent flush read of any link of this context brought back (zero before the
+    /// first): the first bytes of the last block written, which shows that the read happened.
+    pub fn last_flush_read(&self) -> [u8; FLUSH_BYTES as usize] {
+        let mut out = [0u8; FLUSH_BYTES as usize];
+        for (i, b) in out.iter_mut().enumerate() {
+            // SAFETY: the scratch page is ours and mapped for the context's life; the NIC may write it
+            // concurrently (another link's flush), so each byte is read volatile, never through a reference.
+            *b = unsafe { std::ptr::read_volatile(self.scratch_memory.as_ptr().add(i)) };
+        }
+        out
+    }
+
     /// A queue pair for a new peer, ready to be connected once the peer's address is known.
     pub fn prepare(self: &Arc<RdmaContext>) -> Result<PendingLink> {
         let qp = QueuePair::new(self.regions.pd(), SEND_QUEUE_DEPTH)?;

@@ -136,7 +136,7 @@ pub fn execute(qp: &mut QueuePair, chain: &mut WriteChain, timeout: Duration) ->
     let lists = chain.len().div_ceil(list_len);
     let mut posted = 0usize; // lists posted
     let mut done = 0usize; // lists completed
-    let mut wcs: [ibv::ibv_wc; 4] = unsafe { std::mem::zeroed() };
+    let mut wcs = no_completions();
     let mut waiter = Waiter::new(timeout);
     while done < lists {
         while posted < lists && posted - done < 2 {
@@ -144,16 +144,21 @@ pub fn execute(qp: &mut QueuePair, chain: &mut WriteChain, timeout: Duration) ->
             // SAFETY: `link` made a null-terminated list from `first`; its SGEs name the registered cache and
             // the chain is not touched again until every list has completed (or the QP is dead).
             if let Err(e) = unsafe { qp.post_send(first) } {
-                drain(qp, posted, done);
+                abort(qp, posted, done);
                 return Err(e);
             }
             posted += 1;
         }
-        let n = qp.poll(&mut wcs)?;
+        let n = match qp.poll(&mut wcs) {
+            Ok(n) => n,
+            Err(e) => {
+                abort(qp, posted, done);
+                return Err(e);
+            }
+        };
         if n == 0 {
             if waiter.expired() {
-                qp.fail();
-                drain(qp, posted, done);
+                abort(qp, posted, done);
                 return Err(Error::new(
                     ErrorCode::Timeout,
                     format!(
@@ -169,8 +174,7 @@ pub fn execute(qp: &mut QueuePair, chain: &mut WriteChain, timeout: Duration) ->
         for wc in &wcs[..n] {
             if wc.status != ibv::ibv_wc_status::IBV_WC_SUCCESS {
                 let err = completion_error(wc, qp.device().name());
-                qp.fail();
-                drain(qp, posted, wc.wr_id as usize);
+                abort(qp, posted, wc.wr_id as usize);
                 return Err(err);
             }
             done = done.max(wc.wr_id as usize + 1);
@@ -179,10 +183,13 @@ pub fn execute(qp: &mut QueuePair, chain: &mut WriteChain, timeout: Duration) ->
     Ok(())
 }
 
-/// After a failure: waits (briefly) for the completions of everything posted, so no request is left
-/// reading the cache when the call returns; the caller destroys the queue pair, which stops the rest.
-fn drain(qp: &mut QueuePair, posted: usize, mut done: usize) {
-    let mut wcs: [ibv::ibv_wc; 4] = unsafe { std::mem::zeroed() };
+/// After a failure: moves the queue pair to the error state, so what is still queued is flushed rather
+/// than sent, and waits (briefly) for the completions of everything posted, so no request is left reading
+/// the cache when the call returns. The caller's link is broken from here on and its queue pair destroyed
+/// when it is rebuilt or dropped, which stops anything left.
+fn abort(qp: &mut QueuePair, posted: usize, mut done: usize) {
+    qp.fail();
+    let mut wcs = no_completions();
     let deadline = Instant::now() + Duration::from_secs(1);
     while done < posted && Instant::now() < deadline {
         match qp.poll(&mut wcs) {
@@ -190,6 +197,12 @@ fn drain(qp: &mut QueuePair, posted: usize, mut done: usize) {
             Err(_) => return,
         }
     }
+}
+
+/// A buffer for polled completions.
+fn no_completions() -> [ibv::ibv_wc; 4] {
+    // SAFETY: ibv_wc is plain data (integers and a union of integers); all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
 }
 
 /// Spins while completions come quickly, then yields the CPU; tells when `timeout` passed without progress.
