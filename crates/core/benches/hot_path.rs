@@ -1,6 +1,7 @@
 //! The core's hot path, without Node: planning a call and building its RDMA work requests (ns per block,
 //! no NIC needed), and the TCP transport against one plain stream of the same bytes over loopback. 1538
-//! blocks per call, as in the reference benchmark.
+//! blocks per call, as in the reference benchmark. The shm transport (`process_vm_writev`) runs the same
+//! calls.
 //!
 //!     cargo bench -p kvtransfer --bench hot_path
 
@@ -90,10 +91,19 @@ fn cache(block_bytes: u64) -> (Vec<HostAllocation>, CacheSpec) {
 }
 
 fn tcp(c: &mut Criterion) {
-    let config = Config { transport: TransportChoice::Tcp, timeout: Duration::from_secs(30), ..Config::default() };
+    write_1538_scattered(c, TransportChoice::Tcp);
+}
+
+fn shm(c: &mut Criterion) {
+    write_1538_scattered(c, TransportChoice::Shm);
+}
+
+/// `writeCache` of 1538 scattered blocks, keys and values, between two communicators of this process.
+fn write_1538_scattered(c: &mut Criterion, transport: TransportChoice) {
+    let config = Config { transport, timeout: Duration::from_secs(30), ..Config::default() };
     let local = scattered(BATCH, 3);
     let remote = scattered(BATCH, 4);
-    let mut g = c.benchmark_group("tcp_write_1538_scattered");
+    let mut g = c.benchmark_group(format!("{}_write_1538_scattered", transport.as_str()));
     g.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(20);
     for size in SIZES {
         let (_dst_mem, dst) = cache(size);
@@ -146,5 +156,5 @@ fn plain_stream(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, plan, rdma_work_requests, tcp, plain_stream);
+criterion_group!(benches, plan, rdma_work_requests, tcp, shm, plain_stream);
 criterion_main!(benches);

@@ -29,7 +29,10 @@ use crate::log::Logger;
 use crate::memory::{CacheLayout, CacheSpec, TensorSet};
 use crate::net;
 use crate::plan::{BlockPlan, SliceGeometry};
+use crate::cuda::MemoryKind;
+use crate::transport::cuda_ipc::{self, CudaIpcLink, IpcWelcome};
 use crate::transport::rdma::{RdmaContext, RdmaTarget, RdmaWelcome};
+use crate::transport::shm::{ShmLink, ShmTarget};
 use crate::transport::tcp::{Session, TcpLink, TcpReceiver};
 use crate::transport::Link;
 use std::collections::HashMap;
@@ -86,6 +89,8 @@ pub struct CommunicatorSpec {
 pub enum TransportKind {
     Tcp,
     Rdma,
+    Shm,
+    CudaIpc,
 }
 
 impl TransportKind {
@@ -94,6 +99,8 @@ impl TransportKind {
         match self {
             TransportKind::Tcp => "tcp",
             TransportKind::Rdma => "rdma",
+            TransportKind::Shm => "shm",
+            TransportKind::CudaIpc => "cuda-ipc",
         }
     }
 }
@@ -126,6 +133,7 @@ struct Listening {
     _control: ControlServer,
     _tcp: Option<Arc<TcpReceiver>>,
     _rdma: Option<Arc<RdmaTarget>>,
+    _shm: Option<Arc<ShmTarget>>,
 }
 
 /// A decode peer, as the prefill side sees it.
@@ -257,12 +265,35 @@ impl Communicator {
         Ok(())
     }
 
-    /// Runs the handshake with the decode at `ip:port` and opens the data path it chose.
+    /// Runs the handshake with the decode at `ip:port` and opens the data path it chose. When a same-host
+    /// transport was chosen but cannot be opened (another container, memory the driver cannot share), the
+    /// handshake runs again without it.
     fn handshake(&self, ip: &str, port: u16, dst_tp_size: u32, replaces: Option<u64>) -> Result<Peer> {
-        let (zmq, _) = self.prefill_side("connect")?;
-        let pending = match &self.rdma {
-            Some(rdma) => Some(rdma.prepare()?),
-            None => None,
+        let mut offers = self.transports.clone();
+        loop {
+            match self.handshake_offering(ip, port, dst_tp_size, replaces, &offers) {
+                Err((e, Some(local))) if offers.len() > 1 => {
+                    self.log.debug(format!("{local} to {ip}:{port} cannot be opened ({e}); offering the others", local = local.as_str()));
+                    offers.retain(|&t| t != local);
+                }
+                other => return other.map_err(|(e, _)| e),
+            }
+        }
+    }
+
+    /// One handshake offering `offers`. A failure to open a same-host transport names it.
+    fn handshake_offering(
+        &self,
+        ip: &str,
+        port: u16,
+        dst_tp_size: u32,
+        replaces: Option<u64>,
+        offers: &[TransportKind],
+    ) -> std::result::Result<Peer, (Error, Option<TransportKind>)> {
+        let (zmq, _) = self.prefill_side("connect").map_err(|e| (e, None))?;
+        let pending = match (&self.rdma, offers.contains(&TransportKind::Rdma)) {
+            (Some(rdma), true) => Some(rdma.prepare().map_err(|e| (e, None))?),
+            _ => None,
         };
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
@@ -275,29 +306,38 @@ impl Communicator {
             tp_size: self.tp_size,
             tp_idx: self.tp_idx,
             dst_tp_size,
-            transports: self.transports.iter().map(|t| t.as_str().to_string()).collect(),
+            transports: offers.iter().map(|t| t.as_str().to_string()).collect(),
             rdma: pending.as_ref().map(|p| p.endpoint()),
             replaces,
+            host: net::host_id(),
         };
-        let reply = control::request(zmq, ip, port, &control::encode(&hello), self.config.timeout)?;
-        let welcome = control::decode_reply(&reply)?;
+        let reply = control::request(zmq, ip, port, &control::encode(&hello), self.config.timeout).map_err(|e| (e, None))?;
+        let welcome = control::decode_reply(&reply).map_err(|e| (e, None))?;
         let key = peer_key(ip, port);
-        let link: Box<dyn Link> = match (welcome.transport.as_str(), pending, &welcome.rdma) {
-            ("tcp", _, _) if self.transports.contains(&TransportKind::Tcp) => Box::new(TcpLink::connect(
-                ip,
-                welcome.tcp_port,
-                welcome.token,
-                self.cache.clone(),
-                self.config.timeout,
-            )?),
-            ("rdma", Some(pending), Some(answer)) => {
-                let geometry = SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size)?;
-                Box::new(pending.finish(key.clone(), answer, geometry, welcome.block_number)?)
+        let geometry = SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size).map_err(|e| (e, None))?;
+        let offered = |t: TransportKind| offers.contains(&t);
+        let link: Box<dyn Link> = match (welcome.transport.as_str(), pending, &welcome.rdma, &welcome.cuda_ipc, &welcome.shm) {
+            ("tcp", ..) if offered(TransportKind::Tcp) => Box::new(
+                TcpLink::connect(ip, welcome.tcp_port, welcome.token, self.cache.clone(), self.config.timeout).map_err(|e| (e, None))?,
+            ),
+            ("rdma", Some(pending), Some(answer), ..) => {
+                Box::new(pending.finish(key.clone(), answer, geometry, welcome.block_number).map_err(|e| (e, None))?)
             }
-            (other, _, _) => {
-                return Err(Error::protocol(format!(
-                    "the decode peer chose transport {other:?}, which was not offered (or came without its details)"
-                )))
+            ("cuda-ipc", _, _, Some(answer), _) if offered(TransportKind::CudaIpc) => Box::new(
+                CudaIpcLink::open(key.clone(), self.cache.clone(), answer, geometry, welcome.block_number)
+                    .map_err(|e| (e, Some(TransportKind::CudaIpc)))?,
+            ),
+            ("shm", _, _, _, Some(answer)) if offered(TransportKind::Shm) => Box::new(
+                ShmLink::open(key.clone(), self.cache.clone(), answer, geometry, welcome.block_number)
+                    .map_err(|e| (e, Some(TransportKind::Shm)))?,
+            ),
+            (other, ..) => {
+                return Err((
+                    Error::protocol(format!(
+                        "the decode peer chose transport {other:?}, which was not offered (or came without its details)"
+                    )),
+                    None,
+                ))
             }
         };
         self.log.debug(format!(
@@ -316,6 +356,18 @@ impl Communicator {
         })?;
         *peer = fresh;
         Ok(())
+    }
+
+    /// The transport of the connection to `ip:port` (`None` when there is none, or it broke).
+    pub fn connected_transport(&self, ip: &str, port: u16) -> Option<&'static str> {
+        match &self.side {
+            Side::Prefill { peers, .. } => {
+                let peer = peers.lock().unwrap().get(&peer_key(ip, port)).cloned()?;
+                let state = peer.lock().unwrap();
+                state.link.as_ref().map(|l| l.transport())
+            }
+            Side::Decode { .. } => None,
+        }
     }
 
     /// Whether a connection to `ip:port` exists.
@@ -448,22 +500,32 @@ fn resolve_transports(
     log: &Logger,
 ) -> Result<(Vec<TransportKind>, Option<Arc<RdmaContext>>)> {
     let open = || RdmaContext::open(cache.clone(), config, gpu_idx, role == Role::Decode);
+    let on_gpu = matches!(cache.location(), MemoryKind::Device { .. });
+    let unavailable = |why: &str| Err(Error::new(ErrorCode::Unavailable, format!("KVCACHE_TRANSPORT={}: {why}", config.transport.as_str())));
     match config.transport {
         TransportChoice::Tcp => Ok((vec![TransportKind::Tcp], None)),
+        TransportChoice::Shm if on_gpu => unavailable("the cache is in GPU memory, shm moves host memory (use cuda-ipc)"),
+        TransportChoice::Shm => Ok((vec![TransportKind::Shm], None)),
+        TransportChoice::CudaIpc if !on_gpu => unavailable("the cache is in host memory, cuda-ipc moves GPU memory (use shm)"),
+        TransportChoice::CudaIpc => Ok((vec![TransportKind::CudaIpc], None)),
         TransportChoice::Rdma => {
             let rdma = open().map_err(|e| Error::new(e.code(), format!("KVCACHE_TRANSPORT=rdma: {}", e.message())))?;
             Ok((vec![TransportKind::Rdma], Some(rdma)))
         }
-        TransportChoice::Auto => match open() {
-            Ok(rdma) => Ok((vec![TransportKind::Rdma, TransportKind::Tcp], Some(rdma))),
-            Err(e) => {
-                log.debug(format!(
-                    "transport auto: RDMA is not usable for GPU {gpu_idx} (NIC {}): {e}; using tcp",
-                    config.nic_for_gpu(gpu_idx).unwrap_or("any, KVCACHE_RDMA_NICS is unset")
-                ));
-                Ok((vec![TransportKind::Tcp], None))
+        TransportChoice::Auto => {
+            let same_host = if on_gpu { TransportKind::CudaIpc } else { TransportKind::Shm };
+            match open() {
+                Ok(rdma) => Ok((vec![same_host, TransportKind::Rdma, TransportKind::Tcp], Some(rdma))),
+                Err(e) => {
+                    log.debug(format!(
+                        "transport auto: RDMA is not usable for GPU {gpu_idx} (NIC {}): {e}; using {} and tcp",
+                        config.nic_for_gpu(gpu_idx).unwrap_or("any, KVCACHE_RDMA_NICS is unset"),
+                        same_host.as_str()
+                    ));
+                    Ok((vec![same_host, TransportKind::Tcp], None))
+                }
             }
-        },
+        }
     }
 }
 
@@ -485,18 +547,50 @@ fn listen(
         false => None,
     };
     let rdma = rdma.map(|r| Arc::new(RdmaTarget::new(r)));
-    let handshake = Handshake { cache: cache.clone(), tcp: tcp.clone(), rdma: rdma.clone(), log: log.clone() };
+    // Same-host transports are prepared once; under auto, one that cannot be is left out (and logged).
+    fn prepared<T>(kind: TransportKind, explicit: bool, log: &Logger, result: Result<T>) -> Result<Option<T>> {
+        match result {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if explicit => Err(e),
+            Err(e) => {
+                log.debug(format!("{} is not offered: {e}", kind.as_str()));
+                Ok(None)
+            }
+        }
+    }
+    let explicit = transports.len() == 1;
+    let cuda_ipc = match transports.contains(&TransportKind::CudaIpc) {
+        true => prepared(TransportKind::CudaIpc, explicit, log, cuda_ipc::export(cache))?,
+        false => None,
+    };
+    let shm = match transports.contains(&TransportKind::Shm) {
+        true => prepared(TransportKind::Shm, explicit, log, ShmTarget::new(cache).map(Arc::new))?,
+        false => None,
+    };
+    let handshake = Handshake {
+        cache: cache.clone(),
+        host: net::host_id(),
+        tcp: tcp.clone(),
+        rdma: rdma.clone(),
+        cuda_ipc,
+        shm: shm.clone(),
+        log: log.clone(),
+    };
     let zmq = zmq::Context::new();
     let control = ControlServer::bind(&zmq, &ip.to_string(), port, move |req| control::encode(&handshake.answer(req)))?;
     let port = control.port();
-    Ok(Side::Decode { port, listening: Mutex::new(Some(Listening { _control: control, _tcp: tcp, _rdma: rdma })) })
+    Ok(Side::Decode { port, listening: Mutex::new(Some(Listening { _control: control, _tcp: tcp, _rdma: rdma, _shm: shm })) })
 }
 
 /// The decode side's half of the handshake.
 struct Handshake {
     cache: Arc<CacheLayout>,
+    /// This host ([`net::host_id`]); same-host transports are offered only to prefills that share it.
+    host: Option<String>,
     tcp: Option<Arc<TcpReceiver>>,
     rdma: Option<Arc<RdmaTarget>>,
+    cuda_ipc: Option<IpcWelcome>,
+    shm: Option<Arc<ShmTarget>>,
     log: Arc<Logger>,
 }
 
@@ -548,8 +642,21 @@ impl Handshake {
             }
         }
         let peer = format!("prefill tp {}/{}", hello.tp_idx, hello.tp_size);
+        let same_host = self.host.is_some() && hello.host == self.host;
         for offered in &hello.transports {
             match (offered.as_str(), &self.rdma, &hello.rdma, &self.tcp) {
+                ("cuda-ipc", ..) if same_host && self.cuda_ipc.is_some() => {
+                    self.log.debug(format!("accepted {peer} over cuda-ipc with {} blocks", hello.block_number));
+                    let mut welcome = self.welcome(TransportKind::CudaIpc, 0, 0, None);
+                    welcome.cuda_ipc = self.cuda_ipc.clone();
+                    return Ok(welcome);
+                }
+                ("shm", ..) if same_host && self.shm.is_some() => {
+                    self.log.debug(format!("accepted {peer} over shm with {} blocks", hello.block_number));
+                    let mut welcome = self.welcome(TransportKind::Shm, 0, 0, None);
+                    welcome.shm = self.shm.as_ref().map(|s| s.welcome());
+                    return Ok(welcome);
+                }
                 ("rdma", Some(rdma), Some(endpoint), _) => {
                     let (token, answer) = rdma.accept(endpoint, hello.replaces)?;
                     self.log.debug(format!(
@@ -573,10 +680,22 @@ impl Handshake {
                 _ => {}
             }
         }
-        let ours: Vec<&str> = [self.rdma.as_ref().map(|_| "rdma"), self.tcp.as_ref().map(|_| "tcp")].into_iter().flatten().collect();
+        let ours: Vec<&str> = [
+            self.cuda_ipc.as_ref().map(|_| "cuda-ipc"),
+            self.shm.as_ref().map(|_| "shm"),
+            self.rdma.as_ref().map(|_| "rdma"),
+            self.tcp.as_ref().map(|_| "tcp"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let hosts = match same_host {
+            true => "",
+            false => " (cuda-ipc and shm only between processes of one host and pid namespace)",
+        };
         Err(Error::new(
             ErrorCode::Unavailable,
-            format!("no common transport: the prefill offers {:?}, this decode has {ours:?}", hello.transports),
+            format!("no common transport: the prefill offers {:?}, this decode has {ours:?}{hosts}", hello.transports),
         ))
     }
 
@@ -588,6 +707,8 @@ impl Handshake {
             tcp_port,
             token,
             rdma,
+            cuda_ipc: None,
+            shm: None,
         }
     }
 }

@@ -89,12 +89,17 @@ impl Setting {
 /// Which transport a communicator uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportChoice {
-    /// RDMA when a device of `KVCACHE_RDMA_NICS` is usable, otherwise TCP.
+    /// The fastest transport both sides have: on one host cuda-ipc (GPU caches) or shm (host caches), else
+    /// RDMA when a device of `KVCACHE_RDMA_NICS` is usable, else TCP.
     Auto,
     /// TCP sockets, on any machine.
     Tcp,
     /// RDMA verbs (RC `RDMA_WRITE`).
     Rdma,
+    /// `process_vm_writev` into the decode process: one host, host-memory caches.
+    Shm,
+    /// CUDA IPC handles and one copy kernel per write: one host, GPU caches.
+    CudaIpc,
 }
 
 impl TransportChoice {
@@ -104,6 +109,8 @@ impl TransportChoice {
             TransportChoice::Auto => "auto",
             TransportChoice::Tcp => "tcp",
             TransportChoice::Rdma => "rdma",
+            TransportChoice::Shm => "shm",
+            TransportChoice::CudaIpc => "cuda-ipc",
         }
     }
 }
@@ -208,7 +215,9 @@ impl Config {
                     "auto" => TransportChoice::Auto,
                     "tcp" => TransportChoice::Tcp,
                     "rdma" => TransportChoice::Rdma,
-                    _ => return Err("expected one of auto, tcp, rdma".into()),
+                    "shm" => TransportChoice::Shm,
+                    "cuda-ipc" => TransportChoice::CudaIpc,
+                    _ => return Err("expected one of auto, tcp, rdma, shm, cuda-ipc".into()),
                 }
             }
             Setting::TimeoutMs => self.timeout = Duration::from_millis(parse_int(v, 1, 86_400_000)?),

@@ -6,7 +6,9 @@
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::transport::rdma::queue_pair::QpEndpoint;
+use crate::transport::cuda_ipc::IpcWelcome;
 use crate::transport::rdma::RdmaWelcome;
+use crate::transport::shm::ShmWelcome;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -42,6 +44,9 @@ pub struct Hello {
     /// The session this connection rebuilds (after a failure), which the decode side can let go.
     #[serde(default)]
     pub replaces: Option<u64>,
+    /// The prefill's host and pid namespace ([`crate::net::host_id`]): same-host transports need the same.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 /// The decode side's answer.
@@ -66,6 +71,12 @@ pub struct Welcome {
     /// The decode's queue pair and cache regions, when RDMA was chosen.
     #[serde(default)]
     pub rdma: Option<RdmaWelcome>,
+    /// The decode's allocations, when cuda-ipc was chosen.
+    #[serde(default)]
+    pub cuda_ipc: Option<IpcWelcome>,
+    /// The decode's process and cache addresses, when shm was chosen.
+    #[serde(default)]
+    pub shm: Option<ShmWelcome>,
 }
 
 impl Reply {
@@ -267,6 +278,7 @@ mod tests {
             transports: vec!["tcp".into()],
             rdma: None,
             replaces: None,
+            host: None,
         }
     }
 
@@ -288,7 +300,7 @@ mod tests {
         let err = decode_reply(&encode(&r)).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidArgument);
         assert!(err.message().contains("blockBytes 64 does not match"));
-        let w = Welcome { protocol: 7, block_number: 1, transport: "tcp".into(), tcp_port: 1, token: 2, rdma: None };
+        let w = Welcome { protocol: 7, block_number: 1, transport: "tcp".into(), tcp_port: 1, token: 2, rdma: None, cuda_ipc: None, shm: None };
         assert!(decode_reply(&encode(&Reply::Welcome(w))).unwrap_err().message().contains("version 7"));
     }
 

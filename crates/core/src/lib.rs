@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod cuda;
 pub mod error;
+pub mod iov;
 pub mod log;
 pub mod memory;
 mod net;

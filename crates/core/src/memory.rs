@@ -1,6 +1,7 @@
-//! The memory a communicator owns or registers: the cache layout (one address per layer and tensor) and
-//! page-aligned host allocations.
+//! The memory a communicator owns or registers: the cache layout (one address per layer and tensor, all in
+//! host memory or all on one GPU) and page-aligned host allocations.
 
+use crate::cuda::{self, MemoryKind};
 use crate::error::{Error, Result};
 use std::ptr::NonNull;
 
@@ -84,6 +85,7 @@ pub struct CacheLayout {
     block_number: u32,
     block_bytes: u64,
     scale_block_bytes: u64,
+    location: MemoryKind,
 }
 
 impl CacheLayout {
@@ -129,14 +131,16 @@ impl CacheLayout {
         if !has_scales && spec.scale_block_bytes != 0 {
             return Err(Error::invalid("scaleBlockBytes was given without keyScalePtrs or valueScalePtrs"));
         }
-        let layout = CacheLayout {
+        let mut layout = CacheLayout {
             layers: layers as u32,
             tensors,
             addrs: [spec.key, spec.value, spec.key_scale, spec.value_scale],
             block_number: spec.block_number,
             block_bytes: spec.block_bytes,
             scale_block_bytes: spec.scale_block_bytes,
+            location: MemoryKind::Host,
         };
+        let mut first: Option<(MemoryKind, Tensor, usize)> = None;
         for t in tensors.iter() {
             let size = layout.tensor_bytes(t).ok_or_else(|| Error::invalid("blockNumber * blockBytes overflows"))?;
             for (layer, &addr) in layout.addrs[t as usize].iter().enumerate() {
@@ -149,9 +153,42 @@ impl CacheLayout {
                         t.name()
                     )));
                 }
+                let kind = cuda::memory_kind(addr);
+                match first {
+                    None => first = Some((kind, t, layer)),
+                    Some((k, ft, fl)) if k != kind => {
+                        return Err(Error::invalid(format!(
+                            "the {} address of layer {layer} is {} but the {} address of layer {fl} is {}: \
+                             one cache lives in one place",
+                            t.name(),
+                            describe(kind),
+                            ft.name(),
+                            describe(k)
+                        )))
+                    }
+                    Some(_) => {}
+                }
+                if let MemoryKind::Device { .. } = kind {
+                    // A copy kernel running past an allocation would break the GPU context of the whole process.
+                    let (base, len) = cuda::allocation_range(addr)?;
+                    if addr + size > base + len {
+                        return Err(Error::invalid(format!(
+                            "the {} tensor of layer {layer} ({size} bytes at {addr:#x}) runs {} bytes past the end of \
+                             its GPU allocation",
+                            t.name(),
+                            addr + size - (base + len)
+                        )));
+                    }
+                }
             }
         }
+        layout.location = first.map(|f| f.0).unwrap_or(MemoryKind::Host);
         Ok(layout)
+    }
+
+    /// Where the cache lives: host memory, or the memory of one GPU (asked of the CUDA driver).
+    pub fn location(&self) -> MemoryKind {
+        self.location
     }
 
     /// Number of layers.
@@ -192,6 +229,13 @@ impl CacheLayout {
     /// All addresses of tensor `t`, one per layer (empty when absent).
     pub fn addrs(&self, t: Tensor) -> &[u64] {
         &self.addrs[t as usize]
+    }
+}
+
+fn describe(kind: MemoryKind) -> String {
+    match kind {
+        MemoryKind::Host => "host memory".into(),
+        MemoryKind::Device { ordinal } => format!("memory of GPU {ordinal}"),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Which local address the decode side listens on (`KVCACHE_SOCKET_IFNAME`).
+//! Which local address the decode side listens on (`KVCACHE_SOCKET_IFNAME`), and which host this is.
 
 use crate::error::{Error, Result};
 use std::net::{IpAddr, Ipv4Addr};
@@ -31,6 +31,15 @@ pub fn first_usable_interface() -> Option<(String, IpAddr)> {
     })
 }
 
+/// Names this host and process namespace: two communicators with the same id can reach each other's memory
+/// through the same-host transports (cuda-ipc, shm). The boot id changes with every boot of every machine;
+/// the pid namespace tells containers apart.
+pub fn host_id() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let pid_ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("{}/{}", boot.trim(), pid_ns.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,5 +50,12 @@ mod tests {
         assert_eq!(listen_addr(Some("lo")).unwrap(), IpAddr::V4(Ipv4Addr::LOCALHOST));
         let err = listen_addr(Some("nosuchif0")).unwrap_err();
         assert!(err.message().contains("KVCACHE_SOCKET_IFNAME") && err.message().contains("lo"), "{err}");
+    }
+
+    #[test]
+    fn the_host_id_names_boot_and_namespace() {
+        let id = host_id().unwrap();
+        assert!(id.contains("/pid:["), "{id}");
+        assert_eq!(host_id().unwrap(), id);
     }
 }

@@ -1,7 +1,8 @@
 //! Turning one `writeCache` call into byte ranges: validation of the ids, coalescing of runs that are
 //! consecutive on both sides, and the tensor-parallel slice geometry. Knows no transport.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
+use crate::memory::{CacheLayout, Tensor};
 
 /// Blocks `local..local+count` go to `remote..remote+count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +202,30 @@ pub fn check_remote_runs(runs: &[Run], block_number: u32) -> Result<u64> {
         blocks += run.count as u64;
     }
     Ok(blocks)
+}
+
+/// Checks a decode peer's description of its cache before anything is written into it: for every tensor of
+/// `cache`, one region per layer, each exactly `remote_blocks` blocks of `ratio` slices; none for the others.
+/// `region_bytes(tensor)` lists the lengths the peer gave for that tensor, one per layer.
+pub fn check_remote_layout<'a>(
+    region_bytes: impl Fn(Tensor) -> &'a [u64],
+    cache: &CacheLayout,
+    ratio: u32,
+    remote_blocks: u32,
+) -> Result<()> {
+    let bad = |why: String| Error::new(ErrorCode::Protocol, format!("the decode peer described its memory wrongly: {why}"));
+    for t in Tensor::ALL {
+        let lens = region_bytes(t);
+        let want = if cache.tensors().contains(t) { cache.layers() as usize } else { 0 };
+        if lens.len() != want {
+            return Err(bad(format!("{} {} regions, expected {want}", lens.len(), t.name())));
+        }
+        let total = (remote_blocks as u64).checked_mul(cache.block_bytes(t)).and_then(|b| b.checked_mul(ratio as u64));
+        if let Some(len) = lens.iter().find(|&&len| Some(len) != total) {
+            return Err(bad(format!("a {} region of {len} bytes, expected {total:?}", t.name())));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

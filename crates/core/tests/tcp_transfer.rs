@@ -209,6 +209,7 @@ fn raw_data_connection(port: u16, layers: u32, block_bytes: u64) -> TcpStream {
         transports: vec!["tcp".into()],
         rdma: None,
         replaces: None,
+        host: None,
     };
     let ctx = zmq::Context::new();
     let reply = control::request(&ctx, "127.0.0.1", port, &control::encode(&hello), Duration::from_secs(5)).unwrap();

@@ -1,7 +1,9 @@
 //! Transports: how a prefill side moves a [`BlockPlan`]'s bytes into a decode side's cache.
 //! Transports never import each other.
 
+pub mod cuda_ipc;
 pub mod rdma;
+pub mod shm;
 pub mod tcp;
 
 use crate::error::Result;
@@ -13,6 +15,14 @@ pub trait Link: Send {
     /// memory.
     fn write(&mut self, plan: &BlockPlan) -> Result<()>;
 
-    /// The transport's name (`"tcp"`, `"rdma"`).
+    /// The transport's name (`"tcp"`, `"rdma"`, `"shm"`, `"cuda-ipc"`).
     fn transport(&self) -> &'static str;
+}
+
+/// A number that differs between processes and runs (tokens, nonces); not for cryptography.
+pub fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
 }

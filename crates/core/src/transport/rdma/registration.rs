@@ -2,9 +2,10 @@
 
 use super::device::{os_error, Device};
 use crate::cuda::{self, MemoryKind};
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, Result};
 use std::os::fd::AsRawFd;
 use crate::memory::{CacheLayout, Tensor};
+use crate::plan;
 use rdma_mummy_sys as ibv;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -245,23 +246,9 @@ impl CacheRegions {
 /// Checks the peer's regions against the geometry agreed in the handshake (`remote_blocks` blocks of
 /// `ratio` slices each), so that no later write can be aimed outside them.
 pub fn check_remote(regions: &[Vec<RemoteRegion>], cache: &CacheLayout, ratio: u32, remote_blocks: u32) -> Result<()> {
-    let bad = |why: String| Error::new(ErrorCode::Protocol, format!("the decode peer described its memory wrongly: {why}"));
     if regions.len() != 4 {
-        return Err(bad(format!("{} tensors instead of 4", regions.len())));
+        return Err(Error::protocol(format!("the decode peer described {} tensors instead of 4", regions.len())));
     }
-    for t in Tensor::ALL {
-        let ours = cache.tensors().contains(t);
-        let list = &regions[t as usize];
-        let want = if ours { cache.layers() as usize } else { 0 };
-        if list.len() != want {
-            return Err(bad(format!("{} {} regions, expected {want}", list.len(), t.name())));
-        }
-        let slice_total = (remote_blocks as u64)
-            .checked_mul(cache.block_bytes(t))
-            .and_then(|b| b.checked_mul(ratio as u64));
-        if let Some(r) = list.iter().find(|r| Some(r.len) != slice_total) {
-            return Err(bad(format!("a {} region of {} bytes, expected {slice_total:?}", t.name(), r.len)));
-        }
-    }
-    Ok(())
+    let lens: Vec<Vec<u64>> = regions.iter().map(|list| list.iter().map(|r| r.len).collect()).collect();
+    plan::check_remote_layout(|t| &lens[t as usize], cache, ratio, remote_blocks)
 }

@@ -1,42 +1,12 @@
 //! Vectored socket I/O on raw addresses: the cache memory is handed to the kernel, never turned into Rust
 //! references. An address the process cannot access makes the call fail with `EFAULT`; it never faults.
 
+use crate::iov::{advance, IoVec};
 use std::io;
 use std::os::fd::RawFd;
 
-/// A byte range of the cache, as the kernel sees it.
-pub type IoVec = libc::iovec;
-
-/// The range `[addr, addr + len)`.
-#[inline]
-pub fn iovec(addr: u64, len: u64) -> IoVec {
-    libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len as usize }
-}
-
-/// A reusable list of ranges, rebuilt for every call.
-#[derive(Debug, Default)]
-pub struct IoVecs(pub Vec<IoVec>);
-
-// SAFETY: the pointers in an iovec are plain addresses that Rust code never dereferences; only the kernel
-// reads or writes through them, during a call made by whichever thread owns the list.
-unsafe impl Send for IoVecs {}
-
 /// Most ranges per system call (the kernel's `UIO_MAXIOV`).
 const MAX_IOV: usize = 1024;
-
-/// Drops what the kernel already moved (`done` bytes) from the front of `iov`.
-fn advance(iov: &mut [IoVec], mut done: usize) -> usize {
-    let mut first = 0;
-    while first < iov.len() && done >= iov[first].iov_len {
-        done -= iov[first].iov_len;
-        first += 1;
-    }
-    if done > 0 {
-        iov[first].iov_base = (iov[first].iov_base as usize + done) as *mut libc::c_void;
-        iov[first].iov_len -= done;
-    }
-    first
-}
 
 /// Writes every range of `iov`, in order, to the socket `fd`. `iov` is consumed (left advanced).
 pub fn write_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
@@ -86,6 +56,7 @@ pub fn read_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iov::{iovec, IoVecs};
     use std::os::fd::AsRawFd;
 
     #[test]
@@ -125,11 +96,4 @@ mod tests {
         assert_eq!(read_all(b.as_raw_fd(), &mut iov).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 
-    #[test]
-    fn advance_handles_partial_ranges() {
-        let mut v = [iovec(100, 10), iovec(200, 10), iovec(300, 10)];
-        assert_eq!(advance(&mut v, 15), 1);
-        assert_eq!((v[1].iov_base as usize, v[1].iov_len), (205, 5));
-        assert_eq!(advance(&mut v, 0), 0);
-    }
 }

@@ -2,7 +2,9 @@
 //! write straight into the cache after checking it against the cache's own geometry.
 
 use super::frame::{self, Ack, DataHello, WriteHeader};
-use super::io::{self, iovec, IoVecs};
+use super::io;
+use super::staging::Staging;
+use crate::iov::{iovec, IoVecs};
 use crate::control::PROTOCOL_VERSION;
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
@@ -55,7 +57,7 @@ impl TcpReceiver {
             log,
             timeout,
             stop: AtomicBool::new(false),
-            next_token: AtomicU64::new(seed()),
+            next_token: AtomicU64::new(crate::transport::random_u64()),
             pending: Mutex::new(HashMap::new()),
             connections: Mutex::new(Vec::new()),
         });
@@ -78,14 +80,6 @@ impl TcpReceiver {
         self.shared.pending.lock().unwrap().insert(token, session);
         token
     }
-}
-
-/// A starting point for tokens that differs between processes and runs.
-fn seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish()
 }
 
 impl Drop for TcpReceiver {
@@ -141,8 +135,25 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
             return;
         }
     };
+    let staging = match Staging::for_cache(&shared.cache) {
+        Ok(s) => s,
+        Err(e) => {
+            shared.log.error(format!("data connection from {} closed: cannot stage into GPU memory: {e}", session.peer));
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+    };
     shared.log.debug(format!("data path open from {} ({peer})", session.peer));
-    let mut conn = Connection { stream, shared, session, runs_bytes: Vec::new(), runs: Vec::new(), iov: IoVecs::default(), out: Vec::new() };
+    let mut conn = Connection {
+        stream,
+        shared,
+        session,
+        runs_bytes: Vec::new(),
+        runs: Vec::new(),
+        iov: IoVecs::default(),
+        out: Vec::new(),
+        staging,
+    };
     loop {
         match conn.serve_one() {
             Ok(true) => {}
@@ -185,6 +196,8 @@ struct Connection<'a> {
     runs: Vec<Run>,
     iov: IoVecs,
     out: Vec<u8>,
+    /// For a cache in GPU memory.
+    staging: Option<Staging>,
 }
 
 impl Connection<'_> {
@@ -264,6 +277,14 @@ impl Connection<'_> {
     fn receive(&mut self, header: &WriteHeader) -> Result<()> {
         let cache = &*self.shared.cache;
         let geometry = self.session.geometry;
+        let fd = self.stream.as_raw_fd();
+        if let Some(staging) = &mut self.staging {
+            // In range as below: `check` proved every run lies inside the cache.
+            staging.receive(cache, header.layer, &self.runs, geometry, |addr, len| {
+                io::read_all(fd, &mut [iovec(addr, len)]).map_err(|e| Error::io("receiving blocks", e))
+            })?;
+            return self.log_received(header);
+        }
         let iov = &mut self.iov.0;
         iov.clear();
         for t in self.session.tensors.iter() {
@@ -275,7 +296,11 @@ impl Connection<'_> {
                 geometry.for_each_remote_range(*run, slice, |off, len| iov.push(iovec(base + off, len)));
             }
         }
-        io::read_all(self.stream.as_raw_fd(), iov).map_err(|e| Error::io("receiving blocks", e))?;
+        io::read_all(fd, iov).map_err(|e| Error::io("receiving blocks", e))?;
+        self.log_received(header)
+    }
+
+    fn log_received(&self, header: &WriteHeader) -> Result<()> {
         if self.shared.log.debug_enabled() {
             self.shared.log.debug(format!(
                 "received layer {} ({} runs, {} bytes) from {}",

@@ -1,7 +1,9 @@
 //! The prefill side of a TCP connection: one write per `writeCache` call, gathered straight from the cache.
 
 use super::frame::{self, Ack, DataHello, WriteHeader};
-use super::io::{self, iovec, IoVecs};
+use super::io;
+use super::staging::Staging;
+use crate::iov::{iovec, IoVecs};
 use crate::control::PROTOCOL_VERSION;
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::CacheLayout;
@@ -21,6 +23,8 @@ pub struct TcpLink {
     seq: u64,
     header: Vec<u8>,
     iov: IoVecs,
+    /// For a cache in GPU memory.
+    staging: Option<Staging>,
 }
 
 impl TcpLink {
@@ -51,7 +55,8 @@ impl TcpLink {
         let mut ack = [0u8; frame::HELLO_ACK_LEN];
         stream.read_exact(&mut ack).map_err(|e| Error::io(&format!("waiting for {peer} to accept the data path"), e))?;
         frame::decode_hello_ack(&ack)?;
-        Ok(TcpLink { stream, peer, cache, seq: 0, header: Vec::new(), iov: IoVecs::default() })
+        let staging = Staging::for_cache(&cache)?;
+        Ok(TcpLink { stream, peer, cache, seq: 0, header: Vec::new(), iov: IoVecs::default(), staging })
     }
 
     fn read_ack(&mut self) -> Result<()> {
@@ -90,6 +95,13 @@ impl Link for TcpLink {
             payload_bytes,
         };
         header.encode_with_runs(plan.runs(), &mut self.header);
+        let fd = self.stream.as_raw_fd();
+        let failed = |e| Error::io(&format!("sending layer {layer} to {}", self.peer), e);
+        if let Some(staging) = &mut self.staging {
+            io::write_all(fd, &mut [iovec(self.header.as_ptr() as u64, self.header.len() as u64)]).map_err(failed)?;
+            staging.send(cache, layer, plan.runs(), |addr, len| io::write_all(fd, &mut [iovec(addr, len)]).map_err(failed))?;
+            return self.read_ack();
+        }
         let iov = &mut self.iov.0;
         iov.clear();
         iov.push(iovec(self.header.as_ptr() as u64, self.header.len() as u64));
@@ -97,8 +109,7 @@ impl Link for TcpLink {
             let (base, bytes) = (cache.addr(t, layer), cache.block_bytes(t));
             iov.extend(plan.runs().iter().map(|r| iovec(base + r.local as u64 * bytes, r.count as u64 * bytes)));
         }
-        io::write_all(self.stream.as_raw_fd(), iov)
-            .map_err(|e| Error::io(&format!("sending layer {layer} to {}", self.peer), e))?;
+        io::write_all(fd, iov).map_err(failed)?;
         self.read_ack()
     }
 

@@ -1,6 +1,11 @@
 //! The CUDA driver, loaded at run time (`libcuda.so.1`, through `cudarc`): telling device memory from host
-//! memory, and exporting device memory as a dma-buf for RDMA registration. Without a driver every address is
-//! host memory and nothing here fails.
+//! memory, exporting device memory as a dma-buf for RDMA registration, the block-copy kernel ([`gpu`]) and
+//! IPC handles ([`ipc`]). Without a driver every address is host memory and nothing here fails.
+
+pub mod gpu;
+pub mod ipc;
+
+pub use gpu::{BlockCopy, CopyStream, Gpu, PinnedBuffer, TensorCopy};
 
 use crate::error::{Error, ErrorCode, Result};
 use cudarc::driver::sys as cu;
@@ -63,6 +68,14 @@ pub fn memory_kind(addr: u64) -> MemoryKind {
     }
 }
 
+/// The device allocation holding `addr`: its first address and size.
+pub fn allocation_range(addr: u64) -> Result<(u64, u64)> {
+    let (mut base, mut size) = (0u64, 0usize);
+    // SAFETY: the driver writes a device pointer and a size into the two locals; unknown addresses fail.
+    check(unsafe { cu::cuMemGetAddressRange_v2(&mut base, &mut size, addr) }, "finding the allocation of a device address")?;
+    Ok((base, size as u64))
+}
+
 /// Device memory exported as a dma-buf: the fd covers `[start, start + len)`, page-aligned around the range
 /// asked for, which begins `offset` bytes into it.
 #[derive(Debug)]
@@ -113,7 +126,15 @@ pub fn export_dmabuf(addr: u64, len: u64) -> Result<DmaBuf> {
     Ok(DmaBuf { fd: unsafe { OwnedFd::from_raw_fd(fd) }, offset: addr - start })
 }
 
-fn check(rc: cu::CUresult, what: &str) -> Result<()> {
+/// A driver failure as an `UNAVAILABLE` error naming what was being done.
+pub(crate) fn driver_error(e: cudarc::driver::DriverError, what: &str) -> Error {
+    match check(e.0, what) {
+        Err(e) => e,
+        Ok(()) => Error::new(ErrorCode::Unavailable, format!("{what}: failed")),
+    }
+}
+
+pub(crate) fn check(rc: cu::CUresult, what: &str) -> Result<()> {
     if rc == cu::CUresult::CUDA_SUCCESS {
         return Ok(());
     }

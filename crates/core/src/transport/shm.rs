@@ -1,0 +1,241 @@
+//! The shared-memory transport: prefill and decode on one host, caches in host memory. The prefill writes
+//! straight into the decode process's cache with `process_vm_writev` (one system call per 1024 ranges, one
+//! copy, no work on the decode side), the same one-sided shape as an RDMA write.
+//!
+//! The decode side shows a random 64-bit word at a known address; the prefill reads it back before each write,
+//! so a decode that closed, died, or whose pid now names another process is never written into.
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::iov::{advance, iovec, IoVec, IoVecs};
+use crate::memory::{CacheLayout, Tensor};
+use crate::plan::{self, BlockPlan, SliceGeometry};
+use crate::transport::Link;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Most ranges per system call (the kernel's `UIO_MAXIOV`).
+const MAX_IOV: usize = 1024;
+
+/// The decode's side of the handshake.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShmWelcome {
+    pub pid: u32,
+    /// Address of the decode's liveness word, and the value it holds while the decode is open.
+    pub probe: u64,
+    pub nonce: u64,
+    /// `[tensor][layer]` addresses, in [`Tensor::ALL`] order; empty lists for absent tensors.
+    pub regions: Vec<Vec<u64>>,
+}
+
+/// The decode side: lets same-host prefills write into its cache while it lives.
+pub struct ShmTarget {
+    probe: Box<AtomicU64>,
+    welcome: ShmWelcome,
+}
+
+impl ShmTarget {
+    /// Prepares the cache for same-host writers. Where Yama restricts `ptrace` to descendants
+    /// (`kernel.yama.ptrace_scope` = 1), this process declares any process of the same user may write into it;
+    /// a stricter setting makes the transport unavailable.
+    pub fn new(cache: &CacheLayout) -> Result<ShmTarget> {
+        allow_writers()?;
+        let nonce = loop {
+            let n = crate::transport::random_u64();
+            if n != 0 {
+                break n;
+            }
+        };
+        let probe = Box::new(AtomicU64::new(nonce));
+        let regions = Tensor::ALL.iter().map(|&t| cache.addrs(t).to_vec()).collect();
+        let welcome = ShmWelcome { pid: std::process::id(), probe: probe.as_ptr() as u64, nonce, regions };
+        Ok(ShmTarget { probe, welcome })
+    }
+
+    /// What the handshake sends a prefill.
+    pub fn welcome(&self) -> ShmWelcome {
+        self.welcome.clone()
+    }
+}
+
+impl Drop for ShmTarget {
+    fn drop(&mut self) {
+        // From here on every prefill's probe fails, so nothing more is written.
+        self.probe.store(0, Ordering::SeqCst);
+    }
+}
+
+fn allow_writers() -> Result<()> {
+    let scope = match std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope") {
+        Ok(s) => s.trim().parse::<u32>().unwrap_or(0),
+        Err(_) => return Ok(()),
+    };
+    match scope {
+        0 => Ok(()),
+        1 => {
+            // SAFETY: PR_SET_PTRACER takes two integer arguments and touches no memory of ours.
+            let rc = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
+            match rc {
+                0 => Ok(()),
+                _ => Err(Error::new(
+                    ErrorCode::Unavailable,
+                    format!("shm: cannot allow same-host writers (prctl PR_SET_PTRACER): {}", std::io::Error::last_os_error()),
+                )),
+            }
+        }
+        n => Err(Error::new(
+            ErrorCode::Unavailable,
+            format!("shm: kernel.yama.ptrace_scope is {n}, which forbids process_vm_writev between processes"),
+        )),
+    }
+}
+
+/// A prefill's connection to one decode peer on the same host.
+pub struct ShmLink {
+    peer: String,
+    cache: Arc<CacheLayout>,
+    geometry: SliceGeometry,
+    pid: libc::pid_t,
+    probe: u64,
+    nonce: u64,
+    remote: [Vec<u64>; 4],
+    local_iov: IoVecs,
+    remote_iov: IoVecs,
+}
+
+impl ShmLink {
+    /// Checks the peer's layout against the agreed geometry and that this process may write into it.
+    pub fn open(peer: String, cache: Arc<CacheLayout>, welcome: &ShmWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<ShmLink> {
+        if welcome.regions.len() != 4 {
+            return Err(Error::protocol(format!("the decode peer described {} tensors instead of 4", welcome.regions.len())));
+        }
+        let total = |t: Tensor| (remote_blocks as u64) * cache.block_bytes(t) * geometry.ratio as u64;
+        let lens: Vec<Vec<u64>> = Tensor::ALL.iter().map(|&t| vec![total(t); welcome.regions[t as usize].len()]).collect();
+        plan::check_remote_layout(|t| &lens[t as usize], &cache, geometry.ratio, remote_blocks)?;
+        let mut remote: [Vec<u64>; 4] = Default::default();
+        for t in Tensor::ALL {
+            remote[t as usize] = welcome.regions[t as usize].clone();
+        }
+        let link = ShmLink {
+            peer,
+            cache,
+            geometry,
+            pid: welcome.pid as libc::pid_t,
+            probe: welcome.probe,
+            nonce: welcome.nonce,
+            remote,
+            local_iov: IoVecs::default(),
+            remote_iov: IoVecs::default(),
+        };
+        link.check_peer()?;
+        Ok(link)
+    }
+
+    /// Reads the decode's liveness word: the same process, still open, and this process may reach it.
+    fn check_peer(&self) -> Result<()> {
+        let mut word = 0u64;
+        let local = [iovec(&mut word as *mut u64 as u64, 8)];
+        let remote = [iovec(self.probe, 8)];
+        // SAFETY: the local range is `word`, 8 writable bytes; the remote one is only read, by the kernel,
+        // which fails cleanly (EFAULT, ESRCH, EPERM) for anything it cannot reach.
+        let n = unsafe { libc::process_vm_readv(self.pid, local.as_ptr(), 1, remote.as_ptr(), 1, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            let code = match e.raw_os_error() {
+                Some(libc::EPERM) => ErrorCode::Unavailable,
+                _ => ErrorCode::Transport,
+            };
+            return Err(Error::new(code, format!("cannot reach the decode process {} ({}): {e}", self.pid, self.peer)));
+        }
+        if n != 8 || word != self.nonce {
+            return Err(Error::new(
+                ErrorCode::Transport,
+                format!("the decode process {} ({}) has closed or is gone", self.pid, self.peer),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Link for ShmLink {
+    fn write(&mut self, plan: &BlockPlan) -> Result<()> {
+        self.check_peer()?;
+        let layer = plan.layer();
+        let (local, remote) = (&mut self.local_iov.0, &mut self.remote_iov.0);
+        local.clear();
+        remote.clear();
+        for t in self.cache.tensors().iter() {
+            let (base, slice) = (self.cache.addr(t, layer), self.cache.block_bytes(t));
+            let remote_base = self.remote[t as usize][layer as usize];
+            for run in plan.runs() {
+                local.push(iovec(base + run.local as u64 * slice, run.count as u64 * slice));
+                // Inside the peer's tensor: the ids were checked against its block count, its layout at open.
+                self.geometry.for_each_remote_range(*run, slice, |off, len| remote.push(iovec(remote_base + off, len)));
+            }
+        }
+        write_all(self.pid, local, remote).map_err(|e| {
+            let code = match e.raw_os_error() {
+                Some(libc::EPERM) => ErrorCode::Unavailable,
+                _ => ErrorCode::Transport,
+            };
+            Error::new(code, format!("writing layer {layer} into the decode process {} ({}): {e}", self.pid, self.peer))
+        })
+    }
+
+    fn transport(&self) -> &'static str {
+        "shm"
+    }
+}
+
+/// Copies the ranges of `local` into the ranges of `remote` (the same bytes, split differently) in process
+/// `pid`, up to 1024 ranges of each per system call.
+fn write_all(pid: libc::pid_t, mut local: &mut [IoVec], mut remote: &mut [IoVec]) -> std::io::Result<()> {
+    while !local.is_empty() && !remote.is_empty() {
+        let (nl, nr) = (local.len().min(MAX_IOV), remote.len().min(MAX_IOV));
+        // SAFETY: the local ranges are the cache's own blocks, only read; the remote ranges are written by the
+        // kernel, which fails with EFAULT rather than touching anything outside the target's mappings.
+        let n = unsafe { libc::process_vm_writev(pid, local.as_ptr(), nl as _, remote.as_ptr(), nr as _, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "process_vm_writev moved nothing"));
+        }
+        let first = advance(local, n as usize);
+        local = &mut local[first..];
+        let first = advance(remote, n as usize);
+        remote = &mut remote[first..];
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_ranges_split_differently_on_each_side() {
+        let src: Vec<u8> = (0..9000u32).map(|i| (i * 13) as u8).collect();
+        let mut dst = vec![0u8; 9000];
+        // 3000 ranges of 3 bytes locally, 1500 of 6 remotely (both over the 1024 limit).
+        let mut local: Vec<IoVec> = (0..3000).map(|i| iovec(src.as_ptr() as u64 + i * 3, 3)).collect();
+        let mut remote: Vec<IoVec> = (0..1500).map(|i| iovec(dst.as_mut_ptr() as u64 + (1499 - i) * 6, 6)).collect();
+        write_all(std::process::id() as _, &mut local, &mut remote).unwrap();
+        for i in 0..1500 {
+            assert_eq!(dst[(1499 - i) * 6..(1500 - i) * 6], src[i * 6..i * 6 + 6]);
+        }
+    }
+
+    #[test]
+    fn a_bad_remote_address_is_an_error() {
+        let src = [1u8; 16];
+        let mut local = [iovec(src.as_ptr() as u64, 16)];
+        let mut remote = [iovec(8, 16)];
+        let e = write_all(std::process::id() as _, &mut local, &mut remote).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EFAULT));
+    }
+}

@@ -1,0 +1,120 @@
+//! The shared-memory transport (`process_vm_writev` into the decode process), between communicators of one
+//! process: the bytes that land, what auto picks, and what happens once the decode side has closed.
+
+mod common;
+
+use common::Cache;
+use kvtransfer::memory::CacheSpec;
+use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice, TransportKind};
+use std::time::Duration;
+
+fn config(transport: TransportChoice) -> Config {
+    Config { transport, timeout: Duration::from_secs(5), ..Config::default() }
+}
+
+fn decode(cache: CacheSpec, transport: TransportChoice) -> Communicator {
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache, tp_size: 1, tp_idx: 0 };
+    Communicator::new(spec, config(transport)).unwrap()
+}
+
+fn prefill(cache: CacheSpec, tp_size: u32, tp_idx: u32, transport: TransportChoice) -> Communicator {
+    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache, tp_size, tp_idx };
+    Communicator::new(spec, config(transport)).unwrap()
+}
+
+fn link_of(p: &Communicator, port: u16) -> String {
+    p.connected_transport("127.0.0.1", port).expect("connected").to_string()
+}
+
+#[test]
+fn all_layers_scattered_keys_and_values() {
+    let src = Cache::new(2, 3, 2048, 1024, 1);
+    let dst = Cache::new(2, 3, 2048, 1024, 2);
+    let d = decode(dst.spec(), TransportChoice::Shm);
+    let p = prefill(src.spec(), 1, 0, TransportChoice::Shm);
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    assert_eq!(link_of(&p, d.port()), "shm");
+    // 1538 scattered ids (more than one system call's 1024 ranges) plus a contiguous run.
+    let local: Vec<u32> = (0..1538).map(|i| (i * 7 + 3) % 2048).collect();
+    let remote: Vec<u32> = (0..1538).map(|i| (i * 11 + 5) % 2048).collect();
+    for layer in 0..3 {
+        p.write_cache("127.0.0.1", d.port(), &local, &remote, layer).unwrap();
+    }
+    p.write_cache("127.0.0.1", d.port(), &[100, 101, 102], &[2000, 2001, 2002], 2).unwrap();
+    for layer in 0..3 {
+        for t in 0..2 {
+            for (l, r) in local.iter().zip(&remote) {
+                assert_eq!(dst.block(t, layer, *r), src.block(t, layer, *l), "tensor {t} layer {layer} {l}->{r}");
+            }
+        }
+    }
+    assert_eq!(dst.block(1, 2, 2001), src.block(1, 2, 101));
+}
+
+#[test]
+fn key_only_and_hetero_tp() {
+    // Two prefill ranks with half-size blocks fill the two halves of each decode block.
+    let dst = Cache::new(1, 2, 32, 2048, 3);
+    let d = decode(dst.spec(), TransportChoice::Shm);
+    let halves: Vec<Cache> = (0..2).map(|r| Cache::new(1, 2, 32, 1024, 10 + r)).collect();
+    for (rank, src) in halves.iter().enumerate() {
+        let p = prefill(src.spec(), 2, rank as u32, TransportChoice::Shm);
+        p.connect("127.0.0.1", d.port(), 1).unwrap();
+        p.write_cache("127.0.0.1", d.port(), &[4, 9], &[30, 1], 1).unwrap();
+    }
+    for (l, r) in [(4u32, 30u32), (9, 1)] {
+        let block = dst.block(0, 1, r);
+        assert_eq!(&block[..1024], halves[0].block(0, 1, l));
+        assert_eq!(&block[1024..], halves[1].block(0, 1, l));
+    }
+}
+
+#[test]
+fn auto_picks_shm_on_one_host_and_tcp_when_the_decode_lacks_it() {
+    let src = Cache::new(2, 1, 8, 256, 5);
+    let dst = Cache::new(2, 1, 8, 256, 6);
+    let p = prefill(src.spec(), 1, 0, TransportChoice::Auto);
+    let shm_decode = decode(dst.spec(), TransportChoice::Auto);
+    p.connect("127.0.0.1", shm_decode.port(), 1).unwrap();
+    assert_eq!(link_of(&p, shm_decode.port()), "shm");
+    p.write_cache("127.0.0.1", shm_decode.port(), &[1], &[2], 0).unwrap();
+    assert_eq!(dst.block(0, 0, 2), src.block(0, 0, 1));
+    drop(shm_decode);
+
+    let other = Cache::new(2, 1, 8, 256, 7);
+    let tcp_decode = decode(other.spec(), TransportChoice::Tcp);
+    p.connect("127.0.0.1", tcp_decode.port(), 1).unwrap();
+    assert_eq!(link_of(&p, tcp_decode.port()), "tcp");
+    p.write_cache("127.0.0.1", tcp_decode.port(), &[3], &[4], 0).unwrap();
+    assert_eq!(other.block(1, 0, 4), src.block(1, 0, 3));
+    assert_eq!(p.transport(), TransportKind::Shm);
+}
+
+#[test]
+fn nothing_lands_after_the_decode_closed() {
+    let src = Cache::new(2, 1, 8, 256, 8);
+    let dst = Cache::new(2, 1, 8, 256, 9);
+    let d = decode(dst.spec(), TransportChoice::Shm);
+    let port = d.port();
+    let p = prefill(src.spec(), 1, 0, TransportChoice::Shm);
+    p.connect("127.0.0.1", port, 1).unwrap();
+    d.close();
+    let before = dst.snapshot();
+    let err = p.write_cache("127.0.0.1", port, &[1], &[2], 0).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Transport, "{err}");
+    assert!(err.message().contains("closed or is gone"), "{err}");
+    assert_eq!(dst.snapshot(), before);
+    assert!(!p.is_connected("127.0.0.1", port));
+}
+
+#[test]
+fn shm_refuses_what_it_cannot_move() {
+    // A decode that only speaks shm and a prefill that only speaks tcp have nothing in common.
+    let src = Cache::new(2, 1, 8, 256, 1);
+    let dst = Cache::new(2, 1, 8, 256, 2);
+    let d = decode(dst.spec(), TransportChoice::Shm);
+    let p = prefill(src.spec(), 1, 0, TransportChoice::Tcp);
+    let err = p.connect("127.0.0.1", d.port(), 1).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
+    assert!(err.message().contains("no common transport"), "{err}");
+}
