@@ -30,8 +30,14 @@ export type BlockIds = readonly number[] | Uint32Array
 /** A port: a number, or a numeric string as the original API takes (`"12345"`). */
 export type Port = number | string
 
-/** The transports `options.transport` / `KVCACHE_TRANSPORT` can name. */
-export type TransportName = 'auto' | 'tcp' | 'rdma'
+/**
+ * A transport that moves bytes: `'cuda-ipc'` (GPU caches, both processes on one host), `'shm'` (host caches,
+ * one host), `'rdma'` (RC `RDMA_WRITE`) or `'tcp'` (anywhere).
+ */
+export type Transport = 'cuda-ipc' | 'shm' | 'rdma' | 'tcp'
+
+/** The transports `options.transport` / `KVCACHE_TRANSPORT` can name: one of them, or `'auto'`. */
+export type TransportName = 'auto' | Transport
 
 /** The stable codes of {@link KVTransferError}. */
 export type ErrorCode =
@@ -263,11 +269,21 @@ export class RDMACommunicator {
   }
 
   /**
-   * The preferred transport: `'rdma'` when the NIC is usable (with `transport: 'auto'`, connections to a
-   * decode without RDMA still fall back to TCP), else `'tcp'`.
+   * The preferred transport. With `transport: 'auto'`: `'cuda-ipc'` for a cache in GPU memory or `'shm'` for
+   * one in host memory (taken by peers on this host), else `'rdma'` when the NIC is usable, else `'tcp'`; each
+   * connection takes the first one both sides have ({@link RDMACommunicator.connectedTransport}).
    */
-  get transport(): 'tcp' | 'rdma' {
-    return this.#native.transport as 'tcp' | 'rdma'
+  get transport(): Transport {
+    return this.#native.transport as Transport
+  }
+
+  /** The transport the connection to `ip:port` uses, or `null` when there is none (or it broke). */
+  connectedTransport(ip: string, port: Port): Transport | null {
+    try {
+      return (this.#native.connectedTransport(toHost(ip), toPort(port, false)) as Transport | null) ?? null
+    } catch {
+      return null
+    }
   }
 
   /** The RDMA device in use (`'mlx5_0'`, `'rxe0'`), or `null` when RDMA is not used. */

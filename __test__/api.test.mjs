@@ -105,9 +105,9 @@ test('auto transport says what it picked in the debug log', async (t) => {
   const { tmpdir } = await import('node:os')
   const file = join(mkdtempSync(join(tmpdir(), 'kvt-')), 'debug.log')
   const c = decodeWith({ debug: true, debugFile: file, rdmaNics: 'no-such-nic' })
-  t.is(c.transport, 'tcp')
+  t.is(c.transport, 'shm', 'a host-memory cache prefers shared memory, for peers on this host')
   c.close()
-  t.regex(readFileSync(file, 'utf8'), /transport auto: .*using tcp/)
+  t.regex(readFileSync(file, 'utf8'), /transport auto: .*using shm and tcp/)
 })
 
 test('a decode port in use is a clear error; asyncDispose closes', async (t) => {

@@ -56,10 +56,10 @@ test('transport rdma without a usable device is a clear error; auto falls back t
   const dir = mkdtempSync(join(tmpdir(), 'kvt-'))
   const debugFile = join(dir, 'debug.log')
   const auto = prefill(src, { transport: 'auto', rdmaNics: 'no-such-nic', debug: true, debugFile })
-  t.is(auto.transport, 'tcp')
+  t.is(auto.transport, 'shm', 'same-host peers first')
   t.is(auto.rdmaDevice, null)
   auto.close()
-  t.regex(readFileSync(debugFile, 'utf8'), /transport auto: RDMA is not usable .*no-such-nic.*using tcp/)
+  t.regex(readFileSync(debugFile, 'utf8'), /transport auto: RDMA is not usable .*no-such-nic.*using shm and tcp/)
 })
 
 rdmaTest('with the flush read on, every layer lands (the read itself is checked by the Rust RDMA tests)', async (t) => {
@@ -96,21 +96,24 @@ rdmaTest('the NIC is KVCACHE_RDMA_NICS[gpuIdx % n]', async (t) => {
   t.throws(() => prefill(src, { rdmaNics: ['no-such-nic', NIC], errorFile: '/dev/null' }, 2), { message: /"no-such-nic"/ })
 })
 
-rdmaTest('auto on both sides picks RDMA; a TCP-only prefill still connects to the same decode', async (t) => {
+rdmaTest('auto on one host takes shm; an RDMA prefill and a TCP-only prefill reach the same decode their way', async (t) => {
   const auto = { ...transportOptions, transport: 'auto' }
   const decode = await startDecode(shape, { options: auto })
   t.teardown(decode.stop)
-  t.is(decode.transport, 'rdma')
+  t.is(decode.transport, 'shm')
   const src = makeCache(shape)
   const a = prefill(src, auto)
+  const r = prefill(src, transportOptions)
   const b = prefill(src, { transport: 'tcp' })
-  t.teardown(() => (a.close(), b.close()))
-  t.is(a.transport, 'rdma')
-  await a.connectAsync(HOST, decode.port)
-  await b.connectAsync(HOST, decode.port)
+  t.teardown(() => (a.close(), r.close(), b.close()))
+  t.is(a.transport, 'shm')
+  t.is(a.rdmaDevice, NIC, 'auto opened the NIC too, for peers on other hosts')
+  for (const c of [a, r, b]) await c.connectAsync(HOST, decode.port)
+  t.deepEqual([a, r, b].map((c) => c.connectedTransport(HOST, decode.port)), ['shm', 'rdma', 'tcp'])
   await a.writeCacheAsync(HOST, decode.port, [1, 2], [3, 4], 0)
+  await r.writeCacheAsync(HOST, decode.port, [9, 10], [11, 12], 0)
   await b.writeCacheAsync(HOST, decode.port, [5, 6], [7, 8], 0)
-  await expectLanded(t, decode, src, 0, [1, 2, 5, 6], [3, 4, 7, 8])
+  await expectLanded(t, decode, src, 0, [1, 2, 9, 10, 5, 6], [3, 4, 11, 12, 7, 8])
 })
 
 rdmaTest('a broken queue pair is rebuilt for the next call', async (t) => {

@@ -31,8 +31,10 @@ test('all layers, keys and values, scattered and contiguous ids, sync and async'
   const comm = prefillFor(src, shape)
   t.teardown(() => comm.close())
   t.false(comm.isConnected(HOST, decode.port))
+  t.is(comm.connectedTransport(HOST, decode.port), null)
   t.true(comm.connect(HOST, decode.port), comm.lastError?.message)
   t.true(comm.isConnected(HOST, String(decode.port)))
+  t.is(comm.connectedTransport(HOST, decode.port), transport.transport)
   t.true(comm.connect(HOST, decode.port), 'connecting twice is fine')
 
   const scattered = { local: [7, 3, 90, 41, 42, 43, 0], remote: [127, 5, 64, 10, 11, 12, 99] }

@@ -115,7 +115,7 @@ async function prefill(port) {
   for (let layer = 0; layer < LAYERS; layer++) await comm.writeCacheAsync(HOST, port, local, remote, layer)
   const seconds = Number(process.hrtime.bigint() - start) / 1e9
   const bytes = LAYERS * 2 * local.length * BLOCK_BYTES
-  console.log(`[prefill] wrote ${LAYERS} layers, ${local.length} scattered blocks each (keys and values), ${(bytes / 2 ** 20).toFixed(0)} MiB in ${(seconds * 1000).toFixed(1)} ms over ${comm.transport}${comm.rdmaDevice ? ` (${comm.rdmaDevice})` : ''}`)
+  console.log(`[prefill] wrote ${LAYERS} layers, ${local.length} scattered blocks each (keys and values), ${(bytes / 2 ** 20).toFixed(0)} MiB in ${(seconds * 1000).toFixed(1)} ms over ${comm.connectedTransport(HOST, port)}${comm.rdmaDevice ? ` (${comm.rdmaDevice})` : ''}`)
   comm.close()
 }
 

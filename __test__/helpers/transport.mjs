@@ -1,6 +1,9 @@
-// The transport the two-process suites run over: TCP by default; RDMA where KVTRANSFER_TEST_RDMA_NIC names a
-// device (`npm run test:rdma` runs the suites that way inside a Soft-RoCE VM).
+// The transport the two-process suites run over: KVTRANSFER_TEST_TRANSPORT (`tcp`, the default, or `shm`); RDMA
+// where KVTRANSFER_TEST_RDMA_NIC names a device (`npm run test:rdma` runs the suites that way inside a
+// Soft-RoCE VM).
 const nic = process.env.KVTRANSFER_TEST_RDMA_NIC
+const plain = process.env.KVTRANSFER_TEST_TRANSPORT ?? 'tcp'
+if (!['tcp', 'shm'].includes(plain)) throw new Error(`KVTRANSFER_TEST_TRANSPORT must be tcp or shm, not ${plain}`)
 
 export const transportOptions = nic
   ? {
@@ -11,6 +14,6 @@ export const transportOptions = nic
       ibTimeout: 14,
       timeoutMs: 5000,
     }
-  : { transport: 'tcp' }
+  : { transport: plain }
 
 export const transportName = transportOptions.transport

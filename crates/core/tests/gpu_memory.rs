@@ -6,7 +6,10 @@ use kvtransfer::cuda::{self, MemoryKind};
 
 /// Allocates `len` bytes on GPU 0 in its primary context, or `None` (and a message) without a GPU.
 fn device_alloc(test: &str, len: usize) -> Option<u64> {
+    // The GPU suite sets this, so that a missing driver fails instead of skipping.
+    let required = std::env::var_os("KVTRANSFER_REQUIRE_GPU").is_some();
     if cuda::driver_version().is_none() {
+        assert!(!required, "KVTRANSFER_REQUIRE_GPU is set, but there is no usable CUDA driver");
         eprintln!("SKIPPED {test}: no CUDA driver on this machine");
         return None;
     }
@@ -16,6 +19,7 @@ fn device_alloc(test: &str, len: usize) -> Option<u64> {
     // SAFETY: plain driver calls on an initialised driver, each checked.
     unsafe {
         if cu::cuDeviceGet(&mut dev, 0) != cu::CUresult::CUDA_SUCCESS {
+            assert!(!required, "KVTRANSFER_REQUIRE_GPU is set, but the driver sees no GPU");
             eprintln!("SKIPPED {test}: the CUDA driver sees no GPU");
             return None;
         }

@@ -93,7 +93,7 @@ impl NativeCommunicator {
         self.inner.port() as u32
     }
 
-    /// The preferred transport (`"rdma"` or `"tcp"`).
+    /// The preferred transport (`"cuda-ipc"`, `"shm"`, `"rdma"` or `"tcp"`).
     #[napi(getter)]
     pub fn transport(&self) -> &'static str {
         self.inner.transport().as_str()
@@ -118,6 +118,12 @@ impl NativeCommunicator {
     #[napi]
     pub fn is_connected(&self, ip: String, port: u32) -> bool {
         u16::try_from(port).is_ok_and(|p| self.inner.is_connected(&ip, p))
+    }
+
+    /// The transport of the connection to `ip:port`, if there is one.
+    #[napi]
+    pub fn connected_transport(&self, ip: String, port: u32) -> Option<&'static str> {
+        u16::try_from(port).ok().and_then(|p| self.inner.connected_transport(&ip, p))
     }
 
     #[napi]

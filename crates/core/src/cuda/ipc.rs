@@ -1,6 +1,7 @@
 //! CUDA IPC memory handles: how a decode process lends its cache allocations to a prefill process on the same
-//! host. The decode exports one handle per allocation; the prefill opens each once, and a process-wide count
-//! lets several connections share an opening (the driver maps a handle once per process).
+//! host. The decode exports one handle per allocation; the prefill opens each once per GPU that writes through
+//! it, and a process-wide count lets several connections share an opening (the driver maps a handle once per
+//! process and device; a mapping made in one GPU's context is not one that another GPU's kernels can use).
 
 use super::{check, Gpu};
 use crate::error::{Error, Result};
@@ -45,16 +46,21 @@ pub struct Allocation {
 pub fn export(addr: u64) -> Result<Allocation> {
     let (base, size) = super::allocation_range(addr)?;
     let mut handle = std::mem::MaybeUninit::<cu::CUipcMemHandle>::zeroed();
-    // SAFETY: `handle` is a 64-byte handle the driver fills; `base` is an allocation's start.
-    check(unsafe { cu::cuIpcGetMemHandle(handle.as_mut_ptr(), base) }, "exporting a CUDA IPC handle")?;
+    super::in_context_of(base, || {
+        // SAFETY: `handle` is a 64-byte handle the driver fills; `base` is an allocation's start, and its
+        // context is current.
+        check(unsafe { cu::cuIpcGetMemHandle(handle.as_mut_ptr(), base) }, "exporting a CUDA IPC handle")
+    })?;
     // SAFETY: zero-initialised and then written by the driver; any bit pattern is a valid byte array.
     let raw = unsafe { handle.assume_init() }.reserved;
     Ok(Allocation { base, size, handle: IpcHandle(raw.map(|c| c as u8)) })
 }
 
-/// Handles this process has open: handle → (address, users).
-fn opened() -> &'static Mutex<HashMap<IpcHandle, (u64, usize)>> {
-    static OPENED: OnceLock<Mutex<HashMap<IpcHandle, (u64, usize)>>> = OnceLock::new();
+/// Handles this process has open: (handle, GPU it is mapped on) → (address, users).
+type Opened = HashMap<(IpcHandle, u32), (u64, usize)>;
+
+fn opened() -> &'static Mutex<Opened> {
+    static OPENED: OnceLock<Mutex<Opened>> = OnceLock::new();
     OPENED.get_or_init(Default::default)
 }
 
@@ -70,7 +76,7 @@ impl IpcMapping {
     /// Maps `handle` on `gpu` (with peer access enabled lazily when the allocation lives on another GPU).
     pub fn open(gpu: &Arc<Gpu>, handle: IpcHandle) -> Result<IpcMapping> {
         let mut map = opened().lock().unwrap();
-        if let Some((addr, users)) = map.get_mut(&handle) {
+        if let Some((addr, users)) = map.get_mut(&(handle, gpu.ordinal())) {
             *users += 1;
             return Ok(IpcMapping { gpu: gpu.clone(), handle, addr: *addr });
         }
@@ -82,7 +88,7 @@ impl IpcMapping {
             cu::cuIpcOpenMemHandle_v2(&mut addr, raw, cu::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32)
         };
         check(rc, "opening the decode's CUDA IPC handle")?;
-        map.insert(handle, (addr, 1));
+        map.insert((handle, gpu.ordinal()), (addr, 1));
         Ok(IpcMapping { gpu: gpu.clone(), handle, addr })
     }
 
@@ -95,11 +101,12 @@ impl IpcMapping {
 impl Drop for IpcMapping {
     fn drop(&mut self) {
         let mut map = opened().lock().unwrap();
-        let Some((addr, users)) = map.get_mut(&self.handle) else { return };
+        let key = (self.handle, self.gpu.ordinal());
+        let Some((addr, users)) = map.get_mut(&key) else { return };
         *users -= 1;
         if *users == 0 {
             let addr = *addr;
-            map.remove(&self.handle);
+            map.remove(&key);
             if self.gpu.bind().is_ok() {
                 // SAFETY: `addr` came from cuIpcOpenMemHandle and no user of it is left.
                 unsafe { cu::cuIpcCloseMemHandle(addr) };

@@ -70,10 +70,32 @@ pub fn memory_kind(addr: u64) -> MemoryKind {
 
 /// The device allocation holding `addr`: its first address and size.
 pub fn allocation_range(addr: u64) -> Result<(u64, u64)> {
-    let (mut base, mut size) = (0u64, 0usize);
-    // SAFETY: the driver writes a device pointer and a size into the two locals; unknown addresses fail.
-    check(unsafe { cu::cuMemGetAddressRange_v2(&mut base, &mut size, addr) }, "finding the allocation of a device address")?;
-    Ok((base, size as u64))
+    in_context_of(addr, || {
+        let (mut base, mut size) = (0u64, 0usize);
+        // SAFETY: the driver writes a device pointer and a size into the two locals; unknown addresses fail.
+        check(unsafe { cu::cuMemGetAddressRange_v2(&mut base, &mut size, addr) }, "finding the allocation of a device address")?;
+        Ok((base, size as u64))
+    })
+}
+
+/// Runs `f` with the CUDA context that owns device address `addr` current on this thread. Calls that look an
+/// allocation up (its range, an IPC handle, a dma-buf) only find it from its own context: a process that
+/// drives several GPUs usually has another one current.
+pub(crate) fn in_context_of<T>(addr: u64, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let mut context: cu::CUcontext = std::ptr::null_mut();
+    // SAFETY: the driver is initialised (the caller found `addr` to be device memory); the context attribute
+    // is a CUcontext-sized value.
+    let rc = unsafe {
+        cu::cuPointerGetAttribute(&mut context as *mut cu::CUcontext as *mut _, cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT, addr)
+    };
+    check(rc, "finding the CUDA context of a device address")?;
+    // SAFETY: the context is live (it owns a live allocation); it is popped again before returning.
+    check(unsafe { cu::cuCtxPushCurrent_v2(context) }, "entering the CUDA context of a device address")?;
+    let result = f();
+    let mut popped = std::ptr::null_mut();
+    // SAFETY: pops exactly the context pushed above.
+    unsafe { cu::cuCtxPopCurrent_v2(&mut popped) };
+    result
 }
 
 /// Device memory exported as a dma-buf: the fd covers `[start, start + len)`, page-aligned around the range
@@ -95,32 +117,19 @@ pub fn export_dmabuf(addr: u64, len: u64) -> Result<DmaBuf> {
     const PAGE: u64 = 4096;
     let start = addr & !(PAGE - 1);
     let end = addr.checked_add(len).and_then(|e| e.checked_next_multiple_of(PAGE)).ok_or_else(|| Error::invalid("range overflows"))?;
-    let mut context: cu::CUcontext = std::ptr::null_mut();
-    // SAFETY: the driver is initialised; the context attribute is a CUcontext-sized value.
-    let rc = unsafe {
-        cu::cuPointerGetAttribute(
-            &mut context as *mut cu::CUcontext as *mut _,
-            cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_CONTEXT,
-            addr,
-        )
-    };
-    check(rc, "finding the CUDA context of the cache")?;
     let mut fd: i32 = -1;
-    // SAFETY: the memory's own context is made current around the export and popped after it; the handle
-    // is an int-sized fd.
-    let rc = unsafe {
-        check(cu::cuCtxPushCurrent_v2(context), "entering the cache's CUDA context")?;
-        let rc = cu::cuMemGetHandleForAddressRange(
-            &mut fd as *mut i32 as *mut _,
-            start,
-            (end - start) as usize,
-            cu::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
-            0,
-        );
-        let mut popped = std::ptr::null_mut();
-        cu::cuCtxPopCurrent_v2(&mut popped);
-        rc
-    };
+    let rc = in_context_of(addr, || {
+        // SAFETY: the memory's own context is current; the handle is an int-sized fd.
+        Ok(unsafe {
+            cu::cuMemGetHandleForAddressRange(
+                &mut fd as *mut i32 as *mut _,
+                start,
+                (end - start) as usize,
+                cu::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+                0,
+            )
+        })
+    })?;
     check(rc, "exporting the cache as a dma-buf")?;
     // SAFETY: the driver returned a fresh fd that nothing else owns.
     Ok(DmaBuf { fd: unsafe { OwnedFd::from_raw_fd(fd) }, offset: addr - start })

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The GPU suite: CUDA IPC, device memory over TCP and the copy kernel, between two processes on one GPU,
+# then the GPU benchmark; where the machine has two GPUs or more, the transfer tests and the benchmark again
+# with the decode process on GPU 1 (cross-GPU, peer copies). GPU machines often have CUDA but no Rust, so it runs in two halves:
+#
+#   bash .ci/gpu-tests.sh build   # here (Rust): builds the test and bench binaries into .carry/gpu/
+#   bash .ci/gpu-tests.sh run     # on the GPU machine, in a copy of this tree that has .carry/gpu/
+#   bash .ci/gpu-tests.sh run gpu_transfer gpu_copy   # only those parts (unit gpu_memory gpu_transfer
+#                                                     # shm_transfer gpu_copy)
+#   bash .ci/gpu-tests.sh         # both, on a GPU machine that has Rust
+#
+# `run` writes the logs and the benchmark table to $OUT (default: .carry/gpu/results) and exits non-zero
+# when a test fails or no GPU is found.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=.carry/gpu
+
+build() {
+  rm -rf "$dir" && mkdir -p "$dir"
+  cargo test --release -j2 -p kvtransfer --no-run --message-format=json 2>/dev/null \
+    | python3 -c '
+import json, sys
+wanted = {"kvtransfer": "unit", "gpu_transfer": "gpu_transfer", "gpu_memory": "gpu_memory", "shm_transfer": "shm_transfer"}
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in wanted:
+        print(m["executable"], wanted[m["target"]["name"]])' \
+    | while read -r exe name; do cp "$exe" "$dir/$name"; done
+  cargo bench -j2 -p kvtransfer --bench gpu_copy --no-run 2>/dev/null
+  cp "$(ls -t target/release/deps/gpu_copy-* | grep -v '\.d$' | head -1)" "$dir/gpu_copy"
+  ls -la "$dir"
+}
+
+run() {
+  local out="${OUT:-$dir/results}"
+  mkdir -p "$out"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt" \
+    || { echo "no GPU here (nvidia-smi failed)"; exit 1; }
+  local gpus failed=0
+  export KVTRANSFER_REQUIRE_GPU=1   # a GPU test that cannot reach the GPU fails rather than skips
+  export KVCACHE_DEBUG=1            # the logs say which transport each side chose, and where a failure began
+  gpus=$(nvidia-smi -L | grep -c '^GPU ')
+  if [ "$gpus" -gt 1 ]; then nvidia-smi topo -m >>"$out/gpu.txt"; fi
+  # bounded SECONDS LOG CMD...: runs CMD, appending its output to LOG; if it outlives SECONDS, the stacks of
+  # its processes go into LOG (a hang is a failure to explain, not just to kill) and it is killed.
+  bounded() {
+    local limit=$1 log=$2; shift 2
+    "$@" >>"$log" 2>&1 &
+    local pid=$! waited=0
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$limit" ]; do sleep 1; waited=$((waited + 1)); done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "HUNG after ${limit}s: $*" | tee -a "$log"
+      for p in $pid $(pgrep -P "$pid") $(pgrep -f "$dir/" | grep -v "^$pid\$"); do
+        echo "--- process $p: $(tr '\0' ' ' </proc/$p/cmdline 2>/dev/null)" >>"$log"
+        for t in /proc/$p/task/*; do echo "task ${t##*/} $(cat $t/comm 2>/dev/null) wchan=$(cat $t/wchan 2>/dev/null)" >>"$log"; done
+        command -v cuda-gdb >/dev/null && timeout 60 cuda-gdb -p "$p" -batch -ex 'thread apply all bt 12' >>"$log" 2>&1
+      done
+      pkill -9 -f "$dir/" 2>/dev/null; kill -9 "$pid" 2>/dev/null
+      wait "$pid" 2>/dev/null
+      return 1
+    fi
+    wait "$pid"
+  }
+  # suite LOG BINARY: each test on its own (the GPU tests start decode processes of their own), bounded.
+  suite() {
+    echo "== $1" | tee -a "$out/$1.log"
+    local t
+    for t in $("$dir/$2" --list 2>/dev/null | sed -n 's/: test$//p'); do
+      [ "$t" = decode_child ] && continue
+      if bounded 45 "$out/$1.log" "$dir/$2" --exact "$t" --test-threads=1 && grep -q 'test result: ok. 1 passed' <(tail -3 "$out/$1.log"); then
+        echo "ok      $t"
+      else
+        echo "FAILED  $t"; failed=1
+      fi
+    done
+  }
+  local parts=("$@")
+  [ ${#parts[@]} -gt 0 ] || parts=(unit gpu_memory gpu_transfer shm_transfer gpu_copy)
+  for part in "${parts[@]}"; do
+    case "$part" in
+      gpu_copy)
+        echo "== gpu_copy"
+        bounded 150 "$out/gpu_copy.md" "$dir/gpu_copy" || failed=1; cat "$out/gpu_copy.md"
+        grep -q '^| 256 KiB' "$out/gpu_copy.md" || failed=1
+        if [ "$gpus" -gt 1 ]; then
+          echo "== gpu_copy, decode on GPU 1"
+          KVTRANSFER_BENCH_DECODE_GPU=1 bounded 150 "$out/gpu_copy_to_gpu1.md" "$dir/gpu_copy" || failed=1
+          cat "$out/gpu_copy_to_gpu1.md"
+          grep -q '^| 256 KiB' "$out/gpu_copy_to_gpu1.md" || failed=1
+        fi ;;
+      gpu_transfer)
+        suite gpu_transfer gpu_transfer
+        if [ "$gpus" -gt 1 ]; then KVTRANSFER_TEST_DECODE_GPU=1 suite gpu_transfer_to_gpu1 gpu_transfer; fi ;;
+      *) suite "$part" "$part" ;;
+    esac
+  done
+  [ "$failed" = 0 ] && echo "GPU suite passed" || { echo "GPU suite FAILED"; exit 1; }
+}
+
+case "${1:-all}" in
+  build) build ;;
+  run) shift; run "$@" ;;
+  all) build && run ;;
+  *) echo "usage: $0 [build|run]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,410 @@
+//! Caches in GPU memory, between two processes: this test binary is the prefill, and it starts itself again
+//! as the decode (`decode_child`). Every byte of the decode cache is checked: blocks written hold the
+//! prefill's bytes, all others their own. Runs where a CUDA GPU is present (`bash .ci/gpu-tests.sh` on a
+//! device machine); elsewhere each test prints SKIPPED.
+//!
+//! The prefill cache lives on GPU 0 and the decode cache on GPU `KVTRANSFER_TEST_DECODE_GPU` (default 0), so
+//! the same tests cover one GPU and two GPUs of one host (peer copies over NVLink or PCIe).
+
+use cudarc::driver::sys as cu;
+use kvtransfer::cuda::{self, Gpu};
+use kvtransfer::memory::CacheSpec;
+use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+const CHILD: &str = "KVTRANSFER_TEST_DECODE_CHILD";
+const DECODE_GPU: &str = "KVTRANSFER_TEST_DECODE_GPU";
+
+/// The GPU the decode cache lives on.
+fn decode_gpu() -> u32 {
+    std::env::var(DECODE_GPU).map(|v| v.parse().expect("KVTRANSFER_TEST_DECODE_GPU is a GPU ordinal")).unwrap_or(0)
+}
+
+fn gpu() -> bool {
+    if cuda::driver_version().is_some() && Gpu::get(0).is_ok() {
+        let decode = decode_gpu();
+        assert!(Gpu::get(decode).is_ok(), "{DECODE_GPU}={decode}, but there is no GPU {decode}");
+        return true;
+    }
+    // The GPU suite sets this, so that a GPU the driver cannot reach fails instead of skipping.
+    assert!(std::env::var_os("KVTRANSFER_REQUIRE_GPU").is_none(), "KVTRANSFER_REQUIRE_GPU is set, but GPU 0 cannot be used");
+    eprintln!("SKIPPED: no CUDA GPU here (run `bash .ci/gpu-tests.sh` on a GPU machine)");
+    false
+}
+
+/// The byte at `index` of `tensor`/`layer` of a cache filled with `seed`.
+fn pattern(seed: u32, tensor: usize, layer: usize, index: usize) -> u8 {
+    (index as u32).wrapping_mul(31).wrapping_add((tensor * 7 + layer * 13) as u32 + seed * 101) as u8
+}
+
+/// A cache of `tensors` × `layers` in one allocation per tensor (as engines lay it out), on a GPU or in host
+/// memory, filled with `pattern(seed)`.
+struct TestCache {
+    /// The GPU holding it, or `None` for host memory.
+    gpu: Option<u32>,
+    tensors: usize,
+    layers: usize,
+    blocks: u32,
+    block_bytes: u64,
+    bases: Vec<u64>,
+    _host: Vec<kvtransfer::memory::HostAllocation>,
+}
+
+impl TestCache {
+    fn new(gpu: Option<u32>, tensors: usize, layers: usize, blocks: u32, block_bytes: u64, seed: u32) -> TestCache {
+        let layer_bytes = blocks as u64 * block_bytes;
+        let total = layer_bytes * layers as u64;
+        let mut bases = Vec::new();
+        let mut host = Vec::new();
+        for t in 0..tensors {
+            let image: Vec<u8> = (0..layers)
+                .flat_map(|l| (0..layer_bytes as usize).map(move |i| pattern(seed, t, l, i)))
+                .collect();
+            if let Some(ordinal) = gpu {
+                Gpu::get(ordinal).unwrap().bind().unwrap();
+                let mut ptr = 0u64;
+                // SAFETY: allocates `total` bytes of device memory and fills it from `image`, which is as long.
+                unsafe {
+                    assert_eq!(cu::cuMemAlloc_v2(&mut ptr, total as usize), cu::CUresult::CUDA_SUCCESS);
+                    assert_eq!(cu::cuMemcpyHtoD_v2(ptr, image.as_ptr() as *const _, image.len()), cu::CUresult::CUDA_SUCCESS);
+                }
+                bases.push(ptr);
+            } else {
+                let mut a = kvtransfer::memory::HostAllocation::new(total as usize).unwrap();
+                a.as_mut_slice().copy_from_slice(&image);
+                bases.push(a.addr());
+                host.push(a);
+            }
+        }
+        TestCache { gpu, tensors, layers, blocks, block_bytes, bases, _host: host }
+    }
+
+    fn spec(&self) -> CacheSpec {
+        let ptrs = |t: usize| match t < self.tensors {
+            true => (0..self.layers).map(|l| self.bases[t] + l as u64 * self.blocks as u64 * self.block_bytes).collect(),
+            false => Vec::new(),
+        };
+        CacheSpec { key: ptrs(0), value: ptrs(1), block_number: self.blocks, block_bytes: self.block_bytes, ..CacheSpec::default() }
+    }
+
+    /// The whole of tensor `t` (all layers), read back.
+    fn read(&self, t: usize) -> Vec<u8> {
+        let total = self.blocks as usize * self.block_bytes as usize * self.layers;
+        let mut out = vec![0u8; total];
+        if let Some(ordinal) = self.gpu {
+            Gpu::get(ordinal).unwrap().bind().unwrap();
+            // SAFETY: copies `total` bytes, the allocation's size, into `out`, which is as long.
+            let rc = unsafe { cu::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut _, self.bases[t], total) };
+            assert_eq!(rc, cu::CUresult::CUDA_SUCCESS);
+        } else {
+            // SAFETY: the host allocation is `total` bytes long and alive.
+            out.copy_from_slice(unsafe { std::slice::from_raw_parts(self.bases[t] as *const u8, total) });
+        }
+        out
+    }
+}
+
+/// Bytes `[offset, offset + len)` of decode block `block` (tensor, layer) should hold the first `len` bytes of
+/// block `src_block` of a source cache filled with `src_seed` whose blocks are `src_block_bytes` long.
+#[derive(Debug, Clone, Copy)]
+struct Expect {
+    tensor: usize,
+    layer: usize,
+    block: u32,
+    offset: u64,
+    len: u64,
+    src_seed: u32,
+    src_block: u32,
+    src_block_bytes: u64,
+}
+
+fn config(transport: TransportChoice) -> Config {
+    Config { transport, timeout: Duration::from_secs(20), ..Config::default() }
+}
+
+/// The decode side, in its own process: builds its cache, listens, and checks what it was told to expect.
+#[test]
+fn decode_child() {
+    let Ok(args) = std::env::var(CHILD) else { return };
+    let a: Vec<&str> = args.split(',').collect();
+    let transport = match a[0] {
+        "tcp" => TransportChoice::Tcp,
+        "cuda-ipc" => TransportChoice::CudaIpc,
+        _ => TransportChoice::Auto,
+    };
+    let (on_gpu, tensors, layers, blocks, block_bytes, seed) =
+        (a[1] == "gpu", a[2].parse().unwrap(), a[3].parse().unwrap(), a[4].parse().unwrap(), a[5].parse().unwrap(), a[6].parse().unwrap());
+    let gpu = on_gpu.then(decode_gpu);
+    let cache = TestCache::new(gpu, tensors, layers, blocks, block_bytes, seed);
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: gpu.unwrap_or(0), port: 0, cache: cache.spec(), tp_size: 1, tp_idx: 0 };
+    let decode = Communicator::new(spec, config(transport)).unwrap();
+    println!("PORT {}", decode.port());
+    std::io::stdout().flush().unwrap();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let Some(list) = line.strip_prefix("CHECK ") else { break };
+        let expects: Vec<Expect> = list
+            .split(';')
+            .filter(|s| !s.is_empty())
+            .map(|e| {
+                let v: Vec<u64> = e.split(':').map(|x| x.parse().unwrap()).collect();
+                Expect {
+                    tensor: v[0] as usize,
+                    layer: v[1] as usize,
+                    block: v[2] as u32,
+                    offset: v[3],
+                    len: v[4],
+                    src_seed: v[5] as u32,
+                    src_block: v[6] as u32,
+                    src_block_bytes: v[7],
+                }
+            })
+            .collect();
+        println!("{}", verify(&cache, seed, &expects));
+        std::io::stdout().flush().unwrap();
+    }
+}
+
+/// Compares every byte of `cache` with its own pattern overlaid with `expects`.
+fn verify(cache: &TestCache, seed: u32, expects: &[Expect]) -> String {
+    let layer_bytes = cache.blocks as usize * cache.block_bytes as usize;
+    for t in 0..cache.tensors {
+        let mut want: Vec<u8> = (0..cache.layers).flat_map(|l| (0..layer_bytes).map(move |i| pattern(seed, t, l, i))).collect();
+        for e in expects.iter().filter(|e| e.tensor == t) {
+            let at = e.layer * layer_bytes + (e.block as u64 * cache.block_bytes + e.offset) as usize;
+            for k in 0..e.len as usize {
+                want[at + k] = pattern(e.src_seed, t, e.layer, e.src_block as usize * e.src_block_bytes as usize + k);
+            }
+        }
+        let got = cache.read(t);
+        if let Some(i) = (0..want.len()).find(|&i| got[i] != want[i]) {
+            return format!("MISMATCH tensor {t} layer {} block {} byte {}", i / layer_bytes, (i % layer_bytes) / cache.block_bytes as usize, i % cache.block_bytes as usize);
+        }
+    }
+    "OK".into()
+}
+
+/// A decode process and the pipes to it.
+struct DecodeProcess {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    port: u16,
+}
+
+impl DecodeProcess {
+    fn start(transport: &str, on_gpu: bool, tensors: usize, layers: usize, blocks: u32, block_bytes: u64, seed: u32) -> DecodeProcess {
+        let args = format!("{transport},{},{tensors},{layers},{blocks},{block_bytes},{seed}", if on_gpu { "gpu" } else { "host" });
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["decode_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let port = loop {
+            let mut line = String::new();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "the decode process ended before listening");
+            // libtest may have written "test decode_child ... " on the same line first.
+            if let Some(p) = line.trim().rsplit_once("PORT ") {
+                break p.1.parse().unwrap();
+            }
+        };
+        DecodeProcess { child, stdin, stdout, port }
+    }
+
+    fn check(&mut self, expects: &[Expect]) -> String {
+        let list: Vec<String> = expects
+            .iter()
+            .map(|e| format!("{}:{}:{}:{}:{}:{}:{}:{}", e.tensor, e.layer, e.block, e.offset, e.len, e.src_seed, e.src_block, e.src_block_bytes))
+            .collect();
+        writeln!(self.stdin, "CHECK {}", list.join(";")).unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(self.stdout.read_line(&mut line).unwrap() > 0, "the decode process died");
+            let line = line.trim();
+            if line.ends_with("OK") || line.contains("MISMATCH") {
+                return line.rsplit_once("MISMATCH").map_or("OK".to_string(), |(_, m)| format!("MISMATCH{m}"));
+            }
+        }
+    }
+}
+
+impl Drop for DecodeProcess {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "QUIT");
+        let _ = self.child.wait();
+    }
+}
+
+fn prefill(cache: &TestCache, tp_size: u32, tp_idx: u32, transport: TransportChoice) -> Communicator {
+    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: cache.gpu.unwrap_or(0), port: 0, cache: cache.spec(), tp_size, tp_idx };
+    Communicator::new(spec, config(transport)).unwrap()
+}
+
+/// Pseudo-random distinct ids in `0..n`.
+fn scattered(count: usize, n: u32, seed: u64) -> Vec<u32> {
+    let mut ids: Vec<u32> = (0..n).collect();
+    let mut x = seed | 1;
+    for i in (1..ids.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ids.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    ids.truncate(count);
+    ids
+}
+
+/// Writes `layers` layers of 1538 scattered blocks from a prefill cache to a decode process, then checks
+/// every byte there.
+fn all_layers_scattered(transport: &str, choice: TransportChoice, decode_on_gpu: bool, tensors: usize, block_bytes: u64, want_link: &str) {
+    let (layers, blocks) = (3, 2048u32);
+    let mut d = DecodeProcess::start(transport, decode_on_gpu, tensors, layers, blocks, block_bytes, 2);
+    let src = TestCache::new(Some(0), tensors, layers, blocks, block_bytes, 1);
+    let p = prefill(&src, 1, 0, choice);
+    p.connect("127.0.0.1", d.port, 1).unwrap();
+    assert_eq!(p.connected_transport("127.0.0.1", d.port), Some(want_link));
+    let local = scattered(1538, blocks, 3);
+    let remote = scattered(1538, blocks, 4);
+    let mut expects = Vec::new();
+    for layer in 0..layers {
+        p.write_cache("127.0.0.1", d.port, &local, &remote, layer as u32).unwrap();
+        for t in 0..tensors {
+            for (l, r) in local.iter().zip(&remote) {
+                expects.push(Expect { tensor: t, layer, block: *r, offset: 0, len: block_bytes, src_seed: 1, src_block: *l, src_block_bytes: block_bytes });
+            }
+        }
+    }
+    // A contiguous run too.
+    p.write_cache("127.0.0.1", d.port, &[0, 1, 2, 3], &[remote[0], remote[1], remote[2], remote[3]], 0).unwrap();
+    for t in 0..tensors {
+        for k in 0..4 {
+            expects.retain(|e| !(e.tensor == t && e.layer == 0 && e.block == remote[k]));
+            expects.push(Expect { tensor: t, layer: 0, block: remote[k], offset: 0, len: block_bytes, src_seed: 1, src_block: k as u32, src_block_bytes: block_bytes });
+        }
+    }
+    assert_eq!(d.check(&expects), "OK");
+}
+
+#[test]
+fn cuda_ipc_all_layers_scattered_keys_and_values() {
+    if gpu() {
+        all_layers_scattered("cuda-ipc", TransportChoice::CudaIpc, true, 2, 1024, "cuda-ipc");
+        all_layers_scattered("cuda-ipc", TransportChoice::CudaIpc, true, 2, 64 << 10, "cuda-ipc");
+    }
+}
+
+#[test]
+fn cuda_ipc_unaligned_blocks_and_key_only() {
+    if gpu() {
+        // 1000-byte blocks take the kernel's byte path; one tensor is key-only (MLA).
+        all_layers_scattered("cuda-ipc", TransportChoice::CudaIpc, true, 1, 1000, "cuda-ipc");
+    }
+}
+
+#[test]
+fn auto_picks_cuda_ipc_for_gpu_caches_on_one_host() {
+    if gpu() {
+        all_layers_scattered("auto", TransportChoice::Auto, true, 2, 4096, "cuda-ipc");
+    }
+}
+
+#[test]
+fn device_memory_over_tcp_both_sides_and_one_side() {
+    if gpu() {
+        all_layers_scattered("tcp", TransportChoice::Tcp, true, 2, 16 << 10, "tcp");
+        // Large enough for many staging chunks, with a host-memory decode.
+        all_layers_scattered("tcp", TransportChoice::Tcp, false, 2, 4096, "tcp");
+    }
+}
+
+/// Two prefill ranks (tp 2) fill the halves of each decode block (dstTpSize 1). Rank 1 lives on the decode's
+/// GPU, rank 0 on GPU 0: with two GPUs, one rank writes across them and the other within one.
+fn hetero_tp(transport: &str, choice: TransportChoice, want_link: &str) {
+    let (layers, blocks, decode_bytes) = (2, 256u32, 2048u64);
+    let mut d = DecodeProcess::start(transport, true, 2, layers, blocks, decode_bytes, 5);
+    let ranks: Vec<TestCache> =
+        (0..2).map(|r| TestCache::new(Some(if r == 0 { 0 } else { decode_gpu() }), 2, layers, blocks, decode_bytes / 2, 10 + r)).collect();
+    let local = scattered(100, blocks, 7);
+    let remote = scattered(100, blocks, 8);
+    let mut expects = Vec::new();
+    for (rank, src) in ranks.iter().enumerate() {
+        let p = prefill(src, 2, rank as u32, choice);
+        p.connect("127.0.0.1", d.port, 1).unwrap();
+        assert_eq!(p.connected_transport("127.0.0.1", d.port), Some(want_link));
+        for layer in 0..layers {
+            p.write_cache("127.0.0.1", d.port, &local, &remote, layer as u32).unwrap();
+            for t in 0..2 {
+                for (l, r) in local.iter().zip(&remote) {
+                    expects.push(Expect {
+                        tensor: t,
+                        layer,
+                        block: *r,
+                        offset: rank as u64 * decode_bytes / 2,
+                        len: decode_bytes / 2,
+                        src_seed: 10 + rank as u32,
+                        src_block: *l,
+                        src_block_bytes: decode_bytes / 2,
+                    });
+                }
+            }
+        }
+    }
+    assert_eq!(d.check(&expects), "OK");
+}
+
+#[test]
+fn cuda_ipc_hetero_tp() {
+    if gpu() {
+        hetero_tp("cuda-ipc", TransportChoice::CudaIpc, "cuda-ipc");
+    }
+}
+
+#[test]
+fn device_memory_over_tcp_hetero_tp() {
+    if gpu() {
+        hetero_tp("tcp", TransportChoice::Tcp, "tcp");
+    }
+}
+
+#[test]
+fn refusals_on_the_gpu_touch_nothing() {
+    if !gpu() {
+        return;
+    }
+    let mut d = DecodeProcess::start("cuda-ipc", true, 2, 2, 64, 1024, 2);
+    let src = TestCache::new(Some(0), 2, 2, 64, 1024, 1);
+    let p = prefill(&src, 1, 0, TransportChoice::CudaIpc);
+    p.connect("127.0.0.1", d.port, 1).unwrap();
+    for (local, remote, layer) in [(vec![64u32], vec![0u32], 0u32), (vec![0], vec![64], 0), (vec![0], vec![1], 2), (vec![0, 1], vec![1], 0)] {
+        let e = p.write_cache("127.0.0.1", d.port, &local, &remote, layer).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidArgument, "{e}");
+    }
+    assert_eq!(d.check(&[]), "OK");
+    // A host-memory decode cannot take cuda-ipc; a GPU cache cannot take shm.
+    let host = TestCache::new(None, 2, 2, 64, 1024, 1);
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: host.spec(), tp_size: 1, tp_idx: 0 };
+    let e = Communicator::new(spec, config(TransportChoice::CudaIpc)).err().unwrap();
+    assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
+    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: src.spec(), tp_size: 1, tp_idx: 0 };
+    let e = Communicator::new(spec, config(TransportChoice::Shm)).err().unwrap();
+    assert!(e.message().contains("GPU memory"), "{e}");
+}
+
+#[test]
+fn a_cache_past_its_allocation_is_refused() {
+    if !gpu() {
+        return;
+    }
+    let c = TestCache::new(Some(0), 1, 1, 16, 1024, 1);
+    let mut spec = c.spec();
+    spec.block_number = 4096;
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: spec, tp_size: 1, tp_idx: 0 };
+    let e = Communicator::new(spec, config(TransportChoice::Tcp)).err().unwrap();
+    assert!(e.message().contains("past the end of its GPU allocation"), "{e}");
+}
