@@ -16,7 +16,33 @@
  *
  * @packageDocumentation
  */
-import * as native from './binding.js'
+import type * as Native from './binding.js'
+
+/** The platforms kvtransfer ships a native binary for. */
+const SHIPPED_PLATFORMS = ['linux-x64-gnu', 'linux-arm64-gnu']
+
+/** The native addon of this platform, or an error that names the platform and the package it needs. */
+const native: typeof Native = loadNative()
+
+function loadNative(): typeof Native {
+  try {
+    return require('./binding.js')
+  } catch (err) {
+    const target = platform()
+    const why = SHIPPED_PLATFORMS.includes(target)
+      ? `its package kvtransfer-${target} is not installed or cannot load (reinstall kvtransfer with optional dependencies enabled)`
+      : `kvtransfer ships binaries for ${SHIPPED_PLATFORMS.join(' and ')} only (build it from source with \`npm run build\`)`
+    throw new Error(`kvtransfer: no native binary for this platform, ${target}: ${why}`, { cause: err })
+  }
+}
+
+/** This machine's platform as the per-platform packages name it: `linux-x64-gnu`, `linux-arm64-musl`, ... */
+export function platform(): string {
+  const base = `${process.platform}-${process.arch}`
+  if (process.platform !== 'linux') return base
+  const report = process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined
+  return `${base}-${report?.header?.glibcVersionRuntime ? 'gnu' : 'musl'}`
+}
 
 /** Which side of the transfer a communicator is. */
 export type Role = 'prefill' | 'decode'
@@ -217,7 +243,7 @@ export class RDMACommunicator {
   readonly port: number
   /** The last failure of the synchronous API (which reports failures as `false` / `-1`). */
   lastError: KVTransferError | undefined
-  readonly #native: native.NativeCommunicator
+  readonly #native: Native.NativeCommunicator
 
   /**
    * @param role `'prefill'` or `'decode'`.
@@ -411,7 +437,36 @@ export class RDMACommunicator {
 }
 
 /** One RDMA device of this machine, with its ports and their non-empty GID table entries. */
-export type RdmaDevice = native.RdmaDevice
+export interface RdmaDevice {
+  /** The device name: `mlx5_0`, `rxe0`, ... (what `KVCACHE_RDMA_NICS` lists). */
+  name: string
+  /** Its ports (empty when the device cannot be opened). */
+  ports: RdmaPort[]
+}
+
+/** One port of an {@link RdmaDevice}. */
+export interface RdmaPort {
+  /** The port number, from 1. */
+  port: number
+  /** `ACTIVE`, `DOWN`, `INIT`, ... Only an `ACTIVE` port carries traffic. */
+  state: string
+  /** `Ethernet` (RoCE: addressed by GID) or `InfiniBand` (addressed by LID). */
+  linkLayer: string
+  /** The active MTU in bytes. */
+  mtu: number
+  /** The port's LID (InfiniBand). */
+  lid: number
+  /** The non-empty GID table entries: what `KVCACHE_RDMA_GID_INDEX` picks from. */
+  gids: RdmaGid[]
+}
+
+/** One entry of a port's GID table. */
+export interface RdmaGid {
+  /** Its index (`KVCACHE_RDMA_GID_INDEX`). */
+  index: number
+  /** The GID, as eight colon-separated groups of four hex digits. */
+  gid: string
+}
 
 /**
  * Lists the RDMA devices this machine has: ports with state, link layer (`Ethernet` for RoCE,
@@ -477,4 +532,111 @@ export class HostBuffer {
     this.#freed = true
     call(() => native.hostFree(this.buffer))
   }
+}
+
+/** One GPU the CUDA driver sees. */
+export interface GpuInfo {
+  /** Its CUDA ordinal (as this process numbers GPUs, after `CUDA_VISIBLE_DEVICES`). */
+  ordinal: number
+  /** The product name: `NVIDIA H100 80GB HBM3`, ... */
+  name: string
+  /** Its memory in bytes. */
+  memoryBytes: number
+  /** `major.minor`: `9.0` for Hopper. */
+  computeCapability: string
+}
+
+/** One `KVCACHE_*` variable as {@link systemInfo} found it. */
+export interface SettingInfo {
+  /** The variable's name. */
+  env: string
+  /** Its value, or `null` when unset. */
+  value: string | null
+  /** The `CONFIG` error a communicator would raise for the value, or `null` when it is fine. */
+  error: string | null
+}
+
+/** One transport as {@link systemInfo} judged it. */
+export interface TransportInfo {
+  /** The transport. */
+  name: Transport
+  /** Whether a communicator could use it on this machine. */
+  usable: boolean
+  /** What it would use (a NIC, an interface), or why it cannot be used. */
+  detail: string
+}
+
+/** What {@link systemInfo} reports: what this machine offers kvtransfer, and what is in the way. */
+export interface SystemInfo {
+  /** The package's version. */
+  version: string
+  /** The native library's version (the same as `version` unless the install is mixed up). */
+  nativeVersion: string
+  /** The platform, as {@link platform} names it. */
+  platform: string
+  /** The path of the native binary loaded for it, or `null` when it cannot be located. */
+  binary: string | null
+  /** The Node.js version. */
+  node: string
+  /** Every `KVCACHE_*` variable, with bad values flagged. */
+  settings: SettingInfo[]
+  /** Every transport: whether it can be used here, and what it would use or why not. */
+  transports: TransportInfo[]
+  /** The RDMA devices. */
+  rdma: RdmaInfo
+  /** The CUDA driver and its GPUs. */
+  gpus: GpusInfo
+}
+
+/** The RDMA devices as {@link systemInfo} found them. */
+export interface RdmaInfo {
+  /** The devices, with ports and GIDs. */
+  devices: RdmaDevice[]
+  /** Why they cannot be listed (e.g. libibverbs is not installed), or `null`. */
+  error: string | null
+}
+
+/** The CUDA driver and GPUs as {@link systemInfo} found them. */
+export interface GpusInfo {
+  /** The CUDA version the driver supports (`12.8`), or `null` without a driver. */
+  driver: string | null
+  /** The GPUs it sees. */
+  devices: GpuInfo[]
+  /** Why there are none, or `null`. */
+  error: string | null
+}
+
+/**
+ * Reports what this machine offers: platform and binary, versions, each transport and why it cannot be used,
+ * the RDMA devices with ports and GIDs, the GPUs and driver, and the `KVCACHE_*` variables in force with
+ * bad values flagged. `npx kvtransfer info` prints it.
+ */
+export function systemInfo(): SystemInfo {
+  const report = JSON.parse(call(() => native.systemReport())) as Omit<SystemInfo, 'platform' | 'binary' | 'node' | 'nativeVersion'> & {
+    version: string
+  }
+  return {
+    version: (require('./package.json') as { version: string }).version,
+    nativeVersion: report.version,
+    platform: platform(),
+    binary: nativeBinary(),
+    node: process.version,
+    settings: report.settings,
+    transports: report.transports,
+    rdma: report.rdma,
+    gpus: report.gpus,
+  }
+}
+
+/** The path of the native binary this process loaded: beside this file (a source build) or its package. */
+function nativeBinary(): string | null {
+  const target = platform()
+  for (const id of [`./kvtransfer.${target}.node`, `kvtransfer-${target}`]) {
+    try {
+      return require.resolve(id)
+    } catch {
+      // not this one
+    }
+  }
+  return null
 }

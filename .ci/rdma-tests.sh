@@ -20,7 +20,6 @@ bin=$(cargo test --release -p kvtransfer --test rdma_transfer --no-run --message
 bin=${bin#"$PWD/"}
 
 rdma_env=(KVCACHE_TRANSPORT=rdma KVCACHE_RDMA_NICS=rxe0 KVCACHE_RDMA_GID_INDEX=1)
-verbs=$(ls /usr/lib/*-linux-gnu/libibverbs.so.1 2>/dev/null | head -1)
 
 echo "== RDMA, one host (rxe0) =="
 env KVTRANSFER_TEST_RDMA_NIC=rxe0 KVTRANSFER_TEST_RDMA_GID_INDEX=1 "$vm" -- bash -c "
@@ -33,7 +32,9 @@ env KVTRANSFER_TEST_RDMA_NIC=rxe0 KVTRANSFER_TEST_RDMA_GID_INDEX=1 "$vm" -- bash
   echo '-- demo over RDMA'
   env ${rdma_env[*]} node examples/demo.mjs
   echo '-- without libibverbs'
-  unshare -m sh -c 'mount --bind /dev/null $verbs && node __test__/helpers/without-verbs.mjs'
+  # (libibverbs is found here, not before: the VM script installs rdma-core on a machine's first run)
+  verbs=\$(ls /usr/lib/*-linux-gnu/libibverbs.so.1 | head -1)
+  unshare -m sh -c \"mount --bind /dev/null \$verbs && node __test__/helpers/without-verbs.mjs\"
 "
 
 echo "== RDMA, two hosts (a: decode, b: prefill) =="

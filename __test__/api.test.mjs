@@ -19,6 +19,41 @@ test('the package loads through import and require alike', (t) => {
   }
 })
 
+test('without a binary for this platform, loading says which platform and which package', async (t) => {
+  const { mkdtempSync, copyFileSync, writeFileSync } = await import('node:fs')
+  const { join } = await import('node:path')
+  const { tmpdir } = await import('node:os')
+  // The wrapper and the napi loader, with no binary beside them and no per-platform package to find.
+  const dir = mkdtempSync(join(tmpdir(), 'kvt-nobinary-'))
+  for (const f of ['index.js', 'binding.js']) copyFileSync(new URL(`../${f}`, import.meta.url), join(dir, f))
+  writeFileSync(join(dir, 'package.json'), JSON.stringify({ name: 'kvtransfer-copy', version: '0.1.0' }))
+  const err = t.throws(() => require(join(dir, 'index.js')))
+  const target = esm.platform()
+  t.regex(target, /^linux-(x64|arm64)-(gnu|musl)$/)
+  t.true(err.message.includes(`no native binary for this platform, ${target}`), err.message)
+  t.true(err.message.includes(`kvtransfer-${target}`), err.message)
+  t.truthy(err.cause, 'the loader\'s own errors are kept as the cause')
+})
+
+test.serial('systemInfo reports versions, platform, binary, transports and flags bad settings', (t) => {
+  const info = esm.systemInfo()
+  t.is(info.version, require('kvtransfer/package.json').version)
+  t.is(info.nativeVersion, info.version)
+  t.is(info.platform, esm.platform())
+  t.regex(info.binary, /kvtransfer[.-]linux-/)
+  t.deepEqual(info.transports.map((x) => x.name), ['tcp', 'rdma', 'shm', 'cuda-ipc'])
+  t.true(info.transports[0].usable)
+  t.is(info.settings.length, 10)
+  process.env.KVCACHE_RDMA_GID_INDEX = 'three'
+  try {
+    const bad = esm.systemInfo().settings.find((s) => s.env === 'KVCACHE_RDMA_GID_INDEX')
+    t.is(bad.value, 'three')
+    t.regex(bad.error, /KVCACHE_RDMA_GID_INDEX="three"/)
+  } finally {
+    delete process.env.KVCACHE_RDMA_GID_INDEX
+  }
+})
+
 test('HostBuffer: aligned memory, one view, freed safely', (t) => {
   const hb = HostBuffer.alloc(10000)
   t.is(typeof hb.ptr, 'bigint')

@@ -1,5 +1,6 @@
 // Run where libibverbs.so.1 cannot be loaded (`.ci/rdma-tests.sh` hides it with a bind mount): the addon
-// must load, RDMA must be a clear UNAVAILABLE error, and auto must fall back to TCP that moves real bytes.
+// must load, RDMA must be a clear UNAVAILABLE error, and auto must still move real bytes: over shm within this
+// host, over TCP to a peer that has only TCP.
 import assert from 'node:assert/strict'
 import { RDMACommunicator, HostBuffer, rdmaDevices } from 'kvtransfer'
 
@@ -12,12 +13,20 @@ assert.throws(
   (e) => e.code === 'UNAVAILABLE',
 )
 const decode = new RDMACommunicator('decode', 0, 0, [dst.ptr], [], blocks, bytes, 1, 0, { transport: 'auto' })
-const prefill = new RDMACommunicator('prefill', 0, 0, [src.ptr], [], blocks, bytes, 1, 0, { transport: 'auto' })
-assert.equal(decode.transport, 'tcp')
-await prefill.connectAsync('127.0.0.1', decode.port)
-await prefill.writeCacheAsync('127.0.0.1', decode.port, [1, 2], [6, 3], 0)
-assert.deepEqual(dst.buffer.subarray(6 * bytes, 7 * bytes), src.buffer.subarray(bytes, 2 * bytes))
-assert.deepEqual(dst.buffer.subarray(3 * bytes, 4 * bytes), src.buffer.subarray(2 * bytes, 3 * bytes))
-prefill.close()
+assert.equal(decode.transport, 'shm')
+assert.equal(decode.rdmaDevice, null)
+for (const [options, via, local, remote] of [
+  [{ transport: 'auto' }, 'shm', [1, 2], [6, 3]],
+  [{ transport: 'tcp' }, 'tcp', [4, 5], [0, 7]],
+]) {
+  const prefill = new RDMACommunicator('prefill', 0, 0, [src.ptr], [], blocks, bytes, 1, 0, options)
+  await prefill.connectAsync('127.0.0.1', decode.port)
+  assert.equal(prefill.connectedTransport('127.0.0.1', decode.port), via)
+  await prefill.writeCacheAsync('127.0.0.1', decode.port, local, remote, 0)
+  local.forEach((l, i) =>
+    assert.deepEqual(dst.buffer.subarray(remote[i] * bytes, (remote[i] + 1) * bytes), src.buffer.subarray(l * bytes, (l + 1) * bytes)),
+  )
+  prefill.close()
+}
 decode.close()
-console.log('without libibverbs: the addon loads, rdma is UNAVAILABLE, auto moved the blocks over tcp')
+console.log('without libibverbs: the addon loads, rdma is UNAVAILABLE, auto moved blocks over shm and tcp')

@@ -14,6 +14,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/ids.rs"]
+mod ids;
+use ids::scattered;
+
 const BATCH: u32 = 1538;
 const SIZES: [u64; 5] = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10];
 const CHILD: &str = "KVTRANSFER_BENCH_DECODE_BLOCK_BYTES";
@@ -68,17 +72,6 @@ fn decode_gpu() -> u32 {
     std::env::var(DECODE_GPU).map(|v| v.parse().expect("a GPU ordinal")).unwrap_or(0)
 }
 
-fn scattered(n: u32, seed: u64) -> Vec<u32> {
-    let mut ids: Vec<u32> = (0..n).collect();
-    let mut x = seed | 1;
-    for i in (1..ids.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ids.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-    ids
-}
 
 /// Mean seconds per call of `f`, after a warm-up, over at least 0.5 s and 20 calls.
 fn time(mut f: impl FnMut()) -> f64 {

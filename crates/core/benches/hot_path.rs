@@ -15,21 +15,13 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
+#[path = "../tests/common/ids.rs"]
+mod ids;
+use ids::scattered;
+
 const BATCH: u32 = 1538;
 const SIZES: [u64; 5] = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10];
 
-/// A fixed pseudo-random permutation of `0..n`: scattered ids, the hard case.
-fn scattered(n: u32, seed: u64) -> Vec<u32> {
-    let mut ids: Vec<u32> = (0..n).collect();
-    let mut x = seed | 1;
-    for i in (1..ids.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ids.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-    ids
-}
 
 fn plan(c: &mut Criterion) {
     let local = scattered(BATCH, 1);

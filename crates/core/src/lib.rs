@@ -18,8 +18,12 @@ pub mod log;
 pub mod memory;
 mod net;
 pub mod plan;
+pub mod system;
 pub mod transport;
 
 pub use communicator::{Communicator, CommunicatorSpec, Role, TransportKind};
 pub use config::{Config, Setting, TransportChoice};
 pub use error::{Error, ErrorCode, Result};
+
+/// This library's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

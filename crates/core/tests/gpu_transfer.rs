@@ -14,6 +14,16 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
+#[path = "common/ids.rs"]
+mod ids;
+
+/// `count` distinct pseudo-random ids in `0..n`.
+fn scattered(count: usize, n: u32, seed: u64) -> Vec<u32> {
+    let mut ids = ids::scattered(n, seed);
+    ids.truncate(count);
+    ids
+}
+
 const CHILD: &str = "KVTRANSFER_TEST_DECODE_CHILD";
 const DECODE_GPU: &str = "KVTRANSFER_TEST_DECODE_GPU";
 
@@ -246,19 +256,6 @@ fn prefill(cache: &TestCache, tp_size: u32, tp_idx: u32, transport: TransportCho
     Communicator::new(spec, config(transport)).unwrap()
 }
 
-/// Pseudo-random distinct ids in `0..n`.
-fn scattered(count: usize, n: u32, seed: u64) -> Vec<u32> {
-    let mut ids: Vec<u32> = (0..n).collect();
-    let mut x = seed | 1;
-    for i in (1..ids.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ids.swap(i, (x % (i as u64 + 1)) as usize);
-    }
-    ids.truncate(count);
-    ids
-}
 
 /// Writes `layers` layers of 1538 scattered blocks from a prefill cache to a decode process, then checks
 /// every byte there.

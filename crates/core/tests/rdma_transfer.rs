@@ -150,10 +150,12 @@ fn nic_is_chosen_by_gpu_index_and_bad_devices_are_named() {
     let err = Communicator::new(spec(0), listed.clone()).err().unwrap();
     assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
     assert!(err.message().contains("\"no-such-nic\"") && err.message().contains("KVCACHE_TRANSPORT=rdma"), "{err}");
-    // auto falls back to TCP when the NIC is unusable, and takes RDMA when it is.
+    // auto leaves RDMA out when the NIC is unusable, and opens it when it is (same-host peers still prefer shm).
     let auto = Config { transport: TransportChoice::Auto, ..listed };
-    assert_eq!(Communicator::new(spec(0), auto.clone()).unwrap().transport(), TransportKind::Tcp);
-    assert_eq!(Communicator::new(spec(1), auto).unwrap().transport(), TransportKind::Rdma);
+    let without = Communicator::new(spec(0), auto.clone()).unwrap();
+    assert_eq!((without.transport(), without.rdma_device()), (TransportKind::Shm, None));
+    let with = Communicator::new(spec(1), auto).unwrap();
+    assert_eq!((with.transport(), with.rdma_device()), (TransportKind::Shm, Some(nic.as_str())));
     // A GID index past the table is a configuration error naming the variable.
     let err = Communicator::new(spec(0), Config { gid_index: 250, ..rdma_config(&nic) }).err().unwrap();
     assert_eq!(err.code(), ErrorCode::Config, "{err}");
@@ -161,19 +163,26 @@ fn nic_is_chosen_by_gpu_index_and_bad_devices_are_named() {
 }
 
 #[test]
-fn auto_on_both_sides_negotiates_rdma_and_tcp_only_peers_still_connect() {
-    let Some(nic) = nic("auto_on_both_sides_negotiates_rdma_and_tcp_only_peers_still_connect") else { return };
+fn auto_decode_serves_shm_rdma_and_tcp_peers_each_their_way() {
+    let Some(nic) = nic("auto_decode_serves_shm_rdma_and_tcp_peers_each_their_way") else { return };
     let src = Cache::new(2, 1, 8, 256, 8);
     let dst = Cache::new(2, 1, 8, 256, 9);
     let auto = Config { transport: TransportChoice::Auto, ..rdma_config(&nic) };
     let d = decode(dst.spec(), auto.clone());
-    assert_eq!(d.transport(), TransportKind::Rdma);
+    assert_eq!((d.transport(), d.rdma_device()), (TransportKind::Shm, Some(nic.as_str())));
     let p = prefill(src.spec(), 1, 0, auto);
     p.connect("127.0.0.1", d.port(), 1).unwrap();
+    assert_eq!(p.connected_transport("127.0.0.1", d.port()), Some("shm"), "one host: shared memory first");
     p.write_cache("127.0.0.1", d.port(), &[1], &[2], 0).unwrap();
     assert_eq!(dst.block(0, 0, 2), src.block(0, 0, 1));
+    let r = prefill(src.spec(), 1, 0, rdma_config(&nic));
+    r.connect("127.0.0.1", d.port(), 1).unwrap();
+    assert_eq!(r.connected_transport("127.0.0.1", d.port()), Some("rdma"));
+    r.write_cache("127.0.0.1", d.port(), &[5], &[6], 0).unwrap();
+    assert_eq!(dst.block(1, 0, 6), src.block(1, 0, 5));
     let tcp = prefill(src.spec(), 1, 0, Config { transport: TransportChoice::Tcp, ..Config::default() });
     tcp.connect("127.0.0.1", d.port(), 1).unwrap();
+    assert_eq!(tcp.connected_transport("127.0.0.1", d.port()), Some("tcp"));
     tcp.write_cache("127.0.0.1", d.port(), &[3], &[4], 0).unwrap();
     assert_eq!(dst.block(1, 0, 4), src.block(1, 0, 3));
 }

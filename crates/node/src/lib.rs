@@ -298,3 +298,16 @@ pub fn rdma_devices() -> Result<Vec<RdmaDevice>> {
         })
         .collect())
 }
+
+/// What this machine offers kvtransfer (`kvtransfer info`), as JSON: the settings in force with bad values
+/// flagged, each transport and why it cannot be used, the RDMA devices and the GPUs.
+#[napi]
+pub fn system_report() -> String {
+    kvtransfer::system::SystemReport::gather().to_json()
+}
+
+/// The version of the native library.
+#[napi]
+pub fn native_version() -> &'static str {
+    kvtransfer::VERSION
+}

@@ -40,6 +40,46 @@ pub fn driver_version() -> Option<i32> {
     })
 }
 
+/// One GPU, as `kvtransfer info` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuInfo {
+    pub ordinal: u32,
+    pub name: String,
+    pub memory_bytes: u64,
+    /// `major.minor`, e.g. `9.0` for Hopper.
+    pub compute_capability: String,
+}
+
+/// The GPUs the driver sees (none without a driver).
+pub fn devices() -> Result<Vec<GpuInfo>> {
+    if driver_version().is_none() {
+        return Ok(Vec::new());
+    }
+    let mut count = 0;
+    // SAFETY: the driver is initialised; it writes the count.
+    check(unsafe { cu::cuDeviceGetCount(&mut count) }, "counting GPUs")?;
+    (0..count.max(0))
+        .map(|ordinal| {
+            let (mut dev, mut bytes, mut major, mut minor) = (0, 0usize, 0, 0);
+            let mut name = [0 as std::ffi::c_char; 256];
+            // SAFETY: `ordinal` is below the count; each call writes into a local of the documented type, the
+            // name into a buffer whose length is passed.
+            unsafe {
+                check(cu::cuDeviceGet(&mut dev, ordinal), "opening a GPU")?;
+                check(cu::cuDeviceGetName(name.as_mut_ptr(), name.len() as i32, dev), "reading a GPU's name")?;
+                check(cu::cuDeviceTotalMem_v2(&mut bytes, dev), "reading a GPU's memory size")?;
+                use cu::CUdevice_attribute::*;
+                check(cu::cuDeviceGetAttribute(&mut major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "reading a GPU's compute capability")?;
+                check(cu::cuDeviceGetAttribute(&mut minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "reading a GPU's compute capability")?;
+            }
+            // SAFETY: the driver wrote a NUL-terminated name into the buffer (zeroed, so terminated anyway).
+            let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+            Ok(GpuInfo { ordinal: ordinal as u32, name, memory_bytes: bytes as u64, compute_capability: format!("{major}.{minor}") })
+        })
+        .collect()
+}
+
 /// Asks the driver whether `addr` is device memory.
 pub fn memory_kind(addr: u64) -> MemoryKind {
     if driver_version().is_none() {

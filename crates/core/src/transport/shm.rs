@@ -65,29 +65,36 @@ impl Drop for ShmTarget {
     }
 }
 
-fn allow_writers() -> Result<()> {
-    let scope = match std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope") {
-        Ok(s) => s.trim().parse::<u32>().unwrap_or(0),
-        Err(_) => return Ok(()),
-    };
-    match scope {
-        0 => Ok(()),
-        1 => {
-            // SAFETY: PR_SET_PTRACER takes two integer arguments and touches no memory of ours.
-            let rc = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
-            match rc {
-                0 => Ok(()),
-                _ => Err(Error::new(
-                    ErrorCode::Unavailable,
-                    format!("shm: cannot allow same-host writers (prctl PR_SET_PTRACER): {}", std::io::Error::last_os_error()),
-                )),
-            }
-        }
+/// Yama's `ptrace_scope` (0 where Yama is absent).
+fn ptrace_scope() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Whether processes of this host can write into each other's caches (`kvtransfer info` asks; nothing is
+/// changed).
+pub fn availability() -> Result<()> {
+    match ptrace_scope() {
+        0 | 1 => Ok(()),
         n => Err(Error::new(
             ErrorCode::Unavailable,
             format!("shm: kernel.yama.ptrace_scope is {n}, which forbids process_vm_writev between processes"),
         )),
     }
+}
+
+fn allow_writers() -> Result<()> {
+    availability()?;
+    if ptrace_scope() == 1 {
+        // SAFETY: PR_SET_PTRACER takes two integer arguments and touches no memory of ours.
+        let rc = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
+        if rc != 0 {
+            return Err(Error::new(
+                ErrorCode::Unavailable,
+                format!("shm: cannot allow same-host writers (prctl PR_SET_PTRACER): {}", std::io::Error::last_os_error()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A prefill's connection to one decode peer on the same host.

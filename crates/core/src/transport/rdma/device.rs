@@ -26,6 +26,7 @@ pub struct DeviceInfo {
 
 /// One port of a device.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PortInfo {
     pub port: u8,
     /// `ACTIVE`, `DOWN`, `INIT`, ...

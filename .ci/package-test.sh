@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Proves the packages install: packs `kvtransfer` and this platform's `kvtransfer-<platform>` the way they are
+# published (the main package names every per-platform package as an optional dependency, as
+# `napi pre-publish` does), installs the two tarballs into an empty directory outside the repository, then
+# type-checks and runs the examples there against the installed declarations (strict), runs
+# `npx kvtransfer info`, and packages the Rust crate (`cargo package`, no publish).
+# Needs the addon built (`npm run build`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+version=$(node -p 'require("./package.json").version')
+target=$(node -p 'require("./index.js").platform()')
+[ -f "kvtransfer.$target.node" ] || { echo "no kvtransfer.$target.node: run npm run build first" >&2; exit 1; }
+[ -d "npm/$target" ] || { echo "kvtransfer does not ship $target (npm/ has $(ls npm | tr '\n' ' '))" >&2; exit 1; }
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo "== packing into $work"
+# The per-platform package: this machine's binary, stripped of debug info.
+cp -r "npm/$target" "$work/platform"
+cp "kvtransfer.$target.node" "$work/platform/"
+(cd "$work/platform" && npm pack --silent --pack-destination "$work" >/dev/null)
+# The main package as published: its files, optional dependencies on every platform package, no dev scripts.
+mkdir "$work/main"
+node -e '
+  const fs = require("fs"), path = require("path")
+  const [repo, out] = process.argv.slice(1)
+  const pkg = JSON.parse(fs.readFileSync(path.join(repo, "package.json"), "utf8"))
+  for (const f of [...pkg.files, "README.md", "package.json"]) fs.copyFileSync(path.join(repo, f), path.join(out, f))
+  pkg.optionalDependencies = {}
+  for (const dir of fs.readdirSync(path.join(repo, "npm"))) {
+    const p = JSON.parse(fs.readFileSync(path.join(repo, "npm", dir, "package.json"), "utf8"))
+    if (p.version !== pkg.version) throw new Error(`${p.name} is at ${p.version}, kvtransfer at ${pkg.version}`)
+    pkg.optionalDependencies[p.name] = p.version
+  }
+  delete pkg.devDependencies
+  delete pkg.scripts
+  fs.writeFileSync(path.join(out, "package.json"), JSON.stringify(pkg, null, 2) + "\n")
+' "$repo" "$work/main"
+(cd "$work/main" && npm pack --silent --pack-destination "$work" >/dev/null)
+ls -la "$work"/*.tgz
+tar -tzf "$work/kvtransfer-$version.tgz" | sort
+tar -tzf "$work/kvtransfer-$target-$version.tgz" | sort
+
+echo "== installing into an empty directory"
+app="$work/app"
+mkdir "$app" && cd "$app"
+npm init -y >/dev/null
+# Other platforms' packages are optional: npm skips them (unpublished ones with a warning).
+npm install --no-audit --no-fund --loglevel=error "$work/kvtransfer-$version.tgz" "$work/kvtransfer-$target-$version.tgz"
+# The compiler and Node's types, at the versions the repository builds with.
+npm install --no-audit --no-fund --loglevel=error \
+  "typescript@$(node -p "require('$repo/node_modules/typescript/package.json').version")" \
+  "@types/node@$(node -p "require('$repo/node_modules/@types/node/package.json').version")"
+[ ! -e node_modules/kvtransfer/kvtransfer.$target.node ] || { echo "the main package must not carry a binary" >&2; exit 1; }
+ls node_modules | grep kvtransfer
+
+echo "== type-checking the examples against the installed package (strict)"
+mkdir examples
+cp "$repo"/examples/{engine.ts,api-tour.ts,tsconfig.json} examples/
+npx tsc -p examples --noEmit
+npx tsc -p examples
+
+echo "== running them"
+node examples/dist/api-tour.js
+node examples/dist/engine.js
+npx kvtransfer info
+KVCACHE_IB_TIMEOUT=99 npx kvtransfer info --json >info.json && { echo "a bad KVCACHE_IB_TIMEOUT must fail info" >&2; exit 1; }
+node -e 'const i = require("./info.json"); const s = i.settings.find((s) => s.env === "KVCACHE_IB_TIMEOUT"); if (!/KVCACHE_IB_TIMEOUT/.test(s.error)) process.exit(1)'
+
+echo "== cargo package (the core crate, no publish)"
+cd "$repo"
+cargo package -p kvtransfer --locked --no-verify --allow-dirty >/dev/null
+tar -tzf "target/package/kvtransfer-$version.crate" | grep -E 'Cargo.toml$|src/lib.rs|copy_blocks.ptx|README.md'
+echo "packages install and work"

@@ -1,0 +1,105 @@
+// Every export of kvtransfer, used once, in one process (decode and prefill side by side). CI type-checks it
+// under `strict` against the installed package's declarations and runs it.
+//
+//   node examples/dist/api-tour.js      (once built: `tsc -p examples`)
+import {
+  HostBuffer,
+  KVTransferError,
+  RDMACommunicator,
+  platform,
+  rdmaDevices,
+  systemInfo,
+  type BlockIds,
+  type CommunicatorOptions,
+  type ErrorCode,
+  type GpuInfo,
+  type GpusInfo,
+  type Pointer,
+  type Port,
+  type RdmaDevice,
+  type RdmaGid,
+  type RdmaInfo,
+  type RdmaPort,
+  type Role,
+  type SettingInfo,
+  type SystemInfo,
+  type Transport,
+  type TransportInfo,
+  type TransportName,
+} from 'kvtransfer'
+
+function check(ok: boolean, what: string): void {
+  if (!ok) throw new Error(`api tour: ${what}`)
+}
+
+async function main(): Promise<void> {
+  const info: SystemInfo = systemInfo()
+  check(info.platform === platform(), 'systemInfo names this platform')
+  const transports: TransportInfo[] = info.transports
+  const usable: Transport[] = transports.filter((t) => t.usable).map((t) => t.name)
+  check(usable.includes('tcp'), 'tcp is usable everywhere')
+  const bad: SettingInfo[] = info.settings.filter((s) => s.error !== null)
+  check(bad.length === 0, `no bad KVCACHE_* values (${bad.map((s) => s.error).join('; ')})`)
+  const gpuInfo: GpusInfo = info.gpus
+  const gpus: GpuInfo[] = gpuInfo.devices
+  const rdma: RdmaInfo = info.rdma
+  let devices: RdmaDevice[] = []
+  try {
+    devices = rdmaDevices()
+  } catch (err) {
+    check(err instanceof KVTransferError && err.code === 'UNAVAILABLE', 'no libibverbs is UNAVAILABLE')
+    check(rdma.error !== null, 'systemInfo says why there are no RDMA devices')
+  }
+  const gids: RdmaGid[] = devices.flatMap((d) => d.ports.flatMap((p: RdmaPort) => p.gids))
+  console.log(`[tour] ${info.platform}: transports ${usable.join(', ')}; ${devices.length} RDMA device(s) (${gids.length} GIDs), ${gpus.length} GPU(s)`)
+
+  const layers = 2
+  const blocks = 16
+  const blockBytes = 512
+  const alloc = (): HostBuffer[] => Array.from({ length: layers }, () => HostBuffer.alloc(blocks * blockBytes))
+  const [srcKeys, srcValues, dstKeys, dstValues] = [alloc(), alloc(), alloc(), alloc()]
+  srcKeys.forEach((b, l) => b.buffer.fill(0x10 + l))
+  srcValues.forEach((b, l) => b.buffer.fill(0x20 + l))
+
+  const transport: TransportName = 'tcp'
+  const options: CommunicatorOptions = { transport, timeoutMs: 5000 }
+  const ptrs = (bufs: HostBuffer[]): Pointer[] => bufs.map((b) => b.ptr)
+  const decodeRole: Role = 'decode'
+  await using decode = new RDMACommunicator(decodeRole, 0, 0, ptrs(dstKeys), ptrs(dstValues), blocks, blockBytes, 1, 0, options)
+  const prefill = new RDMACommunicator('prefill', 0, 0, ptrs(srcKeys), ptrs(srcValues), blocks, blockBytes, 1, 0, options)
+  const port: Port = String(decode.port)
+
+  // The API users port from: booleans and 0 / -1.
+  check(prefill.connect('127.0.0.1', port), 'connect')
+  check(prefill.isConnected('127.0.0.1', port), 'isConnected')
+  check(prefill.connectedTransport('127.0.0.1', port) === 'tcp', 'connectedTransport')
+  const local: BlockIds = [1, 2, 3]
+  check(prefill.writeCache('127.0.0.1', port, local, [7, 8, 9], 0) === 0, 'writeCache')
+  check(prefill.writeCache('127.0.0.1', port, [99], [0], 0) === -1, 'a bad id is -1')
+  check(prefill.lastError?.code === 'INVALID_ARGUMENT', 'lastError says why')
+
+  // The Promise API.
+  await prefill.connectAsync('127.0.0.1', port)
+  await prefill.writeCacheAsync('127.0.0.1', port, new Uint32Array([4, 5]), [10, 11], 1)
+  const code: ErrorCode | undefined = await prefill.writeCacheAsync('127.0.0.1', port, [0], [0], 9).then(
+    () => undefined,
+    (err: unknown) => (err instanceof KVTransferError ? err.code : undefined),
+  )
+  check(code === 'INVALID_ARGUMENT', 'a bad layer rejects with INVALID_ARGUMENT')
+
+  const block = (bufs: HostBuffer[], layer: number, id: number): Buffer =>
+    bufs[layer].buffer.subarray(id * blockBytes, (id + 1) * blockBytes)
+  check(block(dstKeys, 0, 8).every((b) => b === 0x10), 'keys of layer 0 landed')
+  check(block(dstValues, 1, 11).every((b) => b === 0x21), 'values of layer 1 landed')
+  check(block(dstKeys, 0, 0).every((b) => b === 0), 'untouched blocks stay untouched')
+  console.log(`[tour] decode on port ${decode.port} (${decode.role}, prefers ${decode.transport}); every check passed`)
+  // Unregister memory before giving it back: close first, then free.
+  prefill.close()
+  for (const b of [...srcKeys, ...srcValues]) b.free()
+  check(srcKeys[0].freed && srcKeys[0].buffer.length === 0, 'freed memory is out of reach')
+}
+
+main().catch((err: unknown) => {
+  console.error(err)
+  process.exitCode = 1
+})
