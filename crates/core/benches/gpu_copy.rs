@@ -7,7 +7,7 @@
 //!     cargo bench -p kvtransfer --bench gpu_copy        (or: bash .ci/gpu-tests.sh on a GPU machine)
 
 use cudarc::driver::sys as cu;
-use kvtransfer::cuda::{self, CopyStream, Gpu};
+use kvtransfer::cuda::{self, BlockCopy, CopyStream, Gpu, PinnedBuffer, TensorCopy};
 use kvtransfer::memory::CacheSpec;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice};
 use std::io::{BufRead, BufReader, Write};
@@ -118,6 +118,7 @@ fn main() {
     println!("CUDA IPC, {gpus}, {BATCH} scattered blocks per call, keys and values (GB/s = 1e9 B/s)");
     println!("| block | kvtransfer cuda-ipc | one large copy (ceiling) | copy per block | ours / ceiling | µs per call |");
     println!("|---|---|---|---|---|---|");
+    let mut breakdown = Vec::new();
     for size in SIZES {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .env(CHILD, size.to_string())
@@ -155,6 +156,17 @@ fn main() {
             }
             stream.synchronize().unwrap();
         });
+        let split = where_the_time_goes(&src, &dst, &local, &remote, size, &stream);
+        breakdown.push(format!(
+            "| {} KiB | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            size >> 10,
+            ours * 1e6,
+            split[0] * 1e6,
+            split[1] * 1e6,
+            split[2] * 1e6,
+            split[3] * 1e6,
+            ceiling * 1e6
+        ));
         let gbs = |t: f64| total as f64 / t / 1e9;
         println!(
             "| {} KiB | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} |",
@@ -169,4 +181,66 @@ fn main() {
         drop(child.stdin.take());
         let _ = child.wait();
     }
+    println!();
+    println!("Where one call's time goes (µs): the whole writeCache; the same kernel launched and waited for directly");
+    println!("(no planning or locking), with the ids read from mapped host memory (as writeCache does) or from device");
+    println!("memory; the kernel alone between two events, both ways; the ceiling's call.");
+    println!("| block | writeCache | launch + sync, host ids | launch + sync, device ids | kernel, host ids | kernel, device ids | ceiling |");
+    println!("|---|---|---|---|---|---|---|");
+    for row in breakdown {
+        println!("{row}");
+    }
+}
+
+/// Seconds per call of the copy kernel moving `local` → `remote` of both tensors from `src` to `dst`, launched
+/// directly: [launch + sync with ids in mapped host memory, the same with ids in device memory, kernel time
+/// by events with host ids, the same with device ids].
+fn where_the_time_goes(src: &CacheSpec, dst: &CacheSpec, local: &[u32], remote: &[u32], size: u64, stream: &CopyStream) -> [f64; 4] {
+    let gpu = Gpu::get(0).unwrap();
+    let n = local.len();
+    let mut host_ids = PinnedBuffer::new(&gpu, 8 * n).unwrap();
+    let ids = host_ids.as_mut_u32();
+    ids[..n].copy_from_slice(local);
+    ids[n..2 * n].copy_from_slice(remote);
+    let device_ids = device_alloc(0, 8 * n as u64);
+    gpu.bind().unwrap();
+    // SAFETY: copies the 8n bytes of id lists into the device buffer of that size.
+    ok(unsafe { cu::cuMemcpyHtoD_v2(device_ids, host_ids.addr() as *const _, 8 * n) });
+    let tensor = |s: u64, d: u64| TensorCopy { src: s, src_stride: size, src_offset: 0, dst: d, dst_stride: size, dst_offset: 0, bytes: size };
+    let copy = |ids: u64| BlockCopy {
+        tensor: [tensor(src.key[0], dst.key[0]), tensor(src.value[0], dst.value[0]), TensorCopy::default(), TensorCopy::default()],
+        src_ids: ids,
+        dst_ids: ids + 4 * n as u64,
+        blocks: n as u32,
+        begin: 0,
+        end: 2 * n as u32,
+    };
+    let (host, device) = (copy(host_ids.addr()), copy(device_ids));
+    // SAFETY (all launches): the ids are in range for both caches, which are allocated for BATCH blocks of `size`.
+    let launch = |c: &BlockCopy| time(|| unsafe {
+        stream.launch(c).unwrap();
+        stream.synchronize().unwrap();
+    });
+    let kernel = |c: &BlockCopy| {
+        let (mut start, mut end) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let mut total = 0f32;
+        // SAFETY: two timing events on the current context, recorded around each launch, destroyed after.
+        unsafe {
+            ok(cu::cuEventCreate(&mut start, 0));
+            ok(cu::cuEventCreate(&mut end, 0));
+            for _ in 0..50 {
+                ok(cu::cuEventRecord(start, stream.raw()));
+                stream.launch(c).unwrap();
+                ok(cu::cuEventRecord(end, stream.raw()));
+                ok(cu::cuEventSynchronize(end));
+                let mut ms = 0f32;
+                ok(cu::cuEventElapsedTime(&mut ms, start, end));
+                total += ms;
+            }
+            cu::cuEventDestroy_v2(start);
+            cu::cuEventDestroy_v2(end);
+        }
+        total as f64 / 50.0 / 1e3
+    };
+    [launch(&host), launch(&device), kernel(&host), kernel(&device)]
 }
