@@ -77,7 +77,8 @@ pub struct BlockPlan {
     layer: u32,
     blocks: u32,
     runs: Vec<Run>,
-    seen: Vec<u64>,
+    /// One byte per remote block, all zero between calls: marks the ids of the call being checked.
+    seen: Vec<u8>,
 }
 
 impl BlockPlan {
@@ -109,18 +110,8 @@ impl BlockPlan {
         if layer >= layers {
             return Err(Error::invalid(format!("layer {layer} is outside [0, {layers})")));
         }
-        if let Some(i) = local.iter().position(|&b| b >= local_blocks) {
-            return Err(Error::invalid(format!(
-                "local block id {} (position {i}) is outside [0, {local_blocks})",
-                local[i]
-            )));
-        }
-        if let Some(i) = remote.iter().position(|&b| b >= remote_blocks) {
-            return Err(Error::invalid(format!(
-                "remote block id {} (position {i}) is outside [0, {remote_blocks})",
-                remote[i]
-            )));
-        }
+        check_range("local", local, local_blocks)?;
+        check_range("remote", remote, remote_blocks)?;
         self.check_distinct(remote, remote_blocks)?;
         self.layer = layer;
         self.blocks = local.len() as u32;
@@ -129,24 +120,32 @@ impl BlockPlan {
     }
 
     /// The remote ids must be distinct: two blocks written to one place in one call is a caller's bug
-    /// whose outcome no transport could define.
+    /// whose outcome no transport could define. Every id is already inside `[0, remote_blocks)`.
     fn check_distinct(&mut self, remote: &[u32], remote_blocks: u32) -> Result<()> {
-        let words = (remote_blocks as usize).div_ceil(64);
-        if self.seen.len() < words {
-            self.seen.resize(words, 0);
+        if self.seen.len() < remote_blocks as usize {
+            self.seen.resize(remote_blocks as usize, 0);
         }
-        let mut duplicate = None;
-        for (i, &b) in remote.iter().enumerate() {
-            let (w, bit) = ((b / 64) as usize, 1u64 << (b % 64));
-            if self.seen[w] & bit != 0 {
-                duplicate = Some((i, b));
-                break;
-            }
-            self.seen[w] |= bit;
-        }
+        // One byte per block rather than one bit: consecutive ids then touch different bytes, so no
+        // iteration waits for the previous one's store, and the loop has no branch but the bounds check.
+        let seen = &mut self.seen[..remote_blocks as usize];
+        let mut repeated = 0u8;
         for &b in remote {
-            self.seen[(b / 64) as usize] = 0;
+            let mark = &mut seen[b as usize];
+            repeated |= *mark;
+            *mark = 1;
         }
+        let duplicate = match repeated {
+            0 => None,
+            _ => {
+                remote.iter().for_each(|&b| seen[b as usize] = 0);
+                remote.iter().enumerate().find_map(|(i, &b)| {
+                    let first_time = seen[b as usize] == 0;
+                    seen[b as usize] = 1;
+                    (!first_time).then_some((i, b))
+                })
+            }
+        };
+        remote.iter().for_each(|&b| seen[b as usize] = 0);
         match duplicate {
             Some((i, b)) => Err(Error::invalid(format!("remote block id {b} (position {i}) is listed twice"))),
             None => Ok(()),
@@ -169,6 +168,16 @@ impl BlockPlan {
     pub fn is_empty(&self) -> bool {
         self.blocks == 0
     }
+}
+
+/// Refuses an id outside `[0, blocks)`, naming the first. The largest id is found first, by a loop without
+/// an early exit (which the compiler vectorises); only a bad call looks for the position.
+fn check_range(side: &str, ids: &[u32], blocks: u32) -> Result<()> {
+    if ids.iter().fold(0u32, |m, &b| m.max(b)) < blocks || ids.is_empty() {
+        return Ok(());
+    }
+    let i = ids.iter().position(|&b| b >= blocks).expect("the largest id is out of range");
+    Err(Error::invalid(format!("{side} block id {} (position {i}) is outside [0, {blocks})", ids[i])))
 }
 
 /// Appends the maximal runs of `local`/`remote` that are consecutive on both sides.
