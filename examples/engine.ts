@@ -7,7 +7,7 @@
 //   node examples/dist/engine.js      (once built: `tsc -p examples`)
 import { fork } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { HostBuffer, RDMACommunicator, type BlockIds } from 'kvtransfer'
+import { HostBuffer, RDMACommunicator, type BlockIds, type Role } from 'kvtransfer'
 
 const LAYERS = 6
 const BLOCKS = 256
@@ -32,6 +32,12 @@ class PagedCache {
     return tensor[layer].buffer.subarray(id * BLOCK_BYTES, (id + 1) * BLOCK_BYTES)
   }
 
+  /** This engine's communicator, with the cache registered (a decode one listens on a free port). */
+  communicator(role: Role): RDMACommunicator {
+    const ptrs = (tensor: HostBuffer[]) => tensor.map((b) => b.ptr)
+    return new RDMACommunicator(role, 0, 0, ptrs(this.keys), ptrs(this.values), BLOCKS, BLOCK_BYTES)
+  }
+
   digest(layer: number, ids: readonly number[]): string {
     const h = createHash('sha256')
     for (const t of [this.keys, this.values]) for (const id of ids) h.update(this.block(t, layer, id))
@@ -42,15 +48,7 @@ class PagedCache {
 /** The decode engine: owns the cache the prefill writes into, and waits for layers to arrive. */
 class DecodeEngine {
   readonly cache = new PagedCache()
-  readonly comm = new RDMACommunicator(
-    'decode',
-    0,
-    0,
-    this.cache.keys.map((b) => b.ptr),
-    this.cache.values.map((b) => b.ptr),
-    BLOCKS,
-    BLOCK_BYTES,
-  )
+  readonly comm = this.cache.communicator('decode')
   readonly #arrived = new Map<string, LayerReady>()
   readonly #waiting = new Map<string, (ready: LayerReady) => void>()
 
@@ -76,15 +74,7 @@ class DecodeEngine {
 /** The prefill engine: computes layers and hands each over as soon as it is done. */
 class PrefillEngine {
   readonly cache = new PagedCache()
-  readonly comm = new RDMACommunicator(
-    'prefill',
-    0,
-    0,
-    this.cache.keys.map((b) => b.ptr),
-    this.cache.values.map((b) => b.ptr),
-    BLOCKS,
-    BLOCK_BYTES,
-  )
+  readonly comm = this.cache.communicator('prefill')
 
   /** Stands in for the model: fills the request's blocks of one layer. */
   computeLayer(layer: number, blocks: readonly number[]): void {

@@ -72,7 +72,6 @@ fn decode_gpu() -> u32 {
     std::env::var(DECODE_GPU).map(|v| v.parse().expect("a GPU ordinal")).unwrap_or(0)
 }
 
-
 /// Mean seconds per call of `f`, after a warm-up, over at least 0.5 s and 20 calls.
 fn time(mut f: impl FnMut()) -> f64 {
     for _ in 0..10 {

@@ -22,7 +22,6 @@ use ids::scattered;
 const BATCH: u32 = 1538;
 const SIZES: [u64; 5] = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10];
 
-
 fn plan(c: &mut Criterion) {
     let local = scattered(BATCH, 1);
     let remote = scattered(BATCH, 2);

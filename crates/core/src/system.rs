@@ -10,6 +10,7 @@
 use crate::config::{Config, Setting};
 use crate::cuda;
 use crate::net;
+use crate::TransportKind;
 use crate::transport::rdma::{self, DeviceInfo};
 use crate::transport::shm;
 use serde::Serialize;
@@ -124,34 +125,34 @@ fn tcp(config: &Config) -> TransportReport {
             },
         ),
     };
-    TransportReport { name: "tcp", usable, detail }
+    TransportReport { name: TransportKind::Tcp.as_str(), usable, detail }
 }
 
 fn rdma(config: &Config) -> TransportReport {
     match rdma::device::Device::open(config.nic_for_gpu(0), config.gid_index) {
         Ok(device) => TransportReport {
-            name: "rdma",
+            name: TransportKind::Rdma.as_str(),
             usable: true,
             detail: format!("GPU 0 uses {} (GID index {}); see the devices below", device.name(), config.gid_index),
         },
-        Err(e) => TransportReport { name: "rdma", usable: false, detail: e.message().to_string() },
+        Err(e) => TransportReport { name: TransportKind::Rdma.as_str(), usable: false, detail: e.message().to_string() },
     }
 }
 
 fn shm() -> TransportReport {
     match shm::availability() {
-        Ok(()) => TransportReport { name: "shm", usable: true, detail: "host-memory caches, processes of one host".into() },
-        Err(e) => TransportReport { name: "shm", usable: false, detail: e.message().to_string() },
+        Ok(()) => TransportReport { name: TransportKind::Shm.as_str(), usable: true, detail: "host-memory caches, processes of one host".into() },
+        Err(e) => TransportReport { name: TransportKind::Shm.as_str(), usable: false, detail: e.message().to_string() },
     }
 }
 
 fn cuda_ipc(gpus: &GpuReport) -> TransportReport {
     let n = gpus.devices.len();
     match (&gpus.error, n) {
-        (Some(why), _) => TransportReport { name: "cuda-ipc", usable: false, detail: why.clone() },
-        (None, 0) => TransportReport { name: "cuda-ipc", usable: false, detail: "the CUDA driver sees no GPU".into() },
+        (Some(why), _) => TransportReport { name: TransportKind::CudaIpc.as_str(), usable: false, detail: why.clone() },
+        (None, 0) => TransportReport { name: TransportKind::CudaIpc.as_str(), usable: false, detail: "the CUDA driver sees no GPU".into() },
         (None, n) => TransportReport {
-            name: "cuda-ipc",
+            name: TransportKind::CudaIpc.as_str(),
             usable: true,
             detail: format!("GPU caches, processes of one host ({n} GPU{})", if n == 1 { "" } else { "s" }),
         },

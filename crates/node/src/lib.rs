@@ -305,9 +305,3 @@ pub fn rdma_devices() -> Result<Vec<RdmaDevice>> {
 pub fn system_report() -> String {
     kvtransfer::system::SystemReport::gather().to_json()
 }
-
-/// The version of the native library.
-#[napi]
-pub fn native_version() -> &'static str {
-    kvtransfer::VERSION
-}
