@@ -7,7 +7,9 @@
 //!     cargo bench -p kvtransfer --bench gpu_copy        (or: bash .ci/gpu-tests.sh on a GPU machine)
 
 use cudarc::driver::sys as cu;
+use kvtransfer::cuda::ipc::{IpcHandle, IpcMapping};
 use kvtransfer::cuda::{self, BlockCopy, CopyStream, Gpu, PinnedBuffer, TensorCopy};
+use kvtransfer::plan::{BlockPlan, PlanForm};
 use kvtransfer::memory::CacheSpec;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice};
 use std::io::{BufRead, BufReader, Write};
@@ -89,8 +91,9 @@ fn decode_child(block_bytes: u64) {
     let gpu = decode_gpu();
     let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: gpu, port: 0, cache: cache(gpu, block_bytes), tp_size: 1, tp_idx: 0 };
     let config = Config { transport: TransportChoice::CudaIpc, ..Config::default() };
+    let handles = [spec.cache.key[0], spec.cache.value[0]].map(|addr| cuda::ipc::export(addr).unwrap().handle.to_hex());
     let decode = Communicator::new(spec, config).unwrap();
-    println!("PORT {}", decode.port());
+    println!("PORT {} {} {}", decode.port(), handles[0], handles[1]);
     std::io::stdout().flush().unwrap();
     let _ = std::io::stdin().lock().lines().next();
 }
@@ -128,7 +131,10 @@ fn main() {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         out.read_line(&mut line).unwrap();
-        let port: u16 = line.trim().strip_prefix("PORT ").expect("the decode process listens").parse().unwrap();
+        let words: Vec<&str> = line.trim().strip_prefix("PORT ").expect("the decode process listens").split(' ').collect();
+        let port: u16 = words[0].parse().unwrap();
+        let mapped: Vec<IpcMapping> =
+            words[1..].iter().map(|h| IpcMapping::open(&Gpu::get(0).unwrap(), IpcHandle::from_hex(h).unwrap()).unwrap()).collect();
 
         let src = cache(0, size);
         let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: src.clone(), tp_size: 1, tp_idx: 0 };
@@ -145,7 +151,8 @@ fn main() {
             ok(cu::cuMemcpyDtoDAsync_v2(one_dst, one_src, total as usize, stream.raw()));
             stream.synchronize().unwrap();
         });
-        let dst = cache(peer, size);
+        // The decode's cache, mapped here as the transport maps it.
+        let dst = CacheSpec { key: vec![mapped[0].addr()], value: vec![mapped[1].addr()], ..src.clone() };
         Gpu::get(0).unwrap().bind().unwrap();
         let per_block = time(|| unsafe {
             for (s, d) in [(src.key[0], dst.key[0]), (src.value[0], dst.value[0])] {
@@ -155,17 +162,11 @@ fn main() {
             }
             stream.synchronize().unwrap();
         });
+        let mut plan = BlockPlan::new(PlanForm::Ids);
+        let planning = time(|| plan.build(&local, &remote, 0, 1, BATCH, BATCH).unwrap());
         let split = where_the_time_goes(&src, &dst, &local, &remote, size, &stream);
-        breakdown.push(format!(
-            "| {} KiB | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            size >> 10,
-            ours * 1e6,
-            split[0] * 1e6,
-            split[1] * 1e6,
-            split[2] * 1e6,
-            split[3] * 1e6,
-            ceiling * 1e6
-        ));
+        let row: Vec<String> = [ours, planning].iter().chain(&split).chain([&ceiling]).map(|t| format!("{:.1}", t * 1e6)).collect();
+        breakdown.push(format!("| {} KiB | {} |", size >> 10, row.join(" | ")));
         let gbs = |t: f64| total as f64 / t / 1e9;
         println!(
             "| {} KiB | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} |",
@@ -177,24 +178,25 @@ fn main() {
             ours * 1e6
         );
         drop(prefill);
+        drop(mapped);
         drop(child.stdin.take());
         let _ = child.wait();
     }
     println!();
-    println!("Where one call's time goes (µs): the whole writeCache; the same kernel launched and waited for directly");
-    println!("(no planning or locking), with the ids read from mapped host memory (as writeCache does) or from device");
-    println!("memory; the kernel alone between two events, both ways; the ceiling's call.");
-    println!("| block | writeCache | launch + sync, host ids | launch + sync, device ids | kernel, host ids | kernel, device ids | ceiling |");
+    println!("Where one call's time goes (µs): the whole writeCache; checking the call's ids alone; the same kernel");
+    println!("launched into the decode's cache and waited for directly (no checks or locking); the kernel alone between two");
+    println!("events, with the ids in mapped host memory (as writeCache launches it) or in device memory; the ceiling's call.");
+    println!("| block | writeCache | plan | launch + sync | kernel, ids in host memory | kernel, ids in device memory | ceiling |");
     println!("|---|---|---|---|---|---|---|");
     for row in breakdown {
         println!("{row}");
     }
 }
 
-/// Seconds per call of the copy kernel moving `local` → `remote` of both tensors from `src` to `dst`, launched
-/// directly: [launch + sync with ids in mapped host memory, the same with ids in device memory, kernel time
-/// by events with host ids, the same with device ids].
-fn where_the_time_goes(src: &CacheSpec, dst: &CacheSpec, local: &[u32], remote: &[u32], size: u64, stream: &CopyStream) -> [f64; 4] {
+/// Seconds per call of the copy kernel moving `local` → `remote` of both tensors from `src` into `decode` (the
+/// decode's cache, mapped), launched directly: [launch + sync with the ids in mapped host memory, as
+/// writeCache does; kernel time by events, ids in mapped host memory; the same with the ids in device memory].
+fn where_the_time_goes(src: &CacheSpec, decode: &CacheSpec, local: &[u32], remote: &[u32], size: u64, stream: &CopyStream) -> [f64; 3] {
     let gpu = Gpu::get(0).unwrap();
     let n = local.len();
     let mut host_ids = PinnedBuffer::new(&gpu, 8 * n).unwrap();
@@ -207,39 +209,45 @@ fn where_the_time_goes(src: &CacheSpec, dst: &CacheSpec, local: &[u32], remote: 
     ok(unsafe { cu::cuMemcpyHtoD_v2(device_ids, host_ids.addr() as *const _, 8 * n) });
     let tensor = |s: u64, d: u64| TensorCopy { src: s, src_stride: size, src_offset: 0, dst: d, dst_stride: size, dst_offset: 0, bytes: size };
     let copy = |ids: u64| BlockCopy {
-        tensor: [tensor(src.key[0], dst.key[0]), tensor(src.value[0], dst.value[0]), TensorCopy::default(), TensorCopy::default()],
+        tensor: [tensor(src.key[0], decode.key[0]), tensor(src.value[0], decode.value[0]), TensorCopy::default(), TensorCopy::default()],
         src_ids: ids,
         dst_ids: ids + 4 * n as u64,
         blocks: n as u32,
         begin: 0,
         end: 2 * n as u32,
+        warp_shift: 0,
     };
     let (host, device) = (copy(host_ids.addr()), copy(device_ids));
     // SAFETY (all launches): the ids are in range for both caches, which are allocated for BATCH blocks of `size`.
-    let launch = |c: &BlockCopy| time(|| unsafe {
-        stream.launch(c).unwrap();
+    let launch_and_sync = time(|| unsafe {
+        stream.launch(&host).unwrap();
         stream.synchronize().unwrap();
     });
-    let kernel = |c: &BlockCopy| {
-        let (mut start, mut end) = (std::ptr::null_mut(), std::ptr::null_mut());
-        let mut total = 0f32;
-        // SAFETY: two timing events on the current context, recorded around each launch, destroyed after.
-        unsafe {
-            ok(cu::cuEventCreate(&mut start, 0));
-            ok(cu::cuEventCreate(&mut end, 0));
-            for _ in 0..50 {
-                ok(cu::cuEventRecord(start, stream.raw()));
-                stream.launch(c).unwrap();
-                ok(cu::cuEventRecord(end, stream.raw()));
-                ok(cu::cuEventSynchronize(end));
-                let mut ms = 0f32;
-                ok(cu::cuEventElapsedTime(&mut ms, start, end));
+    let kernel = |c: &BlockCopy| events(stream.raw(), &mut || unsafe { stream.launch(c).unwrap() });
+    [launch_and_sync, kernel(&host), kernel(&device)]
+}
+
+/// Mean seconds of `launch` on `stream`, timed by events around each call, after a warm-up.
+fn events(stream: cu::CUstream, launch: &mut dyn FnMut()) -> f64 {
+    let (mut start, mut end) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let mut total = 0f32;
+    // SAFETY: two timing events on the current context, recorded around each launch, destroyed after.
+    unsafe {
+        ok(cu::cuEventCreate(&mut start, 0));
+        ok(cu::cuEventCreate(&mut end, 0));
+        for i in 0..60 {
+            ok(cu::cuEventRecord(start, stream));
+            launch();
+            ok(cu::cuEventRecord(end, stream));
+            ok(cu::cuEventSynchronize(end));
+            let mut ms = 0f32;
+            ok(cu::cuEventElapsedTime(&mut ms, start, end));
+            if i >= 10 {
                 total += ms;
             }
-            cu::cuEventDestroy_v2(start);
-            cu::cuEventDestroy_v2(end);
         }
-        total as f64 / 50.0 / 1e3
-    };
-    [launch(&host), launch(&device), kernel(&host), kernel(&device)]
+        cu::cuEventDestroy_v2(start);
+        cu::cuEventDestroy_v2(end);
+    }
+    total as f64 / 50.0 / 1e3
 }

@@ -7,7 +7,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kvtransfer::memory::{CacheSpec, HostAllocation};
-use kvtransfer::plan::{BlockPlan, SliceGeometry};
+use kvtransfer::plan::{BlockPlan, PlanForm, SliceGeometry};
 use kvtransfer::transport::rdma::post::{LayerKeys, WriteChain};
 use kvtransfer::transport::rdma::registration::RemoteRegion;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice};
@@ -31,6 +31,8 @@ fn plan(c: &mut Criterion) {
     let mut p = BlockPlan::default();
     g.bench_function("scattered_1538", |b| b.iter(|| p.build(&local, &remote, 0, 1, BATCH, BATCH).unwrap()));
     g.bench_function("contiguous_1538", |b| b.iter(|| p.build(&contiguous, &contiguous, 0, 1, BATCH, BATCH).unwrap()));
+    let mut ids = BlockPlan::new(PlanForm::Ids);
+    g.bench_function("scattered_1538_ids", |b| b.iter(|| ids.build(&local, &remote, 0, 1, BATCH, BATCH).unwrap()));
     g.finish();
 }
 

@@ -346,7 +346,7 @@ impl Communicator {
             welcome.block_number,
             if replaces.is_some() { " (rebuilt after a failure)" } else { "" }
         ));
-        Ok(Peer { link: Some(link), plan: BlockPlan::default(), remote_blocks: welcome.block_number, dst_tp_size, token: welcome.token })
+        Ok(Peer { plan: BlockPlan::new(link.plan_form()), link: Some(link), remote_blocks: welcome.block_number, dst_tp_size, token: welcome.token })
     }
 
     /// Replaces a broken connection with a new one to the same peer.
@@ -398,25 +398,21 @@ impl Communicator {
         let mut guard = peer.lock().unwrap();
         let peer_state = &mut *guard;
         let cache = &*self.cache;
-        peer_state.plan.build(local, remote, layer, cache.layers(), cache.block_number(), peer_state.remote_blocks)?;
+        let plan = |p: &mut Peer| p.plan.build(local, remote, layer, cache.layers(), cache.block_number(), p.remote_blocks);
+        // The call is checked before anything else happens, a broken connection's rebuild included.
+        plan(peer_state)?;
         if peer_state.plan.is_empty() {
             return Ok(());
         }
-        let result = match peer_state.link.as_mut() {
-            Some(link) => link.write(&peer_state.plan),
-            None => {
-                let plan = std::mem::take(&mut peer_state.plan);
-                let rebuilt = self.rebuild(ip, port, peer_state);
-                peer_state.plan = plan;
-                match rebuilt {
-                    Ok(()) => peer_state.link.as_mut().expect("rebuilt").write(&peer_state.plan),
-                    Err(e) => {
-                        forget(peers, &key, &peer);
-                        return Err(e);
-                    }
-                }
+        if peer_state.link.is_none() {
+            if let Err(e) = self.rebuild(ip, port, peer_state) {
+                forget(peers, &key, &peer);
+                return Err(e);
             }
-        };
+            // The new connection may take calls in another form, or have another number of blocks.
+            plan(peer_state)?;
+        }
+        let result = peer_state.link.as_mut().expect("connected").write(&peer_state.plan);
         if let Err(e) = &result {
             if matches!(e.code(), ErrorCode::Transport | ErrorCode::Timeout | ErrorCode::Protocol) {
                 // The connection's state is unknown now: drop it; the next call rebuilds it.

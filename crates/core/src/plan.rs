@@ -63,26 +63,51 @@ impl SliceGeometry {
     }
 }
 
-/// One validated `writeCache` call: its layer and its runs, reusable across calls without allocating.
+/// The form a transport takes a call in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlanForm {
+    /// Maximal runs that are consecutive on both sides: byte ranges for sockets and work requests.
+    #[default]
+    Runs,
+    /// The ids as given, for a copy kernel that reads one pair per block (coalescing would only cost time).
+    Ids,
+}
+
+/// One validated `writeCache` call: its layer and its blocks, in the [`PlanForm`] its transport takes;
+/// reusable across calls without allocating.
 ///
 /// ```
-/// use kvtransfer::plan::{BlockPlan, Run};
+/// use kvtransfer::plan::{BlockPlan, PlanForm, Run};
 /// let mut plan = BlockPlan::default();
 /// plan.build(&[4, 5, 6, 9], &[0, 1, 2, 3], 0, 1, 16, 16).unwrap();
 /// assert_eq!(plan.runs(), &[Run { local: 4, remote: 0, count: 3 }, Run { local: 9, remote: 3, count: 1 }]);
 /// assert!(plan.build(&[4], &[16], 0, 1, 16, 16).is_err());
+///
+/// let mut plan = BlockPlan::new(PlanForm::Ids);
+/// plan.build(&[4, 5, 9], &[0, 1, 3], 0, 1, 16, 16).unwrap();
+/// assert_eq!(plan.ids(), [4, 5, 9, 0, 1, 3]);
 /// ```
 #[derive(Debug, Default)]
 pub struct BlockPlan {
+    form: PlanForm,
     layer: u32,
     blocks: u32,
     runs: Vec<Run>,
-    /// One byte per remote block, all zero between calls: marks the ids of the call being checked.
-    seen: Vec<u8>,
+    /// Local ids, then remote ids (the `Ids` form).
+    ids: Vec<u32>,
+    /// Per remote block, the last check that saw it: a block is listed twice in a call when it already
+    /// carries that call's mark. Marks are never cleared, only outdated.
+    seen: Vec<u32>,
+    mark: u32,
 }
 
 impl BlockPlan {
-    /// Validates one call and computes its runs. Nothing of the previous plan survives an error.
+    /// An empty plan of the given form.
+    pub fn new(form: PlanForm) -> BlockPlan {
+        BlockPlan { form, ..BlockPlan::default() }
+    }
+
+    /// Validates one call and lays out its blocks. Nothing of the previous plan survives an error.
     ///
     /// Refuses: lists of different lengths, a layer outside `[0, layers)`, a local id outside
     /// `[0, local_blocks)`, a remote id outside `[0, remote_blocks)`, and a remote id listed twice.
@@ -96,6 +121,7 @@ impl BlockPlan {
         remote_blocks: u32,
     ) -> Result<()> {
         self.runs.clear();
+        self.ids.clear();
         self.blocks = 0;
         if local.len() != remote.len() {
             return Err(Error::invalid(format!(
@@ -115,7 +141,13 @@ impl BlockPlan {
         self.check_distinct(remote, remote_blocks)?;
         self.layer = layer;
         self.blocks = local.len() as u32;
-        coalesce(local, remote, &mut self.runs);
+        match self.form {
+            PlanForm::Runs => coalesce(local, remote, &mut self.runs),
+            PlanForm::Ids => {
+                self.ids.extend_from_slice(local);
+                self.ids.extend_from_slice(remote);
+            }
+        }
         Ok(())
     }
 
@@ -125,33 +157,43 @@ impl BlockPlan {
         if self.seen.len() < remote_blocks as usize {
             self.seen.resize(remote_blocks as usize, 0);
         }
-        // One byte per block rather than one bit: consecutive ids then touch different bytes, so no
-        // iteration waits for the previous one's store, and the loop has no branch but the bounds check.
+        // One pass with no branch but the bounds check: each id reads and rewrites its own slot, so no
+        // iteration waits for another's store unless ids repeat.
+        let mark = self.next_mark();
         let seen = &mut self.seen[..remote_blocks as usize];
-        let mut repeated = 0u8;
+        let mut repeated = false;
         for &b in remote {
-            let mark = &mut seen[b as usize];
-            repeated |= *mark;
-            *mark = 1;
+            let slot = &mut seen[b as usize];
+            repeated |= *slot == mark;
+            *slot = mark;
         }
-        let duplicate = match repeated {
-            0 => None,
-            _ => {
-                remote.iter().for_each(|&b| seen[b as usize] = 0);
-                remote.iter().enumerate().find_map(|(i, &b)| {
-                    let first_time = seen[b as usize] == 0;
-                    seen[b as usize] = 1;
-                    (!first_time).then_some((i, b))
-                })
-            }
-        };
-        remote.iter().for_each(|&b| seen[b as usize] = 0);
-        match duplicate {
-            Some((i, b)) => Err(Error::invalid(format!("remote block id {b} (position {i}) is listed twice"))),
-            None => Ok(()),
+        if !repeated {
+            return Ok(());
         }
+        let mark = self.next_mark();
+        let seen = &mut self.seen[..remote_blocks as usize];
+        let (i, b) = remote
+            .iter()
+            .enumerate()
+            .find(|&(_, &b)| std::mem::replace(&mut seen[b as usize], mark) == mark)
+            .expect("a repeated id is found again");
+        Err(Error::invalid(format!("remote block id {b} (position {i}) is listed twice")))
     }
 
+    /// A mark no slot carries yet.
+    fn next_mark(&mut self) -> u32 {
+        self.mark = self.mark.wrapping_add(1);
+        if self.mark == 0 {
+            self.seen.fill(0);
+            self.mark = 1;
+        }
+        self.mark
+    }
+
+    /// The form.
+    pub fn form(&self) -> PlanForm {
+        self.form
+    }
     /// The layer.
     pub fn layer(&self) -> u32 {
         self.layer
@@ -160,9 +202,15 @@ impl BlockPlan {
     pub fn blocks(&self) -> u32 {
         self.blocks
     }
-    /// The runs, in call order.
+    /// The runs, in call order (the `Runs` form; empty in the other).
     pub fn runs(&self) -> &[Run] {
+        debug_assert!(self.form == PlanForm::Runs || self.blocks == 0);
         &self.runs
+    }
+    /// The local ids, then the remote ids, as the call gave them (the `Ids` form; empty in the other).
+    pub fn ids(&self) -> &[u32] {
+        debug_assert!(self.form == PlanForm::Ids || self.blocks == 0);
+        &self.ids
     }
     /// Whether the call moves nothing.
     pub fn is_empty(&self) -> bool {
@@ -287,6 +335,24 @@ mod tests {
         assert!(p.build(&[1, 2], &[9, 9], 0, 1, 10, 10).is_err());
         p.build(&[1, 2], &[9, 8], 0, 1, 10, 10).unwrap();
         p.build(&[1, 2], &[8, 9], 0, 1, 10, 10).unwrap();
+        // A cache that grows between calls, and marks that wrap around.
+        p.build(&[1, 2], &[18, 9], 0, 1, 10, 20).unwrap();
+        p.mark = u32::MAX - 1;
+        p.build(&[1, 2], &[7, 9], 0, 1, 10, 10).unwrap();
+        let err = p.build(&[1, 2, 3], &[7, 5, 7], 0, 1, 10, 10).unwrap_err();
+        assert!(err.message().contains("remote block id 7 (position 2)"), "{err}");
+        assert!(p.mark < 5);
+        p.build(&[1, 2, 3], &[7, 5, 6], 0, 1, 10, 10).unwrap();
+    }
+
+    #[test]
+    fn ids_form_keeps_the_call_as_given() {
+        let mut p = BlockPlan::new(PlanForm::Ids);
+        p.build(&[0, 1, 2, 7], &[5, 6, 7, 1], 1, 2, 100, 50).unwrap();
+        assert_eq!(p.ids(), [0, 1, 2, 7, 5, 6, 7, 1]);
+        assert!(p.runs().is_empty());
+        assert!(p.build(&[0, 1], &[5, 5], 1, 2, 100, 50).is_err());
+        assert!(p.ids().is_empty() && p.is_empty());
     }
 
     #[test]

@@ -260,14 +260,26 @@ fn prefill(cache: &TestCache, tp_size: u32, tp_idx: u32, transport: TransportCho
 /// Writes `layers` layers of 1538 scattered blocks from a prefill cache to a decode process, then checks
 /// every byte there.
 fn all_layers_scattered(transport: &str, choice: TransportChoice, decode_on_gpu: bool, tensors: usize, block_bytes: u64, want_link: &str) {
-    let (layers, blocks) = (3, 2048u32);
+    scattered_calls(transport, choice, decode_on_gpu, tensors, block_bytes, want_link, (3, 2048, 1538));
+}
+
+/// As [`all_layers_scattered`], with `layers` layers of `blocks` blocks, `per_call` of them per call.
+fn scattered_calls(
+    transport: &str,
+    choice: TransportChoice,
+    decode_on_gpu: bool,
+    tensors: usize,
+    block_bytes: u64,
+    want_link: &str,
+    (layers, blocks, per_call): (usize, u32, usize),
+) {
     let mut d = DecodeProcess::start(transport, decode_on_gpu, tensors, layers, blocks, block_bytes, 2);
     let src = TestCache::new(Some(0), tensors, layers, blocks, block_bytes, 1);
     let p = prefill(&src, 1, 0, choice);
     p.connect("127.0.0.1", d.port, 1).unwrap();
     assert_eq!(p.connected_transport("127.0.0.1", d.port), Some(want_link));
-    let local = scattered(1538, blocks, 3);
-    let remote = scattered(1538, blocks, 4);
+    let local = scattered(per_call, blocks, 3);
+    let remote = scattered(per_call, blocks, 4);
     let mut expects = Vec::new();
     for layer in 0..layers {
         p.write_cache("127.0.0.1", d.port, &local, &remote, layer as u32).unwrap();
@@ -293,6 +305,14 @@ fn cuda_ipc_all_layers_scattered_keys_and_values() {
     if gpu() {
         all_layers_scattered("cuda-ipc", TransportChoice::CudaIpc, true, 2, 1024, "cuda-ipc");
         all_layers_scattered("cuda-ipc", TransportChoice::CudaIpc, true, 2, 64 << 10, "cuda-ipc");
+    }
+}
+
+/// A long call: 9000 blocks of keys and values, more than the kernel's grid covers in one pass.
+#[test]
+fn cuda_ipc_long_call() {
+    if gpu() {
+        scattered_calls("cuda-ipc", TransportChoice::CudaIpc, true, 2, 256, "cuda-ipc", (1, 12000, 9000));
     }
 }
 

@@ -6,7 +6,7 @@ use crate::cuda::ipc::{self, IpcHandle, IpcMapping};
 use crate::cuda::{BlockCopy, CopyStream, Gpu, MemoryKind, PinnedBuffer, TensorCopy};
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{CacheLayout, Tensor};
-use crate::plan::{self, BlockPlan, SliceGeometry};
+use crate::plan::{self, BlockPlan, PlanForm, SliceGeometry};
 use crate::transport::Link;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -122,23 +122,19 @@ fn block_copy(cache: &CacheLayout, plan: &BlockPlan, geometry: SliceGeometry, id
 
 /// Writes `plan`'s block ids into `ids` (sources first, then destinations), growing it when needed.
 fn fill_ids(ids: &mut PinnedBuffer, plan: &BlockPlan, gpu: &Gpu) -> Result<()> {
-    let n = plan.blocks() as usize;
-    if ids.len() < 8 * n {
-        *ids = PinnedBuffer::new(gpu, 8 * n)?;
+    let list = plan.ids();
+    if ids.len() < 4 * list.len() {
+        *ids = PinnedBuffer::new(gpu, 4 * list.len())?;
     }
-    let (src, dst) = ids.as_mut_u32()[..2 * n].split_at_mut(n);
-    let mut i = 0;
-    for run in plan.runs() {
-        for k in 0..run.count {
-            src[i] = run.local + k;
-            dst[i] = run.remote + k;
-            i += 1;
-        }
-    }
+    ids.as_mut_u32()[..list.len()].copy_from_slice(list);
     Ok(())
 }
 
 impl Link for CudaIpcLink {
+    fn plan_form(&self) -> PlanForm {
+        PlanForm::Ids
+    }
+
     fn write(&mut self, plan: &BlockPlan) -> Result<()> {
         fill_ids(&mut self.ids, plan, self.stream.gpu())?;
         let layer = plan.layer() as usize;

@@ -7,10 +7,15 @@ pub mod shm;
 pub mod tcp;
 
 use crate::error::Result;
-use crate::plan::BlockPlan;
+use crate::plan::{BlockPlan, PlanForm};
 
 /// The prefill end of one connection to a decode peer.
 pub trait Link: Send {
+    /// The form this link takes calls in.
+    fn plan_form(&self) -> PlanForm {
+        PlanForm::Runs
+    }
+
     /// Moves every tensor of the plan's blocks into the peer. Returns once the bytes are in the peer's
     /// memory.
     fn write(&mut self, plan: &BlockPlan) -> Result<()>;
