@@ -96,9 +96,9 @@ pub struct BlockPlan {
     /// Local ids, then remote ids (the `Ids` form).
     ids: Vec<u32>,
     /// Per remote block, the last check that saw it: a block is listed twice in a call when it already
-    /// carries that call's mark. Marks are never cleared, only outdated.
-    seen: Vec<u32>,
-    mark: u32,
+    /// carries that call's mark. Marks are only outdated, and cleared once every 65535 checks.
+    seen: Vec<u16>,
+    mark: u16,
 }
 
 impl BlockPlan {
@@ -181,7 +181,7 @@ impl BlockPlan {
     }
 
     /// A mark no slot carries yet.
-    fn next_mark(&mut self) -> u32 {
+    fn next_mark(&mut self) -> u16 {
         self.mark = self.mark.wrapping_add(1);
         if self.mark == 0 {
             self.seen.fill(0);
@@ -337,7 +337,7 @@ mod tests {
         p.build(&[1, 2], &[8, 9], 0, 1, 10, 10).unwrap();
         // A cache that grows between calls, and marks that wrap around.
         p.build(&[1, 2], &[18, 9], 0, 1, 10, 20).unwrap();
-        p.mark = u32::MAX - 1;
+        p.mark = u16::MAX - 1;
         p.build(&[1, 2], &[7, 9], 0, 1, 10, 10).unwrap();
         let err = p.build(&[1, 2, 3], &[7, 5, 7], 0, 1, 10, 10).unwrap_err();
         assert!(err.message().contains("remote block id 7 (position 2)"), "{err}");
