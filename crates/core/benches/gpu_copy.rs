@@ -177,6 +177,11 @@ fn main() {
             ceiling / ours,
             ours * 1e6
         );
+        for (gpu, ptr) in [(0, one_src), (peer, one_dst)] {
+            Gpu::get(gpu).unwrap().bind().unwrap();
+            // SAFETY: the stream is idle (every timing loop synchronised); nothing uses the buffer again.
+            ok(unsafe { cu::cuMemFree_v2(ptr) });
+        }
         drop(prefill);
         drop(mapped);
         drop(child.stdin.take());
@@ -215,7 +220,7 @@ fn where_the_time_goes(src: &CacheSpec, decode: &CacheSpec, local: &[u32], remot
         blocks: n as u32,
         begin: 0,
         end: 2 * n as u32,
-        warp_shift: 0,
+        warp_shift: 0, // `launch` sets it
     };
     let (host, device) = (copy(host_ids.addr()), copy(device_ids));
     // SAFETY (all launches): the ids are in range for both caches, which are allocated for BATCH blocks of `size`.

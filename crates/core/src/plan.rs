@@ -96,7 +96,8 @@ pub struct BlockPlan {
     /// Local ids, then remote ids (the `Ids` form).
     ids: Vec<u32>,
     /// Per remote block, the last check that saw it: a block is listed twice in a call when it already
-    /// carries that call's mark. Marks are only outdated, and cleared once every 65535 checks.
+    /// carries that call's mark. Marks are only outdated, and all cleared when the mark wraps around (after
+    /// 65535 marks; a check uses one, or two when it finds a repeat).
     seen: Vec<u16>,
     mark: u16,
 }
@@ -202,14 +203,16 @@ impl BlockPlan {
     pub fn blocks(&self) -> u32 {
         self.blocks
     }
-    /// The runs, in call order (the `Runs` form; empty in the other).
+    /// The runs, in call order. Panics for a plan of the `Ids` form that holds blocks: a transport given
+    /// the wrong form would move nothing.
     pub fn runs(&self) -> &[Run] {
-        debug_assert!(self.form == PlanForm::Runs || self.blocks == 0);
+        assert!(self.form == PlanForm::Runs || self.blocks == 0, "a plan of the ids form has no runs");
         &self.runs
     }
-    /// The local ids, then the remote ids, as the call gave them (the `Ids` form; empty in the other).
+    /// The local ids, then the remote ids, as the call gave them: `2 * blocks()` of them. Panics for a plan
+    /// of the `Runs` form that holds blocks.
     pub fn ids(&self) -> &[u32] {
-        debug_assert!(self.form == PlanForm::Ids || self.blocks == 0);
+        assert!(self.form == PlanForm::Ids || self.blocks == 0, "a plan of the runs form has no ids");
         &self.ids
     }
     /// Whether the call moves nothing.
@@ -350,9 +353,17 @@ mod tests {
         let mut p = BlockPlan::new(PlanForm::Ids);
         p.build(&[0, 1, 2, 7], &[5, 6, 7, 1], 1, 2, 100, 50).unwrap();
         assert_eq!(p.ids(), [0, 1, 2, 7, 5, 6, 7, 1]);
-        assert!(p.runs().is_empty());
         assert!(p.build(&[0, 1], &[5, 5], 1, 2, 100, 50).is_err());
         assert!(p.ids().is_empty() && p.is_empty());
+    }
+
+    /// A transport handed a plan of the other form would move nothing, or read ids that are not there.
+    #[test]
+    #[should_panic(expected = "has no runs")]
+    fn a_plan_of_the_ids_form_has_no_runs() {
+        let mut p = BlockPlan::new(PlanForm::Ids);
+        p.build(&[0], &[5], 0, 1, 10, 10).unwrap();
+        p.runs();
     }
 
     #[test]

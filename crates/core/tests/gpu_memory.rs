@@ -1,8 +1,11 @@
-//! GPU memory as the core sees it: device pointers recognised through the CUDA driver, and exported as
-//! dma-bufs for RDMA registration. Needs a GPU; elsewhere each test says it skipped.
+//! GPU memory as the core sees it: device pointers recognised through the CUDA driver, exported as dma-bufs
+//! for RDMA registration, and the copy kernel on its own. Needs a GPU; elsewhere each test says it skipped.
 
 use cudarc::driver::sys as cu;
-use kvtransfer::cuda::{self, MemoryKind};
+use kvtransfer::cuda::{self, BlockCopy, CopyStream, Gpu, MemoryKind, PinnedBuffer, TensorCopy};
+
+#[path = "common/ids.rs"]
+mod ids;
 
 /// Allocates `len` bytes on GPU 0 in its primary context, or `None` (and a message) without a GPU.
 fn device_alloc(test: &str, len: usize) -> Option<u64> {
@@ -51,4 +54,67 @@ fn device_memory_exports_as_a_dmabuf_around_an_unaligned_range() {
     assert!(link.to_string_lossy().contains("dmabuf"), "{link:?}");
     // The range must lie inside the allocation: past its end the driver refuses.
     assert!(cuda::export_dmabuf(ptr + (8 << 20) - 4096, 1 << 20).is_err());
+}
+
+/// One launch over more items than the grid fetches ids for at once (256 per CTA, at most eight CTAs per SM),
+/// starting past item 0 as the TCP staging does, with one aligned and one unaligned tensor: every item in
+/// range lands exactly where its ids say, and nothing outside the range moves. The kernel reads and writes
+/// mapped pinned host memory here, so the host can check it in place.
+#[test]
+fn the_copy_kernel_moves_each_item_of_a_long_range_once() {
+    if device_alloc("the_copy_kernel_moves_each_item_of_a_long_range_once", 1).is_none() {
+        return;
+    }
+    let gpu = Gpu::get(0).unwrap();
+    let blocks = 400_000u32;
+    let bytes = [16u64, 12];
+    let src_ids = ids::scattered(blocks, 5);
+    let dst_ids = ids::scattered(blocks, 6);
+    let mut id_lists = PinnedBuffer::new(&gpu, 8 * blocks as usize).unwrap();
+    id_lists.as_mut_u32()[..blocks as usize].copy_from_slice(&src_ids);
+    id_lists.as_mut_u32()[blocks as usize..2 * blocks as usize].copy_from_slice(&dst_ids);
+    let mut src: Vec<PinnedBuffer> = bytes.iter().map(|&b| PinnedBuffer::new(&gpu, (b * blocks as u64) as usize).unwrap()).collect();
+    let dst: Vec<PinnedBuffer> = bytes.iter().map(|&b| PinnedBuffer::new(&gpu, (b * blocks as u64) as usize).unwrap()).collect();
+    for (t, buf) in src.iter_mut().enumerate() {
+        for (i, w) in buf.as_mut_u32().iter_mut().enumerate() {
+            *w = (i as u32).wrapping_mul(2654435761) ^ t as u32 | 1;
+        }
+    }
+    let tensor = |t: usize| TensorCopy {
+        src: src[t].addr(),
+        src_stride: bytes[t],
+        src_offset: 0,
+        dst: dst[t].addr(),
+        dst_stride: bytes[t],
+        dst_offset: 0,
+        bytes: bytes[t],
+    };
+    let begin = 1000;
+    let copy = BlockCopy {
+        tensor: [tensor(0), tensor(1), TensorCopy::default(), TensorCopy::default()],
+        src_ids: id_lists.addr(),
+        dst_ids: id_lists.addr() + 4 * blocks as u64,
+        blocks,
+        begin,
+        end: 2 * blocks,
+        warp_shift: 0,
+    };
+    let stream = CopyStream::new(gpu).unwrap();
+    // SAFETY: every id is below `blocks`, and each buffer holds `blocks` blocks of its tensor; all of them
+    // outlive the synchronisation below.
+    unsafe { stream.launch(&copy) }.unwrap();
+    stream.synchronize().unwrap();
+    let view = |b: &PinnedBuffer| {
+        // SAFETY: the buffer is `len` bytes of initialised memory, and the GPU is done with it.
+        unsafe { std::slice::from_raw_parts(b.addr() as *const u8, b.len()) }
+    };
+    for (t, &b) in bytes.iter().enumerate() {
+        let (s, d, b) = (view(&src[t]), view(&dst[t]), b as usize);
+        for i in 0..blocks as usize {
+            let at = dst_ids[i] as usize * b;
+            let moved = t > 0 || i >= begin as usize;
+            let want = if moved { &s[src_ids[i] as usize * b..][..b] } else { &[0u8; 16][..b] };
+            assert_eq!(&d[at..at + b], want, "tensor {t}, item {i} (source block {}, destination block {})", src_ids[i], dst_ids[i]);
+        }
+    }
 }

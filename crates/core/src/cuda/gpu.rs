@@ -179,6 +179,13 @@ fn grid(copy: &mut BlockCopy, items: u32, max_ctas: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (ctas, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
+impl Drop for CopyStream {
+    /// Waits for the stream first: copies still running read and write buffers that their owners free next.
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
+}
+
 /// Waits for `event`.
 pub fn wait(event: &CudaEvent) -> Result<()> {
     event.synchronize().map_err(|e| transfer_error(e, "waiting for a block copy"))
@@ -253,7 +260,9 @@ mod tests {
         assert_eq!(std::mem::offset_of!(BlockCopy, warp_shift), 252);
         assert_eq!(std::mem::size_of::<BlockCopy>(), 256);
         assert!(COPY_BLOCKS_PTX.contains("[copy_blocks_param_0+244]"));
-        assert!(COPY_BLOCKS_PTX.contains("[copy_blocks_param_0+248]"));
+        // `end` and `warp_shift` in one load: the PTX was built from the kernel that has the shift.
+        assert!(COPY_BLOCKS_PTX.lines().any(|l| l.contains("ld.param.v2.u32") && l.contains("[copy_blocks_param_0+248]")));
+        assert!(COPY_BLOCKS_PTX.contains("_ZZ11copy_blocksE3ids[2048]"), "the ids of 256 items in shared memory");
         assert!(COPY_BLOCKS_PTX.contains(".entry copy_blocks("));
     }
 

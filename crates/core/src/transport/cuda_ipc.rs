@@ -139,10 +139,11 @@ impl Link for CudaIpcLink {
         fill_ids(&mut self.ids, plan, self.stream.gpu())?;
         let layer = plan.layer() as usize;
         let copy = block_copy(&self.cache, plan, self.geometry, self.ids.addr(), |t| self.remote[t as usize][layer]);
-        // SAFETY: local blocks lie inside the cache (the plan checked the ids against blockNumber, and
-        // CacheLayout checked each tensor against its allocation); remote blocks lie inside the peer's tensors
-        // (ids checked against its block count, its layout against the geometry at `open`); the id lists live
-        // in `self.ids`, which is not touched again before the stream is synchronised below.
+        // SAFETY: `fill_ids` wrote the plan's 2 × blocks ids (`ids()` refuses a plan of another form). Local
+        // blocks lie inside the cache (the plan checked the ids against blockNumber, and CacheLayout checked
+        // each tensor against its allocation); remote blocks lie inside the peer's tensors (ids checked
+        // against its block count, its layout against the geometry at `open`); the id lists live in
+        // `self.ids`, which is not touched again before the stream is synchronised below.
         unsafe { self.stream.launch(&copy) }?;
         self.stream.synchronize().map_err(|e| Error::new(e.code(), format!("writing into {}: {}", self.peer, e.message())))
     }

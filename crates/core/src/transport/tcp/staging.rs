@@ -54,7 +54,12 @@ impl Staging {
 
     /// Sends the blocks of `runs` (local ids) of `layer`: gathers chunk after chunk into the ring and hands
     /// each filled buffer to `send`.
-    pub fn send(&mut self, cache: &CacheLayout, layer: u32, runs: &[Run], mut send: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    pub fn send(&mut self, cache: &CacheLayout, layer: u32, runs: &[Run], send: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+        let result = self.send_chunks(cache, layer, runs, send);
+        self.settle(result)
+    }
+
+    fn send_chunks(&mut self, cache: &CacheLayout, layer: u32, runs: &[Run], mut send: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
         let blocks = self.fill_ids(runs, |r| r.local)?;
         self.plan_chunks(cache, blocks, 1);
         let launch = |this: &mut Staging, c: usize| -> Result<()> {
@@ -101,6 +106,27 @@ impl Staging {
     /// the kernel scatters it into the cache (each block at its slice of `geometry`). Returns once every
     /// byte is in the cache.
     pub fn receive(
+        &mut self,
+        cache: &CacheLayout,
+        layer: u32,
+        runs: &[Run],
+        geometry: SliceGeometry,
+        receive: impl FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        let result = self.receive_chunks(cache, layer, runs, geometry, receive);
+        self.settle(result)
+    }
+
+    /// After a failure, waits for the copies already launched: they still use the ring and the ids, which the
+    /// next call rewrites (or the owner frees).
+    fn settle(&self, result: Result<()>) -> Result<()> {
+        if result.is_err() {
+            let _ = self.stream.synchronize();
+        }
+        result
+    }
+
+    fn receive_chunks(
         &mut self,
         cache: &CacheLayout,
         layer: u32,
