@@ -191,10 +191,6 @@ impl BlockPlan {
         self.mark
     }
 
-    /// The form.
-    pub fn form(&self) -> PlanForm {
-        self.form
-    }
     /// The layer.
     pub fn layer(&self) -> u32 {
         self.layer
@@ -346,6 +342,15 @@ mod tests {
         assert!(err.message().contains("remote block id 7 (position 2)"), "{err}");
         assert!(p.mark < 5);
         p.build(&[1, 2, 3], &[7, 5, 6], 0, 1, 10, 10).unwrap();
+    }
+
+    /// A mark that wraps around starts again from marks some slot may still carry from long ago.
+    #[test]
+    fn wrapped_marks_do_not_meet_old_ones() {
+        let mut p = BlockPlan::default();
+        p.build(&[1], &[3], 0, 1, 10, 10).unwrap();
+        p.mark = u16::MAX;
+        p.build(&[1, 2], &[3, 4], 0, 1, 10, 10).unwrap();
     }
 
     #[test]
