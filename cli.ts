@@ -21,7 +21,6 @@ function print(info: SystemInfo): void {
   for (const t of info.transports) out.push(`  ${t.name.padEnd(9)}${t.usable ? 'usable     ' : 'not usable '}${t.detail}`)
   out.push('', 'RDMA devices:')
   if (info.rdma.error) out.push(`  none: ${info.rdma.error}`)
-  else if (info.rdma.devices.length === 0) out.push('  none (libibverbs is installed but finds no device)')
   for (const d of info.rdma.devices) {
     if (d.ports.length === 0) out.push(`  ${d.name}: cannot be opened`)
     for (const p of d.ports) {

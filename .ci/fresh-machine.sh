@@ -29,9 +29,18 @@ if [ ! -f "$base" ]; then
 fi
 
 root=$(mktemp -d /var/tmp/kvtransfer-fresh.XXXXXX)
+chmod 755 "$root"   # apt downloads as _apt
 trap 'rm -rf "$root"' EXIT
 tar -C "$root" -xf "$base"
+# How this machine reaches the package registries, which every machine of its site has before any project: its
+# DNS, local CA certificates (a proxy may sign the registries' certificates), apt settings and npm settings.
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+  chroot "$root" update-ca-certificates >/dev/null 2>&1
+fi
+cp /etc/apt/apt.conf.d/* "$root/etc/apt/apt.conf.d/" 2>/dev/null || true
+[ -f "${HOME:-/root}/.npmrc" ] && cp "${HOME:-/root}/.npmrc" "$root/root/.npmrc"
 for tool in cmake make cc c++ g++; do
   if chroot "$root" sh -c "command -v $tool" >/dev/null; then log "the base root unexpectedly has $tool"; exit 1; fi
 done

@@ -134,6 +134,35 @@ test.serial('options override the environment and are checked the same way', (t)
   t.is(t.throws(() => decodeWith({ transport: 'rdma', rdmaNics: 'no-such-nic' })).code, 'UNAVAILABLE')
 })
 
+test('a kernel without RDMA is named as the cause, not as an errno', async (t) => {
+  const { existsSync, mkdtempSync, readFileSync } = await import('node:fs')
+  if (existsSync('/sys/class/infiniband')) return t.pass('this kernel has RDMA devices')
+  const { systemInfo, rdmaDevices } = await import('kvtransfer')
+  const cause = /this kernel has no RDMA devices \(\/sys\/class\/infiniband does not exist\)/
+  let libibverbs = true
+  try {
+    rdmaDevices()
+  } catch (err) {
+    t.is(err.code, 'UNAVAILABLE')
+    if (/libibverbs\.so\.1 is not installed/.test(err.message)) libibverbs = false
+    else t.regex(err.message, cause)
+    t.notRegex(err.message, /Function not implemented|os error/)
+  }
+  if (!libibverbs) {
+    // .ci/rdma-tests.sh runs this test again once the Soft-RoCE VM has installed rdma-core's libraries here.
+    t.not(process.env.KVTRANSFER_EXPECT_VERBS, '1', 'libibverbs.so.1 should be installed on this host')
+    return t.pass('no libibverbs here: the without-verbs suite covers that message')
+  }
+  t.regex(systemInfo().rdma.error, cause)
+  t.regex(systemInfo().transports.find((x) => x.name === 'rdma').detail, cause)
+  t.regex(t.throws(() => decodeWith({ transport: 'rdma' })).message, cause)
+  const { join } = await import('node:path')
+  const { tmpdir } = await import('node:os')
+  const file = join(mkdtempSync(join(tmpdir(), 'kvt-')), 'debug.log')
+  decodeWith({ debug: true, debugFile: file }).close()
+  t.regex(readFileSync(file, 'utf8'), cause)
+})
+
 test('auto transport says what it picked in the debug log', async (t) => {
   const { mkdtempSync, readFileSync } = await import('node:fs')
   const { join } = await import('node:path')

@@ -7,6 +7,7 @@ use crate::error::{Error, ErrorCode, Result};
 use rdma_mummy_sys as ibv;
 use serde::Serialize;
 use std::ffi::CStr;
+use std::path::Path;
 use std::sync::Arc;
 
 /// The port every connection uses. Multi-port HCAs show up as one device per port on current drivers.
@@ -47,8 +48,8 @@ pub struct GidInfo {
     pub gid: String,
 }
 
-/// Lists the RDMA devices of this machine. An empty list means rdma-core is installed but there is no
-/// device; an [`ErrorCode::Unavailable`] error means libibverbs itself is missing.
+/// Lists the RDMA devices of this machine; where there are none, an [`ErrorCode::Unavailable`] error says why
+/// (no libibverbs, no RDMA in the kernel, no provider for the kernel's devices).
 pub fn devices() -> Result<Vec<DeviceInfo>> {
     let list = DeviceList::load()?;
     let mut out = Vec::new();
@@ -102,9 +103,6 @@ impl Device {
     pub fn open(name: Option<&str>, gid_index: u32) -> Result<Arc<Device>> {
         let list = DeviceList::load()?;
         let names: Vec<String> = list.iter().map(device_name).collect();
-        if names.is_empty() {
-            return Err(Error::new(ErrorCode::Unavailable, "no RDMA device on this machine (ibv_get_device_list found none)"));
-        }
         let candidates: Vec<usize> = match name {
             Some(n) => match names.iter().position(|d| d == n) {
                 Some(i) => vec![i],
@@ -263,22 +261,21 @@ struct DeviceList {
 }
 
 impl DeviceList {
+    /// The devices libibverbs lists, or an `UNAVAILABLE` error that says why there are none, in the terms of
+    /// what the user can change (a library, a kernel module).
     fn load() -> Result<DeviceList> {
         let mut n = 0i32;
         // SAFETY: plain call; the result is checked for null.
         let list = unsafe { ibv::ibv_get_device_list(&mut n) };
         if list.is_null() {
             let e = std::io::Error::last_os_error();
-            return Err(match e.raw_os_error() {
-                Some(libc::EOPNOTSUPP) => Error::new(
-                    ErrorCode::Unavailable,
-                    "RDMA is unavailable: libibverbs.so.1 is not installed (Debian/Ubuntu: libibverbs1 and ibverbs-providers; \
-                     RHEL: rdma-core)",
-                ),
-                _ => Error::new(ErrorCode::Unavailable, format!("RDMA is unavailable: listing devices failed: {e}")),
-            });
+            return Err(Error::new(ErrorCode::Unavailable, format!("RDMA is unavailable: {}", why_no_devices(Path::new(SYSFS_CLASS), Some(e)))));
         }
-        Ok(DeviceList { list, len: n.max(0) as usize })
+        let list = DeviceList { list, len: n.max(0) as usize };
+        if list.len == 0 {
+            return Err(Error::new(ErrorCode::Unavailable, format!("RDMA is unavailable: {}", why_no_devices(Path::new(SYSFS_CLASS), None))));
+        }
+        Ok(list)
     }
 
     fn get(&self, i: usize) -> *mut ibv::ibv_device {
@@ -296,6 +293,47 @@ impl Drop for DeviceList {
     fn drop(&mut self) {
         // SAFETY: from ibv_get_device_list; opened contexts stay valid after the list is freed.
         unsafe { ibv::ibv_free_device_list(self.list) };
+    }
+}
+
+/// Where the kernel lists its RDMA devices (`infiniband`) and their verbs interfaces (`infiniband_verbs`).
+const SYSFS_CLASS: &str = "/sys/class";
+
+/// Why libibverbs lists no device, from what the kernel shows under `class_dir` (`/sys/class`) and the error
+/// `ibv_get_device_list` left, if it failed. libibverbs says ENOSYS ("Function not implemented") whenever the
+/// kernel has no verbs interface, which tells a user nothing; the sysfs directories tell what to do.
+fn why_no_devices(class_dir: &Path, error: Option<std::io::Error>) -> String {
+    if let Some(e) = &error {
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return "libibverbs.so.1 is not installed (Debian/Ubuntu: libibverbs1 and ibverbs-providers; RHEL: rdma-core)".into();
+        }
+    }
+    let entries = |name: &str| -> Option<Vec<String>> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(class_dir.join(name)).ok()?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        Some(names)
+    };
+    let rdma_dir = class_dir.join("infiniband");
+    let fix = "load the NIC's RDMA driver (e.g. mlx5_ib), or rdma_rxe for Soft-RoCE (`rdma link add rxe0 type rxe netdev eth0`)";
+    match entries("infiniband") {
+        None => format!("this kernel has no RDMA devices ({} does not exist): {fix}", rdma_dir.display()),
+        Some(devices) if devices.is_empty() => format!("this kernel has no RDMA devices ({} is empty): {fix}", rdma_dir.display()),
+        Some(devices) => match entries("infiniband_verbs") {
+            None => format!(
+                "the kernel has RDMA devices ({}) but no verbs interface ({} does not exist): load the ib_uverbs module",
+                devices.join(", "),
+                class_dir.join("infiniband_verbs").display()
+            ),
+            Some(_) => match error {
+                None => format!(
+                    "the kernel has RDMA devices ({}) but libibverbs has no provider for them: install ibverbs-providers \
+                     (Debian/Ubuntu) or rdma-core (RHEL); in a container, also pass /dev/infiniband through",
+                    devices.join(", ")
+                ),
+                Some(e) => format!("the kernel has RDMA devices ({}) but listing them failed: {e}", devices.join(", ")),
+            },
+        },
     }
 }
 
@@ -372,6 +410,35 @@ mod tests {
         assert_eq!(format_gid(&gid), "0000:0000:0000:0000:0000:ffff:0a63:0001");
         assert_eq!(mtu_bytes(ibv::ibv_mtu::IBV_MTU_4096), 4096);
         assert_eq!(mtu_bytes(ibv::ibv_mtu::IBV_MTU_256), 256);
+    }
+
+    #[test]
+    fn no_devices_is_explained_by_what_the_kernel_shows() {
+        let root = std::env::temp_dir().join(format!("kvtransfer-sysfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let enosys = || Some(std::io::Error::from_raw_os_error(libc::ENOSYS));
+
+        let why = why_no_devices(&root, enosys());
+        assert!(why.starts_with("this kernel has no RDMA devices"), "{why}");
+        assert!(why.contains("infiniband does not exist"), "{why}");
+        assert!(!why.contains("Function not implemented"), "{why}");
+
+        std::fs::create_dir_all(root.join("infiniband")).unwrap();
+        let why = why_no_devices(&root, enosys());
+        assert!(why.contains("infiniband is empty"), "{why}");
+
+        std::fs::create_dir_all(root.join("infiniband/mlx5_0")).unwrap();
+        let why = why_no_devices(&root, enosys());
+        assert!(why.contains("(mlx5_0) but no verbs interface") && why.contains("ib_uverbs"), "{why}");
+
+        std::fs::create_dir_all(root.join("infiniband_verbs/uverbs0")).unwrap();
+        let why = why_no_devices(&root, None);
+        assert!(why.contains("no provider") && why.contains("ibverbs-providers"), "{why}");
+
+        let why = why_no_devices(&root, Some(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP)));
+        assert!(why.contains("libibverbs.so.1 is not installed"), "{why}");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
