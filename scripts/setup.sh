@@ -35,7 +35,7 @@ find_libclang() {
       [ -e "$f" ] || continue
       case "$f" in *-cpp.*) continue ;; esac   # libclang-cpp is the C++ API, which bindgen cannot use
       if command -v nm >/dev/null 2>&1; then
-        nm -D --defined-only "$f" 2>/dev/null | grep -qw clang_createIndex || continue
+        nm -D --defined-only "$f" 2>/dev/null | grep -w clang_createIndex >/dev/null || continue   # grep -q would end nm early (SIGPIPE fails the pipe)
       fi
       echo "$f"
       return 0
