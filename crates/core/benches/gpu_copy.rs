@@ -11,7 +11,7 @@ use kvtransfer::cuda::ipc::{IpcHandle, IpcMapping};
 use kvtransfer::cuda::{self, BlockCopy, CopyStream, Gpu, PinnedBuffer, TensorCopy};
 use kvtransfer::plan::{BlockPlan, PlanForm};
 use kvtransfer::memory::CacheSpec;
-use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice};
+use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice, TransportKind};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -90,7 +90,7 @@ fn time(mut f: impl FnMut()) -> f64 {
 fn decode_child(block_bytes: u64) {
     let gpu = decode_gpu();
     let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: gpu, port: 0, cache: cache(gpu, block_bytes), tp_size: 1, tp_idx: 0 };
-    let config = Config { transport: TransportChoice::CudaIpc, ..Config::default() };
+    let config = Config { transport: TransportChoice::Only(TransportKind::CudaIpc), ..Config::default() };
     let handles = [spec.cache.key[0], spec.cache.value[0]].map(|addr| cuda::ipc::export(addr).unwrap().handle.to_hex());
     let decode = Communicator::new(spec, config).unwrap();
     println!("PORT {} {} {}", decode.port(), handles[0], handles[1]);
@@ -138,7 +138,7 @@ fn main() {
 
         let src = cache(0, size);
         let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: src.clone(), tp_size: 1, tp_idx: 0 };
-        let prefill = Communicator::new(spec, Config { transport: TransportChoice::CudaIpc, ..Config::default() }).unwrap();
+        let prefill = Communicator::new(spec, Config { transport: TransportChoice::Only(TransportKind::CudaIpc), ..Config::default() }).unwrap();
         prefill.connect("127.0.0.1", port, 1).unwrap();
         let total = 2 * BATCH as u64 * size;
         let ours = time(|| prefill.write_cache("127.0.0.1", port, &local, &remote, 0).unwrap());

@@ -10,7 +10,7 @@ use kvtransfer::memory::{CacheSpec, HostAllocation};
 use kvtransfer::plan::{BlockPlan, PlanForm, SliceGeometry};
 use kvtransfer::transport::rdma::post::{LayerKeys, WriteChain};
 use kvtransfer::transport::rdma::registration::RemoteRegion;
-use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice};
+use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice, TransportKind};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
@@ -84,11 +84,11 @@ fn cache(block_bytes: u64) -> (Vec<HostAllocation>, CacheSpec) {
 }
 
 fn tcp(c: &mut Criterion) {
-    write_1538_scattered(c, TransportChoice::Tcp);
+    write_1538_scattered(c, TransportChoice::Only(TransportKind::Tcp));
 }
 
 fn shm(c: &mut Criterion) {
-    write_1538_scattered(c, TransportChoice::Shm);
+    write_1538_scattered(c, TransportChoice::Only(TransportKind::Shm));
 }
 
 /// `writeCache` of 1538 scattered blocks, keys and values, between two communicators of this process.

@@ -11,6 +11,7 @@
 //! ```
 
 use crate::error::{Error, Result};
+use crate::wire::TransportKind;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -92,14 +93,8 @@ pub enum TransportChoice {
     /// The fastest transport both sides have: on one host cuda-ipc (GPU caches) or shm (host caches), else
     /// RDMA when a device of `KVCACHE_RDMA_NICS` is usable, else TCP.
     Auto,
-    /// TCP sockets, on any machine.
-    Tcp,
-    /// RDMA verbs (RC `RDMA_WRITE`).
-    Rdma,
-    /// `process_vm_writev` into the decode process: one host, host-memory caches.
-    Shm,
-    /// CUDA IPC handles and one copy kernel per write: one host, GPU caches.
-    CudaIpc,
+    /// That transport and no other.
+    Only(TransportKind),
 }
 
 impl TransportChoice {
@@ -107,10 +102,7 @@ impl TransportChoice {
     pub fn as_str(self) -> &'static str {
         match self {
             TransportChoice::Auto => "auto",
-            TransportChoice::Tcp => "tcp",
-            TransportChoice::Rdma => "rdma",
-            TransportChoice::Shm => "shm",
-            TransportChoice::CudaIpc => "cuda-ipc",
+            TransportChoice::Only(kind) => kind.as_str(),
         }
     }
 }
@@ -213,11 +205,10 @@ impl Config {
             Setting::Transport => {
                 self.transport = match v.to_ascii_lowercase().as_str() {
                     "auto" => TransportChoice::Auto,
-                    "tcp" => TransportChoice::Tcp,
-                    "rdma" => TransportChoice::Rdma,
-                    "shm" => TransportChoice::Shm,
-                    "cuda-ipc" => TransportChoice::CudaIpc,
-                    _ => return Err("expected one of auto, tcp, rdma, shm, cuda-ipc".into()),
+                    name => TransportChoice::Only(name.parse().map_err(|_| {
+                        let names: Vec<&str> = TransportKind::ALL.iter().map(|t| t.as_str()).collect();
+                        format!("expected auto or one of {}", names.join(", "))
+                    })?),
                 }
             }
             Setting::TimeoutMs => self.timeout = Duration::from_millis(parse_int(v, 1, 86_400_000)?),
@@ -302,7 +293,7 @@ mod tests {
         assert_eq!(cfg.socket_ifname.as_deref(), Some("eth0"));
         assert_eq!(cfg.debug_file, Some(PathBuf::from("/tmp/d.log")));
         assert_eq!(cfg.error_file, Some(PathBuf::from("/tmp/e.log")));
-        assert_eq!(cfg.transport, TransportChoice::Tcp);
+        assert_eq!(cfg.transport, TransportChoice::Only(TransportKind::Tcp));
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! [`Communicator::write_cache`]. Each call is validated ([`plan`]) before anything moves, and the decode
 //! side checks every write again against its own cache before a byte lands.
 //!
-//! Layers, top to bottom: [`communicator`] → [`plan`], [`control`], [`config`], [`transport`] →
-//! [`memory`] → [`error`].
+//! Layers, top to bottom: [`communicator`] (prefill side, decode side, [`communicator::negotiation`]) →
+//! [`control`] (the handshake's channel) and [`transport`] (one folder per transport, each with its accepting
+//! and connecting half, listed once in [`transport::REGISTRY`]) → [`plan`] → [`wire`] (the handshake's
+//! messages, [`TransportKind`]), [`config`], [`memory`] → [`error`].
 
 pub mod communicator;
 pub mod config;
@@ -20,6 +22,7 @@ mod net;
 pub mod plan;
 pub mod system;
 pub mod transport;
+pub mod wire;
 
 pub use communicator::{Communicator, CommunicatorSpec, Role, TransportKind};
 pub use config::{Config, Setting, TransportChoice};

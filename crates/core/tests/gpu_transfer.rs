@@ -9,7 +9,7 @@
 use cudarc::driver::sys as cu;
 use kvtransfer::cuda::{self, Gpu};
 use kvtransfer::memory::CacheSpec;
-use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice};
+use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice, TransportKind};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
@@ -140,8 +140,8 @@ fn decode_child() {
     let Ok(args) = std::env::var(CHILD) else { return };
     let a: Vec<&str> = args.split(',').collect();
     let transport = match a[0] {
-        "tcp" => TransportChoice::Tcp,
-        "cuda-ipc" => TransportChoice::CudaIpc,
+        "tcp" => TransportChoice::Only(TransportKind::Tcp),
+        "cuda-ipc" => TransportChoice::Only(TransportKind::CudaIpc),
         _ => TransportChoice::Auto,
     };
     let (on_gpu, tensors, layers, blocks, block_bytes, seed) =
@@ -277,7 +277,7 @@ fn scattered_calls(
     let src = TestCache::new(Some(0), tensors, layers, blocks, block_bytes, 1);
     let p = prefill(&src, 1, 0, choice);
     p.connect("127.0.0.1", d.port, 1).unwrap();
-    assert_eq!(p.connected_transport("127.0.0.1", d.port), Some(want_link));
+    assert_eq!(p.connected_transport("127.0.0.1", d.port).map(|k| k.as_str()), Some(want_link));
     let local = scattered(per_call, blocks, 3);
     let remote = scattered(per_call, blocks, 4);
     let mut expects = Vec::new();
@@ -303,8 +303,8 @@ fn scattered_calls(
 #[test]
 fn cuda_ipc_all_layers_scattered_keys_and_values() {
     if gpu() {
-        all_layers_scattered("cuda-ipc", TransportChoice::CudaIpc, true, 2, 1024, "cuda-ipc");
-        all_layers_scattered("cuda-ipc", TransportChoice::CudaIpc, true, 2, 64 << 10, "cuda-ipc");
+        all_layers_scattered("cuda-ipc", TransportChoice::Only(TransportKind::CudaIpc), true, 2, 1024, "cuda-ipc");
+        all_layers_scattered("cuda-ipc", TransportChoice::Only(TransportKind::CudaIpc), true, 2, 64 << 10, "cuda-ipc");
     }
 }
 
@@ -312,7 +312,7 @@ fn cuda_ipc_all_layers_scattered_keys_and_values() {
 #[test]
 fn cuda_ipc_long_call() {
     if gpu() {
-        scattered_calls("cuda-ipc", TransportChoice::CudaIpc, true, 2, 256, "cuda-ipc", (1, 12000, 9000));
+        scattered_calls("cuda-ipc", TransportChoice::Only(TransportKind::CudaIpc), true, 2, 256, "cuda-ipc", (1, 12000, 9000));
     }
 }
 
@@ -320,7 +320,7 @@ fn cuda_ipc_long_call() {
 fn cuda_ipc_unaligned_blocks_and_key_only() {
     if gpu() {
         // 1000-byte blocks take the kernel's byte path; one tensor is key-only (MLA).
-        all_layers_scattered("cuda-ipc", TransportChoice::CudaIpc, true, 1, 1000, "cuda-ipc");
+        all_layers_scattered("cuda-ipc", TransportChoice::Only(TransportKind::CudaIpc), true, 1, 1000, "cuda-ipc");
     }
 }
 
@@ -334,9 +334,9 @@ fn auto_picks_cuda_ipc_for_gpu_caches_on_one_host() {
 #[test]
 fn device_memory_over_tcp_both_sides_and_one_side() {
     if gpu() {
-        all_layers_scattered("tcp", TransportChoice::Tcp, true, 2, 16 << 10, "tcp");
+        all_layers_scattered("tcp", TransportChoice::Only(TransportKind::Tcp), true, 2, 16 << 10, "tcp");
         // Large enough for many staging chunks, with a host-memory decode.
-        all_layers_scattered("tcp", TransportChoice::Tcp, false, 2, 4096, "tcp");
+        all_layers_scattered("tcp", TransportChoice::Only(TransportKind::Tcp), false, 2, 4096, "tcp");
     }
 }
 
@@ -353,7 +353,7 @@ fn hetero_tp(transport: &str, choice: TransportChoice, want_link: &str) {
     for (rank, src) in ranks.iter().enumerate() {
         let p = prefill(src, 2, rank as u32, choice);
         p.connect("127.0.0.1", d.port, 1).unwrap();
-        assert_eq!(p.connected_transport("127.0.0.1", d.port), Some(want_link));
+        assert_eq!(p.connected_transport("127.0.0.1", d.port).map(|k| k.as_str()), Some(want_link));
         for layer in 0..layers {
             p.write_cache("127.0.0.1", d.port, &local, &remote, layer as u32).unwrap();
             for t in 0..2 {
@@ -378,14 +378,14 @@ fn hetero_tp(transport: &str, choice: TransportChoice, want_link: &str) {
 #[test]
 fn cuda_ipc_hetero_tp() {
     if gpu() {
-        hetero_tp("cuda-ipc", TransportChoice::CudaIpc, "cuda-ipc");
+        hetero_tp("cuda-ipc", TransportChoice::Only(TransportKind::CudaIpc), "cuda-ipc");
     }
 }
 
 #[test]
 fn device_memory_over_tcp_hetero_tp() {
     if gpu() {
-        hetero_tp("tcp", TransportChoice::Tcp, "tcp");
+        hetero_tp("tcp", TransportChoice::Only(TransportKind::Tcp), "tcp");
     }
 }
 
@@ -396,7 +396,7 @@ fn refusals_on_the_gpu_touch_nothing() {
     }
     let mut d = DecodeProcess::start("cuda-ipc", true, 2, 2, 64, 1024, 2);
     let src = TestCache::new(Some(0), 2, 2, 64, 1024, 1);
-    let p = prefill(&src, 1, 0, TransportChoice::CudaIpc);
+    let p = prefill(&src, 1, 0, TransportChoice::Only(TransportKind::CudaIpc));
     p.connect("127.0.0.1", d.port, 1).unwrap();
     for (local, remote, layer) in [(vec![64u32], vec![0u32], 0u32), (vec![0], vec![64], 0), (vec![0], vec![1], 2), (vec![0, 1], vec![1], 0)] {
         let e = p.write_cache("127.0.0.1", d.port, &local, &remote, layer).unwrap_err();
@@ -406,10 +406,10 @@ fn refusals_on_the_gpu_touch_nothing() {
     // A host-memory decode cannot take cuda-ipc; a GPU cache cannot take shm.
     let host = TestCache::new(None, 2, 2, 64, 1024, 1);
     let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: host.spec(), tp_size: 1, tp_idx: 0 };
-    let e = Communicator::new(spec, config(TransportChoice::CudaIpc)).err().unwrap();
+    let e = Communicator::new(spec, config(TransportChoice::Only(TransportKind::CudaIpc))).err().unwrap();
     assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
     let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: src.spec(), tp_size: 1, tp_idx: 0 };
-    let e = Communicator::new(spec, config(TransportChoice::Shm)).err().unwrap();
+    let e = Communicator::new(spec, config(TransportChoice::Only(TransportKind::Shm))).err().unwrap();
     assert!(e.message().contains("GPU memory"), "{e}");
 }
 
@@ -422,6 +422,6 @@ fn a_cache_past_its_allocation_is_refused() {
     let mut spec = c.spec();
     spec.block_number = 4096;
     let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: spec, tp_size: 1, tp_idx: 0 };
-    let e = Communicator::new(spec, config(TransportChoice::Tcp)).err().unwrap();
+    let e = Communicator::new(spec, config(TransportChoice::Only(TransportKind::Tcp))).err().unwrap();
     assert!(e.message().contains("past the end of its GPU allocation"), "{e}");
 }

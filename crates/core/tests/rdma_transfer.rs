@@ -29,7 +29,7 @@ fn gid_index() -> u32 {
 
 fn rdma_config(nic: &str) -> Config {
     Config {
-        transport: TransportChoice::Rdma,
+        transport: TransportChoice::Only(TransportKind::Rdma),
         rdma_nics: vec![nic.to_string()],
         gid_index: gid_index(),
         timeout: Duration::from_secs(20),
@@ -172,17 +172,17 @@ fn auto_decode_serves_shm_rdma_and_tcp_peers_each_their_way() {
     assert_eq!((d.transport(), d.rdma_device()), (TransportKind::Shm, Some(nic.as_str())));
     let p = prefill(src.spec(), 1, 0, auto);
     p.connect("127.0.0.1", d.port(), 1).unwrap();
-    assert_eq!(p.connected_transport("127.0.0.1", d.port()), Some("shm"), "one host: shared memory first");
+    assert_eq!(p.connected_transport("127.0.0.1", d.port()), Some(TransportKind::Shm), "one host: shared memory first");
     p.write_cache("127.0.0.1", d.port(), &[1], &[2], 0).unwrap();
     assert_eq!(dst.block(0, 0, 2), src.block(0, 0, 1));
     let r = prefill(src.spec(), 1, 0, rdma_config(&nic));
     r.connect("127.0.0.1", d.port(), 1).unwrap();
-    assert_eq!(r.connected_transport("127.0.0.1", d.port()), Some("rdma"));
+    assert_eq!(r.connected_transport("127.0.0.1", d.port()), Some(TransportKind::Rdma));
     r.write_cache("127.0.0.1", d.port(), &[5], &[6], 0).unwrap();
     assert_eq!(dst.block(1, 0, 6), src.block(1, 0, 5));
-    let tcp = prefill(src.spec(), 1, 0, Config { transport: TransportChoice::Tcp, ..Config::default() });
+    let tcp = prefill(src.spec(), 1, 0, Config { transport: TransportChoice::Only(TransportKind::Tcp), ..Config::default() });
     tcp.connect("127.0.0.1", d.port(), 1).unwrap();
-    assert_eq!(tcp.connected_transport("127.0.0.1", d.port()), Some("tcp"));
+    assert_eq!(tcp.connected_transport("127.0.0.1", d.port()), Some(TransportKind::Tcp));
     tcp.write_cache("127.0.0.1", d.port(), &[3], &[4], 0).unwrap();
     assert_eq!(dst.block(1, 0, 4), src.block(1, 0, 3));
 }
@@ -250,7 +250,7 @@ fn the_flush_reads_back_the_last_block_written() {
         let prefill = RdmaContext::open(layout(&src), &config, 0, false).unwrap();
         let pending = prefill.prepare().unwrap();
         let (_, welcome) = target.accept(&pending.endpoint(), None).unwrap();
-        let mut link = pending.finish("decode".into(), &welcome, SliceGeometry::WHOLE, 8).unwrap();
+        let mut link = pending.connect("decode".into(), &welcome, SliceGeometry::WHOLE, 8).unwrap();
         let mut plan = BlockPlan::default();
         plan.build(&[2, 6], &[1, 4], 0, 1, 8, 8).unwrap();
         link.write(&plan).unwrap();

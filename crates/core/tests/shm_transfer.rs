@@ -30,8 +30,8 @@ fn link_of(p: &Communicator, port: u16) -> String {
 fn all_layers_scattered_keys_and_values() {
     let src = Cache::new(2, 3, 2048, 1024, 1);
     let dst = Cache::new(2, 3, 2048, 1024, 2);
-    let d = decode(dst.spec(), TransportChoice::Shm);
-    let p = prefill(src.spec(), 1, 0, TransportChoice::Shm);
+    let d = decode(dst.spec(), TransportChoice::Only(TransportKind::Shm));
+    let p = prefill(src.spec(), 1, 0, TransportChoice::Only(TransportKind::Shm));
     p.connect("127.0.0.1", d.port(), 1).unwrap();
     assert_eq!(link_of(&p, d.port()), "shm");
     // 1538 scattered ids (more than one system call's 1024 ranges) plus a contiguous run.
@@ -55,10 +55,10 @@ fn all_layers_scattered_keys_and_values() {
 fn key_only_and_hetero_tp() {
     // Two prefill ranks with half-size blocks fill the two halves of each decode block.
     let dst = Cache::new(1, 2, 32, 2048, 3);
-    let d = decode(dst.spec(), TransportChoice::Shm);
+    let d = decode(dst.spec(), TransportChoice::Only(TransportKind::Shm));
     let halves: Vec<Cache> = (0..2).map(|r| Cache::new(1, 2, 32, 1024, 10 + r)).collect();
     for (rank, src) in halves.iter().enumerate() {
-        let p = prefill(src.spec(), 2, rank as u32, TransportChoice::Shm);
+        let p = prefill(src.spec(), 2, rank as u32, TransportChoice::Only(TransportKind::Shm));
         p.connect("127.0.0.1", d.port(), 1).unwrap();
         p.write_cache("127.0.0.1", d.port(), &[4, 9], &[30, 1], 1).unwrap();
     }
@@ -82,7 +82,7 @@ fn auto_picks_shm_on_one_host_and_tcp_when_the_decode_lacks_it() {
     drop(shm_decode);
 
     let other = Cache::new(2, 1, 8, 256, 7);
-    let tcp_decode = decode(other.spec(), TransportChoice::Tcp);
+    let tcp_decode = decode(other.spec(), TransportChoice::Only(TransportKind::Tcp));
     p.connect("127.0.0.1", tcp_decode.port(), 1).unwrap();
     assert_eq!(link_of(&p, tcp_decode.port()), "tcp");
     p.write_cache("127.0.0.1", tcp_decode.port(), &[3], &[4], 0).unwrap();
@@ -94,9 +94,9 @@ fn auto_picks_shm_on_one_host_and_tcp_when_the_decode_lacks_it() {
 fn nothing_lands_after_the_decode_closed() {
     let src = Cache::new(2, 1, 8, 256, 8);
     let dst = Cache::new(2, 1, 8, 256, 9);
-    let d = decode(dst.spec(), TransportChoice::Shm);
+    let d = decode(dst.spec(), TransportChoice::Only(TransportKind::Shm));
     let port = d.port();
-    let p = prefill(src.spec(), 1, 0, TransportChoice::Shm);
+    let p = prefill(src.spec(), 1, 0, TransportChoice::Only(TransportKind::Shm));
     p.connect("127.0.0.1", port, 1).unwrap();
     d.close();
     let before = dst.snapshot();
@@ -112,8 +112,8 @@ fn shm_refuses_what_it_cannot_move() {
     // A decode that only speaks shm and a prefill that only speaks tcp have nothing in common.
     let src = Cache::new(2, 1, 8, 256, 1);
     let dst = Cache::new(2, 1, 8, 256, 2);
-    let d = decode(dst.spec(), TransportChoice::Shm);
-    let p = prefill(src.spec(), 1, 0, TransportChoice::Tcp);
+    let d = decode(dst.spec(), TransportChoice::Only(TransportKind::Shm));
+    let p = prefill(src.spec(), 1, 0, TransportChoice::Only(TransportKind::Tcp));
     let err = p.connect("127.0.0.1", d.port(), 1).unwrap_err();
     assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
     assert!(err.message().contains("no common transport"), "{err}");

@@ -1,19 +1,20 @@
 //! End-to-end transfers over the TCP transport between communicators of one process, and what the decode
 //! side does with traffic that did not come from a well-behaved prefill.
 
-use kvtransfer::control::{self, Hello, PROTOCOL_VERSION};
+use kvtransfer::control;
+use kvtransfer::wire::{self, Hello, Offer, PROTOCOL_VERSION};
 mod common;
 
 use common::Cache;
 use kvtransfer::memory::CacheSpec;
 use kvtransfer::transport::tcp::frame::{self, DataHello, WriteHeader};
-use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice};
+use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice, TransportKind};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
 fn tcp() -> Config {
-    Config { transport: TransportChoice::Tcp, timeout: Duration::from_secs(5), ..Config::default() }
+    Config { transport: TransportChoice::Only(TransportKind::Tcp), timeout: Duration::from_secs(5), ..Config::default() }
 }
 
 fn decode(cache: CacheSpec) -> Communicator {
@@ -197,7 +198,7 @@ fn closed_decode_fails_writes_without_hanging() {
 fn raw_data_connection(port: u16, layers: u32, block_bytes: u64) -> TcpStream {
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
-        role: "prefill".into(),
+        role: Role::Prefill,
         layers,
         tensors: 0b11,
         block_bytes,
@@ -206,16 +207,15 @@ fn raw_data_connection(port: u16, layers: u32, block_bytes: u64) -> TcpStream {
         tp_size: 1,
         tp_idx: 0,
         dst_tp_size: 1,
-        transports: vec!["tcp".into()],
-        rdma: None,
+        offers: vec![Offer { transport: TransportKind::Tcp, details: serde_json::Value::Null }],
         replaces: None,
         host: None,
     };
     let ctx = zmq::Context::new();
-    let reply = control::request(&ctx, "127.0.0.1", port, &control::encode(&hello), Duration::from_secs(5)).unwrap();
-    let welcome = control::decode_reply(&reply).unwrap();
-    let mut s = TcpStream::connect(("127.0.0.1", welcome.tcp_port)).unwrap();
-    s.write_all(&DataHello { protocol: PROTOCOL_VERSION, token: welcome.token }.encode()).unwrap();
+    let reply = control::request(&ctx, "127.0.0.1", port, &wire::encode(&hello), Duration::from_secs(5)).unwrap();
+    let welcome = wire::decode_reply(&reply).unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", welcome.details["port"].as_u64().unwrap() as u16)).unwrap();
+    s.write_all(&DataHello { protocol: PROTOCOL_VERSION, token: welcome.session }.encode()).unwrap();
     let mut ack = [0u8; frame::HELLO_ACK_LEN];
     s.read_exact(&mut ack).unwrap();
     frame::decode_hello_ack(&ack).unwrap();
@@ -276,7 +276,7 @@ fn garbage_on_the_wire_does_not_hurt_the_decode_side() {
     // A handshake with garbage JSON gets a clear refusal.
     let ctx = zmq::Context::new();
     let reply = control::request(&ctx, "127.0.0.1", d.port(), b"{not json", Duration::from_secs(5)).unwrap();
-    let err = control::decode_reply(&reply).unwrap_err();
+    let err = wire::decode_reply(&reply).unwrap_err();
     assert_eq!(err.code(), ErrorCode::Protocol);
     // A valid data connection, then garbage instead of a header: the decode drops that connection.
     let mut s = raw_data_connection(d.port(), 1, 64);

@@ -123,7 +123,7 @@ impl NativeCommunicator {
     /// The transport of the connection to `ip:port`, if there is one.
     #[napi]
     pub fn connected_transport(&self, ip: String, port: u32) -> Option<&'static str> {
-        u16::try_from(port).ok().and_then(|p| self.inner.connected_transport(&ip, p))
+        u16::try_from(port).ok().and_then(|p| self.inner.connected_transport(&ip, p)).map(|k| k.as_str())
     }
 
     #[napi]

@@ -56,8 +56,8 @@ pub fn export(addr: u64) -> Result<Allocation> {
     Ok(Allocation { base, size, handle: IpcHandle(raw.map(|c| c as u8)) })
 }
 
-/// Handles this process has open: (handle, GPU it is mapped on) → (address, users).
-type Opened = HashMap<(IpcHandle, u32), (u64, usize)>;
+/// Handles this process has open: (handle, GPU it is mapped on) → (address, size, users).
+type Opened = HashMap<(IpcHandle, u32), (u64, u64, usize)>;
 
 fn opened() -> &'static Mutex<Opened> {
     static OPENED: OnceLock<Mutex<Opened>> = OnceLock::new();
@@ -70,15 +70,16 @@ pub struct IpcMapping {
     gpu: Arc<Gpu>,
     handle: IpcHandle,
     addr: u64,
+    len: u64,
 }
 
 impl IpcMapping {
     /// Maps `handle` on `gpu` (with peer access enabled lazily when the allocation lives on another GPU).
     pub fn open(gpu: &Arc<Gpu>, handle: IpcHandle) -> Result<IpcMapping> {
         let mut map = opened().lock().unwrap();
-        if let Some((addr, users)) = map.get_mut(&(handle, gpu.ordinal())) {
+        if let Some((addr, len, users)) = map.get_mut(&(handle, gpu.ordinal())) {
             *users += 1;
-            return Ok(IpcMapping { gpu: gpu.clone(), handle, addr: *addr });
+            return Ok(IpcMapping { gpu: gpu.clone(), handle, addr: *addr, len: *len });
         }
         gpu.bind()?;
         let mut addr = 0u64;
@@ -88,13 +89,34 @@ impl IpcMapping {
             cu::cuIpcOpenMemHandle_v2(&mut addr, raw, cu::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32)
         };
         check(rc, "opening the decode's CUDA IPC handle")?;
-        map.insert((handle, gpu.ordinal()), (addr, 1));
-        Ok(IpcMapping { gpu: gpu.clone(), handle, addr })
+        // The allocation's size as the driver knows it, not as the peer says: every offset into it is checked
+        // against this.
+        let (mut base, mut size) = (0u64, 0usize);
+        // SAFETY: the context is current and `addr` was just mapped in it; the driver writes the two locals.
+        let sized = check(unsafe { cu::cuMemGetAddressRange_v2(&mut base, &mut size, addr) }, "sizing the decode's CUDA IPC allocation");
+        if let Err(e) = sized {
+            // SAFETY: mapped just above, and nobody else has it yet.
+            unsafe { cu::cuIpcCloseMemHandle(addr) };
+            return Err(e);
+        }
+        let len = (base + size as u64).saturating_sub(addr);
+        map.insert((handle, gpu.ordinal()), (addr, len, 1));
+        Ok(IpcMapping { gpu: gpu.clone(), handle, addr, len })
     }
 
     /// Where the allocation's first byte is mapped in this process.
     pub fn addr(&self) -> u64 {
         self.addr
+    }
+
+    /// The allocation's size in bytes, as the driver reports it for the mapping.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Never true: the driver maps no empty allocation.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -102,7 +124,7 @@ impl Drop for IpcMapping {
     fn drop(&mut self) {
         let mut map = opened().lock().unwrap();
         let key = (self.handle, self.gpu.ordinal());
-        let Some((addr, users)) = map.get_mut(&key) else { return };
+        let Some((addr, _, users)) = map.get_mut(&key) else { return };
         *users -= 1;
         if *users == 0 {
             let addr = *addr;

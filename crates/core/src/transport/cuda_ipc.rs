@@ -7,9 +7,69 @@ use crate::cuda::{BlockCopy, CopyStream, Gpu, MemoryKind, PinnedBuffer, TensorCo
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{CacheLayout, Tensor};
 use crate::plan::{self, BlockPlan, PlanForm, SliceGeometry};
-use crate::transport::Link;
+use crate::transport::{self, Accepted, Acceptor, Admission, Answer, Connector, Environment, Link, PendingLink, Transport};
+use crate::wire::TransportKind;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+
+/// The registry entry.
+pub struct CudaIpc;
+
+impl Transport for CudaIpc {
+    fn kind(&self) -> TransportKind {
+        TransportKind::CudaIpc
+    }
+
+    fn serves(&self, location: MemoryKind) -> bool {
+        matches!(location, MemoryKind::Device { .. })
+    }
+
+    fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
+        let welcome = export(env.cache).map_err(|e| Error::new(e.code(), format!("cuda-ipc: {}", e.message())))?;
+        Ok(Arc::new(CudaIpcExport { welcome }))
+    }
+
+    fn connector(&self, env: &Environment<'_>) -> Result<Arc<dyn Connector>> {
+        Ok(Arc::new(CudaIpcConnector { cache: env.cache.clone() }))
+    }
+}
+
+/// The decode's half: its cache, exported once.
+struct CudaIpcExport {
+    welcome: IpcWelcome,
+}
+
+impl Acceptor for CudaIpcExport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::CudaIpc
+    }
+
+    fn accept(&self, _admission: &Admission<'_>) -> Result<Accepted> {
+        Ok(Accepted { session: transport::random_u64(), details: transport::to_details(&self.welcome) })
+    }
+}
+
+/// The prefill's half.
+struct CudaIpcConnector {
+    cache: Arc<CacheLayout>,
+}
+
+impl Connector for CudaIpcConnector {
+    fn kind(&self) -> TransportKind {
+        TransportKind::CudaIpc
+    }
+
+    fn prepare(&self) -> Result<Box<dyn PendingLink>> {
+        Ok(Box::new(CudaIpcConnector { cache: self.cache.clone() }))
+    }
+}
+
+impl PendingLink for CudaIpcConnector {
+    fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>> {
+        let welcome: IpcWelcome = transport::from_details(TransportKind::CudaIpc, answer.details)?;
+        Ok(Box::new(CudaIpcLink::open(answer.peer.to_string(), self.cache, &welcome, answer.geometry, answer.remote_blocks)?))
+    }
+}
 
 /// Where one tensor of one layer lies: `len` bytes, `offset` bytes into allocation `allocation`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -88,6 +148,17 @@ impl CudaIpcLink {
                 let mapping = mappings
                     .get(r.allocation as usize)
                     .ok_or_else(|| Error::protocol(format!("a region names allocation {} of {}", r.allocation, mappings.len())))?;
+                // The copy kernel writes [offset, offset + len) of the mapping: it must lie inside the allocation
+                // the driver mapped, whatever the peer claims.
+                if r.offset.checked_add(r.len).is_none_or(|end| end > mapping.len()) {
+                    return Err(Error::protocol(format!(
+                        "the decode peer placed a {} region at offset {} + {} bytes of an allocation of {} bytes",
+                        t.name(),
+                        r.offset,
+                        r.len,
+                        mapping.len()
+                    )));
+                }
                 remote[t as usize].push(mapping.addr() + r.offset);
             }
         }
@@ -148,7 +219,7 @@ impl Link for CudaIpcLink {
         self.stream.synchronize().map_err(|e| Error::new(e.code(), format!("writing into {}: {}", self.peer, e.message())))
     }
 
-    fn transport(&self) -> &'static str {
-        "cuda-ipc"
+    fn transport(&self) -> TransportKind {
+        TransportKind::CudaIpc
     }
 }

@@ -1,16 +1,145 @@
-//! Transports: how a prefill side moves a [`BlockPlan`]'s bytes into a decode side's cache.
-//! Transports never import each other.
+//! Transports: how a prefill moves a [`BlockPlan`]'s bytes into a decode's cache.
+//!
+//! Each transport is one folder with its two halves: the decode's accepting half ([`Acceptor`]) and the
+//! prefill's connecting half ([`Connector`]), both made by its [`Transport`] entry in [`REGISTRY`]. Adding a
+//! transport is one folder and one line there. The handshake carries each transport's own details as an opaque
+//! value ([`crate::wire::Offer::details`], [`crate::wire::Welcome::details`]) that only the transport reads.
+//!
+//! Transports never import each other, the control plane or the communicator.
 
 pub mod cuda_ipc;
 pub mod rdma;
 pub mod shm;
 pub mod tcp;
 
-use crate::error::Result;
-use crate::plan::{BlockPlan, PlanForm};
+use crate::config::Config;
+use crate::cuda::MemoryKind;
+use crate::error::{Error, Result};
+use crate::log::Logger;
+use crate::memory::{CacheLayout, TensorSet};
+use crate::plan::{BlockPlan, PlanForm, SliceGeometry};
+use crate::wire::TransportKind;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// Every transport, fastest first: the one place that lists them.
+pub static REGISTRY: [&dyn Transport; 4] = [&cuda_ipc::CudaIpc, &shm::Shm, &rdma::Rdma, &tcp::Tcp];
+
+/// The registry entry of `kind`.
+pub fn transport(kind: TransportKind) -> &'static dyn Transport {
+    *REGISTRY.iter().find(|t| t.kind() == kind).expect("every transport kind is registered")
+}
+
+/// What either half of a transport is set up with.
+pub struct Environment<'a> {
+    /// The communicator's cache.
+    pub cache: &'a Arc<CacheLayout>,
+    pub config: &'a Config,
+    /// The GPU index the communicator was given (picks the RDMA NIC).
+    pub gpu_idx: u32,
+    pub log: &'a Arc<Logger>,
+    /// The address the decode's listeners bind (unused by prefill).
+    pub listen_ip: IpAddr,
+}
+
+/// One transport: makes its two halves for a communicator.
+pub trait Transport: Sync {
+    /// Which transport this is.
+    fn kind(&self) -> TransportKind;
+
+    /// Whether it can move a cache that lives in `location`.
+    fn serves(&self, location: MemoryKind) -> bool {
+        let _ = location;
+        true
+    }
+
+    /// The decode's half, serving `env.cache`.
+    fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>>;
+
+    /// The prefill's half, writing from `env.cache`.
+    fn connector(&self, env: &Environment<'_>) -> Result<Arc<dyn Connector>>;
+}
+
+/// A prefill peer the handshake has agreed with, as its transport sees it.
+pub struct Admission<'a> {
+    /// The peer, for logs.
+    pub peer: &'a str,
+    /// Where its blocks land inside ours.
+    pub geometry: SliceGeometry,
+    /// The tensors it sends.
+    pub tensors: TensorSet,
+    /// What the prefill's half of this transport sent with its offer.
+    pub details: &'a Value,
+    /// The session of this transport that the peer's connection rebuilds.
+    pub replaces: Option<u64>,
+}
+
+/// What the accepting half answers an admission with.
+pub struct Accepted {
+    /// The session's name: random, so that only the peer it was sent to can present it.
+    pub session: u64,
+    /// What the prefill's half needs to reach this one.
+    pub details: Value,
+}
+
+/// The decode's half of a transport: lets agreed prefill peers write into the cache.
+pub trait Acceptor: Send + Sync {
+    /// Which transport this is.
+    fn kind(&self) -> TransportKind;
+    /// Sets up the data path for one prefill peer.
+    fn accept(&self, admission: &Admission<'_>) -> Result<Accepted>;
+    /// The device this half uses, where it has one (the RDMA NIC).
+    fn device(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// The prefill's half of a transport: opens links to decode peers.
+pub trait Connector: Send + Sync {
+    /// Which transport this is.
+    fn kind(&self) -> TransportKind;
+    /// Prepares one connection; what it offers goes into the hello.
+    fn prepare(&self) -> Result<Box<dyn PendingLink>>;
+    /// The device this half uses, where it has one (the RDMA NIC).
+    fn device(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// The decode's welcome, as the prefill's half of the chosen transport reads it.
+pub struct Answer<'a> {
+    /// The decode peer (`ip:port`), for messages.
+    pub peer: &'a str,
+    /// The host the decode was reached at.
+    pub host: &'a str,
+    /// The decode's name for this connection.
+    pub session: u64,
+    /// What the decode's half of the transport answered.
+    pub details: &'a Value,
+    /// Where this prefill's blocks land inside the decode's.
+    pub geometry: SliceGeometry,
+    /// Blocks per tensor of the decode's cache.
+    pub remote_blocks: u32,
+}
+
+/// A connection being set up: offered in the hello, finished with the decode's answer.
+pub trait PendingLink: Send {
+    /// What this half tells the decode's half in the hello.
+    fn offer(&self) -> Value {
+        Value::Null
+    }
+    /// Opens the link to the decode's half described by `answer`, checking everything it says.
+    fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>>;
+}
 
 /// The prefill end of one connection to a decode peer.
 pub trait Link: Send {
+    /// Which transport this is.
+    fn transport(&self) -> TransportKind;
+
     /// The form this link takes calls in.
     fn plan_form(&self) -> PlanForm {
         PlanForm::Runs
@@ -19,15 +148,64 @@ pub trait Link: Send {
     /// Moves every tensor of the plan's blocks into the peer. Returns once the bytes are in the peer's
     /// memory.
     fn write(&mut self, plan: &BlockPlan) -> Result<()>;
-
-    /// The transport's name (`"tcp"`, `"rdma"`, `"shm"`, `"cuda-ipc"`).
-    fn transport(&self) -> &'static str;
 }
 
-/// A number that differs between processes and runs (tokens, nonces); not for cryptography.
+/// A transport's details as the handshake carries them.
+pub fn to_details<T: Serialize>(details: &T) -> Value {
+    serde_json::to_value(details).expect("transport details are plain data")
+}
+
+/// Reads the details a peer's half of transport `kind` sent; anything malformed is a protocol error.
+pub fn from_details<T: DeserializeOwned>(kind: TransportKind, details: &Value) -> Result<T> {
+    T::deserialize(details).map_err(|e| Error::protocol(format!("the peer's {kind} details are malformed: {e}")))
+}
+
+/// A number no other process can predict (session names, liveness words), from the operating system's
+/// random source; never 0.
 pub fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.finish()
+    loop {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).expect("the operating system's random source is readable");
+        let n = u64::from_le_bytes(bytes);
+        if n != 0 {
+            return n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_is_registered_once_fastest_first() {
+        let kinds: Vec<TransportKind> = REGISTRY.iter().map(|t| t.kind()).collect();
+        assert_eq!(kinds, TransportKind::ALL);
+        for kind in TransportKind::ALL {
+            assert_eq!(transport(kind).kind(), kind);
+        }
+    }
+
+    #[test]
+    fn random_numbers_differ_and_are_never_zero() {
+        let a: Vec<u64> = (0..64).map(|_| random_u64()).collect();
+        assert!(a.iter().all(|&n| n != 0));
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), a.len());
+    }
+
+    #[test]
+    fn malformed_details_are_protocol_errors() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Port {
+            port: u16,
+        }
+        let err = from_details::<Port>(TransportKind::Tcp, &serde_json::json!({ "port": 70000 })).unwrap_err();
+        assert_eq!(err.code(), crate::ErrorCode::Protocol);
+        assert!(err.message().contains("tcp details"), "{err}");
+        assert_eq!(from_details::<Port>(TransportKind::Tcp, &serde_json::json!({ "port": 7 })).unwrap().port, 7);
+    }
 }

@@ -5,17 +5,40 @@
 //! The decode side shows a random 64-bit word at a known address; the prefill reads it back before each write,
 //! so a decode that closed, died, or whose pid now names another process is never written into.
 
+use crate::cuda::MemoryKind;
 use crate::error::{Error, ErrorCode, Result};
 use crate::iov::{advance, iovec, IoVec, IoVecs};
 use crate::memory::{CacheLayout, Tensor};
 use crate::plan::{self, BlockPlan, SliceGeometry};
-use crate::transport::Link;
+use crate::transport::{self, Accepted, Acceptor, Admission, Answer, Connector, Environment, Link, PendingLink, Transport};
+use crate::wire::TransportKind;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Most ranges per system call (the kernel's `UIO_MAXIOV`).
 const MAX_IOV: usize = 1024;
+
+/// The registry entry.
+pub struct Shm;
+
+impl Transport for Shm {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Shm
+    }
+
+    fn serves(&self, location: MemoryKind) -> bool {
+        location == MemoryKind::Host
+    }
+
+    fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
+        Ok(Arc::new(ShmTarget::new(env.cache)?))
+    }
+
+    fn connector(&self, env: &Environment<'_>) -> Result<Arc<dyn Connector>> {
+        Ok(Arc::new(ShmConnector { cache: env.cache.clone() }))
+    }
+}
 
 /// The decode's side of the handshake.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -40,21 +63,21 @@ impl ShmTarget {
     /// a stricter setting makes the transport unavailable.
     pub fn new(cache: &CacheLayout) -> Result<ShmTarget> {
         allow_writers()?;
-        let nonce = loop {
-            let n = crate::transport::random_u64();
-            if n != 0 {
-                break n;
-            }
-        };
+        let nonce = transport::random_u64();
         let probe = Box::new(AtomicU64::new(nonce));
         let regions = Tensor::ALL.iter().map(|&t| cache.addrs(t).to_vec()).collect();
         let welcome = ShmWelcome { pid: std::process::id(), probe: probe.as_ptr() as u64, nonce, regions };
         Ok(ShmTarget { probe, welcome })
     }
+}
 
-    /// What the handshake sends a prefill.
-    pub fn welcome(&self) -> ShmWelcome {
-        self.welcome.clone()
+impl Acceptor for ShmTarget {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Shm
+    }
+
+    fn accept(&self, _admission: &Admission<'_>) -> Result<Accepted> {
+        Ok(Accepted { session: transport::random_u64(), details: transport::to_details(&self.welcome) })
     }
 }
 
@@ -101,6 +124,28 @@ fn allow_writers() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The prefill's half.
+struct ShmConnector {
+    cache: Arc<CacheLayout>,
+}
+
+impl Connector for ShmConnector {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Shm
+    }
+
+    fn prepare(&self) -> Result<Box<dyn PendingLink>> {
+        Ok(Box::new(ShmConnector { cache: self.cache.clone() }))
+    }
+}
+
+impl PendingLink for ShmConnector {
+    fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>> {
+        let welcome: ShmWelcome = transport::from_details(TransportKind::Shm, answer.details)?;
+        Ok(Box::new(ShmLink::open(answer.peer.to_string(), self.cache, &welcome, answer.geometry, answer.remote_blocks)?))
+    }
 }
 
 /// A prefill's connection to one decode peer on the same host.
@@ -195,8 +240,8 @@ impl Link for ShmLink {
         })
     }
 
-    fn transport(&self) -> &'static str {
-        "shm"
+    fn transport(&self) -> TransportKind {
+        TransportKind::Shm
     }
 }
 

@@ -21,10 +21,10 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::memory::{CacheLayout, HostAllocation};
 use crate::plan::{BlockPlan, SliceGeometry};
-use crate::transport::Link;
+use crate::transport::{self, Accepted, Acceptor, Admission, Answer, Connector, Environment, Link, PendingLink, Transport};
+use crate::wire::TransportKind;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +36,23 @@ const SEND_QUEUE_DEPTH: u32 = 8192;
 const RETRY_COUNT: u8 = 7;
 /// Bytes the flush read fetches.
 const FLUSH_BYTES: u32 = 8;
+
+/// The registry entry.
+pub struct Rdma;
+
+impl Transport for Rdma {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Rdma
+    }
+
+    fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
+        Ok(Arc::new(RdmaTarget::new(RdmaContext::open(env.cache.clone(), env.config, env.gpu_idx, true)?)))
+    }
+
+    fn connector(&self, env: &Environment<'_>) -> Result<Arc<dyn Connector>> {
+        Ok(Arc::new(RdmaConnector(RdmaContext::open(env.cache.clone(), env.config, env.gpu_idx, false)?)))
+    }
+}
 
 /// What the decode side answers an RDMA offer with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +80,13 @@ impl RdmaContext {
     /// reads.
     pub fn open(cache: Arc<CacheLayout>, config: &Config, gpu_idx: u32, decode: bool) -> Result<Arc<RdmaContext>> {
         let nic = config.nic_for_gpu(gpu_idx);
+        RdmaContext::open_on(cache, config, nic, decode).map_err(|e| {
+            let nic = nic.unwrap_or("any, KVCACHE_RDMA_NICS is unset");
+            Error::new(e.code(), format!("RDMA is not usable for GPU {gpu_idx} (NIC {nic}): {}", e.message()))
+        })
+    }
+
+    fn open_on(cache: Arc<CacheLayout>, config: &Config, nic: Option<&str>, decode: bool) -> Result<Arc<RdmaContext>> {
         let device = Device::open(nic, config.gid_index)?;
         let pd = ProtectionDomain::new(device.clone())?;
         let access = Access { remote_write: decode, remote_read: decode, relaxed_ordering: config.relax_ordering };
@@ -108,26 +132,54 @@ impl RdmaContext {
     }
 
     /// A queue pair for a new peer, ready to be connected once the peer's address is known.
-    pub fn prepare(self: &Arc<RdmaContext>) -> Result<PendingLink> {
+    pub fn prepare(self: &Arc<RdmaContext>) -> Result<PendingQueuePair> {
         let qp = QueuePair::new(self.regions.pd(), SEND_QUEUE_DEPTH)?;
-        Ok(PendingLink { qp, context: self.clone() })
+        Ok(PendingQueuePair { qp, context: self.clone() })
+    }
+}
+
+/// The prefill's half: a queue pair per connection, on the context's device.
+struct RdmaConnector(Arc<RdmaContext>);
+
+impl Connector for RdmaConnector {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Rdma
+    }
+
+    fn prepare(&self) -> Result<Box<dyn PendingLink>> {
+        Ok(Box::new(self.0.prepare()?))
+    }
+
+    fn device(&self) -> Option<&str> {
+        Some(self.0.device().name())
     }
 }
 
 /// A prefill queue pair waiting for the decode's answer.
-pub struct PendingLink {
+pub struct PendingQueuePair {
     qp: QueuePair,
     context: Arc<RdmaContext>,
 }
 
-impl PendingLink {
+impl PendingLink for PendingQueuePair {
+    fn offer(&self) -> serde_json::Value {
+        transport::to_details(&self.endpoint())
+    }
+
+    fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>> {
+        let welcome: RdmaWelcome = transport::from_details(TransportKind::Rdma, answer.details)?;
+        Ok(Box::new((*self).connect(answer.peer.to_string(), &welcome, answer.geometry, answer.remote_blocks)?))
+    }
+}
+
+impl PendingQueuePair {
     /// Its address, for the handshake.
     pub fn endpoint(&self) -> QpEndpoint {
         self.qp.endpoint()
     }
 
     /// Connects to the decode's queue pair and checks its regions against the agreed geometry.
-    pub fn finish(mut self, peer: String, welcome: &RdmaWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<RdmaLink> {
+    pub fn connect(mut self, peer: String, welcome: &RdmaWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<RdmaLink> {
         check_remote(&welcome.regions, &self.context.cache, geometry.ratio, remote_blocks)?;
         self.qp.connect(&welcome.endpoint, self.context.path)?;
         Ok(RdmaLink {
@@ -169,8 +221,8 @@ impl Link for RdmaLink {
             .map_err(|e| Error::new(e.code(), format!("writing layer {} to {}: {}", plan.layer(), self.peer, e.message())))
     }
 
-    fn transport(&self) -> &'static str {
-        "rdma"
+    fn transport(&self) -> TransportKind {
+        TransportKind::Rdma
     }
 }
 
@@ -178,14 +230,13 @@ impl Link for RdmaLink {
 pub struct RdmaTarget {
     /// Declared first: queue pairs go before the regions they write into.
     sessions: Mutex<HashMap<u64, QueuePair>>,
-    next_token: AtomicU64,
     context: Arc<RdmaContext>,
 }
 
 impl RdmaTarget {
     /// Serves the cache registered in `context`.
     pub fn new(context: Arc<RdmaContext>) -> RdmaTarget {
-        RdmaTarget { sessions: Mutex::new(HashMap::new()), next_token: AtomicU64::new(1), context }
+        RdmaTarget { sessions: Mutex::new(HashMap::new()), context }
     }
 
     /// The device in use.
@@ -199,11 +250,16 @@ impl RdmaTarget {
         let mut qp = self.context.prepare()?.qp;
         qp.connect(remote, self.context.path)?;
         let welcome = RdmaWelcome { endpoint: qp.endpoint(), regions: self.context.regions.remote(&self.context.cache) };
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let mut sessions = self.sessions.lock().unwrap();
         if let Some(old) = replaces {
             sessions.remove(&old);
         }
+        let token = loop {
+            let token = transport::random_u64();
+            if !sessions.contains_key(&token) {
+                break token;
+            }
+        };
         sessions.insert(token, qp);
         Ok((token, welcome))
     }
@@ -211,5 +267,21 @@ impl RdmaTarget {
     /// Number of live sessions.
     pub fn sessions(&self) -> usize {
         self.sessions.lock().unwrap().len()
+    }
+}
+
+impl Acceptor for RdmaTarget {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Rdma
+    }
+
+    fn accept(&self, admission: &Admission<'_>) -> Result<Accepted> {
+        let endpoint: QpEndpoint = transport::from_details(TransportKind::Rdma, admission.details)?;
+        let (session, welcome) = RdmaTarget::accept(self, &endpoint, admission.replaces)?;
+        Ok(Accepted { session, details: transport::to_details(&welcome) })
+    }
+
+    fn device(&self) -> Option<&str> {
+        Some(self.device_name())
     }
 }

@@ -1,6 +1,9 @@
 //! The TCP transport: works between any two machines. Blocks go from the cache to the socket with
 //! vectored writes (one range per run) and from the socket into the cache with vectored reads; a cache in GPU
 //! memory goes through pinned staging buffers ([`staging`]).
+//!
+//! The decode's half ([`TcpReceiver`]) listens on a data port of its own; the handshake tells the prefill that
+//! port and a random session name, which the prefill's half ([`TcpLink`]) presents when it connects.
 
 pub mod frame;
 pub mod io;
@@ -10,3 +13,74 @@ pub mod staging;
 
 pub use receiver::{Session, TcpReceiver};
 pub use sender::TcpLink;
+
+use crate::error::Result;
+use crate::memory::CacheLayout;
+use crate::transport::{self, Accepted, Acceptor, Admission, Answer, Connector, Environment, Link, PendingLink, Transport};
+use crate::wire::TransportKind;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The registry entry.
+pub struct Tcp;
+
+/// What the decode's half answers: where its data port is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct TcpDetails {
+    port: u16,
+}
+
+impl Transport for Tcp {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
+        Ok(Arc::new(TcpReceiver::start(env.listen_ip, env.cache.clone(), env.log.clone(), env.config.timeout)?))
+    }
+
+    fn connector(&self, env: &Environment<'_>) -> Result<Arc<dyn Connector>> {
+        Ok(Arc::new(TcpConnector { cache: env.cache.clone(), timeout: env.config.timeout }))
+    }
+}
+
+impl Acceptor for TcpReceiver {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    fn accept(&self, admission: &Admission<'_>) -> Result<Accepted> {
+        let session =
+            self.admit(Session { peer: admission.peer.to_string(), geometry: admission.geometry, tensors: admission.tensors });
+        Ok(Accepted { session, details: transport::to_details(&TcpDetails { port: self.port() }) })
+    }
+}
+
+/// The prefill's half.
+struct TcpConnector {
+    cache: Arc<CacheLayout>,
+    timeout: Duration,
+}
+
+impl Connector for TcpConnector {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    fn prepare(&self) -> Result<Box<dyn PendingLink>> {
+        Ok(Box::new(TcpPending { cache: self.cache.clone(), timeout: self.timeout }))
+    }
+}
+
+struct TcpPending {
+    cache: Arc<CacheLayout>,
+    timeout: Duration,
+}
+
+impl PendingLink for TcpPending {
+    fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>> {
+        let details: TcpDetails = transport::from_details(TransportKind::Tcp, answer.details)?;
+        Ok(Box::new(TcpLink::connect(answer.host, details.port, answer.session, self.cache, self.timeout)?))
+    }
+}

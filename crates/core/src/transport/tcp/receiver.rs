@@ -5,7 +5,7 @@ use super::frame::{self, Ack, DataHello, WriteHeader};
 use super::io;
 use super::staging::Staging;
 use crate::iov::{iovec, IoVecs};
-use crate::control::PROTOCOL_VERSION;
+use crate::wire::PROTOCOL_VERSION;
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
 use crate::memory::{CacheLayout, TensorSet};
@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -35,7 +35,6 @@ struct Shared {
     log: Arc<Logger>,
     timeout: Duration,
     stop: AtomicBool,
-    next_token: AtomicU64,
     pending: Mutex<HashMap<u64, Session>>,
     connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
 }
@@ -57,7 +56,6 @@ impl TcpReceiver {
             log,
             timeout,
             stop: AtomicBool::new(false),
-            next_token: AtomicU64::new(crate::transport::random_u64()),
             pending: Mutex::new(HashMap::new()),
             connections: Mutex::new(Vec::new()),
         });
@@ -76,9 +74,14 @@ impl TcpReceiver {
 
     /// Registers a session agreed by the handshake; its data connection presents the returned token.
     pub fn admit(&self, session: Session) -> u64 {
-        let token = self.shared.next_token.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-        self.shared.pending.lock().unwrap().insert(token, session);
-        token
+        let mut pending = self.shared.pending.lock().unwrap();
+        loop {
+            let token = crate::transport::random_u64();
+            if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(token) {
+                slot.insert(session);
+                return token;
+            }
+        }
     }
 }
 

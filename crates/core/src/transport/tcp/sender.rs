@@ -4,11 +4,11 @@ use super::frame::{self, Ack, DataHello, WriteHeader};
 use super::io;
 use super::staging::Staging;
 use crate::iov::{iovec, IoVecs};
-use crate::control::PROTOCOL_VERSION;
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::CacheLayout;
 use crate::plan::BlockPlan;
 use crate::transport::Link;
+use crate::wire::{TransportKind, PROTOCOL_VERSION};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
@@ -113,7 +113,7 @@ impl Link for TcpLink {
         self.read_ack()
     }
 
-    fn transport(&self) -> &'static str {
-        "tcp"
+    fn transport(&self) -> TransportKind {
+        TransportKind::Tcp
     }
 }

@@ -1,0 +1,248 @@
+//! The prefill side: its decode peers, each with a link over the transport the handshake chose, rebuilt
+//! with a new handshake after a failure.
+
+use super::{negotiation, Communicator};
+use crate::control;
+use crate::error::{Error, ErrorCode, Result};
+use crate::net;
+use crate::plan::{BlockPlan, SliceGeometry};
+use crate::transport::{Answer, Connector, Link, PendingLink};
+use crate::wire::{self, Hello, Offer, Role, TransportKind, PROTOCOL_VERSION};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+type Peers = Mutex<HashMap<String, Arc<PeerEntry>>>;
+
+pub(super) struct PrefillSide {
+    /// One connecting half per transport set up, preferred first.
+    connectors: Vec<Arc<dyn Connector>>,
+    tp_size: u32,
+    tp_idx: u32,
+    zmq: zmq::Context,
+    peers: Peers,
+}
+
+/// A decode peer and what can be asked of it without waiting for a transfer.
+struct PeerEntry {
+    state: Mutex<Peer>,
+    /// The transport of its working link (a [`TransportKind::ALL`] index + 1), or 0 when it broke.
+    link: AtomicU8,
+}
+
+impl PeerEntry {
+    fn new(peer: Peer) -> PeerEntry {
+        let entry = PeerEntry { link: AtomicU8::new(0), state: Mutex::new(peer) };
+        entry.update(&entry.state.lock().unwrap());
+        entry
+    }
+
+    /// Records the state of `peer` (this entry's, locked by the caller).
+    fn update(&self, peer: &Peer) {
+        let code = peer.link.as_ref().map_or(0, |l| TransportKind::ALL.iter().position(|&k| k == l.transport()).unwrap() as u8 + 1);
+        self.link.store(code, Ordering::Release);
+    }
+
+    fn transport(&self) -> Option<TransportKind> {
+        match self.link.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(TransportKind::ALL[code as usize - 1]),
+        }
+    }
+}
+
+/// A decode peer, as the prefill side sees it.
+struct Peer {
+    /// `None` after a failure broke it: the next call rebuilds it with a new handshake.
+    link: Option<Box<dyn Link>>,
+    plan: BlockPlan,
+    remote_blocks: u32,
+    dst_tp_size: u32,
+    /// The decode side's name for this connection.
+    session: u64,
+}
+
+impl PrefillSide {
+    pub(super) fn new(connectors: Vec<Arc<dyn Connector>>, tp_size: u32, tp_idx: u32) -> PrefillSide {
+        PrefillSide { connectors, tp_size, tp_idx, zmq: zmq::Context::new(), peers: Mutex::new(HashMap::new()) }
+    }
+
+    pub(super) fn transports(&self) -> Vec<TransportKind> {
+        self.connectors.iter().map(|c| c.kind()).collect()
+    }
+
+    pub(super) fn device(&self) -> Option<&str> {
+        self.connectors.iter().find_map(|c| c.device())
+    }
+
+    pub(super) fn tp_description(&self) -> String {
+        format!("{}/{}", self.tp_idx, self.tp_size)
+    }
+
+    pub(super) fn connect(&self, comm: &Communicator, ip: &str, port: u16, dst_tp_size: u32) -> Result<()> {
+        let key = peer_key(ip, port);
+        let existing = self.peers.lock().unwrap().get(&key).cloned();
+        if let Some(peer) = existing {
+            // Connected, or broken and due for a rebuild.
+            let mut state = peer.state.lock().unwrap();
+            if state.link.is_none() {
+                let rebuilt = self.rebuild(comm, ip, port, &mut state);
+                peer.update(&state);
+                if let Err(e) = rebuilt {
+                    self.forget(&key, &peer);
+                    return Err(e);
+                }
+            }
+            return Ok(());
+        }
+        SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size)?;
+        let peer = self.handshake(comm, ip, port, dst_tp_size, None)?;
+        comm.check_open()?;
+        self.peers.lock().unwrap().entry(key).or_insert_with(|| Arc::new(PeerEntry::new(peer)));
+        Ok(())
+    }
+
+    /// Runs the handshake with the decode at `ip:port` and opens the link it chose. When a same-host transport
+    /// was chosen but cannot be opened (another container, memory the driver cannot share), the handshake runs
+    /// again without it.
+    fn handshake(&self, comm: &Communicator, ip: &str, port: u16, dst_tp_size: u32, replaces: Option<u64>) -> Result<Peer> {
+        let mut offers: Vec<&Arc<dyn Connector>> = self.connectors.iter().collect();
+        loop {
+            match self.handshake_offering(comm, ip, port, dst_tp_size, replaces, &offers) {
+                Err((e, Some(failed))) if offers.len() > 1 && failed.same_host_only() => {
+                    comm.log.debug(format!("{failed} to {ip}:{port} cannot be opened ({e}); offering the others"));
+                    offers.retain(|c| c.kind() != failed);
+                }
+                other => return other.map_err(|(e, _)| e),
+            }
+        }
+    }
+
+    /// One handshake offering the transports of `connectors`. A failure to open the chosen link names its
+    /// transport.
+    fn handshake_offering(
+        &self,
+        comm: &Communicator,
+        ip: &str,
+        port: u16,
+        dst_tp_size: u32,
+        replaces: Option<u64>,
+        connectors: &[&Arc<dyn Connector>],
+    ) -> std::result::Result<Peer, (Error, Option<TransportKind>)> {
+        let plain = |e| (e, None);
+        let mut pending: Vec<(TransportKind, Box<dyn PendingLink>)> = Vec::with_capacity(connectors.len());
+        for c in connectors {
+            pending.push((c.kind(), c.prepare().map_err(plain)?));
+        }
+        let cache = &*comm.cache;
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Prefill,
+            layers: cache.layers(),
+            tensors: cache.tensors().bits(),
+            block_bytes: cache.kv_block_bytes(),
+            scale_block_bytes: cache.scale_block_bytes(),
+            block_number: cache.block_number(),
+            tp_size: self.tp_size,
+            tp_idx: self.tp_idx,
+            dst_tp_size,
+            offers: pending.iter().map(|(kind, p)| Offer { transport: *kind, details: p.offer() }).collect(),
+            replaces,
+            host: net::host_id(),
+        };
+        let reply = control::request(&self.zmq, ip, port, &wire::encode(&hello), comm.config.timeout).map_err(plain)?;
+        let welcome = wire::decode_reply(&reply).map_err(plain)?;
+        let offered: Vec<TransportKind> = pending.iter().map(|(kind, _)| *kind).collect();
+        negotiation::check_welcome(&welcome, &offered).map_err(plain)?;
+        let key = peer_key(ip, port);
+        let answer = Answer {
+            peer: &key,
+            host: ip,
+            session: welcome.session,
+            details: &welcome.details,
+            geometry: SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size).map_err(plain)?,
+            remote_blocks: welcome.block_number,
+        };
+        let chosen = pending.into_iter().find(|(kind, _)| *kind == welcome.transport).expect("checked: it was offered");
+        let link = chosen.1.finish(&answer).map_err(|e| (e, Some(welcome.transport)))?;
+        comm.log.debug(format!(
+            "connected to {key} over {}: its cache has {} blocks{}",
+            welcome.transport,
+            welcome.block_number,
+            if replaces.is_some() { " (rebuilt after a failure)" } else { "" }
+        ));
+        Ok(Peer {
+            plan: BlockPlan::new(link.plan_form()),
+            link: Some(link),
+            remote_blocks: welcome.block_number,
+            dst_tp_size,
+            session: welcome.session,
+        })
+    }
+
+    /// Replaces a broken connection with a new one to the same peer.
+    fn rebuild(&self, comm: &Communicator, ip: &str, port: u16, peer: &mut Peer) -> Result<()> {
+        let fresh = self.handshake(comm, ip, port, peer.dst_tp_size, Some(peer.session)).map_err(|e| {
+            Error::new(e.code(), format!("the connection broke earlier and could not be rebuilt: {}", e.message()))
+        })?;
+        *peer = fresh;
+        Ok(())
+    }
+
+    /// Never waits for a transfer: the map's lock is only held to look a peer up.
+    pub(super) fn connected_transport(&self, ip: &str, port: u16) -> Option<TransportKind> {
+        self.peers.lock().unwrap().get(&peer_key(ip, port))?.transport()
+    }
+
+    pub(super) fn write(&self, comm: &Communicator, ip: &str, port: u16, local: &[u32], remote: &[u32], layer: u32) -> Result<()> {
+        let key = peer_key(ip, port);
+        let peer = self.peers.lock().unwrap().get(&key).cloned().ok_or_else(|| {
+            Error::new(ErrorCode::NotConnected, format!("not connected to {key}: call connect first"))
+        })?;
+        let mut guard = peer.state.lock().unwrap();
+        let state = &mut *guard;
+        let cache = &*comm.cache;
+        let plan = |p: &mut Peer| p.plan.build(local, remote, layer, cache.layers(), cache.block_number(), p.remote_blocks);
+        // The call is checked before anything else happens, a broken connection's rebuild included.
+        plan(state)?;
+        if state.plan.is_empty() {
+            return Ok(());
+        }
+        if state.link.is_none() {
+            let rebuilt = self.rebuild(comm, ip, port, state);
+            peer.update(state);
+            if let Err(e) = rebuilt {
+                self.forget(&key, &peer);
+                return Err(e);
+            }
+            // The new connection may take calls in another form, or have another number of blocks.
+            plan(state)?;
+        }
+        let result = state.link.as_mut().expect("connected").write(&state.plan);
+        if let Err(e) = &result {
+            if matches!(e.code(), ErrorCode::Transport | ErrorCode::Timeout | ErrorCode::Protocol) {
+                // The connection's state is unknown now: drop it; the next call rebuilds it.
+                state.link = None;
+                peer.update(state);
+            }
+        }
+        result
+    }
+
+    pub(super) fn close(&self) {
+        self.peers.lock().unwrap().clear();
+    }
+
+    /// Drops a peer whose connection could not be rebuilt, so later calls say `NOT_CONNECTED`; a newer peer
+    /// under the same key (from a concurrent `connect`) stays.
+    fn forget(&self, key: &str, peer: &Arc<PeerEntry>) {
+        let mut map = self.peers.lock().unwrap();
+        if map.get(key).is_some_and(|p| Arc::ptr_eq(p, peer)) {
+            map.remove(key);
+        }
+    }
+}
+
+fn peer_key(ip: &str, port: u16) -> String {
+    format!("{ip}:{port}")
+}

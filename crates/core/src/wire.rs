@@ -1,0 +1,275 @@
+//! The handshake's messages: what a prefill says when it connects ([`Hello`]) and what the decode answers
+//! ([`Reply`]), as JSON versioned by [`PROTOCOL_VERSION`].
+//!
+//! The bottom of the control plane: it names the transports ([`TransportKind`]) but knows none of them. What one
+//! transport needs to tell its other half (a queue pair's address, a data port, IPC handles) travels as an opaque
+//! JSON value that only that transport reads, and checks.
+//!
+//! ```
+//! use kvtransfer::wire::{self, TransportKind};
+//! assert_eq!(serde_json::to_string(&TransportKind::CudaIpc).unwrap(), "\"cuda-ipc\"");
+//! assert_eq!("shm".parse::<TransportKind>().unwrap(), TransportKind::Shm);
+//! assert!(wire::decode_hello(b"{\"protocol\":1}").unwrap_err().message().contains("version 1"));
+//! ```
+
+use crate::error::{Error, ErrorCode, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::fmt;
+use std::str::FromStr;
+
+/// The version of the handshake and of every transport's own framing. Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Largest handshake message accepted; anything bigger is garbage.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// A transport that moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportKind {
+    /// CUDA IPC handles and one copy kernel per write: one host, GPU caches.
+    CudaIpc,
+    /// `process_vm_writev` into the decode process: one host, host-memory caches.
+    Shm,
+    /// RC `RDMA_WRITE`s, one-sided.
+    Rdma,
+    /// Sockets, between any two machines.
+    Tcp,
+}
+
+impl TransportKind {
+    /// Every transport, fastest first.
+    pub const ALL: [TransportKind; 4] = [TransportKind::CudaIpc, TransportKind::Shm, TransportKind::Rdma, TransportKind::Tcp];
+
+    /// The transport's name on the wire, in settings and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::CudaIpc => "cuda-ipc",
+            TransportKind::Shm => "shm",
+            TransportKind::Rdma => "rdma",
+            TransportKind::Tcp => "tcp",
+        }
+    }
+
+    /// Whether it works only between processes of one host (and pid namespace).
+    pub fn same_host_only(self) -> bool {
+        matches!(self, TransportKind::CudaIpc | TransportKind::Shm)
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TransportKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<TransportKind> {
+        TransportKind::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| Error::invalid(format!("unknown transport {s:?} (cuda-ipc, shm, rdma or tcp)")))
+    }
+}
+
+/// Which side of the transfer a communicator is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Owns finished KV blocks and writes them out.
+    Prefill,
+    /// Owns the cache the blocks are written into; listens on its port.
+    Decode,
+}
+
+impl Role {
+    /// `"prefill"` or `"decode"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Role> {
+        match s {
+            "prefill" => Ok(Role::Prefill),
+            "decode" => Ok(Role::Decode),
+            _ => Err(Error::invalid(format!("role must be \"prefill\" or \"decode\", not {s:?}"))),
+        }
+    }
+}
+
+/// What a prefill communicator says about itself when it connects.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Hello {
+    pub protocol: u32,
+    pub role: Role,
+    pub layers: u32,
+    /// Bit mask of the tensors of each layer ([`crate::memory::TensorSet`]).
+    pub tensors: u8,
+    pub block_bytes: u64,
+    pub scale_block_bytes: u64,
+    pub block_number: u32,
+    pub tp_size: u32,
+    pub tp_idx: u32,
+    /// The decode side's tensor-parallel size, as the prefill caller gave it to `connect`.
+    pub dst_tp_size: u32,
+    /// The transports the prefill can use, preferred first, each with what its decode half needs to know.
+    pub offers: Vec<Offer>,
+    /// The session this connection rebuilds (after a failure), which the decode side can let go.
+    #[serde(default)]
+    pub replaces: Option<u64>,
+    /// The prefill's host and pid namespace ([`crate::net::host_id`]): same-host transports need the same.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// One transport a prefill offers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Offer {
+    pub transport: TransportKind,
+    /// The transport's own details (RDMA: the prefill's queue pair); read only by that transport.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub details: Value,
+}
+
+/// The decode side's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Welcome(Welcome),
+    Reject { protocol: u32, code: String, reason: String },
+}
+
+/// A successful handshake: the decode's cache size, the transport it chose and how to reach it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Welcome {
+    pub protocol: u32,
+    pub block_number: u32,
+    /// The transport chosen: one of the prefill's offers.
+    pub transport: TransportKind,
+    /// The decode side's name for this connection (a data connection presents it; a rebuild names it).
+    pub session: u64,
+    /// The chosen transport's own details (a data port, a queue pair and regions, IPC handles).
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub details: Value,
+}
+
+impl Reply {
+    /// A refusal carrying an error's code and message.
+    pub fn reject(err: &Error) -> Reply {
+        Reply::Reject { protocol: PROTOCOL_VERSION, code: err.code().as_str().to_string(), reason: err.message().to_string() }
+    }
+}
+
+/// Parses a hello, checking the protocol version before anything else.
+pub fn decode_hello(bytes: &[u8]) -> Result<Hello> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        protocol: u32,
+    }
+    let v: Versioned = serde_json::from_slice(bytes)
+        .map_err(|e| Error::protocol(format!("unreadable handshake ({} bytes): {e}", bytes.len())))?;
+    if v.protocol != PROTOCOL_VERSION {
+        return Err(Error::protocol(format!(
+            "protocol version mismatch: the prefill peer speaks version {}, this decode speaks {PROTOCOL_VERSION}",
+            v.protocol
+        )));
+    }
+    serde_json::from_slice(bytes).map_err(|e| Error::protocol(format!("malformed handshake: {e}")))
+}
+
+/// Parses a reply into a [`Welcome`], or the error the decode side reported.
+pub fn decode_reply(bytes: &[u8]) -> Result<Welcome> {
+    let reply: Reply = serde_json::from_slice(bytes)
+        .map_err(|e| Error::protocol(format!("unreadable handshake reply ({} bytes): {e}", bytes.len())))?;
+    match reply {
+        Reply::Welcome(w) if w.protocol == PROTOCOL_VERSION => Ok(w),
+        Reply::Welcome(w) => Err(Error::protocol(format!(
+            "protocol version mismatch: the decode peer speaks version {}, this prefill speaks {PROTOCOL_VERSION}",
+            w.protocol
+        ))),
+        Reply::Reject { code, reason, .. } => {
+            // Only the codes a refusal can carry; anything else a peer claims reads as a plain refusal.
+            let code = [ErrorCode::InvalidArgument, ErrorCode::Config, ErrorCode::Protocol, ErrorCode::Unavailable, ErrorCode::Closed]
+                .into_iter()
+                .find(|c| c.as_str() == code)
+                .unwrap_or(ErrorCode::Rejected);
+            Err(Error::new(code, format!("the decode peer refused the connection: {reason}")))
+        }
+    }
+}
+
+/// Serialises a handshake message.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    serde_json::to_vec(msg).expect("handshake messages always serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn hello() -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            role: Role::Prefill,
+            layers: 2,
+            tensors: 3,
+            block_bytes: 64,
+            scale_block_bytes: 0,
+            block_number: 8,
+            tp_size: 1,
+            tp_idx: 0,
+            dst_tp_size: 1,
+            offers: vec![Offer { transport: TransportKind::Tcp, details: Value::Null }],
+            replaces: None,
+            host: None,
+        }
+    }
+
+    #[test]
+    fn hello_round_trips_and_versions_are_checked() {
+        let h = hello();
+        assert_eq!(decode_hello(&encode(&h)).unwrap(), h);
+        let old = Hello { protocol: 99, ..hello() };
+        let err = decode_hello(&encode(&old)).unwrap_err();
+        assert!(err.message().contains("version 99") && err.message().contains("mismatch"), "{err}");
+        let err = decode_hello(b"\x00garbage").unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Protocol);
+        assert!(decode_hello(br#"{"protocol":2,"role":5}"#).is_err());
+    }
+
+    #[test]
+    fn transport_names_are_a_closed_set_on_the_wire() {
+        let mut json = serde_json::to_value(hello()).unwrap();
+        json["offers"][0]["transport"] = "pigeon".into();
+        let err = decode_hello(json.to_string().as_bytes()).unwrap_err();
+        assert!(err.message().contains("pigeon"), "{err}");
+        json["offers"][0]["transport"] = "cuda-ipc".into();
+        assert_eq!(decode_hello(json.to_string().as_bytes()).unwrap().offers[0].transport, TransportKind::CudaIpc);
+        for t in TransportKind::ALL {
+            assert_eq!(t.as_str().parse::<TransportKind>().unwrap(), t);
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
+        }
+        json["role"] = "decoder".into();
+        assert!(decode_hello(json.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn rejects_carry_code_and_reason() {
+        let r = Reply::reject(&Error::invalid("blockBytes 64 does not match"));
+        let err = decode_reply(&encode(&r)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument);
+        assert!(err.message().contains("blockBytes 64 does not match"));
+        let lie = Reply::Reject { protocol: PROTOCOL_VERSION, code: "TIMEOUT".into(), reason: "x".into() };
+        assert_eq!(decode_reply(&encode(&lie)).unwrap_err().code(), ErrorCode::Rejected);
+        let w = Welcome { protocol: 7, block_number: 1, transport: TransportKind::Tcp, session: 2, details: Value::Null };
+        assert!(decode_reply(&encode(&Reply::Welcome(w))).unwrap_err().message().contains("version 7"));
+    }
+}
