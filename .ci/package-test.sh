@@ -26,7 +26,16 @@ node -e '
   const fs = require("fs"), path = require("path")
   const [repo, out] = process.argv.slice(1)
   const pkg = JSON.parse(fs.readFileSync(path.join(repo, "package.json"), "utf8"))
-  for (const f of [...pkg.files, "README.md", "package.json"]) fs.copyFileSync(path.join(repo, f), path.join(out, f))
+  // Entries are files, or `dir/*.ext` patterns (the compiled modules).
+  const expand = (f) => {
+    const m = /^(.*)\/\*(\.[\w.]+)$/.exec(f)
+    if (!m) return [f]
+    return fs.readdirSync(path.join(repo, m[1])).filter((n) => n.endsWith(m[2])).map((n) => `${m[1]}/${n}`)
+  }
+  for (const f of [...pkg.files, "README.md", "package.json"].flatMap(expand)) {
+    fs.mkdirSync(path.dirname(path.join(out, f)), { recursive: true })
+    fs.copyFileSync(path.join(repo, f), path.join(out, f))
+  }
   pkg.optionalDependencies = {}
   for (const dir of fs.readdirSync(path.join(repo, "npm"))) {
     const p = JSON.parse(fs.readFileSync(path.join(repo, "npm", dir, "package.json"), "utf8"))

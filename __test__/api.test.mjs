@@ -20,12 +20,14 @@ test('the package loads through import and require alike', (t) => {
 })
 
 test('without a binary for this platform, loading says which platform and which package', async (t) => {
-  const { mkdtempSync, copyFileSync, writeFileSync } = await import('node:fs')
+  const { mkdtempSync, copyFileSync, writeFileSync, mkdirSync, readdirSync } = await import('node:fs')
   const { join } = await import('node:path')
   const { tmpdir } = await import('node:os')
   // The wrapper and the napi loader, with no binary beside them and no per-platform package to find.
   const dir = mkdtempSync(join(tmpdir(), 'kvt-nobinary-'))
-  for (const f of ['index.js', 'binding.js']) copyFileSync(new URL(`../${f}`, import.meta.url), join(dir, f))
+  mkdirSync(join(dir, 'lib'))
+  const modules = readdirSync(new URL('../lib', import.meta.url)).filter((f) => f.endsWith('.js')).map((f) => `lib/${f}`)
+  for (const f of ['index.js', 'binding.js', ...modules]) copyFileSync(new URL(`../${f}`, import.meta.url), join(dir, f))
   writeFileSync(join(dir, 'package.json'), JSON.stringify({ name: 'kvtransfer-copy', version: '0.1.0' }))
   const err = t.throws(() => require(join(dir, 'index.js')))
   const target = esm.platform()
@@ -131,6 +133,13 @@ test.serial('options override the environment and are checked the same way', (t)
   t.is(err.code, 'CONFIG')
   t.regex(err.message, /KVCACHE_IB_TIMEOUT \(option ibTimeout\)/)
   t.regex(t.throws(() => decodeWith({ nonsense: 1 })).message, /unknown option "nonsense"/)
+  // Options keep their types: a string where a number belongs is refused, not parsed.
+  const typed = t.throws(() => decodeWith({ ibTimeout: '20' }))
+  t.is(typed.code, 'CONFIG')
+  t.regex(typed.message, /option ibTimeout must be a number/)
+  t.regex(t.throws(() => decodeWith({ ibTimeout: 20.5 })).message, /KVCACHE_IB_TIMEOUT \(option ibTimeout\)=20\.5: expected a whole number/)
+  t.regex(t.throws(() => decodeWith({ debug: 'yes' })).message, /option debug must be a boolean/)
+  decodeWith({ rdmaNics: ['mlx5_0', 'mlx5_1'], debug: false, timeoutMs: 2500 }).close()
   t.is(t.throws(() => decodeWith({ transport: 'rdma', rdmaNics: 'no-such-nic' })).code, 'UNAVAILABLE')
 })
 
@@ -185,10 +194,21 @@ test('a decode port in use is a clear error; asyncDispose closes', async (t) => 
   b.close()
 })
 
-test('KVTransferError parses native messages', (t) => {
-  const e = KVTransferError.from(new Error('TIMEOUT: no reply'))
+test('native errors carry their code; anything else is INTERNAL, never a guess from the message', (t) => {
+  // Thrown by the native layer itself: the code is a property of the error, the message has no prefix.
+  const binding = require('../binding.js')
+  const init = { role: 'decode', gpuIdx: 0, port: 0, keyPtrs: [HostBuffer.alloc(256).ptr], valuePtrs: [], keyScalePtrs: [], valueScalePtrs: [] }
+  const args = { ...init, blockNumber: 4, blockBytes: 64, scaleBlockBytes: 0, prefillTpSize: 1, prefillTpIdx: 0, settings: { ibTimeout: 99 } }
+  const native = t.throws(() => new binding.NativeCommunicator(args))
+  t.false(native instanceof KVTransferError)
+  t.is(native.code, 'CONFIG')
+  t.regex(native.message, /^KVCACHE_IB_TIMEOUT \(option ibTimeout\)=99: /)
+  const e = KVTransferError.from(Object.assign(new Error('no reply'), { code: 'TIMEOUT' }))
   t.is(e.code, 'TIMEOUT')
   t.is(e.message, 'no reply')
-  t.is(KVTransferError.from(new Error('weird')).code, 'TRANSPORT')
   t.true(e instanceof Error)
+  const odd = KVTransferError.from(new Error('TIMEOUT: looks like a code but is not one'))
+  t.is(odd.code, 'INTERNAL')
+  t.truthy(odd.cause)
+  t.is(KVTransferError.from(Object.assign(new Error('x'), { code: 'ENOENT' })).code, 'INTERNAL')
 })

@@ -3,25 +3,33 @@
 //
 //   node examples/dist/api-tour.js      (once built: `tsc -p examples`)
 import {
+  Communicator,
   HostBuffer,
+  Peer,
   KVTransferError,
   RDMACommunicator,
   platform,
   rdmaDevices,
   systemInfo,
   type BlockIds,
+  type CacheOptions,
   type CommunicatorOptions,
+  type ConnectOptions,
+  type DecodeOptions,
   type ErrorCode,
   type GpuInfo,
   type GpusInfo,
   type Pointer,
   type Port,
+  type PrefillOptions,
   type RdmaDevice,
   type RdmaGid,
   type RdmaInfo,
   type RdmaPort,
   type Role,
+  type ScaleOptions,
   type SettingInfo,
+  type Settings,
   type SystemInfo,
   type Transport,
   type TransportInfo,
@@ -92,6 +100,20 @@ async function main(): Promise<void> {
   check(block(dstKeys, 0, 8).every((b) => b === 0x10), 'keys of layer 0 landed')
   check(block(dstValues, 1, 11).every((b) => b === 0x21), 'values of layer 1 landed')
   check(block(dstKeys, 0, 0).every((b) => b === 0), 'untouched blocks stay untouched')
+  // The async-first API: a communicator from options, a peer handle per decode.
+  const settings: Settings = { transport: 'tcp', timeoutMs: 5000 }
+  const scales: ScaleOptions = {}
+  const cache: CacheOptions = { keyPtrs: ptrs(srcKeys), valuePtrs: ptrs(srcValues), blockNumber: blocks, blockBytes, ...scales }
+  const prefillOptions: PrefillOptions = { ...cache, ...settings, tpSize: 1, tpIdx: 0 }
+  const decodeOptions: DecodeOptions = { ...cache, keyPtrs: ptrs(dstKeys), valuePtrs: ptrs(dstValues), ...settings, port: 0 }
+  await using second = Communicator.decode(decodeOptions)
+  await using writer = Communicator.prefill(prefillOptions)
+  const connect: ConnectOptions = { dstTpSize: 1 }
+  const peer: Peer = await writer.connect('127.0.0.1', second.port, connect)
+  check(peer.connected && peer.transport === 'tcp', 'the peer is connected over tcp')
+  await peer.write([6], [12], 0)
+  check(block(dstKeys, 0, 12).every((b) => b === 0x10), 'a peer write landed')
+  check(prefill.communicator.role === 'prefill', 'RDMACommunicator wraps a Communicator')
   console.log(`[tour] decode on port ${decode.port} (${decode.role}, prefers ${decode.transport}); every check passed`)
   // Unregister memory before giving it back: close first, then free.
   prefill.close()

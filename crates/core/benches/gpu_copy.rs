@@ -10,7 +10,13 @@ use cudarc::driver::sys as cu;
 use kvtransfer::cuda::ipc::{IpcHandle, IpcMapping};
 use kvtransfer::cuda::{self, BlockCopy, CopyStream, Gpu, PinnedBuffer, TensorCopy};
 use kvtransfer::plan::{BlockPlan, PlanForm};
-use kvtransfer::memory::CacheSpec;
+use kvtransfer::memory::{CacheLayout, CacheSpec};
+
+/// The layout of a bench cache.
+fn layout(spec: CacheSpec) -> CacheLayout {
+    // SAFETY: the bench's device allocations are never freed while a communicator uses them.
+    unsafe { CacheLayout::new(spec) }.unwrap()
+}
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice, TransportKind};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -89,9 +95,10 @@ fn time(mut f: impl FnMut()) -> f64 {
 
 fn decode_child(block_bytes: u64) {
     let gpu = decode_gpu();
-    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: gpu, port: 0, cache: cache(gpu, block_bytes), tp_size: 1, tp_idx: 0 };
+    let cache = cache(gpu, block_bytes);
+    let handles = [cache.key[0], cache.value[0]].map(|addr| cuda::ipc::export(addr).unwrap().handle.to_hex());
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: gpu, port: 0, cache: layout(cache), tp_size: 1, tp_idx: 0 };
     let config = Config { transport: TransportChoice::Only(TransportKind::CudaIpc), ..Config::default() };
-    let handles = [spec.cache.key[0], spec.cache.value[0]].map(|addr| cuda::ipc::export(addr).unwrap().handle.to_hex());
     let decode = Communicator::new(spec, config).unwrap();
     println!("PORT {} {} {}", decode.port(), handles[0], handles[1]);
     std::io::stdout().flush().unwrap();
@@ -137,7 +144,7 @@ fn main() {
             words[1..].iter().map(|h| IpcMapping::open(&Gpu::get(0).unwrap(), IpcHandle::from_hex(h).unwrap()).unwrap()).collect();
 
         let src = cache(0, size);
-        let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: src.clone(), tp_size: 1, tp_idx: 0 };
+        let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: layout(src.clone()), tp_size: 1, tp_idx: 0 };
         let prefill = Communicator::new(spec, Config { transport: TransportChoice::Only(TransportKind::CudaIpc), ..Config::default() }).unwrap();
         prefill.connect("127.0.0.1", port, 1).unwrap();
         let total = 2 * BATCH as u64 * size;

@@ -6,7 +6,7 @@
 //!     cargo bench -p kvtransfer --bench hot_path
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kvtransfer::memory::{CacheSpec, HostAllocation};
+use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
 use kvtransfer::plan::{BlockPlan, PlanForm, SliceGeometry};
 use kvtransfer::transport::rdma::post::{LayerKeys, WriteChain};
 use kvtransfer::transport::rdma::registration::RemoteRegion;
@@ -42,13 +42,14 @@ fn rdma_work_requests(c: &mut Criterion) {
     let local = scattered(BATCH, 1);
     let remote = scattered(BATCH, 2);
     let block_bytes = 1024;
-    let cache = kvtransfer::memory::CacheLayout::new(CacheSpec {
+    // SAFETY: made-up addresses: the bench only builds work requests, nothing is posted.
+    let cache = unsafe { kvtransfer::memory::CacheLayout::new(CacheSpec {
         key: vec![0x1000_0000],
         value: vec![0x2000_0000],
         block_number: BATCH,
         block_bytes,
         ..CacheSpec::default()
-    })
+    }) }
     .unwrap();
     let region = |addr| RemoteRegion { addr, len: BATCH as u64 * block_bytes, rkey: 7 };
     let keys = LayerKeys { lkeys: [1, 2, 0, 0], remote: [region(0x3000_0000), region(0x4000_0000), region(0), region(0)] };
@@ -101,7 +102,8 @@ fn write_1538_scattered(c: &mut Criterion, transport: TransportChoice) {
     for size in SIZES {
         let (_dst_mem, dst) = cache(size);
         let (_src_mem, src) = cache(size);
-        let spec = |role, cache| CommunicatorSpec { role, gpu_idx: 0, port: 0, cache, tp_size: 1, tp_idx: 0 };
+        // SAFETY: both allocations live until the end of this iteration, after the communicators.
+        let spec = |role, cache| CommunicatorSpec { role, gpu_idx: 0, port: 0, cache: unsafe { CacheLayout::new(cache) }.unwrap(), tp_size: 1, tp_idx: 0 };
         let decode = Communicator::new(spec(Role::Decode, dst), config.clone()).unwrap();
         let prefill = Communicator::new(spec(Role::Prefill, src), config.clone()).unwrap();
         prefill.connect("127.0.0.1", decode.port(), 1).unwrap();

@@ -6,12 +6,13 @@
 //! let cfg = Config::load_from(|name| (name == "KVCACHE_IB_TIMEOUT").then(|| "20".to_string()), &[]).unwrap();
 //! assert_eq!(cfg.ib_timeout, 20);
 //! assert_eq!(cfg.gid_index, 3);
-//! let err = Config::load_from(|_| None, &[(Setting::IbTimeout, "40".into())]).unwrap_err();
+//! let err = Config::load_from(|_| None, &[(Setting::IbTimeout, 40.into())]).unwrap_err();
 //! assert!(err.to_string().contains("KVCACHE_IB_TIMEOUT"));
 //! ```
 
 use crate::error::{Error, Result};
 use crate::wire::TransportKind;
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -87,6 +88,48 @@ impl Setting {
     }
 }
 
+/// A setting's value: text, as the environment gives it (parsed by the variable's rules), or typed, as an
+/// option gives it (checked against the same limits, never turned into text and back).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SettingValue {
+    Text(String),
+    Number(f64),
+    Flag(bool),
+    List(Vec<String>),
+}
+
+impl From<&str> for SettingValue {
+    fn from(v: &str) -> SettingValue {
+        SettingValue::Text(v.to_string())
+    }
+}
+impl From<f64> for SettingValue {
+    fn from(v: f64) -> SettingValue {
+        SettingValue::Number(v)
+    }
+}
+impl From<u32> for SettingValue {
+    fn from(v: u32) -> SettingValue {
+        SettingValue::Number(v.into())
+    }
+}
+impl From<bool> for SettingValue {
+    fn from(v: bool) -> SettingValue {
+        SettingValue::Flag(v)
+    }
+}
+
+impl fmt::Display for SettingValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SettingValue::Text(t) => write!(f, "{t:?}"),
+            SettingValue::Number(n) => write!(f, "{n}"),
+            SettingValue::Flag(b) => write!(f, "{b}"),
+            SettingValue::List(l) => write!(f, "{l:?}"),
+        }
+    }
+}
+
 /// Which transport a communicator uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportChoice {
@@ -154,56 +197,63 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Reads the process environment, then applies `overrides` (option values, as strings).
-    pub fn load(overrides: &[(Setting, String)]) -> Result<Config> {
+    /// Reads the process environment, then applies `overrides` (the options).
+    pub fn load(overrides: &[(Setting, SettingValue)]) -> Result<Config> {
         Config::load_from(|name| std::env::var(name).ok(), overrides)
     }
 
     /// Like [`Config::load`], with the environment given as a lookup function.
-    pub fn load_from(env: impl Fn(&str) -> Option<String>, overrides: &[(Setting, String)]) -> Result<Config> {
+    pub fn load_from(env: impl Fn(&str) -> Option<String>, overrides: &[(Setting, SettingValue)]) -> Result<Config> {
         let mut cfg = Config::default();
         for setting in Setting::ALL {
             let from_option = overrides.iter().rev().find(|(s, _)| *s == setting);
             let (value, origin) = match from_option {
-                Some((_, v)) => (Some(v.clone()), Origin::Option),
-                None => (setting.env_name().and_then(&env), Origin::Env),
+                Some((_, v)) => (v.clone(), Origin::Option),
+                None => match setting.env_name().and_then(&env) {
+                    Some(text) => (SettingValue::Text(text), Origin::Env),
+                    None => continue,
+                },
             };
-            let Some(value) = value else { continue };
-            let value = value.trim();
-            if value.is_empty() {
-                continue;
-            }
-            cfg.apply(setting, value).map_err(|why| {
+            let value = match value {
+                SettingValue::Text(t) if t.trim().is_empty() => continue,
+                SettingValue::Text(t) => SettingValue::Text(t.trim().to_string()),
+                typed => typed,
+            };
+            cfg.apply(setting, &value).map_err(|why| {
                 let name = match (origin, setting.env_name()) {
                     (Origin::Env, Some(env)) => env.to_string(),
                     (_, Some(env)) => format!("{env} (option {})", setting.option_name()),
                     (_, None) => format!("option {}", setting.option_name()),
                 };
-                Error::config(format!("{name}={value:?}: {why}"))
+                Error::config(format!("{name}={value}: {why}"))
             })?;
         }
         Ok(cfg)
     }
 
-    fn apply(&mut self, setting: Setting, v: &str) -> std::result::Result<(), String> {
+    fn apply(&mut self, setting: Setting, v: &SettingValue) -> std::result::Result<(), String> {
         match setting {
-            Setting::GidIndex => self.gid_index = parse_int(v, 0, 255)? as u32,
+            Setting::GidIndex => self.gid_index = whole(v, 0, 255)? as u32,
             Setting::RdmaNics => {
-                let nics: Vec<String> = v.split(',').map(|s| s.trim().to_string()).collect();
+                let nics: Vec<String> = match v {
+                    SettingValue::Text(t) => t.split(',').map(|s| s.trim().to_string()).collect(),
+                    SettingValue::List(l) => l.iter().map(|s| s.trim().to_string()).collect(),
+                    _ => vec![String::new()],
+                };
                 if nics.iter().any(|n| n.is_empty()) {
                     return Err("expected a comma-separated list of RDMA device names, e.g. mlx5_0,mlx5_1".into());
                 }
                 self.rdma_nics = nics;
             }
-            Setting::IbTimeout => self.ib_timeout = parse_int(v, 14, 31)? as u8,
-            Setting::RelaxOrdering => self.relax_ordering = parse_bool(v)?,
-            Setting::SocketIfname => self.socket_ifname = Some(v.to_string()),
-            Setting::Debug => self.debug = parse_bool(v)?,
-            Setting::DebugFile => self.debug_file = Some(PathBuf::from(v)),
-            Setting::ErrorFile => self.error_file = Some(PathBuf::from(v)),
-            Setting::GdrcopyFlushEnable => self.gdrcopy_flush = parse_bool(v)?,
+            Setting::IbTimeout => self.ib_timeout = whole(v, 14, 31)? as u8,
+            Setting::RelaxOrdering => self.relax_ordering = flag(v)?,
+            Setting::SocketIfname => self.socket_ifname = Some(text(v)?.to_string()),
+            Setting::Debug => self.debug = flag(v)?,
+            Setting::DebugFile => self.debug_file = Some(PathBuf::from(text(v)?)),
+            Setting::ErrorFile => self.error_file = Some(PathBuf::from(text(v)?)),
+            Setting::GdrcopyFlushEnable => self.gdrcopy_flush = flag(v)?,
             Setting::Transport => {
-                self.transport = match v.to_ascii_lowercase().as_str() {
+                self.transport = match text(v)?.to_ascii_lowercase().as_str() {
                     "auto" => TransportChoice::Auto,
                     name => TransportChoice::Only(name.parse().map_err(|_| {
                         let names: Vec<&str> = TransportKind::ALL.iter().map(|t| t.as_str()).collect();
@@ -211,7 +261,7 @@ impl Config {
                     })?),
                 }
             }
-            Setting::TimeoutMs => self.timeout = Duration::from_millis(parse_int(v, 1, 86_400_000)?),
+            Setting::TimeoutMs => self.timeout = Duration::from_millis(whole(v, 1, 86_400_000)?),
         }
         Ok(())
     }
@@ -231,18 +281,34 @@ enum Origin {
     Option,
 }
 
-fn parse_int(v: &str, min: u64, max: u64) -> std::result::Result<u64, String> {
-    match v.parse::<u64>() {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(format!("expected a whole number from {min} to {max}")),
-    }
+/// A whole number in `[min, max]`: a number, or text that spells one.
+fn whole(v: &SettingValue, min: u64, max: u64) -> std::result::Result<u64, String> {
+    let n = match v {
+        SettingValue::Text(t) => t.parse::<u64>().ok(),
+        SettingValue::Number(n) if n.fract() == 0.0 && *n >= 0.0 && *n <= u64::MAX as f64 => Some(*n as u64),
+        _ => None,
+    };
+    n.filter(|n| (min..=max).contains(n)).ok_or_else(|| format!("expected a whole number from {min} to {max}"))
 }
 
-fn parse_bool(v: &str) -> std::result::Result<bool, String> {
-    match v.to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err("expected a boolean: 1, 0, true, false, yes, no, on or off".into()),
+/// A boolean: `true`/`false`, or text that spells one (`1/0/true/false/yes/no/on/off`).
+fn flag(v: &SettingValue) -> std::result::Result<bool, String> {
+    let b = match v {
+        SettingValue::Flag(b) => Some(*b),
+        SettingValue::Text(t) => match t.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Some(true),
+            "0" | "false" | "no" | "off" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    };
+    b.ok_or_else(|| "expected a boolean: 1, 0, true, false, yes, no, on or off".into())
+}
+
+fn text(v: &SettingValue) -> std::result::Result<&str, String> {
+    match v {
+        SettingValue::Text(t) => Ok(t),
+        _ => Err("expected a string".into()),
     }
 }
 
@@ -252,9 +318,13 @@ mod tests {
     use std::collections::HashMap;
 
     fn load(env: &[(&str, &str)], overrides: &[(Setting, &str)]) -> Result<Config> {
+        let overrides: Vec<(Setting, SettingValue)> = overrides.iter().map(|(s, v)| (*s, (*v).into())).collect();
+        load_typed(env, &overrides)
+    }
+
+    fn load_typed(env: &[(&str, &str)], overrides: &[(Setting, SettingValue)]) -> Result<Config> {
         let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let overrides: Vec<(Setting, String)> = overrides.iter().map(|(s, v)| (*s, v.to_string())).collect();
-        Config::load_from(|k| env.get(k).cloned(), &overrides)
+        Config::load_from(|k| env.get(k).cloned(), overrides)
     }
 
     #[test]
@@ -325,6 +395,33 @@ mod tests {
         assert!(err.message().contains("option timeoutMs"), "{err}");
         assert_eq!(Setting::from_option_name("ibTimeout"), Some(Setting::IbTimeout));
         assert_eq!(Setting::from_option_name("nope"), None);
+    }
+
+    #[test]
+    fn typed_options_are_checked_against_the_same_limits() {
+        let cfg = load_typed(
+            &[("KVCACHE_DEBUG", "1")],
+            &[
+                (Setting::IbTimeout, 20.into()),
+                (Setting::Debug, false.into()),
+                (Setting::RdmaNics, SettingValue::List(vec!["mlx5_0".into(), "mlx5_1".into()])),
+                (Setting::TimeoutMs, 2500.into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!((cfg.ib_timeout, cfg.debug, cfg.timeout), (20, false, Duration::from_millis(2500)));
+        assert_eq!(cfg.rdma_nics, ["mlx5_0", "mlx5_1"]);
+        for (setting, value, want) in [
+            (Setting::IbTimeout, SettingValue::Number(99.0), "KVCACHE_IB_TIMEOUT (option ibTimeout)=99: expected a whole number"),
+            (Setting::IbTimeout, SettingValue::Number(20.5), "=20.5: expected a whole number"),
+            (Setting::GidIndex, SettingValue::Number(-1.0), "expected a whole number from 0 to 255"),
+            (Setting::Debug, SettingValue::Number(1.0), "expected a boolean"),
+            (Setting::Transport, SettingValue::Flag(true), "expected a string"),
+            (Setting::RdmaNics, SettingValue::List(vec!["".into()]), "RDMA device names"),
+        ] {
+            let err = load_typed(&[], &[(setting, value)]).unwrap_err();
+            assert!(err.message().contains(want), "{err} lacks {want}");
+        }
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum ErrorCode {
     Unavailable,
     /// The communicator was closed.
     Closed,
+    /// A bug in kvtransfer (a panic, caught before it could take the process down): please report it.
+    Internal,
 }
 
 impl ErrorCode {
@@ -42,6 +44,7 @@ impl ErrorCode {
             ErrorCode::Transport => "TRANSPORT",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Closed => "CLOSED",
+            ErrorCode::Internal => "INTERNAL",
         }
     }
 
@@ -56,6 +59,7 @@ impl ErrorCode {
             7 => ErrorCode::Transport,
             8 => ErrorCode::Unavailable,
             9 => ErrorCode::Closed,
+            10 => ErrorCode::Internal,
             _ => ErrorCode::Protocol,
         }
     }
@@ -72,7 +76,30 @@ impl ErrorCode {
             ErrorCode::Transport => 7,
             ErrorCode::Unavailable => 8,
             ErrorCode::Closed => 9,
+            ErrorCode::Internal => 10,
         }
+    }
+}
+
+impl ErrorCode {
+    /// Every code.
+    pub const ALL: [ErrorCode; 10] = [
+        ErrorCode::InvalidArgument,
+        ErrorCode::Config,
+        ErrorCode::NotConnected,
+        ErrorCode::Protocol,
+        ErrorCode::Rejected,
+        ErrorCode::Timeout,
+        ErrorCode::Transport,
+        ErrorCode::Unavailable,
+        ErrorCode::Closed,
+        ErrorCode::Internal,
+    ];
+}
+
+impl AsRef<str> for ErrorCode {
+    fn as_ref(&self) -> &str {
+        self.as_str()
     }
 }
 
@@ -121,6 +148,20 @@ impl Error {
         };
         Error::new(code, format!("{context}: {err}"))
     }
+    /// An [`ErrorCode::Internal`] error for a panic caught at a boundary (`payload` from `catch_unwind`).
+    pub fn from_panic(payload: &(dyn std::any::Any + Send)) -> Error {
+        let what = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("a panic without a message");
+        Error::new(ErrorCode::Internal, format!("kvtransfer hit a bug and stopped this call ({what}); please report it"))
+    }
+    /// Runs `f`, turning a panic into an [`ErrorCode::Internal`] error: for the edges where a panic must not
+    /// unwind further (a foreign caller, a thread that must report back).
+    pub fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| Err(Error::from_panic(&*p)))
+    }
     /// The kind of failure.
     pub fn code(&self) -> ErrorCode {
         self.code
@@ -148,21 +189,19 @@ mod tests {
 
     #[test]
     fn wire_codes_round_trip_and_never_zero() {
-        for code in [
-            ErrorCode::InvalidArgument,
-            ErrorCode::Config,
-            ErrorCode::NotConnected,
-            ErrorCode::Protocol,
-            ErrorCode::Rejected,
-            ErrorCode::Timeout,
-            ErrorCode::Transport,
-            ErrorCode::Unavailable,
-            ErrorCode::Closed,
-        ] {
+        for code in ErrorCode::ALL {
             assert_ne!(code.to_wire(), 0);
             assert_eq!(ErrorCode::from_wire(code.to_wire()), code);
         }
         assert_eq!(ErrorCode::from_wire(12345), ErrorCode::Protocol);
+    }
+
+    #[test]
+    fn panics_become_internal_errors() {
+        let e = Error::catch_panic::<()>(|| panic!("boom {}", 7)).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Internal);
+        assert!(e.message().contains("boom 7"), "{e}");
+        assert_eq!(Error::catch_panic(|| Ok(5)).unwrap(), 5);
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub mod transport;
 pub mod wire;
 
 pub use communicator::{Communicator, CommunicatorSpec, Role, TransportKind};
-pub use config::{Config, Setting, TransportChoice};
+pub use config::{Config, Setting, SettingValue, TransportChoice};
 pub use error::{Error, ErrorCode, Result};
 
 /// This library's version.

@@ -89,9 +89,17 @@ pub struct CacheLayout {
 }
 
 impl CacheLayout {
-    /// Checks a [`CacheSpec`]: list lengths agree, sizes are non-zero, no address is null and no tensor
-    /// wraps around the address space.
-    pub fn new(spec: CacheSpec) -> Result<CacheLayout> {
+    /// Checks a [`CacheSpec`]: list lengths agree, sizes are non-zero, no address is null, no tensor wraps
+    /// around the address space, and a tensor in GPU memory lies inside its allocation.
+    ///
+    /// # Safety
+    ///
+    /// The layout is where raw addresses become memory: every address of `spec` must name memory of this
+    /// process (host memory, or device memory of one GPU) that holds `block_number` blocks of its tensor and
+    /// stays valid as long as the layout, or any communicator, link or registration made from it, lives. From
+    /// here on transports read that memory (prefill) or let the kernel, a NIC, a GPU kernel or a peer process
+    /// write into it (decode) without further checks of their own.
+    pub unsafe fn new(spec: CacheSpec) -> Result<CacheLayout> {
         let layers = spec.key.len();
         if layers == 0 {
             return Err(Error::invalid("keyPtrs is empty: give one key cache address per layer"));
@@ -337,7 +345,8 @@ mod tests {
 
     #[test]
     fn valid_layout() {
-        let l = CacheLayout::new(spec(3)).unwrap();
+        // SAFETY (for every layout of these tests): the addresses are made up and never read or written.
+        let l = unsafe { CacheLayout::new(spec(3)) }.unwrap();
         assert_eq!(l.layers(), 3);
         assert_eq!(l.tensors().iter().collect::<Vec<_>>(), [Tensor::Key, Tensor::Value]);
         assert_eq!(l.tensor_bytes(Tensor::Key), Some(512));
@@ -350,7 +359,7 @@ mod tests {
         s.value.clear();
         s.key_scale = vec![0x1000, 0x2000];
         s.scale_block_bytes = 4;
-        let l = CacheLayout::new(s).unwrap();
+        let l = unsafe { CacheLayout::new(s) }.unwrap();
         assert_eq!(l.tensors().iter().collect::<Vec<_>>(), [Tensor::Key, Tensor::KeyScale]);
         assert_eq!(l.block_bytes(Tensor::KeyScale), 4);
     }
@@ -370,7 +379,7 @@ mod tests {
         for (mutate, want) in cases {
             let mut s = spec(3);
             mutate(&mut s);
-            let err = CacheLayout::new(s).unwrap_err();
+            let err = unsafe { CacheLayout::new(s) }.unwrap_err();
             assert!(err.message().contains(want), "{err} lacks {want}");
         }
     }

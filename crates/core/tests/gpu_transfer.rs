@@ -8,7 +8,7 @@
 
 use cudarc::driver::sys as cu;
 use kvtransfer::cuda::{self, Gpu};
-use kvtransfer::memory::CacheSpec;
+use kvtransfer::memory::{CacheLayout, CacheSpec};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice, TransportKind};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -91,6 +91,11 @@ impl TestCache {
         TestCache { gpu, tensors, layers, blocks, block_bytes, bases, _host: host }
     }
 
+    fn layout(&self) -> CacheLayout {
+        // SAFETY: the test keeps the cache (device and host memory) alive past its communicators.
+        unsafe { CacheLayout::new(self.spec()) }.unwrap()
+    }
+
     fn spec(&self) -> CacheSpec {
         let ptrs = |t: usize| match t < self.tensors {
             true => (0..self.layers).map(|l| self.bases[t] + l as u64 * self.blocks as u64 * self.block_bytes).collect(),
@@ -148,7 +153,7 @@ fn decode_child() {
         (a[1] == "gpu", a[2].parse().unwrap(), a[3].parse().unwrap(), a[4].parse().unwrap(), a[5].parse().unwrap(), a[6].parse().unwrap());
     let gpu = on_gpu.then(decode_gpu);
     let cache = TestCache::new(gpu, tensors, layers, blocks, block_bytes, seed);
-    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: gpu.unwrap_or(0), port: 0, cache: cache.spec(), tp_size: 1, tp_idx: 0 };
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: gpu.unwrap_or(0), port: 0, cache: cache.layout(), tp_size: 1, tp_idx: 0 };
     let decode = Communicator::new(spec, config(transport)).unwrap();
     println!("PORT {}", decode.port());
     std::io::stdout().flush().unwrap();
@@ -252,7 +257,7 @@ impl Drop for DecodeProcess {
 }
 
 fn prefill(cache: &TestCache, tp_size: u32, tp_idx: u32, transport: TransportChoice) -> Communicator {
-    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: cache.gpu.unwrap_or(0), port: 0, cache: cache.spec(), tp_size, tp_idx };
+    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: cache.gpu.unwrap_or(0), port: 0, cache: cache.layout(), tp_size, tp_idx };
     Communicator::new(spec, config(transport)).unwrap()
 }
 
@@ -405,12 +410,12 @@ fn refusals_on_the_gpu_touch_nothing() {
     assert_eq!(d.check(&[]), "OK");
     // A host-memory decode cannot take cuda-ipc; a GPU cache cannot take shm.
     let host = TestCache::new(None, 2, 2, 64, 1024, 1);
-    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: host.spec(), tp_size: 1, tp_idx: 0 };
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: host.layout(), tp_size: 1, tp_idx: 0 };
     let e = Communicator::new(spec, config(TransportChoice::Only(TransportKind::CudaIpc))).err().unwrap();
     assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
-    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: src.spec(), tp_size: 1, tp_idx: 0 };
+    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: src.layout(), tp_size: 1, tp_idx: 0 };
     let e = Communicator::new(spec, config(TransportChoice::Only(TransportKind::Shm))).err().unwrap();
-    assert!(e.message().contains("GPU memory"), "{e}");
+    assert!(e.message().contains("memory of GPU"), "{e}");
 }
 
 #[test]
@@ -421,7 +426,7 @@ fn a_cache_past_its_allocation_is_refused() {
     let c = TestCache::new(Some(0), 1, 1, 16, 1024, 1);
     let mut spec = c.spec();
     spec.block_number = 4096;
-    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: spec, tp_size: 1, tp_idx: 0 };
-    let e = Communicator::new(spec, config(TransportChoice::Only(TransportKind::Tcp))).err().unwrap();
+    // SAFETY: refused before any address is used.
+    let e = unsafe { CacheLayout::new(spec) }.err().unwrap();
     assert!(e.message().contains("past the end of its GPU allocation"), "{e}");
 }

@@ -38,11 +38,11 @@ fn rdma_config(nic: &str) -> Config {
 }
 
 fn decode(cache: CacheSpec, config: Config) -> Communicator {
-    Communicator::new(CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache, tp_size: 1, tp_idx: 0 }, config).unwrap()
+    Communicator::new(CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(cache), tp_size: 1, tp_idx: 0 }, config).unwrap()
 }
 
 fn prefill(cache: CacheSpec, tp_size: u32, tp_idx: u32, config: Config) -> Communicator {
-    Communicator::new(CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache, tp_size, tp_idx }, config).unwrap()
+    Communicator::new(CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: common::layout(cache), tp_size, tp_idx }, config).unwrap()
 }
 
 #[test]
@@ -141,7 +141,7 @@ fn refused_calls_leave_the_remote_cache_untouched() {
 fn nic_is_chosen_by_gpu_index_and_bad_devices_are_named() {
     let Some(nic) = nic("nic_is_chosen_by_gpu_index_and_bad_devices_are_named") else { return };
     let cache = Cache::new(2, 1, 4, 256, 7);
-    let spec = |gpu_idx| CommunicatorSpec { role: Role::Prefill, gpu_idx, port: 0, cache: cache.spec(), tp_size: 1, tp_idx: 0 };
+    let spec = |gpu_idx| CommunicatorSpec { role: Role::Prefill, gpu_idx, port: 0, cache: common::layout(cache.spec()), tp_size: 1, tp_idx: 0 };
     let listed = Config { rdma_nics: vec!["no-such-nic".into(), nic.clone()], ..rdma_config(&nic) };
     let c = Communicator::new(spec(1), listed.clone()).unwrap();
     assert_eq!(c.rdma_device(), Some(nic.as_str()), "gpuIdx 1 of 2 NICs picks the second");
@@ -213,7 +213,7 @@ fn a_failed_connection_is_rebuilt_for_the_next_call() {
     // A decode comes back on the same port: the next call rebuilds the queue pair and lands.
     let again = Cache::new(2, 1, 8, 4096, 12);
     let d = Communicator::new(
-        CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port, cache: again.spec(), tp_size: 1, tp_idx: 0 },
+        CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port, cache: common::layout(again.spec()), tp_size: 1, tp_idx: 0 },
         config,
     )
     .unwrap();
@@ -235,7 +235,6 @@ fn devices_are_listed_with_ports_and_gids() {
 
 #[test]
 fn the_flush_reads_back_the_last_block_written() {
-    use kvtransfer::memory::CacheLayout;
     use kvtransfer::plan::{BlockPlan, SliceGeometry};
     use kvtransfer::transport::rdma::{RdmaContext, RdmaTarget};
     use kvtransfer::transport::Link;
@@ -245,7 +244,7 @@ fn the_flush_reads_back_the_last_block_written() {
     let dst = Cache::new(2, 1, 8, 256, 14);
     for flush in [false, true] {
         let config = Config { gdrcopy_flush: flush, ..rdma_config(&nic) };
-        let layout = |c: &Cache| Arc::new(CacheLayout::new(c.spec()).unwrap());
+        let layout = |c: &Cache| Arc::new(common::layout(c.spec()));
         let target = RdmaTarget::new(RdmaContext::open(layout(&dst), &config, 0, true).unwrap());
         let prefill = RdmaContext::open(layout(&src), &config, 0, false).unwrap();
         let pending = prefill.prepare().unwrap();

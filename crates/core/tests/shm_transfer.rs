@@ -13,12 +13,12 @@ fn config(transport: TransportChoice) -> Config {
 }
 
 fn decode(cache: CacheSpec, transport: TransportChoice) -> Communicator {
-    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache, tp_size: 1, tp_idx: 0 };
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(cache), tp_size: 1, tp_idx: 0 };
     Communicator::new(spec, config(transport)).unwrap()
 }
 
 fn prefill(cache: CacheSpec, tp_size: u32, tp_idx: u32, transport: TransportChoice) -> Communicator {
-    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache, tp_size, tp_idx };
+    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: common::layout(cache), tp_size, tp_idx };
     Communicator::new(spec, config(transport)).unwrap()
 }
 

@@ -18,11 +18,11 @@ fn tcp() -> Config {
 }
 
 fn decode(cache: CacheSpec) -> Communicator {
-    Communicator::new(CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache, tp_size: 1, tp_idx: 0 }, tcp()).unwrap()
+    Communicator::new(CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(cache), tp_size: 1, tp_idx: 0 }, tcp()).unwrap()
 }
 
 fn prefill(cache: CacheSpec, tp_size: u32, tp_idx: u32) -> Communicator {
-    Communicator::new(CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache, tp_size, tp_idx }, tcp()).unwrap()
+    Communicator::new(CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: common::layout(cache), tp_size, tp_idx }, tcp()).unwrap()
 }
 
 #[test]
@@ -304,7 +304,7 @@ fn handshake_mismatches_are_errors_on_both_sides() {
     let errors = dir.join("decode-errors.log");
     let dst = Cache::new(2, 2, 8, 64, 90);
     let cfg = Config { error_file: Some(errors.clone()), ..tcp() };
-    let d = Communicator::new(CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: dst.spec(), tp_size: 1, tp_idx: 0 }, cfg).unwrap();
+    let d = Communicator::new(CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(dst.spec()), tp_size: 1, tp_idx: 0 }, cfg).unwrap();
     let src = Cache::new(2, 3, 8, 64, 91);
     let p = prefill(src.spec(), 1, 0);
     let err = p.connect("127.0.0.1", d.port(), 1).unwrap_err();

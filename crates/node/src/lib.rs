@@ -1,22 +1,34 @@
-//! The Node.js binding of kvtransfer: argument conversion and async tasks only. All behaviour lives in
-//! the `kvtransfer` crate; errors cross as `"CODE: message"`, which `index.ts` turns into `KVTransferError`.
+//! The Node.js binding of kvtransfer: argument conversion and completion of promises only. All behaviour lives
+//! in the `kvtransfer` crate.
+//!
+//! - Errors cross with their code: a failed call throws an `Error` whose `code` is the [`ErrorCode`]'s name,
+//!   and an asynchronous call resolves with a [`NativeFailure`] (or `null`), which the wrapper rejects with.
+//! - A panic never unwinds into Node.js: every entry point runs under [`guarded`], which turns it into an
+//!   `INTERNAL` error, and asynchronous calls run on the library's own threads, which do the same.
+//! - This file is the one place where a JavaScript caller's promise about raw addresses (that they name memory
+//!   which stays valid until `close()`) becomes the core's `unsafe` contract ([`NativeCommunicator::new`]).
 
-use kvtransfer::memory::{CacheSpec, HostAllocation};
-use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, Setting};
+use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
+use kvtransfer::{Communicator, CommunicatorSpec, Config, Error, ErrorCode, Role, Setting, SettingValue};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use std::collections::HashMap;
 use std::sync::Arc;
 
-fn to_napi(e: kvtransfer::Error) -> napi::Error {
-    napi::Error::new(Status::GenericFailure, e.to_string())
+fn to_napi(e: Error) -> napi::Error<ErrorCode> {
+    napi::Error::new(e.code(), e.message().to_string())
 }
 
-fn invalid(message: String) -> napi::Error {
-    to_napi(kvtransfer::Error::invalid(message))
+/// Runs an entry point's body; a panic becomes an `INTERNAL` error instead of aborting the process. An entry
+/// point's error carries its code: JavaScript sees the [`ErrorCode`]'s name as `err.code`.
+fn guarded<T>(body: impl FnOnce() -> kvtransfer::Result<T>) -> Result<T, ErrorCode> {
+    Error::catch_panic(body).map_err(to_napi)
 }
 
-fn addresses(name: &str, list: &[BigInt]) -> Result<Vec<u64>> {
+fn invalid(message: String) -> Error {
+    Error::invalid(message)
+}
+
+fn addresses(name: &str, list: &[BigInt]) -> kvtransfer::Result<Vec<u64>> {
     list.iter()
         .enumerate()
         .map(|(i, b)| match b.get_u64() {
@@ -26,11 +38,56 @@ fn addresses(name: &str, list: &[BigInt]) -> Result<Vec<u64>> {
         .collect()
 }
 
-fn port(p: u32) -> Result<u16> {
+fn port(p: u32) -> kvtransfer::Result<u16> {
     u16::try_from(p).map_err(|_| invalid(format!("port {p} is outside [0, 65535]")))
 }
 
-/// Everything the constructor takes, already type-checked by `index.ts`.
+/// The settings a communicator may be given, with the types JavaScript gives them.
+#[napi(object)]
+#[derive(Default)]
+pub struct NativeSettings {
+    pub gid_index: Option<f64>,
+    pub rdma_nics: Option<Either<String, Vec<String>>>,
+    pub ib_timeout: Option<f64>,
+    pub relax_ordering: Option<bool>,
+    pub socket_ifname: Option<String>,
+    pub debug: Option<bool>,
+    pub debug_file: Option<String>,
+    pub error_file: Option<String>,
+    pub gdrcopy_flush_enable: Option<bool>,
+    pub transport: Option<String>,
+    pub timeout_ms: Option<f64>,
+}
+
+impl NativeSettings {
+    fn into_overrides(self) -> Vec<(Setting, SettingValue)> {
+        let number = |v: Option<f64>| v.map(SettingValue::Number);
+        let flag = |v: Option<bool>| v.map(SettingValue::Flag);
+        let text = |v: Option<String>| v.map(SettingValue::Text);
+        let nics = self.rdma_nics.map(|v| match v {
+            Either::A(text) => SettingValue::Text(text),
+            Either::B(list) => SettingValue::List(list),
+        });
+        [
+            (Setting::GidIndex, number(self.gid_index)),
+            (Setting::RdmaNics, nics),
+            (Setting::IbTimeout, number(self.ib_timeout)),
+            (Setting::RelaxOrdering, flag(self.relax_ordering)),
+            (Setting::SocketIfname, text(self.socket_ifname)),
+            (Setting::Debug, flag(self.debug)),
+            (Setting::DebugFile, text(self.debug_file)),
+            (Setting::ErrorFile, text(self.error_file)),
+            (Setting::GdrcopyFlushEnable, flag(self.gdrcopy_flush_enable)),
+            (Setting::Transport, text(self.transport)),
+            (Setting::TimeoutMs, number(self.timeout_ms)),
+        ]
+        .into_iter()
+        .filter_map(|(setting, value)| value.map(|v| (setting, v)))
+        .collect()
+    }
+}
+
+/// Everything the constructor takes, already type-checked by the wrapper.
 #[napi(object)]
 pub struct NativeInit {
     pub role: String,
@@ -45,11 +102,28 @@ pub struct NativeInit {
     pub scale_block_bytes: i64,
     pub prefill_tp_size: u32,
     pub prefill_tp_idx: u32,
-    /// Option name → value, for the settings of `kvtransfer::Setting`.
-    pub settings: HashMap<String, String>,
+    pub settings: NativeSettings,
 }
 
-/// The native communicator behind `RDMACommunicator`.
+/// Why an asynchronous call failed: what its promise resolves with instead of `null`.
+#[napi(object)]
+pub struct NativeFailure {
+    /// The [`ErrorCode`]'s name (`"TIMEOUT"`, ...).
+    pub code: String,
+    pub message: String,
+}
+
+/// A promise that resolves with `null` on success and with a [`NativeFailure`] otherwise; `start` hands its
+/// completion to the library's threads.
+fn promise<'env>(env: &'env Env, start: impl FnOnce(Box<dyn FnOnce(kvtransfer::Result<()>) + Send>)) -> Result<Object<'env>, ErrorCode> {
+    let (deferred, promise) = env.create_deferred().map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))?;
+    start(Box::new(move |outcome: kvtransfer::Result<()>| {
+        deferred.resolve(move |_| Ok(outcome.err().map(|e| NativeFailure { code: e.code().as_str().into(), message: e.message().into() })))
+    }));
+    Ok(promise)
+}
+
+/// The native communicator behind the wrapper's classes.
 #[napi]
 pub struct NativeCommunicator {
     inner: Arc<Communicator>,
@@ -58,20 +132,12 @@ pub struct NativeCommunicator {
 #[napi]
 impl NativeCommunicator {
     #[napi(constructor)]
-    pub fn new(init: NativeInit) -> Result<Self> {
-        let role: Role = init.role.parse().map_err(to_napi)?;
-        let mut overrides = Vec::with_capacity(init.settings.len());
-        for (name, value) in init.settings {
-            let setting = Setting::from_option_name(&name).ok_or_else(|| invalid(format!("unknown option {name:?}")))?;
-            overrides.push((setting, value));
-        }
-        let config = Config::load(&overrides).map_err(to_napi)?;
-        let non_negative = |name: &str, v: i64| u64::try_from(v).map_err(|_| invalid(format!("{name} must not be negative")));
-        let spec = CommunicatorSpec {
-            role,
-            gpu_idx: init.gpu_idx,
-            port: port(init.port)?,
-            cache: CacheSpec {
+    pub fn new(init: NativeInit) -> Result<Self, ErrorCode> {
+        guarded(|| {
+            let role: Role = init.role.parse()?;
+            let config = Config::load(&init.settings.into_overrides())?;
+            let non_negative = |name: &str, v: i64| u64::try_from(v).map_err(|_| invalid(format!("{name} must not be negative")));
+            let spec = CacheSpec {
                 key: addresses("keyPtrs", &init.key_ptrs)?,
                 value: addresses("valuePtrs", &init.value_ptrs)?,
                 key_scale: addresses("keyScalePtrs", &init.key_scale_ptrs)?,
@@ -79,12 +145,21 @@ impl NativeCommunicator {
                 block_number: init.block_number,
                 block_bytes: non_negative("blockBytes", init.block_bytes)?,
                 scale_block_bytes: non_negative("scaleBlockBytes", init.scale_block_bytes)?,
-            },
-            tp_size: init.prefill_tp_size,
-            tp_idx: init.prefill_tp_idx,
-        };
-        let inner = Communicator::new(spec, config).map_err(to_napi)?;
-        Ok(NativeCommunicator { inner: Arc::new(inner) })
+            };
+            // SAFETY: the JavaScript caller's promise, stated in the wrapper's documentation: every address names
+            // memory of this process that holds `blockNumber` blocks per tensor and stays valid (and, for a
+            // decode, writable by the transports) until the communicator is closed.
+            let cache = unsafe { CacheLayout::new(spec) }?;
+            let spec = CommunicatorSpec {
+                role,
+                gpu_idx: init.gpu_idx,
+                port: port(init.port)?,
+                cache,
+                tp_size: init.prefill_tp_size,
+                tp_idx: init.prefill_tp_idx,
+            };
+            Ok(NativeCommunicator { inner: Arc::new(Communicator::new(spec, config)?) })
+        })
     }
 
     /// The control port a decode communicator listens on (0 for prefill).
@@ -106,15 +181,18 @@ impl NativeCommunicator {
     }
 
     #[napi]
-    pub fn connect(&self, ip: String, port: u32, dst_tp_size: u32) -> Result<()> {
-        self.inner.connect(&ip, self::port(port)?, dst_tp_size).map_err(to_napi)
+    pub fn connect(&self, ip: String, port: u32, dst_tp_size: u32) -> Result<(), ErrorCode> {
+        guarded(|| self.inner.connect(&ip, self::port(port)?, dst_tp_size))
     }
 
-    #[napi(ts_return_type = "Promise<void>")]
-    pub fn connect_async(&self, ip: String, port: u32, dst_tp_size: u32) -> Result<AsyncTask<ConnectTask>> {
-        Ok(AsyncTask::new(ConnectTask { inner: self.inner.clone(), ip, port: self::port(port)?, dst_tp_size }))
+    /// Connects on the peer's own thread.
+    #[napi(ts_return_type = "Promise<NativeFailure | null>")]
+    pub fn connect_async<'env>(&self, env: &'env Env, ip: String, port: u32, dst_tp_size: u32) -> Result<Object<'env>, ErrorCode> {
+        let port = guarded(|| self::port(port))?;
+        promise(env, |done| self.inner.connect_then(&ip, port, dst_tp_size, done))
     }
 
+    /// Whether a working connection exists; never waits for a transfer.
     #[napi]
     pub fn is_connected(&self, ip: String, port: u32) -> bool {
         u16::try_from(port).is_ok_and(|p| self.inner.is_connected(&ip, p))
@@ -127,30 +205,27 @@ impl NativeCommunicator {
     }
 
     #[napi]
-    pub fn write_cache(&self, ip: String, port: u32, local: Uint32Array, remote: Uint32Array, layer: u32) -> Result<()> {
-        self.inner.write_cache(&ip, self::port(port)?, &local, &remote, layer).map_err(to_napi)
+    pub fn write_cache(&self, ip: String, port: u32, local: Uint32Array, remote: Uint32Array, layer: u32) -> Result<(), ErrorCode> {
+        guarded(|| self.inner.write_cache(&ip, self::port(port)?, &local, &remote, layer))
     }
 
-    #[napi(ts_return_type = "Promise<void>")]
-    pub fn write_cache_async(
+    /// Writes on the peer's own thread; calls to one peer run in the order they were made.
+    #[napi(ts_return_type = "Promise<NativeFailure | null>")]
+    pub fn write_cache_async<'env>(
         &self,
+        env: &'env Env,
         ip: String,
         port: u32,
         local: Uint32Array,
         remote: Uint32Array,
         layer: u32,
-    ) -> Result<AsyncTask<WriteTask>> {
-        Ok(AsyncTask::new(WriteTask {
-            inner: self.inner.clone(),
-            ip,
-            port: self::port(port)?,
-            local: local.to_vec(),
-            remote: remote.to_vec(),
-            layer,
-        }))
+    ) -> Result<Object<'env>, ErrorCode> {
+        let port = guarded(|| self::port(port))?;
+        let (local, remote) = (local.to_vec(), remote.to_vec());
+        promise(env, |done| self.inner.write_cache_then(&ip, port, local, remote, layer, done))
     }
 
-    /// Records a refusal made by `index.ts` in the error log.
+    /// Records a refusal made by the wrapper in the error log.
     #[napi]
     pub fn log_error(&self, message: String) {
         self.inner.log_error(&message);
@@ -162,54 +237,17 @@ impl NativeCommunicator {
     }
 }
 
-pub struct ConnectTask {
-    inner: Arc<Communicator>,
-    ip: String,
-    port: u16,
-    dst_tp_size: u32,
-}
-
-impl Task for ConnectTask {
-    type Output = ();
-    type JsValue = ();
-    fn compute(&mut self) -> Result<()> {
-        self.inner.connect(&self.ip, self.port, self.dst_tp_size).map_err(to_napi)
-    }
-    fn resolve(&mut self, _env: Env, _out: ()) -> Result<()> {
-        Ok(())
-    }
-}
-
-pub struct WriteTask {
-    inner: Arc<Communicator>,
-    ip: String,
-    port: u16,
-    local: Vec<u32>,
-    remote: Vec<u32>,
-    layer: u32,
-}
-
-impl Task for WriteTask {
-    type Output = ();
-    type JsValue = ();
-    fn compute(&mut self) -> Result<()> {
-        self.inner.write_cache(&self.ip, self.port, &self.local, &self.remote, self.layer).map_err(to_napi)
-    }
-    fn resolve(&mut self, _env: Env, _out: ()) -> Result<()> {
-        Ok(())
-    }
-}
-
 /// Page-aligned, zero-filled host memory as a `Buffer`; the memory is released when the buffer is
 /// collected or detached (see [`host_free`]).
 #[napi]
-pub fn host_alloc(env: &Env, bytes: i64) -> Result<BufferSlice<'_>> {
-    let len = usize::try_from(bytes).ok().filter(|&n| n > 0).ok_or_else(|| invalid(format!("cannot allocate {bytes} bytes")))?;
-    let mut memory = HostAllocation::new(len).map_err(to_napi)?;
+pub fn host_alloc(env: &Env, bytes: i64) -> Result<BufferSlice<'_>, ErrorCode> {
+    let len = guarded(|| usize::try_from(bytes).ok().filter(|&n| n > 0).ok_or_else(|| invalid(format!("cannot allocate {bytes} bytes"))))?;
+    let mut memory = guarded(|| HostAllocation::new(len))?;
     let data = memory.as_mut_slice().as_mut_ptr();
     // SAFETY: `data` is `len` bytes owned by `memory`, which moves into the finaliser and so lives exactly as
     // long as the buffer's backing store.
     unsafe { BufferSlice::from_external(env, data, len, memory, |_, memory| drop(memory)) }
+        .map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))
 }
 
 /// The address of a buffer's first byte.
@@ -221,7 +259,7 @@ pub fn buffer_address(buffer: BufferSlice) -> BigInt {
 /// Detaches a buffer's memory from JavaScript: the buffer reads as empty afterwards and its memory goes
 /// back to the system as soon as the engine lets go of it.
 #[napi]
-pub fn host_free(env: &Env, buffer: Unknown) -> Result<()> {
+pub fn host_free(env: &Env, buffer: Unknown) -> Result<(), ErrorCode> {
     let mut arraybuffer = std::ptr::null_mut();
     // SAFETY: `buffer` is a live value of this env; napi checks it is a typed array and fails otherwise.
     let status = unsafe {
@@ -236,72 +274,42 @@ pub fn host_free(env: &Env, buffer: Unknown) -> Result<()> {
         )
     };
     if status != napi::sys::Status::napi_ok {
-        return Err(invalid("free() expects the Buffer of a HostBuffer".into()));
+        return Err(to_napi(invalid("free() expects the Buffer of a HostBuffer".into())));
     }
     // SAFETY: `arraybuffer` was just returned by napi for this env.
     let status = unsafe { napi::sys::napi_detach_arraybuffer(env.raw(), arraybuffer) };
     if status != napi::sys::Status::napi_ok {
-        return Err(invalid("this buffer's memory cannot be detached".into()));
+        return Err(to_napi(invalid("this buffer's memory cannot be detached".into())));
     }
     Ok(())
 }
 
-/// One GID table entry of an RDMA port.
-#[napi(object)]
-pub struct RdmaGid {
-    pub index: u32,
-    pub gid: String,
+/// The RDMA devices this machine has, with their ports and GIDs (`RdmaDevice[]` in the wrapper). Fails with
+/// `UNAVAILABLE`, saying why, where there is none.
+#[napi(ts_return_type = "unknown")]
+pub fn rdma_devices(env: &Env) -> Result<Unknown<'_>, ErrorCode> {
+    let devices = guarded(kvtransfer::transport::rdma::devices)?;
+    env.to_js_value(&devices).map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))
 }
 
-/// One port of an RDMA device.
-#[napi(object)]
-pub struct RdmaPort {
-    pub port: u32,
-    /// `ACTIVE`, `DOWN`, ...
-    pub state: String,
-    /// `Ethernet` (RoCE) or `InfiniBand`.
-    pub link_layer: String,
-    /// Active MTU in bytes.
-    pub mtu: u32,
-    pub lid: u32,
-    pub gids: Vec<RdmaGid>,
+/// What this machine offers kvtransfer (`kvtransfer info`, `SystemInfo` in the wrapper): the settings in force
+/// with bad values flagged, each transport and why it cannot be used, the RDMA devices and the GPUs.
+#[napi(ts_return_type = "unknown")]
+pub fn system_report(env: &Env) -> Result<Unknown<'_>, ErrorCode> {
+    let report = guarded(|| Ok(kvtransfer::system::SystemReport::gather()))?;
+    env.to_js_value(&report).map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))
 }
 
-/// An RDMA device of this machine.
-#[napi(object)]
-pub struct RdmaDevice {
-    pub name: String,
-    pub ports: Vec<RdmaPort>,
-}
-
-/// The RDMA devices this machine has, with their ports and GIDs. Fails with `UNAVAILABLE` where libibverbs
-/// is missing.
-#[napi]
-pub fn rdma_devices() -> Result<Vec<RdmaDevice>> {
-    let devices = kvtransfer::transport::rdma::devices().map_err(to_napi)?;
-    Ok(devices
-        .into_iter()
-        .map(|d| RdmaDevice {
-            name: d.name,
-            ports: d
-                .ports
-                .into_iter()
-                .map(|p| RdmaPort {
-                    port: p.port as u32,
-                    state: p.state.into(),
-                    link_layer: p.link_layer.into(),
-                    mtu: p.mtu,
-                    lid: p.lid as u32,
-                    gids: p.gids.into_iter().map(|g| RdmaGid { index: g.index, gid: g.gid }).collect(),
-                })
-                .collect(),
+/// Panics inside a native call, on the calling thread (`"sync"`) or on a peer's thread (`"async"`): how the
+/// tests prove that a panic becomes an `INTERNAL` error and never takes the process down. Not part of the API.
+#[napi(js_name = "__panicForTests", ts_return_type = "Promise<NativeFailure | null> | void")]
+pub fn panic_for_tests<'env>(env: &'env Env, on: String) -> Result<Option<Object<'env>>, ErrorCode> {
+    if on == "async" {
+        // As the library's peer threads do: the call runs under `catch_panic`, its completion resolves the promise.
+        return promise(env, |done| {
+            std::thread::spawn(move || done(Error::catch_panic(|| panic!("a deliberate panic on another thread"))));
         })
-        .collect())
-}
-
-/// What this machine offers kvtransfer (`kvtransfer info`), as JSON: the settings in force with bad values
-/// flagged, each transport and why it cannot be used, the RDMA devices and the GPUs.
-#[napi]
-pub fn system_report() -> String {
-    kvtransfer::system::SystemReport::gather().to_json()
+        .map(Some);
+    }
+    guarded(|| -> kvtransfer::Result<Option<Object<'env>>> { panic!("a deliberate panic on the calling thread") })
 }

@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use kvtransfer::{Communicator, CommunicatorSpec, Config, Role};
-//! use kvtransfer::memory::{CacheSpec, HostAllocation};
+//! use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
 //!
 //! let (blocks, bytes) = (8u32, 256u64);
 //! let mut src = HostAllocation::new((blocks as u64 * bytes) as usize).unwrap();
@@ -11,7 +11,8 @@
 //! src.as_mut_slice().iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
 //! let spec = |role, addr| CommunicatorSpec {
 //!     role, gpu_idx: 0, port: 0, tp_size: 1, tp_idx: 0,
-//!     cache: CacheSpec { key: vec![addr], block_number: blocks, block_bytes: bytes, ..Default::default() },
+//!     // SAFETY: both allocations hold `blocks` blocks and outlive the communicators (dropped first, below).
+//!     cache: unsafe { CacheLayout::new(CacheSpec { key: vec![addr], block_number: blocks, block_bytes: bytes, ..Default::default() }) }.unwrap(),
 //! };
 //! let decode = Communicator::new(spec(Role::Decode, dst.addr()), Config::default()).unwrap();
 //! let port = decode.port();
@@ -29,13 +30,14 @@
 mod decode;
 pub mod negotiation;
 mod prefill;
+mod workers;
 
 use self::decode::DecodeSide;
 use self::prefill::PrefillSide;
 use crate::config::{Config, TransportChoice};
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
-use crate::memory::{CacheLayout, CacheSpec};
+use crate::memory::CacheLayout;
 use crate::plan::SliceGeometry;
 use crate::transport::{self, Environment, Transport};
 use std::net::{IpAddr, Ipv4Addr};
@@ -52,7 +54,8 @@ pub struct CommunicatorSpec {
     pub gpu_idx: u32,
     /// The decode side's control port (0 picks a free one; see [`Communicator::port`]). Unused by prefill.
     pub port: u16,
-    pub cache: CacheSpec,
+    /// The cache: made from raw addresses by the `unsafe` [`CacheLayout::new`].
+    pub cache: CacheLayout,
     /// This rank's tensor-parallel size and index (prefill side; 1 and 0 for decode).
     pub tp_size: u32,
     pub tp_idx: u32,
@@ -87,7 +90,7 @@ impl Communicator {
     }
 
     fn build(spec: CommunicatorSpec, config: Config, log: Arc<Logger>) -> Result<Communicator> {
-        let cache = Arc::new(CacheLayout::new(spec.cache)?);
+        let cache = Arc::new(spec.cache);
         let kinds = negotiation::candidates(config.transport, cache.location())?;
         let listen_ip = match spec.role {
             Role::Decode => crate::net::listen_addr(config.socket_ifname.as_deref())?,
@@ -169,6 +172,43 @@ impl Communicator {
     pub fn connect(&self, ip: &str, port: u16, dst_tp_size: u32) -> Result<()> {
         let result = self.prefill("connect").and_then(|p| p.connect(self, ip, port, dst_tp_size));
         self.logged(|| format!("connect to {ip}:{port}"), result)
+    }
+
+    /// [`Communicator::connect`] on a thread of the library's own, one per peer: returns at once, and `done`
+    /// runs on that thread with the outcome.
+    pub fn connect_then(self: &Arc<Self>, ip: &str, port: u16, dst_tp_size: u32, done: impl FnOnce(Result<()>) + Send + 'static) {
+        let (comm, host) = (self.clone(), ip.to_string());
+        self.on_peer_thread(ip, port, move || comm.connect(&host, port, dst_tp_size), done);
+    }
+
+    /// [`Communicator::write_cache`] on the peer's own thread: returns at once, and `done` runs on that thread
+    /// with the outcome. Calls to one peer run in the order they were made.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_cache_then(
+        self: &Arc<Self>,
+        ip: &str,
+        port: u16,
+        local: Vec<u32>,
+        remote: Vec<u32>,
+        layer: u32,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
+        let (comm, host) = (self.clone(), ip.to_string());
+        self.on_peer_thread(ip, port, move || comm.write_cache(&host, port, &local, &remote, layer), done);
+    }
+
+    fn on_peer_thread(
+        &self,
+        ip: &str,
+        port: u16,
+        work: impl FnOnce() -> Result<()> + Send + 'static,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
+        match &self.side {
+            Side::Prefill(p) => p.workers().submit(&format!("{ip}:{port}"), work, done),
+            // The call itself says why (a decode communicator does not connect or write).
+            Side::Decode(_) => done(work()),
+        }
     }
 
     /// The transport of the connection to `ip:port` (`None` when there is none, or it broke).

@@ -1,6 +1,7 @@
 //! The prefill side: its decode peers, each with a link over the transport the handshake chose, rebuilt
 //! with a new handshake after a failure.
 
+use super::workers::Workers;
 use super::{negotiation, Communicator};
 use crate::control;
 use crate::error::{Error, ErrorCode, Result};
@@ -21,6 +22,7 @@ pub(super) struct PrefillSide {
     tp_idx: u32,
     zmq: zmq::Context,
     peers: Peers,
+    workers: Workers,
 }
 
 /// A decode peer and what can be asked of it without waiting for a transfer.
@@ -64,7 +66,7 @@ struct Peer {
 
 impl PrefillSide {
     pub(super) fn new(connectors: Vec<Arc<dyn Connector>>, tp_size: u32, tp_idx: u32) -> PrefillSide {
-        PrefillSide { connectors, tp_size, tp_idx, zmq: zmq::Context::new(), peers: Mutex::new(HashMap::new()) }
+        PrefillSide { connectors, tp_size, tp_idx, zmq: zmq::Context::new(), peers: Mutex::new(HashMap::new()), workers: Workers::new() }
     }
 
     pub(super) fn transports(&self) -> Vec<TransportKind> {
@@ -229,7 +231,13 @@ impl PrefillSide {
         result
     }
 
+    /// The threads that run asynchronous calls, one per peer.
+    pub(super) fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
     pub(super) fn close(&self) {
+        self.workers.close();
         self.peers.lock().unwrap().clear();
     }
 

@@ -1,7 +1,13 @@
 //! Test caches shared by the integration tests.
 #![allow(dead_code)]
 
-use kvtransfer::memory::{CacheSpec, HostAllocation};
+use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
+
+/// The layout of a test cache.
+pub fn layout(spec: CacheSpec) -> CacheLayout {
+    // SAFETY: every test keeps its `Cache` (whose allocations the spec names) alive past its communicators.
+    unsafe { CacheLayout::new(spec) }.unwrap()
+}
 
 /// One side's cache: `layers` × tensors, each `blocks × block_bytes`, filled with a pattern unique to
 /// (seed, tensor, layer, byte).

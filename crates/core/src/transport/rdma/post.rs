@@ -292,13 +292,14 @@ mod tests {
     use crate::memory::CacheSpec;
 
     fn cache() -> CacheLayout {
-        CacheLayout::new(CacheSpec {
+        // SAFETY: made-up addresses: the tests only build work requests.
+        unsafe { CacheLayout::new(CacheSpec {
             key: vec![0x10000, 0x20000],
             value: vec![0x30000, 0x40000],
             block_number: 16,
             block_bytes: 256,
             ..Default::default()
-        })
+        }) }
         .unwrap()
     }
 

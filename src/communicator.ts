@@ -1,0 +1,180 @@
+/**
+ * The async-first API: a {@link Communicator} per engine rank, and a {@link Peer} per decode it writes to.
+ *
+ * ```ts
+ * const decode = Communicator.decode({ port: 12345, keyPtrs, valuePtrs, blockNumber, blockBytes })
+ * const prefill = Communicator.prefill({ keyPtrs, valuePtrs, blockNumber, blockBytes })
+ * const peer = await prefill.connect('10.0.0.2', 12345)
+ * await peer.write([0, 1, 2], [7, 8, 9], layer)
+ * ```
+ */
+import type { NativeCommunicator } from '../binding.js'
+import { call, settled } from './errors.js'
+import { native } from './loader.js'
+import {
+  type BlockIds,
+  type CacheOptions,
+  type Port,
+  type Role,
+  type Settings,
+  type Transport,
+  toBlockIds,
+  toCount,
+  toHost,
+  toNativeInit,
+  toPort,
+  toSettings,
+} from './options.js'
+
+/** A prefill communicator's options: its cache, its tensor-parallel rank, and settings. */
+export interface PrefillOptions extends CacheOptions, Settings {
+  /** This rank's tensor-parallel size (default 1). */
+  tpSize?: number
+  /** This rank's tensor-parallel index (default 0). */
+  tpIdx?: number
+}
+
+/** A decode communicator's options: its cache, the port it listens on, and settings. */
+export interface DecodeOptions extends CacheOptions, Settings {
+  /** The control port to listen on; 0 (the default) picks a free one, see {@link Communicator.port}. */
+  port?: number
+}
+
+/** What {@link Communicator.connect} takes besides the address. */
+export interface ConnectOptions {
+  /** The decode's tensor-parallel size (default 1): each decode block holds `tpSize / dstTpSize` slices. */
+  dstTpSize?: number
+}
+
+const PREFILL_KEYS = new Set(['keyPtrs', 'valuePtrs', 'keyScalePtrs', 'valueScalePtrs', 'blockNumber', 'blockBytes', 'scaleBlockBytes', 'gpuIdx', 'tpSize', 'tpIdx'])
+const DECODE_KEYS = new Set(['keyPtrs', 'valuePtrs', 'keyScalePtrs', 'valueScalePtrs', 'blockNumber', 'blockBytes', 'scaleBlockBytes', 'gpuIdx', 'port'])
+
+/**
+ * One side of KV-cache transfers. A decode communicator registers its cache and listens; a prefill communicator
+ * connects to decodes ({@link Communicator.connect}) and writes blocks through the {@link Peer} it gets.
+ *
+ * Each peer's work runs on a thread of the library's own, never on libuv's pool, and nothing here waits on a
+ * transfer in flight.
+ */
+export class Communicator {
+  /** The role. */
+  readonly role: Role
+  /** The port a decode communicator listens on (the one given, or the one picked for port 0); 0 for prefill. */
+  readonly port: number
+  /** @internal */
+  readonly native: NativeCommunicator
+
+  private constructor(role: Role, native: NativeCommunicator) {
+    this.role = role
+    this.native = native
+    this.port = native.port
+  }
+
+  /**
+   * A prefill communicator over `options`' cache.
+   * @throws {KVTransferError} `INVALID_ARGUMENT` or `CONFIG` for a bad cache or setting, `UNAVAILABLE` for a
+   * transport that cannot be used here.
+   */
+  static prefill(options: PrefillOptions): Communicator {
+    const settings = toSettings(options, PREFILL_KEYS)
+    const init = toNativeInit('prefill', options, 0, options.tpSize ?? 1, options.tpIdx ?? 0, settings)
+    return new Communicator('prefill', call(() => new native.NativeCommunicator(init)))
+  }
+
+  /**
+   * A decode communicator over `options`' cache, listening on `options.port`.
+   * @throws {KVTransferError} as {@link Communicator.prefill}, and `TRANSPORT` when the port cannot be listened on.
+   */
+  static decode(options: DecodeOptions): Communicator {
+    const settings = toSettings(options, DECODE_KEYS)
+    const init = toNativeInit('decode', options, toPort(options.port ?? 0, true), 1, 0, settings)
+    return new Communicator('decode', call(() => new native.NativeCommunicator(init)))
+  }
+
+  /** @internal Wraps a native communicator made elsewhere (the compatibility layer). */
+  static wrap(role: Role, native: NativeCommunicator): Communicator {
+    return new Communicator(role, native)
+  }
+
+  /**
+   * The preferred transport. With `transport: 'auto'`: `'cuda-ipc'` for a cache in GPU memory or `'shm'` for one
+   * in host memory (taken by peers on this host), else `'rdma'` when the NIC is usable, else `'tcp'`; each
+   * connection takes the first one both sides have ({@link Peer.transport}).
+   */
+  get transport(): Transport {
+    return this.native.transport as Transport
+  }
+
+  /** The RDMA device in use (`'mlx5_0'`, `'rxe0'`), or `null` when RDMA is not used. */
+  get rdmaDevice(): string | null {
+    return this.native.rdmaDevice ?? null
+  }
+
+  /**
+   * Connects to the decode communicator at `ip:port` (a connected peer is returned as it is).
+   * @throws {KVTransferError} (as a rejection) when the handshake fails or the decode refuses.
+   */
+  async connect(ip: string, port: Port, options: ConnectOptions = {}): Promise<Peer> {
+    const [host, p, dst] = call(() => [toHost(ip), toPort(port, false), toCount('dstTpSize', options.dstTpSize ?? 1, 1)] as const)
+    await settled(this.native.connectAsync(host, p, dst))
+    return new Peer(this, host, p)
+  }
+
+  /** The peer at `ip:port`, whether or not it is connected (its writes say `NOT_CONNECTED` if it is not). */
+  peer(ip: string, port: Port): Peer {
+    return call(() => new Peer(this, toHost(ip), toPort(port, false)))
+  }
+
+  /**
+   * Closes every connection. A decode communicator stops listening and writes nothing more into its cache once
+   * this returns. Later calls fail with `CLOSED`. Safe to call twice.
+   */
+  close(): void {
+    this.native.close()
+  }
+
+  /** `await using comm = Communicator.decode(...)` closes it at the end of the scope. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.close()
+  }
+}
+
+/** A decode peer of a prefill communicator. */
+export class Peer {
+  /** The communicator that writes to this peer. */
+  readonly communicator: Communicator
+  /** The decode's host, as given to {@link Communicator.connect}. */
+  readonly ip: string
+  /** The decode's port. */
+  readonly port: number
+
+  /** @internal */
+  constructor(communicator: Communicator, ip: string, port: number) {
+    this.communicator = communicator
+    this.ip = ip
+    this.port = port
+  }
+
+  /** Whether the connection works (a broken one is rebuilt by the next write). Never waits for a transfer. */
+  get connected(): boolean {
+    return this.communicator.native.isConnected(this.ip, this.port)
+  }
+
+  /** The transport the connection uses, or `null` when there is none (or it broke). */
+  get transport(): Transport | null {
+    return (this.communicator.native.connectedTransport(this.ip, this.port) as Transport | null) ?? null
+  }
+
+  /**
+   * Writes blocks `localBlockIds[i]` of layer `layerIdx` (keys, values and any scales) into blocks
+   * `remoteBlockIds[i]` of this peer. Resolves once every byte is in the peer's memory. Writes to one peer
+   * happen in the order they were made.
+   * @throws {KVTransferError} (as a rejection) on refusal (nothing moves) or failure.
+   */
+  async write(localBlockIds: BlockIds, remoteBlockIds: BlockIds, layerIdx: number): Promise<void> {
+    const [local, remote, layer] = call(
+      () => [toBlockIds('localBlockIds', localBlockIds), toBlockIds('remoteBlockIds', remoteBlockIds), toCount('layerIdx', layerIdx, 0)] as const,
+    )
+    await settled(this.communicator.native.writeCacheAsync(this.ip, this.port, local, remote, layer))
+  }
+}

@@ -1,0 +1,199 @@
+/**
+ * The API users port from: `RDMACommunicator`, with the original's positional constructor, `connect → boolean`,
+ * `isConnected`, `writeCache → 0 | -1` and their semantics, plus the Promise-based methods beside them. A thin
+ * layer over {@link Communicator} and {@link Peer}.
+ */
+import { Communicator } from './communicator.js'
+import { call, invalid, KVTransferError } from './errors.js'
+import { native } from './loader.js'
+import {
+  type BlockIds,
+  type CommunicatorOptions,
+  type Pointer,
+  type Port,
+  type Role,
+  type Transport,
+  toBlockIds,
+  toCount,
+  toHost,
+  toNativeInit,
+  toPort,
+  toSettings,
+} from './options.js'
+
+const SCALE_KEYS = new Set(['keyScalePtrs', 'valueScalePtrs', 'scaleBlockBytes'])
+
+/**
+ * One side of KV-cache transfers, with the original's constructor and methods (`connect`, `isConnected`,
+ * `writeCache`) and their semantics, plus a Promise-based API beside them.
+ *
+ * A `'decode'` communicator registers its cache and listens on `port`; a `'prefill'` one connects to decode
+ * peers and writes blocks into them.
+ */
+export class RDMACommunicator {
+  /** The role given at construction. */
+  readonly role: Role
+  /** The port a decode communicator listens on (the one given, or the one picked for port 0). */
+  readonly port: number
+  /** The last failure of the synchronous API (which reports failures as `false` / `-1`). */
+  lastError: KVTransferError | undefined
+  /** The communicator this one wraps, for the async-first API ({@link Communicator.connect}, {@link Peer.write}). */
+  readonly communicator: Communicator
+
+  /**
+   * @param role `'prefill'` or `'decode'`.
+   * @param gpuIdx GPU index; picks the RDMA NIC (`KVCACHE_RDMA_NICS[gpuIdx % n]`).
+   * @param port Decode: the port to listen on (0 picks a free one, see {@link RDMACommunicator.port}).
+   * @param keyPtrs One key cache address per layer.
+   * @param valuePtrs One value cache address per layer, or `[]` for key-only (MLA) caches.
+   * @param blockNumber Blocks per layer tensor.
+   * @param blockBytes Bytes per block.
+   * @param prefillTpSize This prefill rank's tensor-parallel size (default 1).
+   * @param prefillTpIdx This prefill rank's tensor-parallel index (default 0).
+   * @param options Scales of quantised caches and configuration overrides.
+   * @throws {KVTransferError} on any invalid argument or configuration.
+   */
+  constructor(
+    role: Role,
+    gpuIdx: number,
+    port: Port,
+    keyPtrs: readonly Pointer[],
+    valuePtrs: readonly Pointer[],
+    blockNumber: number,
+    blockBytes: number,
+    prefillTpSize = 1,
+    prefillTpIdx = 0,
+    options: CommunicatorOptions = {},
+  ) {
+    if (role !== 'prefill' && role !== 'decode') throw invalid(`role must be 'prefill' or 'decode', not ${String(role)}`)
+    const settings = toSettings(options, SCALE_KEYS)
+    const cache = { ...options, gpuIdx, keyPtrs, valuePtrs, blockNumber, blockBytes }
+    const init = toNativeInit(role, cache, toPort(port, true), prefillTpSize, prefillTpIdx, settings)
+    this.role = role
+    this.communicator = Communicator.wrap(role, call(() => new native.NativeCommunicator(init)))
+    this.port = this.communicator.port
+  }
+
+  /**
+   * The preferred transport. With `transport: 'auto'`: `'cuda-ipc'` for a cache in GPU memory or `'shm'` for
+   * one in host memory (taken by peers on this host), else `'rdma'` when the NIC is usable, else `'tcp'`; each
+   * connection takes the first one both sides have ({@link RDMACommunicator.connectedTransport}).
+   */
+  get transport(): Transport {
+    return this.communicator.transport
+  }
+
+  /** The transport the connection to `ip:port` uses, or `null` when there is none (or it broke). */
+  connectedTransport(ip: string, port: Port): Transport | null {
+    try {
+      return this.communicator.peer(ip, port).transport
+    } catch {
+      return null
+    }
+  }
+
+  /** The RDMA device in use (`'mlx5_0'`, `'rxe0'`), or `null` when RDMA is not used. */
+  get rdmaDevice(): string | null {
+    return this.communicator.rdmaDevice
+  }
+
+  /**
+   * Connects to the decode communicator at `ip:port`, whose tensor-parallel size is `dstTpSize`.
+   * @returns `true` when connected (also when already connected); `false` on failure, with the reason
+   * in the error log and in {@link RDMACommunicator.lastError}.
+   */
+  connect(ip: string, port: Port, dstTpSize = 1): boolean {
+    return this.#sync(() => {
+      this.#native.connect(toHost(ip), toPort(port, false), toCount('dstTpSize', dstTpSize, 1))
+      return true
+    }, false)
+  }
+
+  /** Whether a connection to `ip:port` exists. Never waits for a transfer. */
+  isConnected(ip: string, port: Port): boolean {
+    try {
+      return this.communicator.peer(ip, port).connected
+    } catch {
+      return false
+    }
+  }
+
+  /**
+   * Writes blocks `localBlockIds[i]` of layer `layerIdx` (keys, values and any scales) into blocks
+   * `remoteBlockIds[i]` of the peer. Blocks the calling thread until the bytes are in the peer's memory.
+   * @returns `0` on success; `-1` if anything was refused or failed (nothing moves on refusal), with
+   * the reason in the error log and in {@link RDMACommunicator.lastError}.
+   */
+  writeCache(ip: string, port: Port, localBlockIds: BlockIds, remoteBlockIds: BlockIds, layerIdx: number): 0 | -1 {
+    return this.#sync(() => {
+      const [local, remote, layer] = writeArgs(localBlockIds, remoteBlockIds, layerIdx)
+      this.#native.writeCache(toHost(ip), toPort(port, false), local, remote, layer)
+      return 0 as const
+    }, -1 as const)
+  }
+
+  /**
+   * Connects without blocking the event loop.
+   * @throws {KVTransferError} (as a rejection) when the connection fails.
+   */
+  async connectAsync(ip: string, port: Port, dstTpSize = 1): Promise<void> {
+    await this.communicator.connect(ip, port, { dstTpSize })
+  }
+
+  /**
+   * Like {@link RDMACommunicator.writeCache}, off the event loop: resolves once the bytes are in the
+   * peer's memory.
+   * @throws {KVTransferError} (as a rejection) on refusal or failure; nothing moves on refusal.
+   */
+  async writeCacheAsync(ip: string, port: Port, localBlockIds: BlockIds, remoteBlockIds: BlockIds, layerIdx: number): Promise<void> {
+    let peer, args
+    try {
+      args = writeArgs(localBlockIds, remoteBlockIds, layerIdx)
+      peer = this.communicator.peer(ip, port)
+    } catch (err) {
+      throw this.#refused(err)
+    }
+    await peer.write(...args)
+  }
+
+  /**
+   * Closes every connection. A decode communicator stops listening and writes nothing more into its
+   * cache once this returns. Later calls fail with `CLOSED`. Safe to call twice.
+   */
+  close(): void {
+    this.communicator.close()
+  }
+
+  /** `await using comm = new RDMACommunicator(...)` closes it at the end of the scope. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.close()
+  }
+
+  get #native() {
+    return this.communicator.native
+  }
+
+  /** A refusal made here, before the native layer: logged like the native ones. */
+  #refused(err: unknown): KVTransferError {
+    const e = KVTransferError.from(err)
+    this.#native.logError(`${e.code}: ${e.message}`)
+    return e
+  }
+
+  #sync<T>(f: () => T, failed: T): T {
+    try {
+      const v = f()
+      this.lastError = undefined
+      return v
+    } catch (err) {
+      // Native failures are in the error log already; refusals made here are logged now.
+      const e = err instanceof KVTransferError ? this.#refused(err) : KVTransferError.from(err)
+      this.lastError = e
+      return failed
+    }
+  }
+}
+
+function writeArgs(localBlockIds: BlockIds, remoteBlockIds: BlockIds, layerIdx: number): [Uint32Array, Uint32Array, number] {
+  return [toBlockIds('localBlockIds', localBlockIds), toBlockIds('remoteBlockIds', remoteBlockIds), toCount('layerIdx', layerIdx, 0)]
+}

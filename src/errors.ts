@@ -1,0 +1,80 @@
+/** The stable codes of {@link KVTransferError}. */
+export type ErrorCode =
+  | 'INVALID_ARGUMENT'
+  | 'CONFIG'
+  | 'NOT_CONNECTED'
+  | 'PROTOCOL'
+  | 'REJECTED'
+  | 'TIMEOUT'
+  | 'TRANSPORT'
+  | 'UNAVAILABLE'
+  | 'CLOSED'
+  | 'INTERNAL'
+
+const ERROR_CODES: ReadonlySet<string> = new Set<ErrorCode>([
+  'INVALID_ARGUMENT',
+  'CONFIG',
+  'NOT_CONNECTED',
+  'PROTOCOL',
+  'REJECTED',
+  'TIMEOUT',
+  'TRANSPORT',
+  'UNAVAILABLE',
+  'CLOSED',
+  'INTERNAL',
+])
+
+/**
+ * Every failure of kvtransfer: a stable `code` for programs and a message for people. `INTERNAL` means a bug in
+ * kvtransfer that was caught before it could take the process down: please report it.
+ */
+export class KVTransferError extends Error {
+  /** What kind of failure this is. */
+  readonly code: ErrorCode
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = 'KVTransferError'
+    this.code = code
+  }
+
+  /**
+   * Turns what a call threw into a `KVTransferError`. The native layer throws errors that carry their code
+   * (`err.code`); anything else (a bug in the wrapper, a JavaScript engine error) is `INTERNAL`, with the
+   * original as its `cause`.
+   */
+  static from(err: unknown): KVTransferError {
+    if (err instanceof KVTransferError) return err
+    const code = (err as { code?: unknown } | null)?.code
+    const message = err instanceof Error ? err.message : String(err)
+    if (typeof code === 'string' && ERROR_CODES.has(code)) return new KVTransferError(code as ErrorCode, message)
+    return new KVTransferError('INTERNAL', message, { cause: err })
+  }
+}
+
+/** An `INVALID_ARGUMENT` error: a refusal made before anything moved. */
+export function invalid(message: string): KVTransferError {
+  return new KVTransferError('INVALID_ARGUMENT', message)
+}
+
+/** Runs a native call, turning what it throws into a {@link KVTransferError}. */
+export function call<T>(f: () => T): T {
+  try {
+    return f()
+  } catch (err) {
+    throw KVTransferError.from(err)
+  }
+}
+
+/** How the native layer reports an asynchronous failure: the promise resolves with it instead of `null`. */
+export interface NativeFailure {
+  code: string
+  message: string
+}
+
+/** Awaits a native asynchronous call and rejects with a {@link KVTransferError} when it reports a failure. */
+export async function settled(pending: Promise<NativeFailure | null>): Promise<void> {
+  const failure = await pending
+  if (failure === null) return
+  throw new KVTransferError(ERROR_CODES.has(failure.code) ? (failure.code as ErrorCode) : 'INTERNAL', failure.message)
+}

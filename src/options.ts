@@ -1,0 +1,196 @@
+/**
+ * What a communicator is built from: its cache (raw addresses, one per layer) and its settings, checked here
+ * for their JavaScript types and passed on typed; the native layer checks their values by the same rules as
+ * the `KVCACHE_*` variables.
+ */
+import type { NativeInit, NativeSettings } from '../binding.js'
+import { invalid, KVTransferError } from './errors.js'
+
+/** Which side of the transfer a communicator is. */
+export type Role = 'prefill' | 'decode'
+
+/** A raw address of device or host memory: a `bigint`, or a `number` that is a safe integer. */
+export type Pointer = bigint | number
+
+/** Block ids: whole numbers in `[0, blockNumber)`. A `Uint32Array` is passed without conversion. */
+export type BlockIds = readonly number[] | Uint32Array
+
+/** A port: a number, or a numeric string as the original API takes (`"12345"`). */
+export type Port = number | string
+
+/**
+ * A transport that moves bytes: `'cuda-ipc'` (GPU caches, both processes on one host), `'shm'` (host caches,
+ * one host), `'rdma'` (RC `RDMA_WRITE`) or `'tcp'` (anywhere).
+ */
+export type Transport = 'cuda-ipc' | 'shm' | 'rdma' | 'tcp'
+
+/** The transports `options.transport` / `KVCACHE_TRANSPORT` can name: one of them, or `'auto'`. */
+export type TransportName = 'auto' | Transport
+
+/**
+ * Settings of one communicator. Each overrides its environment variable; a bad value is a `CONFIG` error that
+ * names the variable and the option.
+ */
+export interface Settings {
+  /** `KVCACHE_RDMA_GID_INDEX` (default 3). */
+  gidIndex?: number
+  /** `KVCACHE_RDMA_NICS`: the NIC of GPU `i` is `rdmaNics[i % n]`. */
+  rdmaNics?: string | readonly string[]
+  /** `KVCACHE_IB_TIMEOUT` (default 18, 14–31): QP timeout 4.096 µs · 2^v. */
+  ibTimeout?: number
+  /** `KVCACHE_RELAX_ORDERING` (default false). */
+  relaxOrdering?: boolean
+  /** `KVCACHE_SOCKET_IFNAME`: the interface a decode communicator listens on (default: all). */
+  socketIfname?: string
+  /** `KVCACHE_DEBUG` (default false). */
+  debug?: boolean
+  /** `KVCACHE_DEBUG_FILE` (default: standard error). */
+  debugFile?: string
+  /** `KVCACHE_ERROR_FILE` (default: standard error). */
+  errorFile?: string
+  /** `KVCACHE_GDRCOPY_FLUSH_ENABLE` (default false). */
+  gdrcopyFlushEnable?: boolean
+  /** `KVCACHE_TRANSPORT` (default `'auto'`). */
+  transport?: TransportName
+  /** Longest a handshake or socket operation may go without progress, in ms (default 10 000). */
+  timeoutMs?: number
+}
+
+/** A quantised cache's scales: each block's scales move with it. */
+export interface ScaleOptions {
+  /** Per-layer key scale tensors. */
+  keyScalePtrs?: readonly Pointer[]
+  /** Per-layer value scale tensors. */
+  valueScalePtrs?: readonly Pointer[]
+  /** Bytes of one block's scales. Required with scale pointers. */
+  scaleBlockBytes?: number
+}
+
+/** The constructor options of {@link RDMACommunicator}: scales and settings. */
+export interface CommunicatorOptions extends ScaleOptions, Settings {}
+
+/**
+ * A cache: one key tensor (and, unless key-only, one value tensor) per layer, each `blockNumber` blocks of
+ * `blockBytes` bytes, in host memory or the memory of one GPU.
+ *
+ * The addresses must stay valid, and hold `blockNumber` blocks, until the communicator is closed: a decode
+ * lets peers, the kernel, a NIC or a GPU kernel write there, a prefill reads there, with no further checks.
+ */
+export interface CacheOptions extends ScaleOptions {
+  /** One key cache address per layer. */
+  keyPtrs: readonly Pointer[]
+  /** One value cache address per layer; empty or absent for key-only (MLA) caches. */
+  valuePtrs?: readonly Pointer[]
+  /** Blocks per layer tensor. */
+  blockNumber: number
+  /** Bytes per block. */
+  blockBytes: number
+  /** The GPU index: picks the RDMA NIC (`KVCACHE_RDMA_NICS[gpuIdx % n]`). Default 0. */
+  gpuIdx?: number
+}
+
+const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'nics'> = {
+  gidIndex: 'number',
+  rdmaNics: 'nics',
+  ibTimeout: 'number',
+  relaxOrdering: 'boolean',
+  socketIfname: 'string',
+  debug: 'boolean',
+  debugFile: 'string',
+  errorFile: 'string',
+  gdrcopyFlushEnable: 'boolean',
+  transport: 'string',
+  timeoutMs: 'number',
+}
+const CACHE_KEYS = new Set(['keyPtrs', 'valuePtrs', 'keyScalePtrs', 'valueScalePtrs', 'blockNumber', 'blockBytes', 'scaleBlockBytes', 'gpuIdx'])
+
+/** The settings among `options`, type-checked; any other key (besides `allowed`) is a `CONFIG` error. */
+export function toSettings(options: object, allowed: ReadonlySet<string> = CACHE_KEYS): NativeSettings {
+  if (typeof options !== 'object' || options === null) throw invalid('options must be an object')
+  const settings: Record<string, unknown> = {}
+  for (const [key, value] of Object.entries(options)) {
+    if (value === undefined || allowed.has(key)) continue
+    const type = SETTING_TYPES[key as keyof Settings]
+    if (type === undefined) throw new KVTransferError('CONFIG', `unknown option ${JSON.stringify(key)}`)
+    const ok =
+      type === 'nics'
+        ? typeof value === 'string' || (Array.isArray(value) && value.every((n) => typeof n === 'string'))
+        : typeof value === type
+    if (!ok) {
+      const want = type === 'nics' ? 'a string or an array of strings' : `a ${type}`
+      throw new KVTransferError('CONFIG', `option ${key} must be ${want}, not ${JSON.stringify(value)}`)
+    }
+    settings[key] = type === 'nics' && Array.isArray(value) ? [...value] : value
+  }
+  return settings as NativeSettings
+}
+
+export function toPointers(name: string, list: readonly Pointer[] | undefined): bigint[] {
+  if (list === undefined) return []
+  if (!Array.isArray(list)) throw invalid(`${name} must be an array of addresses`)
+  return list.map((p, i) => {
+    if (typeof p === 'bigint' && p >= 0n) return p
+    if (typeof p === 'number' && Number.isSafeInteger(p) && p >= 0) return BigInt(p)
+    throw invalid(`${name}[${i}] is not an address (a non-negative bigint or safe integer)`)
+  })
+}
+
+export function toPort(port: Port, allowZero: boolean): number {
+  const n = typeof port === 'string' && /^\s*\d+\s*$/.test(port) ? Number(port) : port
+  if (typeof n !== 'number' || !Number.isInteger(n) || n < (allowZero ? 0 : 1) || n > 65535) {
+    throw invalid(`port ${JSON.stringify(String(port))} is not a port number (${allowZero ? 0 : 1}–65535)`)
+  }
+  return n
+}
+
+export function toHost(ip: unknown): string {
+  if (typeof ip !== 'string' || ip.trim() === '') throw invalid(`ip must be a host name or address, not ${String(ip)}`)
+  return ip.trim()
+}
+
+export function toCount(name: string, v: unknown, min: number, max = 0xffffffff): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
+    throw invalid(`${name} must be a whole number from ${min} to ${max}, not ${String(v)}`)
+  }
+  return v
+}
+
+export function toBlockIds(name: string, ids: BlockIds): Uint32Array {
+  if (ids instanceof Uint32Array) return ids
+  if (!Array.isArray(ids)) throw invalid(`${name} must be an array of block ids`)
+  const out = new Uint32Array(ids.length)
+  for (let i = 0; i < ids.length; i++) {
+    const id = ids[i]
+    if (!Number.isInteger(id) || id < 0 || id > 0xffffffff) {
+      throw invalid(`${name}[${i}] = ${String(id)} is not a block id (a non-negative whole number)`)
+    }
+    out[i] = id
+  }
+  return out
+}
+
+/** The native constructor's argument for a cache, a role, a port and a TP layout. */
+export function toNativeInit(
+  role: Role,
+  cache: CacheOptions,
+  port: number,
+  tpSize: number,
+  tpIdx: number,
+  settings: NativeSettings,
+): NativeInit {
+  return {
+    role,
+    gpuIdx: toCount('gpuIdx', cache.gpuIdx ?? 0, 0),
+    port,
+    keyPtrs: toPointers('keyPtrs', cache.keyPtrs),
+    valuePtrs: toPointers('valuePtrs', cache.valuePtrs),
+    keyScalePtrs: toPointers('keyScalePtrs', cache.keyScalePtrs),
+    valueScalePtrs: toPointers('valueScalePtrs', cache.valueScalePtrs),
+    blockNumber: toCount('blockNumber', cache.blockNumber, 1),
+    blockBytes: toCount('blockBytes', cache.blockBytes, 1, Number.MAX_SAFE_INTEGER),
+    scaleBlockBytes: toCount('scaleBlockBytes', cache.scaleBlockBytes ?? 0, 0, Number.MAX_SAFE_INTEGER),
+    prefillTpSize: toCount('prefillTpSize', tpSize, 1),
+    prefillTpIdx: toCount('prefillTpIdx', tpIdx, 0),
+    settings,
+  }
+}
