@@ -1,17 +1,4 @@
-/** The stable codes of {@link KVTransferError}. */
-export type ErrorCode =
-  | 'INVALID_ARGUMENT'
-  | 'CONFIG'
-  | 'NOT_CONNECTED'
-  | 'PROTOCOL'
-  | 'REJECTED'
-  | 'TIMEOUT'
-  | 'TRANSPORT'
-  | 'UNAVAILABLE'
-  | 'CLOSED'
-  | 'INTERNAL'
-
-const ERROR_CODES: ReadonlySet<string> = new Set<ErrorCode>([
+const ERROR_CODES = [
   'INVALID_ARGUMENT',
   'CONFIG',
   'NOT_CONNECTED',
@@ -22,7 +9,14 @@ const ERROR_CODES: ReadonlySet<string> = new Set<ErrorCode>([
   'UNAVAILABLE',
   'CLOSED',
   'INTERNAL',
-])
+] as const
+
+/** The stable codes of {@link KVTransferError} (the native layer's `ErrorCode` names). */
+export type ErrorCode = (typeof ERROR_CODES)[number]
+
+function isErrorCode(code: unknown): code is ErrorCode {
+  return (ERROR_CODES as readonly unknown[]).includes(code)
+}
 
 /**
  * Every failure of kvtransfer: a stable `code` for programs and a message for people. `INTERNAL` means a bug in
@@ -47,7 +41,7 @@ export class KVTransferError extends Error {
     if (err instanceof KVTransferError) return err
     const code = (err as { code?: unknown } | null)?.code
     const message = err instanceof Error ? err.message : String(err)
-    if (typeof code === 'string' && ERROR_CODES.has(code)) return new KVTransferError(code as ErrorCode, message)
+    if (isErrorCode(code)) return new KVTransferError(code, message)
     return new KVTransferError('INTERNAL', message, { cause: err })
   }
 }
@@ -76,5 +70,5 @@ export interface NativeFailure {
 export async function settled(pending: Promise<NativeFailure | null>): Promise<void> {
   const failure = await pending
   if (failure === null) return
-  throw new KVTransferError(ERROR_CODES.has(failure.code) ? (failure.code as ErrorCode) : 'INTERNAL', failure.message)
+  throw new KVTransferError(isErrorCode(failure.code) ? failure.code : 'INTERNAL', failure.message)
 }

@@ -1,98 +1,133 @@
-//! The debug and error logs, written where `KVCACHE_DEBUG_FILE` and `KVCACHE_ERROR_FILE` say (standard
-//! error when unset). The debug log is written only with `KVCACHE_DEBUG` on; the error log always.
+//! The debug and error logs of a communicator, through `tracing`: events of target `kvtransfer`, each naming the
+//! communicator and its process (`comm=decode:0 pid=4242`), written where `KVCACHE_DEBUG_FILE` and `KVCACHE_ERROR_FILE` say (standard error
+//! when unset). The debug log is written only with `KVCACHE_DEBUG` on; the error log always.
+//!
+//! Each communicator has its own subscriber (its settings may differ from another's in the same process), used
+//! for its events only; an application's global subscriber is left alone.
+//!
+//! Log files are created with mode 0600 and never through a symbolic link.
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use tracing::level_filters::LevelFilter;
+use tracing::{Dispatch, Level};
+use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriterExt};
+use tracing_subscriber::fmt::MakeWriter;
 
-/// Where one log goes.
-enum Sink {
-    Stderr,
-    File(Mutex<File>),
-}
-
-impl Sink {
-    fn open(path: Option<&Path>, variable: &str) -> Result<Sink> {
-        match path {
-            None => Ok(Sink::Stderr),
-            Some(path) => OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map(|f| Sink::File(Mutex::new(f)))
-                .map_err(|e| Error::config(format!("{variable}={}: cannot open for appending: {e}", path.display()))),
-        }
-    }
-
-    fn write(&self, line: &str) {
-        // A log that cannot be written must not fail the transfer it describes.
-        match self {
-            Sink::Stderr => {
-                let _ = std::io::stderr().write_all(line.as_bytes());
-            }
-            Sink::File(f) => {
-                if let Ok(mut f) = f.lock() {
-                    let _ = f.write_all(line.as_bytes());
-                }
-            }
-        }
-    }
-}
-
-/// The logs of one communicator; every line names the communicator (`prefill:0`, `decode:1`).
+/// The logs of one communicator.
 pub struct Logger {
     tag: String,
-    debug: Option<Sink>,
-    error: Sink,
+    debug: bool,
+    dispatch: Dispatch,
 }
 
 impl Logger {
     /// Opens the logs the configuration asks for.
     pub fn new(config: &Config, tag: impl Into<String>) -> Result<Logger> {
-        let debug = if config.debug {
-            Some(Sink::open(config.debug_file.as_deref(), "KVCACHE_DEBUG_FILE")?)
-        } else {
-            None
+        // Errors go to the error log, everything else to the debug log (when it is on).
+        let errors = sink(config.error_file.as_deref(), "KVCACHE_ERROR_FILE")?.with_filter(|m| *m.level() == Level::ERROR);
+        let writer = match config.debug {
+            true => {
+                let debug = sink(config.debug_file.as_deref(), "KVCACHE_DEBUG_FILE")?.with_filter(|m| *m.level() != Level::ERROR);
+                BoxMakeWriter::new(errors.and(debug))
+            }
+            false => BoxMakeWriter::new(errors),
         };
-        let error = Sink::open(config.error_file.as_deref(), "KVCACHE_ERROR_FILE")?;
-        Ok(Logger { tag: tag.into(), debug, error })
-    }
-
-    /// A logger that writes errors to standard error and no debug log (for tests and tools).
-    pub fn stderr(tag: impl Into<String>) -> Logger {
-        Logger { tag: tag.into(), debug: None, error: Sink::Stderr }
+        Ok(Logger { tag: tag.into(), debug: config.debug, dispatch: dispatch(writer, config.debug) })
     }
 
     /// Whether debug lines are written (so callers can skip formatting them).
     pub fn debug_enabled(&self) -> bool {
-        self.debug.is_some()
+        self.debug
     }
 
     /// Writes a debug line, if the debug log is on.
     pub fn debug(&self, message: impl AsRef<str>) {
-        if let Some(sink) = &self.debug {
-            sink.write(&self.line("DEBUG", message.as_ref()));
+        if self.debug {
+            tracing::dispatcher::with_default(&self.dispatch, || {
+                tracing::debug!(target: "kvtransfer", comm = %self.tag, pid = std::process::id(), "{}", message.as_ref())
+            });
         }
     }
 
     /// Writes an error line.
     pub fn error(&self, message: impl AsRef<str>) {
-        self.error.write(&self.line("ERROR", message.as_ref()));
+        tracing::dispatcher::with_default(&self.dispatch, || {
+            tracing::error!(target: "kvtransfer", comm = %self.tag, pid = std::process::id(), "{}", message.as_ref())
+        });
     }
+}
 
-    fn line(&self, level: &str, message: &str) -> String {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        format!(
-            "[kvtransfer {}.{:03} {level} {} pid={}] {message}\n",
-            now.as_secs(),
-            now.subsec_millis(),
-            self.tag,
-            std::process::id()
-        )
+fn dispatch(writer: BoxMakeWriter, debug: bool) -> Dispatch {
+    let level = if debug { LevelFilter::DEBUG } else { LevelFilter::ERROR };
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_max_level(level)
+        .with_ansi(false)
+        .with_thread_names(true)
+        .finish();
+    Dispatch::new(subscriber)
+}
+
+/// Where one log goes: standard error, or a file appended to.
+#[derive(Clone)]
+enum Sink {
+    Stderr,
+    File(Arc<Mutex<File>>),
+}
+
+fn sink(path: Option<&Path>, variable: &str) -> Result<Sink> {
+    let Some(path) = path else { return Ok(Sink::Stderr) };
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map(|f| Sink::File(Arc::new(Mutex::new(f))))
+        .map_err(|e| {
+            let why = match e.raw_os_error() {
+                Some(libc::ELOOP) => "it is a symbolic link, which a log never follows".to_string(),
+                _ => e.to_string(),
+            };
+            Error::config(format!("{variable}={}: cannot open for appending: {why}", path.display()))
+        })
+}
+
+/// One line's writer: a log that cannot be written must not fail the transfer it describes, so write errors
+/// are dropped by the formatter.
+enum SinkWriter<'a> {
+    Stderr(std::io::Stderr),
+    File(std::sync::MutexGuard<'a, File>),
+}
+
+impl std::io::Write for SinkWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            SinkWriter::Stderr(s) => s.write(buf),
+            SinkWriter::File(f) => f.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            SinkWriter::Stderr(s) => s.flush(),
+            SinkWriter::File(f) => f.flush(),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for Sink {
+    type Writer = SinkWriter<'a>;
+    fn make_writer(&'a self) -> SinkWriter<'a> {
+        match self {
+            Sink::Stderr => SinkWriter::Stderr(std::io::stderr()),
+            // A poisoned lock only means another line panicked half-written: keep logging.
+            Sink::File(f) => SinkWriter::File(f.lock().unwrap_or_else(|p| p.into_inner())),
+        }
     }
 }
 
@@ -100,10 +135,16 @@ impl Logger {
 mod tests {
     use super::*;
 
+    fn dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("kvt-log-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn logs_go_to_their_files() {
-        let dir = std::env::temp_dir().join(format!("kvt-log-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = dir("files");
         let cfg = Config {
             debug: true,
             debug_file: Some(dir.join("debug.log")),
@@ -115,9 +156,38 @@ mod tests {
         log.error("hello error");
         let debug = std::fs::read_to_string(dir.join("debug.log")).unwrap();
         let error = std::fs::read_to_string(dir.join("error.log")).unwrap();
-        assert!(debug.contains("DEBUG decode:0") && debug.contains("hello debug"), "{debug}");
-        assert!(error.contains("ERROR decode:0") && error.contains("hello error"), "{error}");
-        assert!(!debug.contains("hello error"));
+        assert!(debug.contains("DEBUG") && debug.contains("comm=decode:0") && debug.contains("hello debug"), "{debug}");
+        assert!(error.contains("ERROR") && error.contains("comm=decode:0") && error.contains("hello error"), "{error}");
+        assert!(!error.contains("hello debug"), "{error}");
+        assert!(!debug.contains("hello error"), "{debug}");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(dir.join("error.log")).unwrap().permissions().mode() & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_debug_only_errors_are_written() {
+        let dir = dir("quiet");
+        let cfg = Config { debug_file: Some(dir.join("debug.log")), error_file: Some(dir.join("error.log")), ..Config::default() };
+        let log = Logger::new(&cfg, "prefill:1").unwrap();
+        log.debug("not written");
+        log.error("written");
+        assert!(!dir.join("debug.log").exists());
+        let error = std::fs::read_to_string(dir.join("error.log")).unwrap();
+        assert!(error.contains("written") && !error.contains("not written"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_file_is_never_opened_through_a_symlink() {
+        let dir = dir("symlink");
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, "precious\n").unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("error.log")).unwrap();
+        let cfg = Config { error_file: Some(dir.join("error.log")), ..Config::default() };
+        let err = Logger::new(&cfg, "t").err().unwrap();
+        assert!(err.message().contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -2,7 +2,7 @@
 //! consecutive on both sides, and the tensor-parallel slice geometry. Knows no transport.
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::memory::{CacheLayout, Tensor};
+use crate::memory::{CacheLayout, Tensor, TensorSet};
 
 /// Blocks `local..local+count` go to `remote..remote+count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,16 +48,39 @@ impl SliceGeometry {
     pub fn remote_offset(self, block: u32, slice_bytes: u64) -> u64 {
         (block as u64 * self.ratio as u64 + self.slot as u64) * slice_bytes
     }
+}
 
-    /// Calls `f(offset, len)` for each contiguous remote byte range of `run` (one range when the decode
-    /// block is one slice, else one range per block).
-    #[inline]
-    pub fn for_each_remote_range(self, run: Run, slice_bytes: u64, mut f: impl FnMut(u64, u64)) {
-        if self.ratio == 1 {
-            f(run.remote as u64 * slice_bytes, run.count as u64 * slice_bytes);
-        } else {
-            for b in run.remote..run.remote + run.count {
-                f(self.remote_offset(b, slice_bytes), slice_bytes);
+/// One contiguous byte range of a write: `len` bytes of `tensor`, at offset `local` of the sender's tensor and at
+/// offset `remote` of the receiver's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub tensor: Tensor,
+    pub local: u64,
+    pub remote: u64,
+    pub len: u64,
+}
+
+/// Calls `f` for each [`Segment`] of `runs`, tensor by tensor in wire order, run by run: with one slice per
+/// remote block ([`SliceGeometry::WHOLE`]) each run is one segment, otherwise each block is its own. `slice(t)`
+/// is the bytes of one block of `t` as the sender holds it (one slice of the receiver's block).
+///
+/// Every transport that moves runs takes its address arithmetic from here, so the bounds are proven once: when
+/// each run lies inside `[0, local_blocks)` and `[0, remote_blocks)` (as [`BlockPlan::build`] and
+/// [`check_remote_runs`] establish), each segment lies inside the first `local_blocks × slice` bytes of the
+/// sender's tensor and the first `remote_blocks × ratio × slice` bytes of the receiver's.
+#[inline]
+pub fn for_each_segment(runs: &[Run], tensors: TensorSet, slice: impl Fn(Tensor) -> u64, geometry: SliceGeometry, mut f: impl FnMut(Segment)) {
+    for tensor in tensors.iter() {
+        let bytes = slice(tensor);
+        for run in runs {
+            if geometry.ratio == 1 {
+                let (local, remote, len) = (run.local as u64 * bytes, run.remote as u64 * bytes, run.count as u64 * bytes);
+                f(Segment { tensor, local, remote, len });
+            } else {
+                for i in 0..run.count {
+                    let local = (run.local + i) as u64 * bytes;
+                    f(Segment { tensor, local, remote: geometry.remote_offset(run.remote + i, bytes), len: bytes });
+                }
             }
         }
     }
@@ -260,18 +283,17 @@ pub fn check_remote_runs(runs: &[Run], block_number: u32) -> Result<u64> {
     Ok(blocks)
 }
 
-/// Checks a decode peer's description of its cache before anything is written into it: for every tensor of
-/// `cache`, one region per layer, each exactly `remote_blocks` blocks of `ratio` slices; none for the others.
-/// `region_bytes(tensor)` lists the lengths the peer gave for that tensor, one per layer.
-pub fn check_remote_layout<'a>(
-    region_bytes: impl Fn(Tensor) -> &'a [u64],
-    cache: &CacheLayout,
-    ratio: u32,
-    remote_blocks: u32,
-) -> Result<()> {
+/// Checks a decode peer's description of its cache before anything is written into it: one list per tensor
+/// (in [`Tensor::ALL`] order), with for every tensor of `cache` one region per layer, each exactly
+/// `remote_blocks` blocks of `ratio` slices, and none for the others. `region_bytes[tensor]` lists the lengths
+/// the peer gave for that tensor, one per layer.
+pub fn check_remote_layout(region_bytes: &[Vec<u64>], cache: &CacheLayout, ratio: u32, remote_blocks: u32) -> Result<()> {
     let bad = |why: String| Error::new(ErrorCode::Protocol, format!("the decode peer described its memory wrongly: {why}"));
+    if region_bytes.len() != Tensor::ALL.len() {
+        return Err(bad(format!("{} tensors instead of {}", region_bytes.len(), Tensor::ALL.len())));
+    }
     for t in Tensor::ALL {
-        let lens = region_bytes(t);
+        let lens = &region_bytes[t as usize];
         let want = if cache.tensors().contains(t) { cache.layers() as usize } else { 0 };
         if lens.len() != want {
             return Err(bad(format!("{} {} regions, expected {want}", lens.len(), t.name())));
@@ -376,17 +398,52 @@ mod tests {
         let g = SliceGeometry::for_ranks(4, 3, 2).unwrap();
         assert_eq!(g, SliceGeometry { ratio: 2, slot: 1 });
         assert_eq!(g.remote_offset(5, 100), (5 * 2 + 1) * 100);
-        let mut ranges = vec![];
-        g.for_each_remote_range(Run { local: 0, remote: 2, count: 2 }, 10, |o, l| ranges.push((o, l)));
-        assert_eq!(ranges, [(50, 10), (70, 10)]);
-        ranges.clear();
-        SliceGeometry::WHOLE.for_each_remote_range(Run { local: 0, remote: 2, count: 2 }, 10, |o, l| {
-            ranges.push((o, l))
-        });
-        assert_eq!(ranges, [(20, 20)]);
         assert!(SliceGeometry::for_ranks(2, 2, 1).is_err());
         assert!(SliceGeometry::for_ranks(3, 0, 2).is_err());
         assert_eq!(SliceGeometry::for_ranks(2, 1, 1).unwrap(), SliceGeometry { ratio: 2, slot: 1 });
+    }
+
+    #[test]
+    fn segments_cover_each_run_in_every_tensor() {
+        let runs = [Run { local: 4, remote: 2, count: 2 }, Run { local: 0, remote: 7, count: 1 }];
+        let tensors = TensorSet::from_bits(0b0101).unwrap(); // keys and key scales
+        let slice = |t: Tensor| if t == Tensor::Key { 10 } else { 3 };
+        let mut got = vec![];
+        for_each_segment(&runs, tensors, slice, SliceGeometry::WHOLE, |s| got.push((s.tensor, s.local, s.remote, s.len)));
+        assert_eq!(
+            got,
+            [(Tensor::Key, 40, 20, 20), (Tensor::Key, 0, 70, 10), (Tensor::KeyScale, 12, 6, 6), (Tensor::KeyScale, 0, 21, 3)]
+        );
+        // Two slices per receiver block, this sender the second: every block on its own, at its slice.
+        got.clear();
+        for_each_segment(&runs, tensors, slice, SliceGeometry { ratio: 2, slot: 1 }, |s| got.push((s.tensor, s.local, s.remote, s.len)));
+        assert_eq!(
+            got,
+            [
+                (Tensor::Key, 40, 50, 10),
+                (Tensor::Key, 50, 70, 10),
+                (Tensor::Key, 0, 150, 10),
+                (Tensor::KeyScale, 12, 15, 3),
+                (Tensor::KeyScale, 15, 21, 3),
+                (Tensor::KeyScale, 0, 45, 3),
+            ]
+        );
+    }
+
+    #[test]
+    fn segments_stay_inside_both_tensors() {
+        // Every run at the edges of both caches: segments end at most at the tensors' ends.
+        let (local_blocks, remote_blocks, slice) = (9u32, 5u32, 64u64);
+        for ratio in [1u32, 2, 4] {
+            for slot in 0..ratio {
+                let runs = [Run { local: 0, remote: remote_blocks - 1, count: 1 }, Run { local: local_blocks - 3, remote: 0, count: 3 }];
+                let g = SliceGeometry { ratio, slot };
+                for_each_segment(&runs, TensorSet::from_bits(0b11).unwrap(), |_| slice, g, |s| {
+                    assert!(s.local + s.len <= local_blocks as u64 * slice, "{s:?}");
+                    assert!(s.remote + s.len <= (remote_blocks * ratio) as u64 * slice, "{s:?}");
+                });
+            }
+        }
     }
 
     #[test]

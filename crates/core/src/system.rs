@@ -9,10 +9,8 @@
 
 use crate::config::{Config, Setting};
 use crate::cuda;
-use crate::net;
-use crate::TransportKind;
 use crate::transport::rdma::{self, DeviceInfo};
-use crate::transport::shm;
+use crate::transport;
 use serde::Serialize;
 
 /// Everything `kvtransfer info` reports (serialised with camelCase names for the bindings).
@@ -53,7 +51,7 @@ pub struct SettingReport {
 /// Whether one transport can be used on this machine.
 #[derive(Debug, Clone, Serialize)]
 pub struct TransportReport {
-    /// `tcp`, `rdma`, `shm` or `cuda-ipc`.
+    /// `cuda-ipc`, `shm`, `rdma` or `tcp`.
     pub name: &'static str,
     pub usable: bool,
     /// What it would use (a NIC, an interface), or why it cannot be used.
@@ -97,7 +95,16 @@ impl SystemReport {
         )
         .unwrap_or_default();
         let gpus = gpu_report();
-        let transports = vec![tcp(&config), rdma(&config), shm(), cuda_ipc(&gpus)];
+        let transports = transport::REGISTRY
+            .iter()
+            .map(|t| {
+                let (usable, detail) = match t.probe(&config) {
+                    Ok(what) => (true, what),
+                    Err(why) => (false, why),
+                };
+                TransportReport { name: t.kind().as_str(), usable, detail }
+            })
+            .collect();
         let rdma = match rdma::devices() {
             Ok(devices) => RdmaReport { devices, error: None },
             Err(e) => RdmaReport { devices: Vec::new(), error: Some(e.message().to_string()) },
@@ -110,52 +117,6 @@ impl SystemReport {
     /// The report as JSON (camelCase names), for the bindings.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("the report is plain data")
-    }
-}
-
-fn tcp(config: &Config) -> TransportReport {
-    let (usable, detail) = match (&config.socket_ifname, net::listen_addr(config.socket_ifname.as_deref())) {
-        (_, Err(e)) => (false, e.message().to_string()),
-        (Some(name), Ok(ip)) => (true, format!("decode listens on {name} ({ip})")),
-        (None, Ok(_)) => (
-            true,
-            match net::first_usable_interface() {
-                Some((name, ip)) => format!("decode listens on every interface (first usable: {name} {ip})"),
-                None => "decode listens on every interface (only loopback is up)".into(),
-            },
-        ),
-    };
-    TransportReport { name: TransportKind::Tcp.as_str(), usable, detail }
-}
-
-fn rdma(config: &Config) -> TransportReport {
-    match rdma::device::Device::open(config.nic_for_gpu(0), config.gid_index) {
-        Ok(device) => TransportReport {
-            name: TransportKind::Rdma.as_str(),
-            usable: true,
-            detail: format!("GPU 0 uses {} (GID index {}); see the devices below", device.name(), config.gid_index),
-        },
-        Err(e) => TransportReport { name: TransportKind::Rdma.as_str(), usable: false, detail: e.message().to_string() },
-    }
-}
-
-fn shm() -> TransportReport {
-    match shm::availability() {
-        Ok(()) => TransportReport { name: TransportKind::Shm.as_str(), usable: true, detail: "host-memory caches, processes of one host".into() },
-        Err(e) => TransportReport { name: TransportKind::Shm.as_str(), usable: false, detail: e.message().to_string() },
-    }
-}
-
-fn cuda_ipc(gpus: &GpuReport) -> TransportReport {
-    let n = gpus.devices.len();
-    match (&gpus.error, n) {
-        (Some(why), _) => TransportReport { name: TransportKind::CudaIpc.as_str(), usable: false, detail: why.clone() },
-        (None, 0) => TransportReport { name: TransportKind::CudaIpc.as_str(), usable: false, detail: "the CUDA driver sees no GPU".into() },
-        (None, n) => TransportReport {
-            name: TransportKind::CudaIpc.as_str(),
-            usable: true,
-            detail: format!("GPU caches, processes of one host ({n} GPU{})", if n == 1 { "" } else { "s" }),
-        },
     }
 }
 
@@ -190,7 +151,7 @@ mod tests {
         assert!(get("KVCACHE_RDMA_NICS").value.is_none() && get("KVCACHE_RDMA_NICS").error.is_none());
 
         let r = SystemReport::gather_from(|name| (name == "KVCACHE_SOCKET_IFNAME").then(|| "nosuchif9".into()));
-        let tcp = &r.transports[0];
+        let tcp = r.transports.iter().find(|t| t.name == "tcp").unwrap();
         assert!(!tcp.usable && tcp.detail.contains("nosuchif9"), "{tcp:?}");
     }
 
@@ -200,7 +161,7 @@ mod tests {
         assert_eq!(r.settings.len(), 10);
         assert!(r.settings.iter().any(|s| s.env == "KVCACHE_IB_TIMEOUT"));
         let names: Vec<&str> = r.transports.iter().map(|t| t.name).collect();
-        assert_eq!(names, ["tcp", "rdma", "shm", "cuda-ipc"]);
+        assert_eq!(names, ["cuda-ipc", "shm", "rdma", "tcp"], "every registered transport, fastest first");
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("\"transports\""));
     }

@@ -2,6 +2,7 @@
 //! allocation its cache lives in as an IPC handle; the prefill side maps them once, at connect, and each write
 //! is one launch of the block-copy kernel on the prefill's GPU, finished before the call returns.
 
+use crate::config::Config;
 use crate::cuda::ipc::{self, IpcHandle, IpcMapping};
 use crate::cuda::{BlockCopy, CopyStream, Gpu, MemoryKind, PinnedBuffer, TensorCopy};
 use crate::error::{Error, ErrorCode, Result};
@@ -22,6 +23,14 @@ impl Transport for CudaIpc {
 
     fn serves(&self, location: MemoryKind) -> bool {
         matches!(location, MemoryKind::Device { .. })
+    }
+
+    fn probe(&self, _config: &Config) -> std::result::Result<String, String> {
+        match crate::cuda::devices() {
+            Err(e) => Err(e.message().to_string()),
+            Ok(gpus) if gpus.is_empty() => Err("the CUDA driver sees no GPU".into()),
+            Ok(gpus) => Ok(format!("GPU caches, processes of one host ({} GPU{})", gpus.len(), if gpus.len() == 1 { "" } else { "s" })),
+        }
     }
 
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
@@ -132,11 +141,8 @@ impl CudaIpcLink {
         let MemoryKind::Device { ordinal } = cache.location() else {
             return Err(Error::new(ErrorCode::Unavailable, "the cache is in host memory; cuda-ipc needs GPU memory"));
         };
-        if welcome.regions.len() != 4 {
-            return Err(Error::protocol(format!("the decode peer described {} tensors instead of 4", welcome.regions.len())));
-        }
         let lens: Vec<Vec<u64>> = welcome.regions.iter().map(|l| l.iter().map(|r| r.len).collect()).collect();
-        plan::check_remote_layout(|t| &lens[t as usize], &cache, geometry.ratio, remote_blocks)?;
+        plan::check_remote_layout(&lens, &cache, geometry.ratio, remote_blocks)?;
         let gpu = Gpu::get(ordinal)?;
         let mut mappings = Vec::with_capacity(welcome.allocations.len());
         for hex in &welcome.allocations {

@@ -56,6 +56,10 @@ pub trait Transport: Sync {
         true
     }
 
+    /// Whether it can be used on this machine with `config`: what it would use (a NIC, an interface), or why
+    /// it cannot be used. Changes nothing; `kvtransfer info` asks every transport.
+    fn probe(&self, config: &Config) -> std::result::Result<String, String>;
+
     /// The decode's half, serving `env.cache`.
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>>;
 

@@ -5,6 +5,7 @@
 //! The decode side shows a random 64-bit word at a known address; the prefill reads it back before each write,
 //! so a decode that closed, died, or whose pid now names another process is never written into.
 
+use crate::config::Config;
 use crate::cuda::MemoryKind;
 use crate::error::{Error, ErrorCode, Result};
 use crate::iov::{advance, iovec, IoVec, IoVecs};
@@ -29,6 +30,10 @@ impl Transport for Shm {
 
     fn serves(&self, location: MemoryKind) -> bool {
         location == MemoryKind::Host
+    }
+
+    fn probe(&self, _config: &Config) -> std::result::Result<String, String> {
+        permits_writers(ptrace_scope()).map(|()| "host-memory caches, processes of one host".into()).map_err(|e| e.message().to_string())
     }
 
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
@@ -91,12 +96,6 @@ impl Drop for ShmTarget {
 /// Yama's `ptrace_scope` (0 where Yama is absent).
 fn ptrace_scope() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
-}
-
-/// Whether processes of this host can write into each other's caches (`kvtransfer info` asks; nothing is
-/// changed).
-pub fn availability() -> Result<()> {
-    permits_writers(ptrace_scope())
 }
 
 /// Yama scopes 0 and 1 let a process of the same user write into another (1 once the target allows it).
@@ -164,12 +163,11 @@ pub struct ShmLink {
 impl ShmLink {
     /// Checks the peer's layout against the agreed geometry and that this process may write into it.
     pub fn open(peer: String, cache: Arc<CacheLayout>, welcome: &ShmWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<ShmLink> {
-        if welcome.regions.len() != 4 {
-            return Err(Error::protocol(format!("the decode peer described {} tensors instead of 4", welcome.regions.len())));
-        }
-        let total = |t: Tensor| (remote_blocks as u64) * cache.block_bytes(t) * geometry.ratio as u64;
-        let lens: Vec<Vec<u64>> = Tensor::ALL.iter().map(|&t| vec![total(t); welcome.regions[t as usize].len()]).collect();
-        plan::check_remote_layout(|t| &lens[t as usize], &cache, geometry.ratio, remote_blocks)?;
+        // The peer gives addresses only: each region's length is what the geometry says it must be, so this
+        // checks the counts (the kernel checks every address at each write).
+        let total = |t: Tensor| (remote_blocks as u64).saturating_mul(cache.block_bytes(t)).saturating_mul(geometry.ratio as u64);
+        let lens: Vec<Vec<u64>> = welcome.regions.iter().zip(Tensor::ALL).map(|(r, t)| vec![total(t); r.len()]).collect();
+        plan::check_remote_layout(&lens, &cache, geometry.ratio, remote_blocks)?;
         let mut remote: [Vec<u64>; 4] = Default::default();
         for t in Tensor::ALL {
             remote[t as usize] = welcome.regions[t as usize].clone();
@@ -222,15 +220,12 @@ impl Link for ShmLink {
         let (local, remote) = (&mut self.local_iov.0, &mut self.remote_iov.0);
         local.clear();
         remote.clear();
-        for t in self.cache.tensors().iter() {
-            let (base, slice) = (self.cache.addr(t, layer), self.cache.block_bytes(t));
-            let remote_base = self.remote[t as usize][layer as usize];
-            for run in plan.runs() {
-                local.push(iovec(base + run.local as u64 * slice, run.count as u64 * slice));
-                // Inside the peer's tensor: the ids were checked against its block count, its layout at open.
-                self.geometry.for_each_remote_range(*run, slice, |off, len| remote.push(iovec(remote_base + off, len)));
-            }
-        }
+        // Inside the peer's tensor: the ids were checked against its block count, its layout at open.
+        let (cache, peer) = (&*self.cache, &self.remote);
+        plan::for_each_segment(plan.runs(), cache.tensors(), |t| cache.block_bytes(t), self.geometry, |s| {
+            local.push(iovec(cache.addr(s.tensor, layer) + s.local, s.len));
+            remote.push(iovec(peer[s.tensor as usize][layer as usize] + s.remote, s.len));
+        });
         write_all(self.pid, local, remote).map_err(|e| {
             let code = match e.raw_os_error() {
                 Some(libc::EPERM) => ErrorCode::Unavailable,

@@ -45,6 +45,13 @@ impl Transport for Rdma {
         TransportKind::Rdma
     }
 
+    fn probe(&self, config: &Config) -> std::result::Result<String, String> {
+        match Device::open(config.nic_for_gpu(0), config.gid_index) {
+            Ok(device) => Ok(format!("GPU 0 uses {} (GID index {}); see the devices below", device.name(), config.gid_index)),
+            Err(e) => Err(e.message().to_string()),
+        }
+    }
+
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
         Ok(Arc::new(RdmaTarget::new(RdmaContext::open(env.cache.clone(), env.config, env.gpu_idx, true)?)))
     }
@@ -92,12 +99,13 @@ impl RdmaContext {
         let access = Access { remote_write: decode, remote_read: decode, relaxed_ordering: config.relax_ordering };
         let regions = CacheRegions::register(&pd, &cache, access)?;
         let scratch_memory = HostAllocation::new(4096)?;
-        let scratch = MemoryRegion::register(
+        // SAFETY: the scratch page is owned by the context, which drops its region first (field order).
+        let scratch = unsafe { MemoryRegion::register(
             &pd,
             scratch_memory.addr(),
             scratch_memory.len() as u64,
             Access { remote_write: false, remote_read: false, relaxed_ordering: false },
-        )?;
+        ) }?;
         Ok(Arc::new(RdmaContext {
             cache,
             regions,

@@ -9,7 +9,7 @@ use super::queue_pair::QueuePair;
 use super::registration::RemoteRegion;
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::{CacheLayout, Tensor};
-use crate::plan::{BlockPlan, SliceGeometry};
+use crate::plan::{self, BlockPlan, SliceGeometry};
 use rdma_mummy_sys as ibv;
 use std::time::{Duration, Instant};
 
@@ -42,28 +42,15 @@ impl WriteChain {
     pub fn build(&mut self, plan: &BlockPlan, cache: &CacheLayout, keys: &LayerKeys, geometry: SliceGeometry, max_msg: u64) {
         self.len = 0;
         let layer = plan.layer();
-        for t in cache.tensors().iter() {
-            let bytes = cache.block_bytes(t);
-            let base = cache.addr(t, layer);
-            let (lkey, remote) = (keys.lkeys[t as usize], keys.remote[t as usize]);
-            for run in plan.runs() {
-                if geometry.ratio == 1 {
-                    let (mut local, mut dst) = (base + run.local as u64 * bytes, remote.addr + run.remote as u64 * bytes);
-                    let mut left = run.count as u64 * bytes;
-                    while left > 0 {
-                        let len = left.min(max_msg);
-                        self.push(ibv::ibv_wr_opcode::IBV_WR_RDMA_WRITE, local, len, lkey, dst, remote.rkey);
-                        (local, dst, left) = (local + len, dst + len, left - len);
-                    }
-                } else {
-                    for i in 0..run.count {
-                        let local = base + (run.local + i) as u64 * bytes;
-                        let dst = remote.addr + geometry.remote_offset(run.remote + i, bytes);
-                        self.push(ibv::ibv_wr_opcode::IBV_WR_RDMA_WRITE, local, bytes, lkey, dst, remote.rkey);
-                    }
-                }
+        plan::for_each_segment(plan.runs(), cache.tensors(), |t| cache.block_bytes(t), geometry, |s| {
+            let (lkey, remote) = (keys.lkeys[s.tensor as usize], keys.remote[s.tensor as usize]);
+            let (mut local, mut dst, mut left) = (cache.addr(s.tensor, layer) + s.local, remote.addr + s.remote, s.len);
+            while left > 0 {
+                let len = left.min(max_msg);
+                self.push(ibv::ibv_wr_opcode::IBV_WR_RDMA_WRITE, local, len, lkey, dst, remote.rkey);
+                (local, dst, left) = (local + len, dst + len, left - len);
             }
-        }
+        });
     }
 
     /// Appends the flush: an `RDMA_READ` of `len` bytes at `remote` (the last block written) into a local

@@ -101,7 +101,12 @@ unsafe impl Sync for MemoryRegion {}
 impl MemoryRegion {
     /// Registers `len` bytes at `addr`. Host memory registers as is. GPU memory (the CUDA driver says which
     /// is which) registers as a dma-buf where the driver and NIC support it, else through peer memory.
-    pub fn register(pd: &Arc<ProtectionDomain>, addr: u64, len: u64, access: Access) -> Result<MemoryRegion> {
+    ///
+    /// # Safety
+    ///
+    /// `[addr, addr + len)` must be memory of this process that stays valid while the region exists: with remote
+    /// access in `access`, a peer's NIC reads or writes it without any further check on this side.
+    pub unsafe fn register(pd: &Arc<ProtectionDomain>, addr: u64, len: u64, access: Access) -> Result<MemoryRegion> {
         let what = || format!("registering {len} bytes at {addr:#x} with {}", pd.device().name());
         if let MemoryKind::Device { ordinal } = cuda::memory_kind(addr) {
             let dmabuf = cuda::export_dmabuf(addr, len).and_then(|buf| {
@@ -138,8 +143,7 @@ impl MemoryRegion {
 
     fn reg_mr(pd: &Arc<ProtectionDomain>, addr: u64, len: u64, access: Access, path: RegistrationPath) -> Result<MemoryRegion> {
         // SAFETY: registration only pins and maps the range; the kernel checks that it is mapped and fails
-        // with EFAULT otherwise. The caller keeps the memory alive while the region exists (a documented
-        // requirement of the cache pointers handed to a communicator).
+        // with EFAULT otherwise. `register`'s caller keeps the memory alive while the region exists.
         let mr = unsafe { ibv::ibv_reg_mr(pd.raw(), addr as *mut libc::c_void, len as usize, access.flags()) };
         if mr.is_null() {
             return Err(os_error("ibv_reg_mr"));
@@ -198,7 +202,9 @@ impl CacheRegions {
         for t in cache.tensors().iter() {
             let len = cache.tensor_bytes(t).ok_or_else(|| Error::invalid("tensor size overflows"))?;
             for layer in 0..cache.layers() {
-                let mr = MemoryRegion::register(pd, cache.addr(t, layer), len, access).map_err(|e| {
+                // SAFETY: the cache layout's own promise (`CacheLayout::new`): each tensor is `len` bytes of this
+                // process's memory, valid as long as the layout, which the regions' owner holds.
+                let mr = unsafe { MemoryRegion::register(pd, cache.addr(t, layer), len, access) }.map_err(|e| {
                     Error::new(e.code(), format!("layer {layer} {}: {}", t.name(), e.message()))
                 })?;
                 lkeys[t as usize].push(mr.lkey());
@@ -246,9 +252,6 @@ impl CacheRegions {
 /// Checks the peer's regions against the geometry agreed in the handshake (`remote_blocks` blocks of
 /// `ratio` slices each), so that no later write can be aimed outside them.
 pub fn check_remote(regions: &[Vec<RemoteRegion>], cache: &CacheLayout, ratio: u32, remote_blocks: u32) -> Result<()> {
-    if regions.len() != 4 {
-        return Err(Error::protocol(format!("the decode peer described {} tensors instead of 4", regions.len())));
-    }
     let lens: Vec<Vec<u64>> = regions.iter().map(|list| list.iter().map(|r| r.len).collect()).collect();
-    plan::check_remote_layout(|t| &lens[t as usize], cache, ratio, remote_blocks)
+    plan::check_remote_layout(&lens, cache, ratio, remote_blocks)
 }

@@ -9,7 +9,7 @@ use std::os::fd::RawFd;
 const MAX_IOV: usize = 1024;
 
 /// Writes every range of `iov`, in order, to the socket `fd`. `iov` is consumed (left advanced).
-pub fn write_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
+pub(super) fn write_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
     while !iov.is_empty() {
         let n = iov.len().min(MAX_IOV);
         // SAFETY: `iov[..n]` are initialised iovecs; the kernel only reads the ranges they name, and a range
@@ -30,12 +30,14 @@ pub fn write_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
 
 /// Fills every range of `iov`, in order, from the socket `fd`. End of stream before that is an error.
 ///
-/// The caller must own the ranges: they are overwritten.
-pub fn read_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
+/// # Safety
+///
+/// Every range must be memory of this process that the caller may overwrite with whatever the peer sends.
+pub(super) unsafe fn read_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
     while !iov.is_empty() {
         let n = iov.len().min(MAX_IOV);
-        // SAFETY: the caller checked that each range lies inside memory registered for receiving (see
-        // `receiver.rs`); the kernel writes only into them, or fails with EFAULT.
+        // SAFETY: the caller promised the ranges may be overwritten; the kernel writes only into them, or
+        // fails with EFAULT.
         let read = unsafe { libc::readv(fd, iov.as_ptr(), n as libc::c_int) };
         if read < 0 {
             let err = io::Error::last_os_error();
@@ -72,7 +74,8 @@ mod tests {
             write_all(a.as_raw_fd(), &mut out.0).unwrap();
             a
         });
-        read_all(b.as_raw_fd(), &mut inn).unwrap();
+        // SAFETY: the ranges are `dst`'s, which outlives the call.
+        unsafe { read_all(b.as_raw_fd(), &mut inn) }.unwrap();
         t.join().unwrap();
         for i in 0..2500 {
             assert_eq!(dst[(2499 - i) * 4..(2500 - i) * 4], src[i * 4..i * 4 + 4]);
@@ -93,7 +96,8 @@ mod tests {
         drop(a);
         let mut buf = [0u8; 4];
         let mut iov = [iovec(buf.as_mut_ptr() as u64, 4)];
-        assert_eq!(read_all(b.as_raw_fd(), &mut iov).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        // SAFETY: the range is `buf`'s.
+        assert_eq!(unsafe { read_all(b.as_raw_fd(), &mut iov) }.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 
 }

@@ -6,15 +6,17 @@
 //! port and a random session name, which the prefill's half ([`TcpLink`]) presents when it connects.
 
 pub mod frame;
-pub mod io;
+mod io;
 mod receiver;
 mod sender;
-pub mod staging;
+mod staging;
 
 pub use receiver::{Session, TcpReceiver};
 pub use sender::TcpLink;
 
+use crate::config::Config;
 use crate::error::Result;
+use crate::net;
 use crate::memory::CacheLayout;
 use crate::transport::{self, Accepted, Acceptor, Admission, Answer, Connector, Environment, Link, PendingLink, Transport};
 use crate::wire::TransportKind;
@@ -34,6 +36,17 @@ struct TcpDetails {
 impl Transport for Tcp {
     fn kind(&self) -> TransportKind {
         TransportKind::Tcp
+    }
+
+    fn probe(&self, config: &Config) -> std::result::Result<String, String> {
+        match (&config.socket_ifname, net::listen_addr(config.socket_ifname.as_deref())) {
+            (_, Err(e)) => Err(e.message().to_string()),
+            (Some(name), Ok(ip)) => Ok(format!("decode listens on {name} ({ip})")),
+            (None, Ok(_)) => Ok(match net::first_usable_interface() {
+                Some((name, ip)) => format!("decode listens on every interface (first usable: {name} {ip})"),
+                None => "decode listens on every interface (only loopback is up)".into(),
+            }),
+        }
     }
 
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {

@@ -9,7 +9,7 @@ use crate::wire::PROTOCOL_VERSION;
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
 use crate::memory::{CacheLayout, TensorSet};
-use crate::plan::{check_remote_runs, Run, SliceGeometry};
+use crate::plan::{self, check_remote_runs, Run, SliceGeometry};
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -282,24 +282,26 @@ impl Connection<'_> {
         let geometry = self.session.geometry;
         let fd = self.stream.as_raw_fd();
         if let Some(staging) = &mut self.staging {
-            // In range as below: `check` proved every run lies inside the cache.
-            staging.receive(cache, header.layer, &self.runs, geometry, |addr, len| {
-                io::read_all(fd, &mut [iovec(addr, len)]).map_err(|e| Error::io("receiving blocks", e))
-            })?;
+            // SAFETY: `check` proved every run inside [0, block_number) of this cache; each range read into is
+            // one of the staging ring's own buffers, which `receive` hands out.
+            unsafe {
+                staging.receive(cache, header.layer, &self.runs, geometry, |addr, len| {
+                    io::read_all(fd, &mut [iovec(addr, len)]).map_err(|e| Error::io("receiving blocks", e))
+                })
+            }?;
             return self.log_received(header);
         }
         let iov = &mut self.iov.0;
         iov.clear();
-        for t in self.session.tensors.iter() {
-            let base = cache.addr(t, header.layer);
-            let slice = cache.block_bytes(t) / geometry.ratio as u64;
-            for run in &self.runs {
-                // In range: `check` proved run ⊂ [0, block_number), so each range ends at most at
-                // block_number * block_bytes(t) = the tensor's size.
-                geometry.for_each_remote_range(*run, slice, |off, len| iov.push(iovec(base + off, len)));
-            }
-        }
-        io::read_all(fd, iov).map_err(|e| Error::io("receiving blocks", e))?;
+        // In range: `check` proved every run inside [0, block_number), so each segment ends at most at
+        // block_number × ratio × slice = the tensor's size.
+        let slice = |t| cache.block_bytes(t) / geometry.ratio as u64;
+        plan::for_each_segment(&self.runs, self.session.tensors, slice, geometry, |s| {
+            iov.push(iovec(cache.addr(s.tensor, header.layer) + s.remote, s.len))
+        });
+        // SAFETY: every range is a slice of a block of this cache (see above), which the layout's owner promised
+        // may be written.
+        unsafe { io::read_all(fd, iov) }.map_err(|e| Error::io("receiving blocks", e))?;
         self.log_received(header)
     }
 

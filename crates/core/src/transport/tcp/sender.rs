@@ -6,7 +6,7 @@ use super::staging::Staging;
 use crate::iov::{iovec, IoVecs};
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::CacheLayout;
-use crate::plan::BlockPlan;
+use crate::plan::{self, BlockPlan, SliceGeometry};
 use crate::transport::Link;
 use crate::wire::{TransportKind, PROTOCOL_VERSION};
 use std::io::{Read, Write};
@@ -99,16 +99,17 @@ impl Link for TcpLink {
         let failed = |e| Error::io(&format!("sending layer {layer} to {}", self.peer), e);
         if let Some(staging) = &mut self.staging {
             io::write_all(fd, &mut [iovec(self.header.as_ptr() as u64, self.header.len() as u64)]).map_err(failed)?;
-            staging.send(cache, layer, plan.runs(), |addr, len| io::write_all(fd, &mut [iovec(addr, len)]).map_err(failed))?;
+            // SAFETY: the plan checked every local id against this cache's block count.
+            unsafe { staging.send(cache, layer, plan.runs(), |addr, len| io::write_all(fd, &mut [iovec(addr, len)]).map_err(failed)) }?;
             return self.read_ack();
         }
         let iov = &mut self.iov.0;
         iov.clear();
         iov.push(iovec(self.header.as_ptr() as u64, self.header.len() as u64));
-        for t in tensors.iter() {
-            let (base, bytes) = (cache.addr(t, layer), cache.block_bytes(t));
-            iov.extend(plan.runs().iter().map(|r| iovec(base + r.local as u64 * bytes, r.count as u64 * bytes)));
-        }
+        // The payload is each tensor's blocks in run order; where they land is the receiver's business.
+        plan::for_each_segment(plan.runs(), tensors, |t| cache.block_bytes(t), SliceGeometry::WHOLE, |s| {
+            iov.push(iovec(cache.addr(s.tensor, layer) + s.local, s.len))
+        });
         io::write_all(fd, iov).map_err(failed)?;
         self.read_ack()
     }

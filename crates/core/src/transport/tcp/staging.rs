@@ -54,7 +54,11 @@ impl Staging {
 
     /// Sends the blocks of `runs` (local ids) of `layer`: gathers chunk after chunk into the ring and hands
     /// each filled buffer to `send`.
-    pub fn send(&mut self, cache: &CacheLayout, layer: u32, runs: &[Run], send: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// Every run must lie inside `[0, cache.block_number())`: the copy kernel reads where the ids say.
+    pub unsafe fn send(&mut self, cache: &CacheLayout, layer: u32, runs: &[Run], send: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
         let result = self.send_chunks(cache, layer, runs, send);
         self.settle(result)
     }
@@ -105,7 +109,11 @@ impl Staging {
     /// Receives the blocks of `runs` (remote ids) of `layer`: `receive` fills each slot from the socket, and
     /// the kernel scatters it into the cache (each block at its slice of `geometry`). Returns once every
     /// byte is in the cache.
-    pub fn receive(
+    ///
+    /// # Safety
+    ///
+    /// Every run must lie inside `[0, cache.block_number())`: the copy kernel writes where the ids say.
+    pub unsafe fn receive(
         &mut self,
         cache: &CacheLayout,
         layer: u32,
