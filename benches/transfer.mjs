@@ -3,6 +3,7 @@
 //
 //   npm run bench                      # KVCACHE_TRANSPORT picks the transport (default auto)
 //   BENCH_SIZES=1,64,256 BENCH_KEY_ONLY=1 BENCH_SECONDS=3 npm run bench
+//   BENCH_ASYNC=1 npm run bench        # writeCacheAsync, one call in flight at a time, instead of writeCache
 import { fork } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import { RDMACommunicator, HostBuffer } from 'kvtransfer'
@@ -11,6 +12,7 @@ const BATCH = 1538
 const SIZES = (process.env.BENCH_SIZES ?? '1,4,16,64,256').split(',').map((k) => Number(k) * 1024)
 const KEY_ONLY = process.env.BENCH_KEY_ONLY === '1'
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 1.5)
+const ASYNC = process.env.BENCH_ASYNC === '1'
 const TENSORS = KEY_ONLY ? 1 : 2
 const HOST = '127.0.0.1'
 
@@ -46,12 +48,13 @@ if (process.argv[2] === 'decode') {
     v?.free()
   })
 } else {
-  console.log(`kvtransfer bench: ${BATCH} scattered blocks per call, ${KEY_ONLY ? 'keys only' : 'keys and values'}, one thread`)
+  console.log(`kvtransfer bench: ${BATCH} scattered blocks per call, ${KEY_ONLY ? 'keys only' : 'keys and values'}, one thread, ${ASYNC ? 'writeCacheAsync' : 'writeCache'}`)
   console.log('block     GB/s     ms/call  transport')
   for (const size of SIZES) {
     const child = fork(fileURLToPath(import.meta.url), ['decode', String(size)])
     const { port } = await new Promise((r) => child.once('message', r))
-    const { k, values } = cache(size)
+    // Both buffers stay referenced until the communicator is closed (a collected HostBuffer frees its memory).
+    const { k, v, values } = cache(size)
     const comm = new RDMACommunicator('prefill', 0, port, [k.ptr], values, BATCH, size)
     await comm.connectAsync(HOST, port)
     const local = scattered(BATCH, 1)
@@ -61,13 +64,16 @@ if (process.argv[2] === 'decode') {
     const start = process.hrtime.bigint()
     let elapsed = 0
     while (elapsed < SECONDS || calls < 2) {
-      if (comm.writeCache(HOST, port, local, remote, 0) !== 0) throw comm.lastError
+      if (ASYNC) await comm.writeCacheAsync(HOST, port, local, remote, 0)
+      else if (comm.writeCache(HOST, port, local, remote, 0) !== 0) throw comm.lastError
       calls++
       elapsed = Number(process.hrtime.bigint() - start) / 1e9
     }
     const gbps = (calls * TENSORS * BATCH * size) / elapsed / 1e9
     console.log(`${String(size / 1024).padStart(4)} KiB ${gbps.toFixed(3).padStart(8)} ${((elapsed / calls) * 1000).toFixed(3).padStart(10)}  ${comm.transport}`)
     comm.close()
+    k.free()
+    v?.free()
     child.disconnect()
     await new Promise((r) => child.once('exit', r))
   }

@@ -42,9 +42,12 @@ impl WriteChain {
     pub fn build(&mut self, plan: &BlockPlan, cache: &CacheLayout, keys: &LayerKeys, geometry: SliceGeometry, max_msg: u64) {
         self.len = 0;
         let layer = plan.layer();
-        plan::for_each_segment(plan.runs(), cache.tensors(), |t| cache.block_bytes(t), geometry, |s| {
+        // Per tensor, looked up once per call rather than once per request.
+        let tensors = cache.tensors();
+        let base = Tensor::ALL.map(|t| if tensors.contains(t) { cache.addr(t, layer) } else { 0 });
+        plan::for_each_segment(plan.runs(), tensors, |t| cache.block_bytes(t), geometry, |s| {
             let (lkey, remote) = (keys.lkeys[s.tensor as usize], keys.remote[s.tensor as usize]);
-            let (mut local, mut dst, mut left) = (cache.addr(s.tensor, layer) + s.local, remote.addr + s.remote, s.len);
+            let (mut local, mut dst, mut left) = (base[s.tensor as usize] + s.local, remote.addr + s.remote, s.len);
             while left > 0 {
                 let len = left.min(max_msg);
                 self.push(ibv::ibv_wr_opcode::IBV_WR_RDMA_WRITE, local, len, lkey, dst, remote.rkey);
