@@ -52,8 +52,15 @@ pub struct ShmWelcome {
     /// Address of the decode's liveness word, and the value it holds while the decode is open.
     pub probe: u64,
     pub nonce: u64,
-    /// `[tensor][layer]` addresses, in [`Tensor::ALL`] order; empty lists for absent tensors.
-    pub regions: Vec<Vec<u64>>,
+    /// `[tensor][layer]`, in [`Tensor::ALL`] order; empty lists for absent tensors.
+    pub regions: Vec<Vec<ShmRegion>>,
+}
+
+/// One tensor of one layer of the decode's cache: `len` bytes at `addr` in the decode process.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct ShmRegion {
+    pub addr: u64,
+    pub len: u64,
 }
 
 /// The decode side: lets same-host prefills write into its cache while it lives.
@@ -70,7 +77,8 @@ impl ShmTarget {
         allow_writers()?;
         let nonce = transport::random_u64();
         let probe = Box::new(AtomicU64::new(nonce));
-        let regions = Tensor::ALL.iter().map(|&t| cache.addrs(t).to_vec()).collect();
+        let len = |t: Tensor| cache.tensor_bytes(t).expect("checked by CacheLayout");
+        let regions = Tensor::ALL.iter().map(|&t| cache.addrs(t).iter().map(|&addr| ShmRegion { addr, len: len(t) }).collect()).collect();
         let welcome = ShmWelcome { pid: std::process::id(), probe: probe.as_ptr() as u64, nonce, regions };
         Ok(ShmTarget { probe, welcome })
     }
@@ -163,14 +171,11 @@ pub struct ShmLink {
 impl ShmLink {
     /// Checks the peer's layout against the agreed geometry and that this process may write into it.
     pub fn open(peer: String, cache: Arc<CacheLayout>, welcome: &ShmWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<ShmLink> {
-        // The peer gives addresses only: each region's length is what the geometry says it must be, so this
-        // checks the counts (the kernel checks every address at each write).
-        let total = |t: Tensor| (remote_blocks as u64).saturating_mul(cache.block_bytes(t)).saturating_mul(geometry.ratio as u64);
-        let lens: Vec<Vec<u64>> = welcome.regions.iter().zip(Tensor::ALL).map(|(r, t)| vec![total(t); r.len()]).collect();
+        let lens: Vec<Vec<u64>> = welcome.regions.iter().map(|l| l.iter().map(|r| r.len).collect()).collect();
         plan::check_remote_layout(&lens, &cache, geometry.ratio, remote_blocks)?;
         let mut remote: [Vec<u64>; 4] = Default::default();
         for t in Tensor::ALL {
-            remote[t as usize] = welcome.regions[t as usize].clone();
+            remote[t as usize] = welcome.regions[t as usize].iter().map(|r| r.addr).collect();
         }
         let link = ShmLink {
             peer,
