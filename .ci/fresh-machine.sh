@@ -50,7 +50,8 @@ if ls "$root"/usr/lib/llvm-*/lib/libclang* >/dev/null 2>&1; then log "the base r
 mkdir -p "$root/src/kvtransfer"
 git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -C "$root/src/kvtransfer" -xf -
 
-# What a user installs before the quick start: Rust (rustup's toolchain) and Node.js with npm.
+# What a user installs before the quick start: Rust (rustup's toolchain) and Node.js with npm (lent as one
+# self-contained binary, as Node.js's own builds and NodeSource's packages are).
 rust=$(rustc --print sysroot)
 node_bin=$(command -v node)
 npm_dir=$(cd "$(dirname "$(readlink -f "$(command -v npm)")")/.." && pwd)
@@ -84,9 +85,10 @@ unshare -m --propagation private bash -euo pipefail -c '
     echo "$out"; echo "fresh-machine: the build went ahead without its prerequisites" >&2; exit 1
   fi
   echo "$out" | tail -3
-  echo "$out" | grep -q "kvtransfer: the build needs .*cmake.*libclang" ||
+  # (grep reads a here-string: `echo | grep -q` under pipefail fails when grep stops reading early)
+  grep -q "kvtransfer: the build needs .*cmake.*libclang" <<<"$out" ||
     { echo "fresh-machine: the refusal did not name cmake and libclang" >&2; exit 1; }
-  if echo "$out" | grep -q "panicked"; then echo "fresh-machine: a build script panicked" >&2; exit 1; fi
+  if grep -q "panicked" <<<"$out"; then echo "fresh-machine: a build script panicked" >&2; exit 1; fi
 
   echo "== 2. the quick start: $quick_start =="
   run "$quick_start"

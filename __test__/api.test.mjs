@@ -45,14 +45,19 @@ test.serial('systemInfo reports versions, platform, binary, transports and flags
   t.regex(info.binary, /kvtransfer[.-]linux-/)
   t.deepEqual(info.transports.map((x) => x.name), ['cuda-ipc', 'shm', 'rdma', 'tcp'])
   t.true(info.transports.find((x) => x.name === 'tcp').usable)
-  t.is(info.settings.length, 10)
+  t.is(info.settings.length, 11)
   process.env.KVCACHE_RDMA_GID_INDEX = 'three'
+  process.env.KVCACHE_AUTH_TOKEN = 'a secret nobody may read here'
   try {
     const bad = esm.systemInfo().settings.find((s) => s.env === 'KVCACHE_RDMA_GID_INDEX')
     t.is(bad.value, 'three')
     t.regex(bad.error, /KVCACHE_RDMA_GID_INDEX="three"/)
+    const token = esm.systemInfo().settings.find((s) => s.env === 'KVCACHE_AUTH_TOKEN')
+    t.is(token.value, '<set>')
+    t.false(JSON.stringify(esm.systemInfo()).includes('nobody may read'))
   } finally {
     delete process.env.KVCACHE_RDMA_GID_INDEX
+    delete process.env.KVCACHE_AUTH_TOKEN
   }
 })
 

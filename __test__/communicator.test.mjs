@@ -128,3 +128,35 @@ test('RDMACommunicator keeps its seed API over the new one', async (t) => {
   t.is(comm.lastError, undefined)
   t.deepEqual(await decode.blockHashes('key', 0, [4]), [src.blockHash('key', 0, 3)])
 })
+
+test('with KVCACHE_AUTH_TOKEN only a peer holding the token gets a session', async (t) => {
+  const shape = { layers: 1, blocks: 8, blockBytes: 1024 }
+  const authToken = 'a shared secret of 32 characters'
+  const decode = await startDecode(shape, { options: { ...transportOptions, authToken } })
+  t.teardown(decode.stop)
+  const before = await decode.blockHashes('key', 0, [0, 1, 2, 3, 4, 5, 6, 7])
+  const src = makeCache(shape)
+  const stranger = prefill(src, shape)
+  t.teardown(() => stranger.close())
+  const err = await t.throwsAsync(stranger.connect(HOST, decode.port))
+  t.is(err.code, 'UNAUTHENTICATED')
+  t.notRegex(err.message, /layer|block/)
+  const wrong = prefill(src, shape, { authToken: 'another secret of 32 characters!' })
+  t.teardown(() => wrong.close())
+  t.is((await t.throwsAsync(wrong.connect(HOST, decode.port))).code, 'UNAUTHENTICATED')
+  t.deepEqual(await decode.blockHashes('key', 0, [0, 1, 2, 3, 4, 5, 6, 7]), before, 'nothing landed')
+  const friend = prefill(src, shape, { authToken })
+  t.teardown(() => friend.close())
+  const peer = await friend.connect(HOST, decode.port)
+  await peer.write([5], [2], 0)
+  t.deepEqual(await decode.blockHashes('key', 0, [2]), [src.blockHash('key', 0, 5)])
+  t.is(t.throws(() => prefill(src, shape, { authToken: 'short' })).code, 'CONFIG')
+})
+
+test('connect options are checked, not ignored', async (t) => {
+  const src = makeCache({ layers: 1, blocks: 2, blockBytes: 64 })
+  const comm = prefill(src, { blocks: 2, blockBytes: 64 })
+  t.teardown(() => comm.close())
+  t.is((await t.throwsAsync(comm.connect(HOST, 1, 2))).code, 'INVALID_ARGUMENT')
+  t.regex((await t.throwsAsync(comm.connect(HOST, 1, { dstTPSize: 2 }))).message, /unknown connect option "dstTPSize"/)
+})

@@ -24,6 +24,8 @@ esac
 # The shared library bindgen's clang-sys would open (it loads libclang at run time), or nothing.
 find_libclang() {
   local dirs=() d f
+  # LIBCLANG_PATH may name the library itself, or its directory (as clang-sys takes it).
+  if [ -n "${LIBCLANG_PATH:-}" ] && [ -f "$LIBCLANG_PATH" ]; then echo "$LIBCLANG_PATH"; return 0; fi
   [ -n "${LIBCLANG_PATH:-}" ] && dirs+=("$LIBCLANG_PATH")
   if command -v llvm-config >/dev/null 2>&1; then dirs+=("$(llvm-config --libdir 2>/dev/null || true)"); fi
   for d in /usr/local/llvm*/lib* /usr/local/lib* /usr/local/lib*/* /usr/local/lib*/*/* /usr/lib* /usr/lib*/* /usr/lib*/*/*; do
@@ -44,11 +46,12 @@ find_libclang() {
   return 1
 }
 
-compiles() { # compiles LANGUAGE COMPILER: builds and links a program
+compiles() { # compiles LANGUAGE COMPILER: builds and links a program (COMPILER may be a command line: "ccache gcc")
   local tmp rc
   tmp=$(mktemp -d)
   printf 'int main(void) { return 0; }\n' > "$tmp/main"
-  "$2" -x "$1" "$tmp/main" -o "$tmp/a.out" >/dev/null 2>&1 && rc=0 || rc=1
+  # shellcheck disable=SC2086 # a compiler command line, as CC and CXX may hold
+  $2 -x "$1" "$tmp/main" -o "$tmp/a.out" >/dev/null 2>&1 && rc=0 || rc=1
   rm -rf "$tmp"
   return $rc
 }
@@ -78,7 +81,7 @@ toolchains() { # cargo and node: not installed by this script
     version_at_least "${v%%-*}" 1.85.0 || errs+=("cargo $v is too old: kvtransfer needs Rust 1.85 or later (rustup update)")
   fi
   if ! command -v node >/dev/null; then
-    errs+=("node not found: install Node.js 20 or later (https://nodejs.org)")
+    errs+=("node not found: install Node.js 18 or later, 20 or later to run the tests (https://nodejs.org)")
   else
     v=$(node --version); v=${v#v}
     version_at_least "$v" 18.0.0 || errs+=("node $v is too old: kvtransfer needs Node.js 18 or later (its tests 20)")
@@ -106,7 +109,10 @@ fi
 if [ ${#missing_tools[@]} -gt 0 ]; then
   sudo=()
   if [ "$(id -u)" != 0 ]; then
-    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo=(sudo -n); else report_missing; exit 1; fi
+    # Through sudo: asking for a password where someone can type it, never where nobody can.
+    if command -v sudo >/dev/null && [ -t 0 ]; then sudo=(sudo)
+    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo=(sudo -n)
+    else report_missing; exit 1; fi
   fi
   if ! command -v apt-get >/dev/null; then
     report_missing

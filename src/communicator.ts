@@ -9,7 +9,7 @@
  * ```
  */
 import type { NativeCommunicator } from '../binding.js'
-import { call, settled } from './errors.js'
+import { call, invalid, KVTransferError, settled } from './errors.js'
 import { native } from './loader.js'
 import {
   type BlockIds,
@@ -115,8 +115,11 @@ export class Communicator {
    * @throws {KVTransferError} (as a rejection) when the handshake fails or the decode refuses.
    */
   async connect(ip: string, port: Port, options: ConnectOptions = {}): Promise<Peer> {
+    if (typeof options !== 'object' || options === null) throw invalid('connect options must be an object, e.g. { dstTpSize: 2 }')
+    const unknown = Object.keys(options).filter((k) => k !== 'dstTpSize')
+    if (unknown.length > 0) throw new KVTransferError('CONFIG', `unknown connect option ${JSON.stringify(unknown[0])}`)
     const [host, p, dst] = call(() => [toHost(ip), toPort(port, false), toCount('dstTpSize', options.dstTpSize ?? 1, 1)] as const)
-    await settled(this.native.connectAsync(host, p, dst))
+    await settled(call(() => this.native.connectAsync(host, p, dst)))
     return new Peer(this, host, p)
   }
 
@@ -175,6 +178,6 @@ export class Peer {
     const [local, remote, layer] = call(
       () => [toBlockIds('localBlockIds', localBlockIds), toBlockIds('remoteBlockIds', remoteBlockIds), toCount('layerIdx', layerIdx, 0)] as const,
     )
-    await settled(this.communicator.native.writeCacheAsync(this.ip, this.port, local, remote, layer))
+    await settled(call(() => this.communicator.native.writeCacheAsync(this.ip, this.port, local, remote, layer)))
   }
 }

@@ -137,6 +137,11 @@ export class RDMACommunicator {
    * @throws {KVTransferError} (as a rejection) when the connection fails.
    */
   async connectAsync(ip: string, port: Port, dstTpSize = 1): Promise<void> {
+    try {
+      call(() => [toHost(ip), toPort(port, false), toCount('dstTpSize', dstTpSize, 1)])
+    } catch (err) {
+      throw this.#refused(err)
+    }
     await this.communicator.connect(ip, port, { dstTpSize })
   }
 

@@ -9,6 +9,7 @@ const ERROR_CODES = [
   'UNAVAILABLE',
   'CLOSED',
   'INTERNAL',
+  'UNAUTHENTICATED',
 ] as const
 
 /** The stable codes of {@link KVTransferError} (the native layer's `ErrorCode` names). */
@@ -20,7 +21,8 @@ function isErrorCode(code: unknown): code is ErrorCode {
 
 /**
  * Every failure of kvtransfer: a stable `code` for programs and a message for people. `INTERNAL` means a bug in
- * kvtransfer that was caught before it could take the process down: please report it.
+ * kvtransfer that was caught before it could take the process down: please report it. `UNAUTHENTICATED` means
+ * a peer did not prove it holds `KVCACHE_AUTH_TOKEN` (or this side holds none and the peer requires one).
  */
 export class KVTransferError extends Error {
   /** What kind of failure this is. */

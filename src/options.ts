@@ -52,6 +52,12 @@ export interface Settings {
   gdrcopyFlushEnable?: boolean
   /** `KVCACHE_TRANSPORT` (default `'auto'`). */
   transport?: TransportName
+  /**
+   * `KVCACHE_AUTH_TOKEN`: a shared secret (at least 16 characters) that both sides prove they hold at connect,
+   * without sending it; a peer without it gets no session and learns nothing about the cache. Unset: no
+   * authentication (a decode listening beyond loopback then logs a warning).
+   */
+  authToken?: string
   /** Longest a handshake or socket operation may go without progress, in ms (default 10 000). */
   timeoutMs?: number
 }
@@ -100,12 +106,11 @@ const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'n
   errorFile: 'string',
   gdrcopyFlushEnable: 'boolean',
   transport: 'string',
+  authToken: 'string',
   timeoutMs: 'number',
 }
-const CACHE_KEYS = new Set(['keyPtrs', 'valuePtrs', 'keyScalePtrs', 'valueScalePtrs', 'blockNumber', 'blockBytes', 'scaleBlockBytes', 'gpuIdx'])
-
 /** The settings among `options`, type-checked; any other key (besides `allowed`) is a `CONFIG` error. */
-export function toSettings(options: object, allowed: ReadonlySet<string> = CACHE_KEYS): NativeSettings {
+export function toSettings(options: object, allowed: ReadonlySet<string>): NativeSettings {
   if (typeof options !== 'object' || options === null) throw invalid('options must be an object')
   const settings: Record<string, unknown> = {}
   for (const [key, value] of Object.entries(options)) {

@@ -29,12 +29,13 @@ pub enum Setting {
     ErrorFile,
     GdrcopyFlushEnable,
     Transport,
+    AuthToken,
     TimeoutMs,
 }
 
 impl Setting {
     /// Every setting, in documentation order.
-    pub const ALL: [Setting; 11] = [
+    pub const ALL: [Setting; 12] = [
         Setting::GidIndex,
         Setting::RdmaNics,
         Setting::IbTimeout,
@@ -45,6 +46,7 @@ impl Setting {
         Setting::ErrorFile,
         Setting::GdrcopyFlushEnable,
         Setting::Transport,
+        Setting::AuthToken,
         Setting::TimeoutMs,
     ];
 
@@ -61,6 +63,7 @@ impl Setting {
             Setting::ErrorFile => "KVCACHE_ERROR_FILE",
             Setting::GdrcopyFlushEnable => "KVCACHE_GDRCOPY_FLUSH_ENABLE",
             Setting::Transport => "KVCACHE_TRANSPORT",
+            Setting::AuthToken => "KVCACHE_AUTH_TOKEN",
             Setting::TimeoutMs => return None,
         })
     }
@@ -78,8 +81,14 @@ impl Setting {
             Setting::ErrorFile => "errorFile",
             Setting::GdrcopyFlushEnable => "gdrcopyFlushEnable",
             Setting::Transport => "transport",
+            Setting::AuthToken => "authToken",
             Setting::TimeoutMs => "timeoutMs",
         }
+    }
+
+    /// Whether its value is a secret: never shown in messages or reports.
+    pub fn is_secret(self) -> bool {
+        self == Setting::AuthToken
     }
 
     /// The setting for an option name, if there is one.
@@ -130,6 +139,23 @@ impl fmt::Display for SettingValue {
     }
 }
 
+/// A secret setting's value. Its `Debug` form never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<hidden>)")
+    }
+}
+
 /// Which transport a communicator uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportChoice {
@@ -176,6 +202,8 @@ pub struct Config {
     /// Option `timeoutMs` (default 10 000): the longest a handshake or a socket operation may go without
     /// progress before it fails with `TIMEOUT`.
     pub timeout: Duration,
+    /// `KVCACHE_AUTH_TOKEN`: the shared secret both sides prove they hold; `None` authenticates nobody.
+    pub auth_token: Option<Secret>,
 }
 
 impl Default for Config {
@@ -192,6 +220,7 @@ impl Default for Config {
             gdrcopy_flush: false,
             transport: TransportChoice::Auto,
             timeout: Duration::from_secs(10),
+            auth_token: None,
         }
     }
 }
@@ -225,7 +254,8 @@ impl Config {
                     (_, Some(env)) => format!("{env} (option {})", setting.option_name()),
                     (_, None) => format!("option {}", setting.option_name()),
                 };
-                Error::config(format!("{name}={value}: {why}"))
+                let shown = if setting.is_secret() { "<secret>".to_string() } else { value.to_string() };
+                Error::config(format!("{name}={shown}: {why}"))
             })?;
         }
         Ok(cfg)
@@ -262,6 +292,13 @@ impl Config {
                 }
             }
             Setting::TimeoutMs => self.timeout = Duration::from_millis(whole(v, 1, 86_400_000)?),
+            Setting::AuthToken => {
+                let token = text(v)?;
+                if token.len() < 16 {
+                    return Err("expected a secret of at least 16 characters".into());
+                }
+                self.auth_token = Some(Secret(token.to_string()));
+            }
         }
         Ok(())
     }
@@ -422,6 +459,18 @@ mod tests {
             let err = load_typed(&[], &[(setting, value)]).unwrap_err();
             assert!(err.message().contains(want), "{err} lacks {want}");
         }
+    }
+
+    #[test]
+    fn the_auth_token_is_read_checked_and_never_shown() {
+        let cfg = load(&[("KVCACHE_AUTH_TOKEN", "correct horse battery staple")], &[]).unwrap();
+        assert_eq!(cfg.auth_token.as_ref().map(Secret::expose), Some("correct horse battery staple"));
+        assert!(!format!("{cfg:?}").contains("horse"));
+        let err = load(&[("KVCACHE_AUTH_TOKEN", "short-secret")], &[]).unwrap_err();
+        assert!(err.message().contains("KVCACHE_AUTH_TOKEN=<secret>: expected a secret of at least 16"), "{err}");
+        assert!(!err.message().contains("short-secret"), "{err}");
+        let cfg = load(&[], &[(Setting::AuthToken, "0123456789abcdef")]).unwrap();
+        assert!(cfg.auth_token.is_some());
     }
 
     #[test]

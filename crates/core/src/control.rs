@@ -1,5 +1,6 @@
 //! The control plane's channel: the decode side answers handshakes on its port ([`ControlServer`], a ZeroMQ
-//! `ROUTER`); the prefill side sends each from a short-lived `DEALER` ([`request`]). What the messages say is
+//! `ROUTER`); the prefill side holds one short-lived `DEALER` per handshake ([`ControlClient`]), whose requests
+//! the server tells apart from other peers' by the connection's identity. What the messages say is
 //! [`crate::wire`]'s business; this module only carries bytes, bounded in size and time.
 
 use crate::error::{Error, ErrorCode, Result};
@@ -17,13 +18,13 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds and starts answering; `answer` turns each request into a reply. Port 0 lets the system pick
-    /// a free port (see [`ControlServer::port`]).
+    /// Binds and starts answering; `answer(peer, request)` turns each request into a reply, where `peer` names
+    /// the control connection it came on. Port 0 lets the system pick a free port (see [`ControlServer::port`]).
     pub fn bind(
         ctx: &zmq::Context,
         addr: &str,
         port: u16,
-        answer: impl Fn(&[u8]) -> Vec<u8> + Send + 'static,
+        answer: impl Fn(&[u8], &[u8]) -> Vec<u8> + Send + 'static,
     ) -> Result<ControlServer> {
         let socket = ctx.socket(zmq::ROUTER).map_err(|e| zmq_error("creating the control socket", e))?;
         socket.set_linger(0).map_err(|e| zmq_error("setting linger", e))?;
@@ -56,7 +57,7 @@ impl ControlServer {
     }
 }
 
-fn serve(socket: zmq::Socket, stop: &AtomicBool, answer: impl Fn(&[u8]) -> Vec<u8>) {
+fn serve(socket: zmq::Socket, stop: &AtomicBool, answer: impl Fn(&[u8], &[u8]) -> Vec<u8>) {
     while !stop.load(Ordering::Acquire) {
         match socket.poll(zmq::POLLIN, 50) {
             Ok(0) | Err(zmq::Error::EINTR) => continue,
@@ -66,7 +67,7 @@ fn serve(socket: zmq::Socket, stop: &AtomicBool, answer: impl Fn(&[u8]) -> Vec<u
         let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) else { continue };
         // A DEALER request arrives as [identity, body]; anything else is dropped.
         if let [identity, body] = frames.as_slice() {
-            let reply = answer(body);
+            let reply = answer(identity, body);
             let _ = socket.send_multipart([identity.as_slice(), reply.as_slice()], zmq::DONTWAIT);
         }
     }
@@ -81,41 +82,62 @@ impl Drop for ControlServer {
     }
 }
 
+/// One handshake's connection to a decode's control port: requests answered one at a time, all within one
+/// deadline.
+pub struct ControlClient {
+    socket: zmq::Socket,
+    endpoint: String,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl ControlClient {
+    /// Connects to `host:port`; every request on this connection must be answered within `timeout` of now.
+    pub fn connect(ctx: &zmq::Context, host: &str, port: u16, timeout: Duration) -> Result<ControlClient> {
+        let socket = ctx.socket(zmq::DEALER).map_err(|e| zmq_error("creating a control socket", e))?;
+        socket.set_linger(0).map_err(|e| zmq_error("setting linger", e))?;
+        socket.set_maxmsgsize(MAX_MESSAGE_BYTES as i64).map_err(|e| zmq_error("setting the size limit", e))?;
+        let endpoint = format!("tcp://{}:{port}", bracket_v6(host));
+        socket.connect(&endpoint).map_err(|e| Error::invalid(format!("cannot connect to {endpoint}: {e}")))?;
+        Ok(ControlClient { socket, endpoint, deadline: Instant::now() + timeout, timeout })
+    }
+
+    /// Sends `body` and waits for the reply, until the connection's deadline.
+    pub fn ask(&mut self, body: &[u8]) -> Result<Vec<u8>> {
+        let ms = |d: Instant| d.saturating_duration_since(Instant::now()).as_millis().clamp(1, i32::MAX as u128) as i32;
+        let endpoint = &self.endpoint;
+        // Signals (a host process's SIGCHLD, say) interrupt ZeroMQ calls: retry them until the deadline.
+        loop {
+            self.socket.set_sndtimeo(ms(self.deadline)).map_err(|e| zmq_error("setting the send timeout", e))?;
+            match self.socket.send(body, 0) {
+                Err(zmq::Error::EINTR) if Instant::now() < self.deadline => continue,
+                Err(e) => return Err(zmq_error(&format!("sending the handshake to {endpoint}"), e)),
+                Ok(()) => break,
+            }
+        }
+        loop {
+            self.socket.set_rcvtimeo(ms(self.deadline)).map_err(|e| zmq_error("setting the receive timeout", e))?;
+            match self.socket.recv_bytes(0) {
+                Ok(reply) => return Ok(reply),
+                Err(zmq::Error::EINTR) if Instant::now() < self.deadline => continue,
+                Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => {
+                    return Err(Error::new(
+                        ErrorCode::Timeout,
+                        format!(
+                            "no handshake reply from {endpoint} within {} ms (is a decode communicator listening there?)",
+                            self.timeout.as_millis()
+                        ),
+                    ))
+                }
+                Err(e) => return Err(zmq_error(&format!("waiting for the handshake reply from {endpoint}"), e)),
+            }
+        }
+    }
+}
+
 /// Sends one request to a decode's control port and waits up to `timeout` for the reply.
 pub fn request(ctx: &zmq::Context, host: &str, port: u16, body: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-    let socket = ctx.socket(zmq::DEALER).map_err(|e| zmq_error("creating a control socket", e))?;
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    socket.set_linger(0).map_err(|e| zmq_error("setting linger", e))?;
-    socket.set_maxmsgsize(MAX_MESSAGE_BYTES as i64).map_err(|e| zmq_error("setting the size limit", e))?;
-    socket.set_sndtimeo(ms).map_err(|e| zmq_error("setting the send timeout", e))?;
-    socket.set_rcvtimeo(ms).map_err(|e| zmq_error("setting the receive timeout", e))?;
-    let endpoint = format!("tcp://{}:{port}", bracket_v6(host));
-    socket.connect(&endpoint).map_err(|e| Error::invalid(format!("cannot connect to {endpoint}: {e}")))?;
-    let deadline = Instant::now() + timeout;
-    // Signals (a host process's SIGCHLD, say) interrupt ZeroMQ calls: retry them until the deadline.
-    loop {
-        match socket.send(body, 0) {
-            Err(zmq::Error::EINTR) if Instant::now() < deadline => continue,
-            Err(e) => return Err(zmq_error(&format!("sending the handshake to {endpoint}"), e)),
-            Ok(()) => break,
-        }
-    }
-    loop {
-        match socket.recv_bytes(0) {
-            Ok(reply) => return Ok(reply),
-            Err(zmq::Error::EINTR) if Instant::now() < deadline => {
-                let left = deadline.saturating_duration_since(Instant::now()).as_millis().max(1) as i32;
-                socket.set_rcvtimeo(left).map_err(|e| zmq_error("setting the receive timeout", e))?;
-            }
-            Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => {
-                return Err(Error::new(
-                    ErrorCode::Timeout,
-                    format!("no handshake reply from {endpoint} within {ms} ms (is a decode communicator listening there?)"),
-                ))
-            }
-            Err(e) => return Err(zmq_error(&format!("waiting for the handshake reply from {endpoint}"), e)),
-        }
-    }
+    ControlClient::connect(ctx, host, port, timeout)?.ask(body)
 }
 
 fn bracket_v6(host: &str) -> String {
@@ -138,16 +160,28 @@ mod tests {
     fn request_and_answer_over_zmq() {
         let ctx = zmq::Context::new();
         let port = free_port();
-        let server = ControlServer::bind(&ctx, "127.0.0.1", port, |req| [b"re:", req].concat()).unwrap();
+        let server = ControlServer::bind(&ctx, "127.0.0.1", port, |_, req| [b"re:", req].concat()).unwrap();
         assert_eq!(server.port(), port);
-        let any = ControlServer::bind(&ctx, "127.0.0.1", 0, |req| req.to_vec()).unwrap();
+        let any = ControlServer::bind(&ctx, "127.0.0.1", 0, |_, req| req.to_vec()).unwrap();
         assert_ne!(any.port(), 0);
         assert_eq!(request(&ctx, "127.0.0.1", any.port(), b"x", Duration::from_secs(5)).unwrap(), b"x");
         let reply = request(&ctx, "127.0.0.1", port, b"hi", Duration::from_secs(5)).unwrap();
         assert_eq!(reply, b"re:hi");
         // The port is taken now.
-        let err = ControlServer::bind(&ctx, "127.0.0.1", port, |r| r.to_vec()).err().unwrap();
+        let err = ControlServer::bind(&ctx, "127.0.0.1", port, |_, r| r.to_vec()).err().unwrap();
         assert!(err.message().contains("cannot listen"), "{err}");
+    }
+
+    #[test]
+    fn one_client_is_one_peer_to_the_server() {
+        let ctx = zmq::Context::new();
+        let server = ControlServer::bind(&ctx, "127.0.0.1", 0, |peer, req| [peer, b"|", req].concat()).unwrap();
+        let mut a = ControlClient::connect(&ctx, "127.0.0.1", server.port(), Duration::from_secs(5)).unwrap();
+        let mut b = ControlClient::connect(&ctx, "127.0.0.1", server.port(), Duration::from_secs(5)).unwrap();
+        let peer = |reply: Vec<u8>| reply.split(|&c| c == b'|').next().unwrap().to_vec();
+        let (a1, a2, b1) = (peer(a.ask(b"1").unwrap()), peer(a.ask(b"2").unwrap()), peer(b.ask(b"1").unwrap()));
+        assert_eq!(a1, a2, "two requests on one connection come from one peer");
+        assert_ne!(a1, b1, "two connections are two peers");
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The communicator was closed.
     Closed,
+    /// The peer did not prove it holds the shared secret (`KVCACHE_AUTH_TOKEN`), or this side holds none and the
+    /// peer requires one.
+    Unauthenticated,
     /// A bug in kvtransfer (a panic, caught before it could take the process down): please report it.
     Internal,
 }
@@ -45,6 +48,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Closed => "CLOSED",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
         }
     }
 
@@ -60,6 +64,7 @@ impl ErrorCode {
             8 => ErrorCode::Unavailable,
             9 => ErrorCode::Closed,
             10 => ErrorCode::Internal,
+            11 => ErrorCode::Unauthenticated,
             _ => ErrorCode::Protocol,
         }
     }
@@ -77,13 +82,14 @@ impl ErrorCode {
             ErrorCode::Unavailable => 8,
             ErrorCode::Closed => 9,
             ErrorCode::Internal => 10,
+            ErrorCode::Unauthenticated => 11,
         }
     }
 }
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Config,
         ErrorCode::NotConnected,
@@ -94,6 +100,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Closed,
         ErrorCode::Internal,
+        ErrorCode::Unauthenticated,
     ];
 }
 

@@ -10,6 +10,7 @@
 //! and connecting half, listed once in [`transport::REGISTRY`]) → [`plan`] → [`wire`] (the handshake's
 //! messages, [`TransportKind`]), [`config`], [`memory`] → [`error`].
 
+pub mod auth;
 pub mod communicator;
 pub mod config;
 pub mod control;

@@ -28,11 +28,11 @@ pub struct Logger {
 impl Logger {
     /// Opens the logs the configuration asks for.
     pub fn new(config: &Config, tag: impl Into<String>) -> Result<Logger> {
-        // Errors go to the error log, everything else to the debug log (when it is on).
-        let errors = sink(config.error_file.as_deref(), "KVCACHE_ERROR_FILE")?.with_filter(|m| *m.level() == Level::ERROR);
+        // Errors and warnings go to the error log, everything else to the debug log (when it is on).
+        let errors = sink(config.error_file.as_deref(), "KVCACHE_ERROR_FILE")?.with_filter(|m| *m.level() <= Level::WARN);
         let writer = match config.debug {
             true => {
-                let debug = sink(config.debug_file.as_deref(), "KVCACHE_DEBUG_FILE")?.with_filter(|m| *m.level() != Level::ERROR);
+                let debug = sink(config.debug_file.as_deref(), "KVCACHE_DEBUG_FILE")?.with_filter(|m| *m.level() > Level::WARN);
                 BoxMakeWriter::new(errors.and(debug))
             }
             false => BoxMakeWriter::new(errors),
@@ -54,6 +54,13 @@ impl Logger {
         }
     }
 
+    /// Writes a warning, to the error log.
+    pub fn warn(&self, message: impl AsRef<str>) {
+        tracing::dispatcher::with_default(&self.dispatch, || {
+            tracing::warn!(target: "kvtransfer", comm = %self.tag, pid = std::process::id(), "{}", message.as_ref())
+        });
+    }
+
     /// Writes an error line.
     pub fn error(&self, message: impl AsRef<str>) {
         tracing::dispatcher::with_default(&self.dispatch, || {
@@ -63,7 +70,7 @@ impl Logger {
 }
 
 fn dispatch(writer: BoxMakeWriter, debug: bool) -> Dispatch {
-    let level = if debug { LevelFilter::DEBUG } else { LevelFilter::ERROR };
+    let level = if debug { LevelFilter::DEBUG } else { LevelFilter::WARN };
     let subscriber = tracing_subscriber::fmt()
         .with_writer(writer)
         .with_max_level(level)
@@ -153,6 +160,7 @@ mod tests {
         };
         let log = Logger::new(&cfg, "decode:0").unwrap();
         log.debug("hello debug");
+        log.warn("hello warning");
         log.error("hello error");
         let debug = std::fs::read_to_string(dir.join("debug.log")).unwrap();
         let error = std::fs::read_to_string(dir.join("error.log")).unwrap();
@@ -160,6 +168,7 @@ mod tests {
         assert!(error.contains("ERROR") && error.contains("comm=decode:0") && error.contains("hello error"), "{error}");
         assert!(!error.contains("hello debug"), "{error}");
         assert!(!debug.contains("hello error"), "{debug}");
+        assert!(error.contains("WARN") && error.contains("hello warning"), "{error}");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(dir.join("error.log")).unwrap().permissions().mode() & 0o777, 0o600);
         std::fs::remove_dir_all(&dir).unwrap();

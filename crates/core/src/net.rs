@@ -31,6 +31,23 @@ pub fn first_usable_interface() -> Option<(String, IpAddr)> {
     })
 }
 
+/// Whether `host` (a name or an address) resolves only to addresses of this machine: loopback, or an address
+/// of one of its interfaces.
+pub fn is_this_host(host: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let Ok(resolved) = (host, 0u16).to_socket_addrs() else { return false };
+    let ours: Vec<IpAddr> = if_addrs::get_if_addrs().map(|list| list.into_iter().map(|i| i.ip()).collect()).unwrap_or_default();
+    let mut any = false;
+    for addr in resolved {
+        any = true;
+        let ip = addr.ip();
+        if !(ip.is_loopback() || ours.contains(&ip)) {
+            return false;
+        }
+    }
+    any
+}
+
 /// Names this host and process namespace: two communicators with the same id can reach each other's memory
 /// through the same-host transports (cuda-ipc, shm). The boot id changes with every boot of every machine;
 /// the pid namespace tells containers apart.
@@ -50,6 +67,16 @@ mod tests {
         assert_eq!(listen_addr(Some("lo")).unwrap(), IpAddr::V4(Ipv4Addr::LOCALHOST));
         let err = listen_addr(Some("nosuchif0")).unwrap_err();
         assert!(err.message().contains("KVCACHE_SOCKET_IFNAME") && err.message().contains("lo"), "{err}");
+    }
+
+    #[test]
+    fn this_host_is_loopback_or_an_own_address() {
+        assert!(is_this_host("127.0.0.1") && is_this_host("localhost"));
+        if let Some((_, ip)) = first_usable_interface() {
+            assert!(is_this_host(&ip.to_string()));
+        }
+        assert!(!is_this_host("192.0.2.250"), "TEST-NET-1 is nobody's interface here");
+        assert!(!is_this_host("no-such-host.invalid"));
     }
 
     #[test]

@@ -161,8 +161,8 @@ impl BlockPlan {
             return Err(Error::invalid(format!("layer {layer} is outside [0, {layers})")));
         }
         check_range("local", local, local_blocks)?;
-        check_range("remote", remote, remote_blocks)?;
-        self.check_distinct(remote, remote_blocks)?;
+        let largest = check_range("remote", remote, remote_blocks)?;
+        self.check_distinct(remote, largest)?;
         self.layer = layer;
         self.blocks = local.len() as u32;
         match self.form {
@@ -176,15 +176,17 @@ impl BlockPlan {
     }
 
     /// The remote ids must be distinct: two blocks written to one place in one call is a caller's bug
-    /// whose outcome no transport could define. Every id is already inside `[0, remote_blocks)`.
-    fn check_distinct(&mut self, remote: &[u32], remote_blocks: u32) -> Result<()> {
-        if self.seen.len() < remote_blocks as usize {
-            self.seen.resize(remote_blocks as usize, 0);
+    /// whose outcome no transport could define. Every id is already at most `largest`. The marks cover the ids
+    /// calls have used, not the peer's whole cache, whose size only the peer vouches for.
+    fn check_distinct(&mut self, remote: &[u32], largest: u32) -> Result<()> {
+        let span = largest as usize + 1;
+        if self.seen.len() < span {
+            self.seen.resize(span, 0);
         }
         // One pass with no branch but the bounds check: each id reads and rewrites its own slot, so no
         // iteration waits for another's store unless ids repeat.
         let mark = self.next_mark();
-        let seen = &mut self.seen[..remote_blocks as usize];
+        let seen = &mut self.seen[..span];
         let mut repeated = false;
         for &b in remote {
             let slot = &mut seen[b as usize];
@@ -195,7 +197,7 @@ impl BlockPlan {
             return Ok(());
         }
         let mark = self.next_mark();
-        let seen = &mut self.seen[..remote_blocks as usize];
+        let seen = &mut self.seen[..span];
         let (i, b) = remote
             .iter()
             .enumerate()
@@ -240,11 +242,13 @@ impl BlockPlan {
     }
 }
 
-/// Refuses an id outside `[0, blocks)`, naming the first. The largest id is found first, by a loop without
-/// an early exit (which the compiler vectorises); only a bad call looks for the position.
-fn check_range(side: &str, ids: &[u32], blocks: u32) -> Result<()> {
-    if ids.iter().fold(0u32, |m, &b| m.max(b)) < blocks || ids.is_empty() {
-        return Ok(());
+/// Refuses an id outside `[0, blocks)`, naming the first; returns the largest id (0 for none). The largest id
+/// is found first, by a loop without an early exit (which the compiler vectorises); only a bad call looks for
+/// the position.
+fn check_range(side: &str, ids: &[u32], blocks: u32) -> Result<u32> {
+    let largest = ids.iter().fold(0u32, |m, &b| m.max(b));
+    if largest < blocks || ids.is_empty() {
+        return Ok(largest);
     }
     let i = ids.iter().position(|&b| b >= blocks).expect("the largest id is out of range");
     Err(Error::invalid(format!("{side} block id {} (position {i}) is outside [0, {blocks})", ids[i])))
@@ -373,6 +377,15 @@ mod tests {
         p.build(&[1], &[3], 0, 1, 10, 10).unwrap();
         p.mark = u16::MAX;
         p.build(&[1, 2], &[3, 4], 0, 1, 10, 10).unwrap();
+    }
+
+    /// A peer that claims a huge cache costs only what the calls use: the duplicate marks follow the ids.
+    #[test]
+    fn a_huge_remote_cache_allocates_nothing_up_front() {
+        let mut p = BlockPlan::default();
+        p.build(&[1, 2], &[5, 3], 0, 1, 10, u32::MAX).unwrap();
+        assert!(p.seen.len() <= 6, "{} marks for ids up to 5", p.seen.len());
+        assert!(p.build(&[1, 2], &[7, 7], 0, 1, 10, u32::MAX).is_err());
     }
 
     #[test]

@@ -85,15 +85,15 @@ impl SystemReport {
                 let error = value.as_ref().and_then(|v| {
                     Config::load_from(|n| (n == name).then(|| v.clone()), &[]).err().map(|e| e.message().to_string())
                 });
+                // A secret is reported as set, never shown.
+                let secret = Setting::ALL.iter().any(|s| s.is_secret() && s.env_name() == Some(name));
+                let value = value.map(|v| if secret { "<set>".to_string() } else { v });
                 SettingReport { env: name, value, error }
             })
             .collect();
         // The settings that are valid, for judging the transports as a communicator would.
-        let config = Config::load_from(
-            |name| settings.iter().find(|s| s.env == name && s.error.is_none()).and_then(|s| s.value.clone()),
-            &[],
-        )
-        .unwrap_or_default();
+        let config = Config::load_from(|name| env(name).filter(|_| settings.iter().any(|s| s.env == name && s.error.is_none())), &[])
+            .unwrap_or_default();
         let gpus = gpu_report();
         let transports = transport::REGISTRY
             .iter()
@@ -150,6 +150,11 @@ mod tests {
         assert!(get("KVCACHE_DEBUG").error.is_none());
         assert!(get("KVCACHE_RDMA_NICS").value.is_none() && get("KVCACHE_RDMA_NICS").error.is_none());
 
+        let r = SystemReport::gather_from(|name| (name == "KVCACHE_AUTH_TOKEN").then(|| "a secret nobody may see".into()));
+        let token = r.settings.iter().find(|s| s.env == "KVCACHE_AUTH_TOKEN").unwrap();
+        assert_eq!(token.value.as_deref(), Some("<set>"));
+        assert!(!r.to_json().contains("nobody may see"));
+
         let r = SystemReport::gather_from(|name| (name == "KVCACHE_SOCKET_IFNAME").then(|| "nosuchif9".into()));
         let tcp = r.transports.iter().find(|t| t.name == "tcp").unwrap();
         assert!(!tcp.usable && tcp.detail.contains("nosuchif9"), "{tcp:?}");
@@ -158,7 +163,7 @@ mod tests {
     #[test]
     fn every_variable_is_reported_and_tcp_is_always_there() {
         let r = SystemReport::gather_from(|_| None);
-        assert_eq!(r.settings.len(), 10);
+        assert_eq!(r.settings.len(), 11);
         assert!(r.settings.iter().any(|s| s.env == "KVCACHE_IB_TIMEOUT"));
         let names: Vec<&str> = r.transports.iter().map(|t| t.name).collect();
         assert_eq!(names, ["cuda-ipc", "shm", "rdma", "tcp"], "every registered transport, fastest first");

@@ -1,5 +1,10 @@
-//! The handshake's messages: what a prefill says when it connects ([`Hello`]) and what the decode answers
-//! ([`Reply`]), as JSON versioned by [`PROTOCOL_VERSION`].
+//! The handshake's messages, as JSON versioned by [`PROTOCOL_VERSION`]. Two round trips on one control
+//! connection ([`Request`] → [`Reply`]):
+//!
+//! 1. the prefill greets with a nonce; the decode answers with a challenge: its own nonce and, when it holds an
+//!    auth token, its proof ([`crate::auth`]);
+//! 2. the prefill sends its [`Hello`] (as JSON text, with a MAC over those bytes when it holds a token); the
+//!    decode answers with a [`Welcome`] (likewise MAC'd) or a refusal.
 //!
 //! The bottom of the control plane: it names the transports ([`TransportKind`]) but knows none of them. What one
 //! transport needs to tell its other half (a queue pair's address, a data port, IPC handles) travels as an opaque
@@ -9,9 +14,10 @@
 //! use kvtransfer::wire::{self, TransportKind};
 //! assert_eq!(serde_json::to_string(&TransportKind::CudaIpc).unwrap(), "\"cuda-ipc\"");
 //! assert_eq!("shm".parse::<TransportKind>().unwrap(), TransportKind::Shm);
-//! assert!(wire::decode_hello(b"{\"protocol\":1}").unwrap_err().message().contains("version 1"));
+//! assert!(wire::decode_request(b"{\"protocol\":1}").unwrap_err().message().contains("version 1"));
 //! ```
 
+use crate::auth::{Nonce, Tag};
 use crate::error::{Error, ErrorCode, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -139,11 +145,25 @@ pub struct Offer {
     pub details: Value,
 }
 
-/// The decode side's answer.
+/// What a prefill sends to a decode's control port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// First: the prefill's nonce.
+    Greeting { protocol: u32, nonce: Nonce },
+    /// Second: the [`Hello`] as JSON text, and with a token the MAC of exactly that text.
+    Hello { hello: String, mac: Option<Tag> },
+}
+
+/// The decode side's answer to a [`Request`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
-    Welcome(Welcome),
+    /// To a greeting: the decode's nonce and, with a token, its proof of holding it.
+    Challenge { protocol: u32, nonce: Nonce, proof: Option<Tag> },
+    /// To a hello: the [`Welcome`] as JSON text, and with a token the MAC of exactly that text.
+    Welcome { welcome: String, mac: Option<Tag> },
+    /// A refusal, to either.
     Reject { protocol: u32, code: String, reason: String },
 }
 
@@ -168,42 +188,63 @@ impl Reply {
     }
 }
 
-/// Parses a hello, checking the protocol version before anything else.
-pub fn decode_hello(bytes: &[u8]) -> Result<Hello> {
+/// Checks a message's `protocol` field, where it has one, before anything else is read.
+fn check_version(bytes: &[u8], peer: &str, us: &str) -> Result<()> {
     #[derive(Deserialize)]
     struct Versioned {
-        protocol: u32,
+        protocol: Option<u32>,
     }
     let v: Versioned = serde_json::from_slice(bytes)
-        .map_err(|e| Error::protocol(format!("unreadable handshake ({} bytes): {e}", bytes.len())))?;
-    if v.protocol != PROTOCOL_VERSION {
-        return Err(Error::protocol(format!(
-            "protocol version mismatch: the prefill peer speaks version {}, this decode speaks {PROTOCOL_VERSION}",
-            v.protocol
-        )));
+        .map_err(|e| Error::protocol(format!("unreadable handshake message ({} bytes): {e}", bytes.len())))?;
+    match v.protocol {
+        Some(theirs) if theirs != PROTOCOL_VERSION => Err(Error::protocol(format!(
+            "protocol version mismatch: the {peer} peer speaks version {theirs}, this {us} speaks {PROTOCOL_VERSION}"
+        ))),
+        _ => Ok(()),
     }
+}
+
+/// Parses what a prefill sent.
+pub fn decode_request(bytes: &[u8]) -> Result<Request> {
+    check_version(bytes, "prefill", "decode")?;
+    serde_json::from_slice(bytes).map_err(|e| Error::protocol(format!("malformed handshake message: {e}")))
+}
+
+/// Parses a hello, checking the protocol version before anything else.
+pub fn decode_hello(bytes: &[u8]) -> Result<Hello> {
+    check_version(bytes, "prefill", "decode")?;
     serde_json::from_slice(bytes).map_err(|e| Error::protocol(format!("malformed handshake: {e}")))
 }
 
-/// Parses a reply into a [`Welcome`], or the error the decode side reported.
-pub fn decode_reply(bytes: &[u8]) -> Result<Welcome> {
+/// Parses a decode's reply; a refusal becomes the error the decode reported.
+pub fn decode_reply(bytes: &[u8]) -> Result<Reply> {
+    check_version(bytes, "decode", "prefill")?;
     let reply: Reply = serde_json::from_slice(bytes)
         .map_err(|e| Error::protocol(format!("unreadable handshake reply ({} bytes): {e}", bytes.len())))?;
     match reply {
-        Reply::Welcome(w) if w.protocol == PROTOCOL_VERSION => Ok(w),
-        Reply::Welcome(w) => Err(Error::protocol(format!(
-            "protocol version mismatch: the decode peer speaks version {}, this prefill speaks {PROTOCOL_VERSION}",
-            w.protocol
-        ))),
         Reply::Reject { code, reason, .. } => {
             // Only the codes a refusal can carry; anything else a peer claims reads as a plain refusal.
-            let code = [ErrorCode::InvalidArgument, ErrorCode::Config, ErrorCode::Protocol, ErrorCode::Unavailable, ErrorCode::Closed]
-                .into_iter()
-                .find(|c| c.as_str() == code)
-                .unwrap_or(ErrorCode::Rejected);
+            let code = [
+                ErrorCode::InvalidArgument,
+                ErrorCode::Config,
+                ErrorCode::Protocol,
+                ErrorCode::Unavailable,
+                ErrorCode::Closed,
+                ErrorCode::Unauthenticated,
+            ]
+            .into_iter()
+            .find(|c| c.as_str() == code)
+            .unwrap_or(ErrorCode::Rejected);
             Err(Error::new(code, format!("the decode peer refused the connection: {reason}")))
         }
+        other => Ok(other),
     }
+}
+
+/// Parses a welcome, checking the protocol version before anything else.
+pub fn decode_welcome(bytes: &[u8]) -> Result<Welcome> {
+    check_version(bytes, "decode", "prefill")?;
+    serde_json::from_slice(bytes).map_err(|e| Error::protocol(format!("malformed welcome: {e}")))
 }
 
 /// Serialises a handshake message.
@@ -270,6 +311,22 @@ mod tests {
         let lie = Reply::Reject { protocol: PROTOCOL_VERSION, code: "TIMEOUT".into(), reason: "x".into() };
         assert_eq!(decode_reply(&encode(&lie)).unwrap_err().code(), ErrorCode::Rejected);
         let w = Welcome { protocol: 7, block_number: 1, transport: TransportKind::Tcp, session: 2, details: Value::Null };
-        assert!(decode_reply(&encode(&Reply::Welcome(w))).unwrap_err().message().contains("version 7"));
+        assert!(decode_welcome(&encode(&w)).unwrap_err().message().contains("version 7"));
+        let old = Reply::Challenge { protocol: 1, nonce: [0; 16], proof: None };
+        assert!(decode_reply(&encode(&old)).unwrap_err().message().contains("version 1"));
+    }
+
+    #[test]
+    fn requests_round_trip_and_old_peers_are_named() {
+        let g = Request::Greeting { protocol: PROTOCOL_VERSION, nonce: [3; 16] };
+        assert_eq!(decode_request(&encode(&g)).unwrap(), g);
+        let h = Request::Hello { hello: String::from_utf8(encode(&hello())).unwrap(), mac: Some([9; 32]) };
+        assert_eq!(decode_request(&encode(&h)).unwrap(), h);
+        // A version-1 peer sends its hello straight away: it is told the versions differ.
+        let v1 = Hello { protocol: 1, ..hello() };
+        let err = decode_request(&encode(&v1)).unwrap_err();
+        assert!(err.message().contains("version 1") && err.message().contains("mismatch"), "{err}");
+        assert_eq!(decode_request(b"[]").unwrap_err().code(), ErrorCode::Protocol);
+        assert_eq!(decode_request(br#"{"type":"greeting","protocol":2,"nonce":[1,2]}"#).unwrap_err().code(), ErrorCode::Protocol);
     }
 }

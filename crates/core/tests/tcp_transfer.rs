@@ -2,7 +2,7 @@
 //! side does with traffic that did not come from a well-behaved prefill.
 
 use kvtransfer::control;
-use kvtransfer::wire::{self, Hello, Offer, PROTOCOL_VERSION};
+use kvtransfer::wire::{self, Hello, Offer, Reply, Request, PROTOCOL_VERSION};
 mod common;
 
 use common::Cache;
@@ -212,8 +212,12 @@ fn raw_data_connection(port: u16, layers: u32, block_bytes: u64) -> TcpStream {
         host: None,
     };
     let ctx = zmq::Context::new();
-    let reply = control::request(&ctx, "127.0.0.1", port, &wire::encode(&hello), Duration::from_secs(5)).unwrap();
-    let welcome = wire::decode_reply(&reply).unwrap();
+    let mut c = control::ControlClient::connect(&ctx, "127.0.0.1", port, Duration::from_secs(5)).unwrap();
+    let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: [1; 16] });
+    assert!(matches!(wire::decode_reply(&c.ask(&greeting).unwrap()).unwrap(), Reply::Challenge { proof: None, .. }));
+    let hello = Request::Hello { hello: String::from_utf8(wire::encode(&hello)).unwrap(), mac: None };
+    let Reply::Welcome { welcome, .. } = wire::decode_reply(&c.ask(&wire::encode(&hello)).unwrap()).unwrap() else { panic!("no welcome") };
+    let welcome = wire::decode_welcome(welcome.as_bytes()).unwrap();
     let mut s = TcpStream::connect(("127.0.0.1", welcome.details["port"].as_u64().unwrap() as u16)).unwrap();
     s.write_all(&DataHello { protocol: PROTOCOL_VERSION, token: welcome.session }.encode()).unwrap();
     let mut ack = [0u8; frame::HELLO_ACK_LEN];

@@ -56,6 +56,7 @@ pub struct NativeSettings {
     pub error_file: Option<String>,
     pub gdrcopy_flush_enable: Option<bool>,
     pub transport: Option<String>,
+    pub auth_token: Option<String>,
     pub timeout_ms: Option<f64>,
 }
 
@@ -79,6 +80,7 @@ impl NativeSettings {
             (Setting::ErrorFile, text(self.error_file)),
             (Setting::GdrcopyFlushEnable, flag(self.gdrcopy_flush_enable)),
             (Setting::Transport, text(self.transport)),
+            (Setting::AuthToken, text(self.auth_token)),
             (Setting::TimeoutMs, number(self.timeout_ms)),
         ]
         .into_iter()
@@ -114,12 +116,25 @@ pub struct NativeFailure {
 }
 
 /// A promise that resolves with `null` on success and with a [`NativeFailure`] otherwise; `start` hands its
-/// completion to the library's threads.
+/// completion to the library's threads. It settles exactly once, even when `start` panics (with `INTERNAL`).
 fn promise<'env>(env: &'env Env, start: impl FnOnce(Box<dyn FnOnce(kvtransfer::Result<()>) + Send>)) -> Result<Object<'env>, ErrorCode> {
     let (deferred, promise) = env.create_deferred().map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))?;
-    start(Box::new(move |outcome: kvtransfer::Result<()>| {
-        deferred.resolve(move |_| Ok(outcome.err().map(|e| NativeFailure { code: e.code().as_str().into(), message: e.message().into() })))
-    }));
+    let deferred = Arc::new(std::sync::Mutex::new(Some(deferred)));
+    let settle = {
+        let deferred = deferred.clone();
+        move |outcome: kvtransfer::Result<()>| {
+            if let Some(d) = deferred.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                d.resolve(move |_| Ok(outcome.err().map(|e| NativeFailure { code: e.code().as_str().into(), message: e.message().into() })))
+            }
+        }
+    };
+    let settle_on_panic = settle.clone();
+    if let Err(e) = Error::catch_panic(|| {
+        start(Box::new(settle));
+        Ok(())
+    }) {
+        settle_on_panic(Err(e));
+    }
     Ok(promise)
 }
 
@@ -164,20 +179,20 @@ impl NativeCommunicator {
 
     /// The control port a decode communicator listens on (0 for prefill).
     #[napi(getter)]
-    pub fn port(&self) -> u32 {
-        self.inner.port() as u32
+    pub fn port(&self) -> Result<u32, ErrorCode> {
+        guarded(|| Ok(self.inner.port() as u32))
     }
 
     /// The preferred transport (`"cuda-ipc"`, `"shm"`, `"rdma"` or `"tcp"`).
     #[napi(getter)]
-    pub fn transport(&self) -> &'static str {
-        self.inner.transport().as_str()
+    pub fn transport(&self) -> Result<&'static str, ErrorCode> {
+        guarded(|| Ok(self.inner.transport().as_str()))
     }
 
     /// The RDMA device in use, if any.
     #[napi(getter)]
-    pub fn rdma_device(&self) -> Option<String> {
-        self.inner.rdma_device().map(str::to_string)
+    pub fn rdma_device(&self) -> Result<Option<String>, ErrorCode> {
+        guarded(|| Ok(self.inner.rdma_device().map(str::to_string)))
     }
 
     #[napi]
@@ -194,14 +209,14 @@ impl NativeCommunicator {
 
     /// Whether a working connection exists; never waits for a transfer.
     #[napi]
-    pub fn is_connected(&self, ip: String, port: u32) -> bool {
-        u16::try_from(port).is_ok_and(|p| self.inner.is_connected(&ip, p))
+    pub fn is_connected(&self, ip: String, port: u32) -> Result<bool, ErrorCode> {
+        guarded(|| Ok(u16::try_from(port).is_ok_and(|p| self.inner.is_connected(&ip, p))))
     }
 
     /// The transport of the connection to `ip:port`, if there is one.
     #[napi]
-    pub fn connected_transport(&self, ip: String, port: u32) -> Option<&'static str> {
-        u16::try_from(port).ok().and_then(|p| self.inner.connected_transport(&ip, p)).map(|k| k.as_str())
+    pub fn connected_transport(&self, ip: String, port: u32) -> Result<Option<&'static str>, ErrorCode> {
+        guarded(|| Ok(u16::try_from(port).ok().and_then(|p| self.inner.connected_transport(&ip, p)).map(|k| k.as_str())))
     }
 
     #[napi]
@@ -227,13 +242,13 @@ impl NativeCommunicator {
 
     /// Records a refusal made by the wrapper in the error log.
     #[napi]
-    pub fn log_error(&self, message: String) {
-        self.inner.log_error(&message);
+    pub fn log_error(&self, message: String) -> Result<(), ErrorCode> {
+        guarded(|| Ok(self.inner.log_error(&message)))
     }
 
     #[napi]
-    pub fn close(&self) {
-        self.inner.close();
+    pub fn close(&self) -> Result<(), ErrorCode> {
+        guarded(|| Ok(self.inner.close()))
     }
 }
 
@@ -252,8 +267,8 @@ pub fn host_alloc(env: &Env, bytes: i64) -> Result<BufferSlice<'_>, ErrorCode> {
 
 /// The address of a buffer's first byte.
 #[napi]
-pub fn buffer_address(buffer: BufferSlice) -> BigInt {
-    BigInt::from(buffer.as_ptr() as u64)
+pub fn buffer_address(buffer: BufferSlice) -> Result<BigInt, ErrorCode> {
+    guarded(|| Ok(BigInt::from(buffer.as_ptr() as u64)))
 }
 
 /// Detaches a buffer's memory from JavaScript: the buffer reads as empty afterwards and its memory goes

@@ -2,14 +2,21 @@
 //! set up for the cache.
 
 use super::negotiation;
+use crate::auth::{self, AuthKey, Nonce, Role as Proof};
 use crate::control::ControlServer;
-use crate::error::Result;
+use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
 use crate::memory::CacheLayout;
 use crate::net;
 use crate::transport::{Acceptor, Admission, Environment};
-use crate::wire::{self, Reply, TransportKind, Welcome, PROTOCOL_VERSION};
+use crate::wire::{self, Reply, Request, TransportKind, Welcome, PROTOCOL_VERSION};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Handshakes that may be between their greeting and their hello at once; more are refused until some finish
+/// or time out.
+const MAX_GREETINGS: usize = 1024;
 
 pub(super) struct DecodeSide {
     port: u16,
@@ -34,9 +41,29 @@ impl DecodeSide {
             let first = net::first_usable_interface().map(|(n, ip)| format!("{n} {ip}")).unwrap_or_else(|| "none".into());
             log.debug(format!("KVCACHE_SOCKET_IFNAME unset: listening on all interfaces (first usable: {first})"));
         }
-        let handshake = Handshake { cache: env.cache.clone(), host: net::host_id(), acceptors: acceptors.clone(), log: log.clone() };
+        let auth = env.config.auth_token.as_ref().map(|t| AuthKey::new(t.expose()));
+        if auth.is_none() && !env.listen_ip.is_loopback() {
+            log.warn(format!(
+                "listening on {} without KVCACHE_AUTH_TOKEN: any host that reaches this port can write into this cache",
+                env.listen_ip
+            ));
+        }
+        let handshake = Handshake {
+            cache: env.cache.clone(),
+            host: net::host_id(),
+            acceptors: acceptors.clone(),
+            log: log.clone(),
+            auth,
+            greetings: Mutex::new(HashMap::new()),
+            timeout: env.config.timeout,
+        };
         let zmq = zmq::Context::new();
-        let control = ControlServer::bind(&zmq, &env.listen_ip.to_string(), port, move |req| wire::encode(&handshake.answer(req)))?;
+        let control =
+            ControlServer::bind(&zmq, &env.listen_ip.to_string(), port, move |peer, req| {
+                // A bug in one answer must not end the thread that answers every peer.
+                let reply = Error::catch_panic(|| Ok(handshake.answer(peer, req))).unwrap_or_else(|e| Reply::reject(&e));
+                wire::encode(&reply)
+            })?;
         Ok(DecodeSide {
             port: control.port(),
             transports: acceptors.iter().map(|a| a.kind()).collect(),
@@ -70,22 +97,70 @@ struct Handshake {
     host: Option<String>,
     acceptors: Vec<Arc<dyn Acceptor>>,
     log: Arc<Logger>,
+    /// The shared secret a prefill must prove it holds, when one is configured.
+    auth: Option<AuthKey>,
+    /// Greetings waiting for their hello, by control connection.
+    greetings: Mutex<HashMap<Vec<u8>, Greeting>>,
+    /// How long a greeting waits for its hello.
+    timeout: Duration,
+}
+
+/// A greeting answered: the two nonces its hello must be signed over.
+struct Greeting {
+    prefill: Nonce,
+    decode: Nonce,
+    at: Instant,
 }
 
 impl Handshake {
-    fn answer(&self, request: &[u8]) -> Reply {
-        match self.accept(request) {
-            Ok(welcome) => Reply::Welcome(welcome),
-            Err(e) => {
-                self.log.error(format!("refused a connection: {e}"));
-                Reply::reject(&e)
-            }
-        }
+    fn answer(&self, peer: &[u8], request: &[u8]) -> Reply {
+        let answered = wire::decode_request(request).and_then(|request| match request {
+            Request::Greeting { nonce, .. } => self.greet(peer, nonce),
+            Request::Hello { hello, mac } => self.accept(peer, &hello, mac),
+        });
+        answered.unwrap_or_else(|e| {
+            self.log.error(format!("refused a connection: {e}"));
+            Reply::reject(&e)
+        })
     }
 
-    fn accept(&self, request: &[u8]) -> Result<Welcome> {
-        let hello = wire::decode_hello(request)?;
-        let agreed = negotiation::check_hello(&hello, &self.cache)?;
+    /// Answers a greeting with this side's nonce and, with a token, the proof that it holds it.
+    fn greet(&self, peer: &[u8], prefill: Nonce) -> Result<Reply> {
+        let decode = auth::nonce();
+        let mut greetings = self.greetings.lock().unwrap();
+        greetings.retain(|_, g| g.at.elapsed() < self.timeout);
+        if greetings.len() >= MAX_GREETINGS && !greetings.contains_key(peer) {
+            return Err(Error::new(ErrorCode::Unavailable, "too many handshakes in progress: try again"));
+        }
+        greetings.insert(peer.to_vec(), Greeting { prefill, decode, at: Instant::now() });
+        let proof = self.auth.as_ref().map(|key| key.sign(Proof::DecodeChallenge, &prefill, &decode, b""));
+        Ok(Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: decode, proof })
+    }
+
+    /// Checks a hello (its MAC first, when a token is configured: nothing about the cache is said to a peer that
+    /// has not proven it holds the token) and admits the prefill over the transport both sides prefer.
+    fn accept(&self, peer: &[u8], hello_text: &str, mac: Option<auth::Tag>) -> Result<Reply> {
+        let greeting = self.greetings.lock().unwrap().remove(peer);
+        let Some(greeting) = greeting.filter(|g| g.at.elapsed() < self.timeout) else {
+            return Err(Error::protocol("a hello without a greeting before it (or after it timed out)"));
+        };
+        if let Some(key) = &self.auth {
+            let proven = mac.is_some_and(|tag| key.verify(Proof::PrefillHello, &greeting.prefill, &greeting.decode, hello_text.as_bytes(), &tag));
+            if !proven {
+                return Err(Error::new(
+                    ErrorCode::Unauthenticated,
+                    "this decode requires KVCACHE_AUTH_TOKEN, and the peer did not prove it holds it",
+                ));
+            }
+        }
+        let welcome = self.welcome(&wire::decode_hello(hello_text.as_bytes())?)?;
+        let text = String::from_utf8(wire::encode(&welcome)).expect("JSON is UTF-8");
+        let mac = self.auth.as_ref().map(|key| key.sign(Proof::DecodeWelcome, &greeting.prefill, &greeting.decode, text.as_bytes()));
+        Ok(Reply::Welcome { welcome: text, mac })
+    }
+
+    fn welcome(&self, hello: &wire::Hello) -> Result<Welcome> {
+        let agreed = negotiation::check_hello(hello, &self.cache)?;
         let same_host = self.host.is_some() && hello.host == self.host;
         let offers: Vec<TransportKind> = hello.offers.iter().map(|o| o.transport).collect();
         let ours: Vec<TransportKind> = self.acceptors.iter().map(|a| a.kind()).collect();

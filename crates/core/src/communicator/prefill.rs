@@ -3,12 +3,13 @@
 
 use super::workers::Workers;
 use super::{negotiation, Communicator};
-use crate::control;
+use crate::auth::{self, AuthKey, Role as Proof};
+use crate::control::ControlClient;
 use crate::error::{Error, ErrorCode, Result};
 use crate::net;
 use crate::plan::{BlockPlan, SliceGeometry};
 use crate::transport::{Answer, Connector, Link, PendingLink};
-use crate::wire::{self, Hello, Offer, Role, TransportKind, PROTOCOL_VERSION};
+use crate::wire::{self, Hello, Offer, Reply, Request, Role, TransportKind, PROTOCOL_VERSION};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +44,17 @@ impl PeerEntry {
     fn update(&self, peer: &Peer) {
         let code = peer.link.as_ref().map_or(0, |l| TransportKind::ALL.iter().position(|&k| k == l.transport()).unwrap() as u8 + 1);
         self.link.store(code, Ordering::Release);
+    }
+
+    /// The peer's state. A call that panicked while holding it left its link in an unknown state: the link is
+    /// dropped (the next call rebuilds it) rather than the peer being unusable for good.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Peer> {
+        self.state.lock().unwrap_or_else(|poisoned| {
+            let mut peer = poisoned.into_inner();
+            peer.link = None;
+            self.update(&peer);
+            peer
+        })
     }
 
     fn transport(&self) -> Option<TransportKind> {
@@ -86,7 +98,7 @@ impl PrefillSide {
         let existing = self.peers.lock().unwrap().get(&key).cloned();
         if let Some(peer) = existing {
             // Connected, or broken and due for a rebuild.
-            let mut state = peer.state.lock().unwrap();
+            let mut state = peer.lock();
             if state.link.is_none() {
                 let rebuilt = self.rebuild(comm, ip, port, &mut state);
                 peer.update(&state);
@@ -99,8 +111,10 @@ impl PrefillSide {
         }
         SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size)?;
         let peer = self.handshake(comm, ip, port, dst_tp_size, None)?;
+        // Checked under the map's lock, which `close` takes to clear it: no peer is added after a close.
+        let mut peers = self.peers.lock().unwrap();
         comm.check_open()?;
-        self.peers.lock().unwrap().entry(key).or_insert_with(|| Arc::new(PeerEntry::new(peer)));
+        peers.entry(key).or_insert_with(|| Arc::new(PeerEntry::new(peer)));
         Ok(())
     }
 
@@ -108,7 +122,17 @@ impl PrefillSide {
     /// was chosen but cannot be opened (another container, memory the driver cannot share), the handshake runs
     /// again without it.
     fn handshake(&self, comm: &Communicator, ip: &str, port: u16, dst_tp_size: u32, replaces: Option<u64>) -> Result<Peer> {
-        let mut offers: Vec<&Arc<dyn Connector>> = self.connectors.iter().collect();
+        // Same-host transports write into another process (or map its GPU memory) at addresses the decode names:
+        // they are offered only to a decode reached at an address of this host, never to one elsewhere that
+        // could pass on the details of a process here.
+        let local = net::is_this_host(ip);
+        let mut offers: Vec<&Arc<dyn Connector>> = self.connectors.iter().filter(|c| local || !c.kind().same_host_only()).collect();
+        if offers.is_empty() {
+            return Err(Error::new(
+                ErrorCode::Unavailable,
+                format!("{ip} is not an address of this host, and this communicator has only same-host transports"),
+            ));
+        }
         loop {
             match self.handshake_offering(comm, ip, port, dst_tp_size, replaces, &offers) {
                 Err((e, Some(failed))) if offers.len() > 1 && failed.same_host_only() => {
@@ -132,6 +156,26 @@ impl PrefillSide {
         connectors: &[&Arc<dyn Connector>],
     ) -> std::result::Result<Peer, (Error, Option<TransportKind>)> {
         let plain = |e| (e, None);
+        let key = peer_key(ip, port);
+        // First the greeting: with a token, nothing is prepared or sent before the decode has proven it holds it.
+        let mut control = ControlClient::connect(&self.zmq, ip, port, comm.config.timeout).map_err(plain)?;
+        let prefill_nonce = auth::nonce();
+        let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: prefill_nonce });
+        let Reply::Challenge { nonce: decode_nonce, proof, .. } = wire::decode_reply(&control.ask(&greeting).map_err(plain)?).map_err(plain)? else {
+            return Err(plain(Error::protocol("the decode peer did not answer the greeting with a challenge")));
+        };
+        let auth = comm.config.auth_token.as_ref().map(|t| AuthKey::new(t.expose()));
+        if let Some(secret) = &auth {
+            if !proof.is_some_and(|tag| secret.verify(Proof::DecodeChallenge, &prefill_nonce, &decode_nonce, b"", &tag)) {
+                return Err(plain(Error::new(
+                    ErrorCode::Unauthenticated,
+                    format!(
+                        "the decode peer at {key} did not prove it holds KVCACHE_AUTH_TOKEN (it has none, or another \
+                         one, or it is not the decode you meant): nothing was sent to it"
+                    ),
+                )));
+            }
+        }
         let mut pending: Vec<(TransportKind, Box<dyn PendingLink>)> = Vec::with_capacity(connectors.len());
         for c in connectors {
             pending.push((c.kind(), c.prepare().map_err(plain)?));
@@ -152,11 +196,20 @@ impl PrefillSide {
             replaces,
             host: net::host_id(),
         };
-        let reply = control::request(&self.zmq, ip, port, &wire::encode(&hello), comm.config.timeout).map_err(plain)?;
-        let welcome = wire::decode_reply(&reply).map_err(plain)?;
+        let hello = String::from_utf8(wire::encode(&hello)).expect("JSON is UTF-8");
+        let mac = auth.as_ref().map(|secret| secret.sign(Proof::PrefillHello, &prefill_nonce, &decode_nonce, hello.as_bytes()));
+        let reply = wire::decode_reply(&control.ask(&wire::encode(&Request::Hello { hello, mac })).map_err(plain)?).map_err(plain)?;
+        let Reply::Welcome { welcome, mac } = reply else {
+            return Err(plain(Error::protocol("the decode peer did not answer the hello with a welcome")));
+        };
+        if let Some(secret) = &auth {
+            if !mac.is_some_and(|tag| secret.verify(Proof::DecodeWelcome, &prefill_nonce, &decode_nonce, welcome.as_bytes(), &tag)) {
+                return Err(plain(Error::new(ErrorCode::Unauthenticated, format!("the welcome from {key} is not signed with KVCACHE_AUTH_TOKEN"))));
+            }
+        }
+        let welcome = wire::decode_welcome(welcome.as_bytes()).map_err(plain)?;
         let offered: Vec<TransportKind> = pending.iter().map(|(kind, _)| *kind).collect();
         negotiation::check_welcome(&welcome, &offered).map_err(plain)?;
-        let key = peer_key(ip, port);
         let answer = Answer {
             peer: &key,
             host: ip,
@@ -201,7 +254,7 @@ impl PrefillSide {
         let peer = self.peers.lock().unwrap().get(&key).cloned().ok_or_else(|| {
             Error::new(ErrorCode::NotConnected, format!("not connected to {key}: call connect first"))
         })?;
-        let mut guard = peer.state.lock().unwrap();
+        let mut guard = peer.lock();
         let state = &mut *guard;
         let cache = &*comm.cache;
         let plan = |p: &mut Peer| p.plan.build(local, remote, layer, cache.layers(), cache.block_number(), p.remote_blocks);

@@ -4,8 +4,13 @@
 
 use crate::error::{Error, ErrorCode, Result};
 use std::collections::HashMap;
-use std::sync::mpsc::{self, Sender};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a peer's thread waits for its next call before it ends (the next call starts another).
+const IDLE: Duration = if cfg!(test) { Duration::from_millis(300) } else { Duration::from_secs(30) };
 
 /// One call: the work, and what to do with its outcome (run on the peer's thread, even after a panic).
 struct Job {
@@ -13,17 +18,18 @@ struct Job {
     done: Box<dyn FnOnce(Result<()>) + Send>,
 }
 
-/// The peers' threads, by peer key (`ip:port`). A thread starts with its peer's first call and ends once
-/// [`Workers::close`] has dropped its queue and the calls queued before that have run.
-#[derive(Default)]
+/// The peers' threads, by peer key (`ip:port`). A thread starts with its peer's first call and ends when it has
+/// had none for a while, or once [`Workers::close`] has dropped its queue; either way after the calls queued
+/// before that have run.
 pub(super) struct Workers {
-    /// `None` once closed.
-    queues: Mutex<Option<HashMap<String, Sender<Job>>>>,
+    /// Each peer's queue and its thread's number; `None` once closed.
+    queues: Arc<Mutex<Option<HashMap<String, (Sender<Job>, u64)>>>>,
+    next: AtomicU64,
 }
 
 impl Workers {
     pub(super) fn new() -> Workers {
-        Workers { queues: Mutex::new(Some(HashMap::new())) }
+        Workers { queues: Arc::new(Mutex::new(Some(HashMap::new()))), next: AtomicU64::new(0) }
     }
 
     /// Runs `work` on the thread of peer `key`, then `done` with its outcome (an `INTERNAL` error if it
@@ -48,24 +54,45 @@ impl Workers {
         };
         let job = match queues.get(key) {
             None => job,
-            Some(queue) => match queue.send(job) {
+            Some((queue, _)) => match queue.send(job) {
                 Ok(()) => return Ok(()),
                 // The thread is gone (it cannot be, while its queue is here; but never lose a call).
                 Err(mpsc::SendError(job)) => job,
             },
         };
         let (queue, jobs) = mpsc::channel::<Job>();
+        let number = self.next.fetch_add(1, Ordering::Relaxed);
+        let (all, name) = (self.queues.clone(), key.to_string());
         let spawned = std::thread::Builder::new().name(format!("kvtransfer-peer {key}")).spawn(move || {
-            for job in jobs {
+            let run = |job: Job| {
                 let outcome = Error::catch_panic(job.work);
                 // A panic in the caller's own completion must not end the thread that serves its peer.
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.done)(outcome)));
+            };
+            loop {
+                match jobs.recv_timeout(IDLE) {
+                    Ok(job) => run(job),
+                    Err(RecvTimeoutError::Disconnected) => return,
+                    Err(RecvTimeoutError::Timeout) => {
+                        // Idle: leave the map (calls are only queued under its lock, so none can arrive after
+                        // this), then run what came in meanwhile.
+                        if let Some(map) = all.lock().unwrap().as_mut() {
+                            if map.get(&name).is_some_and(|(_, n)| *n == number) {
+                                map.remove(&name);
+                            }
+                        }
+                        while let Ok(job) = jobs.try_recv() {
+                            run(job);
+                        }
+                        return;
+                    }
+                }
             }
         });
         match spawned {
             Ok(_) => {
                 queue.send(job).expect("the new thread holds the queue's other end");
-                queues.insert(key.to_string(), queue);
+                queues.insert(key.to_string(), (queue, number));
                 Ok(())
             }
             Err(e) => Err((job, Error::io("starting a thread for the peer", e))),
@@ -112,6 +139,24 @@ mod tests {
         assert_eq!(first.code(), ErrorCode::Internal);
         assert!(first.message().contains("broken call"), "{first}");
         rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    }
+
+    #[test]
+    fn an_idle_peer_thread_ends_and_the_next_call_starts_another() {
+        let workers = Workers::new();
+        let (tx, rx) = channel();
+        let tx2 = tx.clone();
+        let id = || std::thread::current().id();
+        workers.submit("p:1", || Ok(()), move |_| tx.send(id()).unwrap());
+        let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // Wait for the idle thread to leave the map.
+        let deadline = std::time::Instant::now() + IDLE + Duration::from_secs(10);
+        while workers.queues.lock().unwrap().as_ref().unwrap().contains_key("p:1") {
+            assert!(std::time::Instant::now() < deadline, "the idle thread never left");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        workers.submit("p:1", || Ok(()), move |_| tx2.send(id()).unwrap());
+        assert_ne!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), first);
     }
 
     #[test]

@@ -137,7 +137,7 @@ pub struct CudaIpcLink {
 
 impl CudaIpcLink {
     /// Maps the peer's allocations on the cache's GPU, after checking its layout against the agreed geometry.
-    pub fn open(peer: String, cache: Arc<CacheLayout>, welcome: &IpcWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<CudaIpcLink> {
+    pub(crate) fn open(peer: String, cache: Arc<CacheLayout>, welcome: &IpcWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<CudaIpcLink> {
         let MemoryKind::Device { ordinal } = cache.location() else {
             return Err(Error::new(ErrorCode::Unavailable, "the cache is in host memory; cuda-ipc needs GPU memory"));
         };

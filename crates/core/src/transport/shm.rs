@@ -170,7 +170,7 @@ pub struct ShmLink {
 
 impl ShmLink {
     /// Checks the peer's layout against the agreed geometry and that this process may write into it.
-    pub fn open(peer: String, cache: Arc<CacheLayout>, welcome: &ShmWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<ShmLink> {
+    pub(crate) fn open(peer: String, cache: Arc<CacheLayout>, welcome: &ShmWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<ShmLink> {
         let lens: Vec<Vec<u64>> = welcome.regions.iter().map(|l| l.iter().map(|r| r.len).collect()).collect();
         plan::check_remote_layout(&lens, &cache, geometry.ratio, remote_blocks)?;
         let mut remote: [Vec<u64>; 4] = Default::default();

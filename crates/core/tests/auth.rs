@@ -1,0 +1,141 @@
+//! Mutual authentication with KVCACHE_AUTH_TOKEN, played from both sides: strangers, wrong tokens, fake decodes,
+//! replays. Every refusal leaves the decode's cache as it was and says nothing about it.
+
+mod common;
+
+use common::Cache;
+use kvtransfer::auth::{AuthKey, Role as Proof};
+use kvtransfer::control::ControlClient;
+use kvtransfer::wire::{self, Hello, Offer, Reply, Request, Role, TransportKind, PROTOCOL_VERSION};
+use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Setting, SettingValue, TransportChoice};
+use std::time::Duration;
+
+const TOKEN: &str = "the shared secret, 32 characters";
+
+fn config(token: Option<&str>, error_file: Option<std::path::PathBuf>) -> Config {
+    let overrides: Vec<(Setting, SettingValue)> = token.map(|t| (Setting::AuthToken, t.into())).into_iter().collect();
+    Config {
+        transport: TransportChoice::Only(TransportKind::Tcp),
+        timeout: Duration::from_secs(3),
+        error_file,
+        ..Config::load_from(|_| None, &overrides).unwrap()
+    }
+}
+
+fn decode(cache: &Cache, config: Config) -> Communicator {
+    let spec = CommunicatorSpec { role: kvtransfer::Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(cache.spec()), tp_size: 1, tp_idx: 0 };
+    Communicator::new(spec, config).unwrap()
+}
+
+fn prefill(cache: &Cache, config: Config) -> Communicator {
+    let spec = CommunicatorSpec { role: kvtransfer::Role::Prefill, gpu_idx: 0, port: 0, cache: common::layout(cache.spec()), tp_size: 1, tp_idx: 0 };
+    Communicator::new(spec, config).unwrap()
+}
+
+fn error_log(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("kvt-auth-{name}-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+#[test]
+fn peers_with_the_same_token_connect_and_write() {
+    let (src, dst) = (Cache::new(2, 2, 8, 64, 1), Cache::new(2, 2, 8, 64, 2));
+    let d = decode(&dst, config(Some(TOKEN), None));
+    let p = prefill(&src, config(Some(TOKEN), None));
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    p.write_cache("127.0.0.1", d.port(), &[3, 4], &[6, 0], 1).unwrap();
+    assert_eq!(dst.block(1, 1, 6), src.block(1, 1, 3));
+    assert_eq!(dst.block(0, 1, 0), src.block(0, 1, 4));
+}
+
+#[test]
+fn a_prefill_without_the_token_is_refused_and_learns_nothing_about_the_cache() {
+    let dst = Cache::new(2, 2, 8, 64, 3);
+    let log = error_log("stranger");
+    let d = decode(&dst, config(Some(TOKEN), Some(log.clone())));
+    let before = dst.snapshot();
+    // A stranger whose cache does not even match: it hears about authentication, not about layers or blocks.
+    let stranger = prefill(&Cache::new(2, 3, 8, 64, 4), config(None, None));
+    let err = stranger.connect("127.0.0.1", d.port(), 1).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
+    assert!(err.message().contains("requires KVCACHE_AUTH_TOKEN"), "{err}");
+    for word in ["layer", "block", "tensor", "64", "rdma", "tcp"] {
+        assert!(!err.message().to_lowercase().contains(word), "the refusal mentions {word:?}: {err}");
+    }
+    let wrong = prefill(&Cache::new(2, 2, 8, 64, 5), config(Some("another secret of 32 characters"), None));
+    let err = wrong.connect("127.0.0.1", d.port(), 1).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
+    assert!(err.message().contains("did not prove it holds KVCACHE_AUTH_TOKEN"), "a wrong token fails on the prefill side first: {err}");
+    assert_eq!(dst.snapshot(), before);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("did not prove it holds it"), "{logged}");
+    assert!(!logged.contains(TOKEN));
+    let _ = std::fs::remove_file(&log);
+}
+
+#[test]
+fn a_decode_without_the_token_is_sent_nothing() {
+    let dst = Cache::new(2, 2, 8, 64, 6);
+    let log = error_log("fake");
+    let fake = decode(&dst, config(None, Some(log.clone())));
+    let p = prefill(&Cache::new(2, 2, 8, 64, 7), config(Some(TOKEN), None));
+    let err = p.connect("127.0.0.1", fake.port(), 1).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
+    assert!(err.message().contains("nothing was sent to it"), "{err}");
+    assert!(!p.is_connected("127.0.0.1", fake.port()));
+}
+
+/// A raw peer that speaks the handshake by hand: greeting, then `hello` (signed with `token`, if any).
+fn hand_handshake(port: u16, token: Option<&str>, replay: Option<(String, [u8; 32])>) -> (Result<Reply, kvtransfer::Error>, String, [u8; 32]) {
+    let ctx = zmq::Context::new();
+    let mut c = ControlClient::connect(&ctx, "127.0.0.1", port, Duration::from_secs(3)).unwrap();
+    let prefill_nonce = [42u8; 16];
+    let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: prefill_nonce });
+    let Ok(Reply::Challenge { nonce: decode_nonce, .. }) = wire::decode_reply(&c.ask(&greeting).unwrap()) else { panic!("no challenge") };
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        role: Role::Prefill,
+        layers: 2,
+        tensors: 0b11,
+        block_bytes: 64,
+        scale_block_bytes: 0,
+        block_number: 8,
+        tp_size: 1,
+        tp_idx: 0,
+        dst_tp_size: 1,
+        offers: vec![Offer { transport: TransportKind::Tcp, details: serde_json::Value::Null }],
+        replaces: None,
+        host: None,
+    };
+    let text = String::from_utf8(wire::encode(&hello)).unwrap();
+    let mac = token.map(|t| AuthKey::new(t).sign(Proof::PrefillHello, &prefill_nonce, &decode_nonce, text.as_bytes())).unwrap_or([0; 32]);
+    let (text, mac) = replay.unwrap_or((text, mac));
+    let reply = wire::decode_reply(&c.ask(&wire::encode(&Request::Hello { hello: text.clone(), mac: Some(mac) })).unwrap());
+    (reply, text, mac)
+}
+
+#[test]
+fn a_signed_hello_cannot_be_replayed_or_altered() {
+    let dst = Cache::new(2, 2, 8, 64, 8);
+    let d = decode(&dst, config(Some(TOKEN), Some(error_log("replay"))));
+    let (reply, text, mac) = hand_handshake(d.port(), Some(TOKEN), None);
+    assert!(matches!(reply, Ok(Reply::Welcome { mac: Some(_), .. })), "{reply:?}");
+    // The same bytes and MAC on a new connection: the decode's nonce differs, so the MAC does not hold.
+    let (replayed, ..) = hand_handshake(d.port(), Some(TOKEN), Some((text.clone(), mac)));
+    assert_eq!(replayed.unwrap_err().code(), ErrorCode::Unauthenticated);
+    // One byte changed in a signed hello (another block count): refused too.
+    let (altered, ..) = hand_handshake(d.port(), Some(TOKEN), Some((text.replace("\"block_number\":8", "\"block_number\":9"), mac)));
+    assert_eq!(altered.unwrap_err().code(), ErrorCode::Unauthenticated);
+}
+
+#[test]
+fn a_hello_without_a_greeting_is_refused() {
+    let dst = Cache::new(2, 2, 8, 64, 9);
+    let d = decode(&dst, config(None, Some(error_log("nogreeting"))));
+    let ctx = zmq::Context::new();
+    let hello = wire::encode(&Request::Hello { hello: "{}".into(), mac: None });
+    let err = wire::decode_reply(&kvtransfer::control::request(&ctx, "127.0.0.1", d.port(), &hello, Duration::from_secs(3)).unwrap()).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Protocol);
+    assert!(err.message().contains("without a greeting"), "{err}");
+}
