@@ -253,9 +253,10 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A prefill of 2 layers of keys and values, 8 blocks of 64 bytes, offering TCP.
     pub(crate) fn hello() -> Hello {
         Hello {
             protocol: PROTOCOL_VERSION,

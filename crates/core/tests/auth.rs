@@ -6,7 +6,7 @@ mod common;
 use common::Cache;
 use kvtransfer::auth::{AuthKey, Role as Proof};
 use kvtransfer::control::ControlClient;
-use kvtransfer::wire::{self, Hello, Offer, Reply, Request, Role, TransportKind, PROTOCOL_VERSION};
+use kvtransfer::wire::{self, Reply, Request, TransportKind, PROTOCOL_VERSION};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Setting, SettingValue, TransportChoice};
 use std::time::Duration;
 
@@ -93,21 +93,7 @@ fn hand_handshake(port: u16, token: Option<&str>, replay: Option<(String, [u8; 3
     let prefill_nonce = [42u8; 16];
     let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: prefill_nonce });
     let Ok(Reply::Challenge { nonce: decode_nonce, .. }) = wire::decode_reply(&c.ask(&greeting).unwrap()) else { panic!("no challenge") };
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        role: Role::Prefill,
-        layers: 2,
-        tensors: 0b11,
-        block_bytes: 64,
-        scale_block_bytes: 0,
-        block_number: 8,
-        tp_size: 1,
-        tp_idx: 0,
-        dst_tp_size: 1,
-        offers: vec![Offer { transport: TransportKind::Tcp, details: serde_json::Value::Null }],
-        replaces: None,
-        host: None,
-    };
+    let hello = common::hello(2, 64);
     let text = String::from_utf8(wire::encode(&hello)).unwrap();
     let mac = token.map(|t| AuthKey::new(t).sign(Proof::PrefillHello, &prefill_nonce, &decode_nonce, text.as_bytes())).unwrap_or([0; 32]);
     let (text, mac) = replay.unwrap_or((text, mac));

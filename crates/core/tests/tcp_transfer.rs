@@ -2,7 +2,7 @@
 //! side does with traffic that did not come from a well-behaved prefill.
 
 use kvtransfer::control;
-use kvtransfer::wire::{self, Hello, Offer, Reply, Request, PROTOCOL_VERSION};
+use kvtransfer::wire::{self, Reply, Request, PROTOCOL_VERSION};
 mod common;
 
 use common::Cache;
@@ -196,21 +196,7 @@ fn closed_decode_fails_writes_without_hanging() {
 
 /// Performs the handshake by hand and opens a raw data connection, as a hostile or buggy peer would.
 fn raw_data_connection(port: u16, layers: u32, block_bytes: u64) -> TcpStream {
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        role: Role::Prefill,
-        layers,
-        tensors: 0b11,
-        block_bytes,
-        scale_block_bytes: 0,
-        block_number: 8,
-        tp_size: 1,
-        tp_idx: 0,
-        dst_tp_size: 1,
-        offers: vec![Offer { transport: TransportKind::Tcp, details: serde_json::Value::Null }],
-        replaces: None,
-        host: None,
-    };
+    let hello = common::hello(layers, block_bytes);
     let ctx = zmq::Context::new();
     let mut c = control::ControlClient::connect(&ctx, "127.0.0.1", port, Duration::from_secs(5)).unwrap();
     let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: [1; 16] });

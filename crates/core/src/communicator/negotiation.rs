@@ -112,7 +112,8 @@ pub fn check_welcome(welcome: &Welcome, offered: &[TransportKind]) -> Result<()>
 mod tests {
     use super::*;
     use crate::memory::CacheSpec;
-    use crate::wire::{Offer, PROTOCOL_VERSION};
+    use crate::wire::tests::hello;
+    use crate::wire::PROTOCOL_VERSION;
     use TransportKind::*;
 
     const GPU: MemoryKind = MemoryKind::Device { ordinal: 1 };
@@ -146,24 +147,6 @@ mod tests {
         let spec = CacheSpec { key: vec![0x10000, 0x20000], value, block_number: 8, block_bytes, ..CacheSpec::default() };
         // SAFETY: made-up addresses that nothing reads or writes: the negotiation only looks at the geometry.
         unsafe { CacheLayout::new(spec) }.unwrap()
-    }
-
-    fn hello() -> Hello {
-        Hello {
-            protocol: PROTOCOL_VERSION,
-            role: Role::Prefill,
-            layers: 2,
-            tensors: 0b11,
-            block_bytes: 64,
-            scale_block_bytes: 0,
-            block_number: 4,
-            tp_size: 1,
-            tp_idx: 0,
-            dst_tp_size: 1,
-            offers: vec![Offer { transport: Tcp, details: serde_json::Value::Null }],
-            replaces: None,
-            host: None,
-        }
     }
 
     #[test]

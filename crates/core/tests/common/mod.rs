@@ -2,6 +2,27 @@
 #![allow(dead_code)]
 
 use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
+use kvtransfer::wire::{Hello, Offer, Role, TransportKind, PROTOCOL_VERSION};
+
+/// The hello of a prefill with `layers` layers of keys and values, 8 blocks of `block_bytes`, offering TCP: what
+/// a peer that speaks the handshake by hand sends.
+pub fn hello(layers: u32, block_bytes: u64) -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        role: Role::Prefill,
+        layers,
+        tensors: 0b11,
+        block_bytes,
+        scale_block_bytes: 0,
+        block_number: 8,
+        tp_size: 1,
+        tp_idx: 0,
+        dst_tp_size: 1,
+        offers: vec![Offer { transport: TransportKind::Tcp, details: serde_json::Value::Null }],
+        replaces: None,
+        host: None,
+    }
+}
 
 /// The layout of a test cache.
 pub fn layout(spec: CacheSpec) -> CacheLayout {
