@@ -131,7 +131,7 @@ test('RDMACommunicator keeps its seed API over the new one', async (t) => {
 
 test('with KVCACHE_AUTH_TOKEN only a peer holding the token gets a session', async (t) => {
   const shape = { layers: 1, blocks: 8, blockBytes: 1024 }
-  const authToken = 'a shared secret of 32 characters'
+  const authToken = '5b7d9f1e3c5a7e9b1d3f5c7a9e1b3d5f'
   const decode = await startDecode(shape, { options: { ...transportOptions, authToken } })
   t.teardown(decode.stop)
   const before = await decode.blockHashes('key', 0, [0, 1, 2, 3, 4, 5, 6, 7])
@@ -141,7 +141,7 @@ test('with KVCACHE_AUTH_TOKEN only a peer holding the token gets a session', asy
   const err = await t.throwsAsync(stranger.connect(HOST, decode.port))
   t.is(err.code, 'UNAUTHENTICATED')
   t.notRegex(err.message, /layer|block/)
-  const wrong = prefill(src, shape, { authToken: 'another secret of 32 characters!' })
+  const wrong = prefill(src, shape, { authToken: '0123456789abcdef0123456789abcdef' })
   t.teardown(() => wrong.close())
   t.is((await t.throwsAsync(wrong.connect(HOST, decode.port))).code, 'UNAUTHENTICATED')
   t.deepEqual(await decode.blockHashes('key', 0, [0, 1, 2, 3, 4, 5, 6, 7]), before, 'nothing landed')
@@ -150,7 +150,10 @@ test('with KVCACHE_AUTH_TOKEN only a peer holding the token gets a session', asy
   const peer = await friend.connect(HOST, decode.port)
   await peer.write([5], [2], 0)
   t.deepEqual(await decode.blockHashes('key', 0, [2]), [src.blockHash('key', 0, 5)])
-  t.is(t.throws(() => prefill(src, shape, { authToken: 'short' })).code, 'CONFIG')
+  t.is(t.throws(() => prefill(src, shape, { authToken: 'correct horse battery staple' })).code, 'CONFIG', 'too short to resist offline guessing')
+  const notText = t.throws(() => prefill(src, shape, { authToken: Buffer.from(authToken) }))
+  t.is(notText.code, 'CONFIG')
+  t.false(notText.message.includes('5b7d') || notText.message.includes('53,98'), notText.message)
 })
 
 test('connect options are checked, not ignored', async (t) => {

@@ -1,22 +1,36 @@
-const ERROR_CODES = [
-  'INVALID_ARGUMENT',
-  'CONFIG',
-  'NOT_CONNECTED',
-  'PROTOCOL',
-  'REJECTED',
-  'TIMEOUT',
-  'TRANSPORT',
-  'UNAVAILABLE',
-  'CLOSED',
-  'INTERNAL',
-  'UNAUTHENTICATED',
-] as const
-
 /** The stable codes of {@link KVTransferError} (the native layer's `ErrorCode` names). */
-export type ErrorCode = (typeof ERROR_CODES)[number]
+export type ErrorCode =
+  | 'INVALID_ARGUMENT'
+  | 'CONFIG'
+  | 'NOT_CONNECTED'
+  | 'PROTOCOL'
+  | 'REJECTED'
+  | 'TIMEOUT'
+  | 'TRANSPORT'
+  | 'UNAVAILABLE'
+  | 'CLOSED'
+  | 'INTERNAL'
+  | 'UNAUTHENTICATED'
+
+// Every code once: a missing one fails to compile (the record must have a key for each).
+const ERROR_CODES: ReadonlySet<string> = new Set(
+  Object.keys({
+    INVALID_ARGUMENT: 0,
+    CONFIG: 0,
+    NOT_CONNECTED: 0,
+    PROTOCOL: 0,
+    REJECTED: 0,
+    TIMEOUT: 0,
+    TRANSPORT: 0,
+    UNAVAILABLE: 0,
+    CLOSED: 0,
+    INTERNAL: 0,
+    UNAUTHENTICATED: 0,
+  } satisfies Record<ErrorCode, 0>),
+)
 
 function isErrorCode(code: unknown): code is ErrorCode {
-  return (ERROR_CODES as readonly unknown[]).includes(code)
+  return typeof code === 'string' && ERROR_CODES.has(code)
 }
 
 /**

@@ -53,7 +53,8 @@ export interface Settings {
   /** `KVCACHE_TRANSPORT` (default `'auto'`). */
   transport?: TransportName
   /**
-   * `KVCACHE_AUTH_TOKEN`: a shared secret (at least 16 characters) that both sides prove they hold at connect,
+   * `KVCACHE_AUTH_TOKEN`: a random shared secret (at least 32 characters: `openssl rand -hex 32`) that both sides
+   * prove they hold at connect,
    * without sending it; a peer without it gets no session and learns nothing about the cache. Unset: no
    * authentication (a decode listening beyond loopback then logs a warning).
    */
@@ -109,6 +110,9 @@ const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'n
   authToken: 'string',
   timeoutMs: 'number',
 }
+/** Settings whose values are never shown, not even in an error. */
+const SECRET_KEYS: ReadonlySet<string> = new Set(['authToken'])
+
 /** The settings among `options`, type-checked; any other key (besides `allowed`) is a `CONFIG` error. */
 export function toSettings(options: object, allowed: ReadonlySet<string>): NativeSettings {
   if (typeof options !== 'object' || options === null) throw invalid('options must be an object')
@@ -123,7 +127,8 @@ export function toSettings(options: object, allowed: ReadonlySet<string>): Nativ
         : typeof value === type
     if (!ok) {
       const want = type === 'nics' ? 'a string or an array of strings' : `a ${type}`
-      throw new KVTransferError('CONFIG', `option ${key} must be ${want}, not ${JSON.stringify(value)}`)
+      const shown = SECRET_KEYS.has(key) ? `a ${typeof value}` : JSON.stringify(value)
+      throw new KVTransferError('CONFIG', `option ${key} must be ${want}, not ${shown}`)
     }
     settings[key] = type === 'nics' && Array.isArray(value) ? [...value] : value
   }

@@ -244,6 +244,13 @@ impl Config {
                 },
             };
             let value = match value {
+                // A secret that is set but empty (an unset shell variable, say) must not turn authentication off.
+                SettingValue::Text(t) if t.trim().is_empty() && setting.is_secret() => {
+                    return Err(Error::config(format!(
+                        "{} is set but empty: give it a random secret (e.g. `openssl rand -hex 32`), or unset it",
+                        setting.env_name().unwrap_or(setting.option_name())
+                    )))
+                }
                 SettingValue::Text(t) if t.trim().is_empty() => continue,
                 SettingValue::Text(t) => SettingValue::Text(t.trim().to_string()),
                 typed => typed,
@@ -294,8 +301,9 @@ impl Config {
             Setting::TimeoutMs => self.timeout = Duration::from_millis(whole(v, 1, 86_400_000)?),
             Setting::AuthToken => {
                 let token = text(v)?;
-                if token.len() < 16 {
-                    return Err("expected a secret of at least 16 characters".into());
+                // One challenge lets anyone test guesses offline, so the secret must be too long to guess.
+                if token.chars().count() < 32 {
+                    return Err("expected a random secret of at least 32 characters (e.g. `openssl rand -hex 32`)".into());
                 }
                 self.auth_token = Some(Secret(token.to_string()));
             }
@@ -463,14 +471,19 @@ mod tests {
 
     #[test]
     fn the_auth_token_is_read_checked_and_never_shown() {
-        let cfg = load(&[("KVCACHE_AUTH_TOKEN", "correct horse battery staple")], &[]).unwrap();
-        assert_eq!(cfg.auth_token.as_ref().map(Secret::expose), Some("correct horse battery staple"));
-        assert!(!format!("{cfg:?}").contains("horse"));
-        let err = load(&[("KVCACHE_AUTH_TOKEN", "short-secret")], &[]).unwrap_err();
-        assert!(err.message().contains("KVCACHE_AUTH_TOKEN=<secret>: expected a secret of at least 16"), "{err}");
-        assert!(!err.message().contains("short-secret"), "{err}");
-        let cfg = load(&[], &[(Setting::AuthToken, "0123456789abcdef")]).unwrap();
+        let token = "c0ffee00c0ffee00c0ffee00c0ffee00";
+        let cfg = load(&[("KVCACHE_AUTH_TOKEN", token)], &[]).unwrap();
+        assert_eq!(cfg.auth_token.as_ref().map(Secret::expose), Some(token));
+        assert!(!format!("{cfg:?}").contains("c0ffee"));
+        let err = load(&[("KVCACHE_AUTH_TOKEN", "a-short-secret")], &[]).unwrap_err();
+        assert!(err.message().contains("KVCACHE_AUTH_TOKEN=<secret>: expected a random secret of at least 32"), "{err}");
+        assert!(!err.message().contains("a-short-secret"), "{err}");
+        let cfg = load(&[], &[(Setting::AuthToken, "0123456789abcdef0123456789abcdef")]).unwrap();
         assert!(cfg.auth_token.is_some());
+        // Set but empty: an error, not "no authentication".
+        let err = load(&[("KVCACHE_AUTH_TOKEN", "  ")], &[]).unwrap_err();
+        assert!(err.message().contains("KVCACHE_AUTH_TOKEN is set but empty"), "{err}");
+        assert!(load(&[("KVCACHE_AUTH_TOKEN", "0123456789abcdef0123456789abcdef")], &[(Setting::AuthToken, "")]).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use kvtransfer::wire::{self, Reply, Request, TransportKind, PROTOCOL_VERSION};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Setting, SettingValue, TransportChoice};
 use std::time::Duration;
 
-const TOKEN: &str = "the shared secret, 32 characters";
+const TOKEN: &str = "9f2c4e6a8b0d1f3e5a7c9b1d3f5e7a9c";
 
 fn config(token: Option<&str>, error_file: Option<std::path::PathBuf>) -> Config {
     let overrides: Vec<(Setting, SettingValue)> = token.map(|t| (Setting::AuthToken, t.into())).into_iter().collect();
@@ -63,7 +63,7 @@ fn a_prefill_without_the_token_is_refused_and_learns_nothing_about_the_cache() {
     for word in ["layer", "block", "tensor", "64", "rdma", "tcp"] {
         assert!(!err.message().to_lowercase().contains(word), "the refusal mentions {word:?}: {err}");
     }
-    let wrong = prefill(&Cache::new(2, 2, 8, 64, 5), config(Some("another secret of 32 characters"), None));
+    let wrong = prefill(&Cache::new(2, 2, 8, 64, 5), config(Some("0000000000000000ffffffffffffffff"), None));
     let err = wrong.connect("127.0.0.1", d.port(), 1).unwrap_err();
     assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
     assert!(err.message().contains("did not prove it holds KVCACHE_AUTH_TOKEN"), "a wrong token fails on the prefill side first: {err}");
@@ -86,17 +86,22 @@ fn a_decode_without_the_token_is_sent_nothing() {
     assert!(!p.is_connected("127.0.0.1", fake.port()));
 }
 
-/// A raw peer that speaks the handshake by hand: greeting, then `hello` (signed with `token`, if any).
-fn hand_handshake(port: u16, token: Option<&str>, replay: Option<(String, [u8; 32])>) -> (Result<Reply, kvtransfer::Error>, String, [u8; 32]) {
+/// A raw peer that speaks the handshake by hand: greeting, then a hello signed with `token` (if any) over the
+/// hello's text; `tamper` may then change the text sent, and `replay` send another handshake's text and MAC.
+fn hand_handshake(
+    port: u16,
+    token: Option<&str>,
+    tamper: impl Fn(&str) -> String,
+    replay: Option<(String, [u8; 32])>,
+) -> (Result<Reply, kvtransfer::Error>, String, [u8; 32]) {
     let ctx = zmq::Context::new();
     let mut c = ControlClient::connect(&ctx, "127.0.0.1", port, Duration::from_secs(3)).unwrap();
     let prefill_nonce = [42u8; 16];
     let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: prefill_nonce });
     let Ok(Reply::Challenge { nonce: decode_nonce, .. }) = wire::decode_reply(&c.ask(&greeting).unwrap()) else { panic!("no challenge") };
-    let hello = common::hello(2, 64);
-    let text = String::from_utf8(wire::encode(&hello)).unwrap();
+    let text = String::from_utf8(wire::encode(&common::hello(2, 64))).unwrap();
     let mac = token.map(|t| AuthKey::new(t).sign(Proof::PrefillHello, &prefill_nonce, &decode_nonce, text.as_bytes())).unwrap_or([0; 32]);
-    let (text, mac) = replay.unwrap_or((text, mac));
+    let (text, mac) = replay.unwrap_or((tamper(&text), mac));
     let reply = wire::decode_reply(&c.ask(&wire::encode(&Request::Hello { hello: text.clone(), mac: Some(mac) })).unwrap());
     (reply, text, mac)
 }
@@ -105,14 +110,45 @@ fn hand_handshake(port: u16, token: Option<&str>, replay: Option<(String, [u8; 3
 fn a_signed_hello_cannot_be_replayed_or_altered() {
     let dst = Cache::new(2, 2, 8, 64, 8);
     let d = decode(&dst, config(Some(TOKEN), Some(error_log("replay"))));
-    let (reply, text, mac) = hand_handshake(d.port(), Some(TOKEN), None);
+    let unchanged = |t: &str| t.to_string();
+    let (reply, text, mac) = hand_handshake(d.port(), Some(TOKEN), unchanged, None);
     assert!(matches!(reply, Ok(Reply::Welcome { mac: Some(_), .. })), "{reply:?}");
     // The same bytes and MAC on a new connection: the decode's nonce differs, so the MAC does not hold.
-    let (replayed, ..) = hand_handshake(d.port(), Some(TOKEN), Some((text.clone(), mac)));
+    let (replayed, ..) = hand_handshake(d.port(), Some(TOKEN), unchanged, Some((text, mac)));
     assert_eq!(replayed.unwrap_err().code(), ErrorCode::Unauthenticated);
-    // One byte changed in a signed hello (another block count): refused too.
-    let (altered, ..) = hand_handshake(d.port(), Some(TOKEN), Some((text.replace("\"block_number\":8", "\"block_number\":9"), mac)));
+    // Signed over this handshake's nonces, then one field changed before sending: the MAC covers the text.
+    let (altered, ..) = hand_handshake(d.port(), Some(TOKEN), |t| t.replace("\"block_number\":8", "\"block_number\":9"), None);
     assert_eq!(altered.unwrap_err().code(), ErrorCode::Unauthenticated);
+}
+
+/// A decode that proves it holds the token but answers the hello with a welcome not signed with it (as a relay
+/// that changed the welcome would): the prefill must not use it.
+#[test]
+fn a_welcome_that_is_not_signed_is_not_used() {
+    use kvtransfer::control::ControlServer;
+    use std::sync::Mutex;
+    let key = AuthKey::new(TOKEN);
+    let nonces = Mutex::new(([0u8; 16], [7u8; 16]));
+    let ctx = zmq::Context::new();
+    let server = ControlServer::bind(&ctx, "127.0.0.1", 0, move |_, req| {
+        let reply = match wire::decode_request(req).unwrap() {
+            Request::Greeting { nonce, .. } => {
+                let decode = nonces.lock().unwrap().1;
+                nonces.lock().unwrap().0 = nonce;
+                Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: decode, proof: Some(key.sign(Proof::DecodeChallenge, &nonce, &decode, b"")) }
+            }
+            Request::Hello { .. } => {
+                let welcome = wire::Welcome { protocol: PROTOCOL_VERSION, block_number: 8, transport: TransportKind::Tcp, session: 1, details: serde_json::json!({ "port": 9 }) };
+                Reply::Welcome { welcome: String::from_utf8(wire::encode(&welcome)).unwrap(), mac: Some([0; 32]) }
+            }
+        };
+        wire::encode(&reply)
+    })
+    .unwrap();
+    let p = prefill(&Cache::new(2, 2, 8, 64, 10), config(Some(TOKEN), None));
+    let err = p.connect("127.0.0.1", server.port(), 1).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Unauthenticated, "{err}");
+    assert!(err.message().contains("not signed with KVCACHE_AUTH_TOKEN"), "{err}");
 }
 
 #[test]

@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Handshakes that may be between their greeting and their hello at once; more are refused until some finish
-/// or time out.
+/// Handshakes that may be between their greeting and their hello at once; past that the oldest is forgotten
+/// (its hello is then refused), so a flood of greetings never locks out a peer that completes its handshake.
 const MAX_GREETINGS: usize = 1024;
 
 pub(super) struct DecodeSide {
@@ -127,10 +127,11 @@ impl Handshake {
     /// Answers a greeting with this side's nonce and, with a token, the proof that it holds it.
     fn greet(&self, peer: &[u8], prefill: Nonce) -> Result<Reply> {
         let decode = auth::nonce();
-        let mut greetings = self.greetings.lock().unwrap();
+        let mut greetings = self.greetings.lock().unwrap_or_else(|p| p.into_inner());
         greetings.retain(|_, g| g.at.elapsed() < self.timeout);
         if greetings.len() >= MAX_GREETINGS && !greetings.contains_key(peer) {
-            return Err(Error::new(ErrorCode::Unavailable, "too many handshakes in progress: try again"));
+            let oldest = greetings.iter().min_by_key(|(_, g)| g.at).map(|(k, _)| k.clone());
+            greetings.remove(&oldest.expect("the map is full"));
         }
         greetings.insert(peer.to_vec(), Greeting { prefill, decode, at: Instant::now() });
         let proof = self.auth.as_ref().map(|key| key.sign(Proof::DecodeChallenge, &prefill, &decode, b""));
@@ -140,7 +141,7 @@ impl Handshake {
     /// Checks a hello (its MAC first, when a token is configured: nothing about the cache is said to a peer that
     /// has not proven it holds the token) and admits the prefill over the transport both sides prefer.
     fn accept(&self, peer: &[u8], hello_text: &str, mac: Option<auth::Tag>) -> Result<Reply> {
-        let greeting = self.greetings.lock().unwrap().remove(peer);
+        let greeting = self.greetings.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
         let Some(greeting) = greeting.filter(|g| g.at.elapsed() < self.timeout) else {
             return Err(Error::protocol("a hello without a greeting before it (or after it timed out)"));
         };

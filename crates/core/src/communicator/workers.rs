@@ -74,17 +74,24 @@ impl Workers {
                     Ok(job) => run(job),
                     Err(RecvTimeoutError::Disconnected) => return,
                     Err(RecvTimeoutError::Timeout) => {
-                        // Idle: leave the map (calls are only queued under its lock, so none can arrive after
-                        // this), then run what came in meanwhile.
-                        if let Some(map) = all.lock().unwrap().as_mut() {
-                            if map.get(&name).is_some_and(|(_, n)| *n == number) {
-                                map.remove(&name);
+                        // Idle: leave the map, but only with an empty queue. Calls are queued under the map's
+                        // lock, so none can arrive after this; one that arrived just before is run first, in
+                        // order, and the thread stays.
+                        let mut guard = all.lock().unwrap_or_else(|p| p.into_inner());
+                        match jobs.try_recv() {
+                            Ok(job) => {
+                                drop(guard);
+                                run(job);
+                            }
+                            Err(_) => {
+                                if let Some(map) = guard.as_mut() {
+                                    if map.get(&name).is_some_and(|(_, n)| *n == number) {
+                                        map.remove(&name);
+                                    }
+                                }
+                                return;
                             }
                         }
-                        while let Ok(job) = jobs.try_recv() {
-                            run(job);
-                        }
-                        return;
                     }
                 }
             }
