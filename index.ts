@@ -18,7 +18,8 @@
  *
  * @packageDocumentation
  */
-export { Communicator, Peer, type ConnectOptions, type DecodeOptions, type PrefillOptions } from './lib/communicator.js'
+export { Communicator, type ConnectOptions, type DecodeOptions, type PrefillOptions } from './lib/communicator.js'
+export { Peer } from './lib/peer.js'
 export { RDMACommunicator } from './lib/compat.js'
 export { KVTransferError, type ErrorCode } from './lib/errors.js'
 export { HostBuffer } from './lib/host-buffer.js'

@@ -1,5 +1,6 @@
 /**
- * The async-first API: a {@link Communicator} per engine rank, and a {@link Peer} per decode it writes to.
+ * The async-first API: a {@link Communicator} per engine rank; the {@link Peer} per decode it writes to is in
+ * `peer.ts`.
  *
  * ```ts
  * const decode = Communicator.decode({ port: 12345, keyPtrs, valuePtrs, blockNumber, blockBytes })
@@ -12,19 +13,18 @@ import type { NativeCommunicator } from '../binding.js'
 import { call, invalid, KVTransferError, settled } from './errors.js'
 import { native } from './loader.js'
 import {
-  type BlockIds,
   type CacheOptions,
   type Port,
   type Role,
   type Settings,
   type Transport,
-  toBlockIds,
   toCount,
   toHost,
   toNativeInit,
   toPort,
   toSettings,
 } from './options.js'
+import { Peer } from './peer.js'
 
 /** A prefill communicator's options: its cache, its tensor-parallel rank, and settings. */
 export interface PrefillOptions extends CacheOptions, Settings {
@@ -139,45 +139,5 @@ export class Communicator {
   /** `await using comm = Communicator.decode(...)` closes it at the end of the scope. */
   async [Symbol.asyncDispose](): Promise<void> {
     this.close()
-  }
-}
-
-/** A decode peer of a prefill communicator. */
-export class Peer {
-  /** The communicator that writes to this peer. */
-  readonly communicator: Communicator
-  /** The decode's host, as given to {@link Communicator.connect}. */
-  readonly ip: string
-  /** The decode's port. */
-  readonly port: number
-
-  /** @internal */
-  constructor(communicator: Communicator, ip: string, port: number) {
-    this.communicator = communicator
-    this.ip = ip
-    this.port = port
-  }
-
-  /** Whether the connection works (a broken one is rebuilt by the next write). Never waits for a transfer. */
-  get connected(): boolean {
-    return this.communicator.native.isConnected(this.ip, this.port)
-  }
-
-  /** The transport the connection uses, or `null` when there is none (or it broke). */
-  get transport(): Transport | null {
-    return (this.communicator.native.connectedTransport(this.ip, this.port) as Transport | null) ?? null
-  }
-
-  /**
-   * Writes blocks `localBlockIds[i]` of layer `layerIdx` (keys, values and any scales) into blocks
-   * `remoteBlockIds[i]` of this peer. Resolves once every byte is in the peer's memory. Writes to one peer
-   * happen in the order they were made.
-   * @throws {KVTransferError} (as a rejection) on refusal (nothing moves) or failure.
-   */
-  async write(localBlockIds: BlockIds, remoteBlockIds: BlockIds, layerIdx: number): Promise<void> {
-    const [local, remote, layer] = call(
-      () => [toBlockIds('localBlockIds', localBlockIds), toBlockIds('remoteBlockIds', remoteBlockIds), toCount('layerIdx', layerIdx, 0)] as const,
-    )
-    await settled(call(() => this.communicator.native.writeCacheAsync(this.ip, this.port, local, remote, layer)))
   }
 }
