@@ -271,8 +271,10 @@ pub fn coalesce(local: &[u32], remote: &[u32], runs: &mut Vec<Run>) {
 }
 
 /// Checks runs received from a peer against the receiver's own cache: each must lie inside
-/// `[0, block_number)`. Returns the number of blocks.
-pub fn check_remote_runs(runs: &[Run], block_number: u32) -> Result<u64> {
+/// `[0, block_number)` and no two may overlap, so a write never covers more than the cache once (and never
+/// expands into more ranges than the cache has blocks). `sorted` is scratch space, reused between calls.
+/// Returns the number of blocks.
+pub fn check_remote_runs(runs: &[Run], block_number: u32, sorted: &mut Vec<(u32, u32)>) -> Result<u64> {
     let mut blocks = 0u64;
     for (i, run) in runs.iter().enumerate() {
         let end = run.remote as u64 + run.count as u64;
@@ -283,6 +285,21 @@ pub fn check_remote_runs(runs: &[Run], block_number: u32) -> Result<u64> {
             )));
         }
         blocks += run.count as u64;
+    }
+    if blocks > block_number as u64 {
+        return Err(Error::invalid(format!("the runs cover {blocks} blocks, more than this cache's {block_number}: some overlap")));
+    }
+    sorted.clear();
+    sorted.extend(runs.iter().map(|r| (r.remote, r.count)));
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0].0 as u64 + w[0].1 as u64 > w[1].0 as u64) {
+        return Err(Error::invalid(format!(
+            "runs overlap: blocks [{}, {}) and [{}, {}) are both written",
+            w[0].0,
+            w[0].0 as u64 + w[0].1 as u64,
+            w[1].0,
+            w[1].0 as u64 + w[1].1 as u64
+        )));
     }
     Ok(blocks)
 }
@@ -461,9 +478,18 @@ mod tests {
 
     #[test]
     fn remote_runs_are_checked_by_the_receiver() {
-        assert_eq!(check_remote_runs(&[Run { local: 0, remote: 3, count: 2 }], 5).unwrap(), 2);
-        assert!(check_remote_runs(&[Run { local: 0, remote: 4, count: 2 }], 5).is_err());
-        assert!(check_remote_runs(&[Run { local: 0, remote: u32::MAX, count: u32::MAX }], 5).is_err());
-        assert!(check_remote_runs(&[Run { local: 0, remote: 0, count: 0 }], 5).is_err());
+        let mut scratch = vec![];
+        let run = |remote, count| Run { local: 0, remote, count };
+        assert_eq!(check_remote_runs(&[run(3, 2)], 5, &mut scratch).unwrap(), 2);
+        assert!(check_remote_runs(&[run(4, 2)], 5, &mut scratch).is_err());
+        assert!(check_remote_runs(&[run(u32::MAX, u32::MAX)], 5, &mut scratch).is_err());
+        assert!(check_remote_runs(&[run(0, 0)], 5, &mut scratch).is_err());
+        // Disjoint in any order is fine; any overlap is refused, however the runs are ordered.
+        assert_eq!(check_remote_runs(&[run(3, 2), run(0, 3)], 5, &mut scratch).unwrap(), 5);
+        let err = check_remote_runs(&[run(2, 2), run(0, 3)], 5, &mut scratch).unwrap_err();
+        assert!(err.message().contains("runs overlap: blocks [0, 3) and [2, 4)"), "{err}");
+        // The same block many times: refused before any range is built.
+        let err = check_remote_runs(&vec![run(1, 1); 1000], 5, &mut scratch).unwrap_err();
+        assert!(err.message().contains("more than this cache's 5"), "{err}");
     }
 }

@@ -245,12 +245,22 @@ fn forged_writes_are_refused_by_the_decode_side() {
     // A payload length that does not match its runs.
     send(&mut s, 0, &[(0, 1)], 64);
     assert!(read_ack(&mut s).1.contains("payload bytes"));
+    // Runs that overlap (blocks 2 and 3 twice), and one block listed more often than the cache has blocks.
+    send(&mut s, 0, &[(1, 3), (2, 2)], 2 * 5 * 64);
+    assert!(read_ack(&mut s).1.contains("runs overlap"));
+    send(&mut s, 0, &[(4, 1); 8], 2 * 8 * 64);
+    assert!(read_ack(&mut s).1.contains("runs overlap"));
     assert!(dst.snapshot() == before, "a forged write changed the cache");
     // The same connection still carries a valid write.
     send(&mut s, 1, &[(3, 1)], 2 * 64);
     assert_eq!(read_ack(&mut s).0, 0);
     assert_eq!(dst.block(0, 1, 3), &[0xEE; 64][..]);
     assert_eq!(dst.block(1, 1, 3), &[0xEE; 64][..]);
+    // A run table longer than the cache has blocks is not read: the connection is closed (an announced payload
+    // of 0 would otherwise be drained and the write refused with an ack).
+    send(&mut s, 0, &[(0, 1); 9], 0);
+    let mut byte = [0u8; 1];
+    assert_eq!(s.read(&mut byte).unwrap_or(0), 0, "the decode closes a connection that sends an impossible run table");
 }
 
 #[test]

@@ -153,6 +153,7 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
         session,
         runs_bytes: Vec::new(),
         runs: Vec::new(),
+        sorted: Vec::new(),
         iov: IoVecs::default(),
         out: Vec::new(),
         staging,
@@ -197,6 +198,8 @@ struct Connection<'a> {
     session: Session,
     runs_bytes: Vec<u8>,
     runs: Vec<Run>,
+    /// Scratch for the overlap check.
+    sorted: Vec<(u32, u32)>,
     iov: IoVecs,
     out: Vec<u8>,
     /// For a cache in GPU memory.
@@ -211,6 +214,12 @@ impl Connection<'_> {
             return Ok(false);
         }
         let header = WriteHeader::decode(&raw)?;
+        // Runs that do not overlap are at most one per block: a longer table is not a write of this cache, and is
+        // not read (nor anything allocated for it).
+        let block_number = self.shared.cache.block_number();
+        if header.runs > block_number {
+            return Err(Error::protocol(format!("a write claims {} runs, more than this cache's {block_number} blocks", header.runs)));
+        }
         self.runs_bytes.resize(header.runs as usize * frame::RUN_LEN, 0);
         self.stream.read_exact(&mut self.runs_bytes).map_err(|e| Error::io("reading the run table", e))?;
         frame::decode_runs(&self.runs_bytes, &mut self.runs);
@@ -252,7 +261,7 @@ impl Connection<'_> {
     }
 
     /// The receiver's own validation: whatever arrives, nothing lands outside the registered cache.
-    fn check(&self, header: &WriteHeader) -> Result<()> {
+    fn check(&mut self, header: &WriteHeader) -> Result<()> {
         let cache = &*self.shared.cache;
         if header.layer >= cache.layers() {
             return Err(Error::invalid(format!("layer {} is outside [0, {})", header.layer, cache.layers())));
@@ -264,7 +273,7 @@ impl Connection<'_> {
                 self.session.tensors.bits()
             )));
         }
-        let blocks = check_remote_runs(&self.runs, cache.block_number())?;
+        let blocks = check_remote_runs(&self.runs, cache.block_number(), &mut self.sorted)?;
         let ratio = self.session.geometry.ratio as u64;
         let expected: u64 = self.session.tensors.iter().map(|t| blocks * (cache.block_bytes(t) / ratio)).sum();
         if expected != header.payload_bytes {
