@@ -22,7 +22,6 @@
 //! assert_eq!(&dst.as_slice()[..256], &src.as_slice()[512..768]);
 //! assert_eq!(&dst.as_slice()[1280..1536], &src.as_slice()[768..1024]);
 //! ```
-
 //!
 //! The prefill side ([`prefill`]) keeps its decode peers and their links; the decode side ([`decode`])
 //! listens and answers handshakes; both follow the rules of [`negotiation`], which does no I/O.
