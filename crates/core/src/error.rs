@@ -32,6 +32,11 @@ pub enum ErrorCode {
     Unauthenticated,
     /// A bug in kvtransfer (a panic, caught before it could take the process down): please report it.
     Internal,
+    /// The request was aborted: by its prefill (`abortRequest`), or by the caller's signal before the call
+    /// started.
+    Aborted,
+    /// The decode revoked the request (`revoke`): its writes move nothing any more.
+    Revoked,
 }
 
 impl ErrorCode {
@@ -49,6 +54,8 @@ impl ErrorCode {
             ErrorCode::Closed => "CLOSED",
             ErrorCode::Internal => "INTERNAL",
             ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::Aborted => "ABORTED",
+            ErrorCode::Revoked => "REVOKED",
         }
     }
 
@@ -65,6 +72,8 @@ impl ErrorCode {
             9 => ErrorCode::Closed,
             10 => ErrorCode::Internal,
             11 => ErrorCode::Unauthenticated,
+            12 => ErrorCode::Aborted,
+            13 => ErrorCode::Revoked,
             _ => ErrorCode::Protocol,
         }
     }
@@ -83,13 +92,15 @@ impl ErrorCode {
             ErrorCode::Closed => 9,
             ErrorCode::Internal => 10,
             ErrorCode::Unauthenticated => 11,
+            ErrorCode::Aborted => 12,
+            ErrorCode::Revoked => 13,
         }
     }
 }
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Config,
         ErrorCode::NotConnected,
@@ -101,6 +112,8 @@ impl ErrorCode {
         ErrorCode::Closed,
         ErrorCode::Internal,
         ErrorCode::Unauthenticated,
+        ErrorCode::Aborted,
+        ErrorCode::Revoked,
     ];
 }
 

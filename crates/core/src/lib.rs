@@ -11,6 +11,7 @@
 //! messages, [`TransportKind`]), [`config`], [`memory`] → [`error`].
 
 pub mod auth;
+pub mod channel;
 pub mod communicator;
 pub mod config;
 pub mod control;

@@ -25,7 +25,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The version of the handshake and of every transport's own framing. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest handshake message accepted; anything bigger is garbage.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
@@ -128,9 +128,6 @@ pub struct Hello {
     pub dst_tp_size: u32,
     /// The transports the prefill can use, preferred first, each with what its decode half needs to know.
     pub offers: Vec<Offer>,
-    /// The session this connection rebuilds (after a failure), which the decode side can let go.
-    #[serde(default)]
-    pub replaces: Option<u64>,
     /// The prefill's host and pid namespace ([`crate::net::host_id`]): same-host transports need the same.
     #[serde(default)]
     pub host: Option<String>,
@@ -179,6 +176,9 @@ pub struct Welcome {
     /// The chosen transport's own details (a data port, a queue pair and regions, IPC handles).
     #[serde(default, skip_serializing_if = "Value::is_null")]
     pub details: Value,
+    /// Where the link's request channel ([`crate::channel`]) opens, and the token that opens it once.
+    pub channel_port: u16,
+    pub channel_token: u64,
 }
 
 impl Reply {
@@ -270,7 +270,6 @@ pub(crate) mod tests {
             tp_idx: 0,
             dst_tp_size: 1,
             offers: vec![Offer { transport: TransportKind::Tcp, details: Value::Null }],
-            replaces: None,
             host: None,
         }
     }
@@ -311,7 +310,7 @@ pub(crate) mod tests {
         assert!(err.message().contains("blockBytes 64 does not match"));
         let lie = Reply::Reject { protocol: PROTOCOL_VERSION, code: "TIMEOUT".into(), reason: "x".into() };
         assert_eq!(decode_reply(&encode(&lie)).unwrap_err().code(), ErrorCode::Rejected);
-        let w = Welcome { protocol: 7, block_number: 1, transport: TransportKind::Tcp, session: 2, details: Value::Null };
+        let w = Welcome { protocol: 7, block_number: 1, transport: TransportKind::Tcp, session: 2, details: Value::Null, channel_port: 1, channel_token: 2 };
         assert!(decode_welcome(&encode(&w)).unwrap_err().message().contains("version 7"));
         let old = Reply::Challenge { protocol: 1, nonce: [0; 16], proof: None };
         assert!(decode_reply(&encode(&old)).unwrap_err().message().contains("version 1"));

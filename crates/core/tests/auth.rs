@@ -138,7 +138,7 @@ fn a_welcome_that_is_not_signed_is_not_used() {
                 Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: decode, proof: Some(key.sign(Proof::DecodeChallenge, &nonce, &decode, b"")) }
             }
             Request::Hello { .. } => {
-                let welcome = wire::Welcome { protocol: PROTOCOL_VERSION, block_number: 8, transport: TransportKind::Tcp, session: 1, details: serde_json::json!({ "port": 9 }) };
+                let welcome = wire::Welcome { protocol: PROTOCOL_VERSION, block_number: 8, transport: TransportKind::Tcp, session: 1, details: serde_json::json!({ "port": 9 }), channel_port: 9, channel_token: 1 };
                 Reply::Welcome { welcome: String::from_utf8(wire::encode(&welcome)).unwrap(), mac: Some([0; 32]) }
             }
         };

@@ -248,7 +248,7 @@ fn the_flush_reads_back_the_last_block_written() {
         let target = RdmaTarget::new(RdmaContext::open(layout(&dst), &config, 0, true).unwrap());
         let prefill = RdmaContext::open(layout(&src), &config, 0, false).unwrap();
         let pending = prefill.prepare().unwrap();
-        let (_, welcome) = target.accept(&pending.endpoint(), None).unwrap();
+        let (_, welcome) = target.accept(&pending.endpoint()).unwrap();
         let mut link = pending.connect("decode".into(), &welcome, SliceGeometry::WHOLE, 8).unwrap();
         let mut plan = BlockPlan::default();
         plan.build(&[2, 6], &[1, 4], 0, 1, 8, 8).unwrap();

@@ -43,7 +43,8 @@ fn all_layers_scattered_keys_and_values() {
     p.write_cache("127.0.0.1", d.port(), &[100, 101, 102], &[2000, 2001, 2002], 2).unwrap();
     for layer in 0..3 {
         for t in 0..2 {
-            for (l, r) in local.iter().zip(&remote) {
+            // Blocks 2000..2003 of layer 2 are written again below.
+            for (l, r) in local.iter().zip(&remote).filter(|(_, &r)| layer != 2 || !(2000..2003).contains(&r)) {
                 assert_eq!(dst.block(t, layer, *r), src.block(t, layer, *l), "tensor {t} layer {layer} {l}->{r}");
             }
         }
@@ -101,8 +102,8 @@ fn nothing_lands_after_the_decode_closed() {
     d.close();
     let before = dst.snapshot();
     let err = p.write_cache("127.0.0.1", port, &[1], &[2], 0).unwrap_err();
-    assert_eq!(err.code(), ErrorCode::Transport, "{err}");
-    assert!(err.message().contains("closed or is gone"), "{err}");
+    assert_eq!(err.code(), ErrorCode::NotConnected, "{err}");
+    assert!(err.message().contains("closed"), "{err}");
     assert_eq!(dst.snapshot(), before);
     assert!(!p.is_connected("127.0.0.1", port));
 }

@@ -184,7 +184,9 @@ fn closed_decode_fails_writes_without_hanging() {
     p.connect("127.0.0.1", port, 1).unwrap();
     d.close();
     let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();
-    assert!(matches!(err.code(), ErrorCode::Transport | ErrorCode::Timeout), "{err}");
+    // The decode told the link it closes.
+    assert_eq!(err.code(), ErrorCode::NotConnected, "{err}");
+    assert!(err.message().contains("closed"), "{err}");
     assert!(!p.is_connected("127.0.0.1", port), "a broken connection is dropped");
     // The next call tries to rebuild it; with nobody listening that fails and the peer is forgotten.
     let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();

@@ -2,7 +2,9 @@
 //! set up for the cache.
 
 use super::negotiation;
+use super::requests::Requests;
 use crate::auth::{self, AuthKey, Nonce, Role as Proof};
+use crate::channel::{Ask, ChannelServer, Events, Frame, PeerInfo, RequestId};
 use crate::control::ControlServer;
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
@@ -22,15 +24,50 @@ pub(super) struct DecodeSide {
     port: u16,
     transports: Vec<TransportKind>,
     device: Option<String>,
+    requests: Arc<Requests>,
+    log: Arc<Logger>,
+    /// How long links get to confirm a revoke or a close.
+    timeout: Duration,
     /// `None` once closed.
     listening: Mutex<Option<Listening>>,
 }
 
-/// A decode side's servers. Fields drop in order: the control server first (it holds the other references to
-/// the accepting halves), then the accepting halves, which stop their data paths.
+/// A decode side's servers.
 struct Listening {
-    _control: ControlServer,
-    _acceptors: Vec<Arc<dyn Acceptor>>,
+    control: ControlServer,
+    channels: Arc<ChannelServer>,
+    links: Arc<Links>,
+}
+
+/// The prefill links' data paths, as the request channels see them: a link whose channel ends is cut off.
+struct Links {
+    acceptors: Vec<Arc<dyn Acceptor>>,
+    requests: Arc<Requests>,
+    log: Arc<Logger>,
+}
+
+impl Links {
+    /// Stops the data path of `peer`; `false` where its transport cannot (a same-host one).
+    fn cut_off(&self, peer: &PeerInfo) -> bool {
+        self.acceptors.iter().find(|a| a.kind() == peer.transport).is_some_and(|a| a.cut_off(peer.session))
+    }
+}
+
+impl Events for Links {
+    fn opened(&self, _: u64, peer: &PeerInfo) -> Vec<RequestId> {
+        self.log.debug(format!("request channel open from {}", peer.name));
+        self.requests.revoked()
+    }
+
+    fn frame(&self, channel: u64, peer: &PeerInfo, frame: Frame) -> Result<()> {
+        self.requests.on_frame(channel, peer, frame)
+    }
+
+    fn closed(&self, channel: u64, peer: &PeerInfo, why: &str) {
+        self.cut_off(peer);
+        self.log.debug(format!("request channel from {} ended: {why}", peer.name));
+        self.requests.on_link_end(channel, peer, why);
+    }
 }
 
 impl DecodeSide {
@@ -48,10 +85,15 @@ impl DecodeSide {
                 env.listen_ip
             ));
         }
+        let requests = Arc::new(Requests::new(env.cache.layers(), env.cache.block_number()));
+        let links = Arc::new(Links { acceptors: acceptors.clone(), requests: requests.clone(), log: log.clone() });
+        let channels =
+            Arc::new(ChannelServer::start(env.listen_ip, env.cache.block_number(), env.config.timeout, log.clone(), links.clone())?);
         let handshake = Handshake {
             cache: env.cache.clone(),
             host: net::host_id(),
             acceptors: acceptors.clone(),
+            channels: channels.clone(),
             log: log.clone(),
             auth,
             greetings: Mutex::new(HashMap::new()),
@@ -68,8 +110,44 @@ impl DecodeSide {
             port: control.port(),
             transports: acceptors.iter().map(|a| a.kind()).collect(),
             device: acceptors.iter().find_map(|a| a.device().map(str::to_string)),
-            listening: Mutex::new(Some(Listening { _control: control, _acceptors: acceptors })),
+            requests,
+            log: log.clone(),
+            timeout: env.config.timeout,
+            listening: Mutex::new(Some(Listening { control, channels, links })),
         })
+    }
+
+    pub(super) fn requests(&self) -> &Requests {
+        &self.requests
+    }
+
+    /// Revokes `request`: returns once no write of it can land any more. Every link confirms that it has
+    /// stopped and drained the request's writes, or is cut off; a link that neither confirms nor can be cut
+    /// off (a same-host transport) is a `TIMEOUT` error.
+    pub(super) fn revoke(&self, request: &RequestId) -> Result<()> {
+        // Remembered first: a link that opens from now on learns it before it may write.
+        self.requests.revoke(request);
+        let Some((channels, links)) = self.listening.lock().unwrap().as_ref().map(|l| (l.channels.clone(), l.links.clone())) else {
+            return Ok(());
+        };
+        let uncut: Vec<String> = channels
+            .ask_all(&Ask::Revoke(request.clone()), self.timeout)
+            .into_iter()
+            .filter(|peer| !links.cut_off(peer))
+            .map(|peer| format!("{} ({})", peer.name, peer.transport))
+            .collect();
+        if uncut.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorCode::Timeout,
+            format!(
+                "revoking {request:?}: {} did not confirm within {} ms, and a same-host transport cannot be cut off; \
+                 do not reuse its blocks until that process confirms or ends",
+                uncut.join(", "),
+                self.timeout.as_millis()
+            ),
+        ))
     }
 
     pub(super) fn port(&self) -> u16 {
@@ -84,9 +162,27 @@ impl DecodeSide {
         self.device.as_deref()
     }
 
-    /// Stops the control server, then the data paths: nothing lands after this returns.
+    /// Stops the control server, asks every link to stop writing and confirm (cutting off those that do not),
+    /// then stops the data paths: nothing lands after this returns.
     pub(super) fn close(&self) {
-        drop(self.listening.lock().unwrap().take());
+        let Some(listening) = self.listening.lock().unwrap().take() else { return };
+        drop(listening.control);
+        listening.channels.stop_admitting();
+        for peer in listening.channels.ask_all(&Ask::Close, self.timeout) {
+            if !listening.links.cut_off(&peer) {
+                self.log.error(format!(
+                    "closing: {} ({}) did not confirm within {} ms that it stopped writing, and a same-host transport \
+                     cannot be cut off",
+                    peer.name,
+                    peer.transport,
+                    self.timeout.as_millis()
+                ));
+            }
+        }
+        self.requests.close();
+        // Each channel's end cuts its link off; then the accepting halves stop their data paths.
+        drop(listening.channels);
+        drop(listening.links);
     }
 }
 
@@ -96,6 +192,7 @@ struct Handshake {
     /// This host ([`net::host_id`]); same-host transports are offered only to prefills that share it.
     host: Option<String>,
     acceptors: Vec<Arc<dyn Acceptor>>,
+    channels: Arc<ChannelServer>,
     log: Arc<Logger>,
     /// The shared secret a prefill must prove it holds, when one is configured.
     auth: Option<AuthKey>,
@@ -174,18 +271,26 @@ impl Handshake {
             geometry: agreed.geometry,
             tensors: agreed.tensors,
             details: &offer.details,
-            replaces: hello.replaces,
         })?;
         self.log.debug(format!(
             "accepted {peer} over {kind} with {} blocks (slice {} of {} per block)",
             hello.block_number, agreed.geometry.slot, agreed.geometry.ratio
         ));
+        let channel_token = self.channels.admit(PeerInfo {
+            name: peer,
+            slot: agreed.geometry.slot,
+            ratio: agreed.geometry.ratio,
+            transport: kind,
+            session: accepted.session,
+        });
         Ok(Welcome {
             protocol: PROTOCOL_VERSION,
             block_number: self.cache.block_number(),
             transport: kind,
             session: accepted.session,
             details: accepted.details,
+            channel_port: self.channels.port(),
+            channel_token,
         })
     }
 }

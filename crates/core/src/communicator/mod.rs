@@ -29,6 +29,7 @@
 mod decode;
 pub mod negotiation;
 mod prefill;
+pub mod requests;
 mod workers;
 
 use self::decode::DecodeSide;
@@ -41,9 +42,17 @@ use crate::plan::SliceGeometry;
 use crate::transport::{self, Environment, Transport};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+pub use self::requests::{Notification, Status};
+pub use crate::channel::RequestId;
 pub use crate::wire::{Role, TransportKind};
+
+/// A number naming one wait of this process ([`Communicator::wait_for`]).
+pub fn next_wait_token() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 52);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Everything a communicator is built from, besides its configuration.
 #[derive(Debug, Clone)]
@@ -180,8 +189,9 @@ impl Communicator {
         self.on_peer_thread(ip, port, move || comm.connect(&host, port, dst_tp_size), done);
     }
 
-    /// [`Communicator::write_cache`] on the peer's own thread: returns at once, and `done` runs on that thread
-    /// with the outcome. Calls to one peer run in the order they were made.
+    /// [`Communicator::write_request`] on the peer's own thread: returns at once, and `done` runs on that thread
+    /// with the outcome. Calls to one peer run in the order they were made. A call whose `cancel` is set before
+    /// it starts moves nothing and fails with `ABORTED`; once started, a write is never abandoned halfway.
     #[allow(clippy::too_many_arguments)]
     pub fn write_cache_then(
         self: &Arc<Self>,
@@ -190,10 +200,38 @@ impl Communicator {
         local: Vec<u32>,
         remote: Vec<u32>,
         layer: u32,
+        request: Option<RequestId>,
+        cancel: Option<Arc<AtomicBool>>,
         done: impl FnOnce(Result<()>) + Send + 'static,
     ) {
         let (comm, host) = (self.clone(), ip.to_string());
-        self.on_peer_thread(ip, port, move || comm.write_cache(&host, port, &local, &remote, layer), done);
+        let work = move || {
+            if cancel.is_some_and(|c| c.load(Ordering::Acquire)) {
+                return Err(Error::new(ErrorCode::Aborted, "the write was cancelled before it started: nothing was written"));
+            }
+            comm.write_request(&host, port, &local, &remote, layer, request.as_ref())
+        };
+        self.on_peer_thread(ip, port, work, done);
+    }
+
+    /// Tells the decode at `ip:port` that `request` will not complete: its `wait_for` fails with `ABORTED`.
+    /// Later writes of the request to that peer fail with `ABORTED`.
+    pub fn abort_request(&self, ip: &str, port: u16, request: &RequestId, reason: &str) -> Result<()> {
+        let result = self.prefill("abortRequest").and_then(|p| p.abort(self, ip, port, request, reason));
+        self.logged(|| format!("abortRequest {request:?} to {ip}:{port}"), result)
+    }
+
+    /// [`Communicator::abort_request`] on the peer's own thread, after the calls queued before it.
+    pub fn abort_request_then(
+        self: &Arc<Self>,
+        ip: &str,
+        port: u16,
+        request: RequestId,
+        reason: String,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
+        let (comm, host) = (self.clone(), ip.to_string());
+        self.on_peer_thread(ip, port, move || comm.abort_request(&host, port, &request, &reason), done);
     }
 
     fn on_peer_thread(
@@ -227,8 +265,88 @@ impl Communicator {
     /// of the peer at `ip:port`. Returns once every byte is in the peer's memory. Nothing moves if any
     /// argument is refused.
     pub fn write_cache(&self, ip: &str, port: u16, local: &[u32], remote: &[u32], layer: u32) -> Result<()> {
-        let result = self.prefill("writeCache").and_then(|p| p.write(self, ip, port, local, remote, layer));
+        self.write_request(ip, port, local, remote, layer, None)
+    }
+
+    /// [`Communicator::write_cache`] as part of `request`: once the bytes are in the decode's memory, the
+    /// decode gets a notification (in the order of this peer's writes) and its [`Communicator::wait_for`] sees
+    /// the layer. Fails with `REVOKED` (moving nothing) once the decode has revoked the request, and with
+    /// `ABORTED` once this side aborted it.
+    pub fn write_request(&self, ip: &str, port: u16, local: &[u32], remote: &[u32], layer: u32, request: Option<&RequestId>) -> Result<()> {
+        let result = self.prefill("writeCache").and_then(|p| p.write(self, ip, port, local, remote, layer, request));
         self.logged(|| format!("writeCache to {ip}:{port} (layer {layer}, {} blocks)", local.len()), result)
+    }
+
+    /// Waits until the `layers` of `request` (every layer, for `None`) have arrived from every prefill rank that
+    /// writes into this decode, at most `timeout`. Fails with the request's end if it fails (`TRANSPORT`), is
+    /// aborted (`ABORTED`) or revoked (`REVOKED`) first; with `TIMEOUT` when the time runs out.
+    pub fn wait_for(&self, request: &RequestId, layers: Option<Vec<u32>>, timeout: std::time::Duration) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let token = next_wait_token();
+        self.wait_for_then(token, request, layers, move |r| {
+            let _ = tx.send(r);
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let why = Error::new(ErrorCode::Timeout, format!("request {request:?} did not arrive within {} ms", timeout.as_millis()));
+                self.cancel_wait(token, why.clone());
+                // It may have settled just now.
+                rx.try_recv().unwrap_or(Err(why))
+            }
+        }
+    }
+
+    /// [`Communicator::wait_for`] without blocking: `done` runs (on the thread that completes it) with the
+    /// outcome. `token` names the wait for [`Communicator::cancel_wait`].
+    pub fn wait_for_then(&self, token: u64, request: &RequestId, layers: Option<Vec<u32>>, done: impl FnOnce(Result<()>) + Send + 'static) {
+        match self.decode("waitFor") {
+            Ok(d) => d.requests().wait(token, request, layers, Box::new(done)),
+            Err(e) => done(Err(e)),
+        }
+    }
+
+    /// Ends the wait `token` with `why`; `false` if it had settled already.
+    pub fn cancel_wait(&self, token: u64, why: Error) -> bool {
+        match &self.side {
+            Side::Decode(d) => d.requests().cancel(token, why),
+            Side::Prefill(_) => false,
+        }
+    }
+
+    /// Hands the notifications that arrived since the last call (waiting for one if none has) to `take`. The
+    /// first call starts collecting them; after `close`, `take` gets an empty batch.
+    pub fn next_notifications_then(&self, take: impl FnOnce(Vec<Notification>) + Send + 'static) {
+        match self.decode("notifications") {
+            Ok(d) => d.requests().next_then(Box::new(take)),
+            Err(_) => take(Vec::new()),
+        }
+    }
+
+    /// Revokes `request`: returns once no write of it can land in this cache any more. Every prefill link
+    /// confirms that it stopped and drained the request's writes, or is cut off within the timeout; from then
+    /// on their writes of it fail with `REVOKED`. Waits for it fail with `REVOKED`.
+    pub fn revoke(&self, request: &RequestId) -> Result<()> {
+        let result = self.decode("revoke").and_then(|d| d.revoke(request));
+        self.logged(|| format!("revoke {request:?}"), result)
+    }
+
+    /// [`Communicator::revoke`] on a thread of its own; `done` runs there with the outcome.
+    pub fn revoke_then(self: &Arc<Self>, request: RequestId, done: impl FnOnce(Result<()>) + Send + 'static) {
+        let comm = self.clone();
+        let done = Arc::new(Mutex::new(Some(done)));
+        let settle = done.clone();
+        let spawned = std::thread::Builder::new().name("kvtransfer-revoke".into()).spawn(move || {
+            let outcome = Error::catch_panic(|| comm.revoke(&request));
+            if let Some(done) = settle.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                done(outcome)
+            }
+        });
+        if let Err(e) = spawned {
+            if let Some(done) = done.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                done(Err(Error::io("starting a thread to revoke", e)))
+            }
+        }
     }
 
     /// Closes every connection; a decode communicator stops listening and, once this returns, writes
@@ -254,6 +372,14 @@ impl Communicator {
             return Err(Error::new(ErrorCode::Closed, "the communicator is closed"));
         }
         Ok(())
+    }
+
+    fn decode(&self, op: &str) -> Result<&DecodeSide> {
+        self.check_open()?;
+        match &self.side {
+            Side::Decode(d) => Ok(d),
+            Side::Prefill(_) => Err(Error::invalid(format!("{op} is for decode communicators; this one is prefill"))),
+        }
     }
 
     fn prefill(&self, op: &str) -> Result<&PrefillSide> {

@@ -172,7 +172,7 @@ mod tests {
 
     #[test]
     fn a_welcome_must_answer_what_was_offered() {
-        let welcome = Welcome { protocol: PROTOCOL_VERSION, block_number: 8, transport: Shm, session: 1, details: serde_json::Value::Null };
+        let welcome = Welcome { protocol: PROTOCOL_VERSION, block_number: 8, transport: Shm, session: 1, details: serde_json::Value::Null, channel_port: 1, channel_token: 2 };
         check_welcome(&welcome, &[Shm, Tcp]).unwrap();
         let err = check_welcome(&welcome, &[Tcp]).unwrap_err();
         assert!(err.message().contains("shm, which was not offered"), "{err}");

@@ -1,18 +1,28 @@
-//! The prefill side: its decode peers, each with a link over the transport the handshake chose, rebuilt
-//! with a new handshake after a failure.
+//! The prefill side: its decode peers, each with a link over the transport the handshake chose and the
+//! link's request channel, rebuilt with a new handshake after a failure.
+//!
+//! A write with a request id tells the decode, on the channel, that the request started (before its first
+//! bytes) and that the write is in the decode's memory (once the link's write has returned) or failed. The
+//! decode's directives (revoke a request, stop because it closes) are obeyed on the channel's thread: it marks
+//! the request (or the peer) in the peer's [`Gate`], waits for the write in flight, if any, and confirms; every
+//! write checks the gate once it holds the peer, so none of a revoked request starts after the confirmation.
 
 use super::workers::Workers;
 use super::{negotiation, Communicator};
 use crate::auth::{self, AuthKey, Role as Proof};
+use crate::channel::{ChannelClient, Directive, Frame, RequestId};
 use crate::control::ControlClient;
 use crate::error::{Error, ErrorCode, Result};
 use crate::net;
 use crate::plan::{BlockPlan, SliceGeometry};
 use crate::transport::{Answer, Connector, Link, PendingLink};
 use crate::wire::{self, Hello, Offer, Reply, Request, Role, TransportKind, PROTOCOL_VERSION};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Request ids a peer remembers as revoked, aborted or started; the oldest are forgotten past this.
+const REMEMBERED: usize = 65536;
 
 type Peers = Mutex<HashMap<String, Arc<PeerEntry>>>;
 
@@ -31,18 +41,77 @@ struct PeerEntry {
     state: Mutex<Peer>,
     /// The transport of its working link (a [`TransportKind::ALL`] index + 1), or 0 when it broke.
     link: AtomicU8,
+    gate: Arc<Gate>,
+}
+
+/// What the decode has told a peer's writes, kept across rebuilds of its link.
+#[derive(Default)]
+struct Gate {
+    revoked: Mutex<RecentIds>,
+    aborted: Mutex<RecentIds>,
+    /// The decode asked this link to stop (it is closing): the link is not written again.
+    closing: AtomicBool,
+    /// Held for the whole of each write: a directive waits for the write in flight before it is confirmed.
+    writing: Mutex<()>,
+}
+
+impl Gate {
+    fn obey(&self, directive: &Directive) {
+        match directive {
+            Directive::Revoke(request) => lock(&self.revoked).insert(request.clone()),
+            Directive::Close => self.closing.store(true, Ordering::Release),
+        }
+        drop(lock(&self.writing));
+    }
+
+    /// Whether a write of `request` may start.
+    fn check(&self, request: &RequestId) -> Result<()> {
+        if lock(&self.revoked).contains(request) {
+            return Err(Error::new(ErrorCode::Revoked, format!("the decode revoked request {request:?}: nothing was written")));
+        }
+        if lock(&self.aborted).contains(request) {
+            return Err(Error::new(ErrorCode::Aborted, format!("request {request:?} was aborted: nothing was written")));
+        }
+        Ok(())
+    }
+}
+
+/// A bounded set of request ids: past [`REMEMBERED`], the oldest is forgotten.
+#[derive(Default)]
+struct RecentIds {
+    set: HashSet<RequestId>,
+    order: VecDeque<RequestId>,
+}
+
+impl RecentIds {
+    fn insert(&mut self, id: RequestId) {
+        if self.set.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > REMEMBERED {
+                let old = self.order.pop_front().expect("not empty");
+                self.set.remove(&old);
+            }
+        }
+    }
+    fn contains(&self, id: &RequestId) -> bool {
+        self.set.contains(id)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PeerEntry {
-    fn new(peer: Peer) -> PeerEntry {
-        let entry = PeerEntry { link: AtomicU8::new(0), state: Mutex::new(peer) };
+    fn new(peer: Peer, gate: Arc<Gate>) -> PeerEntry {
+        let entry = PeerEntry { link: AtomicU8::new(0), state: Mutex::new(peer), gate };
         entry.update(&entry.state.lock().unwrap());
         entry
     }
 
     /// Records the state of `peer` (this entry's, locked by the caller).
     fn update(&self, peer: &Peer) {
-        let code = peer.link.as_ref().map_or(0, |l| TransportKind::ALL.iter().position(|&k| k == l.transport()).unwrap() as u8 + 1);
+        let code = peer.link.as_ref().map_or(0, |c| TransportKind::ALL.iter().position(|&k| k == c.link.transport()).unwrap() as u8 + 1);
         self.link.store(code, Ordering::Release);
     }
 
@@ -68,12 +137,18 @@ impl PeerEntry {
 /// A decode peer, as the prefill side sees it.
 struct Peer {
     /// `None` after a failure broke it: the next call rebuilds it with a new handshake.
-    link: Option<Box<dyn Link>>,
+    link: Option<Connection>,
     plan: BlockPlan,
     remote_blocks: u32,
     dst_tp_size: u32,
-    /// The decode side's name for this connection.
-    session: u64,
+}
+
+/// A working connection: the link that moves the bytes and its request channel, which live and end together.
+struct Connection {
+    link: Box<dyn Link>,
+    channel: ChannelClient,
+    /// Requests this connection has told the decode it started.
+    started: RecentIds,
 }
 
 impl PrefillSide {
@@ -100,7 +175,7 @@ impl PrefillSide {
             // Connected, or broken and due for a rebuild.
             let mut state = peer.lock();
             if state.link.is_none() {
-                let rebuilt = self.rebuild(comm, ip, port, &mut state);
+                let rebuilt = self.rebuild(comm, ip, port, &mut state, &peer.gate);
                 peer.update(&state);
                 if let Err(e) = rebuilt {
                     self.forget(&key, &peer);
@@ -110,18 +185,19 @@ impl PrefillSide {
             return Ok(());
         }
         SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size)?;
-        let peer = self.handshake(comm, ip, port, dst_tp_size, None)?;
+        let gate = Arc::new(Gate::default());
+        let peer = self.handshake(comm, ip, port, dst_tp_size, false, &gate)?;
         // Checked under the map's lock, which `close` takes to clear it: no peer is added after a close.
         let mut peers = self.peers.lock().unwrap();
         comm.check_open()?;
-        peers.entry(key).or_insert_with(|| Arc::new(PeerEntry::new(peer)));
+        peers.entry(key).or_insert_with(|| Arc::new(PeerEntry::new(peer, gate)));
         Ok(())
     }
 
     /// Runs the handshake with the decode at `ip:port` and opens the link it chose. When a same-host transport
     /// was chosen but cannot be opened (another container, memory the driver cannot share), the handshake runs
     /// again without it.
-    fn handshake(&self, comm: &Communicator, ip: &str, port: u16, dst_tp_size: u32, replaces: Option<u64>) -> Result<Peer> {
+    fn handshake(&self, comm: &Communicator, ip: &str, port: u16, dst_tp_size: u32, rebuilt: bool, gate: &Arc<Gate>) -> Result<Peer> {
         // Same-host transports write into another process (or map its GPU memory) at addresses the decode names:
         // they are offered only to a decode reached at an address of this host, never to one elsewhere that
         // could pass on the details of a process here.
@@ -134,7 +210,7 @@ impl PrefillSide {
             ));
         }
         loop {
-            match self.handshake_offering(comm, ip, port, dst_tp_size, replaces, &offers) {
+            match self.handshake_offering(comm, ip, port, dst_tp_size, rebuilt, gate, &offers) {
                 Err((e, Some(failed))) if offers.len() > 1 && failed.same_host_only() => {
                     comm.log.debug(format!("{failed} to {ip}:{port} cannot be opened ({e}); offering the others"));
                     offers.retain(|c| c.kind() != failed);
@@ -146,13 +222,15 @@ impl PrefillSide {
 
     /// One handshake offering the transports of `connectors`. A failure to open the chosen link names its
     /// transport.
+    #[allow(clippy::too_many_arguments)]
     fn handshake_offering(
         &self,
         comm: &Communicator,
         ip: &str,
         port: u16,
         dst_tp_size: u32,
-        replaces: Option<u64>,
+        rebuilt: bool,
+        gate: &Arc<Gate>,
         connectors: &[&Arc<dyn Connector>],
     ) -> std::result::Result<Peer, (Error, Option<TransportKind>)> {
         let plain = |e| (e, None);
@@ -193,7 +271,6 @@ impl PrefillSide {
             tp_idx: self.tp_idx,
             dst_tp_size,
             offers: pending.iter().map(|(kind, p)| Offer { transport: *kind, details: p.offer() }).collect(),
-            replaces,
             host: net::host_id(),
         };
         let hello = String::from_utf8(wire::encode(&hello)).expect("JSON is UTF-8");
@@ -220,24 +297,31 @@ impl PrefillSide {
         };
         let chosen = pending.into_iter().find(|(kind, _)| *kind == welcome.transport).expect("checked: it was offered");
         let link = chosen.1.finish(&answer).map_err(|e| (e, Some(welcome.transport)))?;
+        let g = gate.clone();
+        let (channel, revoked) =
+            ChannelClient::connect(ip, welcome.channel_port, welcome.channel_token, comm.config.timeout, Arc::new(move |d: &Directive| g.obey(d)))
+                .map_err(plain)?;
+        for request in revoked {
+            lock(&gate.revoked).insert(request);
+        }
+        gate.closing.store(false, Ordering::Release);
         comm.log.debug(format!(
             "connected to {key} over {}: its cache has {} blocks{}",
             welcome.transport,
             welcome.block_number,
-            if replaces.is_some() { " (rebuilt after a failure)" } else { "" }
+            if rebuilt { " (rebuilt after a failure)" } else { "" }
         ));
         Ok(Peer {
             plan: BlockPlan::new(link.plan_form()),
-            link: Some(link),
+            link: Some(Connection { link, channel, started: RecentIds::default() }),
             remote_blocks: welcome.block_number,
             dst_tp_size,
-            session: welcome.session,
         })
     }
 
     /// Replaces a broken connection with a new one to the same peer.
-    fn rebuild(&self, comm: &Communicator, ip: &str, port: u16, peer: &mut Peer) -> Result<()> {
-        let fresh = self.handshake(comm, ip, port, peer.dst_tp_size, Some(peer.session)).map_err(|e| {
+    fn rebuild(&self, comm: &Communicator, ip: &str, port: u16, peer: &mut Peer, gate: &Arc<Gate>) -> Result<()> {
+        let fresh = self.handshake(comm, ip, port, peer.dst_tp_size, true, gate).map_err(|e| {
             Error::new(e.code(), format!("the connection broke earlier and could not be rebuilt: {}", e.message()))
         })?;
         *peer = fresh;
@@ -249,22 +333,43 @@ impl PrefillSide {
         self.peers.lock().unwrap().get(&peer_key(ip, port))?.transport()
     }
 
-    pub(super) fn write(&self, comm: &Communicator, ip: &str, port: u16, local: &[u32], remote: &[u32], layer: u32) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn write(
+        &self,
+        comm: &Communicator,
+        ip: &str,
+        port: u16,
+        local: &[u32],
+        remote: &[u32],
+        layer: u32,
+        request: Option<&RequestId>,
+    ) -> Result<()> {
         let key = peer_key(ip, port);
-        let peer = self.peers.lock().unwrap().get(&key).cloned().ok_or_else(|| {
-            Error::new(ErrorCode::NotConnected, format!("not connected to {key}: call connect first"))
-        })?;
+        let peer = self.peer(&key)?;
         let mut guard = peer.lock();
+        // Under the peer's lock, which `close` takes once it has marked the communicator closed.
+        comm.check_open()?;
         let state = &mut *guard;
         let cache = &*comm.cache;
         let plan = |p: &mut Peer| p.plan.build(local, remote, layer, cache.layers(), cache.block_number(), p.remote_blocks);
         // The call is checked before anything else happens, a broken connection's rebuild included.
         plan(state)?;
+        let gate = &peer.gate;
+        if let Some(request) = request {
+            gate.check(request)?;
+        }
         if state.plan.is_empty() {
             return Ok(());
         }
-        if state.link.is_none() {
-            let rebuilt = self.rebuild(comm, ip, port, state);
+        if gate.closing.swap(false, Ordering::AcqRel) {
+            // The decode said it closes: this connection is not written again (the next call reconnects).
+            state.link = None;
+            peer.update(state);
+            return Err(Error::new(ErrorCode::NotConnected, format!("the decode at {key} closed: nothing was written")));
+        }
+        if state.link.as_ref().is_none_or(|c| c.channel.is_broken()) {
+            state.link = None;
+            let rebuilt = self.rebuild(comm, ip, port, state, gate);
             peer.update(state);
             if let Err(e) = rebuilt {
                 self.forget(&key, &peer);
@@ -273,7 +378,17 @@ impl PrefillSide {
             // The new connection may take calls in another form, or have another number of blocks.
             plan(state)?;
         }
-        let result = state.link.as_mut().expect("connected").write(&state.plan);
+        let writing = lock(&gate.writing);
+        // A directive obeyed since the checks above was confirmed before this write: it must not start.
+        if let Some(request) = request {
+            gate.check(request)?;
+        }
+        if gate.closing.load(Ordering::Acquire) {
+            return Err(Error::new(ErrorCode::NotConnected, format!("the decode at {key} is closing: nothing was written")));
+        }
+        let connection = state.link.as_mut().expect("connected");
+        let result = write_telling(connection, &state.plan, remote, layer, request);
+        drop(writing);
         if let Err(e) = &result {
             if matches!(e.code(), ErrorCode::Transport | ErrorCode::Timeout | ErrorCode::Protocol) {
                 // The connection's state is unknown now: drop it; the next call rebuilds it.
@@ -284,14 +399,41 @@ impl PrefillSide {
         result
     }
 
+    /// Tells the decode at `ip:port` that `request` will not complete; later writes of it fail with `ABORTED`.
+    pub(super) fn abort(&self, comm: &Communicator, ip: &str, port: u16, request: &RequestId, reason: &str) -> Result<()> {
+        let peer = self.peer(&peer_key(ip, port))?;
+        let mut state = peer.lock();
+        comm.check_open()?;
+        lock(&peer.gate.aborted).insert(request.clone());
+        // Without a working connection the decode has failed the request already (its link ended).
+        if let Some(connection) = state.link.as_mut() {
+            connection.channel.send(&Frame::Abort { request: request.clone(), reason: reason.to_string() })?;
+        }
+        Ok(())
+    }
+
+    fn peer(&self, key: &str) -> Result<Arc<PeerEntry>> {
+        self.peers
+            .lock()
+            .unwrap()
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::new(ErrorCode::NotConnected, format!("not connected to {key}: call connect first")))
+    }
+
     /// The threads that run asynchronous calls, one per peer.
     pub(super) fn workers(&self) -> &Workers {
         &self.workers
     }
 
+    /// Waits for the write in flight to each peer, if any (the communicator is marked closed already, so no
+    /// other starts), then drops every connection.
     pub(super) fn close(&self) {
         self.workers.close();
-        self.peers.lock().unwrap().clear();
+        let peers: Vec<Arc<PeerEntry>> = self.peers.lock().unwrap().drain().map(|(_, p)| p).collect();
+        for peer in peers {
+            peer.lock().link = None;
+        }
     }
 
     /// Drops a peer whose connection could not be rebuilt, so later calls say `NOT_CONNECTED`; a newer peer
@@ -306,4 +448,22 @@ impl PrefillSide {
 
 fn peer_key(ip: &str, port: u16) -> String {
     format!("{ip}:{port}")
+}
+
+/// Writes the plan over `connection`'s link and, for a request, tells the decode on its channel: that the
+/// request started (before its first bytes), then that this write is in the decode's memory, or failed.
+fn write_telling(connection: &mut Connection, plan: &BlockPlan, remote: &[u32], layer: u32, request: Option<&RequestId>) -> Result<()> {
+    let Some(request) = request else { return connection.link.write(plan) };
+    if !connection.started.contains(request) {
+        connection.channel.send(&Frame::Start { request: request.clone() })?;
+        connection.started.insert(request.clone());
+    }
+    match connection.link.write(plan) {
+        Ok(()) => connection.channel.send(&Frame::Done { request: request.clone(), layer, blocks: remote.to_vec() }),
+        Err(e) => {
+            // Best effort: if the channel is gone too, the decode fails the request when it sees it end.
+            let _ = connection.channel.send(&Frame::Failed { request: request.clone(), code: e.code(), reason: e.message().to_string() });
+            Err(e)
+        }
+    }
 }

@@ -77,8 +77,6 @@ pub struct Admission<'a> {
     pub tensors: TensorSet,
     /// What the prefill's half of this transport sent with its offer.
     pub details: &'a Value,
-    /// The session of this transport that the peer's connection rebuilds.
-    pub replaces: Option<u64>,
 }
 
 /// What the accepting half answers an admission with.
@@ -95,6 +93,12 @@ pub trait Acceptor: Send + Sync {
     fn kind(&self) -> TransportKind;
     /// Sets up the data path for one prefill peer.
     fn accept(&self, admission: &Admission<'_>) -> Result<Accepted>;
+    /// Stops `session`'s data path: once this returns `true`, nothing more of it lands in the cache. `false`
+    /// where the transport cannot stop a peer that writes on its own (a same-host one).
+    fn cut_off(&self, session: u64) -> bool {
+        let _ = session;
+        false
+    }
     /// The device this half uses, where it has one (the RDMA NIC).
     fn device(&self) -> Option<&str> {
         None

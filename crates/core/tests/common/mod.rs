@@ -19,7 +19,6 @@ pub fn hello(layers: u32, block_bytes: u64) -> Hello {
         tp_idx: 0,
         dst_tp_size: 1,
         offers: vec![Offer { transport: TransportKind::Tcp, details: serde_json::Value::Null }],
-        replaces: None,
         host: None,
     }
 }
@@ -45,8 +44,11 @@ impl Cache {
                 (0..layers)
                     .map(|l| {
                         let mut a = HostAllocation::new((blocks as u64 * block_bytes) as usize).unwrap();
+                        // Every byte from a hash of (seed, tensor, layer, offset): no two blocks alike, so a block
+                        // that lands in the wrong place, or too late, is seen.
+                        let salt = ((seed as u64) << 48) ^ ((t as u64) << 40) ^ ((l as u64) << 32);
                         for (i, b) in a.as_mut_slice().iter_mut().enumerate() {
-                            *b = (i as u32).wrapping_mul(31).wrapping_add((t * 7 + l * 13) as u32 + seed as u32 * 101) as u8;
+                            *b = ((salt ^ i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8;
                         }
                         a
                     })

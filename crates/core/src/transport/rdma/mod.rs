@@ -252,16 +252,13 @@ impl RdmaTarget {
         self.context.device().name()
     }
 
-    /// Connects a queue pair to a prefill peer's; `replaces` names the session it rebuilds, which is
-    /// destroyed. Returns the new session's token and the answer for the peer.
-    pub fn accept(&self, remote: &QpEndpoint, replaces: Option<u64>) -> Result<(u64, RdmaWelcome)> {
+    /// Connects a queue pair to a prefill peer's. Returns the new session's token and the answer for the peer.
+    /// The session lasts until it is cut off ([`Acceptor::cut_off`]: its request channel ended).
+    pub fn accept(&self, remote: &QpEndpoint) -> Result<(u64, RdmaWelcome)> {
         let mut qp = self.context.prepare()?.qp;
         qp.connect(remote, self.context.path)?;
         let welcome = RdmaWelcome { endpoint: qp.endpoint(), regions: self.context.regions.remote(&self.context.cache) };
         let mut sessions = self.sessions.lock().unwrap();
-        if let Some(old) = replaces {
-            sessions.remove(&old);
-        }
         let token = loop {
             let token = transport::random_u64();
             if !sessions.contains_key(&token) {
@@ -285,8 +282,14 @@ impl Acceptor for RdmaTarget {
 
     fn accept(&self, admission: &Admission<'_>) -> Result<Accepted> {
         let endpoint: QpEndpoint = transport::from_details(TransportKind::Rdma, admission.details)?;
-        let (session, welcome) = RdmaTarget::accept(self, &endpoint, admission.replaces)?;
+        let (session, welcome) = RdmaTarget::accept(self, &endpoint)?;
         Ok(Accepted { session, details: transport::to_details(&welcome) })
+    }
+
+    /// Destroys the session's queue pair: once `ibv_destroy_qp` returns, the device places nothing more for it.
+    fn cut_off(&self, session: u64) -> bool {
+        drop(self.sessions.lock().unwrap().remove(&session));
+        true
     }
 
     fn device(&self) -> Option<&str> {

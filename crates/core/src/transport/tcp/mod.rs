@@ -68,6 +68,11 @@ impl Acceptor for TcpReceiver {
             self.admit(Session { peer: admission.peer.to_string(), geometry: admission.geometry, tensors: admission.tensors });
         Ok(Accepted { session, details: transport::to_details(&TcpDetails { port: self.port() }) })
     }
+
+    fn cut_off(&self, session: u64) -> bool {
+        TcpReceiver::cut_off(self, session);
+        true
+    }
 }
 
 /// The prefill's half.

@@ -15,9 +15,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What the handshake agreed with one prefill peer.
 #[derive(Debug, Clone)]
@@ -35,7 +35,11 @@ struct Shared {
     log: Arc<Logger>,
     timeout: Duration,
     stop: AtomicBool,
-    pending: Mutex<HashMap<u64, Session>>,
+    /// Sessions admitted by the handshake, with when: each may open one data connection within `timeout`.
+    pending: Mutex<HashMap<u64, (Session, Instant)>>,
+    /// The data connection of each session that has one, until its thread ends.
+    open: Mutex<HashMap<u64, TcpStream>>,
+    ended: Condvar,
     connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
 }
 
@@ -57,6 +61,8 @@ impl TcpReceiver {
             timeout,
             stop: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
+            ended: Condvar::new(),
             connections: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
@@ -75,12 +81,27 @@ impl TcpReceiver {
     /// Registers a session agreed by the handshake; its data connection presents the returned token.
     pub fn admit(&self, session: Session) -> u64 {
         let mut pending = self.shared.pending.lock().unwrap();
+        pending.retain(|_, (_, at)| at.elapsed() < self.shared.timeout);
         loop {
             let token = crate::transport::random_u64();
             if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(token) {
-                slot.insert(session);
+                slot.insert((session, Instant::now()));
                 return token;
             }
+        }
+    }
+
+    /// Ends `session`: its token no longer opens a connection, and its connection is shut down. Returns once
+    /// the connection's thread has stopped receiving (or after the timeout, if it is stuck in the kernel).
+    pub fn cut_off(&self, session: u64) {
+        let mut open = self.shared.open.lock().unwrap();
+        self.shared.pending.lock().unwrap().remove(&session);
+        if let Some(stream) = open.get(&session) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        let deadline = Instant::now() + self.shared.timeout;
+        while open.contains_key(&session) && Instant::now() < deadline {
+            open = self.shared.ended.wait_timeout(open, deadline - Instant::now()).unwrap().0;
         }
     }
 }
@@ -112,7 +133,16 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         if shared.stop.load(Ordering::Acquire) {
             return;
         }
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin, and let finished connections go.
+                shared.log.error(format!("accepting a data connection: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
+                shared.connections.lock().unwrap().retain(|(_, t)| !t.is_finished());
+                continue;
+            }
+        };
         let Ok(handle) = stream.try_clone() else { continue };
         let s = shared.clone();
         let spawned = std::thread::Builder::new()
@@ -128,8 +158,8 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 fn serve_connection(mut stream: TcpStream, shared: &Shared) {
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-    let session = match greet(&mut stream, shared) {
-        Ok(session) => session,
+    let (token, session) = match greet(&mut stream, shared) {
+        Ok(admitted) => admitted,
         Err(e) => {
             if !shared.stop.load(Ordering::Acquire) {
                 shared.log.error(format!("data connection from {peer} refused: {e}"));
@@ -138,6 +168,12 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
             return;
         }
     };
+    serve_session(stream, shared, session, &peer);
+    shared.open.lock().unwrap().remove(&token);
+    shared.ended.notify_all();
+}
+
+fn serve_session(stream: TcpStream, shared: &Shared, session: Session, peer: &str) {
     let staging = match Staging::for_cache(&shared.cache) {
         Ok(s) => s,
         Err(e) => {
@@ -175,7 +211,7 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
 }
 
 /// Reads the data hello and answers it; the session it names is consumed.
-fn greet(stream: &mut TcpStream, shared: &Shared) -> Result<Session> {
+fn greet(stream: &mut TcpStream, shared: &Shared) -> Result<(u64, Session)> {
     let setup = |e| Error::io("configuring the data socket", e);
     stream.set_nodelay(true).map_err(setup)?;
     stream.set_read_timeout(Some(shared.timeout)).map_err(setup)?;
@@ -183,12 +219,29 @@ fn greet(stream: &mut TcpStream, shared: &Shared) -> Result<Session> {
     let mut hello = [0u8; frame::HELLO_LEN];
     stream.read_exact(&mut hello).map_err(|e| Error::io("reading the data hello", e))?;
     let hello = DataHello::decode(&hello)?;
-    let session = match hello.protocol {
-        PROTOCOL_VERSION => shared.pending.lock().unwrap().remove(&hello.token),
-        _ => None,
+    let handle = stream.try_clone().map_err(setup)?;
+    // Moved from pending to open under the lock `cut_off` takes first: a session is one or the other, never
+    // neither while its connection may still receive.
+    let session = {
+        let mut open = shared.open.lock().unwrap();
+        let session = match hello.protocol {
+            PROTOCOL_VERSION => shared.pending.lock().unwrap().remove(&hello.token),
+            _ => None,
+        };
+        let session = session.filter(|(_, at)| at.elapsed() < shared.timeout).map(|(s, _)| (hello.token, s));
+        if session.is_some() {
+            open.insert(hello.token, handle);
+        }
+        session
     };
     let status = if session.is_some() { 0 } else { ErrorCode::Rejected.to_wire() };
-    stream.write_all(&frame::encode_hello_ack(status)).map_err(|e| Error::io("answering the data hello", e))?;
+    if let Err(e) = stream.write_all(&frame::encode_hello_ack(status)) {
+        if let Some((token, _)) = &session {
+            shared.open.lock().unwrap().remove(token);
+            shared.ended.notify_all();
+        }
+        return Err(Error::io("answering the data hello", e));
+    }
     session.ok_or_else(|| Error::protocol(format!("unknown session token {:#x} (protocol {})", hello.token, hello.protocol)))
 }
 

@@ -1,0 +1,607 @@
+//! The request channel: one TCP connection per prefill link, beside the data path of whatever transport the
+//! link uses, for what the decode engine needs to know about requests ([`frame`]).
+//!
+//! - The prefill tells the decode that a request started, that a write of it is in the decode's memory (sent
+//!   only once the link's write has returned, so never before the bytes), that a write failed, or that the
+//!   request is aborted; it pings while idle.
+//! - The decode asks the prefill to revoke a request or to stop writing because it closes, and waits for each
+//!   peer to confirm ([`ChannelServer::ask_all`]).
+//! - The channel's end is the peer's end: when it closes (or goes silent) the decode fails the peer's open
+//!   requests and cuts off its data path.
+//!
+//! The decode admits a channel only with the token its authenticated handshake handed out
+//! ([`ChannelServer::admit`]); tokens expire, hellos and frames are bounded, and connections are capped.
+
+pub mod frame;
+
+pub use frame::{Frame, RequestId};
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::log::Logger;
+use crate::wire::{TransportKind, PROTOCOL_VERSION};
+use std::collections::{HashMap, HashSet};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How often an idle prefill pings.
+pub const PING: Duration = if cfg!(test) { Duration::from_millis(100) } else { Duration::from_secs(1) };
+/// Silence after which the decode gives a prefill up: a few missed pings, and never less than this.
+const MIN_MISS: Duration = Duration::from_secs(3);
+/// Channels a decode keeps at once (open or saying hello); more are closed at once.
+pub const MAX_CHANNELS: usize = 4096;
+
+/// A prefill link as the decode sees it, from the handshake that admitted it.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// For logs and notifications: `prefill tp i/n at ip`.
+    pub name: String,
+    /// Which slice of each decode block it writes, and how many slices a block has.
+    pub slot: u32,
+    pub ratio: u32,
+    /// Its data path: the transport, and that transport's session.
+    pub transport: TransportKind,
+    pub session: u64,
+}
+
+/// What the decode does with what its channels say.
+pub trait Events: Send + Sync {
+    /// A channel of `peer` opened. Returns the requests it must know are revoked before it may write.
+    fn opened(&self, channel: u64, peer: &PeerInfo) -> Vec<RequestId>;
+    /// A prefill's `Start`, `Done`, `Failed` or `Abort`. An error closes the channel.
+    fn frame(&self, channel: u64, peer: &PeerInfo, frame: Frame) -> Result<()>;
+    /// The channel ended, `why`.
+    fn closed(&self, channel: u64, peer: &PeerInfo, why: &str);
+}
+
+/// What the decode asks every peer to confirm.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Ask {
+    Revoke(RequestId),
+    Close,
+}
+
+struct Live {
+    peer: PeerInfo,
+    writer: Arc<Mutex<TcpStream>>,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    /// No new channels once the decode is closing.
+    closing: AtomicBool,
+    timeout: Duration,
+    block_number: u32,
+    log: Arc<Logger>,
+    events: Arc<dyn Events>,
+    /// Tokens handed out by handshakes, with when: each may open one channel, within `timeout`.
+    pending: Mutex<HashMap<u64, (PeerInfo, Instant)>>,
+    live: Mutex<HashMap<u64, Live>>,
+    /// Asks not yet confirmed, by channel.
+    asked: Mutex<HashSet<(u64, Ask)>>,
+    confirmed: Condvar,
+    connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+    next_channel: AtomicU64,
+}
+
+/// The decode's end: a listener and one thread per channel.
+pub struct ChannelServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl ChannelServer {
+    /// Listens on `ip` (an ephemeral port); `events` hears what the channels say.
+    pub fn start(ip: IpAddr, block_number: u32, timeout: Duration, log: Arc<Logger>, events: Arc<dyn Events>) -> Result<ChannelServer> {
+        let listener = TcpListener::bind((ip, 0)).map_err(|e| Error::io(&format!("listening for request channels on {ip}"), e))?;
+        let addr = listener.local_addr().map_err(|e| Error::io("reading the request channel's port", e))?;
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            timeout,
+            block_number,
+            log,
+            events,
+            pending: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            asked: Mutex::new(HashSet::new()),
+            confirmed: Condvar::new(),
+            connections: Mutex::new(Vec::new()),
+            next_channel: AtomicU64::new(1),
+        });
+        let s = shared.clone();
+        let accept = std::thread::Builder::new()
+            .name("kvtransfer-channels".into())
+            .spawn(move || accept_loop(listener, s))
+            .map_err(|e| Error::io("starting the request channel listener", e))?;
+        Ok(ChannelServer { addr, shared, accept: Some(accept) })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Lets the link of `peer` open one channel, within the timeout: returns the token it must present.
+    pub fn admit(&self, peer: PeerInfo) -> u64 {
+        let mut pending = lock(&self.shared.pending);
+        pending.retain(|_, (_, at)| at.elapsed() < self.shared.timeout);
+        loop {
+            let token = crate::transport::random_u64();
+            if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(token) {
+                slot.insert((peer, Instant::now()));
+                return token;
+            }
+        }
+    }
+
+    /// Refuses new channels from now on (the decode is closing).
+    pub fn stop_admitting(&self) {
+        self.shared.closing.store(true, Ordering::Release);
+        lock(&self.shared.pending).clear();
+    }
+
+    /// Asks every open channel's peer to confirm `ask`, and waits until each has, or its channel has ended, or
+    /// `timeout` has passed. Returns the peers that did not confirm; their channels are shut down.
+    pub fn ask_all(&self, ask: &Ask, timeout: Duration) -> Vec<PeerInfo> {
+        let shared = &*self.shared;
+        let targets: Vec<(u64, Arc<Mutex<TcpStream>>, PeerInfo)> =
+            lock(&shared.live).iter().map(|(&ch, l)| (ch, l.writer.clone(), l.peer.clone())).collect();
+        {
+            let mut asked = lock(&shared.asked);
+            for (ch, ..) in &targets {
+                asked.insert((*ch, ask.clone()));
+            }
+        }
+        let frame = match ask {
+            Ask::Revoke(request) => Frame::Revoke { request: request.clone() },
+            Ask::Close => Frame::Close,
+        };
+        for (_, writer, _) in &targets {
+            if send(writer, &frame, &mut Vec::new()).is_err() {
+                // Its thread sees the end and drops the ask.
+                let _ = lock(writer).shutdown(Shutdown::Both);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let mut asked = lock(&shared.asked);
+        loop {
+            let waiting = targets.iter().any(|(ch, ..)| asked.contains(&(*ch, ask.clone())));
+            let now = Instant::now();
+            if !waiting || now >= deadline {
+                break;
+            }
+            asked = shared.confirmed.wait_timeout(asked, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        let mut silent = Vec::new();
+        for (ch, writer, peer) in targets {
+            if asked.remove(&(ch, ask.clone())) {
+                let _ = lock(&writer).shutdown(Shutdown::Both);
+                silent.push(peer);
+            }
+        }
+        silent
+    }
+}
+
+impl Drop for ChannelServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let wake = match self.addr.ip() {
+            ip if ip.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), self.addr.port()),
+            _ => self.addr,
+        };
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        let connections = std::mem::take(&mut *lock(&self.shared.connections));
+        for (stream, _) in &connections {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        for (_, thread) in connections {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin, and let finished connections go.
+                shared.log.error(format!("accepting a request channel: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
+                lock(&shared.connections).retain(|(_, t)| !t.is_finished());
+                continue;
+            }
+        };
+        let mut connections = lock(&shared.connections);
+        connections.retain(|(_, t)| !t.is_finished());
+        if connections.len() >= MAX_CHANNELS {
+            drop(connections);
+            shared.log.error(format!("refused a request channel: {MAX_CHANNELS} are open"));
+            let _ = stream.shutdown(Shutdown::Both);
+            continue;
+        }
+        let Ok(handle) = stream.try_clone() else { continue };
+        let s = shared.clone();
+        if let Ok(thread) = std::thread::Builder::new().name("kvtransfer-channel".into()).spawn(move || serve(stream, &s)) {
+            connections.push((handle, thread));
+        }
+    }
+}
+
+fn serve(mut stream: TcpStream, shared: &Shared) {
+    let from = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|_| "?".into());
+    let peer = match greet(&mut stream, shared) {
+        Ok(peer) => PeerInfo { name: format!("{} at {from}", peer.name), ..peer },
+        Err(e) => {
+            if !shared.stop.load(Ordering::Acquire) {
+                shared.log.error(format!("request channel from {from} refused: {e}"));
+            }
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    let channel = shared.next_channel.fetch_add(1, Ordering::Relaxed);
+    let writer = match stream.try_clone() {
+        Ok(w) => Arc::new(Mutex::new(w)),
+        Err(e) => {
+            shared.log.error(format!("request channel from {} closed: {e}", peer.name));
+            return;
+        }
+    };
+    // Registered before the revoked requests are read: a revoke either finds this channel open, or is among
+    // those requests (see `Events::opened`).
+    lock(&shared.live).insert(channel, Live { peer: peer.clone(), writer: writer.clone() });
+    let why = match run(&mut stream, shared, channel, &peer, &writer) {
+        Ok(()) => "it closed".to_string(),
+        Err(e) => e.message().to_string(),
+    };
+    lock(&shared.live).remove(&channel);
+    let _ = stream.shutdown(Shutdown::Both);
+    // The peer's end is handled (its data path cut off) before anyone waiting on its confirmation goes on.
+    shared.events.closed(channel, &peer, &why);
+    lock(&shared.asked).retain(|(ch, _)| *ch != channel);
+    shared.confirmed.notify_all();
+}
+
+fn greet(stream: &mut TcpStream, shared: &Shared) -> Result<PeerInfo> {
+    let setup = |e| Error::io("configuring a request channel", e);
+    stream.set_nodelay(true).map_err(setup)?;
+    stream.set_read_timeout(Some(shared.timeout)).map_err(setup)?;
+    stream.set_write_timeout(Some(shared.timeout)).map_err(setup)?;
+    let mut hello = [0u8; frame::HELLO_LEN];
+    stream.read_exact(&mut hello).map_err(|e| Error::io("reading the channel hello", e))?;
+    let (protocol, token) = frame::decode_hello(&hello)?;
+    let admitted = match protocol {
+        PROTOCOL_VERSION if !shared.closing.load(Ordering::Acquire) => lock(&shared.pending).remove(&token),
+        _ => None,
+    };
+    match admitted {
+        Some((peer, at)) if at.elapsed() < shared.timeout => Ok(peer),
+        _ => Err(Error::new(ErrorCode::Rejected, format!("an unknown or expired channel token (protocol {protocol})"))),
+    }
+}
+
+fn run(stream: &mut TcpStream, shared: &Shared, channel: u64, peer: &PeerInfo, writer: &Arc<Mutex<TcpStream>>) -> Result<()> {
+    let mut out = Vec::new();
+    for request in shared.events.opened(channel, peer) {
+        send(writer, &Frame::Revoke { request }, &mut out)?;
+    }
+    send(writer, &Frame::Ready, &mut out)?;
+    stream.set_read_timeout(Some(PING)).map_err(|e| Error::io("configuring a request channel", e))?;
+    let miss = (PING * 3).max(MIN_MISS).max(shared.timeout);
+    let max = Frame::max_len(shared.block_number);
+    let mut body = Vec::new();
+    let mut heard = Instant::now();
+    loop {
+        let mut idle = || {
+            if shared.stop.load(Ordering::Acquire) {
+                return Err(Error::new(ErrorCode::Closed, "the decode closed"));
+            }
+            if heard.elapsed() > miss {
+                return Err(Error::new(ErrorCode::Timeout, format!("no word from the prefill for {} ms", miss.as_millis())));
+            }
+            Ok(())
+        };
+        let Some(frame) = read_frame(stream, max, shared.block_number, &mut body, &mut idle)? else { return Ok(()) };
+        heard = Instant::now();
+        match frame {
+            Frame::Ping => {}
+            Frame::Revoked { request } => confirm(shared, channel, Ask::Revoke(request)),
+            Frame::Closed => confirm(shared, channel, Ask::Close),
+            f if f.from_prefill() => shared.events.frame(channel, peer, f)?,
+            f => return Err(Error::protocol(format!("the prefill sent a decode's frame ({f:?})"))),
+        }
+    }
+}
+
+fn confirm(shared: &Shared, channel: u64, ask: Ask) {
+    lock(&shared.asked).remove(&(channel, ask));
+    shared.confirmed.notify_all();
+}
+
+fn send(writer: &Mutex<TcpStream>, frame: &Frame, out: &mut Vec<u8>) -> Result<()> {
+    frame.encode(out);
+    lock(writer).write_all(out).map_err(|e| Error::io("sending on the request channel", e))
+}
+
+/// Reads one frame. `Ok(None)`: the peer closed between frames. While no frame is coming, `idle` runs at each
+/// read timeout and may end the wait.
+fn read_frame(
+    stream: &mut TcpStream,
+    max: usize,
+    block_number: u32,
+    body: &mut Vec<u8>,
+    idle: &mut dyn FnMut() -> Result<()>,
+) -> Result<Option<Frame>> {
+    let mut len = [0u8; 4];
+    if !fill(stream, &mut len, true, idle)? {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > max {
+        return Err(Error::protocol(format!("a request-channel frame of {len} bytes (at most {max})")));
+    }
+    body.resize(len, 0);
+    fill(stream, body, false, idle)?;
+    Frame::decode(body, block_number).map(Some)
+}
+
+/// Fills `buf`. `Ok(false)`: the peer closed before the first byte, where `may_end`.
+fn fill(stream: &mut TcpStream, buf: &mut [u8], may_end: bool, idle: &mut dyn FnMut() -> Result<()>) -> Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match stream.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && may_end => return Ok(false),
+            Ok(0) => return Err(Error::new(ErrorCode::Transport, "the request channel closed in the middle of a frame")),
+            Ok(n) => got += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => idle()?,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("reading the request channel", e)),
+        }
+    }
+    Ok(true)
+}
+
+/// What the decode tells a prefill to do: revoke a request, or stop writing because it closes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Directive {
+    Revoke(RequestId),
+    Close,
+}
+
+/// The prefill's end of one channel. Dropping it closes the channel.
+pub struct ChannelClient {
+    writer: Arc<Mutex<TcpStream>>,
+    broken: Arc<AtomicBool>,
+    out: Vec<u8>,
+}
+
+impl ChannelClient {
+    /// Opens the channel at `host:port` with the handshake's `token`. Returns it with the requests the decode
+    /// has revoked (confirmed already). From then on a thread of its own answers the decode: `obey` runs for
+    /// each directive, and the confirmation is sent once it returns.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        token: u64,
+        timeout: Duration,
+        obey: Arc<dyn Fn(&Directive) + Send + Sync>,
+    ) -> Result<(ChannelClient, Vec<RequestId>)> {
+        let peer = format!("{host}:{port}");
+        let addrs = (host, port).to_socket_addrs().map_err(|e| Error::invalid(format!("cannot resolve {peer}: {e}")))?;
+        let mut last = Error::invalid(format!("{peer} resolves to no address"));
+        let mut stream = None;
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = Error::io(&format!("opening the request channel to {addr}"), e),
+            }
+        }
+        let mut stream = stream.ok_or(last)?;
+        let setup = |e| Error::io("configuring the request channel", e);
+        stream.set_nodelay(true).map_err(setup)?;
+        stream.set_read_timeout(Some(timeout)).map_err(setup)?;
+        stream.set_write_timeout(Some(timeout)).map_err(setup)?;
+        stream.write_all(&frame::encode_hello(PROTOCOL_VERSION, token)).map_err(|e| Error::io("greeting the request channel", e))?;
+        let writer = Arc::new(Mutex::new(stream.try_clone().map_err(setup)?));
+        let (mut out, mut body) = (Vec::new(), Vec::new());
+        let mut revoked = Vec::new();
+        let deadline = Instant::now() + timeout;
+        let mut idle = || match Instant::now() < deadline {
+            true => Ok(()),
+            false => Err(Error::new(ErrorCode::Timeout, format!("the request channel to {peer} did not open in time"))),
+        };
+        loop {
+            match read_frame(&mut stream, Frame::max_len(0), 0, &mut body, &mut idle)? {
+                None => return Err(Error::new(ErrorCode::Rejected, format!("{peer} refused the request channel (its token is unknown or expired)"))),
+                Some(Frame::Ready) => break,
+                Some(Frame::Revoke { request }) => {
+                    send(&writer, &Frame::Revoked { request: request.clone() }, &mut out)?;
+                    revoked.push(request);
+                }
+                Some(f) => return Err(Error::protocol(format!("{peer} opened the request channel with {f:?}"))),
+            }
+        }
+        stream.set_read_timeout(Some(PING)).map_err(setup)?;
+        let broken = Arc::new(AtomicBool::new(false));
+        let (w, b) = (writer.clone(), broken.clone());
+        std::thread::Builder::new()
+            .name(format!("kvtransfer-channel {peer}"))
+            .spawn(move || {
+                let _ = answer(stream, &w, &*obey);
+                b.store(true, Ordering::Release);
+                let _ = lock(&w).shutdown(Shutdown::Both);
+            })
+            .map_err(|e| Error::io("starting the request channel's thread", e))?;
+        Ok((ChannelClient { writer, broken, out }, revoked))
+    }
+
+    /// Whether the channel has ended (the decode closed it, or went away): the link must be rebuilt.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    pub fn send(&mut self, frame: &Frame) -> Result<()> {
+        let sent = send(&self.writer, frame, &mut self.out);
+        if sent.is_err() {
+            self.broken.store(true, Ordering::Release);
+        }
+        sent
+    }
+}
+
+impl Drop for ChannelClient {
+    fn drop(&mut self) {
+        // Its thread sees the end and stops.
+        let _ = lock(&self.writer).shutdown(Shutdown::Both);
+    }
+}
+
+/// The prefill's channel thread: pings while idle, obeys the decode's directives and confirms them.
+fn answer(mut stream: TcpStream, writer: &Mutex<TcpStream>, obey: &(dyn Fn(&Directive) + Send + Sync)) -> Result<()> {
+    let (mut out, mut body) = (Vec::new(), Vec::new());
+    loop {
+        let mut idle = || send(writer, &Frame::Ping, &mut Vec::new());
+        let Some(frame) = read_frame(&mut stream, Frame::max_len(0), 0, &mut body, &mut idle)? else { return Ok(()) };
+        let (directive, confirmation) = match frame {
+            Frame::Revoke { request } => (Directive::Revoke(request.clone()), Frame::Revoked { request }),
+            Frame::Close => (Directive::Close, Frame::Closed),
+            f => return Err(Error::protocol(format!("the decode sent {f:?} on the request channel"))),
+        };
+        obey(&directive);
+        send(writer, &confirmation, &mut out)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[derive(Default)]
+    struct Recorder {
+        frames: Mutex<Vec<Frame>>,
+        closed: Mutex<Vec<String>>,
+        revoked: Mutex<Vec<RequestId>>,
+    }
+
+    impl Events for Recorder {
+        fn opened(&self, _: u64, _: &PeerInfo) -> Vec<RequestId> {
+            lock(&self.revoked).clone()
+        }
+        fn frame(&self, _: u64, _: &PeerInfo, frame: Frame) -> Result<()> {
+            lock(&self.frames).push(frame);
+            Ok(())
+        }
+        fn closed(&self, _: u64, _: &PeerInfo, why: &str) {
+            lock(&self.closed).push(why.to_string());
+        }
+    }
+
+    fn server(events: Arc<Recorder>) -> ChannelServer {
+        let log = Arc::new(Logger::new(&Config::default(), "test".to_string()).unwrap());
+        ChannelServer::start([127, 0, 0, 1].into(), 8, Duration::from_secs(5), log, events).unwrap()
+    }
+
+    fn peer() -> PeerInfo {
+        PeerInfo { name: "p".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1 }
+    }
+
+    fn until(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn id(s: &str) -> RequestId {
+        RequestId::new(s).unwrap()
+    }
+
+    #[test]
+    fn frames_arrive_in_order_and_revokes_are_confirmed_after_obeying() {
+        let events = Arc::new(Recorder::default());
+        lock(&events.revoked).push(id("old"));
+        let server = server(events.clone());
+        let token = server.admit(peer());
+        let obeyed = Arc::new(Mutex::new(Vec::new()));
+        let o = obeyed.clone();
+        let (mut client, revoked) =
+            ChannelClient::connect("127.0.0.1", server.port(), token, Duration::from_secs(5), Arc::new(move |d: &Directive| lock(&o).push(d.clone())))
+                .unwrap();
+        assert_eq!(revoked, [id("old")]);
+        client.send(&Frame::Start { request: id("a") }).unwrap();
+        client.send(&Frame::Done { request: id("a"), layer: 1, blocks: vec![3] }).unwrap();
+        until("two frames", || lock(&events.frames).len() == 2);
+        assert_eq!(lock(&events.frames)[1], Frame::Done { request: id("a"), layer: 1, blocks: vec![3] });
+        let silent = server.ask_all(&Ask::Revoke(id("a")), Duration::from_secs(5));
+        assert!(silent.is_empty());
+        assert_eq!(*lock(&obeyed), [Directive::Revoke(id("a"))]);
+        // Idle pings keep the channel open well past the ping interval.
+        std::thread::sleep(PING * 4);
+        assert!(lock(&events.closed).is_empty() && !client.is_broken());
+        drop(client);
+        until("the close", || lock(&events.closed).len() == 1);
+    }
+
+    #[test]
+    fn a_token_opens_one_channel_and_strangers_none() {
+        let events = Arc::new(Recorder::default());
+        let server = server(events.clone());
+        let token = server.admit(peer());
+        let nothing = Arc::new(|_: &Directive| {});
+        let err = ChannelClient::connect("127.0.0.1", server.port(), token ^ 1, Duration::from_secs(5), nothing.clone()).err().unwrap();
+        assert_eq!(err.code(), ErrorCode::Rejected);
+        let first = ChannelClient::connect("127.0.0.1", server.port(), token, Duration::from_secs(5), nothing.clone()).unwrap();
+        let again = ChannelClient::connect("127.0.0.1", server.port(), token, Duration::from_secs(5), nothing.clone()).err().unwrap();
+        assert_eq!(again.code(), ErrorCode::Rejected);
+        drop(first);
+        server.stop_admitting();
+        let late = server.admit(peer());
+        assert!(ChannelClient::connect("127.0.0.1", server.port(), late, Duration::from_secs(5), nothing).is_err());
+    }
+
+    #[test]
+    fn garbage_closes_the_channel_and_a_silent_peer_does_not_block_asks() {
+        let events = Arc::new(Recorder::default());
+        let server = server(events.clone());
+        // A peer that opens the channel and then never answers.
+        let token = server.admit(peer());
+        let mut raw = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        raw.write_all(&frame::encode_hello(PROTOCOL_VERSION, token)).unwrap();
+        let mut ready = [0u8; 5];
+        raw.read_exact(&mut ready).unwrap();
+        let started = Instant::now();
+        let silent = server.ask_all(&Ask::Close, Duration::from_millis(300));
+        assert_eq!(silent.len(), 1);
+        assert!(started.elapsed() < Duration::from_secs(3));
+        until("the cut-off", || lock(&events.closed).len() == 1);
+        // Garbage: a frame claiming 1 GiB.
+        let token = server.admit(peer());
+        let mut raw = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        raw.write_all(&frame::encode_hello(PROTOCOL_VERSION, token)).unwrap();
+        raw.read_exact(&mut ready).unwrap();
+        raw.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
+        until("the refusal", || lock(&events.closed).len() == 2);
+        assert!(lock(&events.closed)[1].contains("at most"), "{:?}", lock(&events.closed));
+    }
+}

@@ -1,0 +1,448 @@
+//! The decode side's view of requests: which layers of each have arrived, from which prefill links, and what
+//! the engine waits for. Fed by the request channels ([`crate::channel`]); no I/O of its own.
+//!
+//! - A layer of a request has arrived once every prefill rank that writes into this decode's blocks (`ratio`
+//!   of them, one per slice) has written it. A request is complete once every layer of the cache has.
+//! - A request ends complete, failed (a write failed, or a link that had started it ended before it was
+//!   complete), aborted (by a prefill) or revoked (by the engine); the first end is final.
+//! - Notifications are collected only once the engine asks for them ([`Requests::next_then`]), at most
+//!   [`MAX_QUEUED`] at a time.
+
+use crate::channel::{Frame, PeerInfo, RequestId};
+use crate::error::{Error, ErrorCode, Result};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+/// Ended requests remembered (for a `waitFor` that comes after the end), and revoked ids remembered (so a
+/// prefill link that reconnects learns them).
+pub const MAX_REMEMBERED: usize = 65536;
+/// Requests one link may have open at once; a link that opens more is cut off.
+pub const MAX_OPEN_PER_LINK: usize = 65536;
+/// Notifications kept for the engine; past that the oldest are dropped, and counted.
+pub const MAX_QUEUED: usize = 65536;
+
+/// What became of a write, or of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// A write's bytes are in this decode's memory.
+    Done,
+    /// The request will not complete: a write failed, or its prefill went away.
+    Failed,
+    /// Its prefill aborted it.
+    Aborted,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::Aborted => "aborted",
+        }
+    }
+}
+
+/// One event of a request, as the engine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub request_id: String,
+    /// The layer written (`Done` only).
+    pub layer: Option<u32>,
+    /// This decode's blocks that the write filled (`Done` only).
+    pub block_ids: Vec<u32>,
+    /// The prefill link (`prefill tp i/n at host`).
+    pub peer: String,
+    pub status: Status,
+    /// Why it failed or was aborted.
+    pub reason: Option<String>,
+}
+
+type Settle = Box<dyn FnOnce(Result<()>) + Send>;
+type Take = Box<dyn FnOnce(Vec<Notification>) + Send>;
+
+struct Waiter {
+    token: u64,
+    /// `None`: every layer.
+    layers: Option<Vec<u32>>,
+    settle: Settle,
+}
+
+#[derive(Debug, Clone)]
+enum End {
+    Complete,
+    Failed(Error),
+    Revoked,
+}
+
+struct Record {
+    /// Per layer, the slices that have arrived.
+    slots: Vec<Vec<u32>>,
+    ratio: u32,
+    complete_layers: u32,
+    end: Option<End>,
+    /// The links that started it and may still write it.
+    links: HashSet<u64>,
+    waiters: Vec<Waiter>,
+}
+
+impl Record {
+    fn new(layers: u32) -> Record {
+        Record { slots: vec![Vec::new(); layers as usize], ratio: 1, complete_layers: 0, end: None, links: HashSet::new(), waiters: Vec::new() }
+    }
+
+    fn has(&self, layer: u32) -> bool {
+        self.slots.get(layer as usize).is_some_and(|s| s.len() as u32 >= self.ratio)
+    }
+
+    fn satisfies(&self, layers: &Option<Vec<u32>>) -> bool {
+        match layers {
+            None => self.complete_layers as usize == self.slots.len(),
+            Some(list) => list.iter().all(|&l| self.has(l)),
+        }
+    }
+}
+
+struct Table {
+    records: HashMap<RequestId, Record>,
+    /// Ended requests, oldest first: the first forgotten when there are too many.
+    ended: VecDeque<RequestId>,
+    revoked: HashSet<RequestId>,
+    revoked_order: VecDeque<RequestId>,
+    /// Each link's requests that have not ended.
+    open: HashMap<u64, HashSet<RequestId>>,
+    /// `None` until the engine first asks for notifications.
+    queue: Option<VecDeque<Notification>>,
+    dropped: u64,
+    takers: Vec<Take>,
+}
+
+/// The requests of one decode communicator.
+pub struct Requests {
+    layers: u32,
+    block_number: u32,
+    table: Mutex<Table>,
+}
+
+/// Completions to run once the table is unlocked (they may call back in).
+#[derive(Default)]
+struct Due {
+    settles: Vec<(Settle, Result<()>)>,
+    takes: Vec<(Take, Vec<Notification>)>,
+}
+
+impl Due {
+    /// Notifications first: an engine that reads them sees a write no later than a waiter does.
+    fn run(self) {
+        for (take, batch) in self.takes {
+            take(batch);
+        }
+        for (settle, outcome) in self.settles {
+            settle(outcome);
+        }
+    }
+}
+
+impl Requests {
+    pub fn new(layers: u32, block_number: u32) -> Requests {
+        Requests {
+            layers,
+            block_number,
+            table: Mutex::new(Table {
+                records: HashMap::new(),
+                ended: VecDeque::new(),
+                revoked: HashSet::new(),
+                revoked_order: VecDeque::new(),
+                open: HashMap::new(),
+                queue: None,
+                dropped: 0,
+                takers: Vec::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The revoked requests a newly opened link must learn.
+    pub fn revoked(&self) -> Vec<RequestId> {
+        self.lock().revoked_order.iter().cloned().collect()
+    }
+
+    /// What link `link` (of `peer`) said. An error means the link misbehaves and must be cut off.
+    pub fn on_frame(&self, link: u64, peer: &PeerInfo, frame: Frame) -> Result<()> {
+        let mut due = Due::default();
+        let outcome = {
+            let mut t = self.lock();
+            match frame {
+                Frame::Start { request } => self.start(&mut t, link, &request),
+                Frame::Done { request, layer, blocks } => self.done(&mut t, &mut due, link, peer, request, layer, blocks),
+                Frame::Failed { request, code, reason } => {
+                    let why = Error::new(ErrorCode::Transport, format!("{} failed to write it ({code}: {reason})", peer.name));
+                    self.fail(&mut t, &mut due, &request, &peer.name, Status::Failed, why);
+                    Ok(())
+                }
+                Frame::Abort { request, reason } => {
+                    let why = Error::new(ErrorCode::Aborted, format!("{} aborted it{}", peer.name, reason_suffix(&reason)));
+                    self.fail(&mut t, &mut due, &request, &peer.name, Status::Aborted, why);
+                    Ok(())
+                }
+                f => Err(Error::protocol(format!("unexpected frame {f:?}"))),
+            }
+        };
+        due.run();
+        outcome
+    }
+
+    /// Link `link` ended, `why`: every request it started that has not ended fails.
+    pub fn on_link_end(&self, link: u64, peer: &PeerInfo, why: &str) {
+        let mut due = Due::default();
+        {
+            let mut t = self.lock();
+            for request in t.open.remove(&link).unwrap_or_default() {
+                let e = Error::new(ErrorCode::Transport, format!("the connection to {} ended before it was complete ({why})", peer.name));
+                self.fail(&mut t, &mut due, &request, &peer.name, Status::Failed, e);
+            }
+        }
+        due.run();
+    }
+
+    fn start(&self, t: &mut Table, link: u64, request: &RequestId) -> Result<()> {
+        if t.revoked.contains(request) {
+            return Ok(());
+        }
+        let layers = self.layers;
+        let record = t.records.entry(request.clone()).or_insert_with(|| Record::new(layers));
+        if record.end.is_some() {
+            return Ok(());
+        }
+        record.links.insert(link);
+        let open = t.open.entry(link).or_default();
+        open.insert(request.clone());
+        if open.len() > MAX_OPEN_PER_LINK {
+            return Err(Error::protocol(format!("more than {MAX_OPEN_PER_LINK} requests open on one link")));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn done(&self, t: &mut Table, due: &mut Due, link: u64, peer: &PeerInfo, request: RequestId, layer: u32, blocks: Vec<u32>) -> Result<()> {
+        if layer >= self.layers {
+            return Err(Error::protocol(format!("a notification for layer {layer} of a {}-layer cache", self.layers)));
+        }
+        if let Some(b) = blocks.iter().find(|&&b| b >= self.block_number) {
+            return Err(Error::protocol(format!("a notification for block {b} of a {}-block cache", self.block_number)));
+        }
+        self.start(t, link, &request)?;
+        let Some(record) = t.records.get_mut(&request) else { return Ok(()) };
+        if record.end.is_some() {
+            return Ok(());
+        }
+        record.ratio = peer.ratio.max(1);
+        let slots = &mut record.slots[layer as usize];
+        if !slots.contains(&peer.slot) {
+            slots.push(peer.slot);
+            if slots.len() as u32 == record.ratio {
+                record.complete_layers += 1;
+            }
+        }
+        let ready: Vec<Waiter>;
+        (ready, record.waiters) = std::mem::take(&mut record.waiters).into_iter().partition(|w| record.satisfies(&w.layers));
+        due.settles.extend(ready.into_iter().map(|w| (w.settle, Ok(()))));
+        let complete = record.complete_layers == self.layers;
+        let notification = Notification {
+            request_id: request.to_string(),
+            layer: Some(layer),
+            block_ids: blocks,
+            peer: peer.name.clone(),
+            status: Status::Done,
+            reason: None,
+        };
+        if complete {
+            self.end(t, &request, End::Complete);
+        }
+        push(t, due, notification);
+        Ok(())
+    }
+
+    /// Ends `request` as failed or aborted (if it has not ended): its waiters get `why`.
+    fn fail(&self, t: &mut Table, due: &mut Due, request: &RequestId, peer: &str, status: Status, why: Error) {
+        if t.revoked.contains(request) {
+            return;
+        }
+        let layers = self.layers;
+        let record = t.records.entry(request.clone()).or_insert_with(|| Record::new(layers));
+        if record.end.is_some() {
+            return;
+        }
+        for w in std::mem::take(&mut record.waiters) {
+            due.settles.push((w.settle, Err(why.clone())));
+        }
+        let reason = Some(why.message().to_string());
+        self.end(t, request, End::Failed(why));
+        let n = Notification { request_id: request.to_string(), layer: None, block_ids: Vec::new(), peer: peer.to_string(), status, reason };
+        push(t, due, n);
+    }
+
+    fn end(&self, t: &mut Table, request: &RequestId, end: End) {
+        let Some(record) = t.records.get_mut(request) else { return };
+        record.end = Some(end);
+        for link in std::mem::take(&mut record.links) {
+            if let Some(open) = t.open.get_mut(&link) {
+                open.remove(request);
+            }
+        }
+        t.ended.push_back(request.clone());
+        while t.ended.len() > MAX_REMEMBERED {
+            let old = t.ended.pop_front().expect("not empty");
+            if t.records.get(&old).is_some_and(|r| r.end.is_some() && r.waiters.is_empty()) {
+                t.records.remove(&old);
+            }
+        }
+    }
+
+    /// The engine revoked `request`: remembered, and its waiters get `REVOKED`. Returns nothing to wait for:
+    /// the caller asks the links to confirm.
+    pub fn revoke(&self, request: &RequestId) {
+        let mut due = Due::default();
+        {
+            let mut t = self.lock();
+            if t.revoked.insert(request.clone()) {
+                t.revoked_order.push_back(request.clone());
+                while t.revoked_order.len() > MAX_REMEMBERED {
+                    let old = t.revoked_order.pop_front().expect("not empty");
+                    t.revoked.remove(&old);
+                }
+            }
+            if let Some(record) = t.records.get_mut(request) {
+                for w in std::mem::take(&mut record.waiters) {
+                    due.settles.push((w.settle, Err(revoked(request))));
+                }
+            }
+            if t.records.get(request).is_some_and(|r| r.end.is_none()) {
+                self.end(&mut t, request, End::Revoked);
+            }
+        }
+        due.run();
+    }
+
+    /// Settles `settle` once the `layers` of `request` (all, for `None`) have arrived, or at once with the
+    /// request's end if it ended otherwise. `token` names the wait for [`Requests::cancel`].
+    pub fn wait(&self, token: u64, request: &RequestId, layers: Option<Vec<u32>>, settle: Settle) {
+        if let Some(bad) = layers.as_ref().and_then(|l| l.iter().find(|&&l| l >= self.layers)) {
+            return settle(Err(Error::invalid(format!("layer {bad} is outside [0, {})", self.layers))));
+        }
+        let mut settle = Some(settle);
+        let now = {
+            let mut t = self.lock();
+            if t.revoked.contains(request) {
+                Some(Err(revoked(request)))
+            } else {
+                let layers_n = self.layers;
+                let record = t.records.entry(request.clone()).or_insert_with(|| Record::new(layers_n));
+                match &record.end {
+                    Some(End::Failed(e)) => Some(Err(e.clone())),
+                    Some(End::Revoked) => Some(Err(revoked(request))),
+                    _ if record.satisfies(&layers) => Some(Ok(())),
+                    _ => {
+                        let settle = settle.take().expect("not taken yet");
+                        record.waiters.push(Waiter { token, layers, settle });
+                        None
+                    }
+                }
+            }
+        };
+        if let (Some(outcome), Some(settle)) = (now, settle) {
+            settle(outcome);
+        }
+    }
+
+    /// Ends the wait `token` with `why` (its timeout or its signal); `false` if it had already settled.
+    pub fn cancel(&self, token: u64, why: Error) -> bool {
+        let found = {
+            let mut t = self.lock();
+            let found = t.records.iter_mut().find_map(|(id, r)| {
+                let i = r.waiters.iter().position(|w| w.token == token)?;
+                Some((id.clone(), r.waiters.swap_remove(i)))
+            });
+            // A wait for a request that never started leaves nothing behind.
+            if let Some((id, _)) = &found {
+                if t.records.get(id).is_some_and(|r| r.end.is_none() && r.links.is_empty() && r.waiters.is_empty() && r.complete_layers == 0 && r.slots.iter().all(Vec::is_empty)) {
+                    t.records.remove(id);
+                }
+            }
+            found.map(|(_, w)| w)
+        };
+        match found {
+            Some(w) => {
+                (w.settle)(Err(why));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Hands the notifications queued (waiting for one if there is none) to `take`. The first call starts the
+    /// queue.
+    pub fn next_then(&self, take: Take) {
+        let batch = {
+            let mut t = self.lock();
+            let queue = t.queue.get_or_insert_with(VecDeque::new);
+            if queue.is_empty() {
+                t.takers.push(take);
+                return;
+            }
+            queue.drain(..).collect::<Vec<_>>()
+        };
+        take(batch);
+    }
+
+    /// Notifications dropped because the engine did not take them in time.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+
+    /// Fails every wait and hands every taker an empty batch (the communicator closed).
+    pub fn close(&self) {
+        let mut due = Due::default();
+        {
+            let mut t = self.lock();
+            for record in t.records.values_mut() {
+                for w in std::mem::take(&mut record.waiters) {
+                    due.settles.push((w.settle, Err(Error::new(ErrorCode::Closed, "the communicator is closed"))));
+                }
+            }
+            for take in std::mem::take(&mut t.takers) {
+                due.takes.push((take, Vec::new()));
+            }
+        }
+        due.run();
+    }
+}
+
+fn revoked(request: &RequestId) -> Error {
+    Error::new(ErrorCode::Revoked, format!("request {request:?} was revoked"))
+}
+
+fn reason_suffix(reason: &str) -> String {
+    match reason {
+        "" => String::new(),
+        r => format!(": {r}"),
+    }
+}
+
+/// Queues `n` for the engine, or hands it to a waiting taker.
+fn push(t: &mut Table, due: &mut Due, n: Notification) {
+    let Some(queue) = t.queue.as_mut() else { return };
+    if let Some(take) = t.takers.pop() {
+        let mut batch: Vec<Notification> = queue.drain(..).collect();
+        batch.push(n);
+        due.takes.push((take, batch));
+        return;
+    }
+    queue.push_back(n);
+    if queue.len() > MAX_QUEUED {
+        queue.pop_front();
+        t.dropped += 1;
+    }
+}

@@ -1,0 +1,276 @@
+//! Requests on every transport of this machine (TCP and shared memory): notifications that never come before
+//! their bytes, waits per layer, abort, a prefill that goes away, revocation with a writer still running, and a
+//! decode's close during writes.
+
+mod common;
+
+use common::Cache;
+use kvtransfer::communicator::{Notification, RequestId, Status};
+use kvtransfer::memory::CacheSpec;
+use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice, TransportKind};
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const KINDS: [TransportKind; 2] = [TransportKind::Tcp, TransportKind::Shm];
+const HOST: &str = "127.0.0.1";
+
+fn config(kind: TransportKind) -> Config {
+    Config { transport: TransportChoice::Only(kind), timeout: Duration::from_secs(5), ..Config::default() }
+}
+
+fn decode(cache: CacheSpec, kind: TransportKind) -> Arc<Communicator> {
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(cache), tp_size: 1, tp_idx: 0 };
+    Arc::new(Communicator::new(spec, config(kind)).unwrap())
+}
+
+fn prefill(cache: CacheSpec, kind: TransportKind) -> Arc<Communicator> {
+    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: common::layout(cache), tp_size: 1, tp_idx: 0 };
+    Arc::new(Communicator::new(spec, config(kind)).unwrap())
+}
+
+fn id(s: &str) -> RequestId {
+    RequestId::new(s).unwrap()
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_notification_never_comes_before_its_bytes() {
+    for kind in KINDS {
+        // Every request writes other source blocks into the same decode blocks: a notification that came before
+        // its bytes would find the previous request's bytes there.
+        let src = Arc::new(Cache::new(2, 2, 256, 4096, 1));
+        let dst = Arc::new(Cache::new(2, 2, 64, 4096, 2));
+        let d = decode(dst.spec(), kind);
+        let p = prefill(src.spec(), kind);
+        p.connect(HOST, d.port(), 1).unwrap();
+        let remote: Vec<u32> = (0..32).map(|i| (i * 5) % 64).collect();
+        let local_of = |k: u32| -> Vec<u32> { (0..32).map(|i| (k * 32 + i * 3) % 256).collect() };
+        let (checked_tx, checked) = mpsc::channel::<(Notification, bool)>();
+        // The engine's side: each notification is checked the moment it is handed over.
+        fn take(d: Arc<Communicator>, src: Arc<Cache>, dst: Arc<Cache>, tx: mpsc::Sender<(Notification, bool)>) {
+            let (d2, s2, t2, tx2) = (d.clone(), src.clone(), dst.clone(), tx.clone());
+            d.next_notifications_then(move |batch| {
+                if batch.is_empty() {
+                    return; // closed
+                }
+                for n in batch {
+                    let k: u32 = n.request_id.trim_start_matches("req-").parse().unwrap();
+                    let layer = n.layer.unwrap() as usize;
+                    let local: Vec<u32> = (0..32).map(|i| (k * 32 + i * 3) % 256).collect();
+                    let intact = (0..2).all(|t| n.block_ids.iter().zip(&local).all(|(&r, &l)| t2.block(t, layer, r) == s2.block(t, layer, l)));
+                    let _ = tx2.send((n, intact));
+                }
+                take(d2, s2, t2, tx2);
+            });
+        }
+        take(d.clone(), src.clone(), dst.clone(), checked_tx);
+        for k in 0..16u32 {
+            let request = id(&format!("req-{k}"));
+            for layer in 0..2 {
+                p.write_request(HOST, d.port(), &local_of(k), &remote, layer, Some(&request)).unwrap();
+                let (n, intact) = checked.recv_timeout(WAIT).unwrap();
+                assert!(intact, "{kind}: the notification for {} layer {layer} came before its bytes", n.request_id);
+                assert_eq!((n.request_id.as_str(), n.layer, n.status), (request.as_str(), Some(layer), Status::Done));
+                assert_eq!(n.block_ids, remote);
+                assert!(n.peer.contains("prefill tp 0/1"), "{}", n.peer);
+            }
+            d.wait_for(&request, None, WAIT).unwrap();
+        }
+        // A write without a request id says nothing.
+        p.write_cache(HOST, d.port(), &[1], &[1], 0).unwrap();
+        assert!(checked.recv_timeout(Duration::from_millis(300)).is_err(), "{kind}");
+    }
+}
+
+#[test]
+fn waits_per_layer_and_many_requests_in_flight() {
+    for kind in KINDS {
+        let src = Cache::new(2, 4, 256, 1024, 3);
+        let dst = Cache::new(2, 4, 256, 1024, 4);
+        let d = decode(dst.spec(), kind);
+        let p = prefill(src.spec(), kind);
+        p.connect(HOST, d.port(), 1).unwrap();
+        // Streaming: the decode waits for layer 0 alone while the rest is not written yet.
+        let r = id("stream");
+        let (d2, r2) = (d.clone(), r.clone());
+        let layer0 = std::thread::spawn(move || d2.wait_for(&r2, Some(vec![0]), WAIT));
+        p.write_request(HOST, d.port(), &[0, 1], &[10, 11], 0, Some(&r)).unwrap();
+        layer0.join().unwrap().unwrap();
+        let err = d.wait_for(&r, Some(vec![1]), Duration::from_millis(200)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Timeout, "{kind}");
+        assert_eq!(d.wait_for(&r, Some(vec![9]), WAIT).unwrap_err().code(), ErrorCode::InvalidArgument);
+        for layer in 1..4 {
+            p.write_request(HOST, d.port(), &[0, 1], &[10, 11], layer, Some(&r)).unwrap();
+        }
+        d.wait_for(&r, None, WAIT).unwrap();
+        // 32 requests, 4 layers each, queued on the peer's thread all at once.
+        let (tx, rx) = mpsc::channel();
+        for k in 0..32u32 {
+            for layer in 0..4 {
+                let tx = tx.clone();
+                p.write_cache_then(HOST, d.port(), vec![k * 2, k * 2 + 1], vec![100 + k * 2, 101 + k * 2], layer, Some(id(&format!("many-{k}"))), None, move |r| {
+                    tx.send(r).unwrap()
+                });
+            }
+        }
+        for k in 0..32u32 {
+            d.wait_for(&id(&format!("many-{k}")), None, WAIT).unwrap();
+        }
+        for _ in 0..128 {
+            rx.recv_timeout(WAIT).unwrap().unwrap();
+        }
+        for k in 0..64 {
+            assert_eq!(dst.block(1, 3, 100 + k), src.block(1, 3, k), "{kind}");
+        }
+        // A write cancelled before it starts moves nothing.
+        let cancel = Arc::new(AtomicBool::new(true));
+        let (tx, rx) = mpsc::channel();
+        p.write_cache_then(HOST, d.port(), vec![5], vec![200], 0, Some(id("cancelled")), Some(cancel), move |r| tx.send(r).unwrap());
+        assert_eq!(rx.recv_timeout(WAIT).unwrap().unwrap_err().code(), ErrorCode::Aborted);
+        assert_ne!(dst.block(0, 0, 200), src.block(0, 0, 5));
+    }
+}
+
+#[test]
+fn abort_and_a_prefill_that_goes_away_reach_the_waiting_decode() {
+    for kind in KINDS {
+        let src = Cache::new(2, 2, 16, 1024, 5);
+        let dst = Cache::new(2, 2, 16, 1024, 6);
+        let d = decode(dst.spec(), kind);
+        let p = prefill(src.spec(), kind);
+        p.connect(HOST, d.port(), 1).unwrap();
+        let (tx, notes) = mpsc::channel();
+        let tx2 = tx.clone();
+        d.next_notifications_then(move |b| tx.send(b).unwrap());
+        // Abort.
+        let r = id("to-abort");
+        p.write_request(HOST, d.port(), &[1], &[2], 0, Some(&r)).unwrap();
+        let (d2, r2) = (d.clone(), r.clone());
+        let waiting = std::thread::spawn(move || d2.wait_for(&r2, None, WAIT));
+        std::thread::sleep(Duration::from_millis(100));
+        p.abort_request(HOST, d.port(), &r, "the client went away").unwrap();
+        let err = waiting.join().unwrap().unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Aborted, "{kind}: {err}");
+        assert!(err.message().contains("the client went away"), "{err}");
+        let err = p.write_request(HOST, d.port(), &[1], &[2], 1, Some(&r)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Aborted);
+        let mut seen: Vec<Notification> = notes.recv_timeout(WAIT).unwrap();
+        while !seen.iter().any(|n| n.status == Status::Aborted) {
+            d.next_notifications_then({
+                let tx = tx2.clone();
+                move |b| tx.send(b).unwrap()
+            });
+            seen.extend(notes.recv_timeout(WAIT).unwrap());
+        }
+        assert_eq!(seen.iter().map(|n| n.status).collect::<Vec<_>>(), [Status::Done, Status::Aborted], "{kind}");
+        // A prefill that goes away in the middle of a request: the wait ends at once, not at its timeout.
+        let r = id("orphan");
+        p.write_request(HOST, d.port(), &[1], &[2], 0, Some(&r)).unwrap();
+        let (d2, r2) = (d.clone(), r.clone());
+        let started = Instant::now();
+        let waiting = std::thread::spawn(move || d2.wait_for(&r2, None, Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_millis(100));
+        drop(p);
+        let err = waiting.join().unwrap().unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Transport, "{kind}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{kind}: took {:?}", started.elapsed());
+        // The decode goes on serving a new prefill.
+        let p = prefill(src.spec(), kind);
+        p.connect(HOST, d.port(), 1).unwrap();
+        p.write_request(HOST, d.port(), &[3], &[4], 0, Some(&id("next"))).unwrap();
+        d.wait_for(&id("next"), Some(vec![0]), WAIT).unwrap();
+    }
+}
+
+/// Writes `request` into decode blocks 0..64 of layer 0 over and over, alternating source blocks 0..64 and
+/// 64..128 so that every write changes the bytes, until a write fails; returns that failure and how many writes
+/// succeeded.
+fn keep_writing(p: Arc<Communicator>, port: u16, request: RequestId) -> std::thread::JoinHandle<(kvtransfer::Error, usize)> {
+    std::thread::spawn(move || {
+        let remote: Vec<u32> = (0..64).collect();
+        let mut n = 0;
+        loop {
+            let local: Vec<u32> = (0..64).map(|b| b + 64 * (n as u32 % 2)).collect();
+            match p.write_request(HOST, port, &local, &remote, 0, Some(&request)) {
+                Ok(()) => n += 1,
+                Err(e) => return (e, n),
+            }
+        }
+    })
+}
+
+#[test]
+fn after_revoke_returns_nothing_of_the_request_lands() {
+    for kind in KINDS {
+        let src = Cache::new(2, 1, 128, 64 * 1024, 7);
+        let dst = Cache::new(2, 1, 128, 64 * 1024, 8);
+        let d = decode(dst.spec(), kind);
+        let p = prefill(src.spec(), kind);
+        p.connect(HOST, d.port(), 1).unwrap();
+        let writer = keep_writing(p.clone(), d.port(), id("stale"));
+        std::thread::sleep(Duration::from_millis(200));
+        d.revoke(&id("stale")).unwrap();
+        // The last block a write fills, copied at once (a whole snapshot takes longer than a write).
+        let last = dst.block(1, 0, 63).to_vec();
+        let after = dst.snapshot();
+        let (err, writes) = writer.join().unwrap();
+        assert_eq!(err.code(), ErrorCode::Revoked, "{kind}: {err}");
+        assert!(writes > 0, "{kind}: the writer never wrote");
+        assert_eq!(d.wait_for(&id("stale"), None, WAIT).unwrap_err().code(), ErrorCode::Revoked);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(dst.block(1, 0, 63) == last && dst.snapshot() == after, "{kind}: bytes changed after revoke returned");
+        // Other requests go on; the revoked one stays refused, also after the link is rebuilt.
+        p.write_request(HOST, d.port(), &[1], &[100], 0, Some(&id("fresh"))).unwrap();
+        d.wait_for(&id("fresh"), None, WAIT).unwrap();
+        let p2 = prefill(src.spec(), kind);
+        p2.connect(HOST, d.port(), 1).unwrap();
+        let err = p2.write_request(HOST, d.port(), &[1], &[1], 0, Some(&id("stale"))).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Revoked, "{kind}: a new link must learn the revoked requests");
+        assert!(dst.snapshot() != after, "the fresh write landed");
+    }
+}
+
+#[test]
+fn after_a_decode_closes_nothing_lands() {
+    for kind in KINDS {
+        let src = Cache::new(2, 1, 128, 64 * 1024, 9);
+        let dst = Cache::new(2, 1, 64, 64 * 1024, 10);
+        let d = decode(dst.spec(), kind);
+        let p = prefill(src.spec(), kind);
+        p.connect(HOST, d.port(), 1).unwrap();
+        let writer = keep_writing(p.clone(), d.port(), id("busy"));
+        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        d.close();
+        let last = dst.block(1, 0, 63).to_vec();
+        assert!(started.elapsed() < Duration::from_secs(4), "{kind}: close took {:?}", started.elapsed());
+        let after = dst.snapshot();
+        let (err, writes) = writer.join().unwrap();
+        assert!(writes > 0);
+        assert!(matches!(err.code(), ErrorCode::NotConnected | ErrorCode::Transport | ErrorCode::Timeout | ErrorCode::Rejected), "{kind}: {err}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(dst.block(1, 0, 63) == last && dst.snapshot() == after, "{kind}: bytes changed after close returned");
+    }
+}
+
+#[test]
+fn a_prefill_close_waits_for_its_write_in_flight() {
+    for kind in KINDS {
+        let src = Cache::new(2, 1, 128, 256 * 1024, 11);
+        let dst = Cache::new(2, 1, 64, 256 * 1024, 12);
+        let d = decode(dst.spec(), kind);
+        let p = prefill(src.spec(), kind);
+        p.connect(HOST, d.port(), 1).unwrap();
+        let writer = keep_writing(p.clone(), d.port(), id("closing"));
+        std::thread::sleep(Duration::from_millis(100));
+        p.close();
+        let last = dst.block(1, 0, 63).to_vec();
+        let after = dst.snapshot();
+        let (err, _) = writer.join().unwrap();
+        assert_eq!(err.code(), ErrorCode::Closed, "{kind}: {err}");
+        assert!(dst.block(1, 0, 63) == last && dst.snapshot() == after, "{kind}: a write went on after the prefill's close returned");
+    }
+}
