@@ -21,6 +21,7 @@
 export { Communicator, type ConnectOptions, type DecodeOptions, type PrefillOptions } from './lib/communicator.js'
 export { Peer } from './lib/peer.js'
 export { RDMACommunicator } from './lib/compat.js'
+export type { Notification, NotificationStatus, WaitOptions, WriteOptions } from './lib/requests.js'
 export { KVTransferError, type ErrorCode } from './lib/errors.js'
 export { HostBuffer } from './lib/host-buffer.js'
 export { platform } from './lib/loader.js'

@@ -25,6 +25,7 @@ import {
   toSettings,
 } from './options.js'
 import { Peer } from './peer.js'
+import { type Notification, notificationsOf, toRequestId, type WaitOptions, waitWith } from './requests.js'
 
 /** A prefill communicator's options: its cache, its tensor-parallel rank, and settings. */
 export interface PrefillOptions extends CacheOptions, Settings {
@@ -121,6 +122,46 @@ export class Communicator {
     const [host, p, dst] = call(() => [toHost(ip), toPort(port, false), toCount('dstTpSize', options.dstTpSize ?? 1, 1)] as const)
     await settled(call(() => this.native.connectAsync(host, p, dst)))
     return new Peer(this, host, p)
+  }
+
+  /**
+   * Prefill: tells the decode at `ip:port` that `requestId` will not complete ({@link Peer.abort}).
+   */
+  async abortRequest(ip: string, port: Port, requestId: string, reason = ''): Promise<void> {
+    await this.peer(ip, port).abort(requestId, reason)
+  }
+
+  /**
+   * Decode: the notifications of every request, in the order each prefill link made its writes, as they
+   * arrive: `'done'` once a write's bytes are in this cache (never before), `'failed'` when a request can no
+   * longer complete (a write failed, or its prefill went away), `'aborted'` when its prefill aborted it. Ends
+   * when the communicator closes. Notifications are kept from the first call on (the most recent 65 536); one
+   * consumer takes them all (two iterators would each get some).
+   */
+  notifications(): AsyncGenerator<Notification, void, undefined> {
+    return notificationsOf(this.native)
+  }
+
+  /**
+   * Decode: resolves once the listed layers of `requestId` (default: every layer of the cache) have arrived
+   * from every prefill rank that writes into this decode. Rejects with `TRANSPORT` as soon as the request
+   * fails (a write failed, or its prefill's connection ended), `ABORTED` when its prefill aborts it or
+   * `options.signal` aborts, `REVOKED` once revoked, `TIMEOUT` after `options.timeoutMs`.
+   */
+  async waitFor(requestId: string, options: WaitOptions = {}): Promise<void> {
+    await waitWith(this.native, requestId, options)
+  }
+
+  /**
+   * Decode: resolves once no write of `requestId` can land in this cache any more, so that its blocks can be
+   * reused. Every prefill link confirms that it stopped and drained the request's writes, or is cut off (its
+   * connection closed) within the timeout; their writes of the request reject with `REVOKED` from then on.
+   * Rejects with `TIMEOUT` only when a link on this host neither confirms nor can be cut off (shared memory,
+   * CUDA IPC): do not reuse the blocks then.
+   */
+  async revoke(requestId: string): Promise<void> {
+    const id = call(() => toRequestId(requestId))
+    await settled(call(() => this.native.revokeAsync(id)))
   }
 
   /** The peer at `ip:port`, whether or not it is connected (its writes say `NOT_CONNECTED` if it is not). */

@@ -20,6 +20,7 @@ import {
   toPort,
   toSettings,
 } from './options.js'
+import type { Notification, WaitOptions, WriteOptions } from './requests.js'
 
 const SCALE_KEYS = new Set(['keyScalePtrs', 'valueScalePtrs', 'scaleBlockBytes'])
 
@@ -147,10 +148,19 @@ export class RDMACommunicator {
 
   /**
    * Like {@link RDMACommunicator.writeCache}, off the event loop: resolves once the bytes are in the
-   * peer's memory.
+   * peer's memory. With `options.requestId` the decode is notified once they are there
+   * ({@link RDMACommunicator.waitFor}); `options.signal` and `options.timeoutMs` cancel a write that has not
+   * started yet.
    * @throws {KVTransferError} (as a rejection) on refusal or failure; nothing moves on refusal.
    */
-  async writeCacheAsync(ip: string, port: Port, localBlockIds: BlockIds, remoteBlockIds: BlockIds, layerIdx: number): Promise<void> {
+  async writeCacheAsync(
+    ip: string,
+    port: Port,
+    localBlockIds: BlockIds,
+    remoteBlockIds: BlockIds,
+    layerIdx: number,
+    options: WriteOptions = {},
+  ): Promise<void> {
     let peer, args
     try {
       args = writeArgs(localBlockIds, remoteBlockIds, layerIdx)
@@ -158,7 +168,27 @@ export class RDMACommunicator {
     } catch (err) {
       throw this.#refused(err)
     }
-    await peer.write(...args)
+    await peer.write(...args, options)
+  }
+
+  /** Prefill: tells the decode at `ip:port` that `requestId` will not complete ({@link Communicator.abortRequest}). */
+  async abortRequest(ip: string, port: Port, requestId: string, reason = ''): Promise<void> {
+    await this.communicator.abortRequest(ip, port, requestId, reason)
+  }
+
+  /** Decode: the requests' notifications as they arrive ({@link Communicator.notifications}). */
+  notifications(): AsyncGenerator<Notification, void, undefined> {
+    return this.communicator.notifications()
+  }
+
+  /** Decode: resolves once the request's layers have arrived ({@link Communicator.waitFor}). */
+  async waitFor(requestId: string, options: WaitOptions = {}): Promise<void> {
+    await this.communicator.waitFor(requestId, options)
+  }
+
+  /** Decode: resolves once no write of the request can land any more ({@link Communicator.revoke}). */
+  async revoke(requestId: string): Promise<void> {
+    await this.communicator.revoke(requestId)
   }
 
   /**

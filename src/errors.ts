@@ -11,6 +11,8 @@ export type ErrorCode =
   | 'CLOSED'
   | 'INTERNAL'
   | 'UNAUTHENTICATED'
+  | 'ABORTED'
+  | 'REVOKED'
 
 // Every code once: a missing one fails to compile (the record must have a key for each).
 const ERROR_CODES: ReadonlySet<string> = new Set(
@@ -26,6 +28,8 @@ const ERROR_CODES: ReadonlySet<string> = new Set(
     CLOSED: 0,
     INTERNAL: 0,
     UNAUTHENTICATED: 0,
+    ABORTED: 0,
+    REVOKED: 0,
   } satisfies Record<ErrorCode, 0>),
 )
 
@@ -37,6 +41,8 @@ function isErrorCode(code: unknown): code is ErrorCode {
  * Every failure of kvtransfer: a stable `code` for programs and a message for people. `INTERNAL` means a bug in
  * kvtransfer that was caught before it could take the process down: please report it. `UNAUTHENTICATED` means
  * a peer did not prove it holds `KVCACHE_AUTH_TOKEN` (or this side holds none and the peer requires one).
+ * `ABORTED`: the request was aborted by its prefill, or the call by its signal before it started. `REVOKED`: the
+ * decode revoked the request.
  */
 export class KVTransferError extends Error {
   /** What kind of failure this is. */

@@ -1,7 +1,8 @@
 /** A decode peer of a prefill {@link Communicator}: the handle its writes go through. */
 import type { Communicator } from './communicator.js'
-import { call, settled } from './errors.js'
+import { call, invalid, settled } from './errors.js'
 import { type BlockIds, type Transport, toBlockIds, toCount } from './options.js'
+import { toRequestId, type WriteOptions, writeWith } from './requests.js'
 
 /** A decode peer of a prefill communicator. */
 export class Peer {
@@ -33,12 +34,25 @@ export class Peer {
    * Writes blocks `localBlockIds[i]` of layer `layerIdx` (keys, values and any scales) into blocks
    * `remoteBlockIds[i]` of this peer. Resolves once every byte is in the peer's memory. Writes to one peer
    * happen in the order they were made.
+   *
+   * With `options.requestId`, the decode is notified once the bytes are there (never before), in the order of
+   * this peer's writes; a request the decode revoked rejects with `REVOKED` and moves nothing.
    * @throws {KVTransferError} (as a rejection) on refusal (nothing moves) or failure.
    */
-  async write(localBlockIds: BlockIds, remoteBlockIds: BlockIds, layerIdx: number): Promise<void> {
+  async write(localBlockIds: BlockIds, remoteBlockIds: BlockIds, layerIdx: number, options: WriteOptions = {}): Promise<void> {
     const [local, remote, layer] = call(
       () => [toBlockIds('localBlockIds', localBlockIds), toBlockIds('remoteBlockIds', remoteBlockIds), toCount('layerIdx', layerIdx, 0)] as const,
     )
-    await settled(call(() => this.communicator.native.writeCacheAsync(this.ip, this.port, local, remote, layer)))
+    await writeWith(this.communicator.native, this.ip, this.port, local, remote, layer, options)
+  }
+
+  /**
+   * Tells the decode that `requestId` will not complete (after the writes queued before): its `waitFor` rejects
+   * with `ABORTED` and it gets an `'aborted'` notification. Later writes of the request reject with `ABORTED`.
+   */
+  async abort(requestId: string, reason = ''): Promise<void> {
+    const id = call(() => toRequestId(requestId))
+    if (typeof reason !== 'string') throw invalid('reason must be a string')
+    await settled(call(() => this.communicator.native.abortRequestAsync(this.ip, this.port, id, reason)))
   }
 }

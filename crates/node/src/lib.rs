@@ -8,11 +8,14 @@
 //! - This file is the one place where a JavaScript caller's promise about raw addresses (that they name memory
 //!   which stays valid until `close()`) becomes the core's `unsafe` contract ([`NativeCommunicator::new`]).
 
+use kvtransfer::communicator::{Notification, RequestId};
 use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Error, ErrorCode, Role, Setting, SettingValue};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 fn to_napi(e: Error) -> napi::Error<ErrorCode> {
     napi::Error::new(e.code(), e.message().to_string())
@@ -138,10 +141,54 @@ fn promise<'env>(env: &'env Env, start: impl FnOnce(Box<dyn FnOnce(kvtransfer::R
     Ok(promise)
 }
 
+/// A promise that resolves with what `start`'s completion is handed (on any thread).
+fn promise_of<'env, T: ToNapiValue + Send + 'static>(env: &'env Env, start: impl FnOnce(Box<dyn FnOnce(T) + Send>)) -> Result<Object<'env>, ErrorCode> {
+    let (deferred, promise) = env.create_deferred().map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))?;
+    start(Box::new(move |value: T| deferred.resolve(move |_| Ok(value))));
+    Ok(promise)
+}
+
+/// One event of a request, as the decode engine sees it (`Notification` in the wrapper).
+#[napi(object)]
+pub struct NativeNotification {
+    pub request_id: String,
+    /// The layer written (`'done'` only).
+    pub layer_idx: Option<u32>,
+    /// This decode's blocks the write filled (`'done'` only).
+    pub block_ids: Vec<u32>,
+    pub peer: String,
+    /// `'done'`, `'failed'` or `'aborted'`.
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+impl From<Notification> for NativeNotification {
+    fn from(n: Notification) -> Self {
+        NativeNotification {
+            request_id: n.request_id,
+            layer_idx: n.layer,
+            block_ids: n.block_ids,
+            peer: n.peer,
+            status: n.status.as_str().to_string(),
+            reason: n.reason,
+        }
+    }
+}
+
+fn request_id_of(id: String) -> kvtransfer::Result<RequestId> {
+    RequestId::new(id)
+}
+
+fn code_named(name: &str) -> ErrorCode {
+    ErrorCode::ALL.into_iter().find(|c| c.as_str() == name).unwrap_or(ErrorCode::Internal)
+}
+
 /// The native communicator behind the wrapper's classes.
 #[napi]
 pub struct NativeCommunicator {
     inner: Arc<Communicator>,
+    /// Cancellation flags of asynchronous writes, by the wrapper's ticket, until they settle.
+    tickets: Arc<Mutex<HashMap<u32, Arc<AtomicBool>>>>,
 }
 
 #[napi]
@@ -173,7 +220,7 @@ impl NativeCommunicator {
                 tp_size: init.prefill_tp_size,
                 tp_idx: init.prefill_tp_idx,
             };
-            Ok(NativeCommunicator { inner: Arc::new(Communicator::new(spec, config)?) })
+            Ok(NativeCommunicator { inner: Arc::new(Communicator::new(spec, config)?), tickets: Arc::default() })
         })
     }
 
@@ -224,8 +271,11 @@ impl NativeCommunicator {
         guarded(|| self.inner.write_cache(&ip, self::port(port)?, &local, &remote, layer))
     }
 
-    /// Writes on the peer's own thread; calls to one peer run in the order they were made.
+    /// Writes on the peer's own thread; calls to one peer run in the order they were made. With a request id
+    /// the decode is notified once the bytes are there. `ticket` (non-zero) names the call for
+    /// [`NativeCommunicator::cancel_write`].
     #[napi(ts_return_type = "Promise<NativeFailure | null>")]
+    #[allow(clippy::too_many_arguments)]
     pub fn write_cache_async<'env>(
         &self,
         env: &'env Env,
@@ -234,10 +284,74 @@ impl NativeCommunicator {
         local: Uint32Array,
         remote: Uint32Array,
         layer: u32,
+        request_id: Option<String>,
+        ticket: Option<u32>,
     ) -> Result<Object<'env>, ErrorCode> {
-        let port = guarded(|| self::port(port))?;
+        let (port, request) = guarded(|| Ok((self::port(port)?, request_id.map(request_id_of).transpose()?)))?;
         let (local, remote) = (local.to_vec(), remote.to_vec());
-        promise(env, |done| self.inner.write_cache_then(&ip, port, local, remote, layer, done))
+        let cancel = ticket.filter(|&t| t != 0).map(|t| {
+            let flag = Arc::new(AtomicBool::new(false));
+            self.tickets.lock().unwrap_or_else(|p| p.into_inner()).insert(t, flag.clone());
+            (t, flag)
+        });
+        let tickets = self.tickets.clone();
+        promise(env, |done| {
+            let flag = cancel.as_ref().map(|(_, f)| f.clone());
+            let ticket = cancel.map(|(t, _)| t);
+            self.inner.write_cache_then(&ip, port, local, remote, layer, request, flag, move |outcome| {
+                if let Some(t) = ticket {
+                    tickets.lock().unwrap_or_else(|p| p.into_inner()).remove(&t);
+                }
+                done(outcome)
+            })
+        })
+    }
+
+    /// Cancels the asynchronous write `ticket` if it has not started: it then moves nothing and fails with
+    /// `ABORTED`. Returns whether the write was still waiting to settle.
+    #[napi]
+    pub fn cancel_write(&self, ticket: u32) -> Result<bool, ErrorCode> {
+        guarded(|| {
+            let flag = self.tickets.lock().unwrap_or_else(|p| p.into_inner()).get(&ticket).cloned();
+            Ok(flag.map(|f| f.store(true, Ordering::Release)).is_some())
+        })
+    }
+
+    /// Tells the decode at `ip:port` that the request will not complete, after the calls queued before.
+    #[napi(ts_return_type = "Promise<NativeFailure | null>")]
+    pub fn abort_request_async<'env>(&self, env: &'env Env, ip: String, port: u32, request_id: String, reason: String) -> Result<Object<'env>, ErrorCode> {
+        let (port, request) = guarded(|| Ok((self::port(port)?, request_id_of(request_id)?)))?;
+        promise(env, |done| self.inner.abort_request_then(&ip, port, request, reason, done))
+    }
+
+    /// Resolves once the listed layers (every layer, for `null`) of the request have arrived; `token` names the
+    /// wait for [`NativeCommunicator::cancel_wait`].
+    #[napi(ts_return_type = "Promise<NativeFailure | null>")]
+    pub fn wait_for<'env>(&self, env: &'env Env, token: u32, request_id: String, layers: Option<Vec<u32>>) -> Result<Object<'env>, ErrorCode> {
+        let request = guarded(|| request_id_of(request_id))?;
+        promise(env, |done| self.inner.wait_for_then(token as u64, &request, layers, done))
+    }
+
+    /// Ends the wait `token` with an error of code `code` (`TIMEOUT`, `ABORTED`); `false` if it had settled.
+    #[napi]
+    pub fn cancel_wait(&self, token: u32, code: String, message: String) -> Result<bool, ErrorCode> {
+        guarded(|| Ok(self.inner.cancel_wait(token as u64, Error::new(code_named(&code), message))))
+    }
+
+    /// The notifications that arrived since the last call, once there is at least one (an empty list once the
+    /// communicator is closed).
+    #[napi(ts_return_type = "Promise<NativeNotification[]>")]
+    pub fn next_notifications<'env>(&self, env: &'env Env) -> Result<Object<'env>, ErrorCode> {
+        promise_of(env, |done: Box<dyn FnOnce(Vec<NativeNotification>) + Send>| {
+            self.inner.next_notifications_then(move |batch| done(batch.into_iter().map(NativeNotification::from).collect()))
+        })
+    }
+
+    /// Revokes the request: resolves once no write of it can land any more.
+    #[napi(ts_return_type = "Promise<NativeFailure | null>")]
+    pub fn revoke_async<'env>(&self, env: &'env Env, request_id: String) -> Result<Object<'env>, ErrorCode> {
+        let request = guarded(|| request_id_of(request_id))?;
+        promise(env, |done| self.inner.revoke_then(request, done))
     }
 
     /// Records a refusal made by the wrapper in the error log.

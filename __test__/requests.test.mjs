@@ -1,0 +1,190 @@
+// Requests over the transport under test: notifications that never come before their bytes (each checked by hash
+// the moment it arrives, with blocks reused across requests), waits per layer, many requests at once, abort, a
+// prefill process killed in the middle of a request, revocation with a writer still running, and refusals.
+import test from 'ava'
+import { fork } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
+import { Communicator, KVTransferError, RDMACommunicator } from 'kvtransfer'
+import { makeCache } from './helpers/cache.mjs'
+import { transportOptions } from './helpers/transport.mjs'
+
+const HOST = '127.0.0.1'
+
+function pair(t, shape, decodeShape = shape) {
+  const src = makeCache(shape)
+  const dst = makeCache(decodeShape)
+  const cacheOf = (c, s) => ({ keyPtrs: c.keyPtrs, valuePtrs: c.valuePtrs, blockNumber: s.blocks, blockBytes: s.blockBytes })
+  const decode = Communicator.decode({ ...cacheOf(dst, decodeShape), ...transportOptions })
+  const prefill = Communicator.prefill({ ...cacheOf(src, shape), ...transportOptions })
+  // The caches stay referenced (and so alive) until the communicators are closed.
+  t.teardown(() => {
+    prefill.close()
+    decode.close()
+    src.free()
+    dst.free()
+  })
+  return { src, dst, decode, prefill }
+}
+
+const same = (src, dst, layer, local, remote) =>
+  ['key', 'value'].every((t) => local.every((l, i) => src.blockHash(t, layer, l) === dst.blockHash(t, layer, remote[i])))
+
+test('a notification never comes before its bytes, and waitFor sees each layer', async (t) => {
+  const shape = { layers: 2, blocks: 256, blockBytes: 4096 }
+  const { src, dst, decode, prefill } = pair(t, shape, { ...shape, blocks: 64 })
+  const peer = await prefill.connect(HOST, decode.port)
+  // Every request writes other source blocks into the same 32 decode blocks.
+  const remote = Array.from({ length: 32 }, (_, i) => (i * 5) % 64)
+  const localOf = (k) => Array.from({ length: 32 }, (_, i) => (k * 32 + i * 3) % 256)
+  const seen = []
+  const reader = (async () => {
+    for await (const n of decode.notifications()) {
+      // Checked the moment it is handed over, before the next write starts.
+      const k = Number(n.requestId.slice(4))
+      seen.push({ ...n, intact: same(src, dst, n.layerIdx, localOf(k), n.blockIds) })
+      if (seen.length === 16) return
+    }
+  })()
+  for (let k = 0; k < 8; k++) {
+    for (let layer = 0; layer < 2; layer++) {
+      await peer.write(localOf(k), remote, layer, { requestId: `req-${k}` })
+      await decode.waitFor(`req-${k}`, { layers: [layer], timeoutMs: 10_000 })
+      await new Promise((r) => setImmediate(r))
+    }
+    await decode.waitFor(`req-${k}`)
+  }
+  await reader
+  t.is(seen.length, 16)
+  for (const n of seen) {
+    t.true(n.intact, `${n.requestId} layer ${n.layerIdx} was notified before its bytes`)
+    t.is(n.status, 'done')
+    t.deepEqual(n.blockIds, remote)
+    t.regex(n.peer, /prefill tp 0\/1 at 127\.0\.0\.1/)
+  }
+  t.deepEqual(
+    seen.map((n) => `${n.requestId}/${n.layerIdx}`),
+    Array.from({ length: 16 }, (_, i) => `req-${i >> 1}/${i & 1}`),
+    'in the order of the writes',
+  )
+})
+
+test('many requests in flight at once, through both APIs', async (t) => {
+  const shape = { layers: 3, blocks: 128, blockBytes: 1024 }
+  const src = makeCache(shape)
+  const dst = makeCache(shape)
+  const decode = new RDMACommunicator('decode', 0, 0, dst.keyPtrs, dst.valuePtrs, shape.blocks, shape.blockBytes, 1, 0, transportOptions)
+  const prefill = new RDMACommunicator('prefill', 0, 0, src.keyPtrs, src.valuePtrs, shape.blocks, shape.blockBytes, 1, 0, transportOptions)
+  t.teardown(() => {
+    prefill.close()
+    decode.close()
+    src.free()
+    dst.free()
+  })
+  t.true(prefill.connect(HOST, decode.port))
+  const writes = []
+  for (let k = 0; k < 32; k++) {
+    for (let layer = 0; layer < 3; layer++) {
+      writes.push(prefill.writeCacheAsync(HOST, decode.port, [k * 2, k * 2 + 1], [64 + k * 2, 65 + k * 2], layer, { requestId: `many-${k}` }))
+    }
+  }
+  await Promise.all([...writes, ...Array.from({ length: 32 }, (_, k) => decode.waitFor(`many-${k}`, { timeoutMs: 10_000 }))])
+  for (let layer = 0; layer < 3; layer++) {
+    t.true(same(src, dst, layer, [...Array(64).keys()], [...Array(64).keys()].map((b) => 64 + b)))
+  }
+  // The seed API's writeCache is unchanged and says nothing.
+  t.is(prefill.writeCache(HOST, decode.port, [1], [1], 0), 0)
+})
+
+test('abort reaches the waiting decode, and later writes of the request are refused', async (t) => {
+  const shape = { layers: 2, blocks: 16, blockBytes: 1024 }
+  const { decode, prefill } = pair(t, shape)
+  const peer = await prefill.connect(HOST, decode.port)
+  const events = decode.notifications()
+  await peer.write([1], [2], 0, { requestId: 'doomed' })
+  const waiting = decode.waitFor('doomed')
+  await prefill.abortRequest(HOST, decode.port, 'doomed', 'client disconnected')
+  const err = await t.throwsAsync(waiting, { instanceOf: KVTransferError })
+  t.is(err.code, 'ABORTED')
+  t.regex(err.message, /client disconnected/)
+  t.is((await t.throwsAsync(peer.write([1], [2], 1, { requestId: 'doomed' }))).code, 'ABORTED')
+  t.deepEqual((await events.next()).value.status, 'done')
+  const aborted = (await events.next()).value
+  t.like(aborted, { requestId: 'doomed', status: 'aborted', layerIdx: null, blockIds: [] })
+  t.regex(aborted.reason, /client disconnected/)
+})
+
+test('a prefill process killed in the middle of a request fails the wait within seconds', async (t) => {
+  const shape = { layers: 2, blocks: 16, blockBytes: 1024 }
+  const dst = makeCache(shape)
+  const decode = Communicator.decode({ keyPtrs: dst.keyPtrs, valuePtrs: dst.valuePtrs, blockNumber: 16, blockBytes: 1024, ...transportOptions })
+  t.teardown(() => {
+    decode.close()
+    dst.free()
+  })
+  const child = fork(fileURLToPath(new URL('./helpers/prefill-peer.mjs', import.meta.url)), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+  t.teardown(() => child.kill('SIGKILL'))
+  const written = new Promise((resolve) => child.once('message', resolve))
+  child.send({ port: decode.port, shape, options: transportOptions, requestId: 'orphan' })
+  await written
+  await decode.waitFor('orphan', { layers: [0], timeoutMs: 10_000 })
+  const started = Date.now()
+  const waiting = decode.waitFor('orphan', { timeoutMs: 60_000 })
+  child.kill('SIGKILL')
+  const err = await t.throwsAsync(waiting, { instanceOf: KVTransferError })
+  t.is(err.code, 'TRANSPORT', err.message)
+  t.true(Date.now() - started < 5000, `took ${Date.now() - started} ms`)
+})
+
+test('after revoke resolves nothing of the request lands, and its writer sees REVOKED', async (t) => {
+  const shape = { layers: 1, blocks: 128, blockBytes: 64 * 1024 }
+  const { dst, decode, prefill } = pair(t, shape, { ...shape, blocks: 64 })
+  const peer = await prefill.connect(HOST, decode.port)
+  const remote = [...Array(64).keys()]
+  let writes = 0
+  const writer = (async () => {
+    for (;;) {
+      // Alternate the source blocks so that every write changes the bytes.
+      await peer.write(remote.map((b) => b + 64 * (writes % 2)), remote, 0, { requestId: 'stale' })
+      writes++
+    }
+  })()
+  while (writes < 3) await new Promise((r) => setTimeout(r, 5))
+  await decode.revoke('stale')
+  const last = Buffer.from(dst.block('value', 0, 63))
+  const after = dst.digest()
+  const err = await t.throwsAsync(writer, { instanceOf: KVTransferError })
+  t.is(err.code, 'REVOKED')
+  await new Promise((r) => setTimeout(r, 200))
+  t.true(last.equals(dst.block('value', 0, 63)) && dst.digest() === after, 'bytes changed after revoke resolved')
+  t.is((await t.throwsAsync(decode.waitFor('stale'))).code, 'REVOKED')
+  // Other requests go on.
+  await peer.write([1], [1], 0, { requestId: 'fresh' })
+  await decode.waitFor('fresh', { timeoutMs: 10_000 })
+})
+
+test('bad options, signals and timeouts are clear errors', async (t) => {
+  const shape = { layers: 2, blocks: 16, blockBytes: 1024 }
+  const { decode, prefill } = pair(t, shape)
+  const peer = await prefill.connect(HOST, decode.port)
+  const code = async (p) => (await t.throwsAsync(p, { instanceOf: KVTransferError })).code
+  t.is(await code(peer.write([1], [1], 0, { requestId: '' })), 'INVALID_ARGUMENT')
+  t.is(await code(peer.write([1], [1], 0, { requestId: 'x'.repeat(257) })), 'INVALID_ARGUMENT')
+  t.is(await code(peer.write([1], [1], 0, { requestId: 7 })), 'INVALID_ARGUMENT')
+  t.is(await code(peer.write([1], [1], 0, { request: 'x' })), 'CONFIG')
+  t.is(await code(peer.write([1], [1], 0, { timeoutMs: -1 })), 'INVALID_ARGUMENT')
+  t.is(await code(peer.write([1], [1], 0, { signal: AbortSignal.abort() })), 'ABORTED')
+  t.is(await code(decode.waitFor('never', { timeoutMs: 50 })), 'TIMEOUT')
+  const controller = new AbortController()
+  const waiting = decode.waitFor('never')
+  const aborting = decode.waitFor('never', { signal: controller.signal })
+  controller.abort()
+  t.is(await code(aborting), 'ABORTED')
+  t.is(await code(decode.waitFor('never', { layers: [5] })), 'INVALID_ARGUMENT')
+  t.is(await code(decode.waitFor('never', { layers: 'all' })), 'INVALID_ARGUMENT')
+  t.is(await code(prefill.waitFor('x')), 'INVALID_ARGUMENT')
+  t.is(await code(decode.revoke('')), 'INVALID_ARGUMENT')
+  t.is(await code(prefill.abortRequest(HOST, 1, 'x')), 'NOT_CONNECTED')
+  // A close settles the waits still pending.
+  decode.close()
+  t.is(await code(waiting), 'CLOSED')
+})
