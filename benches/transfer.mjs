@@ -4,6 +4,7 @@
 //   npm run bench                      # KVCACHE_TRANSPORT picks the transport (default auto)
 //   BENCH_SIZES=1,64,256 BENCH_KEY_ONLY=1 BENCH_SECONDS=3 npm run bench
 //   BENCH_ASYNC=1 npm run bench        # writeCacheAsync, one call in flight at a time, instead of writeCache
+//   BENCH_REQUEST=1 npm run bench      # writeCacheAsync with a request id per call: the decode is notified of each
 import { fork } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import { RDMACommunicator, HostBuffer } from 'kvtransfer'
@@ -12,7 +13,8 @@ const BATCH = 1538
 const SIZES = (process.env.BENCH_SIZES ?? '1,4,16,64,256').split(',').map((k) => Number(k) * 1024)
 const KEY_ONLY = process.env.BENCH_KEY_ONLY === '1'
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 1.5)
-const ASYNC = process.env.BENCH_ASYNC === '1'
+const REQUEST = process.env.BENCH_REQUEST === '1'
+const ASYNC = process.env.BENCH_ASYNC === '1' || REQUEST
 const TENSORS = KEY_ONLY ? 1 : 2
 const HOST = '127.0.0.1'
 
@@ -48,7 +50,7 @@ if (process.argv[2] === 'decode') {
     v?.free()
   })
 } else {
-  console.log(`kvtransfer bench: ${BATCH} scattered blocks per call, ${KEY_ONLY ? 'keys only' : 'keys and values'}, one thread, ${ASYNC ? 'writeCacheAsync' : 'writeCache'}`)
+  console.log(`kvtransfer bench: ${BATCH} scattered blocks per call, ${KEY_ONLY ? 'keys only' : 'keys and values'}, one thread, ${REQUEST ? 'writeCacheAsync with a request id' : ASYNC ? 'writeCacheAsync' : 'writeCache'}`)
   console.log('block     GB/s     ms/call  transport')
   for (const size of SIZES) {
     const child = fork(fileURLToPath(import.meta.url), ['decode', String(size)])
@@ -64,7 +66,8 @@ if (process.argv[2] === 'decode') {
     const start = process.hrtime.bigint()
     let elapsed = 0
     while (elapsed < SECONDS || calls < 2) {
-      if (ASYNC) await comm.writeCacheAsync(HOST, port, local, remote, 0)
+      if (REQUEST) await comm.writeCacheAsync(HOST, port, local, remote, 0, { requestId: `request-${calls}` })
+      else if (ASYNC) await comm.writeCacheAsync(HOST, port, local, remote, 0)
       else if (comm.writeCache(HOST, port, local, remote, 0) !== 0) throw comm.lastError
       calls++
       elapsed = Number(process.hrtime.bigint() - start) / 1e9
