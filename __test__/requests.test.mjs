@@ -188,3 +188,31 @@ test('bad options, signals and timeouts are clear errors', async (t) => {
   decode.close()
   t.is(await code(waiting), 'CLOSED')
 })
+
+test('a write waiting behind others is cancelled at once by its timeout or signal, and moves nothing', async (t) => {
+  const shape = { layers: 2, blocks: 16, blockBytes: 1 << 20 }
+  const { src, dst, decode, prefill } = pair(t, shape)
+  const peer = await prefill.connect(HOST, decode.port)
+  const all = [...Array(16).keys()]
+  const before = dst.blockHash('key', 1, 3)
+  const busy = Array.from({ length: 8 }, () => peer.write(all, all, 0))
+  const started = Date.now()
+  const timedOut = await t.throwsAsync(peer.write([3], [3], 1, { timeoutMs: 1, requestId: 'late' }), { instanceOf: KVTransferError })
+  t.is(timedOut.code, 'TIMEOUT')
+  const controller = new AbortController()
+  const aborted = peer.write([3], [3], 1, { signal: controller.signal })
+  controller.abort()
+  t.is((await t.throwsAsync(aborted, { instanceOf: KVTransferError })).code, 'ABORTED')
+  const waited = Date.now() - started
+  await Promise.all(busy)
+  t.true(waited < Date.now() - started, 'both rejected before the writes ahead of them were done')
+  t.is(dst.blockHash('key', 1, 3), before, 'the cancelled writes moved nothing')
+  t.not(dst.blockHash('key', 1, 3), src.blockHash('key', 1, 3))
+  t.is((await t.throwsAsync(decode.waitFor('late', { timeoutMs: 200 }))).code, 'TIMEOUT', 'and told the decode nothing')
+})
+
+test('notifications are for decode communicators', (t) => {
+  const shape = { layers: 1, blocks: 4, blockBytes: 1024 }
+  const { prefill } = pair(t, shape)
+  t.is(t.throws(() => prefill.notifications(), { instanceOf: KVTransferError }).code, 'INVALID_ARGUMENT')
+})

@@ -139,6 +139,7 @@ export class Communicator {
    * consumer takes them all (two iterators would each get some).
    */
   notifications(): AsyncGenerator<Notification, void, undefined> {
+    if (this.role !== 'decode') throw invalid('notifications are for decode communicators; this one is prefill')
     return notificationsOf(this.native)
   }
 

@@ -15,8 +15,8 @@ export interface WriteOptions {
   requestId?: string
   /**
    * Cancels the write if it has not started yet (it waits behind this peer's earlier writes): it then moves
-   * nothing and rejects with `ABORTED`. A write that has started is never abandoned halfway: it completes or
-   * fails within the transport's own timeout, so a rejection always means nothing of it lands later.
+   * nothing and rejects with `ABORTED` at once. A write that has started is never abandoned halfway: it
+   * completes or fails within the transport's own timeout, so a rejection always means nothing of it lands later.
    */
   signal?: AbortSignal
   /** As `signal`, after this many milliseconds: rejects with `TIMEOUT` if the write has not started by then. */
@@ -38,6 +38,7 @@ export type NotificationStatus = 'done' | 'failed' | 'aborted'
 
 /** One event of a request, delivered to the decode ({@link Communicator.notifications}). */
 export interface Notification {
+  /** The request the write belongs to, as the prefill named it. */
   requestId: string
   /** The layer written (`'done'` only, else `null`). */
   layerIdx: number | null
@@ -45,6 +46,7 @@ export interface Notification {
   blockIds: number[]
   /** The prefill link it came from (`'prefill tp 0/1 at 10.0.0.1'`). */
   peer: string
+  /** What happened: a write arrived (`'done'`), or the request will not complete (`'failed'`, `'aborted'`). */
   status: NotificationStatus
   /** Why the request failed or was aborted. */
   reason?: string
@@ -76,35 +78,32 @@ function toSignal(signal: unknown): AbortSignal | undefined {
 }
 
 /**
- * Runs a native call that `cancel` can end early, given `options`' signal and timeout; `late` names what a
- * cancellation rejects with.
+ * Runs a native call that `cancel` can end early when `signal` aborts or `timeoutMs` passes. `cancel` returns the
+ * error to reject with at once (the native call will settle with nothing to add), or `null` when the call can
+ * no longer be cancelled and its own outcome is awaited.
  */
 async function cancellable(
   pending: Promise<{ code: string; message: string } | null>,
-  cancel: (code: 'ABORTED' | 'TIMEOUT') => void,
+  cancel: (code: 'ABORTED' | 'TIMEOUT') => KVTransferError | null,
   signal: AbortSignal | undefined,
   timeoutMs: number | undefined,
 ): Promise<void> {
   let timer: NodeJS.Timeout | undefined
-  let timedOut = false
-  const onAbort = () => cancel('ABORTED')
-  signal?.addEventListener('abort', onAbort, { once: true })
-  if (timeoutMs !== undefined) {
-    timer = setTimeout(() => {
-      timedOut = true
-      cancel('TIMEOUT')
-    }, timeoutMs)
-  }
-  try {
-    await settled(pending)
-  } catch (err) {
-    if (timedOut && err instanceof KVTransferError && err.code === 'ABORTED') {
-      throw new KVTransferError('TIMEOUT', `it did not start within ${timeoutMs} ms: nothing was written`)
+  let onAbort: (() => void) | undefined
+  const early = new Promise<never>((_, reject) => {
+    const stop = (code: 'ABORTED' | 'TIMEOUT') => {
+      const err = cancel(code)
+      if (err !== null) reject(err)
     }
-    throw err
+    onAbort = () => stop('ABORTED')
+    signal?.addEventListener('abort', onAbort, { once: true })
+    if (timeoutMs !== undefined) timer = setTimeout(() => stop('TIMEOUT'), timeoutMs)
+  })
+  try {
+    await Promise.race([settled(pending), early])
   } finally {
     clearTimeout(timer)
-    signal?.removeEventListener('abort', onAbort)
+    if (onAbort !== undefined) signal?.removeEventListener('abort', onAbort)
   }
 }
 
@@ -125,7 +124,15 @@ export async function writeWith(
   if (signal?.aborted) throw new KVTransferError('ABORTED', 'the write was aborted before it started: nothing was written')
   const t = signal !== undefined || timeoutMs !== undefined ? ticket() : 0
   const pending = call(() => native.writeCacheAsync(ip, port, local, remote, layer, requestId, t))
-  await cancellable(pending, () => native.cancelWrite(t), signal, timeoutMs)
+  const cancel = (code: 'ABORTED' | 'TIMEOUT') => {
+    if (!native.cancelWrite(t)) return null
+    // The promise of the cancelled call settles later with ABORTED; nothing waits for it.
+    pending.catch(() => {})
+    return code === 'TIMEOUT'
+      ? new KVTransferError('TIMEOUT', `the write did not start within ${timeoutMs} ms: nothing was written`)
+      : new KVTransferError('ABORTED', 'the write was aborted before it started: nothing was written')
+  }
+  await cancellable(pending, cancel, signal, timeoutMs)
 }
 
 /** The decode's wait for a request, with `options` checked and applied. */
@@ -142,14 +149,13 @@ export async function waitWith(native: NativeCommunicator, requestId: string, op
   if (signal?.aborted) throw new KVTransferError('ABORTED', `the wait for request ${JSON.stringify(id)} was aborted`)
   const t = ticket()
   const pending = call(() => native.waitFor(t, id, layers))
-  const cancel = (code: 'ABORTED' | 'TIMEOUT') =>
-    native.cancelWait(
-      t,
-      code,
-      code === 'TIMEOUT'
-        ? `request ${JSON.stringify(id)} did not arrive within ${timeoutMs} ms`
-        : `the wait for request ${JSON.stringify(id)} was aborted`,
-    )
+  // A cancelled wait settles its native promise with the error given here.
+  const cancel = (code: 'ABORTED' | 'TIMEOUT') => {
+    const message =
+      code === 'TIMEOUT' ? `request ${JSON.stringify(id)} did not arrive within ${timeoutMs} ms` : `the wait for request ${JSON.stringify(id)} was aborted`
+    native.cancelWait(t, code, message)
+    return null
+  }
   await cancellable(pending, cancel, signal, timeoutMs)
 }
 

@@ -34,6 +34,8 @@ pub enum Role {
     PrefillHello,
     /// The decode's welcome, byte for byte.
     DecodeWelcome,
+    /// The prefill's opening of a link's request channel (over the channel's token).
+    ChannelHello,
 }
 
 impl Role {
@@ -42,6 +44,7 @@ impl Role {
             Role::DecodeChallenge => b"kvtransfer v1 decode challenge",
             Role::PrefillHello => b"kvtransfer v1 prefill hello",
             Role::DecodeWelcome => b"kvtransfer v1 decode welcome",
+            Role::ChannelHello => b"kvtransfer v1 channel hello",
         }
     }
 }
@@ -82,6 +85,12 @@ impl fmt::Debug for AuthKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("AuthKey(<secret>)")
     }
+}
+
+/// Whether two tags are equal, in time that does not depend on where they differ.
+pub fn tags_equal(a: &Tag, b: &Tag) -> bool {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// A fresh nonce.

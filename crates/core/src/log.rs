@@ -5,24 +5,35 @@
 //! Each communicator has its own subscriber (its settings may differ from another's in the same process), used
 //! for its events only; an application's global subscriber is left alone.
 //!
-//! Log files are created with mode 0600 and never through a symbolic link.
+//! Log files are created with mode 0600 and never through a symbolic link. Lines a peer can cause (refusals) go
+//! through [`Logger::error_from`], which writes at most [`PER_PEER`] of them per peer every [`WINDOW`].
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tracing::level_filters::LevelFilter;
 use tracing::{Dispatch, Level};
 use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriterExt};
 use tracing_subscriber::fmt::MakeWriter;
+
+/// Lines [`Logger::error_from`] writes per peer in each [`WINDOW`].
+pub const PER_PEER: u32 = 10;
+pub const WINDOW: Duration = Duration::from_secs(10);
+/// Peers whose counts are kept; past that the stale ones are forgotten (and, if none is stale, the oldest).
+const PEERS: usize = 4096;
 
 /// The logs of one communicator.
 pub struct Logger {
     tag: String,
     debug: bool,
     dispatch: Dispatch,
+    /// Per peer: when its window began, lines written and lines left out in it.
+    peers: Mutex<HashMap<String, (Instant, u32, u64)>>,
 }
 
 impl Logger {
@@ -37,7 +48,7 @@ impl Logger {
             }
             false => BoxMakeWriter::new(errors),
         };
-        Ok(Logger { tag: tag.into(), debug: config.debug, dispatch: dispatch(writer, config.debug) })
+        Ok(Logger { tag: tag.into(), debug: config.debug, dispatch: dispatch(writer, config.debug), peers: Mutex::default() })
     }
 
     /// Whether debug lines are written (so callers can skip formatting them).
@@ -59,6 +70,38 @@ impl Logger {
         tracing::dispatcher::with_default(&self.dispatch, || {
             tracing::warn!(target: "kvtransfer", comm = %self.tag, pid = std::process::id(), "{}", message.as_ref())
         });
+    }
+
+    /// Writes an error line that `peer` caused, unless `peer` has had [`PER_PEER`] lines in this [`WINDOW`]
+    /// already: a stranger cannot fill the disk through refusals. The next window's first line says how many
+    /// were left out.
+    pub fn error_from(&self, peer: &str, message: impl AsRef<str>) {
+        let left_out = {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            if peers.len() >= PEERS && !peers.contains_key(peer) {
+                peers.retain(|_, (start, ..)| start.elapsed() < WINDOW);
+                if peers.len() >= PEERS {
+                    let oldest = peers.iter().min_by_key(|(_, (start, ..))| *start).map(|(k, _)| k.clone());
+                    peers.remove(&oldest.expect("the map is full"));
+                }
+            }
+            let (start, written, skipped) = peers.entry(peer.to_string()).or_insert((Instant::now(), 0, 0));
+            let mut left_out = 0;
+            if start.elapsed() >= WINDOW {
+                left_out = *skipped;
+                (*start, *written, *skipped) = (Instant::now(), 0, 0);
+            }
+            if *written >= PER_PEER {
+                *skipped += 1;
+                return;
+            }
+            *written += 1;
+            left_out
+        };
+        if left_out > 0 {
+            self.error(format!("{left_out} more lines about {peer} were left out"));
+        }
+        self.error(message);
     }
 
     /// Writes an error line.

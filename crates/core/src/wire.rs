@@ -131,6 +131,9 @@ pub struct Hello {
     /// The prefill's host and pid namespace ([`crate::net::host_id`]): same-host transports need the same.
     #[serde(default)]
     pub host: Option<String>,
+    /// The prefill's process (for same-host transports, whose links the decode cannot cut off).
+    #[serde(default)]
+    pub pid: Option<u32>,
 }
 
 /// One transport a prefill offers.
@@ -271,6 +274,7 @@ pub(crate) mod tests {
             dst_tp_size: 1,
             offers: vec![Offer { transport: TransportKind::Tcp, details: Value::Null }],
             host: None,
+            pid: None,
         }
     }
 

@@ -234,12 +234,12 @@ fn devices_are_listed_with_ports_and_gids() {
 }
 
 #[test]
-fn the_flush_reads_back_the_last_block_written() {
+fn the_flush_reads_back_the_decodes_flush_target() {
     use kvtransfer::plan::{BlockPlan, SliceGeometry};
     use kvtransfer::transport::rdma::{RdmaContext, RdmaTarget};
     use kvtransfer::transport::Link;
     use std::sync::Arc;
-    let Some(nic) = nic("the_flush_reads_back_the_last_block_written") else { return };
+    let Some(nic) = nic("the_flush_reads_back_the_decodes_flush_target") else { return };
     let src = Cache::new(2, 1, 8, 256, 13);
     let dst = Cache::new(2, 1, 8, 256, 14);
     for flush in [false, true] {
@@ -253,9 +253,55 @@ fn the_flush_reads_back_the_last_block_written() {
         let mut plan = BlockPlan::default();
         plan.build(&[2, 6], &[1, 4], 0, 1, 8, 8).unwrap();
         link.write(&plan).unwrap();
-        // The last write is the value block 6 → 4; the flush reads its first bytes back.
-        let want: [u8; 8] = if flush { src.block(1, 0, 6)[..8].try_into().unwrap() } else { [0; 8] };
+        // The flush reads the decode's flush target (not the cache, which no peer may read).
+        let want: [u8; 8] = if flush { rdma::FLUSH_WORD } else { [0; 8] };
         assert_eq!(prefill.last_flush_read(), want, "flush {flush}");
         assert_eq!(dst.block(1, 0, 4), src.block(1, 0, 6));
     }
+}
+
+#[test]
+fn each_mark_arrives_after_its_writes_and_no_peer_can_read_the_cache() {
+    use kvtransfer::plan::{BlockPlan, SliceGeometry};
+    use kvtransfer::transport::rdma::{RdmaContext, RdmaTarget, RdmaWelcome};
+    use kvtransfer::transport::{Acceptor, Link};
+    use std::sync::{mpsc, Arc};
+    let Some(nic) = nic("each_mark_arrives_after_its_writes_and_no_peer_can_read_the_cache") else { return };
+    let src = Arc::new(Cache::new(2, 1, 64, 4096, 21));
+    let dst = Arc::new(Cache::new(2, 1, 8, 4096, 22));
+    let config = rdma_config(&nic);
+    let layout = |c: &Cache| Arc::new(common::layout(c.spec()));
+    let target = RdmaTarget::new(RdmaContext::open(layout(&dst), &config, 0, true).unwrap());
+    // The decode's side checks the bytes the moment each mark arrives: write k copies source block k into
+    // decode block k % 8 (value tensor), so an early mark would find the bytes of an earlier write there.
+    let (tx, marks) = mpsc::channel();
+    let (s, d) = (src.clone(), dst.clone());
+    target.watch(Arc::new(move |session, mark| {
+        let k = mark - 1;
+        let intact = d.block(1, 0, k % 8) == s.block(1, 0, k % 64);
+        tx.send((session, mark, intact)).unwrap();
+    }));
+    let prefill = RdmaContext::open(layout(&src), &config, 0, false).unwrap();
+    let pending = prefill.prepare().unwrap();
+    let (session, welcome) = target.accept(&pending.endpoint()).unwrap();
+    let mut link = pending.connect("decode".into(), &welcome, SliceGeometry::WHOLE, 8).unwrap();
+    let mut plan = BlockPlan::default();
+    for k in 0..40u32 {
+        plan.build(&[k % 64], &[k % 8], 0, 1, 64, 8).unwrap();
+        link.write_marked(&plan, k + 1).unwrap();
+        let (got_session, mark, intact) = marks.recv_timeout(Duration::from_secs(10)).expect("the mark arrives");
+        assert_eq!((got_session, mark), (session, k + 1));
+        assert!(intact, "mark {mark} arrived before its bytes");
+    }
+    // A connected peer that reads the cache (its flush read aimed at a cache region) is refused by the NIC.
+    let flushing = RdmaContext::open(layout(&src), &Config { gdrcopy_flush: true, ..config.clone() }, 0, false).unwrap();
+    let pending = flushing.prepare().unwrap();
+    let (_, welcome) = target.accept(&pending.endpoint()).unwrap();
+    let reader = RdmaWelcome { flush: Some(welcome.regions[0][0]), ..welcome };
+    let mut link = pending.connect("decode".into(), &reader, SliceGeometry::WHOLE, 8).unwrap();
+    plan.build(&[1], &[1], 0, 1, 64, 8).unwrap();
+    let err = link.write(&plan).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Transport, "{err}");
+    assert!(err.message().contains("ACCESS"), "{err}");
+    assert_eq!(flushing.last_flush_read(), [0; 8], "nothing of the cache was read");
 }

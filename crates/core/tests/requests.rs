@@ -8,7 +8,6 @@ use common::Cache;
 use kvtransfer::communicator::{Notification, RequestId, Status};
 use kvtransfer::memory::CacheSpec;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice, TransportKind};
-use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,7 +125,8 @@ fn waits_per_layer_and_many_requests_in_flight() {
             assert_eq!(dst.block(1, 3, 100 + k), src.block(1, 3, k), "{kind}");
         }
         // A write cancelled before it starts moves nothing.
-        let cancel = Arc::new(AtomicBool::new(true));
+        let cancel = Arc::new(kvtransfer::communicator::Cancel::default());
+        assert!(cancel.cancel());
         let (tx, rx) = mpsc::channel();
         p.write_cache_then(HOST, d.port(), vec![5], vec![200], 0, Some(id("cancelled")), Some(cancel), move |r| tx.send(r).unwrap());
         assert_eq!(rx.recv_timeout(WAIT).unwrap().unwrap_err().code(), ErrorCode::Aborted);
@@ -272,5 +272,57 @@ fn a_prefill_close_waits_for_its_write_in_flight() {
         let (err, _) = writer.join().unwrap();
         assert_eq!(err.code(), ErrorCode::Closed, "{kind}: {err}");
         assert!(dst.block(1, 0, 63) == last && dst.snapshot() == after, "{kind}: a write went on after the prefill's close returned");
+    }
+}
+
+#[test]
+fn a_link_that_opens_after_many_revokes_learns_them_at_once() {
+    for kind in KINDS {
+        let src = Cache::new(2, 1, 8, 1024, 13);
+        let dst = Cache::new(2, 1, 8, 1024, 14);
+        let d = decode(dst.spec(), kind);
+        for i in 0..20_000 {
+            d.revoke(&id(&format!("revoked-with-a-long-name-{i:08}"))).unwrap();
+        }
+        let p = prefill(src.spec(), kind);
+        let started = Instant::now();
+        p.connect(HOST, d.port(), 1).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5), "{kind}: connect took {:?}", started.elapsed());
+        let err = p.write_request(HOST, d.port(), &[1], &[1], 0, Some(&id("revoked-with-a-long-name-00019999"))).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Revoked, "{kind}");
+    }
+}
+
+#[test]
+fn with_two_prefill_ranks_a_layer_arrives_once_both_slices_have() {
+    for kind in KINDS {
+        // Prefill TP 2 into decode TP 1: each decode block holds two slices, one per rank.
+        let dst = Cache::new(2, 2, 8, 2048, 15);
+        let d = decode(dst.spec(), kind);
+        let ranks: Vec<(Cache, Arc<Communicator>)> = (0..2)
+            .map(|rank| {
+                let src = Cache::new(2, 2, 8, 1024, 16 + rank as u8);
+                let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: common::layout(src.spec()), tp_size: 2, tp_idx: rank };
+                let p = Arc::new(Communicator::new(spec, config(kind)).unwrap());
+                p.connect(HOST, d.port(), 1).unwrap();
+                (src, p)
+            })
+            .collect();
+        let r = id("hetero");
+        for layer in 0..2 {
+            ranks[0].1.write_request(HOST, d.port(), &[1], &[3], layer, Some(&r)).unwrap();
+        }
+        let err = d.wait_for(&r, Some(vec![0]), Duration::from_millis(300)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Timeout, "{kind}: one slice of two is not the layer");
+        // Rank 0 has written every layer of its slice: its link ending does not fail the request.
+        let (_, rank0) = &ranks[0];
+        rank0.close();
+        ranks[1].1.write_request(HOST, d.port(), &[1], &[3], 0, Some(&r)).unwrap();
+        d.wait_for(&r, Some(vec![0]), WAIT).unwrap();
+        // An empty write still says the layer is written (it has no blocks here).
+        ranks[1].1.write_request(HOST, d.port(), &[], &[], 1, Some(&r)).unwrap();
+        d.wait_for(&r, None, WAIT).unwrap();
+        assert_eq!(&dst.block(1, 0, 3)[..1024], ranks[0].0.block(1, 0, 1));
+        assert_eq!(&dst.block(1, 0, 3)[1024..], ranks[1].0.block(1, 0, 1));
     }
 }

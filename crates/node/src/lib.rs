@@ -8,13 +8,12 @@
 //! - This file is the one place where a JavaScript caller's promise about raw addresses (that they name memory
 //!   which stays valid until `close()`) becomes the core's `unsafe` contract ([`NativeCommunicator::new`]).
 
-use kvtransfer::communicator::{Notification, RequestId};
+use kvtransfer::communicator::{Cancel, Notification, RequestId};
 use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Error, ErrorCode, Role, Setting, SettingValue};
 use napi::bindgen_prelude::*;
 use napi_derive::napi;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 fn to_napi(e: Error) -> napi::Error<ErrorCode> {
@@ -188,7 +187,7 @@ fn code_named(name: &str) -> ErrorCode {
 pub struct NativeCommunicator {
     inner: Arc<Communicator>,
     /// Cancellation flags of asynchronous writes, by the wrapper's ticket, until they settle.
-    tickets: Arc<Mutex<HashMap<u32, Arc<AtomicBool>>>>,
+    tickets: Arc<Mutex<HashMap<u32, Arc<Cancel>>>>,
 }
 
 #[napi]
@@ -290,7 +289,7 @@ impl NativeCommunicator {
         let (port, request) = guarded(|| Ok((self::port(port)?, request_id.map(request_id_of).transpose()?)))?;
         let (local, remote) = (local.to_vec(), remote.to_vec());
         let cancel = ticket.filter(|&t| t != 0).map(|t| {
-            let flag = Arc::new(AtomicBool::new(false));
+            let flag = Arc::new(Cancel::default());
             self.tickets.lock().unwrap_or_else(|p| p.into_inner()).insert(t, flag.clone());
             (t, flag)
         });
@@ -307,13 +306,13 @@ impl NativeCommunicator {
         })
     }
 
-    /// Cancels the asynchronous write `ticket` if it has not started: it then moves nothing and fails with
-    /// `ABORTED`. Returns whether the write was still waiting to settle.
+    /// Cancels the asynchronous write `ticket` if it has not started: it then moves nothing (and its promise
+    /// later resolves with `ABORTED`). Returns whether it was cancelled: `false` once it has started.
     #[napi]
     pub fn cancel_write(&self, ticket: u32) -> Result<bool, ErrorCode> {
         guarded(|| {
             let flag = self.tickets.lock().unwrap_or_else(|p| p.into_inner()).get(&ticket).cloned();
-            Ok(flag.map(|f| f.store(true, Ordering::Release)).is_some())
+            Ok(flag.is_some_and(|f| f.cancel()))
         })
     }
 

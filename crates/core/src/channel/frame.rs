@@ -1,7 +1,9 @@
 //! The request channel's framing. All integers little-endian.
 //!
 //! ```text
-//! hello   (prefill → decode, once)  magic "KVTN" | protocol u32 | token u64                 16 bytes
+//! hello   (prefill → decode, once)  magic "KVTN" | protocol u32 | token u64 | proof [u8; 32]  48 bytes
+//!                                   (the proof: HMAC of the token under KVCACHE_AUTH_TOKEN and the handshake's
+//!                                   nonces, or zeros without a token)
 //! frame   (either way)              length u32 (of what follows) | kind u8 | body
 //! ```
 //!
@@ -11,7 +13,7 @@
 //! | kind | from | body | meaning |
 //! |---|---|---|---|
 //! | 1 `Start` | prefill | id | the peer is about to write the request's first blocks |
-//! | 2 `Done` | prefill | id, layer u32, count u32, count × block id u32 | a write is in the decode's memory |
+//! | 2 `Done` | prefill | id, layer u32, mark u32, count u32, count × block id u32 | a write is in the decode's memory (over RDMA: once the queue pair's send carrying `mark` has come too) |
 //! | 3 `Failed` | prefill | id, code u32, reason | a write of the request failed |
 //! | 4 `Abort` | prefill | id, reason | the request will not complete |
 //! | 5 `Revoked` | prefill | id | confirms a `Revoke`: nothing of the request moves any more |
@@ -25,7 +27,7 @@ use crate::error::{Error, ErrorCode, Result};
 use std::fmt;
 
 pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"KVTN");
-pub const HELLO_LEN: usize = 16;
+pub const HELLO_LEN: usize = 48;
 /// The longest request id.
 pub const MAX_REQUEST_ID: usize = 256;
 /// The longest reason a frame carries (longer ones are cut).
@@ -60,7 +62,7 @@ impl fmt::Display for RequestId {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     Start { request: RequestId },
-    Done { request: RequestId, layer: u32, blocks: Vec<u32> },
+    Done { request: RequestId, layer: u32, mark: u32, blocks: Vec<u32> },
     Failed { request: RequestId, code: ErrorCode, reason: String },
     Abort { request: RequestId, reason: String },
     Revoked { request: RequestId },
@@ -99,9 +101,10 @@ impl Frame {
         out.push(self.kind());
         match self {
             Frame::Start { request } | Frame::Revoked { request } | Frame::Revoke { request } => put_id(out, request),
-            Frame::Done { request, layer, blocks } => {
+            Frame::Done { request, layer, mark, blocks } => {
                 put_id(out, request);
                 out.extend_from_slice(&layer.to_le_bytes());
+                out.extend_from_slice(&mark.to_le_bytes());
                 out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
                 for b in blocks {
                     out.extend_from_slice(&b.to_le_bytes());
@@ -124,7 +127,7 @@ impl Frame {
 
     /// The longest frame (after its length prefix) for a cache of `block_number` blocks.
     pub fn max_len(block_number: u32) -> usize {
-        1 + 2 + MAX_REQUEST_ID + 8 + 4 * block_number as usize + 2 + MAX_REASON
+        1 + 2 + MAX_REQUEST_ID + 12 + 4 * block_number as usize + 2 + MAX_REASON
     }
 
     /// Parses a frame's bytes after its length prefix. Anything malformed (unknown kind, lengths that do not
@@ -137,12 +140,13 @@ impl Frame {
             2 => {
                 let request = r.id()?;
                 let layer = r.u32()?;
+                let mark = r.u32()?;
                 let count = r.u32()?;
                 if count > block_number {
                     return Err(Error::protocol(format!("a notification lists {count} blocks; the cache has {block_number}")));
                 }
                 let raw = r.take(count as usize * 4)?;
-                Frame::Done { request, layer, blocks: raw.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect() }
+                Frame::Done { request, layer, mark, blocks: raw.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect() }
             }
             3 => Frame::Failed { request: r.id()?, code: ErrorCode::from_wire(r.u32()?), reason: r.text()? },
             4 => Frame::Abort { request: r.id()?, reason: r.text()? },
@@ -212,21 +216,23 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The first bytes of a channel: which handshake it belongs to.
-pub fn encode_hello(protocol: u32, token: u64) -> [u8; HELLO_LEN] {
+/// The first bytes of a channel: which handshake it belongs to, and the proof that its sender took part in it.
+pub fn encode_hello(protocol: u32, token: u64, proof: &[u8; 32]) -> [u8; HELLO_LEN] {
     let mut b = [0u8; HELLO_LEN];
     b[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
     b[4..8].copy_from_slice(&protocol.to_le_bytes());
     b[8..16].copy_from_slice(&token.to_le_bytes());
+    b[16..48].copy_from_slice(proof);
     b
 }
 
-/// `(protocol, token)` of a channel hello.
-pub fn decode_hello(b: &[u8; HELLO_LEN]) -> Result<(u32, u64)> {
+/// `(protocol, token, proof)` of a channel hello.
+pub fn decode_hello(b: &[u8; HELLO_LEN]) -> Result<(u32, u64, [u8; 32])> {
     if b[0..4] != HELLO_MAGIC.to_le_bytes() {
         return Err(Error::protocol("a request channel did not start with a kvtransfer hello"));
     }
-    Ok((u32::from_le_bytes(b[4..8].try_into().unwrap()), u64::from_le_bytes(b[8..16].try_into().unwrap())))
+    let int = |r: std::ops::Range<usize>| -> u64 { b[r].iter().rev().fold(0, |n, &x| n << 8 | x as u64) };
+    Ok((int(4..8) as u32, int(8..16), b[16..48].try_into().expect("32 bytes")))
 }
 
 #[cfg(test)]
@@ -240,7 +246,7 @@ mod tests {
     fn every_frame() -> Vec<Frame> {
         vec![
             Frame::Start { request: id("r1") },
-            Frame::Done { request: id("r1"), layer: 3, blocks: vec![0, 7, 2] },
+            Frame::Done { request: id("r1"), layer: 3, mark: 9, blocks: vec![0, 7, 2] },
             Frame::Failed { request: id("é"), code: ErrorCode::Transport, reason: "broken pipe".into() },
             Frame::Abort { request: id("x"), reason: String::new() },
             Frame::Revoked { request: id("y") },
@@ -267,7 +273,7 @@ mod tests {
     #[test]
     fn malformed_frames_are_protocol_errors() {
         let mut buf = vec![];
-        Frame::Done { request: id("r"), layer: 0, blocks: vec![1; 9] }.encode(&mut buf);
+        Frame::Done { request: id("r"), layer: 0, mark: 1, blocks: vec![1; 9] }.encode(&mut buf);
         assert!(Frame::decode(&buf[4..], 8).unwrap_err().message().contains("9 blocks"));
         for cut in 1..buf.len() - 4 {
             assert_eq!(Frame::decode(&buf[4..4 + cut], 100).unwrap_err().code(), ErrorCode::Protocol);
@@ -280,7 +286,7 @@ mod tests {
         assert!(Frame::decode(&[1, 0, 0], 8).is_err());
         assert!(Frame::decode(&[1, 1, 0, 0xff], 8).unwrap_err().message().contains("UTF-8"));
         assert!(decode_hello(&[7; HELLO_LEN]).is_err());
-        assert_eq!(decode_hello(&encode_hello(3, 99)).unwrap(), (3, 99));
+        assert_eq!(decode_hello(&encode_hello(3, 99, &[5; 32])).unwrap(), (3, 99, [5; 32]));
     }
 
     #[test]

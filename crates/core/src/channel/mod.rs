@@ -33,6 +33,11 @@ pub const PING: Duration = if cfg!(test) { Duration::from_millis(100) } else { D
 const MIN_MISS: Duration = Duration::from_secs(3);
 /// Channels a decode keeps at once (open or saying hello); more are closed at once.
 pub const MAX_CHANNELS: usize = 4096;
+/// Connections that have not said their hello yet; past that the oldest is closed, so that connections that
+/// never say it cannot keep a real prefill's channel out.
+pub const MAX_GREETING: usize = 64;
+/// The longest a connection may take to say its hello (at most the timeout).
+const HELLO_TIME: Duration = Duration::from_secs(5);
 
 /// A prefill link as the decode sees it, from the handshake that admitted it.
 #[derive(Debug, Clone)]
@@ -45,6 +50,8 @@ pub struct PeerInfo {
     /// Its data path: the transport, and that transport's session.
     pub transport: TransportKind,
     pub session: u64,
+    /// Its process, for a same-host transport (which the decode cannot cut off: it waits for the process).
+    pub pid: Option<u32>,
 }
 
 /// What the decode does with what its channels say.
@@ -53,8 +60,8 @@ pub trait Events: Send + Sync {
     fn opened(&self, channel: u64, peer: &PeerInfo) -> Vec<RequestId>;
     /// A prefill's `Start`, `Done`, `Failed` or `Abort`. An error closes the channel.
     fn frame(&self, channel: u64, peer: &PeerInfo, frame: Frame) -> Result<()>;
-    /// The channel ended, `why`.
-    fn closed(&self, channel: u64, peer: &PeerInfo, why: &str);
+    /// The channel ended, `why`. `goodbye`: the prefill said its link writes nothing more before it ended.
+    fn closed(&self, channel: u64, peer: &PeerInfo, why: &str, goodbye: bool);
 }
 
 /// What the decode asks every peer to confirm.
@@ -77,8 +84,11 @@ struct Shared {
     block_number: u32,
     log: Arc<Logger>,
     events: Arc<dyn Events>,
-    /// Tokens handed out by handshakes, with when: each may open one channel, within `timeout`.
-    pending: Mutex<HashMap<u64, (PeerInfo, Instant)>>,
+    /// Tokens handed out by handshakes, with when and the proof their hello must carry (with
+    /// `KVCACHE_AUTH_TOKEN`): each may open one channel, within `timeout`.
+    pending: Mutex<HashMap<u64, (PeerInfo, Instant, Option<[u8; 32]>)>>,
+    /// Connections that have not said their hello yet, oldest first.
+    greeting: Mutex<std::collections::VecDeque<(u64, TcpStream)>>,
     live: Mutex<HashMap<u64, Live>>,
     /// Asks not yet confirmed, by channel.
     asked: Mutex<HashSet<(u64, Ask)>>,
@@ -91,7 +101,7 @@ struct Shared {
 pub struct ChannelServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    accept: Option<JoinHandle<()>>,
+    accept: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl ChannelServer {
@@ -107,6 +117,7 @@ impl ChannelServer {
             log,
             events,
             pending: Mutex::new(HashMap::new()),
+            greeting: Mutex::default(),
             live: Mutex::new(HashMap::new()),
             asked: Mutex::new(HashSet::new()),
             confirmed: Condvar::new(),
@@ -118,24 +129,33 @@ impl ChannelServer {
             .name("kvtransfer-channels".into())
             .spawn(move || accept_loop(listener, s))
             .map_err(|e| Error::io("starting the request channel listener", e))?;
-        Ok(ChannelServer { addr, shared, accept: Some(accept) })
+        Ok(ChannelServer { addr, shared, accept: Mutex::new(Some(accept)) })
     }
 
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
 
-    /// Lets the link of `peer` open one channel, within the timeout: returns the token it must present.
-    pub fn admit(&self, peer: PeerInfo) -> u64 {
+    /// Lets the link of `peer` open one channel, within the timeout: returns the token it must present, and
+    /// (given `proof`, which turns the token into what the hello must carry) the proof it must carry. Tokens that
+    /// expired unused are dropped, and their links handed to [`Events::closed`] (cut off).
+    pub fn admit(&self, peer: PeerInfo, proof: impl FnOnce(u64) -> Option<[u8; 32]>) -> u64 {
         let mut pending = lock(&self.shared.pending);
-        pending.retain(|_, (_, at)| at.elapsed() < self.shared.timeout);
-        loop {
+        let expired: Vec<u64> = pending.iter().filter(|(_, (_, at, _))| at.elapsed() >= self.shared.timeout).map(|(t, _)| *t).collect();
+        let expired: Vec<PeerInfo> = expired.into_iter().filter_map(|t| pending.remove(&t)).map(|(p, ..)| p).collect();
+        let token = loop {
             let token = crate::transport::random_u64();
-            if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(token) {
-                slot.insert((peer, Instant::now()));
-                return token;
+            if !pending.contains_key(&token) {
+                break token;
             }
+        };
+        pending.insert(token, (peer, Instant::now(), proof(token)));
+        drop(pending);
+        for peer in expired {
+            // Its link never opened (the prefill gave up on it, or tried another transport): nothing was written.
+            self.shared.events.closed(0, &peer, "its request channel never opened", true);
         }
+        token
     }
 
     /// Refuses new channels from now on (the decode is closing).
@@ -176,28 +196,30 @@ impl ChannelServer {
             }
             asked = shared.confirmed.wait_timeout(asked, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
-        let mut silent = Vec::new();
-        for (ch, writer, peer) in targets {
-            if asked.remove(&(ch, ask.clone())) {
-                let _ = lock(&writer).shutdown(Shutdown::Both);
-                silent.push(peer);
-            }
+        let silent: Vec<(Arc<Mutex<TcpStream>>, PeerInfo)> =
+            targets.into_iter().filter(|(ch, ..)| asked.remove(&(*ch, ask.clone()))).map(|(_, w, p)| (w, p)).collect();
+        drop(asked);
+        // Shut down once the lock is released: a writer may be held by a send that is itself stuck.
+        for (writer, _) in &silent {
+            let _ = lock(writer).shutdown(Shutdown::Both);
         }
-        silent
+        silent.into_iter().map(|(_, p)| p).collect()
     }
 }
 
-impl Drop for ChannelServer {
-    fn drop(&mut self) {
+impl ChannelServer {
+    /// Stops listening and ends every channel (each one's end handled, see [`Events::closed`]) before it
+    /// returns. Later calls do nothing.
+    pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.stop_admitting();
+        let Some(accept) = lock(&self.accept).take() else { return };
         let wake = match self.addr.ip() {
             ip if ip.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), self.addr.port()),
             _ => self.addr,
         };
         let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
+        let _ = accept.join();
         let connections = std::mem::take(&mut *lock(&self.shared.connections));
         for (stream, _) in &connections {
             let _ = stream.shutdown(Shutdown::Both);
@@ -205,6 +227,12 @@ impl Drop for ChannelServer {
         for (_, thread) in connections {
             let _ = thread.join();
         }
+    }
+}
+
+impl Drop for ChannelServer {
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -221,7 +249,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Ok(s) => s,
             Err(e) => {
                 // Out of descriptors, say: wait rather than spin, and let finished connections go.
-                shared.log.error(format!("accepting a request channel: {e}"));
+                shared.log.error_from("the request channel listener", format!("accepting a request channel: {e}"));
                 std::thread::sleep(Duration::from_millis(100));
                 lock(&shared.connections).retain(|(_, t)| !t.is_finished());
                 continue;
@@ -231,31 +259,41 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         connections.retain(|(_, t)| !t.is_finished());
         if connections.len() >= MAX_CHANNELS {
             drop(connections);
-            shared.log.error(format!("refused a request channel: {MAX_CHANNELS} are open"));
+            shared.log.error_from("the request channel listener", format!("refused a request channel: {MAX_CHANNELS} are open"));
             let _ = stream.shutdown(Shutdown::Both);
             continue;
         }
-        let Ok(handle) = stream.try_clone() else { continue };
+        let (Ok(handle), Ok(greeting)) = (stream.try_clone(), stream.try_clone()) else { continue };
+        let id = shared.next_channel.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut waiting = lock(&shared.greeting);
+            waiting.push_back((id, greeting));
+            if waiting.len() > MAX_GREETING {
+                let (_, oldest) = waiting.pop_front().expect("not empty");
+                let _ = oldest.shutdown(Shutdown::Both);
+            }
+        }
         let s = shared.clone();
-        if let Ok(thread) = std::thread::Builder::new().name("kvtransfer-channel".into()).spawn(move || serve(stream, &s)) {
+        if let Ok(thread) = std::thread::Builder::new().name("kvtransfer-channel".into()).spawn(move || serve(stream, id, &s)) {
             connections.push((handle, thread));
         }
     }
 }
 
-fn serve(mut stream: TcpStream, shared: &Shared) {
+fn serve(mut stream: TcpStream, channel: u64, shared: &Shared) {
     let from = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|_| "?".into());
-    let peer = match greet(&mut stream, shared) {
+    let greeted = greet(&mut stream, shared);
+    lock(&shared.greeting).retain(|(id, _)| *id != channel);
+    let peer = match greeted {
         Ok(peer) => PeerInfo { name: format!("{} at {from}", peer.name), ..peer },
         Err(e) => {
             if !shared.stop.load(Ordering::Acquire) {
-                shared.log.error(format!("request channel from {from} refused: {e}"));
+                shared.log.error_from(&from, format!("request channel from {from} refused: {e}"));
             }
             let _ = stream.shutdown(Shutdown::Both);
             return;
         }
     };
-    let channel = shared.next_channel.fetch_add(1, Ordering::Relaxed);
     let writer = match stream.try_clone() {
         Ok(w) => Arc::new(Mutex::new(w)),
         Err(e) => {
@@ -266,14 +304,23 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
     // Registered before the revoked requests are read: a revoke either finds this channel open, or is among
     // those requests (see `Events::opened`).
     lock(&shared.live).insert(channel, Live { peer: peer.clone(), writer: writer.clone() });
-    let why = match run(&mut stream, shared, channel, &peer, &writer) {
+    // A close that took its snapshot of the open channels before this one was added never asks it: it is
+    // refused instead (the close marked the server closing before its snapshot).
+    if shared.closing.load(Ordering::Acquire) {
+        lock(&shared.live).remove(&channel);
+        let _ = stream.shutdown(Shutdown::Both);
+        shared.events.closed(channel, &peer, "the decode is closing", false);
+        return;
+    }
+    let mut goodbye = false;
+    let why = match run(&mut stream, shared, channel, &peer, &writer, &mut goodbye) {
         Ok(()) => "it closed".to_string(),
         Err(e) => e.message().to_string(),
     };
     lock(&shared.live).remove(&channel);
     let _ = stream.shutdown(Shutdown::Both);
     // The peer's end is handled (its data path cut off) before anyone waiting on its confirmation goes on.
-    shared.events.closed(channel, &peer, &why);
+    shared.events.closed(channel, &peer, &why, goodbye);
     lock(&shared.asked).retain(|(ch, _)| *ch != channel);
     shared.confirmed.notify_all();
 }
@@ -281,22 +328,45 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
 fn greet(stream: &mut TcpStream, shared: &Shared) -> Result<PeerInfo> {
     let setup = |e| Error::io("configuring a request channel", e);
     stream.set_nodelay(true).map_err(setup)?;
-    stream.set_read_timeout(Some(shared.timeout)).map_err(setup)?;
+    let deadline = Instant::now() + HELLO_TIME.min(shared.timeout);
+    stream.set_read_timeout(Some(Duration::from_millis(250))).map_err(setup)?;
     stream.set_write_timeout(Some(shared.timeout)).map_err(setup)?;
     let mut hello = [0u8; frame::HELLO_LEN];
-    stream.read_exact(&mut hello).map_err(|e| Error::io("reading the channel hello", e))?;
-    let (protocol, token) = frame::decode_hello(&hello)?;
+    // One deadline for the whole hello: a connection that trickles it in byte by byte is not waited for.
+    let mut idle = || match Instant::now() < deadline {
+        true => Ok(()),
+        false => Err(Error::new(ErrorCode::Timeout, "no channel hello in time")),
+    };
+    if !fill(stream, &mut hello, true, &mut idle)? {
+        return Err(Error::new(ErrorCode::Transport, "closed before its hello"));
+    }
+    let (protocol, token, proof) = frame::decode_hello(&hello)?;
     let admitted = match protocol {
         PROTOCOL_VERSION if !shared.closing.load(Ordering::Acquire) => lock(&shared.pending).remove(&token),
         _ => None,
     };
     match admitted {
-        Some((peer, at)) if at.elapsed() < shared.timeout => Ok(peer),
+        Some((peer, at, expected)) if at.elapsed() < shared.timeout => match expected {
+            Some(expected) if !crate::auth::tags_equal(&expected, &proof) => {
+                // The token was seen on the way, by someone who does not hold KVCACHE_AUTH_TOKEN: its link is
+                // cut off (the real prefill's channel can no longer open either).
+                shared.events.closed(0, &peer, "its request channel was opened without the proof", true);
+                Err(Error::new(ErrorCode::Unauthenticated, "a channel hello without the proof of KVCACHE_AUTH_TOKEN"))
+            }
+            _ => Ok(peer),
+        },
         _ => Err(Error::new(ErrorCode::Rejected, format!("an unknown or expired channel token (protocol {protocol})"))),
     }
 }
 
-fn run(stream: &mut TcpStream, shared: &Shared, channel: u64, peer: &PeerInfo, writer: &Arc<Mutex<TcpStream>>) -> Result<()> {
+fn run(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    channel: u64,
+    peer: &PeerInfo,
+    writer: &Arc<Mutex<TcpStream>>,
+    goodbye: &mut bool,
+) -> Result<()> {
     let mut out = Vec::new();
     for request in shared.events.opened(channel, peer) {
         send(writer, &Frame::Revoke { request }, &mut out)?;
@@ -322,7 +392,11 @@ fn run(stream: &mut TcpStream, shared: &Shared, channel: u64, peer: &PeerInfo, w
         match frame {
             Frame::Ping => {}
             Frame::Revoked { request } => confirm(shared, channel, Ask::Revoke(request)),
-            Frame::Closed => confirm(shared, channel, Ask::Close),
+            // Confirms a `Close`; unasked, says the link is gone.
+            Frame::Closed => {
+                *goodbye = true;
+                confirm(shared, channel, Ask::Close)
+            }
             f if f.from_prefill() => shared.events.frame(channel, peer, f)?,
             f => return Err(Error::protocol(format!("the prefill sent a decode's frame ({f:?})"))),
         }
@@ -393,12 +467,13 @@ pub struct ChannelClient {
 
 impl ChannelClient {
     /// Opens the channel at `host:port` with the handshake's `token`. Returns it with the requests the decode
-    /// has revoked (confirmed already). From then on a thread of its own answers the decode: `obey` runs for
+    /// has revoked, which this link must refuse from its first write. From then on a thread of its own answers the decode: `obey` runs for
     /// each directive, and the confirmation is sent once it returns.
     pub fn connect(
         host: &str,
         port: u16,
         token: u64,
+        proof: [u8; 32],
         timeout: Duration,
         obey: Arc<dyn Fn(&Directive) + Send + Sync>,
     ) -> Result<(ChannelClient, Vec<RequestId>)> {
@@ -420,9 +495,9 @@ impl ChannelClient {
         stream.set_nodelay(true).map_err(setup)?;
         stream.set_read_timeout(Some(timeout)).map_err(setup)?;
         stream.set_write_timeout(Some(timeout)).map_err(setup)?;
-        stream.write_all(&frame::encode_hello(PROTOCOL_VERSION, token)).map_err(|e| Error::io("greeting the request channel", e))?;
+        stream.write_all(&frame::encode_hello(PROTOCOL_VERSION, token, &proof)).map_err(|e| Error::io("greeting the request channel", e))?;
         let writer = Arc::new(Mutex::new(stream.try_clone().map_err(setup)?));
-        let (mut out, mut body) = (Vec::new(), Vec::new());
+        let mut body = Vec::new();
         let mut revoked = Vec::new();
         let deadline = Instant::now() + timeout;
         let mut idle = || match Instant::now() < deadline {
@@ -433,10 +508,9 @@ impl ChannelClient {
             match read_frame(&mut stream, Frame::max_len(0), 0, &mut body, &mut idle)? {
                 None => return Err(Error::new(ErrorCode::Rejected, format!("{peer} refused the request channel (its token is unknown or expired)"))),
                 Some(Frame::Ready) => break,
-                Some(Frame::Revoke { request }) => {
-                    send(&writer, &Frame::Revoked { request: request.clone() }, &mut out)?;
-                    revoked.push(request);
-                }
+                // Learned before the first write; the decode waits for no confirmation of these (and reads
+                // nothing until `Ready`), so none is sent.
+                Some(Frame::Revoke { request }) => revoked.push(request),
                 Some(f) => return Err(Error::protocol(format!("{peer} opened the request channel with {f:?}"))),
             }
         }
@@ -451,7 +525,7 @@ impl ChannelClient {
                 let _ = lock(&w).shutdown(Shutdown::Both);
             })
             .map_err(|e| Error::io("starting the request channel's thread", e))?;
-        Ok((ChannelClient { writer, broken, out }, revoked))
+        Ok((ChannelClient { writer, broken, out: Vec::new() }, revoked))
     }
 
     /// Whether the channel has ended (the decode closed it, or went away): the link must be rebuilt.
@@ -469,8 +543,12 @@ impl ChannelClient {
 }
 
 impl Drop for ChannelClient {
+    /// Says goodbye (the link that owned the channel is gone: it writes nothing more), then closes; its thread
+    /// sees the end and stops.
     fn drop(&mut self) {
-        // Its thread sees the end and stops.
+        if !self.is_broken() {
+            let _ = send(&self.writer, &Frame::Closed, &mut self.out);
+        }
         let _ = lock(&self.writer).shutdown(Shutdown::Both);
     }
 }
@@ -511,7 +589,7 @@ mod tests {
             lock(&self.frames).push(frame);
             Ok(())
         }
-        fn closed(&self, _: u64, _: &PeerInfo, why: &str) {
+        fn closed(&self, _: u64, _: &PeerInfo, why: &str, _: bool) {
             lock(&self.closed).push(why.to_string());
         }
     }
@@ -522,7 +600,7 @@ mod tests {
     }
 
     fn peer() -> PeerInfo {
-        PeerInfo { name: "p".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1 }
+        PeerInfo { name: "p".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, pid: None }
     }
 
     fn until(what: &str, f: impl Fn() -> bool) {
@@ -542,17 +620,17 @@ mod tests {
         let events = Arc::new(Recorder::default());
         lock(&events.revoked).push(id("old"));
         let server = server(events.clone());
-        let token = server.admit(peer());
+        let token = server.admit(peer(), |_| None);
         let obeyed = Arc::new(Mutex::new(Vec::new()));
         let o = obeyed.clone();
         let (mut client, revoked) =
-            ChannelClient::connect("127.0.0.1", server.port(), token, Duration::from_secs(5), Arc::new(move |d: &Directive| lock(&o).push(d.clone())))
+            ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(move |d: &Directive| lock(&o).push(d.clone())))
                 .unwrap();
         assert_eq!(revoked, [id("old")]);
         client.send(&Frame::Start { request: id("a") }).unwrap();
-        client.send(&Frame::Done { request: id("a"), layer: 1, blocks: vec![3] }).unwrap();
+        client.send(&Frame::Done { request: id("a"), layer: 1, mark: 1, blocks: vec![3] }).unwrap();
         until("two frames", || lock(&events.frames).len() == 2);
-        assert_eq!(lock(&events.frames)[1], Frame::Done { request: id("a"), layer: 1, blocks: vec![3] });
+        assert_eq!(lock(&events.frames)[1], Frame::Done { request: id("a"), layer: 1, mark: 1, blocks: vec![3] });
         let silent = server.ask_all(&Ask::Revoke(id("a")), Duration::from_secs(5));
         assert!(silent.is_empty());
         assert_eq!(*lock(&obeyed), [Directive::Revoke(id("a"))]);
@@ -567,17 +645,52 @@ mod tests {
     fn a_token_opens_one_channel_and_strangers_none() {
         let events = Arc::new(Recorder::default());
         let server = server(events.clone());
-        let token = server.admit(peer());
+        let token = server.admit(peer(), |_| None);
         let nothing = Arc::new(|_: &Directive| {});
-        let err = ChannelClient::connect("127.0.0.1", server.port(), token ^ 1, Duration::from_secs(5), nothing.clone()).err().unwrap();
+        let err = ChannelClient::connect("127.0.0.1", server.port(), token ^ 1, [0; 32], Duration::from_secs(5), nothing.clone()).err().unwrap();
         assert_eq!(err.code(), ErrorCode::Rejected);
-        let first = ChannelClient::connect("127.0.0.1", server.port(), token, Duration::from_secs(5), nothing.clone()).unwrap();
-        let again = ChannelClient::connect("127.0.0.1", server.port(), token, Duration::from_secs(5), nothing.clone()).err().unwrap();
+        let first = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), nothing.clone()).unwrap();
+        let again = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), nothing.clone()).err().unwrap();
         assert_eq!(again.code(), ErrorCode::Rejected);
         drop(first);
         server.stop_admitting();
-        let late = server.admit(peer());
-        assert!(ChannelClient::connect("127.0.0.1", server.port(), late, Duration::from_secs(5), nothing).is_err());
+        let late = server.admit(peer(), |_| None);
+        assert!(ChannelClient::connect("127.0.0.1", server.port(), late, [0; 32], Duration::from_secs(5), nothing).is_err());
+    }
+
+    #[test]
+    fn connections_that_never_say_hello_do_not_keep_a_prefill_out() {
+        let events = Arc::new(Recorder::default());
+        let server = server(events.clone());
+        // More silent connections than may wait for their hello, and one trickling its hello byte by byte.
+        let silent: Vec<TcpStream> = (0..MAX_GREETING * 2).map(|_| TcpStream::connect(("127.0.0.1", server.port())).unwrap()).collect();
+        let mut trickle = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        trickle.write_all(b"K").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let token = server.admit(peer(), |_| None);
+        let started = Instant::now();
+        let (client, _) = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(|_: &Directive| {})).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        drop((client, silent));
+        // The oldest silent ones were closed to make room.
+        let mut byte = [0u8; 1];
+        trickle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert!(matches!(trickle.read(&mut byte), Ok(0) | Err(_)), "the trickling hello is cut off at its deadline");
+    }
+
+    #[test]
+    fn a_channel_opened_without_the_proof_is_refused_and_its_link_cut() {
+        let events = Arc::new(Recorder::default());
+        let server = server(events.clone());
+        let token = server.admit(peer(), |_| Some([9; 32]));
+        let nothing = Arc::new(|_: &Directive| {});
+        let err = ChannelClient::connect("127.0.0.1", server.port(), token, [8; 32], Duration::from_secs(5), nothing.clone()).err().unwrap();
+        assert_eq!(err.code(), ErrorCode::Rejected, "{err}");
+        until("the cut-off", || lock(&events.closed).iter().any(|w| w.contains("without the proof")));
+        // Nor does the right proof open it any more: the token was spent.
+        assert!(ChannelClient::connect("127.0.0.1", server.port(), token, [9; 32], Duration::from_secs(5), nothing.clone()).is_err());
+        let token = server.admit(peer(), |_| Some([9; 32]));
+        ChannelClient::connect("127.0.0.1", server.port(), token, [9; 32], Duration::from_secs(5), nothing).unwrap();
     }
 
     #[test]
@@ -585,9 +698,9 @@ mod tests {
         let events = Arc::new(Recorder::default());
         let server = server(events.clone());
         // A peer that opens the channel and then never answers.
-        let token = server.admit(peer());
+        let token = server.admit(peer(), |_| None);
         let mut raw = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
-        raw.write_all(&frame::encode_hello(PROTOCOL_VERSION, token)).unwrap();
+        raw.write_all(&frame::encode_hello(PROTOCOL_VERSION, token, &[0; 32])).unwrap();
         let mut ready = [0u8; 5];
         raw.read_exact(&mut ready).unwrap();
         let started = Instant::now();
@@ -596,9 +709,9 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(3));
         until("the cut-off", || lock(&events.closed).len() == 1);
         // Garbage: a frame claiming 1 GiB.
-        let token = server.admit(peer());
+        let token = server.admit(peer(), |_| None);
         let mut raw = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
-        raw.write_all(&frame::encode_hello(PROTOCOL_VERSION, token)).unwrap();
+        raw.write_all(&frame::encode_hello(PROTOCOL_VERSION, token, &[0; 32])).unwrap();
         raw.read_exact(&mut ready).unwrap();
         raw.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
         until("the refusal", || lock(&events.closed).len() == 2);

@@ -44,13 +44,40 @@ struct Links {
     acceptors: Vec<Arc<dyn Acceptor>>,
     requests: Arc<Requests>,
     log: Arc<Logger>,
+    /// Same-host links whose channel ended without a goodbye while their process lives: they might still
+    /// write, and nothing here can stop them.
+    uncut: Mutex<Vec<PeerInfo>>,
 }
 
 impl Links {
-    /// Stops the data path of `peer`; `false` where its transport cannot (a same-host one).
+    /// Stops the data path of `peer`. `false` where its transport cannot (a same-host one) and its process
+    /// still lives.
     fn cut_off(&self, peer: &PeerInfo) -> bool {
-        self.acceptors.iter().find(|a| a.kind() == peer.transport).is_some_and(|a| a.cut_off(peer.session))
+        let stopped = self.acceptors.iter().find(|a| a.kind() == peer.transport).is_some_and(|a| a.cut_off(peer.session));
+        stopped || peer.pid.is_some_and(process_gone)
     }
+
+    /// The same-host links that may still write (forgetting those whose process has ended).
+    fn uncut(&self) -> Vec<PeerInfo> {
+        let mut uncut = self.uncut.lock().unwrap_or_else(|p| p.into_inner());
+        uncut.retain(|p| !p.pid.is_some_and(process_gone));
+        uncut.clone()
+    }
+}
+
+/// Whether process `pid` has ended: gone, or a zombie (no memory left to write from). A reused pid reads as
+/// alive: the safe side.
+fn process_gone(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    if unsafe { libc::kill(pid, 0) } == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+        return true;
+    }
+    // `/proc/<pid>/stat`: "pid (comm) S ...": the state follows the last ')'.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])))
+        .unwrap_or(false)
 }
 
 impl Events for Links {
@@ -63,8 +90,15 @@ impl Events for Links {
         self.requests.on_frame(channel, peer, frame)
     }
 
-    fn closed(&self, channel: u64, peer: &PeerInfo, why: &str) {
-        self.cut_off(peer);
+    fn closed(&self, channel: u64, peer: &PeerInfo, why: &str, goodbye: bool) {
+        if !self.cut_off(peer) && !goodbye {
+            self.log.error(format!(
+                "the request channel of {} ({}) ended ({why}) while its process lives: a same-host link cannot be \
+                 cut off, so revoke and close report it until that process ends",
+                peer.name, peer.transport
+            ));
+            self.uncut.lock().unwrap_or_else(|p| p.into_inner()).push(peer.clone());
+        }
         self.log.debug(format!("request channel from {} ended: {why}", peer.name));
         self.requests.on_link_end(channel, peer, why);
     }
@@ -86,7 +120,11 @@ impl DecodeSide {
             ));
         }
         let requests = Arc::new(Requests::new(env.cache.layers(), env.cache.block_number()));
-        let links = Arc::new(Links { acceptors: acceptors.clone(), requests: requests.clone(), log: log.clone() });
+        for acceptor in &acceptors {
+            let r = requests.clone();
+            acceptor.watch(Arc::new(move |session, mark| r.on_mark(session, mark)));
+        }
+        let links = Arc::new(Links { acceptors: acceptors.clone(), requests: requests.clone(), log: log.clone(), uncut: Mutex::default() });
         let channels =
             Arc::new(ChannelServer::start(env.listen_ip, env.cache.block_number(), env.config.timeout, log.clone(), links.clone())?);
         let handshake = Handshake {
@@ -134,6 +172,7 @@ impl DecodeSide {
             .ask_all(&Ask::Revoke(request.clone()), self.timeout)
             .into_iter()
             .filter(|peer| !links.cut_off(peer))
+            .chain(links.uncut())
             .map(|peer| format!("{} ({})", peer.name, peer.transport))
             .collect();
         if uncut.is_empty() {
@@ -168,21 +207,21 @@ impl DecodeSide {
         let Some(listening) = self.listening.lock().unwrap().take() else { return };
         drop(listening.control);
         listening.channels.stop_admitting();
-        for peer in listening.channels.ask_all(&Ask::Close, self.timeout) {
-            if !listening.links.cut_off(&peer) {
-                self.log.error(format!(
-                    "closing: {} ({}) did not confirm within {} ms that it stopped writing, and a same-host transport \
-                     cannot be cut off",
-                    peer.name,
-                    peer.transport,
-                    self.timeout.as_millis()
-                ));
-            }
+        let silent = listening.channels.ask_all(&Ask::Close, self.timeout);
+        for peer in silent.into_iter().filter(|p| !listening.links.cut_off(p)).chain(listening.links.uncut()) {
+            self.log.error(format!(
+                "closing: {} ({}) did not confirm that it stopped writing, and a same-host link cannot be cut off \
+                 while its process lives",
+                peer.name, peer.transport
+            ));
         }
         self.requests.close();
-        // Each channel's end cuts its link off; then the accepting halves stop their data paths.
-        drop(listening.channels);
-        drop(listening.links);
+        // Each channel's end cuts its link off; then the accepting halves stop every data path. Explicitly,
+        // not by the last reference going: a revoke in flight may hold one.
+        listening.channels.shutdown();
+        for acceptor in &listening.links.acceptors {
+            acceptor.close();
+        }
     }
 }
 
@@ -216,7 +255,8 @@ impl Handshake {
             Request::Hello { hello, mac } => self.accept(peer, &hello, mac),
         });
         answered.unwrap_or_else(|e| {
-            self.log.error(format!("refused a connection: {e}"));
+            // ZeroMQ does not say which host a request came from: refusals share one allowance.
+            self.log.error_from("the control port", format!("refused a connection: {e}"));
             Reply::reject(&e)
         })
     }
@@ -251,13 +291,16 @@ impl Handshake {
                 ));
             }
         }
-        let welcome = self.welcome(&wire::decode_hello(hello_text.as_bytes())?)?;
+        let channel_proof = |token: u64| {
+            self.auth.as_ref().map(|key| key.sign(Proof::ChannelHello, &greeting.prefill, &greeting.decode, &token.to_le_bytes()))
+        };
+        let welcome = self.welcome(&wire::decode_hello(hello_text.as_bytes())?, channel_proof)?;
         let text = String::from_utf8(wire::encode(&welcome)).expect("JSON is UTF-8");
         let mac = self.auth.as_ref().map(|key| key.sign(Proof::DecodeWelcome, &greeting.prefill, &greeting.decode, text.as_bytes()));
         Ok(Reply::Welcome { welcome: text, mac })
     }
 
-    fn welcome(&self, hello: &wire::Hello) -> Result<Welcome> {
+    fn welcome(&self, hello: &wire::Hello, channel_proof: impl FnOnce(u64) -> Option<auth::Tag>) -> Result<Welcome> {
         let agreed = negotiation::check_hello(hello, &self.cache)?;
         let same_host = self.host.is_some() && hello.host == self.host;
         let offers: Vec<TransportKind> = hello.offers.iter().map(|o| o.transport).collect();
@@ -282,7 +325,8 @@ impl Handshake {
             ratio: agreed.geometry.ratio,
             transport: kind,
             session: accepted.session,
-        });
+            pid: hello.pid.filter(|_| kind.same_host_only()),
+        }, channel_proof);
         Ok(Welcome {
             protocol: PROTOCOL_VERSION,
             block_number: self.cache.block_number(),

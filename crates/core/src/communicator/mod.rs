@@ -48,6 +48,28 @@ pub use self::requests::{Notification, Status};
 pub use crate::channel::RequestId;
 pub use crate::wire::{Role, TransportKind};
 
+/// Whether an asynchronous call may still be cancelled: it is either cancelled before it starts, or started
+/// (and then runs to its end), never both.
+#[derive(Debug, Default)]
+pub struct Cancel(std::sync::atomic::AtomicU8);
+
+impl Cancel {
+    const PENDING: u8 = 0;
+    const STARTED: u8 = 1;
+    const CANCELLED: u8 = 2;
+
+    /// Cancels the call if it has not started; `true` if it will not start.
+    pub fn cancel(&self) -> bool {
+        let was = self.0.compare_exchange(Self::PENDING, Self::CANCELLED, Ordering::AcqRel, Ordering::Acquire);
+        was.is_ok() || was == Err(Self::CANCELLED)
+    }
+
+    /// Starts the call unless it was cancelled; `false` if it must not run.
+    fn start(&self) -> bool {
+        self.0.compare_exchange(Self::PENDING, Self::STARTED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+}
+
 /// A number naming one wait of this process ([`Communicator::wait_for`]).
 pub fn next_wait_token() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 52);
@@ -190,8 +212,8 @@ impl Communicator {
     }
 
     /// [`Communicator::write_request`] on the peer's own thread: returns at once, and `done` runs on that thread
-    /// with the outcome. Calls to one peer run in the order they were made. A call whose `cancel` is set before
-    /// it starts moves nothing and fails with `ABORTED`; once started, a write is never abandoned halfway.
+    /// with the outcome. Calls to one peer run in the order they were made. A call cancelled ([`Cancel::cancel`])
+    /// before it starts moves nothing and fails with `ABORTED`; once started, a write is never abandoned halfway.
     #[allow(clippy::too_many_arguments)]
     pub fn write_cache_then(
         self: &Arc<Self>,
@@ -201,12 +223,12 @@ impl Communicator {
         remote: Vec<u32>,
         layer: u32,
         request: Option<RequestId>,
-        cancel: Option<Arc<AtomicBool>>,
+        cancel: Option<Arc<Cancel>>,
         done: impl FnOnce(Result<()>) + Send + 'static,
     ) {
         let (comm, host) = (self.clone(), ip.to_string());
         let work = move || {
-            if cancel.is_some_and(|c| c.load(Ordering::Acquire)) {
+            if cancel.is_some_and(|c| !c.start()) {
                 return Err(Error::new(ErrorCode::Aborted, "the write was cancelled before it started: nothing was written"));
             }
             comm.write_request(&host, port, &local, &remote, layer, request.as_ref())

@@ -149,6 +149,8 @@ struct Connection {
     channel: ChannelClient,
     /// Requests this connection has told the decode it started.
     started: RecentIds,
+    /// The mark of the last write of a request ([`Link::write_marked`]).
+    mark: u32,
 }
 
 impl PrefillSide {
@@ -272,6 +274,7 @@ impl PrefillSide {
             dst_tp_size,
             offers: pending.iter().map(|(kind, p)| Offer { transport: *kind, details: p.offer() }).collect(),
             host: net::host_id(),
+            pid: Some(std::process::id()),
         };
         let hello = String::from_utf8(wire::encode(&hello)).expect("JSON is UTF-8");
         let mac = auth.as_ref().map(|secret| secret.sign(Proof::PrefillHello, &prefill_nonce, &decode_nonce, hello.as_bytes()));
@@ -297,14 +300,16 @@ impl PrefillSide {
         };
         let chosen = pending.into_iter().find(|(kind, _)| *kind == welcome.transport).expect("checked: it was offered");
         let link = chosen.1.finish(&answer).map_err(|e| (e, Some(welcome.transport)))?;
+        // Cleared before the channel opens: a `Close` the new channel obeys from then on stays.
+        gate.closing.store(false, Ordering::Release);
         let g = gate.clone();
-        let (channel, revoked) =
-            ChannelClient::connect(ip, welcome.channel_port, welcome.channel_token, comm.config.timeout, Arc::new(move |d: &Directive| g.obey(d)))
-                .map_err(plain)?;
+        let token = welcome.channel_token;
+        let proof = auth.as_ref().map_or([0; 32], |key| key.sign(Proof::ChannelHello, &prefill_nonce, &decode_nonce, &token.to_le_bytes()));
+        let obey = Arc::new(move |d: &Directive| g.obey(d));
+        let (channel, revoked) = ChannelClient::connect(ip, welcome.channel_port, token, proof, comm.config.timeout, obey).map_err(plain)?;
         for request in revoked {
             lock(&gate.revoked).insert(request);
         }
-        gate.closing.store(false, Ordering::Release);
         comm.log.debug(format!(
             "connected to {key} over {}: its cache has {} blocks{}",
             welcome.transport,
@@ -313,7 +318,7 @@ impl PrefillSide {
         ));
         Ok(Peer {
             plan: BlockPlan::new(link.plan_form()),
-            link: Some(Connection { link, channel, started: RecentIds::default() }),
+            link: Some(Connection { link, channel, started: RecentIds::default(), mark: 0 }),
             remote_blocks: welcome.block_number,
             dst_tp_size,
         })
@@ -358,7 +363,8 @@ impl PrefillSide {
         if let Some(request) = request {
             gate.check(request)?;
         }
-        if state.plan.is_empty() {
+        // An empty write moves nothing; with a request it still tells the decode (the layer has no blocks here).
+        if state.plan.is_empty() && request.is_none() {
             return Ok(());
         }
         if gate.closing.swap(false, Ordering::AcqRel) {
@@ -407,6 +413,11 @@ impl PrefillSide {
         lock(&peer.gate.aborted).insert(request.clone());
         // Without a working connection the decode has failed the request already (its link ended).
         if let Some(connection) = state.link.as_mut() {
+            // Started first, so that the decode takes the abort from this link even before any write of it.
+            if !connection.started.contains(request) {
+                connection.channel.send(&Frame::Start { request: request.clone() })?;
+                connection.started.insert(request.clone());
+            }
             connection.channel.send(&Frame::Abort { request: request.clone(), reason: reason.to_string() })?;
         }
         Ok(())
@@ -458,8 +469,15 @@ fn write_telling(connection: &mut Connection, plan: &BlockPlan, remote: &[u32], 
         connection.channel.send(&Frame::Start { request: request.clone() })?;
         connection.started.insert(request.clone());
     }
-    match connection.link.write(plan) {
-        Ok(()) => connection.channel.send(&Frame::Done { request: request.clone(), layer, blocks: remote.to_vec() }),
+    if plan.is_empty() {
+        // No bytes, so nothing to wait for (mark 0) but the writes before it.
+        return connection.channel.send(&Frame::Done { request: request.clone(), layer, mark: 0, blocks: Vec::new() });
+    }
+    // Marks count from 1 and skip 0, which means "no bytes".
+    connection.mark = connection.mark.checked_add(1).unwrap_or(1);
+    let mark = connection.mark;
+    match connection.link.write_marked(plan, mark) {
+        Ok(()) => connection.channel.send(&Frame::Done { request: request.clone(), layer, mark, blocks: remote.to_vec() }),
         Err(e) => {
             // Best effort: if the channel is gone too, the decode fails the request when it sees it end.
             let _ = connection.channel.send(&Frame::Failed { request: request.clone(), code: e.code(), reason: e.message().to_string() });

@@ -10,6 +10,7 @@
 
 use crate::channel::{Frame, PeerInfo, RequestId};
 use crate::error::{Error, ErrorCode, Result};
+use crate::wire::TransportKind;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
@@ -18,8 +19,11 @@ use std::sync::Mutex;
 pub const MAX_REMEMBERED: usize = 65536;
 /// Requests one link may have open at once; a link that opens more is cut off.
 pub const MAX_OPEN_PER_LINK: usize = 65536;
-/// Notifications kept for the engine; past that the oldest are dropped, and counted.
+/// Notifications kept for the engine, and block ids in them; past either the oldest are dropped, and counted.
 pub const MAX_QUEUED: usize = 65536;
+pub const MAX_QUEUED_IDS: usize = 16 << 20;
+/// `Done`s of one RDMA link waiting for their marks; a link with more is cut off.
+pub const MAX_PARKED: usize = 65536;
 
 /// What became of a write, or of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +81,8 @@ enum End {
 struct Record {
     /// Per layer, the slices that have arrived.
     slots: Vec<Vec<u32>>,
-    ratio: u32,
+    /// Slices per block, from the first write (every link writing a request must agree).
+    ratio: Option<u32>,
     complete_layers: u32,
     end: Option<End>,
     /// The links that started it and may still write it.
@@ -87,11 +92,11 @@ struct Record {
 
 impl Record {
     fn new(layers: u32) -> Record {
-        Record { slots: vec![Vec::new(); layers as usize], ratio: 1, complete_layers: 0, end: None, links: HashSet::new(), waiters: Vec::new() }
+        Record { slots: vec![Vec::new(); layers as usize], ratio: None, complete_layers: 0, end: None, links: HashSet::new(), waiters: Vec::new() }
     }
 
     fn has(&self, layer: u32) -> bool {
-        self.slots.get(layer as usize).is_some_and(|s| s.len() as u32 >= self.ratio)
+        self.slots.get(layer as usize).is_some_and(|s| !s.is_empty() && s.len() as u32 >= self.ratio.unwrap_or(1))
     }
 
     fn satisfies(&self, layers: &Option<Vec<u32>>) -> bool {
@@ -112,8 +117,30 @@ struct Table {
     open: HashMap<u64, HashSet<RequestId>>,
     /// `None` until the engine first asks for notifications.
     queue: Option<VecDeque<Notification>>,
+    /// Block ids in `queue`.
+    queued_ids: usize,
     dropped: u64,
+    /// Which request each wait is for, by token.
+    waits: HashMap<u64, RequestId>,
+    /// Set once the communicator closed: waits and takers settle at once.
+    closed: bool,
     takers: Vec<Take>,
+    /// Per RDMA session: the last mark its queue pair received, and the `Done`s waiting for theirs.
+    marks: HashMap<u64, Marks>,
+}
+
+/// An RDMA link's `Done` frames come on the request channel once the prefill's writes completed, but the
+/// bytes are in this memory only once the queue pair has received the write's mark (sent after them on the
+/// same queue pair): each `Done` waits for its mark, and those behind it wait too.
+#[derive(Default)]
+struct Marks {
+    seen: Option<u32>,
+    parked: VecDeque<(u64, PeerInfo, Frame)>,
+}
+
+/// Whether mark `seen` is at or past `mark` (marks count up and wrap).
+fn reached(seen: u32, mark: u32) -> bool {
+    (seen.wrapping_sub(mark) as i32) >= 0
 }
 
 /// The requests of one decode communicator.
@@ -154,8 +181,12 @@ impl Requests {
                 revoked_order: VecDeque::new(),
                 open: HashMap::new(),
                 queue: None,
+                queued_ids: 0,
                 dropped: 0,
+                waits: HashMap::new(),
+                closed: false,
                 takers: Vec::new(),
+                marks: HashMap::new(),
             }),
         }
     }
@@ -176,7 +207,23 @@ impl Requests {
             let mut t = self.lock();
             match frame {
                 Frame::Start { request } => self.start(&mut t, link, &request),
-                Frame::Done { request, layer, blocks } => self.done(&mut t, &mut due, link, peer, request, layer, blocks),
+                Frame::Done { mark, .. } if peer.transport == TransportKind::Rdma => {
+                    let waiting = t.marks.entry(peer.session).or_default();
+                    // Mark 0: a write that moved no bytes, with nothing to wait for but the writes before it.
+                    if waiting.parked.is_empty() && (mark == 0 || waiting.seen.is_some_and(|s| reached(s, mark))) {
+                        self.done_frame(&mut t, &mut due, link, peer, frame)
+                    } else if waiting.parked.len() >= MAX_PARKED {
+                        Err(Error::protocol(format!("more than {MAX_PARKED} writes waiting for their marks")))
+                    } else {
+                        waiting.parked.push_back((link, peer.clone(), frame));
+                        Ok(())
+                    }
+                }
+                f @ Frame::Done { .. } => self.done_frame(&mut t, &mut due, link, peer, f),
+                // Only a link that started a request may end it.
+                Frame::Failed { request, .. } | Frame::Abort { request, .. } if !t.records.get(&request).is_some_and(|r| r.links.contains(&link)) => {
+                    Ok(())
+                }
                 Frame::Failed { request, code, reason } => {
                     let why = Error::new(ErrorCode::Transport, format!("{} failed to write it ({code}: {reason})", peer.name));
                     self.fail(&mut t, &mut due, &request, &peer.name, Status::Failed, why);
@@ -194,17 +241,47 @@ impl Requests {
         outcome
     }
 
+    /// RDMA session `session` received `mark`: the `Done`s up to it are released, in order.
+    pub fn on_mark(&self, session: u64, mark: u32) {
+        let mut due = Due::default();
+        {
+            let mut t = self.lock();
+            let waiting = t.marks.entry(session).or_default();
+            waiting.seen = Some(mark);
+            let mut ready = Vec::new();
+            while let Some((_, _, Frame::Done { mark: m, .. })) = waiting.parked.front() {
+                if *m != 0 && !reached(mark, *m) {
+                    break;
+                }
+                ready.push(waiting.parked.pop_front().expect("not empty"));
+            }
+            for (link, peer, frame) in ready {
+                // A failure here is a link misbehaving; its channel's own checks end it.
+                let _ = self.done_frame(&mut t, &mut due, link, &peer, frame);
+            }
+        }
+        due.run();
+    }
+
     /// Link `link` ended, `why`: every request it started that has not ended fails.
     pub fn on_link_end(&self, link: u64, peer: &PeerInfo, why: &str) {
         let mut due = Due::default();
         {
             let mut t = self.lock();
+            t.marks.remove(&peer.session);
             for request in t.open.remove(&link).unwrap_or_default() {
                 let e = Error::new(ErrorCode::Transport, format!("the connection to {} ended before it was complete ({why})", peer.name));
                 self.fail(&mut t, &mut due, &request, &peer.name, Status::Failed, e);
             }
         }
         due.run();
+    }
+
+    fn done_frame(&self, t: &mut Table, due: &mut Due, link: u64, peer: &PeerInfo, frame: Frame) -> Result<()> {
+        match frame {
+            Frame::Done { request, layer, blocks, .. } => self.done(t, due, link, peer, request, layer, blocks),
+            f => Err(Error::protocol(format!("unexpected frame {f:?}"))),
+        }
     }
 
     fn start(&self, t: &mut Table, link: u64, request: &RequestId) -> Result<()> {
@@ -235,20 +312,40 @@ impl Requests {
         }
         self.start(t, link, &request)?;
         let Some(record) = t.records.get_mut(&request) else { return Ok(()) };
-        if record.end.is_some() {
-            return Ok(());
+        match record.end {
+            // Bytes that arrived after the request completed (a layer written again): said, nothing more.
+            Some(End::Complete) => {
+                let n = Notification { request_id: request.to_string(), layer: Some(layer), block_ids: blocks, peer: peer.name.clone(), status: Status::Done, reason: None };
+                push(t, due, n);
+                return Ok(());
+            }
+            Some(_) => return Ok(()),
+            None => {}
         }
-        record.ratio = peer.ratio.max(1);
+        let ratio = *record.ratio.get_or_insert(peer.ratio.max(1));
+        if ratio != peer.ratio.max(1) {
+            return Err(Error::protocol(format!("request {request:?} is written as {} slices per block, and {ratio} before", peer.ratio)));
+        }
         let slots = &mut record.slots[layer as usize];
         if !slots.contains(&peer.slot) {
             slots.push(peer.slot);
-            if slots.len() as u32 == record.ratio {
+            if slots.len() as u32 == ratio {
                 record.complete_layers += 1;
             }
         }
+        // A link whose slice has come for every layer is done with the request: its end no longer fails it.
+        if record.slots.iter().all(|s| s.contains(&peer.slot)) && record.links.remove(&link) {
+            if let Some(open) = t.open.get_mut(&link) {
+                open.remove(&request);
+            }
+        }
+        let Some(record) = t.records.get_mut(&request) else { return Ok(()) };
         let ready: Vec<Waiter>;
         (ready, record.waiters) = std::mem::take(&mut record.waiters).into_iter().partition(|w| record.satisfies(&w.layers));
-        due.settles.extend(ready.into_iter().map(|w| (w.settle, Ok(()))));
+        for w in ready {
+            t.waits.remove(&w.token);
+            due.settles.push((w.settle, Ok(())));
+        }
         let complete = record.complete_layers == self.layers;
         let notification = Notification {
             request_id: request.to_string(),
@@ -276,6 +373,7 @@ impl Requests {
             return;
         }
         for w in std::mem::take(&mut record.waiters) {
+            t.waits.remove(&w.token);
             due.settles.push((w.settle, Err(why.clone())));
         }
         let reason = Some(why.message().to_string());
@@ -316,6 +414,7 @@ impl Requests {
             }
             if let Some(record) = t.records.get_mut(request) {
                 for w in std::mem::take(&mut record.waiters) {
+                    t.waits.remove(&w.token);
                     due.settles.push((w.settle, Err(revoked(request))));
                 }
             }
@@ -332,10 +431,15 @@ impl Requests {
         if let Some(bad) = layers.as_ref().and_then(|l| l.iter().find(|&&l| l >= self.layers)) {
             return settle(Err(Error::invalid(format!("layer {bad} is outside [0, {})", self.layers))));
         }
+        if layers.as_ref().is_some_and(Vec::is_empty) {
+            return settle(Err(Error::invalid("an empty list of layers to wait for")));
+        }
         let mut settle = Some(settle);
         let now = {
             let mut t = self.lock();
-            if t.revoked.contains(request) {
+            if t.closed {
+                Some(Err(Error::new(ErrorCode::Closed, "the communicator is closed")))
+            } else if t.revoked.contains(request) {
                 Some(Err(revoked(request)))
             } else {
                 let layers_n = self.layers;
@@ -347,6 +451,7 @@ impl Requests {
                     _ => {
                         let settle = settle.take().expect("not taken yet");
                         record.waiters.push(Waiter { token, layers, settle });
+                        t.waits.insert(token, request.clone());
                         None
                     }
                 }
@@ -361,9 +466,11 @@ impl Requests {
     pub fn cancel(&self, token: u64, why: Error) -> bool {
         let found = {
             let mut t = self.lock();
-            let found = t.records.iter_mut().find_map(|(id, r)| {
+            let id = t.waits.remove(&token);
+            let found = id.and_then(|id| {
+                let r = t.records.get_mut(&id)?;
                 let i = r.waiters.iter().position(|w| w.token == token)?;
-                Some((id.clone(), r.waiters.swap_remove(i)))
+                Some((id, r.waiters.swap_remove(i)))
             });
             // A wait for a request that never started leaves nothing behind.
             if let Some((id, _)) = &found {
@@ -387,12 +494,18 @@ impl Requests {
     pub fn next_then(&self, take: Take) {
         let batch = {
             let mut t = self.lock();
-            let queue = t.queue.get_or_insert_with(VecDeque::new);
-            if queue.is_empty() {
-                t.takers.push(take);
-                return;
+            if t.closed {
+                Vec::new()
+            } else {
+                let queue = t.queue.get_or_insert_with(VecDeque::new);
+                if queue.is_empty() {
+                    t.takers.push(take);
+                    return;
+                }
+                let batch: Vec<Notification> = queue.drain(..).collect();
+                t.queued_ids = 0;
+                batch
             }
-            queue.drain(..).collect::<Vec<_>>()
         };
         take(batch);
     }
@@ -407,6 +520,8 @@ impl Requests {
         let mut due = Due::default();
         {
             let mut t = self.lock();
+            t.closed = true;
+            t.waits.clear();
             for record in t.records.values_mut() {
                 for w in std::mem::take(&mut record.waiters) {
                     due.settles.push((w.settle, Err(Error::new(ErrorCode::Closed, "the communicator is closed"))));
@@ -437,12 +552,15 @@ fn push(t: &mut Table, due: &mut Due, n: Notification) {
     if let Some(take) = t.takers.pop() {
         let mut batch: Vec<Notification> = queue.drain(..).collect();
         batch.push(n);
+        t.queued_ids = 0;
         due.takes.push((take, batch));
         return;
     }
+    t.queued_ids += n.block_ids.len();
     queue.push_back(n);
-    if queue.len() > MAX_QUEUED {
-        queue.pop_front();
+    while queue.len() > MAX_QUEUED || t.queued_ids > MAX_QUEUED_IDS {
+        let old = queue.pop_front().expect("over a limit, so not empty");
+        t.queued_ids -= old.block_ids.len();
         t.dropped += 1;
     }
 }

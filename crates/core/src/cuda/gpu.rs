@@ -246,6 +246,57 @@ impl PinnedBuffer {
     }
 }
 
+/// A few bytes of one GPU's memory, freed on drop: what the NIC reads to flush its writes into that GPU (the
+/// RDMA flush target).
+pub struct DeviceBuffer {
+    gpu: Arc<Gpu>,
+    ptr: sys::CUdeviceptr,
+    len: usize,
+}
+
+// SAFETY: a device address and the GPU that owns it; the memory is only touched by the NIC and by `Drop`.
+unsafe impl Send for DeviceBuffer {}
+unsafe impl Sync for DeviceBuffer {}
+
+impl DeviceBuffer {
+    /// A copy of `bytes` (at least one) in the memory of `gpu`.
+    pub fn with_bytes(gpu: Arc<Gpu>, bytes: &[u8]) -> Result<DeviceBuffer> {
+        gpu.bind()?;
+        let len = bytes.len().max(1);
+        // SAFETY: the GPU's context is current on this thread (bound above).
+        let ptr = unsafe { cudarc::driver::result::malloc_sync(len) }.map_err(|e| driver_error(e, "allocating device memory"))?;
+        let buffer = DeviceBuffer { gpu, ptr, len };
+        // SAFETY: `ptr` is `len >= bytes.len()` bytes of device memory just allocated; `bytes` is a live slice.
+        unsafe { cudarc::driver::result::memcpy_htod_sync(ptr, bytes) }.map_err(|e| driver_error(e, "filling device memory"))?;
+        Ok(buffer)
+    }
+
+    /// Its device address.
+    pub fn addr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: allocated by `malloc_sync` in this GPU's context (current again), freed once; whatever read
+            // it (a memory region) was released before its owner dropped this buffer.
+            let _ = unsafe { cudarc::driver::result::free_sync(self.ptr) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

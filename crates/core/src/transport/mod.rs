@@ -103,7 +103,18 @@ pub trait Acceptor: Send + Sync {
     fn device(&self) -> Option<&str> {
         None
     }
+    /// Stops every session's data path: once this returns nothing more lands in the cache through this half
+    /// (where the transport can stop its peers; see [`Acceptor::cut_off`]).
+    fn close(&self) {}
+    /// Where this half reports the marks its sessions receive ([`Link::write_marked`]), for transports whose
+    /// writes the decode's side cannot otherwise see land (RDMA).
+    fn watch(&self, marks: MarkSink) {
+        let _ = marks;
+    }
 }
+
+/// Hears `(session, mark)` each time a session's mark arrives: everything written before it is in the cache.
+pub type MarkSink = Arc<dyn Fn(u64, u32) + Send + Sync>;
 
 /// The prefill's half of a transport: opens links to decode peers.
 pub trait Connector: Send + Sync {
@@ -156,6 +167,14 @@ pub trait Link: Send {
     /// Moves every tensor of the plan's blocks into the peer. Returns once the bytes are in the peer's
     /// memory.
     fn write(&mut self, plan: &BlockPlan) -> Result<()>;
+
+    /// [`Link::write`], then `mark` where the decode's half sees it only after the bytes (RDMA: a send on the
+    /// same queue pair). Where the decode's half cannot see writes land (RDMA), it believes a write done only
+    /// once its mark has come; elsewhere the write's return is enough and the mark is not sent.
+    fn write_marked(&mut self, plan: &BlockPlan, mark: u32) -> Result<()> {
+        let _ = mark;
+        self.write(plan)
+    }
 }
 
 /// A transport's details as the handshake carries them.

@@ -171,6 +171,13 @@ pub struct ShmLink {
 impl ShmLink {
     /// Checks the peer's layout against the agreed geometry and that this process may write into it.
     pub(crate) fn open(peer: String, cache: Arc<CacheLayout>, welcome: &ShmWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<ShmLink> {
+        // A real decode is a live process of its own with a random liveness word: anything else is not believed.
+        if welcome.pid == 0 || welcome.pid > i32::MAX as u32 {
+            return Err(Error::protocol(format!("the decode names process {}", welcome.pid)));
+        }
+        if welcome.nonce == 0 || welcome.probe == 0 {
+            return Err(Error::protocol("the decode's liveness word is missing (address or value 0)"));
+        }
         let lens: Vec<Vec<u64>> = welcome.regions.iter().map(|l| l.iter().map(|r| r.len).collect()).collect();
         plan::check_remote_layout(&lens, &cache, geometry.ratio, remote_blocks)?;
         let mut remote: [Vec<u64>; 4] = Default::default();

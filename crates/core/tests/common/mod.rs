@@ -20,6 +20,7 @@ pub fn hello(layers: u32, block_bytes: u64) -> Hello {
         dst_tp_size: 1,
         offers: vec![Offer { transport: TransportKind::Tcp, details: serde_json::Value::Null }],
         host: None,
+        pid: None,
     }
 }
 

@@ -6,6 +6,36 @@ use crate::error::{Error, ErrorCode, Result};
 use rdma_mummy_sys as ibv;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// A completion channel: the file descriptor a thread sleeps on until its completion queue has something.
+pub struct CompletionChannel {
+    channel: *mut ibv::ibv_comp_channel,
+    _device: Arc<Device>,
+}
+
+// SAFETY: a completion channel is a file descriptor and a context pointer; verbs allow any thread to use it, and
+// only the queue pair that owns it (one thread at a time, through `&mut`) does.
+unsafe impl Send for CompletionChannel {}
+
+impl CompletionChannel {
+    fn new(device: &Arc<Device>) -> Result<CompletionChannel> {
+        // SAFETY: the context is open for as long as `device` lives, and we keep it.
+        let channel = unsafe { ibv::ibv_create_comp_channel(device.raw()) };
+        if channel.is_null() {
+            return Err(os_error(&format!("creating a completion channel on {}", device.name())));
+        }
+        Ok(CompletionChannel { channel, _device: device.clone() })
+    }
+}
+
+impl Drop for CompletionChannel {
+    fn drop(&mut self) {
+        // SAFETY: created by ibv_create_comp_channel; the completion queue that used it is destroyed first (field
+        // order in `QueuePair`), and every event it delivered was acknowledged.
+        unsafe { ibv::ibv_destroy_comp_channel(self.channel) };
+    }
+}
 
 /// An `ibv_cq`, destroyed on drop.
 pub struct CompletionQueue {
@@ -17,10 +47,12 @@ pub struct CompletionQueue {
 unsafe impl Send for CompletionQueue {}
 
 impl CompletionQueue {
-    /// A completion queue with room for `entries` completions.
-    fn new(device: &Arc<Device>, entries: u32) -> Result<CompletionQueue> {
-        // SAFETY: the context is open for as long as `device` lives, and we keep it.
-        let cq = unsafe { ibv::ibv_create_cq(device.raw(), entries as i32, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+    /// A completion queue with room for `entries` completions, reporting to `channel` when given.
+    fn new(device: &Arc<Device>, entries: u32, channel: Option<&CompletionChannel>) -> Result<CompletionQueue> {
+        let channel = channel.map_or(std::ptr::null_mut(), |c| c.channel);
+        // SAFETY: the context is open for as long as `device` lives, and we keep it; the channel (if any) outlives
+        // the CQ (the queue pair drops it after).
+        let cq = unsafe { ibv::ibv_create_cq(device.raw(), entries as i32, std::ptr::null_mut(), channel, 0) };
         if cq.is_null() {
             return Err(os_error(&format!("creating a completion queue on {}", device.name())));
         }
@@ -76,6 +108,8 @@ pub struct QueuePair {
     psn: u32,
     /// Declared after `qp` so that it is dropped after the queue pair is destroyed.
     cq: CompletionQueue,
+    /// For a queue pair that receives ([`QueuePair::receiving`]); dropped after its CQ.
+    channel: Option<CompletionChannel>,
     pd: Arc<ProtectionDomain>,
 }
 
@@ -87,10 +121,24 @@ impl QueuePair {
     /// Creates an RC queue pair whose send queue holds `depth` work requests (capped at the device's
     /// limit) and moves it to INIT, accepting remote writes and reads.
     pub fn new(pd: &Arc<ProtectionDomain>, depth: u32) -> Result<QueuePair> {
+        QueuePair::create(pd, depth, 0)
+    }
+
+    /// As [`QueuePair::new`], with `receives` receive requests posted (each takes one incoming send) and a
+    /// completion channel to sleep on ([`QueuePair::wait`]).
+    pub fn receiving(pd: &Arc<ProtectionDomain>, depth: u32, receives: u32) -> Result<QueuePair> {
+        let mut qp = QueuePair::create(pd, depth, receives.max(1))?;
+        qp.post_receives(receives.max(1))?;
+        Ok(qp)
+    }
+
+    fn create(pd: &Arc<ProtectionDomain>, depth: u32, receives: u32) -> Result<QueuePair> {
         let device = pd.device();
         let depth = depth.min(device.max_qp_wr()).max(2);
+        let receives = receives.min(device.max_qp_wr());
+        let channel = if receives > 0 { Some(CompletionChannel::new(device)?) } else { None };
         // Room for a completion per work request: after an error, flushed requests may all complete.
-        let cq = CompletionQueue::new(device, depth)?;
+        let cq = CompletionQueue::new(device, depth + receives, channel.as_ref())?;
         // SAFETY: plain data; zeroed is a valid "no SRQ, no context" init attr.
         let mut init: ibv::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         init.send_cq = cq.cq;
@@ -98,7 +146,7 @@ impl QueuePair {
         init.qp_type = ibv::ibv_qp_type::IBV_QPT_RC;
         init.sq_sig_all = 0;
         init.cap.max_send_wr = depth;
-        init.cap.max_recv_wr = 1;
+        init.cap.max_recv_wr = receives.max(1);
         init.cap.max_send_sge = 1;
         init.cap.max_recv_sge = 1;
         // SAFETY: pd and cq are live; the attr is fully initialised.
@@ -107,7 +155,7 @@ impl QueuePair {
             return Err(os_error(&format!("creating a queue pair on {}", device.name())));
         }
         let psn = initial_psn(qp);
-        let mut qp = QueuePair { qp, depth, psn, cq, pd: pd.clone() };
+        let mut qp = QueuePair { qp, depth, psn, cq, channel, pd: pd.clone() };
         // SAFETY: as above.
         let mut attr: ibv::ibv_qp_attr = unsafe { std::mem::zeroed() };
         attr.qp_state = ibv::ibv_qp_state::IBV_QPS_INIT;
@@ -207,6 +255,52 @@ impl QueuePair {
     #[inline]
     pub fn poll(&mut self, out: &mut [ibv::ibv_wc]) -> Result<usize> {
         self.cq.poll(out)
+    }
+
+    /// Posts `n` receive requests without buffers: each takes one incoming zero-length send (with its
+    /// immediate).
+    pub fn post_receives(&mut self, n: u32) -> Result<()> {
+        for _ in 0..n {
+            let mut wr = ibv::ibv_recv_wr { wr_id: 0, next: std::ptr::null_mut(), sg_list: std::ptr::null_mut(), num_sge: 0 };
+            let mut bad: *mut ibv::ibv_recv_wr = std::ptr::null_mut();
+            // SAFETY: the qp is live; the request names no memory (no scatter entries).
+            let rc = unsafe { ibv::ibv_post_recv(self.qp, &mut wr, &mut bad) };
+            if rc != 0 {
+                return Err(Error::new(ErrorCode::Transport, format!("posting a receive failed: {}", std::io::Error::from_raw_os_error(rc))));
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the completion channel to report the next completion (a receiving queue pair only). Poll after
+    /// arming: a completion that came before it is reported by the poll, not the channel.
+    pub fn arm(&mut self) -> Result<()> {
+        if self.channel.is_none() {
+            return Ok(());
+        }
+        // SAFETY: the CQ is live.
+        match unsafe { ibv::ibv_req_notify_cq(self.cq.cq, 0) } {
+            0 => Ok(()),
+            rc => Err(Error::new(ErrorCode::Transport, format!("arming the completion queue: {}", std::io::Error::from_raw_os_error(rc)))),
+        }
+    }
+
+    /// Sleeps until the armed completion queue reports a completion, or `timeout` passes.
+    pub fn sleep(&mut self, timeout: Duration) {
+        let Some(channel) = &self.channel else { return };
+        // SAFETY: the channel's fd is open for the channel's life.
+        let mut fds = libc::pollfd { fd: unsafe { (*channel.channel).fd }, events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut fds, 1, ms) } > 0 {
+            let (mut cq, mut context) = (std::ptr::null_mut(), std::ptr::null_mut());
+            // SAFETY: the channel has an event ready (poll said so), so this does not block; the event names our
+            // CQ and is acknowledged at once.
+            if unsafe { ibv::ibv_get_cq_event(channel.channel, &mut cq, &mut context) } == 0 {
+                // SAFETY: `cq` is the CQ the event was for (ours), live.
+                unsafe { ibv::ibv_ack_cq_events(cq, 1) };
+            }
+        }
     }
 
     /// Send queue capacity in work requests.

@@ -70,8 +70,11 @@ impl Acceptor for TcpReceiver {
     }
 
     fn cut_off(&self, session: u64) -> bool {
-        TcpReceiver::cut_off(self, session);
-        true
+        TcpReceiver::cut_off(self, session)
+    }
+
+    fn close(&self) {
+        TcpReceiver::close(self);
     }
 }
 

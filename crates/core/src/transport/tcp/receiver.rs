@@ -47,7 +47,7 @@ struct Shared {
 pub struct TcpReceiver {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    accept: Option<JoinHandle<()>>,
+    accept: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl TcpReceiver {
@@ -70,7 +70,7 @@ impl TcpReceiver {
             .name("kvtransfer-accept".into())
             .spawn(move || accept_loop(listener, s))
             .map_err(|e| Error::io("starting the data listener", e))?;
-        Ok(TcpReceiver { addr, shared, accept: Some(accept) })
+        Ok(TcpReceiver { addr, shared, accept: Mutex::new(Some(accept)) })
     }
 
     /// The data port.
@@ -91,9 +91,9 @@ impl TcpReceiver {
         }
     }
 
-    /// Ends `session`: its token no longer opens a connection, and its connection is shut down. Returns once
-    /// the connection's thread has stopped receiving (or after the timeout, if it is stuck in the kernel).
-    pub fn cut_off(&self, session: u64) {
+    /// Ends `session`: its token no longer opens a connection, and its connection is shut down. Returns whether
+    /// its thread has stopped receiving (it waits up to the timeout for that).
+    pub fn cut_off(&self, session: u64) -> bool {
         let mut open = self.shared.open.lock().unwrap();
         self.shared.pending.lock().unwrap().remove(&session);
         if let Some(stream) = open.get(&session) {
@@ -103,21 +103,24 @@ impl TcpReceiver {
         while open.contains_key(&session) && Instant::now() < deadline {
             open = self.shared.ended.wait_timeout(open, deadline - Instant::now()).unwrap().0;
         }
+        !open.contains_key(&session)
     }
 }
 
-impl Drop for TcpReceiver {
-    fn drop(&mut self) {
+impl TcpReceiver {
+    /// Stops listening and ends every data connection; returns once none receives any more. Later calls do
+    /// nothing.
+    pub fn close(&self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.shared.pending.lock().unwrap().clear();
+        let Some(accept) = self.accept.lock().unwrap().take() else { return };
         // Wake the blocking accept with a connection of our own.
         let wake = match self.addr.ip() {
             ip if ip.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), self.addr.port()),
             _ => self.addr,
         };
         let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
-        }
+        let _ = accept.join();
         let connections = std::mem::take(&mut *self.shared.connections.lock().unwrap());
         for (stream, _) in &connections {
             let _ = stream.shutdown(Shutdown::Both);
@@ -125,6 +128,12 @@ impl Drop for TcpReceiver {
         for (_, thread) in connections {
             let _ = thread.join();
         }
+    }
+}
+
+impl Drop for TcpReceiver {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -137,7 +146,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             Ok(s) => s,
             Err(e) => {
                 // Out of descriptors, say: wait rather than spin, and let finished connections go.
-                shared.log.error(format!("accepting a data connection: {e}"));
+                shared.log.error_from("the data listener", format!("accepting a data connection: {e}"));
                 std::thread::sleep(Duration::from_millis(100));
                 shared.connections.lock().unwrap().retain(|(_, t)| !t.is_finished());
                 continue;
@@ -162,7 +171,8 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
         Ok(admitted) => admitted,
         Err(e) => {
             if !shared.stop.load(Ordering::Acquire) {
-                shared.log.error(format!("data connection from {peer} refused: {e}"));
+                let ip = peer.rsplit_once(':').map_or(peer.as_str(), |(ip, _)| ip);
+                shared.log.error_from(ip, format!("data connection from {peer} refused: {e}"));
             }
             let _ = stream.shutdown(Shutdown::Both);
             return;
