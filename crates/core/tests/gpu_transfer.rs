@@ -154,11 +154,43 @@ fn decode_child() {
     let gpu = on_gpu.then(decode_gpu);
     let cache = TestCache::new(gpu, tensors, layers, blocks, block_bytes, seed);
     let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: gpu.unwrap_or(0), port: 0, cache: cache.layout(), tp_size: 1, tp_idx: 0 };
-    let decode = Communicator::new(spec, config(transport)).unwrap();
+    let decode = std::sync::Arc::new(Communicator::new(spec, config(transport)).unwrap());
+    // Every notification is checked the moment it arrives (see `notification_holds_its_bytes`).
+    let notes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let cache = std::sync::Arc::new(cache);
+    take_notifications(decode.clone(), cache.clone(), notes.clone());
     println!("PORT {}", decode.port());
     std::io::stdout().flush().unwrap();
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap();
+        if let Some(args) = line.strip_prefix("WAIT ") {
+            let (id, layer) = args.split_once(' ').unwrap();
+            let request = kvtransfer::communicator::RequestId::new(id).unwrap();
+            let outcome = decode.wait_for(&request, Some(vec![layer.parse().unwrap()]), Duration::from_secs(20));
+            println!("WAITED {}", outcome.map_or_else(|e| e.code().as_str().to_string(), |()| "OK".into()));
+            std::io::stdout().flush().unwrap();
+            continue;
+        }
+        if line == "NOTES" {
+            println!("NOTES {}", notes.lock().unwrap().join(";"));
+            std::io::stdout().flush().unwrap();
+            continue;
+        }
+        if let Some(id) = line.strip_prefix("REVOKE ") {
+            let outcome = decode.revoke(&kvtransfer::communicator::RequestId::new(id).unwrap());
+            // Nothing of the request may land after `revoke` returned: look again a while later.
+            let after: Vec<Vec<u8>> = (0..cache.tensors).map(|t| cache.read(t)).collect();
+            std::thread::sleep(Duration::from_millis(300));
+            let changed = (0..cache.tensors).any(|t| cache.read(t) != after[t]);
+            let said = match (outcome, changed) {
+                (Err(e), _) => e.code().as_str().to_string(),
+                (Ok(()), true) => "CHANGED".into(),
+                (Ok(()), false) => "OK".into(),
+            };
+            println!("REVOKED {said}");
+            std::io::stdout().flush().unwrap();
+            continue;
+        }
         let Some(list) = line.strip_prefix("CHECK ") else { break };
         let expects: Vec<Expect> = list
             .split(';')
@@ -180,6 +212,40 @@ fn decode_child() {
         println!("{}", verify(&cache, seed, &expects));
         std::io::stdout().flush().unwrap();
     }
+}
+
+/// Request `r-<k>` writes source blocks `(k * 32 + i) % 256` (seed 1) into decode blocks `i`, for `i` in
+/// `0..32`: blocks reused by every request, so a notification that came before its bytes finds another
+/// request's bytes there.
+fn notification_holds_its_bytes(cache: &TestCache, n: &kvtransfer::communicator::Notification) -> bool {
+    let k: u32 = n.request_id.trim_start_matches("r-").parse().unwrap_or(0);
+    let layer = n.layer.unwrap_or(0) as usize;
+    let (bb, layer_bytes) = (cache.block_bytes as usize, cache.blocks as usize * cache.block_bytes as usize);
+    (0..cache.tensors).all(|t| {
+        let got = cache.read(t);
+        n.block_ids.iter().all(|&i| {
+            let src = ((k * 32 + i) % 256) as usize;
+            let at = layer * layer_bytes + i as usize * bb;
+            (0..bb).all(|b| got[at + b] == pattern(1, t, layer, src * bb + b))
+        })
+    })
+}
+
+/// Takes the decode's notifications as they come, checking each `r-<k>` one's bytes at once.
+fn take_notifications(decode: std::sync::Arc<Communicator>, cache: std::sync::Arc<TestCache>, notes: std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let d = decode.clone();
+    decode.next_notifications_then(move |batch| {
+        if batch.is_empty() {
+            return;
+        }
+        for n in &batch {
+            if n.request_id.starts_with("r-") && n.status == kvtransfer::communicator::Status::Done {
+                let ok = notification_holds_its_bytes(&cache, n);
+                notes.lock().unwrap().push(format!("{}/{}:{}", n.request_id, n.layer.unwrap_or(0), if ok { "OK" } else { "EARLY" }));
+            }
+        }
+        take_notifications(d, cache, notes);
+    });
 }
 
 /// Compares every byte of `cache` with its own pattern overlaid with `expects`.
@@ -244,6 +310,20 @@ impl DecodeProcess {
             let line = line.trim();
             if line.ends_with("OK") || line.contains("MISMATCH") {
                 return line.rsplit_once("MISMATCH").map_or("OK".to_string(), |(_, m)| format!("MISMATCH{m}"));
+            }
+        }
+    }
+}
+
+impl DecodeProcess {
+    /// Sends a command and returns the decode's answer: the first line that starts with `answer`.
+    fn ask(&mut self, command: &str, answer: &str) -> String {
+        writeln!(self.stdin, "{command}").unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(self.stdout.read_line(&mut line).unwrap() > 0, "the decode process died");
+            if let Some((_, rest)) = line.trim().split_once(answer) {
+                return rest.trim().to_string();
             }
         }
     }
@@ -429,4 +509,46 @@ fn a_cache_past_its_allocation_is_refused() {
     // SAFETY: refused before any address is used.
     let e = unsafe { CacheLayout::new(spec) }.err().unwrap();
     assert!(e.message().contains("past the end of its GPU allocation"), "{e}");
+}
+
+#[test]
+fn cuda_ipc_notifications_come_after_the_bytes_and_revoke_stops_a_writer() {
+    if !gpu() {
+        return;
+    }
+    let (layers, blocks, block_bytes) = (2usize, 64u32, 64 * 1024u64);
+    let mut d = DecodeProcess::start("cuda-ipc", true, 2, layers, blocks, block_bytes, 2);
+    let src = TestCache::new(Some(0), 2, layers, 256, block_bytes, 1);
+    let p = std::sync::Arc::new(prefill(&src, 1, 0, TransportChoice::Only(TransportKind::CudaIpc)));
+    p.connect("127.0.0.1", d.port, 1).unwrap();
+    let remote: Vec<u32> = (0..32).collect();
+    let local = |k: u32| -> Vec<u32> { (0..32).map(|i| (k * 32 + i) % 256).collect() };
+    for k in 0..8u32 {
+        let request = kvtransfer::communicator::RequestId::new(format!("r-{k}")).unwrap();
+        for layer in 0..layers as u32 {
+            p.write_request("127.0.0.1", d.port, &local(k), &remote, layer, Some(&request)).unwrap();
+            assert_eq!(d.ask(&format!("WAIT r-{k} {layer}"), "WAITED"), "OK");
+        }
+    }
+    let notes = d.ask("NOTES", "NOTES");
+    assert_eq!(notes.split(';').count(), 16, "{notes}");
+    assert!(!notes.contains("EARLY"), "a notification came before its bytes: {notes}");
+    // Revoke with a writer still running: nothing changes after the revoke returned; the writer sees REVOKED.
+    let writer = {
+        let (p, port, remote) = (p.clone(), d.port, remote.clone());
+        std::thread::spawn(move || {
+            let stale = kvtransfer::communicator::RequestId::new("stale").unwrap();
+            for n in 0u32.. {
+                if let Err(e) = p.write_request("127.0.0.1", port, &local(n % 8), &remote, 0, Some(&stale)) {
+                    return (e.code(), n);
+                }
+            }
+            unreachable!()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(d.ask("REVOKE stale", "REVOKED"), "OK");
+    let (code, writes) = writer.join().unwrap();
+    assert_eq!(code, ErrorCode::Revoked);
+    assert!(writes > 0);
 }
