@@ -4,7 +4,7 @@
 //   npm run bench                      # KVCACHE_TRANSPORT picks the transport (default auto)
 //   BENCH_SIZES=1,64,256 BENCH_KEY_ONLY=1 BENCH_SECONDS=3 npm run bench
 //   BENCH_ASYNC=1 npm run bench        # writeCacheAsync, one call in flight at a time, instead of writeCache
-//   BENCH_REQUEST=1 npm run bench      # writeCacheAsync with a request id per call: the decode is notified of each
+//   BENCH_REQUEST=1 npm run bench      # writeCacheAsync as layers of requests (a new request id every 32 calls)
 import { fork } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import { RDMACommunicator, HostBuffer } from 'kvtransfer'
@@ -66,7 +66,7 @@ if (process.argv[2] === 'decode') {
     const start = process.hrtime.bigint()
     let elapsed = 0
     while (elapsed < SECONDS || calls < 2) {
-      if (REQUEST) await comm.writeCacheAsync(HOST, port, local, remote, 0, { requestId: `request-${calls}` })
+      if (REQUEST) await comm.writeCacheAsync(HOST, port, local, remote, 0, { requestId: `request-${calls >> 5}` })
       else if (ASYNC) await comm.writeCacheAsync(HOST, port, local, remote, 0)
       else if (comm.writeCache(HOST, port, local, remote, 0) !== 0) throw comm.lastError
       calls++

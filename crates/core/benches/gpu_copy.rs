@@ -128,6 +128,7 @@ fn main() {
     println!("| block | kvtransfer cuda-ipc | one large copy (ceiling) | copy per block | ours / ceiling | µs per call |");
     println!("|---|---|---|---|---|---|");
     let mut breakdown = Vec::new();
+    let mut costs = Vec::new();
     for size in SIZES {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .env(CHILD, size.to_string())
@@ -149,6 +150,34 @@ fn main() {
         prefill.connect("127.0.0.1", port, 1).unwrap();
         let total = 2 * BATCH as u64 * size;
         let ours = time(|| prefill.write_cache("127.0.0.1", port, &local, &remote, 0).unwrap());
+        // The same call as a layer of a request (a new request every 32 calls, as an engine writes a request
+        // layer by layer: its Start once, a Done per call), alternated with the plain call so that both see the
+        // same machine.
+        let mut n = 0u64;
+        let mut id = kvtransfer::communicator::RequestId::new("bench-0").unwrap();
+        let mut with_request = || {
+            n += 1;
+            if n % 32 == 0 {
+                id = kvtransfer::communicator::RequestId::new(format!("bench-{n}")).unwrap();
+            }
+            prefill.write_request("127.0.0.1", port, &local, &remote, 0, Some(&id)).unwrap()
+        };
+        let (mut plain_t, mut request_t) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            plain_t.push(time(|| prefill.write_cache("127.0.0.1", port, &local, &remote, 0).unwrap()));
+            request_t.push(time(&mut with_request));
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        costs.push(format!(
+            "| {} KiB | {:.1} | {:.1} | {:+.1} |",
+            size >> 10,
+            median(&mut plain_t) * 1e6,
+            median(&mut request_t) * 1e6,
+            (median(&mut request_t) - median(&mut plain_t)) * 1e6
+        ));
 
         let stream = CopyStream::new(Gpu::get(0).unwrap()).unwrap();
         let (one_src, one_dst) = (device_alloc(0, total), device_alloc(peer, total));
@@ -193,6 +222,14 @@ fn main() {
         drop(mapped);
         drop(child.stdin.take());
         let _ = child.wait();
+    }
+    println!();
+    println!("A request id's cost (µs per call, median of three alternated runs): writeCache, the same call as a layer of a");
+    println!("32-layer request (its Done on the request channel, and the decode's notification), and the difference.");
+    println!("| block | without | with a request id | difference |");
+    println!("|---|---|---|---|");
+    for row in &costs {
+        println!("{row}");
     }
     println!();
     println!("Where one call's time goes (µs): the whole writeCache; checking the call's ids alone; the same kernel");

@@ -171,7 +171,12 @@ fn decode_child() {
             std::io::stdout().flush().unwrap();
             continue;
         }
-        if line == "NOTES" {
+        if let Some(count) = line.strip_prefix("NOTES ") {
+            // Notifications queued while none was being taken are handed over at the next take: wait for them.
+            let (want, deadline) = (count.parse::<usize>().unwrap(), std::time::Instant::now() + Duration::from_secs(10));
+            while notes.lock().unwrap().len() < want && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             println!("NOTES {}", notes.lock().unwrap().join(";"));
             std::io::stdout().flush().unwrap();
             continue;
@@ -530,7 +535,7 @@ fn cuda_ipc_notifications_come_after_the_bytes_and_revoke_stops_a_writer() {
             assert_eq!(d.ask(&format!("WAIT r-{k} {layer}"), "WAITED"), "OK");
         }
     }
-    let notes = d.ask("NOTES", "NOTES");
+    let notes = d.ask("NOTES 16", "NOTES");
     assert_eq!(notes.split(';').count(), 16, "{notes}");
     assert!(!notes.contains("EARLY"), "a notification came before its bytes: {notes}");
     // Revoke with a writer still running: nothing changes after the revoke returned; the writer sees REVOKED.

@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -458,17 +458,33 @@ pub enum Directive {
     Close,
 }
 
-/// The prefill's end of one channel. Dropping it closes the channel.
+/// The prefill's end of one channel. Dropping it says goodbye and closes the channel.
+///
+/// Frames go out from a thread of the channel's own, in the order they were queued: a `Done` costs the write
+/// that queues it a push, not a system call ([`ChannelClient::send`]). [`ChannelClient::send_now`] waits
+/// until a frame and those before it are on the wire; [`ChannelClient::send_direct`] writes one at once, ahead
+/// of the queue (a request's `Start`, which must precede its own bytes but not other requests' frames).
 pub struct ChannelClient {
+    queue: mpsc::Sender<Outgoing>,
+    /// The connection's writing end, shared with the sending thread: one frame at a time.
     writer: Arc<Mutex<TcpStream>>,
-    broken: Arc<AtomicBool>,
     out: Vec<u8>,
+    broken: Arc<AtomicBool>,
+}
+
+/// What the channel's sending thread is given.
+enum Outgoing {
+    Frame(Frame),
+    /// Answered once everything queued before it is on the wire (or could not be sent).
+    Flush(mpsc::Sender<bool>),
+    /// Says goodbye, then closes the channel.
+    Goodbye,
 }
 
 impl ChannelClient {
     /// Opens the channel at `host:port` with the handshake's `token`. Returns it with the requests the decode
-    /// has revoked, which this link must refuse from its first write. From then on a thread of its own answers the decode: `obey` runs for
-    /// each directive, and the confirmation is sent once it returns.
+    /// has revoked, which this link must refuse from its first write. From then on a thread of its own answers
+    /// the decode: `obey` runs for each directive, and the confirmation is sent once it returns.
     pub fn connect(
         host: &str,
         port: u16,
@@ -496,7 +512,6 @@ impl ChannelClient {
         stream.set_read_timeout(Some(timeout)).map_err(setup)?;
         stream.set_write_timeout(Some(timeout)).map_err(setup)?;
         stream.write_all(&frame::encode_hello(PROTOCOL_VERSION, token, &proof)).map_err(|e| Error::io("greeting the request channel", e))?;
-        let writer = Arc::new(Mutex::new(stream.try_clone().map_err(setup)?));
         let mut body = Vec::new();
         let mut revoked = Vec::new();
         let deadline = Instant::now() + timeout;
@@ -516,16 +531,22 @@ impl ChannelClient {
         }
         stream.set_read_timeout(Some(PING)).map_err(setup)?;
         let broken = Arc::new(AtomicBool::new(false));
+        let (queue, outgoing) = mpsc::channel();
+        let writer = Arc::new(Mutex::new(stream.try_clone().map_err(setup)?));
         let (w, b) = (writer.clone(), broken.clone());
+        std::thread::Builder::new()
+            .name(format!("kvtransfer-channel-out {peer}"))
+            .spawn(move || send_queued(&w, &outgoing, &b))
+            .map_err(|e| Error::io("starting the request channel's thread", e))?;
+        let (q, b) = (queue.clone(), broken.clone());
         std::thread::Builder::new()
             .name(format!("kvtransfer-channel {peer}"))
             .spawn(move || {
-                let _ = answer(stream, &w, &*obey);
+                let _ = answer(stream, &q, &*obey);
                 b.store(true, Ordering::Release);
-                let _ = lock(&w).shutdown(Shutdown::Both);
             })
             .map_err(|e| Error::io("starting the request channel's thread", e))?;
-        Ok((ChannelClient { writer, broken, out: Vec::new() }, revoked))
+        Ok((ChannelClient { queue, writer, out: Vec::new(), broken }, revoked))
     }
 
     /// Whether the channel has ended (the decode closed it, or went away): the link must be rebuilt.
@@ -533,31 +554,84 @@ impl ChannelClient {
         self.broken.load(Ordering::Acquire)
     }
 
-    pub fn send(&mut self, frame: &Frame) -> Result<()> {
+    /// Queues `frame`, after every frame queued before it.
+    pub fn send(&mut self, frame: Frame) -> Result<()> {
+        if self.is_broken() || self.queue.send(Outgoing::Frame(frame)).is_err() {
+            self.broken.store(true, Ordering::Release);
+            return Err(Error::new(ErrorCode::Transport, "the request channel has ended"));
+        }
+        Ok(())
+    }
+
+    /// Writes `frame` at once, ahead of what is queued.
+    pub fn send_direct(&mut self, frame: &Frame) -> Result<()> {
+        if self.is_broken() {
+            return Err(Error::new(ErrorCode::Transport, "the request channel has ended"));
+        }
         let sent = send(&self.writer, frame, &mut self.out);
         if sent.is_err() {
             self.broken.store(true, Ordering::Release);
         }
         sent
     }
-}
 
-impl Drop for ChannelClient {
-    /// Says goodbye (the link that owned the channel is gone: it writes nothing more), then closes; its thread
-    /// sees the end and stops.
-    fn drop(&mut self) {
-        if !self.is_broken() {
-            let _ = send(&self.writer, &Frame::Closed, &mut self.out);
+    /// Sends `frame` and returns once it, and every frame before it, is on the wire.
+    pub fn send_now(&mut self, frame: Frame) -> Result<()> {
+        self.send(frame)?;
+        let (done, sent) = mpsc::channel();
+        let flushed = self.queue.send(Outgoing::Flush(done)).is_ok() && sent.recv().unwrap_or(false);
+        if !flushed {
+            self.broken.store(true, Ordering::Release);
+            return Err(Error::new(ErrorCode::Transport, "the request channel has ended"));
         }
-        let _ = lock(&self.writer).shutdown(Shutdown::Both);
+        Ok(())
     }
 }
 
-/// The prefill's channel thread: pings while idle, obeys the decode's directives and confirms them.
-fn answer(mut stream: TcpStream, writer: &Mutex<TcpStream>, obey: &(dyn Fn(&Directive) + Send + Sync)) -> Result<()> {
-    let (mut out, mut body) = (Vec::new(), Vec::new());
+impl Drop for ChannelClient {
+    /// Says goodbye (the link that owned the channel is gone: it writes nothing more), then closes; the
+    /// channel's threads see the end and stop.
+    fn drop(&mut self) {
+        let _ = self.queue.send(Outgoing::Goodbye);
+    }
+}
+
+/// The prefill channel's sending thread: writes what is queued, in order, until goodbye (or the end of the
+/// channel); then shuts the connection down, which ends the answering thread too.
+fn send_queued(writer: &Mutex<TcpStream>, outgoing: &mpsc::Receiver<Outgoing>, broken: &AtomicBool) {
+    let mut out = Vec::new();
+    let mut ok = true;
+    while let Ok(item) = outgoing.recv() {
+        match item {
+            Outgoing::Frame(frame) if ok => {
+                ok = send(writer, &frame, &mut out).is_ok();
+                if !ok {
+                    broken.store(true, Ordering::Release);
+                    let _ = lock(writer).shutdown(Shutdown::Both);
+                }
+            }
+            Outgoing::Frame(_) => {}
+            Outgoing::Flush(done) => {
+                let _ = done.send(ok);
+            }
+            Outgoing::Goodbye => {
+                if ok {
+                    let _ = send(writer, &Frame::Closed, &mut out);
+                }
+                break;
+            }
+        }
+    }
+    let _ = lock(writer).shutdown(Shutdown::Both);
+}
+
+/// The prefill's channel thread: pings while idle, obeys the decode's directives and confirms them (after the
+/// frames queued before).
+fn answer(mut stream: TcpStream, queue: &mpsc::Sender<Outgoing>, obey: &(dyn Fn(&Directive) + Send + Sync)) -> Result<()> {
+    let mut body = Vec::new();
+    let ended = || Error::new(ErrorCode::Transport, "the request channel has ended");
     loop {
-        let mut idle = || send(writer, &Frame::Ping, &mut Vec::new());
+        let mut idle = || queue.send(Outgoing::Frame(Frame::Ping)).map_err(|_| ended());
         let Some(frame) = read_frame(&mut stream, Frame::max_len(0), 0, &mut body, &mut idle)? else { return Ok(()) };
         let (directive, confirmation) = match frame {
             Frame::Revoke { request } => (Directive::Revoke(request.clone()), Frame::Revoked { request }),
@@ -565,7 +639,7 @@ fn answer(mut stream: TcpStream, writer: &Mutex<TcpStream>, obey: &(dyn Fn(&Dire
             f => return Err(Error::protocol(format!("the decode sent {f:?} on the request channel"))),
         };
         obey(&directive);
-        send(writer, &confirmation, &mut out)?;
+        queue.send(Outgoing::Frame(confirmation)).map_err(|_| ended())?;
     }
 }
 
@@ -627,8 +701,8 @@ mod tests {
             ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(move |d: &Directive| lock(&o).push(d.clone())))
                 .unwrap();
         assert_eq!(revoked, [id("old")]);
-        client.send(&Frame::Start { request: id("a") }).unwrap();
-        client.send(&Frame::Done { request: id("a"), layer: 1, mark: 1, blocks: vec![3] }).unwrap();
+        client.send(Frame::Start { request: id("a") }).unwrap();
+        client.send(Frame::Done { request: id("a"), layer: 1, mark: 1, blocks: vec![3] }).unwrap();
         until("two frames", || lock(&events.frames).len() == 2);
         assert_eq!(lock(&events.frames)[1], Frame::Done { request: id("a"), layer: 1, mark: 1, blocks: vec![3] });
         let silent = server.ask_all(&Ask::Revoke(id("a")), Duration::from_secs(5));

@@ -415,10 +415,11 @@ impl PrefillSide {
         if let Some(connection) = state.link.as_mut() {
             // Started first, so that the decode takes the abort from this link even before any write of it.
             if !connection.started.contains(request) {
-                connection.channel.send(&Frame::Start { request: request.clone() })?;
+                connection.channel.send(Frame::Start { request: request.clone() })?;
                 connection.started.insert(request.clone());
             }
-            connection.channel.send(&Frame::Abort { request: request.clone(), reason: reason.to_string() })?;
+            // After the frames of the writes before it, and on the wire when this returns.
+            connection.channel.send_now(Frame::Abort { request: request.clone(), reason: reason.to_string() })?;
         }
         Ok(())
     }
@@ -466,21 +467,24 @@ fn peer_key(ip: &str, port: u16) -> String {
 fn write_telling(connection: &mut Connection, plan: &BlockPlan, remote: &[u32], layer: u32, request: Option<&RequestId>) -> Result<()> {
     let Some(request) = request else { return connection.link.write(plan) };
     if !connection.started.contains(request) {
-        connection.channel.send(&Frame::Start { request: request.clone() })?;
+        // On the wire before the request's first bytes: if this process dies during them, the decode knows the
+        // request was started here, and fails it.
+        connection.channel.send_direct(&Frame::Start { request: request.clone() })?;
         connection.started.insert(request.clone());
     }
     if plan.is_empty() {
         // No bytes, so nothing to wait for (mark 0) but the writes before it.
-        return connection.channel.send(&Frame::Done { request: request.clone(), layer, mark: 0, blocks: Vec::new() });
+        return connection.channel.send(Frame::Done { request: request.clone(), layer, mark: 0, blocks: Vec::new() });
     }
     // Marks count from 1 and skip 0, which means "no bytes".
     connection.mark = connection.mark.checked_add(1).unwrap_or(1);
     let mark = connection.mark;
     match connection.link.write_marked(plan, mark) {
-        Ok(()) => connection.channel.send(&Frame::Done { request: request.clone(), layer, mark, blocks: remote.to_vec() }),
+        // Queued: the channel's own thread puts it on the wire, after the bytes are in place.
+        Ok(()) => connection.channel.send(Frame::Done { request: request.clone(), layer, mark, blocks: remote.to_vec() }),
         Err(e) => {
             // Best effort: if the channel is gone too, the decode fails the request when it sees it end.
-            let _ = connection.channel.send(&Frame::Failed { request: request.clone(), code: e.code(), reason: e.message().to_string() });
+            let _ = connection.channel.send(Frame::Failed { request: request.clone(), code: e.code(), reason: e.message().to_string() });
             Err(e)
         }
     }
