@@ -5,6 +5,7 @@
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::wire::MAX_MESSAGE_BYTES;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,30 +19,24 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds and starts answering; `answer(peer, request)` turns each request into a reply, where `peer` names
-    /// the control connection it came on. Port 0 lets the system pick a free port (see [`ControlServer::port`]).
+    /// Binds every one of `addrs` on one port and starts answering; `answer(peer, request)` turns each request
+    /// into a reply, where `peer` names the control connection it came on. Port 0 lets the system pick a port
+    /// free on every address (see [`ControlServer::port`]).
     pub fn bind(
         ctx: &zmq::Context,
-        addr: &str,
+        addrs: &[IpAddr],
         port: u16,
         answer: impl Fn(&[u8], &[u8]) -> Vec<u8> + Send + 'static,
     ) -> Result<ControlServer> {
-        let socket = ctx.socket(zmq::ROUTER).map_err(|e| zmq_error("creating the control socket", e))?;
-        socket.set_linger(0).map_err(|e| zmq_error("setting linger", e))?;
-        socket.set_maxmsgsize(MAX_MESSAGE_BYTES as i64).map_err(|e| zmq_error("setting the size limit", e))?;
-        let endpoint = match port {
-            0 => format!("tcp://{addr}:*"),
-            p => format!("tcp://{addr}:{p}"),
+        // A port picked on the first address may be taken on another: pick again, a few times.
+        let mut tries = if port == 0 { 8 } else { 1 };
+        let (socket, port) = loop {
+            tries -= 1;
+            match bind_all(ctx, addrs, port) {
+                Err(e) if tries > 0 && e.message().contains("in use") => continue,
+                other => break other?,
+            }
         };
-        socket.bind(&endpoint).map_err(|e| {
-            Error::new(ErrorCode::Transport, format!("cannot listen on {endpoint}: {e} (is the port in use?)"))
-        })?;
-        let bound = socket.get_last_endpoint().ok().and_then(|e| e.ok());
-        let port = bound
-            .as_deref()
-            .and_then(|e| e.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(|| Error::new(ErrorCode::Transport, format!("cannot tell which port {endpoint} bound")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
@@ -80,6 +75,33 @@ impl Drop for ControlServer {
             let _ = t.join();
         }
     }
+}
+
+/// A ROUTER socket bound on `port` (0: any) of each of `addrs`; returns it with the port.
+fn bind_all(ctx: &zmq::Context, addrs: &[IpAddr], port: u16) -> Result<(zmq::Socket, u16)> {
+    let socket = ctx.socket(zmq::ROUTER).map_err(|e| zmq_error("creating the control socket", e))?;
+    socket.set_linger(0).map_err(|e| zmq_error("setting linger", e))?;
+    socket.set_maxmsgsize(MAX_MESSAGE_BYTES as i64).map_err(|e| zmq_error("setting the size limit", e))?;
+    let mut port = port;
+    for addr in addrs {
+        let host = bracket_v6(&addr.to_string());
+        let endpoint = match port {
+            0 => format!("tcp://{host}:*"),
+            p => format!("tcp://{host}:{p}"),
+        };
+        socket.bind(&endpoint).map_err(|e| {
+            Error::new(ErrorCode::Transport, format!("cannot listen on {endpoint}: {e} (is the port in use?)"))
+        })?;
+        if port == 0 {
+            let bound = socket.get_last_endpoint().ok().and_then(|e| e.ok());
+            port = bound
+                .as_deref()
+                .and_then(|e| e.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| Error::new(ErrorCode::Transport, format!("cannot tell which port {endpoint} bound")))?;
+        }
+    }
+    Ok((socket, port))
 }
 
 /// One handshake's connection to a decode's control port: requests answered one at a time, all within one
@@ -160,22 +182,22 @@ mod tests {
     fn request_and_answer_over_zmq() {
         let ctx = zmq::Context::new();
         let port = free_port();
-        let server = ControlServer::bind(&ctx, "127.0.0.1", port, |_, req| [b"re:", req].concat()).unwrap();
+        let server = ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], port, |_, req| [b"re:", req].concat()).unwrap();
         assert_eq!(server.port(), port);
-        let any = ControlServer::bind(&ctx, "127.0.0.1", 0, |_, req| req.to_vec()).unwrap();
+        let any = ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], 0, |_, req| req.to_vec()).unwrap();
         assert_ne!(any.port(), 0);
         assert_eq!(request(&ctx, "127.0.0.1", any.port(), b"x", Duration::from_secs(5)).unwrap(), b"x");
         let reply = request(&ctx, "127.0.0.1", port, b"hi", Duration::from_secs(5)).unwrap();
         assert_eq!(reply, b"re:hi");
         // The port is taken now.
-        let err = ControlServer::bind(&ctx, "127.0.0.1", port, |_, r| r.to_vec()).err().unwrap();
+        let err = ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], port, |_, r| r.to_vec()).err().unwrap();
         assert!(err.message().contains("cannot listen"), "{err}");
     }
 
     #[test]
     fn one_client_is_one_peer_to_the_server() {
         let ctx = zmq::Context::new();
-        let server = ControlServer::bind(&ctx, "127.0.0.1", 0, |peer, req| [peer, b"|", req].concat()).unwrap();
+        let server = ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], 0, |peer, req| [peer, b"|", req].concat()).unwrap();
         let mut a = ControlClient::connect(&ctx, "127.0.0.1", server.port(), Duration::from_secs(5)).unwrap();
         let mut b = ControlClient::connect(&ctx, "127.0.0.1", server.port(), Duration::from_secs(5)).unwrap();
         let peer = |reply: Vec<u8>| reply.split(|&c| c == b'|').next().unwrap().to_vec();

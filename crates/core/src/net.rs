@@ -3,9 +3,22 @@
 use crate::error::{Error, Result};
 use std::net::{IpAddr, Ipv4Addr};
 
-/// The address to listen on: the IPv4 address of `ifname` when given, otherwise every interface.
-pub fn listen_addr(ifname: Option<&str>) -> Result<IpAddr> {
-    let Some(name) = ifname else { return Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)) };
+/// The addresses a decode listens on: the address of `ifname` when given; otherwise, as the original does, the
+/// first usable interface (up, not loopback, IPv4), plus loopback so that processes of one host still find each
+/// other. Never every interface.
+pub fn listen_addrs(ifname: Option<&str>) -> Result<Vec<IpAddr>> {
+    if let Some(name) = ifname {
+        return Ok(vec![listen_addr(name)?]);
+    }
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    Ok(match first_usable_interface() {
+        Some((_, ip)) => vec![ip, loopback],
+        None => vec![loopback],
+    })
+}
+
+/// The address of interface `name` (its IPv4 one, where it has one).
+fn listen_addr(name: &str) -> Result<IpAddr> {
     let interfaces = if_addrs::get_if_addrs().map_err(|e| Error::config(format!("cannot list network interfaces: {e}")))?;
     if let Some(found) = interfaces.iter().find(|i| i.name == name && i.ip().is_ipv4()) {
         return Ok(found.ip());
@@ -63,9 +76,13 @@ mod tests {
 
     #[test]
     fn loopback_by_name_and_unknown_names() {
-        assert!(listen_addr(None).unwrap().is_unspecified());
-        assert_eq!(listen_addr(Some("lo")).unwrap(), IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let err = listen_addr(Some("nosuchif0")).unwrap_err();
+        // Unset: the first usable interface and loopback, never every interface.
+        let unset = listen_addrs(None).unwrap();
+        assert_eq!(unset.last(), Some(&IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        assert!(unset.iter().all(|ip| !ip.is_unspecified()));
+        assert_eq!(unset.len(), if first_usable_interface().is_some() { 2 } else { 1 });
+        assert_eq!(listen_addrs(Some("lo")).unwrap(), [IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+        let err = listen_addrs(Some("nosuchif0")).unwrap_err();
         assert!(err.message().contains("KVCACHE_SOCKET_IFNAME") && err.message().contains("lo"), "{err}");
     }
 

@@ -134,6 +134,10 @@ pub struct Hello {
     /// The prefill's process (for same-host transports, whose links the decode cannot cut off).
     #[serde(default)]
     pub pid: Option<u32>,
+    /// Sessions of this process's earlier links to this decode, all dropped (at most 16): a decode that could not
+    /// cut them off (same-host) stops waiting for them.
+    #[serde(default)]
+    pub dropped: Vec<u64>,
 }
 
 /// One transport a prefill offers.
@@ -275,6 +279,7 @@ pub(crate) mod tests {
             offers: vec![Offer { transport: TransportKind::Tcp, details: Value::Null }],
             host: None,
             pid: None,
+            dropped: Vec::new(),
         }
     }
 

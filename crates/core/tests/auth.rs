@@ -130,7 +130,7 @@ fn a_welcome_that_is_not_signed_is_not_used() {
     let key = AuthKey::new(TOKEN);
     let nonces = Mutex::new(([0u8; 16], [7u8; 16]));
     let ctx = zmq::Context::new();
-    let server = ControlServer::bind(&ctx, "127.0.0.1", 0, move |_, req| {
+    let server = ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], 0, move |_, req| {
         let reply = match wire::decode_request(req).unwrap() {
             Request::Greeting { nonce, .. } => {
                 let decode = nonces.lock().unwrap().1;

@@ -22,7 +22,7 @@ fn communicator(role: Role, cache: &Cache, kind: TransportKind) -> Communicator 
 /// A control server that greets like a decode without a token and answers every hello with `welcome`.
 fn liar(welcome: Welcome) -> ControlServer {
     let ctx = zmq::Context::new();
-    ControlServer::bind(&ctx, "127.0.0.1", 0, move |_, req| {
+    ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], 0, move |_, req| {
         let reply = match wire::decode_request(req).unwrap() {
             Request::Greeting { .. } => Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: [3; 16], proof: None },
             Request::Hello { .. } => Reply::Welcome { welcome: String::from_utf8(wire::encode(&welcome)).unwrap(), mac: None },

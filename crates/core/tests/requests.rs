@@ -326,3 +326,24 @@ fn with_two_prefill_ranks_a_layer_arrives_once_both_slices_have() {
         assert_eq!(&dst.block(1, 0, 3)[1024..], ranks[1].0.block(1, 0, 1));
     }
 }
+
+#[test]
+fn a_prefill_that_closes_right_after_its_last_write_still_completes_the_request() {
+    for kind in KINDS {
+        let src = Cache::new(2, 2, 8, 1024, 19);
+        let dst = Cache::new(2, 2, 8, 1024, 20);
+        let d = decode(dst.spec(), kind);
+        for round in 0..10 {
+            let p = prefill(src.spec(), kind);
+            p.connect(HOST, d.port(), 1).unwrap();
+            let r = id(&format!("last-{round}"));
+            for layer in 0..2 {
+                p.write_request(HOST, d.port(), &[1], &[2], layer, Some(&r)).unwrap();
+            }
+            // The notifications queued before the close go out before it returns.
+            p.close();
+            drop(p);
+            d.wait_for(&r, None, WAIT).unwrap_or_else(|e| panic!("{kind} round {round}: {e}"));
+        }
+    }
+}

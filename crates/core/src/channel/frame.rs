@@ -21,7 +21,8 @@
 //! | 7 `Ping` | prefill | — | the prefill is alive |
 //! | 8 `Revoke` | decode | id | stop and drain the request's writes, then confirm |
 //! | 9 `Close` | decode | — | the decode is closing: stop writing, then confirm |
-//! | 10 `Ready` | decode | — | the channel is open (after any `Revoke` the prefill must know first) |
+//! | 10 `Ready` | decode | — | the channel is open (after the `WasRevoked` the prefill must know first) |
+//! | 11 `WasRevoked` | decode | id | a request revoked before this channel opened (no confirmation) |
 
 use crate::error::{Error, ErrorCode, Result};
 use std::fmt;
@@ -71,6 +72,7 @@ pub enum Frame {
     Revoke { request: RequestId },
     Close,
     Ready,
+    WasRevoked { request: RequestId },
 }
 
 impl Frame {
@@ -86,6 +88,7 @@ impl Frame {
             Frame::Revoke { .. } => 8,
             Frame::Close => 9,
             Frame::Ready => 10,
+            Frame::WasRevoked { .. } => 11,
         }
     }
 
@@ -100,7 +103,9 @@ impl Frame {
         out.extend_from_slice(&[0; 4]);
         out.push(self.kind());
         match self {
-            Frame::Start { request } | Frame::Revoked { request } | Frame::Revoke { request } => put_id(out, request),
+            Frame::Start { request } | Frame::Revoked { request } | Frame::Revoke { request } | Frame::WasRevoked { request } => {
+                put_id(out, request)
+            }
             Frame::Done { request, layer, mark, blocks } => {
                 put_id(out, request);
                 out.extend_from_slice(&layer.to_le_bytes());
@@ -156,6 +161,7 @@ impl Frame {
             8 => Frame::Revoke { request: r.id()? },
             9 => Frame::Close,
             10 => Frame::Ready,
+            11 => Frame::WasRevoked { request: r.id()? },
             k => return Err(Error::protocol(format!("unknown request-channel frame kind {k}"))),
         };
         if r.at != bytes.len() {
@@ -255,6 +261,7 @@ mod tests {
             Frame::Revoke { request: id("z") },
             Frame::Close,
             Frame::Ready,
+            Frame::WasRevoked { request: id("w") },
         ]
     }
 

@@ -17,14 +17,14 @@ pub mod frame;
 pub use frame::{Frame, RequestId};
 
 use crate::error::{Error, ErrorCode, Result};
+use crate::listener::Listener;
 use crate::log::Logger;
 use crate::wire::{TransportKind, PROTOCOL_VERSION};
 use std::collections::{HashMap, HashSet};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How often an idle prefill pings.
@@ -38,6 +38,10 @@ pub const MAX_CHANNELS: usize = 4096;
 pub const MAX_GREETING: usize = 64;
 /// The longest a connection may take to say its hello (at most the timeout).
 const HELLO_TIME: Duration = Duration::from_secs(5);
+/// Connections from one address that may be waiting to say their hello.
+pub const MAX_GREETING_PER_HOST: usize = 16;
+/// Channels admitted and not yet opened; past that the oldest admission is let go (its link cut off).
+pub const MAX_PENDING: usize = 4096;
 
 /// A prefill link as the decode sees it, from the handshake that admitted it.
 #[derive(Debug, Clone)]
@@ -87,53 +91,45 @@ struct Shared {
     /// Tokens handed out by handshakes, with when and the proof their hello must carry (with
     /// `KVCACHE_AUTH_TOKEN`): each may open one channel, within `timeout`.
     pending: Mutex<HashMap<u64, (PeerInfo, Instant, Option<[u8; 32]>)>>,
-    /// Connections that have not said their hello yet, oldest first.
-    greeting: Mutex<std::collections::VecDeque<(u64, TcpStream)>>,
+    /// Connections that have not said their hello yet, oldest first, with their address.
+    greeting: Mutex<std::collections::VecDeque<(u64, IpAddr, TcpStream)>>,
     live: Mutex<HashMap<u64, Live>>,
     /// Asks not yet confirmed, by channel.
     asked: Mutex<HashSet<(u64, Ask)>>,
     confirmed: Condvar,
-    connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
     next_channel: AtomicU64,
 }
 
 /// The decode's end: a listener and one thread per channel.
 pub struct ChannelServer {
-    addr: SocketAddr,
+    listener: Listener,
     shared: Arc<Shared>,
-    accept: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl ChannelServer {
     /// Listens on `ip` (an ephemeral port); `events` hears what the channels say.
-    pub fn start(ip: IpAddr, block_number: u32, timeout: Duration, log: Arc<Logger>, events: Arc<dyn Events>) -> Result<ChannelServer> {
-        let listener = TcpListener::bind((ip, 0)).map_err(|e| Error::io(&format!("listening for request channels on {ip}"), e))?;
-        let addr = listener.local_addr().map_err(|e| Error::io("reading the request channel's port", e))?;
+    pub fn start(ips: &[IpAddr], block_number: u32, timeout: Duration, log: Arc<Logger>, events: Arc<dyn Events>) -> Result<ChannelServer> {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             timeout,
             block_number,
-            log,
+            log: log.clone(),
             events,
             pending: Mutex::new(HashMap::new()),
             greeting: Mutex::default(),
             live: Mutex::new(HashMap::new()),
             asked: Mutex::new(HashSet::new()),
             confirmed: Condvar::new(),
-            connections: Mutex::new(Vec::new()),
             next_channel: AtomicU64::new(1),
         });
         let s = shared.clone();
-        let accept = std::thread::Builder::new()
-            .name("kvtransfer-channels".into())
-            .spawn(move || accept_loop(listener, s))
-            .map_err(|e| Error::io("starting the request channel listener", e))?;
-        Ok(ChannelServer { addr, shared, accept: Mutex::new(Some(accept)) })
+        let listener = Listener::start(ips, "request channel", MAX_CHANNELS, log, move |stream| serve(stream, &s))?;
+        Ok(ChannelServer { listener, shared })
     }
 
     pub fn port(&self) -> u16 {
-        self.addr.port()
+        self.listener.port()
     }
 
     /// Lets the link of `peer` open one channel, within the timeout: returns the token it must present, and
@@ -143,6 +139,11 @@ impl ChannelServer {
         let mut pending = lock(&self.shared.pending);
         let expired: Vec<u64> = pending.iter().filter(|(_, (_, at, _))| at.elapsed() >= self.shared.timeout).map(|(t, _)| *t).collect();
         let expired: Vec<PeerInfo> = expired.into_iter().filter_map(|t| pending.remove(&t)).map(|(p, ..)| p).collect();
+        let mut expired = expired;
+        if pending.len() >= MAX_PENDING {
+            let oldest = pending.iter().min_by_key(|(_, (_, at, _))| *at).map(|(t, _)| *t).expect("the map is full");
+            expired.extend(pending.remove(&oldest).map(|(p, ..)| p));
+        }
         let token = loop {
             let token = crate::transport::random_u64();
             if !pending.contains_key(&token) {
@@ -168,14 +169,16 @@ impl ChannelServer {
     /// `timeout` has passed. Returns the peers that did not confirm; their channels are shut down.
     pub fn ask_all(&self, ask: &Ask, timeout: Duration) -> Vec<PeerInfo> {
         let shared = &*self.shared;
-        let targets: Vec<(u64, Arc<Mutex<TcpStream>>, PeerInfo)> =
-            lock(&shared.live).iter().map(|(&ch, l)| (ch, l.writer.clone(), l.peer.clone())).collect();
-        {
+        // The open channels are read, and asked, under the asks' lock: a channel that ends meanwhile drops its
+        // asks after it left `live` (see `serve`), so none is left waiting on a channel that is gone.
+        let targets: Vec<(u64, Arc<Mutex<TcpStream>>, PeerInfo)> = {
             let mut asked = lock(&shared.asked);
+            let targets: Vec<_> = lock(&shared.live).iter().map(|(&ch, l)| (ch, l.writer.clone(), l.peer.clone())).collect();
             for (ch, ..) in &targets {
                 asked.insert((*ch, ask.clone()));
             }
-        }
+            targets
+        };
         let frame = match ask {
             Ask::Revoke(request) => Frame::Revoke { request: request.clone() },
             Ask::Close => Frame::Close,
@@ -213,20 +216,7 @@ impl ChannelServer {
     pub fn shutdown(&self) {
         self.shared.stop.store(true, Ordering::Release);
         self.stop_admitting();
-        let Some(accept) = lock(&self.accept).take() else { return };
-        let wake = match self.addr.ip() {
-            ip if ip.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), self.addr.port()),
-            _ => self.addr,
-        };
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        let _ = accept.join();
-        let connections = std::mem::take(&mut *lock(&self.shared.connections));
-        for (stream, _) in &connections {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        for (_, thread) in connections {
-            let _ = thread.join();
-        }
+        self.listener.stop();
     }
 }
 
@@ -240,50 +230,33 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    for stream in listener.incoming() {
-        if shared.stop.load(Ordering::Acquire) {
-            return;
-        }
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of descriptors, say: wait rather than spin, and let finished connections go.
-                shared.log.error_from("the request channel listener", format!("accepting a request channel: {e}"));
-                std::thread::sleep(Duration::from_millis(100));
-                lock(&shared.connections).retain(|(_, t)| !t.is_finished());
-                continue;
-            }
-        };
-        let mut connections = lock(&shared.connections);
-        connections.retain(|(_, t)| !t.is_finished());
-        if connections.len() >= MAX_CHANNELS {
-            drop(connections);
-            shared.log.error_from("the request channel listener", format!("refused a request channel: {MAX_CHANNELS} are open"));
-            let _ = stream.shutdown(Shutdown::Both);
-            continue;
-        }
-        let (Ok(handle), Ok(greeting)) = (stream.try_clone(), stream.try_clone()) else { continue };
-        let id = shared.next_channel.fetch_add(1, Ordering::Relaxed);
-        {
+fn serve(mut stream: TcpStream, shared: &Shared) {
+    let channel = shared.next_channel.fetch_add(1, Ordering::Relaxed);
+    let Ok(address) = stream.peer_addr().map(|a| a.ip()) else { return };
+    let from = address.to_string();
+    // Waiting for its hello: at most a few per host, and past the overall cap the oldest is closed (a host
+    // that floods the port crowds out only itself).
+    let admitted = match stream.try_clone() {
+        Ok(greeting) => {
             let mut waiting = lock(&shared.greeting);
-            waiting.push_back((id, greeting));
-            if waiting.len() > MAX_GREETING {
-                let (_, oldest) = waiting.pop_front().expect("not empty");
-                let _ = oldest.shutdown(Shutdown::Both);
+            if waiting.iter().filter(|(_, ip, _)| *ip == address).count() >= MAX_GREETING_PER_HOST {
+                false
+            } else {
+                waiting.push_back((channel, address, greeting));
+                if waiting.len() > MAX_GREETING {
+                    let (_, _, oldest) = waiting.pop_front().expect("not empty");
+                    let _ = oldest.shutdown(Shutdown::Both);
+                }
+                true
             }
         }
-        let s = shared.clone();
-        if let Ok(thread) = std::thread::Builder::new().name("kvtransfer-channel".into()).spawn(move || serve(stream, id, &s)) {
-            connections.push((handle, thread));
-        }
-    }
-}
-
-fn serve(mut stream: TcpStream, channel: u64, shared: &Shared) {
-    let from = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|_| "?".into());
-    let greeted = greet(&mut stream, shared);
-    lock(&shared.greeting).retain(|(id, _)| *id != channel);
+        Err(_) => false,
+    };
+    let greeted = match admitted {
+        true => greet(&mut stream, shared, channel),
+        false => Err(Error::new(ErrorCode::Rejected, format!("{MAX_GREETING_PER_HOST} connections from this host are waiting to say their hello"))),
+    };
+    lock(&shared.greeting).retain(|(id, ..)| *id != channel);
     let peer = match greeted {
         Ok(peer) => PeerInfo { name: format!("{} at {from}", peer.name), ..peer },
         Err(e) => {
@@ -309,7 +282,7 @@ fn serve(mut stream: TcpStream, channel: u64, shared: &Shared) {
     if shared.closing.load(Ordering::Acquire) {
         lock(&shared.live).remove(&channel);
         let _ = stream.shutdown(Shutdown::Both);
-        shared.events.closed(channel, &peer, "the decode is closing", false);
+        shared.events.closed(channel, &peer, "the decode is closing", true);
         return;
     }
     let mut goodbye = false;
@@ -325,7 +298,9 @@ fn serve(mut stream: TcpStream, channel: u64, shared: &Shared) {
     shared.confirmed.notify_all();
 }
 
-fn greet(stream: &mut TcpStream, shared: &Shared) -> Result<PeerInfo> {
+/// Reads the hello of connection `channel` and admits it: its token is consumed only if the connection is
+/// still among those waiting (not closed to make room).
+fn greet(stream: &mut TcpStream, shared: &Shared, channel: u64) -> Result<PeerInfo> {
     let setup = |e| Error::io("configuring a request channel", e);
     stream.set_nodelay(true).map_err(setup)?;
     let deadline = Instant::now() + HELLO_TIME.min(shared.timeout);
@@ -341,6 +316,14 @@ fn greet(stream: &mut TcpStream, shared: &Shared) -> Result<PeerInfo> {
         return Err(Error::new(ErrorCode::Transport, "closed before its hello"));
     }
     let (protocol, token, proof) = frame::decode_hello(&hello)?;
+    {
+        let mut waiting = lock(&shared.greeting);
+        let before = waiting.len();
+        waiting.retain(|(id, ..)| *id != channel);
+        if waiting.len() == before {
+            return Err(Error::new(ErrorCode::Rejected, "closed to make room for newer connections before its hello"));
+        }
+    }
     let admitted = match protocol {
         PROTOCOL_VERSION if !shared.closing.load(Ordering::Acquire) => lock(&shared.pending).remove(&token),
         _ => None,
@@ -355,7 +338,12 @@ fn greet(stream: &mut TcpStream, shared: &Shared) -> Result<PeerInfo> {
             }
             _ => Ok(peer),
         },
-        _ => Err(Error::new(ErrorCode::Rejected, format!("an unknown or expired channel token (protocol {protocol})"))),
+        Some((peer, ..)) => {
+            // Expired: its link never opened, and is let go.
+            shared.events.closed(0, &peer, "its request channel opened too late", true);
+            Err(Error::new(ErrorCode::Rejected, "an expired channel token"))
+        }
+        None => Err(Error::new(ErrorCode::Rejected, format!("an unknown channel token (protocol {protocol})"))),
     }
 }
 
@@ -369,7 +357,7 @@ fn run(
 ) -> Result<()> {
     let mut out = Vec::new();
     for request in shared.events.opened(channel, peer) {
-        send(writer, &Frame::Revoke { request }, &mut out)?;
+        send(writer, &Frame::WasRevoked { request }, &mut out)?;
     }
     send(writer, &Frame::Ready, &mut out)?;
     stream.set_read_timeout(Some(PING)).map_err(|e| Error::io("configuring a request channel", e))?;
@@ -470,6 +458,9 @@ pub struct ChannelClient {
     writer: Arc<Mutex<TcpStream>>,
     out: Vec<u8>,
     broken: Arc<AtomicBool>,
+    /// Disconnected once the sending thread has ended; and how long `drop` waits for that.
+    sent: mpsc::Receiver<()>,
+    timeout: Duration,
 }
 
 /// What the channel's sending thread is given.
@@ -512,6 +503,7 @@ impl ChannelClient {
         stream.set_read_timeout(Some(timeout)).map_err(setup)?;
         stream.set_write_timeout(Some(timeout)).map_err(setup)?;
         stream.write_all(&frame::encode_hello(PROTOCOL_VERSION, token, &proof)).map_err(|e| Error::io("greeting the request channel", e))?;
+        let writer = Arc::new(Mutex::new(stream.try_clone().map_err(setup)?));
         let mut body = Vec::new();
         let mut revoked = Vec::new();
         let deadline = Instant::now() + timeout;
@@ -525,18 +517,30 @@ impl ChannelClient {
                 Some(Frame::Ready) => break,
                 // Learned before the first write; the decode waits for no confirmation of these (and reads
                 // nothing until `Ready`), so none is sent.
-                Some(Frame::Revoke { request }) => revoked.push(request),
+                Some(Frame::WasRevoked { request }) => revoked.push(request),
+                // Asked while the channel opened (a revoke, or a close, racing it): confirmed like any other ask.
+                Some(Frame::Revoke { request }) => {
+                    send(&writer, &Frame::Revoked { request: request.clone() }, &mut Vec::new())?;
+                    revoked.push(request);
+                }
+                Some(Frame::Close) => {
+                    obey(&Directive::Close);
+                    send(&writer, &Frame::Closed, &mut Vec::new())?;
+                }
                 Some(f) => return Err(Error::protocol(format!("{peer} opened the request channel with {f:?}"))),
             }
         }
         stream.set_read_timeout(Some(PING)).map_err(setup)?;
         let broken = Arc::new(AtomicBool::new(false));
         let (queue, outgoing) = mpsc::channel();
-        let writer = Arc::new(Mutex::new(stream.try_clone().map_err(setup)?));
         let (w, b) = (writer.clone(), broken.clone());
+        let (ended, sent) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name(format!("kvtransfer-channel-out {peer}"))
-            .spawn(move || send_queued(&w, &outgoing, &b))
+            .spawn(move || {
+                send_queued(&w, &outgoing, &b);
+                drop(ended);
+            })
             .map_err(|e| Error::io("starting the request channel's thread", e))?;
         let (q, b) = (queue.clone(), broken.clone());
         std::thread::Builder::new()
@@ -546,7 +550,7 @@ impl ChannelClient {
                 b.store(true, Ordering::Release);
             })
             .map_err(|e| Error::io("starting the request channel's thread", e))?;
-        Ok((ChannelClient { queue, writer, out: Vec::new(), broken }, revoked))
+        Ok((ChannelClient { queue, writer, out: Vec::new(), broken, sent, timeout }, revoked))
     }
 
     /// Whether the channel has ended (the decode closed it, or went away): the link must be rebuilt.
@@ -589,10 +593,12 @@ impl ChannelClient {
 }
 
 impl Drop for ChannelClient {
-    /// Says goodbye (the link that owned the channel is gone: it writes nothing more), then closes; the
-    /// channel's threads see the end and stop.
+    /// Says goodbye (the link that owned the channel is gone: it writes nothing more) after the frames queued
+    /// before, waits (up to the timeout) until they are on the wire, then closes; the channel's threads stop.
     fn drop(&mut self) {
-        let _ = self.queue.send(Outgoing::Goodbye);
+        if self.queue.send(Outgoing::Goodbye).is_ok() {
+            let _ = self.sent.recv_timeout(self.timeout);
+        }
     }
 }
 
@@ -670,7 +676,7 @@ mod tests {
 
     fn server(events: Arc<Recorder>) -> ChannelServer {
         let log = Arc::new(Logger::new(&Config::default(), "test".to_string()).unwrap());
-        ChannelServer::start([127, 0, 0, 1].into(), 8, Duration::from_secs(5), log, events).unwrap()
+        ChannelServer::start(&[[127, 0, 0, 1].into()], 8, Duration::from_secs(5), log, events).unwrap()
     }
 
     fn peer() -> PeerInfo {
@@ -736,8 +742,10 @@ mod tests {
     fn connections_that_never_say_hello_do_not_keep_a_prefill_out() {
         let events = Arc::new(Recorder::default());
         let server = server(events.clone());
-        // More silent connections than may wait for their hello, and one trickling its hello byte by byte.
-        let silent: Vec<TcpStream> = (0..MAX_GREETING * 2).map(|_| TcpStream::connect(("127.0.0.1", server.port())).unwrap()).collect();
+        // Silent connections from this host up to one short of its allowance, and one trickling its hello byte by
+        // byte: a prefill of this host still gets in, at once.
+        let silent: Vec<TcpStream> =
+            (0..MAX_GREETING_PER_HOST - 2).map(|_| TcpStream::connect(("127.0.0.1", server.port())).unwrap()).collect();
         let mut trickle = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
         trickle.write_all(b"K").unwrap();
         std::thread::sleep(Duration::from_millis(200));
@@ -745,9 +753,13 @@ mod tests {
         let started = Instant::now();
         let (client, _) = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(|_: &Directive| {})).unwrap();
         assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
-        drop((client, silent));
-        // The oldest silent ones were closed to make room.
+        // Past its allowance, a host's next silent connection is closed at once: a flood crowds out only its host.
+        let more: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", server.port())).unwrap()).collect();
         let mut byte = [0u8; 1];
+        let mut last = more.last().unwrap().try_clone().unwrap();
+        last.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert!(matches!(last.read(&mut byte), Ok(0)), "the connection over the allowance is closed");
+        drop((client, silent, more));
         trickle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         assert!(matches!(trickle.read(&mut byte), Ok(0) | Err(_)), "the trickling hello is cut off at its deadline");
     }

@@ -57,6 +57,13 @@ impl Links {
         stopped || peer.pid.is_some_and(process_gone)
     }
 
+    /// Forgets the uncut links of process `pid` among `sessions`: that process says it dropped them.
+    fn forget(&self, pid: Option<u32>, sessions: &[u64]) {
+        if pid.is_some() && !sessions.is_empty() {
+            self.uncut.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| !(p.pid == pid && sessions.contains(&p.session)));
+        }
+    }
+
     /// The same-host links that may still write (forgetting those whose process has ended).
     fn uncut(&self) -> Vec<PeerInfo> {
         let mut uncut = self.uncut.lock().unwrap_or_else(|p| p.into_inner());
@@ -97,7 +104,10 @@ impl Events for Links {
                  cut off, so revoke and close report it until that process ends",
                 peer.name, peer.transport
             ));
-            self.uncut.lock().unwrap_or_else(|p| p.into_inner()).push(peer.clone());
+            let mut uncut = self.uncut.lock().unwrap_or_else(|p| p.into_inner());
+            if !uncut.iter().any(|p| p.session == peer.session && p.transport == peer.transport) {
+                uncut.push(peer.clone());
+            }
         }
         self.log.debug(format!("request channel from {} ended: {why}", peer.name));
         self.requests.on_link_end(channel, peer, why);
@@ -109,14 +119,13 @@ impl DecodeSide {
     pub(super) fn listen(port: u16, env: &Environment<'_>, acceptors: Vec<Arc<dyn Acceptor>>) -> Result<DecodeSide> {
         let log = env.log;
         if env.config.socket_ifname.is_none() && log.debug_enabled() {
-            let first = net::first_usable_interface().map(|(n, ip)| format!("{n} {ip}")).unwrap_or_else(|| "none".into());
-            log.debug(format!("KVCACHE_SOCKET_IFNAME unset: listening on all interfaces (first usable: {first})"));
+            let ips: Vec<String> = env.listen_ips.iter().map(|ip| ip.to_string()).collect();
+            log.debug(format!("KVCACHE_SOCKET_IFNAME unset: listening on {} (the first usable interface, and loopback)", ips.join(" and ")));
         }
         let auth = env.config.auth_token.as_ref().map(|t| AuthKey::new(t.expose()));
-        if auth.is_none() && !env.listen_ip.is_loopback() {
+        if let Some(ip) = env.listen_ips.iter().find(|ip| !ip.is_loopback()).filter(|_| auth.is_none()) {
             log.warn(format!(
-                "listening on {} without KVCACHE_AUTH_TOKEN: any host that reaches this port can write into this cache",
-                env.listen_ip
+                "listening on {ip} without KVCACHE_AUTH_TOKEN: any host that reaches this port can write into this cache"
             ));
         }
         let requests = Arc::new(Requests::new(env.cache.layers(), env.cache.block_number()));
@@ -126,9 +135,10 @@ impl DecodeSide {
         }
         let links = Arc::new(Links { acceptors: acceptors.clone(), requests: requests.clone(), log: log.clone(), uncut: Mutex::default() });
         let channels =
-            Arc::new(ChannelServer::start(env.listen_ip, env.cache.block_number(), env.config.timeout, log.clone(), links.clone())?);
+            Arc::new(ChannelServer::start(env.listen_ips, env.cache.block_number(), env.config.timeout, log.clone(), links.clone())?);
         let handshake = Handshake {
             cache: env.cache.clone(),
+            links: links.clone(),
             host: net::host_id(),
             acceptors: acceptors.clone(),
             channels: channels.clone(),
@@ -139,7 +149,7 @@ impl DecodeSide {
         };
         let zmq = zmq::Context::new();
         let control =
-            ControlServer::bind(&zmq, &env.listen_ip.to_string(), port, move |peer, req| {
+            ControlServer::bind(&zmq, env.listen_ips, port, move |peer, req| {
                 // A bug in one answer must not end the thread that answers every peer.
                 let reply = Error::catch_panic(|| Ok(handshake.answer(peer, req))).unwrap_or_else(|e| Reply::reject(&e));
                 wire::encode(&reply)
@@ -228,6 +238,7 @@ impl DecodeSide {
 /// The decode side's half of the handshake.
 struct Handshake {
     cache: Arc<CacheLayout>,
+    links: Arc<Links>,
     /// This host ([`net::host_id`]); same-host transports are offered only to prefills that share it.
     host: Option<String>,
     acceptors: Vec<Arc<dyn Acceptor>>,
@@ -302,7 +313,9 @@ impl Handshake {
 
     fn welcome(&self, hello: &wire::Hello, channel_proof: impl FnOnce(u64) -> Option<auth::Tag>) -> Result<Welcome> {
         let agreed = negotiation::check_hello(hello, &self.cache)?;
-        let same_host = self.host.is_some() && hello.host == self.host;
+        // Same-host links need the prefill's process named: it is what tells when such a link can no longer write.
+        let same_host = self.host.is_some() && hello.host == self.host && hello.pid.is_some();
+        self.links.forget(hello.pid, &hello.dropped);
         let offers: Vec<TransportKind> = hello.offers.iter().map(|o| o.transport).collect();
         let ours: Vec<TransportKind> = self.acceptors.iter().map(|a| a.kind()).collect();
         let kind = negotiation::choose(&offers, &ours, same_host)?;

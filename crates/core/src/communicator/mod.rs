@@ -40,7 +40,6 @@ use crate::log::Logger;
 use crate::memory::CacheLayout;
 use crate::plan::SliceGeometry;
 use crate::transport::{self, Environment, Transport};
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -122,11 +121,11 @@ impl Communicator {
     fn build(spec: CommunicatorSpec, config: Config, log: Arc<Logger>) -> Result<Communicator> {
         let cache = Arc::new(spec.cache);
         let kinds = negotiation::candidates(config.transport, cache.location())?;
-        let listen_ip = match spec.role {
-            Role::Decode => crate::net::listen_addr(config.socket_ifname.as_deref())?,
-            Role::Prefill => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        let listen_ips = match spec.role {
+            Role::Decode => crate::net::listen_addrs(config.socket_ifname.as_deref())?,
+            Role::Prefill => Vec::new(),
         };
-        let env = Environment { cache: &cache, config: &config, gpu_idx: spec.gpu_idx, log: &log, listen_ip };
+        let env = Environment { cache: &cache, config: &config, gpu_idx: spec.gpu_idx, log: &log, listen_ips: &listen_ips };
         let side = match spec.role {
             Role::Prefill => {
                 SliceGeometry::for_ranks(spec.tp_size, spec.tp_idx, 1)?;

@@ -18,7 +18,7 @@ use crate::plan::{BlockPlan, SliceGeometry};
 use crate::transport::{Answer, Connector, Link, PendingLink};
 use crate::wire::{self, Hello, Offer, Reply, Request, Role, TransportKind, PROTOCOL_VERSION};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Request ids a peer remembers as revoked, aborted or started; the oldest are forgotten past this.
@@ -49,17 +49,23 @@ struct PeerEntry {
 struct Gate {
     revoked: Mutex<RecentIds>,
     aborted: Mutex<RecentIds>,
-    /// The decode asked this link to stop (it is closing): the link is not written again.
-    closing: AtomicBool,
+    /// The connection the decode asked to stop (it is closing), by number: it is not written again. A
+    /// connection's own number, so that a late `Close` on an old connection never stops its successor.
+    closing: AtomicU64,
+    /// Numbers the connections made through this gate (from 1).
+    connections: AtomicU64,
+    /// The decode's sessions of this peer's connections, newest last (at most 16): all but the working one are
+    /// dropped, which the next hello says.
+    sessions: Mutex<VecDeque<u64>>,
     /// Held for the whole of each write: a directive waits for the write in flight before it is confirmed.
     writing: Mutex<()>,
 }
 
 impl Gate {
-    fn obey(&self, directive: &Directive) {
+    fn obey(&self, directive: &Directive, connection: u64) {
         match directive {
             Directive::Revoke(request) => lock(&self.revoked).insert(request.clone()),
-            Directive::Close => self.closing.store(true, Ordering::Release),
+            Directive::Close => self.closing.store(connection, Ordering::Release),
         }
         drop(lock(&self.writing));
     }
@@ -151,6 +157,8 @@ struct Connection {
     started: RecentIds,
     /// The mark of the last write of a request ([`Link::write_marked`]).
     mark: u32,
+    /// Its number ([`Gate::closing`]).
+    number: u64,
 }
 
 impl PrefillSide {
@@ -275,6 +283,8 @@ impl PrefillSide {
             offers: pending.iter().map(|(kind, p)| Offer { transport: *kind, details: p.offer() }).collect(),
             host: net::host_id(),
             pid: Some(std::process::id()),
+            // Every earlier connection of this peer is gone by now (a handshake runs with none working).
+            dropped: lock(&gate.sessions).iter().copied().collect(),
         };
         let hello = String::from_utf8(wire::encode(&hello)).expect("JSON is UTF-8");
         let mac = auth.as_ref().map(|secret| secret.sign(Proof::PrefillHello, &prefill_nonce, &decode_nonce, hello.as_bytes()));
@@ -300,12 +310,18 @@ impl PrefillSide {
         };
         let chosen = pending.into_iter().find(|(kind, _)| *kind == welcome.transport).expect("checked: it was offered");
         let link = chosen.1.finish(&answer).map_err(|e| (e, Some(welcome.transport)))?;
-        // Cleared before the channel opens: a `Close` the new channel obeys from then on stays.
-        gate.closing.store(false, Ordering::Release);
+        let number = gate.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        {
+            let mut sessions = lock(&gate.sessions);
+            sessions.push_back(welcome.session);
+            if sessions.len() > 16 {
+                sessions.pop_front();
+            }
+        }
         let g = gate.clone();
         let token = welcome.channel_token;
         let proof = auth.as_ref().map_or([0; 32], |key| key.sign(Proof::ChannelHello, &prefill_nonce, &decode_nonce, &token.to_le_bytes()));
-        let obey = Arc::new(move |d: &Directive| g.obey(d));
+        let obey = Arc::new(move |d: &Directive| g.obey(d, number));
         let (channel, revoked) = ChannelClient::connect(ip, welcome.channel_port, token, proof, comm.config.timeout, obey).map_err(plain)?;
         for request in revoked {
             lock(&gate.revoked).insert(request);
@@ -318,7 +334,7 @@ impl PrefillSide {
         ));
         Ok(Peer {
             plan: BlockPlan::new(link.plan_form()),
-            link: Some(Connection { link, channel, started: RecentIds::default(), mark: 0 }),
+            link: Some(Connection { link, channel, started: RecentIds::default(), mark: 0, number }),
             remote_blocks: welcome.block_number,
             dst_tp_size,
         })
@@ -367,7 +383,8 @@ impl PrefillSide {
         if state.plan.is_empty() && request.is_none() {
             return Ok(());
         }
-        if gate.closing.swap(false, Ordering::AcqRel) {
+        let closing = |state: &Peer| state.link.as_ref().is_some_and(|c| c.number == gate.closing.load(Ordering::Acquire));
+        if closing(state) {
             // The decode said it closes: this connection is not written again (the next call reconnects).
             state.link = None;
             peer.update(state);
@@ -389,7 +406,7 @@ impl PrefillSide {
         if let Some(request) = request {
             gate.check(request)?;
         }
-        if gate.closing.load(Ordering::Acquire) {
+        if closing(state) {
             return Err(Error::new(ErrorCode::NotConnected, format!("the decode at {key} is closing: nothing was written")));
         }
         let connection = state.link.as_mut().expect("connected");

@@ -22,8 +22,11 @@ pub const MAX_OPEN_PER_LINK: usize = 65536;
 /// Notifications kept for the engine, and block ids in them; past either the oldest are dropped, and counted.
 pub const MAX_QUEUED: usize = 65536;
 pub const MAX_QUEUED_IDS: usize = 16 << 20;
-/// `Done`s of one RDMA link waiting for their marks; a link with more is cut off.
+/// `Done`s of one RDMA link waiting for their marks, and block ids in them; a link with more is cut off.
 pub const MAX_PARKED: usize = 65536;
+pub const MAX_PARKED_IDS: usize = 16 << 20;
+/// Requests a decode keeps at once (open, and ended ones remembered); a link that starts one more is cut off.
+pub const MAX_RECORDS: usize = 1 << 20;
 
 /// What became of a write, or of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +139,8 @@ struct Table {
 struct Marks {
     seen: Option<u32>,
     parked: VecDeque<(u64, PeerInfo, Frame)>,
+    /// Block ids in `parked`.
+    parked_ids: usize,
 }
 
 /// Whether mark `seen` is at or past `mark` (marks count up and wrap).
@@ -207,14 +212,18 @@ impl Requests {
             let mut t = self.lock();
             match frame {
                 Frame::Start { request } => self.start(&mut t, link, &request),
-                Frame::Done { mark, .. } if peer.transport == TransportKind::Rdma => {
+                Frame::Done { mark, ref blocks, layer, .. } if peer.transport == TransportKind::Rdma => {
+                    // Checked now, not when its mark comes: a malformed frame ends its channel.
+                    self.check_done(layer, blocks)?;
+                    let n = blocks.len();
                     let waiting = t.marks.entry(peer.session).or_default();
                     // Mark 0: a write that moved no bytes, with nothing to wait for but the writes before it.
                     if waiting.parked.is_empty() && (mark == 0 || waiting.seen.is_some_and(|s| reached(s, mark))) {
                         self.done_frame(&mut t, &mut due, link, peer, frame)
-                    } else if waiting.parked.len() >= MAX_PARKED {
-                        Err(Error::protocol(format!("more than {MAX_PARKED} writes waiting for their marks")))
+                    } else if waiting.parked.len() >= MAX_PARKED || waiting.parked_ids + n > MAX_PARKED_IDS {
+                        Err(Error::protocol(format!("more than {MAX_PARKED} writes, or {MAX_PARKED_IDS} blocks, waiting for their marks")))
                     } else {
+                        waiting.parked_ids += n;
                         waiting.parked.push_back((link, peer.clone(), frame));
                         Ok(())
                     }
@@ -253,7 +262,11 @@ impl Requests {
                 if *m != 0 && !reached(mark, *m) {
                     break;
                 }
-                ready.push(waiting.parked.pop_front().expect("not empty"));
+                let parked = waiting.parked.pop_front().expect("not empty");
+                if let (_, _, Frame::Done { blocks, .. }) = &parked {
+                    waiting.parked_ids -= blocks.len();
+                }
+                ready.push(parked);
             }
             for (link, peer, frame) in ready {
                 // A failure here is a link misbehaving; its channel's own checks end it.
@@ -288,6 +301,9 @@ impl Requests {
         if t.revoked.contains(request) {
             return Ok(());
         }
+        if t.records.len() >= MAX_RECORDS && !t.records.contains_key(request) {
+            return Err(Error::protocol(format!("more than {MAX_RECORDS} requests at once")));
+        }
         let layers = self.layers;
         let record = t.records.entry(request.clone()).or_insert_with(|| Record::new(layers));
         if record.end.is_some() {
@@ -303,13 +319,19 @@ impl Requests {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn done(&self, t: &mut Table, due: &mut Due, link: u64, peer: &PeerInfo, request: RequestId, layer: u32, blocks: Vec<u32>) -> Result<()> {
+    /// A `Done`'s layer and blocks are this cache's.
+    fn check_done(&self, layer: u32, blocks: &[u32]) -> Result<()> {
         if layer >= self.layers {
             return Err(Error::protocol(format!("a notification for layer {layer} of a {}-layer cache", self.layers)));
         }
         if let Some(b) = blocks.iter().find(|&&b| b >= self.block_number) {
             return Err(Error::protocol(format!("a notification for block {b} of a {}-block cache", self.block_number)));
         }
+        Ok(())
+    }
+
+    fn done(&self, t: &mut Table, due: &mut Due, link: u64, peer: &PeerInfo, request: RequestId, layer: u32, blocks: Vec<u32>) -> Result<()> {
+        self.check_done(layer, &blocks)?;
         self.start(t, link, &request)?;
         let Some(record) = t.records.get_mut(&request) else { return Ok(()) };
         match record.end {
@@ -333,8 +355,9 @@ impl Requests {
                 record.complete_layers += 1;
             }
         }
-        // A link whose slice has come for every layer is done with the request: its end no longer fails it.
-        if record.slots.iter().all(|s| s.contains(&peer.slot)) && record.links.remove(&link) {
+        // A link whose slice has come for every layer is done with the request: its end no longer fails it (it
+        // may still abort it).
+        if record.slots.iter().all(|s| s.contains(&peer.slot)) {
             if let Some(open) = t.open.get_mut(&link) {
                 open.remove(&request);
             }

@@ -41,8 +41,8 @@ pub struct Environment<'a> {
     /// The GPU index the communicator was given (picks the RDMA NIC).
     pub gpu_idx: u32,
     pub log: &'a Arc<Logger>,
-    /// The address the decode's listeners bind (unused by prefill).
-    pub listen_ip: IpAddr,
+    /// The addresses the decode's listeners bind, all on one port each (empty for prefill).
+    pub listen_ips: &'a [IpAddr],
 }
 
 /// One transport: makes its two halves for a communicator.

@@ -21,6 +21,7 @@ pub fn hello(layers: u32, block_bytes: u64) -> Hello {
         offers: vec![Offer { transport: TransportKind::Tcp, details: serde_json::Value::Null }],
         host: None,
         pid: None,
+        dropped: Vec::new(),
     }
 }
 

@@ -345,44 +345,54 @@ impl Drop for Session {
     }
 }
 
+/// The mark a completion carries, where it is a mark received.
+fn mark_of(wc: &ibv::ibv_wc) -> Option<u32> {
+    let received = wc.status == ibv::ibv_wc_status::IBV_WC_SUCCESS
+        && wc.opcode == ibv::ibv_wc_opcode::IBV_WC_RECV
+        && wc.wc_flags & ibv::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
+    // SAFETY: the completion carries an immediate (IBV_WC_WITH_IMM), so that is the union's field.
+    received.then(|| u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data }))
+}
+
 /// Receives the marks of one session's queue pair until told to stop, or until the queue pair fails; then
-/// destroys it.
+/// stops it (error state), hands over the marks that had arrived, and destroys it.
 fn receive_marks(mut qp: QueuePair, session: u64, stop: &AtomicBool, marks: &OnceLock<MarkSink>) {
+    let hand_over = |mark: Option<u32>| {
+        if let (Some(mark), Some(sink)) = (mark, marks.get()) {
+            sink(session, mark);
+        }
+    };
     let mut wcs = post::no_completions();
-    while !stop.load(Ordering::Acquire) {
-        let mut n = match qp.poll(&mut wcs) {
-            Ok(n) => n,
-            Err(_) => return,
-        };
+    'receiving: while !stop.load(Ordering::Acquire) {
+        let mut n = qp.poll(&mut wcs).unwrap_or(0);
         if n == 0 {
             // Armed, then polled once more: a mark that came in between is not slept through.
             if qp.arm().is_err() {
-                return;
+                break;
             }
-            n = match qp.poll(&mut wcs) {
-                Ok(n) => n,
-                Err(_) => return,
-            };
+            n = qp.poll(&mut wcs).unwrap_or(0);
             if n == 0 {
-                qp.sleep(MARK_POLL);
+                if !qp.sleep(MARK_POLL) {
+                    break;
+                }
                 continue;
             }
         }
         for wc in &wcs[..n] {
-            if wc.status != ibv::ibv_wc_status::IBV_WC_SUCCESS {
+            if wc.status != ibv::ibv_wc_status::IBV_WC_SUCCESS || qp.post_receives(1).is_err() {
                 // The queue pair failed (its peer went away): nothing more arrives on it.
-                return;
+                break 'receiving;
             }
-            if wc.opcode == ibv::ibv_wc_opcode::IBV_WC_RECV && wc.wc_flags & ibv::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0 {
-                // SAFETY: the completion carries an immediate (IBV_WC_WITH_IMM), so that is the union's field.
-                let mark = u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data });
-                if let Some(sink) = marks.get() {
-                    sink(session, mark);
-                }
-            }
-            if qp.post_receives(1).is_err() {
-                return;
-            }
+            hand_over(mark_of(wc));
+        }
+    }
+    // Nothing more is taken in; the marks already received are still handed over (a write complete before the
+    // session ended must not be reported as failed).
+    qp.fail();
+    for _ in 0..MARK_RECEIVES * 2 {
+        match qp.poll(&mut wcs) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => wcs[..n].iter().for_each(|wc| hand_over(mark_of(wc))),
         }
     }
 }
@@ -448,6 +458,10 @@ impl Acceptor for RdmaTarget {
 
     fn close(&self) {
         let sessions = std::mem::take(&mut *self.sessions.lock().unwrap());
+        // Every thread told first, then each waited for: one wait, not one per session.
+        for session in sessions.values() {
+            session.stop.store(true, Ordering::Release);
+        }
         drop(sessions);
     }
 

@@ -56,7 +56,7 @@ impl WriteChain {
         });
     }
 
-    /// Appends the flush: an `RDMA_READ` of `len` bytes at `remote` (the last block written) into a local
+    /// Appends the flush: an `RDMA_READ` of `len` bytes at `remote` (the decode's flush target) into a local
     /// scratch region. It completes only after the writes before it have landed.
     pub fn push_flush_read(&mut self, scratch: u64, scratch_lkey: u32, remote: u64, rkey: u32, len: u32) {
         self.push(ibv::ibv_wr_opcode::IBV_WR_RDMA_READ, scratch, len as u64, scratch_lkey, remote, rkey);

@@ -285,22 +285,29 @@ impl QueuePair {
         }
     }
 
-    /// Sleeps until the armed completion queue reports a completion, or `timeout` passes.
-    pub fn sleep(&mut self, timeout: Duration) {
-        let Some(channel) = &self.channel else { return };
+    /// Sleeps until the armed completion queue reports a completion, or `timeout` passes. `false` when the
+    /// channel failed (the device went away): nothing more will come.
+    pub fn sleep(&mut self, timeout: Duration) -> bool {
+        let Some(channel) = &self.channel else { return false };
         // SAFETY: the channel's fd is open for the channel's life.
         let mut fds = libc::pollfd { fd: unsafe { (*channel.channel).fd }, events: libc::POLLIN, revents: 0 };
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut fds, 1, ms) } > 0 {
-            let (mut cq, mut context) = (std::ptr::null_mut(), std::ptr::null_mut());
-            // SAFETY: the channel has an event ready (poll said so), so this does not block; the event names our
-            // CQ and is acknowledged at once.
-            if unsafe { ibv::ibv_get_cq_event(channel.channel, &mut cq, &mut context) } == 0 {
-                // SAFETY: `cq` is the CQ the event was for (ours), live.
-                unsafe { ibv::ibv_ack_cq_events(cq, 1) };
-            }
+        if unsafe { libc::poll(&mut fds, 1, ms) } <= 0 {
+            return true;
         }
+        if fds.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            return false;
+        }
+        let (mut cq, mut context) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: the channel has an event ready (poll said so), so this does not block; the event names our CQ
+        // and is acknowledged at once.
+        if unsafe { ibv::ibv_get_cq_event(channel.channel, &mut cq, &mut context) } != 0 {
+            return false;
+        }
+        // SAFETY: `cq` is the CQ the event was for (ours), live.
+        unsafe { ibv::ibv_ack_cq_events(cq, 1) };
+        true
     }
 
     /// Send queue capacity in work requests.

@@ -39,18 +39,18 @@ impl Transport for Tcp {
     }
 
     fn probe(&self, config: &Config) -> std::result::Result<String, String> {
-        match (&config.socket_ifname, net::listen_addr(config.socket_ifname.as_deref())) {
+        match (&config.socket_ifname, net::listen_addrs(config.socket_ifname.as_deref())) {
             (_, Err(e)) => Err(e.message().to_string()),
-            (Some(name), Ok(ip)) => Ok(format!("decode listens on {name} ({ip})")),
+            (Some(name), Ok(ips)) => Ok(format!("decode listens on {name} ({})", ips[0])),
             (None, Ok(_)) => Ok(match net::first_usable_interface() {
-                Some((name, ip)) => format!("decode listens on every interface (first usable: {name} {ip})"),
-                None => "decode listens on every interface (only loopback is up)".into(),
+                Some((name, ip)) => format!("decode listens on {name} ({ip}), the first usable interface, and on loopback"),
+                None => "decode listens on loopback (no other interface is up)".into(),
             }),
         }
     }
 
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
-        Ok(Arc::new(TcpReceiver::start(env.listen_ip, env.cache.clone(), env.log.clone(), env.config.timeout)?))
+        Ok(Arc::new(TcpReceiver::start(env.listen_ips, env.cache.clone(), env.log.clone(), env.config.timeout)?))
     }
 
     fn connector(&self, env: &Environment<'_>) -> Result<Arc<dyn Connector>> {

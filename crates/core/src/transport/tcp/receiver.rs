@@ -5,6 +5,7 @@ use super::frame::{self, Ack, DataHello, WriteHeader};
 use super::io;
 use super::staging::Staging;
 use crate::iov::{iovec, IoVecs};
+use crate::listener::Listener;
 use crate::wire::PROTOCOL_VERSION;
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
@@ -12,11 +13,10 @@ use crate::memory::{CacheLayout, TensorSet};
 use crate::plan::{self, check_remote_runs, Run, SliceGeometry};
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// What the handshake agreed with one prefill peer.
@@ -40,42 +40,37 @@ struct Shared {
     /// The data connection of each session that has one, until its thread ends.
     open: Mutex<HashMap<u64, TcpStream>>,
     ended: Condvar,
-    connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
 }
+
+/// Data connections a decode keeps at once; more are closed at once.
+pub const MAX_DATA_CONNECTIONS: usize = 4096;
 
 /// The listening side of the TCP transport.
 pub struct TcpReceiver {
-    addr: SocketAddr,
+    listener: Listener,
     shared: Arc<Shared>,
-    accept: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl TcpReceiver {
     /// Listens on `ip` (an ephemeral port) and receives into `cache`.
-    pub fn start(ip: IpAddr, cache: Arc<CacheLayout>, log: Arc<Logger>, timeout: Duration) -> Result<TcpReceiver> {
-        let listener = TcpListener::bind((ip, 0)).map_err(|e| Error::io(&format!("listening for data on {ip}"), e))?;
-        let addr = listener.local_addr().map_err(|e| Error::io("reading the data port", e))?;
+    pub fn start(ips: &[IpAddr], cache: Arc<CacheLayout>, log: Arc<Logger>, timeout: Duration) -> Result<TcpReceiver> {
         let shared = Arc::new(Shared {
             cache,
-            log,
+            log: log.clone(),
             timeout,
             stop: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             ended: Condvar::new(),
-            connections: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
-        let accept = std::thread::Builder::new()
-            .name("kvtransfer-accept".into())
-            .spawn(move || accept_loop(listener, s))
-            .map_err(|e| Error::io("starting the data listener", e))?;
-        Ok(TcpReceiver { addr, shared, accept: Mutex::new(Some(accept)) })
+        let listener = Listener::start(ips, "data connection", MAX_DATA_CONNECTIONS, log, move |stream| serve_connection(stream, &s))?;
+        Ok(TcpReceiver { listener, shared })
     }
 
     /// The data port.
     pub fn port(&self) -> u16 {
-        self.addr.port()
+        self.listener.port()
     }
 
     /// Registers a session agreed by the handshake; its data connection presents the returned token.
@@ -113,55 +108,13 @@ impl TcpReceiver {
     pub fn close(&self) {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.pending.lock().unwrap().clear();
-        let Some(accept) = self.accept.lock().unwrap().take() else { return };
-        // Wake the blocking accept with a connection of our own.
-        let wake = match self.addr.ip() {
-            ip if ip.is_unspecified() => SocketAddr::new([127, 0, 0, 1].into(), self.addr.port()),
-            _ => self.addr,
-        };
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
-        let _ = accept.join();
-        let connections = std::mem::take(&mut *self.shared.connections.lock().unwrap());
-        for (stream, _) in &connections {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        for (_, thread) in connections {
-            let _ = thread.join();
-        }
+        self.listener.stop();
     }
 }
 
 impl Drop for TcpReceiver {
     fn drop(&mut self) {
         self.close();
-    }
-}
-
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    for stream in listener.incoming() {
-        if shared.stop.load(Ordering::Acquire) {
-            return;
-        }
-        let stream = match stream {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of descriptors, say: wait rather than spin, and let finished connections go.
-                shared.log.error_from("the data listener", format!("accepting a data connection: {e}"));
-                std::thread::sleep(Duration::from_millis(100));
-                shared.connections.lock().unwrap().retain(|(_, t)| !t.is_finished());
-                continue;
-            }
-        };
-        let Ok(handle) = stream.try_clone() else { continue };
-        let s = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("kvtransfer-recv".into())
-            .spawn(move || serve_connection(stream, &s));
-        let mut connections = shared.connections.lock().unwrap();
-        connections.retain(|(_, t)| !t.is_finished());
-        if let Ok(thread) = spawned {
-            connections.push((handle, thread));
-        }
     }
 }
 

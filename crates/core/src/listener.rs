@@ -1,0 +1,182 @@
+//! A TCP listener that serves each connection on a thread of its own: the one pattern behind a decode's data port
+//! (the TCP transport) and its request-channel port. It listens on one port of each of the decode's addresses,
+//! caps the connections it keeps, backs off when `accept` fails (out of descriptors, say) instead of spinning,
+//! and, when stopped, shuts every connection down and waits for its thread before it returns.
+
+use crate::error::{Error, Result};
+use crate::log::Logger;
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How long the accept loop waits after `accept` failed.
+const BACK_OFF: Duration = Duration::from_millis(100);
+/// How long the accept loop waits for a connection before it looks whether it must stop.
+const POLL: Duration = Duration::from_millis(100);
+
+struct Shared {
+    /// What the listener serves, for logs ("data connection", "request channel").
+    what: &'static str,
+    max: usize,
+    log: Arc<Logger>,
+    stop: AtomicBool,
+    connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+}
+
+/// Listening sockets (one port, on each address) and the threads serving their connections.
+pub struct Listener {
+    addrs: Vec<SocketAddr>,
+    shared: Arc<Shared>,
+    accept: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Binds one port on every one of `ips`: a port picked on the first may be taken on another, so it picks again,
+/// a few times.
+fn bind_all(ips: &[IpAddr], what: &str) -> Result<Vec<TcpListener>> {
+    let mut tries = 8;
+    'again: loop {
+        tries -= 1;
+        let mut bound: Vec<TcpListener> = Vec::with_capacity(ips.len());
+        for &ip in ips {
+            let port = bound.first().and_then(|l| l.local_addr().ok()).map_or(0, |a| a.port());
+            match TcpListener::bind((ip, port)) {
+                Ok(l) => bound.push(l),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries > 0 => continue 'again,
+                Err(e) => return Err(Error::io(&format!("listening for {what}s on {ip}"), e)),
+            }
+        }
+        return Ok(bound);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Listener {
+    /// Listens on one ephemeral port of each of `ips` and runs `serve` on a new thread for each connection,
+    /// keeping at most `max` at once (more are closed at once). `what` names the connections in logs.
+    pub fn start(ips: &[IpAddr], what: &'static str, max: usize, log: Arc<Logger>, serve: impl Fn(TcpStream) + Send + Sync + 'static) -> Result<Listener> {
+        let listeners = bind_all(ips, what)?;
+        let addrs = listeners.iter().map(|l| l.local_addr()).collect::<std::io::Result<Vec<_>>>();
+        let addrs = addrs.map_err(|e| Error::io(&format!("reading the {what} port"), e))?;
+        let shared = Arc::new(Shared { what, max, log, stop: AtomicBool::new(false), connections: Mutex::default() });
+        let serve: Arc<dyn Fn(TcpStream) + Send + Sync> = Arc::new(serve);
+        let listener = Listener { addrs, shared: shared.clone(), accept: Mutex::default() };
+        for socket in listeners {
+            let (s, serve) = (shared.clone(), serve.clone());
+            let accept = std::thread::Builder::new()
+                .name(format!("kvtransfer-accept {what}"))
+                .spawn(move || accept_loop(socket, &s, serve))
+                .map_err(|e| Error::io(&format!("starting the {what} listener"), e))?;
+            lock(&listener.accept).push(accept);
+        }
+        Ok(listener)
+    }
+
+    /// The port, the same on every address.
+    pub fn port(&self) -> u16 {
+        self.addrs.first().map_or(0, |a| a.port())
+    }
+
+    /// Stops accepting, shuts every connection down and waits for each one's thread. Later calls do nothing.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let accepts = std::mem::take(&mut *lock(&self.accept));
+        if accepts.is_empty() {
+            return;
+        }
+        // Each accept loop looks at `stop` at least every `POLL`.
+        for accept in accepts {
+            let _ = accept.join();
+        }
+        let connections = std::mem::take(&mut *lock(&self.shared.connections));
+        for (stream, _) in &connections {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        for (_, thread) in connections {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: &Shared, serve: Arc<dyn Fn(TcpStream) + Send + Sync>) {
+    let what = shared.what;
+    // Never blocked in accept: stopping needs no connection to wake it (which could fail).
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut ready = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    while !shared.stop.load(Ordering::Acquire) {
+        // SAFETY: one valid pollfd, naming the listener's descriptor, which lives as long as `listener`.
+        if unsafe { libc::poll(&mut ready, 1, POLL.as_millis() as i32) } <= 0 {
+            continue;
+        }
+        let stream = match listener.accept().and_then(|(s, _)| s.set_nonblocking(false).map(|()| s)) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                shared.log.error_from(what, format!("accepting a {what}: {e}"));
+                std::thread::sleep(BACK_OFF);
+                lock(&shared.connections).retain(|(_, t)| !t.is_finished());
+                continue;
+            }
+        };
+        let mut connections = lock(&shared.connections);
+        connections.retain(|(_, t)| !t.is_finished());
+        if connections.len() >= shared.max {
+            drop(connections);
+            shared.log.error_from(what, format!("refused a {what}: {} are open", shared.max));
+            let _ = stream.shutdown(Shutdown::Both);
+            continue;
+        }
+        let Ok(handle) = stream.try_clone() else { continue };
+        let serve = serve.clone();
+        if let Ok(thread) = std::thread::Builder::new().name(format!("kvtransfer {what}")).spawn(move || serve(stream)) {
+            connections.push((handle, thread));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn each_connection_is_served_and_stop_ends_them_all() {
+        let log = Arc::new(Logger::new(&Config::default(), "test".to_string()).unwrap());
+        let listener = Listener::start(&[[127, 0, 0, 1].into()], "test connection", 2, log, |mut s| {
+            let mut b = [0u8; 1];
+            while s.read_exact(&mut b).is_ok() {
+                let _ = s.write_all(&b);
+            }
+        })
+        .unwrap();
+        let mut a = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
+        let mut b = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
+        for s in [&mut a, &mut b] {
+            s.write_all(b"x").unwrap();
+            let mut got = [0u8; 1];
+            s.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"x");
+        }
+        // A third is over the cap: closed at once.
+        let mut c = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(matches!(c.read(&mut [0u8; 1]), Ok(0) | Err(_)));
+        listener.stop();
+        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(matches!(a.read(&mut [0u8; 1]), Ok(0) | Err(_)), "stop ends every connection");
+    }
+}
