@@ -184,7 +184,8 @@ impl PrefillSide {
         if let Some(peer) = existing {
             // Connected, or broken and due for a rebuild.
             let mut state = peer.lock();
-            if state.link.is_none() {
+            if state.link.as_ref().is_none_or(|c| c.channel.is_broken()) {
+                state.link = None;
                 let rebuilt = self.rebuild(comm, ip, port, &mut state, &peer.gate);
                 peer.update(&state);
                 if let Err(e) = rebuilt {
@@ -390,8 +391,13 @@ impl PrefillSide {
             peer.update(state);
             return Err(Error::new(ErrorCode::NotConnected, format!("the decode at {key} closed: nothing was written")));
         }
-        if state.link.as_ref().is_none_or(|c| c.channel.is_broken()) {
+        if state.link.as_ref().is_some_and(|c| c.channel.is_broken()) {
+            // The decode went away (or its link ended): this call fails, the next one rebuilds the connection.
             state.link = None;
+            peer.update(state);
+            return Err(Error::new(ErrorCode::Transport, format!("the connection to {key} ended: nothing was written")));
+        }
+        if state.link.is_none() {
             let rebuilt = self.rebuild(comm, ip, port, state, gate);
             peer.update(state);
             if let Err(e) = rebuilt {

@@ -468,9 +468,11 @@ impl Requests {
                 let layers_n = self.layers;
                 let record = t.records.entry(request.clone()).or_insert_with(|| Record::new(layers_n));
                 match &record.end {
-                    Some(End::Failed(e)) => Some(Err(e.clone())),
+                    // Revoked: its blocks may already serve another request, whatever arrived.
                     Some(End::Revoked) => Some(Err(revoked(request))),
+                    // Layers that arrived before the request failed are there all the same.
                     _ if record.satisfies(&layers) => Some(Ok(())),
+                    Some(End::Failed(e)) => Some(Err(e.clone())),
                     _ => {
                         let settle = settle.take().expect("not taken yet");
                         record.waiters.push(Waiter { token, layers, settle });
