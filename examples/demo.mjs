@@ -51,14 +51,14 @@ async function decode() {
   const comm = new RDMACommunicator('decode', 0, PORT, cache.keys.map((b) => b.ptr), cache.values.map((b) => b.ptr), BLOCKS, BLOCK_BYTES)
   console.log(`[decode] listening on port ${comm.port} (${comm.transport}), ${LAYERS} layers × ${BLOCKS} blocks × ${BLOCK_BYTES} B`)
   process.send?.({ ready: comm.port })
-  // Wait until the prefill side says it is done (over IPC, or on DEMO_PORT + 1 from another machine), then
-  // check every block it wrote.
+  // The prefill's "done" (over IPC, or on DEMO_PORT + 1 from another machine) only asks for the verdict: the
+  // decode learns that each layer has arrived from kvtransfer itself, and checks it then.
   const done = process.send ? new Promise((resolve) => process.once('message', () => resolve(null))) : waitForRemoteDone(PORT + 1)
-  const reply = await done
   const { local, remote } = assignment()
   const expected = Buffer.alloc(BLOCK_BYTES)
   let bad = 0
   for (let layer = 0; layer < LAYERS; layer++) {
+    await comm.waitFor('demo-request', { layers: [layer], timeoutMs: 120_000 })
     for (const [tensor, bufs] of [[0, cache.keys], [1, cache.values]]) {
       local.forEach((l, i) => {
         fillBlock(expected, layer, tensor, l)
@@ -67,8 +67,9 @@ async function decode() {
       })
     }
   }
+  const reply = await done
   const checked = LAYERS * 2 * local.length
-  const verdict = bad === 0 ? `verified: all ${checked} blocks match, byte for byte` : `${bad} of ${checked} blocks differ`
+  const verdict = bad === 0 ? `verified: all ${checked} blocks match, byte for byte, each layer as its notification came` : `${bad} of ${checked} blocks differ`
   console.log(`[decode] ${verdict}`)
   reply?.(verdict)
   comm.close()
@@ -111,8 +112,9 @@ async function prefill(port) {
   await comm.connectAsync(HOST, port)
   const { local, remote } = assignment()
   const start = process.hrtime.bigint()
-  // Layer by layer, as a prefill engine hands over finished layers.
-  for (let layer = 0; layer < LAYERS; layer++) await comm.writeCacheAsync(HOST, port, local, remote, layer)
+  // Layer by layer, as a prefill engine hands over finished layers, as one request: the decode is notified of
+  // each layer once its bytes are there.
+  for (let layer = 0; layer < LAYERS; layer++) await comm.writeCacheAsync(HOST, port, local, remote, layer, { requestId: 'demo-request' })
   const seconds = Number(process.hrtime.bigint() - start) / 1e9
   const bytes = LAYERS * 2 * local.length * BLOCK_BYTES
   console.log(`[prefill] wrote ${LAYERS} layers, ${local.length} scattered blocks each (keys and values), ${(bytes / 2 ** 20).toFixed(0)} MiB in ${(seconds * 1000).toFixed(1)} ms over ${comm.connectedTransport(HOST, port)}${comm.rdmaDevice ? ` (${comm.rdmaDevice})` : ''}`)

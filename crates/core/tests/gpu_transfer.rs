@@ -556,4 +556,34 @@ fn cuda_ipc_notifications_come_after_the_bytes_and_revoke_stops_a_writer() {
     let (code, writes) = writer.join().unwrap();
     assert_eq!(code, ErrorCode::Revoked);
     assert!(writes > 0);
+    // Many requests in flight at once, queued on the peer's thread.
+    let (tx, done) = std::sync::mpsc::channel();
+    for k in 8..16u32 {
+        for layer in 0..layers as u32 {
+            let tx = tx.clone();
+            let request = kvtransfer::communicator::RequestId::new(format!("many-{k}")).unwrap();
+            let remote: Vec<u32> = (0..4).map(|i| 32 + (k - 8) * 4 + i).collect();
+            p.write_cache_then("127.0.0.1", d.port, local(k)[..4].to_vec(), remote, layer, Some(request), None, move |r| tx.send(r).unwrap());
+        }
+    }
+    for k in 8..16u32 {
+        for layer in 0..layers {
+            assert_eq!(d.ask(&format!("WAIT many-{k} {layer}"), "WAITED"), "OK");
+        }
+    }
+    for _ in 0..8 * layers {
+        done.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
+    }
+    // Abort reaches the waiting decode.
+    let doomed = kvtransfer::communicator::RequestId::new("doomed").unwrap();
+    p.write_request("127.0.0.1", d.port, &local(1), &remote, 0, Some(&doomed)).unwrap();
+    p.abort_request("127.0.0.1", d.port, &doomed, "the client left").unwrap();
+    assert_eq!(d.ask("WAIT doomed 1", "WAITED"), "ABORTED");
+    // A prefill that goes away in the middle of a request: the decode's wait fails at once.
+    let other = prefill(&src, 1, 0, TransportChoice::Only(TransportKind::CudaIpc));
+    other.connect("127.0.0.1", d.port, 1).unwrap();
+    let orphan = kvtransfer::communicator::RequestId::new("orphan").unwrap();
+    other.write_request("127.0.0.1", d.port, &local(2), &remote, 0, Some(&orphan)).unwrap();
+    drop(other);
+    assert_eq!(d.ask("WAIT orphan 1", "WAITED"), "TRANSPORT");
 }
