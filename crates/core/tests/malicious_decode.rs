@@ -59,10 +59,19 @@ fn lies_in_the_answer_are_refused_and_harm_nothing() {
         ("a transport not offered", welcome(TransportKind::Rdma, 8, json!({}))),
         ("details of another shape", welcome(TransportKind::Shm, 8, json!({ "port": 9 }))),
     ];
+    // What each refusal must name, where the lie has a check of its own.
+    let named = |lie: &str| match lie {
+        "pid 0" => Some("process 0"),
+        "liveness word 0" | "no liveness word" => Some("liveness word is missing"),
+        _ => None,
+    };
     for (lie, w) in lies {
         let server = liar(w);
         let err = p.connect("127.0.0.1", server.port(), 1).unwrap_err();
         assert!(matches!(err.code(), ErrorCode::Protocol | ErrorCode::InvalidArgument | ErrorCode::Transport), "{lie}: {err}");
+        if let Some(reason) = named(lie) {
+            assert!(err.message().contains(reason), "{lie}: {err}");
+        }
         assert!(!p.is_connected("127.0.0.1", server.port()), "{lie}");
     }
     // A TCP answer that names a port where no decode's request channel is: refused, nothing kept.
