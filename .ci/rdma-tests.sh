@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The RDMA suites, inside Soft-RoCE VMs (this kernel may have no RDMA; the VM's has rdma_rxe):
-#   1. one VM, both ends on rxe0: the Rust RDMA tests, every ava suite over RDMA, the demo over RDMA;
+#   1. one VM, both ends on rxe0: the Rust RDMA tests, every ava suite over RDMA, the demo over RDMA; and shm
+#      under Yama's ptrace_scope 1 (which this kernel may lack), as an unprivileged user;
 #   2. two VMs joined by a virtual link (two hosts): the demo across them, then again with 1% packet loss.
 # Build first (`npm run build`); cargo builds the Rust test binary here. Where the VM cannot be booted
 # (no root to install qemu) the suites are skipped with a message, unless KVTRANSFER_REQUIRE_RDMA=1.
@@ -14,10 +15,16 @@ if ! command -v qemu-system-x86_64 >/dev/null && [ "$(id -u)" != 0 ]; then
   echo "$msg"; exit 0
 fi
 
-bin=$(cargo test --release -p kvtransfer --test rdma_transfer --no-run --message-format=json 2>/dev/null |
-  node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{for(const l of s.split("\n")){try{const m=JSON.parse(l);if(m.executable&&m.target.name==="rdma_transfer")console.log(m.executable)}catch{}}})')
-[ -x "$bin" ] || { echo "could not build the RDMA test binary" >&2; exit 1; }
-bin=${bin#"$PWD/"}
+# test_binary NAME: builds the Rust integration test NAME and prints its path (relative: the VM mounts this dir).
+test_binary() {
+  local bin
+  bin=$(cargo test --release -p kvtransfer --test "$1" --no-run --message-format=json 2>/dev/null |
+    node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>{for(const l of s.split("\n")){try{const m=JSON.parse(l);if(m.executable&&m.target.name===process.argv[1])console.log(m.executable)}catch{}}})' "$1")
+  [ -x "$bin" ] || { echo "could not build the test binary $1" >&2; exit 1; }
+  echo "${bin#"$PWD/"}"
+}
+bin=$(test_binary rdma_transfer)
+grant_bin=$(test_binary shm_grant)
 
 rdma_env=(KVCACHE_TRANSPORT=rdma KVCACHE_RDMA_NICS=rxe0 KVCACHE_RDMA_GID_INDEX=1)
 
@@ -31,6 +38,11 @@ env KVTRANSFER_TEST_RDMA_NIC=rxe0 KVTRANSFER_TEST_RDMA_GID_INDEX=1 "$vm" -- bash
   npx ava
   echo '-- demo over RDMA'
   env ${rdma_env[*]} node examples/demo.mjs
+  echo '-- shm under Yama ptrace_scope 1, as an unprivileged user'
+  install -m 755 $grant_bin /tmp/shm_grant
+  sysctl -qw kernel.yama.ptrace_scope=1
+  (cd /tmp && KVTRANSFER_REQUIRE_YAMA=1 setpriv --reuid=nobody --regid=nogroup --clear-groups /tmp/shm_grant --test-threads=1)
+  sysctl -qw kernel.yama.ptrace_scope=0
   echo '-- without libibverbs'
   # (libibverbs is found here, not before: the VM script installs rdma-core on a machine's first run)
   verbs=\$(ls /usr/lib/*-linux-gnu/libibverbs.so.1 | head -1)

@@ -77,11 +77,17 @@ impl Drop for ControlServer {
     }
 }
 
+/// How long a control connection may take to finish ZeroMQ's handshake (as long as a data or channel hello).
+const HANDSHAKE_TIME: std::time::Duration = crate::listener::HELLO_TIME;
+
 /// A ROUTER socket bound on `port` (0: any) of each of `addrs`; returns it with the port.
 fn bind_all(ctx: &zmq::Context, addrs: &[IpAddr], port: u16) -> Result<(zmq::Socket, u16)> {
     let socket = ctx.socket(zmq::ROUTER).map_err(|e| zmq_error("creating the control socket", e))?;
     socket.set_linger(0).map_err(|e| zmq_error("setting linger", e))?;
     socket.set_maxmsgsize(MAX_MESSAGE_BYTES as i64).map_err(|e| zmq_error("setting the size limit", e))?;
+    // A connection that has not finished ZeroMQ's own handshake within this is closed (a silent one holds a
+    // descriptor that long, not ZeroMQ's default 30 s).
+    socket.set_handshake_ivl(HANDSHAKE_TIME.as_millis() as i32).map_err(|e| zmq_error("setting the handshake time", e))?;
     let mut port = port;
     for addr in addrs {
         let host = bracket_v6(&addr.to_string());

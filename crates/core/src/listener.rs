@@ -2,15 +2,30 @@
 //! (the TCP transport) and its request-channel port. It listens on one port of each of the decode's addresses,
 //! caps the connections it keeps, backs off when `accept` fails (out of descriptors, say) instead of spinning,
 //! and, when stopped, shuts every connection down and waits for its thread before it returns.
+//!
+//! Until a connection has said its hello it is a [`Greeting`]: it has a deadline for the whole hello, at most
+//! [`MAX_GREETING_PER_HOST`] of one address wait at once (more are closed before they get a thread), and past
+//! [`MAX_GREETING`] waiting the oldest is closed. So connections that never say a hello (a flood, or a stranger
+//! without a token) hold a bounded number of threads and descriptors, crowd out only their own host, and never
+//! keep a real peer out.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
+use std::collections::VecDeque;
+use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// Connections that have not said their hello yet; past that the oldest is closed.
+pub const MAX_GREETING: usize = 64;
+/// Connections from one address that may be waiting to say their hello; more are closed at once.
+pub const MAX_GREETING_PER_HOST: usize = 16;
+/// The longest a connection may take to say its whole hello.
+pub const HELLO_TIME: Duration = Duration::from_secs(5);
 
 /// How long the accept loop waits after `accept` failed.
 const BACK_OFF: Duration = Duration::from_millis(100);
@@ -21,9 +36,58 @@ struct Shared {
     /// What the listener serves, for logs ("data connection", "request channel").
     what: &'static str,
     max: usize,
+    hello_time: Duration,
     log: Arc<Logger>,
     stop: AtomicBool,
     connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+    /// Connections that have not said their hello yet, oldest first, with their address.
+    greeting: Mutex<VecDeque<(u64, IpAddr, TcpStream)>>,
+    next_greeting: AtomicU64,
+}
+
+/// A connection that has not said its hello yet, as its serving thread sees it.
+pub struct Greeting<'a> {
+    shared: &'a Shared,
+    id: u64,
+    deadline: Instant,
+}
+
+impl Greeting<'_> {
+    /// Reads the hello into `buf` before the deadline: a hello trickled in byte by byte is not waited for.
+    pub fn read_hello(&self, stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
+        stream.set_read_timeout(Some(Duration::from_millis(250))).map_err(|e| Error::io("configuring a connection", e))?;
+        let mut got = 0;
+        while got < buf.len() {
+            match stream.read(&mut buf[got..]) {
+                Ok(0) => return Err(Error::new(ErrorCode::Transport, "closed before its hello")),
+                Ok(n) => got += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                Err(e) => return Err(Error::io("reading a hello", e)),
+            }
+            if got < buf.len() && Instant::now() >= self.deadline {
+                return Err(Error::new(ErrorCode::Timeout, "no hello in time"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the hello stage. `Rejected` where the connection was closed meanwhile to make room for newer ones
+    /// (what it presented must then not be used).
+    pub fn passed(&self) -> Result<()> {
+        let mut waiting = lock(&self.shared.greeting);
+        let before = waiting.len();
+        waiting.retain(|(id, ..)| *id != self.id);
+        match waiting.len() < before {
+            true => Ok(()),
+            false => Err(Error::new(ErrorCode::Rejected, "closed to make room for newer connections before its hello")),
+        }
+    }
+}
+
+impl Drop for Greeting<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.greeting).retain(|(id, ..)| *id != self.id);
+    }
 }
 
 /// Listening sockets (one port, on each address) and the threads serving their connections.
@@ -58,13 +122,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Listener {
     /// Listens on one ephemeral port of each of `ips` and runs `serve` on a new thread for each connection,
-    /// keeping at most `max` at once (more are closed at once). `what` names the connections in logs.
-    pub fn start(ips: &[IpAddr], what: &'static str, max: usize, log: Arc<Logger>, serve: impl Fn(TcpStream) + Send + Sync + 'static) -> Result<Listener> {
+    /// keeping at most `max` at once (more are closed at once); each must say its hello within `hello_time`
+    /// (and [`HELLO_TIME`]). `what` names the connections in logs.
+    pub fn start(
+        ips: &[IpAddr],
+        what: &'static str,
+        max: usize,
+        hello_time: Duration,
+        log: Arc<Logger>,
+        serve: impl Fn(TcpStream, Greeting<'_>) + Send + Sync + 'static,
+    ) -> Result<Listener> {
         let listeners = bind_all(ips, what)?;
         let addrs = listeners.iter().map(|l| l.local_addr()).collect::<std::io::Result<Vec<_>>>();
         let addrs = addrs.map_err(|e| Error::io(&format!("reading the {what} port"), e))?;
-        let shared = Arc::new(Shared { what, max, log, stop: AtomicBool::new(false), connections: Mutex::default() });
-        let serve: Arc<dyn Fn(TcpStream) + Send + Sync> = Arc::new(serve);
+        let shared = Arc::new(Shared {
+            what,
+            max,
+            hello_time: hello_time.min(HELLO_TIME),
+            log,
+            stop: AtomicBool::new(false),
+            connections: Mutex::default(),
+            greeting: Mutex::default(),
+            next_greeting: AtomicU64::new(1),
+        });
+        let serve: Arc<Serve> = Arc::new(serve);
         let listener = Listener { addrs, shared: shared.clone(), accept: Mutex::default() };
         for socket in listeners {
             let (s, serve) = (shared.clone(), serve.clone());
@@ -109,7 +190,10 @@ impl Drop for Listener {
     }
 }
 
-fn accept_loop(listener: TcpListener, shared: &Shared, serve: Arc<dyn Fn(TcpStream) + Send + Sync>) {
+/// What serves each connection.
+type Serve = dyn Fn(TcpStream, Greeting<'_>) + Send + Sync;
+
+fn accept_loop(listener: TcpListener, shared: &Arc<Shared>, serve: Arc<Serve>) {
     let what = shared.what;
     // Never blocked in accept: stopping needs no connection to wake it (which could fail).
     if listener.set_nonblocking(true).is_err() {
@@ -119,6 +203,8 @@ fn accept_loop(listener: TcpListener, shared: &Shared, serve: Arc<dyn Fn(TcpStre
     while !shared.stop.load(Ordering::Acquire) {
         // SAFETY: one valid pollfd, naming the listener's descriptor, which lives as long as `listener`.
         if unsafe { libc::poll(&mut ready, 1, POLL.as_millis() as i32) } <= 0 {
+            // A quiet moment: let go of the connections that have ended (their descriptors with them).
+            lock(&shared.connections).retain(|(_, t)| !t.is_finished());
             continue;
         }
         let stream = match listener.accept().and_then(|(s, _)| s.set_nonblocking(false).map(|()| s)) {
@@ -139,12 +225,39 @@ fn accept_loop(listener: TcpListener, shared: &Shared, serve: Arc<dyn Fn(TcpStre
             let _ = stream.shutdown(Shutdown::Both);
             continue;
         }
+        let Some(id) = start_greeting(shared, &stream) else { continue };
         let Ok(handle) = stream.try_clone() else { continue };
-        let serve = serve.clone();
-        if let Ok(thread) = std::thread::Builder::new().name(format!("kvtransfer {what}")).spawn(move || serve(stream)) {
-            connections.push((handle, thread));
+        let (serve, s) = (serve.clone(), shared.clone());
+        let deadline = Instant::now() + shared.hello_time;
+        let thread = std::thread::Builder::new().name(format!("kvtransfer {what}")).spawn(move || {
+            serve(stream, Greeting { shared: &s, id, deadline });
+        });
+        match thread {
+            Ok(thread) => connections.push((handle, thread)),
+            Err(_) => lock(&shared.greeting).retain(|(g, ..)| *g != id),
         }
     }
+}
+
+/// Counts `stream` among the connections waiting for their hello: `None` (and the connection closed) where
+/// its address has its allowance waiting already. Past the overall cap the oldest is closed.
+fn start_greeting(shared: &Shared, stream: &TcpStream) -> Option<u64> {
+    let what = shared.what;
+    let ip = stream.peer_addr().ok()?.ip();
+    let mut waiting = lock(&shared.greeting);
+    if waiting.iter().filter(|(_, a, _)| *a == ip).count() >= MAX_GREETING_PER_HOST {
+        drop(waiting);
+        shared.log.error_from(&ip.to_string(), format!("refused a {what} from {ip}: {MAX_GREETING_PER_HOST} of its connections are waiting to say their hello"));
+        let _ = stream.shutdown(Shutdown::Both);
+        return None;
+    }
+    let id = shared.next_greeting.fetch_add(1, Ordering::Relaxed);
+    waiting.push_back((id, ip, stream.try_clone().ok()?));
+    if waiting.len() > MAX_GREETING {
+        let (_, _, oldest) = waiting.pop_front().expect("not empty");
+        let _ = oldest.shutdown(Shutdown::Both);
+    }
+    Some(id)
 }
 
 #[cfg(test)]
@@ -156,8 +269,9 @@ mod tests {
     #[test]
     fn each_connection_is_served_and_stop_ends_them_all() {
         let log = Arc::new(Logger::new(&Config::default(), "test".to_string()).unwrap());
-        let listener = Listener::start(&[[127, 0, 0, 1].into()], "test connection", 2, log, |mut s| {
+        let listener = Listener::start(&[[127, 0, 0, 1].into()], "test connection", 2, HELLO_TIME, log, |mut s, greeting| {
             let mut b = [0u8; 1];
+            greeting.passed().unwrap();
             while s.read_exact(&mut b).is_ok() {
                 let _ = s.write_all(&b);
             }

@@ -2,12 +2,15 @@
 //! side does with traffic that did not come from a well-behaved prefill.
 
 use kvtransfer::control;
-use kvtransfer::wire::{self, Reply, Request, PROTOCOL_VERSION};
+use kvtransfer::wire;
 mod common;
+#[path = "common/raw_peer.rs"]
+mod raw_peer;
 
 use common::Cache;
+use raw_peer::{data_connection, read_ack};
 use kvtransfer::memory::CacheSpec;
-use kvtransfer::transport::tcp::frame::{self, DataHello, WriteHeader};
+use kvtransfer::transport::tcp::frame::WriteHeader;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice, TransportKind};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -196,39 +199,12 @@ fn closed_decode_fails_writes_without_hanging() {
     assert_eq!(p.connect("127.0.0.1", port, 1).unwrap_err().code(), ErrorCode::Closed);
 }
 
-/// Performs the handshake by hand and opens a raw data connection, as a hostile or buggy peer would.
-fn raw_data_connection(port: u16, layers: u32, block_bytes: u64) -> TcpStream {
-    let hello = common::hello(layers, block_bytes);
-    let ctx = zmq::Context::new();
-    let mut c = control::ControlClient::connect(&ctx, "127.0.0.1", port, Duration::from_secs(5)).unwrap();
-    let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: [1; 16] });
-    assert!(matches!(wire::decode_reply(&c.ask(&greeting).unwrap()).unwrap(), Reply::Challenge { proof: None, .. }));
-    let hello = Request::Hello { hello: String::from_utf8(wire::encode(&hello)).unwrap(), mac: None };
-    let Reply::Welcome { welcome, .. } = wire::decode_reply(&c.ask(&wire::encode(&hello)).unwrap()).unwrap() else { panic!("no welcome") };
-    let welcome = wire::decode_welcome(welcome.as_bytes()).unwrap();
-    let mut s = TcpStream::connect(("127.0.0.1", welcome.details["port"].as_u64().unwrap() as u16)).unwrap();
-    s.write_all(&DataHello { protocol: PROTOCOL_VERSION, token: welcome.session }.encode()).unwrap();
-    let mut ack = [0u8; frame::HELLO_ACK_LEN];
-    s.read_exact(&mut ack).unwrap();
-    frame::decode_hello_ack(&ack).unwrap();
-    s
-}
-
-fn read_ack(s: &mut TcpStream) -> (u32, String) {
-    let mut fixed = [0u8; frame::ACK_LEN];
-    s.read_exact(&mut fixed).unwrap();
-    let (status, _, len) = frame::Ack::decode_fixed(&fixed).unwrap();
-    let mut reason = vec![0u8; len as usize];
-    s.read_exact(&mut reason).unwrap();
-    (status, String::from_utf8(reason).unwrap())
-}
-
 #[test]
 fn forged_writes_are_refused_by_the_decode_side() {
     let dst = Cache::new(2, 2, 8, 64, 70);
     let d = decode(dst.spec());
     let before = dst.snapshot();
-    let mut s = raw_data_connection(d.port(), 2, 64);
+    let mut s = data_connection(d.port(), 2, 64);
     let send = |s: &mut TcpStream, layer: u32, runs: &[(u32, u32)], payload: u64| {
         let runs: Vec<kvtransfer::plan::Run> = runs.iter().map(|&(remote, count)| kvtransfer::plan::Run { local: 0, remote, count }).collect();
         let mut buf = vec![];
@@ -281,12 +257,12 @@ fn garbage_on_the_wire_does_not_hurt_the_decode_side() {
     let err = wire::decode_reply(&reply).unwrap_err();
     assert_eq!(err.code(), ErrorCode::Protocol);
     // A valid data connection, then garbage instead of a header: the decode drops that connection.
-    let mut s = raw_data_connection(d.port(), 1, 64);
+    let mut s = data_connection(d.port(), 1, 64);
     s.write_all(&[0x5A; 64]).unwrap();
     let mut buf = [0u8; 1];
     assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "the decode side closes a garbled connection");
     // An absurd payload on a refused write also ends the connection rather than being drained.
-    let mut s = raw_data_connection(d.port(), 1, 64);
+    let mut s = data_connection(d.port(), 1, 64);
     let mut hdr = vec![];
     WriteHeader { layer: 9, runs: 0, tensors: 0b11, seq: 1, payload_bytes: u64::MAX }.encode_with_runs(&[], &mut hdr);
     s.write_all(&hdr).unwrap();

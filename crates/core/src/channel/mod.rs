@@ -17,7 +17,7 @@ pub mod frame;
 pub use frame::{Frame, RequestId};
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::listener::Listener;
+use crate::listener::{Greeting, Listener};
 use crate::log::Logger;
 use crate::wire::{TransportKind, PROTOCOL_VERSION};
 use std::collections::{HashMap, HashSet};
@@ -33,13 +33,6 @@ pub const PING: Duration = if cfg!(test) { Duration::from_millis(100) } else { D
 const MIN_MISS: Duration = Duration::from_secs(3);
 /// Channels a decode keeps at once (open or saying hello); more are closed at once.
 pub const MAX_CHANNELS: usize = 4096;
-/// Connections that have not said their hello yet; past that the oldest is closed, so that connections that
-/// never say it cannot keep a real prefill's channel out.
-pub const MAX_GREETING: usize = 64;
-/// The longest a connection may take to say its hello (at most the timeout).
-const HELLO_TIME: Duration = Duration::from_secs(5);
-/// Connections from one address that may be waiting to say their hello.
-pub const MAX_GREETING_PER_HOST: usize = 16;
 /// Channels admitted and not yet opened; past that the oldest admission is let go (its link cut off).
 pub const MAX_PENDING: usize = 4096;
 
@@ -91,8 +84,6 @@ struct Shared {
     /// Tokens handed out by handshakes, with when and the proof their hello must carry (with
     /// `KVCACHE_AUTH_TOKEN`): each may open one channel, within `timeout`.
     pending: Mutex<HashMap<u64, (PeerInfo, Instant, Option<[u8; 32]>)>>,
-    /// Connections that have not said their hello yet, oldest first, with their address.
-    greeting: Mutex<std::collections::VecDeque<(u64, IpAddr, TcpStream)>>,
     live: Mutex<HashMap<u64, Live>>,
     /// Asks not yet confirmed, by channel.
     asked: Mutex<HashSet<(u64, Ask)>>,
@@ -117,14 +108,13 @@ impl ChannelServer {
             log: log.clone(),
             events,
             pending: Mutex::new(HashMap::new()),
-            greeting: Mutex::default(),
             live: Mutex::new(HashMap::new()),
             asked: Mutex::new(HashSet::new()),
             confirmed: Condvar::new(),
             next_channel: AtomicU64::new(1),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, "request channel", MAX_CHANNELS, log, move |stream| serve(stream, &s))?;
+        let listener = Listener::start(ips, "request channel", MAX_CHANNELS, timeout, log, move |stream, greeting| serve(stream, greeting, &s))?;
         Ok(ChannelServer { listener, shared })
     }
 
@@ -230,33 +220,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn serve(mut stream: TcpStream, shared: &Shared) {
+fn serve(mut stream: TcpStream, greeting: Greeting<'_>, shared: &Shared) {
     let channel = shared.next_channel.fetch_add(1, Ordering::Relaxed);
     let Ok(address) = stream.peer_addr().map(|a| a.ip()) else { return };
     let from = address.to_string();
-    // Waiting for its hello: at most a few per host, and past the overall cap the oldest is closed (a host
-    // that floods the port crowds out only itself).
-    let admitted = match stream.try_clone() {
-        Ok(greeting) => {
-            let mut waiting = lock(&shared.greeting);
-            if waiting.iter().filter(|(_, ip, _)| *ip == address).count() >= MAX_GREETING_PER_HOST {
-                false
-            } else {
-                waiting.push_back((channel, address, greeting));
-                if waiting.len() > MAX_GREETING {
-                    let (_, _, oldest) = waiting.pop_front().expect("not empty");
-                    let _ = oldest.shutdown(Shutdown::Both);
-                }
-                true
-            }
-        }
-        Err(_) => false,
-    };
-    let greeted = match admitted {
-        true => greet(&mut stream, shared, channel),
-        false => Err(Error::new(ErrorCode::Rejected, format!("{MAX_GREETING_PER_HOST} connections from this host are waiting to say their hello"))),
-    };
-    lock(&shared.greeting).retain(|(id, ..)| *id != channel);
+    let greeted = greet(&mut stream, greeting, shared);
     let peer = match greeted {
         Ok(peer) => PeerInfo { name: format!("{} at {from}", peer.name), ..peer },
         Err(e) => {
@@ -298,32 +266,16 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
     shared.confirmed.notify_all();
 }
 
-/// Reads the hello of connection `channel` and admits it: its token is consumed only if the connection is
-/// still among those waiting (not closed to make room).
-fn greet(stream: &mut TcpStream, shared: &Shared, channel: u64) -> Result<PeerInfo> {
+/// Reads the hello of a connection and admits it: its token is consumed only if the connection is still among
+/// those waiting (not closed to make room).
+fn greet(stream: &mut TcpStream, greeting: Greeting<'_>, shared: &Shared) -> Result<PeerInfo> {
     let setup = |e| Error::io("configuring a request channel", e);
     stream.set_nodelay(true).map_err(setup)?;
-    let deadline = Instant::now() + HELLO_TIME.min(shared.timeout);
-    stream.set_read_timeout(Some(Duration::from_millis(250))).map_err(setup)?;
     stream.set_write_timeout(Some(shared.timeout)).map_err(setup)?;
     let mut hello = [0u8; frame::HELLO_LEN];
-    // One deadline for the whole hello: a connection that trickles it in byte by byte is not waited for.
-    let mut idle = || match Instant::now() < deadline {
-        true => Ok(()),
-        false => Err(Error::new(ErrorCode::Timeout, "no channel hello in time")),
-    };
-    if !fill(stream, &mut hello, true, &mut idle)? {
-        return Err(Error::new(ErrorCode::Transport, "closed before its hello"));
-    }
+    greeting.read_hello(stream, &mut hello)?;
     let (protocol, token, proof) = frame::decode_hello(&hello)?;
-    {
-        let mut waiting = lock(&shared.greeting);
-        let before = waiting.len();
-        waiting.retain(|(id, ..)| *id != channel);
-        if waiting.len() == before {
-            return Err(Error::new(ErrorCode::Rejected, "closed to make room for newer connections before its hello"));
-        }
-    }
+    greeting.passed()?;
     let admitted = match protocol {
         PROTOCOL_VERSION if !shared.closing.load(Ordering::Acquire) => lock(&shared.pending).remove(&token),
         _ => None,
@@ -653,6 +605,7 @@ fn answer(mut stream: TcpStream, queue: &mpsc::Sender<Outgoing>, obey: &(dyn Fn(
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::listener::MAX_GREETING_PER_HOST;
 
     #[derive(Default)]
     struct Recorder {

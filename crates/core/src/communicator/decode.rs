@@ -318,16 +318,33 @@ impl Handshake {
         self.links.forget(hello.pid, &hello.dropped);
         let offers: Vec<TransportKind> = hello.offers.iter().map(|o| o.transport).collect();
         let ours: Vec<TransportKind> = self.acceptors.iter().map(|a| a.kind()).collect();
-        let kind = negotiation::choose(&offers, &ours, same_host)?;
-        let acceptor = self.acceptors.iter().find(|a| a.kind() == kind).expect("chosen among ours");
-        let offer = hello.offers.iter().find(|o| o.transport == kind).expect("chosen among the offers");
         let peer = format!("prefill tp {}/{}", hello.tp_idx, hello.tp_size);
-        let accepted = acceptor.accept(&Admission {
-            peer: &peer,
-            geometry: agreed.geometry,
-            tensors: agreed.tensors,
-            details: &offer.details,
-        })?;
+        // The first transport that takes this peer; one may be unavailable to it alone (shm's one ptrace grant).
+        let mut refusal = None;
+        let mut taken = None;
+        for kind in negotiation::choose(&offers, &ours, same_host)? {
+            let acceptor = self.acceptors.iter().find(|a| a.kind() == kind).expect("chosen among ours");
+            let offer = hello.offers.iter().find(|o| o.transport == kind).expect("chosen among the offers");
+            let admission = Admission {
+                peer: &peer,
+                geometry: agreed.geometry,
+                tensors: agreed.tensors,
+                details: &offer.details,
+                pid: hello.pid.filter(|_| same_host),
+            };
+            match acceptor.accept(&admission) {
+                Ok(accepted) => {
+                    taken = Some((kind, accepted));
+                    break;
+                }
+                Err(e) if e.code() == ErrorCode::Unavailable => {
+                    self.log.debug(format!("{kind} is unavailable to {peer}: {e}"));
+                    refusal = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some((kind, accepted)) = taken else { return Err(refusal.expect("at least one transport was tried")) };
         self.log.debug(format!(
             "accepted {peer} over {kind} with {} blocks (slice {} of {} per block)",
             hello.block_number, agreed.geometry.slot, agreed.geometry.ratio

@@ -79,11 +79,13 @@ pub fn check_hello(hello: &Hello, cache: &CacheLayout) -> Result<Agreement> {
     Ok(Agreement { geometry, tensors })
 }
 
-/// The transport a decode takes for a connection: the prefill's first offer that this decode has, a same-host
-/// transport only for a prefill of this host (and pid namespace).
-pub fn choose(offers: &[TransportKind], ours: &[TransportKind], same_host: bool) -> Result<TransportKind> {
-    if let Some(&kind) = offers.iter().find(|&&k| ours.contains(&k) && (same_host || !k.same_host_only())) {
-        return Ok(kind);
+/// The transports a decode may take for a connection, to be tried in this order: the prefill's offers that
+/// this decode has, a same-host transport only for a prefill of this host (and pid namespace). Never empty.
+pub fn choose(offers: &[TransportKind], ours: &[TransportKind], same_host: bool) -> Result<Vec<TransportKind>> {
+    let usable: Vec<TransportKind> =
+        offers.iter().copied().filter(|k| ours.contains(k) && (same_host || !k.same_host_only())).collect();
+    if !usable.is_empty() {
+        return Ok(usable);
     }
     let names = |list: &[TransportKind]| list.iter().map(|k| k.as_str()).collect::<Vec<_>>();
     let hosts = match same_host {
@@ -132,10 +134,10 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_takes_the_prefills_first_offer_that_the_decode_has() {
-        assert_eq!(choose(&[Shm, Rdma, Tcp], &[Shm, Tcp], true).unwrap(), Shm);
-        assert_eq!(choose(&[Shm, Rdma, Tcp], &[Shm, Rdma, Tcp], false).unwrap(), Rdma, "shm only on one host");
-        assert_eq!(choose(&[Tcp, Shm], &[Shm, Tcp], true).unwrap(), Tcp, "the prefill's order wins");
+    fn a_connection_tries_the_prefills_offers_that_the_decode_has_in_order() {
+        assert_eq!(choose(&[Shm, Rdma, Tcp], &[Shm, Tcp], true).unwrap(), [Shm, Tcp]);
+        assert_eq!(choose(&[Shm, Rdma, Tcp], &[Shm, Rdma, Tcp], false).unwrap(), [Rdma, Tcp], "shm only on one host");
+        assert_eq!(choose(&[Tcp, Shm], &[Shm, Tcp], true).unwrap(), [Tcp, Shm], "the prefill's order wins");
         let err = choose(&[CudaIpc], &[CudaIpc, Tcp], false).unwrap_err();
         assert_eq!(err.code(), ErrorCode::Unavailable);
         assert!(err.message().contains("no common transport") && err.message().contains("one host"), "{err}");

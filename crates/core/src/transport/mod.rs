@@ -77,6 +77,8 @@ pub struct Admission<'a> {
     pub tensors: TensorSet,
     /// What the prefill's half of this transport sent with its offer.
     pub details: &'a Value,
+    /// The prefill's process, for a peer of this host (as its authenticated hello names it).
+    pub pid: Option<u32>,
 }
 
 /// What the accepting half answers an admission with.
@@ -91,7 +93,7 @@ pub struct Accepted {
 pub trait Acceptor: Send + Sync {
     /// Which transport this is.
     fn kind(&self) -> TransportKind;
-    /// Sets up the data path for one prefill peer.
+    /// Sets up the data path for one prefill peer. `Unavailable`: not for this peer, another transport may be.
     fn accept(&self, admission: &Admission<'_>) -> Result<Accepted>;
     /// Stops `session`'s data path: once this returns `true`, nothing more of it lands in the cache. `false`
     /// where the transport cannot stop a peer that writes on its own (a same-host one).

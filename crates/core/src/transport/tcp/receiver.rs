@@ -5,7 +5,7 @@ use super::frame::{self, Ack, DataHello, WriteHeader};
 use super::io;
 use super::staging::Staging;
 use crate::iov::{iovec, IoVecs};
-use crate::listener::Listener;
+use crate::listener::{Greeting, Listener};
 use crate::wire::PROTOCOL_VERSION;
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
@@ -64,7 +64,9 @@ impl TcpReceiver {
             ended: Condvar::new(),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, "data connection", MAX_DATA_CONNECTIONS, log, move |stream| serve_connection(stream, &s))?;
+        let listener = Listener::start(ips, "data connection", MAX_DATA_CONNECTIONS, timeout, log, move |stream, greeting| {
+            serve_connection(stream, greeting, &s)
+        })?;
         Ok(TcpReceiver { listener, shared })
     }
 
@@ -118,9 +120,9 @@ impl Drop for TcpReceiver {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, shared: &Shared) {
+fn serve_connection(mut stream: TcpStream, greeting: Greeting<'_>, shared: &Shared) {
     let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-    let (token, session) = match greet(&mut stream, shared) {
+    let (token, session) = match greet(&mut stream, greeting, shared) {
         Ok(admitted) => admitted,
         Err(e) => {
             if !shared.stop.load(Ordering::Acquire) {
@@ -174,14 +176,15 @@ fn serve_session(stream: TcpStream, shared: &Shared, session: Session, peer: &st
 }
 
 /// Reads the data hello and answers it; the session it names is consumed.
-fn greet(stream: &mut TcpStream, shared: &Shared) -> Result<(u64, Session)> {
+fn greet(stream: &mut TcpStream, greeting: Greeting<'_>, shared: &Shared) -> Result<(u64, Session)> {
     let setup = |e| Error::io("configuring the data socket", e);
     stream.set_nodelay(true).map_err(setup)?;
-    stream.set_read_timeout(Some(shared.timeout)).map_err(setup)?;
     stream.set_write_timeout(Some(shared.timeout)).map_err(setup)?;
     let mut hello = [0u8; frame::HELLO_LEN];
-    stream.read_exact(&mut hello).map_err(|e| Error::io("reading the data hello", e))?;
+    greeting.read_hello(stream, &mut hello)?;
     let hello = DataHello::decode(&hello)?;
+    greeting.passed()?;
+    stream.set_read_timeout(Some(shared.timeout)).map_err(setup)?;
     let handle = stream.try_clone().map_err(setup)?;
     // Moved from pending to open under the lock `cut_off` takes first: a session is one or the other, never
     // neither while its connection may still receive.
@@ -247,7 +250,7 @@ impl Connection<'_> {
             }
             Err(refusal) => {
                 self.drain(header.payload_bytes, &refusal)?;
-                self.shared.log.error(format!("refused a write from {}: {refusal}", self.session.peer));
+                self.shared.log.error_from(&self.session.peer, format!("refused a write from {}: {refusal}", self.session.peer));
                 Ack { status: refusal.code().to_wire(), seq: header.seq, reason: refusal.message().to_string() }
             }
         };

@@ -4,6 +4,11 @@
 //!
 //! The decode side shows a random 64-bit word at a known address; the prefill reads it back before each write,
 //! so a decode that closed, died, or whose pid now names another process is never written into.
+//!
+//! Where Yama restricts `ptrace` (`kernel.yama.ptrace_scope` 1), only the process of an authenticated peer is let
+//! write, for as long as it has a session ([`ptrace_grant`]).
+
+mod ptrace_grant;
 
 use crate::config::Config;
 use crate::cuda::MemoryKind;
@@ -15,7 +20,7 @@ use crate::transport::{self, Accepted, Acceptor, Admission, Answer, Connector, E
 use crate::wire::TransportKind;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Most ranges per system call (the kernel's `UIO_MAXIOV`).
 const MAX_IOV: usize = 1024;
@@ -33,7 +38,7 @@ impl Transport for Shm {
     }
 
     fn probe(&self, _config: &Config) -> std::result::Result<String, String> {
-        permits_writers(ptrace_scope()).map(|()| "host-memory caches, processes of one host".into()).map_err(|e| e.message().to_string())
+        ptrace_grant::permits_writers(ptrace_grant::ptrace_scope()).map(|()| "host-memory caches, processes of one host".into()).map_err(|e| e.message().to_string())
     }
 
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
@@ -67,20 +72,25 @@ pub struct ShmRegion {
 pub struct ShmTarget {
     probe: Box<AtomicU64>,
     welcome: ShmWelcome,
+    /// Sessions whose peer process holds this process's ptrace grant through this cache.
+    sessions: Mutex<Vec<u64>>,
 }
 
 impl ShmTarget {
-    /// Prepares the cache for same-host writers. Where Yama restricts `ptrace` to descendants
-    /// (`kernel.yama.ptrace_scope` = 1), this process declares any process of the same user may write into it;
-    /// a stricter setting makes the transport unavailable.
+    /// Prepares the cache for same-host writers; a Yama setting that forbids them makes the transport
+    /// unavailable.
     pub fn new(cache: &CacheLayout) -> Result<ShmTarget> {
-        allow_writers()?;
+        ptrace_grant::permits_writers(ptrace_grant::ptrace_scope())?;
         let nonce = transport::random_u64();
         let probe = Box::new(AtomicU64::new(nonce));
         let len = |t: Tensor| cache.tensor_bytes(t).expect("checked by CacheLayout");
         let regions = Tensor::ALL.iter().map(|&t| cache.addrs(t).iter().map(|&addr| ShmRegion { addr, len: len(t) }).collect()).collect();
         let welcome = ShmWelcome { pid: std::process::id(), probe: probe.as_ptr() as u64, nonce, regions };
-        Ok(ShmTarget { probe, welcome })
+        Ok(ShmTarget { probe, welcome, sessions: Mutex::default() })
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -89,8 +99,27 @@ impl Acceptor for ShmTarget {
         TransportKind::Shm
     }
 
-    fn accept(&self, _admission: &Admission<'_>) -> Result<Accepted> {
-        Ok(Accepted { session: transport::random_u64(), details: transport::to_details(&self.welcome) })
+    fn accept(&self, admission: &Admission<'_>) -> Result<Accepted> {
+        let Some(pid) = admission.pid else {
+            return Err(Error::new(ErrorCode::Unavailable, "shm: the peer did not name its process"));
+        };
+        let session = transport::random_u64();
+        ptrace_grant::grant(session, pid)?;
+        self.sessions().push(session);
+        Ok(Accepted { session, details: transport::to_details(&self.welcome) })
+    }
+
+    /// Withdraws the session's part of the ptrace grant, so its process starts no more writes. Returns `false`:
+    /// a `process_vm_writev` it already started may still land, and nothing here can tell when it ends.
+    fn cut_off(&self, session: u64) -> bool {
+        self.sessions().retain(|&s| s != session);
+        ptrace_grant::withdraw(|s| s == session);
+        false
+    }
+
+    fn close(&self) {
+        let ended = std::mem::take(&mut *self.sessions());
+        ptrace_grant::withdraw(|s| ended.contains(&s));
     }
 }
 
@@ -98,39 +127,8 @@ impl Drop for ShmTarget {
     fn drop(&mut self) {
         // From here on every prefill's probe fails, so nothing more is written.
         self.probe.store(0, Ordering::SeqCst);
+        self.close();
     }
-}
-
-/// Yama's `ptrace_scope` (0 where Yama is absent).
-fn ptrace_scope() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
-}
-
-/// Yama scopes 0 and 1 let a process of the same user write into another (1 once the target allows it).
-fn permits_writers(ptrace_scope: u32) -> Result<()> {
-    match ptrace_scope {
-        0 | 1 => Ok(()),
-        n => Err(Error::new(
-            ErrorCode::Unavailable,
-            format!("shm: kernel.yama.ptrace_scope is {n}, which forbids process_vm_writev between processes"),
-        )),
-    }
-}
-
-fn allow_writers() -> Result<()> {
-    let scope = ptrace_scope();
-    permits_writers(scope)?;
-    if scope == 1 {
-        // SAFETY: PR_SET_PTRACER takes two integer arguments and touches no memory of ours.
-        let rc = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
-        if rc != 0 {
-            return Err(Error::new(
-                ErrorCode::Unavailable,
-                format!("shm: cannot allow same-host writers (prctl PR_SET_PTRACER): {}", std::io::Error::last_os_error()),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The prefill's half.

@@ -1,0 +1,82 @@
+//! Who may write into this process with `process_vm_writev`, as the kernel's Yama module sees it.
+//!
+//! - `kernel.yama.ptrace_scope` 0 (or no Yama): every process of the same user already may; nothing is granted,
+//!   and nothing can be withdrawn.
+//! - 1: only descendants, and the one process this process names with `PR_SET_PTRACER`. The grant goes to the
+//!   process of an authenticated shm peer while it has a session, and is withdrawn when its last session ends.
+//!   Yama keeps one name per process: while one peer process holds the grant, shm is unavailable to any other
+//!   (its connections take the next transport both sides have).
+//! - 2 and 3: no process may; shm is unavailable.
+//!
+//! One grant per process, so one table per process, shared by every decode communicator in it.
+
+use crate::error::{Error, ErrorCode, Result};
+use std::sync::Mutex;
+
+/// Yama's `ptrace_scope` (0 where Yama is absent).
+pub(super) fn ptrace_scope() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Whether processes of the same user can be let write into this one under Yama scope `scope`.
+pub(super) fn permits_writers(scope: u32) -> Result<()> {
+    match scope {
+        0 | 1 => Ok(()),
+        n => Err(Error::new(
+            ErrorCode::Unavailable,
+            format!("shm: kernel.yama.ptrace_scope is {n}, which forbids process_vm_writev between processes"),
+        )),
+    }
+}
+
+/// The sessions holding this process's grant, with the peer process each belongs to (all the same one).
+static HOLDERS: Mutex<Vec<(u64, u32)>> = Mutex::new(Vec::new());
+
+/// Lets process `pid` write into this one for `session`. `Unavailable` where Yama forbids it, or while another
+/// process holds the grant.
+pub(super) fn grant(session: u64, pid: u32) -> Result<()> {
+    let scope = ptrace_scope();
+    permits_writers(scope)?;
+    if scope == 0 {
+        return Ok(());
+    }
+    let mut holders = HOLDERS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&(_, holder)) = holders.iter().find(|&&(_, holder)| holder != pid) {
+        return Err(Error::new(
+            ErrorCode::Unavailable,
+            format!(
+                "shm: process {holder} holds this process's ptrace grant, and kernel.yama.ptrace_scope 1 allows one \
+                 writer process at a time"
+            ),
+        ));
+    }
+    if holders.is_empty() {
+        set_ptracer(pid as libc::c_ulong)?;
+    }
+    holders.push((session, pid));
+    Ok(())
+}
+
+/// Ends the grant of every session `ended` names; the last one's end withdraws the grant from its process.
+pub(super) fn withdraw(ended: impl Fn(u64) -> bool) {
+    let mut holders = HOLDERS.lock().unwrap_or_else(|p| p.into_inner());
+    let before = holders.len();
+    holders.retain(|&(session, _)| !ended(session));
+    if before > 0 && holders.is_empty() {
+        // Withdrawing cannot fail for a valid argument; were it to, the next grant would replace the name.
+        let _ = set_ptracer(0);
+    }
+}
+
+/// `PR_SET_PTRACER`: names the one process (0: none) that may trace this one besides its ancestors.
+fn set_ptracer(pid: libc::c_ulong) -> Result<()> {
+    // SAFETY: PR_SET_PTRACER takes integer arguments and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_PTRACER, pid, 0, 0, 0) };
+    if rc != 0 {
+        return Err(Error::new(
+            ErrorCode::Unavailable,
+            format!("shm: cannot let process {pid} write (prctl PR_SET_PTRACER): {}", std::io::Error::last_os_error()),
+        ));
+    }
+    Ok(())
+}

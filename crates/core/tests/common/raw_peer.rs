@@ -1,0 +1,42 @@
+//! A prefill spoken by hand, as a hostile or buggy peer would: the handshake, a raw data connection, its acks
+//! (included by path next to `common`).
+
+use kvtransfer::control;
+use kvtransfer::transport::tcp::frame::{self, DataHello};
+use kvtransfer::wire::{self, Reply, Request, Welcome, PROTOCOL_VERSION};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// The decode's welcome to a TCP prefill of `layers` layers of `block_bytes` blocks (without a token).
+pub fn handshake(port: u16, layers: u32, block_bytes: u64) -> Welcome {
+    let hello = crate::common::hello(layers, block_bytes);
+    let ctx = zmq::Context::new();
+    let mut c = control::ControlClient::connect(&ctx, "127.0.0.1", port, Duration::from_secs(5)).unwrap();
+    let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: [1; 16] });
+    assert!(matches!(wire::decode_reply(&c.ask(&greeting).unwrap()).unwrap(), Reply::Challenge { proof: None, .. }));
+    let hello = Request::Hello { hello: String::from_utf8(wire::encode(&hello)).unwrap(), mac: None };
+    let Reply::Welcome { welcome, .. } = wire::decode_reply(&c.ask(&wire::encode(&hello)).unwrap()).unwrap() else { panic!("no welcome") };
+    wire::decode_welcome(welcome.as_bytes()).unwrap()
+}
+
+/// Performs the handshake and opens the data connection it admits.
+pub fn data_connection(port: u16, layers: u32, block_bytes: u64) -> TcpStream {
+    let welcome = handshake(port, layers, block_bytes);
+    let mut s = TcpStream::connect(("127.0.0.1", welcome.details["port"].as_u64().unwrap() as u16)).unwrap();
+    s.write_all(&DataHello { protocol: PROTOCOL_VERSION, token: welcome.session }.encode()).unwrap();
+    let mut ack = [0u8; frame::HELLO_ACK_LEN];
+    s.read_exact(&mut ack).unwrap();
+    frame::decode_hello_ack(&ack).unwrap();
+    s
+}
+
+/// The next ack on a data connection: its status and reason.
+pub fn read_ack(s: &mut TcpStream) -> (u32, String) {
+    let mut fixed = [0u8; frame::ACK_LEN];
+    s.read_exact(&mut fixed).unwrap();
+    let (status, _, len) = frame::Ack::decode_fixed(&fixed).unwrap();
+    let mut reason = vec![0u8; len as usize];
+    s.read_exact(&mut reason).unwrap();
+    (status, String::from_utf8(reason).unwrap())
+}

@@ -1,0 +1,163 @@
+//! Floods against a decode: connections that never say a hello, on each of its ports, and thousands of refused
+//! writes. Its threads and descriptors come back to where they were, its log stays short, and its good peers are
+//! served throughout. (Memory under the same floods: `cargo bench --bench floods`.)
+
+mod common;
+#[path = "common/raw_peer.rs"]
+mod raw_peer;
+
+use common::Cache;
+use kvtransfer::transport::tcp::frame::WriteHeader;
+use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice, TransportKind};
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::fd::FromRawFd;
+use std::time::{Duration, Instant};
+
+fn config(timeout_s: u64, error_file: Option<std::path::PathBuf>) -> Config {
+    Config { transport: TransportChoice::Only(TransportKind::Tcp), timeout: Duration::from_secs(timeout_s), error_file, ..Config::default() }
+}
+
+fn communicator(role: Role, cache: &Cache, config: Config) -> Communicator {
+    let spec = CommunicatorSpec { role, gpu_idx: 0, port: 0, cache: common::layout(cache.spec()), tp_size: 1, tp_idx: 0 };
+    Communicator::new(spec, config).unwrap()
+}
+
+/// Each test counts this process's threads and descriptors: one test at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// This process's threads and open descriptors.
+fn threads_and_fds() -> (usize, usize) {
+    let count = |dir: &str| std::fs::read_dir(dir).unwrap().count();
+    (count("/proc/self/task"), count("/proc/self/fd"))
+}
+
+/// Waits (up to 20 s) for the threads and descriptors to come back to `baseline`, give or take `slack`.
+fn settles_to(baseline: (usize, usize), slack: usize) -> (usize, usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = threads_and_fds();
+        if (now.0 <= baseline.0 + slack && now.1 <= baseline.1 + slack) || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A connection to `127.0.0.1:port` from 127.0.0.2: another host, as the decode sees it.
+fn connect_from_elsewhere(port: u16) -> std::io::Result<TcpStream> {
+    let addr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_be_bytes(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns until it hands it to the `TcpStream`; the
+    // addresses are valid `sockaddr_in`s of the length given.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let (from, to) = (addr([127, 0, 0, 2], 0), addr([127, 0, 0, 1], port));
+        if libc::bind(fd, &from as *const _ as *const libc::sockaddr, len) != 0
+            || libc::connect(fd, &to as *const _ as *const libc::sockaddr, len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+#[test]
+fn a_flood_of_silent_connections_leaves_threads_and_descriptors_where_they_were() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let src = Cache::new(2, 2, 64, 256, 1);
+    let dst = Cache::new(2, 2, 64, 256, 2);
+    let decode = communicator(Role::Decode, &dst, config(3, None));
+    let prefill = communicator(Role::Prefill, &src, config(3, None));
+    let port = decode.port();
+    prefill.connect("127.0.0.1", port, 1).unwrap();
+    prefill.write_cache("127.0.0.1", port, &[1, 2], &[3, 4], 0).unwrap();
+    let welcome = raw_peer::handshake(port, 2, 256);
+    let ports = [port, welcome.details["port"].as_u64().unwrap() as u16, welcome.channel_port];
+    // The raw handshake's admissions expire (3 s); after that, this is the decode at rest with one link.
+    std::thread::sleep(Duration::from_secs(4));
+    let baseline = threads_and_fds();
+    let mut peak = baseline;
+    for round in 0..3u32 {
+        // 200 connections to each port that never say anything, and a good peer writing meanwhile.
+        let flood: Vec<TcpStream> = ports.iter().flat_map(|&p| (0..200).filter_map(move |_| connect_from_elsewhere(p).ok())).collect();
+        assert!(flood.len() >= 550, "only {} flood connections opened", flood.len());
+        std::thread::sleep(Duration::from_millis(500));
+        let now = threads_and_fds();
+        peak = (peak.0.max(now.0), peak.1.max(now.1 - flood.len()));
+        let layer = round % 2;
+        prefill.write_cache("127.0.0.1", port, &[5, 6, 7], &[10 + round, 20 + round, 30 + round], layer).unwrap();
+        for (l, r) in [(5, 10 + round), (6, 20 + round), (7, 30 + round)] {
+            assert_eq!(dst.block(0, layer as usize, r), src.block(0, layer as usize, l), "round {round}: served during the flood");
+        }
+        drop(flood);
+    }
+    let after = settles_to(baseline, 2);
+    // Silent connections kept open: the decode lets each go once its hello is late (5 s), on every port.
+    let kept: Vec<TcpStream> = ports.iter().flat_map(|&p| (0..100).filter_map(move |_| connect_from_elsewhere(p).ok())).collect();
+    let held = settles_to((baseline.0, baseline.1 + kept.len()), 2);
+    assert!(held.1 <= baseline.1 + kept.len() + 2, "descriptors {held:?} with {} silent connections kept open, {baseline:?} before", kept.len());
+    drop(kept);
+    eprintln!("threads, descriptors: {baseline:?} at rest, {peak:?} at most during the floods (not counting the flood's own), {after:?} after");
+    assert!(after.0 <= baseline.0 + 2, "threads {after:?} after the floods, {baseline:?} before");
+    assert!(after.1 <= baseline.1 + 2, "descriptors {after:?} after the floods, {baseline:?} before");
+    // Connections waiting for their hello hold at most 64 threads per port.
+    assert!(peak.0 <= baseline.0 + 3 * 64 + 8, "threads peaked at {peak:?} ({baseline:?} at rest)");
+    // And a new peer still gets in.
+    let late = communicator(Role::Prefill, &src, config(3, None));
+    late.connect("127.0.0.1", port, 1).unwrap();
+    late.write_cache("127.0.0.1", port, &[9], &[40], 1).unwrap();
+    assert_eq!(dst.block(1, 1, 40), src.block(1, 1, 9));
+}
+
+#[test]
+fn thousands_of_refused_writes_leave_the_decode_as_it_was_and_its_log_short() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = std::env::temp_dir().join(format!("kvtransfer-floods-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let errors = dir.join("errors.log");
+    let dst = Cache::new(2, 2, 64, 256, 3);
+    // (A raw peer opens no request channel: a long timeout keeps its admission from expiring, which would cut
+    // its data connection off.)
+    let decode = communicator(Role::Decode, &dst, config(600, Some(errors.clone())));
+    let before = dst.snapshot();
+    let mut s = raw_peer::data_connection(decode.port(), 2, 256);
+    let baseline = threads_and_fds();
+    // 5000 writes, each refused for another reason in turn; the connection stays up and the decode says so
+    // in each ack.
+    let reasons = ["layer 9", "outside this cache", "runs overlap", "payload bytes"];
+    for i in 0..5000u32 {
+        let (layer, runs, payload): (u32, Vec<(u32, u32)>, u64) = match i % 4 {
+            0 => (9, vec![(0, 1)], 2 * 256),
+            1 => (0, vec![(63, 2)], 2 * 2 * 256),
+            2 => (0, vec![(1, 3), (2, 2)], 2 * 5 * 256),
+            _ => (0, vec![(0, 1)], 256),
+        };
+        let runs: Vec<kvtransfer::plan::Run> = runs.iter().map(|&(remote, count)| kvtransfer::plan::Run { local: 0, remote, count }).collect();
+        let mut frame = vec![];
+        WriteHeader { layer, runs: runs.len() as u32, tensors: 0b11, seq: i as u64, payload_bytes: payload }.encode_with_runs(&runs, &mut frame);
+        frame.resize(frame.len() + payload as usize, 0xEE);
+        s.write_all(&frame).unwrap();
+        let (status, reason) = raw_peer::read_ack(&mut s);
+        assert_ne!(status, 0, "write {i} was taken");
+        assert!(reason.contains(reasons[i as usize % 4]), "write {i}: {reason}");
+    }
+    assert!(dst.snapshot() == before, "a refused write changed the cache");
+    let after = threads_and_fds();
+    assert_eq!(after, baseline, "threads and descriptors");
+    // At most 10 lines per peer every 10 s, and a line saying how many were left out.
+    let logged = std::fs::read_to_string(&errors).unwrap_or_default();
+    let refusals = logged.lines().filter(|l| l.contains("refused a write")).count();
+    assert!((1..=20).contains(&refusals), "{refusals} refusals logged for 5000:\n{logged}");
+    drop(decode);
+    let _ = std::fs::remove_dir_all(&dir);
+}
