@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The RDMA suites, inside Soft-RoCE VMs (this kernel may have no RDMA; the VM's has rdma_rxe):
-#   1. one VM, both ends on rxe0: the Rust RDMA tests, every ava suite over RDMA, the demo over RDMA; and shm
+#   1. one VM, both ends on rxe0: the Rust RDMA and request tests, every ava suite over RDMA, the demo over RDMA; and shm
 #      under Yama's ptrace_scope 1 (which this kernel may lack), as an unprivileged user;
 #   2. two VMs joined by a virtual link (two hosts): the demo across them, then again with 1% packet loss.
 # Build first (`npm run build`); cargo builds the Rust test binary here. Where the VM cannot be booted
@@ -24,6 +24,7 @@ test_binary() {
   echo "${bin#"$PWD/"}"
 }
 bin=$(test_binary rdma_transfer)
+requests_bin=$(test_binary requests)
 grant_bin=$(test_binary shm_grant)
 
 rdma_env=(KVCACHE_TRANSPORT=rdma KVCACHE_RDMA_NICS=rxe0 KVCACHE_RDMA_GID_INDEX=1)
@@ -34,6 +35,8 @@ env KVTRANSFER_TEST_RDMA_NIC=rxe0 KVTRANSFER_TEST_RDMA_GID_INDEX=1 "$vm" -- bash
   ibv_devinfo -d rxe0 | grep -E 'hca_id|state|link_layer|active_mtu'
   echo '-- cargo: rdma_transfer'
   $bin --test-threads=1
+  echo '-- cargo: requests over RDMA (revoke and close during writes, abort, a prefill that goes away)'
+  $requests_bin --test-threads=1
   echo '-- ava over RDMA'
   npx ava
   echo '-- demo over RDMA'

@@ -183,16 +183,13 @@ fn decode_child() {
         }
         if let Some(id) = line.strip_prefix("REVOKE ") {
             let outcome = decode.revoke(&kvtransfer::communicator::RequestId::new(id).unwrap());
-            // Nothing of the request may land after `revoke` returned: look again a while later.
-            let after: Vec<Vec<u8>> = (0..cache.tensors).map(|t| cache.read(t)).collect();
-            std::thread::sleep(Duration::from_millis(300));
-            let changed = (0..cache.tensors).any(|t| cache.read(t) != after[t]);
-            let said = match (outcome, changed) {
-                (Err(e), _) => e.code().as_str().to_string(),
-                (Ok(()), true) => "CHANGED".into(),
-                (Ok(()), false) => "OK".into(),
-            };
-            println!("REVOKED {said}");
+            println!("REVOKED {}", unchanged_after(&cache, outcome));
+            std::io::stdout().flush().unwrap();
+            continue;
+        }
+        if line == "CLOSE" {
+            decode.close();
+            println!("CLOSED {}", unchanged_after(&cache, Ok(())));
             std::io::stdout().flush().unwrap();
             continue;
         }
@@ -216,6 +213,19 @@ fn decode_child() {
             .collect();
         println!("{}", verify(&cache, seed, &expects));
         std::io::stdout().flush().unwrap();
+    }
+}
+
+/// After `outcome` of a revoke or a close: its error code, `CHANGED` where the cache still changes afterwards
+/// (looked at again a while later), else `OK`.
+fn unchanged_after(cache: &TestCache, outcome: kvtransfer::Result<()>) -> String {
+    let after: Vec<Vec<u8>> = (0..cache.tensors).map(|t| cache.read(t)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let changed = (0..cache.tensors).any(|t| cache.read(t) != after[t]);
+    match (outcome, changed) {
+        (Err(e), _) => e.code().as_str().to_string(),
+        (Ok(()), true) => "CHANGED".into(),
+        (Ok(()), false) => "OK".into(),
     }
 }
 
@@ -586,4 +596,22 @@ fn cuda_ipc_notifications_come_after_the_bytes_and_revoke_stops_a_writer() {
     other.write_request("127.0.0.1", d.port, &local(2), &remote, 0, Some(&orphan)).unwrap();
     drop(other);
     assert_eq!(d.ask("WAIT orphan 1", "WAITED"), "TRANSPORT");
+    // The decode closes with a writer still running: nothing changes after its close returned, and the writer
+    // stops with an error.
+    let writer = {
+        let (p, port, remote) = (p.clone(), d.port, remote.clone());
+        std::thread::spawn(move || {
+            for n in 0u32.. {
+                if let Err(e) = p.write_cache("127.0.0.1", port, &local(n % 8), &remote, 1) {
+                    return (e, n);
+                }
+            }
+            unreachable!()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(d.ask("CLOSE", "CLOSED"), "OK", "bytes changed after the decode's close returned");
+    let (err, writes) = writer.join().unwrap();
+    assert!(writes > 0, "the writer never wrote");
+    eprintln!("the writer stopped after {writes} writes: {err}");
 }

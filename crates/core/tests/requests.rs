@@ -1,6 +1,6 @@
-//! Requests on every transport of this machine (TCP and shared memory): notifications that never come before
-//! their bytes, waits per layer, abort, a prefill that goes away, revocation with a writer still running, and a
-//! decode's close during writes.
+//! Requests on TCP and shared memory, or over RDMA where a device is given (`KVTRANSFER_TEST_RDMA_NIC`, as in
+//! the Soft-RoCE VM): notifications that never come before their bytes, waits per layer, abort, a prefill that
+//! goes away, revocation with a writer still running, and a decode's close during writes.
 
 mod common;
 
@@ -12,11 +12,31 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const KINDS: [TransportKind; 2] = [TransportKind::Tcp, TransportKind::Shm];
 const HOST: &str = "127.0.0.1";
 
+/// The RDMA device to test on, where one is given.
+fn rdma_nic() -> Option<String> {
+    std::env::var("KVTRANSFER_TEST_RDMA_NIC").ok().filter(|n| !n.is_empty())
+}
+
+/// The transports under test: RDMA where a device is given, else TCP and shared memory.
+fn kinds() -> Vec<TransportKind> {
+    match rdma_nic() {
+        Some(_) => vec![TransportKind::Rdma],
+        None => vec![TransportKind::Tcp, TransportKind::Shm],
+    }
+}
+
 fn config(kind: TransportKind) -> Config {
-    Config { transport: TransportChoice::Only(kind), timeout: Duration::from_secs(5), ..Config::default() }
+    let config = Config { transport: TransportChoice::Only(kind), timeout: Duration::from_secs(5), ..Config::default() };
+    match (kind, rdma_nic()) {
+        (TransportKind::Rdma, Some(nic)) => Config {
+            rdma_nics: vec![nic],
+            gid_index: std::env::var("KVTRANSFER_TEST_RDMA_GID_INDEX").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
+            ..config
+        },
+        _ => config,
+    }
 }
 
 fn decode(cache: CacheSpec, kind: TransportKind) -> Arc<Communicator> {
@@ -37,7 +57,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 #[test]
 fn a_notification_never_comes_before_its_bytes() {
-    for kind in KINDS {
+    for kind in kinds() {
         // Every request writes other source blocks into the same decode blocks: a notification that came before
         // its bytes would find the previous request's bytes there.
         let src = Arc::new(Cache::new(2, 2, 256, 4096, 1));
@@ -86,7 +106,7 @@ fn a_notification_never_comes_before_its_bytes() {
 
 #[test]
 fn waits_per_layer_and_many_requests_in_flight() {
-    for kind in KINDS {
+    for kind in kinds() {
         let src = Cache::new(2, 4, 256, 1024, 3);
         let dst = Cache::new(2, 4, 256, 1024, 4);
         let d = decode(dst.spec(), kind);
@@ -136,7 +156,7 @@ fn waits_per_layer_and_many_requests_in_flight() {
 
 #[test]
 fn abort_and_a_prefill_that_goes_away_reach_the_waiting_decode() {
-    for kind in KINDS {
+    for kind in kinds() {
         let src = Cache::new(2, 2, 16, 1024, 5);
         let dst = Cache::new(2, 2, 16, 1024, 6);
         let d = decode(dst.spec(), kind);
@@ -204,7 +224,7 @@ fn keep_writing(p: Arc<Communicator>, port: u16, request: RequestId) -> std::thr
 
 #[test]
 fn after_revoke_returns_nothing_of_the_request_lands() {
-    for kind in KINDS {
+    for kind in kinds() {
         let src = Cache::new(2, 1, 128, 64 * 1024, 7);
         let dst = Cache::new(2, 1, 128, 64 * 1024, 8);
         let d = decode(dst.spec(), kind);
@@ -235,7 +255,7 @@ fn after_revoke_returns_nothing_of_the_request_lands() {
 
 #[test]
 fn after_a_decode_closes_nothing_lands() {
-    for kind in KINDS {
+    for kind in kinds() {
         let src = Cache::new(2, 1, 128, 64 * 1024, 9);
         let dst = Cache::new(2, 1, 64, 64 * 1024, 10);
         let d = decode(dst.spec(), kind);
@@ -258,7 +278,7 @@ fn after_a_decode_closes_nothing_lands() {
 
 #[test]
 fn a_prefill_close_waits_for_its_write_in_flight() {
-    for kind in KINDS {
+    for kind in kinds() {
         let src = Cache::new(2, 1, 128, 256 * 1024, 11);
         let dst = Cache::new(2, 1, 64, 256 * 1024, 12);
         let d = decode(dst.spec(), kind);
@@ -277,7 +297,7 @@ fn a_prefill_close_waits_for_its_write_in_flight() {
 
 #[test]
 fn a_link_that_opens_after_many_revokes_learns_them_at_once() {
-    for kind in KINDS {
+    for kind in kinds() {
         let src = Cache::new(2, 1, 8, 1024, 13);
         let dst = Cache::new(2, 1, 8, 1024, 14);
         let d = decode(dst.spec(), kind);
@@ -295,7 +315,7 @@ fn a_link_that_opens_after_many_revokes_learns_them_at_once() {
 
 #[test]
 fn with_two_prefill_ranks_a_layer_arrives_once_both_slices_have() {
-    for kind in KINDS {
+    for kind in kinds() {
         // Prefill TP 2 into decode TP 1: each decode block holds two slices, one per rank.
         let dst = Cache::new(2, 2, 8, 2048, 15);
         let d = decode(dst.spec(), kind);
@@ -329,7 +349,7 @@ fn with_two_prefill_ranks_a_layer_arrives_once_both_slices_have() {
 
 #[test]
 fn a_prefill_that_closes_right_after_its_last_write_still_completes_the_request() {
-    for kind in KINDS {
+    for kind in kinds() {
         let src = Cache::new(2, 2, 8, 1024, 19);
         let dst = Cache::new(2, 2, 8, 1024, 20);
         let d = decode(dst.spec(), kind);

@@ -559,7 +559,7 @@ impl Drop for ChannelClient {
 fn send_queued(writer: &Mutex<TcpStream>, outgoing: &mpsc::Receiver<Outgoing>, broken: &AtomicBool) {
     let mut out = Vec::new();
     let mut ok = true;
-    while let Ok(item) = outgoing.recv() {
+    while let Some(item) = next_queued(outgoing) {
         match item {
             Outgoing::Frame(frame) if ok => {
                 ok = send(writer, &frame, &mut out).is_ok();
@@ -581,6 +581,25 @@ fn send_queued(writer: &Mutex<TcpStream>, outgoing: &mpsc::Receiver<Outgoing>, b
         }
     }
     let _ = lock(writer).shutdown(Shutdown::Both);
+}
+
+/// After each frame the sending thread looks for the next one every `LOOK_EVERY` for `LINGER` before it sleeps
+/// until woken: while a prefill writes layer after layer, queuing a `Done` costs the write a push onto the
+/// queue, not the wake-up of a sleeping thread (several µs where waking another CPU is slow, as in a VM).
+const LINGER: Duration = Duration::from_millis(1);
+const LOOK_EVERY: Duration = Duration::from_micros(20);
+
+/// The next item queued for the sending thread; `None` once every sender is gone.
+fn next_queued(outgoing: &mpsc::Receiver<Outgoing>) -> Option<Outgoing> {
+    let since = Instant::now();
+    loop {
+        match outgoing.try_recv() {
+            Ok(item) => return Some(item),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) if since.elapsed() < LINGER => std::thread::sleep(LOOK_EVERY),
+            Err(mpsc::TryRecvError::Empty) => return outgoing.recv().ok(),
+        }
+    }
 }
 
 /// The prefill's channel thread: pings while idle, obeys the decode's directives and confirms them (after the
