@@ -2,7 +2,8 @@
 # The RDMA suites, inside Soft-RoCE VMs (this kernel may have no RDMA; the VM's has rdma_rxe):
 #   1. one VM, both ends on rxe0: the Rust RDMA and request tests, every ava suite over RDMA, the demo over RDMA; and shm
 #      under Yama's ptrace_scope 1 (which this kernel may lack), as an unprivileged user;
-#   2. two VMs joined by a virtual link (two hosts): the demo across them, then again with 1% packet loss.
+#   2. two VMs joined by a virtual link (two hosts): the demo and the request scenarios across them
+#      (`__test__/helpers/pair-requests.mjs`), then again with 1% packet loss.
 # Build first (`npm run build`); cargo builds the Rust test binary here. Where the VM cannot be booted
 # (no root to install qemu) the suites are skipped with a message, unless KVTRANSFER_REQUIRE_RDMA=1.
 set -euo pipefail
@@ -64,6 +65,14 @@ echo "== RDMA, two hosts (a: decode, b: prefill) =="
     else
       sleep 3
       DEMO_PORT=23456 DECODE_HOST=\$RXE_VM_PEER node examples/demo.mjs prefill
+    fi
+    echo \"-- requests across the link (\$round): many at once, abort, revoke with a writer, a killed prefill\"
+    port=\$([ \$round = clean ] && echo 23460 || echo 23470)
+    if [ \"\$RXE_VM_HOST\" = a ]; then
+      PAIR_PORT=\$port node __test__/helpers/pair-requests.mjs decode
+    else
+      sleep 3
+      PAIR_PORT=\$port DECODE_HOST=\$RXE_VM_PEER node __test__/helpers/pair-requests.mjs prefill
     fi
   done
 "

@@ -11,7 +11,6 @@ use kvtransfer::transport::tcp::frame::WriteHeader;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice, TransportKind};
 use std::io::Write;
 use std::net::TcpStream;
-use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
 fn config(timeout_s: u64, error_file: Option<std::path::PathBuf>) -> Config {
@@ -44,33 +43,6 @@ fn settles_to(baseline: (usize, usize), slack: usize) -> (usize, usize) {
     }
 }
 
-/// A connection to `127.0.0.1:port` from 127.0.0.2: another host, as the decode sees it.
-fn connect_from_elsewhere(port: u16) -> std::io::Result<TcpStream> {
-    let addr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_be_bytes(ip).to_be() },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls on a descriptor this function owns until it hands it to the `TcpStream`; the
-    // addresses are valid `sockaddr_in`s of the length given.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let stream = TcpStream::from_raw_fd(fd);
-        let (from, to) = (addr([127, 0, 0, 2], 0), addr([127, 0, 0, 1], port));
-        if libc::bind(fd, &from as *const _ as *const libc::sockaddr, len) != 0
-            || libc::connect(fd, &to as *const _ as *const libc::sockaddr, len) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(stream)
-    }
-}
-
 #[test]
 fn a_flood_of_silent_connections_leaves_threads_and_descriptors_where_they_were() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -89,7 +61,7 @@ fn a_flood_of_silent_connections_leaves_threads_and_descriptors_where_they_were(
     let mut peak = baseline;
     for round in 0..3u32 {
         // 200 connections to each port that never say anything, and a good peer writing meanwhile.
-        let flood: Vec<TcpStream> = ports.iter().flat_map(|&p| (0..200).filter_map(move |_| connect_from_elsewhere(p).ok())).collect();
+        let flood: Vec<TcpStream> = ports.iter().flat_map(|&p| (0..200).filter_map(move |_| raw_peer::connect_from_elsewhere(p).ok())).collect();
         assert!(flood.len() >= 550, "only {} flood connections opened", flood.len());
         std::thread::sleep(Duration::from_millis(500));
         let now = threads_and_fds();
@@ -103,7 +75,7 @@ fn a_flood_of_silent_connections_leaves_threads_and_descriptors_where_they_were(
     }
     let after = settles_to(baseline, 2);
     // Silent connections kept open: the decode lets each go once its hello is late (5 s), on every port.
-    let kept: Vec<TcpStream> = ports.iter().flat_map(|&p| (0..100).filter_map(move |_| connect_from_elsewhere(p).ok())).collect();
+    let kept: Vec<TcpStream> = ports.iter().flat_map(|&p| (0..100).filter_map(move |_| raw_peer::connect_from_elsewhere(p).ok())).collect();
     let held = settles_to((baseline.0, baseline.1 + kept.len()), 2);
     assert!(held.1 <= baseline.1 + kept.len() + 2, "descriptors {held:?} with {} silent connections kept open, {baseline:?} before", kept.len());
     drop(kept);

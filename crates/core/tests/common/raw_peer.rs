@@ -1,11 +1,13 @@
 //! A prefill spoken by hand, as a hostile or buggy peer would: the handshake, a raw data connection, its acks
 //! (included by path next to `common`).
+#![allow(dead_code)]
 
 use kvtransfer::control;
 use kvtransfer::transport::tcp::frame::{self, DataHello};
 use kvtransfer::wire::{self, Reply, Request, Welcome, PROTOCOL_VERSION};
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::fd::FromRawFd;
 use std::time::Duration;
 
 /// The decode's welcome to a TCP prefill of `layers` layers of `block_bytes` blocks (without a token).
@@ -39,4 +41,31 @@ pub fn read_ack(s: &mut TcpStream) -> (u32, String) {
     let mut reason = vec![0u8; len as usize];
     s.read_exact(&mut reason).unwrap();
     (status, String::from_utf8(reason).unwrap())
+}
+
+/// A connection to `127.0.0.1:port` from 127.0.0.2: another host, as the decode sees it.
+pub fn connect_from_elsewhere(port: u16) -> std::io::Result<TcpStream> {
+    let addr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_be_bytes(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns from the start (the `TcpStream` closes
+    // it on every path); the addresses are valid `sockaddr_in`s of the length given.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let (from, to) = (addr([127, 0, 0, 2], 0), addr([127, 0, 0, 1], port));
+        if libc::bind(fd, &from as *const _ as *const libc::sockaddr, len) != 0
+            || libc::connect(fd, &to as *const _ as *const libc::sockaddr, len) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
 }
