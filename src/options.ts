@@ -61,6 +61,11 @@ export interface Settings {
   authToken?: string
   /** Longest a handshake or socket operation may go without progress, in ms (default 10 000). */
   timeoutMs?: number
+  /**
+   * `KVCACHE_MAX_PEERS` (default 4096, 1–65 536): the most prefill links a decode keeps at once, and the most
+   * admitted ones waiting to open; past that new connections are closed.
+   */
+  maxPeers?: number
 }
 
 /** A quantised cache's scales: each block's scales move with it. */
@@ -109,6 +114,7 @@ const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'n
   transport: 'string',
   authToken: 'string',
   timeoutMs: 'number',
+  maxPeers: 'number',
 }
 /** Settings whose values are never shown, not even in an error. */
 const SECRET_KEYS: ReadonlySet<string> = new Set(['authToken'])

@@ -31,11 +31,12 @@ pub enum Setting {
     Transport,
     AuthToken,
     TimeoutMs,
+    MaxPeers,
 }
 
 impl Setting {
     /// Every setting, in documentation order.
-    pub const ALL: [Setting; 12] = [
+    pub const ALL: [Setting; 13] = [
         Setting::GidIndex,
         Setting::RdmaNics,
         Setting::IbTimeout,
@@ -48,6 +49,7 @@ impl Setting {
         Setting::Transport,
         Setting::AuthToken,
         Setting::TimeoutMs,
+        Setting::MaxPeers,
     ];
 
     /// The environment variable that sets it (`None` for settings that are options only).
@@ -64,6 +66,7 @@ impl Setting {
             Setting::GdrcopyFlushEnable => "KVCACHE_GDRCOPY_FLUSH_ENABLE",
             Setting::Transport => "KVCACHE_TRANSPORT",
             Setting::AuthToken => "KVCACHE_AUTH_TOKEN",
+            Setting::MaxPeers => "KVCACHE_MAX_PEERS",
             Setting::TimeoutMs => return None,
         })
     }
@@ -83,6 +86,7 @@ impl Setting {
             Setting::Transport => "transport",
             Setting::AuthToken => "authToken",
             Setting::TimeoutMs => "timeoutMs",
+            Setting::MaxPeers => "maxPeers",
         }
     }
 
@@ -204,6 +208,10 @@ pub struct Config {
     pub timeout: Duration,
     /// `KVCACHE_AUTH_TOKEN`: the shared secret both sides prove they hold; `None` authenticates nobody.
     pub auth_token: Option<Secret>,
+    /// `KVCACHE_MAX_PEERS` (default 4096, 1..=65 536): the most prefill links a decode keeps at once (each a
+    /// request channel, and a TCP data connection or RDMA queue pair), and the most admitted ones waiting to
+    /// open; past that a new connection is closed, and the oldest waiting admission is let go.
+    pub max_peers: usize,
 }
 
 impl Default for Config {
@@ -221,6 +229,7 @@ impl Default for Config {
             transport: TransportChoice::Auto,
             timeout: Duration::from_secs(10),
             auth_token: None,
+            max_peers: 4096,
         }
     }
 }
@@ -299,6 +308,7 @@ impl Config {
                 }
             }
             Setting::TimeoutMs => self.timeout = Duration::from_millis(whole(v, 1, 86_400_000)?),
+            Setting::MaxPeers => self.max_peers = whole(v, 1, 65_536)? as usize,
             Setting::AuthToken => {
                 let token = text(v)?;
                 // One challenge lets anyone test guesses offline, so the secret must be too long to guess.
@@ -427,6 +437,16 @@ mod tests {
             let err = load(&[(var, value)], &[]).unwrap_err();
             assert_eq!(err.code(), crate::ErrorCode::Config);
             assert!(err.message().starts_with(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn max_peers_is_a_whole_number_from_1_to_65536() {
+        assert_eq!(load(&[], &[]).unwrap().max_peers, 4096);
+        assert_eq!(load(&[("KVCACHE_MAX_PEERS", "64")], &[]).unwrap().max_peers, 64);
+        for bad in ["0", "65537", "-1", "1.5", "many"] {
+            let err = load(&[("KVCACHE_MAX_PEERS", bad)], &[]).unwrap_err();
+            assert!(err.message().starts_with("KVCACHE_MAX_PEERS"), "{bad}: {err}");
         }
     }
 

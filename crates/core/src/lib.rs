@@ -18,7 +18,7 @@ pub mod control;
 pub mod cuda;
 pub mod error;
 pub mod iov;
-mod listener;
+pub mod listener;
 pub mod log;
 pub mod memory;
 mod net;

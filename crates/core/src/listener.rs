@@ -4,10 +4,11 @@
 //! and, when stopped, shuts every connection down and waits for its thread before it returns.
 //!
 //! Until a connection has said its hello it is a [`Greeting`]: it has a deadline for the whole hello, at most
-//! [`MAX_GREETING_PER_HOST`] of one address wait at once (more are closed before they get a thread), and past
-//! [`MAX_GREETING`] waiting the oldest is closed. So connections that never say a hello (a flood, or a stranger
-//! without a token) hold a bounded number of threads and descriptors, crowd out only their own host, and never
-//! keep a real peer out.
+//! [`MAX_GREETING_PER_HOST`] of one host wait at once (more are closed before they get a thread; a host is an
+//! IPv4 address, all of loopback, or an IPv6 /64), and past [`MAX_GREETING`] waiting the oldest connection of
+//! the host with the most waiting is closed. So connections that never say a hello (a flood, or a stranger
+//! without a token) hold a bounded number of threads and descriptors, and a flood from a few hosts crowds out
+//! those hosts, not the others.
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
@@ -20,10 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Connections that have not said their hello yet; past that the oldest is closed.
-pub const MAX_GREETING: usize = 64;
-/// Connections from one address that may be waiting to say their hello; more are closed at once.
-pub const MAX_GREETING_PER_HOST: usize = 16;
+/// Connections that have not said their hello yet; past that the oldest of the host with the most is closed.
+pub const MAX_GREETING: usize = 128;
+/// Connections from one host ([`host_of`]) that may be waiting to say their hello; more are closed at once.
+pub const MAX_GREETING_PER_HOST: usize = 32;
 /// The longest a connection may take to say its whole hello.
 pub const HELLO_TIME: Duration = Duration::from_secs(5);
 
@@ -40,7 +41,7 @@ struct Shared {
     log: Arc<Logger>,
     stop: AtomicBool,
     connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
-    /// Connections that have not said their hello yet, oldest first, with their address.
+    /// Connections that have not said their hello yet, oldest first, with their host.
     greeting: Mutex<VecDeque<(u64, IpAddr, TcpStream)>>,
     next_greeting: AtomicU64,
 }
@@ -225,8 +226,8 @@ fn accept_loop(listener: TcpListener, shared: &Arc<Shared>, serve: Arc<Serve>) {
             let _ = stream.shutdown(Shutdown::Both);
             continue;
         }
-        let Some(id) = start_greeting(shared, &stream) else { continue };
         let Ok(handle) = stream.try_clone() else { continue };
+        let Some(id) = start_greeting(shared, &stream) else { continue };
         let (serve, s) = (serve.clone(), shared.clone());
         let deadline = Instant::now() + shared.hello_time;
         let thread = std::thread::Builder::new().name(format!("kvtransfer {what}")).spawn(move || {
@@ -239,23 +240,46 @@ fn accept_loop(listener: TcpListener, shared: &Arc<Shared>, serve: Arc<Serve>) {
     }
 }
 
+/// The host a connection counts against: its IPv4 address, one host for all of loopback (any process of this
+/// machine can pick any 127.x.y.z), an IPv6 /64 (what one site is usually given).
+fn host_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => host_of(IpAddr::V4(v4)),
+            None if v6.is_loopback() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+        IpAddr::V4(v4) if v4.is_loopback() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        v4 => v4,
+    }
+}
+
 /// Counts `stream` among the connections waiting for their hello: `None` (and the connection closed) where
-/// its address has its allowance waiting already. Past the overall cap the oldest is closed.
+/// its host has its allowance waiting already. Past the overall cap, the oldest connection of the host with the
+/// most waiting is closed.
 fn start_greeting(shared: &Shared, stream: &TcpStream) -> Option<u64> {
     let what = shared.what;
     let ip = stream.peer_addr().ok()?.ip();
+    let host = host_of(ip);
+    let clone = stream.try_clone().ok()?;
     let mut waiting = lock(&shared.greeting);
-    if waiting.iter().filter(|(_, a, _)| *a == ip).count() >= MAX_GREETING_PER_HOST {
+    if waiting.iter().filter(|(_, h, _)| *h == host).count() >= MAX_GREETING_PER_HOST {
         drop(waiting);
-        shared.log.error_from(&ip.to_string(), format!("refused a {what} from {ip}: {MAX_GREETING_PER_HOST} of its connections are waiting to say their hello"));
+        shared.log.error_from(&host.to_string(), format!("refused a {what} from {ip}: {MAX_GREETING_PER_HOST} of its host's connections are waiting to say their hello"));
         let _ = stream.shutdown(Shutdown::Both);
         return None;
     }
     let id = shared.next_greeting.fetch_add(1, Ordering::Relaxed);
-    waiting.push_back((id, ip, stream.try_clone().ok()?));
+    waiting.push_back((id, host, clone));
     if waiting.len() > MAX_GREETING {
-        let (_, _, oldest) = waiting.pop_front().expect("not empty");
-        let _ = oldest.shutdown(Shutdown::Both);
+        let mut counts: std::collections::HashMap<IpAddr, usize> = std::collections::HashMap::new();
+        for (_, h, _) in waiting.iter() {
+            *counts.entry(*h).or_default() += 1;
+        }
+        let busiest = counts.into_iter().max_by_key(|&(_, n)| n).map(|(h, _)| h).expect("not empty");
+        let oldest = waiting.iter().position(|(_, h, _)| *h == busiest).expect("the busiest host waits");
+        let (_, _, closed) = waiting.remove(oldest).expect("a position in the queue");
+        let _ = closed.shutdown(Shutdown::Both);
     }
     Some(id)
 }
@@ -263,6 +287,17 @@ fn start_greeting(shared: &Shared, stream: &TcpStream) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_is_an_ipv4_address_all_of_loopback_or_an_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(host_of(ip("10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(host_of(ip("127.0.0.2")), ip("127.0.0.1"));
+        assert_eq!(host_of(ip("::1")), ip("127.0.0.1"));
+        assert_eq!(host_of(ip("::ffff:127.9.9.9")), ip("127.0.0.1"));
+        assert_eq!(host_of(ip("::ffff:10.0.0.7")), ip("10.0.0.7"));
+        assert_eq!(host_of(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")), ip("2001:db8:1:2::"));
+    }
     use crate::config::Config;
     use std::io::{Read, Write};
 

@@ -76,7 +76,28 @@ impl Logger {
     /// already: a stranger cannot fill the disk through refusals. The next window's first line says how many
     /// were left out.
     pub fn error_from(&self, peer: &str, message: impl AsRef<str>) {
-        let left_out = {
+        if let Some(left_out) = self.allowance(peer) {
+            if left_out > 0 {
+                self.error(format!("{left_out} more lines about {peer} were left out"));
+            }
+            self.error(message);
+        }
+    }
+
+    /// Writes a warning about `peer`, within the same allowance as [`Logger::error_from`].
+    pub fn warn_from(&self, peer: &str, message: impl AsRef<str>) {
+        if let Some(left_out) = self.allowance(peer) {
+            if left_out > 0 {
+                self.warn(format!("{left_out} more lines about {peer} were left out"));
+            }
+            self.warn(message);
+        }
+    }
+
+    /// Counts a line about `peer`: `None` where its allowance in this window is spent, else how many lines the
+    /// window before left out.
+    fn allowance(&self, peer: &str) -> Option<u64> {
+        {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
             if peers.len() >= PEERS && !peers.contains_key(peer) {
                 peers.retain(|_, (start, ..)| start.elapsed() < WINDOW);
@@ -93,15 +114,11 @@ impl Logger {
             }
             if *written >= PER_PEER {
                 *skipped += 1;
-                return;
+                return None;
             }
             *written += 1;
-            left_out
-        };
-        if left_out > 0 {
-            self.error(format!("{left_out} more lines about {peer} were left out"));
+            Some(left_out)
         }
-        self.error(message);
     }
 
     /// Writes an error line.

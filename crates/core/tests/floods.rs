@@ -1,12 +1,14 @@
-//! Floods against a decode: connections that never say a hello, on each of its ports, and thousands of refused
-//! writes. Its threads and descriptors come back to where they were, its log stays short, and its good peers are
-//! served throughout. (Memory under the same floods: `cargo bench --bench floods`.)
+//! Floods against a decode: connections that never say a hello, on each of its ports, thousands of refused
+//! writes, and more links than `KVCACHE_MAX_PEERS`. Its threads and descriptors come back to where they were, its
+//! log stays short, and its good peers are served throughout. (Memory under the same floods:
+//! `cargo bench --bench floods`.)
 
 mod common;
 #[path = "common/raw_peer.rs"]
 mod raw_peer;
 
 use common::Cache;
+use kvtransfer::listener::MAX_GREETING_PER_HOST;
 use kvtransfer::transport::tcp::frame::WriteHeader;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice, TransportKind};
 use std::io::Write;
@@ -82,8 +84,9 @@ fn a_flood_of_silent_connections_leaves_threads_and_descriptors_where_they_were(
     eprintln!("threads, descriptors: {baseline:?} at rest, {peak:?} at most during the floods (not counting the flood's own), {after:?} after");
     assert!(after.0 <= baseline.0 + 2, "threads {after:?} after the floods, {baseline:?} before");
     assert!(after.1 <= baseline.1 + 2, "descriptors {after:?} after the floods, {baseline:?} before");
-    // Connections waiting for their hello hold at most 64 threads per port.
-    assert!(peak.0 <= baseline.0 + 3 * 64 + 8, "threads peaked at {peak:?} ({baseline:?} at rest)");
+    // The flood comes from one host: its connections waiting for their hello hold at most its allowance of
+    // threads on each of the two ports served by threads (ZeroMQ serves the control port on its own thread).
+    assert!(peak.0 <= baseline.0 + 2 * MAX_GREETING_PER_HOST + 8, "threads peaked at {peak:?} ({baseline:?} at rest)");
     // And a new peer still gets in.
     let late = communicator(Role::Prefill, &src, config(3, None));
     late.connect("127.0.0.1", port, 1).unwrap();
@@ -103,7 +106,10 @@ fn thousands_of_refused_writes_leave_the_decode_as_it_was_and_its_log_short() {
     let decode = communicator(Role::Decode, &dst, config(600, Some(errors.clone())));
     let before = dst.snapshot();
     let mut s = raw_peer::data_connection(decode.port(), 2, 256);
+    // (The handshake's control connection is closed by ZeroMQ's own thread, a moment later.)
+    std::thread::sleep(Duration::from_millis(500));
     let baseline = threads_and_fds();
+    let started = Instant::now();
     // 5000 writes, each refused for another reason in turn; the connection stays up and the decode says so
     // in each ack.
     let reasons = ["layer 9", "outside this cache", "runs overlap", "payload bytes"];
@@ -124,12 +130,41 @@ fn thousands_of_refused_writes_leave_the_decode_as_it_was_and_its_log_short() {
         assert!(reason.contains(reasons[i as usize % 4]), "write {i}: {reason}");
     }
     assert!(dst.snapshot() == before, "a refused write changed the cache");
-    let after = threads_and_fds();
+    let after = settles_to(baseline, 0);
     assert_eq!(after, baseline, "threads and descriptors");
-    // At most 10 lines per peer every 10 s, and a line saying how many were left out.
+    // At most 10 lines per peer every 10 s.
+    let windows = started.elapsed().as_secs() as usize / 10 + 1;
     let logged = std::fs::read_to_string(&errors).unwrap_or_default();
     let refusals = logged.lines().filter(|l| l.contains("refused a write")).count();
-    assert!((1..=20).contains(&refusals), "{refusals} refusals logged for 5000:\n{logged}");
+    assert!((1..=10 * windows).contains(&refusals), "{refusals} refusals logged for 5000 in {windows} windows of 10 s:\n{logged}");
     drop(decode);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_decode_keeps_at_most_max_peers_links() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let src = Cache::new(2, 1, 8, 256, 5);
+    let dst = Cache::new(2, 1, 8, 256, 6);
+    let decode = communicator(Role::Decode, &dst, Config { max_peers: 2, ..config(5, None) });
+    let port = decode.port();
+    let prefills: Vec<Communicator> = (0..3).map(|_| communicator(Role::Prefill, &src, config(5, None))).collect();
+    for p in &prefills[..2] {
+        p.connect("127.0.0.1", port, 1).unwrap();
+        p.write_cache("127.0.0.1", port, &[1], &[2], 0).unwrap();
+    }
+    // A third link would be one too many: its connection is closed, and the prefill says so.
+    let err = prefills[2].connect("127.0.0.1", port, 1).unwrap_err();
+    assert!(err.message().contains("KVCACHE_MAX_PEERS"), "the third prefill is told why: {err}");
+    // Once a link has gone, another may take its place.
+    prefills[0].close();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while prefills[2].connect("127.0.0.1", port, 1).is_err() {
+        assert!(Instant::now() < deadline, "no room for a new link after one closed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    prefills[2].write_cache("127.0.0.1", port, &[3], &[4], 0).unwrap();
+    assert_eq!(dst.block(1, 0, 4), src.block(1, 0, 3));
+    prefills[1].write_cache("127.0.0.1", port, &[5], &[6], 0).unwrap();
+    assert_eq!(dst.block(0, 0, 6), src.block(0, 0, 5), "the links kept were not disturbed");
 }

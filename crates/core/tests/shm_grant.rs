@@ -102,6 +102,7 @@ fn only_the_authenticated_peers_process_may_write_under_yama() {
     assert_eq!(stranger.ask("poke"), format!("poke errno {}", libc::EPERM), "the grant is for the peer's process only");
     assert_ne!(b.ask("connect"), "linked shm", "a second peer process, while the first holds the grant, takes another transport");
     assert_eq!(b.ask("write"), "wrote ok");
+    assert_eq!(b.ask("poke"), format!("poke errno {}", libc::EPERM), "a peer over another transport gets no grant");
     let src = source();
     for (t, b) in [(0, 0), (0, 1), (1, 2)] {
         assert_eq!(dst.block(t, 0, b), src.block(t, 0, b), "tensor {t} block {b}: the peers' bytes arrived");

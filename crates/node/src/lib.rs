@@ -60,6 +60,7 @@ pub struct NativeSettings {
     pub transport: Option<String>,
     pub auth_token: Option<String>,
     pub timeout_ms: Option<f64>,
+    pub max_peers: Option<f64>,
 }
 
 impl NativeSettings {
@@ -84,6 +85,7 @@ impl NativeSettings {
             (Setting::Transport, text(self.transport)),
             (Setting::AuthToken, text(self.auth_token)),
             (Setting::TimeoutMs, number(self.timeout_ms)),
+            (Setting::MaxPeers, number(self.max_peers)),
         ]
         .into_iter()
         .filter_map(|(setting, value)| value.map(|v| (setting, v)))

@@ -31,10 +31,6 @@ use std::time::{Duration, Instant};
 pub const PING: Duration = if cfg!(test) { Duration::from_millis(100) } else { Duration::from_secs(1) };
 /// Silence after which the decode gives a prefill up: a few missed pings, and never less than this.
 const MIN_MISS: Duration = Duration::from_secs(3);
-/// Channels a decode keeps at once (open or saying hello); more are closed at once.
-pub const MAX_CHANNELS: usize = 4096;
-/// Channels admitted and not yet opened; past that the oldest admission is let go (its link cut off).
-pub const MAX_PENDING: usize = 4096;
 
 /// A prefill link as the decode sees it, from the handshake that admitted it.
 #[derive(Debug, Clone)]
@@ -79,11 +75,13 @@ struct Shared {
     closing: AtomicBool,
     timeout: Duration,
     block_number: u32,
+    /// Admissions that may wait for their channel at once.
+    max_pending: usize,
     log: Arc<Logger>,
     events: Arc<dyn Events>,
     /// Tokens handed out by handshakes, with when and the proof their hello must carry (with
     /// `KVCACHE_AUTH_TOKEN`): each may open one channel, within `timeout`.
-    pending: Mutex<HashMap<u64, (PeerInfo, Instant, Option<[u8; 32]>)>>,
+    pending: Mutex<Pending>,
     live: Mutex<HashMap<u64, Live>>,
     /// Asks not yet confirmed, by channel.
     asked: Mutex<HashSet<(u64, Ask)>>,
@@ -95,16 +93,20 @@ struct Shared {
 pub struct ChannelServer {
     listener: Listener,
     shared: Arc<Shared>,
+    /// The thread that lets go of expired admissions; `None` once stopped.
+    expiry: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl ChannelServer {
-    /// Listens on `ip` (an ephemeral port); `events` hears what the channels say.
-    pub fn start(ips: &[IpAddr], block_number: u32, timeout: Duration, log: Arc<Logger>, events: Arc<dyn Events>) -> Result<ChannelServer> {
+    /// Listens on `ips` (one ephemeral port); `events` hears what the channels say. Keeps at most `max` channels (more are closed at once), and at most `max` admissions waiting for theirs
+    /// (past that the oldest is let go, its link cut off).
+    pub fn start(ips: &[IpAddr], block_number: u32, timeout: Duration, max: usize, log: Arc<Logger>, events: Arc<dyn Events>) -> Result<ChannelServer> {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             timeout,
             block_number,
+            max_pending: max,
             log: log.clone(),
             events,
             pending: Mutex::new(HashMap::new()),
@@ -114,8 +116,13 @@ impl ChannelServer {
             next_channel: AtomicU64::new(1),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, "request channel", MAX_CHANNELS, timeout, log, move |stream, greeting| serve(stream, greeting, &s))?;
-        Ok(ChannelServer { listener, shared })
+        let listener = Listener::start(ips, "request channel", max, timeout, log, move |stream, greeting| serve(stream, greeting, &s))?;
+        let s = shared.clone();
+        let expiry = std::thread::Builder::new()
+            .name("kvtransfer-channel-expiry".into())
+            .spawn(move || expire_admissions(&s))
+            .map_err(|e| Error::io("starting the request channels' expiry thread", e))?;
+        Ok(ChannelServer { listener, shared, expiry: Mutex::new(Some(expiry)) })
     }
 
     pub fn port(&self) -> u16 {
@@ -127,10 +134,8 @@ impl ChannelServer {
     /// expired unused are dropped, and their links handed to [`Events::closed`] (cut off).
     pub fn admit(&self, peer: PeerInfo, proof: impl FnOnce(u64) -> Option<[u8; 32]>) -> u64 {
         let mut pending = lock(&self.shared.pending);
-        let expired: Vec<u64> = pending.iter().filter(|(_, (_, at, _))| at.elapsed() >= self.shared.timeout).map(|(t, _)| *t).collect();
-        let expired: Vec<PeerInfo> = expired.into_iter().filter_map(|t| pending.remove(&t)).map(|(p, ..)| p).collect();
-        let mut expired = expired;
-        if pending.len() >= MAX_PENDING {
+        let mut expired = take_expired(&self.shared, &mut pending);
+        if pending.len() >= self.shared.max_pending {
             let oldest = pending.iter().min_by_key(|(_, (_, at, _))| *at).map(|(t, _)| *t).expect("the map is full");
             expired.extend(pending.remove(&oldest).map(|(p, ..)| p));
         }
@@ -142,10 +147,7 @@ impl ChannelServer {
         };
         pending.insert(token, (peer, Instant::now(), proof(token)));
         drop(pending);
-        for peer in expired {
-            // Its link never opened (the prefill gave up on it, or tried another transport): nothing was written.
-            self.shared.events.closed(0, &peer, "its request channel never opened", true);
-        }
+        let_go(&self.shared, expired);
         token
     }
 
@@ -207,6 +209,9 @@ impl ChannelServer {
         self.shared.stop.store(true, Ordering::Release);
         self.stop_admitting();
         self.listener.stop();
+        if let Some(expiry) = lock(&self.expiry).take() {
+            let _ = expiry.join();
+        }
     }
 }
 
@@ -218,6 +223,36 @@ impl Drop for ChannelServer {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The admissions waiting for their channel.
+type Pending = HashMap<u64, (PeerInfo, Instant, Option<[u8; 32]>)>;
+
+/// Removes the admissions whose token has expired unused, and returns their peers.
+fn take_expired(shared: &Shared, pending: &mut Pending) -> Vec<PeerInfo> {
+    let expired: Vec<u64> = pending.iter().filter(|(_, (_, at, _))| at.elapsed() >= shared.timeout).map(|(t, _)| *t).collect();
+    expired.into_iter().filter_map(|t| pending.remove(&t)).map(|(p, ..)| p).collect()
+}
+
+/// Hands the links of admissions let go to [`Events::closed`] (cut off, their resources released).
+fn let_go(shared: &Shared, peers: Vec<PeerInfo>) {
+    for peer in peers {
+        // Its link never opened (the prefill gave up on it, or tried another transport): nothing was written.
+        shared.events.closed(0, &peer, "its request channel never opened", true);
+    }
+}
+
+/// How often admissions are looked at for expiry, also when no handshake comes.
+const EXPIRE_EVERY: Duration = Duration::from_millis(100);
+
+/// Lets go of expired admissions until the server stops: a link whose channel never opens holds its resources
+/// (an RDMA queue pair, a same-host write grant) for `timeout`, not until the next handshake.
+fn expire_admissions(shared: &Shared) {
+    while !shared.stop.load(Ordering::Acquire) {
+        std::thread::sleep(EXPIRE_EVERY);
+        let expired = take_expired(shared, &mut lock(&shared.pending));
+        let_go(shared, expired);
+    }
 }
 
 fn serve(mut stream: TcpStream, greeting: Greeting<'_>, shared: &Shared) {
@@ -465,7 +500,7 @@ impl ChannelClient {
         };
         loop {
             match read_frame(&mut stream, Frame::max_len(0), 0, &mut body, &mut idle)? {
-                None => return Err(Error::new(ErrorCode::Rejected, format!("{peer} refused the request channel (its token is unknown or expired)"))),
+                None => return Err(Error::new(ErrorCode::Rejected, format!("{peer} refused the request channel (its token is unknown or expired, or it keeps at most KVCACHE_MAX_PEERS links)"))),
                 Some(Frame::Ready) => break,
                 // Learned before the first write; the decode waits for no confirmation of these (and reads
                 // nothing until `Ready`), so none is sent.
@@ -583,9 +618,10 @@ fn send_queued(writer: &Mutex<TcpStream>, outgoing: &mpsc::Receiver<Outgoing>, b
     let _ = lock(writer).shutdown(Shutdown::Both);
 }
 
-/// After each frame the sending thread looks for the next one every `LOOK_EVERY` for `LINGER` before it sleeps
-/// until woken: while a prefill writes layer after layer, queuing a `Done` costs the write a push onto the
-/// queue, not the wake-up of a sleeping thread (several µs where waking another CPU is slow, as in a VM).
+/// After each frame the sending thread looks for the next one every `LOOK_EVERY` (plus the kernel's timer
+/// slack, 50 µs by default) for `LINGER` before it sleeps until woken: while a prefill writes layer after layer,
+/// queuing a `Done` costs the write a push onto the queue, not the wake-up of a sleeping thread (several µs where
+/// waking another CPU is slow, as in a VM). A frame queued meanwhile waits up to one look before it leaves.
 const LINGER: Duration = Duration::from_millis(1);
 const LOOK_EVERY: Duration = Duration::from_micros(20);
 
@@ -648,7 +684,7 @@ mod tests {
 
     fn server(events: Arc<Recorder>) -> ChannelServer {
         let log = Arc::new(Logger::new(&Config::default(), "test".to_string()).unwrap());
-        ChannelServer::start(&[[127, 0, 0, 1].into()], 8, Duration::from_secs(5), log, events).unwrap()
+        ChannelServer::start(&[[127, 0, 0, 1].into()], 8, Duration::from_secs(5), 4096, log, events).unwrap()
     }
 
     fn peer() -> PeerInfo {

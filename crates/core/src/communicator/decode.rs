@@ -135,7 +135,7 @@ impl DecodeSide {
         }
         let links = Arc::new(Links { acceptors: acceptors.clone(), requests: requests.clone(), log: log.clone(), uncut: Mutex::default() });
         let channels =
-            Arc::new(ChannelServer::start(env.listen_ips, env.cache.block_number(), env.config.timeout, log.clone(), links.clone())?);
+            Arc::new(ChannelServer::start(env.listen_ips, env.cache.block_number(), env.config.timeout, env.config.max_peers, log.clone(), links.clone())?);
         let handshake = Handshake {
             cache: env.cache.clone(),
             links: links.clone(),
@@ -338,7 +338,8 @@ impl Handshake {
                     break;
                 }
                 Err(e) if e.code() == ErrorCode::Unavailable => {
-                    self.log.debug(format!("{kind} is unavailable to {peer}: {e}"));
+                    // Said once per peer a while (it may be slower than the transport it would have had).
+                    self.log.warn_from(&peer, format!("{kind} is unavailable to {peer}, which takes the next transport both sides have: {e}"));
                     refusal = Some(e);
                 }
                 Err(e) => return Err(e),

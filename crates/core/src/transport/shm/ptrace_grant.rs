@@ -2,10 +2,11 @@
 //!
 //! - `kernel.yama.ptrace_scope` 0 (or no Yama): every process of the same user already may; nothing is granted,
 //!   and nothing can be withdrawn.
-//! - 1: only descendants, and the one process this process names with `PR_SET_PTRACER`. The grant goes to the
-//!   process of an authenticated shm peer while it has a session, and is withdrawn when its last session ends.
-//!   Yama keeps one name per process: while one peer process holds the grant, shm is unavailable to any other
-//!   (its connections take the next transport both sides have).
+//! - 1: only descendants, and the one process this process names with `PR_SET_PTRACER` (and that process's
+//!   descendants). The grant goes to the process an authenticated shm peer names in its hello, while it has a
+//!   session, and is withdrawn when its last session ends. Yama keeps one name per process: while one peer
+//!   process holds the grant, shm is unavailable to any other (its connections take the next transport both
+//!   sides have).
 //! - 2 and 3: no process may; shm is unavailable.
 //!
 //! One grant per process, so one table per process, shared by every decode communicator in it.
@@ -37,7 +38,12 @@ static HOLDERS: Mutex<Vec<(u64, u32)>> = Mutex::new(Vec::new());
 pub(super) fn grant(session: u64, pid: u32) -> Result<()> {
     let scope = ptrace_scope();
     permits_writers(scope)?;
-    if scope == 0 {
+    // Process 1 is every process's ancestor: naming it would let them all write.
+    if pid <= 1 || pid > i32::MAX as u32 {
+        return Err(Error::new(ErrorCode::Unavailable, format!("shm: the peer names process {pid}")));
+    }
+    // This process itself (a prefill in the same process) needs no grant.
+    if scope == 0 || pid == std::process::id() {
         return Ok(());
     }
     let mut holders = HOLDERS.lock().unwrap_or_else(|p| p.into_inner());
@@ -79,4 +85,18 @@ fn set_ptracer(pid: libc::c_ulong) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_1_and_impossible_pids_are_never_granted() {
+        for pid in [0, 1, u32::MAX] {
+            let err = grant(7, pid).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::Unavailable, "{pid}");
+            assert!(HOLDERS.lock().unwrap().iter().all(|&(s, _)| s != 7));
+        }
+    }
 }

@@ -50,7 +50,7 @@ impl Transport for Tcp {
     }
 
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
-        Ok(Arc::new(TcpReceiver::start(env.listen_ips, env.cache.clone(), env.log.clone(), env.config.timeout)?))
+        Ok(Arc::new(TcpReceiver::start(env.listen_ips, env.cache.clone(), env.log.clone(), env.config.timeout, env.config.max_peers)?))
     }
 
     fn connector(&self, env: &Environment<'_>) -> Result<Arc<dyn Connector>> {

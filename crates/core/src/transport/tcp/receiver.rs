@@ -42,9 +42,6 @@ struct Shared {
     ended: Condvar,
 }
 
-/// Data connections a decode keeps at once; more are closed at once.
-pub const MAX_DATA_CONNECTIONS: usize = 4096;
-
 /// The listening side of the TCP transport.
 pub struct TcpReceiver {
     listener: Listener,
@@ -52,8 +49,9 @@ pub struct TcpReceiver {
 }
 
 impl TcpReceiver {
-    /// Listens on `ip` (an ephemeral port) and receives into `cache`.
-    pub fn start(ips: &[IpAddr], cache: Arc<CacheLayout>, log: Arc<Logger>, timeout: Duration) -> Result<TcpReceiver> {
+    /// Listens on `ips` (one ephemeral port) and receives into `cache`, over at most `max_connections` data
+    /// connections at once (more are closed at once).
+    pub fn start(ips: &[IpAddr], cache: Arc<CacheLayout>, log: Arc<Logger>, timeout: Duration, max_connections: usize) -> Result<TcpReceiver> {
         let shared = Arc::new(Shared {
             cache,
             log: log.clone(),
@@ -64,7 +62,7 @@ impl TcpReceiver {
             ended: Condvar::new(),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, "data connection", MAX_DATA_CONNECTIONS, timeout, log, move |stream, greeting| {
+        let listener = Listener::start(ips, "data connection", max_connections, timeout, log, move |stream, greeting| {
             serve_connection(stream, greeting, &s)
         })?;
         Ok(TcpReceiver { listener, shared })

@@ -53,7 +53,13 @@ impl TcpLink {
             .write_all(&DataHello { protocol: PROTOCOL_VERSION, token }.encode())
             .map_err(|e| Error::io(&format!("greeting {peer}"), e))?;
         let mut ack = [0u8; frame::HELLO_ACK_LEN];
-        stream.read_exact(&mut ack).map_err(|e| Error::io(&format!("waiting for {peer} to accept the data path"), e))?;
+        stream.read_exact(&mut ack).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => Error::new(
+                ErrorCode::Rejected,
+                format!("{peer} closed the data connection before accepting it (it keeps at most KVCACHE_MAX_PEERS links, or is closing)"),
+            ),
+            _ => Error::io(&format!("waiting for {peer} to accept the data path"), e),
+        })?;
         frame::decode_hello_ack(&ack)?;
         let staging = Staging::for_cache(&cache)?;
         Ok(TcpLink { stream, peer, cache, seq: 0, header: Vec::new(), iov: IoVecs::default(), staging })
