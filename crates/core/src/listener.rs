@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,6 +41,8 @@ struct Shared {
     log: Arc<Logger>,
     stop: AtomicBool,
     connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+    /// Connections past their hello, still served: at most `max`.
+    served: AtomicUsize,
     /// Connections that have not said their hello yet, oldest first, with their host.
     greeting: Mutex<VecDeque<(u64, IpAddr, TcpStream)>>,
     next_greeting: AtomicU64,
@@ -51,6 +53,8 @@ pub struct Greeting<'a> {
     shared: &'a Shared,
     id: u64,
     deadline: Instant,
+    /// Set once the connection counts among those served (see [`Greeting::passed`]).
+    served: &'a AtomicBool,
 }
 
 impl Greeting<'_> {
@@ -72,16 +76,23 @@ impl Greeting<'_> {
         Ok(())
     }
 
-    /// Ends the hello stage. `Rejected` where the connection was closed meanwhile to make room for newer ones
-    /// (what it presented must then not be used).
+    /// Ends the hello stage: the connection now counts among the at most `max` served. `Rejected` where it was
+    /// closed meanwhile to make room for newer ones, or where `max` are served already (what it presented must
+    /// then not be used).
     pub fn passed(&self) -> Result<()> {
         let mut waiting = lock(&self.shared.greeting);
         let before = waiting.len();
         waiting.retain(|(id, ..)| *id != self.id);
-        match waiting.len() < before {
-            true => Ok(()),
-            false => Err(Error::new(ErrorCode::Rejected, "closed to make room for newer connections before its hello")),
+        if waiting.len() == before {
+            return Err(Error::new(ErrorCode::Rejected, "closed to make room for newer connections before its hello"));
         }
+        let max = self.shared.max;
+        let counted = self.shared.served.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+        if counted.is_err() {
+            return Err(Error::new(ErrorCode::Rejected, format!("{max} are open already (KVCACHE_MAX_PEERS)")));
+        }
+        self.served.store(true, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -122,9 +133,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Listener {
-    /// Listens on one ephemeral port of each of `ips` and runs `serve` on a new thread for each connection,
-    /// keeping at most `max` at once (more are closed at once); each must say its hello within `hello_time`
-    /// (and [`HELLO_TIME`]). `what` names the connections in logs.
+    /// Listens on one ephemeral port of each of `ips` and runs `serve` on a new thread for each connection;
+    /// each must say its hello within `hello_time` (and [`HELLO_TIME`]), and at most `max` are served past it
+    /// ([`Greeting::passed`]). `what` names the connections in logs.
     pub fn start(
         ips: &[IpAddr],
         what: &'static str,
@@ -143,6 +154,7 @@ impl Listener {
             log,
             stop: AtomicBool::new(false),
             connections: Mutex::default(),
+            served: AtomicUsize::new(0),
             greeting: Mutex::default(),
             next_greeting: AtomicU64::new(1),
         });
@@ -220,9 +232,10 @@ fn accept_loop(listener: TcpListener, shared: &Arc<Shared>, serve: Arc<Serve>) {
         };
         let mut connections = lock(&shared.connections);
         connections.retain(|(_, t)| !t.is_finished());
-        if connections.len() >= shared.max {
+        // Those served, and those saying their hello (which never crowd out the served: see `passed`).
+        if connections.len() >= connections_cap(shared) {
             drop(connections);
-            shared.log.error_from(what, format!("refused a {what}: {} are open", shared.max));
+            shared.log.error_from(what, format!("refused a {what}: {} are open", connections_cap(shared)));
             let _ = stream.shutdown(Shutdown::Both);
             continue;
         }
@@ -231,13 +244,22 @@ fn accept_loop(listener: TcpListener, shared: &Arc<Shared>, serve: Arc<Serve>) {
         let (serve, s) = (serve.clone(), shared.clone());
         let deadline = Instant::now() + shared.hello_time;
         let thread = std::thread::Builder::new().name(format!("kvtransfer {what}")).spawn(move || {
-            serve(stream, Greeting { shared: &s, id, deadline });
+            let served = AtomicBool::new(false);
+            serve(stream, Greeting { shared: &s, id, deadline, served: &served });
+            if served.load(Ordering::Acquire) {
+                s.served.fetch_sub(1, Ordering::AcqRel);
+            }
         });
         match thread {
             Ok(thread) => connections.push((handle, thread)),
             Err(_) => lock(&shared.greeting).retain(|(g, ..)| *g != id),
         }
     }
+}
+
+/// How many connections a listener keeps at once: those served and those saying their hello.
+fn connections_cap(shared: &Shared) -> usize {
+    shared.max + MAX_GREETING
 }
 
 /// The host a connection counts against: its IPv4 address, one host for all of loopback (any process of this
@@ -272,11 +294,16 @@ fn start_greeting(shared: &Shared, stream: &TcpStream) -> Option<u64> {
     let id = shared.next_greeting.fetch_add(1, Ordering::Relaxed);
     waiting.push_back((id, host, clone));
     if waiting.len() > MAX_GREETING {
-        let mut counts: std::collections::HashMap<IpAddr, usize> = std::collections::HashMap::new();
+        // The host with the most waiting; between equals, the one whose oldest has waited longest.
+        let mut counts: Vec<(IpAddr, usize)> = Vec::new();
         for (_, h, _) in waiting.iter() {
-            *counts.entry(*h).or_default() += 1;
+            match counts.iter_mut().find(|(c, _)| c == h) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((*h, 1)),
+            }
         }
-        let busiest = counts.into_iter().max_by_key(|&(_, n)| n).map(|(h, _)| h).expect("not empty");
+        let most = counts.iter().map(|&(_, n)| n).max().expect("not empty");
+        let busiest = counts.iter().find(|&&(_, n)| n == most).map(|&(h, _)| h).expect("not empty");
         let oldest = waiting.iter().position(|(_, h, _)| *h == busiest).expect("the busiest host waits");
         let (_, _, closed) = waiting.remove(oldest).expect("a position in the queue");
         let _ = closed.shutdown(Shutdown::Both);
@@ -304,28 +331,52 @@ mod tests {
     #[test]
     fn each_connection_is_served_and_stop_ends_them_all() {
         let log = Arc::new(Logger::new(&Config::default(), "test".to_string()).unwrap());
+        // A one-byte hello, then an echo; at most two served.
         let listener = Listener::start(&[[127, 0, 0, 1].into()], "test connection", 2, HELLO_TIME, log, |mut s, greeting| {
             let mut b = [0u8; 1];
-            greeting.passed().unwrap();
+            if greeting.read_hello(&mut s, &mut b).is_err() || greeting.passed().is_err() {
+                return;
+            }
+            s.write_all(&b).unwrap();
             while s.read_exact(&mut b).is_ok() {
                 let _ = s.write_all(&b);
             }
         })
         .unwrap();
+        // Connections that say nothing do not count against the two served.
+        let silent: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(("127.0.0.1", listener.port())).unwrap()).collect();
         let mut a = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
         let mut b = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
         for s in [&mut a, &mut b] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             s.write_all(b"x").unwrap();
             let mut got = [0u8; 1];
             s.read_exact(&mut got).unwrap();
             assert_eq!(&got, b"x");
         }
-        // A third is over the cap: closed at once.
+        // A third that says its hello is over the cap: closed.
         let mut c = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        assert!(matches!(c.read(&mut [0u8; 1]), Ok(0) | Err(_)));
+        c.write_all(b"x").unwrap();
+        assert!(matches!(c.read(&mut [0u8; 1]), Ok(0) | Err(_)), "a third is refused");
+        // Once one of the two has gone, another takes its place.
+        drop(a);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut d = loop {
+            let mut d = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
+            d.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            d.write_all(b"y").unwrap();
+            let mut got = [0u8; 1];
+            if d.read_exact(&mut got).is_ok() {
+                break d;
+            }
+            assert!(Instant::now() < deadline, "no room after a connection ended");
+            std::thread::sleep(Duration::from_millis(50));
+        };
         listener.stop();
-        a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        assert!(matches!(a.read(&mut [0u8; 1]), Ok(0) | Err(_)), "stop ends every connection");
+        for s in [&mut b, &mut d] {
+            assert!(matches!(s.read(&mut [0u8; 1]), Ok(0) | Err(_)), "stop ends every connection");
+        }
+        drop(silent);
     }
 }

@@ -131,7 +131,7 @@ fn thousands_of_refused_writes_leave_the_decode_as_it_was_and_its_log_short() {
     }
     assert!(dst.snapshot() == before, "a refused write changed the cache");
     let after = settles_to(baseline, 0);
-    assert_eq!(after, baseline, "threads and descriptors");
+    assert!(after.0 <= baseline.0 && after.1 <= baseline.1, "threads and descriptors {after:?}, {baseline:?} before");
     // At most 10 lines per peer every 10 s.
     let windows = started.elapsed().as_secs() as usize / 10 + 1;
     let logged = std::fs::read_to_string(&errors).unwrap_or_default();
@@ -148,6 +148,12 @@ fn a_decode_keeps_at_most_max_peers_links() {
     let dst = Cache::new(2, 1, 8, 256, 6);
     let decode = communicator(Role::Decode, &dst, Config { max_peers: 2, ..config(5, None) });
     let port = decode.port();
+    // Connections that never say a hello, on the data and channel ports, take none of the two places.
+    let welcome = raw_peer::handshake(port, 1, 256);
+    let silent: Vec<TcpStream> = [welcome.details["port"].as_u64().unwrap() as u16, welcome.channel_port]
+        .iter()
+        .flat_map(|&p| (0..4).map(move |_| raw_peer::connect_from_elsewhere(p).unwrap()))
+        .collect();
     let prefills: Vec<Communicator> = (0..3).map(|_| communicator(Role::Prefill, &src, config(5, None))).collect();
     for p in &prefills[..2] {
         p.connect("127.0.0.1", port, 1).unwrap();
@@ -167,4 +173,5 @@ fn a_decode_keeps_at_most_max_peers_links() {
     assert_eq!(dst.block(1, 0, 4), src.block(1, 0, 3));
     prefills[1].write_cache("127.0.0.1", port, &[5], &[6], 0).unwrap();
     assert_eq!(dst.block(0, 0, 6), src.block(0, 0, 5), "the links kept were not disturbed");
+    drop(silent);
 }

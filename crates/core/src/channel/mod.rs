@@ -210,6 +210,7 @@ impl ChannelServer {
         self.stop_admitting();
         self.listener.stop();
         if let Some(expiry) = lock(&self.expiry).take() {
+            expiry.thread().unpark();
             let _ = expiry.join();
         }
     }
@@ -249,7 +250,8 @@ const EXPIRE_EVERY: Duration = Duration::from_millis(100);
 /// (an RDMA queue pair, a same-host write grant) for `timeout`, not until the next handshake.
 fn expire_admissions(shared: &Shared) {
     while !shared.stop.load(Ordering::Acquire) {
-        std::thread::sleep(EXPIRE_EVERY);
+        // Woken early by `shutdown`.
+        std::thread::park_timeout(EXPIRE_EVERY);
         let expired = take_expired(shared, &mut lock(&shared.pending));
         let_go(shared, expired);
     }

@@ -338,7 +338,7 @@ impl Handshake {
                     break;
                 }
                 Err(e) if e.code() == ErrorCode::Unavailable => {
-                    // Said once per peer a while (it may be slower than the transport it would have had).
+                    // Within the log's allowance per peer (it may be slower than the transport it would have had).
                     self.log.warn_from(&peer, format!("{kind} is unavailable to {peer}, which takes the next transport both sides have: {e}"));
                     refusal = Some(e);
                 }

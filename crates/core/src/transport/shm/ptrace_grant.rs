@@ -42,8 +42,9 @@ pub(super) fn grant(session: u64, pid: u32) -> Result<()> {
     if pid <= 1 || pid > i32::MAX as u32 {
         return Err(Error::new(ErrorCode::Unavailable, format!("shm: the peer names process {pid}")));
     }
-    // This process itself (a prefill in the same process) needs no grant.
-    if scope == 0 || pid == std::process::id() {
+    // This process itself (a prefill in the same process) and its ancestors need no grant: Yama lets an
+    // ancestor trace its descendants. Naming one grants nothing (a grant would reach all its descendants).
+    if scope == 0 || pid == std::process::id() || ancestors().contains(&pid) {
         return Ok(());
     }
     let mut holders = HOLDERS.lock().unwrap_or_else(|p| p.into_inner());
@@ -74,6 +75,22 @@ pub(super) fn withdraw(ended: impl Fn(u64) -> bool) {
     }
 }
 
+/// This process's ancestors, from its parent up (as `/proc` shows them; a pid namespace's root has parent 0).
+fn ancestors() -> Vec<u32> {
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "pid (comm) S ppid ...": the fields after the last ')'.
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    };
+    let mut list = Vec::new();
+    let mut pid = std::process::id();
+    while let Some(p) = parent(pid).filter(|&p| p > 0 && !list.contains(&p)) {
+        list.push(p);
+        pid = p;
+    }
+    list
+}
+
 /// `PR_SET_PTRACER`: names the one process (0: none) that may trace this one besides its ancestors.
 fn set_ptracer(pid: libc::c_ulong) -> Result<()> {
     // SAFETY: PR_SET_PTRACER takes integer arguments and touches no memory of ours.
@@ -92,11 +109,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn process_1_and_impossible_pids_are_never_granted() {
+    fn process_1_ancestors_and_impossible_pids_are_never_granted() {
         for pid in [0, 1, u32::MAX] {
             let err = grant(7, pid).unwrap_err();
             assert_eq!(err.code(), ErrorCode::Unavailable, "{pid}");
-            assert!(HOLDERS.lock().unwrap().iter().all(|&(s, _)| s != 7));
         }
+        // An ancestor already may write (where Yama allows writers at all); it is granted nothing more.
+        let parent = *ancestors().first().expect("this process has a parent");
+        if permits_writers(ptrace_scope()).is_ok() {
+            grant(8, parent).unwrap();
+        }
+        assert!(HOLDERS.lock().unwrap().iter().all(|&(s, _)| s != 7 && s != 8), "nothing recorded");
     }
 }

@@ -55,7 +55,7 @@ impl TcpLink {
         let mut ack = [0u8; frame::HELLO_ACK_LEN];
         stream.read_exact(&mut ack).map_err(|e| match e.kind() {
             std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => Error::new(
-                ErrorCode::Rejected,
+                ErrorCode::Transport,
                 format!("{peer} closed the data connection before accepting it (it keeps at most KVCACHE_MAX_PEERS links, or is closing)"),
             ),
             _ => Error::io(&format!("waiting for {peer} to accept the data path"), e),
