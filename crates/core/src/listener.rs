@@ -216,8 +216,8 @@ fn accept_loop(listener: TcpListener, shared: &Arc<Shared>, serve: Arc<Serve>) {
     while !shared.stop.load(Ordering::Acquire) {
         // SAFETY: one valid pollfd, naming the listener's descriptor, which lives as long as `listener`.
         if unsafe { libc::poll(&mut ready, 1, POLL.as_millis() as i32) } <= 0 {
-            // A quiet moment: let go of the connections that have ended (their descriptors with them).
-            lock(&shared.connections).retain(|(_, t)| !t.is_finished());
+            // A quiet moment: let go of the connections that have ended.
+            reap(&mut lock(&shared.connections));
             continue;
         }
         let stream = match listener.accept().and_then(|(s, _)| s.set_nonblocking(false).map(|()| s)) {
@@ -226,12 +226,12 @@ fn accept_loop(listener: TcpListener, shared: &Arc<Shared>, serve: Arc<Serve>) {
             Err(e) => {
                 shared.log.error_from(what, format!("accepting a {what}: {e}"));
                 std::thread::sleep(BACK_OFF);
-                lock(&shared.connections).retain(|(_, t)| !t.is_finished());
+                reap(&mut lock(&shared.connections));
                 continue;
             }
         };
         let mut connections = lock(&shared.connections);
-        connections.retain(|(_, t)| !t.is_finished());
+        reap(&mut connections);
         // Those served, and those saying their hello (which never crowd out the served: see `passed`).
         if connections.len() >= connections_cap(shared) {
             drop(connections);
@@ -255,6 +255,11 @@ fn accept_loop(listener: TcpListener, shared: &Arc<Shared>, serve: Arc<Serve>) {
             Err(_) => lock(&shared.greeting).retain(|(g, ..)| *g != id),
         }
     }
+}
+
+/// Lets go of the connections whose thread has ended (their descriptors with them).
+fn reap(connections: &mut Vec<(TcpStream, JoinHandle<()>)>) {
+    connections.retain(|(_, t)| !t.is_finished());
 }
 
 /// How many connections a listener keeps at once: those served and those saying their hello.

@@ -38,7 +38,7 @@ impl Transport for Shm {
     }
 
     fn probe(&self, _config: &Config) -> std::result::Result<String, String> {
-        ptrace_grant::permits_writers(ptrace_grant::ptrace_scope()).map(|()| "host-memory caches, processes of one host".into()).map_err(|e| e.message().to_string())
+        ptrace_grant::writers_permitted().map(|()| "host-memory caches, processes of one host".into()).map_err(|e| e.message().to_string())
     }
 
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
@@ -80,7 +80,7 @@ impl ShmTarget {
     /// Prepares the cache for same-host writers; a Yama setting that forbids them makes the transport
     /// unavailable.
     pub fn new(cache: &CacheLayout) -> Result<ShmTarget> {
-        ptrace_grant::permits_writers(ptrace_grant::ptrace_scope())?;
+        ptrace_grant::writers_permitted()?;
         let nonce = transport::random_u64();
         let probe = Box::new(AtomicU64::new(nonce));
         let len = |t: Tensor| cache.tensor_bytes(t).expect("checked by CacheLayout");

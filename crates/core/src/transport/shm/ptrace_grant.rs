@@ -15,12 +15,17 @@ use crate::error::{Error, ErrorCode, Result};
 use std::sync::Mutex;
 
 /// Yama's `ptrace_scope` (0 where Yama is absent).
-pub(super) fn ptrace_scope() -> u32 {
+fn ptrace_scope() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
 }
 
+/// Whether processes of the same user can be let write into this one, under this machine's Yama scope.
+pub(super) fn writers_permitted() -> Result<()> {
+    permits_writers(ptrace_scope())
+}
+
 /// Whether processes of the same user can be let write into this one under Yama scope `scope`.
-pub(super) fn permits_writers(scope: u32) -> Result<()> {
+fn permits_writers(scope: u32) -> Result<()> {
     match scope {
         0 | 1 => Ok(()),
         n => Err(Error::new(
@@ -116,7 +121,7 @@ mod tests {
         }
         // An ancestor already may write (where Yama allows writers at all); it is granted nothing more.
         let parent = *ancestors().first().expect("this process has a parent");
-        if permits_writers(ptrace_scope()).is_ok() {
+        if writers_permitted().is_ok() {
             grant(8, parent).unwrap();
         }
         assert!(HOLDERS.lock().unwrap().iter().all(|&(s, _)| s != 7 && s != 8), "nothing recorded");
