@@ -601,17 +601,24 @@ fn cuda_ipc_notifications_come_after_the_bytes_and_revoke_stops_a_writer() {
     let writer = {
         let (p, port, remote) = (p.clone(), d.port, remote.clone());
         std::thread::spawn(move || {
+            // A writer that is never stopped gives up after a while, and the test fails (rather than hangs).
+            let until = std::time::Instant::now() + Duration::from_secs(10);
             for n in 0u32.. {
+                if std::time::Instant::now() > until {
+                    return (None, n);
+                }
                 if let Err(e) = p.write_cache("127.0.0.1", port, &local(n % 8), &remote, 1) {
-                    return (e, n);
+                    return (Some(e), n);
                 }
             }
             unreachable!()
         })
     };
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(d.ask("CLOSE", "CLOSED"), "OK", "bytes changed after the decode's close returned");
+    let closed = d.ask("CLOSE", "CLOSED");
     let (err, writes) = writer.join().unwrap();
+    assert_eq!(closed, "OK", "bytes changed after the decode's close returned");
+    let err = err.unwrap_or_else(|| panic!("the writer was never stopped: {writes} writes, the last after the close"));
     assert!(writes > 0, "the writer never wrote");
     eprintln!("the writer stopped after {writes} writes: {err}");
 }
