@@ -84,7 +84,7 @@ test('connecting to nobody fails within the timeout', async (t) => {
 
 test('garbage on the wire does not hurt the decode process', async (t) => {
   const { decode, comm } = await setup(t, { errorFile: '/dev/null' })
-  // Not ZeroMQ at all: a flood of bytes into the control port, left hanging open.
+  // Not a control frame at all: a flood of bytes into the control port, left hanging open.
   const garbage = await new Promise((resolve, reject) => {
     const s = net.connect(decode.port, HOST, () => s.write(Buffer.alloc(65536, 0xab), () => resolve(s)))
     s.on('error', reject)

@@ -5,7 +5,7 @@
 #   scripts/setup.sh --check  install nothing: exit 1 with one line naming what is missing and its packages
 #
 # Each prerequisite is checked by what the build actually uses, not by a file that looks like it:
-#   - a C and a C++ compiler that can build a program (zmq-sys builds libzmq, rdma-mummy-sys its verbs loader);
+#   - a C compiler that can build a program (rdma-mummy-sys builds its verbs loader);
 #   - cmake and make (rdma-mummy-sys's build script runs cmake with its default Makefile generator);
 #   - a libclang that bindgen will open: clang-sys's file names and directories, the libclang-cpp look-alike
 #     excluded, and the library must export clang_createIndex;
@@ -66,7 +66,6 @@ need() { missing_tools+=("$1"); shift; missing_pkgs+=("$@"); }
 survey() {
   missing_tools=() missing_pkgs=()
   compiles c "${CC:-cc}" || need "a C compiler (${CC:-cc})" gcc libc6-dev
-  compiles c++ "${CXX:-c++}" || need "a C++ compiler (${CXX:-c++})" g++
   command -v cmake >/dev/null || need cmake cmake
   command -v make >/dev/null || need make make
   find_libclang >/dev/null || need "libclang (for bindgen)" libclang-dev

@@ -1,222 +1,302 @@
-//! The control plane's channel: the decode side answers handshakes on its port ([`ControlServer`], a ZeroMQ
-//! `ROUTER`); the prefill side holds one short-lived `DEALER` per handshake ([`ControlClient`]), whose requests
-//! the server tells apart from other peers' by the connection's identity. What the messages say is
-//! [`crate::wire`]'s business; this module only carries bytes, bounded in size and time.
+//! The control plane's channel: the decode side answers handshakes on its port ([`ControlServer`]); the prefill
+//! side opens one short connection per handshake ([`ControlClient`]). On the wire each message is a frame: its
+//! length (4 bytes, big-endian, at most [`MAX_MESSAGE_BYTES`]) and its bytes; requests and replies alternate.
+//! What the messages say is [`crate::wire`]'s business; this module only carries bytes, bounded in size, time
+//! and number.
+//!
+//! A control connection is served by the same [`Listener`] as the data and request-channel ports, and it never
+//! leaves its hello stage: all of it, at most [`MAX_REQUESTS`] requests, must be over within the hello time,
+//! and it counts against its host's allowance of waiting connections until it ends. So the control port holds
+//! a bounded number of threads and descriptors whatever strangers do (they cannot authenticate before the
+//! handshake's last message, so nothing here is served for longer).
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::wire::MAX_MESSAGE_BYTES;
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::listener::{self, Greeting, Listener, MAX_GREETING};
+use crate::log::Logger;
+use crate::wire::{self, Reply, MAX_MESSAGE_BYTES};
+use std::io::{ErrorKind, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// The decode side's listener: a thread answering handshakes on `tcp://addr:port`.
+/// Requests one control connection may make: a handshake's greeting and hello. The connection is closed after.
+pub const MAX_REQUESTS: usize = 2;
+
+/// How long the decode side waits for the peer to take a reply.
+const WRITE_TIME: Duration = listener::HELLO_TIME;
+
+/// How long the prefill side waits before it tries again to reach a decode that is not listening (yet).
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// The decode side's listener: a thread per control connection, each answering its requests in turn.
 pub struct ControlServer {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    listener: Listener,
 }
 
 impl ControlServer {
-    /// Binds every one of `addrs` on one port and starts answering; `answer(peer, request)` turns each request
-    /// into a reply, where `peer` names the control connection it came on. Port 0 lets the system pick a port
-    /// free on every address (see [`ControlServer::port`]).
-    pub fn bind(
-        ctx: &zmq::Context,
+    /// Listens on `port` (0: one the system picks) of every one of `addrs`. Each connection gets its own
+    /// conversation, `open(peer's address)`, which turns each request into a reply; all of a connection's
+    /// requests must arrive within `timeout` (and [`listener::HELLO_TIME`]) of its start.
+    pub fn bind<C>(
         addrs: &[IpAddr],
         port: u16,
-        answer: impl Fn(&[u8], &[u8]) -> Vec<u8> + Send + 'static,
-    ) -> Result<ControlServer> {
-        // A port picked on the first address may be taken on another: pick again, a few times.
-        let mut tries = if port == 0 { 8 } else { 1 };
-        let (socket, port) = loop {
-            tries -= 1;
-            match bind_all(ctx, addrs, port) {
-                Err(e) if tries > 0 && e.message().contains("in use") => continue,
-                other => break other?,
-            }
-        };
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("kvtransfer-control".into())
-            .spawn(move || serve(socket, &stopping, answer))
-            .map_err(|e| Error::io("starting the control thread", e))?;
-        Ok(ControlServer { port, stop, thread: Some(thread) })
+        timeout: Duration,
+        log: Arc<Logger>,
+        open: impl Fn(IpAddr) -> C + Send + Sync + 'static,
+    ) -> Result<ControlServer>
+    where
+        C: FnMut(&[u8]) -> Vec<u8>,
+    {
+        let answering = log.clone();
+        // Control connections never pass their hello stage, so none is ever counted as served: the cap on
+        // served connections only leaves room for those closed to make room that are still ending.
+        let listener = Listener::start(addrs, port, "control connection", MAX_GREETING, timeout, log, move |stream, greeting| {
+            let Ok(peer) = stream.peer_addr() else { return };
+            converse(stream, &greeting, peer, &answering, open(peer.ip()));
+        })?;
+        Ok(ControlServer { listener })
     }
 
     /// The port listened on.
     pub fn port(&self) -> u16 {
-        self.port
+        self.listener.port()
     }
 }
 
-fn serve(socket: zmq::Socket, stop: &AtomicBool, answer: impl Fn(&[u8], &[u8]) -> Vec<u8>) {
-    while !stop.load(Ordering::Acquire) {
-        match socket.poll(zmq::POLLIN, 50) {
-            Ok(0) | Err(zmq::Error::EINTR) => continue,
-            Ok(_) => {}
-            Err(_) => return,
+/// Answers the requests of one connection, at most [`MAX_REQUESTS`], then closes it.
+fn converse(mut stream: TcpStream, greeting: &Greeting<'_>, peer: SocketAddr, log: &Logger, mut answer: impl FnMut(&[u8]) -> Vec<u8>) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(WRITE_TIME));
+    for _ in 0..MAX_REQUESTS {
+        let mut header = [0u8; 4];
+        if greeting.read_hello(&mut stream, &mut header).is_err() {
+            return;
         }
-        let Ok(frames) = socket.recv_multipart(zmq::DONTWAIT) else { continue };
-        // A DEALER request arrives as [identity, body]; anything else is dropped.
-        if let [identity, body] = frames.as_slice() {
-            let reply = answer(identity, body);
-            let _ = socket.send_multipart([identity.as_slice(), reply.as_slice()], zmq::DONTWAIT);
+        let len = u32::from_be_bytes(header) as usize;
+        if len > MAX_MESSAGE_BYTES {
+            let e = Error::protocol(format!(
+                "a control message of {len} bytes (at most {MAX_MESSAGE_BYTES}): not a kvtransfer prefill, or an incompatible version"
+            ));
+            log.error_from(&peer.ip().to_string(), format!("refused a control connection from {peer}: {e}"));
+            let _ = stream.write_all(&frame(&wire::encode(&Reply::reject(&e))));
+            return;
+        }
+        let mut request = vec![0u8; len];
+        if greeting.read_hello(&mut stream, &mut request).is_err() {
+            return;
+        }
+        if stream.write_all(&frame(&answer(&request))).is_err() {
+            return;
         }
     }
 }
 
-impl Drop for ControlServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// How long a control connection may take to finish ZeroMQ's handshake (as long as a data or channel hello).
-const HANDSHAKE_TIME: std::time::Duration = crate::listener::HELLO_TIME;
-
-/// A ROUTER socket bound on `port` (0: any) of each of `addrs`; returns it with the port.
-fn bind_all(ctx: &zmq::Context, addrs: &[IpAddr], port: u16) -> Result<(zmq::Socket, u16)> {
-    let socket = ctx.socket(zmq::ROUTER).map_err(|e| zmq_error("creating the control socket", e))?;
-    socket.set_linger(0).map_err(|e| zmq_error("setting linger", e))?;
-    socket.set_maxmsgsize(MAX_MESSAGE_BYTES as i64).map_err(|e| zmq_error("setting the size limit", e))?;
-    // A connection that has not finished ZeroMQ's own handshake within this is closed (a silent one holds a
-    // descriptor that long, not ZeroMQ's default 30 s).
-    socket.set_handshake_ivl(HANDSHAKE_TIME.as_millis() as i32).map_err(|e| zmq_error("setting the handshake time", e))?;
-    let mut port = port;
-    for addr in addrs {
-        let host = bracket_v6(&addr.to_string());
-        let endpoint = match port {
-            0 => format!("tcp://{host}:*"),
-            p => format!("tcp://{host}:{p}"),
-        };
-        socket.bind(&endpoint).map_err(|e| {
-            Error::new(ErrorCode::Transport, format!("cannot listen on {endpoint}: {e} (is the port in use?)"))
-        })?;
-        if port == 0 {
-            let bound = socket.get_last_endpoint().ok().and_then(|e| e.ok());
-            port = bound
-                .as_deref()
-                .and_then(|e| e.rsplit(':').next())
-                .and_then(|p| p.parse().ok())
-                .ok_or_else(|| Error::new(ErrorCode::Transport, format!("cannot tell which port {endpoint} bound")))?;
-        }
-    }
-    Ok((socket, port))
+/// `body` as a frame: its length, then its bytes.
+fn frame(body: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(body.len()).expect("a control message is at most MAX_MESSAGE_BYTES");
+    [&len.to_be_bytes()[..], body].concat()
 }
 
 /// One handshake's connection to a decode's control port: requests answered one at a time, all within one
 /// deadline.
 pub struct ControlClient {
-    socket: zmq::Socket,
+    stream: TcpStream,
+    addrs: Vec<SocketAddr>,
     endpoint: String,
     deadline: Instant,
     timeout: Duration,
+    /// Whether a request has been answered on this connection (before that, a closed one is opened again).
+    answered: bool,
 }
 
 impl ControlClient {
-    /// Connects to `host:port`; every request on this connection must be answered within `timeout` of now.
-    pub fn connect(ctx: &zmq::Context, host: &str, port: u16, timeout: Duration) -> Result<ControlClient> {
-        let socket = ctx.socket(zmq::DEALER).map_err(|e| zmq_error("creating a control socket", e))?;
-        socket.set_linger(0).map_err(|e| zmq_error("setting linger", e))?;
-        socket.set_maxmsgsize(MAX_MESSAGE_BYTES as i64).map_err(|e| zmq_error("setting the size limit", e))?;
-        let endpoint = format!("tcp://{}:{port}", bracket_v6(host));
-        socket.connect(&endpoint).map_err(|e| Error::invalid(format!("cannot connect to {endpoint}: {e}")))?;
-        Ok(ControlClient { socket, endpoint, deadline: Instant::now() + timeout, timeout })
+    /// Connects to `host:port`; every request on this connection must be answered within `timeout` of now. A
+    /// decode that is not listening yet is waited for, until then.
+    pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<ControlClient> {
+        let deadline = Instant::now() + timeout;
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let endpoint = if bare.contains(':') { format!("[{bare}]:{port}") } else { format!("{bare}:{port}") };
+        let addrs: Vec<SocketAddr> =
+            (bare, port).to_socket_addrs().map_err(|e| Error::invalid(format!("cannot connect to {endpoint}: {e}")))?.collect();
+        let stream = open(&addrs, &endpoint, deadline, timeout)?;
+        Ok(ControlClient { stream, addrs, endpoint, deadline, timeout, answered: false })
     }
 
     /// Sends `body` and waits for the reply, until the connection's deadline.
     pub fn ask(&mut self, body: &[u8]) -> Result<Vec<u8>> {
-        let ms = |d: Instant| d.saturating_duration_since(Instant::now()).as_millis().clamp(1, i32::MAX as u128) as i32;
-        let endpoint = &self.endpoint;
-        // Signals (a host process's SIGCHLD, say) interrupt ZeroMQ calls: retry them until the deadline.
         loop {
-            self.socket.set_sndtimeo(ms(self.deadline)).map_err(|e| zmq_error("setting the send timeout", e))?;
-            match self.socket.send(body, 0) {
-                Err(zmq::Error::EINTR) if Instant::now() < self.deadline => continue,
-                Err(e) => return Err(zmq_error(&format!("sending the handshake to {endpoint}"), e)),
-                Ok(()) => break,
-            }
-        }
-        loop {
-            self.socket.set_rcvtimeo(ms(self.deadline)).map_err(|e| zmq_error("setting the receive timeout", e))?;
-            match self.socket.recv_bytes(0) {
-                Ok(reply) => return Ok(reply),
-                Err(zmq::Error::EINTR) if Instant::now() < self.deadline => continue,
-                Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => {
-                    return Err(Error::new(
-                        ErrorCode::Timeout,
-                        format!(
-                            "no handshake reply from {endpoint} within {} ms (is a decode communicator listening there?)",
-                            self.timeout.as_millis()
-                        ),
-                    ))
+            match self.exchange(body) {
+                Ok(reply) => {
+                    self.answered = true;
+                    return Ok(reply);
                 }
-                Err(e) => return Err(zmq_error(&format!("waiting for the handshake reply from {endpoint}"), e)),
+                // Closed before it answered anything: a decode past its cap on connections still saying their
+                // hello closes the newest. Try again, until the deadline.
+                Err(e) if !self.answered && matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => {
+                    std::thread::sleep(RETRY_PAUSE.min(self.deadline.saturating_duration_since(Instant::now())));
+                    self.stream = open(&self.addrs, &self.endpoint, self.deadline, self.timeout)?;
+                }
+                Err(e) if e.kind() == ErrorKind::TimedOut => return Err(no_reply(&self.endpoint, self.timeout, None)),
+                Err(e) if e.kind() == ErrorKind::InvalidData => {
+                    return Err(Error::protocol(format!("the control reply from {}: {e}", self.endpoint)))
+                }
+                Err(e) => return Err(Error::io(&format!("waiting for the handshake reply from {}", self.endpoint), e)),
             }
         }
     }
+
+    fn exchange(&mut self, body: &[u8]) -> std::io::Result<Vec<u8>> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        self.stream.set_write_timeout(Some(left))?;
+        self.stream.write_all(&frame(body)).map_err(|e| match e.kind() {
+            ErrorKind::WouldBlock => ErrorKind::TimedOut.into(),
+            ErrorKind::BrokenPipe => ErrorKind::ConnectionReset.into(),
+            _ => e,
+        })?;
+        let mut header = [0u8; 4];
+        listener::read_before(&mut self.stream, &mut header, self.deadline)?;
+        let len = u32::from_be_bytes(header) as usize;
+        if len > MAX_MESSAGE_BYTES {
+            return Err(std::io::Error::new(ErrorKind::InvalidData, format!("{len} bytes (at most {MAX_MESSAGE_BYTES})")));
+        }
+        let mut reply = vec![0u8; len];
+        listener::read_before(&mut self.stream, &mut reply, self.deadline)?;
+        Ok(reply)
+    }
+}
+
+/// A connection to one of `addrs`, trying again until `deadline` while none listens.
+fn open(addrs: &[SocketAddr], endpoint: &str, deadline: Instant, timeout: Duration) -> Result<TcpStream> {
+    if addrs.is_empty() {
+        return Err(Error::invalid(format!("cannot connect to {endpoint}: it names no address")));
+    }
+    let mut last = None;
+    loop {
+        for addr in addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(no_reply(endpoint, timeout, last));
+            }
+            match TcpStream::connect_timeout(addr, left) {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        std::thread::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
+fn no_reply(endpoint: &str, timeout: Duration, last: Option<std::io::Error>) -> Error {
+    let why = last.map(|e| format!(" (last try: {e})")).unwrap_or_default();
+    Error::new(
+        ErrorCode::Timeout,
+        format!("no handshake reply from {endpoint} within {} ms{why}: is a decode communicator listening there?", timeout.as_millis()),
+    )
 }
 
 /// Sends one request to a decode's control port and waits up to `timeout` for the reply.
-pub fn request(ctx: &zmq::Context, host: &str, port: u16, body: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-    ControlClient::connect(ctx, host, port, timeout)?.ask(body)
-}
-
-fn bracket_v6(host: &str) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    }
-}
-
-fn zmq_error(context: &str, e: zmq::Error) -> Error {
-    Error::new(ErrorCode::Transport, format!("{context}: {e}"))
+pub fn request(host: &str, port: u16, body: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+    ControlClient::connect(host, port, timeout)?.ask(body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use std::io::Read;
+
+    fn log() -> Arc<Logger> {
+        Arc::new(Logger::new(&Config::default(), "test".to_string()).unwrap())
+    }
+
+    const LOCAL: [IpAddr; 1] = [IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)];
+    const TIME: Duration = Duration::from_secs(5);
 
     #[test]
-    fn request_and_answer_over_zmq() {
-        let ctx = zmq::Context::new();
+    fn request_and_answer() {
         let port = free_port();
-        let server = ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], port, |_, req| [b"re:", req].concat()).unwrap();
+        let server = ControlServer::bind(&LOCAL, port, TIME, log(), |_| |req: &[u8]| [b"re:", req].concat()).unwrap();
         assert_eq!(server.port(), port);
-        let any = ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], 0, |_, req| req.to_vec()).unwrap();
+        let any = ControlServer::bind(&LOCAL, 0, TIME, log(), |_| |req: &[u8]| req.to_vec()).unwrap();
         assert_ne!(any.port(), 0);
-        assert_eq!(request(&ctx, "127.0.0.1", any.port(), b"x", Duration::from_secs(5)).unwrap(), b"x");
-        let reply = request(&ctx, "127.0.0.1", port, b"hi", Duration::from_secs(5)).unwrap();
-        assert_eq!(reply, b"re:hi");
+        assert_eq!(request("127.0.0.1", any.port(), b"x", TIME).unwrap(), b"x");
+        assert_eq!(request("127.0.0.1", port, b"hi", TIME).unwrap(), b"re:hi");
+        // An empty message is a message.
+        assert_eq!(request("127.0.0.1", port, b"", TIME).unwrap(), b"re:");
         // The port is taken now.
-        let err = ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], port, |_, r| r.to_vec()).err().unwrap();
-        assert!(err.message().contains("cannot listen"), "{err}");
+        let err = ControlServer::bind(&LOCAL, port, TIME, log(), |_| |r: &[u8]| r.to_vec()).err().unwrap();
+        assert!(err.message().contains("in use"), "{err}");
     }
 
     #[test]
-    fn one_client_is_one_peer_to_the_server() {
-        let ctx = zmq::Context::new();
-        let server = ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], 0, |peer, req| [peer, b"|", req].concat()).unwrap();
-        let mut a = ControlClient::connect(&ctx, "127.0.0.1", server.port(), Duration::from_secs(5)).unwrap();
-        let mut b = ControlClient::connect(&ctx, "127.0.0.1", server.port(), Duration::from_secs(5)).unwrap();
-        let peer = |reply: Vec<u8>| reply.split(|&c| c == b'|').next().unwrap().to_vec();
-        let (a1, a2, b1) = (peer(a.ask(b"1").unwrap()), peer(a.ask(b"2").unwrap()), peer(b.ask(b"1").unwrap()));
-        assert_eq!(a1, a2, "two requests on one connection come from one peer");
-        assert_ne!(a1, b1, "two connections are two peers");
+    fn each_connection_is_one_conversation_of_at_most_two_requests() {
+        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_| {
+            let mut n = 0;
+            move |req: &[u8]| {
+                n += 1;
+                [format!("{n}|").as_bytes(), req].concat()
+            }
+        })
+        .unwrap();
+        let mut a = ControlClient::connect("127.0.0.1", server.port(), TIME).unwrap();
+        let mut b = ControlClient::connect("127.0.0.1", server.port(), TIME).unwrap();
+        assert_eq!(a.ask(b"x").unwrap(), b"1|x");
+        assert_eq!(a.ask(b"y").unwrap(), b"2|y", "two requests on one connection are one conversation");
+        assert_eq!(b.ask(b"z").unwrap(), b"1|z", "two connections are two conversations");
+        let third = a.ask(b"w").unwrap_err();
+        assert_eq!(third.code(), ErrorCode::Transport, "a third request finds the connection closed: {third}");
     }
 
     #[test]
-    fn request_without_server_times_out() {
-        let ctx = zmq::Context::new();
-        let err = request(&ctx, "127.0.0.1", free_port(), b"hi", Duration::from_millis(200)).unwrap_err();
+    fn a_decode_that_starts_late_is_waited_for() {
+        let port = free_port();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let server = ControlServer::bind(&LOCAL, port, TIME, log(), |_| |r: &[u8]| r.to_vec()).unwrap();
+            std::thread::sleep(Duration::from_secs(2));
+            drop(server);
+        });
+        assert_eq!(request("127.0.0.1", port, b"early", TIME).unwrap(), b"early");
+        late.join().unwrap();
+    }
+
+    #[test]
+    fn a_request_without_a_server_times_out() {
+        let err = request("127.0.0.1", free_port(), b"hi", Duration::from_millis(200)).unwrap_err();
         assert_eq!(err.code(), ErrorCode::Timeout);
+        assert!(err.message().contains("is a decode communicator listening there?"), "{err}");
+    }
+
+    #[test]
+    fn a_frame_too_long_is_refused_and_silence_is_closed() {
+        let server = ControlServer::bind(&LOCAL, 0, Duration::from_millis(500), log(), |_| |r: &[u8]| r.to_vec()).unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        s.set_read_timeout(Some(TIME)).unwrap();
+        s.write_all(&[0xFF; 64]).unwrap();
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        let err = wire::decode_reply(&reply[4..]).unwrap_err();
+        assert!(err.message().contains("not a kvtransfer prefill"), "{err}");
+        // A connection that asks once and then says nothing more is closed after the hello time (here 0.5 s),
+        // counted from its start.
+        let mut idle = ControlClient::connect("127.0.0.1", server.port(), TIME).unwrap();
+        assert_eq!(idle.ask(b"once").unwrap(), b"once");
+        idle.stream.set_read_timeout(Some(TIME)).unwrap();
+        let start = Instant::now();
+        assert!(matches!(idle.stream.read(&mut [0u8; 1]), Ok(0) | Err(_)));
+        assert!(start.elapsed() < Duration::from_secs(3), "closed after {:?}", start.elapsed());
+        // A connection that says nothing is closed after the hello time too.
+        let mut silent = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        silent.set_read_timeout(Some(TIME)).unwrap();
+        let start = Instant::now();
+        assert!(matches!(silent.read(&mut [0u8; 1]), Ok(0) | Err(_)));
+        assert!(start.elapsed() < Duration::from_secs(3), "closed after {:?}", start.elapsed());
     }
 
     fn free_port() -> u16 {

@@ -60,20 +60,11 @@ pub struct Greeting<'a> {
 impl Greeting<'_> {
     /// Reads the hello into `buf` before the deadline: a hello trickled in byte by byte is not waited for.
     pub fn read_hello(&self, stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
-        stream.set_read_timeout(Some(Duration::from_millis(250))).map_err(|e| Error::io("configuring a connection", e))?;
-        let mut got = 0;
-        while got < buf.len() {
-            match stream.read(&mut buf[got..]) {
-                Ok(0) => return Err(Error::new(ErrorCode::Transport, "closed before its hello")),
-                Ok(n) => got += n,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
-                Err(e) => return Err(Error::io("reading a hello", e)),
-            }
-            if got < buf.len() && Instant::now() >= self.deadline {
-                return Err(Error::new(ErrorCode::Timeout, "no hello in time"));
-            }
-        }
-        Ok(())
+        read_before(stream, buf, self.deadline).map_err(|e| match e.kind() {
+            ErrorKind::UnexpectedEof => Error::new(ErrorCode::Transport, "closed before its hello"),
+            ErrorKind::TimedOut => Error::new(ErrorCode::Timeout, "no hello in time"),
+            _ => Error::io("reading a hello", e),
+        })
     }
 
     /// Ends the hello stage: the connection now counts among the at most `max` served. `Rejected` where it was
@@ -102,6 +93,27 @@ impl Drop for Greeting<'_> {
     }
 }
 
+/// Fills `buf` from `stream` before `deadline`, however the bytes trickle in: `UnexpectedEof` where the peer
+/// closed first, `TimedOut` where the deadline passed first. It changes the stream's read timeout.
+pub fn read_before(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        // At most 250 ms at a time: a signal's EINTR, or a short read, never stretches the deadline much.
+        stream.set_read_timeout(Some(left.min(Duration::from_millis(250))))?;
+        match stream.read(&mut buf[got..]) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Listening sockets (one port, on each address) and the threads serving their connections.
 pub struct Listener {
     addrs: Vec<SocketAddr>,
@@ -109,18 +121,21 @@ pub struct Listener {
     accept: Mutex<Vec<JoinHandle<()>>>,
 }
 
-/// Binds one port on every one of `ips`: a port picked on the first may be taken on another, so it picks again,
-/// a few times.
-fn bind_all(ips: &[IpAddr], what: &str) -> Result<Vec<TcpListener>> {
-    let mut tries = 8;
+/// Binds `port` (0: one the system picks) on every one of `ips`: a port picked on the first may be taken on
+/// another, so it picks again, a few times.
+fn bind_all(ips: &[IpAddr], port: u16, what: &str) -> Result<Vec<TcpListener>> {
+    let mut tries = if port == 0 { 8 } else { 1 };
     'again: loop {
         tries -= 1;
         let mut bound: Vec<TcpListener> = Vec::with_capacity(ips.len());
         for &ip in ips {
-            let port = bound.first().and_then(|l| l.local_addr().ok()).map_or(0, |a| a.port());
+            let port = bound.first().and_then(|l| l.local_addr().ok()).map_or(port, |a| a.port());
             match TcpListener::bind((ip, port)) {
                 Ok(l) => bound.push(l),
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries > 0 => continue 'again,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    return Err(Error::new(ErrorCode::Transport, format!("cannot listen for {what}s on {ip} port {port}: it is in use")))
+                }
                 Err(e) => return Err(Error::io(&format!("listening for {what}s on {ip}"), e)),
             }
         }
@@ -133,18 +148,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Listener {
-    /// Listens on one ephemeral port of each of `ips` and runs `serve` on a new thread for each connection;
+    /// Listens on `port` (0: one the system picks) of each of `ips` and runs `serve` on a new thread for each
+    /// connection;
     /// each must say its hello within `hello_time` (and [`HELLO_TIME`]), and at most `max` are served past it
     /// ([`Greeting::passed`]). `what` names the connections in logs.
     pub fn start(
         ips: &[IpAddr],
+        port: u16,
         what: &'static str,
         max: usize,
         hello_time: Duration,
         log: Arc<Logger>,
         serve: impl Fn(TcpStream, Greeting<'_>) + Send + Sync + 'static,
     ) -> Result<Listener> {
-        let listeners = bind_all(ips, what)?;
+        let listeners = bind_all(ips, port, what)?;
         let addrs = listeners.iter().map(|l| l.local_addr()).collect::<std::io::Result<Vec<_>>>();
         let addrs = addrs.map_err(|e| Error::io(&format!("reading the {what} port"), e))?;
         let shared = Arc::new(Shared {
@@ -337,7 +354,7 @@ mod tests {
     fn each_connection_is_served_and_stop_ends_them_all() {
         let log = Arc::new(Logger::new(&Config::default(), "test".to_string()).unwrap());
         // A one-byte hello, then an echo; at most two served.
-        let listener = Listener::start(&[[127, 0, 0, 1].into()], "test connection", 2, HELLO_TIME, log, |mut s, greeting| {
+        let listener = Listener::start(&[[127, 0, 0, 1].into()], 0, "test connection", 2, HELLO_TIME, log, |mut s, greeting| {
             let mut b = [0u8; 1];
             if greeting.read_hello(&mut s, &mut b).is_err() || greeting.passed().is_err() {
                 return;

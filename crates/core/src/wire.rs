@@ -25,7 +25,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The version of the handshake and of every transport's own framing. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest handshake message accepted; anything bigger is garbage.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;

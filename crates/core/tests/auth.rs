@@ -8,6 +8,7 @@ use kvtransfer::auth::{AuthKey, Role as Proof};
 use kvtransfer::control::ControlClient;
 use kvtransfer::wire::{self, Reply, Request, TransportKind, PROTOCOL_VERSION};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Setting, SettingValue, TransportChoice};
+use std::sync::Arc;
 use std::time::Duration;
 
 const TOKEN: &str = "9f2c4e6a8b0d1f3e5a7c9b1d3f5e7a9c";
@@ -86,6 +87,10 @@ fn a_decode_without_the_token_is_sent_nothing() {
     assert!(!p.is_connected("127.0.0.1", fake.port()));
 }
 
+fn test_log() -> Arc<kvtransfer::log::Logger> {
+    Arc::new(kvtransfer::log::Logger::new(&Config::default(), "fake decode").unwrap())
+}
+
 /// A raw peer that speaks the handshake by hand: greeting, then a hello signed with `token` (if any) over the
 /// hello's text; `tamper` may then change the text sent, and `replay` send another handshake's text and MAC.
 fn hand_handshake(
@@ -94,8 +99,7 @@ fn hand_handshake(
     tamper: impl Fn(&str) -> String,
     replay: Option<(String, [u8; 32])>,
 ) -> (Result<Reply, kvtransfer::Error>, String, [u8; 32]) {
-    let ctx = zmq::Context::new();
-    let mut c = ControlClient::connect(&ctx, "127.0.0.1", port, Duration::from_secs(3)).unwrap();
+    let mut c = ControlClient::connect("127.0.0.1", port, Duration::from_secs(3)).unwrap();
     let prefill_nonce = [42u8; 16];
     let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: prefill_nonce });
     let Ok(Reply::Challenge { nonce: decode_nonce, .. }) = wire::decode_reply(&c.ask(&greeting).unwrap()) else { panic!("no challenge") };
@@ -128,21 +132,23 @@ fn a_welcome_that_is_not_signed_is_not_used() {
     use kvtransfer::control::ControlServer;
     use std::sync::Mutex;
     let key = AuthKey::new(TOKEN);
-    let nonces = Mutex::new(([0u8; 16], [7u8; 16]));
-    let ctx = zmq::Context::new();
-    let server = ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], 0, move |_, req| {
-        let reply = match wire::decode_request(req).unwrap() {
-            Request::Greeting { nonce, .. } => {
-                let decode = nonces.lock().unwrap().1;
-                nonces.lock().unwrap().0 = nonce;
-                Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: decode, proof: Some(key.sign(Proof::DecodeChallenge, &nonce, &decode, b"")) }
-            }
-            Request::Hello { .. } => {
-                let welcome = wire::Welcome { protocol: PROTOCOL_VERSION, block_number: 8, transport: TransportKind::Tcp, session: 1, details: serde_json::json!({ "port": 9 }), channel_port: 9, channel_token: 1 };
-                Reply::Welcome { welcome: String::from_utf8(wire::encode(&welcome)).unwrap(), mac: Some([0; 32]) }
-            }
-        };
-        wire::encode(&reply)
+    let nonces = Arc::new(Mutex::new(([0u8; 16], [7u8; 16])));
+    let server = ControlServer::bind(&[[127, 0, 0, 1].into()], 0, Duration::from_secs(5), test_log(), move |_| {
+        let (nonces, key) = (nonces.clone(), key.clone());
+        move |req: &[u8]| {
+            let reply = match wire::decode_request(req).unwrap() {
+                Request::Greeting { nonce, .. } => {
+                    let decode = nonces.lock().unwrap().1;
+                    nonces.lock().unwrap().0 = nonce;
+                    Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: decode, proof: Some(key.sign(Proof::DecodeChallenge, &nonce, &decode, b"")) }
+                }
+                Request::Hello { .. } => {
+                    let welcome = wire::Welcome { protocol: PROTOCOL_VERSION, block_number: 8, transport: TransportKind::Tcp, session: 1, details: serde_json::json!({ "port": 9 }), channel_port: 9, channel_token: 1 };
+                    Reply::Welcome { welcome: String::from_utf8(wire::encode(&welcome)).unwrap(), mac: Some([0; 32]) }
+                }
+            };
+            wire::encode(&reply)
+        }
     })
     .unwrap();
     let p = prefill(&Cache::new(2, 2, 8, 64, 10), config(Some(TOKEN), None));
@@ -155,9 +161,8 @@ fn a_welcome_that_is_not_signed_is_not_used() {
 fn a_hello_without_a_greeting_is_refused() {
     let dst = Cache::new(2, 2, 8, 64, 9);
     let d = decode(&dst, config(None, Some(error_log("nogreeting"))));
-    let ctx = zmq::Context::new();
     let hello = wire::encode(&Request::Hello { hello: "{}".into(), mac: None });
-    let err = wire::decode_reply(&kvtransfer::control::request(&ctx, "127.0.0.1", d.port(), &hello, Duration::from_secs(3)).unwrap()).unwrap_err();
+    let err = wire::decode_reply(&kvtransfer::control::request("127.0.0.1", d.port(), &hello, Duration::from_secs(3)).unwrap()).unwrap_err();
     assert_eq!(err.code(), ErrorCode::Protocol);
     assert!(err.message().contains("without a greeting"), "{err}");
 }

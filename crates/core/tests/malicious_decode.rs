@@ -8,6 +8,7 @@ use kvtransfer::control::ControlServer;
 use kvtransfer::wire::{self, Reply, Request, TransportKind, Welcome, PROTOCOL_VERSION};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice};
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn config(kind: TransportKind) -> Config {
@@ -21,13 +22,16 @@ fn communicator(role: Role, cache: &Cache, kind: TransportKind) -> Communicator 
 
 /// A control server that greets like a decode without a token and answers every hello with `welcome`.
 fn liar(welcome: Welcome) -> ControlServer {
-    let ctx = zmq::Context::new();
-    ControlServer::bind(&ctx, &[[127, 0, 0, 1].into()], 0, move |_, req| {
-        let reply = match wire::decode_request(req).unwrap() {
-            Request::Greeting { .. } => Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: [3; 16], proof: None },
-            Request::Hello { .. } => Reply::Welcome { welcome: String::from_utf8(wire::encode(&welcome)).unwrap(), mac: None },
-        };
-        wire::encode(&reply)
+    let log = Arc::new(kvtransfer::log::Logger::new(&Config::default(), "liar").unwrap());
+    ControlServer::bind(&[[127, 0, 0, 1].into()], 0, Duration::from_secs(5), log, move |_| {
+        let welcome = welcome.clone();
+        move |req: &[u8]| {
+            let reply = match wire::decode_request(req).unwrap() {
+                Request::Greeting { .. } => Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: [3; 16], proof: None },
+                Request::Hello { .. } => Reply::Welcome { welcome: String::from_utf8(wire::encode(&welcome)).unwrap(), mac: None },
+            };
+            wire::encode(&reply)
+        }
     })
     .unwrap()
 }

@@ -116,7 +116,7 @@ impl ChannelServer {
             next_channel: AtomicU64::new(1),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, "request channel", max, timeout, log, move |stream, greeting| serve(stream, greeting, &s))?;
+        let listener = Listener::start(ips, 0, "request channel", max, timeout, log, move |stream, greeting| serve(stream, greeting, &s))?;
         let s = shared.clone();
         let expiry = std::thread::Builder::new()
             .name("kvtransfer-channel-expiry".into())

@@ -12,13 +12,9 @@ use crate::memory::CacheLayout;
 use crate::net;
 use crate::transport::{Acceptor, Admission, Environment};
 use crate::wire::{self, Reply, Request, TransportKind, Welcome, PROTOCOL_VERSION};
-use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-/// Handshakes that may be between their greeting and their hello at once; past that the oldest is forgotten
-/// (its hello is then refused), so a flood of greetings never locks out a peer that completes its handshake.
-const MAX_GREETINGS: usize = 1024;
+use std::time::Duration;
 
 pub(super) struct DecodeSide {
     port: u16,
@@ -136,7 +132,7 @@ impl DecodeSide {
         let links = Arc::new(Links { acceptors: acceptors.clone(), requests: requests.clone(), log: log.clone(), uncut: Mutex::default() });
         let channels =
             Arc::new(ChannelServer::start(env.listen_ips, env.cache.block_number(), env.config.timeout, env.config.max_peers, log.clone(), links.clone())?);
-        let handshake = Handshake {
+        let handshake = Arc::new(Handshake {
             cache: env.cache.clone(),
             links: links.clone(),
             host: net::host_id(),
@@ -144,16 +140,17 @@ impl DecodeSide {
             channels: channels.clone(),
             log: log.clone(),
             auth,
-            greetings: Mutex::new(HashMap::new()),
-            timeout: env.config.timeout,
-        };
-        let zmq = zmq::Context::new();
-        let control =
-            ControlServer::bind(&zmq, env.listen_ips, port, move |peer, req| {
-                // A bug in one answer must not end the thread that answers every peer.
-                let reply = Error::catch_panic(|| Ok(handshake.answer(peer, req))).unwrap_or_else(|e| Reply::reject(&e));
+        });
+        // One conversation per control connection: its greeting, then the hello signed over that greeting's nonces.
+        let control = ControlServer::bind(env.listen_ips, port, env.config.timeout, log.clone(), move |ip| {
+            let handshake = handshake.clone();
+            let mut greeted = None;
+            move |request: &[u8]| {
+                // A bug in one answer must not end the connection's thread without a reply.
+                let reply = Error::catch_panic(|| Ok(handshake.answer(ip, &mut greeted, request))).unwrap_or_else(|e| Reply::reject(&e));
                 wire::encode(&reply)
-            })?;
+            }
+        })?;
         Ok(DecodeSide {
             port: control.port(),
             transports: acceptors.iter().map(|a| a.kind()).collect(),
@@ -246,53 +243,44 @@ struct Handshake {
     log: Arc<Logger>,
     /// The shared secret a prefill must prove it holds, when one is configured.
     auth: Option<AuthKey>,
-    /// Greetings waiting for their hello, by control connection.
-    greetings: Mutex<HashMap<Vec<u8>, Greeting>>,
-    /// How long a greeting waits for its hello.
-    timeout: Duration,
 }
 
-/// A greeting answered: the two nonces its hello must be signed over.
+/// A greeting answered on one control connection: the two nonces its hello must be signed over.
 struct Greeting {
     prefill: Nonce,
     decode: Nonce,
-    at: Instant,
 }
 
 impl Handshake {
-    fn answer(&self, peer: &[u8], request: &[u8]) -> Reply {
+    /// Answers one request of the control connection from `ip`; `greeted` is that connection's greeting.
+    fn answer(&self, ip: IpAddr, greeted: &mut Option<Greeting>, request: &[u8]) -> Reply {
         let answered = wire::decode_request(request).and_then(|request| match request {
-            Request::Greeting { nonce, .. } => self.greet(peer, nonce),
-            Request::Hello { hello, mac } => self.accept(peer, &hello, mac),
+            Request::Greeting { nonce, .. } => self.greet(greeted, nonce),
+            Request::Hello { hello, mac } => match greeted.take() {
+                Some(greeting) => self.accept(&greeting, &hello, mac),
+                None => Err(Error::protocol("a hello without a greeting before it on its connection")),
+            },
         });
         answered.unwrap_or_else(|e| {
-            // ZeroMQ does not say which host a request came from: refusals share one allowance.
-            self.log.error_from("the control port", format!("refused a connection: {e}"));
+            self.log.error_from(&ip.to_string(), format!("refused a handshake from {ip}: {e}"));
             Reply::reject(&e)
         })
     }
 
     /// Answers a greeting with this side's nonce and, with a token, the proof that it holds it.
-    fn greet(&self, peer: &[u8], prefill: Nonce) -> Result<Reply> {
-        let decode = auth::nonce();
-        let mut greetings = self.greetings.lock().unwrap_or_else(|p| p.into_inner());
-        greetings.retain(|_, g| g.at.elapsed() < self.timeout);
-        if greetings.len() >= MAX_GREETINGS && !greetings.contains_key(peer) {
-            let oldest = greetings.iter().min_by_key(|(_, g)| g.at).map(|(k, _)| k.clone());
-            greetings.remove(&oldest.expect("the map is full"));
+    fn greet(&self, greeted: &mut Option<Greeting>, prefill: Nonce) -> Result<Reply> {
+        if greeted.is_some() {
+            return Err(Error::protocol("a second greeting on one control connection"));
         }
-        greetings.insert(peer.to_vec(), Greeting { prefill, decode, at: Instant::now() });
+        let decode = auth::nonce();
+        *greeted = Some(Greeting { prefill, decode });
         let proof = self.auth.as_ref().map(|key| key.sign(Proof::DecodeChallenge, &prefill, &decode, b""));
         Ok(Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: decode, proof })
     }
 
     /// Checks a hello (its MAC first, when a token is configured: nothing about the cache is said to a peer that
     /// has not proven it holds the token) and admits the prefill over the transport both sides prefer.
-    fn accept(&self, peer: &[u8], hello_text: &str, mac: Option<auth::Tag>) -> Result<Reply> {
-        let greeting = self.greetings.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
-        let Some(greeting) = greeting.filter(|g| g.at.elapsed() < self.timeout) else {
-            return Err(Error::protocol("a hello without a greeting before it (or after it timed out)"));
-        };
+    fn accept(&self, greeting: &Greeting, hello_text: &str, mac: Option<auth::Tag>) -> Result<Reply> {
         if let Some(key) = &self.auth {
             let proven = mac.is_some_and(|tag| key.verify(Proof::PrefillHello, &greeting.prefill, &greeting.decode, hello_text.as_bytes(), &tag));
             if !proven {

@@ -31,7 +31,6 @@ pub(super) struct PrefillSide {
     connectors: Vec<Arc<dyn Connector>>,
     tp_size: u32,
     tp_idx: u32,
-    zmq: zmq::Context,
     peers: Peers,
     workers: Workers,
 }
@@ -163,7 +162,7 @@ struct Connection {
 
 impl PrefillSide {
     pub(super) fn new(connectors: Vec<Arc<dyn Connector>>, tp_size: u32, tp_idx: u32) -> PrefillSide {
-        PrefillSide { connectors, tp_size, tp_idx, zmq: zmq::Context::new(), peers: Mutex::new(HashMap::new()), workers: Workers::new() }
+        PrefillSide { connectors, tp_size, tp_idx, peers: Mutex::new(HashMap::new()), workers: Workers::new() }
     }
 
     pub(super) fn transports(&self) -> Vec<TransportKind> {
@@ -247,7 +246,7 @@ impl PrefillSide {
         let plain = |e| (e, None);
         let key = peer_key(ip, port);
         // First the greeting: with a token, nothing is prepared or sent before the decode has proven it holds it.
-        let mut control = ControlClient::connect(&self.zmq, ip, port, comm.config.timeout).map_err(plain)?;
+        let mut control = ControlClient::connect(ip, port, comm.config.timeout).map_err(plain)?;
         let prefill_nonce = auth::nonce();
         let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: prefill_nonce });
         let Reply::Challenge { nonce: decode_nonce, proof, .. } = wire::decode_reply(&control.ask(&greeting).map_err(plain)?).map_err(plain)? else {

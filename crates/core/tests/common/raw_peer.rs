@@ -13,8 +13,7 @@ use std::time::Duration;
 /// The decode's welcome to a TCP prefill of `layers` layers of `block_bytes` blocks (without a token).
 pub fn handshake(port: u16, layers: u32, block_bytes: u64) -> Welcome {
     let hello = crate::common::hello(layers, block_bytes);
-    let ctx = zmq::Context::new();
-    let mut c = control::ControlClient::connect(&ctx, "127.0.0.1", port, Duration::from_secs(5)).unwrap();
+    let mut c = control::ControlClient::connect("127.0.0.1", port, Duration::from_secs(5)).unwrap();
     let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: [1; 16] });
     assert!(matches!(wire::decode_reply(&c.ask(&greeting).unwrap()).unwrap(), Reply::Challenge { proof: None, .. }));
     let hello = Request::Hello { hello: String::from_utf8(wire::encode(&hello)).unwrap(), mac: None };

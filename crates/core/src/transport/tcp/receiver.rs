@@ -62,7 +62,7 @@ impl TcpReceiver {
             ended: Condvar::new(),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, "data connection", max_connections, timeout, log, move |stream, greeting| {
+        let listener = Listener::start(ips, 0, "data connection", max_connections, timeout, log, move |stream, greeting| {
             serve_connection(stream, greeting, &s)
         })?;
         Ok(TcpReceiver { listener, shared })
