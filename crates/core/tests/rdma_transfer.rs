@@ -291,7 +291,7 @@ fn each_mark_arrives_after_its_writes_and_no_peer_can_read_the_cache() {
     let mut plan = BlockPlan::default();
     for k in 0..40u32 {
         plan.build(&[k % 64], &[k % 8], 0, 1, 64, 8).unwrap();
-        link.write_marked(&plan, k + 1).unwrap();
+        link.write_marked(&plan, k + 1, &mut || {}).unwrap();
         let (got_session, mark, intact) = marks.recv_timeout(Duration::from_secs(10)).expect("the mark arrives");
         assert_eq!((got_session, mark), (session, k + 1));
         assert!(intact, "mark {mark} arrived before its bytes");

@@ -501,9 +501,14 @@ fn write_telling(connection: &mut Connection, plan: &BlockPlan, remote: &[u32], 
     // Marks count from 1 and skip 0, which means "no bytes".
     connection.mark = connection.mark.checked_add(1).unwrap_or(1);
     let mark = connection.mark;
-    match connection.link.write_marked(plan, mark) {
+    // Built while the bytes are on their way where the link waits for them: copying the ids on the caller's
+    // thread is most of what a request id costs a call.
+    let done_frame = || Frame::Done { request: request.clone(), layer, mark, blocks: remote.to_vec() };
+    let mut done = None;
+    let written = connection.link.write_marked(plan, mark, &mut || done = Some(done_frame()));
+    match written {
         // Queued: the channel's own thread puts it on the wire, after the bytes are in place.
-        Ok(()) => connection.channel.send(Frame::Done { request: request.clone(), layer, mark, blocks: remote.to_vec() }),
+        Ok(()) => connection.channel.send(done.unwrap_or_else(done_frame)),
         Err(e) => {
             // Best effort: if the channel is gone too, the decode fails the request when it sees it end.
             let _ = connection.channel.send(Frame::Failed { request: request.clone(), code: e.code(), reason: e.message().to_string() });

@@ -213,6 +213,11 @@ impl Link for CudaIpcLink {
     }
 
     fn write(&mut self, plan: &BlockPlan) -> Result<()> {
+        self.write_marked(plan, 0, &mut || {})
+    }
+
+    /// The mark is not sent: the copy has completed when this returns. `meanwhile` runs while the GPU copies.
+    fn write_marked(&mut self, plan: &BlockPlan, _mark: u32, meanwhile: &mut dyn FnMut()) -> Result<()> {
         fill_ids(&mut self.ids, plan, self.stream.gpu())?;
         let layer = plan.layer() as usize;
         let copy = block_copy(&self.cache, plan, self.geometry, self.ids.addr(), |t| self.remote[t as usize][layer]);
@@ -222,6 +227,7 @@ impl Link for CudaIpcLink {
         // against its block count, its layout against the geometry at `open`); the id lists live in
         // `self.ids`, which is not touched again before the stream is synchronised below.
         unsafe { self.stream.launch(&copy) }?;
+        meanwhile();
         self.stream.synchronize().map_err(|e| Error::new(e.code(), format!("writing into {}: {}", self.peer, e.message())))
     }
 

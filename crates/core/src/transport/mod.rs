@@ -173,8 +173,13 @@ pub trait Link: Send {
     /// [`Link::write`], then `mark` where the decode's half sees it only after the bytes (RDMA: a send on the
     /// same queue pair). Where the decode's half cannot see writes land (RDMA), it believes a write done only
     /// once its mark has come; elsewhere the write's return is enough and the mark is not sent.
-    fn write_marked(&mut self, plan: &BlockPlan, mark: u32) -> Result<()> {
+    ///
+    /// `meanwhile` runs once during the call: while the bytes are on their way, where the link waits for them
+    /// (RDMA, CUDA IPC), so that what the caller prepares for after the write costs it no time; before the
+    /// write elsewhere.
+    fn write_marked(&mut self, plan: &BlockPlan, mark: u32, meanwhile: &mut dyn FnMut()) -> Result<()> {
         let _ = mark;
+        meanwhile();
         self.write(plan)
     }
 }

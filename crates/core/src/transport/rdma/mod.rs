@@ -287,7 +287,7 @@ pub struct RdmaLink {
 }
 
 impl RdmaLink {
-    fn post(&mut self, plan: &BlockPlan, mark: Option<u32>) -> Result<()> {
+    fn post(&mut self, plan: &BlockPlan, mark: Option<u32>, meanwhile: &mut dyn FnMut()) -> Result<()> {
         let ctx = &*self.context;
         let cache = &*ctx.cache;
         let keys = layer_keys(cache, plan.layer(), |t, l| ctx.regions.lkey(t, l), &self.remote);
@@ -300,20 +300,20 @@ impl RdmaLink {
         if let Some(mark) = mark {
             self.chain.push_mark(mark);
         }
-        post::execute(&mut self.qp, &mut self.chain, ctx.timeout)
+        post::execute(&mut self.qp, &mut self.chain, ctx.timeout, meanwhile)
             .map_err(|e| Error::new(e.code(), format!("writing layer {} to {}: {}", plan.layer(), self.peer, e.message())))
     }
 }
 
 impl Link for RdmaLink {
     fn write(&mut self, plan: &BlockPlan) -> Result<()> {
-        self.post(plan, None)
+        self.post(plan, None, &mut || {})
     }
 
     /// The writes, the flush read where enabled, then the mark: a send the decode's queue pair receives only
-    /// once everything before it is in the decode's memory.
-    fn write_marked(&mut self, plan: &BlockPlan, mark: u32) -> Result<()> {
-        self.post(plan, Some(mark))
+    /// once everything before it is in the decode's memory. `meanwhile` runs once the first lists are posted.
+    fn write_marked(&mut self, plan: &BlockPlan, mark: u32, meanwhile: &mut dyn FnMut()) -> Result<()> {
+        self.post(plan, Some(mark), meanwhile)
     }
 
     fn transport(&self) -> TransportKind {

@@ -117,14 +117,17 @@ impl WriteChain {
 }
 
 /// Posts `chain` on `qp` in lists of half the send queue (so one list transfers while the next is posted)
-/// and polls until all have completed, or fails after `timeout` without progress.
+/// and polls until all have completed, or fails after `timeout` without progress. `meanwhile` runs once, when
+/// the first lists are posted.
 ///
 /// On failure the queue pair is moved to the error state and drained, and must be rebuilt: the error names
 /// the completion status (`IBV_WC_REM_ACCESS_ERR`, ...).
-pub fn execute(qp: &mut QueuePair, chain: &mut WriteChain, timeout: Duration) -> Result<()> {
+pub fn execute(qp: &mut QueuePair, chain: &mut WriteChain, timeout: Duration, meanwhile: &mut dyn FnMut()) -> Result<()> {
     if chain.is_empty() {
+        meanwhile();
         return Ok(());
     }
+    let mut meanwhile = Some(meanwhile);
     let list_len = (qp.depth() as usize / 2).max(1);
     chain.link(list_len);
     let lists = chain.len().div_ceil(list_len);
@@ -142,6 +145,9 @@ pub fn execute(qp: &mut QueuePair, chain: &mut WriteChain, timeout: Duration) ->
                 return Err(e);
             }
             posted += 1;
+        }
+        if let Some(meanwhile) = meanwhile.take() {
+            meanwhile();
         }
         let n = match qp.poll(&mut wcs) {
             Ok(n) => n,
