@@ -1,17 +1,18 @@
 //! The control plane's channel: the decode side answers handshakes on its port ([`ControlServer`]); the prefill
 //! side opens one short connection per handshake ([`ControlClient`]). On the wire each message is a frame: its
-//! length (4 bytes, big-endian, at most [`MAX_MESSAGE_BYTES`]) and its bytes; requests and replies alternate.
+//! length (4 bytes, big-endian) and its bytes; requests (at most [`MAX_REQUEST_BYTES`]) and replies (at most
+//! [`MAX_MESSAGE_BYTES`]) alternate.
 //! What the messages say is [`crate::wire`]'s business; this module only carries bytes, bounded in size, time
 //! and number.
 //!
 //! A control connection is served by the same [`Listener`] as the data and request-channel ports, and it never
-//! leaves its hello stage: all of it, at most [`MAX_REQUESTS`] requests, must be over within the hello time,
-//! and it counts against its host's allowance of waiting connections until it ends. So the control port holds
-//! a bounded number of threads and descriptors whatever strangers do (they cannot authenticate before the
-//! handshake's last message, so nothing here is served for longer).
+//! leaves its hello stage: its requests, at most [`MAX_REQUESTS`], must arrive within the hello time, each reply
+//! must be taken by then too, and it counts against its host's allowance of waiting connections until it ends.
+//! So the control port holds a bounded number of threads, descriptors and bytes whatever strangers do (they
+//! cannot authenticate before the handshake's last message, so nothing here is served for longer).
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::listener::{self, Greeting, Listener, MAX_GREETING};
+use crate::listener::{self, host_of, Greeting, Listener, MAX_GREETING};
 use crate::log::Logger;
 use crate::wire::{self, Reply, MAX_MESSAGE_BYTES};
 use std::io::{ErrorKind, Write};
@@ -22,8 +23,9 @@ use std::time::{Duration, Instant};
 /// Requests one control connection may make: a handshake's greeting and hello. The connection is closed after.
 pub const MAX_REQUESTS: usize = 2;
 
-/// How long the decode side waits for the peer to take a reply.
-const WRITE_TIME: Duration = listener::HELLO_TIME;
+/// The longest request (a greeting or a hello; a prefill's are under 1 KiB): what a stranger's connection can
+/// make the decode hold.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 
 /// How long the prefill side waits before it tries again to reach a decode that is not listening (yet).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
@@ -66,30 +68,36 @@ impl ControlServer {
 /// Answers the requests of one connection, at most [`MAX_REQUESTS`], then closes it.
 fn converse(mut stream: TcpStream, greeting: &Greeting<'_>, peer: SocketAddr, log: &Logger, mut answer: impl FnMut(&[u8]) -> Vec<u8>) {
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(WRITE_TIME));
+    // Replies are sent within the hello time too (a peer that does not take them holds nothing longer).
+    let send = |stream: &mut TcpStream, reply: &[u8]| {
+        let left = greeting.deadline().saturating_duration_since(Instant::now());
+        !left.is_zero() && stream.set_write_timeout(Some(left)).is_ok() && stream.write_all(&frame(reply)).is_ok()
+    };
     for _ in 0..MAX_REQUESTS {
         let mut header = [0u8; 4];
         if greeting.read_hello(&mut stream, &mut header).is_err() {
             return;
         }
         let len = u32::from_be_bytes(header) as usize;
-        if len > MAX_MESSAGE_BYTES {
-            let e = Error::protocol(format!(
-                "a control message of {len} bytes (at most {MAX_MESSAGE_BYTES}): not a kvtransfer prefill, or an incompatible version"
-            ));
-            log.error_from(&peer.ip().to_string(), format!("refused a control connection from {peer}: {e}"));
-            let _ = stream.write_all(&frame(&wire::encode(&Reply::reject(&e))));
+        if len > MAX_REQUEST_BYTES {
+            let e = Error::protocol(match header[0] {
+                ZMTP_SIGNATURE => "the prefill speaks ZeroMQ: it runs kvtransfer of wire protocol 3 or older; run one version on both sides".to_string(),
+                _ => format!("a control request of {len} bytes (at most {MAX_REQUEST_BYTES}): not a kvtransfer prefill, or an incompatible version"),
+            });
+            log.error_from(&host_of(peer.ip()).to_string(), format!("refused a control connection from {peer}: {e}"));
+            send(&mut stream, &wire::encode(&Reply::reject(&e)));
             return;
         }
         let mut request = vec![0u8; len];
-        if greeting.read_hello(&mut stream, &mut request).is_err() {
-            return;
-        }
-        if stream.write_all(&frame(&answer(&request))).is_err() {
+        if greeting.read_hello(&mut stream, &mut request).is_err() || !send(&mut stream, &answer(&request)) {
             return;
         }
     }
 }
+
+/// The first byte ZeroMQ sends on a connection (ZMTP 3's signature, `FF 00 … 7F`): the control port of
+/// kvtransfer before wire protocol 4. As a length it would be over 4 GB, so no frame starts with it.
+const ZMTP_SIGNATURE: u8 = 0xFF;
 
 /// `body` as a frame: its length, then its bytes.
 fn frame(body: &[u8]) -> Vec<u8> {
@@ -124,6 +132,9 @@ impl ControlClient {
 
     /// Sends `body` and waits for the reply, until the connection's deadline.
     pub fn ask(&mut self, body: &[u8]) -> Result<Vec<u8>> {
+        if body.len() > MAX_REQUEST_BYTES {
+            return Err(Error::invalid(format!("a control request of {} bytes (at most {MAX_REQUEST_BYTES})", body.len())));
+        }
         loop {
             match self.exchange(body) {
                 Ok(reply) => {
@@ -159,6 +170,10 @@ impl ControlClient {
         let mut header = [0u8; 4];
         listener::read_before(&mut self.stream, &mut header, self.deadline)?;
         let len = u32::from_be_bytes(header) as usize;
+        if header[0] == ZMTP_SIGNATURE {
+            let why = "the decode speaks ZeroMQ: it runs kvtransfer of wire protocol 3 or older; run one version on both sides";
+            return Err(std::io::Error::new(ErrorKind::InvalidData, why));
+        }
         if len > MAX_MESSAGE_BYTES {
             return Err(std::io::Error::new(ErrorKind::InvalidData, format!("{len} bytes (at most {MAX_MESSAGE_BYTES})")));
         }
@@ -227,8 +242,10 @@ mod tests {
         assert_ne!(any.port(), 0);
         assert_eq!(request("127.0.0.1", any.port(), b"x", TIME).unwrap(), b"x");
         assert_eq!(request("127.0.0.1", port, b"hi", TIME).unwrap(), b"re:hi");
-        // An empty message is a message.
+        // An empty message is a message; one over the limit is not sent.
         assert_eq!(request("127.0.0.1", port, b"", TIME).unwrap(), b"re:");
+        let err = request("127.0.0.1", port, &[0; MAX_REQUEST_BYTES + 1], TIME).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
         // The port is taken now.
         let err = ControlServer::bind(&LOCAL, port, TIME, log(), |_| |r: &[u8]| r.to_vec()).err().unwrap();
         assert!(err.message().contains("in use"), "{err}");
@@ -276,13 +293,21 @@ mod tests {
     #[test]
     fn a_frame_too_long_is_refused_and_silence_is_closed() {
         let server = ControlServer::bind(&LOCAL, 0, Duration::from_millis(500), log(), |_| |r: &[u8]| r.to_vec()).unwrap();
-        let mut s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
-        s.set_read_timeout(Some(TIME)).unwrap();
-        s.write_all(&[0xFF; 64]).unwrap();
-        let mut reply = Vec::new();
-        let _ = s.read_to_end(&mut reply);
-        let err = wire::decode_reply(&reply[4..]).unwrap_err();
+        let refusal = |first: &[u8]| {
+            let mut s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+            s.set_read_timeout(Some(TIME)).unwrap();
+            s.write_all(first).unwrap();
+            let mut reply = Vec::new();
+            let _ = s.read_to_end(&mut reply);
+            wire::decode_reply(&reply[4..]).unwrap_err()
+        };
+        // One byte over the limit: refused before anything is allocated for it.
+        let err = refusal(&(MAX_REQUEST_BYTES as u32 + 1).to_be_bytes());
         assert!(err.message().contains("not a kvtransfer prefill"), "{err}");
+        // What a prefill of wire protocol 3 (ZeroMQ) says first.
+        let err = refusal(&[0xFF, 0, 0, 0, 0, 0, 0, 0, 1, 0x7F]);
+        assert!(err.message().contains("ZeroMQ"), "{err}");
+        assert_eq!(ControlClient::connect("127.0.0.1", server.port(), TIME).unwrap().ask(&[0; MAX_REQUEST_BYTES]).unwrap().len(), MAX_REQUEST_BYTES);
         // A connection that asks once and then says nothing more is closed after the hello time (here 0.5 s),
         // counted from its start.
         let mut idle = ControlClient::connect("127.0.0.1", server.port(), TIME).unwrap();
@@ -297,6 +322,21 @@ mod tests {
         let start = Instant::now();
         assert!(matches!(silent.read(&mut [0u8; 1]), Ok(0) | Err(_)));
         assert!(start.elapsed() < Duration::from_secs(3), "closed after {:?}", start.elapsed());
+    }
+
+    #[test]
+    fn a_decode_of_wire_protocol_3_is_named() {
+        let old = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = old.local_addr().unwrap().port();
+        let decode = std::thread::spawn(move || {
+            let (mut s, _) = old.accept().unwrap();
+            s.write_all(&[0xFF, 0, 0, 0, 0, 0, 0, 0, 1, 0x7F]).unwrap();
+            let _ = s.read(&mut [0u8; 64]);
+        });
+        let err = request("127.0.0.1", port, b"hi", TIME).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Protocol);
+        assert!(err.message().contains("speaks ZeroMQ"), "{err}");
+        decode.join().unwrap();
     }
 
     fn free_port() -> u16 {

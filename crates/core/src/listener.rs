@@ -1,5 +1,5 @@
-//! A TCP listener that serves each connection on a thread of its own: the one pattern behind a decode's data port
-//! (the TCP transport) and its request-channel port. It listens on one port of each of the decode's addresses,
+//! A TCP listener that serves each connection on a thread of its own: the one pattern behind a decode's control
+//! port, its data port (the TCP transport) and its request-channel port. It listens on one port of each of the decode's addresses,
 //! caps the connections it keeps, backs off when `accept` fails (out of descriptors, say) instead of spinning,
 //! and, when stopped, shuts every connection down and waits for its thread before it returns.
 //!
@@ -34,7 +34,7 @@ const BACK_OFF: Duration = Duration::from_millis(100);
 const POLL: Duration = Duration::from_millis(100);
 
 struct Shared {
-    /// What the listener serves, for logs ("data connection", "request channel").
+    /// What the listener serves, for logs ("control connection", "data connection", "request channel").
     what: &'static str,
     max: usize,
     hello_time: Duration,
@@ -65,6 +65,11 @@ impl Greeting<'_> {
             ErrorKind::TimedOut => Error::new(ErrorCode::Timeout, "no hello in time"),
             _ => Error::io("reading a hello", e),
         })
+    }
+
+    /// When the whole hello must have been read.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
     }
 
     /// Ends the hello stage: the connection now counts among the at most `max` served. `Rejected` where it was
@@ -286,7 +291,7 @@ fn connections_cap(shared: &Shared) -> usize {
 
 /// The host a connection counts against: its IPv4 address, one host for all of loopback (any process of this
 /// machine can pick any 127.x.y.z), an IPv6 /64 (what one site is usually given).
-fn host_of(ip: IpAddr) -> IpAddr {
+pub fn host_of(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => host_of(IpAddr::V4(v4)),

@@ -166,3 +166,15 @@ fn a_hello_without_a_greeting_is_refused() {
     assert_eq!(err.code(), ErrorCode::Protocol);
     assert!(err.message().contains("without a greeting"), "{err}");
 }
+
+#[test]
+fn a_second_greeting_on_one_connection_is_refused() {
+    let dst = Cache::new(2, 2, 8, 64, 11);
+    let d = decode(&dst, config(None, Some(error_log("twice"))));
+    let mut c = ControlClient::connect("127.0.0.1", d.port(), Duration::from_secs(3)).unwrap();
+    let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: [1; 16] });
+    assert!(matches!(wire::decode_reply(&c.ask(&greeting).unwrap()), Ok(Reply::Challenge { .. })));
+    let err = wire::decode_reply(&c.ask(&greeting).unwrap()).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Protocol);
+    assert!(err.message().contains("second greeting"), "{err}");
+}

@@ -658,17 +658,17 @@ fn answer(mut stream: TcpStream, queue: &mpsc::Sender<Outgoing>, obey: &(dyn Fn(
     }
 }
 
+/// A channel server whose events are recorded, for the tests of this module and of the communicator's sides.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use crate::config::Config;
-    use crate::listener::MAX_GREETING_PER_HOST;
 
     #[derive(Default)]
-    struct Recorder {
-        frames: Mutex<Vec<Frame>>,
-        closed: Mutex<Vec<String>>,
-        revoked: Mutex<Vec<RequestId>>,
+    pub(crate) struct Recorder {
+        pub(crate) frames: Mutex<Vec<Frame>>,
+        pub(crate) closed: Mutex<Vec<String>>,
+        pub(crate) revoked: Mutex<Vec<RequestId>>,
     }
 
     impl Events for Recorder {
@@ -684,22 +684,30 @@ mod tests {
         }
     }
 
-    fn server(events: Arc<Recorder>) -> ChannelServer {
+    pub(crate) fn server(events: Arc<Recorder>) -> ChannelServer {
         let log = Arc::new(Logger::new(&Config::default(), "test".to_string()).unwrap());
         ChannelServer::start(&[[127, 0, 0, 1].into()], 8, Duration::from_secs(5), 4096, log, events).unwrap()
     }
 
-    fn peer() -> PeerInfo {
+    pub(crate) fn peer() -> PeerInfo {
         PeerInfo { name: "p".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, pid: None }
     }
 
-    fn until(what: &str, f: impl Fn() -> bool) {
+    /// Waits (up to 10 s) until `f` holds.
+    pub(crate) fn until(what: &str, f: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !f() {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::listener::MAX_GREETING_PER_HOST;
 
     fn id(s: &str) -> RequestId {
         RequestId::new(s).unwrap()

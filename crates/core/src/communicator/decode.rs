@@ -7,6 +7,7 @@ use crate::auth::{self, AuthKey, Nonce, Role as Proof};
 use crate::channel::{Ask, ChannelServer, Events, Frame, PeerInfo, RequestId};
 use crate::control::ControlServer;
 use crate::error::{Error, ErrorCode, Result};
+use crate::listener;
 use crate::log::Logger;
 use crate::memory::CacheLayout;
 use crate::net;
@@ -262,7 +263,8 @@ impl Handshake {
             },
         });
         answered.unwrap_or_else(|e| {
-            self.log.error_from(&ip.to_string(), format!("refused a handshake from {ip}: {e}"));
+            // Within the allowance of its host (all of loopback, or an IPv6 /64, is one).
+            self.log.error_from(&listener::host_of(ip).to_string(), format!("refused a handshake from {ip}: {e}"));
             Reply::reject(&e)
         })
     }

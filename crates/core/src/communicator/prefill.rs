@@ -516,3 +516,50 @@ fn write_telling(connection: &mut Connection, plan: &BlockPlan, remote: &[u32], 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::testing::{peer, server, until, Recorder};
+    use std::time::Duration;
+
+    /// A link whose writes fail once their bytes have left (after `meanwhile`), as a connection that breaks
+    /// during a write does.
+    struct BreaksDuringWrites;
+
+    impl Link for BreaksDuringWrites {
+        fn transport(&self) -> TransportKind {
+            TransportKind::Tcp
+        }
+        fn write(&mut self, _: &BlockPlan) -> Result<()> {
+            Err(Error::new(ErrorCode::Transport, "the connection broke"))
+        }
+        fn write_marked(&mut self, plan: &BlockPlan, _: u32, meanwhile: &mut dyn FnMut()) -> Result<()> {
+            meanwhile();
+            self.write(plan)
+        }
+    }
+
+    #[test]
+    fn a_write_that_fails_tells_the_decode_failed_and_never_done() {
+        let events = Arc::new(Recorder::default());
+        let server = server(events.clone());
+        let token = server.admit(peer(), |_| None);
+        let (channel, _) =
+            ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(|_: &Directive| {})).unwrap();
+        let mut connection = Connection { link: Box::new(BreaksDuringWrites), channel, started: RecentIds::default(), mark: 0, number: 1 };
+        let mut plan = BlockPlan::default();
+        plan.build(&[1], &[2], 0, 1, 8, 8).unwrap();
+        let request = RequestId::new("r").unwrap();
+        let err = write_telling(&mut connection, &plan, &[2], 0, Some(&request)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Transport);
+        // Closing the channel sends what was queued first, then its goodbye.
+        drop(connection);
+        until("the channel's end", || !lock(&events.closed).is_empty());
+        let frames = lock(&events.frames).clone();
+        assert!(
+            matches!(frames.as_slice(), [Frame::Start { .. }, Frame::Failed { code: ErrorCode::Transport, .. }]),
+            "{frames:?}"
+        );
+    }
+}

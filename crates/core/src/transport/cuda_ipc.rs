@@ -227,8 +227,13 @@ impl Link for CudaIpcLink {
         // against its block count, its layout against the geometry at `open`); the id lists live in
         // `self.ids`, which is not touched again before the stream is synchronised below.
         unsafe { self.stream.launch(&copy) }?;
-        meanwhile();
-        self.stream.synchronize().map_err(|e| Error::new(e.code(), format!("writing into {}: {}", self.peer, e.message())))
+        // Synchronised even if `meanwhile` panics: the kernel reads `self.ids` until then.
+        let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| meanwhile()));
+        let copied = self.stream.synchronize().map_err(|e| Error::new(e.code(), format!("writing into {}: {}", self.peer, e.message())));
+        if let Err(panic) = prepared {
+            std::panic::resume_unwind(panic);
+        }
+        copied
     }
 
     fn transport(&self) -> TransportKind {

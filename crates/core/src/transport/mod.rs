@@ -174,9 +174,9 @@ pub trait Link: Send {
     /// same queue pair). Where the decode's half cannot see writes land (RDMA), it believes a write done only
     /// once its mark has come; elsewhere the write's return is enough and the mark is not sent.
     ///
-    /// `meanwhile` runs once during the call: while the bytes are on their way, where the link waits for them
-    /// (RDMA, CUDA IPC), so that what the caller prepares for after the write costs it no time; before the
-    /// write elsewhere.
+    /// `meanwhile` runs at most once: while the bytes are on their way where the link waits for them (RDMA,
+    /// CUDA IPC), so that what the caller prepares for after the write costs it no time; before the write
+    /// elsewhere. A write may fail after it ran, or before (then it does not run).
     fn write_marked(&mut self, plan: &BlockPlan, mark: u32, meanwhile: &mut dyn FnMut()) -> Result<()> {
         let _ = mark;
         meanwhile();

@@ -147,7 +147,11 @@ pub fn execute(qp: &mut QueuePair, chain: &mut WriteChain, timeout: Duration, me
             posted += 1;
         }
         if let Some(meanwhile) = meanwhile.take() {
-            meanwhile();
+            // A panic in it leaves no request posted, reading the cache, behind it.
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| meanwhile())) {
+                abort(qp, posted, done);
+                std::panic::resume_unwind(panic);
+            }
         }
         let n = match qp.poll(&mut wcs) {
             Ok(n) => n,
