@@ -1,6 +1,6 @@
 //! The shared-memory transport: prefill and decode on one host, caches in host memory. The prefill writes
-//! straight into the decode process's cache with `process_vm_writev` (one system call per 1024 ranges, one
-//! copy, no work on the decode side), the same one-sided shape as an RDMA write.
+//! straight into the decode process's cache with `process_vm_writev` (one copy, no work on the decode side,
+//! large writes split over a few threads: [`copy`]), the same one-sided shape as an RDMA write.
 //!
 //! The decode side shows a random 64-bit word at a known address; the prefill reads it back before each write,
 //! so a decode that closed, died, or whose pid now names another process is never written into.
@@ -8,12 +8,13 @@
 //! Where Yama restricts `ptrace` (`kernel.yama.ptrace_scope` 1), only the process of an authenticated peer is let
 //! write, for as long as it has a session ([`ptrace_grant`]).
 
+mod copy;
 mod ptrace_grant;
 
 use crate::config::Config;
 use crate::cuda::MemoryKind;
 use crate::error::{Error, ErrorCode, Result};
-use crate::iov::{advance, iovec, IoVec, IoVecs};
+use crate::iov::{iovec, IoVecs};
 use crate::memory::{CacheLayout, Tensor};
 use crate::plan::{self, BlockPlan, SliceGeometry};
 use crate::transport::{self, Accepted, Acceptor, Admission, Answer, Connector, Environment, Link, PendingLink, Transport};
@@ -21,9 +22,6 @@ use crate::wire::TransportKind;
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// Most ranges per system call (the kernel's `UIO_MAXIOV`).
-const MAX_IOV: usize = 1024;
 
 /// The registry entry.
 pub struct Shm;
@@ -236,7 +234,7 @@ impl Link for ShmLink {
             local.push(iovec(cache.addr(s.tensor, layer) + s.local, s.len));
             remote.push(iovec(peer[s.tensor as usize][layer as usize] + s.remote, s.len));
         });
-        write_all(self.pid, local, remote).map_err(|e| {
+        copy::write(self.pid, local, remote, copy::threads()).map_err(|e| {
             let code = match e.raw_os_error() {
                 Some(libc::EPERM) => ErrorCode::Unavailable,
                 _ => ErrorCode::Transport,
@@ -247,58 +245,5 @@ impl Link for ShmLink {
 
     fn transport(&self) -> TransportKind {
         TransportKind::Shm
-    }
-}
-
-/// Copies the ranges of `local` into the ranges of `remote` (the same bytes, split differently) in process
-/// `pid`, up to 1024 ranges of each per system call.
-fn write_all(pid: libc::pid_t, mut local: &mut [IoVec], mut remote: &mut [IoVec]) -> std::io::Result<()> {
-    while !local.is_empty() && !remote.is_empty() {
-        let (nl, nr) = (local.len().min(MAX_IOV), remote.len().min(MAX_IOV));
-        // SAFETY: the local ranges are the cache's own blocks, only read; the remote ranges are written by the
-        // kernel, which fails with EFAULT rather than touching anything outside the target's mappings.
-        let n = unsafe { libc::process_vm_writev(pid, local.as_ptr(), nl as _, remote.as_ptr(), nr as _, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "process_vm_writev moved nothing"));
-        }
-        let first = advance(local, n as usize);
-        local = &mut local[first..];
-        let first = advance(remote, n as usize);
-        remote = &mut remote[first..];
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn writes_ranges_split_differently_on_each_side() {
-        let src: Vec<u8> = (0..9000u32).map(|i| (i * 13) as u8).collect();
-        let mut dst = vec![0u8; 9000];
-        // 3000 ranges of 3 bytes locally, 1500 of 6 remotely (both over the 1024 limit).
-        let mut local: Vec<IoVec> = (0..3000).map(|i| iovec(src.as_ptr() as u64 + i * 3, 3)).collect();
-        let mut remote: Vec<IoVec> = (0..1500).map(|i| iovec(dst.as_mut_ptr() as u64 + (1499 - i) * 6, 6)).collect();
-        write_all(std::process::id() as _, &mut local, &mut remote).unwrap();
-        for i in 0..1500 {
-            assert_eq!(dst[(1499 - i) * 6..(1500 - i) * 6], src[i * 6..i * 6 + 6]);
-        }
-    }
-
-    #[test]
-    fn a_bad_remote_address_is_an_error() {
-        let src = [1u8; 16];
-        let mut local = [iovec(src.as_ptr() as u64, 16)];
-        let mut remote = [iovec(8, 16)];
-        let e = write_all(std::process::id() as _, &mut local, &mut remote).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EFAULT));
     }
 }
