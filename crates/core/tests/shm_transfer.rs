@@ -53,6 +53,25 @@ fn all_layers_scattered_keys_and_values() {
 }
 
 #[test]
+fn a_large_write_split_over_threads_lands_every_byte() {
+    // 32 MiB in one call: over the size at which a write is cut into parts for several threads. The first 600
+    // blocks are one contiguous run (one range of 18.75 MiB, which every cut into two to four parts splits),
+    // the rest single blocks in reverse.
+    let src = Cache::new(1, 1, 1024, 32 << 10, 7);
+    let dst = Cache::new(1, 1, 1024, 32 << 10, 8);
+    let d = decode(dst.spec(), TransportChoice::Only(TransportKind::Shm));
+    let p = prefill(src.spec(), 1, 0, TransportChoice::Only(TransportKind::Shm));
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    let local: Vec<u32> = (0..1024).collect();
+    let rest = (0..200).chain(800..1024).rev();
+    let remote: Vec<u32> = (200..800).chain(rest).collect();
+    p.write_cache("127.0.0.1", d.port(), &local, &remote, 0).unwrap();
+    for (l, r) in local.iter().zip(&remote) {
+        assert!(dst.block(0, 0, *r) == src.block(0, 0, *l), "{l}->{r}");
+    }
+}
+
+#[test]
 fn key_only_and_hetero_tp() {
     // Two prefill ranks with half-size blocks fill the two halves of each decode block.
     let dst = Cache::new(1, 2, 32, 2048, 3);
