@@ -50,7 +50,7 @@ compiles() { # compiles LANGUAGE COMPILER: builds and links a program (COMPILER 
   local tmp rc
   tmp=$(mktemp -d)
   printf 'int main(void) { return 0; }\n' > "$tmp/main"
-  # shellcheck disable=SC2086 # a compiler command line, as CC and CXX may hold
+  # shellcheck disable=SC2086 # a compiler command line, as CC may hold
   $2 -x "$1" "$tmp/main" -o "$tmp/a.out" >/dev/null 2>&1 && rc=0 || rc=1
   rm -rf "$tmp"
   return $rc

@@ -27,6 +27,9 @@ pub const MAX_REQUESTS: usize = 2;
 /// make the decode hold.
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 
+/// The least time a connection attempt to one of a name's addresses is given.
+const MIN_CONNECT_TIME: Duration = Duration::from_millis(250);
+
 /// How long the prefill side waits before it tries again to reach a decode that is not listening (yet).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -68,31 +71,58 @@ impl ControlServer {
 /// Answers the requests of one connection, at most [`MAX_REQUESTS`], then closes it.
 fn converse(mut stream: TcpStream, greeting: &Greeting<'_>, peer: SocketAddr, log: &Logger, mut answer: impl FnMut(&[u8]) -> Vec<u8>) {
     let _ = stream.set_nodelay(true);
+    let deadline = greeting.deadline();
     // Replies are sent within the hello time too (a peer that does not take them holds nothing longer).
     let send = |stream: &mut TcpStream, reply: &[u8]| {
-        let left = greeting.deadline().saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         !left.is_zero() && stream.set_write_timeout(Some(left)).is_ok() && stream.write_all(&frame(reply)).is_ok()
     };
+    let refuse = |stream: &mut TcpStream, e: Error| {
+        log.error_from(&host_of(peer.ip()).to_string(), format!("refused a control connection from {peer}: {e}"));
+        send(stream, &wire::encode(&Reply::reject(&e)));
+    };
     for _ in 0..MAX_REQUESTS {
-        let mut header = [0u8; 4];
-        if greeting.read_hello(&mut stream, &mut header).is_err() {
+        let request = match read_frame(|buf| listener::read_before(&mut stream, buf, deadline), MAX_REQUEST_BYTES) {
+            Ok(request) => request,
+            Err(e) if e.kind() == ErrorKind::InvalidData => return refuse(&mut stream, Error::protocol(e.to_string())),
+            Err(_) => return,
+        };
+        // An answer may admit the peer (a queue pair, a ptrace grant): not worth it when no time is left to
+        // send it.
+        if deadline.saturating_duration_since(Instant::now()) < REPLY_MARGIN {
             return;
         }
-        let len = u32::from_be_bytes(header) as usize;
-        if len > MAX_REQUEST_BYTES {
-            let e = Error::protocol(match header[0] {
-                ZMTP_SIGNATURE => "the prefill speaks ZeroMQ: it runs kvtransfer of wire protocol 3 or older; run one version on both sides".to_string(),
-                _ => format!("a control request of {len} bytes (at most {MAX_REQUEST_BYTES}): not a kvtransfer prefill, or an incompatible version"),
-            });
-            log.error_from(&host_of(peer.ip()).to_string(), format!("refused a control connection from {peer}: {e}"));
-            send(&mut stream, &wire::encode(&Reply::reject(&e)));
-            return;
+        let reply = answer(&request);
+        if reply.len() > MAX_MESSAGE_BYTES {
+            let e = Error::new(ErrorCode::Internal, format!("a control reply of {} bytes (at most {MAX_MESSAGE_BYTES})", reply.len()));
+            return refuse(&mut stream, e);
         }
-        let mut request = vec![0u8; len];
-        if greeting.read_hello(&mut stream, &mut request).is_err() || !send(&mut stream, &answer(&request)) {
+        if !send(&mut stream, &reply) {
             return;
         }
     }
+}
+
+/// The least time left to the deadline for a request to be answered at all.
+const REPLY_MARGIN: Duration = Duration::from_millis(50);
+
+/// Reads one frame with `read_exact`: its length, refused (`InvalidData`) past `max` or where it is ZeroMQ's
+/// greeting, then that many bytes.
+pub fn read_frame(mut read_exact: impl FnMut(&mut [u8]) -> std::io::Result<()>, max: usize) -> std::io::Result<Vec<u8>> {
+    let mut header = [0u8; 4];
+    read_exact(&mut header)?;
+    let len = u32::from_be_bytes(header) as usize;
+    if header[0] == ZMTP_SIGNATURE {
+        let why = "the peer speaks ZeroMQ: it runs kvtransfer of wire protocol 3 or older; run one version on both sides";
+        return Err(std::io::Error::new(ErrorKind::InvalidData, why));
+    }
+    if len > max {
+        let why = format!("a control message of {len} bytes (at most {max}): not kvtransfer, or an incompatible version");
+        return Err(std::io::Error::new(ErrorKind::InvalidData, why));
+    }
+    let mut body = vec![0u8; len];
+    read_exact(&mut body)?;
+    Ok(body)
 }
 
 /// The first byte ZeroMQ sends on a connection (ZMTP 3's signature, `FF 00 … 7F`): the control port of
@@ -101,7 +131,7 @@ const ZMTP_SIGNATURE: u8 = 0xFF;
 
 /// `body` as a frame: its length, then its bytes.
 fn frame(body: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(body.len()).expect("a control message is at most MAX_MESSAGE_BYTES");
+    let len = u32::try_from(body.len()).expect("control messages are checked against MAX_MESSAGE_BYTES before they are sent");
     [&len.to_be_bytes()[..], body].concat()
 }
 
@@ -147,9 +177,17 @@ impl ControlClient {
                     std::thread::sleep(RETRY_PAUSE.min(self.deadline.saturating_duration_since(Instant::now())));
                     self.stream = open(&self.addrs, &self.endpoint, self.deadline, self.timeout)?;
                 }
+                Err(e) if e.kind() == ErrorKind::TimedOut && self.answered => {
+                    let why = format!("{} answered the greeting but not the hello within {} ms", self.endpoint, self.timeout.as_millis());
+                    return Err(Error::new(ErrorCode::Timeout, why));
+                }
                 Err(e) if e.kind() == ErrorKind::TimedOut => return Err(no_reply(&self.endpoint, self.timeout, None)),
                 Err(e) if e.kind() == ErrorKind::InvalidData => {
                     return Err(Error::protocol(format!("the control reply from {}: {e}", self.endpoint)))
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => {
+                    let why = format!("{} closed the handshake's connection after the greeting (its time for the handshake ran out, or it made room for others)", self.endpoint);
+                    return Err(Error::io(&why, e));
                 }
                 Err(e) => return Err(Error::io(&format!("waiting for the handshake reply from {}", self.endpoint), e)),
             }
@@ -167,19 +205,8 @@ impl ControlClient {
             ErrorKind::BrokenPipe => ErrorKind::ConnectionReset.into(),
             _ => e,
         })?;
-        let mut header = [0u8; 4];
-        listener::read_before(&mut self.stream, &mut header, self.deadline)?;
-        let len = u32::from_be_bytes(header) as usize;
-        if header[0] == ZMTP_SIGNATURE {
-            let why = "the decode speaks ZeroMQ: it runs kvtransfer of wire protocol 3 or older; run one version on both sides";
-            return Err(std::io::Error::new(ErrorKind::InvalidData, why));
-        }
-        if len > MAX_MESSAGE_BYTES {
-            return Err(std::io::Error::new(ErrorKind::InvalidData, format!("{len} bytes (at most {MAX_MESSAGE_BYTES})")));
-        }
-        let mut reply = vec![0u8; len];
-        listener::read_before(&mut self.stream, &mut reply, self.deadline)?;
-        Ok(reply)
+        let (stream, deadline) = (&mut self.stream, self.deadline);
+        read_frame(|buf| listener::read_before(stream, buf, deadline), MAX_MESSAGE_BYTES)
     }
 }
 
@@ -190,12 +217,15 @@ fn open(addrs: &[SocketAddr], endpoint: &str, deadline: Instant, timeout: Durati
     }
     let mut last = None;
     loop {
-        for addr in addrs {
+        for (i, addr) in addrs.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(no_reply(endpoint, timeout, last));
             }
-            match TcpStream::connect_timeout(addr, left) {
+            // Each address gets its share of the time left: one that drops packets (an IPv6 address of a decode
+            // listening on IPv4 only, say) leaves time for the next.
+            let share = (left / (addrs.len() - i) as u32).max(MIN_CONNECT_TIME).min(left);
+            match TcpStream::connect_timeout(addr, share) {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     return Ok(stream);
@@ -303,7 +333,7 @@ mod tests {
         };
         // One byte over the limit: refused before anything is allocated for it.
         let err = refusal(&(MAX_REQUEST_BYTES as u32 + 1).to_be_bytes());
-        assert!(err.message().contains("not a kvtransfer prefill"), "{err}");
+        assert!(err.message().contains("not kvtransfer"), "{err}");
         // What a prefill of wire protocol 3 (ZeroMQ) says first.
         let err = refusal(&[0xFF, 0, 0, 0, 0, 0, 0, 0, 1, 0x7F]);
         assert!(err.message().contains("ZeroMQ"), "{err}");
@@ -322,6 +352,50 @@ mod tests {
         let start = Instant::now();
         assert!(matches!(silent.read(&mut [0u8; 1]), Ok(0) | Err(_)));
         assert!(start.elapsed() < Duration::from_secs(3), "closed after {:?}", start.elapsed());
+    }
+
+    #[test]
+    fn a_reply_too_long_becomes_a_refusal() {
+        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_| |_: &[u8]| vec![7; MAX_MESSAGE_BYTES + 1]).unwrap();
+        let reply = request("127.0.0.1", server.port(), b"hi", TIME).unwrap();
+        let err = wire::decode_reply(&reply).unwrap_err();
+        assert!(err.message().contains("a control reply of"), "{err}");
+    }
+
+    #[test]
+    fn a_decode_that_answers_the_greeting_only_is_named_so() {
+        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_| {
+            let mut n = 0;
+            move |r: &[u8]| {
+                n += 1;
+                if n == 2 {
+                    std::thread::sleep(Duration::from_millis(600));
+                }
+                r.to_vec()
+            }
+        })
+        .unwrap();
+        let mut client = ControlClient::connect("127.0.0.1", server.port(), Duration::from_millis(400)).unwrap();
+        assert_eq!(client.ask(b"greeting").unwrap(), b"greeting");
+        let err = client.ask(b"hello").unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Timeout, "{err}");
+        assert!(err.message().contains("answered the greeting but not the hello"), "{err}");
+    }
+
+    #[test]
+    fn an_address_that_drops_packets_leaves_time_for_the_next() {
+        use std::os::fd::AsRawFd;
+        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_| |r: &[u8]| r.to_vec()).unwrap();
+        // A port whose queue of connections is full drops the next one's packets: it waits out its time.
+        let full = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: listen(2) on a socket this test owns; it only changes the queue's length (to one).
+        assert_eq!(unsafe { libc::listen(full.as_raw_fd(), 0) }, 0);
+        let _queued = TcpStream::connect(full.local_addr().unwrap()).unwrap();
+        let addrs = [full.local_addr().unwrap(), SocketAddr::from(([127, 0, 0, 1], server.port()))];
+        let timeout = Duration::from_secs(2);
+        let start = Instant::now();
+        open(&addrs, "a name of two addresses", start + timeout, timeout).unwrap();
+        assert!(start.elapsed() < Duration::from_millis(1500), "connected after {:?}", start.elapsed());
     }
 
     #[test]

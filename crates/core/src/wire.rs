@@ -27,7 +27,8 @@ use std::str::FromStr;
 /// The version of the handshake and of every transport's own framing. Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 4;
 
-/// Largest handshake message accepted; anything bigger is garbage.
+/// Largest control reply (a welcome or a refusal; requests are held to [`crate::control::MAX_REQUEST_BYTES`]):
+/// what a prefill accepts from a decode, and what a decode sends at most.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 
 /// A transport that moves bytes.

@@ -11,6 +11,7 @@ mod common;
 
 use kvtransfer::channel::{Frame, PeerInfo};
 use kvtransfer::communicator::negotiation;
+use kvtransfer::control;
 use kvtransfer::communicator::requests::Requests;
 use kvtransfer::memory::{CacheSpec, TensorSet};
 use kvtransfer::plan::{self, Run, SliceGeometry};
@@ -107,6 +108,13 @@ fn cache() -> (common::Cache, kvtransfer::memory::CacheLayout) {
 fn handshake_messages() {
     let (_memory, layout) = cache();
     proptest!(config(), |(bytes in inputs("handshake"))| {
+        // The control port's framing, then the message: as the decode reads a request.
+        let mut rest = &bytes[..];
+        if let Ok(body) = control::read_frame(|buf| std::io::Read::read_exact(&mut rest, buf), control::MAX_REQUEST_BYTES) {
+            prop_assert!(body.len() <= control::MAX_REQUEST_BYTES);
+            prop_assert_eq!(&bytes[4..4 + body.len()], &body[..]);
+            let _ = wire::decode_request(&body);
+        }
         let _ = wire::decode_request(&bytes);
         let _ = wire::decode_reply(&bytes);
         if let Ok(hello) = wire::decode_hello(&bytes) {

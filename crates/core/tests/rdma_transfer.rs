@@ -291,7 +291,9 @@ fn each_mark_arrives_after_its_writes_and_no_peer_can_read_the_cache() {
     let mut plan = BlockPlan::default();
     for k in 0..40u32 {
         plan.build(&[k % 64], &[k % 8], 0, 1, 64, 8).unwrap();
-        link.write_marked(&plan, k + 1, &mut || {}).unwrap();
+        let mut ran = 0;
+        link.write_marked(&plan, k + 1, &mut || ran += 1).unwrap();
+        assert_eq!(ran, 1, "meanwhile runs once per write");
         let (got_session, mark, intact) = marks.recv_timeout(Duration::from_secs(10)).expect("the mark arrives");
         assert_eq!((got_session, mark), (session, k + 1));
         assert!(intact, "mark {mark} arrived before its bytes");
@@ -307,4 +309,12 @@ fn each_mark_arrives_after_its_writes_and_no_peer_can_read_the_cache() {
     assert_eq!(err.code(), ErrorCode::Transport, "{err}");
     assert!(err.message().contains("ACCESS"), "{err}");
     assert_eq!(flushing.last_flush_read(), [0; 8], "nothing of the cache was read");
+    // A panic while the writes are on their way becomes the write's error, once the queue pair has stopped.
+    let pending = prefill.prepare().unwrap();
+    let (_, welcome) = target.accept(&pending.endpoint()).unwrap();
+    let mut link = pending.connect("decode".into(), &welcome, SliceGeometry::WHOLE, 8).unwrap();
+    plan.build(&[2], &[2], 0, 1, 64, 8).unwrap();
+    let err = link.write_marked(&plan, 1, &mut || panic!("meanwhile failed")).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Internal, "{err}");
+    assert!(err.message().contains("meanwhile failed"), "{err}");
 }

@@ -246,19 +246,19 @@ struct Handshake {
     auth: Option<AuthKey>,
 }
 
-/// A greeting answered on one control connection: the two nonces its hello must be signed over.
-struct Greeting {
+/// The nonces of a greeting answered on one control connection: what its hello must be signed over.
+struct Nonces {
     prefill: Nonce,
     decode: Nonce,
 }
 
 impl Handshake {
-    /// Answers one request of the control connection from `ip`; `greeted` is that connection's greeting.
-    fn answer(&self, ip: IpAddr, greeted: &mut Option<Greeting>, request: &[u8]) -> Reply {
+    /// Answers one request of the control connection from `ip`; `greeted` holds the nonces of that connection's greeting.
+    fn answer(&self, ip: IpAddr, greeted: &mut Option<Nonces>, request: &[u8]) -> Reply {
         let answered = wire::decode_request(request).and_then(|request| match request {
             Request::Greeting { nonce, .. } => self.greet(greeted, nonce),
             Request::Hello { hello, mac } => match greeted.take() {
-                Some(greeting) => self.accept(&greeting, &hello, mac),
+                Some(nonces) => self.accept(&nonces, &hello, mac),
                 None => Err(Error::protocol("a hello without a greeting before it on its connection")),
             },
         });
@@ -270,21 +270,21 @@ impl Handshake {
     }
 
     /// Answers a greeting with this side's nonce and, with a token, the proof that it holds it.
-    fn greet(&self, greeted: &mut Option<Greeting>, prefill: Nonce) -> Result<Reply> {
+    fn greet(&self, greeted: &mut Option<Nonces>, prefill: Nonce) -> Result<Reply> {
         if greeted.is_some() {
             return Err(Error::protocol("a second greeting on one control connection"));
         }
         let decode = auth::nonce();
-        *greeted = Some(Greeting { prefill, decode });
+        *greeted = Some(Nonces { prefill, decode });
         let proof = self.auth.as_ref().map(|key| key.sign(Proof::DecodeChallenge, &prefill, &decode, b""));
         Ok(Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: decode, proof })
     }
 
     /// Checks a hello (its MAC first, when a token is configured: nothing about the cache is said to a peer that
     /// has not proven it holds the token) and admits the prefill over the transport both sides prefer.
-    fn accept(&self, greeting: &Greeting, hello_text: &str, mac: Option<auth::Tag>) -> Result<Reply> {
+    fn accept(&self, nonces: &Nonces, hello_text: &str, mac: Option<auth::Tag>) -> Result<Reply> {
         if let Some(key) = &self.auth {
-            let proven = mac.is_some_and(|tag| key.verify(Proof::PrefillHello, &greeting.prefill, &greeting.decode, hello_text.as_bytes(), &tag));
+            let proven = mac.is_some_and(|tag| key.verify(Proof::PrefillHello, &nonces.prefill, &nonces.decode, hello_text.as_bytes(), &tag));
             if !proven {
                 return Err(Error::new(
                     ErrorCode::Unauthenticated,
@@ -293,11 +293,11 @@ impl Handshake {
             }
         }
         let channel_proof = |token: u64| {
-            self.auth.as_ref().map(|key| key.sign(Proof::ChannelHello, &greeting.prefill, &greeting.decode, &token.to_le_bytes()))
+            self.auth.as_ref().map(|key| key.sign(Proof::ChannelHello, &nonces.prefill, &nonces.decode, &token.to_le_bytes()))
         };
         let welcome = self.welcome(&wire::decode_hello(hello_text.as_bytes())?, channel_proof)?;
         let text = String::from_utf8(wire::encode(&welcome)).expect("JSON is UTF-8");
-        let mac = self.auth.as_ref().map(|key| key.sign(Proof::DecodeWelcome, &greeting.prefill, &greeting.decode, text.as_bytes()));
+        let mac = self.auth.as_ref().map(|key| key.sign(Proof::DecodeWelcome, &nonces.prefill, &nonces.decode, text.as_bytes()));
         Ok(Reply::Welcome { welcome: text, mac })
     }
 

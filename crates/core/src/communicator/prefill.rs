@@ -508,7 +508,10 @@ fn write_telling(connection: &mut Connection, plan: &BlockPlan, remote: &[u32], 
     let written = connection.link.write_marked(plan, mark, &mut || done = Some(done_frame()));
     match written {
         // Queued: the channel's own thread puts it on the wire, after the bytes are in place.
-        Ok(()) => connection.channel.send(done.unwrap_or_else(done_frame)),
+        Ok(()) => {
+            debug_assert!(done.is_some(), "a write that succeeded ran its meanwhile");
+            connection.channel.send(done.unwrap_or_else(done_frame))
+        }
         Err(e) => {
             // Best effort: if the channel is gone too, the decode fails the request when it sees it end.
             let _ = connection.channel.send(Frame::Failed { request: request.clone(), code: e.code(), reason: e.message().to_string() });

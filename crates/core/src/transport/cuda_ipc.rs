@@ -227,12 +227,11 @@ impl Link for CudaIpcLink {
         // against its block count, its layout against the geometry at `open`); the id lists live in
         // `self.ids`, which is not touched again before the stream is synchronised below.
         unsafe { self.stream.launch(&copy) }?;
-        // Synchronised even if `meanwhile` panics: the kernel reads `self.ids` until then.
+        // Synchronised even if `meanwhile` panics (the kernel reads `self.ids` until then); the panic is then
+        // this write's error, so the decode is told it failed.
         let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| meanwhile()));
         let copied = self.stream.synchronize().map_err(|e| Error::new(e.code(), format!("writing into {}: {}", self.peer, e.message())));
-        if let Err(panic) = prepared {
-            std::panic::resume_unwind(panic);
-        }
+        prepared.map_err(|panic| Error::from_panic(&*panic))?;
         copied
     }
 

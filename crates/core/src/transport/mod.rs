@@ -176,7 +176,8 @@ pub trait Link: Send {
     ///
     /// `meanwhile` runs at most once: while the bytes are on their way where the link waits for them (RDMA,
     /// CUDA IPC), so that what the caller prepares for after the write costs it no time; before the write
-    /// elsewhere. A write may fail after it ran, or before (then it does not run).
+    /// elsewhere. A write may fail after it ran, or before (then it does not run); one that succeeds ran it. A
+    /// panic in it becomes the write's error (`INTERNAL`) once nothing of the write can still read the cache.
     fn write_marked(&mut self, plan: &BlockPlan, mark: u32, meanwhile: &mut dyn FnMut()) -> Result<()> {
         let _ = mark;
         meanwhile();

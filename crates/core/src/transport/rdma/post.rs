@@ -147,10 +147,10 @@ pub fn execute(qp: &mut QueuePair, chain: &mut WriteChain, timeout: Duration, me
             posted += 1;
         }
         if let Some(meanwhile) = meanwhile.take() {
-            // A panic in it leaves no request posted, reading the cache, behind it.
+            // A panic in it fails the write as a failed post does: the queue pair is stopped and drained first.
             if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| meanwhile())) {
                 abort(qp, posted, done);
-                std::panic::resume_unwind(panic);
+                return Err(Error::from_panic(&*panic));
             }
         }
         let n = match qp.poll(&mut wcs) {
