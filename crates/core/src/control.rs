@@ -355,6 +355,27 @@ mod tests {
     }
 
     #[test]
+    fn a_request_with_no_time_left_to_answer_is_not_answered() {
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = answered.clone();
+        let server = ControlServer::bind(&LOCAL, 0, Duration::from_millis(500), log(), move |_| {
+            let seen = seen.clone();
+            move |r: &[u8]| {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                r.to_vec()
+            }
+        })
+        .unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        // Sent about 30 ms before the connection's 500 ms are up: under the margin an answer needs.
+        std::thread::sleep(Duration::from_millis(470));
+        s.write_all(&frame(b"late")).unwrap();
+        s.set_read_timeout(Some(TIME)).unwrap();
+        assert!(matches!(s.read(&mut [0u8; 1]), Ok(0) | Err(_)), "closed without a reply");
+        assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing was admitted for it");
+    }
+
+    #[test]
     fn a_reply_too_long_becomes_a_refusal() {
         let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_| |_: &[u8]| vec![7; MAX_MESSAGE_BYTES + 1]).unwrap();
         let reply = request("127.0.0.1", server.port(), b"hi", TIME).unwrap();
