@@ -39,7 +39,7 @@ pub fn write(pid: libc::pid_t, local: &mut Vec<IoVec>, remote: &mut Vec<IoVec>, 
     if parts == 1 {
         return write_all(pid, local, remote);
     }
-    let ends = cut(local, remote, parts);
+    let ends = cut(local, remote, total.div_ceil(parts), parts);
     let mut parts = Vec::with_capacity(ends.len());
     let (mut local, mut remote, mut start) = (&mut local[..], &mut remote[..], 0);
     for &end in &ends {
@@ -90,11 +90,9 @@ impl Part<'_> {
     }
 }
 
-/// Cuts the paired lists into `parts` runs of indices holding about equal bytes, splitting a pair of ranges in
-/// two where a boundary falls inside it. Returns where each part ends.
-fn cut(local: &mut Vec<IoVec>, remote: &mut Vec<IoVec>, parts: usize) -> Vec<usize> {
-    let total: usize = local.iter().map(|v| v.iov_len).sum();
-    let share = total.div_ceil(parts);
+/// Cuts the paired lists into `parts` runs of indices, each but the last holding `share` bytes, splitting a
+/// pair of ranges in two where a boundary falls inside it. Returns where each part ends.
+fn cut(local: &mut Vec<IoVec>, remote: &mut Vec<IoVec>, share: usize, parts: usize) -> Vec<usize> {
     let mut ends = Vec::with_capacity(parts);
     let mut i = 0;
     while ends.len() + 1 < parts {
@@ -191,7 +189,7 @@ mod tests {
         let (src, mut dst) = (vec![0u8; 1000], vec![0u8; 1000]);
         // 700 bytes in one range, then 100 ranges of 3: three parts of 334, 334 and 332 bytes.
         let (mut local, mut remote) = pairs(&src, &mut dst, 700, 3, 100);
-        let ends = cut(&mut local, &mut remote, 3);
+        let ends = cut(&mut local, &mut remote, 334, 3);
         assert_eq!(ends.len(), 3);
         assert_eq!(*ends.last().unwrap(), local.len());
         let bytes = |from: usize, to: usize| local[from..to].iter().map(|v| v.iov_len).sum::<usize>();
