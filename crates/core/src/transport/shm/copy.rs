@@ -19,8 +19,8 @@ pub const BYTES_PER_THREAD: usize = 4 << 20;
 /// The most threads one write uses.
 const MAX_THREADS: usize = 4;
 
-/// Stack of a helper thread: it only makes system calls.
-const HELPER_STACK: usize = 64 << 10;
+/// Stack of a helper thread: it only makes system calls, but a panic's unwinding and backtrace need room too.
+const HELPER_STACK: usize = 256 << 10;
 
 /// How many threads a large write may use: [`MAX_THREADS`], or fewer where this process may run on fewer cores.
 pub fn threads() -> usize {
@@ -32,13 +32,17 @@ pub fn threads() -> usize {
 /// to `threads` threads, each given at least [`BYTES_PER_THREAD`]. A range may be cut in two (both lists stay
 /// paired), so the lists are the caller's scratch space.
 pub fn write(pid: libc::pid_t, local: &mut Vec<IoVec>, remote: &mut Vec<IoVec>, threads: usize) -> io::Result<()> {
-    assert_eq!(local.len(), remote.len(), "ranges come in pairs");
-    debug_assert!(local.iter().zip(remote.iter()).all(|(l, r)| l.iov_len == r.iov_len));
     let total: usize = local.iter().map(|v| v.iov_len).sum();
     let parts = threads.min(total / BYTES_PER_THREAD).max(1);
     if parts == 1 {
         return write_all(pid, local, remote);
     }
+    // Cut by index, so both sides must hold the same ranges' lengths (or a part could write past what was
+    // checked): once per large write, next to a copy of megabytes.
+    assert!(
+        local.len() == remote.len() && local.iter().zip(remote.iter()).all(|(l, r)| l.iov_len == r.iov_len),
+        "ranges come in pairs of equal length"
+    );
     let ends = cut(local, remote, total.div_ceil(parts), parts);
     let mut parts = Vec::with_capacity(ends.len());
     let (mut local, mut remote, mut start) = (&mut local[..], &mut remote[..], 0);
@@ -102,7 +106,7 @@ fn cut(local: &mut Vec<IoVec>, remote: &mut Vec<IoVec>, share: usize, parts: usi
             if len > need {
                 for list in [&mut *local, &mut *remote] {
                     let head = list[i];
-                    let tail = IoVec { iov_base: (head.iov_base as usize + need) as *mut libc::c_void, iov_len: len - need };
+                    let tail = IoVec { iov_base: (head.iov_base as usize + need) as *mut libc::c_void, iov_len: head.iov_len - need };
                     list[i].iov_len = need;
                     list.insert(i + 1, tail);
                 }
@@ -218,6 +222,17 @@ mod tests {
         for (from, to, len) in expected {
             assert!(src[from..from + len] == dst[to..to + len], "range at {from} ({len} bytes) landed wrong");
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "pairs of equal length")]
+    fn lists_split_differently_are_never_cut() {
+        let size = 2 * BYTES_PER_THREAD;
+        let (src, mut dst) = (vec![1u8; size], vec![0u8; size]);
+        let mut local = vec![iovec(src.as_ptr() as u64, size as u64)];
+        let half = (size / 2) as u64;
+        let mut remote = vec![iovec(dst.as_mut_ptr() as u64, half), iovec(dst.as_mut_ptr() as u64 + half, half)];
+        let _ = write(std::process::id() as _, &mut local, &mut remote, 2);
     }
 
     #[test]
