@@ -113,6 +113,55 @@ test('abort reaches the waiting decode, and later writes of the request are refu
   t.regex(aborted.reason, /client disconnected/)
 })
 
+test('a request belongs to the prefill instance that started it: another prefill can neither complete nor abort it', async (t) => {
+  const shape = { layers: 2, blocks: 16, blockBytes: 1024 }
+  const { src, dst, decode, prefill } = pair(t, shape)
+  const cacheOpts = { keyPtrs: src.keyPtrs, valuePtrs: src.valuePtrs, blockNumber: shape.blocks, blockBytes: shape.blockBytes }
+  // A second engine: its own instance id (the same token, were there one).
+  const other = Communicator.prefill({ ...cacheOpts, ...transportOptions, instanceId: 'engine-b' })
+  t.teardown(() => other.close())
+  const peer = await prefill.connect(HOST, decode.port)
+  const stranger = await other.connect(HOST, decode.port)
+  await peer.write([1], [2], 0, { requestId: 'mine' })
+  await decode.waitFor('mine', { layers: [0], timeoutMs: 10_000 })
+  await stranger.write([3], [4], 1, { requestId: 'mine' })
+  await other.abortRequest(HOST, decode.port, 'mine', 'hijacked')
+  const err = await t.throwsAsync(decode.waitFor('mine', { timeoutMs: 500 }))
+  t.is(err.code, 'TIMEOUT', 'neither complete nor aborted')
+  await peer.write([5], [6], 1, { requestId: 'mine' })
+  await decode.waitFor('mine', { timeoutMs: 10_000 })
+  t.is(dst.blockHash('key', 1, 6), src.blockHash('key', 1, 5))
+  // The stranger's own requests are served as before.
+  await stranger.write([7], [8], 0, { requestId: 'theirs' })
+  await decode.waitFor('theirs', { layers: [0], timeoutMs: 10_000 })
+})
+
+test('a request that makes no progress for requestTtlMs ends expired', async (t) => {
+  const shape = { layers: 2, blocks: 16, blockBytes: 1024 }
+  const src = makeCache(shape)
+  const dst = makeCache(shape)
+  const cacheOf = (c) => ({ keyPtrs: c.keyPtrs, valuePtrs: c.valuePtrs, blockNumber: shape.blocks, blockBytes: shape.blockBytes })
+  const decode = Communicator.decode({ ...cacheOf(dst), ...transportOptions, requestTtlMs: 1000 })
+  const prefill = Communicator.prefill({ ...cacheOf(src), ...transportOptions, instanceId: 'engine-a' })
+  t.teardown(() => {
+    prefill.close()
+    decode.close()
+    src.free()
+    dst.free()
+  })
+  t.is(t.throws(() => Communicator.decode({ ...cacheOf(dst), requestTtlMs: 10 })).code, 'CONFIG')
+  const events = decode.notifications()
+  const peer = await prefill.connect(HOST, decode.port)
+  await peer.write([1], [2], 0, { requestId: 'stalled' })
+  const started = Date.now()
+  const err = await t.throwsAsync(decode.waitFor('stalled', { timeoutMs: 10_000 }))
+  t.is(err.code, 'EXPIRED')
+  t.regex(err.message, /KVCACHE_REQUEST_TTL_MS/)
+  t.true(Date.now() - started >= 900, `expired after ${Date.now() - started} ms`)
+  t.is((await events.next()).value.status, 'done')
+  t.like((await events.next()).value, { requestId: 'stalled', status: 'expired', layerIdx: null })
+})
+
 test('a prefill process killed in the middle of a request fails the wait within seconds', async (t) => {
   const shape = { layers: 2, blocks: 16, blockBytes: 1024 }
   const dst = makeCache(shape)

@@ -13,6 +13,7 @@ export type ErrorCode =
   | 'UNAUTHENTICATED'
   | 'ABORTED'
   | 'REVOKED'
+  | 'EXPIRED'
 
 // Every code once: a missing one fails to compile (the record must have a key for each).
 const ERROR_CODES: ReadonlySet<string> = new Set(
@@ -30,6 +31,7 @@ const ERROR_CODES: ReadonlySet<string> = new Set(
     UNAUTHENTICATED: 0,
     ABORTED: 0,
     REVOKED: 0,
+    EXPIRED: 0,
   } satisfies Record<ErrorCode, 0>),
 )
 

@@ -66,6 +66,19 @@ export interface Settings {
    * admitted ones waiting to open; past that new connections are closed.
    */
   maxPeers?: number
+  /**
+   * `KVCACHE_REQUEST_TTL_MS` (default 300 000, 1 000–86 400 000), on a decode: a request that makes no progress
+   * for this long (no layer arrives) ends `'expired'` (its `waitFor` rejects with `EXPIRED`, a notification says
+   * so), and an ended request is remembered for a late `waitFor` for as long.
+   */
+  requestTtlMs?: number
+  /**
+   * `KVCACHE_INSTANCE_ID` (1 to 128 bytes), on a prefill: the engine instance this communicator is a rank of.
+   * A request belongs to the instance that started it: its ranks (the same id) write it together, and what any
+   * other prefill says of it is refused. Without an id, each communicator is an instance of its own. Give the
+   * tensor-parallel ranks of one engine the same id, and different engines different ids.
+   */
+  instanceId?: string
 }
 
 /** A quantised cache's scales: each block's scales move with it. */
@@ -115,6 +128,8 @@ const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'n
   authToken: 'string',
   timeoutMs: 'number',
   maxPeers: 'number',
+  requestTtlMs: 'number',
+  instanceId: 'string',
 }
 /** Settings whose values are never shown, not even in an error. */
 const SECRET_KEYS: ReadonlySet<string> = new Set(['authToken'])

@@ -33,8 +33,8 @@ export interface WaitOptions {
   signal?: AbortSignal
 }
 
-/** What became of a write (`'done'`) or of a request (`'failed'`, `'aborted'`). */
-export type NotificationStatus = 'done' | 'failed' | 'aborted'
+/** What became of a write (`'done'`) or of a request (`'failed'`, `'aborted'`, `'expired'`). */
+export type NotificationStatus = 'done' | 'failed' | 'aborted' | 'expired'
 
 /** One event of a request, delivered to the decode ({@link Communicator.notifications}). */
 export interface Notification {
@@ -46,9 +46,13 @@ export interface Notification {
   blockIds: number[]
   /** The prefill link it came from (`'prefill tp 0/1 at 10.0.0.1'`). */
   peer: string
-  /** What happened: a write arrived (`'done'`), or the request will not complete (`'failed'`, `'aborted'`). */
+  /**
+   * What happened: a write arrived (`'done'`), or the request will not complete: a write failed or its prefill
+   * went away (`'failed'`), its prefill aborted it (`'aborted'`), or it made no progress for `requestTtlMs`
+   * (`'expired'`).
+   */
   status: NotificationStatus
-  /** Why the request failed or was aborted. */
+  /** Why the request failed, was aborted or expired. */
   reason?: string
 }
 

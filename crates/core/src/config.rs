@@ -16,6 +16,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The longest instance id (`KVCACHE_INSTANCE_ID`), in bytes.
+pub const MAX_INSTANCE_ID: usize = 128;
+
 /// One configurable setting: its environment variable and its option name in the bindings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Setting {
@@ -32,11 +35,13 @@ pub enum Setting {
     AuthToken,
     TimeoutMs,
     MaxPeers,
+    RequestTtlMs,
+    InstanceId,
 }
 
 impl Setting {
     /// Every setting, in documentation order.
-    pub const ALL: [Setting; 13] = [
+    pub const ALL: [Setting; 15] = [
         Setting::GidIndex,
         Setting::RdmaNics,
         Setting::IbTimeout,
@@ -50,6 +55,8 @@ impl Setting {
         Setting::AuthToken,
         Setting::TimeoutMs,
         Setting::MaxPeers,
+        Setting::RequestTtlMs,
+        Setting::InstanceId,
     ];
 
     /// The environment variable that sets it (`None` for settings that are options only).
@@ -67,6 +74,8 @@ impl Setting {
             Setting::Transport => "KVCACHE_TRANSPORT",
             Setting::AuthToken => "KVCACHE_AUTH_TOKEN",
             Setting::MaxPeers => "KVCACHE_MAX_PEERS",
+            Setting::RequestTtlMs => "KVCACHE_REQUEST_TTL_MS",
+            Setting::InstanceId => "KVCACHE_INSTANCE_ID",
             Setting::TimeoutMs => return None,
         })
     }
@@ -87,6 +96,8 @@ impl Setting {
             Setting::AuthToken => "authToken",
             Setting::TimeoutMs => "timeoutMs",
             Setting::MaxPeers => "maxPeers",
+            Setting::RequestTtlMs => "requestTtlMs",
+            Setting::InstanceId => "instanceId",
         }
     }
 
@@ -212,6 +223,12 @@ pub struct Config {
     /// request channel, and a TCP data connection or RDMA queue pair), and the most admitted ones waiting to
     /// open; past that a new connection is closed, and the oldest waiting admission is let go.
     pub max_peers: usize,
+    /// `KVCACHE_REQUEST_TTL_MS` (default 300 000, 1 000..=86 400 000): a decode gives up a request that made no
+    /// progress for this long (it ends `expired`), and remembers an ended one for as long.
+    pub request_ttl: Duration,
+    /// `KVCACHE_INSTANCE_ID` (1 to 128 bytes, no control characters): the prefill instance this communicator is
+    /// a rank of. Ranks that share it own their requests together; without it, each link owns its own.
+    pub instance_id: Option<String>,
 }
 
 impl Default for Config {
@@ -230,6 +247,8 @@ impl Default for Config {
             timeout: Duration::from_secs(10),
             auth_token: None,
             max_peers: 4096,
+            request_ttl: Duration::from_secs(300),
+            instance_id: None,
         }
     }
 }
@@ -309,6 +328,14 @@ impl Config {
             }
             Setting::TimeoutMs => self.timeout = Duration::from_millis(whole(v, 1, 86_400_000)?),
             Setting::MaxPeers => self.max_peers = whole(v, 1, 65_536)? as usize,
+            Setting::RequestTtlMs => self.request_ttl = Duration::from_millis(whole(v, 1_000, 86_400_000)?),
+            Setting::InstanceId => {
+                let id = text(v)?;
+                if id.len() > MAX_INSTANCE_ID || id.chars().any(char::is_control) {
+                    return Err(format!("expected 1 to {MAX_INSTANCE_ID} bytes without control characters"));
+                }
+                self.instance_id = Some(id.to_string());
+            }
             Setting::AuthToken => {
                 let token = text(v)?;
                 // One challenge lets anyone test guesses offline, so the secret must be too long to guess.
@@ -447,6 +474,22 @@ mod tests {
         for bad in ["0", "65537", "-1", "1.5", "many"] {
             let err = load(&[("KVCACHE_MAX_PEERS", bad)], &[]).unwrap_err();
             assert!(err.message().starts_with("KVCACHE_MAX_PEERS"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn request_ttl_and_instance_id_are_checked() {
+        let cfg = load(&[], &[]).unwrap();
+        assert_eq!((cfg.request_ttl, cfg.instance_id), (Duration::from_secs(300), None));
+        let cfg = load(&[("KVCACHE_REQUEST_TTL_MS", "2000"), ("KVCACHE_INSTANCE_ID", "prefill-7")], &[]).unwrap();
+        assert_eq!((cfg.request_ttl, cfg.instance_id.as_deref()), (Duration::from_secs(2), Some("prefill-7")));
+        for bad in ["999", "86400001", "soon"] {
+            let err = load(&[("KVCACHE_REQUEST_TTL_MS", bad)], &[]).unwrap_err();
+            assert!(err.message().starts_with("KVCACHE_REQUEST_TTL_MS"), "{bad}: {err}");
+        }
+        for bad in ["a\nb".to_string(), "x".repeat(MAX_INSTANCE_ID + 1)] {
+            let err = load(&[], &[(Setting::InstanceId, bad.as_str())]).unwrap_err();
+            assert!(err.message().contains("option instanceId"), "{err}");
         }
     }
 

@@ -37,6 +37,8 @@ pub enum ErrorCode {
     Aborted,
     /// The decode revoked the request (`revoke`): its writes move nothing any more.
     Revoked,
+    /// The request made no progress for its time to live (`KVCACHE_REQUEST_TTL_MS`): the decode gave up on it.
+    Expired,
 }
 
 impl ErrorCode {
@@ -56,6 +58,7 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => "UNAUTHENTICATED",
             ErrorCode::Aborted => "ABORTED",
             ErrorCode::Revoked => "REVOKED",
+            ErrorCode::Expired => "EXPIRED",
         }
     }
 
@@ -74,6 +77,7 @@ impl ErrorCode {
             11 => ErrorCode::Unauthenticated,
             12 => ErrorCode::Aborted,
             13 => ErrorCode::Revoked,
+            14 => ErrorCode::Expired,
             _ => ErrorCode::Protocol,
         }
     }
@@ -94,13 +98,14 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => 11,
             ErrorCode::Aborted => 12,
             ErrorCode::Revoked => 13,
+            ErrorCode::Expired => 14,
         }
     }
 }
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Config,
         ErrorCode::NotConnected,
@@ -114,6 +119,7 @@ impl ErrorCode {
         ErrorCode::Unauthenticated,
         ErrorCode::Aborted,
         ErrorCode::Revoked,
+        ErrorCode::Expired,
     ];
 }
 

@@ -139,6 +139,9 @@ pub struct Hello {
     /// cut them off (same-host) stops waiting for them.
     #[serde(default)]
     pub dropped: Vec<u64>,
+    /// The prefill instance it is a rank of (`KVCACHE_INSTANCE_ID`): its ranks own their requests together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// One transport a prefill offers.
@@ -281,6 +284,7 @@ pub(crate) mod tests {
             host: None,
             pid: None,
             dropped: Vec::new(),
+            instance: None,
         }
     }
 

@@ -20,7 +20,11 @@ use kvtransfer::transport::{cuda_ipc::IpcWelcome, from_details, rdma::RdmaWelcom
 use kvtransfer::wire::{self, TransportKind};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, FileFailurePersistence};
+use kvtransfer::log::Logger;
+use kvtransfer::Config;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 fn cases() -> u32 {
     std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(4096)
@@ -178,8 +182,9 @@ fn tcp_frames_and_run_tables() {
 
 #[test]
 fn request_channel_frames() {
-    let requests = Requests::new(2, 8);
-    let peer = PeerInfo { name: "fuzz".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, pid: None };
+    let log = Arc::new(Logger::new(&Config::default(), "fuzz").unwrap());
+    let requests = Requests::new(2, 8, Duration::from_secs(60), log);
+    let peer = PeerInfo { name: "fuzz".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, pid: None, instance: None, address: None };
     let link = std::cell::Cell::new(0u64);
     proptest!(config(), |(bytes in inputs("channel"))| {
         // A frame as the channel reads it: a length, then that many bytes.

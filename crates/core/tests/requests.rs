@@ -323,7 +323,8 @@ fn with_two_prefill_ranks_a_layer_arrives_once_both_slices_have() {
             .map(|rank| {
                 let src = Cache::new(2, 2, 8, 1024, 16 + rank as u8);
                 let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: common::layout(src.spec()), tp_size: 2, tp_idx: rank };
-                let p = Arc::new(Communicator::new(spec, config(kind)).unwrap());
+                // The two ranks of one prefill instance own its requests together.
+                let p = Arc::new(Communicator::new(spec, Config { instance_id: Some("engine-a".into()), ..config(kind) }).unwrap());
                 p.connect(HOST, d.port(), 1).unwrap();
                 (src, p)
             })
@@ -365,5 +366,85 @@ fn a_prefill_that_closes_right_after_its_last_write_still_completes_the_request(
             drop(p);
             d.wait_for(&r, None, WAIT).unwrap_or_else(|e| panic!("{kind} round {round}: {e}"));
         }
+    }
+}
+
+/// Every notification of `d` from now on, one at a time.
+fn every_notification(d: &Arc<Communicator>) -> mpsc::Receiver<Notification> {
+    fn take(d: Arc<Communicator>, tx: mpsc::Sender<Notification>) {
+        d.clone().next_notifications_then(move |batch| {
+            // An empty batch: the decode closed.
+            if !batch.is_empty() && batch.into_iter().all(|n| tx.send(n).is_ok()) {
+                take(d, tx);
+            }
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    take(d.clone(), tx);
+    rx
+}
+
+fn rank(cache: CacheSpec, kind: TransportKind, tp_size: u32, tp_idx: u32, instance: Option<&str>) -> Arc<Communicator> {
+    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: common::layout(cache), tp_size, tp_idx };
+    Arc::new(Communicator::new(spec, Config { instance_id: instance.map(str::to_string), ..config(kind) }).unwrap())
+}
+
+#[test]
+fn a_request_belongs_to_the_prefill_that_started_it() {
+    for kind in kinds() {
+        let src = Cache::new(2, 2, 8, 2048, 21);
+        let half = Cache::new(2, 2, 8, 1024, 22);
+        let dst = Cache::new(2, 2, 8, 2048, 23);
+        let d = decode(dst.spec(), kind);
+        let notes = every_notification(&d);
+        let owner = prefill(src.spec(), kind);
+        owner.connect(HOST, d.port(), 1).unwrap();
+        // Another prefill that knows the id (the same token, were there one), and a ratio-2 rank of a third.
+        let other = prefill(src.spec(), kind);
+        other.connect(HOST, d.port(), 1).unwrap();
+        let hijacker = rank(half.spec(), kind, 2, 1, None);
+        hijacker.connect(HOST, d.port(), 1).unwrap();
+        let r = id("owned");
+        owner.write_request(HOST, d.port(), &[1], &[3], 0, Some(&r)).unwrap();
+        assert_eq!(notes.recv_timeout(WAIT).unwrap().layer, Some(0));
+        // The other writes layer 1 (its bytes land: RDMA is one-sided) and aborts; the hijacker writes its half.
+        other.write_request(HOST, d.port(), &[2], &[4], 1, Some(&r)).unwrap();
+        other.write_request(HOST, d.port(), &[], &[], 1, Some(&r)).unwrap();
+        hijacker.write_request(HOST, d.port(), &[1], &[3], 1, Some(&r)).unwrap();
+        other.abort_request(HOST, d.port(), &r, "not mine").unwrap();
+        let err = d.wait_for(&r, None, Duration::from_millis(500)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Timeout, "{kind}: the request is neither complete nor aborted: {err}");
+        assert!(notes.try_recv().is_err(), "{kind}: nothing was said of their writes");
+        // The owner's link was not cut off: it completes the request, and the others serve requests of their own.
+        owner.write_request(HOST, d.port(), &[1], &[4], 1, Some(&r)).unwrap();
+        d.wait_for(&r, None, WAIT).unwrap_or_else(|e| panic!("{kind}: {e}"));
+        assert_eq!(dst.block(1, 1, 4), src.block(1, 1, 1), "{kind}");
+        other.write_request(HOST, d.port(), &[2], &[5], 0, Some(&id("theirs"))).unwrap();
+        d.wait_for(&id("theirs"), Some(vec![0]), WAIT).unwrap_or_else(|e| panic!("{kind}: {e}"));
+    }
+}
+
+#[test]
+fn a_hetero_request_whose_other_rank_never_writes_expires() {
+    for kind in kinds() {
+        let dst = Cache::new(2, 2, 8, 2048, 24);
+        let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(dst.spec()), tp_size: 1, tp_idx: 0 };
+        let d = Arc::new(Communicator::new(spec, Config { request_ttl: Duration::from_secs(1), ..config(kind) }).unwrap());
+        let notes = every_notification(&d);
+        let src = Cache::new(2, 2, 8, 1024, 25);
+        let rank0 = rank(src.spec(), kind, 2, 0, Some("engine-b"));
+        rank0.connect(HOST, d.port(), 1).unwrap();
+        let r = id("half");
+        let started = Instant::now();
+        for layer in 0..2 {
+            rank0.write_request(HOST, d.port(), &[1], &[2], layer, Some(&r)).unwrap();
+        }
+        let err = d.wait_for(&r, None, WAIT).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Expired, "{kind}: {err}");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(3), "{kind}: expired after {took:?}");
+        let expired = std::iter::from_fn(|| notes.recv_timeout(WAIT).ok()).find(|n| n.status == Status::Expired).unwrap();
+        assert_eq!(expired.request_id, "half");
+        assert!(expired.reason.as_deref().unwrap().contains("KVCACHE_REQUEST_TTL_MS"), "{expired:?}");
     }
 }

@@ -290,3 +290,58 @@ fn handshake_mismatches_are_errors_on_both_sides() {
     assert!(logged.contains("layer count mismatch"), "decode error log: {logged}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_write_trickled_a_byte_at_a_time_is_given_up_after_its_deadline() {
+    let dst = Cache::new(2, 2, 8, 64, 71);
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(dst.spec()), tp_size: 1, tp_idx: 0 };
+    let d = Communicator::new(spec, Config { timeout: Duration::from_secs(1), ..tcp() }).unwrap();
+    let (mut s, _channel) = raw_peer::link(d.port(), 2, 64);
+    let runs = [kvtransfer::plan::Run { local: 0, remote: 3, count: 1 }];
+    let mut header = vec![];
+    WriteHeader { layer: 0, runs: 1, tensors: 0b11, seq: 1, payload_bytes: 2 * 64 }.encode_with_runs(&runs, &mut header);
+    s.write_all(&header).unwrap();
+    // One byte every 300 ms: each read comes well within the timeout, the write never within its deadline.
+    let mut trickle = s.try_clone().unwrap();
+    let started = std::time::Instant::now();
+    std::thread::spawn(move || {
+        for _ in 0..128 {
+            std::thread::sleep(Duration::from_millis(300));
+            if trickle.write_all(&[0xEE]).is_err() {
+                return;
+            }
+        }
+    });
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut byte = [0u8; 1];
+    let ended = s.read(&mut byte);
+    assert!(matches!(ended, Ok(0) | Err(_)), "the decode answered a write that never came whole: {ended:?}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "given up after {took:?}, not at its deadline");
+}
+
+#[test]
+fn a_notification_of_blocks_the_link_did_not_deliver_cuts_it_off() {
+    use kvtransfer::channel::{Frame, RequestId};
+    let dst = Cache::new(2, 2, 8, 64, 72);
+    let d = decode(dst.spec());
+    let (mut data, mut channel) = raw_peer::link(d.port(), 2, 64);
+    let r = RequestId::new("claimed").unwrap();
+    // Block 3 of layer 0 arrives, and is notified: accepted.
+    let mut buf = vec![];
+    let runs = [kvtransfer::plan::Run { local: 0, remote: 3, count: 1 }];
+    WriteHeader { layer: 0, runs: 1, tensors: 0b11, seq: 1, payload_bytes: 2 * 64 }.encode_with_runs(&runs, &mut buf);
+    buf.extend([0xAB; 2 * 64]);
+    data.write_all(&buf).unwrap();
+    assert_eq!(read_ack(&mut data).0, 0);
+    channel.send_direct(&Frame::Start { request: r.clone() }).unwrap();
+    channel.send_direct(&Frame::Done { request: r.clone(), layer: 0, mark: 1, blocks: vec![3] }).unwrap();
+    d.wait_for(&r, Some(vec![0]), Duration::from_secs(5)).unwrap();
+    // Layer 1's blocks 4 and 5 never came: a notification of them is a lie, and its link is cut off.
+    channel.send_direct(&Frame::Done { request: r.clone(), layer: 1, mark: 2, blocks: vec![4, 5] }).unwrap();
+    data.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(matches!(data.read(&mut byte), Ok(0) | Err(_)), "the link was not cut off");
+    let err = d.wait_for(&r, None, Duration::from_secs(5)).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Transport, "{err}");
+}

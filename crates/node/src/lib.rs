@@ -61,6 +61,8 @@ pub struct NativeSettings {
     pub auth_token: Option<String>,
     pub timeout_ms: Option<f64>,
     pub max_peers: Option<f64>,
+    pub request_ttl_ms: Option<f64>,
+    pub instance_id: Option<String>,
 }
 
 impl NativeSettings {
@@ -86,6 +88,8 @@ impl NativeSettings {
             (Setting::AuthToken, text(self.auth_token)),
             (Setting::TimeoutMs, number(self.timeout_ms)),
             (Setting::MaxPeers, number(self.max_peers)),
+            (Setting::RequestTtlMs, number(self.request_ttl_ms)),
+            (Setting::InstanceId, text(self.instance_id)),
         ]
         .into_iter()
         .filter_map(|(setting, value)| value.map(|v| (setting, v)))

@@ -34,9 +34,16 @@ pub const MAX_REQUEST_ID: usize = 256;
 /// The longest reason a frame carries (longer ones are cut).
 pub const MAX_REASON: usize = 1024;
 
-/// A request's name, chosen by the engine: 1 to [`MAX_REQUEST_ID`] bytes of UTF-8.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A request's name, chosen by the engine: 1 to [`MAX_REQUEST_ID`] bytes of UTF-8. Its `Debug` form is the
+/// quoted id (`"req-3"`), as messages show it.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestId(String);
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
 
 impl RequestId {
     /// Checks `id`: not empty, at most [`MAX_REQUEST_ID`] bytes.

@@ -45,6 +45,11 @@ pub struct PeerInfo {
     pub session: u64,
     /// Its process, for a same-host transport (which the decode cannot cut off: it waits for the process).
     pub pid: Option<u32>,
+    /// The prefill instance it belongs to (its ranks share it), when the engine named one: the owner of the
+    /// requests it starts. `None`: an instance of its own.
+    pub instance: Option<String>,
+    /// Where its request channel comes from (set once the channel opened): logs about it are limited per host.
+    pub address: Option<IpAddr>,
 }
 
 /// What the decode does with what its channels say.
@@ -55,6 +60,8 @@ pub trait Events: Send + Sync {
     fn frame(&self, channel: u64, peer: &PeerInfo, frame: Frame) -> Result<()>;
     /// The channel ended, `why`. `goodbye`: the prefill said its link writes nothing more before it ended.
     fn closed(&self, channel: u64, peer: &PeerInfo, why: &str, goodbye: bool);
+    /// Called about every 100 ms while the server runs (the decode's timers ride on it).
+    fn tick(&self) {}
 }
 
 /// What the decode asks every peer to confirm.
@@ -254,6 +261,7 @@ fn expire_admissions(shared: &Shared) {
         std::thread::park_timeout(EXPIRE_EVERY);
         let expired = take_expired(shared, &mut lock(&shared.pending));
         let_go(shared, expired);
+        shared.events.tick();
     }
 }
 
@@ -263,7 +271,7 @@ fn serve(mut stream: TcpStream, greeting: Greeting<'_>, shared: &Shared) {
     let from = address.to_string();
     let greeted = greet(&mut stream, greeting, shared);
     let peer = match greeted {
-        Ok(peer) => PeerInfo { name: format!("{} at {from}", peer.name), ..peer },
+        Ok(peer) => PeerInfo { name: format!("{} at {from}", peer.name), address: Some(address), ..peer },
         Err(e) => {
             if !shared.stop.load(Ordering::Acquire) {
                 shared.log.error_from(&from, format!("request channel from {from} refused: {e}"));
@@ -690,7 +698,7 @@ pub(crate) mod testing {
     }
 
     pub(crate) fn peer() -> PeerInfo {
-        PeerInfo { name: "p".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, pid: None }
+        PeerInfo { name: "p".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, pid: None, instance: None, address: None }
     }
 
     /// Waits (up to 10 s) until `f` holds.

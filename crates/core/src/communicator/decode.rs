@@ -91,6 +91,15 @@ impl Events for Links {
     }
 
     fn frame(&self, channel: u64, peer: &PeerInfo, frame: Frame) -> Result<()> {
+        if let Frame::Done { layer, blocks, .. } = &frame {
+            let acceptor = self.acceptors.iter().find(|a| a.kind() == peer.transport);
+            if !blocks.is_empty() && !acceptor.is_some_and(|a| a.delivered(peer.session, *layer, blocks)) {
+                return Err(Error::protocol(format!(
+                    "a notification of {} blocks of layer {layer} that its link did not deliver",
+                    blocks.len()
+                )));
+            }
+        }
         self.requests.on_frame(channel, peer, frame)
     }
 
@@ -109,6 +118,10 @@ impl Events for Links {
         self.log.debug(format!("request channel from {} ended: {why}", peer.name));
         self.requests.on_link_end(channel, peer, why);
     }
+
+    fn tick(&self) {
+        self.requests.expire();
+    }
 }
 
 impl DecodeSide {
@@ -125,7 +138,7 @@ impl DecodeSide {
                 "listening on {ip} without KVCACHE_AUTH_TOKEN: any host that reaches this port can write into this cache"
             ));
         }
-        let requests = Arc::new(Requests::new(env.cache.layers(), env.cache.block_number()));
+        let requests = Arc::new(Requests::new(env.cache.layers(), env.cache.block_number(), env.config.request_ttl, log.clone()));
         for acceptor in &acceptors {
             let r = requests.clone();
             acceptor.watch(Arc::new(move |session, mark| r.on_mark(session, mark)));
@@ -258,7 +271,7 @@ impl Handshake {
         let answered = wire::decode_request(request).and_then(|request| match request {
             Request::Greeting { nonce, .. } => self.greet(greeted, nonce),
             Request::Hello { hello, mac } => match greeted.take() {
-                Some(nonces) => self.accept(&nonces, &hello, mac),
+                Some(nonces) => self.accept(ip, &nonces, &hello, mac),
                 None => Err(Error::protocol("a hello without a greeting before it on its connection")),
             },
         });
@@ -282,7 +295,7 @@ impl Handshake {
 
     /// Checks a hello (its MAC first, when a token is configured: nothing about the cache is said to a peer that
     /// has not proven it holds the token) and admits the prefill over the transport both sides prefer.
-    fn accept(&self, nonces: &Nonces, hello_text: &str, mac: Option<auth::Tag>) -> Result<Reply> {
+    fn accept(&self, ip: IpAddr, nonces: &Nonces, hello_text: &str, mac: Option<auth::Tag>) -> Result<Reply> {
         if let Some(key) = &self.auth {
             let proven = mac.is_some_and(|tag| key.verify(Proof::PrefillHello, &nonces.prefill, &nonces.decode, hello_text.as_bytes(), &tag));
             if !proven {
@@ -295,13 +308,13 @@ impl Handshake {
         let channel_proof = |token: u64| {
             self.auth.as_ref().map(|key| key.sign(Proof::ChannelHello, &nonces.prefill, &nonces.decode, &token.to_le_bytes()))
         };
-        let welcome = self.welcome(&wire::decode_hello(hello_text.as_bytes())?, channel_proof)?;
+        let welcome = self.welcome(ip, &wire::decode_hello(hello_text.as_bytes())?, channel_proof)?;
         let text = String::from_utf8(wire::encode(&welcome)).expect("JSON is UTF-8");
         let mac = self.auth.as_ref().map(|key| key.sign(Proof::DecodeWelcome, &nonces.prefill, &nonces.decode, text.as_bytes()));
         Ok(Reply::Welcome { welcome: text, mac })
     }
 
-    fn welcome(&self, hello: &wire::Hello, channel_proof: impl FnOnce(u64) -> Option<auth::Tag>) -> Result<Welcome> {
+    fn welcome(&self, ip: IpAddr, hello: &wire::Hello, channel_proof: impl FnOnce(u64) -> Option<auth::Tag>) -> Result<Welcome> {
         let agreed = negotiation::check_hello(hello, &self.cache)?;
         // Same-host links need the prefill's process named: it is what tells when such a link can no longer write.
         let same_host = self.host.is_some() && hello.host == self.host && hello.pid.is_some();
@@ -328,8 +341,8 @@ impl Handshake {
                     break;
                 }
                 Err(e) if e.code() == ErrorCode::Unavailable => {
-                    // Within the log's allowance per peer (it may be slower than the transport it would have had).
-                    self.log.warn_from(&peer, format!("{kind} is unavailable to {peer}, which takes the next transport both sides have: {e}"));
+                    // Within the log's allowance of its host (it may be slower than the transport it would have had).
+                    self.log.warn_from(&listener::host_of(ip).to_string(), format!("{kind} is unavailable to {peer}, which takes the next transport both sides have: {e}"));
                     refusal = Some(e);
                 }
                 Err(e) => return Err(e),
@@ -347,6 +360,8 @@ impl Handshake {
             transport: kind,
             session: accepted.session,
             pid: hello.pid.filter(|_| kind.same_host_only()),
+            instance: hello.instance.clone(),
+            address: None,
         }, channel_proof);
         Ok(Welcome {
             protocol: PROTOCOL_VERSION,

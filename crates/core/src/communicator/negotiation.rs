@@ -53,6 +53,9 @@ pub fn check_hello(hello: &Hello, cache: &CacheLayout) -> Result<Agreement> {
             cache.layers()
         )));
     }
+    if hello.instance.as_ref().is_some_and(|id| id.is_empty() || id.len() > crate::config::MAX_INSTANCE_ID || id.chars().any(char::is_control)) {
+        return Err(Error::protocol(format!("an instance id must be 1 to {} bytes without control characters", crate::config::MAX_INSTANCE_ID)));
+    }
     let tensors = TensorSet::from_bits(hello.tensors).ok_or_else(|| Error::protocol("bad tensor mask"))?;
     if tensors != cache.tensors() {
         let names = |s: TensorSet| s.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ");

@@ -285,6 +285,7 @@ impl PrefillSide {
             pid: Some(std::process::id()),
             // Every earlier connection of this peer is gone by now (a handshake runs with none working).
             dropped: lock(&gate.sessions).iter().copied().collect(),
+            instance: comm.config.instance_id.clone(),
         };
         let hello = String::from_utf8(wire::encode(&hello)).expect("JSON is UTF-8");
         let mac = auth.as_ref().map(|secret| secret.sign(Proof::PrefillHello, &prefill_nonce, &decode_nonce, hello.as_bytes()));

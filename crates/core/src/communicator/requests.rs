@@ -1,31 +1,47 @@
 //! The decode side's view of requests: which layers of each have arrived, from which prefill links, and what
 //! the engine waits for. Fed by the request channels ([`crate::channel`]); no I/O of its own.
 //!
+//! - A request belongs to the prefill instance that started it, its [`Owner`]: the first `Start` (or `Done`)
+//!   names it. Only that instance's links may write its layers, fail or abort it; what any other link says of
+//!   it is refused (logged, within its host's allowance) and changes nothing. The owner's first link also fixes
+//!   how many slices make a block (`ratio`): its other ranks must agree.
 //! - A layer of a request has arrived once every prefill rank that writes into this decode's blocks (`ratio`
 //!   of them, one per slice) has written it. A request is complete once every layer of the cache has.
-//! - A request ends complete, failed (a write failed, or a link that had started it ended before it was
-//!   complete), aborted (by a prefill) or revoked (by the engine); the first end is final.
+//! - Every request ends: complete, failed (a write failed, or a link that had started it ended before it was
+//!   complete), aborted (by its prefill), revoked (by the engine), or expired (no progress for the time to
+//!   live, `KVCACHE_REQUEST_TTL_MS`); the first end is final. An ended request is remembered, for a `waitFor`
+//!   that comes late, for one time to live and at most [`MAX_REMEMBERED`] per owner.
+//! - Limits are per owner, so that one prefill never locks another out: [`MAX_OPEN`] open requests each, and
+//!   past [`MAX_RECORDS`] in all the oldest remembered end of the owner that holds the most is forgotten first.
 //! - Notifications are collected only once the engine asks for them ([`Requests::next_then`]), at most
 //!   [`MAX_QUEUED`] at a time.
 
 use crate::channel::{Frame, PeerInfo, RequestId};
 use crate::error::{Error, ErrorCode, Result};
+use crate::listener;
+use crate::log::Logger;
 use crate::wire::TransportKind;
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// Ended requests remembered (for a `waitFor` that comes after the end), and revoked ids remembered (so a
-/// prefill link that reconnects learns them).
+/// Ended requests remembered per owner (for a `waitFor` that comes after the end), and revoked ids remembered
+/// (so a prefill link that reconnects learns them).
 pub const MAX_REMEMBERED: usize = 65536;
-/// Requests one link may have open at once; a link that opens more is cut off.
-pub const MAX_OPEN_PER_LINK: usize = 65536;
+/// Requests one owner may have open at once; a link of an owner that opens more is cut off.
+pub const MAX_OPEN: usize = 65536;
 /// Notifications kept for the engine, and block ids in them; past either the oldest are dropped, and counted.
 pub const MAX_QUEUED: usize = 65536;
 pub const MAX_QUEUED_IDS: usize = 16 << 20;
-/// `Done`s of one RDMA link waiting for their marks, and block ids in them; a link with more is cut off.
+/// `Done`s waiting for their RDMA marks, and block ids in them: per link (a link with more is cut off) and
+/// per decode (a link that would go past is cut off).
+pub const MAX_PARKED_PER_LINK: usize = 8192;
+pub const MAX_PARKED_IDS_PER_LINK: usize = 2 << 20;
 pub const MAX_PARKED: usize = 65536;
 pub const MAX_PARKED_IDS: usize = 16 << 20;
-/// Requests a decode keeps at once (open, and ended ones remembered); a link that starts one more is cut off.
+/// Requests a decode keeps at once (open, and ended ones remembered). Past it, remembered ends are forgotten
+/// (of the owner that holds the most); a link that starts one more while none is left to forget is cut off.
 pub const MAX_RECORDS: usize = 1 << 20;
 
 /// What became of a write, or of a request.
@@ -37,6 +53,8 @@ pub enum Status {
     Failed,
     /// Its prefill aborted it.
     Aborted,
+    /// It made no progress for the time to live (`KVCACHE_REQUEST_TTL_MS`): the decode gave up on it.
+    Expired,
 }
 
 impl Status {
@@ -45,6 +63,7 @@ impl Status {
             Status::Done => "done",
             Status::Failed => "failed",
             Status::Aborted => "aborted",
+            Status::Expired => "expired",
         }
     }
 }
@@ -57,11 +76,31 @@ pub struct Notification {
     pub layer: Option<u32>,
     /// This decode's blocks that the write filled (`Done` only).
     pub block_ids: Vec<u32>,
-    /// The prefill link (`prefill tp i/n at host`).
+    /// The prefill link (`prefill tp i/n at host`); for an expired request, the link that started it (empty
+    /// when none did).
     pub peer: String,
     pub status: Status,
-    /// Why it failed or was aborted.
+    /// Why it failed, was aborted or expired.
     pub reason: Option<String>,
+}
+
+/// Who may write, end or abort a request: the prefill instance that started it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Owner {
+    /// The ranks of one prefill instance, which share the engine's instance id (`KVCACHE_INSTANCE_ID`).
+    Instance(String),
+    /// A prefill link without an instance id: an instance of its own.
+    Link(u64),
+}
+
+impl Owner {
+    /// The owner that link `link` (of `peer`) speaks for.
+    pub fn of(link: u64, peer: &PeerInfo) -> Owner {
+        match &peer.instance {
+            Some(id) => Owner::Instance(id.clone()),
+            None => Owner::Link(link),
+        }
+    }
 }
 
 type Settle = Box<dyn FnOnce(Result<()>) + Send>;
@@ -82,24 +121,28 @@ enum End {
 }
 
 struct Record {
+    /// Tells this record from an earlier one of the same id (forgotten since) in the expiry queue.
+    generation: u64,
+    /// `None` until a prefill starts it (a `waitFor` may come first).
+    owner: Option<Owner>,
+    /// The link that started it, for notifications.
+    started_by: String,
     /// Per layer, the slices that have arrived.
     slots: Vec<Vec<u32>>,
-    /// Slices per block, from the first write (every link writing a request must agree).
-    ratio: Option<u32>,
+    /// Slices per block, fixed by its owner's first link.
+    ratio: u32,
     complete_layers: u32,
     end: Option<End>,
-    /// The links that started it and may still write it.
+    /// The owner's links that started it and may still write it: each one's end fails it.
     links: HashSet<u64>,
     waiters: Vec<Waiter>,
+    /// Its last progress: created, started, or a layer arrived. It expires a time to live after.
+    touched: Instant,
 }
 
 impl Record {
-    fn new(layers: u32) -> Record {
-        Record { slots: vec![Vec::new(); layers as usize], ratio: None, complete_layers: 0, end: None, links: HashSet::new(), waiters: Vec::new() }
-    }
-
     fn has(&self, layer: u32) -> bool {
-        self.slots.get(layer as usize).is_some_and(|s| !s.is_empty() && s.len() as u32 >= self.ratio.unwrap_or(1))
+        self.slots.get(layer as usize).is_some_and(|s| !s.is_empty() && s.len() as u32 >= self.ratio)
     }
 
     fn satisfies(&self, layers: &Option<Vec<u32>>) -> bool {
@@ -110,10 +153,20 @@ impl Record {
     }
 }
 
+/// What one owner holds (`None`: requests no prefill started, waited for or revoked by the engine).
+#[derive(Default)]
+struct Holdings {
+    open: usize,
+    /// Its ended requests, oldest first, with their generation and when they ended.
+    ended: VecDeque<(RequestId, u64, Instant)>,
+}
+
 struct Table {
     records: HashMap<RequestId, Record>,
-    /// Ended requests, oldest first: the first forgotten when there are too many.
-    ended: VecDeque<RequestId>,
+    owners: HashMap<Option<Owner>, Holdings>,
+    /// Open requests by when they would expire (as of when queued; see [`Requests::expire`]).
+    expiry: BinaryHeap<Reverse<(Instant, u64, RequestId)>>,
+    next_generation: u64,
     revoked: HashSet<RequestId>,
     revoked_order: VecDeque<RequestId>,
     /// Each link's requests that have not ended.
@@ -130,6 +183,9 @@ struct Table {
     takers: Vec<Take>,
     /// Per RDMA session: the last mark its queue pair received, and the `Done`s waiting for theirs.
     marks: HashMap<u64, Marks>,
+    /// `Done`s parked across all sessions, and block ids in them.
+    parked: usize,
+    parked_ids: usize,
 }
 
 /// An RDMA link's `Done` frames come on the request channel once the prefill's writes completed, but the
@@ -152,6 +208,9 @@ fn reached(seen: u32, mark: u32) -> bool {
 pub struct Requests {
     layers: u32,
     block_number: u32,
+    /// How long a request may go without progress, and how long an ended one is remembered.
+    ttl: Duration,
+    log: Arc<Logger>,
     table: Mutex<Table>,
 }
 
@@ -175,13 +234,17 @@ impl Due {
 }
 
 impl Requests {
-    pub fn new(layers: u32, block_number: u32) -> Requests {
+    pub fn new(layers: u32, block_number: u32, ttl: Duration, log: Arc<Logger>) -> Requests {
         Requests {
             layers,
             block_number,
+            ttl,
+            log,
             table: Mutex::new(Table {
                 records: HashMap::new(),
-                ended: VecDeque::new(),
+                owners: HashMap::new(),
+                expiry: BinaryHeap::new(),
+                next_generation: 1,
                 revoked: HashSet::new(),
                 revoked_order: VecDeque::new(),
                 open: HashMap::new(),
@@ -192,6 +255,8 @@ impl Requests {
                 closed: false,
                 takers: Vec::new(),
                 marks: HashMap::new(),
+                parked: 0,
+                parked_ids: 0,
             }),
         }
     }
@@ -205,42 +270,58 @@ impl Requests {
         self.lock().revoked_order.iter().cloned().collect()
     }
 
+    /// Requests held now (open, and ended ones remembered).
+    pub fn held(&self) -> usize {
+        self.lock().records.len()
+    }
+
     /// What link `link` (of `peer`) said. An error means the link misbehaves and must be cut off.
     pub fn on_frame(&self, link: u64, peer: &PeerInfo, frame: Frame) -> Result<()> {
         let mut due = Due::default();
         let outcome = {
             let mut t = self.lock();
+            let now = Instant::now();
             match frame {
-                Frame::Start { request } => self.start(&mut t, link, &request),
+                Frame::Start { request } => self.start(&mut t, link, peer, &request, now).map(drop),
                 Frame::Done { mark, ref blocks, layer, .. } if peer.transport == TransportKind::Rdma => {
                     // Checked now, not when its mark comes: a malformed frame ends its channel.
                     self.check_done(layer, blocks)?;
+                    if mark == 0 && !blocks.is_empty() {
+                        // Mark 0 is a write that moved no bytes: one that names blocks claims what no mark proves.
+                        return Err(Error::protocol("a notification of blocks without the mark that proves them"));
+                    }
                     let n = blocks.len();
+                    let t = &mut *t;
                     let waiting = t.marks.entry(peer.session).or_default();
-                    // Mark 0: a write that moved no bytes, with nothing to wait for but the writes before it.
                     if waiting.parked.is_empty() && (mark == 0 || waiting.seen.is_some_and(|s| reached(s, mark))) {
-                        self.done_frame(&mut t, &mut due, link, peer, frame)
-                    } else if waiting.parked.len() >= MAX_PARKED || waiting.parked_ids + n > MAX_PARKED_IDS {
-                        Err(Error::protocol(format!("more than {MAX_PARKED} writes, or {MAX_PARKED_IDS} blocks, waiting for their marks")))
+                        self.done_frame(t, &mut due, link, peer, frame, now)
+                    } else if waiting.parked.len() >= MAX_PARKED_PER_LINK || waiting.parked_ids + n > MAX_PARKED_IDS_PER_LINK {
+                        Err(Error::protocol(format!(
+                            "more than {MAX_PARKED_PER_LINK} writes, or {MAX_PARKED_IDS_PER_LINK} blocks, waiting for their marks"
+                        )))
+                    } else if t.parked >= MAX_PARKED || t.parked_ids + n > MAX_PARKED_IDS {
+                        Err(Error::protocol(format!("this decode has {MAX_PARKED} writes, or {MAX_PARKED_IDS} blocks, waiting for their marks")))
                     } else {
                         waiting.parked_ids += n;
                         waiting.parked.push_back((link, peer.clone(), frame));
+                        t.parked += 1;
+                        t.parked_ids += n;
                         Ok(())
                     }
                 }
-                f @ Frame::Done { .. } => self.done_frame(&mut t, &mut due, link, peer, f),
-                // Only a link that started a request may end it.
-                Frame::Failed { request, .. } | Frame::Abort { request, .. } if !t.records.get(&request).is_some_and(|r| r.links.contains(&link)) => {
-                    Ok(())
-                }
+                f @ Frame::Done { .. } => self.done_frame(&mut t, &mut due, link, peer, f, now),
                 Frame::Failed { request, code, reason } => {
-                    let why = Error::new(ErrorCode::Transport, format!("{} failed to write it ({code}: {reason})", peer.name));
-                    self.fail(&mut t, &mut due, &request, &peer.name, Status::Failed, why);
+                    if self.owned_by(&t, link, peer, &request, "fail") {
+                        let why = Error::new(ErrorCode::Transport, format!("{} failed to write it ({code}: {reason})", peer.name));
+                        self.fail(&mut t, &mut due, &request, &peer.name, Status::Failed, why, now);
+                    }
                     Ok(())
                 }
                 Frame::Abort { request, reason } => {
-                    let why = Error::new(ErrorCode::Aborted, format!("{} aborted it{}", peer.name, reason_suffix(&reason)));
-                    self.fail(&mut t, &mut due, &request, &peer.name, Status::Aborted, why);
+                    if self.owned_by(&t, link, peer, &request, "abort") {
+                        let why = Error::new(ErrorCode::Aborted, format!("{} aborted it{}", peer.name, reason_suffix(&reason)));
+                        self.fail(&mut t, &mut due, &request, &peer.name, Status::Aborted, why, now);
+                    }
                     Ok(())
                 }
                 f => Err(Error::protocol(format!("unexpected frame {f:?}"))),
@@ -250,11 +331,24 @@ impl Requests {
         outcome
     }
 
+    /// Whether `request` exists and belongs to the owner `link` speaks for. A request of another owner is
+    /// refused (logged, within the allowance of the link's host): `what` names what was refused.
+    fn owned_by(&self, t: &Table, link: u64, peer: &PeerInfo, request: &RequestId, what: &str) -> bool {
+        let Some(owner) = t.records.get(request).and_then(|r| r.owner.as_ref()) else { return false };
+        if *owner == Owner::of(link, peer) {
+            return true;
+        }
+        let host = peer.address.map(|ip| listener::host_of(ip).to_string()).unwrap_or_default();
+        self.log.warn_from(&host, format!("refused {}'s attempt to {what} request {request:?}: another prefill started it", peer.name));
+        false
+    }
+
     /// RDMA session `session` received `mark`: the `Done`s up to it are released, in order.
     pub fn on_mark(&self, session: u64, mark: u32) {
         let mut due = Due::default();
         {
             let mut t = self.lock();
+            let t = &mut *t;
             let waiting = t.marks.entry(session).or_default();
             waiting.seen = Some(mark);
             let mut ready = Vec::new();
@@ -265,12 +359,15 @@ impl Requests {
                 let parked = waiting.parked.pop_front().expect("not empty");
                 if let (_, _, Frame::Done { blocks, .. }) = &parked {
                     waiting.parked_ids -= blocks.len();
+                    t.parked -= 1;
+                    t.parked_ids -= blocks.len();
                 }
                 ready.push(parked);
             }
+            let now = Instant::now();
             for (link, peer, frame) in ready {
                 // A failure here is a link misbehaving; its channel's own checks end it.
-                let _ = self.done_frame(&mut t, &mut due, link, &peer, frame);
+                let _ = self.done_frame(t, &mut due, link, &peer, frame, now);
             }
         }
         due.run();
@@ -281,44 +378,104 @@ impl Requests {
         let mut due = Due::default();
         {
             let mut t = self.lock();
-            t.marks.remove(&peer.session);
+            if let Some(waiting) = t.marks.remove(&peer.session) {
+                t.parked -= waiting.parked.len();
+                t.parked_ids -= waiting.parked_ids;
+            }
+            let now = Instant::now();
             for request in t.open.remove(&link).unwrap_or_default() {
                 let e = Error::new(ErrorCode::Transport, format!("the connection to {} ended before it was complete ({why})", peer.name));
-                self.fail(&mut t, &mut due, &request, &peer.name, Status::Failed, e);
+                self.fail(&mut t, &mut due, &request, &peer.name, Status::Failed, e, now);
             }
         }
         due.run();
     }
 
-    fn done_frame(&self, t: &mut Table, due: &mut Due, link: u64, peer: &PeerInfo, frame: Frame) -> Result<()> {
+    fn done_frame(&self, t: &mut Table, due: &mut Due, link: u64, peer: &PeerInfo, frame: Frame, now: Instant) -> Result<()> {
         match frame {
-            Frame::Done { request, layer, blocks, .. } => self.done(t, due, link, peer, request, layer, blocks),
+            Frame::Done { request, layer, blocks, .. } => self.done(t, due, link, peer, request, layer, blocks, now),
             f => Err(Error::protocol(format!("unexpected frame {f:?}"))),
         }
     }
 
-    fn start(&self, t: &mut Table, link: u64, request: &RequestId) -> Result<()> {
-        if t.revoked.contains(request) {
-            return Ok(());
-        }
-        if t.records.len() >= MAX_RECORDS && !t.records.contains_key(request) {
-            return Err(Error::protocol(format!("more than {MAX_RECORDS} requests at once")));
-        }
-        let layers = self.layers;
-        let record = t.records.entry(request.clone()).or_insert_with(|| Record::new(layers));
-        if record.end.is_some() {
-            return Ok(());
-        }
-        record.links.insert(link);
-        let open = t.open.entry(link).or_default();
-        open.insert(request.clone());
-        if open.len() > MAX_OPEN_PER_LINK {
-            return Err(Error::protocol(format!("more than {MAX_OPEN_PER_LINK} requests open on one link")));
-        }
-        Ok(())
+    /// A new record for `request`, queued for expiry.
+    fn create<'t>(&self, t: &'t mut Table, request: &RequestId, now: Instant) -> &'t mut Record {
+        let generation = t.next_generation;
+        t.next_generation += 1;
+        t.expiry.push(Reverse((now + self.ttl, generation, request.clone())));
+        let record = Record {
+            generation,
+            owner: None,
+            started_by: String::new(),
+            slots: vec![Vec::new(); self.layers as usize],
+            ratio: 1,
+            complete_layers: 0,
+            end: None,
+            links: HashSet::new(),
+            waiters: Vec::new(),
+            touched: now,
+        };
+        t.records.entry(request.clone()).insert_entry(record).into_mut()
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Link `link` starts (or goes on writing) `request`. `Ok(false)`: it may not (the request ended, was
+    /// revoked, or belongs to another owner), and what it says of it is ignored. An error cuts the link off.
+    fn start(&self, t: &mut Table, link: u64, peer: &PeerInfo, request: &RequestId, now: Instant) -> Result<bool> {
+        if t.revoked.contains(request) {
+            return Ok(false);
+        }
+        let owner = Owner::of(link, peer);
+        let ratio = peer.ratio.max(1);
+        match t.records.get(request) {
+            Some(r) if r.end.is_some() => return Ok(false),
+            Some(r) if r.owner.is_some() => {
+                if r.owner.as_ref() != Some(&owner) {
+                    return Ok(self.owned_by(t, link, peer, request, "write"));
+                }
+                if r.ratio != ratio {
+                    return Err(Error::protocol(format!(
+                        "request {request:?} is written as {ratio} slices per block by {}, and as {} by its instance's first link",
+                        peer.name, r.ratio
+                    )));
+                }
+            }
+            found => {
+                let open = t.owners.get(&Some(owner.clone())).map_or(0, |h| h.open);
+                if open >= MAX_OPEN {
+                    return Err(Error::protocol(format!("more than {MAX_OPEN} requests open at once from one prefill instance")));
+                }
+                if found.is_none() && t.records.len() >= MAX_RECORDS && !self.forget_one(t) {
+                    return Err(Error::protocol(format!("this decode holds {MAX_RECORDS} open requests")));
+                }
+                let record = match t.records.get_mut(request) {
+                    Some(r) => r,
+                    None => self.create(t, request, now),
+                };
+                record.owner = Some(owner.clone());
+                record.ratio = ratio;
+                record.started_by = peer.name.clone();
+                t.owners.entry(Some(owner)).or_default().open += 1;
+            }
+        }
+        let record = t.records.get_mut(request).expect("found or created");
+        record.touched = now;
+        if record.links.insert(link) {
+            t.open.entry(link).or_default().insert(request.clone());
+        }
+        Ok(true)
+    }
+
+    /// Forgets the oldest remembered end of the owner that remembers the most. `false`: none is remembered.
+    fn forget_one(&self, t: &mut Table) -> bool {
+        let Some(owner) = t.owners.iter().filter(|(_, h)| !h.ended.is_empty()).max_by_key(|(_, h)| h.ended.len()).map(|(o, _)| o.clone()) else {
+            return false;
+        };
+        let holdings = t.owners.get_mut(&owner).expect("just found");
+        let (id, generation, _) = holdings.ended.pop_front().expect("not empty");
+        forget(t, &owner, &id, generation);
+        true
+    }
+
     /// A `Done`'s layer and blocks are this cache's.
     fn check_done(&self, layer: u32, blocks: &[u32]) -> Result<()> {
         if layer >= self.layers {
@@ -330,46 +487,44 @@ impl Requests {
         Ok(())
     }
 
-    fn done(&self, t: &mut Table, due: &mut Due, link: u64, peer: &PeerInfo, request: RequestId, layer: u32, blocks: Vec<u32>) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn done(&self, t: &mut Table, due: &mut Due, link: u64, peer: &PeerInfo, request: RequestId, layer: u32, blocks: Vec<u32>, now: Instant) -> Result<()> {
         self.check_done(layer, &blocks)?;
-        self.start(t, link, &request)?;
-        let Some(record) = t.records.get_mut(&request) else { return Ok(()) };
-        match record.end {
-            // Bytes that arrived after the request completed (a layer written again): said, nothing more.
-            Some(End::Complete) => {
+        let rewritten = t.records.get(&request).is_some_and(|r| matches!(r.end, Some(End::Complete)));
+        if rewritten {
+            // Bytes that arrived after the request completed (a layer written again by its owner): said, nothing more.
+            if self.owned_by(t, link, peer, &request, "write") {
                 let n = Notification { request_id: request.to_string(), layer: Some(layer), block_ids: blocks, peer: peer.name.clone(), status: Status::Done, reason: None };
                 push(t, due, n);
-                return Ok(());
             }
-            Some(_) => return Ok(()),
-            None => {}
+            return Ok(());
         }
-        let ratio = *record.ratio.get_or_insert(peer.ratio.max(1));
-        if ratio != peer.ratio.max(1) {
-            return Err(Error::protocol(format!("request {request:?} is written as {} slices per block, and {ratio} before", peer.ratio)));
+        if !self.start(t, link, peer, &request, now)? {
+            return Ok(());
         }
+        let record = t.records.get_mut(&request).expect("started");
         let slots = &mut record.slots[layer as usize];
         if !slots.contains(&peer.slot) {
             slots.push(peer.slot);
-            if slots.len() as u32 == ratio {
+            if slots.len() as u32 == record.ratio {
                 record.complete_layers += 1;
             }
         }
         // A link whose slice has come for every layer is done with the request: its end no longer fails it (it
         // may still abort it).
-        if record.slots.iter().all(|s| s.contains(&peer.slot)) {
+        if record.slots.iter().all(|s| s.contains(&peer.slot)) && record.links.remove(&link) {
             if let Some(open) = t.open.get_mut(&link) {
                 open.remove(&request);
             }
         }
-        let Some(record) = t.records.get_mut(&request) else { return Ok(()) };
+        let record = t.records.get_mut(&request).expect("started");
         let ready: Vec<Waiter>;
         (ready, record.waiters) = std::mem::take(&mut record.waiters).into_iter().partition(|w| record.satisfies(&w.layers));
+        let complete = record.complete_layers == self.layers;
         for w in ready {
             t.waits.remove(&w.token);
             due.settles.push((w.settle, Ok(())));
         }
-        let complete = record.complete_layers == self.layers;
         let notification = Notification {
             request_id: request.to_string(),
             layer: Some(layer),
@@ -379,47 +534,94 @@ impl Requests {
             reason: None,
         };
         if complete {
-            self.end(t, &request, End::Complete);
+            self.end(t, &request, End::Complete, now);
         }
         push(t, due, notification);
         Ok(())
     }
 
-    /// Ends `request` as failed or aborted (if it has not ended): its waiters get `why`.
-    fn fail(&self, t: &mut Table, due: &mut Due, request: &RequestId, peer: &str, status: Status, why: Error) {
+    /// Ends `request` (if it exists and has not ended) as failed, aborted or expired: its waiters get `why`.
+    #[allow(clippy::too_many_arguments)]
+    fn fail(&self, t: &mut Table, due: &mut Due, request: &RequestId, peer: &str, status: Status, why: Error, now: Instant) {
         if t.revoked.contains(request) {
             return;
         }
-        let layers = self.layers;
-        let record = t.records.entry(request.clone()).or_insert_with(|| Record::new(layers));
-        if record.end.is_some() {
-            return;
-        }
+        let Some(record) = t.records.get_mut(request).filter(|r| r.end.is_none()) else { return };
         for w in std::mem::take(&mut record.waiters) {
             t.waits.remove(&w.token);
             due.settles.push((w.settle, Err(why.clone())));
         }
         let reason = Some(why.message().to_string());
-        self.end(t, request, End::Failed(why));
+        self.end(t, request, End::Failed(why), now);
         let n = Notification { request_id: request.to_string(), layer: None, block_ids: Vec::new(), peer: peer.to_string(), status, reason };
         push(t, due, n);
     }
 
-    fn end(&self, t: &mut Table, request: &RequestId, end: End) {
+    fn end(&self, t: &mut Table, request: &RequestId, end: End, now: Instant) {
         let Some(record) = t.records.get_mut(request) else { return };
         record.end = Some(end);
+        let owner = record.owner.clone();
+        let generation = record.generation;
         for link in std::mem::take(&mut record.links) {
             if let Some(open) = t.open.get_mut(&link) {
                 open.remove(request);
             }
         }
-        t.ended.push_back(request.clone());
-        while t.ended.len() > MAX_REMEMBERED {
-            let old = t.ended.pop_front().expect("not empty");
-            if t.records.get(&old).is_some_and(|r| r.end.is_some() && r.waiters.is_empty()) {
-                t.records.remove(&old);
+        let holdings = t.owners.entry(owner.clone()).or_default();
+        if owner.is_some() {
+            holdings.open -= 1;
+        }
+        holdings.ended.push_back((request.clone(), generation, now));
+        if holdings.ended.len() > MAX_REMEMBERED {
+            let (old, old_generation, _) = holdings.ended.pop_front().expect("not empty");
+            forget(t, &owner, &old, old_generation);
+        }
+    }
+
+    /// Ends the open requests that made no progress for the time to live (`expired`), and forgets the ended
+    /// ones remembered for as long. Called about every 100 ms.
+    pub fn expire(&self) {
+        let mut due = Due::default();
+        {
+            let mut t = self.lock();
+            let now = Instant::now();
+            while let Some(Reverse((at, ..))) = t.expiry.peek() {
+                if *at > now {
+                    break;
+                }
+                let Reverse((_, generation, id)) = t.expiry.pop().expect("peeked");
+                let Some(record) = t.records.get(&id).filter(|r| r.generation == generation && r.end.is_none()) else { continue };
+                let due_at = record.touched + self.ttl;
+                if due_at > now {
+                    t.expiry.push(Reverse((due_at, generation, id)));
+                    continue;
+                }
+                let peer = record.started_by.clone();
+                let why = Error::new(
+                    ErrorCode::Expired,
+                    format!(
+                        "request {id:?} made no progress for {} ms (KVCACHE_REQUEST_TTL_MS): {}",
+                        self.ttl.as_millis(),
+                        match peer.as_str() {
+                            "" => "no prefill started it".to_string(),
+                            p => format!("{p} started it, and not every layer arrived"),
+                        }
+                    ),
+                );
+                self.fail(&mut t, &mut due, &id, &peer, Status::Expired, why, now);
+            }
+            let ttl = self.ttl;
+            let mut gone = Vec::new();
+            for (owner, holdings) in t.owners.iter_mut() {
+                while holdings.ended.front().is_some_and(|(.., at)| *at + ttl <= now) {
+                    gone.push((owner.clone(), holdings.ended.pop_front().expect("not empty")));
+                }
+            }
+            for (owner, (id, generation, _)) in gone {
+                forget(&mut t, &owner, &id, generation);
             }
         }
+        due.run();
     }
 
     /// The engine revoked `request`: remembered, and its waiters get `REVOKED`. Returns nothing to wait for:
@@ -442,7 +644,7 @@ impl Requests {
                 }
             }
             if t.records.get(request).is_some_and(|r| r.end.is_none()) {
-                self.end(&mut t, request, End::Revoked);
+                self.end(&mut t, request, End::Revoked, Instant::now());
             }
         }
         due.run();
@@ -465,8 +667,10 @@ impl Requests {
             } else if t.revoked.contains(request) {
                 Some(Err(revoked(request)))
             } else {
-                let layers_n = self.layers;
-                let record = t.records.entry(request.clone()).or_insert_with(|| Record::new(layers_n));
+                let record = match t.records.get_mut(request) {
+                    Some(r) => r,
+                    None => self.create(&mut t, request, Instant::now()),
+                };
                 match &record.end {
                     // Revoked: its blocks may already serve another request, whatever arrived.
                     Some(End::Revoked) => Some(Err(revoked(request))),
@@ -499,7 +703,7 @@ impl Requests {
             });
             // A wait for a request that never started leaves nothing behind.
             if let Some((id, _)) = &found {
-                if t.records.get(id).is_some_and(|r| r.end.is_none() && r.links.is_empty() && r.waiters.is_empty() && r.complete_layers == 0 && r.slots.iter().all(Vec::is_empty)) {
+                if t.records.get(id).is_some_and(|r| r.end.is_none() && r.owner.is_none() && r.waiters.is_empty()) {
                     t.records.remove(id);
                 }
             }
@@ -587,5 +791,248 @@ fn push(t: &mut Table, due: &mut Due, n: Notification) {
         let old = queue.pop_front().expect("over a limit, so not empty");
         t.queued_ids -= old.block_ids.len();
         t.dropped += 1;
+    }
+}
+
+/// Forgets the ended request `id` of `owner`, if it is still that record (`generation`) and nothing waits on it.
+fn forget(t: &mut Table, owner: &Option<Owner>, id: &RequestId, generation: u64) {
+    if t.records.get(id).is_some_and(|r| r.generation == generation && r.end.is_some() && r.waiters.is_empty()) {
+        t.records.remove(id);
+    }
+    if t.owners.get(owner).is_some_and(|h| h.open == 0 && h.ended.is_empty()) {
+        t.owners.remove(owner);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::sync::mpsc;
+
+    fn requests(layers: u32, ttl: Duration) -> Arc<Requests> {
+        Arc::new(Requests::new(layers, 64, ttl, Arc::new(Logger::new(&Config::default(), "test").unwrap())))
+    }
+
+    fn peer(session: u64, ratio: u32, slot: u32, instance: Option<&str>) -> PeerInfo {
+        PeerInfo {
+            name: format!("prefill {session}"),
+            slot,
+            ratio,
+            transport: TransportKind::Tcp,
+            session,
+            pid: None,
+            instance: instance.map(str::to_string),
+            address: None,
+        }
+    }
+
+    fn id(s: &str) -> RequestId {
+        RequestId::new(s).unwrap()
+    }
+
+    fn done(request: &str, layer: u32, blocks: &[u32]) -> Frame {
+        Frame::Done { request: id(request), layer, mark: 0, blocks: blocks.to_vec() }
+    }
+
+    /// The outcome of a wait that has settled by now (`None`: still waiting).
+    fn wait_now(r: &Requests, token: u64, request: &str, layers: Option<Vec<u32>>) -> mpsc::Receiver<Result<()>> {
+        let (tx, rx) = mpsc::channel();
+        r.wait(token, &id(request), layers, Box::new(move |outcome| drop(tx.send(outcome))));
+        rx
+    }
+
+    /// Every notification from now on, as the engine would take them.
+    fn notifications(r: &Arc<Requests>) -> Arc<Mutex<Vec<Notification>>> {
+        fn take(r: Arc<Requests>, into: Arc<Mutex<Vec<Notification>>>) {
+            r.clone().next_then(Box::new(move |batch| {
+                if !batch.is_empty() {
+                    into.lock().unwrap().extend(batch);
+                    take(r, into);
+                }
+            }));
+        }
+        let into = Arc::default();
+        take(r.clone(), Arc::clone(&into));
+        into
+    }
+
+    #[test]
+    fn another_link_can_neither_write_nor_end_a_request_it_did_not_start() {
+        let r = requests(2, Duration::from_secs(60));
+        let seen = notifications(&r);
+        let (owner, stranger) = (peer(1, 1, 0, None), peer(2, 1, 0, None));
+        r.on_frame(1, &owner, Frame::Start { request: id("r") }).unwrap();
+        r.on_frame(1, &owner, done("r", 0, &[3])).unwrap();
+        // Takeover by Start, fake Dones for every layer, an abort, a failure: all refused, none an error (the
+        // stranger's channel stays, and so does the owner's).
+        r.on_frame(2, &stranger, Frame::Start { request: id("r") }).unwrap();
+        r.on_frame(2, &stranger, done("r", 1, &[])).unwrap();
+        r.on_frame(2, &stranger, Frame::Abort { request: id("r"), reason: "mine".into() }).unwrap();
+        r.on_frame(2, &stranger, Frame::Failed { request: id("r"), code: ErrorCode::Transport, reason: "mine".into() }).unwrap();
+        r.on_link_end(2, &stranger, "it went away");
+        assert!(wait_now(&r, 1, "r", None).try_recv().is_err(), "layer 1 has not come from the owner");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].peer, "prefill 1");
+        // The owner goes on and completes it.
+        r.on_frame(1, &owner, done("r", 1, &[4])).unwrap();
+        assert_eq!(wait_now(&r, 2, "r", None).try_recv().unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn a_ratio_two_stranger_cannot_fix_the_ratio_of_a_request() {
+        let r = requests(2, Duration::from_secs(60));
+        let owner = peer(1, 1, 0, None);
+        r.on_frame(1, &owner, done("r", 0, &[1])).unwrap();
+        r.on_frame(2, &peer(2, 2, 1, None), done("r", 1, &[1])).unwrap();
+        // The owner's next write is not refused (its channel would have closed, failing all its requests).
+        r.on_frame(1, &owner, done("r", 1, &[1])).unwrap();
+        assert_eq!(wait_now(&r, 1, "r", None).try_recv().unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn ranks_of_one_instance_own_a_request_together() {
+        let r = requests(1, Duration::from_secs(60));
+        let (rank0, rank1) = (peer(1, 2, 0, Some("engine-a")), peer(2, 2, 1, Some("engine-a")));
+        r.on_frame(1, &rank0, done("r", 0, &[1])).unwrap();
+        // Another instance with the same ranks' geometry adds nothing.
+        r.on_frame(3, &peer(3, 2, 1, Some("engine-b")), done("r", 0, &[1])).unwrap();
+        assert!(wait_now(&r, 1, "r", None).try_recv().is_err());
+        r.on_frame(2, &rank1, done("r", 0, &[1])).unwrap();
+        assert_eq!(wait_now(&r, 2, "r", None).try_recv().unwrap(), Ok(()));
+        // A rank of the same instance that disagrees on the ratio is cut off.
+        r.on_frame(1, &rank0, Frame::Start { request: id("s") }).unwrap();
+        assert!(r.on_frame(4, &peer(4, 1, 0, Some("engine-a")), Frame::Start { request: id("s") }).is_err());
+    }
+
+    #[test]
+    fn a_request_without_progress_expires_and_is_then_forgotten() {
+        let ttl = Duration::from_millis(100);
+        let r = requests(2, ttl);
+        let seen = notifications(&r);
+        // A hetero-TP request whose other rank never writes, and a flood of such from one link.
+        r.on_frame(1, &peer(1, 2, 0, None), done("hetero", 0, &[1])).unwrap();
+        r.on_frame(1, &peer(1, 2, 0, None), done("hetero", 1, &[1])).unwrap();
+        let waiting = wait_now(&r, 1, "hetero", None);
+        for i in 0..1000 {
+            for layer in 0..2 {
+                r.on_frame(1, &peer(1, 2, 0, None), done(&format!("flood-{i}"), layer, &[])).unwrap();
+            }
+        }
+        assert_eq!(r.held(), 1001);
+        r.expire();
+        assert!(waiting.try_recv().is_err(), "not yet");
+        std::thread::sleep(ttl + Duration::from_millis(20));
+        r.expire();
+        let err = waiting.try_recv().unwrap().unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Expired, "{err}");
+        let seen = seen.lock().unwrap().clone();
+        let expired: Vec<_> = seen.iter().filter(|n| n.status == Status::Expired).collect();
+        assert_eq!(expired.len(), 1001);
+        assert!(expired[0].reason.as_deref().unwrap().contains("KVCACHE_REQUEST_TTL_MS"));
+        // Remembered for a late wait, for one more time to live, then forgotten.
+        assert_eq!(wait_now(&r, 2, "hetero", None).try_recv().unwrap().unwrap_err().code(), ErrorCode::Expired);
+        std::thread::sleep(ttl + Duration::from_millis(20));
+        r.expire();
+        assert_eq!(r.held(), 0);
+    }
+
+    #[test]
+    fn progress_keeps_a_request_alive() {
+        let ttl = Duration::from_millis(150);
+        let r = requests(3, ttl);
+        let p = peer(1, 1, 0, None);
+        r.on_frame(1, &p, done("slow", 0, &[])).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        r.on_frame(1, &p, done("slow", 1, &[])).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        r.expire();
+        r.on_frame(1, &p, done("slow", 2, &[])).unwrap();
+        assert_eq!(wait_now(&r, 1, "slow", None).try_recv().unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn a_wait_for_a_request_nobody_starts_expires() {
+        let ttl = Duration::from_millis(50);
+        let r = requests(1, ttl);
+        let waiting = wait_now(&r, 1, "never", None);
+        std::thread::sleep(ttl + Duration::from_millis(20));
+        r.expire();
+        let err = waiting.try_recv().unwrap().unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Expired);
+        assert!(err.message().contains("no prefill started it"), "{err}");
+    }
+
+    #[test]
+    fn one_owner_at_its_limit_does_not_lock_another_out() {
+        let r = requests(1, Duration::from_secs(60));
+        let greedy = peer(1, 2, 0, None);
+        for i in 0..MAX_OPEN {
+            r.on_frame(1, &greedy, Frame::Start { request: id(&format!("g{i}")) }).unwrap();
+        }
+        let err = r.on_frame(1, &greedy, Frame::Start { request: id("one-more") }).unwrap_err();
+        assert!(err.message().contains("one prefill instance"), "{err}");
+        r.on_frame(2, &peer(2, 1, 0, None), done("honest", 0, &[1])).unwrap();
+        assert_eq!(wait_now(&r, 1, "honest", None).try_recv().unwrap(), Ok(()));
+        // Its link's end fails what it held: nothing of it stays open.
+        r.on_link_end(1, &greedy, "cut off");
+        let mut t = r.lock();
+        assert_eq!(t.owners.get(&Some(Owner::Link(1))).map(|h| h.open), Some(0));
+        assert!(t.records.values().all(|rec| rec.end.is_some()));
+        t.records.clear();
+    }
+
+    #[test]
+    fn remembered_ends_make_room_for_new_requests_past_the_decode_limit() {
+        let r = requests(1, Duration::from_secs(60));
+        let mut t = r.lock();
+        let now = Instant::now();
+        // Fill the table with ended requests of many owners, as a long run would.
+        let owners = (MAX_RECORDS / MAX_REMEMBERED) as u64;
+        for owner in 0..owners {
+            for i in 0..MAX_REMEMBERED {
+                let request = id(&format!("old-{owner}-{i}"));
+                let rec = r.create(&mut t, &request, now);
+                rec.owner = Some(Owner::Link(owner));
+                t.owners.entry(Some(Owner::Link(owner))).or_default().open += 1;
+                r.end(&mut t, &request, End::Complete, now);
+            }
+        }
+        assert_eq!(t.records.len(), MAX_RECORDS);
+        drop(t);
+        r.on_frame(999, &peer(999, 1, 0, None), Frame::Start { request: id("new") }).unwrap();
+        assert_eq!(r.held(), MAX_RECORDS, "one remembered end made room");
+        let t = r.lock();
+        let gone: Vec<u64> = (0..owners).filter(|o| !t.records.contains_key(&id(&format!("old-{o}-0")))).collect();
+        assert_eq!(gone.len(), 1, "the oldest end of one of the fullest owners went first: {gone:?}");
+    }
+
+    #[test]
+    fn a_blockful_notification_without_its_mark_is_refused() {
+        let r = requests(1, Duration::from_secs(60));
+        let rdma = PeerInfo { transport: TransportKind::Rdma, ..peer(1, 1, 0, None) };
+        let err = r.on_frame(1, &rdma, Frame::Done { request: id("r"), layer: 0, mark: 0, blocks: vec![1] }).unwrap_err();
+        assert!(err.message().contains("mark"), "{err}");
+        // An empty write has no bytes to prove.
+        r.on_frame(1, &rdma, Frame::Done { request: id("r"), layer: 0, mark: 0, blocks: vec![] }).unwrap();
+    }
+
+    #[test]
+    fn parked_notifications_are_bounded_per_decode() {
+        let r = requests(1, Duration::from_secs(60));
+        let per_link = MAX_PARKED / MAX_PARKED_PER_LINK;
+        for link in 0..per_link as u64 {
+            let p = PeerInfo { transport: TransportKind::Rdma, ..peer(link + 1, 1, 0, None) };
+            for i in 0..MAX_PARKED_PER_LINK {
+                r.on_frame(link + 1, &p, Frame::Done { request: id(&format!("{link}-{i}")), layer: 0, mark: 1, blocks: vec![] }).unwrap();
+            }
+        }
+        let late = PeerInfo { transport: TransportKind::Rdma, ..peer(999, 1, 0, None) };
+        let err = r.on_frame(999, &late, Frame::Done { request: id("late"), layer: 0, mark: 1, blocks: vec![] }).unwrap_err();
+        assert!(err.message().contains("this decode"), "{err}");
+        // A link's end gives its share back.
+        r.on_link_end(1, &PeerInfo { transport: TransportKind::Rdma, ..peer(1, 1, 0, None) }, "gone");
+        r.on_frame(999, &late, Frame::Done { request: id("late"), layer: 0, mark: 1, blocks: vec![] }).unwrap();
     }
 }

@@ -101,6 +101,13 @@ pub trait Acceptor: Send + Sync {
         let _ = session;
         false
     }
+    /// Whether `session` has evidence of its own that a write of exactly `blocks` of `layer` arrived (for a
+    /// `Done` that names it). `true` where it has none to give: the writer's completed copy is the evidence
+    /// (shared memory, CUDA IPC), or the mark is (RDMA, see [`Acceptor::watch`]).
+    fn delivered(&self, session: u64, layer: u32, blocks: &[u32]) -> bool {
+        let _ = (session, layer, blocks);
+        true
+    }
     /// The device this half uses, where it has one (the RDMA NIC).
     fn device(&self) -> Option<&str> {
         None

@@ -22,6 +22,7 @@ pub fn hello(layers: u32, block_bytes: u64) -> Hello {
         host: None,
         pid: None,
         dropped: Vec::new(),
+        instance: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! (included by path next to `common`).
 #![allow(dead_code)]
 
+use kvtransfer::channel::{ChannelClient, Directive};
 use kvtransfer::control;
 use kvtransfer::transport::tcp::frame::{self, DataHello};
 use kvtransfer::wire::{self, Reply, Request, Welcome, PROTOCOL_VERSION};
@@ -21,9 +22,22 @@ pub fn handshake(port: u16, layers: u32, block_bytes: u64) -> Welcome {
     wire::decode_welcome(welcome.as_bytes()).unwrap()
 }
 
-/// Performs the handshake and opens the data connection it admits.
+/// Performs the handshake and opens the data connection it admits (its request channel never opens: the
+/// decode cuts the link off once the channel's token expires).
 pub fn data_connection(port: u16, layers: u32, block_bytes: u64) -> TcpStream {
+    open_data(&handshake(port, layers, block_bytes))
+}
+
+/// Performs the handshake and opens the data connection and the request channel it admits: a link that lasts.
+pub fn link(port: u16, layers: u32, block_bytes: u64) -> (TcpStream, ChannelClient) {
     let welcome = handshake(port, layers, block_bytes);
+    let data = open_data(&welcome);
+    let obey = std::sync::Arc::new(|_: &Directive| {});
+    let (channel, _) = ChannelClient::connect("127.0.0.1", welcome.channel_port, welcome.channel_token, [0; 32], Duration::from_secs(5), obey).unwrap();
+    (data, channel)
+}
+
+fn open_data(welcome: &Welcome) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", welcome.details["port"].as_u64().unwrap() as u16)).unwrap();
     s.write_all(&DataHello { protocol: PROTOCOL_VERSION, token: welcome.session }.encode()).unwrap();
     let mut ack = [0u8; frame::HELLO_ACK_LEN];

@@ -3,7 +3,9 @@
 
 use crate::iov::{advance, IoVec};
 use std::io;
+use std::net::TcpStream;
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 /// Most ranges per system call (the kernel's `UIO_MAXIOV`).
 const MAX_IOV: usize = 1024;
@@ -28,13 +30,25 @@ pub(super) fn write_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
     Ok(())
 }
 
-/// Fills every range of `iov`, in order, from the socket `fd`. End of stream before that is an error.
+/// Gives `stream`'s next read the time left until `deadline` (`TimedOut` once none is left): called before each
+/// read of an operation whose deadline is for the whole of it.
+pub(super) fn set_read_deadline(stream: &TcpStream, deadline: Instant) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left < Duration::from_millis(1) {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "the write took longer than its deadline"));
+    }
+    stream.set_read_timeout(Some(left))
+}
+
+/// Fills every range of `iov`, in order, from the socket `fd`, calling `before_each` before each read (to set
+/// its timeout). End of stream before that is an error.
 ///
 /// # Safety
 ///
 /// Every range must be memory of this process that the caller may overwrite with whatever the peer sends.
-pub(super) unsafe fn read_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
+pub(super) unsafe fn read_all(fd: RawFd, mut iov: &mut [IoVec], mut before_each: impl FnMut() -> io::Result<()>) -> io::Result<()> {
     while !iov.is_empty() {
+        before_each()?;
         let n = iov.len().min(MAX_IOV);
         // SAFETY: the caller promised the ranges may be overwritten; the kernel writes only into them, or
         // fails with EFAULT.
@@ -75,7 +89,7 @@ mod tests {
             a
         });
         // SAFETY: the ranges are `dst`'s, which outlives the call.
-        unsafe { read_all(b.as_raw_fd(), &mut inn) }.unwrap();
+        unsafe { read_all(b.as_raw_fd(), &mut inn, || Ok(())) }.unwrap();
         t.join().unwrap();
         for i in 0..2500 {
             assert_eq!(dst[(2499 - i) * 4..(2500 - i) * 4], src[i * 4..i * 4 + 4]);
@@ -97,7 +111,7 @@ mod tests {
         let mut buf = [0u8; 4];
         let mut iov = [iovec(buf.as_mut_ptr() as u64, 4)];
         // SAFETY: the range is `buf`'s.
-        assert_eq!(unsafe { read_all(b.as_raw_fd(), &mut iov) }.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(unsafe { read_all(b.as_raw_fd(), &mut iov, || Ok(())) }.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 
 }

@@ -73,6 +73,10 @@ impl Acceptor for TcpReceiver {
         TcpReceiver::cut_off(self, session)
     }
 
+    fn delivered(&self, session: u64, layer: u32, blocks: &[u32]) -> bool {
+        TcpReceiver::delivered(self, session, layer, blocks)
+    }
+
     fn close(&self) {
         TcpReceiver::close(self);
     }

@@ -11,7 +11,9 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
 use crate::memory::{CacheLayout, TensorSet};
 use crate::plan::{self, check_remote_runs, Run, SliceGeometry};
-use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
@@ -40,6 +42,27 @@ struct Shared {
     /// The data connection of each session that has one, until its thread ends.
     open: Mutex<HashMap<u64, TcpStream>>,
     ended: Condvar,
+    /// What each session's latest writes delivered, for [`TcpReceiver::delivered`], until the session is cut off.
+    delivered: Mutex<HashMap<u64, VecDeque<u64>>>,
+    /// Keys the digests of what was delivered (a peer cannot aim a digest it does not know the key of).
+    digest_key: RandomState,
+}
+
+/// Writes remembered per session for the `Done`s that name them (those that carry no request never do).
+const DELIVERED_KEPT: usize = 4096;
+
+/// Bytes a second a write's payload must at least move: a write gets `timeout` plus its size at this rate in all,
+/// so that one trickled a byte at a time cannot hold its connection's thread for ever.
+const MIN_RATE: u64 = 1 << 20;
+
+/// The digest of a write of `blocks` of `layer` (the decode's block ids, in the order the write named them).
+fn digest(key: &RandomState, layer: u32, blocks: impl Iterator<Item = u32>) -> u64 {
+    let mut h = key.build_hasher();
+    h.write_u32(layer);
+    for b in blocks {
+        h.write_u32(b);
+    }
+    h.finish()
 }
 
 /// The listening side of the TCP transport.
@@ -60,6 +83,8 @@ impl TcpReceiver {
             pending: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             ended: Condvar::new(),
+            delivered: Mutex::new(HashMap::new()),
+            digest_key: RandomState::new(),
         });
         let s = shared.clone();
         let listener = Listener::start(ips, 0, "data connection", max_connections, timeout, log, move |stream, greeting| {
@@ -86,6 +111,22 @@ impl TcpReceiver {
         }
     }
 
+    /// Whether `session`'s data connection delivered a write of exactly `blocks` of `layer` (in that order)
+    /// that no earlier call named: the evidence a `Done` of it must have. Writes before the one found are
+    /// forgotten (a link's `Done`s come in the order of its writes).
+    pub fn delivered(&self, session: u64, layer: u32, blocks: &[u32]) -> bool {
+        let wanted = digest(&self.shared.digest_key, layer, blocks.iter().copied());
+        let mut delivered = self.shared.delivered.lock().unwrap();
+        let Some(writes) = delivered.get_mut(&session) else { return false };
+        match writes.iter().position(|&d| d == wanted) {
+            Some(i) => {
+                writes.drain(..=i);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Ends `session`: its token no longer opens a connection, and its connection is shut down. Returns whether
     /// its thread has stopped receiving (it waits up to the timeout for that).
     pub fn cut_off(&self, session: u64) -> bool {
@@ -98,6 +139,11 @@ impl TcpReceiver {
         while open.contains_key(&session) && Instant::now() < deadline {
             open = self.shared.ended.wait_timeout(open, deadline - Instant::now()).unwrap().0;
         }
+        // What it delivered is kept until its link ends (its `Done`s may come after its data connection ended),
+        // and forgotten once its connection can deliver nothing more.
+        if !open.contains_key(&session) {
+            self.shared.delivered.lock().unwrap().remove(&session);
+        }
         !open.contains_key(&session)
     }
 }
@@ -109,6 +155,7 @@ impl TcpReceiver {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.pending.lock().unwrap().clear();
         self.listener.stop();
+        self.shared.delivered.lock().unwrap().clear();
     }
 }
 
@@ -131,12 +178,12 @@ fn serve_connection(mut stream: TcpStream, greeting: Greeting<'_>, shared: &Shar
             return;
         }
     };
-    serve_session(stream, shared, session, &peer);
+    serve_session(stream, shared, token, session, &peer);
     shared.open.lock().unwrap().remove(&token);
     shared.ended.notify_all();
 }
 
-fn serve_session(stream: TcpStream, shared: &Shared, session: Session, peer: &str) {
+fn serve_session(stream: TcpStream, shared: &Shared, token: u64, session: Session, peer: &str) {
     let staging = match Staging::for_cache(&shared.cache) {
         Ok(s) => s,
         Err(e) => {
@@ -149,6 +196,7 @@ fn serve_session(stream: TcpStream, shared: &Shared, session: Session, peer: &st
     let mut conn = Connection {
         stream,
         shared,
+        token,
         session,
         runs_bytes: Vec::new(),
         runs: Vec::new(),
@@ -212,6 +260,8 @@ fn greet(stream: &mut TcpStream, greeting: Greeting<'_>, shared: &Shared) -> Res
 struct Connection<'a> {
     stream: TcpStream,
     shared: &'a Shared,
+    /// The session's number.
+    token: u64,
     session: Session,
     runs_bytes: Vec<u8>,
     runs: Vec<Run>,
@@ -237,24 +287,58 @@ impl Connection<'_> {
         if header.runs > block_number {
             return Err(Error::protocol(format!("a write claims {} runs, more than this cache's {block_number} blocks", header.runs)));
         }
-        self.runs_bytes.resize(header.runs as usize * frame::RUN_LEN, 0);
-        self.stream.read_exact(&mut self.runs_bytes).map_err(|e| Error::io("reading the run table", e))?;
+        // The whole write, not each read, has a deadline (a write is refused before its payload is read if it
+        // announces more than a layer, see `drain`).
+        let deadline = Instant::now() + self.shared.timeout + Duration::from_secs(header.payload_bytes.min(1 << 40) / MIN_RATE);
+        let read = self.read_by(deadline, header.runs as usize * frame::RUN_LEN);
+        read.map_err(|e| Error::io("reading the run table", e))?;
         frame::decode_runs(&self.runs_bytes, &mut self.runs);
         // A refused write is drained and answered; a failure while receiving ends the connection.
         let ack = match self.check(&header) {
             Ok(()) => {
-                self.receive(&header)?;
+                self.receive(&header, deadline)?;
+                self.remember(header.layer);
                 Ack { status: 0, seq: header.seq, reason: String::new() }
             }
             Err(refusal) => {
-                self.drain(header.payload_bytes, &refusal)?;
+                self.drain(header.payload_bytes, &refusal, deadline)?;
                 self.shared.log.error_from(&self.session.peer, format!("refused a write from {}: {refusal}", self.session.peer));
                 Ack { status: refusal.code().to_wire(), seq: header.seq, reason: refusal.message().to_string() }
             }
         };
         ack.encode(&mut self.out);
+        // Between writes the connection may stay idle: back to the per-read timeout.
+        self.stream.set_read_timeout(Some(self.shared.timeout)).map_err(|e| Error::io("configuring the data socket", e))?;
         self.stream.write_all(&self.out).map_err(|e| Error::io("sending the ack", e))?;
         Ok(true)
+    }
+
+    /// Reads `len` bytes into `runs_bytes` before `deadline`.
+    fn read_by(&mut self, deadline: Instant, len: usize) -> std::io::Result<()> {
+        self.runs_bytes.resize(len, 0);
+        let mut got = 0;
+        while got < len {
+            io::set_read_deadline(&self.stream, deadline)?;
+            match self.stream.read(&mut self.runs_bytes[got..len]) {
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that the write just received (its runs) delivered its blocks of `layer`.
+    fn remember(&self, layer: u32) {
+        let blocks = self.runs.iter().flat_map(|r| (0..r.count).map(move |i| r.remote + i));
+        let d = digest(&self.shared.digest_key, layer, blocks);
+        let mut delivered = self.shared.delivered.lock().unwrap();
+        let writes = delivered.entry(self.token).or_default();
+        if writes.len() == DELIVERED_KEPT {
+            writes.pop_front();
+        }
+        writes.push_back(d);
     }
 
     /// Waits for the next header; idle time between writes is not a stall.
@@ -303,16 +387,18 @@ impl Connection<'_> {
     }
 
     /// Reads the payload straight into the cache.
-    fn receive(&mut self, header: &WriteHeader) -> Result<()> {
+    fn receive(&mut self, header: &WriteHeader, deadline: Instant) -> Result<()> {
         let cache = &*self.shared.cache;
         let geometry = self.session.geometry;
-        let fd = self.stream.as_raw_fd();
+        let stream = &self.stream;
+        let fd = stream.as_raw_fd();
         if let Some(staging) = &mut self.staging {
             // SAFETY: `check` proved every run inside [0, block_number) of this cache; each range read into is
             // one of the staging ring's own buffers, which `receive` hands out.
             unsafe {
                 staging.receive(cache, header.layer, &self.runs, geometry, |addr, len| {
-                    io::read_all(fd, &mut [iovec(addr, len)]).map_err(|e| Error::io("receiving blocks", e))
+                    io::read_all(fd, &mut [iovec(addr, len)], || io::set_read_deadline(stream, deadline))
+                        .map_err(|e| Error::io("receiving blocks", e))
                 })
             }?;
             return self.log_received(header);
@@ -327,7 +413,7 @@ impl Connection<'_> {
         });
         // SAFETY: every range is a slice of a block of this cache (see above), which the layout's owner promised
         // may be written.
-        unsafe { io::read_all(fd, iov) }.map_err(|e| Error::io("receiving blocks", e))?;
+        unsafe { io::read_all(fd, iov, || io::set_read_deadline(stream, deadline)) }.map_err(|e| Error::io("receiving blocks", e))?;
         self.log_received(header)
     }
 
@@ -346,7 +432,7 @@ impl Connection<'_> {
 
     /// Discards the payload of a refused write, so the connection stays usable. A payload larger than one
     /// layer of this cache cannot be a real write: the connection is dropped instead.
-    fn drain(&mut self, mut bytes: u64, refusal: &Error) -> Result<()> {
+    fn drain(&mut self, mut bytes: u64, refusal: &Error, deadline: Instant) -> Result<()> {
         let cache = &*self.shared.cache;
         let limit: u64 = cache.tensors().iter().filter_map(|t| cache.tensor_bytes(t)).sum();
         if bytes > limit {
@@ -355,7 +441,13 @@ impl Connection<'_> {
         let mut scratch = [0u8; 64 * 1024];
         while bytes > 0 {
             let n = bytes.min(scratch.len() as u64) as usize;
-            self.stream.read_exact(&mut scratch[..n]).map_err(|e| Error::io("discarding a refused write", e))?;
+            io::set_read_deadline(&self.stream, deadline).map_err(|e| Error::io("discarding a refused write", e))?;
+            let n = match self.stream.read(&mut scratch[..n]) {
+                Ok(0) => return Err(Error::io("discarding a refused write", ErrorKind::UnexpectedEof.into())),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => 0,
+                Err(e) => return Err(Error::io("discarding a refused write", e)),
+            };
             bytes -= n as u64;
         }
         Ok(())
