@@ -2,7 +2,7 @@
 //! of connections that never say a hello on each of its three ports, then refused writes by the thousand, with
 //! a prefill writing throughout. Prints one table.
 //!
-//!     cargo bench -p kvtransfer --bench floods
+//!     cargo bench -p kvtransfer --bench floods            (FLOOD_PER_PORT=300 for the earlier rounds)
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -17,7 +17,6 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 const ROUNDS: usize = 10;
-const PER_PORT: usize = 300;
 const REFUSED: u32 = 20_000;
 
 /// Resident memory (KiB), threads and open descriptors of this process.
@@ -39,6 +38,15 @@ fn row(what: &str, (rss, threads, fds): (u64, usize, usize)) {
 }
 
 fn main() {
+    // Silent connections per port and round: thousands, past a host's allowance of waiting ones (1024).
+    let per_port: usize = std::env::var("FLOOD_PER_PORT").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write one valid `rlimit`.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max.min(8 * per_port as u64 + 1024);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
     let src = Cache::new(2, 2, 64, 4096, 1);
     let dst = Cache::new(2, 2, 64, 4096, 2);
     let decode = communicator(Role::Decode, &dst);
@@ -57,13 +65,16 @@ fn main() {
     let mut peak = rest;
     for round in 0..ROUNDS {
         let flood: Vec<TcpStream> =
-            ports.iter().flat_map(|&p| (0..PER_PORT).filter_map(move |_| raw_peer::connect_from_elsewhere(p).ok())).collect();
+            ports.iter().flat_map(|&p| (0..per_port).filter_map(move |_| raw_peer::connect_from_elsewhere(p).ok())).collect();
         std::thread::sleep(Duration::from_millis(300));
         prefill.write_cache("127.0.0.1", port, &[2, 3], &[10 + round as u32, 30 + round as u32], 1).unwrap();
         let (rss, threads, fds) = usage();
+        if round == 0 {
+            eprintln!("round 0: {} flood connections open, {fds} descriptors in all", flood.len());
+        }
         peak = (peak.0.max(rss), peak.1.max(threads), peak.2.max(fds - flood.len()));
     }
-    row(&format!("most, during {ROUNDS} rounds of {PER_PORT} silent connections to each port"), peak);
+    row(&format!("most, during {ROUNDS} rounds of {per_port} silent connections to each port"), peak);
     std::thread::sleep(Duration::from_secs(6));
     row("6 s after the last round", usage());
     let mut s = raw_peer::data_connection(port, 2, 4096);

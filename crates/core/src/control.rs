@@ -5,14 +5,17 @@
 //! What the messages say is [`crate::wire`]'s business; this module only carries bytes, bounded in size, time
 //! and number.
 //!
-//! A control connection is served by the same [`Listener`] as the data and request-channel ports, and it never
-//! leaves its hello stage: its requests, at most [`MAX_REQUESTS`], must arrive within the hello time, each reply
-//! must be taken by then too, and it counts against its host's allowance of waiting connections until it ends.
-//! So the control port holds a bounded number of threads, descriptors and bytes whatever strangers do (they
-//! cannot authenticate before the handshake's last message, so nothing here is served for longer).
+//! A control connection is served by the same [`Listener`] as the data and request-channel ports: its first
+//! request (the greeting, at most [`MAX_GREETING_BYTES`]) is read by the listener's event loop, without a thread;
+//! then a thread answers it and reads the rest. All its requests, at most [`MAX_REQUESTS`], must arrive within
+//! the hello time, each reply must be taken by then too, and the connection counts against its host until it
+//! ends: at most [`CONVERSATIONS_PER_HOST`] of one host go on at once (at that its oldest is shut down) and
+//! [`CONVERSATIONS`] in all. So the control port holds a bounded number of threads, descriptors and bytes
+//! whatever strangers do (they cannot authenticate before the handshake's last message, so nothing here is
+//! served for longer), and a flood from one host cannot keep another prefill of that host out.
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::listener::{self, host_of, Greeting, Listener, MAX_GREETING};
+use crate::listener::{self, host_of, Hello, HelloShape, Listener, Stage};
 use crate::log::Logger;
 use crate::wire::{self, Reply, MAX_MESSAGE_BYTES};
 use std::io::{ErrorKind, Write};
@@ -26,6 +29,14 @@ pub const MAX_REQUESTS: usize = 2;
 /// The longest request (a greeting or a hello; a prefill's are under 1 KiB): what a stranger's connection can
 /// make the decode hold.
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+
+/// The longest first request (a greeting is under 200 bytes): what a waiting connection can make the decode hold.
+pub const MAX_GREETING_BYTES: usize = 4 << 10;
+
+/// Handshakes of one host going on at once past their greeting; at that, its oldest is shut down.
+pub const CONVERSATIONS_PER_HOST: usize = 64;
+/// Handshakes going on at once past their greeting (each a thread, for at most the hello time).
+pub const CONVERSATIONS: usize = 512;
 
 /// The least time a connection attempt to one of a name's addresses is given.
 const MIN_CONNECT_TIME: Duration = Duration::from_millis(250);
@@ -53,11 +64,11 @@ impl ControlServer {
         C: FnMut(&[u8]) -> Vec<u8>,
     {
         let answering = log.clone();
-        // Control connections never pass their hello stage, so none is ever counted as served: the cap on
-        // served connections only leaves room for those closed to make room that are still ending.
-        let listener = Listener::start(addrs, port, "control connection", MAX_GREETING, timeout, log, move |stream, greeting| {
-            let Ok(peer) = stream.peer_addr() else { return };
-            converse(stream, &greeting, peer, &answering, open(peer.ip()));
+        let shape = HelloShape::Framed { length: greeting_length };
+        let stage = Stage::Conversing { per_host: CONVERSATIONS_PER_HOST, all: CONVERSATIONS };
+        let listener = Listener::start(addrs, port, "control connection", shape, stage, CONVERSATIONS, timeout, log, move |stream, hello| {
+            let ip = hello.peer.ip();
+            converse(stream, hello, &answering, open(ip));
         })?;
         Ok(ControlServer { listener })
     }
@@ -68,10 +79,18 @@ impl ControlServer {
     }
 }
 
-/// Answers the requests of one connection, at most [`MAX_REQUESTS`], then closes it.
-fn converse(mut stream: TcpStream, greeting: &Greeting<'_>, peer: SocketAddr, log: &Logger, mut answer: impl FnMut(&[u8]) -> Vec<u8>) {
+/// The length of a first request, from its first four bytes: `None` for one too long for a greeting, or ZeroMQ's
+/// greeting (refused with its reason by [`read_frame`] once the connection is served).
+fn greeting_length(header: [u8; 4]) -> Option<usize> {
+    let len = u32::from_be_bytes(header) as usize;
+    (header[0] != ZMTP_SIGNATURE && len <= MAX_GREETING_BYTES).then_some(len)
+}
+
+/// Answers the requests of one connection, at most [`MAX_REQUESTS`] (the first read already, as its hello),
+/// then closes it.
+fn converse(mut stream: TcpStream, hello: Hello, log: &Logger, mut answer: impl FnMut(&[u8]) -> Vec<u8>) {
     let _ = stream.set_nodelay(true);
-    let deadline = greeting.deadline();
+    let (deadline, peer) = (hello.deadline, hello.peer);
     // Replies are sent within the hello time too (a peer that does not take them holds nothing longer).
     let send = |stream: &mut TcpStream, reply: &[u8]| {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -81,8 +100,13 @@ fn converse(mut stream: TcpStream, greeting: &Greeting<'_>, peer: SocketAddr, lo
         log.error_from(&host_of(peer.ip()).to_string(), format!("refused a control connection from {peer}: {e}"));
         send(stream, &wire::encode(&Reply::reject(&e)));
     };
+    let mut first = Some(hello.bytes);
     for _ in 0..MAX_REQUESTS {
-        let request = match read_frame(|buf| listener::read_before(&mut stream, buf, deadline), MAX_REQUEST_BYTES) {
+        let read = match first.take() {
+            Some(bytes) => read_frame(from_bytes(&bytes), MAX_GREETING_BYTES),
+            None => read_frame(|buf| listener::read_before(&mut stream, buf, deadline), MAX_REQUEST_BYTES),
+        };
+        let request = match read {
             Ok(request) => request,
             Err(e) if e.kind() == ErrorKind::InvalidData => return refuse(&mut stream, Error::protocol(e.to_string())),
             Err(_) => return,
@@ -101,6 +125,12 @@ fn converse(mut stream: TcpStream, greeting: &Greeting<'_>, peer: SocketAddr, lo
             return;
         }
     }
+}
+
+/// `read_exact` over `bytes`: what the listener read already.
+fn from_bytes(bytes: &[u8]) -> impl FnMut(&mut [u8]) -> std::io::Result<()> + '_ {
+    let mut rest = bytes;
+    move |buf| std::io::Read::read_exact(&mut rest, buf)
 }
 
 /// The least time left to the deadline for a request to be answered at all.
@@ -331,13 +361,17 @@ mod tests {
             let _ = s.read_to_end(&mut reply);
             wire::decode_reply(&reply[4..]).unwrap_err()
         };
-        // One byte over the limit: refused before anything is allocated for it.
-        let err = refusal(&(MAX_REQUEST_BYTES as u32 + 1).to_be_bytes());
+        // One byte over the limit of a first request (a greeting): refused before anything is allocated for it.
+        let err = refusal(&(MAX_GREETING_BYTES as u32 + 1).to_be_bytes());
         assert!(err.message().contains("not kvtransfer"), "{err}");
         // What a prefill of wire protocol 3 (ZeroMQ) says first.
         let err = refusal(&[0xFF, 0, 0, 0, 0, 0, 0, 0, 1, 0x7F]);
         assert!(err.message().contains("ZeroMQ"), "{err}");
-        assert_eq!(ControlClient::connect("127.0.0.1", server.port(), TIME).unwrap().ask(&[0; MAX_REQUEST_BYTES]).unwrap().len(), MAX_REQUEST_BYTES);
+        assert_eq!(ControlClient::connect("127.0.0.1", server.port(), TIME).unwrap().ask(&[0; MAX_GREETING_BYTES]).unwrap().len(), MAX_GREETING_BYTES);
+        // The second request (a hello) may be longer.
+        let mut two = ControlClient::connect("127.0.0.1", server.port(), TIME).unwrap();
+        assert_eq!(two.ask(b"greeting").unwrap(), b"greeting");
+        assert_eq!(two.ask(&[0; MAX_REQUEST_BYTES]).unwrap().len(), MAX_REQUEST_BYTES);
         // A connection that asks once and then says nothing more is closed after the hello time (here 0.5 s),
         // counted from its start.
         let mut idle = ControlClient::connect("127.0.0.1", server.port(), TIME).unwrap();

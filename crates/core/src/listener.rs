@@ -1,101 +1,151 @@
-//! A TCP listener that serves each connection on a thread of its own: the one pattern behind a decode's control
-//! port, its data port (the TCP transport) and its request-channel port. It listens on one port of each of the decode's addresses,
-//! caps the connections it keeps, backs off when `accept` fails (out of descriptors, say) instead of spinning,
-//! and, when stopped, shuts every connection down and waits for its thread before it returns.
+//! A TCP listener for each of a decode's ports (control, TCP data, request channel): one event loop (mio) per
+//! port accepts its connections and reads each one's first message, its hello, without a thread of its own;
+//! a connection whose hello has come whole is handed to a thread of its own, which serves it. When stopped it
+//! shuts every connection down and waits for each one's thread before it returns.
 //!
-//! Until a connection has said its hello it is a [`Greeting`]: it has a deadline for the whole hello, at most
-//! [`MAX_GREETING_PER_HOST`] of one host wait at once (more are closed before they get a thread; a host is an
-//! IPv4 address, all of loopback, or an IPv6 /64), and past [`MAX_GREETING`] waiting the oldest connection of
-//! the host with the most waiting is closed. So connections that never say a hello (a flood, or a stranger
-//! without a token) hold a bounded number of threads and descriptors, and a flood from a few hosts crowds out
-//! those hosts, not the others.
+//! Waiting for a hello costs a descriptor and a few bytes, so the caps can be large: at most
+//! [`MAX_GREETING_PER_HOST`] connections of one host wait at once (a host is an IPv4 address, all of loopback,
+//! or an IPv6 /64), and [`MAX_GREETING`] in all. At a host's cap its *oldest* waiting connection is closed, not
+//! the newcomer, and past the overall cap the oldest of the host with the most waiting: a flood of silent
+//! connections from one host (any local user, over loopback) cannot keep a prefill of that host out, since a
+//! real hello comes within a round trip and the flood would have to open a host's cap of connections within it.
+//! A hello has a deadline for the whole of it (one trickled in byte by byte is not waited for).
+//!
+//! After its hello a data or channel connection is served (at most `max` at once, each a thread). A control
+//! connection stays a stranger's until its handshake ends: its thread, too, counts against its host, with
+//! smaller caps ([`Stage::Conversing`]), and at them its host's oldest conversation is shut down.
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
-use std::collections::VecDeque;
+use mio::net::{TcpListener as MioListener, TcpStream as MioStream};
+use mio::{Events, Interest, Poll, Token};
+use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Connections that have not said their hello yet; past that the oldest of the host with the most is closed.
-pub const MAX_GREETING: usize = 128;
-/// Connections from one host ([`host_of`]) that may be waiting to say their hello; more are closed at once.
-pub const MAX_GREETING_PER_HOST: usize = 32;
+/// Connections of one port waiting for their hello; past that the oldest of the host with the most is closed.
+pub const MAX_GREETING: usize = 4096;
+/// Connections of one host ([`host_of`]) that may wait for their hello on one port; at that, its oldest is
+/// closed.
+pub const MAX_GREETING_PER_HOST: usize = 1024;
 /// The longest a connection may take to say its whole hello.
 pub const HELLO_TIME: Duration = Duration::from_secs(5);
 
-/// How long the accept loop waits after `accept` failed.
+/// How long the event loop waits after `accept` failed (out of descriptors, say).
 const BACK_OFF: Duration = Duration::from_millis(100);
-/// How long the accept loop waits for a connection before it looks whether it must stop.
+/// How long the event loop sleeps at most before it looks at deadlines and whether it must stop.
 const POLL: Duration = Duration::from_millis(100);
+
+/// How a port's hello (the first message of a connection) is delimited.
+#[derive(Clone, Copy)]
+pub enum HelloShape {
+    /// Exactly this many bytes.
+    Fixed(usize),
+    /// A length (4 bytes, big-endian) and that many bytes. `length` reads the length from the first four bytes,
+    /// `None` where it refuses them: the connection is then handed over with those four bytes alone, for its
+    /// server to refuse with its reason.
+    Framed { length: fn([u8; 4]) -> Option<usize> },
+}
+
+/// What becomes of a connection once its hello has come.
+#[derive(Clone, Copy)]
+pub enum Stage {
+    /// It is served: at most `max` at once.
+    Served,
+    /// It goes on as a stranger's conversation (a handshake) on its thread, still counted against its host: at
+    /// most `per_host` of one host (at that its oldest is shut down) and `all` in all.
+    Conversing { per_host: usize, all: usize },
+}
+
+/// A connection's hello, as its server gets it.
+pub struct Hello {
+    /// The hello's bytes, as its [`HelloShape`] delimits them.
+    pub bytes: Vec<u8>,
+    /// When the hello time ends (a conversation must be over by then).
+    pub deadline: Instant,
+    /// Where the connection comes from.
+    pub peer: SocketAddr,
+}
+
+/// What serves each connection.
+type Serve = dyn Fn(TcpStream, Hello) + Send + Sync;
+
+/// Connections counted per host, oldest first: at a host's cap its oldest goes, and past the overall cap the
+/// oldest of the host with the most (between equals, the one whose oldest has waited longest).
+struct Crowd<T> {
+    per_host: usize,
+    all: usize,
+    queue: VecDeque<(u64, IpAddr, T)>,
+    counts: HashMap<IpAddr, usize>,
+}
+
+impl<T> Crowd<T> {
+    fn new(per_host: usize, all: usize) -> Crowd<T> {
+        Crowd { per_host, all, queue: VecDeque::new(), counts: HashMap::new() }
+    }
+
+    /// Counts `item` (`id`, of `host`) in; returns those it pushes out.
+    fn admit(&mut self, id: u64, host: IpAddr, item: T) -> Vec<(u64, T)> {
+        let mut out = Vec::new();
+        if self.counts.get(&host).is_some_and(|&n| n >= self.per_host) {
+            out.extend(self.remove_oldest_of(host));
+        }
+        self.queue.push_back((id, host, item));
+        *self.counts.entry(host).or_default() += 1;
+        if self.queue.len() > self.all {
+            let most = self.counts.values().copied().max().expect("not empty");
+            let busiest = self.queue.iter().find(|(_, h, _)| self.counts[h] == most).map(|(_, h, _)| *h).expect("not empty");
+            out.extend(self.remove_oldest_of(busiest));
+        }
+        out
+    }
+
+    fn remove_oldest_of(&mut self, host: IpAddr) -> Option<(u64, T)> {
+        let i = self.queue.iter().position(|(_, h, _)| *h == host)?;
+        self.take(i)
+    }
+
+    fn remove(&mut self, id: u64) -> Option<T> {
+        let i = self.queue.iter().position(|(q, ..)| *q == id)?;
+        self.take(i).map(|(_, item)| item)
+    }
+
+    fn take(&mut self, i: usize) -> Option<(u64, T)> {
+        let (id, host, item) = self.queue.remove(i)?;
+        match self.counts.get_mut(&host) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                self.counts.remove(&host);
+            }
+        }
+        Some((id, item))
+    }
+}
 
 struct Shared {
     /// What the listener serves, for logs ("control connection", "data connection", "request channel").
     what: &'static str,
+    shape: HelloShape,
+    stage: Stage,
     max: usize,
     hello_time: Duration,
     log: Arc<Logger>,
     stop: AtomicBool,
+    /// The threads serving connections past their hello, with a handle on each one's socket.
     connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
-    /// Connections past their hello, still served: at most `max`.
+    /// Connections served ([`Stage::Served`]).
     served: AtomicUsize,
-    /// Connections that have not said their hello yet, oldest first, with their host.
-    greeting: Mutex<VecDeque<(u64, IpAddr, TcpStream)>>,
-    next_greeting: AtomicU64,
+    /// Conversations going on ([`Stage::Conversing`]), with a handle to shut each down.
+    conversing: Mutex<Crowd<TcpStream>>,
 }
 
-/// A connection that has not said its hello yet, as its serving thread sees it.
-pub struct Greeting<'a> {
-    shared: &'a Shared,
-    id: u64,
-    deadline: Instant,
-    /// Set once the connection counts among those served (see [`Greeting::passed`]).
-    served: &'a AtomicBool,
-}
-
-impl Greeting<'_> {
-    /// Reads the hello into `buf` before the deadline: a hello trickled in byte by byte is not waited for.
-    pub fn read_hello(&self, stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
-        read_before(stream, buf, self.deadline).map_err(|e| match e.kind() {
-            ErrorKind::UnexpectedEof => Error::new(ErrorCode::Transport, "closed before its hello"),
-            ErrorKind::TimedOut => Error::new(ErrorCode::Timeout, "no hello in time"),
-            _ => Error::io("reading a hello", e),
-        })
-    }
-
-    /// When the whole hello must have been read.
-    pub fn deadline(&self) -> Instant {
-        self.deadline
-    }
-
-    /// Ends the hello stage: the connection now counts among the at most `max` served. `Rejected` where it was
-    /// closed meanwhile to make room for newer ones, or where `max` are served already (what it presented must
-    /// then not be used).
-    pub fn passed(&self) -> Result<()> {
-        let mut waiting = lock(&self.shared.greeting);
-        let before = waiting.len();
-        waiting.retain(|(id, ..)| *id != self.id);
-        if waiting.len() == before {
-            return Err(Error::new(ErrorCode::Rejected, "closed to make room for newer connections before its hello"));
-        }
-        let max = self.shared.max;
-        let counted = self.shared.served.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
-        if counted.is_err() {
-            return Err(Error::new(ErrorCode::Rejected, format!("{max} are open already (KVCACHE_MAX_PEERS)")));
-        }
-        self.served.store(true, Ordering::Release);
-        Ok(())
-    }
-}
-
-impl Drop for Greeting<'_> {
-    fn drop(&mut self) {
-        lock(&self.shared.greeting).retain(|(id, ..)| *id != self.id);
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Fills `buf` from `stream` before `deadline`, however the bytes trickle in: `UnexpectedEof` where the peer
@@ -119,11 +169,11 @@ pub fn read_before(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) ->
     Ok(())
 }
 
-/// Listening sockets (one port, on each address) and the threads serving their connections.
+/// Listening sockets (one port, on each address), their event loop, and the threads serving connections.
 pub struct Listener {
-    addrs: Vec<SocketAddr>,
+    port: u16,
     shared: Arc<Shared>,
-    accept: Mutex<Vec<JoinHandle<()>>>,
+    event_loop: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Binds `port` (0: one the system picks) on every one of `ips`: a port picked on the first may be taken on
@@ -136,7 +186,14 @@ fn bind_all(ips: &[IpAddr], port: u16, what: &str) -> Result<Vec<TcpListener>> {
         for &ip in ips {
             let port = bound.first().and_then(|l| l.local_addr().ok()).map_or(port, |a| a.port());
             match TcpListener::bind((ip, port)) {
-                Ok(l) => bound.push(l),
+                Ok(l) => {
+                    // The standard library listens with a backlog of 128: a burst of connections (a flood) would
+                    // overflow it, and the kernel would drop others' too before the event loop sees them. Listening
+                    // again on a listening socket only sets its backlog (the kernel caps it at somaxconn).
+                    // SAFETY: `l` owns a valid listening socket for the length of the call.
+                    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), MAX_GREETING as libc::c_int) };
+                    bound.push(l)
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries > 0 => continue 'again,
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                     return Err(Error::new(ErrorCode::Transport, format!("cannot listen for {what}s on {ip} port {port}: it is in use")))
@@ -148,67 +205,69 @@ fn bind_all(ips: &[IpAddr], port: u16, what: &str) -> Result<Vec<TcpListener>> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Listener {
-    /// Listens on `port` (0: one the system picks) of each of `ips` and runs `serve` on a new thread for each
-    /// connection;
-    /// each must say its hello within `hello_time` (and [`HELLO_TIME`]), and at most `max` are served past it
-    /// ([`Greeting::passed`]). `what` names the connections in logs.
+    /// Listens on `port` (0: one the system picks) of each of `ips`. Each connection must say its hello, shaped
+    /// as `shape`, within `hello_time` (and [`HELLO_TIME`]); then `serve` runs on a thread of its own with it.
+    /// With [`Stage::Served`] at most `max` are served at once (a hello past that is closed). `what` names the
+    /// connections in logs.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         ips: &[IpAddr],
         port: u16,
         what: &'static str,
+        shape: HelloShape,
+        stage: Stage,
         max: usize,
         hello_time: Duration,
         log: Arc<Logger>,
-        serve: impl Fn(TcpStream, Greeting<'_>) + Send + Sync + 'static,
+        serve: impl Fn(TcpStream, Hello) + Send + Sync + 'static,
     ) -> Result<Listener> {
         let listeners = bind_all(ips, port, what)?;
-        let addrs = listeners.iter().map(|l| l.local_addr()).collect::<std::io::Result<Vec<_>>>();
-        let addrs = addrs.map_err(|e| Error::io(&format!("reading the {what} port"), e))?;
+        let port = listeners.first().map(|l| l.local_addr()).transpose().map_err(|e| Error::io(&format!("reading the {what} port"), e))?;
+        let (per_host, all) = match stage {
+            Stage::Conversing { per_host, all } => (per_host, all),
+            Stage::Served => (usize::MAX, usize::MAX),
+        };
         let shared = Arc::new(Shared {
             what,
+            shape,
+            stage,
             max,
             hello_time: hello_time.min(HELLO_TIME),
             log,
             stop: AtomicBool::new(false),
             connections: Mutex::default(),
             served: AtomicUsize::new(0),
-            greeting: Mutex::default(),
-            next_greeting: AtomicU64::new(1),
+            conversing: Mutex::new(Crowd::new(per_host, all)),
         });
-        let serve: Arc<Serve> = Arc::new(serve);
-        let listener = Listener { addrs, shared: shared.clone(), accept: Mutex::default() };
-        for socket in listeners {
-            let (s, serve) = (shared.clone(), serve.clone());
-            let accept = std::thread::Builder::new()
-                .name(format!("kvtransfer-accept {what}"))
-                .spawn(move || accept_loop(socket, &s, serve))
-                .map_err(|e| Error::io(&format!("starting the {what} listener"), e))?;
-            lock(&listener.accept).push(accept);
+        let poll = Poll::new().map_err(|e| Error::io(&format!("starting the {what} listener"), e))?;
+        let mut sockets = Vec::with_capacity(listeners.len());
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let setup = |e| Error::io(&format!("starting the {what} listener"), e);
+            listener.set_nonblocking(true).map_err(setup)?;
+            let mut socket = MioListener::from_std(listener);
+            poll.registry().register(&mut socket, Token(i), Interest::READABLE).map_err(setup)?;
+            sockets.push(socket);
         }
-        Ok(listener)
+        let (s, serve) = (shared.clone(), Arc::new(serve) as Arc<Serve>);
+        let event_loop = std::thread::Builder::new()
+            .name(format!("kvtransfer-listen {what}"))
+            .spawn(move || EventLoop { poll, sockets, shared: s, serve, waiting: HashMap::new(), crowd: Crowd::new(MAX_GREETING_PER_HOST, MAX_GREETING), expiry: VecDeque::new(), next: 0 }.run())
+            .map_err(|e| Error::io(&format!("starting the {what} listener"), e))?;
+        Ok(Listener { port: port.map_or(0, |a| a.port()), shared, event_loop: Mutex::new(Some(event_loop)) })
     }
 
     /// The port, the same on every address.
     pub fn port(&self) -> u16 {
-        self.addrs.first().map_or(0, |a| a.port())
+        self.port
     }
 
     /// Stops accepting, shuts every connection down and waits for each one's thread. Later calls do nothing.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
-        let accepts = std::mem::take(&mut *lock(&self.accept));
-        if accepts.is_empty() {
-            return;
-        }
-        // Each accept loop looks at `stop` at least every `POLL`.
-        for accept in accepts {
-            let _ = accept.join();
-        }
+        // The event loop looks at `stop` at least every `POLL`; what waited for its hello goes with it.
+        let Some(event_loop) = lock(&self.event_loop).take() else { return };
+        let _ = event_loop.join();
         let connections = std::mem::take(&mut *lock(&self.shared.connections));
         for (stream, _) in &connections {
             let _ = stream.shutdown(Shutdown::Both);
@@ -225,56 +284,198 @@ impl Drop for Listener {
     }
 }
 
-/// What serves each connection.
-type Serve = dyn Fn(TcpStream, Greeting<'_>) + Send + Sync;
+/// A connection waiting for its hello.
+struct Waiting {
+    stream: MioStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    bytes: Vec<u8>,
+    /// Bytes the hello has in all, once known.
+    need: usize,
+}
 
-fn accept_loop(listener: TcpListener, shared: &Arc<Shared>, serve: Arc<Serve>) {
-    let what = shared.what;
-    // Never blocked in accept: stopping needs no connection to wake it (which could fail).
-    if listener.set_nonblocking(true).is_err() {
-        return;
-    }
-    let mut ready = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    while !shared.stop.load(Ordering::Acquire) {
-        // SAFETY: one valid pollfd, naming the listener's descriptor, which lives as long as `listener`.
-        if unsafe { libc::poll(&mut ready, 1, POLL.as_millis() as i32) } <= 0 {
-            // A quiet moment: let go of the connections that have ended.
-            reap(&mut lock(&shared.connections));
-            continue;
-        }
-        let stream = match listener.accept().and_then(|(s, _)| s.set_nonblocking(false).map(|()| s)) {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                shared.log.error_from(what, format!("accepting a {what}: {e}"));
-                std::thread::sleep(BACK_OFF);
-                reap(&mut lock(&shared.connections));
+/// The listener's thread: accepts, reads hellos, hands connections over, closes those past their deadline.
+struct EventLoop {
+    poll: Poll,
+    sockets: Vec<MioListener>,
+    shared: Arc<Shared>,
+    serve: Arc<Serve>,
+    waiting: HashMap<u64, Waiting>,
+    /// The waiting connections per host.
+    crowd: Crowd<()>,
+    /// Waiting connections by deadline (all have the same hello time, so in the order they came).
+    expiry: VecDeque<(Instant, u64)>,
+    next: u64,
+}
+
+impl EventLoop {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        while !self.shared.stop.load(Ordering::Acquire) {
+            if let Err(e) = self.poll.poll(&mut events, Some(POLL)) {
+                if e.kind() != ErrorKind::Interrupted {
+                    self.shared.log.error_from(self.shared.what, format!("waiting for {}s: {e}", self.shared.what));
+                    std::thread::sleep(BACK_OFF);
+                }
                 continue;
             }
-        };
-        let mut connections = lock(&shared.connections);
-        reap(&mut connections);
-        // Those served, and those saying their hello (which never crowd out the served: see `passed`).
-        if connections.len() >= connections_cap(shared) {
-            drop(connections);
-            shared.log.error_from(what, format!("refused a {what}: {} are open", connections_cap(shared)));
-            let _ = stream.shutdown(Shutdown::Both);
-            continue;
-        }
-        let Ok(handle) = stream.try_clone() else { continue };
-        let Some(id) = start_greeting(shared, &stream) else { continue };
-        let (serve, s) = (serve.clone(), shared.clone());
-        let deadline = Instant::now() + shared.hello_time;
-        let thread = std::thread::Builder::new().name(format!("kvtransfer {what}")).spawn(move || {
-            let served = AtomicBool::new(false);
-            serve(stream, Greeting { shared: &s, id, deadline, served: &served });
-            if served.load(Ordering::Acquire) {
-                s.served.fetch_sub(1, Ordering::AcqRel);
+            for event in events.iter() {
+                match event.token() {
+                    Token(i) if i < self.sockets.len() => self.accept(i),
+                    Token(t) => self.read((t - self.sockets.len()) as u64),
+                }
             }
+            self.expire();
+            reap(&mut lock(&self.shared.connections));
+        }
+    }
+
+    /// Accepts every connection waiting on listening socket `i`.
+    fn accept(&mut self, i: usize) {
+        let what = self.shared.what;
+        loop {
+            let (stream, peer) = match self.sockets[i].accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.shared.log.error_from(what, format!("accepting a {what}: {e}"));
+                    std::thread::sleep(BACK_OFF);
+                    return;
+                }
+            };
+            let id = self.next;
+            self.next += 1;
+            let host = host_of(peer.ip());
+            for (closed, ()) in self.crowd.admit(id, host, ()) {
+                self.close(closed);
+            }
+            let mut waiting = Waiting { stream, peer, deadline: Instant::now() + self.shared.hello_time, bytes: Vec::new(), need: 0 };
+            let token = Token(id as usize + self.sockets.len());
+            if self.poll.registry().register(&mut waiting.stream, token, Interest::READABLE).is_err() {
+                self.crowd.remove(id);
+                continue;
+            }
+            waiting.need = match self.shared.shape {
+                HelloShape::Fixed(n) => n,
+                HelloShape::Framed { .. } => 4,
+            };
+            self.expiry.push_back((waiting.deadline, id));
+            self.waiting.insert(id, waiting);
+            // Its hello may be there already (edge-triggered: no event would say so again).
+            self.read(id);
+        }
+    }
+
+    /// Reads what connection `id` has sent; hands it over once its hello is whole.
+    fn read(&mut self, id: u64) {
+        let shape = self.shared.shape;
+        let Some(w) = self.waiting.get_mut(&id) else { return };
+        let mut chunk = [0u8; 4096];
+        loop {
+            let want = (w.need - w.bytes.len()).min(chunk.len());
+            if want == 0 {
+                break;
+            }
+            match w.stream.read(&mut chunk[..want]) {
+                Ok(0) => return self.close(id),
+                Ok(n) => w.bytes.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return self.close(id),
+            }
+            if let (HelloShape::Framed { length }, 4) = (shape, w.bytes.len()) {
+                let header: [u8; 4] = w.bytes[..4].try_into().expect("four bytes");
+                match length(header) {
+                    Some(len) => w.need = 4 + len,
+                    // Handed over as it is: its server refuses it, saying why.
+                    None => break,
+                }
+            }
+        }
+        let Some(mut w) = self.waiting.remove(&id) else { return };
+        self.crowd.remove(id);
+        let _ = self.poll.registry().deregister(&mut w.stream);
+        self.hand_over(w);
+    }
+
+    /// Serves a connection whose hello has come, on a thread of its own, if it may be.
+    fn hand_over(&mut self, w: Waiting) {
+        let shared = &self.shared;
+        let what = shared.what;
+        let host = host_of(w.peer.ip());
+        // SAFETY: the descriptor is taken out of the mio stream, which gives up owning it; the std stream owns
+        // it from here on (one owner, closed once).
+        let stream = unsafe { TcpStream::from_raw_fd(w.stream.into_raw_fd()) };
+        let (Ok(()), Ok(handle)) = (stream.set_nonblocking(false), stream.try_clone()) else { return };
+        let slot = match shared.stage {
+            Stage::Served => {
+                let counted = shared.served.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < shared.max).then_some(n + 1));
+                if counted.is_err() {
+                    let max = shared.max;
+                    shared.log.error_from(&host.to_string(), format!("refused a {what} from {}: {max} are open (KVCACHE_MAX_PEERS)", w.peer));
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return;
+                }
+                Slot::Served(shared.clone())
+            }
+            Stage::Conversing { .. } => {
+                let Ok(shut) = stream.try_clone() else { return };
+                let id = self.next;
+                self.next += 1;
+                for (_, pushed) in lock(&shared.conversing).admit(id, host, shut) {
+                    let _ = pushed.shutdown(Shutdown::Both);
+                }
+                Slot::Conversing(shared.clone(), id)
+            }
+        };
+        let hello = Hello { bytes: w.bytes, deadline: w.deadline, peer: w.peer };
+        let serve = self.serve.clone();
+        // The slot is given back when the thread ends, however it ends (a panic in `serve` included), or here
+        // if it never starts.
+        let thread = std::thread::Builder::new().name(format!("kvtransfer {what}")).spawn(move || {
+            let _slot = slot;
+            serve(stream, hello);
         });
-        match thread {
-            Ok(thread) => connections.push((handle, thread)),
-            Err(_) => lock(&shared.greeting).retain(|(g, ..)| *g != id),
+        if let Ok(thread) = thread {
+            lock(&shared.connections).push((handle, thread));
+        }
+    }
+
+    fn close(&mut self, id: u64) {
+        if let Some(mut w) = self.waiting.remove(&id) {
+            let _ = self.poll.registry().deregister(&mut w.stream);
+        }
+        self.crowd.remove(id);
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, id)) = self.expiry.front() {
+            if at > now {
+                break;
+            }
+            self.expiry.pop_front();
+            self.close(id);
+        }
+    }
+}
+
+/// What a served connection holds until its thread ends.
+enum Slot {
+    Served(Arc<Shared>),
+    Conversing(Arc<Shared>, u64),
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        match self {
+            Slot::Served(shared) => {
+                shared.served.fetch_sub(1, Ordering::AcqRel);
+            }
+            Slot::Conversing(shared, id) => {
+                lock(&shared.conversing).remove(*id);
+            }
         }
     }
 }
@@ -282,11 +483,6 @@ fn accept_loop(listener: TcpListener, shared: &Arc<Shared>, serve: Arc<Serve>) {
 /// Lets go of the connections whose thread has ended (their descriptors with them).
 fn reap(connections: &mut Vec<(TcpStream, JoinHandle<()>)>) {
     connections.retain(|(_, t)| !t.is_finished());
-}
-
-/// How many connections a listener keeps at once: those served and those saying their hello.
-fn connections_cap(shared: &Shared) -> usize {
-    shared.max + MAX_GREETING
 }
 
 /// The host a connection counts against: its IPv4 address, one host for all of loopback (any process of this
@@ -303,44 +499,26 @@ pub fn host_of(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Counts `stream` among the connections waiting for their hello: `None` (and the connection closed) where
-/// its host has its allowance waiting already. Past the overall cap, the oldest connection of the host with the
-/// most waiting is closed.
-fn start_greeting(shared: &Shared, stream: &TcpStream) -> Option<u64> {
-    let what = shared.what;
-    let ip = stream.peer_addr().ok()?.ip();
-    let host = host_of(ip);
-    let clone = stream.try_clone().ok()?;
-    let mut waiting = lock(&shared.greeting);
-    if waiting.iter().filter(|(_, h, _)| *h == host).count() >= MAX_GREETING_PER_HOST {
-        drop(waiting);
-        shared.log.error_from(&host.to_string(), format!("refused a {what} from {ip}: {MAX_GREETING_PER_HOST} of its host's connections are waiting to say their hello"));
-        let _ = stream.shutdown(Shutdown::Both);
-        return None;
-    }
-    let id = shared.next_greeting.fetch_add(1, Ordering::Relaxed);
-    waiting.push_back((id, host, clone));
-    if waiting.len() > MAX_GREETING {
-        // The host with the most waiting; between equals, the one whose oldest has waited longest.
-        let mut counts: Vec<(IpAddr, usize)> = Vec::new();
-        for (_, h, _) in waiting.iter() {
-            match counts.iter_mut().find(|(c, _)| c == h) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((*h, 1)),
-            }
+/// Raises this process's descriptor limit toward `want` (as far as its hard limit allows); returns the limit now.
+#[cfg(test)]
+pub(crate) fn raise_descriptor_limit(want: u64) -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write one valid `rlimit`.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        if limit.rlim_cur < want {
+            limit.rlim_cur = want.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
-        let most = counts.iter().map(|&(_, n)| n).max().expect("not empty");
-        let busiest = counts.iter().find(|&&(_, n)| n == most).map(|&(h, _)| h).expect("not empty");
-        let oldest = waiting.iter().position(|(_, h, _)| *h == busiest).expect("the busiest host waits");
-        let (_, _, closed) = waiting.remove(oldest).expect("a position in the queue");
-        let _ = closed.shutdown(Shutdown::Both);
     }
-    Some(id)
+    limit.rlim_cur
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use std::io::Write;
 
     #[test]
     fn a_host_is_an_ipv4_address_all_of_loopback_or_an_ipv6_64() {
@@ -352,49 +530,67 @@ mod tests {
         assert_eq!(host_of(ip("::ffff:10.0.0.7")), ip("10.0.0.7"));
         assert_eq!(host_of(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")), ip("2001:db8:1:2::"));
     }
-    use crate::config::Config;
-    use std::io::{Read, Write};
 
     #[test]
-    fn each_connection_is_served_and_stop_ends_them_all() {
-        let log = Arc::new(Logger::new(&Config::default(), "test".to_string()).unwrap());
-        // A one-byte hello, then an echo; at most two served.
-        let listener = Listener::start(&[[127, 0, 0, 1].into()], 0, "test connection", 2, HELLO_TIME, log, |mut s, greeting| {
+    fn a_crowd_lets_its_oldest_go_per_host_and_past_its_cap_the_busiest_hosts() {
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into(), [10, 0, 0, 3].into());
+        let mut crowd = Crowd::new(2, 4);
+        assert!(crowd.admit(1, a, ()).is_empty() && crowd.admit(2, a, ()).is_empty());
+        // At a host's cap its oldest goes, the newcomer stays.
+        assert_eq!(crowd.admit(3, a, ()), [(1, ())]);
+        assert!(crowd.admit(4, b, ()).is_empty() && crowd.admit(5, c, ()).is_empty());
+        // Past the overall cap: the oldest of the host with the most (a: 2, 3).
+        assert_eq!(crowd.admit(6, b, ()), [(2, ())]);
+        assert_eq!(crowd.remove(3), Some(()));
+        assert_eq!(crowd.remove(3), None);
+        assert!(crowd.admit(7, a, ()).is_empty());
+    }
+
+    fn log() -> Arc<Logger> {
+        Arc::new(Logger::new(&Config::default(), "test".to_string()).unwrap())
+    }
+
+    /// An echo server whose hello is one byte, serving at most `max`.
+    fn echo(max: usize) -> Listener {
+        Listener::start(&[[127, 0, 0, 1].into()], 0, "test connection", HelloShape::Fixed(1), Stage::Served, max, HELLO_TIME, log(), |mut s, hello| {
+            s.write_all(&hello.bytes).unwrap();
             let mut b = [0u8; 1];
-            if greeting.read_hello(&mut s, &mut b).is_err() || greeting.passed().is_err() {
-                return;
-            }
-            s.write_all(&b).unwrap();
             while s.read_exact(&mut b).is_ok() {
                 let _ = s.write_all(&b);
             }
         })
-        .unwrap();
+        .unwrap()
+    }
+
+    fn said_back(s: &mut TcpStream, byte: u8) -> bool {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = [0u8; 1];
+        s.write_all(&[byte]).is_ok() && s.read_exact(&mut got).is_ok() && got == [byte]
+    }
+
+    fn closed(s: &mut TcpStream) -> bool {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        matches!(s.read(&mut [0u8; 1]), Ok(0) | Err(_))
+    }
+
+    #[test]
+    fn each_connection_is_served_and_stop_ends_them_all() {
+        let listener = echo(2);
         // Connections that say nothing do not count against the two served.
         let silent: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(("127.0.0.1", listener.port())).unwrap()).collect();
         let mut a = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
         let mut b = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
-        for s in [&mut a, &mut b] {
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.write_all(b"x").unwrap();
-            let mut got = [0u8; 1];
-            s.read_exact(&mut got).unwrap();
-            assert_eq!(&got, b"x");
-        }
+        assert!(said_back(&mut a, b'x') && said_back(&mut b, b'x'));
         // A third that says its hello is over the cap: closed.
         let mut c = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         c.write_all(b"x").unwrap();
-        assert!(matches!(c.read(&mut [0u8; 1]), Ok(0) | Err(_)), "a third is refused");
+        assert!(closed(&mut c), "a third is refused");
         // Once one of the two has gone, another takes its place.
         drop(a);
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut d = loop {
             let mut d = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
-            d.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            d.write_all(b"y").unwrap();
-            let mut got = [0u8; 1];
-            if d.read_exact(&mut got).is_ok() {
+            if said_back(&mut d, b'y') {
                 break d;
             }
             assert!(Instant::now() < deadline, "no room after a connection ended");
@@ -402,8 +598,101 @@ mod tests {
         };
         listener.stop();
         for s in [&mut b, &mut d] {
-            assert!(matches!(s.read(&mut [0u8; 1]), Ok(0) | Err(_)), "stop ends every connection");
+            assert!(closed(s), "stop ends every connection");
         }
         drop(silent);
+    }
+
+    #[test]
+    fn a_host_full_of_silent_connections_still_lets_its_newcomer_in_and_costs_no_threads() {
+        let flood = MAX_GREETING_PER_HOST + 16;
+        if raise_descriptor_limit(4 * flood as u64) < 3 * flood as u64 {
+            eprintln!("skipped: too few descriptors allowed");
+            return;
+        }
+        let threads = || std::fs::read_dir("/proc/self/task").unwrap().count();
+        let listener = echo(8);
+        let before = threads();
+        let mut silent: Vec<TcpStream> = (0..flood).map(|_| TcpStream::connect(("127.0.0.1", listener.port())).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(threads() <= before + 1, "{} threads with {flood} silent connections, {before} before", threads());
+        // The host's oldest went, not its newest.
+        assert!(closed(&mut silent[0]), "the oldest silent connection is let go");
+        let started = Instant::now();
+        let mut newcomer = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
+        assert!(said_back(&mut newcomer, b'n'), "a newcomer of a full host is served");
+        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+        let newest = silent.last_mut().unwrap();
+        newest.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        assert!(matches!(newest.read(&mut [0u8; 1]), Err(e) if e.kind() == ErrorKind::WouldBlock), "the newest silent one still waits");
+    }
+
+    #[test]
+    fn a_framed_hello_is_read_whole_and_a_refused_length_handed_over_as_it_is() {
+        fn length(header: [u8; 4]) -> Option<usize> {
+            let n = u32::from_be_bytes(header) as usize;
+            (n <= 16).then_some(n)
+        }
+        let listener = Listener::start(&[[127, 0, 0, 1].into()], 0, "test connection", HelloShape::Framed { length }, Stage::Conversing { per_host: 4, all: 8 }, 8, HELLO_TIME, log(), |mut s, hello| {
+            let _ = s.write_all(&(hello.bytes.len() as u32).to_be_bytes());
+        })
+        .unwrap();
+        let ask = |bytes: &[u8]| {
+            let mut s = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
+            // Trickled in three pieces.
+            for part in bytes.chunks(bytes.len().div_ceil(3)) {
+                s.write_all(part).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let mut got = [0u8; 4];
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.read_exact(&mut got).unwrap();
+            u32::from_be_bytes(got)
+        };
+        assert_eq!(ask(&[0, 0, 0, 5, 1, 2, 3, 4, 5]), 9);
+        assert_eq!(ask(&[0, 0, 1, 0]), 4, "a length it refuses: the four bytes alone");
+    }
+
+    #[test]
+    fn a_conversation_past_its_hosts_cap_shuts_the_oldest_down() {
+        let listener = Listener::start(&[[127, 0, 0, 1].into()], 0, "test connection", HelloShape::Fixed(1), Stage::Conversing { per_host: 2, all: 8 }, 8, HELLO_TIME, log(), |mut s, _| {
+            let _ = s.write_all(b"!");
+            let _ = s.read(&mut [0u8; 1]);
+        })
+        .unwrap();
+        let mut talking: Vec<TcpStream> = (0..3)
+            .map(|_| {
+                let mut s = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
+                s.write_all(b"?").unwrap();
+                let mut got = [0u8; 1];
+                s.read_exact(&mut got).unwrap();
+                s
+            })
+            .collect();
+        assert!(closed(&mut talking[0]), "the oldest conversation of the host is shut down");
+        talking[2].set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        assert!(matches!(talking[2].read(&mut [0u8; 1]), Err(e) if e.kind() == ErrorKind::WouldBlock), "the newest goes on");
+    }
+
+    #[test]
+    fn a_panic_while_serving_gives_its_place_back() {
+        let listener = Listener::start(&[[127, 0, 0, 1].into()], 0, "test connection", HelloShape::Fixed(1), Stage::Served, 1, HELLO_TIME, log(), |mut s, hello| {
+            if hello.bytes == b"p" {
+                panic!("a bug while serving");
+            }
+            let _ = s.write_all(b"!");
+        })
+        .unwrap();
+        for _ in 0..3 {
+            let mut s = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
+            s.write_all(b"p").unwrap();
+            assert!(closed(&mut s));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let mut s = TcpStream::connect(("127.0.0.1", listener.port())).unwrap();
+        s.write_all(b"x").unwrap();
+        let mut got = [0u8; 1];
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.read_exact(&mut got).unwrap();
     }
 }

@@ -5,7 +5,7 @@ use super::frame::{self, Ack, DataHello, WriteHeader};
 use super::io;
 use super::staging::Staging;
 use crate::iov::{iovec, IoVecs};
-use crate::listener::{Greeting, Listener};
+use crate::listener::{host_of, Hello, HelloShape, Listener, Stage};
 use crate::wire::PROTOCOL_VERSION;
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
@@ -87,8 +87,8 @@ impl TcpReceiver {
             digest_key: RandomState::new(),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, 0, "data connection", max_connections, timeout, log, move |stream, greeting| {
-            serve_connection(stream, greeting, &s)
+        let listener = Listener::start(ips, 0, "data connection", HelloShape::Fixed(frame::HELLO_LEN), Stage::Served, max_connections, timeout, log, move |stream, hello| {
+            serve_connection(stream, hello, &s)
         })?;
         Ok(TcpReceiver { listener, shared })
     }
@@ -165,14 +165,13 @@ impl Drop for TcpReceiver {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, greeting: Greeting<'_>, shared: &Shared) {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-    let (token, session) = match greet(&mut stream, greeting, shared) {
+fn serve_connection(mut stream: TcpStream, hello: Hello, shared: &Shared) {
+    let peer = hello.peer.to_string();
+    let (token, session) = match greet(&mut stream, &hello.bytes, shared) {
         Ok(admitted) => admitted,
         Err(e) => {
             if !shared.stop.load(Ordering::Acquire) {
-                let ip = peer.rsplit_once(':').map_or(peer.as_str(), |(ip, _)| ip);
-                shared.log.error_from(ip, format!("data connection from {peer} refused: {e}"));
+                shared.log.error_from(&host_of(hello.peer.ip()).to_string(), format!("data connection from {peer} refused: {e}"));
             }
             let _ = stream.shutdown(Shutdown::Both);
             return;
@@ -222,14 +221,12 @@ fn serve_session(stream: TcpStream, shared: &Shared, token: u64, session: Sessio
 }
 
 /// Reads the data hello and answers it; the session it names is consumed.
-fn greet(stream: &mut TcpStream, greeting: Greeting<'_>, shared: &Shared) -> Result<(u64, Session)> {
+fn greet(stream: &mut TcpStream, hello: &[u8], shared: &Shared) -> Result<(u64, Session)> {
     let setup = |e| Error::io("configuring the data socket", e);
     stream.set_nodelay(true).map_err(setup)?;
     stream.set_write_timeout(Some(shared.timeout)).map_err(setup)?;
-    let mut hello = [0u8; frame::HELLO_LEN];
-    greeting.read_hello(stream, &mut hello)?;
-    let hello = DataHello::decode(&hello)?;
-    greeting.passed()?;
+    let hello: &[u8; frame::HELLO_LEN] = hello.try_into().map_err(|_| Error::protocol("a data hello of the wrong length"))?;
+    let hello = DataHello::decode(hello)?;
     stream.set_read_timeout(Some(shared.timeout)).map_err(setup)?;
     let handle = stream.try_clone().map_err(setup)?;
     // Moved from pending to open under the lock `cut_off` takes first: a session is one or the other, never
