@@ -2,6 +2,7 @@
 // that run on the library's own threads.
 import test from 'ava'
 import { createRequire } from 'node:module'
+import { networkInterfaces } from 'node:os'
 import { Communicator, KVTransferError, Peer, RDMACommunicator } from 'kvtransfer'
 import { makeCache } from './helpers/cache.mjs'
 import { startDecode } from './helpers/peer.mjs'
@@ -70,6 +71,29 @@ test('a decode communicator from options; connect failures reject with their cod
   t.is((await t.throwsAsync(decode.connect(HOST, 1))).code, 'CLOSED')
 })
 
+test('Communicator.decode is secure by default: beyond loopback it needs a token, or insecure: true', (t) => {
+  const dst = makeCache({ layers: 1, blocks: 8, blockBytes: 256 })
+  const cache = { keyPtrs: dst.keyPtrs, valuePtrs: dst.valuePtrs, blockNumber: 8, blockBytes: 256 }
+  const open = [
+    Communicator.decode({ ...cache, socketIfname: 'lo' }),
+    Communicator.decode({ ...cache, authToken: 'x'.repeat(32) }),
+    Communicator.decode({ ...cache, insecure: true }),
+    // The seed API keeps the original's behaviour (it listens, with a warning).
+    new RDMACommunicator('decode', 0, 0, dst.keyPtrs, dst.valuePtrs, 8, 256),
+  ]
+  for (const comm of open) comm.close()
+  // A decode listens on the first usable interface besides loopback, where there is one.
+  const beyond = Object.values(networkInterfaces()).flat().some((a) => a.family === 'IPv4' && !a.internal)
+  if (!beyond || process.env.KVCACHE_SOCKET_IFNAME || process.env.KVCACHE_AUTH_TOKEN || process.env.KVCACHE_INSECURE) {
+    t.log('no interface beyond loopback here (or the environment sets one): the refusal cannot be shown')
+    t.pass()
+    return
+  }
+  const err = t.throws(() => Communicator.decode(cache))
+  t.is(err.code, 'CONFIG')
+  t.regex(err.message, /without KVCACHE_AUTH_TOKEN.*insecure: true/s)
+})
+
 test('a panic inside a native call is an INTERNAL error, and the process lives on', async (t) => {
   const binding = require('../binding.js')
   const sync = t.throws(() => binding.__panicForTests('sync'))
@@ -80,7 +104,7 @@ test('a panic inside a native call is an INTERNAL error, and the process lives o
   t.regex(failure.message, /deliberate panic on another thread/)
   // Still alive and working.
   t.is(KVTransferError.from(sync).code, 'INTERNAL')
-  const alive = Communicator.decode({ keyPtrs: makeCache({ layers: 1, blocks: 1, blockBytes: 64 }).keyPtrs, blockNumber: 1, blockBytes: 64 })
+  const alive = Communicator.decode({ keyPtrs: makeCache({ layers: 1, blocks: 1, blockBytes: 64 }).keyPtrs, blockNumber: 1, blockBytes: 64, socketIfname: 'lo' })
   t.true(alive.port > 0)
   alive.close()
 })

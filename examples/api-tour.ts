@@ -105,7 +105,8 @@ async function main(): Promise<void> {
   const scales: ScaleOptions = {}
   const cache: CacheOptions = { keyPtrs: ptrs(srcKeys), valuePtrs: ptrs(srcValues), blockNumber: blocks, blockBytes, ...scales }
   const prefillOptions: PrefillOptions = { ...cache, ...settings, tpSize: 1, tpIdx: 0 }
-  const decodeOptions: DecodeOptions = { ...cache, keyPtrs: ptrs(dstKeys), valuePtrs: ptrs(dstValues), ...settings, port: 0 }
+  // One host: the decode listens on loopback only (beyond it, Communicator.decode needs authToken).
+  const decodeOptions: DecodeOptions = { ...cache, keyPtrs: ptrs(dstKeys), valuePtrs: ptrs(dstValues), ...settings, port: 0, socketIfname: 'lo' }
   await using second = Communicator.decode(decodeOptions)
   await using writer = Communicator.prefill(prefillOptions)
   const connect: ConnectOptions = { dstTpSize: 1 }

@@ -83,13 +83,16 @@ export class Communicator {
   }
 
   /**
-   * A decode communicator over `options`' cache, listening on `options.port`.
-   * @throws {KVTransferError} as {@link Communicator.prefill}, and `TRANSPORT` when the port cannot be listened on.
+   * A decode communicator over `options`' cache, listening on `options.port`. Without `authToken` it listens
+   * only where no other host reaches it (`socketIfname: 'lo'`), unless `insecure: true`.
+   * @throws {KVTransferError} as {@link Communicator.prefill}, `TRANSPORT` when the port cannot be listened on,
+   * and `CONFIG` when it would listen beyond loopback without `authToken` (and without `insecure: true`).
    */
   static decode(options: DecodeOptions): Communicator {
     const settings = toSettings(options, DECODE_KEYS)
     const init = toNativeInit('decode', options, toPort(options.port ?? 0, true), 1, 0, settings)
-    return new Communicator('decode', call(() => new native.NativeCommunicator(init)))
+    // Secure by default: no token and a port beyond loopback is refused unless `insecure` (see Settings).
+    return new Communicator('decode', call(() => new native.NativeCommunicator({ ...init, secureDefault: true })))
   }
 
   /** @internal Wraps a native communicator made elsewhere (the compatibility layer). */

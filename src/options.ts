@@ -79,6 +79,14 @@ export interface Settings {
    * tensor-parallel ranks of one engine the same id, and different engines different ids.
    */
   instanceId?: string
+  /**
+   * `KVCACHE_INSECURE` (default false): lets {@link Communicator.decode} listen beyond loopback without
+   * `authToken`. Without a token any host that reaches the port can write into the cache, so
+   * `Communicator.decode` refuses that (`CONFIG`) unless told `insecure: true`; listening on loopback only
+   * (`socketIfname: 'lo'`) needs no token. `RDMACommunicator` keeps the original's behaviour: it listens, and
+   * logs a warning.
+   */
+  insecure?: boolean
 }
 
 /** A quantised cache's scales: each block's scales move with it. */
@@ -130,6 +138,7 @@ const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'n
   maxPeers: 'number',
   requestTtlMs: 'number',
   instanceId: 'string',
+  insecure: 'boolean',
 }
 /** Settings whose values are never shown, not even in an error. */
 const SECRET_KEYS: ReadonlySet<string> = new Set(['authToken'])

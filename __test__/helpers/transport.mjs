@@ -16,4 +16,7 @@ export const transportOptions = nic
     }
   : { transport: plain }
 
+// Every suite runs on one host: its decodes listen on loopback only, which needs no token.
+transportOptions.socketIfname = 'lo'
+
 export const transportName = transportOptions.transport

@@ -37,11 +37,12 @@ pub enum Setting {
     MaxPeers,
     RequestTtlMs,
     InstanceId,
+    Insecure,
 }
 
 impl Setting {
     /// Every setting, in documentation order.
-    pub const ALL: [Setting; 15] = [
+    pub const ALL: [Setting; 16] = [
         Setting::GidIndex,
         Setting::RdmaNics,
         Setting::IbTimeout,
@@ -57,6 +58,7 @@ impl Setting {
         Setting::MaxPeers,
         Setting::RequestTtlMs,
         Setting::InstanceId,
+        Setting::Insecure,
     ];
 
     /// The environment variable that sets it (`None` for settings that are options only).
@@ -76,6 +78,7 @@ impl Setting {
             Setting::MaxPeers => "KVCACHE_MAX_PEERS",
             Setting::RequestTtlMs => "KVCACHE_REQUEST_TTL_MS",
             Setting::InstanceId => "KVCACHE_INSTANCE_ID",
+            Setting::Insecure => "KVCACHE_INSECURE",
             Setting::TimeoutMs => return None,
         })
     }
@@ -98,6 +101,7 @@ impl Setting {
             Setting::MaxPeers => "maxPeers",
             Setting::RequestTtlMs => "requestTtlMs",
             Setting::InstanceId => "instanceId",
+            Setting::Insecure => "insecure",
         }
     }
 
@@ -229,6 +233,13 @@ pub struct Config {
     /// `KVCACHE_INSTANCE_ID` (1 to 128 bytes, no control characters): the prefill instance this communicator is
     /// a rank of. Ranks that share it own their requests together; without it, each link owns its own.
     pub instance_id: Option<String>,
+    /// `KVCACHE_INSECURE` (default false): lets a decode whose API is secure by default (see `refuse_open_listen`)
+    /// listen beyond loopback without `KVCACHE_AUTH_TOKEN`.
+    pub insecure: bool,
+    /// Not a setting: set by a binding's API that is secure by default (Node's `Communicator.decode`). A decode
+    /// that would listen beyond loopback without `KVCACHE_AUTH_TOKEN` then refuses to start (`CONFIG`) unless
+    /// `insecure` is set. Off for the seed API, which keeps the original's behaviour (with a warning).
+    pub refuse_open_listen: bool,
 }
 
 impl Default for Config {
@@ -249,6 +260,8 @@ impl Default for Config {
             max_peers: 4096,
             request_ttl: Duration::from_secs(300),
             instance_id: None,
+            insecure: false,
+            refuse_open_listen: false,
         }
     }
 }
@@ -328,6 +341,7 @@ impl Config {
             }
             Setting::TimeoutMs => self.timeout = Duration::from_millis(whole(v, 1, 86_400_000)?),
             Setting::MaxPeers => self.max_peers = whole(v, 1, 65_536)? as usize,
+            Setting::Insecure => self.insecure = flag(v)?,
             Setting::RequestTtlMs => self.request_ttl = Duration::from_millis(whole(v, 1_000, 86_400_000)?),
             Setting::InstanceId => {
                 let id = text(v)?;

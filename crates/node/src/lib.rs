@@ -63,6 +63,7 @@ pub struct NativeSettings {
     pub max_peers: Option<f64>,
     pub request_ttl_ms: Option<f64>,
     pub instance_id: Option<String>,
+    pub insecure: Option<bool>,
 }
 
 impl NativeSettings {
@@ -90,6 +91,7 @@ impl NativeSettings {
             (Setting::MaxPeers, number(self.max_peers)),
             (Setting::RequestTtlMs, number(self.request_ttl_ms)),
             (Setting::InstanceId, text(self.instance_id)),
+            (Setting::Insecure, flag(self.insecure)),
         ]
         .into_iter()
         .filter_map(|(setting, value)| value.map(|v| (setting, v)))
@@ -113,6 +115,8 @@ pub struct NativeInit {
     pub prefill_tp_size: u32,
     pub prefill_tp_idx: u32,
     pub settings: NativeSettings,
+    /// The API is secure by default (`Communicator.decode`): see `Config::refuse_open_listen`.
+    pub secure_default: Option<bool>,
 }
 
 /// Why an asynchronous call failed: what its promise resolves with instead of `null`.
@@ -202,7 +206,7 @@ impl NativeCommunicator {
     pub fn new(init: NativeInit) -> Result<Self, ErrorCode> {
         guarded(|| {
             let role: Role = init.role.parse()?;
-            let config = Config::load(&init.settings.into_overrides())?;
+            let config = Config { refuse_open_listen: init.secure_default.unwrap_or(false), ..Config::load(&init.settings.into_overrides())? };
             let non_negative = |name: &str, v: i64| u64::try_from(v).map_err(|_| invalid(format!("{name} must not be negative")));
             let spec = CacheSpec {
                 key: addresses("keyPtrs", &init.key_ptrs)?,
