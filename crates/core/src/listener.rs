@@ -29,10 +29,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Connections of one port waiting for their hello; past that the oldest of the host with the most is closed.
+/// Less where the process may open few descriptors ([`greeting_caps`]).
 pub const MAX_GREETING: usize = 4096;
 /// Connections of one host ([`host_of`]) that may wait for their hello on one port; at that, its oldest is
-/// closed.
+/// closed. Less where the process may open few descriptors ([`greeting_caps`]).
 pub const MAX_GREETING_PER_HOST: usize = 1024;
+/// Connections accepted on one turn of the event loop, before it reads hellos and looks at deadlines again.
+const ACCEPTS_PER_TURN: usize = 256;
 /// The longest a connection may take to say its whole hello.
 pub const HELLO_TIME: Duration = Duration::from_secs(5);
 
@@ -252,7 +255,12 @@ impl Listener {
         let (s, serve) = (shared.clone(), Arc::new(serve) as Arc<Serve>);
         let event_loop = std::thread::Builder::new()
             .name(format!("kvtransfer-listen {what}"))
-            .spawn(move || EventLoop { poll, sockets, shared: s, serve, waiting: HashMap::new(), crowd: Crowd::new(MAX_GREETING_PER_HOST, MAX_GREETING), expiry: VecDeque::new(), next: 0 }.run())
+            .spawn(move || {
+                let unfinished = vec![false; sockets.len()];
+                let (per_host, all) = greeting_caps();
+                let crowd = Crowd::new(per_host, all);
+                EventLoop { poll, sockets, unfinished, shared: s, serve, waiting: HashMap::new(), crowd, expiry: VecDeque::new(), next: 0 }.run()
+            })
             .map_err(|e| Error::io(&format!("starting the {what} listener"), e))?;
         Ok(Listener { port: port.map_or(0, |a| a.port()), shared, event_loop: Mutex::new(Some(event_loop)) })
     }
@@ -298,6 +306,9 @@ struct Waiting {
 struct EventLoop {
     poll: Poll,
     sockets: Vec<MioListener>,
+    /// Listening sockets whose last `accept` failed before their queue was empty: readiness is reported on a
+    /// change only, so they are tried again on the loop's next turn rather than on the next connection.
+    unfinished: Vec<bool>,
     shared: Arc<Shared>,
     serve: Arc<Serve>,
     waiting: HashMap<u64, Waiting>,
@@ -325,6 +336,11 @@ impl EventLoop {
                     Token(t) => self.read((t - self.sockets.len()) as u64),
                 }
             }
+            for i in 0..self.sockets.len() {
+                if self.unfinished[i] {
+                    self.accept(i);
+                }
+            }
             self.expire();
             reap(&mut lock(&self.shared.connections));
         }
@@ -333,13 +349,17 @@ impl EventLoop {
     /// Accepts every connection waiting on listening socket `i`.
     fn accept(&mut self, i: usize) {
         let what = self.shared.what;
-        loop {
+        self.unfinished[i] = false;
+        for _ in 0..ACCEPTS_PER_TURN {
             let (stream, peer) = match self.sockets[i].accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // That connection's own trouble (it was reset, say): the next one may be fine.
+                Err(e) if !matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => continue,
                 Err(e) => {
+                    // Out of descriptors or memory: the waiting connections' deadlines will free some.
                     self.shared.log.error_from(what, format!("accepting a {what}: {e}"));
+                    self.unfinished[i] = true;
                     std::thread::sleep(BACK_OFF);
                     return;
                 }
@@ -365,6 +385,8 @@ impl EventLoop {
             // Its hello may be there already (edge-triggered: no event would say so again).
             self.read(id);
         }
+        // More may be queued: the next turn goes on, after reads and deadlines have had theirs.
+        self.unfinished[i] = true;
     }
 
     /// Reads what connection `id` has sent; hands it over once its hello is whole.
@@ -478,6 +500,19 @@ impl Drop for Slot {
             }
         }
     }
+}
+
+/// How many connections may wait for their hello on one port, per host and in all: [`MAX_GREETING_PER_HOST`]
+/// and [`MAX_GREETING`], or, where the process may open few descriptors, an eighth of its limit in all (a
+/// decode has three ports, and the engine needs most descriptors for itself) and half of that per host. Read
+/// when a port starts listening.
+pub fn greeting_caps() -> (usize, usize) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one `rlimit`, which lives on this frame.
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    let room = if known { usize::try_from(limit.rlim_cur / 8).unwrap_or(usize::MAX) } else { MAX_GREETING };
+    let all = room.clamp(16, MAX_GREETING);
+    (MAX_GREETING_PER_HOST.min(all / 2), all)
 }
 
 /// Lets go of the connections whose thread has ended (their descriptors with them).
@@ -605,8 +640,9 @@ mod tests {
 
     #[test]
     fn a_host_full_of_silent_connections_still_lets_its_newcomer_in_and_costs_no_threads() {
-        let flood = MAX_GREETING_PER_HOST + 16;
-        if raise_descriptor_limit(4 * flood as u64) < 3 * flood as u64 {
+        raise_descriptor_limit(1 << 16);
+        let flood = greeting_caps().0 + 16;
+        if raise_descriptor_limit(1 << 16) < 3 * flood as u64 {
             eprintln!("skipped: too few descriptors allowed");
             return;
         }

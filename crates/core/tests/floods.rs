@@ -8,7 +8,7 @@ mod common;
 mod raw_peer;
 
 use common::Cache;
-use kvtransfer::listener::MAX_GREETING_PER_HOST;
+use kvtransfer::listener::greeting_caps;
 use kvtransfer::transport::tcp::frame::WriteHeader;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice, TransportKind};
 use std::io::{Read, Write};
@@ -86,7 +86,6 @@ fn a_flood_of_silent_connections_leaves_threads_and_descriptors_where_they_were(
     assert!(after.1 <= baseline.1 + 2, "descriptors {after:?} after the floods, {baseline:?} before");
     // Connections waiting for their hello hold no thread (the ports' event loops read them).
     assert!(peak.0 <= baseline.0 + 8, "threads peaked at {peak:?} ({baseline:?} at rest)");
-    assert!(MAX_GREETING_PER_HOST >= 1024, "the allowance of a host is large, since it costs no thread");
     // And a new peer still gets in.
     let late = communicator(Role::Prefill, &src, config(3, None));
     late.connect("127.0.0.1", port, 1).unwrap();
@@ -180,16 +179,10 @@ fn a_decode_keeps_at_most_max_peers_links() {
 fn silent_connections_from_the_prefills_own_host_cannot_lock_it_out() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     // The flood keeps more than a host's allowance open on each of the three ports: the test holds both ends.
-    let per_port = MAX_GREETING_PER_HOST + 64;
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit read and write one valid `rlimit`.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max.min(16 * per_port as u64);
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-    if limit.rlim_cur < 8 * per_port as u64 {
-        eprintln!("skipped: {} descriptors allowed", limit.rlim_cur);
+    let allowed = common::raise_descriptor_limit(1 << 16);
+    let per_port = greeting_caps().0 + 64;
+    if allowed < 8 * per_port as u64 {
+        eprintln!("skipped: {allowed} descriptors allowed");
         return;
     }
     let src = Cache::new(2, 2, 64, 256, 7);

@@ -402,7 +402,7 @@ fn a_request_belongs_to_the_prefill_that_started_it() {
         // Another prefill that knows the id (the same token, were there one), and a ratio-2 rank of a third.
         let other = prefill(src.spec(), kind);
         other.connect(HOST, d.port(), 1).unwrap();
-        let hijacker = rank(half.spec(), kind, 2, 1, None);
+        let hijacker = rank(half.spec(), kind, 2, 1, Some("engine-h"));
         hijacker.connect(HOST, d.port(), 1).unwrap();
         let r = id("owned");
         owner.write_request(HOST, d.port(), &[1], &[3], 0, Some(&r)).unwrap();
@@ -432,6 +432,13 @@ fn a_hetero_request_whose_other_rank_never_writes_expires() {
         let d = Arc::new(Communicator::new(spec, Config { request_ttl: Duration::from_secs(1), ..config(kind) }).unwrap());
         let notes = every_notification(&d);
         let src = Cache::new(2, 2, 8, 1024, 25);
+        // A rank that writes one slice of each block must share an instance id with the others, for requests.
+        let anonymous = rank(src.spec(), kind, 2, 1, None);
+        anonymous.connect(HOST, d.port(), 1).unwrap();
+        let err = anonymous.write_request(HOST, d.port(), &[1], &[2], 0, Some(&id("anonymous"))).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidArgument, "{kind}: {err}");
+        assert!(err.message().contains("instanceId"), "{err}");
+        anonymous.write_cache(HOST, d.port(), &[1], &[2], 0).unwrap();
         let rank0 = rank(src.spec(), kind, 2, 0, Some("engine-b"));
         rank0.connect(HOST, d.port(), 1).unwrap();
         let r = id("half");

@@ -60,8 +60,11 @@ pub trait Events: Send + Sync {
     fn frame(&self, channel: u64, peer: &PeerInfo, frame: Frame) -> Result<()>;
     /// The channel ended, `why`. `goodbye`: the prefill said its link writes nothing more before it ended.
     fn closed(&self, channel: u64, peer: &PeerInfo, why: &str, goodbye: bool);
-    /// Called about every 100 ms while the server runs (the decode's timers ride on it).
-    fn tick(&self) {}
+    /// Called about every 100 ms while the server runs (the decode's timers ride on it). Returns requests that
+    /// ended without their prefill's word (they expired): every open channel is asked to stop writing them.
+    fn tick(&self) -> Vec<RequestId> {
+        Vec::new()
+    }
 }
 
 /// What the decode asks every peer to confirm.
@@ -263,7 +266,21 @@ fn expire_admissions(shared: &Shared) {
         std::thread::park_timeout(EXPIRE_EVERY);
         let expired = take_expired(shared, &mut lock(&shared.pending));
         let_go(shared, expired);
-        shared.events.tick();
+        for request in shared.events.tick() {
+            tell_all(shared, &Frame::Revoke { request });
+        }
+    }
+}
+
+/// Sends `frame` to every open channel, waiting for no confirmation (one that comes is harmless); a channel that
+/// cannot take it is shut down.
+fn tell_all(shared: &Shared, frame: &Frame) {
+    let writers: Vec<Arc<Mutex<TcpStream>>> = lock(&shared.live).values().map(|l| l.writer.clone()).collect();
+    let mut out = Vec::new();
+    for writer in writers {
+        if send(&writer, frame, &mut out).is_err() {
+            let _ = lock(&writer).shutdown(Shutdown::Both);
+        }
     }
 }
 
@@ -714,7 +731,6 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::*;
     use super::*;
-    use crate::listener::MAX_GREETING_PER_HOST;
 
     fn id(s: &str) -> RequestId {
         RequestId::new(s).unwrap()
@@ -765,8 +781,9 @@ mod tests {
 
     #[test]
     fn connections_that_never_say_hello_do_not_keep_a_prefill_out() {
-        let flood = MAX_GREETING_PER_HOST + 8;
-        if crate::listener::raise_descriptor_limit(4 * flood as u64) < 3 * flood as u64 {
+        crate::listener::raise_descriptor_limit(1 << 16);
+        let flood = crate::listener::greeting_caps().0 + 8;
+        if crate::listener::raise_descriptor_limit(1 << 16) < 3 * flood as u64 {
             eprintln!("skipped: too few descriptors allowed");
             return;
         }

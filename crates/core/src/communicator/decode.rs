@@ -119,8 +119,8 @@ impl Events for Links {
         self.requests.on_link_end(channel, peer, why);
     }
 
-    fn tick(&self) {
-        self.requests.expire();
+    fn tick(&self) -> Vec<RequestId> {
+        self.requests.expire()
     }
 }
 
@@ -134,13 +134,6 @@ impl DecodeSide {
         }
         let auth = env.config.auth_token.as_ref().map(|t| AuthKey::new(t.expose()));
         if let Some(ip) = env.listen_ips.iter().find(|ip| !ip.is_loopback()).filter(|_| auth.is_none()) {
-            if env.config.refuse_open_listen && !env.config.insecure {
-                return Err(Error::config(format!(
-                    "this decode would listen on {ip} without KVCACHE_AUTH_TOKEN, where any host that reaches the port \
-                     could write into its cache: set authToken (KVCACHE_AUTH_TOKEN) on both sides, listen on loopback \
-                     only (socketIfname: 'lo'), or accept the risk with insecure: true (KVCACHE_INSECURE=1)"
-                )));
-            }
             log.warn(format!(
                 "listening on {ip} without KVCACHE_AUTH_TOKEN: any host that reaches this port can write into this cache"
             ));

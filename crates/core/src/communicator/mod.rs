@@ -125,6 +125,15 @@ impl Communicator {
             Role::Decode => crate::net::listen_addrs(config.socket_ifname.as_deref())?,
             Role::Prefill => Vec::new(),
         };
+        // Before any transport is set up (memory registered, ports bound).
+        let open = listen_ips.iter().find(|ip| !ip.is_loopback()).filter(|_| config.auth_token.is_none());
+        if let Some(ip) = open.filter(|_| config.refuse_open_listen && !config.insecure) {
+            return Err(Error::config(format!(
+                "this decode would listen on {ip} without KVCACHE_AUTH_TOKEN, where any host that reaches the port could \
+                 write into its cache: set authToken (KVCACHE_AUTH_TOKEN) on both sides, listen on loopback only \
+                 (socketIfname: 'lo'), or accept the risk with insecure: true (KVCACHE_INSECURE=1)"
+            )));
+        }
         let env = Environment { cache: &cache, config: &config, gpu_idx: spec.gpu_idx, log: &log, listen_ips: &listen_ips };
         let side = match spec.role {
             Role::Prefill => {

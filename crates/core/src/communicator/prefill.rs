@@ -158,6 +158,9 @@ struct Connection {
     mark: u32,
     /// Its number ([`Gate::closing`]).
     number: u64,
+    /// Whether it writes one slice of each decode block of several without an instance id: the other slices'
+    /// ranks could not write its requests (see `write_telling`).
+    slices_without_instance: bool,
 }
 
 impl PrefillSide {
@@ -309,6 +312,7 @@ impl PrefillSide {
             geometry: SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size).map_err(plain)?,
             remote_blocks: welcome.block_number,
         };
+        let answer_ratio = answer.geometry.ratio;
         let chosen = pending.into_iter().find(|(kind, _)| *kind == welcome.transport).expect("checked: it was offered");
         let link = chosen.1.finish(&answer).map_err(|e| (e, Some(welcome.transport)))?;
         let number = gate.connections.fetch_add(1, Ordering::Relaxed) + 1;
@@ -335,7 +339,14 @@ impl PrefillSide {
         ));
         Ok(Peer {
             plan: BlockPlan::new(link.plan_form()),
-            link: Some(Connection { link, channel, started: RecentIds::default(), mark: 0, number }),
+            link: Some(Connection {
+                link,
+                channel,
+                started: RecentIds::default(),
+                mark: 0,
+                number,
+                slices_without_instance: answer_ratio > 1 && comm.config.instance_id.is_none(),
+            }),
             remote_blocks: welcome.block_number,
             dst_tp_size,
         })
@@ -489,6 +500,13 @@ fn peer_key(ip: &str, port: u16) -> String {
 /// request started (before its first bytes), then that this write is in the decode's memory, or failed.
 fn write_telling(connection: &mut Connection, plan: &BlockPlan, remote: &[u32], layer: u32, request: Option<&RequestId>) -> Result<()> {
     let Some(request) = request else { return connection.link.write(plan) };
+    if connection.slices_without_instance {
+        // The decode gives a request to the instance that started it: its other ranks would be refused.
+        return Err(Error::invalid(
+            "a request written by several ranks into each decode block (prefillTpSize > dstTpSize) needs an \
+             instanceId (KVCACHE_INSTANCE_ID) that those ranks share: nothing was written",
+        ));
+    }
     if !connection.started.contains(request) {
         // On the wire before the request's first bytes: if this process dies during them, the decode knows the
         // request was started here, and fails it.
@@ -551,7 +569,8 @@ mod tests {
         let token = server.admit(peer(), |_| None);
         let (channel, _) =
             ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(|_: &Directive| {})).unwrap();
-        let mut connection = Connection { link: Box::new(BreaksDuringWrites), channel, started: RecentIds::default(), mark: 0, number: 1 };
+        let mut connection =
+            Connection { link: Box::new(BreaksDuringWrites), channel, started: RecentIds::default(), mark: 0, number: 1, slices_without_instance: false };
         let mut plan = BlockPlan::default();
         plan.build(&[1], &[2], 0, 1, 8, 8).unwrap();
         let request = RequestId::new("r").unwrap();

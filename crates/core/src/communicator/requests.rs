@@ -127,8 +127,10 @@ struct Record {
     owner: Option<Owner>,
     /// The link that started it, for notifications.
     started_by: String,
-    /// Per layer, the slices that have arrived.
+    /// Per layer, the slices that have arrived (until it ends).
     slots: Vec<Vec<u32>>,
+    /// Once it failed: the layers that had arrived.
+    arrived: Vec<u32>,
     /// Slices per block, fixed by its owner's first link.
     ratio: u32,
     complete_layers: u32,
@@ -142,12 +144,16 @@ struct Record {
 
 impl Record {
     fn has(&self, layer: u32) -> bool {
-        self.slots.get(layer as usize).is_some_and(|s| !s.is_empty() && s.len() as u32 >= self.ratio)
+        match self.end {
+            None => self.slots.get(layer as usize).is_some_and(|s| !s.is_empty() && s.len() as u32 >= self.ratio),
+            Some(End::Complete) => true,
+            Some(_) => self.arrived.contains(&layer),
+        }
     }
 
-    fn satisfies(&self, layers: &Option<Vec<u32>>) -> bool {
+    fn satisfies(&self, layers: &Option<Vec<u32>>, all: u32) -> bool {
         match layers {
-            None => self.complete_layers as usize == self.slots.len(),
+            None => self.complete_layers == all,
             Some(list) => list.iter().all(|&l| self.has(l)),
         }
     }
@@ -186,6 +192,8 @@ struct Table {
     /// `Done`s parked across all sessions, and block ids in them.
     parked: usize,
     parked_ids: usize,
+    /// RDMA sessions whose parked `Done`s were dropped to make room: their links are cut off.
+    overflowed: HashSet<u64>,
 }
 
 /// An RDMA link's `Done` frames come on the request channel once the prefill's writes completed, but the
@@ -194,6 +202,8 @@ struct Table {
 #[derive(Default)]
 struct Marks {
     seen: Option<u32>,
+    /// The newest mark a `Done` has named.
+    claimed: Option<u32>,
     parked: VecDeque<(u64, PeerInfo, Frame)>,
     /// Block ids in `parked`.
     parked_ids: usize,
@@ -257,6 +267,7 @@ impl Requests {
                 marks: HashMap::new(),
                 parked: 0,
                 parked_ids: 0,
+                overflowed: HashSet::new(),
             }),
         }
     }
@@ -281,6 +292,9 @@ impl Requests {
         let outcome = {
             let mut t = self.lock();
             let now = Instant::now();
+            if t.overflowed.contains(&peer.session) {
+                return Err(Error::protocol("its notifications waiting for their marks were dropped to make room for other links'"));
+            }
             match frame {
                 Frame::Start { request } => self.start(&mut t, link, peer, &request, now).map(drop),
                 Frame::Done { mark, ref blocks, layer, .. } if peer.transport == TransportKind::Rdma => {
@@ -293,15 +307,23 @@ impl Requests {
                     let n = blocks.len();
                     let t = &mut *t;
                     let waiting = t.marks.entry(peer.session).or_default();
+                    // Each write has a mark of its own, newer than the last: one mark cannot prove two writes.
+                    if mark != 0 && waiting.claimed.is_some_and(|c| !reached(mark, c.wrapping_add(1))) {
+                        return Err(Error::protocol(format!("a notification with mark {mark}, not newer than the last one claimed")));
+                    }
+                    if mark != 0 {
+                        waiting.claimed = Some(mark);
+                    }
                     if waiting.parked.is_empty() && (mark == 0 || waiting.seen.is_some_and(|s| reached(s, mark))) {
                         self.done_frame(t, &mut due, link, peer, frame, now)
                     } else if waiting.parked.len() >= MAX_PARKED_PER_LINK || waiting.parked_ids + n > MAX_PARKED_IDS_PER_LINK {
                         Err(Error::protocol(format!(
                             "more than {MAX_PARKED_PER_LINK} writes, or {MAX_PARKED_IDS_PER_LINK} blocks, waiting for their marks"
                         )))
-                    } else if t.parked >= MAX_PARKED || t.parked_ids + n > MAX_PARKED_IDS {
+                    } else if (t.parked >= MAX_PARKED || t.parked_ids + n > MAX_PARKED_IDS) && !self.make_room(t, &mut due, peer.session, now) {
                         Err(Error::protocol(format!("this decode has {MAX_PARKED} writes, or {MAX_PARKED_IDS} blocks, waiting for their marks")))
                     } else {
+                        let waiting = t.marks.entry(peer.session).or_default();
                         waiting.parked_ids += n;
                         waiting.parked.push_back((link, peer.clone(), frame));
                         t.parked += 1;
@@ -332,15 +354,45 @@ impl Requests {
     }
 
     /// Whether `request` exists and belongs to the owner `link` speaks for. A request of another owner is
-    /// refused (logged, within the allowance of the link's host): `what` names what was refused.
+    /// refused (see [`Requests::refuse`]): `what` names what was refused.
     fn owned_by(&self, t: &Table, link: u64, peer: &PeerInfo, request: &RequestId, what: &str) -> bool {
         let Some(owner) = t.records.get(request).and_then(|r| r.owner.as_ref()) else { return false };
-        if *owner == Owner::of(link, peer) {
-            return true;
+        let owned = *owner == Owner::of(link, peer);
+        if !owned {
+            self.refuse(peer, format!("{what} request {request:?}: another prefill started it"));
         }
+        owned
+    }
+
+    /// Logs that what `peer` attempted (`attempt`) was refused, within the allowance of its host (never of a name
+    /// it chose); its link goes on.
+    fn refuse(&self, peer: &PeerInfo, attempt: String) {
         let host = peer.address.map(|ip| listener::host_of(ip).to_string()).unwrap_or_default();
-        self.log.warn_from(&host, format!("refused {}'s attempt to {what} request {request:?}: another prefill started it", peer.name));
-        false
+        self.log.warn_from(&host, format!("refused {}'s attempt to {attempt}", peer.name));
+    }
+
+    /// Makes room among the `Done`s waiting for their marks, for one of `session`: the session holding the most
+    /// (if another) loses its waiting `Done`s, their requests fail, and its link is cut off at its next frame.
+    /// `false`: `session` holds the most itself.
+    fn make_room(&self, t: &mut Table, due: &mut Due, session: u64, now: Instant) -> bool {
+        let most = t.marks.iter().max_by_key(|(_, m)| (m.parked.len(), m.parked_ids)).map(|(s, _)| *s);
+        let Some(greedy) = most.filter(|&s| s != session) else { return false };
+        let waiting = std::mem::take(&mut t.marks.get_mut(&greedy).expect("just found").parked);
+        t.overflowed.insert(greedy);
+        let mut failed = HashSet::new();
+        for (_, peer, frame) in waiting {
+            let Frame::Done { request, blocks, .. } = frame else { continue };
+            t.parked -= 1;
+            t.parked_ids -= blocks.len();
+            if failed.insert(request.clone()) {
+                let why = Error::new(ErrorCode::Transport, format!("{} had too many writes waiting for their marks", peer.name));
+                self.fail(t, due, &request, &peer.name, Status::Failed, why, now);
+            }
+        }
+        if let Some(m) = t.marks.get_mut(&greedy) {
+            m.parked_ids = 0;
+        }
+        true
     }
 
     /// RDMA session `session` received `mark`: the `Done`s up to it are released, in order.
@@ -382,6 +434,7 @@ impl Requests {
                 t.parked -= waiting.parked.len();
                 t.parked_ids -= waiting.parked_ids;
             }
+            t.overflowed.remove(&peer.session);
             let now = Instant::now();
             for request in t.open.remove(&link).unwrap_or_default() {
                 let e = Error::new(ErrorCode::Transport, format!("the connection to {} ended before it was complete ({why})", peer.name));
@@ -408,6 +461,7 @@ impl Requests {
             owner: None,
             started_by: String::new(),
             slots: vec![Vec::new(); self.layers as usize],
+            arrived: Vec::new(),
             ratio: 1,
             complete_layers: 0,
             end: None,
@@ -430,7 +484,8 @@ impl Requests {
             Some(r) if r.end.is_some() => return Ok(false),
             Some(r) if r.owner.is_some() => {
                 if r.owner.as_ref() != Some(&owner) {
-                    return Ok(self.owned_by(t, link, peer, request, "write"));
+                    self.refuse(peer, format!("write request {request:?}: another prefill started it"));
+                    return Ok(false);
                 }
                 if r.ratio != ratio {
                     return Err(Error::protocol(format!(
@@ -445,7 +500,10 @@ impl Requests {
                     return Err(Error::protocol(format!("more than {MAX_OPEN} requests open at once from one prefill instance")));
                 }
                 if found.is_none() && t.records.len() >= MAX_RECORDS && !self.forget_one(t) {
-                    return Err(Error::protocol(format!("this decode holds {MAX_RECORDS} open requests")));
+                    // Every record is open (and each owner within its own limit): the request is not tracked, and
+                    // the link that asked goes on (it is not the one to blame).
+                    self.refuse(peer, format!("start request {request:?}: this decode holds {MAX_RECORDS} open requests"));
+                    return Ok(false);
                 }
                 let record = match t.records.get_mut(request) {
                     Some(r) => r,
@@ -454,11 +512,12 @@ impl Requests {
                 record.owner = Some(owner.clone());
                 record.ratio = ratio;
                 record.started_by = peer.name.clone();
+                record.touched = now;
                 t.owners.entry(Some(owner)).or_default().open += 1;
             }
         }
+        // Only a layer that arrives is progress (see `done`): a `Start` said again keeps nothing alive.
         let record = t.records.get_mut(request).expect("found or created");
-        record.touched = now;
         if record.links.insert(link) {
             t.open.entry(link).or_default().insert(request.clone());
         }
@@ -503,6 +562,7 @@ impl Requests {
             return Ok(());
         }
         let record = t.records.get_mut(&request).expect("started");
+        record.touched = now;
         let slots = &mut record.slots[layer as usize];
         if !slots.contains(&peer.slot) {
             slots.push(peer.slot);
@@ -519,7 +579,7 @@ impl Requests {
         }
         let record = t.records.get_mut(&request).expect("started");
         let ready: Vec<Waiter>;
-        (ready, record.waiters) = std::mem::take(&mut record.waiters).into_iter().partition(|w| record.satisfies(&w.layers));
+        (ready, record.waiters) = std::mem::take(&mut record.waiters).into_iter().partition(|w| record.satisfies(&w.layers, self.layers));
         let complete = record.complete_layers == self.layers;
         for w in ready {
             t.waits.remove(&w.token);
@@ -559,6 +619,12 @@ impl Requests {
 
     fn end(&self, t: &mut Table, request: &RequestId, end: End, now: Instant) {
         let Some(record) = t.records.get_mut(request) else { return };
+        // Remembered small: which layers arrived is all a late wait needs (and only of a failed request).
+        record.arrived = match end {
+            End::Failed(_) => (0..record.slots.len() as u32).filter(|&l| record.has(l)).collect(),
+            End::Complete | End::Revoked => Vec::new(),
+        };
+        record.slots = Vec::new();
         record.end = Some(end);
         let owner = record.owner.clone();
         let generation = record.generation;
@@ -579,9 +645,11 @@ impl Requests {
     }
 
     /// Ends the open requests that made no progress for the time to live (`expired`), and forgets the ended
-    /// ones remembered for as long. Called about every 100 ms.
-    pub fn expire(&self) {
+    /// ones remembered for as long. Called about every 100 ms. Returns the expired requests a prefill had
+    /// started: the caller tells its links to stop writing them.
+    pub fn expire(&self) -> Vec<RequestId> {
         let mut due = Due::default();
+        let mut started = Vec::new();
         {
             let mut t = self.lock();
             let now = Instant::now();
@@ -597,6 +665,9 @@ impl Requests {
                     continue;
                 }
                 let peer = record.started_by.clone();
+                if record.owner.is_some() {
+                    started.push(id.clone());
+                }
                 let why = Error::new(
                     ErrorCode::Expired,
                     format!(
@@ -622,6 +693,7 @@ impl Requests {
             }
         }
         due.run();
+        started
     }
 
     /// The engine revoked `request`: remembered, and its waiters get `REVOKED`. Returns nothing to wait for:
@@ -675,7 +747,7 @@ impl Requests {
                     // Revoked: its blocks may already serve another request, whatever arrived.
                     Some(End::Revoked) => Some(Err(revoked(request))),
                     // Layers that arrived before the request failed are there all the same.
-                    _ if record.satisfies(&layers) => Some(Ok(())),
+                    _ if record.satisfies(&layers, self.layers) => Some(Ok(())),
                     Some(End::Failed(e)) => Some(Err(e.clone())),
                     _ => {
                         let settle = settle.take().expect("not taken yet");
@@ -939,15 +1011,18 @@ mod tests {
     }
 
     #[test]
-    fn progress_keeps_a_request_alive() {
-        let ttl = Duration::from_millis(150);
+    fn progress_keeps_a_request_alive_and_a_start_said_again_does_not() {
+        let ttl = Duration::from_millis(600);
         let r = requests(3, ttl);
         let p = peer(1, 1, 0, None);
         r.on_frame(1, &p, done("slow", 0, &[])).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        r.on_frame(1, &p, Frame::Start { request: id("idle") }).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
         r.on_frame(1, &p, done("slow", 1, &[])).unwrap();
-        std::thread::sleep(Duration::from_millis(100));
-        r.expire();
+        r.on_frame(1, &p, Frame::Start { request: id("idle") }).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        let expired = r.expire();
+        assert_eq!(expired, [id("idle")], "a layer is progress, a Start said again is not");
         r.on_frame(1, &p, done("slow", 2, &[])).unwrap();
         assert_eq!(wait_now(&r, 1, "slow", None).try_recv().unwrap(), Ok(()));
     }
@@ -1019,20 +1094,39 @@ mod tests {
     }
 
     #[test]
-    fn parked_notifications_are_bounded_per_decode() {
+    fn parked_notifications_are_bounded_per_decode_and_the_greediest_link_pays() {
         let r = requests(1, Duration::from_secs(60));
-        let per_link = MAX_PARKED / MAX_PARKED_PER_LINK;
-        for link in 0..per_link as u64 {
-            let p = PeerInfo { transport: TransportKind::Rdma, ..peer(link + 1, 1, 0, None) };
+        let rdma = |session: u64| PeerInfo { transport: TransportKind::Rdma, ..peer(session, 1, 0, None) };
+        let parked = |link: u64, i: usize| Frame::Done { request: id(&format!("{link}-{i}")), layer: 0, mark: i as u32 + 1, blocks: vec![] };
+        // Marks that never come: the decode's whole allowance, in eight links.
+        for link in 1..=(MAX_PARKED / MAX_PARKED_PER_LINK) as u64 {
+            r.on_frame(link, &rdma(link), Frame::Start { request: id(&format!("{link}-0")) }).unwrap();
             for i in 0..MAX_PARKED_PER_LINK {
-                r.on_frame(link + 1, &p, Frame::Done { request: id(&format!("{link}-{i}")), layer: 0, mark: 1, blocks: vec![] }).unwrap();
+                r.on_frame(link, &rdma(link), parked(link, i)).unwrap();
             }
         }
-        let late = PeerInfo { transport: TransportKind::Rdma, ..peer(999, 1, 0, None) };
-        let err = r.on_frame(999, &late, Frame::Done { request: id("late"), layer: 0, mark: 1, blocks: vec![] }).unwrap_err();
-        assert!(err.message().contains("this decode"), "{err}");
-        // A link's end gives its share back.
-        r.on_link_end(1, &PeerInfo { transport: TransportKind::Rdma, ..peer(1, 1, 0, None) }, "gone");
-        r.on_frame(999, &late, Frame::Done { request: id("late"), layer: 0, mark: 1, blocks: vec![] }).unwrap();
+        // A link with its first write waiting is not cut off: one of the links holding the most is.
+        r.on_frame(999, &rdma(999), parked(999, 0)).unwrap();
+        let cut: Vec<u64> = (1..=8).filter(|&l| r.on_frame(l, &rdma(l), Frame::Start { request: id("next") }).is_err()).collect();
+        assert_eq!(cut.len(), 1, "{cut:?}");
+        let mut waits = wait_now(&r, 1, &format!("{}-0", cut[0]), None);
+        assert_eq!(waits.try_recv().unwrap().unwrap_err().code(), ErrorCode::Transport, "its waiting requests failed");
+        // Its link's end lets it be forgotten.
+        r.on_link_end(cut[0], &rdma(cut[0]), "cut off");
+        waits = wait_now(&r, 2, "999-0", None);
+        r.on_mark(999, 1);
+        assert_eq!(waits.try_recv().unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn one_mark_proves_one_write() {
+        let r = requests(2, Duration::from_secs(60));
+        let rdma = PeerInfo { transport: TransportKind::Rdma, ..peer(1, 1, 0, None) };
+        r.on_frame(1, &rdma, Frame::Done { request: id("r"), layer: 0, mark: 5, blocks: vec![1] }).unwrap();
+        for stale in [5, 4] {
+            let err = r.on_frame(1, &rdma, Frame::Done { request: id("r"), layer: 1, mark: stale, blocks: vec![2] }).unwrap_err();
+            assert!(err.message().contains("not newer"), "{err}");
+        }
+        r.on_frame(1, &rdma, Frame::Done { request: id("r"), layer: 1, mark: 6, blocks: vec![2] }).unwrap();
     }
 }

@@ -139,11 +139,9 @@ impl TcpReceiver {
         while open.contains_key(&session) && Instant::now() < deadline {
             open = self.shared.ended.wait_timeout(open, deadline - Instant::now()).unwrap().0;
         }
-        // What it delivered is kept until its link ends (its `Done`s may come after its data connection ended),
-        // and forgotten once its connection can deliver nothing more.
-        if !open.contains_key(&session) {
-            self.shared.delivered.lock().unwrap().remove(&session);
-        }
+        // What it delivered is kept until its link ends (its `Done`s may come after its data connection ended).
+        // A connection still receiving after the wait (it did not stop in time) may record one more write.
+        self.shared.delivered.lock().unwrap().remove(&session);
         !open.contains_key(&session)
     }
 }
