@@ -40,7 +40,7 @@ fn row(what: &str, (rss, threads, fds): (u64, usize, usize)) {
 fn main() {
     // Silent connections per port and round: thousands, past a host's allowance of waiting ones (1024).
     let per_port: usize = std::env::var("FLOOD_PER_PORT").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
-    common::raise_descriptor_limit(8 * per_port as u64 + 1024);
+    kvtransfer::listener::raise_descriptor_limit(8 * per_port as u64 + 1024);
     let src = Cache::new(2, 2, 64, 4096, 1);
     let dst = Cache::new(2, 2, 64, 4096, 2);
     let decode = communicator(Role::Decode, &dst);

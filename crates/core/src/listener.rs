@@ -535,8 +535,9 @@ pub fn host_of(ip: IpAddr) -> IpAddr {
 }
 
 /// Raises this process's descriptor limit toward `want` (as far as its hard limit allows); returns the limit now.
-#[cfg(test)]
-pub(crate) fn raise_descriptor_limit(want: u64) -> u64 {
+/// For a program that expects many connections (the waiting caps follow the limit: [`greeting_caps`]), and the
+/// tests and benches that flood a decode.
+pub fn raise_descriptor_limit(want: u64) -> u64 {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit and setrlimit read and write one valid `rlimit`.
     unsafe {

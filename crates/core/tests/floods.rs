@@ -179,7 +179,7 @@ fn a_decode_keeps_at_most_max_peers_links() {
 fn silent_connections_from_the_prefills_own_host_cannot_lock_it_out() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     // The flood keeps more than a host's allowance open on each of the three ports: the test holds both ends.
-    let allowed = common::raise_descriptor_limit(1 << 16);
+    let allowed = kvtransfer::listener::raise_descriptor_limit(1 << 16);
     let per_port = greeting_caps().0 + 64;
     if allowed < 8 * per_port as u64 {
         eprintln!("skipped: {allowed} descriptors allowed");

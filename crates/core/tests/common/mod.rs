@@ -76,16 +76,3 @@ impl Cache {
 }
 
 
-/// Raises this process's descriptor limit toward `want` (as far as its hard limit allows); returns the limit now.
-pub fn raise_descriptor_limit(want: u64) -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit read and write one valid `rlimit`.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        if limit.rlim_cur < want {
-            limit.rlim_cur = want.min(limit.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-    limit.rlim_cur
-}
