@@ -323,7 +323,9 @@ impl EventLoop {
     fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         while !self.shared.stop.load(Ordering::Acquire) {
-            if let Err(e) = self.poll.poll(&mut events, Some(POLL)) {
+            // A listening socket with connections still queued is not reported again: no sleep then.
+            let wait = if self.unfinished.contains(&true) { Duration::ZERO } else { POLL };
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() != ErrorKind::Interrupted {
                     self.shared.log.error_from(self.shared.what, format!("waiting for {}s: {e}", self.shared.what));
                     std::thread::sleep(BACK_OFF);
@@ -337,7 +339,7 @@ impl EventLoop {
                 }
             }
             for i in 0..self.sockets.len() {
-                if self.unfinished[i] {
+                if self.unfinished[i] && !events.iter().any(|e| e.token() == Token(i)) {
                     self.accept(i);
                 }
             }

@@ -61,8 +61,8 @@ pub trait Events: Send + Sync {
     /// The channel ended, `why`. `goodbye`: the prefill said its link writes nothing more before it ended.
     fn closed(&self, channel: u64, peer: &PeerInfo, why: &str, goodbye: bool);
     /// Called about every 100 ms while the server runs (the decode's timers ride on it). Returns requests that
-    /// ended without their prefill's word (they expired): every open channel is asked to stop writing them.
-    fn tick(&self) -> Vec<RequestId> {
+    /// ended without their prefill's word (they expired), each with the channels to ask to stop writing it.
+    fn tick(&self) -> Vec<(RequestId, Vec<u64>)> {
         Vec::new()
     }
 }
@@ -266,16 +266,19 @@ fn expire_admissions(shared: &Shared) {
         std::thread::park_timeout(EXPIRE_EVERY);
         let expired = take_expired(shared, &mut lock(&shared.pending));
         let_go(shared, expired);
-        for request in shared.events.tick() {
-            tell_all(shared, &Frame::Revoke { request });
+        for (request, channels) in shared.events.tick() {
+            tell(shared, &channels, &Frame::Revoke { request });
         }
     }
 }
 
-/// Sends `frame` to every open channel, waiting for no confirmation (one that comes is harmless); a channel that
-/// cannot take it is shut down.
-fn tell_all(shared: &Shared, frame: &Frame) {
-    let writers: Vec<Arc<Mutex<TcpStream>>> = lock(&shared.live).values().map(|l| l.writer.clone()).collect();
+/// Sends `frame` to each of `channels` that is open, waiting for no confirmation (one that comes is harmless); a
+/// channel that cannot take it is shut down.
+fn tell(shared: &Shared, channels: &[u64], frame: &Frame) {
+    let writers: Vec<Arc<Mutex<TcpStream>>> = {
+        let live = lock(&shared.live);
+        channels.iter().filter_map(|ch| live.get(ch)).map(|l| l.writer.clone()).collect()
+    };
     let mut out = Vec::new();
     for writer in writers {
         if send(&writer, frame, &mut out).is_err() {

@@ -119,7 +119,7 @@ impl Events for Links {
         self.requests.on_link_end(channel, peer, why);
     }
 
-    fn tick(&self) -> Vec<RequestId> {
+    fn tick(&self) -> Vec<(RequestId, Vec<u64>)> {
         self.requests.expire()
     }
 }

@@ -35,13 +35,13 @@ pub const MAX_OPEN: usize = 65536;
 pub const MAX_QUEUED: usize = 65536;
 pub const MAX_QUEUED_IDS: usize = 16 << 20;
 /// `Done`s waiting for their RDMA marks, and block ids in them: per link (a link with more is cut off) and
-/// per decode (a link that would go past is cut off).
+/// per decode (past it, the link holding the most loses its waiting `Done`s and is cut off).
 pub const MAX_PARKED_PER_LINK: usize = 8192;
 pub const MAX_PARKED_IDS_PER_LINK: usize = 2 << 20;
 pub const MAX_PARKED: usize = 65536;
 pub const MAX_PARKED_IDS: usize = 16 << 20;
 /// Requests a decode keeps at once (open, and ended ones remembered). Past it, remembered ends are forgotten
-/// (of the owner that holds the most); a link that starts one more while none is left to forget is cut off.
+/// (of the owner that holds the most); a request started while none is left to forget is not tracked (logged).
 pub const MAX_RECORDS: usize = 1 << 20;
 
 /// What became of a write, or of a request.
@@ -320,7 +320,7 @@ impl Requests {
                         Err(Error::protocol(format!(
                             "more than {MAX_PARKED_PER_LINK} writes, or {MAX_PARKED_IDS_PER_LINK} blocks, waiting for their marks"
                         )))
-                    } else if (t.parked >= MAX_PARKED || t.parked_ids + n > MAX_PARKED_IDS) && !self.make_room(t, &mut due, peer.session, now) {
+                    } else if !self.make_room(t, &mut due, peer.session, n, now) {
                         Err(Error::protocol(format!("this decode has {MAX_PARKED} writes, or {MAX_PARKED_IDS} blocks, waiting for their marks")))
                     } else {
                         let waiting = t.marks.entry(peer.session).or_default();
@@ -371,12 +371,29 @@ impl Requests {
         self.log.warn_from(&host, format!("refused {}'s attempt to {attempt}", peer.name));
     }
 
-    /// Makes room among the `Done`s waiting for their marks, for one of `session`: the session holding the most
-    /// (if another) loses its waiting `Done`s, their requests fail, and its link is cut off at its next frame.
-    /// `false`: `session` holds the most itself.
-    fn make_room(&self, t: &mut Table, due: &mut Due, session: u64, now: Instant) -> bool {
-        let most = t.marks.iter().max_by_key(|(_, m)| (m.parked.len(), m.parked_ids)).map(|(s, _)| *s);
-        let Some(greedy) = most.filter(|&s| s != session) else { return false };
+    /// Makes room among the `Done`s waiting for their marks for one more of `session`, naming `n` blocks: while
+    /// the decode's allowance is spent, the session holding the most of what ran out (if another) loses its
+    /// waiting `Done`s, their requests fail, and its link is cut off at its next frame. `false`: `session` holds
+    /// the most itself.
+    fn make_room(&self, t: &mut Table, due: &mut Due, session: u64, n: usize, now: Instant) -> bool {
+        while t.parked >= MAX_PARKED || t.parked_ids + n > MAX_PARKED_IDS {
+            let by_ids = t.parked_ids + n > MAX_PARKED_IDS;
+            let held = |s: u64, m: &Marks| {
+                let mine = if s == session { (1, n) } else { (0, 0) };
+                if by_ids { m.parked_ids + mine.1 } else { m.parked.len() + mine.0 }
+            };
+            let most = t.marks.iter().max_by_key(|(s, m)| (held(**s, m), **s != session)).map(|(s, _)| *s);
+            match most.filter(|&s| s != session) {
+                Some(greedy) => self.drop_parked(t, due, greedy, now),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Drops the `Done`s of `greedy` waiting for their marks: their requests fail, and its link is cut off at
+    /// its next frame.
+    fn drop_parked(&self, t: &mut Table, due: &mut Due, greedy: u64, now: Instant) {
         let waiting = std::mem::take(&mut t.marks.get_mut(&greedy).expect("just found").parked);
         t.overflowed.insert(greedy);
         let mut failed = HashSet::new();
@@ -392,7 +409,6 @@ impl Requests {
         if let Some(m) = t.marks.get_mut(&greedy) {
             m.parked_ids = 0;
         }
-        true
     }
 
     /// RDMA session `session` received `mark`: the `Done`s up to it are released, in order.
@@ -473,7 +489,8 @@ impl Requests {
     }
 
     /// Link `link` starts (or goes on writing) `request`. `Ok(false)`: it may not (the request ended, was
-    /// revoked, or belongs to another owner), and what it says of it is ignored. An error cuts the link off.
+    /// revoked, belongs to another owner, or the decode is full of open requests), and what it says of it is
+    /// ignored. An error cuts the link off.
     fn start(&self, t: &mut Table, link: u64, peer: &PeerInfo, request: &RequestId, now: Instant) -> Result<bool> {
         if t.revoked.contains(request) {
             return Ok(false);
@@ -562,9 +579,10 @@ impl Requests {
             return Ok(());
         }
         let record = t.records.get_mut(&request).expect("started");
-        record.touched = now;
         let slots = &mut record.slots[layer as usize];
         if !slots.contains(&peer.slot) {
+            // Progress: a slice of a layer that had not come (one said again keeps nothing alive).
+            record.touched = now;
             slots.push(peer.slot);
             if slots.len() as u32 == record.ratio {
                 record.complete_layers += 1;
@@ -646,8 +664,8 @@ impl Requests {
 
     /// Ends the open requests that made no progress for the time to live (`expired`), and forgets the ended
     /// ones remembered for as long. Called about every 100 ms. Returns the expired requests a prefill had
-    /// started: the caller tells its links to stop writing them.
-    pub fn expire(&self) -> Vec<RequestId> {
+    /// started, each with the links (channels) of its owner still writing it: the caller tells them to stop.
+    pub fn expire(&self) -> Vec<(RequestId, Vec<u64>)> {
         let mut due = Due::default();
         let mut started = Vec::new();
         {
@@ -666,7 +684,7 @@ impl Requests {
                 }
                 let peer = record.started_by.clone();
                 if record.owner.is_some() {
-                    started.push(id.clone());
+                    started.push((id.clone(), record.links.iter().copied().collect()));
                 }
                 let why = Error::new(
                     ErrorCode::Expired,
@@ -1020,9 +1038,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(400));
         r.on_frame(1, &p, done("slow", 1, &[])).unwrap();
         r.on_frame(1, &p, Frame::Start { request: id("idle") }).unwrap();
+        r.on_frame(1, &p, done("slow", 0, &[])).unwrap();
         std::thread::sleep(Duration::from_millis(400));
         let expired = r.expire();
-        assert_eq!(expired, [id("idle")], "a layer is progress, a Start said again is not");
+        assert_eq!(expired, [(id("idle"), vec![1])], "a layer is progress, a Start said again is not");
         r.on_frame(1, &p, done("slow", 2, &[])).unwrap();
         assert_eq!(wait_now(&r, 1, "slow", None).try_recv().unwrap(), Ok(()));
     }

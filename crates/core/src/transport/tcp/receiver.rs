@@ -328,6 +328,11 @@ impl Connection<'_> {
     fn remember(&self, layer: u32) {
         let blocks = self.runs.iter().flat_map(|r| (0..r.count).map(move |i| r.remote + i));
         let d = digest(&self.shared.digest_key, layer, blocks);
+        // Only while its session is open (not after a cut-off that forgot it). Locks in `cut_off`'s order.
+        let open = self.shared.open.lock().unwrap();
+        if !open.contains_key(&self.token) {
+            return;
+        }
         let mut delivered = self.shared.delivered.lock().unwrap();
         let writes = delivered.entry(self.token).or_default();
         if writes.len() == DELIVERED_KEPT {
