@@ -5,7 +5,7 @@ use super::frame::{self, Ack, DataHello, WriteHeader};
 use super::io;
 use super::staging::Staging;
 use crate::iov::{iovec, IoVecs};
-use crate::listener::{host_of, Hello, HelloShape, Listener, Stage};
+use crate::listener::{host_of, read_before, Hello, HelloShape, Listener, Stage};
 use crate::wire::PROTOCOL_VERSION;
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
@@ -285,8 +285,8 @@ impl Connection<'_> {
         // The whole write, not each read, has a deadline (a write is refused before its payload is read if it
         // announces more than a layer, see `drain`).
         let deadline = Instant::now() + self.shared.timeout + Duration::from_secs(header.payload_bytes.min(1 << 40) / MIN_RATE);
-        let read = self.read_by(deadline, header.runs as usize * frame::RUN_LEN);
-        read.map_err(|e| Error::io("reading the run table", e))?;
+        self.runs_bytes.resize(header.runs as usize * frame::RUN_LEN, 0);
+        read_before(&mut self.stream, &mut self.runs_bytes, deadline).map_err(|e| Error::io("reading the run table", e))?;
         frame::decode_runs(&self.runs_bytes, &mut self.runs);
         // A refused write is drained and answered; a failure while receiving ends the connection.
         let ack = match self.check(&header) {
@@ -306,22 +306,6 @@ impl Connection<'_> {
         self.stream.set_read_timeout(Some(self.shared.timeout)).map_err(|e| Error::io("configuring the data socket", e))?;
         self.stream.write_all(&self.out).map_err(|e| Error::io("sending the ack", e))?;
         Ok(true)
-    }
-
-    /// Reads `len` bytes into `runs_bytes` before `deadline`.
-    fn read_by(&mut self, deadline: Instant, len: usize) -> std::io::Result<()> {
-        self.runs_bytes.resize(len, 0);
-        let mut got = 0;
-        while got < len {
-            io::set_read_deadline(&self.stream, deadline)?;
-            match self.stream.read(&mut self.runs_bytes[got..len]) {
-                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 
     /// Records that the write just received (its runs) delivered its blocks of `layer`.
@@ -441,13 +425,7 @@ impl Connection<'_> {
         let mut scratch = [0u8; 64 * 1024];
         while bytes > 0 {
             let n = bytes.min(scratch.len() as u64) as usize;
-            io::set_read_deadline(&self.stream, deadline).map_err(|e| Error::io("discarding a refused write", e))?;
-            let n = match self.stream.read(&mut scratch[..n]) {
-                Ok(0) => return Err(Error::io("discarding a refused write", ErrorKind::UnexpectedEof.into())),
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => 0,
-                Err(e) => return Err(Error::io("discarding a refused write", e)),
-            };
+            read_before(&mut self.stream, &mut scratch[..n], deadline).map_err(|e| Error::io("discarding a refused write", e))?;
             bytes -= n as u64;
         }
         Ok(())
