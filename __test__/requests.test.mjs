@@ -152,8 +152,10 @@ test('a request that makes no progress for requestTtlMs ends expired', async (t)
   t.is(t.throws(() => Communicator.decode({ ...cacheOf(dst), requestTtlMs: 10 })).code, 'CONFIG')
   const events = decode.notifications()
   const peer = await prefill.connect(HOST, decode.port)
-  await peer.write([1], [2], 0, { requestId: 'stalled' })
+  // Measured from before the write: the decode may take the layer (and start the clock) well before the
+  // write's promise resolves here, on a slow machine.
   const started = Date.now()
+  await peer.write([1], [2], 0, { requestId: 'stalled' })
   const err = await t.throwsAsync(decode.waitFor('stalled', { timeoutMs: 10_000 }))
   t.is(err.code, 'EXPIRED')
   t.regex(err.message, /KVCACHE_REQUEST_TTL_MS/)
