@@ -5,10 +5,11 @@
 //! [`Communicator::write_cache`]. Each call is validated ([`plan`]) before anything moves, and the decode
 //! side checks every write again against its own cache before a byte lands.
 //!
-//! Layers, top to bottom: [`communicator`] (prefill side, decode side, [`communicator::negotiation`]) →
-//! [`control`] (the handshake's channel) and [`transport`] (one folder per transport, each with its accepting
-//! and connecting half, listed once in [`transport::REGISTRY`]) → [`plan`] → [`wire`] (the handshake's
-//! messages, [`TransportKind`]), [`config`], [`memory`] → [`error`].
+//! Layers, top to bottom: [`communicator`] (prefill side, decode side, requests) → [`control`] (the
+//! handshake: its channel, both its halves in [`control::handshake`], its rules in [`control::negotiation`])
+//! and [`transport`] (one folder per transport, each with its accepting and connecting half, listed once in
+//! [`transport::REGISTRY`]) → [`plan`] → [`wire`] (the handshake's messages, [`TransportKind`]), [`config`],
+//! [`memory`] → [`error`].
 
 pub mod auth;
 pub mod channel;

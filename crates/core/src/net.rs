@@ -49,7 +49,7 @@ pub fn first_usable_interface() -> Option<(String, IpAddr)> {
 pub fn is_this_host(host: &str) -> bool {
     use std::net::ToSocketAddrs;
     let Ok(resolved) = (host, 0u16).to_socket_addrs() else { return false };
-    let ours: Vec<IpAddr> = if_addrs::get_if_addrs().map(|list| list.into_iter().map(|i| i.ip()).collect()).unwrap_or_default();
+    let ours = own_addrs();
     let mut any = false;
     for addr in resolved {
         any = true;
@@ -59,6 +59,15 @@ pub fn is_this_host(host: &str) -> bool {
         }
     }
     any
+}
+
+/// Whether `ip` is an address of this machine: loopback, or an address of one of its interfaces.
+pub fn is_own_address(ip: IpAddr) -> bool {
+    ip.is_loopback() || own_addrs().contains(&ip)
+}
+
+fn own_addrs() -> Vec<IpAddr> {
+    if_addrs::get_if_addrs().map(|list| list.into_iter().map(|i| i.ip()).collect()).unwrap_or_default()
 }
 
 /// Names this host and process namespace: two communicators with the same id can reach each other's memory

@@ -10,7 +10,7 @@
 mod common;
 
 use kvtransfer::channel::{Frame, PeerInfo};
-use kvtransfer::communicator::negotiation;
+use kvtransfer::control::negotiation;
 use kvtransfer::control;
 use kvtransfer::communicator::requests::Requests;
 use kvtransfer::memory::{CacheSpec, TensorSet};

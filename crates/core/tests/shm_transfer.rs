@@ -138,3 +138,63 @@ fn shm_refuses_what_it_cannot_move() {
     assert_eq!(err.code(), ErrorCode::Unavailable, "{err}");
     assert!(err.message().contains("no common transport"), "{err}");
 }
+
+#[path = "common/raw_peer.rs"]
+mod raw_peer;
+
+#[test]
+fn a_same_host_claim_over_tcp_gets_no_same_host_transport_and_cannot_stall_revoke() {
+    use kvtransfer::channel::{frame, RequestId};
+    use kvtransfer::wire::{self, Offer, Reply, PROTOCOL_VERSION};
+    use std::io::{Read, Write};
+    let dst = Cache::new(2, 1, 8, 256, 2);
+    let d = decode(dst.spec(), TransportChoice::Auto);
+    assert!(d.transports().contains(&TransportKind::Shm), "{:?}", d.transports());
+    // A process of this host that lives on and is not the peer: what a liar names as itself.
+    let mut bystander = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let mut hello = common::hello(1, 256);
+    hello.offers.insert(0, Offer { transport: TransportKind::Shm, details: serde_json::Value::Null });
+    hello.host = Some(raw_peer::this_host());
+    hello.pid = Some(bystander.id());
+    // Over TCP (from this host, but an address says nothing about which process it is).
+    let control = std::net::TcpStream::connect(("127.0.0.1", d.port())).unwrap();
+    let Reply::Welcome { welcome, .. } = raw_peer::handshake_over(control, &hello) else { panic!("no welcome") };
+    let welcome = wire::decode_welcome(welcome.as_bytes()).unwrap();
+    assert_eq!(welcome.transport, TransportKind::Tcp, "a claim of this host's id and a pid is only a claim");
+    // Its request channel opens, then ends without a goodbye.
+    let mut channel = std::net::TcpStream::connect(("127.0.0.1", welcome.channel_port)).unwrap();
+    channel.write_all(&frame::encode_hello(PROTOCOL_VERSION, welcome.channel_token, &[0; 32])).unwrap();
+    channel.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = channel.read(&mut [0u8; 64]);
+    drop(channel);
+    std::thread::sleep(Duration::from_millis(200));
+    // Its link was cut off: a revoke does not wait for the process it named.
+    let started = std::time::Instant::now();
+    d.revoke(&RequestId::new("r").unwrap()).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3), "revoke took {:?}", started.elapsed());
+    // Offering shm alone over TCP is refused.
+    hello.offers.remove(1);
+    let control = std::net::TcpStream::connect(("127.0.0.1", d.port())).unwrap();
+    let err = std::panic::catch_unwind(|| raw_peer::handshake_over(control, &hello)).unwrap_err();
+    let why = err.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(why.contains("refused"), "{why}");
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
+
+#[test]
+fn over_its_hosts_unix_socket_a_prefill_is_the_process_the_kernel_names() {
+    // A prefill dialing an address of this host reaches the decode over the Unix socket beside it: shm is taken,
+    // and granted to the process that connected (this one), whatever its hello says.
+    let src = Cache::new(2, 1, 8, 256, 1);
+    let dst = Cache::new(2, 1, 8, 256, 2);
+    let d = decode(dst.spec(), TransportChoice::Auto);
+    let mut control = kvtransfer::control::ControlClient::connect("127.0.0.1", d.port(), Duration::from_secs(5)).unwrap();
+    assert!(control.is_local());
+    drop(control.ask(b"").ok());
+    let p = prefill(src.spec(), 1, 0, TransportChoice::Auto);
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    assert_eq!(link_of(&p, d.port()), "shm");
+    p.write_cache("127.0.0.1", d.port(), &[3], &[5], 0).unwrap();
+    assert_eq!(dst.block(1, 0, 5), src.block(1, 0, 3));
+}

@@ -126,7 +126,7 @@ impl ChannelServer {
             next_channel: AtomicU64::new(1),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, 0, "request channel", HelloShape::Fixed(frame::HELLO_LEN), Stage::Served, max, timeout, log, move |stream, hello| {
+        let listener = Listener::start(ips, 0, None, "request channel", HelloShape::Fixed(frame::HELLO_LEN), Stage::Served, max, timeout, log, move |stream, hello| {
             serve(stream, hello, &s)
         })?;
         let s = shared.clone();
@@ -289,7 +289,7 @@ fn tell(shared: &Shared, channels: &[u64], frame: &Frame) {
 
 fn serve(mut stream: TcpStream, hello: Hello, shared: &Shared) {
     let channel = shared.next_channel.fetch_add(1, Ordering::Relaxed);
-    let address = hello.peer.ip();
+    let address = hello.origin.ip();
     let from = address.to_string();
     let greeted = greet(&mut stream, &hello.bytes, shared);
     let peer = match greeted {

@@ -1,19 +1,17 @@
 //! The decode side: the control server that answers handshakes, and the accepting half of each transport
 //! set up for the cache.
 
-use super::negotiation;
 use super::requests::Requests;
-use crate::auth::{self, AuthKey, Nonce, Role as Proof};
+use crate::auth::{AuthKey, Tag};
 use crate::channel::{Ask, ChannelServer, Events, Frame, PeerInfo, RequestId};
-use crate::control::ControlServer;
+use crate::control::handshake::{self, Admit};
+use crate::control::{negotiation, ControlServer};
 use crate::error::{Error, ErrorCode, Result};
-use crate::listener;
+use crate::listener::{self, Origin};
 use crate::log::Logger;
 use crate::memory::CacheLayout;
-use crate::net;
 use crate::transport::{Acceptor, Admission, Environment};
-use crate::wire::{self, Reply, Request, TransportKind, Welcome, PROTOCOL_VERSION};
-use std::net::IpAddr;
+use crate::wire::{self, TransportKind, Welcome, PROTOCOL_VERSION};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -146,25 +144,14 @@ impl DecodeSide {
         let links = Arc::new(Links { acceptors: acceptors.clone(), requests: requests.clone(), log: log.clone(), uncut: Mutex::default() });
         let channels =
             Arc::new(ChannelServer::start(env.listen_ips, env.cache.block_number(), env.config.timeout, env.config.max_peers, log.clone(), links.clone())?);
-        let handshake = Arc::new(Handshake {
+        let admitting = Arc::new(Admitting {
             cache: env.cache.clone(),
             links: links.clone(),
-            host: net::host_id(),
             acceptors: acceptors.clone(),
             channels: channels.clone(),
             log: log.clone(),
-            auth,
         });
-        // One conversation per control connection: its greeting, then the hello signed over that greeting's nonces.
-        let control = ControlServer::bind(env.listen_ips, port, env.config.timeout, log.clone(), move |ip| {
-            let handshake = handshake.clone();
-            let mut greeted = None;
-            move |request: &[u8]| {
-                // A bug in one answer must not end the connection's thread without a reply.
-                let reply = Error::catch_panic(|| Ok(handshake.answer(ip, &mut greeted, request))).unwrap_or_else(|e| Reply::reject(&e));
-                wire::encode(&reply)
-            }
-        })?;
+        let control = handshake::answer_on(env.listen_ips, port, env.config.timeout, log.clone(), auth, admitting)?;
         Ok(DecodeSide {
             port: control.port(),
             transports: acceptors.iter().map(|a| a.kind()).collect(),
@@ -246,79 +233,24 @@ impl DecodeSide {
     }
 }
 
-/// The decode side's half of the handshake.
-struct Handshake {
+/// Whom the decode admits, and over which transport: the rest of the handshake is [`handshake`]'s.
+struct Admitting {
     cache: Arc<CacheLayout>,
     links: Arc<Links>,
-    /// This host ([`net::host_id`]); same-host transports are offered only to prefills that share it.
-    host: Option<String>,
     acceptors: Vec<Arc<dyn Acceptor>>,
     channels: Arc<ChannelServer>,
     log: Arc<Logger>,
-    /// The shared secret a prefill must prove it holds, when one is configured.
-    auth: Option<AuthKey>,
 }
 
-/// The nonces of a greeting answered on one control connection: what its hello must be signed over.
-struct Nonces {
-    prefill: Nonce,
-    decode: Nonce,
-}
-
-impl Handshake {
-    /// Answers one request of the control connection from `ip`; `greeted` holds the nonces of that connection's greeting.
-    fn answer(&self, ip: IpAddr, greeted: &mut Option<Nonces>, request: &[u8]) -> Reply {
-        let answered = wire::decode_request(request).and_then(|request| match request {
-            Request::Greeting { nonce, .. } => self.greet(greeted, nonce),
-            Request::Hello { hello, mac } => match greeted.take() {
-                Some(nonces) => self.accept(ip, &nonces, &hello, mac),
-                None => Err(Error::protocol("a hello without a greeting before it on its connection")),
-            },
-        });
-        answered.unwrap_or_else(|e| {
-            // Within the allowance of its host (all of loopback, or an IPv6 /64, is one).
-            self.log.error_from(&listener::host_of(ip).to_string(), format!("refused a handshake from {ip}: {e}"));
-            Reply::reject(&e)
-        })
-    }
-
-    /// Answers a greeting with this side's nonce and, with a token, the proof that it holds it.
-    fn greet(&self, greeted: &mut Option<Nonces>, prefill: Nonce) -> Result<Reply> {
-        if greeted.is_some() {
-            return Err(Error::protocol("a second greeting on one control connection"));
-        }
-        let decode = auth::nonce();
-        *greeted = Some(Nonces { prefill, decode });
-        let proof = self.auth.as_ref().map(|key| key.sign(Proof::DecodeChallenge, &prefill, &decode, b""));
-        Ok(Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: decode, proof })
-    }
-
-    /// Checks a hello (its MAC first, when a token is configured: nothing about the cache is said to a peer that
-    /// has not proven it holds the token) and admits the prefill over the transport both sides prefer.
-    fn accept(&self, ip: IpAddr, nonces: &Nonces, hello_text: &str, mac: Option<auth::Tag>) -> Result<Reply> {
-        if let Some(key) = &self.auth {
-            let proven = mac.is_some_and(|tag| key.verify(Proof::PrefillHello, &nonces.prefill, &nonces.decode, hello_text.as_bytes(), &tag));
-            if !proven {
-                return Err(Error::new(
-                    ErrorCode::Unauthenticated,
-                    "this decode requires KVCACHE_AUTH_TOKEN, and the peer did not prove it holds it",
-                ));
-            }
-        }
-        let channel_proof = |token: u64| {
-            self.auth.as_ref().map(|key| key.sign(Proof::ChannelHello, &nonces.prefill, &nonces.decode, &token.to_le_bytes()))
-        };
-        let welcome = self.welcome(ip, &wire::decode_hello(hello_text.as_bytes())?, channel_proof)?;
-        let text = String::from_utf8(wire::encode(&welcome)).expect("JSON is UTF-8");
-        let mac = self.auth.as_ref().map(|key| key.sign(Proof::DecodeWelcome, &nonces.prefill, &nonces.decode, text.as_bytes()));
-        Ok(Reply::Welcome { welcome: text, mac })
-    }
-
-    fn welcome(&self, ip: IpAddr, hello: &wire::Hello, channel_proof: impl FnOnce(u64) -> Option<auth::Tag>) -> Result<Welcome> {
+impl Admit for Admitting {
+    fn welcome(&self, origin: Origin, hello: &wire::Hello, channel_proof: &dyn Fn(u64) -> Option<Tag>) -> Result<Welcome> {
         let agreed = negotiation::check_hello(hello, &self.cache)?;
-        // Same-host links need the prefill's process named: it is what tells when such a link can no longer write.
-        let same_host = self.host.is_some() && hello.host == self.host && hello.pid.is_some();
-        self.links.forget(hello.pid, &hello.dropped);
+        // Same-host transports write into this process, or map its memory: only for a process of this host that
+        // the kernel names (a hello's own `host` and `pid` are only its word). Its pid is also what tells when
+        // such a link can no longer write.
+        let process = origin.process();
+        let same_host = process.is_some();
+        self.links.forget(process, &hello.dropped);
         let offers: Vec<TransportKind> = hello.offers.iter().map(|o| o.transport).collect();
         let ours: Vec<TransportKind> = self.acceptors.iter().map(|a| a.kind()).collect();
         let peer = format!("prefill tp {}/{}", hello.tp_idx, hello.tp_size);
@@ -333,7 +265,7 @@ impl Handshake {
                 geometry: agreed.geometry,
                 tensors: agreed.tensors,
                 details: &offer.details,
-                pid: hello.pid.filter(|_| same_host),
+                pid: process,
             };
             match acceptor.accept(&admission) {
                 Ok(accepted) => {
@@ -342,7 +274,7 @@ impl Handshake {
                 }
                 Err(e) if e.code() == ErrorCode::Unavailable => {
                     // Within the log's allowance of its host (it may be slower than the transport it would have had).
-                    self.log.warn_from(&listener::host_of(ip).to_string(), format!("{kind} is unavailable to {peer}, which takes the next transport both sides have: {e}"));
+                    self.log.warn_from(&listener::host_of(origin.ip()).to_string(), format!("{kind} is unavailable to {peer}, which takes the next transport both sides have: {e}"));
                     refusal = Some(e);
                 }
                 Err(e) => return Err(e),
@@ -359,7 +291,7 @@ impl Handshake {
             ratio: agreed.geometry.ratio,
             transport: kind,
             session: accepted.session,
-            pid: hello.pid.filter(|_| kind.same_host_only()),
+            pid: process.filter(|_| kind.same_host_only()),
             instance: hello.instance.clone(),
             address: None,
         }, channel_proof);

@@ -24,10 +24,9 @@
 //! ```
 //!
 //! The prefill side ([`prefill`]) keeps its decode peers and their links; the decode side ([`decode`])
-//! listens and answers handshakes; both follow the rules of [`negotiation`], which does no I/O.
+//! listens and answers handshakes; both follow the rules of [`crate::control::negotiation`], which does no I/O.
 
 mod decode;
-pub mod negotiation;
 mod prefill;
 pub mod requests;
 mod workers;
@@ -120,7 +119,7 @@ impl Communicator {
 
     fn build(spec: CommunicatorSpec, config: Config, log: Arc<Logger>) -> Result<Communicator> {
         let cache = Arc::new(spec.cache);
-        let kinds = negotiation::candidates(config.transport, cache.location())?;
+        let kinds = crate::control::negotiation::candidates(config.transport, cache.location())?;
         let listen_ips = match spec.role {
             Role::Decode => crate::net::listen_addrs(config.socket_ifname.as_deref())?,
             Role::Prefill => Vec::new(),

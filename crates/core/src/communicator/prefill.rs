@@ -8,15 +8,15 @@
 //! write checks the gate once it holds the peer, so none of a revoked request starts after the confirmation.
 
 use super::workers::Workers;
-use super::{negotiation, Communicator};
-use crate::auth::{self, AuthKey, Role as Proof};
+use super::Communicator;
+use crate::auth::AuthKey;
 use crate::channel::{ChannelClient, Directive, Frame, RequestId};
-use crate::control::ControlClient;
+use crate::control::handshake::{self, Admitted};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net;
 use crate::plan::{BlockPlan, SliceGeometry};
 use crate::transport::{Answer, Connector, Link, PendingLink};
-use crate::wire::{self, Hello, Offer, Reply, Request, Role, TransportKind, PROTOCOL_VERSION};
+use crate::wire::{Hello, Offer, Role, TransportKind, PROTOCOL_VERSION};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -249,23 +249,18 @@ impl PrefillSide {
         let plain = |e| (e, None);
         let key = peer_key(ip, port);
         // First the greeting: with a token, nothing is prepared or sent before the decode has proven it holds it.
-        let mut control = ControlClient::connect(ip, port, comm.config.timeout).map_err(plain)?;
-        let prefill_nonce = auth::nonce();
-        let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: prefill_nonce });
-        let Reply::Challenge { nonce: decode_nonce, proof, .. } = wire::decode_reply(&control.ask(&greeting).map_err(plain)?).map_err(plain)? else {
-            return Err(plain(Error::protocol("the decode peer did not answer the greeting with a challenge")));
-        };
         let auth = comm.config.auth_token.as_ref().map(|t| AuthKey::new(t.expose()));
-        if let Some(secret) = &auth {
-            if !proof.is_some_and(|tag| secret.verify(Proof::DecodeChallenge, &prefill_nonce, &decode_nonce, b"", &tag)) {
-                return Err(plain(Error::new(
-                    ErrorCode::Unauthenticated,
-                    format!(
-                        "the decode peer at {key} did not prove it holds KVCACHE_AUTH_TOKEN (it has none, or another \
-                         one, or it is not the decode you meant): nothing was sent to it"
-                    ),
-                )));
-            }
+        let greeted = handshake::greet(ip, port, comm.config.timeout, auth).map_err(plain)?;
+        // Same-host transports only where the decode knows this process from the kernel.
+        let connectors: Vec<_> = connectors.iter().filter(|c| greeted.is_local() || !c.kind().same_host_only()).collect();
+        if connectors.is_empty() {
+            return Err(plain(Error::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "{key} was reached over TCP (no Unix socket of this host answers for it: another network namespace, \
+                     or not a decode of this version), and this communicator has only same-host transports"
+                ),
+            )));
         }
         let mut pending: Vec<(TransportKind, Box<dyn PendingLink>)> = Vec::with_capacity(connectors.len());
         for c in connectors {
@@ -290,20 +285,7 @@ impl PrefillSide {
             dropped: lock(&gate.sessions).iter().copied().collect(),
             instance: comm.config.instance_id.clone(),
         };
-        let hello = String::from_utf8(wire::encode(&hello)).expect("JSON is UTF-8");
-        let mac = auth.as_ref().map(|secret| secret.sign(Proof::PrefillHello, &prefill_nonce, &decode_nonce, hello.as_bytes()));
-        let reply = wire::decode_reply(&control.ask(&wire::encode(&Request::Hello { hello, mac })).map_err(plain)?).map_err(plain)?;
-        let Reply::Welcome { welcome, mac } = reply else {
-            return Err(plain(Error::protocol("the decode peer did not answer the hello with a welcome")));
-        };
-        if let Some(secret) = &auth {
-            if !mac.is_some_and(|tag| secret.verify(Proof::DecodeWelcome, &prefill_nonce, &decode_nonce, welcome.as_bytes(), &tag)) {
-                return Err(plain(Error::new(ErrorCode::Unauthenticated, format!("the welcome from {key} is not signed with KVCACHE_AUTH_TOKEN"))));
-            }
-        }
-        let welcome = wire::decode_welcome(welcome.as_bytes()).map_err(plain)?;
-        let offered: Vec<TransportKind> = pending.iter().map(|(kind, _)| *kind).collect();
-        negotiation::check_welcome(&welcome, &offered).map_err(plain)?;
+        let Admitted { welcome, channel_proof } = greeted.hello(&hello).map_err(plain)?;
         let answer = Answer {
             peer: &key,
             host: ip,
@@ -324,10 +306,9 @@ impl PrefillSide {
             }
         }
         let g = gate.clone();
-        let token = welcome.channel_token;
-        let proof = auth.as_ref().map_or([0; 32], |key| key.sign(Proof::ChannelHello, &prefill_nonce, &decode_nonce, &token.to_le_bytes()));
         let obey = Arc::new(move |d: &Directive| g.obey(d, number));
-        let (channel, revoked) = ChannelClient::connect(ip, welcome.channel_port, token, proof, comm.config.timeout, obey).map_err(plain)?;
+        let (channel, revoked) =
+            ChannelClient::connect(ip, welcome.channel_port, welcome.channel_token, channel_proof, comm.config.timeout, obey).map_err(plain)?;
         for request in revoked {
             lock(&gate.revoked).insert(request);
         }

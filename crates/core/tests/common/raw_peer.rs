@@ -5,7 +5,7 @@
 use kvtransfer::channel::{ChannelClient, Directive};
 use kvtransfer::control;
 use kvtransfer::transport::tcp::frame::{self, DataHello};
-use kvtransfer::wire::{self, Reply, Request, Welcome, PROTOCOL_VERSION};
+use kvtransfer::wire::{self, Hello, Reply, Request, Welcome, PROTOCOL_VERSION};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::FromRawFd;
@@ -20,6 +20,32 @@ pub fn handshake(port: u16, layers: u32, block_bytes: u64) -> Welcome {
     let hello = Request::Hello { hello: String::from_utf8(wire::encode(&hello)).unwrap(), mac: None };
     let Reply::Welcome { welcome, .. } = wire::decode_reply(&c.ask(&wire::encode(&hello)).unwrap()).unwrap() else { panic!("no welcome") };
     wire::decode_welcome(welcome.as_bytes()).unwrap()
+}
+
+/// The decode's answer to `hello`, said by hand over `control` (a connection to its control port, TCP or
+/// Unix): the greeting, then the hello, each a frame (a big-endian length and its bytes), without a token.
+pub fn handshake_over(mut control: impl Read + Write, hello: &Hello) -> Reply {
+    let mut ask = |body: Vec<u8>| {
+        control.write_all(&[&(body.len() as u32).to_be_bytes()[..], &body].concat()).unwrap();
+        let mut len = [0u8; 4];
+        control.read_exact(&mut len).unwrap();
+        let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+        control.read_exact(&mut reply).unwrap();
+        wire::decode_reply(&reply)
+    };
+    let challenge = ask(wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: [1; 16] })).unwrap();
+    assert!(matches!(challenge, Reply::Challenge { proof: None, .. }));
+    let hello = Request::Hello { hello: String::from_utf8(wire::encode(hello)).unwrap(), mac: None };
+    match ask(wire::encode(&hello)) {
+        Ok(reply) => reply,
+        Err(refusal) => panic!("refused: {refusal}"),
+    }
+}
+
+/// What this host and pid namespace are called in a hello (what a peer of this host says it is).
+pub fn this_host() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    format!("{}/{}", boot.trim(), std::fs::read_link("/proc/self/ns/pid").unwrap().display())
 }
 
 /// Performs the handshake and opens the data connection it admits (its request channel never opens: the

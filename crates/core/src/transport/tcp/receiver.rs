@@ -87,7 +87,7 @@ impl TcpReceiver {
             digest_key: RandomState::new(),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, 0, "data connection", HelloShape::Fixed(frame::HELLO_LEN), Stage::Served, max_connections, timeout, log, move |stream, hello| {
+        let listener = Listener::start(ips, 0, None, "data connection", HelloShape::Fixed(frame::HELLO_LEN), Stage::Served, max_connections, timeout, log, move |stream, hello| {
             serve_connection(stream, hello, &s)
         })?;
         Ok(TcpReceiver { listener, shared })
@@ -164,12 +164,12 @@ impl Drop for TcpReceiver {
 }
 
 fn serve_connection(mut stream: TcpStream, hello: Hello, shared: &Shared) {
-    let peer = hello.peer.to_string();
+    let peer = hello.origin.to_string();
     let (token, session) = match greet(&mut stream, &hello.bytes, shared) {
         Ok(admitted) => admitted,
         Err(e) => {
             if !shared.stop.load(Ordering::Acquire) {
-                shared.log.error_from(&host_of(hello.peer.ip()).to_string(), format!("data connection from {peer} refused: {e}"));
+                shared.log.error_from(&host_of(hello.origin.ip()).to_string(), format!("data connection from {peer} refused: {e}"));
             }
             let _ = stream.shutdown(Shutdown::Both);
             return;

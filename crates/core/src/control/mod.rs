@@ -2,6 +2,11 @@
 //! side opens one short connection per handshake ([`ControlClient`]). On the wire each message is a frame: its
 //! length (4 bytes, big-endian) and its bytes; requests (at most [`MAX_REQUEST_BYTES`]) and replies (at most
 //! [`MAX_MESSAGE_BYTES`]) alternate.
+//!
+//! A prefill that dials an address of its own host connects over the Unix socket the decode holds beside that
+//! address and port ([`listener::connection::local_name`]) where there is one: the decode then knows which
+//! process it is from the kernel ([`Origin::Process`]), which is what the same-host transports need. Over TCP
+//! a peer is only an address, whatever its hello claims.
 //! What the messages say is [`crate::wire`]'s business; this module only carries bytes, bounded in size, time
 //! and number.
 //!
@@ -14,9 +19,14 @@
 //! whatever strangers do (they cannot authenticate before the handshake's last message, so nothing here is
 //! served for longer), and a flood from one host cannot keep another prefill of that host out.
 
+pub mod handshake;
+pub mod negotiation;
+
 use crate::error::{Error, ErrorCode, Result};
+use crate::listener::connection::{self, Connection, Origin};
 use crate::listener::{self, host_of, Hello, HelloShape, Listener, Stage};
 use crate::log::Logger;
+use crate::net;
 use crate::wire::{self, Reply, MAX_MESSAGE_BYTES};
 use std::io::{ErrorKind, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
@@ -50,15 +60,16 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Listens on `port` (0: one the system picks) of every one of `addrs`. Each connection gets its own
-    /// conversation, `open(peer's address)`, which turns each request into a reply; all of a connection's
-    /// requests must arrive within `timeout` (and [`listener::HELLO_TIME`]) of its start.
+    /// Listens on `port` (0: one the system picks) of every one of `addrs`, and on the Unix socket beside each
+    /// for this host's processes. Each connection gets its own conversation, `open(where it comes from)`, which
+    /// turns each request into a reply; all of a connection's requests must arrive within `timeout` (and
+    /// [`listener::HELLO_TIME`]) of its start.
     pub fn bind<C>(
         addrs: &[IpAddr],
         port: u16,
         timeout: Duration,
         log: Arc<Logger>,
-        open: impl Fn(IpAddr) -> C + Send + Sync + 'static,
+        open: impl Fn(Origin) -> C + Send + Sync + 'static,
     ) -> Result<ControlServer>
     where
         C: FnMut(&[u8]) -> Vec<u8>,
@@ -66,9 +77,9 @@ impl ControlServer {
         let answering = log.clone();
         let shape = HelloShape::Framed { length: greeting_length };
         let stage = Stage::Conversing { per_host: CONVERSATIONS_PER_HOST, all: CONVERSATIONS };
-        let listener = Listener::start(addrs, port, "control connection", shape, stage, CONVERSATIONS, timeout, log, move |stream, hello| {
-            let ip = hello.peer.ip();
-            converse(stream, hello, &answering, open(ip));
+        let listener = Listener::start(addrs, port, Some(LOCAL_NAME), "control connection", shape, stage, CONVERSATIONS, timeout, log, move |stream, hello| {
+            let origin = hello.origin;
+            converse(stream, hello, &answering, open(origin));
         })?;
         Ok(ControlServer { listener })
     }
@@ -79,6 +90,9 @@ impl ControlServer {
     }
 }
 
+/// What names the control port's Unix sockets ([`connection::local_name`]).
+const LOCAL_NAME: &str = "control";
+
 /// The length of a first request, from its first four bytes: `None` for one too long for a greeting, or ZeroMQ's
 /// greeting (refused with its reason by [`read_frame`] once the connection is served).
 fn greeting_length(header: [u8; 4]) -> Option<usize> {
@@ -88,15 +102,15 @@ fn greeting_length(header: [u8; 4]) -> Option<usize> {
 
 /// Answers the requests of one connection, at most [`MAX_REQUESTS`] (the first read already, as its hello),
 /// then closes it.
-fn converse(mut stream: TcpStream, hello: Hello, log: &Logger, mut answer: impl FnMut(&[u8]) -> Vec<u8>) {
-    let _ = stream.set_nodelay(true);
-    let (deadline, peer) = (hello.deadline, hello.peer);
+fn converse(mut stream: Connection, hello: Hello, log: &Logger, mut answer: impl FnMut(&[u8]) -> Vec<u8>) {
+    stream.set_nodelay();
+    let (deadline, peer) = (hello.deadline, hello.origin);
     // Replies are sent within the hello time too (a peer that does not take them holds nothing longer).
-    let send = |stream: &mut TcpStream, reply: &[u8]| {
+    let send = |stream: &mut Connection, reply: &[u8]| {
         let left = deadline.saturating_duration_since(Instant::now());
         !left.is_zero() && stream.set_write_timeout(Some(left)).is_ok() && stream.write_all(&frame(reply)).is_ok()
     };
-    let refuse = |stream: &mut TcpStream, e: Error| {
+    let refuse = |stream: &mut Connection, e: Error| {
         log.error_from(&host_of(peer.ip()).to_string(), format!("refused a control connection from {peer}: {e}"));
         send(stream, &wire::encode(&Reply::reject(&e)));
     };
@@ -168,7 +182,7 @@ fn frame(body: &[u8]) -> Vec<u8> {
 /// One handshake's connection to a decode's control port: requests answered one at a time, all within one
 /// deadline.
 pub struct ControlClient {
-    stream: TcpStream,
+    stream: Connection,
     addrs: Vec<SocketAddr>,
     endpoint: String,
     deadline: Instant,
@@ -179,7 +193,8 @@ pub struct ControlClient {
 
 impl ControlClient {
     /// Connects to `host:port`; every request on this connection must be answered within `timeout` of now. A
-    /// decode that is not listening yet is waited for, until then.
+    /// decode that is not listening yet is waited for, until then. Where `host` is this host, over the Unix
+    /// socket beside the address and port when one listens ([`ControlClient::is_local`]).
     pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<ControlClient> {
         let deadline = Instant::now() + timeout;
         let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -188,6 +203,12 @@ impl ControlClient {
             (bare, port).to_socket_addrs().map_err(|e| Error::invalid(format!("cannot connect to {endpoint}: {e}")))?.collect();
         let stream = open(&addrs, &endpoint, deadline, timeout)?;
         Ok(ControlClient { stream, addrs, endpoint, deadline, timeout, answered: false })
+    }
+
+    /// Whether this connection is over a Unix socket: the decode knows this process from the kernel, and may
+    /// offer it the same-host transports.
+    pub fn is_local(&self) -> bool {
+        matches!(self.stream, Connection::Local(_))
     }
 
     /// Sends `body` and waits for the reply, until the connection's deadline.
@@ -240,13 +261,21 @@ impl ControlClient {
     }
 }
 
-/// A connection to one of `addrs`, trying again until `deadline` while none listens.
-fn open(addrs: &[SocketAddr], endpoint: &str, deadline: Instant, timeout: Duration) -> Result<TcpStream> {
+/// A connection to one of `addrs`, trying again until `deadline` while none listens: over the Unix socket
+/// beside an address of this host where one listens, else over TCP.
+fn open(addrs: &[SocketAddr], endpoint: &str, deadline: Instant, timeout: Duration) -> Result<Connection> {
     if addrs.is_empty() {
         return Err(Error::invalid(format!("cannot connect to {endpoint}: it names no address")));
     }
+    let own: Vec<&SocketAddr> = addrs.iter().filter(|a| net::is_own_address(a.ip())).collect();
     let mut last = None;
     loop {
+        for addr in &own {
+            match connection::connect_local(&connection::local_name(LOCAL_NAME, **addr)) {
+                Ok(stream) => return Ok(Connection::Local(stream)),
+                Err(e) => last = Some(e),
+            }
+        }
         for (i, addr) in addrs.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -258,7 +287,7 @@ fn open(addrs: &[SocketAddr], endpoint: &str, deadline: Instant, timeout: Durati
             match TcpStream::connect_timeout(addr, share) {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
-                    return Ok(stream);
+                    return Ok(Connection::Tcp(stream));
                 }
                 Err(e) => last = Some(e),
             }
@@ -328,6 +357,34 @@ mod tests {
         assert_eq!(b.ask(b"z").unwrap(), b"1|z", "two connections are two conversations");
         let third = a.ask(b"w").unwrap_err();
         assert_eq!(third.code(), ErrorCode::Transport, "a third request finds the connection closed: {third}");
+    }
+
+    #[test]
+    fn a_process_of_this_host_is_named_by_the_kernel_and_an_address_is_only_an_address() {
+        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |origin| move |_: &[u8]| origin.to_string().into_bytes()).unwrap();
+        let mut local = ControlClient::connect("127.0.0.1", server.port(), TIME).unwrap();
+        assert!(local.is_local(), "an address of this host is dialed over the Unix socket beside it");
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        let me = format!("process {} (uid {uid}) of this host", std::process::id());
+        assert_eq!(String::from_utf8(local.ask(b"I am process 1").unwrap()).unwrap(), me);
+        let mut tcp = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        tcp.write_all(&frame(b"I am process 1")).unwrap();
+        tcp.set_read_timeout(Some(TIME)).unwrap();
+        let reply = read_frame(|buf| tcp.read_exact(buf), MAX_MESSAGE_BYTES).unwrap();
+        let said = String::from_utf8(reply).unwrap();
+        assert!(said.starts_with("127.0.0.1:"), "{said}");
+        // Another process cannot take the Unix socket of a port in use.
+        let err = ControlServer::bind(&LOCAL, server.port(), TIME, log(), |_| |r: &[u8]| r.to_vec()).err().unwrap();
+        assert!(err.message().contains("in use"), "{err}");
+        // Nor can a decode start where another process holds the Unix socket of its address and port: a prefill
+        // of this host would take that process for it.
+        let port = free_port();
+        let name = connection::local_name(LOCAL_NAME, SocketAddr::from(([127, 0, 0, 1], port)));
+        let abstract_name = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name.as_bytes());
+        let _squatter = std::os::unix::net::UnixListener::bind_addr(&abstract_name.unwrap()).unwrap();
+        let err = ControlServer::bind(&LOCAL, port, TIME, log(), |_| |r: &[u8]| r.to_vec()).err().unwrap();
+        assert!(err.message().contains("another process holds it"), "{err}");
     }
 
     #[test]
@@ -440,13 +497,14 @@ mod tests {
     #[test]
     fn an_address_that_drops_packets_leaves_time_for_the_next() {
         use std::os::fd::AsRawFd;
-        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_| |r: &[u8]| r.to_vec()).unwrap();
+        // Plain TCP ports (no Unix socket beside them).
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         // A port whose queue of connections is full drops the next one's packets: it waits out its time.
         let full = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         // SAFETY: listen(2) on a socket this test owns; it only changes the queue's length (to one).
         assert_eq!(unsafe { libc::listen(full.as_raw_fd(), 0) }, 0);
         let _queued = TcpStream::connect(full.local_addr().unwrap()).unwrap();
-        let addrs = [full.local_addr().unwrap(), SocketAddr::from(([127, 0, 0, 1], server.port()))];
+        let addrs = [full.local_addr().unwrap(), server.local_addr().unwrap()];
         let timeout = Duration::from_secs(2);
         let start = Instant::now();
         open(&addrs, "a name of two addresses", start + timeout, timeout).unwrap();

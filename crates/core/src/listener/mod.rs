@@ -1,5 +1,6 @@
-//! A TCP listener for each of a decode's ports (control, TCP data, request channel): one event loop (mio) per
-//! port accepts its connections and reads each one's first message, its hello, without a thread of its own;
+//! A TCP listener for each of a decode's ports (control, TCP data, request channel), which may answer this
+//! host's processes on Unix sockets too (the control port: there the kernel names the process, see
+//! [`connection`]): one event loop (mio) per port accepts its connections and reads each one's first message, its hello, without a thread of its own;
 //! a connection whose hello has come whole is handed to a thread of its own, which serves it. When stopped it
 //! shuts every connection down and waits for each one's thread before it returns.
 //!
@@ -15,14 +16,19 @@
 //! connection stays a stranger's until its handshake ends: its thread, too, counts against its host, with
 //! smaller caps ([`Stage::Conversing`]), and at them its host's oldest conversation is shut down.
 
+pub mod connection;
+
+pub use connection::{Connection, Origin};
+
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
-use mio::net::{TcpListener as MioListener, TcpStream as MioStream};
-use mio::{Events, Interest, Poll, Token};
+use mio::event::Source;
+use mio::net::{TcpListener as MioListener, TcpStream as MioStream, UnixListener as MioLocalListener, UnixStream as MioLocalStream};
+use mio::{Events, Interest, Poll, Registry, Token};
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::os::fd::IntoRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -72,11 +78,11 @@ pub struct Hello {
     /// When the hello time ends (a conversation must be over by then).
     pub deadline: Instant,
     /// Where the connection comes from.
-    pub peer: SocketAddr,
+    pub origin: Origin,
 }
 
 /// What serves each connection.
-type Serve = dyn Fn(TcpStream, Hello) + Send + Sync;
+type Serve = dyn Fn(Connection, Hello) + Send + Sync;
 
 /// Connections counted per host, oldest first: at a host's cap its oldest goes, and past the overall cap the
 /// oldest of the host with the most (between equals, the one whose oldest has waited longest).
@@ -140,20 +146,37 @@ struct Shared {
     log: Arc<Logger>,
     stop: AtomicBool,
     /// The threads serving connections past their hello, with a handle on each one's socket.
-    connections: Mutex<Vec<(TcpStream, JoinHandle<()>)>>,
+    connections: Mutex<Vec<(Connection, JoinHandle<()>)>>,
     /// Connections served ([`Stage::Served`]).
     served: AtomicUsize,
     /// Conversations going on ([`Stage::Conversing`]), with a handle to shut each down.
-    conversing: Mutex<Crowd<TcpStream>>,
+    conversing: Mutex<Crowd<Connection>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A stream whose reads can be given a timeout.
+pub trait TimedRead: Read {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl TimedRead for TcpStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+}
+
+impl TimedRead for Connection {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        Connection::set_read_timeout(self, timeout)
+    }
+}
+
 /// Fills `buf` from `stream` before `deadline`, however the bytes trickle in: `UnexpectedEof` where the peer
 /// closed first, `TimedOut` where the deadline passed first. It changes the stream's read timeout.
-pub fn read_before(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+pub fn read_before(stream: &mut impl TimedRead, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
     let mut got = 0;
     while got < buf.len() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -179,9 +202,78 @@ pub struct Listener {
     event_loop: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Binds `port` (0: one the system picks) on every one of `ips`: a port picked on the first may be taken on
-/// another, so it picks again, a few times.
-fn bind_all(ips: &[IpAddr], port: u16, what: &str) -> Result<Vec<TcpListener>> {
+/// A listening socket.
+enum Bound {
+    Tcp(MioListener),
+    Local(MioLocalListener),
+}
+
+/// A connection waiting for its hello.
+enum Accepted {
+    Tcp(MioStream),
+    Local(MioLocalStream),
+}
+
+impl Bound {
+    fn accept(&self) -> std::io::Result<(Accepted, Origin)> {
+        match self {
+            Bound::Tcp(l) => l.accept().map(|(s, addr)| (Accepted::Tcp(s), Origin::Network(addr))),
+            Bound::Local(l) => {
+                let (s, _) = l.accept()?;
+                let origin = connection::peer_process(&s)?;
+                Ok((Accepted::Local(s), origin))
+            }
+        }
+    }
+
+    fn source(&mut self) -> &mut dyn Source {
+        match self {
+            Bound::Tcp(l) => l,
+            Bound::Local(l) => l,
+        }
+    }
+}
+
+impl Accepted {
+    fn source(&mut self) -> &mut dyn Source {
+        match self {
+            Accepted::Tcp(s) => s,
+            Accepted::Local(s) => s,
+        }
+    }
+
+    fn register(&mut self, registry: &Registry, token: Token) -> std::io::Result<()> {
+        registry.register(self.source(), token, Interest::READABLE)
+    }
+
+    fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(self.source());
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Accepted::Tcp(s) => s.read(buf),
+            Accepted::Local(s) => s.read(buf),
+        }
+    }
+
+    /// The connection as its server gets it (blocking again).
+    fn into_connection(self) -> Connection {
+        // SAFETY: the descriptor is taken out of the mio stream, which gives up owning it; the std stream of the
+        // same kind owns it from here on (one owner, closed once).
+        unsafe {
+            match self {
+                Accepted::Tcp(s) => Connection::from_raw_fd(false, s.into_raw_fd()),
+                Accepted::Local(s) => Connection::from_raw_fd(true, s.into_raw_fd()),
+            }
+        }
+    }
+}
+
+/// Binds `port` (0: one the system picks) on every one of `ips`, and, with `local`, the Unix socket of each
+/// address and port ([`connection::local_name`]): a port picked on the first may be taken on another, so it
+/// picks again, a few times.
+fn bind_all(ips: &[IpAddr], port: u16, what: &str, local: Option<&str>) -> Result<Vec<Bound>> {
     let mut tries = if port == 0 { 8 } else { 1 };
     'again: loop {
         tries -= 1;
@@ -204,29 +296,70 @@ fn bind_all(ips: &[IpAddr], port: u16, what: &str) -> Result<Vec<TcpListener>> {
                 Err(e) => return Err(Error::io(&format!("listening for {what}s on {ip}"), e)),
             }
         }
-        return Ok(bound);
+        let mut all = Vec::with_capacity(2 * bound.len());
+        let setup = |e| Error::io(&format!("starting the {what} listener"), e);
+        for l in bound {
+            let addr = l.local_addr().map_err(setup)?;
+            l.set_nonblocking(true).map_err(setup)?;
+            all.push(Bound::Tcp(MioListener::from_std(l)));
+            let Some(kind) = local else { continue };
+            let name = connection::local_name(kind, addr);
+            match connection::bind_local(&name) {
+                Ok(l) => {
+                    // SAFETY: as above, on a Unix socket `l` owns.
+                    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), MAX_GREETING as libc::c_int) };
+                    l.set_nonblocking(true).map_err(setup)?;
+                    all.push(Bound::Local(MioLocalListener::from_std(l)))
+                }
+                // Another process took the name first: with a picked port, pick another.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries > 0 => continue 'again,
+                // Taken for a port this process holds: a process of this host means to pass for this one.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    return Err(Error::new(
+                        ErrorCode::Transport,
+                        format!("cannot listen for {what}s of this host's processes on @{name}: another process holds it"),
+                    ))
+                }
+                Err(e) => return Err(Error::io(&format!("listening for {what}s on @{name}"), e)),
+            }
+        }
+        return Ok(all);
     }
 }
 
 impl Listener {
-    /// Listens on `port` (0: one the system picks) of each of `ips`. Each connection must say its hello, shaped
-    /// as `shape`, within `hello_time` (and [`HELLO_TIME`]); then `serve` runs on a thread of its own with it.
+    /// Listens on `port` (0: one the system picks) of each of `ips`, and with `local` on the Unix socket of each
+    /// address and port too ([`connection::local_name`]), for this host's processes, whose [`Origin`] the
+    /// kernel gives (either kind of connection counts against the same caps, a process of this host as
+    /// loopback). Each connection must say its hello, shaped as `shape`, within `hello_time` (and
+    /// [`HELLO_TIME`]); then `serve` runs on a thread of its own with it, as a [`Connection`] or a `TcpStream`.
     /// With [`Stage::Served`] at most `max` are served at once (a hello past that is closed). `what` names the
     /// connections in logs.
     #[allow(clippy::too_many_arguments)]
-    pub fn start(
+    pub fn start<S: TryFrom<Connection> + 'static>(
         ips: &[IpAddr],
         port: u16,
+        local: Option<&'static str>,
         what: &'static str,
         shape: HelloShape,
         stage: Stage,
         max: usize,
         hello_time: Duration,
         log: Arc<Logger>,
-        serve: impl Fn(TcpStream, Hello) + Send + Sync + 'static,
+        serve: impl Fn(S, Hello) + Send + Sync + 'static,
     ) -> Result<Listener> {
-        let listeners = bind_all(ips, port, what)?;
-        let port = listeners.first().map(|l| l.local_addr()).transpose().map_err(|e| Error::io(&format!("reading the {what} port"), e))?;
+        let listeners = bind_all(ips, port, what, local)?;
+        // A `TcpStream` server gets no Unix connection: it binds none.
+        let serve = move |connection: Connection, hello| {
+            if let Ok(stream) = S::try_from(connection) {
+                serve(stream, hello)
+            }
+        };
+        let port = listeners.iter().find_map(|l| match l {
+            Bound::Tcp(l) => Some(l.local_addr()),
+            Bound::Local(_) => None,
+        });
+        let port = port.transpose().map_err(|e| Error::io(&format!("reading the {what} port"), e))?;
         let (per_host, all) = match stage {
             Stage::Conversing { per_host, all } => (per_host, all),
             Stage::Served => (usize::MAX, usize::MAX),
@@ -245,11 +378,9 @@ impl Listener {
         });
         let poll = Poll::new().map_err(|e| Error::io(&format!("starting the {what} listener"), e))?;
         let mut sockets = Vec::with_capacity(listeners.len());
-        for (i, listener) in listeners.into_iter().enumerate() {
+        for (i, mut socket) in listeners.into_iter().enumerate() {
             let setup = |e| Error::io(&format!("starting the {what} listener"), e);
-            listener.set_nonblocking(true).map_err(setup)?;
-            let mut socket = MioListener::from_std(listener);
-            poll.registry().register(&mut socket, Token(i), Interest::READABLE).map_err(setup)?;
+            poll.registry().register(socket.source(), Token(i), Interest::READABLE).map_err(setup)?;
             sockets.push(socket);
         }
         let (s, serve) = (shared.clone(), Arc::new(serve) as Arc<Serve>);
@@ -278,7 +409,7 @@ impl Listener {
         let _ = event_loop.join();
         let connections = std::mem::take(&mut *lock(&self.shared.connections));
         for (stream, _) in &connections {
-            let _ = stream.shutdown(Shutdown::Both);
+            stream.shutdown();
         }
         for (_, thread) in connections {
             let _ = thread.join();
@@ -294,8 +425,8 @@ impl Drop for Listener {
 
 /// A connection waiting for its hello.
 struct Waiting {
-    stream: MioStream,
-    peer: SocketAddr,
+    stream: Accepted,
+    origin: Origin,
     deadline: Instant,
     bytes: Vec<u8>,
     /// Bytes the hello has in all, once known.
@@ -305,7 +436,7 @@ struct Waiting {
 /// The listener's thread: accepts, reads hellos, hands connections over, closes those past their deadline.
 struct EventLoop {
     poll: Poll,
-    sockets: Vec<MioListener>,
+    sockets: Vec<Bound>,
     /// Listening sockets whose last `accept` failed before their queue was empty: readiness is reported on a
     /// change only, so they are tried again on the loop's next turn rather than on the next connection.
     unfinished: Vec<bool>,
@@ -353,7 +484,7 @@ impl EventLoop {
         let what = self.shared.what;
         self.unfinished[i] = false;
         for _ in 0..ACCEPTS_PER_TURN {
-            let (stream, peer) = match self.sockets[i].accept() {
+            let (stream, origin) = match self.sockets[i].accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 // That connection's own trouble (it was reset, say): the next one may be fine.
@@ -368,13 +499,13 @@ impl EventLoop {
             };
             let id = self.next;
             self.next += 1;
-            let host = host_of(peer.ip());
+            let host = host_of(origin.ip());
             for (closed, ()) in self.crowd.admit(id, host, ()) {
                 self.close(closed);
             }
-            let mut waiting = Waiting { stream, peer, deadline: Instant::now() + self.shared.hello_time, bytes: Vec::new(), need: 0 };
+            let mut waiting = Waiting { stream, origin, deadline: Instant::now() + self.shared.hello_time, bytes: Vec::new(), need: 0 };
             let token = Token(id as usize + self.sockets.len());
-            if self.poll.registry().register(&mut waiting.stream, token, Interest::READABLE).is_err() {
+            if waiting.stream.register(self.poll.registry(), token).is_err() {
                 self.crowd.remove(id);
                 continue;
             }
@@ -419,7 +550,7 @@ impl EventLoop {
         }
         let Some(mut w) = self.waiting.remove(&id) else { return };
         self.crowd.remove(id);
-        let _ = self.poll.registry().deregister(&mut w.stream);
+        w.stream.deregister(self.poll.registry());
         self.hand_over(w);
     }
 
@@ -427,18 +558,16 @@ impl EventLoop {
     fn hand_over(&mut self, w: Waiting) {
         let shared = &self.shared;
         let what = shared.what;
-        let host = host_of(w.peer.ip());
-        // SAFETY: the descriptor is taken out of the mio stream, which gives up owning it; the std stream owns
-        // it from here on (one owner, closed once).
-        let stream = unsafe { TcpStream::from_raw_fd(w.stream.into_raw_fd()) };
+        let host = host_of(w.origin.ip());
+        let stream = w.stream.into_connection();
         let (Ok(()), Ok(handle)) = (stream.set_nonblocking(false), stream.try_clone()) else { return };
         let slot = match shared.stage {
             Stage::Served => {
                 let counted = shared.served.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < shared.max).then_some(n + 1));
                 if counted.is_err() {
                     let max = shared.max;
-                    shared.log.error_from(&host.to_string(), format!("refused a {what} from {}: {max} are open (KVCACHE_MAX_PEERS)", w.peer));
-                    let _ = stream.shutdown(Shutdown::Both);
+                    shared.log.error_from(&host.to_string(), format!("refused a {what} from {}: {max} are open (KVCACHE_MAX_PEERS)", w.origin));
+                    stream.shutdown();
                     return;
                 }
                 Slot::Served(shared.clone())
@@ -448,12 +577,12 @@ impl EventLoop {
                 let id = self.next;
                 self.next += 1;
                 for (_, pushed) in lock(&shared.conversing).admit(id, host, shut) {
-                    let _ = pushed.shutdown(Shutdown::Both);
+                    pushed.shutdown();
                 }
                 Slot::Conversing(shared.clone(), id)
             }
         };
-        let hello = Hello { bytes: w.bytes, deadline: w.deadline, peer: w.peer };
+        let hello = Hello { bytes: w.bytes, deadline: w.deadline, origin: w.origin };
         let serve = self.serve.clone();
         // The slot is given back when the thread ends, however it ends (a panic in `serve` included), or here
         // if it never starts.
@@ -468,7 +597,7 @@ impl EventLoop {
 
     fn close(&mut self, id: u64) {
         if let Some(mut w) = self.waiting.remove(&id) {
-            let _ = self.poll.registry().deregister(&mut w.stream);
+            w.stream.deregister(self.poll.registry());
         }
         self.crowd.remove(id);
     }
@@ -518,7 +647,7 @@ pub fn greeting_caps() -> (usize, usize) {
 }
 
 /// Lets go of the connections whose thread has ended (their descriptors with them).
-fn reap(connections: &mut Vec<(TcpStream, JoinHandle<()>)>) {
+fn reap(connections: &mut Vec<(Connection, JoinHandle<()>)>) {
     connections.retain(|(_, t)| !t.is_finished());
 }
 
@@ -590,7 +719,7 @@ mod tests {
 
     /// An echo server whose hello is one byte, serving at most `max`.
     fn echo(max: usize) -> Listener {
-        Listener::start(&[[127, 0, 0, 1].into()], 0, "test connection", HelloShape::Fixed(1), Stage::Served, max, HELLO_TIME, log(), |mut s, hello| {
+        Listener::start(&[[127, 0, 0, 1].into()], 0, None, "test connection", HelloShape::Fixed(1), Stage::Served, max, HELLO_TIME, log(), |mut s: TcpStream, hello| {
             s.write_all(&hello.bytes).unwrap();
             let mut b = [0u8; 1];
             while s.read_exact(&mut b).is_ok() {
@@ -672,7 +801,7 @@ mod tests {
             let n = u32::from_be_bytes(header) as usize;
             (n <= 16).then_some(n)
         }
-        let listener = Listener::start(&[[127, 0, 0, 1].into()], 0, "test connection", HelloShape::Framed { length }, Stage::Conversing { per_host: 4, all: 8 }, 8, HELLO_TIME, log(), |mut s, hello| {
+        let listener = Listener::start(&[[127, 0, 0, 1].into()], 0, None, "test connection", HelloShape::Framed { length }, Stage::Conversing { per_host: 4, all: 8 }, 8, HELLO_TIME, log(), |mut s: TcpStream, hello| {
             let _ = s.write_all(&(hello.bytes.len() as u32).to_be_bytes());
         })
         .unwrap();
@@ -694,7 +823,7 @@ mod tests {
 
     #[test]
     fn a_conversation_past_its_hosts_cap_shuts_the_oldest_down() {
-        let listener = Listener::start(&[[127, 0, 0, 1].into()], 0, "test connection", HelloShape::Fixed(1), Stage::Conversing { per_host: 2, all: 8 }, 8, HELLO_TIME, log(), |mut s, _| {
+        let listener = Listener::start(&[[127, 0, 0, 1].into()], 0, None, "test connection", HelloShape::Fixed(1), Stage::Conversing { per_host: 2, all: 8 }, 8, HELLO_TIME, log(), |mut s: TcpStream, _| {
             let _ = s.write_all(b"!");
             let _ = s.read(&mut [0u8; 1]);
         })
@@ -715,7 +844,7 @@ mod tests {
 
     #[test]
     fn a_panic_while_serving_gives_its_place_back() {
-        let listener = Listener::start(&[[127, 0, 0, 1].into()], 0, "test connection", HelloShape::Fixed(1), Stage::Served, 1, HELLO_TIME, log(), |mut s, hello| {
+        let listener = Listener::start(&[[127, 0, 0, 1].into()], 0, None, "test connection", HelloShape::Fixed(1), Stage::Served, 1, HELLO_TIME, log(), |mut s: TcpStream, hello| {
             if hello.bytes == b"p" {
                 panic!("a bug while serving");
             }

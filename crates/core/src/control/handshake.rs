@@ -1,0 +1,190 @@
+//! The handshake, both halves side by side: the prefill's ([`greet`], then [`Greeted::hello`]) and the
+//! decode's ([`answer_on`]). On one control connection:
+//!
+//! 1. greeting: the prefill's nonce; challenge: the decode's nonce and, with a token, its proof;
+//! 2. hello: what the prefill is and offers (MAC'd over both nonces and its exact bytes, with a token); welcome:
+//!    the transport taken and the session (MAC'd likewise), or a refusal.
+//!
+//! With a token nothing is prepared or said about a cache before the other side has proven it holds it
+//! ([`crate::auth`]). What a hello must fit and which transport is taken are [`super::negotiation`]'s rules;
+//! who is admitted is the decode's business ([`Admit`]). The decode knows where the prefill comes from
+//! ([`Origin`]): a process of this host, named by the kernel, or an address.
+
+use super::{negotiation, ControlClient, ControlServer};
+use crate::auth::{self, AuthKey, Nonce, Role as Proof, Tag};
+use crate::error::{Error, ErrorCode, Result};
+use crate::listener::{self, Origin};
+use crate::log::Logger;
+use crate::wire::{self, Hello, Reply, Request, TransportKind, Welcome, PROTOCOL_VERSION};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The nonces of one connection's greeting: what its later messages are signed over.
+#[derive(Clone, Copy)]
+struct Nonces {
+    prefill: Nonce,
+    decode: Nonce,
+}
+
+impl Nonces {
+    /// The proof a link's request channel opens with ([`crate::channel`]): over its token, for this handshake.
+    fn channel_proof(&self, key: Option<&AuthKey>, token: u64) -> Option<Tag> {
+        key.map(|key| key.sign(Proof::ChannelHello, &self.prefill, &self.decode, &token.to_le_bytes()))
+    }
+}
+
+/// The prefill's half, after the greeting: the decode has answered (and, with a token, proven it holds it).
+pub struct Greeted {
+    control: ControlClient,
+    nonces: Nonces,
+    key: Option<AuthKey>,
+    endpoint: String,
+}
+
+/// What the prefill has once the decode welcomed its hello.
+pub struct Admitted {
+    pub welcome: Welcome,
+    /// What the link's request channel opens with (zeros without a token).
+    pub channel_proof: Tag,
+}
+
+/// Opens a handshake with the decode at `host:port` (waiting for it until `timeout`) and greets it. With `key`,
+/// a decode that does not prove it holds the token is `UNAUTHENTICATED`, and nothing more is said to it.
+pub fn greet(host: &str, port: u16, timeout: Duration, key: Option<AuthKey>) -> Result<Greeted> {
+    let mut control = ControlClient::connect(host, port, timeout)?;
+    let endpoint = control.endpoint.clone();
+    let prefill = auth::nonce();
+    let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: prefill });
+    let Reply::Challenge { nonce: decode, proof, .. } = wire::decode_reply(&control.ask(&greeting)?)? else {
+        return Err(Error::protocol("the decode peer did not answer the greeting with a challenge"));
+    };
+    let nonces = Nonces { prefill, decode };
+    if let Some(key) = &key {
+        if !proof.is_some_and(|tag| key.verify(Proof::DecodeChallenge, &prefill, &decode, b"", &tag)) {
+            return Err(Error::new(
+                ErrorCode::Unauthenticated,
+                format!(
+                    "the decode peer at {endpoint} did not prove it holds KVCACHE_AUTH_TOKEN (it has none, or another \
+                     one, or it is not the decode you meant): nothing was sent to it"
+                ),
+            ));
+        }
+    }
+    Ok(Greeted { control, nonces, key, endpoint })
+}
+
+impl Greeted {
+    /// Whether the decode knows this process from the kernel (the handshake runs over a Unix socket of this
+    /// host): only then may it take a same-host transport.
+    pub fn is_local(&self) -> bool {
+        self.control.is_local()
+    }
+
+    /// Says `hello` and checks the welcome: signed (with a token), and an answer to what was offered.
+    pub fn hello(mut self, hello: &Hello) -> Result<Admitted> {
+        let text = String::from_utf8(wire::encode(hello)).expect("JSON is UTF-8");
+        let Nonces { prefill, decode } = self.nonces;
+        let mac = self.key.as_ref().map(|key| key.sign(Proof::PrefillHello, &prefill, &decode, text.as_bytes()));
+        let reply = wire::decode_reply(&self.control.ask(&wire::encode(&Request::Hello { hello: text, mac }))?)?;
+        let Reply::Welcome { welcome, mac } = reply else {
+            return Err(Error::protocol("the decode peer did not answer the hello with a welcome"));
+        };
+        if let Some(key) = &self.key {
+            if !mac.is_some_and(|tag| key.verify(Proof::DecodeWelcome, &prefill, &decode, welcome.as_bytes(), &tag)) {
+                let why = format!("the welcome from {} is not signed with KVCACHE_AUTH_TOKEN", self.endpoint);
+                return Err(Error::new(ErrorCode::Unauthenticated, why));
+            }
+        }
+        let welcome = wire::decode_welcome(welcome.as_bytes())?;
+        let offered: Vec<TransportKind> = hello.offers.iter().map(|o| o.transport).collect();
+        negotiation::check_welcome(&welcome, &offered)?;
+        let channel_proof = self.nonces.channel_proof(self.key.as_ref(), welcome.channel_token).unwrap_or([0; 32]);
+        Ok(Admitted { welcome, channel_proof })
+    }
+}
+
+/// What the decode admits a prefill with, once its hello is proven: a welcome, or why not.
+pub trait Admit: Send + Sync + 'static {
+    /// Admits the prefill of `hello`, which comes from `origin`. `channel_proof(token)` is what its request
+    /// channel must open with (`None` without a token).
+    fn welcome(&self, origin: Origin, hello: &Hello, channel_proof: &dyn Fn(u64) -> Option<Tag>) -> Result<Welcome>;
+}
+
+/// The decode's half: answers handshakes on `port` of `addrs` (and this host's processes on the Unix socket
+/// beside each), admitting prefills with `admit`. With `key`, a hello not signed with the token is refused before
+/// it is read.
+pub fn answer_on(
+    addrs: &[IpAddr],
+    port: u16,
+    timeout: Duration,
+    log: Arc<Logger>,
+    key: Option<AuthKey>,
+    admit: Arc<dyn Admit>,
+) -> Result<ControlServer> {
+    let answering = Arc::new(Answering { key, log: log.clone(), admit });
+    // One conversation per control connection: its greeting, then the hello signed over that greeting's nonces.
+    ControlServer::bind(addrs, port, timeout, log, move |origin| {
+        let answering = answering.clone();
+        let mut greeted = None;
+        move |request: &[u8]| {
+            // A bug in one answer must not end the connection's thread without a reply.
+            let reply = Error::catch_panic(|| Ok(answering.answer(origin, &mut greeted, request))).unwrap_or_else(|e| Reply::reject(&e));
+            wire::encode(&reply)
+        }
+    })
+}
+
+struct Answering {
+    key: Option<AuthKey>,
+    log: Arc<Logger>,
+    admit: Arc<dyn Admit>,
+}
+
+impl Answering {
+    /// Answers one request of a control connection from `origin`; `greeted` holds the nonces of its greeting.
+    fn answer(&self, origin: Origin, greeted: &mut Option<Nonces>, request: &[u8]) -> Reply {
+        let answered = wire::decode_request(request).and_then(|request| match request {
+            Request::Greeting { nonce, .. } => self.challenge(greeted, nonce),
+            Request::Hello { hello, mac } => match greeted.take() {
+                Some(nonces) => self.welcome(origin, nonces, &hello, mac),
+                None => Err(Error::protocol("a hello without a greeting before it on its connection")),
+            },
+        });
+        answered.unwrap_or_else(|e| {
+            // Within the allowance of its host (all of loopback, or an IPv6 /64, is one).
+            self.log.error_from(&listener::host_of(origin.ip()).to_string(), format!("refused a handshake from {origin}: {e}"));
+            Reply::reject(&e)
+        })
+    }
+
+    /// Answers a greeting with this side's nonce and, with a token, the proof that it holds it.
+    fn challenge(&self, greeted: &mut Option<Nonces>, prefill: Nonce) -> Result<Reply> {
+        if greeted.is_some() {
+            return Err(Error::protocol("a second greeting on one control connection"));
+        }
+        let decode = auth::nonce();
+        *greeted = Some(Nonces { prefill, decode });
+        let proof = self.key.as_ref().map(|key| key.sign(Proof::DecodeChallenge, &prefill, &decode, b""));
+        Ok(Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: decode, proof })
+    }
+
+    /// Checks a hello (its MAC first, with a token: nothing about the cache is said to a peer that has not proven
+    /// it holds the token), admits it, and signs the welcome.
+    fn welcome(&self, origin: Origin, nonces: Nonces, hello_text: &str, mac: Option<Tag>) -> Result<Reply> {
+        if let Some(key) = &self.key {
+            let proven = mac.is_some_and(|tag| key.verify(Proof::PrefillHello, &nonces.prefill, &nonces.decode, hello_text.as_bytes(), &tag));
+            if !proven {
+                return Err(Error::new(
+                    ErrorCode::Unauthenticated,
+                    "this decode requires KVCACHE_AUTH_TOKEN, and the peer did not prove it holds it",
+                ));
+            }
+        }
+        let hello = wire::decode_hello(hello_text.as_bytes())?;
+        let welcome = self.admit.welcome(origin, &hello, &|token| nonces.channel_proof(self.key.as_ref(), token))?;
+        let text = String::from_utf8(wire::encode(&welcome)).expect("JSON is UTF-8");
+        let mac = self.key.as_ref().map(|key| key.sign(Proof::DecodeWelcome, &nonces.prefill, &nonces.decode, text.as_bytes()));
+        Ok(Reply::Welcome { welcome: text, mac })
+    }
+}
