@@ -36,6 +36,8 @@ pub enum Role {
     DecodeWelcome,
     /// The prefill's opening of a link's request channel (over the channel's token).
     ChannelHello,
+    /// The prefill's opening of a link's TCP data connection (over the session's token).
+    DataHello,
 }
 
 impl Role {
@@ -45,6 +47,7 @@ impl Role {
             Role::PrefillHello => b"kvtransfer v1 prefill hello",
             Role::DecodeWelcome => b"kvtransfer v1 decode welcome",
             Role::ChannelHello => b"kvtransfer v1 channel hello",
+            Role::DataHello => b"kvtransfer v1 data hello",
         }
     }
 }
@@ -98,6 +101,19 @@ pub fn nonce() -> Nonce {
     let mut n = [0u8; 16];
     getrandom::fill(&mut n).expect("the operating system's random source is readable");
     n
+}
+
+/// A number no other process can predict (tokens, session names, liveness words), from the operating system's
+/// random source; never 0.
+pub fn random_u64() -> u64 {
+    loop {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).expect("the operating system's random source is readable");
+        let n = u64::from_le_bytes(bytes);
+        if n != 0 {
+            return n;
+        }
+    }
 }
 
 #[cfg(test)]

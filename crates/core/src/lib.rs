@@ -11,8 +11,10 @@
 //! [`transport::REGISTRY`]) → [`plan`] → [`wire`] (the handshake's messages, [`TransportKind`]), [`config`],
 //! [`memory`] → [`error`].
 
+pub mod admission;
 pub mod auth;
 pub mod channel;
+pub mod codec;
 pub mod communicator;
 pub mod config;
 pub mod control;

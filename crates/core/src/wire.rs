@@ -25,7 +25,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The version of the handshake and of every transport's own framing. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest control reply (a welcome or a refusal; requests are held to [`crate::control::MAX_REQUEST_BYTES`]):
 /// what a prefill accepts from a decode, and what a decode sends at most.

@@ -98,7 +98,7 @@ fn hand_handshake(
     token: Option<&str>,
     tamper: impl Fn(&str) -> String,
     replay: Option<(String, [u8; 32])>,
-) -> (Result<Reply, kvtransfer::Error>, String, [u8; 32]) {
+) -> (Result<Reply, kvtransfer::Error>, String, [u8; 32], [u8; 16]) {
     let mut c = ControlClient::connect("127.0.0.1", port, Duration::from_secs(3)).unwrap();
     let prefill_nonce = [42u8; 16];
     let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: prefill_nonce });
@@ -107,7 +107,7 @@ fn hand_handshake(
     let mac = token.map(|t| AuthKey::new(t).sign(Proof::PrefillHello, &prefill_nonce, &decode_nonce, text.as_bytes())).unwrap_or([0; 32]);
     let (text, mac) = replay.unwrap_or((tamper(&text), mac));
     let reply = wire::decode_reply(&c.ask(&wire::encode(&Request::Hello { hello: text.clone(), mac: Some(mac) })).unwrap());
-    (reply, text, mac)
+    (reply, text, mac, decode_nonce)
 }
 
 #[test]
@@ -115,7 +115,7 @@ fn a_signed_hello_cannot_be_replayed_or_altered() {
     let dst = Cache::new(2, 2, 8, 64, 8);
     let d = decode(&dst, config(Some(TOKEN), Some(error_log("replay"))));
     let unchanged = |t: &str| t.to_string();
-    let (reply, text, mac) = hand_handshake(d.port(), Some(TOKEN), unchanged, None);
+    let (reply, text, mac, _) = hand_handshake(d.port(), Some(TOKEN), unchanged, None);
     assert!(matches!(reply, Ok(Reply::Welcome { mac: Some(_), .. })), "{reply:?}");
     // The same bytes and MAC on a new connection: the decode's nonce differs, so the MAC does not hold.
     let (replayed, ..) = hand_handshake(d.port(), Some(TOKEN), unchanged, Some((text, mac)));
@@ -177,4 +177,41 @@ fn a_second_greeting_on_one_connection_is_refused() {
     let err = wire::decode_reply(&c.ask(&greeting).unwrap()).unwrap_err();
     assert_eq!(err.code(), ErrorCode::Protocol);
     assert!(err.message().contains("second greeting"), "{err}");
+}
+
+#[test]
+fn a_data_connection_opens_only_with_the_proof_of_its_own_handshake() {
+    use kvtransfer::admission::ConnectionHello;
+    use kvtransfer::transport::tcp::frame;
+    use std::io::{Read, Write};
+    let dst = Cache::new(2, 2, 8, 64, 12);
+    let d = decode(&dst, config(Some(TOKEN), Some(error_log("data-proof"))));
+    // What the decode answers a data connection that presents `session` with `proof`: 0, or a refusal's code.
+    let open = |port: u16, session: u64, proof: [u8; 32]| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token: session, proof }.encode()).unwrap();
+        let mut ack = [0u8; frame::HELLO_ACK_LEN];
+        s.read_exact(&mut ack).unwrap();
+        frame::decode_hello_ack(&ack).err().map(|e| e.message().to_string())
+    };
+    let welcome = |reply: Result<Reply, kvtransfer::Error>| match reply {
+        Ok(Reply::Welcome { welcome, .. }) => wire::decode_welcome(welcome.as_bytes()).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let key = AuthKey::new(TOKEN);
+    let (reply, .., decode_nonce) = hand_handshake(d.port(), Some(TOKEN), |t| t.to_string(), None);
+    let w = welcome(reply);
+    let port = w.details["port"].as_u64().unwrap() as u16;
+    // Someone who saw the session name on the way, without the token: refused, and the name is used up.
+    assert!(open(port, w.session, [0; 32]).is_some(), "a data hello without the proof is refused");
+    let proof = key.sign(Proof::DataHello, &[42; 16], &decode_nonce, &w.session.to_be_bytes());
+    assert!(open(port, w.session, proof).is_some(), "a refused session cannot be opened again");
+    // The proof of another handshake (another decode nonce) does not open it either; its own does.
+    let (reply, ..) = hand_handshake(d.port(), Some(TOKEN), |t| t.to_string(), None);
+    let w = welcome(reply);
+    assert!(open(port, w.session, proof).is_some());
+    let (reply, .., other_nonce) = hand_handshake(d.port(), Some(TOKEN), |t| t.to_string(), None);
+    let w2 = welcome(reply);
+    let theirs = key.sign(Proof::DataHello, &[42; 16], &other_nonce, &w2.session.to_be_bytes());
+    assert_eq!(open(port, w2.session, theirs), None, "its own handshake's proof opens it");
 }

@@ -144,6 +144,7 @@ mod raw_peer;
 
 #[test]
 fn a_same_host_claim_over_tcp_gets_no_same_host_transport_and_cannot_stall_revoke() {
+    use kvtransfer::admission::ConnectionHello;
     use kvtransfer::channel::{frame, RequestId};
     use kvtransfer::wire::{self, Offer, Reply, PROTOCOL_VERSION};
     use std::io::{Read, Write};
@@ -163,7 +164,8 @@ fn a_same_host_claim_over_tcp_gets_no_same_host_transport_and_cannot_stall_revok
     assert_eq!(welcome.transport, TransportKind::Tcp, "a claim of this host's id and a pid is only a claim");
     // Its request channel opens, then ends without a goodbye.
     let mut channel = std::net::TcpStream::connect(("127.0.0.1", welcome.channel_port)).unwrap();
-    channel.write_all(&frame::encode_hello(PROTOCOL_VERSION, welcome.channel_token, &[0; 32])).unwrap();
+    let opening = ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token: welcome.channel_token, proof: [0; 32] };
+    channel.write_all(&opening.encode()).unwrap();
     channel.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = channel.read(&mut [0u8; 64]);
     drop(channel);

@@ -1,9 +1,8 @@
-//! The request channel's framing. All integers little-endian.
+//! The request channel's messages, in the one codec of the ports ([`crate::codec`]: big-endian integers,
+//! length-prefixed frames).
 //!
 //! ```text
-//! hello   (prefill → decode, once)  magic "KVTN" | protocol u32 | token u64 | proof [u8; 32]  48 bytes
-//!                                   (the proof: HMAC of the token under KVCACHE_AUTH_TOKEN and the handshake's
-//!                                   nonces, or zeros without a token)
+//! hello   (prefill → decode, once)  a connection hello for "KVTN" ([`crate::admission`])     48 bytes
 //! frame   (either way)              length u32 (of what follows) | kind u8 | body
 //! ```
 //!
@@ -24,11 +23,12 @@
 //! | 10 `Ready` | decode | — | the channel is open (after the `WasRevoked` the prefill must know first) |
 //! | 11 `WasRevoked` | decode | id | a request revoked before this channel opened (no confirmation) |
 
+use crate::codec::{self, Reader};
 use crate::error::{Error, ErrorCode, Result};
 use std::fmt;
 
-pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"KVTN");
-pub const HELLO_LEN: usize = 48;
+/// What a request channel's connection hello starts with.
+pub const HELLO_MAGIC: [u8; 4] = *b"KVTN";
 /// The longest request id.
 pub const MAX_REQUEST_ID: usize = 256;
 /// The longest reason a frame carries (longer ones are cut).
@@ -107,7 +107,7 @@ impl Frame {
     /// The whole frame, length prefix included.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
-        out.extend_from_slice(&[0; 4]);
+        let start = codec::begin_frame(out);
         out.push(self.kind());
         match self {
             Frame::Start { request } | Frame::Revoked { request } | Frame::Revoke { request } | Frame::WasRevoked { request } => {
@@ -115,16 +115,16 @@ impl Frame {
             }
             Frame::Done { request, layer, mark, blocks } => {
                 put_id(out, request);
-                out.extend_from_slice(&layer.to_le_bytes());
-                out.extend_from_slice(&mark.to_le_bytes());
-                out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
-                for b in blocks {
-                    out.extend_from_slice(&b.to_le_bytes());
+                codec::put_u32(out, *layer);
+                codec::put_u32(out, *mark);
+                codec::put_u32(out, blocks.len() as u32);
+                for &b in blocks {
+                    codec::put_u32(out, b);
                 }
             }
             Frame::Failed { request, code, reason } => {
                 put_id(out, request);
-                out.extend_from_slice(&code.to_wire().to_le_bytes());
+                codec::put_u32(out, code.to_wire());
                 put_text(out, reason);
             }
             Frame::Abort { request, reason } => {
@@ -133,8 +133,7 @@ impl Frame {
             }
             Frame::Closed | Frame::Ping | Frame::Close | Frame::Ready => {}
         }
-        let len = (out.len() - 4) as u32;
-        out[..4].copy_from_slice(&len.to_le_bytes());
+        codec::end_frame(out, start);
     }
 
     /// The longest frame (after its length prefix) for a cache of `block_number` blocks.
@@ -145,7 +144,7 @@ impl Frame {
     /// Parses a frame's bytes after its length prefix. Anything malformed (unknown kind, lengths that do not
     /// add up, a block count above `block_number`, bytes left over) is a protocol error.
     pub fn decode(bytes: &[u8], block_number: u32) -> Result<Frame> {
-        let mut r = Reader { bytes, at: 0 };
+        let mut r = Reader::new(bytes);
         let kind = r.u8()?;
         let frame = match kind {
             1 => Frame::Start { request: r.id()? },
@@ -158,7 +157,7 @@ impl Frame {
                     return Err(Error::protocol(format!("a notification lists {count} blocks; the cache has {block_number}")));
                 }
                 let raw = r.take(count as usize * 4)?;
-                Frame::Done { request, layer, mark, blocks: raw.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect() }
+                Frame::Done { request, layer, mark, blocks: (0..count as usize).map(|i| codec::u32_at(raw, 4 * i)).collect() }
             }
             3 => Frame::Failed { request: r.id()?, code: ErrorCode::from_wire(r.u32()?), reason: r.text()? },
             4 => Frame::Abort { request: r.id()?, reason: r.text()? },
@@ -171,15 +170,15 @@ impl Frame {
             11 => Frame::WasRevoked { request: r.id()? },
             k => return Err(Error::protocol(format!("unknown request-channel frame kind {k}"))),
         };
-        if r.at != bytes.len() {
-            return Err(Error::protocol(format!("{} stray bytes after a request-channel frame", bytes.len() - r.at)));
+        if !r.finished() {
+            return Err(Error::protocol(format!("{} stray bytes after a request-channel frame", bytes.len() - r.position())));
         }
         Ok(frame)
     }
 }
 
 fn put_id(out: &mut Vec<u8>, id: &RequestId) {
-    out.extend_from_slice(&(id.0.len() as u16).to_le_bytes());
+    codec::put_u16(out, id.0.len() as u16);
     out.extend_from_slice(id.0.as_bytes());
 }
 
@@ -188,32 +187,18 @@ fn put_text(out: &mut Vec<u8>, text: &str) {
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    out.extend_from_slice(&(end as u16).to_le_bytes());
+    codec::put_u16(out, end as u16);
     out.extend_from_slice(&text.as_bytes()[..end]);
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
+/// A request id and a reason, as the frames carry them.
+trait ReadText {
+    fn utf8(&mut self, max: usize, what: &str) -> Result<String>;
+    fn id(&mut self) -> Result<RequestId>;
+    fn text(&mut self) -> Result<String>;
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
-        let end = end.ok_or_else(|| Error::protocol("a request-channel frame ends early"))?;
-        let s = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
-    }
-    fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
-    }
+impl ReadText for Reader<'_> {
     fn utf8(&mut self, max: usize, what: &str) -> Result<String> {
         let len = self.u16()? as usize;
         if len > max {
@@ -227,25 +212,6 @@ impl<'a> Reader<'a> {
     fn text(&mut self) -> Result<String> {
         self.utf8(MAX_REASON, "reason")
     }
-}
-
-/// The first bytes of a channel: which handshake it belongs to, and the proof that its sender took part in it.
-pub fn encode_hello(protocol: u32, token: u64, proof: &[u8; 32]) -> [u8; HELLO_LEN] {
-    let mut b = [0u8; HELLO_LEN];
-    b[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
-    b[4..8].copy_from_slice(&protocol.to_le_bytes());
-    b[8..16].copy_from_slice(&token.to_le_bytes());
-    b[16..48].copy_from_slice(proof);
-    b
-}
-
-/// `(protocol, token, proof)` of a channel hello.
-pub fn decode_hello(b: &[u8; HELLO_LEN]) -> Result<(u32, u64, [u8; 32])> {
-    if b[0..4] != HELLO_MAGIC.to_le_bytes() {
-        return Err(Error::protocol("a request channel did not start with a kvtransfer hello"));
-    }
-    let int = |r: std::ops::Range<usize>| -> u64 { b[r].iter().rev().fold(0, |n, &x| n << 8 | x as u64) };
-    Ok((int(4..8) as u32, int(8..16), b[16..48].try_into().expect("32 bytes")))
 }
 
 #[cfg(test)]
@@ -277,7 +243,7 @@ mod tests {
         let mut buf = vec![];
         for f in every_frame() {
             f.encode(&mut buf);
-            let len = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+            let len = codec::frame_length(buf[..4].try_into().unwrap());
             assert_eq!(len, buf.len() - 4);
             assert!(len <= Frame::max_len(8));
             assert_eq!(Frame::decode(&buf[4..], 8).unwrap(), f);
@@ -298,9 +264,7 @@ mod tests {
         assert!(Frame::decode(&[99], 8).unwrap_err().message().contains("kind 99"));
         // An empty id, and one that is not UTF-8.
         assert!(Frame::decode(&[1, 0, 0], 8).is_err());
-        assert!(Frame::decode(&[1, 1, 0, 0xff], 8).unwrap_err().message().contains("UTF-8"));
-        assert!(decode_hello(&[7; HELLO_LEN]).is_err());
-        assert_eq!(decode_hello(&encode_hello(3, 99, &[5; 32])).unwrap(), (3, 99, [5; 32]));
+        assert!(Frame::decode(&[1, 0, 1, 0xff], 8).unwrap_err().message().contains("UTF-8"));
     }
 
     #[test]

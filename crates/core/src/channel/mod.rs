@@ -16,6 +16,8 @@ pub mod frame;
 
 pub use frame::{Frame, RequestId};
 
+use crate::admission::{self, Admissions, ConnectionHello};
+use crate::codec;
 use crate::error::{Error, ErrorCode, Result};
 use crate::listener::{self, Hello, HelloShape, Listener, Stage};
 use crate::log::Logger;
@@ -85,13 +87,10 @@ struct Shared {
     closing: AtomicBool,
     timeout: Duration,
     block_number: u32,
-    /// Admissions that may wait for their channel at once.
-    max_pending: usize,
     log: Arc<Logger>,
     events: Arc<dyn Events>,
-    /// Tokens handed out by handshakes, with when and the proof their hello must carry (with
-    /// `KVCACHE_AUTH_TOKEN`): each may open one channel, within `timeout`.
-    pending: Mutex<Pending>,
+    /// Tokens handed out by handshakes: each may open one channel, within `timeout`.
+    pending: Admissions<PeerInfo>,
     live: Mutex<HashMap<u64, Live>>,
     /// Asks not yet confirmed, by channel.
     asked: Mutex<HashSet<(u64, Ask)>>,
@@ -116,17 +115,16 @@ impl ChannelServer {
             closing: AtomicBool::new(false),
             timeout,
             block_number,
-            max_pending: max,
             log: log.clone(),
             events,
-            pending: Mutex::new(HashMap::new()),
+            pending: Admissions::new(timeout, max),
             live: Mutex::new(HashMap::new()),
             asked: Mutex::new(HashSet::new()),
             confirmed: Condvar::new(),
             next_channel: AtomicU64::new(1),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, 0, None, "request channel", HelloShape::Fixed(frame::HELLO_LEN), Stage::Served, max, timeout, log, move |stream, hello| {
+        let listener = Listener::start(ips, 0, None, "request channel", HelloShape::Fixed(admission::HELLO_LEN), Stage::Served, max, timeout, log, move |stream, hello| {
             serve(stream, hello, &s)
         })?;
         let s = shared.clone();
@@ -145,28 +143,15 @@ impl ChannelServer {
     /// (given `proof`, which turns the token into what the hello must carry) the proof it must carry. Tokens that
     /// expired unused are dropped, and their links handed to [`Events::closed`] (cut off).
     pub fn admit(&self, peer: PeerInfo, proof: impl FnOnce(u64) -> Option<[u8; 32]>) -> u64 {
-        let mut pending = lock(&self.shared.pending);
-        let mut expired = take_expired(&self.shared, &mut pending);
-        if pending.len() >= self.shared.max_pending {
-            let oldest = pending.iter().min_by_key(|(_, (_, at, _))| *at).map(|(t, _)| *t).expect("the map is full");
-            expired.extend(pending.remove(&oldest).map(|(p, ..)| p));
-        }
-        let token = loop {
-            let token = crate::transport::random_u64();
-            if !pending.contains_key(&token) {
-                break token;
-            }
-        };
-        pending.insert(token, (peer, Instant::now(), proof(token)));
-        drop(pending);
-        let_go(&self.shared, expired);
+        let (token, gone) = self.shared.pending.admit(peer, proof);
+        let_go(&self.shared, gone);
         token
     }
 
     /// Refuses new channels from now on (the decode is closing).
     pub fn stop_admitting(&self) {
         self.shared.closing.store(true, Ordering::Release);
-        lock(&self.shared.pending).clear();
+        self.shared.pending.clear();
     }
 
     /// Asks every open channel's peer to confirm `ask`, and waits until each has, or its channel has ended, or
@@ -238,15 +223,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The admissions waiting for their channel.
-type Pending = HashMap<u64, (PeerInfo, Instant, Option<[u8; 32]>)>;
-
-/// Removes the admissions whose token has expired unused, and returns their peers.
-fn take_expired(shared: &Shared, pending: &mut Pending) -> Vec<PeerInfo> {
-    let expired: Vec<u64> = pending.iter().filter(|(_, (_, at, _))| at.elapsed() >= shared.timeout).map(|(t, _)| *t).collect();
-    expired.into_iter().filter_map(|t| pending.remove(&t)).map(|(p, ..)| p).collect()
-}
-
 /// Hands the links of admissions let go to [`Events::closed`] (cut off, their resources released).
 fn let_go(shared: &Shared, peers: Vec<PeerInfo>) {
     for peer in peers {
@@ -264,8 +240,7 @@ fn expire_admissions(shared: &Shared) {
     while !shared.stop.load(Ordering::Acquire) {
         // Woken early by `shutdown`.
         std::thread::park_timeout(EXPIRE_EVERY);
-        let expired = take_expired(shared, &mut lock(&shared.pending));
-        let_go(shared, expired);
+        let_go(shared, shared.pending.expired());
         for (request, channels) in shared.events.tick() {
             tell(shared, &channels, &Frame::Revoke { request });
         }
@@ -338,29 +313,20 @@ fn greet(stream: &mut TcpStream, hello: &[u8], shared: &Shared) -> Result<PeerIn
     let setup = |e| Error::io("configuring a request channel", e);
     stream.set_nodelay(true).map_err(setup)?;
     stream.set_write_timeout(Some(shared.timeout)).map_err(setup)?;
-    let hello: &[u8; frame::HELLO_LEN] = hello.try_into().map_err(|_| Error::protocol("a request-channel hello of the wrong length"))?;
-    let (protocol, token, proof) = frame::decode_hello(hello)?;
-    let admitted = match protocol {
-        PROTOCOL_VERSION if !shared.closing.load(Ordering::Acquire) => lock(&shared.pending).remove(&token),
-        _ => None,
-    };
-    match admitted {
-        Some((peer, at, expected)) if at.elapsed() < shared.timeout => match expected {
-            Some(expected) if !crate::auth::tags_equal(&expected, &proof) => {
-                // The token was seen on the way, by someone who does not hold KVCACHE_AUTH_TOKEN: its link is
-                // cut off (the real prefill's channel can no longer open either).
-                shared.events.closed(0, &peer, "its request channel was opened without the proof", true);
-                Err(Error::new(ErrorCode::Unauthenticated, "a channel hello without the proof of KVCACHE_AUTH_TOKEN"))
-            }
-            _ => Ok(peer),
-        },
-        Some((peer, ..)) => {
-            // Expired: its link never opened, and is let go.
-            shared.events.closed(0, &peer, "its request channel opened too late", true);
-            Err(Error::new(ErrorCode::Rejected, "an expired channel token"))
-        }
-        None => Err(Error::new(ErrorCode::Rejected, format!("an unknown channel token (protocol {protocol})"))),
+    let hello: &[u8; admission::HELLO_LEN] = hello.try_into().map_err(|_| Error::protocol("a request-channel hello of the wrong length"))?;
+    let hello = ConnectionHello::decode(frame::HELLO_MAGIC, hello)?;
+    if shared.closing.load(Ordering::Acquire) {
+        return Err(Error::new(ErrorCode::Closed, "the decode is closing"));
     }
+    shared.pending.take(&hello).map_err(|refused| {
+        // Expired, or opened by someone who saw the token but does not hold KVCACHE_AUTH_TOKEN: its link is cut
+        // off (the real prefill's channel can no longer open either).
+        let (e, gone) = refused.into_parts("request-channel");
+        if let Some(peer) = gone {
+            shared.events.closed(0, &peer, &format!("its request channel was refused: {e}"), true);
+        }
+        e
+    })
 }
 
 fn run(
@@ -430,7 +396,7 @@ fn read_frame(
     if !fill(stream, &mut len, true, idle)? {
         return Ok(None);
     }
-    let len = u32::from_le_bytes(len) as usize;
+    let len = codec::frame_length(len);
     if len == 0 || len > max {
         return Err(Error::protocol(format!("a request-channel frame of {len} bytes (at most {max})")));
     }
@@ -518,7 +484,8 @@ impl ChannelClient {
         stream.set_nodelay(true).map_err(setup)?;
         stream.set_read_timeout(Some(timeout)).map_err(setup)?;
         stream.set_write_timeout(Some(timeout)).map_err(setup)?;
-        stream.write_all(&frame::encode_hello(PROTOCOL_VERSION, token, &proof)).map_err(|e| Error::io("greeting the request channel", e))?;
+        let hello = ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token, proof };
+        stream.write_all(&hello.encode()).map_err(|e| Error::io("greeting the request channel", e))?;
         let writer = Arc::new(Mutex::new(stream.try_clone().map_err(setup)?));
         let mut body = Vec::new();
         let mut revoked = Vec::new();
@@ -836,7 +803,7 @@ mod tests {
         // A peer that opens the channel and then never answers.
         let token = server.admit(peer(), |_| None);
         let mut raw = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
-        raw.write_all(&frame::encode_hello(PROTOCOL_VERSION, token, &[0; 32])).unwrap();
+        raw.write_all(&ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token, proof: [0; 32] }.encode()).unwrap();
         let mut ready = [0u8; 5];
         raw.read_exact(&mut ready).unwrap();
         let started = Instant::now();
@@ -847,9 +814,9 @@ mod tests {
         // Garbage: a frame claiming 1 GiB.
         let token = server.admit(peer(), |_| None);
         let mut raw = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
-        raw.write_all(&frame::encode_hello(PROTOCOL_VERSION, token, &[0; 32])).unwrap();
+        raw.write_all(&ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token, proof: [0; 32] }.encode()).unwrap();
         raw.read_exact(&mut ready).unwrap();
-        raw.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
+        raw.write_all(&(1u32 << 30).to_be_bytes()).unwrap();
         until("the refusal", || lock(&events.closed).len() == 2);
         assert!(lock(&events.closed)[1].contains("at most"), "{:?}", lock(&events.closed));
     }

@@ -2,9 +2,9 @@
 //! set up for the cache.
 
 use super::requests::Requests;
-use crate::auth::{AuthKey, Tag};
+use crate::auth::AuthKey;
 use crate::channel::{Ask, ChannelServer, Events, Frame, PeerInfo, RequestId};
-use crate::control::handshake::{self, Admit};
+use crate::control::handshake::{self, Admit, Proofs};
 use crate::control::{negotiation, ControlServer};
 use crate::error::{Error, ErrorCode, Result};
 use crate::listener::{self, Origin};
@@ -243,7 +243,7 @@ struct Admitting {
 }
 
 impl Admit for Admitting {
-    fn welcome(&self, origin: Origin, hello: &wire::Hello, channel_proof: &dyn Fn(u64) -> Option<Tag>) -> Result<Welcome> {
+    fn welcome(&self, origin: Origin, hello: &wire::Hello, proofs: &Proofs<'_>) -> Result<Welcome> {
         let agreed = negotiation::check_hello(hello, &self.cache)?;
         // Same-host transports write into this process, or map its memory: only for a process of this host that
         // the kernel names (a hello's own `host` and `pid` are only its word). Its pid is also what tells when
@@ -266,6 +266,7 @@ impl Admit for Admitting {
                 tensors: agreed.tensors,
                 details: &offer.details,
                 pid: process,
+                proof: &|token| proofs.data(token),
             };
             match acceptor.accept(&admission) {
                 Ok(accepted) => {
@@ -294,7 +295,7 @@ impl Admit for Admitting {
             pid: process.filter(|_| kind.same_host_only()),
             instance: hello.instance.clone(),
             address: None,
-        }, channel_proof);
+        }, |token| proofs.channel(token));
         Ok(Welcome {
             protocol: PROTOCOL_VERSION,
             block_number: self.cache.block_number(),

@@ -285,7 +285,7 @@ impl PrefillSide {
             dropped: lock(&gate.sessions).iter().copied().collect(),
             instance: comm.config.instance_id.clone(),
         };
-        let Admitted { welcome, channel_proof } = greeted.hello(&hello).map_err(plain)?;
+        let Admitted { welcome, channel_proof, data_proof } = greeted.hello(&hello).map_err(plain)?;
         let answer = Answer {
             peer: &key,
             host: ip,
@@ -293,6 +293,7 @@ impl PrefillSide {
             details: &welcome.details,
             geometry: SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size).map_err(plain)?,
             remote_blocks: welcome.block_number,
+            proof: data_proof,
         };
         let answer_ratio = answer.geometry.ratio;
         let chosen = pending.into_iter().find(|(kind, _)| *kind == welcome.transport).expect("checked: it was offered");

@@ -27,10 +27,26 @@ struct Nonces {
     decode: Nonce,
 }
 
-impl Nonces {
-    /// The proof a link's request channel opens with ([`crate::channel`]): over its token, for this handshake.
-    fn channel_proof(&self, key: Option<&AuthKey>, token: u64) -> Option<Tag> {
-        key.map(|key| key.sign(Proof::ChannelHello, &self.prefill, &self.decode, &token.to_le_bytes()))
+/// The proofs a link's connections open with ([`crate::admission`]): over each one's token, for one
+/// handshake; `None` without a token.
+pub struct Proofs<'a> {
+    nonces: Nonces,
+    key: Option<&'a AuthKey>,
+}
+
+impl Proofs<'_> {
+    /// What the request channel of `token` opens with.
+    pub fn channel(&self, token: u64) -> Option<Tag> {
+        self.over(Proof::ChannelHello, token)
+    }
+
+    /// What the data connection of session `token` opens with (a transport that takes connections: TCP).
+    pub fn data(&self, token: u64) -> Option<Tag> {
+        self.over(Proof::DataHello, token)
+    }
+
+    fn over(&self, role: Proof, token: u64) -> Option<Tag> {
+        self.key.map(|key| key.sign(role, &self.nonces.prefill, &self.nonces.decode, &token.to_be_bytes()))
     }
 }
 
@@ -47,6 +63,8 @@ pub struct Admitted {
     pub welcome: Welcome,
     /// What the link's request channel opens with (zeros without a token).
     pub channel_proof: Tag,
+    /// What the link's data connection opens with, where its transport takes one (zeros without a token).
+    pub data_proof: Tag,
 }
 
 /// Opens a handshake with the decode at `host:port` (waiting for it until `timeout`) and greets it. With `key`,
@@ -99,16 +117,17 @@ impl Greeted {
         let welcome = wire::decode_welcome(welcome.as_bytes())?;
         let offered: Vec<TransportKind> = hello.offers.iter().map(|o| o.transport).collect();
         negotiation::check_welcome(&welcome, &offered)?;
-        let channel_proof = self.nonces.channel_proof(self.key.as_ref(), welcome.channel_token).unwrap_or([0; 32]);
-        Ok(Admitted { welcome, channel_proof })
+        let proofs = Proofs { nonces: self.nonces, key: self.key.as_ref() };
+        let channel_proof = proofs.channel(welcome.channel_token).unwrap_or([0; 32]);
+        let data_proof = proofs.data(welcome.session).unwrap_or([0; 32]);
+        Ok(Admitted { welcome, channel_proof, data_proof })
     }
 }
 
 /// What the decode admits a prefill with, once its hello is proven: a welcome, or why not.
 pub trait Admit: Send + Sync + 'static {
-    /// Admits the prefill of `hello`, which comes from `origin`. `channel_proof(token)` is what its request
-    /// channel must open with (`None` without a token).
-    fn welcome(&self, origin: Origin, hello: &Hello, channel_proof: &dyn Fn(u64) -> Option<Tag>) -> Result<Welcome>;
+    /// Admits the prefill of `hello`, which comes from `origin`; its connections must open with `proofs`.
+    fn welcome(&self, origin: Origin, hello: &Hello, proofs: &Proofs<'_>) -> Result<Welcome>;
 }
 
 /// The decode's half: answers handshakes on `port` of `addrs` (and this host's processes on the Unix socket
@@ -182,7 +201,7 @@ impl Answering {
             }
         }
         let hello = wire::decode_hello(hello_text.as_bytes())?;
-        let welcome = self.admit.welcome(origin, &hello, &|token| nonces.channel_proof(self.key.as_ref(), token))?;
+        let welcome = self.admit.welcome(origin, &hello, &Proofs { nonces, key: self.key.as_ref() })?;
         let text = String::from_utf8(wire::encode(&welcome)).expect("JSON is UTF-8");
         let mac = self.key.as_ref().map(|key| key.sign(Proof::DecodeWelcome, &nonces.prefill, &nonces.decode, text.as_bytes()));
         Ok(Reply::Welcome { welcome: text, mac })

@@ -1,6 +1,6 @@
 //! The control plane's channel: the decode side answers handshakes on its port ([`ControlServer`]); the prefill
-//! side opens one short connection per handshake ([`ControlClient`]). On the wire each message is a frame: its
-//! length (4 bytes, big-endian) and its bytes; requests (at most [`MAX_REQUEST_BYTES`]) and replies (at most
+//! side opens one short connection per handshake ([`ControlClient`]). On the wire each message is a frame of the
+//! ports' one codec ([`crate::codec`]): its length and its bytes; requests (at most [`MAX_REQUEST_BYTES`]) and replies (at most
 //! [`MAX_MESSAGE_BYTES`]) alternate.
 //!
 //! A prefill that dials an address of its own host connects over the Unix socket the decode holds beside that
@@ -22,6 +22,7 @@
 pub mod handshake;
 pub mod negotiation;
 
+use crate::codec;
 use crate::error::{Error, ErrorCode, Result};
 use crate::listener::connection::{self, Connection, Origin};
 use crate::listener::{self, host_of, Hello, HelloShape, Listener, Stage};
@@ -96,7 +97,7 @@ const LOCAL_NAME: &str = "control";
 /// The length of a first request, from its first four bytes: `None` for one too long for a greeting, or ZeroMQ's
 /// greeting (refused with its reason by [`read_frame`] once the connection is served).
 fn greeting_length(header: [u8; 4]) -> Option<usize> {
-    let len = u32::from_be_bytes(header) as usize;
+    let len = codec::frame_length(header);
     (header[0] != ZMTP_SIGNATURE && len <= MAX_GREETING_BYTES).then_some(len)
 }
 
@@ -108,7 +109,7 @@ fn converse(mut stream: Connection, hello: Hello, log: &Logger, mut answer: impl
     // Replies are sent within the hello time too (a peer that does not take them holds nothing longer).
     let send = |stream: &mut Connection, reply: &[u8]| {
         let left = deadline.saturating_duration_since(Instant::now());
-        !left.is_zero() && stream.set_write_timeout(Some(left)).is_ok() && stream.write_all(&frame(reply)).is_ok()
+        !left.is_zero() && stream.set_write_timeout(Some(left)).is_ok() && stream.write_all(&codec::frame(reply)).is_ok()
     };
     let refuse = |stream: &mut Connection, e: Error| {
         log.error_from(&host_of(peer.ip()).to_string(), format!("refused a control connection from {peer}: {e}"));
@@ -155,7 +156,7 @@ const REPLY_MARGIN: Duration = Duration::from_millis(50);
 pub fn read_frame(mut read_exact: impl FnMut(&mut [u8]) -> std::io::Result<()>, max: usize) -> std::io::Result<Vec<u8>> {
     let mut header = [0u8; 4];
     read_exact(&mut header)?;
-    let len = u32::from_be_bytes(header) as usize;
+    let len = codec::frame_length(header);
     if header[0] == ZMTP_SIGNATURE {
         let why = "the peer speaks ZeroMQ: it runs kvtransfer of wire protocol 3 or older; run one version on both sides";
         return Err(std::io::Error::new(ErrorKind::InvalidData, why));
@@ -172,12 +173,6 @@ pub fn read_frame(mut read_exact: impl FnMut(&mut [u8]) -> std::io::Result<()>, 
 /// The first byte ZeroMQ sends on a connection (ZMTP 3's signature, `FF 00 … 7F`): the control port of
 /// kvtransfer before wire protocol 4. As a length it would be over 4 GB, so no frame starts with it.
 const ZMTP_SIGNATURE: u8 = 0xFF;
-
-/// `body` as a frame: its length, then its bytes.
-fn frame(body: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(body.len()).expect("control messages are checked against MAX_MESSAGE_BYTES before they are sent");
-    [&len.to_be_bytes()[..], body].concat()
-}
 
 /// One handshake's connection to a decode's control port: requests answered one at a time, all within one
 /// deadline.
@@ -251,7 +246,7 @@ impl ControlClient {
             return Err(ErrorKind::TimedOut.into());
         }
         self.stream.set_write_timeout(Some(left))?;
-        self.stream.write_all(&frame(body)).map_err(|e| match e.kind() {
+        self.stream.write_all(&codec::frame(body)).map_err(|e| match e.kind() {
             ErrorKind::WouldBlock => ErrorKind::TimedOut.into(),
             ErrorKind::BrokenPipe => ErrorKind::ConnectionReset.into(),
             _ => e,
@@ -369,7 +364,7 @@ mod tests {
         let me = format!("process {} (uid {uid}) of this host", std::process::id());
         assert_eq!(String::from_utf8(local.ask(b"I am process 1").unwrap()).unwrap(), me);
         let mut tcp = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
-        tcp.write_all(&frame(b"I am process 1")).unwrap();
+        tcp.write_all(&codec::frame(b"I am process 1")).unwrap();
         tcp.set_read_timeout(Some(TIME)).unwrap();
         let reply = read_frame(|buf| tcp.read_exact(buf), MAX_MESSAGE_BYTES).unwrap();
         let said = String::from_utf8(reply).unwrap();
@@ -460,7 +455,7 @@ mod tests {
         let mut s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
         // Sent about 30 ms before the connection's 500 ms are up: under the margin an answer needs.
         std::thread::sleep(Duration::from_millis(470));
-        s.write_all(&frame(b"late")).unwrap();
+        s.write_all(&codec::frame(b"late")).unwrap();
         s.set_read_timeout(Some(TIME)).unwrap();
         assert!(matches!(s.read(&mut [0u8; 1]), Ok(0) | Err(_)), "closed without a reply");
         assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing was admitted for it");

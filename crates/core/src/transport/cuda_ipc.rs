@@ -54,7 +54,7 @@ impl Acceptor for CudaIpcExport {
     }
 
     fn accept(&self, _admission: &Admission<'_>) -> Result<Accepted> {
-        Ok(Accepted { session: transport::random_u64(), details: transport::to_details(&self.welcome) })
+        Ok(Accepted { session: crate::auth::random_u64(), details: transport::to_details(&self.welcome) })
     }
 }
 

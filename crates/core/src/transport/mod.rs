@@ -77,8 +77,11 @@ pub struct Admission<'a> {
     pub tensors: TensorSet,
     /// What the prefill's half of this transport sent with its offer.
     pub details: &'a Value,
-    /// The prefill's process, for a peer of this host (as its authenticated hello names it).
+    /// The prefill's process, for a peer of this host (as the kernel named it).
     pub pid: Option<u32>,
+    /// The proof a connection of this session must open with ([`crate::admission`]), from its token; `None`
+    /// without `KVCACHE_AUTH_TOKEN`.
+    pub proof: &'a dyn Fn(u64) -> Option<crate::auth::Tag>,
 }
 
 /// What the accepting half answers an admission with.
@@ -151,6 +154,9 @@ pub struct Answer<'a> {
     pub geometry: SliceGeometry,
     /// Blocks per tensor of the decode's cache.
     pub remote_blocks: u32,
+    /// What a connection of this session opens with ([`crate::admission`]): the proof over `session` (zeros
+    /// without `KVCACHE_AUTH_TOKEN`).
+    pub proof: crate::auth::Tag,
 }
 
 /// A connection being set up: offered in the hello, finished with the decode's answer.
@@ -202,19 +208,6 @@ pub fn from_details<T: DeserializeOwned>(kind: TransportKind, details: &Value) -
     T::deserialize(details).map_err(|e| Error::protocol(format!("the peer's {kind} details are malformed: {e}")))
 }
 
-/// A number no other process can predict (session names, liveness words), from the operating system's
-/// random source; never 0.
-pub fn random_u64() -> u64 {
-    loop {
-        let mut bytes = [0u8; 8];
-        getrandom::fill(&mut bytes).expect("the operating system's random source is readable");
-        let n = u64::from_le_bytes(bytes);
-        if n != 0 {
-            return n;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,7 +223,7 @@ mod tests {
 
     #[test]
     fn random_numbers_differ_and_are_never_zero() {
-        let a: Vec<u64> = (0..64).map(|_| random_u64()).collect();
+        let a: Vec<u64> = (0..64).map(|_| crate::auth::random_u64()).collect();
         assert!(a.iter().all(|&n| n != 0));
         let mut sorted = a.clone();
         sorted.sort_unstable();

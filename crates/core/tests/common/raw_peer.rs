@@ -4,7 +4,8 @@
 
 use kvtransfer::channel::{ChannelClient, Directive};
 use kvtransfer::control;
-use kvtransfer::transport::tcp::frame::{self, DataHello};
+use kvtransfer::admission::ConnectionHello;
+use kvtransfer::transport::tcp::frame;
 use kvtransfer::wire::{self, Hello, Reply, Request, Welcome, PROTOCOL_VERSION};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -65,7 +66,7 @@ pub fn link(port: u16, layers: u32, block_bytes: u64) -> (TcpStream, ChannelClie
 
 fn open_data(welcome: &Welcome) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", welcome.details["port"].as_u64().unwrap() as u16)).unwrap();
-    s.write_all(&DataHello { protocol: PROTOCOL_VERSION, token: welcome.session }.encode()).unwrap();
+    s.write_all(&ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token: welcome.session, proof: [0; 32] }.encode()).unwrap();
     let mut ack = [0u8; frame::HELLO_ACK_LEN];
     s.read_exact(&mut ack).unwrap();
     frame::decode_hello_ack(&ack).unwrap();

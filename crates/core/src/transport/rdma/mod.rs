@@ -417,7 +417,7 @@ impl RdmaTarget {
         let welcome = RdmaWelcome { endpoint: qp.endpoint(), regions: self.context.regions.remote(&self.context.cache), flush };
         let mut sessions = self.sessions.lock().unwrap();
         let token = loop {
-            let token = transport::random_u64();
+            let token = crate::auth::random_u64();
             if !sessions.contains_key(&token) {
                 break token;
             }

@@ -79,7 +79,7 @@ impl ShmTarget {
     /// unavailable.
     pub fn new(cache: &CacheLayout) -> Result<ShmTarget> {
         ptrace_grant::writers_permitted()?;
-        let nonce = transport::random_u64();
+        let nonce = crate::auth::random_u64();
         let probe = Box::new(AtomicU64::new(nonce));
         let len = |t: Tensor| cache.tensor_bytes(t).expect("checked by CacheLayout");
         let regions = Tensor::ALL.iter().map(|&t| cache.addrs(t).iter().map(|&addr| ShmRegion { addr, len: len(t) }).collect()).collect();
@@ -101,7 +101,7 @@ impl Acceptor for ShmTarget {
         let Some(pid) = admission.pid else {
             return Err(Error::new(ErrorCode::Unavailable, "shm: the peer did not name its process"));
         };
-        let session = transport::random_u64();
+        let session = crate::auth::random_u64();
         ptrace_grant::grant(session, pid)?;
         self.sessions().push(session);
         Ok(Accepted { session, details: transport::to_details(&self.welcome) })

@@ -1,7 +1,7 @@
-//! The TCP data path's framing. All integers little-endian.
+//! The TCP data path's messages, in the one codec of the ports ([`crate::codec`]: big-endian integers).
 //!
 //! ```text
-//! data hello  (prefill → decode, once)  magic "KVTD" | protocol u32 | token u64            16 bytes
+//! data hello  (prefill → decode, once)  a connection hello for "KVTD" ([`crate::admission`]) 48 bytes
 //! hello ack   (decode → prefill, once)  magic "KVTK" | status u32                         8 bytes
 //! write       (prefill → decode)        magic "KVTW" | layer u32 | runs u32 | tensors u8 | 3 pad
 //!                                       | seq u64 | payload bytes u64                     32 bytes
@@ -11,15 +11,16 @@
 //!                                       then the reason (UTF-8)                           24 bytes + reason
 //! ```
 
+use crate::codec::{put_u32, put_u64, u32_at, u64_at};
 use crate::error::{Error, ErrorCode, Result};
 use crate::plan::Run;
 
-pub const HELLO_MAGIC: u32 = u32::from_le_bytes(*b"KVTD");
-pub const HELLO_ACK_MAGIC: u32 = u32::from_le_bytes(*b"KVTK");
-pub const WRITE_MAGIC: u32 = u32::from_le_bytes(*b"KVTW");
-pub const ACK_MAGIC: u32 = u32::from_le_bytes(*b"KVTA");
+/// What a data connection's hello starts with.
+pub const HELLO_MAGIC: [u8; 4] = *b"KVTD";
+pub const HELLO_ACK_MAGIC: u32 = u32::from_be_bytes(*b"KVTK");
+pub const WRITE_MAGIC: u32 = u32::from_be_bytes(*b"KVTW");
+pub const ACK_MAGIC: u32 = u32::from_be_bytes(*b"KVTA");
 
-pub const HELLO_LEN: usize = 16;
 pub const HELLO_ACK_LEN: usize = 8;
 pub const WRITE_HEADER_LEN: usize = 32;
 pub const RUN_LEN: usize = 8;
@@ -29,41 +30,11 @@ pub const MAX_RUNS: u32 = 1 << 22;
 /// The longest reason an ack may carry.
 pub const MAX_REASON: u32 = 4096;
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
-}
-
-/// The first message of a data connection: which handshake session it belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DataHello {
-    pub protocol: u32,
-    pub token: u64,
-}
-
-impl DataHello {
-    pub fn encode(&self) -> [u8; HELLO_LEN] {
-        let mut b = [0u8; HELLO_LEN];
-        b[0..4].copy_from_slice(&HELLO_MAGIC.to_le_bytes());
-        b[4..8].copy_from_slice(&self.protocol.to_le_bytes());
-        b[8..16].copy_from_slice(&self.token.to_le_bytes());
-        b
-    }
-    pub fn decode(b: &[u8; HELLO_LEN]) -> Result<DataHello> {
-        if u32_at(b, 0) != HELLO_MAGIC {
-            return Err(Error::protocol("a data connection did not start with a kvtransfer hello"));
-        }
-        Ok(DataHello { protocol: u32_at(b, 4), token: u64_at(b, 8) })
-    }
-}
-
-/// The answer to a [`DataHello`]: 0, or the wire code of an error.
+/// The answer to a data connection's hello: 0, or the wire code of an error.
 pub fn encode_hello_ack(status: u32) -> [u8; HELLO_ACK_LEN] {
     let mut b = [0u8; HELLO_ACK_LEN];
-    b[0..4].copy_from_slice(&HELLO_ACK_MAGIC.to_le_bytes());
-    b[4..8].copy_from_slice(&status.to_le_bytes());
+    b[0..4].copy_from_slice(&HELLO_ACK_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&status.to_be_bytes());
     b
 }
 
@@ -95,15 +66,15 @@ impl WriteHeader {
     pub fn encode_with_runs(&self, runs: &[Run], out: &mut Vec<u8>) {
         out.clear();
         out.reserve(WRITE_HEADER_LEN + runs.len() * RUN_LEN);
-        out.extend_from_slice(&WRITE_MAGIC.to_le_bytes());
-        out.extend_from_slice(&self.layer.to_le_bytes());
-        out.extend_from_slice(&self.runs.to_le_bytes());
+        put_u32(out, WRITE_MAGIC);
+        put_u32(out, self.layer);
+        put_u32(out, self.runs);
         out.extend_from_slice(&[self.tensors, 0, 0, 0]);
-        out.extend_from_slice(&self.seq.to_le_bytes());
-        out.extend_from_slice(&self.payload_bytes.to_le_bytes());
+        put_u64(out, self.seq);
+        put_u64(out, self.payload_bytes);
         for r in runs {
-            out.extend_from_slice(&r.remote.to_le_bytes());
-            out.extend_from_slice(&r.count.to_le_bytes());
+            put_u32(out, r.remote);
+            put_u32(out, r.count);
         }
     }
 
@@ -144,10 +115,10 @@ impl Ack {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let reason = &self.reason.as_bytes()[..self.reason.len().min(MAX_REASON as usize)];
         out.clear();
-        out.extend_from_slice(&ACK_MAGIC.to_le_bytes());
-        out.extend_from_slice(&self.status.to_le_bytes());
-        out.extend_from_slice(&self.seq.to_le_bytes());
-        out.extend_from_slice(&(reason.len() as u32).to_le_bytes());
+        put_u32(out, ACK_MAGIC);
+        put_u32(out, self.status);
+        put_u64(out, self.seq);
+        put_u32(out, reason.len() as u32);
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(reason);
     }
@@ -189,7 +160,6 @@ mod tests {
         WriteHeader { layer: 0, runs: MAX_RUNS + 1, tensors: 1, seq: 0, payload_bytes: 0 }.encode_with_runs(&[], &mut buf);
         let err = WriteHeader::decode(buf[..WRITE_HEADER_LEN].try_into().unwrap()).unwrap_err();
         assert!(err.message().contains("runs"));
-        assert!(DataHello::decode(&[1; HELLO_LEN]).is_err());
         assert!(decode_hello_ack(&[2; HELLO_ACK_LEN]).is_err());
         assert!(Ack::decode_fixed(&[3; ACK_LEN]).is_err());
     }
@@ -200,8 +170,6 @@ mod tests {
         Ack { status: 5, seq: 9, reason: "no".into() }.encode(&mut buf);
         assert_eq!(Ack::decode_fixed(buf[..ACK_LEN].try_into().unwrap()).unwrap(), (5, 9, 2));
         assert_eq!(&buf[ACK_LEN..], b"no");
-        let h = DataHello { protocol: 1, token: u64::MAX - 3 };
-        assert_eq!(DataHello::decode(&h.encode()).unwrap(), h);
         assert!(decode_hello_ack(&encode_hello_ack(0)).is_ok());
         assert_eq!(decode_hello_ack(&encode_hello_ack(5)).unwrap_err().code(), ErrorCode::Rejected);
     }

@@ -65,7 +65,7 @@ impl Acceptor for TcpReceiver {
 
     fn accept(&self, admission: &Admission<'_>) -> Result<Accepted> {
         let session =
-            self.admit(Session { peer: admission.peer.to_string(), geometry: admission.geometry, tensors: admission.tensors });
+            self.admit(Session { peer: admission.peer.to_string(), geometry: admission.geometry, tensors: admission.tensors }, admission.proof);
         Ok(Accepted { session, details: transport::to_details(&TcpDetails { port: self.port() }) })
     }
 
@@ -106,6 +106,6 @@ struct TcpPending {
 impl PendingLink for TcpPending {
     fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>> {
         let details: TcpDetails = transport::from_details(TransportKind::Tcp, answer.details)?;
-        Ok(Box::new(TcpLink::connect(answer.host, details.port, answer.session, self.cache, self.timeout)?))
+        Ok(Box::new(TcpLink::connect(answer.host, details.port, answer.session, answer.proof, self.cache, self.timeout)?))
     }
 }

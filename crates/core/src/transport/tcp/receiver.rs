@@ -1,13 +1,14 @@
 //! The decode side of the TCP data path: a listener and one thread per prefill connection, receiving each
 //! write straight into the cache after checking it against the cache's own geometry.
 
-use super::frame::{self, Ack, DataHello, WriteHeader};
+use super::frame::{self, Ack, WriteHeader};
+use crate::admission::{self, Admissions, ConnectionHello};
+use crate::auth::Tag;
 use super::io;
 use super::staging::Staging;
 use crate::iov::{iovec, IoVecs};
 use crate::listener::{host_of, read_before, Hello, HelloShape, Listener, Stage};
-use crate::wire::PROTOCOL_VERSION;
-use crate::error::{Error, ErrorCode, Result};
+use crate::error::{Error, Result};
 use crate::log::Logger;
 use crate::memory::{CacheLayout, TensorSet};
 use crate::plan::{self, check_remote_runs, Run, SliceGeometry};
@@ -37,8 +38,8 @@ struct Shared {
     log: Arc<Logger>,
     timeout: Duration,
     stop: AtomicBool,
-    /// Sessions admitted by the handshake, with when: each may open one data connection within `timeout`.
-    pending: Mutex<HashMap<u64, (Session, Instant)>>,
+    /// Sessions admitted by the handshake: each may open one data connection within `timeout`.
+    pending: Admissions<Session>,
     /// The data connection of each session that has one, until its thread ends.
     open: Mutex<HashMap<u64, TcpStream>>,
     ended: Condvar,
@@ -80,14 +81,14 @@ impl TcpReceiver {
             log: log.clone(),
             timeout,
             stop: AtomicBool::new(false),
-            pending: Mutex::new(HashMap::new()),
+            pending: Admissions::new(timeout, max_connections),
             open: Mutex::new(HashMap::new()),
             ended: Condvar::new(),
             delivered: Mutex::new(HashMap::new()),
             digest_key: RandomState::new(),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, 0, None, "data connection", HelloShape::Fixed(frame::HELLO_LEN), Stage::Served, max_connections, timeout, log, move |stream, hello| {
+        let listener = Listener::start(ips, 0, None, "data connection", HelloShape::Fixed(admission::HELLO_LEN), Stage::Served, max_connections, timeout, log, move |stream, hello| {
             serve_connection(stream, hello, &s)
         })?;
         Ok(TcpReceiver { listener, shared })
@@ -98,17 +99,11 @@ impl TcpReceiver {
         self.listener.port()
     }
 
-    /// Registers a session agreed by the handshake; its data connection presents the returned token.
-    pub fn admit(&self, session: Session) -> u64 {
-        let mut pending = self.shared.pending.lock().unwrap();
-        pending.retain(|_, (_, at)| at.elapsed() < self.shared.timeout);
-        loop {
-            let token = crate::transport::random_u64();
-            if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(token) {
-                slot.insert((session, Instant::now()));
-                return token;
-            }
-        }
+    /// Registers a session agreed by the handshake; its data connection presents the returned token, with the
+    /// proof `proof(token)` gives (any, where it gives `None`). Sessions whose connection never came are let go
+    /// (their links are cut off by their request channel's expiry).
+    pub fn admit(&self, session: Session, proof: impl FnOnce(u64) -> Option<Tag>) -> u64 {
+        self.shared.pending.admit(session, proof).0
     }
 
     /// Whether `session`'s data connection delivered a write of exactly `blocks` of `layer` (in that order)
@@ -131,7 +126,7 @@ impl TcpReceiver {
     /// its thread has stopped receiving (it waits up to the timeout for that).
     pub fn cut_off(&self, session: u64) -> bool {
         let mut open = self.shared.open.lock().unwrap();
-        self.shared.pending.lock().unwrap().remove(&session);
+        self.shared.pending.withdraw(session);
         if let Some(stream) = open.get(&session) {
             let _ = stream.shutdown(Shutdown::Both);
         }
@@ -151,7 +146,7 @@ impl TcpReceiver {
     /// nothing.
     pub fn close(&self) {
         self.shared.stop.store(true, Ordering::Release);
-        self.shared.pending.lock().unwrap().clear();
+        self.shared.pending.clear();
         self.listener.stop();
         self.shared.delivered.lock().unwrap().clear();
     }
@@ -223,33 +218,30 @@ fn greet(stream: &mut TcpStream, hello: &[u8], shared: &Shared) -> Result<(u64, 
     let setup = |e| Error::io("configuring the data socket", e);
     stream.set_nodelay(true).map_err(setup)?;
     stream.set_write_timeout(Some(shared.timeout)).map_err(setup)?;
-    let hello: &[u8; frame::HELLO_LEN] = hello.try_into().map_err(|_| Error::protocol("a data hello of the wrong length"))?;
-    let hello = DataHello::decode(hello)?;
+    let hello: &[u8; admission::HELLO_LEN] = hello.try_into().map_err(|_| Error::protocol("a data hello of the wrong length"))?;
+    let hello = ConnectionHello::decode(frame::HELLO_MAGIC, hello)?;
     stream.set_read_timeout(Some(shared.timeout)).map_err(setup)?;
     let handle = stream.try_clone().map_err(setup)?;
     // Moved from pending to open under the lock `cut_off` takes first: a session is one or the other, never
     // neither while its connection may still receive.
     let session = {
         let mut open = shared.open.lock().unwrap();
-        let session = match hello.protocol {
-            PROTOCOL_VERSION => shared.pending.lock().unwrap().remove(&hello.token),
-            _ => None,
-        };
-        let session = session.filter(|(_, at)| at.elapsed() < shared.timeout).map(|(s, _)| (hello.token, s));
-        if session.is_some() {
+        let session = shared.pending.take(&hello).map(|s| (hello.token, s));
+        if session.is_ok() {
             open.insert(hello.token, handle);
         }
         session
     };
-    let status = if session.is_some() { 0 } else { ErrorCode::Rejected.to_wire() };
+    let session = session.map_err(|refused| refused.into_parts("data connection").0);
+    let status = session.as_ref().map_or_else(|e| e.code().to_wire(), |_| 0);
     if let Err(e) = stream.write_all(&frame::encode_hello_ack(status)) {
-        if let Some((token, _)) = &session {
+        if let Ok((token, _)) = &session {
             shared.open.lock().unwrap().remove(token);
             shared.ended.notify_all();
         }
         return Err(Error::io("answering the data hello", e));
     }
-    session.ok_or_else(|| Error::protocol(format!("unknown session token {:#x} (protocol {})", hello.token, hello.protocol)))
+    session
 }
 
 struct Connection<'a> {

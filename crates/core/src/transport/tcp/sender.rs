@@ -1,6 +1,8 @@
 //! The prefill side of a TCP connection: one write per `writeCache` call, gathered straight from the cache.
 
-use super::frame::{self, Ack, DataHello, WriteHeader};
+use super::frame::{self, Ack, WriteHeader};
+use crate::admission::ConnectionHello;
+use crate::auth::Tag;
 use super::io;
 use super::staging::Staging;
 use crate::iov::{iovec, IoVecs};
@@ -28,8 +30,8 @@ pub struct TcpLink {
 }
 
 impl TcpLink {
-    /// Connects to `host:port` and presents the handshake's `token`.
-    pub fn connect(host: &str, port: u16, token: u64, cache: Arc<CacheLayout>, timeout: Duration) -> Result<TcpLink> {
+    /// Connects to `host:port` and presents the handshake's `token` with its `proof`.
+    pub fn connect(host: &str, port: u16, token: u64, proof: Tag, cache: Arc<CacheLayout>, timeout: Duration) -> Result<TcpLink> {
         let peer = format!("{host}:{port}");
         let addrs = (host, port)
             .to_socket_addrs()
@@ -37,20 +39,20 @@ impl TcpLink {
         let mut last = Error::invalid(format!("{peer} resolves to no address"));
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, timeout) {
-                Ok(stream) => return TcpLink::start(stream, peer, token, cache, timeout),
+                Ok(stream) => return TcpLink::start(stream, peer, ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token, proof }, cache, timeout),
                 Err(e) => last = Error::io(&format!("connecting the data path to {addr}"), e),
             }
         }
         Err(last)
     }
 
-    fn start(mut stream: TcpStream, peer: String, token: u64, cache: Arc<CacheLayout>, timeout: Duration) -> Result<TcpLink> {
+    fn start(mut stream: TcpStream, peer: String, hello: ConnectionHello, cache: Arc<CacheLayout>, timeout: Duration) -> Result<TcpLink> {
         let setup = |e| Error::io("configuring the data socket", e);
         stream.set_nodelay(true).map_err(setup)?;
         stream.set_read_timeout(Some(timeout)).map_err(setup)?;
         stream.set_write_timeout(Some(timeout)).map_err(setup)?;
         stream
-            .write_all(&DataHello { protocol: PROTOCOL_VERSION, token }.encode())
+            .write_all(&hello.encode())
             .map_err(|e| Error::io(&format!("greeting {peer}"), e))?;
         let mut ack = [0u8; frame::HELLO_ACK_LEN];
         stream.read_exact(&mut ack).map_err(|e| match e.kind() {
