@@ -30,7 +30,6 @@ test('connect gives a peer whose writes land, in order, every byte checked', asy
   const comm = prefill(src, shape)
   t.teardown(() => comm.close())
   t.is(comm.role, 'prefill')
-  t.is(comm.port, 0)
   const peer = await comm.connect(HOST, decode.port)
   t.true(peer instanceof Peer)
   t.true(peer.connected)
@@ -50,6 +49,7 @@ test('connect gives a peer whose writes land, in order, every byte checked', asy
   t.true(refused instanceof KVTransferError)
   t.is(refused.code, 'INVALID_ARGUMENT')
   t.regex(refused.message, /remote block id 64/)
+  t.like(refused, { peer: `${HOST}:${decode.port}`, layer: 0 }, 'the error says which call it was')
   t.is((await t.throwsAsync(comm.peer(HOST, 1).write([0], [0], 0))).code, 'NOT_CONNECTED')
 })
 
@@ -67,11 +67,12 @@ test('a decode communicator from options; connect failures reject with their cod
   t.is(err.code, 'INVALID_ARGUMENT')
   t.regex(err.message, /layer count mismatch/)
   t.is(t.throws(() => Communicator.decode({ keyPtrs: dst.keyPtrs, blockNumber: 8, blockBytes: 256, tpSize: 2 })).code, 'CONFIG')
-  decode.close()
-  t.is((await t.throwsAsync(decode.connect(HOST, 1))).code, 'CLOSED')
+  await decode.close()
+  t.is((await t.throwsAsync(decode.waitFor('x'))).code, 'CLOSED')
+  await decode.close()
 })
 
-test('Communicator.decode is secure by default: beyond loopback it needs a token, or insecure: true', (t) => {
+test('Communicator.decode is secure by default: beyond loopback it needs a token, or insecure: true', async (t) => {
   const dst = makeCache({ layers: 1, blocks: 8, blockBytes: 256 })
   const cache = { keyPtrs: dst.keyPtrs, valuePtrs: dst.valuePtrs, blockNumber: 8, blockBytes: 256 }
   const open = [
@@ -81,7 +82,7 @@ test('Communicator.decode is secure by default: beyond loopback it needs a token
     // The seed API keeps the original's behaviour (it listens, with a warning).
     new RDMACommunicator('decode', 0, 0, dst.keyPtrs, dst.valuePtrs, 8, 256),
   ]
-  for (const comm of open) comm.close()
+  await Promise.all(open.map((comm) => comm.close()))
   // A decode listens on the first usable interface besides loopback, where there is one.
   const beyond = Object.values(networkInterfaces()).flat().some((a) => a.family === 'IPv4' && !a.internal)
   if (!beyond || process.env.KVCACHE_SOCKET_IFNAME || process.env.KVCACHE_AUTH_TOKEN || process.env.KVCACHE_INSECURE) {
@@ -106,7 +107,7 @@ test('a panic inside a native call is an INTERNAL error, and the process lives o
   t.is(KVTransferError.from(sync).code, 'INTERNAL')
   const alive = Communicator.decode({ keyPtrs: makeCache({ layers: 1, blocks: 1, blockBytes: 64 }).keyPtrs, blockNumber: 1, blockBytes: 64, socketIfname: 'lo' })
   t.true(alive.port > 0)
-  alive.close()
+  await alive.close()
 })
 
 test('peers are served by the library\'s own threads: writes to stalled peers leave libuv\'s pool free', async (t) => {

@@ -116,7 +116,7 @@ class Ledger {
   readonly #reading: Promise<void>
   #wake = (): void => {}
 
-  constructor(stream: AsyncGenerator<Notification, void, undefined>) {
+  constructor(stream: AsyncIterableIterator<Notification>) {
     this.#reading = (async () => {
       for await (const n of stream) {
         this.byRequest.set(n.requestId, [...(this.byRequest.get(n.requestId) ?? []), n])

@@ -1,12 +1,14 @@
 /**
- * The async-first API: a {@link Communicator} per engine rank; the {@link Peer} per decode it writes to is in
- * `peer.ts`.
+ * The async-first API: a {@link PrefillCommunicator} or a {@link DecodeCommunicator} per engine rank, made with
+ * {@link Communicator.prefill} and {@link Communicator.decode}; the {@link Peer} per decode a prefill writes to
+ * is in `peer.ts`.
  *
  * ```ts
- * const decode = Communicator.decode({ port: 12345, keyPtrs, valuePtrs, blockNumber, blockBytes })
- * const prefill = Communicator.prefill({ keyPtrs, valuePtrs, blockNumber, blockBytes })
+ * const decode = Communicator.decode({ port: 12345, keys, values, blockNumber, blockBytes })
+ * const prefill = Communicator.prefill({ keys, values, blockNumber, blockBytes })
  * const peer = await prefill.connect('10.0.0.2', 12345)
  * await peer.write([0, 1, 2], [7, 8, 9], layer)
+ * await prefill.close()
  * ```
  */
 import type { NativeCommunicator } from '../binding.js'
@@ -14,6 +16,7 @@ import { call, invalid, KVTransferError, settled } from './errors.js'
 import { native } from './loader.js'
 import {
   type CacheOptions,
+  MEMORY_KEYS,
   type Port,
   type Role,
   type Settings,
@@ -25,7 +28,7 @@ import {
   toSettings,
 } from './options.js'
 import { Peer } from './peer.js'
-import { type Notification, notificationsOf, toRequestId, type WaitOptions, waitWith } from './requests.js'
+import { type Notification, NotificationHub, toRequestId, type WaitOptions, waitWith } from './requests.js'
 
 /** A prefill communicator's options: its cache, its tensor-parallel rank, and settings. */
 export interface PrefillOptions extends CacheOptions, Settings {
@@ -37,38 +40,52 @@ export interface PrefillOptions extends CacheOptions, Settings {
 
 /** A decode communicator's options: its cache, the port it listens on, and settings. */
 export interface DecodeOptions extends CacheOptions, Settings {
-  /** The control port to listen on; 0 (the default) picks a free one, see {@link Communicator.port}. */
+  /** The control port to listen on; 0 (the default) picks a free one, see {@link DecodeCommunicator.port}. */
   port?: number
 }
 
-/** What {@link Communicator.connect} takes besides the address. */
+/** What {@link PrefillCommunicator.connect} takes besides the address. */
 export interface ConnectOptions {
   /** The decode's tensor-parallel size (default 1): each decode block holds `tpSize / dstTpSize` slices. */
   dstTpSize?: number
 }
 
-const PREFILL_KEYS = new Set(['keyPtrs', 'valuePtrs', 'keyScalePtrs', 'valueScalePtrs', 'blockNumber', 'blockBytes', 'scaleBlockBytes', 'gpuIdx', 'tpSize', 'tpIdx'])
-const DECODE_KEYS = new Set(['keyPtrs', 'valuePtrs', 'keyScalePtrs', 'valueScalePtrs', 'blockNumber', 'blockBytes', 'scaleBlockBytes', 'gpuIdx', 'port'])
+const CACHE_KEYS = [...MEMORY_KEYS, 'blockNumber', 'blockBytes', 'scaleBlockBytes', 'gpuIdx']
+const PREFILL_KEYS = new Set([...CACHE_KEYS, 'tpSize', 'tpIdx'])
+const DECODE_KEYS = new Set([...CACHE_KEYS, 'port'])
 
 /**
- * One side of KV-cache transfers. A decode communicator registers its cache and listens; a prefill communicator
- * connects to decodes ({@link Communicator.connect}) and writes blocks through the {@link Peer} it gets.
+ * Communicators not yet closed. An open communicator is never collected (as an open socket is not), so the
+ * memory objects it holds are not either, whatever the caller keeps.
+ */
+const OPEN = new Set<Communicator>()
+
+/** The address of a `Buffer`'s first byte. */
+const addressOf = (view: Buffer): bigint => native.bufferAddress(view)
+
+/**
+ * One side of KV-cache transfers: what both roles have. Made by {@link Communicator.prefill} (a
+ * {@link PrefillCommunicator}: it connects to decodes and writes) or {@link Communicator.decode} (a
+ * {@link DecodeCommunicator}: it registers its cache and listens); each has only its role's methods.
  *
  * Each peer's work runs on a thread of the library's own, never on libuv's pool, and nothing here waits on a
- * transfer in flight.
+ * transfer in flight. An open communicator keeps the memory it was given referenced; {@link Communicator.close}
+ * lets go of it.
  */
-export class Communicator {
+export abstract class Communicator {
   /** The role. */
-  readonly role: Role
-  /** The port a decode communicator listens on (the one given, or the one picked for port 0); 0 for prefill. */
-  readonly port: number
+  abstract readonly role: Role
   /** @internal */
   readonly native: NativeCommunicator
+  /** The objects that hold the cache's memory, until closed: referenced, never read. */
+  protected held: unknown[]
+  #closing: Promise<void> | undefined
 
-  private constructor(role: Role, native: NativeCommunicator) {
-    this.role = role
-    this.native = native
-    this.port = native.port
+  /** @internal */
+  protected constructor(nativeCommunicator: NativeCommunicator, held: unknown[]) {
+    this.native = nativeCommunicator
+    this.held = held
+    OPEN.add(this)
   }
 
   /**
@@ -76,10 +93,10 @@ export class Communicator {
    * @throws {KVTransferError} `INVALID_ARGUMENT` or `CONFIG` for a bad cache or setting, `UNAVAILABLE` for a
    * transport that cannot be used here.
    */
-  static prefill(options: PrefillOptions): Communicator {
+  static prefill(options: PrefillOptions): PrefillCommunicator {
     const settings = toSettings(options, PREFILL_KEYS)
-    const init = toNativeInit('prefill', options, 0, options.tpSize ?? 1, options.tpIdx ?? 0, settings)
-    return new Communicator('prefill', call(() => new native.NativeCommunicator(init)))
+    const { init, held } = call(() => toNativeInit('prefill', options, 0, options.tpSize ?? 1, options.tpIdx ?? 0, settings, addressOf))
+    return new PrefillCommunicator(call(() => new native.NativeCommunicator(init)), held)
   }
 
   /**
@@ -88,16 +105,17 @@ export class Communicator {
    * @throws {KVTransferError} as {@link Communicator.prefill}, `TRANSPORT` when the port cannot be listened on,
    * and `CONFIG` when it would listen beyond loopback without `authToken` (and without `insecure: true`).
    */
-  static decode(options: DecodeOptions): Communicator {
+  static decode(options: DecodeOptions): DecodeCommunicator {
     const settings = toSettings(options, DECODE_KEYS)
-    const init = toNativeInit('decode', options, toPort(options.port ?? 0, true), 1, 0, settings)
+    const port = call(() => toPort(options.port ?? 0, true))
+    const { init, held } = call(() => toNativeInit('decode', options, port, 1, 0, settings, addressOf))
     // Secure by default: no token and a port beyond loopback is refused unless `insecure` (see Settings).
-    return new Communicator('decode', call(() => new native.NativeCommunicator({ ...init, secureDefault: true })))
+    return new DecodeCommunicator(call(() => new native.NativeCommunicator({ ...init, secureDefault: true })), held)
   }
 
   /** @internal Wraps a native communicator made elsewhere (the compatibility layer). */
-  static wrap(role: Role, native: NativeCommunicator): Communicator {
-    return new Communicator(role, native)
+  static wrap(role: Role, nativeCommunicator: NativeCommunicator): PrefillCommunicator | DecodeCommunicator {
+    return role === 'prefill' ? new PrefillCommunicator(nativeCommunicator, []) : new DecodeCommunicator(nativeCommunicator, [])
   }
 
   /**
@@ -115,6 +133,49 @@ export class Communicator {
   }
 
   /**
+   * Closes every connection, off the event loop. Resolves once a decode communicator has stopped listening and
+   * every link has confirmed that it stopped writing or was cut off: nothing more lands in its cache, and the
+   * memory it was given is let go. Rejects with `TIMEOUT`, naming them, where links on this host (shared
+   * memory, CUDA IPC) neither confirmed nor can be cut off: the communicator is closed, but do not reuse its
+   * memory until those processes end. Later calls of other methods fail with `CLOSED`; calling it again returns
+   * the same promise.
+   */
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      try {
+        await settled(call(() => this.native.closeAsync()))
+      } finally {
+        this.#released()
+      }
+    })()
+    return this.#closing
+  }
+
+  /** @internal Closes on the calling thread (the seed API's `close`). */
+  closeNow(): void {
+    try {
+      call(() => this.native.close())
+    } finally {
+      this.#released()
+    }
+  }
+
+  #released(): void {
+    this.held = []
+    OPEN.delete(this)
+  }
+
+  /** `await using comm = Communicator.decode(...)` awaits {@link Communicator.close} at the end of the scope. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close()
+  }
+}
+
+/** A prefill communicator: it connects to decode communicators and writes blocks into them. */
+export class PrefillCommunicator extends Communicator {
+  readonly role = 'prefill' as const
+
+  /**
    * Connects to the decode communicator at `ip:port` (a connected peer is returned as it is).
    * @throws {KVTransferError} (as a rejection) when the handshake fails or the decode refuses.
    */
@@ -123,66 +184,69 @@ export class Communicator {
     const unknown = Object.keys(options).filter((k) => k !== 'dstTpSize')
     if (unknown.length > 0) throw new KVTransferError('CONFIG', `unknown connect option ${JSON.stringify(unknown[0])}`)
     const [host, p, dst] = call(() => [toHost(ip), toPort(port, false), toCount('dstTpSize', options.dstTpSize ?? 1, 1)] as const)
-    await settled(call(() => this.native.connectAsync(host, p, dst)))
+    await settled(call(() => this.native.connectAsync(host, p, dst)), { peer: `${host}:${p}` })
     return new Peer(this, host, p)
   }
 
-  /**
-   * Prefill: tells the decode at `ip:port` that `requestId` will not complete ({@link Peer.abort}).
-   */
+  /** Tells the decode at `ip:port` that `requestId` will not complete ({@link Peer.abort}). */
   async abortRequest(ip: string, port: Port, requestId: string, reason = ''): Promise<void> {
     await this.peer(ip, port).abort(requestId, reason)
-  }
-
-  /**
-   * Decode: the notifications of every request, in the order each prefill link made its writes, as they
-   * arrive: `'done'` once a write's bytes are in this cache (never before), `'failed'` when a request can no
-   * longer complete (a write failed, or its prefill went away), `'aborted'` when its prefill aborted it. Ends
-   * when the communicator closes. Notifications are kept from the first call on (the most recent 65 536); one
-   * consumer takes them all (two iterators would each get some).
-   */
-  notifications(): AsyncGenerator<Notification, void, undefined> {
-    if (this.role !== 'decode') throw invalid('notifications are for decode communicators; this one is prefill')
-    return notificationsOf(this.native)
-  }
-
-  /**
-   * Decode: resolves once the listed layers of `requestId` (default: every layer of the cache) have arrived
-   * from every prefill rank that writes into this decode. Rejects with `TRANSPORT` as soon as the request
-   * fails (a write failed, or its prefill's connection ended), `ABORTED` when its prefill aborts it or
-   * `options.signal` aborts, `REVOKED` once revoked, `TIMEOUT` after `options.timeoutMs`.
-   */
-  async waitFor(requestId: string, options: WaitOptions = {}): Promise<void> {
-    await waitWith(this.native, requestId, options)
-  }
-
-  /**
-   * Decode: resolves once no write of `requestId` can land in this cache any more, so that its blocks can be
-   * reused. Every prefill link confirms that it stopped and drained the request's writes, or is cut off (its
-   * connection closed) within the timeout; their writes of the request reject with `REVOKED` from then on.
-   * Rejects with `TIMEOUT` only when a link on this host neither confirms nor can be cut off (shared memory,
-   * CUDA IPC): do not reuse the blocks then.
-   */
-  async revoke(requestId: string): Promise<void> {
-    const id = call(() => toRequestId(requestId))
-    await settled(call(() => this.native.revokeAsync(id)))
   }
 
   /** The peer at `ip:port`, whether or not it is connected (its writes say `NOT_CONNECTED` if it is not). */
   peer(ip: string, port: Port): Peer {
     return call(() => new Peer(this, toHost(ip), toPort(port, false)))
   }
+}
 
-  /**
-   * Closes every connection. A decode communicator stops listening and writes nothing more into its cache once
-   * this returns. Later calls fail with `CLOSED`. Safe to call twice.
-   */
-  close(): void {
-    this.native.close()
+/** A decode communicator: it registers its cache, listens, and sees the requests written into it. */
+export class DecodeCommunicator extends Communicator {
+  readonly role = 'decode' as const
+  /** The port it listens on (the one given, or the one picked for port 0). */
+  readonly port: number
+  readonly #hub: NotificationHub
+
+  /** @internal */
+  constructor(nativeCommunicator: NativeCommunicator, held: unknown[]) {
+    super(nativeCommunicator, held)
+    this.port = nativeCommunicator.port
+    this.#hub = new NotificationHub(nativeCommunicator)
   }
 
-  /** `await using comm = Communicator.decode(...)` closes it at the end of the scope. */
-  async [Symbol.asyncDispose](): Promise<void> {
-    this.close()
+  /**
+   * The notifications of every request, in the order each prefill link made its writes, as they arrive:
+   * `'done'` once a write's bytes are in this cache (never before), `'failed'` when a request can no longer
+   * complete (a write failed, or its prefill went away), `'aborted'` when its prefill aborted it, `'expired'`
+   * when it made no progress for `requestTtlMs`. Ends when the communicator closes.
+   *
+   * Every iterator sees every notification that arrives from its creation on, in order (collecting starts at
+   * the first call; the native side keeps the most recent 65 536 until then). An iterator that falls more than
+   * 65 536 behind loses its oldest. Leaving one (`break`) does not affect the others.
+   */
+  notifications(): AsyncIterableIterator<Notification> {
+    return this.#hub.subscribe()
+  }
+
+  /**
+   * Resolves once the listed layers of `requestId` (default: every layer of the cache) have arrived from every
+   * prefill rank that writes into this decode. Rejects with `TRANSPORT` as soon as the request fails (a write
+   * failed, or its prefill's connection ended), `ABORTED` when its prefill aborts it or `options.signal`
+   * aborts, `REVOKED` once revoked, `EXPIRED` when it made no progress for `requestTtlMs`, `TIMEOUT` after
+   * `options.timeoutMs`.
+   */
+  async waitFor(requestId: string, options: WaitOptions = {}): Promise<void> {
+    await waitWith(this.native, requestId, options)
+  }
+
+  /**
+   * Resolves once no write of `requestId` can land in this cache any more, so that its blocks can be reused.
+   * Every prefill link confirms that it stopped and drained the request's writes, or is cut off (its
+   * connection closed) within the timeout; their writes of the request reject with `REVOKED` from then on.
+   * Rejects with `TIMEOUT` only when a link on this host neither confirms nor can be cut off (shared memory,
+   * CUDA IPC): do not reuse the blocks then.
+   */
+  async revoke(requestId: string): Promise<void> {
+    const id = call(() => toRequestId(requestId))
+    await settled(call(() => this.native.revokeAsync(id)), { requestId: id })
   }
 }

@@ -3,7 +3,7 @@
  * `isConnected`, `writeCache → 0 | -1` and their semantics, plus the Promise-based methods beside them. A thin
  * layer over {@link Communicator} and {@link Peer}.
  */
-import { Communicator } from './communicator.js'
+import { Communicator, type DecodeCommunicator, type PrefillCommunicator } from './communicator.js'
 import { call, invalid, KVTransferError } from './errors.js'
 import { native } from './loader.js'
 import {
@@ -39,7 +39,7 @@ export class RDMACommunicator {
   /** The last failure of the synchronous API (which reports failures as `false` / `-1`). */
   lastError: KVTransferError | undefined
   /** The communicator this one wraps, for the async-first API ({@link Communicator.connect}, {@link Peer.write}). */
-  readonly communicator: Communicator
+  readonly communicator: PrefillCommunicator | DecodeCommunicator
 
   /**
    * @param role `'prefill'` or `'decode'`.
@@ -69,10 +69,12 @@ export class RDMACommunicator {
     if (role !== 'prefill' && role !== 'decode') throw invalid(`role must be 'prefill' or 'decode', not ${String(role)}`)
     const settings = toSettings(options, SCALE_KEYS)
     const cache = { ...options, gpuIdx, keyPtrs, valuePtrs, blockNumber, blockBytes }
-    const init = toNativeInit(role, cache, toPort(port, true), prefillTpSize, prefillTpIdx, settings)
+    // Addresses only: a HostBuffer's memory is held natively, anything else is the caller's promise, as in the
+    // original.
+    const { init } = call(() => toNativeInit(role, cache, toPort(port, true), prefillTpSize, prefillTpIdx, settings, (b) => native.bufferAddress(b)))
     this.role = role
     this.communicator = Communicator.wrap(role, call(() => new native.NativeCommunicator(init)))
-    this.port = this.communicator.port
+    this.port = this.communicator.native.port
   }
 
   /**
@@ -87,7 +89,7 @@ export class RDMACommunicator {
   /** The transport the connection to `ip:port` uses, or `null` when there is none (or it broke). */
   connectedTransport(ip: string, port: Port): Transport | null {
     try {
-      return this.communicator.peer(ip, port).transport
+      return this.#prefill().peer(ip, port).transport
     } catch {
       return null
     }
@@ -113,7 +115,7 @@ export class RDMACommunicator {
   /** Whether a connection to `ip:port` exists. Never waits for a transfer. */
   isConnected(ip: string, port: Port): boolean {
     try {
-      return this.communicator.peer(ip, port).connected
+      return this.#prefill().peer(ip, port).connected
     } catch {
       return false
     }
@@ -141,9 +143,9 @@ export class RDMACommunicator {
     try {
       call(() => [toHost(ip), toPort(port, false), toCount('dstTpSize', dstTpSize, 1)])
     } catch (err) {
-      throw this.#refused(err)
+      throw KVTransferError.from(err)
     }
-    await this.communicator.connect(ip, port, { dstTpSize })
+    await this.#prefill().connect(ip, port, { dstTpSize })
   }
 
   /**
@@ -164,65 +166,74 @@ export class RDMACommunicator {
     let peer, args
     try {
       args = writeArgs(localBlockIds, remoteBlockIds, layerIdx)
-      peer = this.communicator.peer(ip, port)
+      peer = this.#prefill().peer(ip, port)
     } catch (err) {
-      throw this.#refused(err)
+      throw KVTransferError.from(err)
     }
     await peer.write(...args, options)
   }
 
   /** Prefill: tells the decode at `ip:port` that `requestId` will not complete ({@link Communicator.abortRequest}). */
   async abortRequest(ip: string, port: Port, requestId: string, reason = ''): Promise<void> {
-    await this.communicator.abortRequest(ip, port, requestId, reason)
+    await this.#prefill().abortRequest(ip, port, requestId, reason)
   }
 
   /** Decode: the requests' notifications as they arrive ({@link Communicator.notifications}). */
-  notifications(): AsyncGenerator<Notification, void, undefined> {
-    return this.communicator.notifications()
+  notifications(): AsyncIterableIterator<Notification> {
+    return this.#decode('notifications').notifications()
   }
 
   /** Decode: resolves once the request's layers have arrived ({@link Communicator.waitFor}). */
   async waitFor(requestId: string, options: WaitOptions = {}): Promise<void> {
-    await this.communicator.waitFor(requestId, options)
+    await this.#decode('waitFor').waitFor(requestId, options)
   }
 
   /** Decode: resolves once no write of the request can land any more ({@link Communicator.revoke}). */
   async revoke(requestId: string): Promise<void> {
-    await this.communicator.revoke(requestId)
+    await this.#decode('revoke').revoke(requestId)
   }
 
   /**
-   * Closes every connection. A decode communicator stops listening and writes nothing more into its
-   * cache once this returns. Later calls fail with `CLOSED`. Safe to call twice.
+   * Closes every connection, on the calling thread (as the rest of the synchronous API). A decode communicator
+   * stops listening and writes nothing more into its cache once this returns. Later calls fail with `CLOSED`.
+   * Safe to call twice. Off the event loop: `await comm.communicator.close()`.
+   * @throws {KVTransferError} `TIMEOUT` naming the links on this host that neither confirmed nor can be cut off.
    */
   close(): void {
-    this.communicator.close()
+    this.communicator.closeNow()
   }
 
   /** `await using comm = new RDMACommunicator(...)` closes it at the end of the scope. */
   async [Symbol.asyncDispose](): Promise<void> {
-    this.close()
+    await this.communicator.close()
   }
 
   get #native() {
     return this.communicator.native
   }
 
-  /** A refusal made here, before the native layer: logged like the native ones. */
-  #refused(err: unknown): KVTransferError {
-    const e = KVTransferError.from(err)
-    this.#native.logError(`${e.code}: ${e.message}`)
-    return e
+  #prefill(): PrefillCommunicator {
+    if (this.communicator.role !== 'prefill') throw invalid('connections are for prefill communicators; this one is decode')
+    return this.communicator
   }
 
+  #decode(what: string): DecodeCommunicator {
+    if (this.communicator.role !== 'decode') throw invalid(`${what} is for decode communicators; this one is prefill`)
+    return this.communicator
+  }
+
+  /**
+   * The synchronous API reports failures as `false` / `-1`, as the original does: the reason goes to the error
+   * log (`KVCACHE_ERROR_FILE`) and to {@link RDMACommunicator.lastError}.
+   */
   #sync<T>(f: () => T, failed: T): T {
     try {
       const v = f()
       this.lastError = undefined
       return v
     } catch (err) {
-      // Native failures are in the error log already; refusals made here are logged now.
-      const e = err instanceof KVTransferError ? this.#refused(err) : KVTransferError.from(err)
+      const e = KVTransferError.from(err)
+      this.#native.logError(`${e.code}: ${e.message}`)
       this.lastError = e
       return failed
     }

@@ -14,6 +14,7 @@ export type ErrorCode =
   | 'ABORTED'
   | 'REVOKED'
   | 'EXPIRED'
+  | 'IN_USE'
 
 // Every code once: a missing one fails to compile (the record must have a key for each).
 const ERROR_CODES: ReadonlySet<string> = new Set(
@@ -32,6 +33,7 @@ const ERROR_CODES: ReadonlySet<string> = new Set(
     ABORTED: 0,
     REVOKED: 0,
     EXPIRED: 0,
+    IN_USE: 0,
   } satisfies Record<ErrorCode, 0>),
 )
 
@@ -44,16 +46,35 @@ function isErrorCode(code: unknown): code is ErrorCode {
  * kvtransfer that was caught before it could take the process down: please report it. `UNAUTHENTICATED` means
  * a peer did not prove it holds `KVCACHE_AUTH_TOKEN` (or this side holds none and the peer requires one).
  * `ABORTED`: the request was aborted by its prefill, or the call by its signal before it started. `REVOKED`: the
- * decode revoked the request.
+ * decode revoked the request. `IN_USE`: memory an open communicator uses cannot be freed.
  */
 export class KVTransferError extends Error {
   /** What kind of failure this is. */
   readonly code: ErrorCode
+  /** The decode peer (`host:port`) the call was for, where there was one. */
+  peer?: string
+  /** The request the call was for, where there was one. */
+  requestId?: string
+  /** The layer the call wrote, where it wrote one. */
+  layer?: number
 
-  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
-    super(message, options)
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown } & ErrorContext) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause })
     this.name = 'KVTransferError'
     this.code = code
+    if (options !== undefined) this.#within(options)
+  }
+
+  #within(context: ErrorContext): void {
+    if (context.peer !== undefined) this.peer = context.peer
+    if (context.requestId !== undefined) this.requestId = context.requestId
+    if (context.layer !== undefined) this.layer = context.layer
+  }
+
+  /** @internal This error, with what the call was for. */
+  within(context: ErrorContext): this {
+    this.#within(context)
+    return this
   }
 
   /**
@@ -90,9 +111,19 @@ export interface NativeFailure {
   message: string
 }
 
-/** Awaits a native asynchronous call and rejects with a {@link KVTransferError} when it reports a failure. */
-export async function settled(pending: Promise<NativeFailure | null>): Promise<void> {
+/** What a call was for, as a {@link KVTransferError} carries it. */
+export interface ErrorContext {
+  peer?: string
+  requestId?: string
+  layer?: number
+}
+
+/**
+ * Awaits a native asynchronous call and rejects with a {@link KVTransferError} (carrying `context`) when it
+ * reports a failure.
+ */
+export async function settled(pending: Promise<NativeFailure | null>, context: ErrorContext = {}): Promise<void> {
   const failure = await pending
   if (failure === null) return
-  throw new KVTransferError(isErrorCode(failure.code) ? failure.code : 'INTERNAL', failure.message)
+  throw new KVTransferError(isErrorCode(failure.code) ? failure.code : 'INTERNAL', failure.message, context)
 }

@@ -12,8 +12,9 @@ import { toCount } from './options.js'
  * hb.free()                    // the Buffer reads as empty from here on
  * ```
  *
- * The memory lives as long as the `HostBuffer` (or its `buffer`) is referenced: keep it referenced for as
- * long as a communicator has it registered.
+ * The memory lives as long as the `HostBuffer` (or its `buffer`) is referenced, or a communicator uses it:
+ * a communicator given this memory (as the `HostBuffer`, or by its address) keeps it allocated until it is
+ * closed, and {@link HostBuffer.free} is refused meanwhile.
  */
 export class HostBuffer {
   /** A Node `Buffer` viewing the memory (empty after {@link HostBuffer.free}). */
@@ -46,11 +47,13 @@ export class HostBuffer {
 
   /**
    * Gives the memory back. The `buffer` is detached at once (it reads as empty, so no JavaScript can
-   * touch freed memory); unregister the memory from communicators first. Safe to call twice.
+   * touch freed memory). Safe to call twice.
+   * @throws {KVTransferError} `IN_USE` while an open communicator uses the memory (given as this `HostBuffer`
+   * or by its address): close the communicator first.
    */
   free(): void {
     if (this.#freed) return
-    this.#freed = true
     call(() => native.hostFree(this.buffer))
+    this.#freed = true
   }
 }

@@ -91,6 +91,10 @@ export interface Settings {
 
 /** A quantised cache's scales: each block's scales move with it. */
 export interface ScaleOptions {
+  /** Per-layer key scale tensors, as memory the communicator holds (or give `keyScalePtrs`). */
+  keyScales?: readonly CacheMemory[]
+  /** Per-layer value scale tensors, as memory the communicator holds (or give `valueScalePtrs`). */
+  valueScales?: readonly CacheMemory[]
   /** Per-layer key scale tensors. */
   keyScalePtrs?: readonly Pointer[]
   /** Per-layer value scale tensors. */
@@ -103,15 +107,30 @@ export interface ScaleOptions {
 export interface CommunicatorOptions extends ScaleOptions, Settings {}
 
 /**
+ * Memory of one cache tensor, given as an object: a `Buffer` or any other `ArrayBufferView`, an `ArrayBuffer`, a
+ * {@link HostBuffer}, or `{ ptr, byteLength }` for memory JavaScript cannot hold (a GPU allocation). The
+ * communicator keeps the object referenced until it is closed; a `HostBuffer` cannot be freed meanwhile
+ * (`IN_USE`). Do not transfer or detach an `ArrayBuffer` a communicator uses.
+ */
+export type CacheMemory = ArrayBufferView | ArrayBuffer | { readonly ptr: Pointer; readonly byteLength: number; readonly freed?: boolean }
+
+/**
  * A cache: one key tensor (and, unless key-only, one value tensor) per layer, each `blockNumber` blocks of
- * `blockBytes` bytes, in host memory or the memory of one GPU.
+ * `blockBytes` bytes, in host memory or the memory of one GPU, given as objects (`keys`, `values`: the
+ * communicator holds them) or as addresses (`keyPtrs`, `valuePtrs`).
  *
- * The addresses must stay valid, and hold `blockNumber` blocks, until the communicator is closed: a decode
- * lets peers, the kernel, a NIC or a GPU kernel write there, a prefill reads there, with no further checks.
+ * Memory given by address must stay valid, and hold `blockNumber` blocks, until the communicator is closed: a
+ * decode lets peers, the kernel, a NIC or a GPU kernel write there, a prefill reads there. That is the caller's
+ * promise, except for memory of a {@link HostBuffer} (the library holds it, however it was handed over) and for
+ * GPU memory, whose allocation's size the driver checks.
  */
 export interface CacheOptions extends ScaleOptions {
-  /** One key cache address per layer. */
-  keyPtrs: readonly Pointer[]
+  /** One key tensor per layer, as memory the communicator holds (or give `keyPtrs`). */
+  keys?: readonly CacheMemory[]
+  /** One value tensor per layer (or give `valuePtrs`); absent for key-only (MLA) caches. */
+  values?: readonly CacheMemory[]
+  /** One key cache address per layer (or give `keys`). */
+  keyPtrs?: readonly Pointer[]
   /** One value cache address per layer; empty or absent for key-only (MLA) caches. */
   valuePtrs?: readonly Pointer[]
   /** Blocks per layer tensor. */
@@ -209,7 +228,51 @@ export function toBlockIds(name: string, ids: BlockIds): Uint32Array {
   return out
 }
 
-/** The native constructor's argument for a cache, a role, a port and a TP layout. */
+/** The cache option names that carry memory, by tensor: objects, then addresses. */
+export const MEMORY_KEYS = ['keys', 'values', 'keyScales', 'valueScales', 'keyPtrs', 'valuePtrs', 'keyScalePtrs', 'valueScalePtrs'] as const
+
+/**
+ * The addresses of one tensor's layers, from objects (`objects`, held in `held`) or addresses (`pointers`);
+ * each object must hold at least `bytes`.
+ */
+function toTensor(
+  objectsName: string,
+  objects: readonly CacheMemory[] | undefined,
+  pointersName: string,
+  pointers: readonly Pointer[] | undefined,
+  bytes: number,
+  address: (view: Buffer) => bigint,
+  held: unknown[],
+): bigint[] {
+  if (objects === undefined) return toPointers(pointersName, pointers)
+  if (pointers !== undefined) throw invalid(`give ${objectsName} or ${pointersName}, not both`)
+  if (!Array.isArray(objects)) throw invalid(`${objectsName} must be an array of Buffers, ArrayBuffers, HostBuffers or { ptr, byteLength }`)
+  return objects.map((m: unknown, i) => {
+    const name = `${objectsName}[${i}]`
+    let ptr: bigint
+    let length: number
+    if (ArrayBuffer.isView(m)) {
+      ;[ptr, length] = [address(Buffer.from(m.buffer, m.byteOffset, m.byteLength)), m.byteLength]
+    } else if (m instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && m instanceof SharedArrayBuffer)) {
+      ;[ptr, length] = [address(Buffer.from(m)), m.byteLength]
+    } else if (typeof m === 'object' && m !== null && 'ptr' in m && 'byteLength' in m) {
+      const d = m as { ptr: unknown; byteLength: unknown; freed?: unknown }
+      if (d.freed === true) throw invalid(`${name} is a HostBuffer that was freed`)
+      ;[ptr] = toPointers(name, [d.ptr as Pointer])
+      length = toCount(`${name}.byteLength`, d.byteLength, 1, Number.MAX_SAFE_INTEGER)
+    } else {
+      throw invalid(`${name} is not memory: give a Buffer, an ArrayBuffer, a HostBuffer or { ptr, byteLength }`)
+    }
+    if (length < bytes) throw invalid(`${name} has ${length} bytes; the cache needs ${bytes} per tensor (blockNumber × block bytes)`)
+    held.push(m)
+    return ptr
+  })
+}
+
+/**
+ * The native constructor's argument for a cache, a role, a port and a TP layout, and the objects that hold the
+ * cache's memory (to keep referenced until the communicator closes).
+ */
 export function toNativeInit(
   role: Role,
   cache: CacheOptions,
@@ -217,20 +280,29 @@ export function toNativeInit(
   tpSize: number,
   tpIdx: number,
   settings: NativeSettings,
-): NativeInit {
-  return {
+  address: (view: Buffer) => bigint,
+): { init: NativeInit; held: unknown[] } {
+  const blockNumber = toCount('blockNumber', cache.blockNumber, 1)
+  const blockBytes = toCount('blockBytes', cache.blockBytes, 1, Number.MAX_SAFE_INTEGER)
+  const scaleBlockBytes = toCount('scaleBlockBytes', cache.scaleBlockBytes ?? 0, 0, Number.MAX_SAFE_INTEGER)
+  if (cache.keys === undefined && cache.keyPtrs === undefined) throw invalid('give the cache: keys (or keyPtrs), one per layer')
+  const held: unknown[] = []
+  const tensor = (o: keyof CacheOptions, p: keyof CacheOptions, bytes: number) =>
+    toTensor(o, cache[o] as readonly CacheMemory[] | undefined, p, cache[p] as readonly Pointer[] | undefined, blockNumber * bytes, address, held)
+  const init = {
     role,
     gpuIdx: toCount('gpuIdx', cache.gpuIdx ?? 0, 0),
     port,
-    keyPtrs: toPointers('keyPtrs', cache.keyPtrs),
-    valuePtrs: toPointers('valuePtrs', cache.valuePtrs),
-    keyScalePtrs: toPointers('keyScalePtrs', cache.keyScalePtrs),
-    valueScalePtrs: toPointers('valueScalePtrs', cache.valueScalePtrs),
-    blockNumber: toCount('blockNumber', cache.blockNumber, 1),
-    blockBytes: toCount('blockBytes', cache.blockBytes, 1, Number.MAX_SAFE_INTEGER),
-    scaleBlockBytes: toCount('scaleBlockBytes', cache.scaleBlockBytes ?? 0, 0, Number.MAX_SAFE_INTEGER),
+    keyPtrs: tensor('keys', 'keyPtrs', blockBytes),
+    valuePtrs: tensor('values', 'valuePtrs', blockBytes),
+    keyScalePtrs: tensor('keyScales', 'keyScalePtrs', scaleBlockBytes),
+    valueScalePtrs: tensor('valueScales', 'valueScalePtrs', scaleBlockBytes),
+    blockNumber,
+    blockBytes,
+    scaleBlockBytes,
     prefillTpSize: toCount('prefillTpSize', tpSize, 1),
     prefillTpIdx: toCount('prefillTpIdx', tpIdx, 0),
     settings,
   }
+  return { init, held }
 }

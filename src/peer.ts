@@ -1,5 +1,5 @@
 /** A decode peer of a prefill {@link Communicator}: the handle its writes go through. */
-import type { Communicator } from './communicator.js'
+import type { PrefillCommunicator } from './communicator.js'
 import { call, invalid, settled } from './errors.js'
 import { type BlockIds, type Transport, toBlockIds, toCount } from './options.js'
 import { toRequestId, type WriteOptions, writeWith } from './requests.js'
@@ -7,14 +7,14 @@ import { toRequestId, type WriteOptions, writeWith } from './requests.js'
 /** A decode peer of a prefill communicator. */
 export class Peer {
   /** The communicator that writes to this peer. */
-  readonly communicator: Communicator
+  readonly communicator: PrefillCommunicator
   /** The decode's host, as given to {@link Communicator.connect}. */
   readonly ip: string
   /** The decode's port. */
   readonly port: number
 
   /** @internal */
-  constructor(communicator: Communicator, ip: string, port: number) {
+  constructor(communicator: PrefillCommunicator, ip: string, port: number) {
     this.communicator = communicator
     this.ip = ip
     this.port = port
@@ -53,6 +53,6 @@ export class Peer {
   async abort(requestId: string, reason = ''): Promise<void> {
     const id = call(() => toRequestId(requestId))
     if (typeof reason !== 'string') throw invalid('reason must be a string')
-    await settled(call(() => this.communicator.native.abortRequestAsync(this.ip, this.port, id, reason)))
+    await settled(call(() => this.communicator.native.abortRequestAsync(this.ip, this.port, id, reason)), { peer: `${this.ip}:${this.port}`, requestId: id })
   }
 }

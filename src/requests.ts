@@ -2,8 +2,8 @@
  * Requests: what a write with a `requestId` tells the decode, and how the decode waits for it. Shared by
  * {@link Communicator}, {@link Peer} and {@link RDMACommunicator}.
  */
-import type { NativeCommunicator } from '../binding.js'
-import { call, invalid, KVTransferError, settled } from './errors.js'
+import type { NativeCommunicator, NativeNotification } from '../binding.js'
+import { call, type ErrorContext, invalid, KVTransferError, settled } from './errors.js'
 import { toCount } from './options.js'
 
 /** What a write may carry besides its blocks. */
@@ -91,20 +91,21 @@ async function cancellable(
   cancel: (code: 'ABORTED' | 'TIMEOUT') => KVTransferError | null,
   signal: AbortSignal | undefined,
   timeoutMs: number | undefined,
+  context: ErrorContext,
 ): Promise<void> {
   let timer: NodeJS.Timeout | undefined
   let onAbort: (() => void) | undefined
   const early = new Promise<never>((_, reject) => {
     const stop = (code: 'ABORTED' | 'TIMEOUT') => {
       const err = cancel(code)
-      if (err !== null) reject(err)
+      if (err !== null) reject(err.within(context))
     }
     onAbort = () => stop('ABORTED')
     signal?.addEventListener('abort', onAbort, { once: true })
     if (timeoutMs !== undefined) timer = setTimeout(() => stop('TIMEOUT'), timeoutMs)
   })
   try {
-    await Promise.race([settled(pending), early])
+    await Promise.race([settled(pending, context), early])
   } finally {
     clearTimeout(timer)
     if (onAbort !== undefined) signal?.removeEventListener('abort', onAbort)
@@ -125,7 +126,8 @@ export async function writeWith(
   const requestId = options.requestId === undefined ? null : toRequestId(options.requestId)
   const signal = toSignal(options.signal)
   const timeoutMs = options.timeoutMs === undefined ? undefined : toCount('timeoutMs', options.timeoutMs, 1, 0x7fffffff)
-  if (signal?.aborted) throw new KVTransferError('ABORTED', 'the write was aborted before it started: nothing was written')
+  const context = { peer: `${ip}:${port}`, layer, ...(requestId === null ? {} : { requestId }) }
+  if (signal?.aborted) throw new KVTransferError('ABORTED', 'the write was aborted before it started: nothing was written', context)
   const t = signal !== undefined || timeoutMs !== undefined ? ticket() : 0
   const pending = call(() => native.writeCacheAsync(ip, port, local, remote, layer, requestId, t))
   const cancel = (code: 'ABORTED' | 'TIMEOUT') => {
@@ -136,7 +138,7 @@ export async function writeWith(
       ? new KVTransferError('TIMEOUT', `the write did not start within ${timeoutMs} ms: nothing was written`)
       : new KVTransferError('ABORTED', 'the write was aborted before it started: nothing was written')
   }
-  await cancellable(pending, cancel, signal, timeoutMs)
+  await cancellable(pending, cancel, signal, timeoutMs, context)
 }
 
 /** The decode's wait for a request, with `options` checked and applied. */
@@ -150,7 +152,7 @@ export async function waitWith(native: NativeCommunicator, requestId: string, op
     if (!Array.isArray(options.layers)) throw invalid('layers must be an array of layer indices')
     layers = options.layers.map((l, i) => toCount(`layers[${i}]`, l, 0))
   }
-  if (signal?.aborted) throw new KVTransferError('ABORTED', `the wait for request ${JSON.stringify(id)} was aborted`)
+  if (signal?.aborted) throw new KVTransferError('ABORTED', `the wait for request ${JSON.stringify(id)} was aborted`, { requestId: id })
   const t = ticket()
   const pending = call(() => native.waitFor(t, id, layers))
   // A cancelled wait settles its native promise with the error given here.
@@ -160,32 +162,117 @@ export async function waitWith(native: NativeCommunicator, requestId: string, op
     native.cancelWait(t, code, message)
     return null
   }
-  await cancellable(pending, cancel, signal, timeoutMs)
+  await cancellable(pending, cancel, signal, timeoutMs, { requestId: id })
 }
 
+/** How far one consumer of notifications may fall behind before its oldest are dropped. */
+export const NOTIFICATIONS_KEPT = 65_536
+
 /**
- * The decode's notifications, batch by batch, until the communicator closes. Collecting starts now, not at the
- * first `next()`.
+ * The decode's notifications for every consumer: one native stream, read from the first subscription on until
+ * the communicator closes, and handed to each subscriber from its subscription on (each sees every one, in
+ * order). A subscriber more than {@link NOTIFICATIONS_KEPT} behind loses its oldest.
  */
-export function notificationsOf(native: NativeCommunicator): AsyncGenerator<Notification, void, undefined> {
-  const first = call(() => native.nextNotifications())
-  return (async function* () {
-    let pending = first
-    for (;;) {
-      const batch = await pending
-      if (batch.length === 0) return
-      for (const n of batch) {
-        const out: Notification = {
-          requestId: n.requestId,
-          layerIdx: n.layerIdx ?? null,
-          blockIds: n.blockIds,
-          peer: n.peer,
-          status: n.status as NotificationStatus,
-        }
-        if (n.reason != null) out.reason = n.reason
-        yield out
+export class NotificationHub {
+  readonly #native: NativeCommunicator
+  readonly #subscribers = new Set<Subscriber>()
+  #pumping = false
+  #ended = false
+
+  constructor(native: NativeCommunicator) {
+    this.#native = native
+  }
+
+  subscribe(): AsyncIterableIterator<Notification> {
+    const sub = new Subscriber(() => this.#subscribers.delete(sub))
+    if (this.#ended) sub.end()
+    else this.#subscribers.add(sub)
+    this.#pump()
+    return sub
+  }
+
+  #pump(): void {
+    if (this.#pumping || this.#ended) return
+    this.#pumping = true
+    // Collecting starts now, not at the first `next()`.
+    let pending = call(() => this.#native.nextNotifications())
+    const loop = async () => {
+      for (;;) {
+        const batch = await pending
+        if (batch.length === 0) break
+        const out = batch.map(toNotification)
+        for (const sub of this.#subscribers) sub.push(out)
+        pending = call(() => this.#native.nextNotifications())
       }
-      pending = call(() => native.nextNotifications())
     }
-  })()
+    loop().then(
+      () => this.#end(),
+      () => this.#end(),
+    )
+  }
+
+  #end(): void {
+    this.#ended = true
+    for (const sub of this.#subscribers) sub.end()
+    this.#subscribers.clear()
+  }
+}
+
+function toNotification(n: NativeNotification): Notification {
+  const out: Notification = { requestId: n.requestId, layerIdx: n.layerIdx ?? null, blockIds: n.blockIds, peer: n.peer, status: n.status as NotificationStatus }
+  if (n.reason != null) out.reason = n.reason
+  return out
+}
+
+/** One consumer's queue of notifications. */
+class Subscriber implements AsyncIterableIterator<Notification> {
+  readonly #queue: Notification[] = []
+  #waiting: ((r: IteratorResult<Notification, undefined>) => void) | undefined
+  #done = false
+  readonly #leave: () => void
+
+  constructor(leave: () => void) {
+    this.#leave = leave
+  }
+
+  push(batch: Notification[]): void {
+    if (this.#done) return
+    for (const n of batch) {
+      if (this.#waiting !== undefined) {
+        const w = this.#waiting
+        this.#waiting = undefined
+        w({ value: n, done: false })
+      } else {
+        this.#queue.push(n)
+      }
+    }
+    if (this.#queue.length > NOTIFICATIONS_KEPT) this.#queue.splice(0, this.#queue.length - NOTIFICATIONS_KEPT)
+  }
+
+  end(): void {
+    this.#done = true
+    this.#waiting?.({ value: undefined, done: true })
+    this.#waiting = undefined
+  }
+
+  next(): Promise<IteratorResult<Notification, undefined>> {
+    const n = this.#queue.shift()
+    if (n !== undefined) return Promise.resolve({ value: n, done: false })
+    if (this.#done) return Promise.resolve({ value: undefined, done: true })
+    return new Promise((resolve) => {
+      this.#waiting = resolve
+    })
+  }
+
+  /** Stops this consumer (a `break` out of `for await`): the others go on. */
+  return(): Promise<IteratorResult<Notification, undefined>> {
+    this.#leave()
+    this.#queue.length = 0
+    this.end()
+    return Promise.resolve({ value: undefined, done: true })
+  }
+
+  [Symbol.asyncIterator](): AsyncIterableIterator<Notification> {
+    return this
+  }
 }

@@ -39,6 +39,8 @@ pub enum ErrorCode {
     Revoked,
     /// The request made no progress for its time to live (`KVCACHE_REQUEST_TTL_MS`): the decode gave up on it.
     Expired,
+    /// The memory is in use by an open communicator: close it first.
+    InUse,
 }
 
 impl ErrorCode {
@@ -59,6 +61,7 @@ impl ErrorCode {
             ErrorCode::Aborted => "ABORTED",
             ErrorCode::Revoked => "REVOKED",
             ErrorCode::Expired => "EXPIRED",
+            ErrorCode::InUse => "IN_USE",
         }
     }
 
@@ -78,6 +81,7 @@ impl ErrorCode {
             12 => ErrorCode::Aborted,
             13 => ErrorCode::Revoked,
             14 => ErrorCode::Expired,
+            15 => ErrorCode::InUse,
             _ => ErrorCode::Protocol,
         }
     }
@@ -99,13 +103,14 @@ impl ErrorCode {
             ErrorCode::Aborted => 12,
             ErrorCode::Revoked => 13,
             ErrorCode::Expired => 14,
+            ErrorCode::InUse => 15,
         }
     }
 }
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Config,
         ErrorCode::NotConnected,
@@ -120,6 +125,7 @@ impl ErrorCode {
         ErrorCode::Aborted,
         ErrorCode::Revoked,
         ErrorCode::Expired,
+        ErrorCode::InUse,
     ];
 }
 

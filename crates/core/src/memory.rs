@@ -4,6 +4,8 @@
 use crate::cuda::{self, MemoryKind};
 use crate::error::{Error, Result};
 use std::ptr::NonNull;
+use std::any::Any;
+use std::sync::{Arc, Mutex};
 
 /// One tensor of a cache layer. Keys are always present; values are absent in key-only (MLA) caches;
 /// scales exist in quantised caches.
@@ -86,9 +88,32 @@ pub struct CacheLayout {
     block_bytes: u64,
     scale_block_bytes: u64,
     location: MemoryKind,
+    /// What keeps the memory alive, where the library knows it ([`CacheLayout::hold`]).
+    owners: Arc<Owners>,
+}
+
+/// Owners of a cache's memory, held until the communicator over it closes.
+#[derive(Default)]
+struct Owners(Mutex<Vec<Arc<dyn Any + Send + Sync>>>);
+
+impl std::fmt::Debug for Owners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} owners", self.0.lock().map_or(0, |o| o.len()))
+    }
 }
 
 impl CacheLayout {
+    /// Keeps `owner` (what owns some of the cache's memory: an allocation of the binding's, say) alive until the
+    /// communicator over this layout closes ([`CacheLayout::release_owners`]) or the layout is dropped.
+    pub fn hold(&self, owner: Arc<dyn Any + Send + Sync>) {
+        self.owners.0.lock().unwrap_or_else(|p| p.into_inner()).push(owner);
+    }
+
+    /// Lets go of the owners held: once nothing reads or writes the cache any more (a closed communicator).
+    pub fn release_owners(&self) {
+        self.owners.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Checks a [`CacheSpec`]: list lengths agree, sizes are non-zero, no address is null, no tensor wraps
     /// around the address space, and a tensor in GPU memory lies inside its allocation.
     ///
@@ -147,6 +172,7 @@ impl CacheLayout {
             block_bytes: spec.block_bytes,
             scale_block_bytes: spec.scale_block_bytes,
             location: MemoryKind::Host,
+            owners: Arc::default(),
         };
         let mut first: Option<(MemoryKind, Tensor, usize)> = None;
         for t in tensors.iter() {

@@ -8,6 +8,8 @@
 //! - This file is the one place where a JavaScript caller's promise about raw addresses (that they name memory
 //!   which stays valid until `close()`) becomes the core's `unsafe` contract ([`NativeCommunicator::new`]).
 
+mod host_memory;
+
 use kvtransfer::communicator::{Cancel, Notification, RequestId};
 use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Error, ErrorCode, Role, Setting, SettingValue};
@@ -221,6 +223,8 @@ impl NativeCommunicator {
             // memory of this process that holds `blockNumber` blocks per tensor and stays valid (and, for a
             // decode, writable by the transports) until the communicator is closed.
             let cache = unsafe { CacheLayout::new(spec) }?;
+            // Memory of a HostBuffer stays allocated while the communicator may use it, however it was given.
+            host_memory::hold_for(&cache)?;
             let spec = CommunicatorSpec {
                 role,
                 gpu_idx: init.gpu_idx,
@@ -369,9 +373,16 @@ impl NativeCommunicator {
         guarded(|| Ok(self.inner.log_error(&message)))
     }
 
+    /// Closes on the calling thread (the seed API's `close`).
     #[napi]
     pub fn close(&self) -> Result<(), ErrorCode> {
-        guarded(|| Ok(self.inner.close()))
+        guarded(|| self.inner.close())
+    }
+
+    /// Closes on a thread of its own: resolves once every link has stopped (or failed to, which it says).
+    #[napi(ts_return_type = "Promise<NativeFailure | null>")]
+    pub fn close_async<'env>(&self, env: &'env Env) -> Result<Object<'env>, ErrorCode> {
+        promise(env, |done| self.inner.close_then(done))
     }
 }
 
@@ -382,8 +393,11 @@ pub fn host_alloc(env: &Env, bytes: i64) -> Result<BufferSlice<'_>, ErrorCode> {
     let len = guarded(|| usize::try_from(bytes).ok().filter(|&n| n > 0).ok_or_else(|| invalid(format!("cannot allocate {bytes} bytes"))))?;
     let mut memory = guarded(|| HostAllocation::new(len))?;
     let data = memory.as_mut_slice().as_mut_ptr();
-    // SAFETY: `data` is `len` bytes owned by `memory`, which moves into the finaliser and so lives exactly as
-    // long as the buffer's backing store.
+    let memory = Arc::new(memory);
+    host_memory::register(&memory);
+    // SAFETY: `data` is `len` bytes owned by `memory` (a mapping that never moves), a reference to which moves
+    // into the finaliser: it lives at least as long as the buffer's backing store (longer while a communicator
+    // holds it too).
     unsafe { BufferSlice::from_external(env, data, len, memory, |_, memory| drop(memory)) }
         .map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))
 }
@@ -395,18 +409,20 @@ pub fn buffer_address(buffer: BufferSlice) -> Result<BigInt, ErrorCode> {
 }
 
 /// Detaches a buffer's memory from JavaScript: the buffer reads as empty afterwards and its memory goes
-/// back to the system as soon as the engine lets go of it.
+/// back to the system as soon as the engine lets go of it. `IN_USE` while an open communicator uses it.
 #[napi]
 pub fn host_free(env: &Env, buffer: Unknown) -> Result<(), ErrorCode> {
     let mut arraybuffer = std::ptr::null_mut();
-    // SAFETY: `buffer` is a live value of this env; napi checks it is a typed array and fails otherwise.
+    let mut data = std::ptr::null_mut();
+    // SAFETY: `buffer` is a live value of this env; napi checks it is a typed array and fails otherwise; it
+    // writes the data pointer and the array buffer into locals of this frame.
     let status = unsafe {
         napi::sys::napi_get_typedarray_info(
             env.raw(),
             buffer.raw(),
             std::ptr::null_mut(),
             std::ptr::null_mut(),
-            std::ptr::null_mut(),
+            &mut data,
             &mut arraybuffer,
             std::ptr::null_mut(),
         )
@@ -414,6 +430,7 @@ pub fn host_free(env: &Env, buffer: Unknown) -> Result<(), ErrorCode> {
     if status != napi::sys::Status::napi_ok {
         return Err(to_napi(invalid("free() expects the Buffer of a HostBuffer".into())));
     }
+    guarded(|| host_memory::check_free(data as u64))?;
     // SAFETY: `arraybuffer` was just returned by napi for this env.
     let status = unsafe { napi::sys::napi_detach_arraybuffer(env.raw(), arraybuffer) };
     if status != napi::sys::Status::napi_ok {

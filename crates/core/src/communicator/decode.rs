@@ -210,18 +210,21 @@ impl DecodeSide {
     }
 
     /// Stops the control server, asks every link to stop writing and confirm (cutting off those that do not),
-    /// then stops the data paths: nothing lands after this returns.
-    pub(super) fn close(&self) {
-        let Some(listening) = self.listening.lock().unwrap().take() else { return };
+    /// then stops the data paths: nothing lands after this returns, except from the same-host links it returns
+    /// (which neither confirmed nor can be cut off while their process lives).
+    pub(super) fn close(&self) -> Vec<String> {
+        let Some(listening) = self.listening.lock().unwrap().take() else { return Vec::new() };
         drop(listening.control);
         listening.channels.stop_admitting();
         let silent = listening.channels.ask_all(&Ask::Close, self.timeout);
+        let mut uncut = Vec::new();
         for peer in silent.into_iter().filter(|p| !listening.links.cut_off(p)).chain(listening.links.uncut()) {
             self.log.error(format!(
                 "closing: {} ({}) did not confirm that it stopped writing, and a same-host link cannot be cut off \
                  while its process lives",
                 peer.name, peer.transport
             ));
+            uncut.push(format!("{} ({})", peer.name, peer.transport));
         }
         self.requests.close();
         // Each channel's end cuts its link off; then the accepting halves stop every data path. Explicitly,
@@ -230,6 +233,7 @@ impl DecodeSide {
         for acceptor in &listening.links.acceptors {
             acceptor.close();
         }
+        uncut
     }
 }
 

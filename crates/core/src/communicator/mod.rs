@@ -380,15 +380,46 @@ impl Communicator {
 
     /// Closes every connection; a decode communicator stops listening and, once this returns, writes
     /// nothing more into its cache. Later calls fail with `CLOSED`.
-    pub fn close(&self) {
+    pub fn close(&self) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
-            return;
+            return Ok(());
         }
-        match &self.side {
-            Side::Prefill(p) => p.close(),
+        let uncut = match &self.side {
+            Side::Prefill(p) => {
+                p.close();
+                Vec::new()
+            }
             Side::Decode(d) => d.close(),
-        }
+        };
+        self.cache.release_owners();
         self.log.debug("closed");
+        if uncut.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorCode::Timeout,
+            format!(
+                "closed, but {} did not confirm within {} ms that it stopped writing, and a same-host link cannot be \
+                 cut off while its process lives: do not reuse the cache's memory until that process ends",
+                uncut.join(", "),
+                self.config.timeout.as_millis()
+            ),
+        ))
+    }
+
+    /// [`Communicator::close`] on a thread of its own; `done` gets its result (on this thread, where none can
+    /// be started).
+    pub fn close_then<F: FnOnce(Result<()>) + Send + 'static>(self: &Arc<Self>, done: F) {
+        fn run<F: FnOnce(Result<()>)>(job: &Mutex<Option<(Arc<Communicator>, F)>>) {
+            if let Some((comm, done)) = job.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                done(Error::catch_panic(|| comm.close()));
+            }
+        }
+        let job = Arc::new(Mutex::new(Some((self.clone(), done))));
+        let theirs = job.clone();
+        if std::thread::Builder::new().name("kvtransfer-close".into()).spawn(move || run(&theirs)).is_err() {
+            run(&job);
+        }
     }
 
     /// Writes a line to this communicator's error log: for refusals a binding makes before calling in.
@@ -420,9 +451,10 @@ impl Communicator {
     }
 
     /// Logs a failure; `what` names the operation and is only formatted when there is one to log.
+    /// The caller gets the error; the debug log says it too (the caller decides what else to log).
     fn logged<T>(&self, what: impl FnOnce() -> String, result: Result<T>) -> Result<T> {
         if let Err(e) = &result {
-            self.log.error(format!("{} failed: {e}", what()));
+            self.log.debug(format!("{} failed: {e}", what()));
         }
         result
     }
@@ -430,7 +462,7 @@ impl Communicator {
 
 impl Drop for Communicator {
     fn drop(&mut self) {
-        self.close();
+        let _ = self.close();
     }
 }
 

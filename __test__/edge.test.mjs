@@ -1,0 +1,151 @@
+// The edge where a Node program meets the library: memory it holds, a close that never blocks the event loop
+// and says what it could not stop, and notifications that every consumer sees.
+import test from 'ava'
+import { fork } from 'node:child_process'
+import { setImmediate as tick } from 'node:timers/promises'
+import { fileURLToPath } from 'node:url'
+import v8 from 'node:v8'
+import vm from 'node:vm'
+import { Communicator, HostBuffer, KVTransferError, RDMACommunicator } from 'kvtransfer'
+import { makeCache } from './helpers/cache.mjs'
+import { transportOptions } from './helpers/transport.mjs'
+
+const HOST = '127.0.0.1'
+v8.setFlagsFromString('--expose-gc')
+const gc = vm.runInNewContext('gc')
+
+/** Collects what JavaScript let go of, and lets the finalisers run. */
+async function collect() {
+  for (let i = 0; i < 4; i++) {
+    gc()
+    await tick()
+  }
+}
+
+test.serial('memory handed over by address is held: nothing but the cache is ever written', async (t) => {
+  const blocks = 16
+  const blockBytes = 64 << 10
+  const bytes = blocks * blockBytes
+  // The pattern of the seed API and of many scripts: the decode's HostBuffers are not kept, only their addresses.
+  const decode = Communicator.decode({ keyPtrs: [HostBuffer.alloc(bytes).ptr], valuePtrs: [HostBuffer.alloc(bytes).ptr], blockNumber: blocks, blockBytes, ...transportOptions })
+  t.teardown(() => decode.close())
+  await collect()
+  // New memory of the same size, where the cache's would be reused had it been given back.
+  const victims = Array.from({ length: 32 }, () => HostBuffer.alloc(bytes))
+  const src = [HostBuffer.alloc(bytes), HostBuffer.alloc(bytes)]
+  for (const s of src) s.buffer.fill(0x5a)
+  // The prefill's cache as objects it holds: not kept here either.
+  const prefill = Communicator.prefill({ keys: [src[0]], values: [src[1]], blockNumber: blocks, blockBytes, ...transportOptions })
+  t.teardown(() => prefill.close())
+  src.length = 0
+  await collect()
+  const peer = await prefill.connect(HOST, decode.port)
+  const all = [...Array(blocks).keys()]
+  for (let i = 0; i < 3; i++) await peer.write(all, all, 0)
+  const hit = victims.filter((v) => v.buffer.includes(0x5a)).length
+  t.is(hit, 0, `${hit} unrelated buffers were written into`)
+})
+
+test.serial('a HostBuffer an open communicator uses cannot be freed; after close it can', async (t) => {
+  const shape = { blockNumber: 4, blockBytes: 256 }
+  const [a, b] = [HostBuffer.alloc(1024), HostBuffer.alloc(1024)]
+  const decode = Communicator.decode({ keys: [a], ...shape, ...transportOptions })
+  const seed = new RDMACommunicator('decode', 0, 0, [b.ptr], [], shape.blockNumber, shape.blockBytes, 1, 0, transportOptions)
+  for (const hb of [a, b]) {
+    const err = t.throws(() => hb.free(), { instanceOf: KVTransferError })
+    t.is(err.code, 'IN_USE')
+    t.false(hb.freed)
+    t.is(hb.buffer.length, 1024, 'still readable')
+  }
+  await decode.close()
+  seed.close()
+  a.free()
+  b.free()
+  t.true(a.freed && b.freed)
+  // Memory too small for the cache, or freed, is refused before anything listens.
+  const small = t.throws(() => Communicator.decode({ keys: [Buffer.alloc(512)], ...shape, ...transportOptions }))
+  t.regex(small.message, /keys\[0\] has 512 bytes; the cache needs 1024/)
+  t.regex(t.throws(() => Communicator.decode({ keys: [a], ...shape, ...transportOptions })).message, /freed/)
+  const c = HostBuffer.alloc(1024)
+  const past = t.throws(() => new RDMACommunicator('decode', 0, 0, [c.ptr + 512n], [], shape.blockNumber, shape.blockBytes, 1, 0, transportOptions))
+  t.regex(past.message, /runs 512 bytes past the end of its HostBuffer/)
+  t.regex(t.throws(() => Communicator.decode({ keys: [c], keyPtrs: [c.ptr], ...shape })).message, /not both/)
+  c.free()
+})
+
+test.serial('close never blocks the event loop, and says which links it could not stop', async (t) => {
+  const shape = { layers: 1, blocks: 16, blockBytes: 1024 }
+  const dst = makeCache(shape)
+  const decode = Communicator.decode({ keyPtrs: dst.keyPtrs, valuePtrs: dst.valuePtrs, blockNumber: 16, blockBytes: 1024, ...transportOptions, timeoutMs: 1000 })
+  const child = fork(fileURLToPath(new URL('./helpers/prefill-peer.mjs', import.meta.url)), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+  t.teardown(() => child.kill('SIGKILL'))
+  const written = new Promise((resolve) => child.once('message', resolve))
+  child.send({ port: decode.port, shape, options: transportOptions, requestId: 'r' })
+  await written
+  // The prefill process stops answering (frozen, not gone).
+  child.kill('SIGSTOP')
+  let longest = 0
+  let last = performance.now()
+  const ticker = setInterval(() => {
+    longest = Math.max(longest, performance.now() - last)
+    last = performance.now()
+  }, 5)
+  const started = performance.now()
+  const closing = decode.close()
+  const err = await closing.then(() => null, (e) => e)
+  clearInterval(ticker)
+  const took = performance.now() - started
+  t.log(`close took ${took.toFixed(0)} ms; the event loop's longest gap meanwhile ${longest.toFixed(1)} ms`)
+  t.true(took >= 900, `close waited ${took.toFixed(0)} ms for the frozen link`)
+  t.true(longest < 200, `the event loop stalled for ${longest.toFixed(1)} ms`)
+  if (decode.transport === 'shm') {
+    // A same-host link that neither confirms nor can be cut off: the promise says so.
+    t.true(err instanceof KVTransferError, String(err))
+    t.is(err.code, 'TIMEOUT')
+    t.regex(err.message, /prefill tp 0\/1 .*\(shm\)/)
+  } else {
+    t.is(err, null, 'a TCP or RDMA link is cut off')
+  }
+  t.is(decode.close(), closing, 'closing again is the same promise')
+  child.kill('SIGKILL')
+  await (await import('node:events')).once(child, 'exit')
+  dst.free()
+})
+
+test('every consumer sees every notification, from its creation on', async (t) => {
+  const shape = { layers: 2, blocks: 8, blockBytes: 1024 }
+  const src = makeCache(shape)
+  const dst = makeCache(shape)
+  const cache = (c) => ({ keyPtrs: c.keyPtrs, valuePtrs: c.valuePtrs, blockNumber: shape.blocks, blockBytes: shape.blockBytes })
+  const decode = Communicator.decode({ ...cache(dst), ...transportOptions })
+  const prefill = Communicator.prefill({ ...cache(src), ...transportOptions })
+  t.teardown(async () => {
+    await prefill.close()
+    await decode.close()
+    src.free()
+    dst.free()
+  })
+  const a = decode.notifications()
+  const b = decode.notifications()
+  const peer = await prefill.connect(HOST, decode.port)
+  for (let i = 0; i < 6; i++) await peer.write([i], [i], 0, { requestId: `r${i}` })
+  const take = async (it, n) => {
+    const got = []
+    for (let i = 0; i < n; i++) got.push((await it.next()).value.requestId)
+    return got
+  }
+  const all = ['r0', 'r1', 'r2', 'r3', 'r4', 'r5']
+  t.deepEqual(await take(a, 6), all)
+  t.deepEqual(await take(b, 6), all)
+  // One that leaves (break) does not take anything from the others; one made later sees what comes later.
+  await b.return()
+  const c = decode.notifications()
+  await peer.write([7], [7], 1, { requestId: 'r7' })
+  t.deepEqual(await take(a, 1), ['r7'])
+  t.deepEqual(await take(c, 1), ['r7'])
+  t.true((await b.next()).done)
+  // Closing ends them all.
+  await decode.close()
+  t.true((await a.next()).done)
+  t.true((await c.next()).done)
+})
