@@ -4,7 +4,9 @@
 //   node examples/dist/api-tour.js      (once built: `tsc -p examples`)
 import {
   Communicator,
+  DecodeCommunicator,
   HostBuffer,
+  PrefillCommunicator,
   Peer,
   KVTransferError,
   RDMACommunicator,
@@ -12,13 +14,16 @@ import {
   rdmaDevices,
   systemInfo,
   type BlockIds,
+  type CacheMemory,
   type CacheOptions,
   type CommunicatorOptions,
   type ConnectOptions,
   type DecodeOptions,
   type ErrorCode,
+  type ErrorContext,
   type GpuInfo,
   type GpusInfo,
+  type MemoryDescriptor,
   type Pointer,
   type Port,
   type PrefillOptions,
@@ -106,9 +111,14 @@ async function main(): Promise<void> {
   const cache: CacheOptions = { keyPtrs: ptrs(srcKeys), valuePtrs: ptrs(srcValues), blockNumber: blocks, blockBytes, ...scales }
   const prefillOptions: PrefillOptions = { ...cache, ...settings, tpSize: 1, tpIdx: 0 }
   // One host: the decode listens on loopback only (beyond it, Communicator.decode needs authToken).
-  const decodeOptions: DecodeOptions = { ...cache, keyPtrs: ptrs(dstKeys), valuePtrs: ptrs(dstValues), ...settings, port: 0, socketIfname: 'lo' }
-  await using second = Communicator.decode(decodeOptions)
-  await using writer = Communicator.prefill(prefillOptions)
+  // The decode's cache as objects it holds: a HostBuffer, a Buffer-backed view, or { ptr, byteLength }.
+  const dstKeyMemory: CacheMemory[] = dstKeys
+  const described: MemoryDescriptor = { ptr: dstValues[0].ptr, byteLength: dstValues[0].byteLength }
+  const dstValueMemory: CacheMemory[] = [described, new Uint8Array(dstValues[1].buffer.buffer, dstValues[1].buffer.byteOffset, dstValues[1].byteLength)]
+  const { keyPtrs: _keys, valuePtrs: _values, ...geometry } = cache
+  const decodeOptions: DecodeOptions = { ...geometry, keys: dstKeyMemory, values: dstValueMemory, ...settings, port: 0, socketIfname: 'lo' }
+  await using second: DecodeCommunicator = Communicator.decode(decodeOptions)
+  await using writer: PrefillCommunicator = Communicator.prefill(prefillOptions)
   const connect: ConnectOptions = { dstTpSize: 1 }
   const peer: Peer = await writer.connect('127.0.0.1', second.port, connect)
   check(peer.connected && peer.transport === 'tcp', 'the peer is connected over tcp')
@@ -116,8 +126,21 @@ async function main(): Promise<void> {
   check(block(dstKeys, 0, 12).every((b) => b === 0x10), 'a peer write landed')
   check(prefill.communicator.role === 'prefill', 'RDMACommunicator wraps a Communicator')
   console.log(`[tour] decode on port ${decode.port} (${decode.role}, prefers ${decode.transport}); every check passed`)
-  // Unregister memory before giving it back: close first, then free.
+  // Memory an open communicator uses cannot be given back: close first, then free.
   prefill.close()
+  const inUse = await Promise.resolve()
+    .then(() => srcKeys[0].free())
+    .then(
+      () => null,
+      (e: unknown) => e,
+    )
+  check(inUse instanceof KVTransferError && inUse.code === 'IN_USE', 'an open communicator holds its memory')
+  const context: ErrorContext = await peer.write([99], [0], 0).then(
+    () => ({}),
+    (e: KVTransferError) => ({ peer: e.peer, layer: e.layer }),
+  )
+  check(context.peer === `127.0.0.1:${second.port}` && context.layer === 0, 'an error says which call it was')
+  await writer.close()
   for (const b of [...srcKeys, ...srcValues]) b.free()
   check(srcKeys[0].freed && srcKeys[0].buffer.length === 0, 'freed memory is out of reach')
 }

@@ -163,7 +163,11 @@ export abstract class Communicator {
   #released(): void {
     this.held = []
     OPEN.delete(this)
+    this.onClosed()
   }
+
+  /** @internal What a role lets go of once closed. */
+  protected onClosed(): void {}
 
   /** `await using comm = Communicator.decode(...)` awaits {@link Communicator.close} at the end of the scope. */
   async [Symbol.asyncDispose](): Promise<void> {
@@ -173,6 +177,7 @@ export abstract class Communicator {
 
 /** A prefill communicator: it connects to decode communicators and writes blocks into them. */
 export class PrefillCommunicator extends Communicator {
+  /** The role: `'prefill'`. */
   readonly role = 'prefill' as const
 
   /**
@@ -201,16 +206,40 @@ export class PrefillCommunicator extends Communicator {
 
 /** A decode communicator: it registers its cache, listens, and sees the requests written into it. */
 export class DecodeCommunicator extends Communicator {
+  /** The role: `'decode'`. */
   readonly role = 'decode' as const
   /** The port it listens on (the one given, or the one picked for port 0). */
   readonly port: number
   readonly #hub: NotificationHub
+  /** Keeps the process alive while listening, as a listening server does ({@link DecodeCommunicator.unref}). */
+  readonly #listening: NodeJS.Timeout
 
   /** @internal */
   constructor(nativeCommunicator: NativeCommunicator, held: unknown[]) {
     super(nativeCommunicator, held)
     this.port = nativeCommunicator.port
     this.#hub = new NotificationHub(nativeCommunicator)
+    this.#listening = setInterval(() => {}, 0x7fffffff)
+  }
+
+  /**
+   * Lets the process exit while this communicator still listens (an open decode communicator keeps the process
+   * alive until it is closed, as a listening `net.Server` does). Returns this communicator.
+   */
+  unref(): this {
+    this.#listening.unref()
+    return this
+  }
+
+  /** Undoes {@link DecodeCommunicator.unref}. */
+  ref(): this {
+    this.#listening.ref()
+    return this
+  }
+
+  /** @internal */
+  protected override onClosed(): void {
+    clearInterval(this.#listening)
   }
 
   /**

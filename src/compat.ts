@@ -38,7 +38,7 @@ export class RDMACommunicator {
   readonly port: number
   /** The last failure of the synchronous API (which reports failures as `false` / `-1`). */
   lastError: KVTransferError | undefined
-  /** The communicator this one wraps, for the async-first API ({@link Communicator.connect}, {@link Peer.write}). */
+  /** The communicator this one wraps, for the async-first API ({@link PrefillCommunicator.connect}, {@link Peer.write}). */
   readonly communicator: PrefillCommunicator | DecodeCommunicator
 
   /**
@@ -173,22 +173,22 @@ export class RDMACommunicator {
     await peer.write(...args, options)
   }
 
-  /** Prefill: tells the decode at `ip:port` that `requestId` will not complete ({@link Communicator.abortRequest}). */
+  /** Prefill: tells the decode at `ip:port` that `requestId` will not complete ({@link PrefillCommunicator.abortRequest}). */
   async abortRequest(ip: string, port: Port, requestId: string, reason = ''): Promise<void> {
     await this.#prefill().abortRequest(ip, port, requestId, reason)
   }
 
-  /** Decode: the requests' notifications as they arrive ({@link Communicator.notifications}). */
+  /** Decode: the requests' notifications as they arrive ({@link DecodeCommunicator.notifications}). */
   notifications(): AsyncIterableIterator<Notification> {
     return this.#decode('notifications').notifications()
   }
 
-  /** Decode: resolves once the request's layers have arrived ({@link Communicator.waitFor}). */
+  /** Decode: resolves once the request's layers have arrived ({@link DecodeCommunicator.waitFor}). */
   async waitFor(requestId: string, options: WaitOptions = {}): Promise<void> {
     await this.#decode('waitFor').waitFor(requestId, options)
   }
 
-  /** Decode: resolves once no write of the request can land any more ({@link Communicator.revoke}). */
+  /** Decode: resolves once no write of the request can land any more ({@link DecodeCommunicator.revoke}). */
   async revoke(requestId: string): Promise<void> {
     await this.#decode('revoke').revoke(requestId)
   }

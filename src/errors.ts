@@ -113,8 +113,11 @@ export interface NativeFailure {
 
 /** What a call was for, as a {@link KVTransferError} carries it. */
 export interface ErrorContext {
+  /** The decode peer, `host:port`. */
   peer?: string
+  /** The request. */
   requestId?: string
+  /** The layer written. */
   layer?: number
 }
 

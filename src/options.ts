@@ -5,6 +5,7 @@
  */
 import type { NativeInit, NativeSettings } from '../binding.js'
 import { invalid, KVTransferError } from './errors.js'
+import type { HostBuffer } from './host-buffer.js'
 
 /** Which side of the transfer a communicator is. */
 export type Role = 'prefill' | 'decode'
@@ -112,7 +113,17 @@ export interface CommunicatorOptions extends ScaleOptions, Settings {}
  * communicator keeps the object referenced until it is closed; a `HostBuffer` cannot be freed meanwhile
  * (`IN_USE`). Do not transfer or detach an `ArrayBuffer` a communicator uses.
  */
-export type CacheMemory = ArrayBufferView | ArrayBuffer | { readonly ptr: Pointer; readonly byteLength: number; readonly freed?: boolean }
+export type CacheMemory = ArrayBufferView | ArrayBuffer | MemoryDescriptor
+
+/** Memory named by its address and size: a {@link HostBuffer}, or memory JavaScript cannot hold (GPU memory). */
+export interface MemoryDescriptor {
+  /** The address of the first byte. */
+  readonly ptr: Pointer
+  /** Its size in bytes. */
+  readonly byteLength: number
+  /** Whether it was given back (a freed `HostBuffer` is refused). */
+  readonly freed?: boolean
+}
 
 /**
  * A cache: one key tensor (and, unless key-only, one value tensor) per layer, each `blockNumber` blocks of

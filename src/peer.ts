@@ -8,7 +8,7 @@ import { toRequestId, type WriteOptions, writeWith } from './requests.js'
 export class Peer {
   /** The communicator that writes to this peer. */
   readonly communicator: PrefillCommunicator
-  /** The decode's host, as given to {@link Communicator.connect}. */
+  /** The decode's host, as given to {@link PrefillCommunicator.connect}. */
   readonly ip: string
   /** The decode's port. */
   readonly port: number

@@ -23,7 +23,7 @@ export interface WriteOptions {
   timeoutMs?: number
 }
 
-/** What {@link Communicator.waitFor} takes besides the request. */
+/** What {@link DecodeCommunicator.waitFor} takes besides the request. */
 export interface WaitOptions {
   /** The layers to wait for (default: every layer of the cache). */
   layers?: readonly number[]
@@ -36,7 +36,7 @@ export interface WaitOptions {
 /** What became of a write (`'done'`) or of a request (`'failed'`, `'aborted'`, `'expired'`). */
 export type NotificationStatus = 'done' | 'failed' | 'aborted' | 'expired'
 
-/** One event of a request, delivered to the decode ({@link Communicator.notifications}). */
+/** One event of a request, delivered to the decode ({@link DecodeCommunicator.notifications}). */
 export interface Notification {
   /** The request the write belongs to, as the prefill named it. */
   requestId: string
