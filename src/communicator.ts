@@ -60,6 +60,12 @@ const DECODE_KEYS = new Set([...CACHE_KEYS, 'port'])
  */
 const OPEN = new Set<Communicator>()
 
+/**
+ * The memory of communicators whose close could not stop every link (a same-host link of a process that lives
+ * on may still write there): held for the life of the process.
+ */
+const QUARANTINE: unknown[] = []
+
 /** The address of a `Buffer`'s first byte. */
 const addressOf = (view: Buffer): bigint => native.bufferAddress(view)
 
@@ -144,9 +150,11 @@ export abstract class Communicator {
     this.#closing ??= (async () => {
       try {
         await settled(call(() => this.native.closeAsync()))
-      } finally {
-        this.#released()
+      } catch (err) {
+        this.#released(err)
+        throw err
       }
+      this.#released(null)
     })()
     return this.#closing
   }
@@ -155,12 +163,15 @@ export abstract class Communicator {
   closeNow(): void {
     try {
       call(() => this.native.close())
-    } finally {
-      this.#released()
+    } catch (err) {
+      this.#released(err)
+      throw err
     }
+    this.#released(null)
   }
 
-  #released(): void {
+  #released(failure: unknown): void {
+    if (failure instanceof KVTransferError && failure.code === 'TIMEOUT') QUARANTINE.push(...this.held)
     this.held = []
     OPEN.delete(this)
     this.onClosed()

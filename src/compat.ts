@@ -22,7 +22,7 @@ import {
 } from './options.js'
 import type { Notification, WaitOptions, WriteOptions } from './requests.js'
 
-const SCALE_KEYS = new Set(['keyScalePtrs', 'valueScalePtrs', 'scaleBlockBytes'])
+const SCALE_KEYS = new Set(['keyScalePtrs', 'valueScalePtrs', 'keyScales', 'valueScales', 'scaleBlockBytes'])
 
 /**
  * One side of KV-cache transfers, with the original's constructor and methods (`connect`, `isConnected`,
@@ -74,6 +74,8 @@ export class RDMACommunicator {
     const { init } = call(() => toNativeInit(role, cache, toPort(port, true), prefillTpSize, prefillTpIdx, settings, (b) => native.bufferAddress(b)))
     this.role = role
     this.communicator = Communicator.wrap(role, call(() => new native.NativeCommunicator(init)))
+    // As the original: a listening decode does not keep the process alive by itself.
+    if (this.communicator.role === 'decode') this.communicator.unref()
     this.port = this.communicator.native.port
   }
 
@@ -196,11 +198,12 @@ export class RDMACommunicator {
   /**
    * Closes every connection, on the calling thread (as the rest of the synchronous API). A decode communicator
    * stops listening and writes nothing more into its cache once this returns. Later calls fail with `CLOSED`.
-   * Safe to call twice. Off the event loop: `await comm.communicator.close()`.
-   * @throws {KVTransferError} `TIMEOUT` naming the links on this host that neither confirmed nor can be cut off.
+   * Safe to call twice. Off the event loop: `await comm.communicator.close()`. Where links on this host neither
+   * confirmed nor can be cut off, {@link RDMACommunicator.lastError} is a `TIMEOUT` naming them (and the error
+   * log says so): do not reuse the memory until those processes end.
    */
   close(): void {
-    this.communicator.closeNow()
+    this.#sync(() => this.communicator.closeNow(), undefined)
   }
 
   /** `await using comm = new RDMACommunicator(...)` closes it at the end of the scope. */

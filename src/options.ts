@@ -111,7 +111,8 @@ export interface CommunicatorOptions extends ScaleOptions, Settings {}
  * Memory of one cache tensor, given as an object: a `Buffer` or any other `ArrayBufferView`, an `ArrayBuffer`, a
  * {@link HostBuffer}, or `{ ptr, byteLength }` for memory JavaScript cannot hold (a GPU allocation). The
  * communicator keeps the object referenced until it is closed; a `HostBuffer` cannot be freed meanwhile
- * (`IN_USE`). Do not transfer or detach an `ArrayBuffer` a communicator uses.
+ * (`IN_USE`). A resizable buffer is refused; do not transfer or detach an `ArrayBuffer` a communicator uses (its
+ * memory would go while the communicator still writes there): a `HostBuffer` cannot be.
  */
 export type CacheMemory = ArrayBufferView | ArrayBuffer | MemoryDescriptor
 
@@ -262,6 +263,10 @@ function toTensor(
     const name = `${objectsName}[${i}]`
     let ptr: bigint
     let length: number
+    const backing = ArrayBuffer.isView(m) ? m.buffer : m
+    if (typeof backing === 'object' && backing !== null && ((backing as { resizable?: boolean }).resizable || (backing as { growable?: boolean }).growable)) {
+      throw invalid(`${name} is a resizable buffer: its memory may move; give a fixed-size one (or a HostBuffer)`)
+    }
     if (ArrayBuffer.isView(m)) {
       ;[ptr, length] = [address(Buffer.from(m.buffer, m.byteOffset, m.byteLength)), m.byteLength]
     } else if (m instanceof ArrayBuffer || (typeof SharedArrayBuffer !== 'undefined' && m instanceof SharedArrayBuffer)) {

@@ -171,11 +171,17 @@ export const NOTIFICATIONS_KEPT = 65_536
 /**
  * The decode's notifications for every consumer: one native stream, read from the first subscription on until
  * the communicator closes, and handed to each subscriber from its subscription on (each sees every one, in
- * order). A subscriber more than {@link NOTIFICATIONS_KEPT} behind loses its oldest.
+ * order; the notifications are frozen, so no consumer changes what another sees). A subscriber more than
+ * {@link NOTIFICATIONS_KEPT} behind loses its oldest. A subscriber is held strongly only while its consumer
+ * waits in `next()`, weakly otherwise: an iterator its consumer dropped without `return()` is collected, and
+ * stops costing memory, while a consumer that nothing else references but that waits goes on.
  */
 export class NotificationHub {
   readonly #native: NativeCommunicator
-  readonly #subscribers = new Set<Subscriber>()
+  readonly #subscribers = new Set<WeakRef<Subscriber>>()
+  /** The subscribers whose consumer waits: held strongly meanwhile. */
+  readonly #waiting = new Set<Subscriber>()
+  readonly #collected = new FinalizationRegistry<WeakRef<Subscriber>>((ref) => this.#subscribers.delete(ref))
   #pumping = false
   #ended = false
 
@@ -184,9 +190,22 @@ export class NotificationHub {
   }
 
   subscribe(): AsyncIterableIterator<Notification> {
-    const sub = new Subscriber(() => this.#subscribers.delete(sub))
-    if (this.#ended) sub.end()
-    else this.#subscribers.add(sub)
+    const sub = new Subscriber()
+    if (this.#ended) {
+      sub.end()
+    } else {
+      const ref = new WeakRef(sub)
+      this.#subscribers.add(ref)
+      this.#collected.register(sub, ref, ref)
+      sub.hooks = {
+        leave: () => {
+          this.#subscribers.delete(ref)
+          this.#collected.unregister(ref)
+          this.#waiting.delete(sub)
+        },
+        waits: (waiting) => (waiting ? this.#waiting.add(sub) : this.#waiting.delete(sub)),
+      }
+    }
     this.#pump()
     return sub
   }
@@ -201,7 +220,7 @@ export class NotificationHub {
         const batch = await pending
         if (batch.length === 0) break
         const out = batch.map(toNotification)
-        for (const sub of this.#subscribers) sub.push(out)
+        for (const ref of this.#subscribers) ref.deref()?.push(out)
         pending = call(() => this.#native.nextNotifications())
       }
     }
@@ -213,27 +232,27 @@ export class NotificationHub {
 
   #end(): void {
     this.#ended = true
-    for (const sub of this.#subscribers) sub.end()
+    for (const ref of this.#subscribers) ref.deref()?.end()
     this.#subscribers.clear()
+    this.#waiting.clear()
   }
 }
 
 function toNotification(n: NativeNotification): Notification {
-  const out: Notification = { requestId: n.requestId, layerIdx: n.layerIdx ?? null, blockIds: n.blockIds, peer: n.peer, status: n.status as NotificationStatus }
+  const out: Notification = { requestId: n.requestId, layerIdx: n.layerIdx ?? null, blockIds: Object.freeze(n.blockIds) as number[], peer: n.peer, status: n.status as NotificationStatus }
   if (n.reason != null) out.reason = n.reason
-  return out
+  return Object.freeze(out)
 }
 
-/** One consumer's queue of notifications. */
+/** One consumer's queue of notifications: at most {@link NOTIFICATIONS_KEPT}, oldest first. */
 class Subscriber implements AsyncIterableIterator<Notification> {
-  readonly #queue: Notification[] = []
+  #queue: Notification[] = []
+  /** Where the next one is: taken ones before it are dropped in bulk (amortised O(1) per notification). */
+  #head = 0
   #waiting: ((r: IteratorResult<Notification, undefined>) => void) | undefined
   #done = false
-  readonly #leave: () => void
-
-  constructor(leave: () => void) {
-    this.#leave = leave
-  }
+  /** What the hub hears: that this consumer left, and whether it waits. */
+  hooks: { leave: () => void; waits: (waiting: boolean) => void } | undefined
 
   push(batch: Notification[]): void {
     if (this.#done) return
@@ -241,33 +260,50 @@ class Subscriber implements AsyncIterableIterator<Notification> {
       if (this.#waiting !== undefined) {
         const w = this.#waiting
         this.#waiting = undefined
+        this.hooks?.waits(false)
         w({ value: n, done: false })
       } else {
         this.#queue.push(n)
       }
     }
-    if (this.#queue.length > NOTIFICATIONS_KEPT) this.#queue.splice(0, this.#queue.length - NOTIFICATIONS_KEPT)
+    // Past the limit the oldest go.
+    this.#head = Math.max(this.#head, this.#queue.length - NOTIFICATIONS_KEPT)
+    this.#compact()
+  }
+
+  #compact(): void {
+    if (this.#head > 1024 && this.#head * 2 > this.#queue.length) {
+      this.#queue = this.#queue.slice(this.#head)
+      this.#head = 0
+    }
   }
 
   end(): void {
     this.#done = true
     this.#waiting?.({ value: undefined, done: true })
     this.#waiting = undefined
+    this.hooks?.waits(false)
   }
 
   next(): Promise<IteratorResult<Notification, undefined>> {
-    const n = this.#queue.shift()
-    if (n !== undefined) return Promise.resolve({ value: n, done: false })
+    if (this.#head < this.#queue.length) {
+      const n = this.#queue[this.#head] as Notification
+      this.#head += 1
+      this.#compact()
+      return Promise.resolve({ value: n, done: false })
+    }
     if (this.#done) return Promise.resolve({ value: undefined, done: true })
     return new Promise((resolve) => {
       this.#waiting = resolve
+      this.hooks?.waits(true)
     })
   }
 
   /** Stops this consumer (a `break` out of `for await`): the others go on. */
   return(): Promise<IteratorResult<Notification, undefined>> {
-    this.#leave()
-    this.#queue.length = 0
+    this.hooks?.leave()
+    this.#queue = []
+    this.#head = 0
     this.end()
     return Promise.resolve({ value: undefined, done: true })
   }

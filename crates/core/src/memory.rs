@@ -92,6 +92,9 @@ pub struct CacheLayout {
     owners: Arc<Owners>,
 }
 
+/// Owners of the memory of caches that may still be written after their communicator closed.
+static QUARANTINE: Mutex<Vec<Arc<dyn Any + Send + Sync>>> = Mutex::new(Vec::new());
+
 /// Owners of a cache's memory, held until the communicator over it closes.
 #[derive(Default)]
 struct Owners(Mutex<Vec<Arc<dyn Any + Send + Sync>>>);
@@ -112,6 +115,13 @@ impl CacheLayout {
     /// Lets go of the owners held: once nothing reads or writes the cache any more (a closed communicator).
     pub fn release_owners(&self) {
         self.owners.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Keeps the owners held for the life of the process: where something may still write into the cache after
+    /// its communicator closed (a same-host link that could not be stopped), its memory is never given back.
+    pub fn quarantine_owners(&self) {
+        let owners = std::mem::take(&mut *self.owners.0.lock().unwrap_or_else(|p| p.into_inner()));
+        QUARANTINE.lock().unwrap_or_else(|p| p.into_inner()).extend(owners);
     }
 
     /// Checks a [`CacheSpec`]: list lengths agree, sizes are non-zero, no address is null, no tensor wraps

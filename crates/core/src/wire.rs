@@ -129,10 +129,12 @@ pub struct Hello {
     pub dst_tp_size: u32,
     /// The transports the prefill can use, preferred first, each with what its decode half needs to know.
     pub offers: Vec<Offer>,
-    /// The prefill's host and pid namespace ([`crate::net::host_id`]): same-host transports need the same.
+    /// The prefill's host and pid namespace ([`crate::net::host_id`]), as it says: for logs and older decodes. A
+    /// decode of this version believes only the kernel (the Unix socket's peer credentials) about which process of
+    /// this host a peer is.
     #[serde(default)]
     pub host: Option<String>,
-    /// The prefill's process (for same-host transports, whose links the decode cannot cut off).
+    /// The prefill's process, as it says (see `host`).
     #[serde(default)]
     pub pid: Option<u32>,
     /// Sessions of this process's earlier links to this decode, all dropped (at most 16): a decode that could not

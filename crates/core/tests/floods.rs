@@ -162,7 +162,7 @@ fn a_decode_keeps_at_most_max_peers_links() {
     let err = prefills[2].connect("127.0.0.1", port, 1).unwrap_err();
     assert!(err.message().contains("KVCACHE_MAX_PEERS"), "the third prefill is told why: {err}");
     // Once a link has gone, another may take its place.
-    prefills[0].close();
+    prefills[0].close().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while prefills[2].connect("127.0.0.1", port, 1).is_err() {
         assert!(Instant::now() < deadline, "no room for a new link after one closed");

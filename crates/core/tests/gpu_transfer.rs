@@ -188,7 +188,7 @@ fn decode_child() {
             continue;
         }
         if line == "CLOSE" {
-            decode.close();
+            decode.close().unwrap();
             println!("CLOSED {}", unchanged_after(&cache, Ok(())));
             std::io::stdout().flush().unwrap();
             continue;

@@ -202,7 +202,7 @@ fn a_failed_connection_is_rebuilt_for_the_next_call() {
     let p = prefill(src.spec(), 1, 0, config.clone());
     p.connect("127.0.0.1", port, 1).unwrap();
     p.write_cache("127.0.0.1", port, &[0], &[0], 0).unwrap();
-    d.close();
+    d.close().unwrap();
     drop(d);
     let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();
     match err.code() {

@@ -264,7 +264,7 @@ fn after_a_decode_closes_nothing_lands() {
         let writer = keep_writing(p.clone(), d.port(), id("busy"));
         std::thread::sleep(Duration::from_millis(200));
         let started = Instant::now();
-        d.close();
+        d.close().unwrap();
         let last = dst.block(1, 0, 63).to_vec();
         assert!(started.elapsed() < Duration::from_secs(4), "{kind}: close took {:?}", started.elapsed());
         let after = dst.snapshot();
@@ -286,7 +286,7 @@ fn a_prefill_close_waits_for_its_write_in_flight() {
         p.connect(HOST, d.port(), 1).unwrap();
         let writer = keep_writing(p.clone(), d.port(), id("closing"));
         std::thread::sleep(Duration::from_millis(100));
-        p.close();
+        p.close().unwrap();
         let last = dst.block(1, 0, 63).to_vec();
         let after = dst.snapshot();
         let (err, _) = writer.join().unwrap();
@@ -337,7 +337,7 @@ fn with_two_prefill_ranks_a_layer_arrives_once_both_slices_have() {
         assert_eq!(err.code(), ErrorCode::Timeout, "{kind}: one slice of two is not the layer");
         // Rank 0 has written every layer of its slice: its link ending does not fail the request.
         let (_, rank0) = &ranks[0];
-        rank0.close();
+        rank0.close().unwrap();
         ranks[1].1.write_request(HOST, d.port(), &[1], &[3], 0, Some(&r)).unwrap();
         d.wait_for(&r, Some(vec![0]), WAIT).unwrap();
         // An empty write still says the layer is written (it has no blocks here).
@@ -362,7 +362,7 @@ fn a_prefill_that_closes_right_after_its_last_write_still_completes_the_request(
                 p.write_request(HOST, d.port(), &[1], &[2], layer, Some(&r)).unwrap();
             }
             // The notifications queued before the close go out before it returns.
-            p.close();
+            p.close().unwrap();
             drop(p);
             d.wait_for(&r, None, WAIT).unwrap_or_else(|e| panic!("{kind} round {round}: {e}"));
         }

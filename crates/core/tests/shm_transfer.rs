@@ -118,7 +118,7 @@ fn nothing_lands_after_the_decode_closed() {
     let port = d.port();
     let p = prefill(src.spec(), 1, 0, TransportChoice::Only(TransportKind::Shm));
     p.connect("127.0.0.1", port, 1).unwrap();
-    d.close();
+    d.close().unwrap();
     let before = dst.snapshot();
     let err = p.write_cache("127.0.0.1", port, &[1], &[2], 0).unwrap_err();
     assert_eq!(err.code(), ErrorCode::NotConnected, "{err}");
@@ -144,10 +144,8 @@ mod raw_peer;
 
 #[test]
 fn a_same_host_claim_over_tcp_gets_no_same_host_transport_and_cannot_stall_revoke() {
-    use kvtransfer::admission::ConnectionHello;
-    use kvtransfer::channel::{frame, RequestId};
-    use kvtransfer::wire::{self, Offer, Reply, PROTOCOL_VERSION};
-    use std::io::{Read, Write};
+    use kvtransfer::channel::RequestId;
+    use kvtransfer::wire::{self, Offer, Reply};
     let dst = Cache::new(2, 1, 8, 256, 2);
     let d = decode(dst.spec(), TransportChoice::Auto);
     assert!(d.transports().contains(&TransportKind::Shm), "{:?}", d.transports());
@@ -163,13 +161,7 @@ fn a_same_host_claim_over_tcp_gets_no_same_host_transport_and_cannot_stall_revok
     let welcome = wire::decode_welcome(welcome.as_bytes()).unwrap();
     assert_eq!(welcome.transport, TransportKind::Tcp, "a claim of this host's id and a pid is only a claim");
     // Its request channel opens, then ends without a goodbye.
-    let mut channel = std::net::TcpStream::connect(("127.0.0.1", welcome.channel_port)).unwrap();
-    let opening = ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token: welcome.channel_token, proof: [0; 32] };
-    channel.write_all(&opening.encode()).unwrap();
-    channel.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = channel.read(&mut [0u8; 64]);
-    drop(channel);
-    std::thread::sleep(Duration::from_millis(200));
+    raw_peer::open_channel_and_vanish(&welcome);
     // Its link was cut off: a revoke does not wait for the process it named.
     let started = std::time::Instant::now();
     d.revoke(&RequestId::new("r").unwrap()).unwrap();
@@ -186,17 +178,38 @@ fn a_same_host_claim_over_tcp_gets_no_same_host_transport_and_cannot_stall_revok
 
 #[test]
 fn over_its_hosts_unix_socket_a_prefill_is_the_process_the_kernel_names() {
-    // A prefill dialing an address of this host reaches the decode over the Unix socket beside it: shm is taken,
-    // and granted to the process that connected (this one), whatever its hello says.
-    let src = Cache::new(2, 1, 8, 256, 1);
+    use kvtransfer::channel::RequestId;
+    use kvtransfer::listener::connection;
+    use kvtransfer::wire::{self, Offer, Reply};
     let dst = Cache::new(2, 1, 8, 256, 2);
-    let d = decode(dst.spec(), TransportChoice::Auto);
-    let mut control = kvtransfer::control::ControlClient::connect("127.0.0.1", d.port(), Duration::from_secs(5)).unwrap();
-    assert!(control.is_local());
-    drop(control.ask(b"").ok());
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(dst.spec()), tp_size: 1, tp_idx: 0 };
+    let d = Communicator::new(spec, Config { timeout: Duration::from_secs(1), ..config(TransportChoice::Auto) }).unwrap();
+    // A process that has ended: what this peer names as itself.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let mut hello = common::hello(1, 256);
+    hello.offers.insert(0, Offer { transport: TransportKind::Shm, details: serde_json::Value::Null });
+    hello.pid = Some(gone_pid);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], d.port()));
+    let control = connection::connect_local(&connection::local_name("control", addr)).unwrap();
+    let Reply::Welcome { welcome, .. } = raw_peer::handshake_over(control, &hello) else { panic!("no welcome") };
+    let welcome = wire::decode_welcome(welcome.as_bytes()).unwrap();
+    assert_eq!(welcome.transport, TransportKind::Shm, "a process of this host, of this user, named by the kernel");
+    // Its request channel ends without a goodbye: a same-host link that cannot be cut off while its process
+    // lives. That process is this one (the kernel's word), not the one that ended (the hello's): revoke must say
+    // it could not stop it.
+    raw_peer::open_channel_and_vanish(&welcome);
+    let err = d.revoke(&RequestId::new("r").unwrap()).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Timeout, "{err}");
+    assert!(err.message().contains("(shm)"), "{err}");
+    // An honest prefill dialing an address of this host takes shm too, and its writes land.
+    let src = Cache::new(2, 1, 8, 256, 1);
+    let fresh = Cache::new(2, 1, 8, 256, 3);
+    let d2 = decode(fresh.spec(), TransportChoice::Auto);
     let p = prefill(src.spec(), 1, 0, TransportChoice::Auto);
-    p.connect("127.0.0.1", d.port(), 1).unwrap();
-    assert_eq!(link_of(&p, d.port()), "shm");
-    p.write_cache("127.0.0.1", d.port(), &[3], &[5], 0).unwrap();
-    assert_eq!(dst.block(1, 0, 5), src.block(1, 0, 3));
+    p.connect("127.0.0.1", d2.port(), 1).unwrap();
+    assert_eq!(link_of(&p, d2.port()), "shm");
+    p.write_cache("127.0.0.1", d2.port(), &[3], &[5], 0).unwrap();
+    assert_eq!(fresh.block(1, 0, 5), src.block(1, 0, 3));
 }

@@ -185,7 +185,7 @@ fn closed_decode_fails_writes_without_hanging() {
     let p = prefill(src.spec(), 1, 0);
     let port = d.port();
     p.connect("127.0.0.1", port, 1).unwrap();
-    d.close();
+    d.close().unwrap();
     let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();
     // The decode told the link it closes.
     assert_eq!(err.code(), ErrorCode::NotConnected, "{err}");
@@ -195,7 +195,7 @@ fn closed_decode_fails_writes_without_hanging() {
     let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();
     assert!(err.message().contains("could not be rebuilt"), "{err}");
     assert_eq!(p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err().code(), ErrorCode::NotConnected);
-    p.close();
+    p.close().unwrap();
     assert_eq!(p.connect("127.0.0.1", port, 1).unwrap_err().code(), ErrorCode::Closed);
 }
 

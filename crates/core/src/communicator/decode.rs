@@ -67,6 +67,17 @@ impl Links {
     }
 }
 
+/// Whether the process `pid` of `origin` runs as this process's user and in its pid namespace: the same-host
+/// transports need both (another user's process could hold the one ptrace grant, or never be cut off; a pid of
+/// another namespace names another process to the prefill).
+fn same_user_and_pid_namespace(origin: Origin, pid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let user = unsafe { libc::geteuid() };
+    let namespace = |of: &str| std::fs::read_link(format!("/proc/{of}/ns/pid")).ok();
+    matches!(origin, Origin::Process { uid, .. } if uid == user)
+        && namespace(&pid.to_string()).is_some_and(|theirs| Some(theirs) == namespace("self"))
+}
+
 /// Whether process `pid` has ended: gone, or a zombie (no memory left to write from). A reused pid reads as
 /// alive: the safe side.
 fn process_gone(pid: u32) -> bool {
@@ -252,7 +263,7 @@ impl Admit for Admitting {
         // Same-host transports write into this process, or map its memory: only for a process of this host that
         // the kernel names (a hello's own `host` and `pid` are only its word). Its pid is also what tells when
         // such a link can no longer write.
-        let process = origin.process();
+        let process = origin.process().filter(|&pid| same_user_and_pid_namespace(origin, pid));
         let same_host = process.is_some();
         self.links.forget(process, &hello.dropped);
         let offers: Vec<TransportKind> = hello.offers.iter().map(|o| o.transport).collect();

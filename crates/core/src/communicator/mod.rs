@@ -98,6 +98,8 @@ pub struct Communicator {
     config: Config,
     log: Arc<Logger>,
     closed: AtomicBool,
+    /// The outcome of the close, once it has ended: a second caller waits for it.
+    close_outcome: (Mutex<Option<Result<()>>>, std::sync::Condvar),
     side: Side,
 }
 
@@ -145,7 +147,7 @@ impl Communicator {
                 Side::Decode(DecodeSide::listen(spec.port, &env, acceptors)?)
             }
         };
-        let comm = Communicator { role: spec.role, gpu_idx: spec.gpu_idx, cache, config, log, closed: AtomicBool::new(false), side };
+        let comm = Communicator { role: spec.role, gpu_idx: spec.gpu_idx, cache, config, log, closed: AtomicBool::new(false), close_outcome: Default::default(), side };
         comm.log.debug(format!(
             "{} communicator ready: {} layers of {:?}, {} blocks of {} bytes, transports {}{}",
             comm.role.as_str(),
@@ -379,23 +381,40 @@ impl Communicator {
     }
 
     /// Closes every connection; a decode communicator stops listening and, once this returns, writes
-    /// nothing more into its cache. Later calls fail with `CLOSED`.
+    /// nothing more into its cache (except from the same-host links a `TIMEOUT` error names). Later calls of
+    /// other methods fail with `CLOSED`; a second close waits for the first and returns its outcome.
     pub fn close(&self) -> Result<()> {
+        let (outcome, ended) = &self.close_outcome;
         if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        let uncut = match &self.side {
-            Side::Prefill(p) => {
-                p.close();
-                Vec::new()
+            let mut done = outcome.lock().unwrap_or_else(|p| p.into_inner());
+            while done.is_none() {
+                done = ended.wait(done).unwrap_or_else(|p| p.into_inner());
             }
-            Side::Decode(d) => d.close(),
-        };
-        self.cache.release_owners();
+            return done.clone().expect("set before it was signalled");
+        }
+        let result = self.stop();
+        *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(result.clone());
+        ended.notify_all();
+        result
+    }
+
+    fn stop(&self) -> Result<()> {
+        let uncut = Error::catch_panic(|| {
+            Ok(match &self.side {
+                Side::Prefill(p) => {
+                    p.close();
+                    Vec::new()
+                }
+                Side::Decode(d) => d.close(),
+            })
+        })?;
         self.log.debug("closed");
         if uncut.is_empty() {
+            self.cache.release_owners();
             return Ok(());
         }
+        // A same-host link that lives on may still write into the cache: what owns its memory is never let go.
+        self.cache.quarantine_owners();
         Err(Error::new(
             ErrorCode::Timeout,
             format!(

@@ -383,6 +383,23 @@ mod tests {
     }
 
     #[test]
+    fn a_unix_socket_whose_queue_is_full_is_passed_over_not_waited_on() {
+        use std::os::fd::AsRawFd;
+        // A TCP port, and a local process that holds the Unix socket name beside it and never accepts.
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let name = connection::local_name(LOCAL_NAME, tcp.local_addr().unwrap());
+        let abstract_name = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name.as_bytes());
+        let squatter = std::os::unix::net::UnixListener::bind_addr(&abstract_name.unwrap()).unwrap();
+        // SAFETY: listen(2) on a socket this test owns; it only shortens the queue.
+        assert_eq!(unsafe { libc::listen(squatter.as_raw_fd(), 0) }, 0);
+        let _queued: Vec<_> = (0..4).filter_map(|_| connection::connect_local(&name).ok()).collect();
+        let start = Instant::now();
+        let client = ControlClient::connect("127.0.0.1", tcp.local_addr().unwrap().port(), Duration::from_secs(3)).unwrap();
+        assert!(!client.is_local(), "over TCP, past the full Unix socket");
+        assert!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
+    }
+
+    #[test]
     fn a_decode_that_starts_late_is_waited_for() {
         let port = free_port();
         let late = std::thread::spawn(move || {

@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
 use std::time::Duration;
@@ -58,9 +58,15 @@ pub(super) fn bind_local(name: &str) -> std::io::Result<UnixListener> {
     UnixListener::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes())?)
 }
 
-/// Connects to the abstract Unix socket `name`.
+/// Connects to the abstract Unix socket `name`, without waiting: where its listener's queue is full (a process
+/// that holds the name and never accepts), this fails at once (`WouldBlock`) instead of blocking without limit.
 pub fn connect_local(name: &str) -> std::io::Result<UnixStream> {
-    UnixStream::connect_addr(&UnixAddr::from_abstract_name(name.as_bytes())?)
+    let stream = mio::net::UnixStream::connect_addr(&UnixAddr::from_abstract_name(name.as_bytes())?)?;
+    // SAFETY: the descriptor is taken out of the mio stream, which gives up owning it; the std stream owns it
+    // from here on (one owner, closed once).
+    let stream = unsafe { UnixStream::from_raw_fd(stream.into_raw_fd()) };
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 /// The process at the other end of a Unix-socket connection, as the kernel recorded it when it connected.

@@ -43,6 +43,18 @@ pub fn handshake_over(mut control: impl Read + Write, hello: &Hello) -> Reply {
     }
 }
 
+/// Opens the request channel `welcome` admits, reads its first frames, and goes without a goodbye (as a process
+/// that froze or vanished would); returns once the decode has had time to see it end.
+pub fn open_channel_and_vanish(welcome: &Welcome) {
+    let mut channel = TcpStream::connect(("127.0.0.1", welcome.channel_port)).unwrap();
+    let opening = ConnectionHello { magic: kvtransfer::channel::frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token: welcome.channel_token, proof: [0; 32] };
+    channel.write_all(&opening.encode()).unwrap();
+    channel.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = channel.read(&mut [0u8; 64]);
+    drop(channel);
+    std::thread::sleep(Duration::from_millis(200));
+}
+
 /// What this host and pid namespace are called in a hello (what a peer of this host says it is).
 pub fn this_host() -> String {
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();

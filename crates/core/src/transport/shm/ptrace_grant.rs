@@ -3,8 +3,8 @@
 //! - `kernel.yama.ptrace_scope` 0 (or no Yama): every process of the same user already may; nothing is granted,
 //!   and nothing can be withdrawn.
 //! - 1: only descendants, and the one process this process names with `PR_SET_PTRACER` (and that process's
-//!   descendants). The grant goes to the process an authenticated shm peer names in its hello, while it has a
-//!   session, and is withdrawn when its last session ends. Yama keeps one name per process: while one peer
+//!   descendants). The grant goes to the process of an authenticated shm peer, as the kernel named it when its
+//!   handshake connected over this host's Unix socket (never a pid a hello claims), while it has a session, and is withdrawn when its last session ends. Yama keeps one name per process: while one peer
 //!   process holds the grant, shm is unavailable to any other (its connections take the next transport both
 //!   sides have).
 //! - 2 and 3: no process may; shm is unavailable.

@@ -44,6 +44,10 @@ pub fn decode_hello_ack(b: &[u8; HELLO_ACK_LEN]) -> Result<()> {
     }
     match u32_at(b, 4) {
         0 => Ok(()),
+        code if ErrorCode::from_wire(code) == ErrorCode::Unauthenticated => Err(Error::new(
+            ErrorCode::Unauthenticated,
+            "the decode peer refused the data connection: its hello did not carry this handshake's proof of KVCACHE_AUTH_TOKEN",
+        )),
         code => Err(Error::new(
             ErrorCode::from_wire(code),
             "the decode peer refused the data connection (its handshake session is unknown or expired)",
