@@ -5,9 +5,23 @@
  *
  * @packageDocumentation
  */
-import { systemInfo, type SystemInfo } from './index.js'
+import { createRequire } from 'node:module'
+import { parseArgs } from 'node:util'
+import type { SystemInfo } from './index.js'
+import { platform } from './lib/platform.js'
 
-const usage = 'usage: kvtransfer info [--json]'
+const usage = `usage: kvtransfer <command> [options]
+
+commands:
+  info [--json]   what this machine offers kvtransfer: platform, native binary, transports usable here and why
+                  not the others, RDMA devices (ports, GIDs), GPUs and driver, the KVCACHE_* variables in force;
+                  exits 1 when a KVCACHE_* value would be refused, or no native binary loads
+
+options:
+  -h, --help      this text
+  -v, --version   the version of kvtransfer`
+
+const version = (): string => (createRequire(__filename)('./package.json') as { version: string }).version
 
 function gib(bytes: number): string {
   return `${(bytes / 2 ** 30).toFixed(1)} GiB`
@@ -40,16 +54,63 @@ function print(info: SystemInfo): void {
   console.log(out.join('\n'))
 }
 
-function main(args: string[]): number {
-  const [command, ...flags] = args
-  if (command !== 'info' || flags.some((f) => f !== '--json')) {
-    console.error(usage)
+/** What `info` can say where the native binary does not load: which one it looked for, why, and the variables. */
+function printWithoutBinary(err: unknown, json: boolean): void {
+  const cause = err instanceof Error ? err.message : String(err)
+  const settings = Object.entries(process.env)
+    .filter(([k]) => k.startsWith('KVCACHE_'))
+    .map(([env, value]) => ({ env, value: env === 'KVCACHE_AUTH_TOKEN' ? '<set>' : (value ?? null) }))
+  if (json) {
+    console.log(JSON.stringify({ version: version(), platform: platform(), node: process.versions.node, binary: null, error: cause, settings }, null, 2))
+    return
+  }
+  const out = [`kvtransfer ${version()} on ${platform()}, Node.js ${process.versions.node}`, `binary: not loaded: ${cause}`]
+  out.push('', 'Without it nothing moves, and transports, RDMA devices and GPUs cannot be looked at. The binary comes in')
+  out.push(`the optional package kvtransfer-${platform()}: reinstall kvtransfer with optional dependencies (npm's`)
+  out.push('--omit=optional or --no-optional leaves it out), or build it from source (`npm run build`).')
+  out.push('', 'environment (not checked without the binary):')
+  for (const s of settings) out.push(`  ${s.env.padEnd(30)}${JSON.stringify(s.value)}`)
+  if (settings.length === 0) out.push('  no KVCACHE_* variable is set')
+  console.log(out.join('\n'))
+}
+
+async function main(args: string[]): Promise<number> {
+  let parsed
+  try {
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      options: { json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' }, version: { type: 'boolean', short: 'v' } },
+    })
+  } catch (err) {
+    console.error(`${err instanceof Error ? err.message : String(err)}\n\n${usage}`)
     return 2
   }
-  const info = systemInfo()
-  if (flags.includes('--json')) console.log(JSON.stringify(info, null, 2))
+  const { values, positionals } = parsed
+  if (values.help) {
+    console.log(usage)
+    return 0
+  }
+  if (values.version) {
+    console.log(version())
+    return 0
+  }
+  if (positionals.length !== 1 || positionals[0] !== 'info') {
+    console.error(positionals.length === 0 ? usage : `unknown command ${JSON.stringify(positionals.join(' '))}\n\n${usage}`)
+    return 2
+  }
+  let info: SystemInfo
+  try {
+    info = (await import('./index.js')).systemInfo()
+  } catch (err) {
+    printWithoutBinary(err, values.json === true)
+    return 1
+  }
+  if (values.json) console.log(JSON.stringify(info, null, 2))
   else print(info)
   return info.settings.some((s) => s.error) ? 1 : 0
 }
 
-process.exitCode = main(process.argv.slice(2))
+main(process.argv.slice(2)).then((code) => {
+  process.exitCode = code
+})

@@ -1,5 +1,6 @@
 // The package surface: exports, constructor checks, configuration, HostBuffer.
 import test from 'ava'
+import { fileURLToPath } from 'node:url'
 import { createRequire } from 'node:module'
 import * as esm from 'kvtransfer'
 import { RDMACommunicator, HostBuffer, KVTransferError } from 'kvtransfer'
@@ -35,6 +36,31 @@ test('without a binary for this platform, loading says which platform and which 
   t.true(err.message.includes(`no native binary for this platform, ${target}`), err.message)
   t.true(err.message.includes(`kvtransfer-${target}`), err.message)
   t.truthy(err.cause, 'the loader\'s own errors are kept as the cause')
+  // `kvtransfer info` still runs there, and says what is missing and what to do.
+  copyFileSync(new URL('../cli.js', import.meta.url), join(dir, 'cli.js'))
+  const { spawnSync } = await import('node:child_process')
+  const info = spawnSync(process.execPath, [join(dir, 'cli.js'), 'info'], { encoding: 'utf8', env: { ...process.env, KVCACHE_TRANSPORT: 'tcp' } })
+  t.is(info.status, 1, info.stderr)
+  t.regex(info.stdout, new RegExp(`binary: not loaded: .*kvtransfer-${target}`))
+  t.regex(info.stdout, /reinstall kvtransfer with optional dependencies/)
+  t.regex(info.stdout, /KVCACHE_TRANSPORT\s+"tcp"/)
+})
+
+test('the CLI parses its arguments: --help, --version, and a clear error for anything else', async (t) => {
+  const { spawnSync } = await import('node:child_process')
+  const cli = (...args) => spawnSync(process.execPath, [fileURLToPath(new URL('../cli.js', import.meta.url)), ...args], { encoding: 'utf8' })
+  const help = cli('--help')
+  t.is(help.status, 0)
+  t.regex(help.stdout, /usage: kvtransfer <command>[\s\S]*info \[--json\]/)
+  t.is(cli('-v').stdout.trim(), require('kvtransfer/package.json').version)
+  const json = cli('info', '--json')
+  t.is(json.status, 0, json.stderr)
+  t.is(JSON.parse(json.stdout).platform, esm.platform())
+  for (const args of [[], ['bogus'], ['info', '--bogus']]) {
+    const r = cli(...args)
+    t.is(r.status, 2, args.join(' '))
+    t.regex(r.stderr, /usage: kvtransfer/)
+  }
 })
 
 test.serial('systemInfo reports versions, platform, binary, transports and flags bad settings', (t) => {

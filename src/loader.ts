@@ -5,8 +5,9 @@
  */
 import type * as Native from '../binding.js'
 
-/** The platforms kvtransfer ships a native binary for. */
-const SHIPPED_PLATFORMS = ['linux-x64-gnu', 'linux-arm64-gnu']
+import { platform, SHIPPED_PLATFORMS } from './platform.js'
+
+export { platform }
 
 /** The native addon of this platform. */
 export const native: typeof Native = load()
@@ -21,14 +22,6 @@ function load(): typeof Native {
       : `kvtransfer ships binaries for ${SHIPPED_PLATFORMS.join(' and ')} only (build it from source with \`npm run build\`)`
     throw new Error(`kvtransfer: no native binary for this platform, ${target}: ${why}`, { cause: err })
   }
-}
-
-/** This machine's platform as the per-platform packages name it: `linux-x64-gnu`, `linux-arm64-musl`, ... */
-export function platform(): string {
-  const base = `${process.platform}-${process.arch}`
-  if (process.platform !== 'linux') return base
-  const report = process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined
-  return `${base}-${report?.header?.glibcVersionRuntime ? 'gnu' : 'musl'}`
 }
 
 /** The path of the native binary this process loaded: beside the package (a source build) or its package. */
