@@ -66,11 +66,12 @@ ls node_modules | grep kvtransfer
 
 echo "== type-checking the examples against the installed package (strict)"
 mkdir examples
-cp "$repo"/examples/{engine.ts,api-tour.ts,tsconfig.json} examples/
+cp "$repo"/examples/{engine.ts,api-tour.ts,quickstart.mjs,tsconfig.json} examples/
 npx tsc -p examples --noEmit
 npx tsc -p examples
 
 echo "== running them"
+node examples/quickstart.mjs   # the README's example, as written
 node examples/dist/api-tour.js
 node examples/dist/engine.js
 npx kvtransfer info

@@ -46,6 +46,14 @@ test('without a binary for this platform, loading says which platform and which 
   t.regex(info.stdout, /KVCACHE_TRANSPORT\s+"tcp"/)
 })
 
+test("the README's example is examples/quickstart.mjs, exactly", async (t) => {
+  const { readFileSync } = await import('node:fs')
+  const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8')
+  const block = readme.match(/exactly this[^\n]*\n\n```js\n([\s\S]*?)```/)
+  t.truthy(block, 'the README shows the example')
+  t.is(block[1], readFileSync(new URL('../examples/quickstart.mjs', import.meta.url), 'utf8'))
+})
+
 test('the CLI parses its arguments: --help, --version, and a clear error for anything else', async (t) => {
   const { spawnSync } = await import('node:child_process')
   const cli = (...args) => spawnSync(process.execPath, [fileURLToPath(new URL('../cli.js', import.meta.url)), ...args], { encoding: 'utf8' })

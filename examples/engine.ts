@@ -6,7 +6,7 @@
 //
 // Three requests show what an engine meets:
 //   req-1  streamed layer by layer and complete.
-//   req-2  its client disconnects at the prefill after two layers: the prefill aborts it (`abortRequest`), and
+//   req-2  its client disconnects at the prefill after two layers: the prefill aborts it (`peer.abort`), and
 //          the decode's `waitFor` rejects with ABORTED.
 //   req-3  its client leaves the decode after one layer: the decode revokes it (`revoke`) and reuses its blocks
 //          at once for req-4; the prefill's next write of req-3 rejects with REVOKED, and req-4's bytes are
@@ -22,7 +22,7 @@
 import { fork } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { HostBuffer, KVTransferError, RDMACommunicator, type Notification, type Role } from 'kvtransfer'
+import { Communicator, HostBuffer, KVTransferError, type CacheOptions, type Notification, type Peer } from 'kvtransfer'
 
 const LAYERS = 6
 const BLOCKS = 256
@@ -91,10 +91,9 @@ class PagedCache {
     return t[layer].buffer.subarray(id * BLOCK_BYTES, (id + 1) * BLOCK_BYTES)
   }
 
-  /** This engine's communicator, with the cache registered (a decode one listens on a free port). */
-  communicator(role: Role): RDMACommunicator {
-    const ptrs = (tensor: HostBuffer[]) => tensor.map((b) => b.ptr)
-    return new RDMACommunicator(role, 0, 0, ptrs(this.keys), ptrs(this.values), BLOCKS, BLOCK_BYTES)
+  /** The cache, as a communicator takes it (and holds it until closed). */
+  get options(): CacheOptions {
+    return { keys: this.keys, values: this.values, blockNumber: BLOCKS, blockBytes: BLOCK_BYTES }
   }
 
   /** Runs the model for one layer of `request`, whose blocks are `ids`. */
@@ -156,7 +155,8 @@ interface Outcome {
 /** The decode engine: owns the cache the prefill writes into, and steps through each layer once it is in. */
 class DecodeEngine {
   readonly cache = new PagedCache()
-  readonly comm = this.cache.communicator('decode')
+  /** Listens on a free port of loopback (engines on one host need no token; across hosts, set `authToken`). */
+  readonly comm = Communicator.decode({ ...this.cache.options, port: 0, socketIfname: 'lo' })
   /** Collects from now on, before any write can come. */
   readonly ledger = new Ledger(this.comm.notifications())
 
@@ -203,14 +203,22 @@ class DecodeEngine {
 /** The prefill engine: computes layers and hands each over as soon as it is done. */
 class PrefillEngine {
   readonly cache = new PagedCache()
-  readonly comm = this.cache.communicator('prefill')
+  readonly comm = Communicator.prefill({ ...this.cache.options, instanceId: 'prefill-engine-0' })
   readonly #free = freeList(37, 3)
+  peer: Peer | undefined
+
+  /** Connects to the decode engine. */
+  async connect(port: number): Promise<Peer> {
+    this.peer = await this.comm.connect(HOST, port)
+    return this.peer
+  }
 
   /**
    * Computes `job`'s layers one by one; each is written into the decode's blocks, under the request's id, as
    * soon as it is computed, while the next one is being computed. Says how the request ended.
    */
-  async serve(port: number, job: Job): Promise<string> {
+  async serve(job: Job): Promise<string> {
+    const peer = this.peer!
     const local = this.#free.splice(0, job.blocks.length)
     const layerMs = job.blocks.length / 2 // the model's time for one layer of the request
     const writes: Promise<void>[] = []
@@ -222,10 +230,10 @@ class PrefillEngine {
       if (layer === PREFILL_CLIENT_LEAVES[job.request]) {
         // The client went away: tell the decode that the request will not complete, and stop.
         await Promise.all(writes)
-        await this.comm.abortRequest(HOST, port, job.request, 'client disconnected')
+        await peer.abort(job.request, 'client disconnected')
         return `its client disconnected after ${layer} layers were handed over: aborted`
       }
-      const write = this.comm.writeCacheAsync(HOST, port, local, job.blocks, layer, { requestId: job.request })
+      const write = peer.write(local, job.blocks, layer, { requestId: job.request })
       writes.push(write.catch((err: unknown) => void (refused ??= { layer, err })))
     }
     await Promise.all(writes)
@@ -266,7 +274,7 @@ async function decodeMain(): Promise<void> {
     if (done(job.request).some((n) => n.blockIds.join() !== job.blocks.join())) throw new Error(`${job.request}: notified other blocks`)
   }
   if (ended('req-2')?.status !== 'aborted' || ended('req-1') || ended('req-3')) throw new Error('unexpected notifications of the ends of requests')
-  engine.comm.close()
+  await engine.comm.close()
   await engine.ledger.ended()
 
   console.log(`[decode engine] req-1: all ${LAYERS} layers awaited, each matching the prefill's bytes (SHA-256)`)
@@ -289,14 +297,14 @@ async function prefillMain(): Promise<void> {
   try {
     const hello = await unlessDecodeFails(new Promise<Hello>((resolve) => child.once('message', resolve)))
     const engine = new PrefillEngine()
-    await unlessDecodeFails(engine.comm.connectAsync(HOST, hello.port))
+    const peer = await unlessDecodeFails(engine.connect(hello.port))
     // The requests run side by side, as in a batch; each layer is handed over as soon as it is computed.
-    const outcomes = await unlessDecodeFails(Promise.all(hello.jobs.map((job) => engine.serve(hello.port, job))))
+    const outcomes = await unlessDecodeFails(Promise.all(hello.jobs.map((job) => engine.serve(job))))
     hello.jobs.forEach((job, i) => console.log(`[prefill engine] ${job.request}: ${outcomes[i]}`))
-    console.log(`[prefill engine] over ${engine.comm.connectedTransport(HOST, hello.port)}; every write has settled`)
+    console.log(`[prefill engine] over ${peer.transport}; every write has settled`)
     child.send({ finished: true })
     const code = await exited
-    engine.comm.close()
+    await engine.comm.close()
     if (code !== 0) throw new Error(`the decode engine failed (exit ${code})`)
   } catch (err) {
     child.kill()
