@@ -119,9 +119,17 @@ export abstract class Communicator {
     return new DecodeCommunicator(call(() => new native.NativeCommunicator({ ...init, secureDefault: true })), held)
   }
 
-  /** @internal Wraps a native communicator made elsewhere (the compatibility layer). */
-  static wrap(role: Role, nativeCommunicator: NativeCommunicator): PrefillCommunicator | DecodeCommunicator {
-    return role === 'prefill' ? new PrefillCommunicator(nativeCommunicator, []) : new DecodeCommunicator(nativeCommunicator, [])
+  /**
+   * @internal The seed API's communicator (`RDMACommunicator`): from its positional arguments as options, with
+   * the original's behaviour (a decode listens without a token, with a warning, and does not keep the process
+   * alive).
+   */
+  static seed(role: Role, options: CacheOptions & Settings, port: number, tpSize: number, tpIdx: number, allowed: ReadonlySet<string>): PrefillCommunicator | DecodeCommunicator {
+    const settings = toSettings(options, new Set([...CACHE_KEYS, ...allowed]))
+    const { init, held } = call(() => toNativeInit(role, options, port, tpSize, tpIdx, settings, addressOf))
+    const made = call(() => new native.NativeCommunicator(init))
+    if (role === 'prefill') return new PrefillCommunicator(made, held)
+    return new DecodeCommunicator(made, held).unref()
   }
 
   /**

@@ -5,7 +5,6 @@
  */
 import { Communicator, type DecodeCommunicator, type PrefillCommunicator } from './communicator.js'
 import { call, invalid, KVTransferError } from './errors.js'
-import { native } from './loader.js'
 import {
   type BlockIds,
   type CommunicatorOptions,
@@ -16,9 +15,7 @@ import {
   toBlockIds,
   toCount,
   toHost,
-  toNativeInit,
   toPort,
-  toSettings,
 } from './options.js'
 import type { Notification, WaitOptions, WriteOptions } from './requests.js'
 
@@ -67,15 +64,10 @@ export class RDMACommunicator {
     options: CommunicatorOptions = {},
   ) {
     if (role !== 'prefill' && role !== 'decode') throw invalid(`role must be 'prefill' or 'decode', not ${String(role)}`)
-    const settings = toSettings(options, SCALE_KEYS)
+    if (typeof options !== 'object' || options === null) throw invalid('options must be an object')
     const cache = { ...options, gpuIdx, keyPtrs, valuePtrs, blockNumber, blockBytes }
-    // Addresses only: a HostBuffer's memory is held natively, anything else is the caller's promise, as in the
-    // original.
-    const { init } = call(() => toNativeInit(role, cache, toPort(port, true), prefillTpSize, prefillTpIdx, settings, (b) => native.bufferAddress(b)))
     this.role = role
-    this.communicator = Communicator.wrap(role, call(() => new native.NativeCommunicator(init)))
-    // As the original: a listening decode does not keep the process alive by itself.
-    if (this.communicator.role === 'decode') this.communicator.unref()
+    this.communicator = Communicator.seed(role, cache, call(() => toPort(port, true)), prefillTpSize, prefillTpIdx, SCALE_KEYS)
     this.port = this.communicator.native.port
   }
 
