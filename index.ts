@@ -25,6 +25,7 @@ export {
   PrefillCommunicator,
   type ConnectOptions,
   type DecodeOptions,
+  type PeerSummary,
   type PrefillOptions,
 } from './lib/communicator.js'
 export { Peer } from './lib/peer.js'

@@ -8,11 +8,13 @@ import v8 from 'node:v8'
 import vm from 'node:vm'
 import { Communicator, HostBuffer, KVTransferError, RDMACommunicator } from 'kvtransfer'
 import { makeCache } from './helpers/cache.mjs'
+import { pair } from './helpers/pair.mjs'
 import { transportOptions } from './helpers/transport.mjs'
 
 const HOST = '127.0.0.1'
 v8.setFlagsFromString('--expose-gc')
 const gc = vm.runInNewContext('gc')
+
 
 /** Collects what JavaScript let go of, and lets the finalisers run. */
 async function collect() {
@@ -119,17 +121,7 @@ test.serial('close never blocks the event loop, and says which links it could no
 
 test('every consumer sees every notification, from its creation on', async (t) => {
   const shape = { layers: 2, blocks: 8, blockBytes: 1024 }
-  const src = makeCache(shape)
-  const dst = makeCache(shape)
-  const cache = (c) => ({ keyPtrs: c.keyPtrs, valuePtrs: c.valuePtrs, blockNumber: shape.blocks, blockBytes: shape.blockBytes })
-  const decode = Communicator.decode({ ...cache(dst), ...transportOptions })
-  const prefill = Communicator.prefill({ ...cache(src), ...transportOptions })
-  t.teardown(async () => {
-    await prefill.close()
-    await decode.close()
-    src.free()
-    dst.free()
-  })
+  const { src, dst, decode, prefill } = pair(t, shape)
   const a = decode.notifications()
   const b = decode.notifications()
   // A consumer nothing references but its own loop, waiting: collection does not stop it.
@@ -164,4 +156,27 @@ test('every consumer sees every notification, from its creation on', async (t) =
   await decode.close()
   t.true((await a.next()).done)
   t.true((await c.next()).done)
+})
+
+test('a decode lists its peers; Peer.close() ends one, and the decode sees it go', async (t) => {
+  const shape = { layers: 1, blocks: 8, blockBytes: 1024 }
+  const { src, dst, decode, prefill } = pair(t, shape)
+  t.deepEqual(decode.peers(), [])
+  const peer = await prefill.connect(HOST, decode.port)
+  const listed = decode.peers()
+  t.is(listed.length, 1)
+  t.regex(listed[0].name, /^prefill tp 0\/1 at 127\.0\.0\.1$/)
+  t.is(listed[0].transport, peer.transport)
+  await peer.close()
+  t.false(peer.connected)
+  const deadline = Date.now() + 5000
+  while (decode.peers().length > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20))
+  t.deepEqual(decode.peers(), [], 'the decode saw the link go')
+  t.is((await t.throwsAsync(peer.write([0], [0], 0))).code, 'NOT_CONNECTED')
+  t.is((await t.throwsAsync(peer.close())).code, 'NOT_CONNECTED')
+  // A new connection works as before.
+  const again = await prefill.connect(HOST, decode.port)
+  await again.write([1], [1], 0)
+  t.is(dst.blockHash('key', 0, 1), src.blockHash('key', 0, 1))
+  t.is(decode.peers().length, 1)
 })

@@ -7,26 +7,12 @@ import { createRequire } from 'node:module'
 import { fileURLToPath } from 'node:url'
 import { Communicator, KVTransferError, RDMACommunicator } from 'kvtransfer'
 import { makeCache } from './helpers/cache.mjs'
+import { pair } from './helpers/pair.mjs'
 import { transportOptions } from './helpers/transport.mjs'
 
 const HOST = '127.0.0.1'
 const require = createRequire(import.meta.url)
 
-function pair(t, shape, decodeShape = shape) {
-  const src = makeCache(shape)
-  const dst = makeCache(decodeShape)
-  const cacheOf = (c, s) => ({ keyPtrs: c.keyPtrs, valuePtrs: c.valuePtrs, blockNumber: s.blocks, blockBytes: s.blockBytes })
-  const decode = Communicator.decode({ ...cacheOf(dst, decodeShape), ...transportOptions })
-  const prefill = Communicator.prefill({ ...cacheOf(src, shape), ...transportOptions })
-  // The caches stay referenced (and so alive) until the communicators are closed.
-  t.teardown(async () => {
-    await prefill.close()
-    await decode.close()
-    src.free()
-    dst.free()
-  })
-  return { src, dst, decode, prefill }
-}
 
 const same = (src, dst, layer, local, remote) =>
   ['key', 'value'].every((t) => local.every((l, i) => src.blockHash(t, layer, l) === dst.blockHash(t, layer, remote[i])))

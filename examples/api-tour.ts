@@ -24,6 +24,7 @@ import {
   type GpuInfo,
   type GpusInfo,
   type MemoryDescriptor,
+  type PeerSummary,
   type Pointer,
   type Port,
   type PrefillOptions,
@@ -140,6 +141,10 @@ async function main(): Promise<void> {
     (e: KVTransferError) => ({ peer: e.peer, layer: e.layer }),
   )
   check(context.peer === `127.0.0.1:${second.port}` && context.layer === 0, 'an error says which call it was')
+  const links: PeerSummary[] = second.peers()
+  check(links.length === 1 && links[0].transport === 'tcp', 'the decode lists its prefill link')
+  await peer.close()
+  check(!peer.connected, 'Peer.close() ended the connection')
   await writer.close()
   for (const b of [...srcKeys, ...srcValues]) b.free()
   check(srcKeys[0].freed && srcKeys[0].buffer.length === 0, 'freed memory is out of reach')

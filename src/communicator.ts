@@ -44,6 +44,14 @@ export interface DecodeOptions extends CacheOptions, Settings {
   port?: number
 }
 
+/** A prefill link of a decode ({@link DecodeCommunicator.peers}). */
+export interface PeerSummary {
+  /** `prefill tp i/n at <address>`. */
+  name: string
+  /** The transport its data path took. */
+  transport: Transport
+}
+
 /** What {@link PrefillCommunicator.connect} takes besides the address. */
 export interface ConnectOptions {
   /** The decode's tensor-parallel size (default 1): each decode block holds `tpSize / dstTpSize` slices. */
@@ -259,6 +267,11 @@ export class DecodeCommunicator extends Communicator {
   /** @internal */
   protected override onClosed(): void {
     clearInterval(this.#listening)
+  }
+
+  /** The prefill links whose request channel is open now: who they are and the transport each took. */
+  peers(): PeerSummary[] {
+    return call(() => this.native.peers()).map((p) => ({ name: p.name, transport: p.transport as Transport }))
   }
 
   /**

@@ -47,6 +47,15 @@ export class Peer {
   }
 
   /**
+   * Ends the connection to this decode, after the calls made before (the decode sees the link go, with its
+   * goodbye). A later {@link PrefillCommunicator.connect} (or write) makes a new one.
+   * @throws {KVTransferError} (as a rejection) `NOT_CONNECTED` where there is no connection.
+   */
+  async close(): Promise<void> {
+    await settled(call(() => this.communicator.native.disconnectAsync(this.ip, this.port)), { peer: `${this.ip}:${this.port}` })
+  }
+
+  /**
    * Tells the decode that `requestId` will not complete (after the writes queued before): its `waitFor` rejects
    * with `ABORTED` and it gets an `'aborted'` notification. Later writes of the request reject with `ABORTED`.
    */

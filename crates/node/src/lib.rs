@@ -159,6 +159,14 @@ fn promise_of<'env, T: ToNapiValue + Send + 'static>(env: &'env Env, start: impl
     Ok(promise)
 }
 
+/// A prefill link of a decode (`PeerSummary` in the wrapper).
+#[napi(object)]
+pub struct NativePeerSummary {
+    /// `prefill tp i/n at ip`.
+    pub name: String,
+    pub transport: String,
+}
+
 /// One event of a request, as the decode engine sees it (`Notification` in the wrapper).
 #[napi(object)]
 pub struct NativeNotification {
@@ -335,6 +343,19 @@ impl NativeCommunicator {
     pub fn abort_request_async<'env>(&self, env: &'env Env, ip: String, port: u32, request_id: String, reason: String) -> Result<Object<'env>, ErrorCode> {
         let (port, request) = guarded(|| Ok((self::port(port)?, request_id_of(request_id)?)))?;
         promise(env, |done| self.inner.abort_request_then(&ip, port, request, reason, done))
+    }
+
+    /// Ends the connection to `ip:port` after the calls queued before.
+    #[napi(ts_return_type = "Promise<NativeFailure | null>")]
+    pub fn disconnect_async<'env>(&self, env: &'env Env, ip: String, port: u32) -> Result<Object<'env>, ErrorCode> {
+        let port = guarded(|| self::port(port))?;
+        promise(env, |done| self.inner.disconnect_then(&ip, port, done))
+    }
+
+    /// Decode: the prefill links whose request channel is open.
+    #[napi]
+    pub fn peers(&self) -> Result<Vec<NativePeerSummary>, ErrorCode> {
+        guarded(|| Ok(self.inner.peers()?.into_iter().map(|(name, transport)| NativePeerSummary { name, transport: transport.as_str().into() }).collect()))
     }
 
     /// Resolves once the listed layers (every layer, for `null`) of the request have arrived; `token` names the

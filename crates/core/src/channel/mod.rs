@@ -154,6 +154,11 @@ impl ChannelServer {
         self.shared.pending.clear();
     }
 
+    /// The peers whose channel is open.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        lock(&self.shared.live).values().map(|l| l.peer.clone()).collect()
+    }
+
     /// Asks every open channel's peer to confirm `ask`, and waits until each has, or its channel has ended, or
     /// `timeout` has passed. Returns the peers that did not confirm; their channels are shut down.
     pub fn ask_all(&self, ask: &Ask, timeout: Duration) -> Vec<PeerInfo> {

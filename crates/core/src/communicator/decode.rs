@@ -212,6 +212,12 @@ impl DecodeSide {
         self.port
     }
 
+    /// The prefill links whose request channel is open: name and transport.
+    pub(super) fn peers(&self) -> Vec<(String, TransportKind)> {
+        let Some(channels) = self.listening.lock().unwrap().as_ref().map(|l| l.channels.clone()) else { return Vec::new() };
+        channels.peers().into_iter().map(|p| (p.name, p.transport)).collect()
+    }
+
     pub(super) fn transports(&self) -> Vec<TransportKind> {
         self.transports.clone()
     }

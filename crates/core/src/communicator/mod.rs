@@ -252,6 +252,24 @@ impl Communicator {
         self.logged(|| format!("abortRequest {request:?} to {ip}:{port}"), result)
     }
 
+    /// Ends the connection to the decode at `ip:port`, after the write in flight; a later `connect` makes a new
+    /// one. `NOT_CONNECTED` where there is none.
+    pub fn disconnect(&self, ip: &str, port: u16) -> Result<()> {
+        let result = self.prefill("disconnect").and_then(|p| p.disconnect(ip, port));
+        self.logged(|| format!("disconnect from {ip}:{port}"), result)
+    }
+
+    /// [`Communicator::disconnect`] on the peer's own thread, after the calls queued before it.
+    pub fn disconnect_then(self: &Arc<Self>, ip: &str, port: u16, done: impl FnOnce(Result<()>) + Send + 'static) {
+        let (comm, host) = (self.clone(), ip.to_string());
+        self.on_peer_thread(ip, port, move || comm.disconnect(&host, port), done);
+    }
+
+    /// Decode: the prefill links whose request channel is open, each as `(name, transport)`.
+    pub fn peers(&self) -> Result<Vec<(String, TransportKind)>> {
+        Ok(self.decode("peers")?.peers())
+    }
+
     /// [`Communicator::abort_request`] on the peer's own thread, after the calls queued before it.
     pub fn abort_request_then(
         self: &Arc<Self>,

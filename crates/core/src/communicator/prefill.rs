@@ -440,6 +440,19 @@ impl PrefillSide {
         Ok(())
     }
 
+    /// Ends the connection to `ip:port` (after the write in flight): its request channel says goodbye, so the
+    /// decode knows the link is gone; a later call connects anew.
+    pub(super) fn disconnect(&self, ip: &str, port: u16) -> Result<()> {
+        let key = peer_key(ip, port);
+        let peer = self.peer(&key)?;
+        let mut state = peer.lock();
+        state.link = None;
+        peer.update(&state);
+        drop(state);
+        self.forget(&key, &peer);
+        Ok(())
+    }
+
     fn peer(&self, key: &str) -> Result<Arc<PeerEntry>> {
         self.peers
             .lock()
