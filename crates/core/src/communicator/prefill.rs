@@ -445,11 +445,11 @@ impl PrefillSide {
     pub(super) fn disconnect(&self, ip: &str, port: u16) -> Result<()> {
         let key = peer_key(ip, port);
         let peer = self.peer(&key)?;
+        // Out of the table first: a `connect` from now on makes a new peer, never revives this one.
+        self.forget(&key, &peer);
         let mut state = peer.lock();
         state.link = None;
         peer.update(&state);
-        drop(state);
-        self.forget(&key, &peer);
         Ok(())
     }
 
