@@ -65,7 +65,9 @@ impl ConnectionHello {
 /// Why a hello opened nothing.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refused<T> {
-    /// No such token waits (never handed out, used, pushed out, or another protocol version).
+    /// A hello of another wire protocol version (this one's tokens mean nothing there).
+    Version(u32),
+    /// No such token waits (never handed out, used, or pushed out).
     Unknown,
     /// Its time was up: what it was for is let go.
     Expired(T),
@@ -79,6 +81,10 @@ impl<T> Refused<T> {
     pub fn into_parts(self, what: &str) -> (Error, Option<T>) {
         use crate::error::ErrorCode;
         match self {
+            Refused::Version(v) => {
+                let why = format!("a {what} hello of wire protocol {v} (this decode speaks {PROTOCOL_VERSION}): run one version on both sides");
+                (Error::new(ErrorCode::Protocol, why), None)
+            }
             Refused::Unknown => (Error::new(ErrorCode::Rejected, format!("an unknown {what} token")), None),
             Refused::Expired(t) => (Error::new(ErrorCode::Rejected, format!("an expired {what} token")), Some(t)),
             Refused::Unproven(t) => {
@@ -134,7 +140,7 @@ impl<T> Admissions<T> {
     /// Uses up the token of `hello`: what it admits, or why not.
     pub fn take(&self, hello: &ConnectionHello) -> std::result::Result<T, Refused<T>> {
         if hello.protocol != PROTOCOL_VERSION {
-            return Err(Refused::Unknown);
+            return Err(Refused::Version(hello.protocol));
         }
         let Some(w) = self.lock().remove(&hello.token) else { return Err(Refused::Unknown) };
         if w.at.elapsed() >= self.ttl {
@@ -183,7 +189,7 @@ mod tests {
         let (c, _) = waiting.admit(3, |_| None);
         assert_eq!(waiting.take(&hello(a, [0xEE; 32])), Err(Refused::Unproven(1)), "a token seen on the way, without the proof");
         assert_eq!(waiting.take(&hello(a, [a as u8; 32])), Err(Refused::Unknown), "and it is used up");
-        assert_eq!(waiting.take(&ConnectionHello { protocol: PROTOCOL_VERSION - 1, ..hello(b, [b as u8; 32]) }), Err(Refused::Unknown));
+        assert_eq!(waiting.take(&ConnectionHello { protocol: PROTOCOL_VERSION - 1, ..hello(b, [b as u8; 32]) }), Err(Refused::Version(PROTOCOL_VERSION - 1)));
         assert_eq!(waiting.take(&hello(b, [b as u8; 32])), Ok(2));
         assert_eq!(waiting.take(&hello(c, [9; 32])), Ok(3), "without a token any proof will do");
         let (d, _) = waiting.admit(4, |_| None);
