@@ -79,7 +79,7 @@ test.serial('systemInfo reports versions, platform, binary, transports and flags
   t.regex(info.binary, /kvtransfer[.-]linux-/)
   t.deepEqual(info.transports.map((x) => x.name), ['cuda-ipc', 'shm', 'rdma', 'tcp'])
   t.true(info.transports.find((x) => x.name === 'tcp').usable)
-  t.is(info.settings.length, 15)
+  t.is(info.settings.length, 16)
   process.env.KVCACHE_RDMA_GID_INDEX = 'three'
   process.env.KVCACHE_AUTH_TOKEN = 'a secret nobody may read here'
   try {
@@ -179,6 +179,12 @@ test.serial('options override the environment and are checked the same way', (t)
   t.regex(t.throws(() => decodeWith({ ibTimeout: 20.5 })).message, /KVCACHE_IB_TIMEOUT \(option ibTimeout\)=20\.5: expected a whole number/)
   t.regex(t.throws(() => decodeWith({ debug: 'yes' })).message, /option debug must be a boolean/)
   decodeWith({ rdmaNics: ['mlx5_0', 'mlx5_1'], debug: false, timeoutMs: 2500 }).close()
+  decodeWith({ answersTo: ['203.0.113.7:9000', '[2001:db8::7]:9000'] }).close()
+  decodeWith({ answersTo: '203.0.113.7:9000,203.0.113.8:9000' }).close()
+  const named = t.throws(() => decodeWith({ answersTo: ['decode.example:9000'] }))
+  t.is(named.code, 'CONFIG')
+  t.regex(named.message, /KVCACHE_ANSWERS_TO \(option answersTo\)=.*addresses with ports/)
+  t.regex(t.throws(() => decodeWith({ answersTo: 9000 })).message, /option answersTo must be a string or an array of strings/)
   t.is(t.throws(() => decodeWith({ transport: 'rdma', rdmaNics: 'no-such-nic' })).code, 'UNAVAILABLE')
 })
 

@@ -41,7 +41,10 @@ export interface Settings {
   ibTimeout?: number
   /** `KVCACHE_RELAX_ORDERING` (default false). */
   relaxOrdering?: boolean
-  /** `KVCACHE_SOCKET_IFNAME`: the interface a decode communicator listens on (default: all). */
+  /**
+   * `KVCACHE_SOCKET_IFNAME`: the interface a decode communicator listens on (default: the first usable one, and
+   * loopback).
+   */
   socketIfname?: string
   /** `KVCACHE_DEBUG` (default false). */
   debug?: boolean
@@ -88,6 +91,15 @@ export interface Settings {
    * logs a warning.
    */
   insecure?: boolean
+  /**
+   * `KVCACHE_ANSWERS_TO` (comma-separated `address:port`s; default none), on a decode: the addresses prefills
+   * dial it by, besides the ones it listens on, where a NAT or a forwarded port stands between them (e.g.
+   * `'203.0.113.7:9000'` for a port published by a container). With `authToken`, a prefill's signed hello names
+   * the address it dialed, and a decode admits it only at the address the connection came to or one of these: a
+   * relay cannot steer a prefill to another decode that shares the token (the prefill's `connect` rejects with
+   * `REJECTED`, naming both addresses).
+   */
+  answersTo?: string | readonly string[]
 }
 
 /** A quantised cache's scales: each block's scales move with it. */
@@ -153,9 +165,9 @@ export interface CacheOptions extends ScaleOptions {
   gpuIdx?: number
 }
 
-const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'nics'> = {
+const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'list'> = {
   gidIndex: 'number',
-  rdmaNics: 'nics',
+  rdmaNics: 'list',
   ibTimeout: 'number',
   relaxOrdering: 'boolean',
   socketIfname: 'string',
@@ -170,6 +182,7 @@ const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'n
   requestTtlMs: 'number',
   instanceId: 'string',
   insecure: 'boolean',
+  answersTo: 'list',
 }
 /** Settings whose values are never shown, not even in an error. */
 const SECRET_KEYS: ReadonlySet<string> = new Set(['authToken'])
@@ -183,15 +196,15 @@ export function toSettings(options: object, allowed: ReadonlySet<string>): Nativ
     const type = SETTING_TYPES[key as keyof Settings]
     if (type === undefined) throw new KVTransferError('CONFIG', `unknown option ${JSON.stringify(key)}`)
     const ok =
-      type === 'nics'
+      type === 'list'
         ? typeof value === 'string' || (Array.isArray(value) && value.every((n) => typeof n === 'string'))
         : typeof value === type
     if (!ok) {
-      const want = type === 'nics' ? 'a string or an array of strings' : `a ${type}`
+      const want = type === 'list' ? 'a string or an array of strings' : `a ${type}`
       const shown = SECRET_KEYS.has(key) ? `a ${typeof value}` : JSON.stringify(value)
       throw new KVTransferError('CONFIG', `option ${key} must be ${want}, not ${shown}`)
     }
-    settings[key] = type === 'nics' && Array.isArray(value) ? [...value] : value
+    settings[key] = type === 'list' && Array.isArray(value) ? [...value] : value
   }
   return settings as NativeSettings
 }

@@ -13,6 +13,7 @@
 use crate::error::{Error, Result};
 use crate::wire::TransportKind;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -38,11 +39,12 @@ pub enum Setting {
     RequestTtlMs,
     InstanceId,
     Insecure,
+    AnswersTo,
 }
 
 impl Setting {
     /// Every setting, in documentation order.
-    pub const ALL: [Setting; 16] = [
+    pub const ALL: [Setting; 17] = [
         Setting::GidIndex,
         Setting::RdmaNics,
         Setting::IbTimeout,
@@ -59,6 +61,7 @@ impl Setting {
         Setting::RequestTtlMs,
         Setting::InstanceId,
         Setting::Insecure,
+        Setting::AnswersTo,
     ];
 
     /// The environment variable that sets it (`None` for settings that are options only).
@@ -79,6 +82,7 @@ impl Setting {
             Setting::RequestTtlMs => "KVCACHE_REQUEST_TTL_MS",
             Setting::InstanceId => "KVCACHE_INSTANCE_ID",
             Setting::Insecure => "KVCACHE_INSECURE",
+            Setting::AnswersTo => "KVCACHE_ANSWERS_TO",
             Setting::TimeoutMs => return None,
         })
     }
@@ -102,6 +106,7 @@ impl Setting {
             Setting::RequestTtlMs => "requestTtlMs",
             Setting::InstanceId => "instanceId",
             Setting::Insecure => "insecure",
+            Setting::AnswersTo => "answersTo",
         }
     }
 
@@ -236,6 +241,11 @@ pub struct Config {
     /// `KVCACHE_INSECURE` (default false): lets a decode whose API is secure by default (see `refuse_open_listen`)
     /// listen beyond loopback without `KVCACHE_AUTH_TOKEN`.
     pub insecure: bool,
+    /// `KVCACHE_ANSWERS_TO` (comma-separated `address:port`s, default none), on a decode: the addresses prefills
+    /// dial it by besides the ones it listens on, where a NAT or a forwarded port stands between them. With a
+    /// token, a decode admits only a prefill that dialed one of these or the address its connection came to (the
+    /// hello names it, signed): a relay cannot steer a prefill to another decode that shares the token.
+    pub answers_to: Vec<SocketAddr>,
     /// Not a setting: set by a binding's API that is secure by default (Node's `Communicator.decode`). A decode
     /// that would listen beyond loopback without `KVCACHE_AUTH_TOKEN` then refuses to start (`CONFIG`) unless
     /// `insecure` is set. Off for the seed API, which keeps the original's behaviour (with a warning).
@@ -261,6 +271,7 @@ impl Default for Config {
             request_ttl: Duration::from_secs(300),
             instance_id: None,
             insecure: false,
+            answers_to: Vec::new(),
             refuse_open_listen: false,
         }
     }
@@ -342,6 +353,15 @@ impl Config {
             Setting::TimeoutMs => self.timeout = Duration::from_millis(whole(v, 1, 86_400_000)?),
             Setting::MaxPeers => self.max_peers = whole(v, 1, 65_536)? as usize,
             Setting::Insecure => self.insecure = flag(v)?,
+            Setting::AnswersTo => {
+                let why = || "expected a comma-separated list of addresses with ports, e.g. 203.0.113.7:9000,[2001:db8::7]:9000".to_string();
+                let addrs: std::result::Result<Vec<SocketAddr>, _> = match v {
+                    SettingValue::Text(t) => t.split(',').map(|a| a.trim().parse::<SocketAddr>()).collect(),
+                    SettingValue::List(l) => l.iter().map(|a| a.trim().parse::<SocketAddr>()).collect(),
+                    _ => return Err(why()),
+                };
+                self.answers_to = addrs.map_err(|_| why())?;
+            }
             Setting::RequestTtlMs => self.request_ttl = Duration::from_millis(whole(v, 1_000, 86_400_000)?),
             Setting::InstanceId => {
                 let id = text(v)?;
@@ -504,6 +524,21 @@ mod tests {
         for bad in ["a\nb".to_string(), "x".repeat(MAX_INSTANCE_ID + 1)] {
             let err = load(&[], &[(Setting::InstanceId, bad.as_str())]).unwrap_err();
             assert!(err.message().contains("option instanceId"), "{err}");
+        }
+    }
+
+    #[test]
+    fn answers_to_is_a_list_of_addresses_with_ports() {
+        assert!(load(&[], &[]).unwrap().answers_to.is_empty());
+        let cfg = load(&[("KVCACHE_ANSWERS_TO", "203.0.113.7:9000, [2001:db8::7]:9001")], &[]).unwrap();
+        let want: Vec<SocketAddr> = vec!["203.0.113.7:9000".parse().unwrap(), "[2001:db8::7]:9001".parse().unwrap()];
+        assert_eq!(cfg.answers_to, want);
+        let list = SettingValue::List(vec!["203.0.113.7:9000".into(), "[2001:db8::7]:9001".into()]);
+        assert_eq!(load_typed(&[], &[(Setting::AnswersTo, list)]).unwrap().answers_to, want);
+        // A name, an address without its port, an empty entry: each is refused, naming the variable.
+        for bad in ["decode.example:9000", "203.0.113.7", "203.0.113.7:9000,,", "203.0.113.7:99999"] {
+            let err = load(&[("KVCACHE_ANSWERS_TO", bad)], &[]).unwrap_err();
+            assert!(err.message().starts_with("KVCACHE_ANSWERS_TO") && err.message().contains("with ports"), "{bad}: {err}");
         }
     }
 

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::fmt;
 use std::str::FromStr;
+use std::net::SocketAddr;
 
 /// The version of the handshake and of every transport's own framing. Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 5;
@@ -144,6 +145,11 @@ pub struct Hello {
     /// The prefill instance it is a rank of (`KVCACHE_INSTANCE_ID`): its ranks own their requests together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// The decode's address and port as the prefill dialed it (where its connection went; set by the handshake).
+    /// Signed with the rest of the hello: a decode that shares the token refuses a hello dialed to another one
+    /// (a relay steering a prefill elsewhere) unless it answers to that address (`KVCACHE_ANSWERS_TO`).
+    #[serde(default)]
+    pub dialed: Option<SocketAddr>,
 }
 
 /// One transport a prefill offers.
@@ -287,6 +293,7 @@ pub(crate) mod tests {
             pid: None,
             dropped: Vec::new(),
             instance: None,
+            dialed: None,
         }
     }
 

@@ -103,7 +103,8 @@ fn hand_handshake(
     let prefill_nonce = [42u8; 16];
     let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: prefill_nonce });
     let Ok(Reply::Challenge { nonce: decode_nonce, .. }) = wire::decode_reply(&c.ask(&greeting).unwrap()) else { panic!("no challenge") };
-    let text = String::from_utf8(wire::encode(&common::hello(2, 64))).unwrap();
+    let hello = wire::Hello { dialed: Some(c.reached()), ..common::hello(2, 64) };
+    let text = String::from_utf8(wire::encode(&hello)).unwrap();
     let mac = token.map(|t| AuthKey::new(t).sign(Proof::PrefillHello, &prefill_nonce, &decode_nonce, text.as_bytes())).unwrap_or([0; 32]);
     let (text, mac) = replay.unwrap_or((tamper(&text), mac));
     let reply = wire::decode_reply(&c.ask(&wire::encode(&Request::Hello { hello: text.clone(), mac: Some(mac) })).unwrap());
@@ -133,7 +134,7 @@ fn a_welcome_that_is_not_signed_is_not_used() {
     use std::sync::Mutex;
     let key = AuthKey::new(TOKEN);
     let nonces = Arc::new(Mutex::new(([0u8; 16], [7u8; 16])));
-    let server = ControlServer::bind(&[[127, 0, 0, 1].into()], 0, Duration::from_secs(5), test_log(), move |_| {
+    let server = ControlServer::bind(&[[127, 0, 0, 1].into()], 0, Duration::from_secs(5), test_log(), move |_, _| {
         let (nonces, key) = (nonces.clone(), key.clone());
         move |req: &[u8]| {
             let reply = match wire::decode_request(req).unwrap() {
@@ -214,4 +215,60 @@ fn a_data_connection_opens_only_with_the_proof_of_its_own_handshake() {
     let w2 = welcome(reply);
     let theirs = key.sign(Proof::DataHello, &[42; 16], &other_nonce, &w2.session.to_be_bytes());
     assert_eq!(open(port, w2.session, theirs), None, "its own handshake's proof opens it");
+}
+
+/// Forwards every connection to `listener` to port `to` of loopback, both ways, as a relay (or a NAT) does.
+fn relay(listener: std::net::TcpListener, to: u16) {
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else { continue };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+                let _ = s2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let (mut client, mut server) = (client, server);
+                let _ = std::io::copy(&mut server, &mut client);
+                let _ = client.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// A relay takes a prefill's connection to one decode to another that shares the token: the hello names the
+/// address the prefill dialed (signed, so the relay cannot change it), and the decode it came to refuses it,
+/// unless that decode answers to the address (a NAT or a forwarded port in front of it, `KVCACHE_ANSWERS_TO`).
+#[test]
+fn a_prefill_relayed_to_another_decode_is_refused_unless_it_answers_to_the_address_dialed() {
+    let dst = Cache::new(2, 2, 8, 64, 13);
+    let before = dst.snapshot();
+    let d = decode(&dst, config(Some(TOKEN), Some(error_log("relay"))));
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dialed = front.local_addr().unwrap();
+    relay(front, d.port());
+    let src = Cache::new(2, 2, 8, 64, 14);
+    let p = prefill(&src, config(Some(TOKEN), None));
+    let err = p.connect("127.0.0.1", dialed.port(), 1).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::Rejected, "{err}");
+    let came_to = format!("127.0.0.1:{}", d.port());
+    assert!(err.message().contains(&format!("dialed {dialed}")) && err.message().contains(&came_to), "{err}");
+    assert!(err.message().contains("KVCACHE_ANSWERS_TO"), "the refusal says how a NAT is allowed: {err}");
+    assert!(!p.is_connected("127.0.0.1", dialed.port()));
+    assert_eq!(dst.snapshot(), before, "nothing was written");
+    // Dialed directly, the same prefill is admitted; so it is at the same address written as IPv6 (where this
+    // kernel has IPv6), which the connection reaches as the IPv4 address it is.
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    if std::net::TcpStream::connect(("::ffff:127.0.0.1", d.port())).is_ok() {
+        p.connect("::ffff:127.0.0.1", d.port(), 1).unwrap();
+    }
+    // A decode that answers to the front's address admits a prefill that dials it there; the bytes arrive.
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dialed = front.local_addr().unwrap();
+    let nat = decode(&dst, Config { answers_to: vec![dialed], ..config(Some(TOKEN), None) });
+    relay(front, nat.port());
+    p.connect("127.0.0.1", dialed.port(), 1).unwrap();
+    p.write_cache("127.0.0.1", dialed.port(), &[3, 4], &[6, 0], 1).unwrap();
+    assert_eq!(dst.block(1, 1, 6), src.block(1, 1, 3));
+    assert_eq!(dst.block(0, 1, 0), src.block(0, 1, 4));
 }

@@ -23,7 +23,7 @@ fn communicator(role: Role, cache: &Cache, kind: TransportKind) -> Communicator 
 /// A control server that greets like a decode without a token and answers every hello with `welcome`.
 fn liar(welcome: Welcome) -> ControlServer {
     let log = Arc::new(kvtransfer::log::Logger::new(&Config::default(), "liar").unwrap());
-    ControlServer::bind(&[[127, 0, 0, 1].into()], 0, Duration::from_secs(5), log, move |_| {
+    ControlServer::bind(&[[127, 0, 0, 1].into()], 0, Duration::from_secs(5), log, move |_, _| {
         let welcome = welcome.clone();
         move |req: &[u8]| {
             let reply = match wire::decode_request(req).unwrap() {

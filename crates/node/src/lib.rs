@@ -66,6 +66,7 @@ pub struct NativeSettings {
     pub request_ttl_ms: Option<f64>,
     pub instance_id: Option<String>,
     pub insecure: Option<bool>,
+    pub answers_to: Option<Either<String, Vec<String>>>,
 }
 
 impl NativeSettings {
@@ -73,13 +74,15 @@ impl NativeSettings {
         let number = |v: Option<f64>| v.map(SettingValue::Number);
         let flag = |v: Option<bool>| v.map(SettingValue::Flag);
         let text = |v: Option<String>| v.map(SettingValue::Text);
-        let nics = self.rdma_nics.map(|v| match v {
-            Either::A(text) => SettingValue::Text(text),
-            Either::B(list) => SettingValue::List(list),
-        });
+        let list = |v: Option<Either<String, Vec<String>>>| {
+            v.map(|v| match v {
+                Either::A(text) => SettingValue::Text(text),
+                Either::B(list) => SettingValue::List(list),
+            })
+        };
         [
             (Setting::GidIndex, number(self.gid_index)),
-            (Setting::RdmaNics, nics),
+            (Setting::RdmaNics, list(self.rdma_nics)),
             (Setting::IbTimeout, number(self.ib_timeout)),
             (Setting::RelaxOrdering, flag(self.relax_ordering)),
             (Setting::SocketIfname, text(self.socket_ifname)),
@@ -94,6 +97,7 @@ impl NativeSettings {
             (Setting::RequestTtlMs, number(self.request_ttl_ms)),
             (Setting::InstanceId, text(self.instance_id)),
             (Setting::Insecure, flag(self.insecure)),
+            (Setting::AnswersTo, list(self.answers_to)),
         ]
         .into_iter()
         .filter_map(|(setting, value)| value.map(|v| (setting, v)))

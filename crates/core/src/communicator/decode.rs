@@ -162,7 +162,8 @@ impl DecodeSide {
             channels: channels.clone(),
             log: log.clone(),
         });
-        let control = handshake::answer_on(env.listen_ips, port, env.config.timeout, log.clone(), auth, admitting)?;
+        let identity = handshake::Identity { key: auth, answers_to: env.config.answers_to.clone() };
+        let control = handshake::answer_on(env.listen_ips, port, env.config.timeout, log.clone(), identity, admitting)?;
         Ok(DecodeSide {
             port: control.port(),
             transports: acceptors.iter().map(|a| a.kind()).collect(),

@@ -284,6 +284,7 @@ impl PrefillSide {
             // Every earlier connection of this peer is gone by now (a handshake runs with none working).
             dropped: lock(&gate.sessions).iter().copied().collect(),
             instance: comm.config.instance_id.clone(),
+            dialed: None,
         };
         let Admitted { welcome, channel_proof, data_proof } = greeted.hello(&hello).map_err(plain)?;
         let answer = Answer {

@@ -16,7 +16,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::listener::{self, Origin};
 use crate::log::Logger;
 use crate::wire::{self, Hello, Reply, Request, TransportKind, Welcome, PROTOCOL_VERSION};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,9 +99,11 @@ impl Greeted {
         self.control.is_local()
     }
 
-    /// Says `hello` and checks the welcome: signed (with a token), and an answer to what was offered.
+    /// Says `hello`, naming the decode's address as this connection reached it, and checks the welcome: signed
+    /// (with a token), and an answer to what was offered.
     pub fn hello(mut self, hello: &Hello) -> Result<Admitted> {
-        let text = String::from_utf8(wire::encode(hello)).expect("JSON is UTF-8");
+        let hello = Hello { dialed: Some(self.control.reached()), ..hello.clone() };
+        let text = String::from_utf8(wire::encode(&hello)).expect("JSON is UTF-8");
         let Nonces { prefill, decode } = self.nonces;
         let mac = self.key.as_ref().map(|key| key.sign(Proof::PrefillHello, &prefill, &decode, text.as_bytes()));
         let reply = wire::decode_reply(&self.control.ask(&wire::encode(&Request::Hello { hello: text, mac }))?)?;
@@ -130,43 +132,52 @@ pub trait Admit: Send + Sync + 'static {
     fn welcome(&self, origin: Origin, hello: &Hello, proofs: &Proofs<'_>) -> Result<Welcome>;
 }
 
+/// Who the decode's half is: the token it proves, and the addresses it answers to besides the one each
+/// connection came to (`KVCACHE_ANSWERS_TO`).
+pub struct Identity {
+    pub key: Option<AuthKey>,
+    pub answers_to: Vec<SocketAddr>,
+}
+
 /// The decode's half: answers handshakes on `port` of `addrs` (and this host's processes on the Unix socket
-/// beside each), admitting prefills with `admit`. With `key`, a hello not signed with the token is refused before
-/// it is read.
+/// beside each) as `identity`, admitting prefills with `admit`. With a token, a hello not signed with it is
+/// refused before it is read, and so is one dialed to an address this decode does not answer to.
 pub fn answer_on(
     addrs: &[IpAddr],
     port: u16,
     timeout: Duration,
     log: Arc<Logger>,
-    key: Option<AuthKey>,
+    identity: Identity,
     admit: Arc<dyn Admit>,
 ) -> Result<ControlServer> {
-    let answering = Arc::new(Answering { key, log: log.clone(), admit });
+    let answering = Arc::new(Answering { identity, log: log.clone(), admit });
     // One conversation per control connection: its greeting, then the hello signed over that greeting's nonces.
-    ControlServer::bind(addrs, port, timeout, log, move |origin| {
+    ControlServer::bind(addrs, port, timeout, log, move |origin, arrived| {
         let answering = answering.clone();
         let mut greeted = None;
         move |request: &[u8]| {
             // A bug in one answer must not end the connection's thread without a reply.
-            let reply = Error::catch_panic(|| Ok(answering.answer(origin, &mut greeted, request))).unwrap_or_else(|e| Reply::reject(&e));
+            let reply = Error::catch_panic(|| Ok(answering.answer(origin, arrived, &mut greeted, request)))
+                .unwrap_or_else(|e| Reply::reject(&e));
             wire::encode(&reply)
         }
     })
 }
 
 struct Answering {
-    key: Option<AuthKey>,
+    identity: Identity,
     log: Arc<Logger>,
     admit: Arc<dyn Admit>,
 }
 
 impl Answering {
-    /// Answers one request of a control connection from `origin`; `greeted` holds the nonces of its greeting.
-    fn answer(&self, origin: Origin, greeted: &mut Option<Nonces>, request: &[u8]) -> Reply {
+    /// Answers one request of a control connection from `origin` that came to `arrived`; `greeted` holds the
+    /// nonces of its greeting.
+    fn answer(&self, origin: Origin, arrived: SocketAddr, greeted: &mut Option<Nonces>, request: &[u8]) -> Reply {
         let answered = wire::decode_request(request).and_then(|request| match request {
             Request::Greeting { nonce, .. } => self.challenge(greeted, nonce),
             Request::Hello { hello, mac } => match greeted.take() {
-                Some(nonces) => self.welcome(origin, nonces, &hello, mac),
+                Some(nonces) => self.welcome(origin, arrived, nonces, &hello, mac),
                 None => Err(Error::protocol("a hello without a greeting before it on its connection")),
             },
         });
@@ -184,14 +195,15 @@ impl Answering {
         }
         let decode = auth::nonce();
         *greeted = Some(Nonces { prefill, decode });
-        let proof = self.key.as_ref().map(|key| key.sign(Proof::DecodeChallenge, &prefill, &decode, b""));
+        let proof = self.identity.key.as_ref().map(|key| key.sign(Proof::DecodeChallenge, &prefill, &decode, b""));
         Ok(Reply::Challenge { protocol: PROTOCOL_VERSION, nonce: decode, proof })
     }
 
     /// Checks a hello (its MAC first, with a token: nothing about the cache is said to a peer that has not proven
-    /// it holds the token), admits it, and signs the welcome.
-    fn welcome(&self, origin: Origin, nonces: Nonces, hello_text: &str, mac: Option<Tag>) -> Result<Reply> {
-        if let Some(key) = &self.key {
+    /// it holds the token; then that it was dialed to this decode), admits it, and signs the welcome.
+    fn welcome(&self, origin: Origin, arrived: SocketAddr, nonces: Nonces, hello_text: &str, mac: Option<Tag>) -> Result<Reply> {
+        let key = self.identity.key.as_ref();
+        if let Some(key) = key {
             let proven = mac.is_some_and(|tag| key.verify(Proof::PrefillHello, &nonces.prefill, &nonces.decode, hello_text.as_bytes(), &tag));
             if !proven {
                 return Err(Error::new(
@@ -201,9 +213,35 @@ impl Answering {
             }
         }
         let hello = wire::decode_hello(hello_text.as_bytes())?;
-        let welcome = self.admit.welcome(origin, &hello, &Proofs { nonces, key: self.key.as_ref() })?;
+        if key.is_some() {
+            self.check_dialed(hello.dialed, arrived)?;
+        }
+        let welcome = self.admit.welcome(origin, &hello, &Proofs { nonces, key })?;
         let text = String::from_utf8(wire::encode(&welcome)).expect("JSON is UTF-8");
-        let mac = self.key.as_ref().map(|key| key.sign(Proof::DecodeWelcome, &nonces.prefill, &nonces.decode, text.as_bytes()));
+        let mac = key.map(|key| key.sign(Proof::DecodeWelcome, &nonces.prefill, &nonces.decode, text.as_bytes()));
         Ok(Reply::Welcome { welcome: text, mac })
+    }
+
+    /// Whether a (signed) hello was meant for this decode: dialed to the address its connection came to, or to
+    /// one this decode answers to (behind a NAT or a forwarded port). A prefill relayed here from another decode
+    /// that shares the token is refused.
+    fn check_dialed(&self, dialed: Option<SocketAddr>, arrived: SocketAddr) -> Result<()> {
+        let Some(dialed) = dialed else {
+            return Err(Error::protocol("a signed hello that does not name the address it was dialed to"));
+        };
+        // By address and port only: an IPv4 address dialed as IPv6 (`::ffff:a.b.c.d`) is that address, and a
+        // link-local scope is an interface index of the host that wrote it.
+        let same = |a: SocketAddr, b: SocketAddr| a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port();
+        if same(dialed, arrived) || self.identity.answers_to.iter().any(|&a| same(dialed, a)) {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorCode::Rejected,
+            format!(
+                "the prefill dialed {dialed}, but its connection came to this decode at {arrived}: a relay may be steering it \
+                 to the wrong decode. Where prefills reach this decode through a NAT or a forwarded port, list the \
+                 address they dial in the decode's KVCACHE_ANSWERS_TO (option answersTo)"
+            ),
+        ))
     }
 }

@@ -70,7 +70,7 @@ impl ControlServer {
         port: u16,
         timeout: Duration,
         log: Arc<Logger>,
-        open: impl Fn(Origin) -> C + Send + Sync + 'static,
+        open: impl Fn(Origin, SocketAddr) -> C + Send + Sync + 'static,
     ) -> Result<ControlServer>
     where
         C: FnMut(&[u8]) -> Vec<u8>,
@@ -79,8 +79,8 @@ impl ControlServer {
         let shape = HelloShape::Framed { length: greeting_length };
         let stage = Stage::Conversing { per_host: CONVERSATIONS_PER_HOST, all: CONVERSATIONS };
         let listener = Listener::start(addrs, port, Some(LOCAL_NAME), "control connection", shape, stage, CONVERSATIONS, timeout, log, move |stream, hello| {
-            let origin = hello.origin;
-            converse(stream, hello, &answering, open(origin));
+            let conversation = open(hello.origin, hello.arrived);
+            converse(stream, hello, &answering, conversation);
         })?;
         Ok(ControlServer { listener })
     }
@@ -178,6 +178,8 @@ const ZMTP_SIGNATURE: u8 = 0xFF;
 /// deadline.
 pub struct ControlClient {
     stream: Connection,
+    /// The address and port `stream` reached: one `host` resolved to (over a Unix socket, the one it is named for).
+    reached: SocketAddr,
     addrs: Vec<SocketAddr>,
     endpoint: String,
     deadline: Instant,
@@ -196,14 +198,19 @@ impl ControlClient {
         let endpoint = if bare.contains(':') { format!("[{bare}]:{port}") } else { format!("{bare}:{port}") };
         let addrs: Vec<SocketAddr> =
             (bare, port).to_socket_addrs().map_err(|e| Error::invalid(format!("cannot connect to {endpoint}: {e}")))?.collect();
-        let stream = open(&addrs, &endpoint, deadline, timeout)?;
-        Ok(ControlClient { stream, addrs, endpoint, deadline, timeout, answered: false })
+        let (stream, reached) = open(&addrs, &endpoint, deadline, timeout)?;
+        Ok(ControlClient { stream, reached, addrs, endpoint, deadline, timeout, answered: false })
     }
 
     /// Whether this connection is over a Unix socket: the decode knows this process from the kernel, and may
     /// offer it the same-host transports.
     pub fn is_local(&self) -> bool {
         matches!(self.stream, Connection::Local(_))
+    }
+
+    /// The decode's address and port this connection reached (one its host name resolved to).
+    pub fn reached(&self) -> SocketAddr {
+        self.reached
     }
 
     /// Sends `body` and waits for the reply, until the connection's deadline.
@@ -221,7 +228,7 @@ impl ControlClient {
                 // hello closes the newest. Try again, until the deadline.
                 Err(e) if !self.answered && matches!(e.kind(), ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset) => {
                     std::thread::sleep(RETRY_PAUSE.min(self.deadline.saturating_duration_since(Instant::now())));
-                    self.stream = open(&self.addrs, &self.endpoint, self.deadline, self.timeout)?;
+                    (self.stream, self.reached) = open(&self.addrs, &self.endpoint, self.deadline, self.timeout)?;
                 }
                 Err(e) if e.kind() == ErrorKind::TimedOut && self.answered => {
                     let why = format!("{} answered the greeting but not the hello within {} ms", self.endpoint, self.timeout.as_millis());
@@ -256,9 +263,9 @@ impl ControlClient {
     }
 }
 
-/// A connection to one of `addrs`, trying again until `deadline` while none listens: over the Unix socket
-/// beside an address of this host where one listens, else over TCP.
-fn open(addrs: &[SocketAddr], endpoint: &str, deadline: Instant, timeout: Duration) -> Result<Connection> {
+/// A connection to one of `addrs`, and the one it reached, trying again until `deadline` while none listens: over
+/// the Unix socket beside an address of this host where one listens, else over TCP.
+fn open(addrs: &[SocketAddr], endpoint: &str, deadline: Instant, timeout: Duration) -> Result<(Connection, SocketAddr)> {
     if addrs.is_empty() {
         return Err(Error::invalid(format!("cannot connect to {endpoint}: it names no address")));
     }
@@ -267,7 +274,7 @@ fn open(addrs: &[SocketAddr], endpoint: &str, deadline: Instant, timeout: Durati
     loop {
         for addr in &own {
             match connection::connect_local(&connection::local_name(LOCAL_NAME, **addr)) {
-                Ok(stream) => return Ok(Connection::Local(stream)),
+                Ok(stream) => return Ok((Connection::Local(stream), **addr)),
                 Err(e) => last = Some(e),
             }
         }
@@ -282,7 +289,7 @@ fn open(addrs: &[SocketAddr], endpoint: &str, deadline: Instant, timeout: Durati
             match TcpStream::connect_timeout(addr, share) {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
-                    return Ok(Connection::Tcp(stream));
+                    return Ok((Connection::Tcp(stream), *addr));
                 }
                 Err(e) => last = Some(e),
             }
@@ -320,9 +327,9 @@ mod tests {
     #[test]
     fn request_and_answer() {
         let port = free_port();
-        let server = ControlServer::bind(&LOCAL, port, TIME, log(), |_| |req: &[u8]| [b"re:", req].concat()).unwrap();
+        let server = ControlServer::bind(&LOCAL, port, TIME, log(), |_, _| |req: &[u8]| [b"re:", req].concat()).unwrap();
         assert_eq!(server.port(), port);
-        let any = ControlServer::bind(&LOCAL, 0, TIME, log(), |_| |req: &[u8]| req.to_vec()).unwrap();
+        let any = ControlServer::bind(&LOCAL, 0, TIME, log(), |_, _| |req: &[u8]| req.to_vec()).unwrap();
         assert_ne!(any.port(), 0);
         assert_eq!(request("127.0.0.1", any.port(), b"x", TIME).unwrap(), b"x");
         assert_eq!(request("127.0.0.1", port, b"hi", TIME).unwrap(), b"re:hi");
@@ -331,13 +338,13 @@ mod tests {
         let err = request("127.0.0.1", port, &[0; MAX_REQUEST_BYTES + 1], TIME).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
         // The port is taken now.
-        let err = ControlServer::bind(&LOCAL, port, TIME, log(), |_| |r: &[u8]| r.to_vec()).err().unwrap();
+        let err = ControlServer::bind(&LOCAL, port, TIME, log(), |_, _| |r: &[u8]| r.to_vec()).err().unwrap();
         assert!(err.message().contains("in use"), "{err}");
     }
 
     #[test]
     fn each_connection_is_one_conversation_of_at_most_two_requests() {
-        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_| {
+        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_, _| {
             let mut n = 0;
             move |req: &[u8]| {
                 n += 1;
@@ -356,21 +363,23 @@ mod tests {
 
     #[test]
     fn a_process_of_this_host_is_named_by_the_kernel_and_an_address_is_only_an_address() {
-        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |origin| move |_: &[u8]| origin.to_string().into_bytes()).unwrap();
+        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |origin, arrived| move |_: &[u8]| format!("{origin} at {arrived}").into_bytes()).unwrap();
         let mut local = ControlClient::connect("127.0.0.1", server.port(), TIME).unwrap();
         assert!(local.is_local(), "an address of this host is dialed over the Unix socket beside it");
         // SAFETY: getuid has no preconditions.
         let uid = unsafe { libc::getuid() };
-        let me = format!("process {} (uid {uid}) of this host", std::process::id());
+        let at = SocketAddr::from(([127, 0, 0, 1], server.port()));
+        let me = format!("process {} (uid {uid}) of this host at {at}", std::process::id());
         assert_eq!(String::from_utf8(local.ask(b"I am process 1").unwrap()).unwrap(), me);
+        assert_eq!(local.reached(), at);
         let mut tcp = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
         tcp.write_all(&codec::frame(b"I am process 1")).unwrap();
         tcp.set_read_timeout(Some(TIME)).unwrap();
         let reply = read_frame(|buf| tcp.read_exact(buf), MAX_MESSAGE_BYTES).unwrap();
         let said = String::from_utf8(reply).unwrap();
-        assert!(said.starts_with("127.0.0.1:"), "{said}");
+        assert!(said.starts_with("127.0.0.1:") && said.ends_with(&format!(" at {at}")), "{said}");
         // Another process cannot take the Unix socket of a port in use.
-        let err = ControlServer::bind(&LOCAL, server.port(), TIME, log(), |_| |r: &[u8]| r.to_vec()).err().unwrap();
+        let err = ControlServer::bind(&LOCAL, server.port(), TIME, log(), |_, _| |r: &[u8]| r.to_vec()).err().unwrap();
         assert!(err.message().contains("in use"), "{err}");
         // Nor can a decode start where another process holds the Unix socket of its address and port: a prefill
         // of this host would take that process for it.
@@ -378,7 +387,7 @@ mod tests {
         let name = connection::local_name(LOCAL_NAME, SocketAddr::from(([127, 0, 0, 1], port)));
         let abstract_name = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name.as_bytes());
         let _squatter = std::os::unix::net::UnixListener::bind_addr(&abstract_name.unwrap()).unwrap();
-        let err = ControlServer::bind(&LOCAL, port, TIME, log(), |_| |r: &[u8]| r.to_vec()).err().unwrap();
+        let err = ControlServer::bind(&LOCAL, port, TIME, log(), |_, _| |r: &[u8]| r.to_vec()).err().unwrap();
         assert!(err.message().contains("another process holds it"), "{err}");
     }
 
@@ -404,7 +413,7 @@ mod tests {
         let port = free_port();
         let late = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(300));
-            let server = ControlServer::bind(&LOCAL, port, TIME, log(), |_| |r: &[u8]| r.to_vec()).unwrap();
+            let server = ControlServer::bind(&LOCAL, port, TIME, log(), |_, _| |r: &[u8]| r.to_vec()).unwrap();
             std::thread::sleep(Duration::from_secs(2));
             drop(server);
         });
@@ -421,7 +430,7 @@ mod tests {
 
     #[test]
     fn a_frame_too_long_is_refused_and_silence_is_closed() {
-        let server = ControlServer::bind(&LOCAL, 0, Duration::from_millis(500), log(), |_| |r: &[u8]| r.to_vec()).unwrap();
+        let server = ControlServer::bind(&LOCAL, 0, Duration::from_millis(500), log(), |_, _| |r: &[u8]| r.to_vec()).unwrap();
         let refusal = |first: &[u8]| {
             let mut s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
             s.set_read_timeout(Some(TIME)).unwrap();
@@ -461,7 +470,7 @@ mod tests {
     fn a_request_with_no_time_left_to_answer_is_not_answered() {
         let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let seen = answered.clone();
-        let server = ControlServer::bind(&LOCAL, 0, Duration::from_millis(500), log(), move |_| {
+        let server = ControlServer::bind(&LOCAL, 0, Duration::from_millis(500), log(), move |_, _| {
             let seen = seen.clone();
             move |r: &[u8]| {
                 seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -480,7 +489,7 @@ mod tests {
 
     #[test]
     fn a_reply_too_long_becomes_a_refusal() {
-        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_| |_: &[u8]| vec![7; MAX_MESSAGE_BYTES + 1]).unwrap();
+        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_, _| |_: &[u8]| vec![7; MAX_MESSAGE_BYTES + 1]).unwrap();
         let reply = request("127.0.0.1", server.port(), b"hi", TIME).unwrap();
         let err = wire::decode_reply(&reply).unwrap_err();
         assert!(err.message().contains("a control reply of"), "{err}");
@@ -488,7 +497,7 @@ mod tests {
 
     #[test]
     fn a_decode_that_answers_the_greeting_only_is_named_so() {
-        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_| {
+        let server = ControlServer::bind(&LOCAL, 0, TIME, log(), |_, _| {
             let mut n = 0;
             move |r: &[u8]| {
                 n += 1;

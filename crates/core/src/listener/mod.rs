@@ -27,7 +27,7 @@ use mio::net::{TcpListener as MioListener, TcpStream as MioStream, UnixListener 
 use mio::{Events, Interest, Poll, Registry, Token};
 use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read};
-use std::net::{IpAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::IntoRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,6 +79,8 @@ pub struct Hello {
     pub deadline: Instant,
     /// Where the connection comes from.
     pub origin: Origin,
+    /// The listening address and port it came to (for a Unix socket, the address and port it is named for).
+    pub arrived: SocketAddr,
 }
 
 /// What serves each connection.
@@ -204,8 +206,9 @@ pub struct Listener {
 
 /// A listening socket.
 enum Bound {
-    Tcp(MioListener),
-    Local(MioLocalListener),
+    Tcp(MioListener, SocketAddr),
+    /// A Unix socket, with the address and port it is named for ([`connection::local_name`]).
+    Local(MioLocalListener, SocketAddr),
 }
 
 /// A connection waiting for its hello.
@@ -215,21 +218,22 @@ enum Accepted {
 }
 
 impl Bound {
-    fn accept(&self) -> std::io::Result<(Accepted, Origin)> {
+    /// A connection, where it comes from, and the address it came to.
+    fn accept(&self) -> std::io::Result<(Accepted, Origin, SocketAddr)> {
         match self {
-            Bound::Tcp(l) => l.accept().map(|(s, addr)| (Accepted::Tcp(s), Origin::Network(addr))),
-            Bound::Local(l) => {
+            Bound::Tcp(l, at) => l.accept().map(|(s, addr)| (Accepted::Tcp(s), Origin::Network(addr), *at)),
+            Bound::Local(l, at) => {
                 let (s, _) = l.accept()?;
                 let origin = connection::peer_process(&s)?;
-                Ok((Accepted::Local(s), origin))
+                Ok((Accepted::Local(s), origin, *at))
             }
         }
     }
 
     fn source(&mut self) -> &mut dyn Source {
         match self {
-            Bound::Tcp(l) => l,
-            Bound::Local(l) => l,
+            Bound::Tcp(l, _) => l,
+            Bound::Local(l, _) => l,
         }
     }
 }
@@ -301,7 +305,7 @@ fn bind_all(ips: &[IpAddr], port: u16, what: &str, local: Option<&str>) -> Resul
         for l in bound {
             let addr = l.local_addr().map_err(setup)?;
             l.set_nonblocking(true).map_err(setup)?;
-            all.push(Bound::Tcp(MioListener::from_std(l)));
+            all.push(Bound::Tcp(MioListener::from_std(l), addr));
             let Some(kind) = local else { continue };
             let name = connection::local_name(kind, addr);
             match connection::bind_local(&name) {
@@ -309,7 +313,7 @@ fn bind_all(ips: &[IpAddr], port: u16, what: &str, local: Option<&str>) -> Resul
                     // SAFETY: as above, on a Unix socket `l` owns.
                     unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), MAX_GREETING as libc::c_int) };
                     l.set_nonblocking(true).map_err(setup)?;
-                    all.push(Bound::Local(MioLocalListener::from_std(l)))
+                    all.push(Bound::Local(MioLocalListener::from_std(l), addr))
                 }
                 // Another process took the name first: with a picked port, pick another.
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries > 0 => continue 'again,
@@ -356,10 +360,9 @@ impl Listener {
             }
         };
         let port = listeners.iter().find_map(|l| match l {
-            Bound::Tcp(l) => Some(l.local_addr()),
-            Bound::Local(_) => None,
+            Bound::Tcp(_, addr) => Some(addr.port()),
+            Bound::Local(..) => None,
         });
-        let port = port.transpose().map_err(|e| Error::io(&format!("reading the {what} port"), e))?;
         let (per_host, all) = match stage {
             Stage::Conversing { per_host, all } => (per_host, all),
             Stage::Served => (usize::MAX, usize::MAX),
@@ -393,7 +396,7 @@ impl Listener {
                 EventLoop { poll, sockets, unfinished, shared: s, serve, waiting: HashMap::new(), crowd, expiry: VecDeque::new(), next: 0 }.run()
             })
             .map_err(|e| Error::io(&format!("starting the {what} listener"), e))?;
-        Ok(Listener { port: port.map_or(0, |a| a.port()), shared, event_loop: Mutex::new(Some(event_loop)) })
+        Ok(Listener { port: port.unwrap_or(0), shared, event_loop: Mutex::new(Some(event_loop)) })
     }
 
     /// The port, the same on every address.
@@ -427,6 +430,7 @@ impl Drop for Listener {
 struct Waiting {
     stream: Accepted,
     origin: Origin,
+    arrived: SocketAddr,
     deadline: Instant,
     bytes: Vec<u8>,
     /// Bytes the hello has in all, once known.
@@ -484,7 +488,7 @@ impl EventLoop {
         let what = self.shared.what;
         self.unfinished[i] = false;
         for _ in 0..ACCEPTS_PER_TURN {
-            let (stream, origin) = match self.sockets[i].accept() {
+            let (stream, origin, arrived) = match self.sockets[i].accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 // That connection's own trouble (it was reset, say): the next one may be fine.
@@ -503,7 +507,7 @@ impl EventLoop {
             for (closed, ()) in self.crowd.admit(id, host, ()) {
                 self.close(closed);
             }
-            let mut waiting = Waiting { stream, origin, deadline: Instant::now() + self.shared.hello_time, bytes: Vec::new(), need: 0 };
+            let mut waiting = Waiting { stream, origin, arrived, deadline: Instant::now() + self.shared.hello_time, bytes: Vec::new(), need: 0 };
             let token = Token(id as usize + self.sockets.len());
             if waiting.stream.register(self.poll.registry(), token).is_err() {
                 self.crowd.remove(id);
@@ -582,7 +586,7 @@ impl EventLoop {
                 Slot::Conversing(shared.clone(), id)
             }
         };
-        let hello = Hello { bytes: w.bytes, deadline: w.deadline, origin: w.origin };
+        let hello = Hello { bytes: w.bytes, deadline: w.deadline, origin: w.origin, arrived: w.arrived };
         let serve = self.serve.clone();
         // The slot is given back when the thread ends, however it ends (a panic in `serve` included), or here
         // if it never starts.

@@ -23,6 +23,7 @@ pub fn hello(layers: u32, block_bytes: u64) -> Hello {
         pid: None,
         dropped: Vec::new(),
         instance: None,
+        dialed: None,
     }
 }
 
