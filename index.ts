@@ -25,8 +25,13 @@ export {
   PrefillCommunicator,
   type ConnectOptions,
   type DecodeOptions,
+  type PeerConnectedEvent,
+  type PeerDisconnectedEvent,
+  type PeerReconnectingEvent,
   type PeerSummary,
+  type PrefillEvents,
   type PrefillOptions,
+  type SignalOptions,
 } from './lib/communicator.js'
 export { Peer } from './lib/peer.js'
 export { RDMACommunicator } from './lib/compat.js'
@@ -42,6 +47,7 @@ export type {
   CommunicatorOptions,
   Pointer,
   Port,
+  ReconnectPolicy,
   Role,
   ScaleOptions,
   Settings,

@@ -180,3 +180,91 @@ test('a decode lists its peers; Peer.close() ends one, and the decode sees it go
   t.is(dst.blockHash('key', 0, 1), src.blockHash('key', 0, 1))
   t.is(decode.peers().length, 1)
 })
+
+test('a peer that goes and comes back is told as events, and the next write reconnects by the policy', async (t) => {
+  const shape = { layers: 1, blocks: 8, blockBytes: 1024 }
+  const src = makeCache(shape)
+  const [first, second] = [makeCache(shape), makeCache(shape)]
+  const cacheOf = (c) => ({ keyPtrs: c.keyPtrs, valuePtrs: c.valuePtrs, blockNumber: shape.blocks, blockBytes: shape.blockBytes, ...transportOptions })
+  const decode = Communicator.decode(cacheOf(first))
+  const port = decode.port
+  const prefill = Communicator.prefill({ ...cacheOf(src), reconnect: { retries: 30, backoffMs: 20 } })
+  let back
+  t.teardown(async () => {
+    await prefill.close()
+    await decode.close()
+    await back?.close()
+    for (const c of [src, first, second]) c.free()
+  })
+  const told = []
+  for (const kind of ['connected', 'disconnected', 'reconnecting']) prefill.on(kind, (e) => told.push({ kind, ...e }))
+  const peer = await prefill.connect(HOST, port)
+  await peer.write([0], [0], 0)
+  const gone = new Promise((resolve) => prefill.once('disconnected', resolve))
+  await decode.close()
+  // Told without a call: the request channel saw the decode go.
+  const { cause } = await gone
+  t.true(cause instanceof KVTransferError)
+  t.is(cause.peer, `${HOST}:${port}`)
+  t.regex(cause.message, /the connection to 127\.0\.0\.1:\d+ ended/)
+  // The decode comes back on the same port while the next write tries again: that write lands.
+  setTimeout(() => {
+    back = Communicator.decode({ ...cacheOf(second), port })
+  }, 300)
+  await peer.write([2, 3], [5, 6], 0)
+  t.is(second.blockHash('key', 0, 6), src.blockHash('key', 0, 3))
+  const kinds = told.map((e) => (e.kind === 'connected' ? `connected${e.reconnected ? ' again' : ''}` : e.kind))
+  t.is(kinds[0], 'connected')
+  t.is(kinds[1], 'disconnected')
+  t.is(kinds.at(-1), 'connected again', kinds.join(', '))
+  const attempts = told.filter((e) => e.kind === 'reconnecting')
+  t.true(attempts.length >= 2, kinds.join(', '))
+  t.deepEqual([attempts[0].attempt, attempts[0].attempts], [1, 31])
+  t.is(attempts[1].cause.code, 'UNREACHABLE', 'while nothing listened there')
+  t.is(told.at(-1).transport, peer.transport)
+})
+
+test('an address where nothing listens is UNREACHABLE at once, naming it; the policy is checked', async (t) => {
+  const { createServer } = await import('node:net')
+  const server = createServer().listen(0, HOST)
+  await new Promise((r) => server.once('listening', r))
+  const port = server.address().port
+  await new Promise((r) => server.close(r))
+  const shape = { layers: 1, blocks: 4, blockBytes: 256 }
+  const src = makeCache(shape)
+  const options = { keyPtrs: src.keyPtrs, blockNumber: 4, blockBytes: 256, ...transportOptions }
+  const prefill = Communicator.prefill({ ...options, reconnect: { retries: 0 } })
+  t.teardown(async () => {
+    await prefill.close()
+    src.free()
+  })
+  const started = Date.now()
+  const err = await t.throwsAsync(prefill.connect(HOST, port), { instanceOf: KVTransferError })
+  t.is(err.code, 'UNREACHABLE')
+  t.is(err.peer, `${HOST}:${port}`)
+  t.regex(err.message, new RegExp(`127\\.0\\.0\\.1:${port}.*refused`))
+  t.true(Date.now() - started < 2000, `${Date.now() - started} ms`)
+  const config = (reconnect) => t.throws(() => Communicator.prefill({ ...options, reconnect }), { instanceOf: KVTransferError })
+  t.regex(config({ retries: 101 }).message, /KVCACHE_RECONNECT_RETRIES \(option reconnect\.retries\)=101/)
+  t.regex(config({ backoffMs: '5' }).message, /option reconnect\.backoffMs must be a number/)
+  t.regex(config({ tries: 1 }).message, /unknown option reconnect\.tries/)
+  t.regex(config(3).message, /option reconnect must be an object/)
+})
+
+test('a signal stops the wait of connect, revoke and close; what they started goes on', async (t) => {
+  const shape = { layers: 1, blocks: 8, blockBytes: 1024 }
+  const { decode, prefill } = pair(t, shape)
+  const aborted = AbortSignal.abort()
+  const err = await t.throwsAsync(prefill.connect(HOST, decode.port, { signal: aborted }))
+  t.is(err.code, 'ABORTED')
+  t.false(prefill.peer(HOST, decode.port).connected, 'an aborted connect made no connection')
+  t.is((await t.throwsAsync(decode.revoke('r1', { signal: aborted }))).code, 'ABORTED')
+  const peer = await prefill.connect(HOST, decode.port, { signal: new AbortController().signal })
+  t.true(peer.connected)
+  // The request was revoked all the same: its writes are refused.
+  t.is((await t.throwsAsync(peer.write([0], [0], 0, { requestId: 'r1' }))).code, 'REVOKED')
+  const stopped = await t.throwsAsync(prefill.close({ signal: aborted }))
+  t.is(stopped.code, 'ABORTED')
+  await prefill.close()
+  t.is((await t.throwsAsync(peer.write([0], [0], 0))).code, 'CLOSED')
+})

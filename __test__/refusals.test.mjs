@@ -74,11 +74,16 @@ test('handshake mismatches fail connect on the prefill side and are logged on th
   t.regex(readFileSync(decodeErrors, 'utf8'), /layer count mismatch/)
 })
 
-test('connecting to nobody fails within the timeout', async (t) => {
+test('connecting to nobody is UNREACHABLE once the reconnect policy is spent', async (t) => {
   const src = makeCache(shape)
-  const comm = new RDMACommunicator('prefill', 0, 0, src.keyPtrs, src.valuePtrs, shape.blocks, shape.blockBytes, 1, 0, { ...transportOptions, timeoutMs: 300, errorFile: '/dev/null' })
+  const reconnect = { retries: 2, backoffMs: 100 }
+  const comm = new RDMACommunicator('prefill', 0, 0, src.keyPtrs, src.valuePtrs, shape.blocks, shape.blockBytes, 1, 0, { ...transportOptions, reconnect, errorFile: '/dev/null' })
+  const started = Date.now()
   const err = await t.throwsAsync(comm.connectAsync(HOST, 1))
-  t.is(err.code, 'TIMEOUT')
+  t.is(err.code, 'UNREACHABLE')
+  t.regex(err.message, /127\.0\.0\.1:1 is unreachable .*\(after 3 attempts\)/)
+  const took = Date.now() - started
+  t.true(took >= 300 && took < 3000, `pauses of 100 and 200 ms, then it gave up: ${took} ms`)
   comm.close()
 })
 
@@ -100,8 +105,9 @@ test('a closed decode makes writes fail, not hang; a closed prefill refuses work
   t.true(comm.connect(HOST, decode.port), comm.lastError?.message)
   await decode.close()
   const err = await t.throwsAsync(comm.writeCacheAsync(HOST, decode.port, [1], [1], 0))
-  // The decode told the link it closed (NOT_CONNECTED); a link that only saw the socket end says TRANSPORT.
-  t.true(['NOT_CONNECTED', 'TRANSPORT', 'TIMEOUT'].includes(err.code), err.message)
+  // The write reconnects by the policy, and nothing listens there any more.
+  t.is(err.code, 'UNREACHABLE', err.message)
+  t.regex(err.message, /could not be rebuilt in 4 attempts/)
   t.false(comm.isConnected(HOST, decode.port))
   comm.close()
   comm.close()

@@ -24,7 +24,11 @@ import {
   type GpuInfo,
   type GpusInfo,
   type MemoryDescriptor,
+  type PeerConnectedEvent,
+  type PeerDisconnectedEvent,
+  type PeerReconnectingEvent,
   type PeerSummary,
+  type PrefillEvents,
   type Pointer,
   type Port,
   type PrefillOptions,
@@ -32,10 +36,12 @@ import {
   type RdmaGid,
   type RdmaInfo,
   type RdmaPort,
+  type ReconnectPolicy,
   type Role,
   type ScaleOptions,
   type SettingInfo,
   type Settings,
+  type SignalOptions,
   type SystemInfo,
   type Transport,
   type TransportInfo,
@@ -110,7 +116,8 @@ async function main(): Promise<void> {
   const settings: Settings = { transport: 'tcp', timeoutMs: 5000 }
   const scales: ScaleOptions = {}
   const cache: CacheOptions = { keyPtrs: ptrs(srcKeys), valuePtrs: ptrs(srcValues), blockNumber: blocks, blockBytes, ...scales }
-  const prefillOptions: PrefillOptions = { ...cache, ...settings, tpSize: 1, tpIdx: 0 }
+  const reconnect: ReconnectPolicy = { retries: 2, backoffMs: 100 }
+  const prefillOptions: PrefillOptions = { ...cache, ...settings, reconnect, tpSize: 1, tpIdx: 0 }
   // One host: the decode listens on loopback only (beyond it, Communicator.decode needs authToken).
   // The decode's cache as objects it holds: a HostBuffer, a Buffer-backed view, or { ptr, byteLength }.
   const dstKeyMemory: CacheMemory[] = dstKeys
@@ -120,9 +127,17 @@ async function main(): Promise<void> {
   const decodeOptions: DecodeOptions = { ...geometry, keys: dstKeyMemory, values: dstValueMemory, ...settings, port: 0, socketIfname: 'lo' }
   await using second: DecodeCommunicator = Communicator.decode(decodeOptions)
   await using writer: PrefillCommunicator = Communicator.prefill(prefillOptions)
-  const connect: ConnectOptions = { dstTpSize: 1 }
+  // How each decode peer's connection fares, as events.
+  const told: string[] = []
+  const connected = (e: PeerConnectedEvent): void => void told.push(`connected ${e.peer} over ${e.transport}`)
+  const disconnected = (e: PeerDisconnectedEvent): void => void told.push(`disconnected ${e.peer}: ${e.cause.code}`)
+  const reconnecting = (e: PeerReconnectingEvent): void => void told.push(`reconnecting ${e.attempt}/${e.attempts}`)
+  const kinds: (keyof PrefillEvents)[] = ['connected', 'disconnected', 'reconnecting']
+  writer.on('connected', connected).on('disconnected', disconnected).once('reconnecting', reconnecting)
+  const connect: ConnectOptions = { dstTpSize: 1, signal: AbortSignal.timeout(5000) }
   const peer: Peer = await writer.connect('127.0.0.1', second.port, connect)
   check(peer.connected && peer.transport === 'tcp', 'the peer is connected over tcp')
+  check(told.length === 1 && told[0] === `connected 127.0.0.1:${second.port} over tcp`, `the ${kinds[0]} event: ${told}`)
   await peer.write([6], [12], 0)
   check(block(dstKeys, 0, 12).every((b) => b === 0x10), 'a peer write landed')
   check(prefill.communicator.role === 'prefill', 'RDMACommunicator wraps a Communicator')
@@ -145,7 +160,9 @@ async function main(): Promise<void> {
   check(links.length === 1 && links[0].transport === 'tcp', 'the decode lists its prefill link')
   await peer.close()
   check(!peer.connected, 'Peer.close() ended the connection')
-  await writer.close()
+  writer.off('connected', connected)
+  const closing: SignalOptions = { signal: AbortSignal.timeout(5000) }
+  await writer.close(closing)
   for (const b of [...srcKeys, ...srcValues]) b.free()
   check(srcKeys[0].freed && srcKeys[0].buffer.length === 0, 'freed memory is out of reach')
 }

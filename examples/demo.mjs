@@ -108,7 +108,9 @@ async function prefill(port) {
       fillBlock(cache.values[layer].buffer.subarray(b * BLOCK_BYTES, (b + 1) * BLOCK_BYTES), layer, 1, b)
     }
   }
-  const comm = new RDMACommunicator('prefill', 0, port, cache.keys.map((b) => b.ptr), cache.values.map((b) => b.ptr), BLOCKS, BLOCK_BYTES)
+  // On two machines the decode may still be starting: connect tries again for about half a minute.
+  const reconnect = { retries: 10, backoffMs: 200 }
+  const comm = new RDMACommunicator('prefill', 0, port, cache.keys.map((b) => b.ptr), cache.values.map((b) => b.ptr), BLOCKS, BLOCK_BYTES, 1, 0, { reconnect })
   await comm.connectAsync(HOST, port)
   const { local, remote } = assignment()
   const start = process.hrtime.bigint()

@@ -11,8 +11,9 @@
  * await prefill.close()
  * ```
  */
-import type { NativeCommunicator } from '../binding.js'
-import { call, invalid, KVTransferError, settled } from './errors.js'
+import { EventEmitter } from 'node:events'
+import type { NativeCommunicator, NativePeerEvent } from '../binding.js'
+import { call, fromFailure, invalid, KVTransferError, settled } from './errors.js'
 import { native } from './loader.js'
 import {
   type CacheOptions,
@@ -28,7 +29,7 @@ import {
   toSettings,
 } from './options.js'
 import { Peer } from './peer.js'
-import { type Notification, NotificationHub, toRequestId, type WaitOptions, waitWith } from './requests.js'
+import { abortable, type Notification, NotificationHub, toRequestId, toSignal, type WaitOptions, waitWith } from './requests.js'
 
 /** A prefill communicator's options: its cache, its tensor-parallel rank, and settings. */
 export interface PrefillOptions extends CacheOptions, Settings {
@@ -56,6 +57,61 @@ export interface PeerSummary {
 export interface ConnectOptions {
   /** The decode's tensor-parallel size (default 1): each decode block holds `tpSize / dstTpSize` slices. */
   dstTpSize?: number
+  /**
+   * Rejects the call with `ABORTED` when it aborts. A connection the call makes after that is closed again;
+   * one that existed before is left as it is.
+   */
+  signal?: AbortSignal
+}
+
+/** What may stop waiting for a call: {@link Communicator.close}, {@link DecodeCommunicator.revoke}. */
+export interface SignalOptions {
+  /** Rejects the call with `ABORTED` when it aborts (what the call started goes on). */
+  signal?: AbortSignal
+}
+
+/** A connection to a decode peer came up ({@link PrefillCommunicator.on}). */
+export interface PeerConnectedEvent {
+  /** `host:port`, as given to `connect`. */
+  peer: string
+  /** The transport it took. */
+  transport: Transport
+  /** Whether it replaces one that ended (by the reconnect policy), rather than coming from `connect`. */
+  reconnected: boolean
+}
+
+/**
+ * A connection to a decode peer ended: the decode closed or went away, a write failed on it, or it broke. Told
+ * once per connection, without a call (the request channel sees it), and never for one this side ended
+ * (`Peer.close`, `close`). The next call that needs it reconnects by the `reconnect` policy.
+ */
+export interface PeerDisconnectedEvent {
+  /** `host:port`. */
+  peer: string
+  /** Why. */
+  cause: KVTransferError
+}
+
+/** An attempt to rebuild a decode peer's connection starts. */
+export interface PeerReconnectingEvent {
+  /** `host:port`. */
+  peer: string
+  /** This attempt (from 1). */
+  attempt: number
+  /** Attempts in all (`1 + reconnect.retries`). */
+  attempts: number
+  /** Why the connection ended, or why the attempt before this one failed. */
+  cause: KVTransferError
+}
+
+/** The events of a {@link PrefillCommunicator}, each with its payload. */
+export interface PrefillEvents {
+  /** A connection came up. */
+  connected: [PeerConnectedEvent]
+  /** A connection ended. */
+  disconnected: [PeerDisconnectedEvent]
+  /** An attempt to rebuild a connection starts. */
+  reconnecting: [PeerReconnectingEvent]
 }
 
 const CACHE_KEYS = [...MEMORY_KEYS, 'blockNumber', 'blockBytes', 'scaleBlockBytes', 'gpuIdx']
@@ -159,10 +215,15 @@ export abstract class Communicator {
    * every link has confirmed that it stopped writing or was cut off: nothing more lands in its cache, and the
    * memory it was given is let go. Rejects with `TIMEOUT`, naming them, where links on this host (shared
    * memory, CUDA IPC) neither confirmed nor can be cut off: the communicator is closed, but do not reuse its
-   * memory until those processes end. Later calls of other methods fail with `CLOSED`; calling it again returns
-   * the same promise.
+   * memory until those processes end. Later calls of other methods fail with `CLOSED`; calling it again waits
+   * for the same close. `options.signal` stops this call's wait (`ABORTED`); the close goes on.
    */
-  close(): Promise<void> {
+  close(options: SignalOptions = {}): Promise<void> {
+    const signal = call(() => toSignal(options?.signal))
+    return signal === undefined ? this.#close() : abortable(this.#close(), signal, 'waiting for the close')
+  }
+
+  #close(): Promise<void> {
     this.#closing ??= (async () => {
       try {
         await settled(call(() => this.native.closeAsync()))
@@ -202,21 +263,80 @@ export abstract class Communicator {
   }
 }
 
-/** A prefill communicator: it connects to decode communicators and writes blocks into them. */
+/**
+ * A prefill communicator: it connects to decode communicators and writes blocks into them, and tells how each
+ * connection fares ({@link PrefillCommunicator.on}).
+ */
 export class PrefillCommunicator extends Communicator {
   /** The role: `'prefill'`. */
   readonly role = 'prefill' as const
+  readonly #events = new EventEmitter<PrefillEvents>()
+
+  /** @internal */
+  constructor(nativeCommunicator: NativeCommunicator, held: unknown[]) {
+    super(nativeCommunicator, held)
+    // The native side calls this from the event loop; it does not keep the process alive.
+    call(() => nativeCommunicator.onPeerEvents((e) => this.#tell(e)))
+  }
+
+  #tell(e: NativePeerEvent): void {
+    const cause = e.cause == null ? undefined : fromFailure(e.cause, { peer: e.peer })
+    if (e.kind === 'connected') this.#events.emit('connected', { peer: e.peer, transport: e.transport as Transport, reconnected: e.reconnected === true })
+    else if (e.kind === 'disconnected' && cause !== undefined) this.#events.emit('disconnected', { peer: e.peer, cause })
+    else if (e.kind === 'reconnecting' && cause !== undefined)
+      this.#events.emit('reconnecting', { peer: e.peer, attempt: e.attempt ?? 0, attempts: e.attempts ?? 0, cause })
+  }
 
   /**
-   * Connects to the decode communicator at `ip:port` (a connected peer is returned as it is).
+   * Calls `listener` with each `'connected'`, `'disconnected'` or `'reconnecting'` event of this communicator's
+   * decode peers ({@link PrefillEvents}), from the event loop, until it is closed. Returns this communicator.
+   * A listener that throws is an uncaught exception, as with any `EventEmitter`.
+   */
+  on<E extends keyof PrefillEvents>(event: E, listener: (...payload: PrefillEvents[E]) => void): this {
+    this.#events.on(event, listener as never)
+    return this
+  }
+
+  /** As {@link PrefillCommunicator.on}, for the next such event only. */
+  once<E extends keyof PrefillEvents>(event: E, listener: (...payload: PrefillEvents[E]) => void): this {
+    this.#events.once(event, listener as never)
+    return this
+  }
+
+  /** Removes a listener added with {@link PrefillCommunicator.on} or {@link PrefillCommunicator.once}. */
+  off<E extends keyof PrefillEvents>(event: E, listener: (...payload: PrefillEvents[E]) => void): this {
+    this.#events.off(event, listener as never)
+    return this
+  }
+
+  /**
+   * Connects to the decode communicator at `ip:port` (a connected peer is returned as it is), by the
+   * `reconnect` policy: an address where nothing listens rejects with `UNREACHABLE`, naming it, once the
+   * policy's attempts are spent.
    * @throws {KVTransferError} (as a rejection) when the handshake fails or the decode refuses.
    */
   async connect(ip: string, port: Port, options: ConnectOptions = {}): Promise<Peer> {
     if (typeof options !== 'object' || options === null) throw invalid('connect options must be an object, e.g. { dstTpSize: 2 }')
-    const unknown = Object.keys(options).filter((k) => k !== 'dstTpSize')
+    const unknown = Object.keys(options).filter((k) => k !== 'dstTpSize' && k !== 'signal')
     if (unknown.length > 0) throw new KVTransferError('CONFIG', `unknown connect option ${JSON.stringify(unknown[0])}`)
     const [host, p, dst] = call(() => [toHost(ip), toPort(port, false), toCount('dstTpSize', options.dstTpSize ?? 1, 1)] as const)
-    await settled(call(() => this.native.connectAsync(host, p, dst)), { peer: `${host}:${p}` })
+    const signal = call(() => toSignal(options.signal))
+    const peer = `${host}:${p}`
+    if (signal?.aborted) throw new KVTransferError('ABORTED', 'the connect was aborted before it started', { peer })
+    const before = this.native.isConnected(host, p)
+    const pending = settled(call(() => this.native.connectAsync(host, p, dst)), { peer })
+    try {
+      await abortable(pending, signal, 'the connect', { peer })
+    } catch (err) {
+      // Aborted: a connection the call still makes is closed again (after it, on the peer's thread).
+      if (err instanceof KVTransferError && err.code === 'ABORTED' && signal?.aborted && !before) {
+        pending.then(
+          () => this.native.disconnectAsync(host, p).catch(() => {}),
+          () => {},
+        )
+      }
+      throw err
+    }
     return new Peer(this, host, p)
   }
 
@@ -306,8 +426,11 @@ export class DecodeCommunicator extends Communicator {
    * Rejects with `TIMEOUT` only when a link on this host neither confirms nor can be cut off (shared memory,
    * CUDA IPC): do not reuse the blocks then.
    */
-  async revoke(requestId: string): Promise<void> {
+  async revoke(requestId: string, options: SignalOptions = {}): Promise<void> {
     const id = call(() => toRequestId(requestId))
-    await settled(call(() => this.native.revokeAsync(id)), { requestId: id })
+    const signal = call(() => toSignal(options?.signal))
+    await abortable(settled(call(() => this.native.revokeAsync(id)), { requestId: id }), signal, `waiting for the revoke of request ${JSON.stringify(id)}`, {
+      requestId: id,
+    })
   }
 }

@@ -95,7 +95,10 @@ export class RDMACommunicator {
   }
 
   /**
-   * Connects to the decode communicator at `ip:port`, whose tensor-parallel size is `dstTpSize`.
+   * Connects to the decode communicator at `ip:port`, whose tensor-parallel size is `dstTpSize`, by the
+   * reconnect policy (`KVCACHE_RECONNECT_RETRIES`, `KVCACHE_RECONNECT_BACKOFF_MS`): where nothing listens there
+   * yet, it tries again that often (about 1.4 s by default), then returns `false` (`lastError.code` is
+   * `UNREACHABLE`).
    * @returns `true` when connected (also when already connected); `false` on failure, with the reason
    * in the error log and in {@link RDMACommunicator.lastError}.
    */

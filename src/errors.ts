@@ -15,6 +15,7 @@ export type ErrorCode =
   | 'REVOKED'
   | 'EXPIRED'
   | 'IN_USE'
+  | 'UNREACHABLE'
 
 // Every code once: a missing one fails to compile (the record must have a key for each).
 const ERROR_CODES: ReadonlySet<string> = new Set(
@@ -34,6 +35,7 @@ const ERROR_CODES: ReadonlySet<string> = new Set(
     REVOKED: 0,
     EXPIRED: 0,
     IN_USE: 0,
+    UNREACHABLE: 0,
   } satisfies Record<ErrorCode, 0>),
 )
 
@@ -46,7 +48,8 @@ function isErrorCode(code: unknown): code is ErrorCode {
  * kvtransfer that was caught before it could take the process down: please report it. `UNAUTHENTICATED` means
  * a peer did not prove it holds `KVCACHE_AUTH_TOKEN` (or this side holds none and the peer requires one).
  * `ABORTED`: the request was aborted by its prefill, or the call by its signal before it started. `REVOKED`: the
- * decode revoked the request. `IN_USE`: memory an open communicator uses cannot be freed.
+ * decode revoked the request. `IN_USE`: memory an open communicator uses cannot be freed. `UNREACHABLE`: nothing
+ * answers at the peer's address (refused: nothing listens there; or no route to it); the message names it.
  */
 export class KVTransferError extends Error {
   /** What kind of failure this is. */
@@ -128,5 +131,10 @@ export interface ErrorContext {
 export async function settled(pending: Promise<NativeFailure | null>, context: ErrorContext = {}): Promise<void> {
   const failure = await pending
   if (failure === null) return
-  throw new KVTransferError(isErrorCode(failure.code) ? failure.code : 'INTERNAL', failure.message, context)
+  throw fromFailure(failure, context)
+}
+
+/** The {@link KVTransferError} of a failure the native layer reported, with what the call was for. */
+export function fromFailure(failure: NativeFailure, context: ErrorContext = {}): KVTransferError {
+  return new KVTransferError(isErrorCode(failure.code) ? failure.code : 'INTERNAL', failure.message, context)
 }

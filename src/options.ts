@@ -100,6 +100,25 @@ export interface Settings {
    * `REJECTED`, naming both addresses).
    */
   answersTo?: string | readonly string[]
+  /**
+   * How a prefill (re)connects, the same for every call that needs a connection it does not have: `connect`,
+   * and any call after the connection ended. See {@link ReconnectPolicy}.
+   */
+  reconnect?: ReconnectPolicy
+}
+
+/**
+ * A call that needs a connection makes one attempt and, where that fails in a way another attempt can mend
+ * (`UNREACHABLE`, `TIMEOUT`, `TRANSPORT`), up to `retries` more, pausing `backoffMs` before the first of them and
+ * twice as long before each next one (at most 10 s). Then it rejects with the last attempt's error, and a peer
+ * whose connection had ended is forgotten (`NOT_CONNECTED` until `connect`). Each attempt to rebuild a connection
+ * is a `'reconnecting'` event ({@link PrefillCommunicator.on}).
+ */
+export interface ReconnectPolicy {
+  /** `KVCACHE_RECONNECT_RETRIES` (default 3, 0–100): attempts after the first. */
+  retries?: number
+  /** `KVCACHE_RECONNECT_BACKOFF_MS` (default 200, 1–60 000): the pause before the second attempt. */
+  backoffMs?: number
 }
 
 /** A quantised cache's scales: each block's scales move with it. */
@@ -165,7 +184,7 @@ export interface CacheOptions extends ScaleOptions {
   gpuIdx?: number
 }
 
-const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'list'> = {
+const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'list' | 'reconnect'> = {
   gidIndex: 'number',
   rdmaNics: 'list',
   ibTimeout: 'number',
@@ -183,6 +202,7 @@ const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'l
   instanceId: 'string',
   insecure: 'boolean',
   answersTo: 'list',
+  reconnect: 'reconnect',
 }
 /** Settings whose values are never shown, not even in an error. */
 const SECRET_KEYS: ReadonlySet<string> = new Set(['authToken'])
@@ -195,6 +215,10 @@ export function toSettings(options: object, allowed: ReadonlySet<string>): Nativ
     if (value === undefined || allowed.has(key)) continue
     const type = SETTING_TYPES[key as keyof Settings]
     if (type === undefined) throw new KVTransferError('CONFIG', `unknown option ${JSON.stringify(key)}`)
+    if (type === 'reconnect') {
+      Object.assign(settings, toReconnect(value))
+      continue
+    }
     const ok =
       type === 'list'
         ? typeof value === 'string' || (Array.isArray(value) && value.every((n) => typeof n === 'string'))
@@ -207,6 +231,18 @@ export function toSettings(options: object, allowed: ReadonlySet<string>): Nativ
     settings[key] = type === 'list' && Array.isArray(value) ? [...value] : value
   }
   return settings as NativeSettings
+}
+
+/** `reconnect: { retries, backoffMs }` as the native settings (the native layer checks their ranges). */
+function toReconnect(value: unknown): { reconnectRetries?: number; reconnectBackoffMs?: number } {
+  if (typeof value !== 'object' || value === null) throw new KVTransferError('CONFIG', 'option reconnect must be an object, e.g. { retries: 3, backoffMs: 200 }')
+  const { retries, backoffMs, ...rest } = value as ReconnectPolicy
+  const unknown = Object.keys(rest)
+  if (unknown.length > 0) throw new KVTransferError('CONFIG', `unknown option reconnect.${unknown[0]}`)
+  for (const [name, v] of [['retries', retries], ['backoffMs', backoffMs]] as const) {
+    if (v !== undefined && typeof v !== 'number') throw new KVTransferError('CONFIG', `option reconnect.${name} must be a number, not ${JSON.stringify(v)}`)
+  }
+  return { reconnectRetries: retries, reconnectBackoffMs: backoffMs }
 }
 
 export function toPointers(name: string, list: readonly Pointer[] | undefined): bigint[] {

@@ -20,7 +20,10 @@ export class Peer {
     this.port = port
   }
 
-  /** Whether the connection works (a broken one is rebuilt by the next write). Never waits for a transfer. */
+  /**
+   * Whether the connection works (one that ended is rebuilt by the next write, by the `reconnect` policy).
+   * Never waits for a transfer.
+   */
   get connected(): boolean {
     return this.communicator.native.isConnected(this.ip, this.port)
   }
@@ -48,7 +51,8 @@ export class Peer {
 
   /**
    * Ends the connection to this decode, after the calls made before (the decode sees the link go, with its
-   * goodbye). A later {@link PrefillCommunicator.connect} (or write) makes a new one.
+   * goodbye); no `'disconnected'` event is told of it. Later writes reject with `NOT_CONNECTED` until
+   * {@link PrefillCommunicator.connect} makes a new one.
    * @throws {KVTransferError} (as a rejection) `NOT_CONNECTED` where there is no connection.
    */
   async close(): Promise<void> {

@@ -75,7 +75,7 @@ export function toRequestId(id: unknown): string {
   return id
 }
 
-function toSignal(signal: unknown): AbortSignal | undefined {
+export function toSignal(signal: unknown): AbortSignal | undefined {
   if (signal === undefined) return undefined
   if (!(signal instanceof AbortSignal)) throw invalid('signal must be an AbortSignal')
   return signal
@@ -109,6 +109,25 @@ async function cancellable(
   } finally {
     clearTimeout(timer)
     if (onAbort !== undefined) signal?.removeEventListener('abort', onAbort)
+  }
+}
+
+/**
+ * `pending`, or a rejection with `ABORTED` (saying `what` was aborted) as soon as `signal` aborts: the caller
+ * stops waiting; what `pending` does goes on.
+ */
+export async function abortable<T>(pending: Promise<T>, signal: AbortSignal | undefined, what: string, context: ErrorContext = {}): Promise<T> {
+  if (signal === undefined) return pending
+  let onAbort: (() => void) | undefined
+  const aborted = new Promise<never>((_, reject) => {
+    onAbort = () => reject(new KVTransferError('ABORTED', `${what} was aborted`, context))
+    if (signal.aborted) onAbort()
+    else signal.addEventListener('abort', onAbort, { once: true })
+  })
+  try {
+    return await Promise.race([pending, aborted])
+  } finally {
+    if (onAbort !== undefined) signal.removeEventListener('abort', onAbort)
   }
 }
 

@@ -30,7 +30,9 @@ function fillBlock(buf, layer, tensor, block) {
 function cache() {
   const keys = Array.from({ length: LAYERS }, () => HostBuffer.alloc(BLOCKS * BLOCK_BYTES))
   const values = Array.from({ length: LAYERS }, () => HostBuffer.alloc(BLOCKS * BLOCK_BYTES))
-  return { keys, values, comm: (role, port) => new RDMACommunicator(role, 0, port, keys.map((b) => b.ptr), values.map((b) => b.ptr), BLOCKS, BLOCK_BYTES) }
+  // The decode may still be starting on the other host when the prefill connects: try for about half a minute.
+  const reconnect = { retries: 10, backoffMs: 200 }
+  return { keys, values, comm: (role, port) => new RDMACommunicator(role, 0, port, keys.map((b) => b.ptr), values.map((b) => b.ptr), BLOCKS, BLOCK_BYTES, 1, 0, { reconnect }) }
 }
 
 // Request m-k moves prefill blocks 16k..16k+15 into decode blocks 128+16k..: each request its own blocks.

@@ -40,11 +40,13 @@ pub enum Setting {
     InstanceId,
     Insecure,
     AnswersTo,
+    ReconnectRetries,
+    ReconnectBackoffMs,
 }
 
 impl Setting {
     /// Every setting, in documentation order.
-    pub const ALL: [Setting; 17] = [
+    pub const ALL: [Setting; 19] = [
         Setting::GidIndex,
         Setting::RdmaNics,
         Setting::IbTimeout,
@@ -62,6 +64,8 @@ impl Setting {
         Setting::InstanceId,
         Setting::Insecure,
         Setting::AnswersTo,
+        Setting::ReconnectRetries,
+        Setting::ReconnectBackoffMs,
     ];
 
     /// The environment variable that sets it (`None` for settings that are options only).
@@ -83,6 +87,8 @@ impl Setting {
             Setting::InstanceId => "KVCACHE_INSTANCE_ID",
             Setting::Insecure => "KVCACHE_INSECURE",
             Setting::AnswersTo => "KVCACHE_ANSWERS_TO",
+            Setting::ReconnectRetries => "KVCACHE_RECONNECT_RETRIES",
+            Setting::ReconnectBackoffMs => "KVCACHE_RECONNECT_BACKOFF_MS",
             Setting::TimeoutMs => return None,
         })
     }
@@ -107,6 +113,8 @@ impl Setting {
             Setting::InstanceId => "instanceId",
             Setting::Insecure => "insecure",
             Setting::AnswersTo => "answersTo",
+            Setting::ReconnectRetries => "reconnect.retries",
+            Setting::ReconnectBackoffMs => "reconnect.backoffMs",
         }
     }
 
@@ -246,10 +254,45 @@ pub struct Config {
     /// token, a decode admits only a prefill that dialed one of these or the address its connection came to (the
     /// hello names it, signed): a relay cannot steer a prefill to another decode that shares the token.
     pub answers_to: Vec<SocketAddr>,
+    /// How a prefill (re)connects: see [`Reconnect`].
+    pub reconnect: Reconnect,
     /// Not a setting: set by a binding's API that is secure by default (Node's `Communicator.decode`). A decode
     /// that would listen beyond loopback without `KVCACHE_AUTH_TOKEN` then refuses to start (`CONFIG`) unless
     /// `insecure` is set. Off for the seed API, which keeps the original's behaviour (with a warning).
     pub refuse_open_listen: bool,
+}
+
+/// How a prefill (re)connects to a decode, the same for every call that needs a connection it does not have:
+/// `connect`, and any call after the connection ended (a write, an abort). A call makes one attempt and, where
+/// that fails in a way another attempt can mend (`UNREACHABLE`, `TIMEOUT`, `TRANSPORT`), up to `retries` more,
+/// pausing `backoff` before the first of them and twice as long before each next one (at most
+/// [`Reconnect::MAX_PAUSE`]). Then the call fails with the last attempt's error, and a peer whose connection
+/// had ended is forgotten (`NOT_CONNECTED` until `connect`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reconnect {
+    /// `KVCACHE_RECONNECT_RETRIES` (default 3, 0–100).
+    pub retries: u32,
+    /// `KVCACHE_RECONNECT_BACKOFF_MS` (default 200, 1–60 000).
+    pub backoff: Duration,
+}
+
+impl Reconnect {
+    /// The longest pause between two attempts.
+    pub const MAX_PAUSE: Duration = Duration::from_secs(10);
+
+    /// The pause before attempt `attempt` (from 1; none before the first).
+    pub fn pause_before(&self, attempt: u32) -> Duration {
+        match attempt {
+            0 | 1 => Duration::ZERO,
+            n => self.backoff.saturating_mul(1 << (n - 2).min(20)).min(Reconnect::MAX_PAUSE),
+        }
+    }
+}
+
+impl Default for Reconnect {
+    fn default() -> Reconnect {
+        Reconnect { retries: 3, backoff: Duration::from_millis(200) }
+    }
 }
 
 impl Default for Config {
@@ -272,6 +315,7 @@ impl Default for Config {
             instance_id: None,
             insecure: false,
             answers_to: Vec::new(),
+            reconnect: Reconnect::default(),
             refuse_open_listen: false,
         }
     }
@@ -353,6 +397,8 @@ impl Config {
             Setting::TimeoutMs => self.timeout = Duration::from_millis(whole(v, 1, 86_400_000)?),
             Setting::MaxPeers => self.max_peers = whole(v, 1, 65_536)? as usize,
             Setting::Insecure => self.insecure = flag(v)?,
+            Setting::ReconnectRetries => self.reconnect.retries = whole(v, 0, 100)? as u32,
+            Setting::ReconnectBackoffMs => self.reconnect.backoff = Duration::from_millis(whole(v, 1, 60_000)?),
             Setting::AnswersTo => {
                 let why = || "expected a comma-separated list of addresses with ports, e.g. 203.0.113.7:9000,[2001:db8::7]:9000".to_string();
                 let addrs: std::result::Result<Vec<SocketAddr>, _> = match v {
@@ -525,6 +571,19 @@ mod tests {
             let err = load(&[], &[(Setting::InstanceId, bad.as_str())]).unwrap_err();
             assert!(err.message().contains("option instanceId"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_reconnect_policy_doubles_its_pause_up_to_a_limit() {
+        let cfg = load(&[], &[]).unwrap();
+        assert_eq!(cfg.reconnect, Reconnect { retries: 3, backoff: Duration::from_millis(200) });
+        let pauses: Vec<u64> = (1..=5).map(|n| cfg.reconnect.pause_before(n).as_millis() as u64).collect();
+        assert_eq!(pauses, [0, 200, 400, 800, 1600]);
+        assert_eq!(cfg.reconnect.pause_before(100), Reconnect::MAX_PAUSE);
+        let cfg = load(&[("KVCACHE_RECONNECT_RETRIES", "0")], &[(Setting::ReconnectBackoffMs, "50")]).unwrap();
+        assert_eq!(cfg.reconnect, Reconnect { retries: 0, backoff: Duration::from_millis(50) });
+        let err = load(&[], &[(Setting::ReconnectRetries, "101")]).unwrap_err();
+        assert!(err.message().contains("option reconnect.retries"), "{err}");
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub enum ErrorCode {
     Expired,
     /// The memory is in use by an open communicator: close it first.
     InUse,
+    /// Nothing answers at the peer's address: the connection was refused (nothing listens there) or the host or
+    /// network is unreachable. The message names the address.
+    Unreachable,
 }
 
 impl ErrorCode {
@@ -62,6 +65,7 @@ impl ErrorCode {
             ErrorCode::Revoked => "REVOKED",
             ErrorCode::Expired => "EXPIRED",
             ErrorCode::InUse => "IN_USE",
+            ErrorCode::Unreachable => "UNREACHABLE",
         }
     }
 
@@ -82,6 +86,7 @@ impl ErrorCode {
             13 => ErrorCode::Revoked,
             14 => ErrorCode::Expired,
             15 => ErrorCode::InUse,
+            16 => ErrorCode::Unreachable,
             _ => ErrorCode::Protocol,
         }
     }
@@ -104,13 +109,14 @@ impl ErrorCode {
             ErrorCode::Revoked => 13,
             ErrorCode::Expired => 14,
             ErrorCode::InUse => 15,
+            ErrorCode::Unreachable => 16,
         }
     }
 }
 
 impl ErrorCode {
     /// Every code.
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::InvalidArgument,
         ErrorCode::Config,
         ErrorCode::NotConnected,
@@ -126,6 +132,7 @@ impl ErrorCode {
         ErrorCode::Revoked,
         ErrorCode::Expired,
         ErrorCode::InUse,
+        ErrorCode::Unreachable,
     ];
 }
 

@@ -182,21 +182,96 @@ fn closed_decode_fails_writes_without_hanging() {
     let src = Cache::new(2, 1, 8, 256, 60);
     let dst = Cache::new(2, 1, 8, 256, 61);
     let d = decode(dst.spec());
-    let p = prefill(src.spec(), 1, 0);
+    let policy = kvtransfer::Reconnect { retries: 2, backoff: Duration::from_millis(50) };
+    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: common::layout(src.spec()), tp_size: 1, tp_idx: 0 };
+    let p = Communicator::new(spec, Config { reconnect: policy, ..tcp() }).unwrap();
     let port = d.port();
     p.connect("127.0.0.1", port, 1).unwrap();
     d.close().unwrap();
+    // The decode told the link it closes: the next call tries to reconnect, by the policy (three attempts), and
+    // with nothing listening fails at once each time, naming the address.
+    let started = std::time::Instant::now();
     let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();
-    // The decode told the link it closes.
-    assert_eq!(err.code(), ErrorCode::NotConnected, "{err}");
-    assert!(err.message().contains("closed"), "{err}");
-    assert!(!p.is_connected("127.0.0.1", port), "a broken connection is dropped");
-    // The next call tries to rebuild it; with nobody listening that fails and the peer is forgotten.
-    let err = p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err();
-    assert!(err.message().contains("could not be rebuilt"), "{err}");
+    assert_eq!(err.code(), ErrorCode::Unreachable, "{err}");
+    let address = format!("127.0.0.1:{port}");
+    for said in ["closed", "could not be rebuilt in 3 attempts", address.as_str()] {
+        assert!(err.message().contains(said), "{said:?} in {err}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "50 + 100 ms of pauses took {:?}", started.elapsed());
+    // The peer is forgotten: later calls say so at once, until it is connected again.
+    assert!(!p.is_connected("127.0.0.1", port));
     assert_eq!(p.write_cache("127.0.0.1", port, &[1], &[1], 0).unwrap_err().code(), ErrorCode::NotConnected);
     p.close().unwrap();
     assert_eq!(p.connect("127.0.0.1", port, 1).unwrap_err().code(), ErrorCode::Closed);
+}
+
+/// What a prefill tells of its peers, as text, in order.
+fn recorded(p: &Communicator) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use kvtransfer::communicator::peer_events::PeerEvent;
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t = told.clone();
+    let sink = move |e: &PeerEvent| {
+        let line = match e {
+            PeerEvent::Connected { transport, reconnected, .. } => format!("connected {transport} reconnected={reconnected}"),
+            PeerEvent::Disconnected { cause, .. } => format!("disconnected {}: {}", cause.code(), cause.message()),
+            PeerEvent::Reconnecting { attempt, attempts, cause, .. } => format!("reconnecting {attempt}/{attempts} {}", cause.code()),
+        };
+        t.lock().unwrap().push(line);
+    };
+    p.on_peer_events(Some(std::sync::Arc::new(sink))).unwrap();
+    told
+}
+
+#[test]
+fn a_decode_that_comes_back_is_reconnected_by_the_policy_and_each_change_is_told() {
+    let src = Cache::new(2, 1, 8, 256, 62);
+    let (dst, again) = (Cache::new(2, 1, 8, 256, 63), Cache::new(2, 1, 8, 256, 64));
+    let d = decode(dst.spec());
+    let port = d.port();
+    let policy = kvtransfer::Reconnect { retries: 20, backoff: Duration::from_millis(20) };
+    let spec = CommunicatorSpec { role: Role::Prefill, gpu_idx: 0, port: 0, cache: common::layout(src.spec()), tp_size: 1, tp_idx: 0 };
+    let p = Communicator::new(spec, Config { reconnect: policy, ..tcp() }).unwrap();
+    let told = recorded(&p);
+    p.connect("127.0.0.1", port, 1).unwrap();
+    p.write_cache("127.0.0.1", port, &[0], &[0], 0).unwrap();
+    d.close().unwrap();
+    drop(d);
+    // Told without a call: the request channel saw the decode go.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !told.lock().unwrap().iter().any(|e| e.starts_with("disconnected")) {
+        assert!(std::time::Instant::now() < deadline, "no disconnected event: {:?}", told.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A decode comes back on the same port while the next write tries again: that write lands.
+    std::thread::scope(|s| {
+        let back = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port, cache: common::layout(again.spec()), tp_size: 1, tp_idx: 0 };
+            Communicator::new(spec, tcp()).unwrap()
+        });
+        p.write_cache("127.0.0.1", port, &[2, 3], &[5, 6], 0).unwrap();
+        assert_eq!(again.block(1, 0, 6), src.block(1, 0, 3));
+        back.join().unwrap().close().unwrap();
+    });
+    let all = told;
+    let told = all.lock().unwrap().clone();
+    assert_eq!(told[0], "connected tcp reconnected=false", "{told:?}");
+    assert!(told[1].starts_with("disconnected TRANSPORT") && told[1].contains(&format!("127.0.0.1:{port}")), "{told:?}");
+    let attempts: Vec<&String> = told.iter().filter(|e| e.starts_with("reconnecting")).collect();
+    assert!(attempts.len() >= 2, "the decode was away for some attempts: {told:?}");
+    assert!(attempts[0].starts_with("reconnecting 1/21 TRANSPORT") && attempts[1].ends_with("UNREACHABLE"), "{told:?}");
+    let back = told.iter().position(|e| e == "connected tcp reconnected=true").expect("reconnected");
+    // The decode that came back closed too: that connection's end is told, once.
+    assert_eq!(told[back + 1..], ["disconnected TRANSPORT: the connection to 127.0.0.1:{port} ended: the decode closed the request channel".replace("{port}", &port.to_string())], "{told:?}");
+    // A connection this side ends is not told.
+    let d = decode(dst.spec());
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    p.disconnect("127.0.0.1", d.port()).unwrap();
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    p.close().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let after: Vec<String> = all.lock().unwrap()[told.len()..].to_vec();
+    assert_eq!(after, ["connected tcp reconnected=false", "connected tcp reconnected=false"], "{after:?}");
 }
 
 #[test]

@@ -10,10 +10,12 @@
 
 mod host_memory;
 
+use kvtransfer::communicator::peer_events::{PeerEvent, PeerEventSink};
 use kvtransfer::communicator::{Cancel, Notification, RequestId};
 use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Error, ErrorCode, Role, Setting, SettingValue};
 use napi::bindgen_prelude::*;
+use napi::threadsafe_function::ThreadsafeFunctionCallMode;
 use napi_derive::napi;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -67,6 +69,8 @@ pub struct NativeSettings {
     pub instance_id: Option<String>,
     pub insecure: Option<bool>,
     pub answers_to: Option<Either<String, Vec<String>>>,
+    pub reconnect_retries: Option<f64>,
+    pub reconnect_backoff_ms: Option<f64>,
 }
 
 impl NativeSettings {
@@ -98,6 +102,8 @@ impl NativeSettings {
             (Setting::InstanceId, text(self.instance_id)),
             (Setting::Insecure, flag(self.insecure)),
             (Setting::AnswersTo, list(self.answers_to)),
+            (Setting::ReconnectRetries, number(self.reconnect_retries)),
+            (Setting::ReconnectBackoffMs, number(self.reconnect_backoff_ms)),
         ]
         .into_iter()
         .filter_map(|(setting, value)| value.map(|v| (setting, v)))
@@ -169,6 +175,50 @@ pub struct NativePeerSummary {
     /// `prefill tp i/n at ip`.
     pub name: String,
     pub transport: String,
+}
+
+/// A change in a prefill's connection to a decode peer (`PeerEvent` in the wrapper).
+#[napi(object)]
+pub struct NativePeerEvent {
+    /// `'connected'`, `'disconnected'` or `'reconnecting'`.
+    pub kind: String,
+    /// `host:port`.
+    pub peer: String,
+    /// `'connected'`: the transport taken, and whether the connection was rebuilt.
+    pub transport: Option<String>,
+    pub reconnected: Option<bool>,
+    /// `'reconnecting'`: this attempt, of how many.
+    pub attempt: Option<u32>,
+    pub attempts: Option<u32>,
+    /// `'disconnected'`, `'reconnecting'`: why.
+    pub cause: Option<NativeFailure>,
+}
+
+impl From<&PeerEvent> for NativePeerEvent {
+    fn from(e: &PeerEvent) -> Self {
+        let failure = |e: &Error| Some(NativeFailure { code: e.code().as_str().into(), message: e.message().into() });
+        let event = |kind: &str, peer: &str| NativePeerEvent {
+            kind: kind.into(),
+            peer: peer.into(),
+            transport: None,
+            reconnected: None,
+            attempt: None,
+            attempts: None,
+            cause: None,
+        };
+        match e {
+            PeerEvent::Connected { peer, transport, reconnected } => {
+                NativePeerEvent { transport: Some(transport.as_str().into()), reconnected: Some(*reconnected), ..event("connected", peer) }
+            }
+            PeerEvent::Disconnected { peer, cause } => NativePeerEvent { cause: failure(cause), ..event("disconnected", peer) },
+            PeerEvent::Reconnecting { peer, attempt, attempts, cause } => NativePeerEvent {
+                attempt: Some(*attempt),
+                attempts: Some(*attempts),
+                cause: failure(cause),
+                ..event("reconnecting", peer)
+            },
+        }
+    }
 }
 
 /// One event of a request, as the decode engine sees it (`Notification` in the wrapper).
@@ -354,6 +404,28 @@ impl NativeCommunicator {
     pub fn disconnect_async<'env>(&self, env: &'env Env, ip: String, port: u32) -> Result<Object<'env>, ErrorCode> {
         let port = guarded(|| self::port(port))?;
         promise(env, |done| self.inner.disconnect_then(&ip, port, done))
+    }
+
+    /// Prefill: calls `listener` with each change in a peer's connection from now on (`null`: stops). The
+    /// listener does not keep the process alive.
+    #[napi(ts_args_type = "listener: ((event: NativePeerEvent) => void) | null")]
+    pub fn on_peer_events(&self, listener: Option<Function<NativePeerEvent, ()>>) -> Result<(), ErrorCode> {
+        let sink: Option<PeerEventSink> = match listener {
+            None => None,
+            Some(listener) => {
+                let tsfn = listener
+                    .build_threadsafe_function()
+                    .callee_handled::<false>()
+                    .weak::<true>()
+                    .build()
+                    .map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))?;
+                Some(Arc::new(move |event: &PeerEvent| {
+                    // Queued for the event loop; never blocks the thread that saw the change.
+                    tsfn.call(NativePeerEvent::from(event), ThreadsafeFunctionCallMode::NonBlocking);
+                }))
+            }
+        };
+        guarded(|| self.inner.on_peer_events(sink))
     }
 
     /// Decode: the prefill links whose request channel is open.

@@ -462,7 +462,8 @@ enum Outgoing {
 impl ChannelClient {
     /// Opens the channel at `host:port` with the handshake's `token`. Returns it with the requests the decode
     /// has revoked, which this link must refuse from its first write. From then on a thread of its own answers
-    /// the decode: `obey` runs for each directive, and the confirmation is sent once it returns.
+    /// the decode: `obey` runs for each directive, and the confirmation is sent once it returns; `ended` runs
+    /// once the channel has ended, with why (also when this side ended it).
     pub fn connect(
         host: &str,
         port: u16,
@@ -470,6 +471,7 @@ impl ChannelClient {
         proof: [u8; 32],
         timeout: Duration,
         obey: Arc<dyn Fn(&Directive) + Send + Sync>,
+        ended: Box<dyn FnOnce(Error) + Send>,
     ) -> Result<(ChannelClient, Vec<RequestId>)> {
         let peer = format!("{host}:{port}");
         let addrs = (host, port).to_socket_addrs().map_err(|e| Error::invalid(format!("cannot resolve {peer}: {e}")))?;
@@ -522,20 +524,21 @@ impl ChannelClient {
         let broken = Arc::new(AtomicBool::new(false));
         let (queue, outgoing) = mpsc::channel();
         let (w, b) = (writer.clone(), broken.clone());
-        let (ended, sent) = mpsc::channel::<()>();
+        let (stopped, sent) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name(format!("kvtransfer-channel-out {peer}"))
             .spawn(move || {
                 send_queued(&w, &outgoing, &b);
-                drop(ended);
+                drop(stopped);
             })
             .map_err(|e| Error::io("starting the request channel's thread", e))?;
         let (q, b) = (queue.clone(), broken.clone());
         std::thread::Builder::new()
             .name(format!("kvtransfer-channel {peer}"))
             .spawn(move || {
-                let _ = answer(stream, &q, &*obey);
+                let outcome = answer(stream, &q, &*obey);
                 b.store(true, Ordering::Release);
+                ended(outcome.err().unwrap_or_else(|| Error::new(ErrorCode::Transport, "the decode closed the request channel")));
             })
             .map_err(|e| Error::io("starting the request channel's thread", e))?;
         Ok((ChannelClient { queue, writer, out: Vec::new(), broken, sent, timeout }, revoked))
@@ -720,7 +723,7 @@ mod tests {
         let obeyed = Arc::new(Mutex::new(Vec::new()));
         let o = obeyed.clone();
         let (mut client, revoked) =
-            ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(move |d: &Directive| lock(&o).push(d.clone())))
+            ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(move |d: &Directive| lock(&o).push(d.clone())), Box::new(|_| {}))
                 .unwrap();
         assert_eq!(revoked, [id("old")]);
         client.send(Frame::Start { request: id("a") }).unwrap();
@@ -743,15 +746,15 @@ mod tests {
         let server = server(events.clone());
         let token = server.admit(peer(), |_| None);
         let nothing = Arc::new(|_: &Directive| {});
-        let err = ChannelClient::connect("127.0.0.1", server.port(), token ^ 1, [0; 32], Duration::from_secs(5), nothing.clone()).err().unwrap();
+        let err = ChannelClient::connect("127.0.0.1", server.port(), token ^ 1, [0; 32], Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).err().unwrap();
         assert_eq!(err.code(), ErrorCode::Rejected);
-        let first = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), nothing.clone()).unwrap();
-        let again = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), nothing.clone()).err().unwrap();
+        let first = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).unwrap();
+        let again = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).err().unwrap();
         assert_eq!(again.code(), ErrorCode::Rejected);
         drop(first);
         server.stop_admitting();
         let late = server.admit(peer(), |_| None);
-        assert!(ChannelClient::connect("127.0.0.1", server.port(), late, [0; 32], Duration::from_secs(5), nothing).is_err());
+        assert!(ChannelClient::connect("127.0.0.1", server.port(), late, [0; 32], Duration::from_secs(5), nothing, Box::new(|_| {})).is_err());
     }
 
     #[test]
@@ -772,7 +775,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         let token = server.admit(peer(), |_| None);
         let started = Instant::now();
-        let (client, _) = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(|_: &Directive| {})).unwrap();
+        let (client, _) = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(|_: &Directive| {}), Box::new(|_| {})).unwrap();
         assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
         // At its allowance a host's oldest waiting connection goes (the trickling one was the oldest).
         let mut byte = [0u8; 1];
@@ -792,13 +795,13 @@ mod tests {
         let server = server(events.clone());
         let token = server.admit(peer(), |_| Some([9; 32]));
         let nothing = Arc::new(|_: &Directive| {});
-        let err = ChannelClient::connect("127.0.0.1", server.port(), token, [8; 32], Duration::from_secs(5), nothing.clone()).err().unwrap();
+        let err = ChannelClient::connect("127.0.0.1", server.port(), token, [8; 32], Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).err().unwrap();
         assert_eq!(err.code(), ErrorCode::Rejected, "{err}");
         until("the cut-off", || lock(&events.closed).iter().any(|w| w.contains("without the proof")));
         // Nor does the right proof open it any more: the token was spent.
-        assert!(ChannelClient::connect("127.0.0.1", server.port(), token, [9; 32], Duration::from_secs(5), nothing.clone()).is_err());
+        assert!(ChannelClient::connect("127.0.0.1", server.port(), token, [9; 32], Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).is_err());
         let token = server.admit(peer(), |_| Some([9; 32]));
-        ChannelClient::connect("127.0.0.1", server.port(), token, [9; 32], Duration::from_secs(5), nothing).unwrap();
+        ChannelClient::connect("127.0.0.1", server.port(), token, [9; 32], Duration::from_secs(5), nothing, Box::new(|_| {})).unwrap();
     }
 
     #[test]

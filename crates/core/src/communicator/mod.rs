@@ -27,6 +27,7 @@
 //! listens and answers handshakes; both follow the rules of [`crate::control::negotiation`], which does no I/O.
 
 mod decode;
+pub mod peer_events;
 mod prefill;
 pub mod requests;
 mod workers;
@@ -263,6 +264,13 @@ impl Communicator {
     pub fn disconnect_then(self: &Arc<Self>, ip: &str, port: u16, done: impl FnOnce(Result<()>) + Send + 'static) {
         let (comm, host) = (self.clone(), ip.to_string());
         self.on_peer_thread(ip, port, move || comm.disconnect(&host, port), done);
+    }
+
+    /// Prefill: where [`peer_events::PeerEvent`]s go from now on (`None`: nowhere), until the communicator closes.
+    /// The sink runs on the thread that saw the change and must not block.
+    pub fn on_peer_events(&self, sink: Option<peer_events::PeerEventSink>) -> Result<()> {
+        self.prefill("onPeerEvents")?.on_peer_events(sink);
+        Ok(())
     }
 
     /// Decode: the prefill links whose request channel is open, each as `(name, transport)`.

@@ -6,11 +6,17 @@
 //! decode's directives (revoke a request, stop because it closes) are obeyed on the channel's thread: it marks
 //! the request (or the peer) in the peer's [`Gate`], waits for the write in flight, if any, and confirms; every
 //! write checks the gate once it holds the peer, so none of a revoked request starts after the confirmation.
+//!
+//! A call that needs a connection it does not have (`connect`, or any call after the connection ended) makes
+//! it by the communicator's [`Reconnect`] policy; each connection that comes up, ends or is being rebuilt is
+//! told as a [`PeerEvent`].
 
+use super::peer_events::{Endings, Events, PeerEvent, PeerEventSink};
 use super::workers::Workers;
 use super::Communicator;
 use crate::auth::AuthKey;
 use crate::channel::{ChannelClient, Directive, Frame, RequestId};
+use crate::config::Reconnect;
 use crate::control::handshake::{self, Admitted};
 use crate::error::{Error, ErrorCode, Result};
 use crate::net;
@@ -20,6 +26,7 @@ use crate::wire::{Hello, Offer, Role, TransportKind, PROTOCOL_VERSION};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Request ids a peer remembers as revoked, aborted or started; the oldest are forgotten past this.
 const REMEMBERED: usize = 65536;
@@ -33,6 +40,7 @@ pub(super) struct PrefillSide {
     tp_idx: u32,
     peers: Peers,
     workers: Workers,
+    events: Arc<Events>,
 }
 
 /// A decode peer and what can be asked of it without waiting for a transfer.
@@ -58,6 +66,8 @@ struct Gate {
     sessions: Mutex<VecDeque<u64>>,
     /// Held for the whole of each write: a directive waits for the write in flight before it is confirmed.
     writing: Mutex<()>,
+    /// Its connections' ends, told once each.
+    endings: Endings,
 }
 
 impl Gate {
@@ -165,7 +175,12 @@ struct Connection {
 
 impl PrefillSide {
     pub(super) fn new(connectors: Vec<Arc<dyn Connector>>, tp_size: u32, tp_idx: u32) -> PrefillSide {
-        PrefillSide { connectors, tp_size, tp_idx, peers: Mutex::new(HashMap::new()), workers: Workers::new() }
+        PrefillSide { connectors, tp_size, tp_idx, peers: Mutex::new(HashMap::new()), workers: Workers::new(), events: Arc::default() }
+    }
+
+    /// Where this side's peer events go from now on (`None`: nowhere).
+    pub(super) fn on_peer_events(&self, sink: Option<PeerEventSink>) {
+        self.events.set(sink);
     }
 
     pub(super) fn transports(&self) -> Vec<TransportKind> {
@@ -186,8 +201,11 @@ impl PrefillSide {
         if let Some(peer) = existing {
             // Connected, or broken and due for a rebuild.
             let mut state = peer.lock();
-            if state.link.as_ref().is_none_or(|c| c.channel.is_broken()) {
+            if let Some(c) = state.link.as_ref().filter(|c| c.channel.is_broken()) {
+                peer.gate.endings.ended(&self.events, &key, c.number, Error::new(ErrorCode::Transport, format!("the connection to {key} ended")));
                 state.link = None;
+            }
+            if state.link.is_none() {
                 let rebuilt = self.rebuild(comm, ip, port, &mut state, &peer.gate);
                 peer.update(&state);
                 if let Err(e) = rebuilt {
@@ -199,7 +217,7 @@ impl PrefillSide {
         }
         SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size)?;
         let gate = Arc::new(Gate::default());
-        let peer = self.handshake(comm, ip, port, dst_tp_size, false, &gate)?;
+        let peer = self.establish(comm, ip, port, dst_tp_size, &gate, false)?;
         // Checked under the map's lock, which `close` takes to clear it: no peer is added after a close.
         let mut peers = self.peers.lock().unwrap();
         comm.check_open()?;
@@ -309,8 +327,14 @@ impl PrefillSide {
         }
         let g = gate.clone();
         let obey = Arc::new(move |d: &Directive| g.obey(d, number));
+        let (g, events, peer) = (gate.clone(), self.events.clone(), key.clone());
+        let ended = Box::new(move |cause: Error| {
+            let cause = Error::new(cause.code(), format!("the connection to {peer} ended: {}", cause.message()));
+            g.endings.ended(&events, &peer, number, cause)
+        });
         let (channel, revoked) =
-            ChannelClient::connect(ip, welcome.channel_port, welcome.channel_token, channel_proof, comm.config.timeout, obey).map_err(plain)?;
+            ChannelClient::connect(ip, welcome.channel_port, welcome.channel_token, channel_proof, comm.config.timeout, obey, ended)
+                .map_err(plain)?;
         for request in revoked {
             lock(&gate.revoked).insert(request);
         }
@@ -335,13 +359,50 @@ impl PrefillSide {
         })
     }
 
-    /// Replaces a broken connection with a new one to the same peer.
+    /// Replaces a connection that ended with a new one to the same peer, by the reconnect policy.
     fn rebuild(&self, comm: &Communicator, ip: &str, port: u16, peer: &mut Peer, gate: &Arc<Gate>) -> Result<()> {
-        let fresh = self.handshake(comm, ip, port, peer.dst_tp_size, true, gate).map_err(|e| {
-            Error::new(e.code(), format!("the connection broke earlier and could not be rebuilt: {}", e.message()))
-        })?;
-        *peer = fresh;
+        *peer = self.establish(comm, ip, port, peer.dst_tp_size, gate, true)?;
         Ok(())
+    }
+
+    /// Makes a connection to `ip:port` by the communicator's [`Reconnect`] policy: attempts, with pauses between
+    /// them, while the failure is one another attempt can mend. A rebuild (`rebuilding`) tells each attempt.
+    fn establish(&self, comm: &Communicator, ip: &str, port: u16, dst_tp_size: u32, gate: &Arc<Gate>, rebuilding: bool) -> Result<Peer> {
+        let key = peer_key(ip, port);
+        let policy = comm.config.reconnect;
+        let attempts = policy.retries + 1;
+        let ended = gate.endings.cause();
+        let mut cause = ended.clone().unwrap_or_else(|| Error::new(ErrorCode::NotConnected, format!("the connection to {key} ended")));
+        for attempt in 1..=attempts {
+            pause(comm, &policy, attempt)?;
+            if rebuilding {
+                self.events.tell(PeerEvent::Reconnecting { peer: key.clone(), attempt, attempts, cause: cause.clone() });
+            }
+            match self.handshake(comm, ip, port, dst_tp_size, rebuilding, gate) {
+                Ok(peer) => {
+                    if let Some(c) = &peer.link {
+                        let transport = c.link.transport();
+                        self.events.tell(PeerEvent::Connected { peer: key.clone(), transport, reconnected: rebuilding });
+                    }
+                    return Ok(peer);
+                }
+                Err(e) if attempt < attempts && matches!(e.code(), ErrorCode::Unreachable | ErrorCode::Timeout | ErrorCode::Transport) => {
+                    comm.log.debug(format!("attempt {attempt} of {attempts} to connect to {key} failed: {e}"));
+                    cause = e;
+                }
+                Err(e) => {
+                    let tries = if attempt > 1 { format!(" in {attempt} attempts") } else { String::new() };
+                    let why = match (&ended, rebuilding) {
+                        (Some(end), true) => format!("the connection ended ({}) and could not be rebuilt{tries}: {}", end.message(), e.message()),
+                        (None, true) => format!("the connection ended and could not be rebuilt{tries}: {}", e.message()),
+                        (_, false) if attempt > 1 => format!("{} (after {attempt} attempts)", e.message()),
+                        _ => return Err(e),
+                    };
+                    return Err(Error::new(e.code(), why));
+                }
+            }
+        }
+        unreachable!("the last attempt returns")
     }
 
     /// Never waits for a transfer: the map's lock is only held to look a peer up.
@@ -379,17 +440,17 @@ impl PrefillSide {
             return Ok(());
         }
         let closing = |state: &Peer| state.link.as_ref().is_some_and(|c| c.number == gate.closing.load(Ordering::Acquire));
-        if closing(state) {
-            // The decode said it closes: this connection is not written again (the next call reconnects).
+        // A connection the decode said it closes, or that ended (the decode went away), is not written again:
+        // this call makes a new one, by the reconnect policy.
+        let ended = if closing(state) {
+            Some(Error::new(ErrorCode::NotConnected, format!("the decode at {key} closed")))
+        } else {
+            state.link.as_ref().filter(|c| c.channel.is_broken()).map(|_| Error::new(ErrorCode::Transport, format!("the connection to {key} ended")))
+        };
+        if let (Some(cause), Some(c)) = (ended, state.link.as_ref()) {
+            gate.endings.ended(&self.events, &key, c.number, cause);
             state.link = None;
             peer.update(state);
-            return Err(Error::new(ErrorCode::NotConnected, format!("the decode at {key} closed: nothing was written")));
-        }
-        if state.link.as_ref().is_some_and(|c| c.channel.is_broken()) {
-            // The decode went away (or its link ended): this call fails, the next one rebuilds the connection.
-            state.link = None;
-            peer.update(state);
-            return Err(Error::new(ErrorCode::Transport, format!("the connection to {key} ended: nothing was written")));
         }
         if state.link.is_none() {
             let rebuilt = self.rebuild(comm, ip, port, state, gate);
@@ -415,6 +476,8 @@ impl PrefillSide {
         if let Err(e) = &result {
             if matches!(e.code(), ErrorCode::Transport | ErrorCode::Timeout | ErrorCode::Protocol) {
                 // The connection's state is unknown now: drop it; the next call rebuilds it.
+                let number = state.link.as_ref().map_or(0, |c| c.number);
+                gate.endings.ended(&self.events, &key, number, e.clone());
                 state.link = None;
                 peer.update(state);
             }
@@ -449,7 +512,9 @@ impl PrefillSide {
         // Out of the table first: a `connect` from now on makes a new peer, never revives this one.
         self.forget(&key, &peer);
         let mut state = peer.lock();
-        state.link = None;
+        if let Some(c) = state.link.take() {
+            peer.gate.endings.ended_here(c.number);
+        }
         peer.update(&state);
         Ok(())
     }
@@ -471,6 +536,8 @@ impl PrefillSide {
     /// Waits for the write in flight to each peer, if any (the communicator is marked closed already, so no
     /// other starts), then drops every connection.
     pub(super) fn close(&self) {
+        // Nothing is told once the communicator closes.
+        self.events.set(None);
         self.workers.close();
         let peers: Vec<Arc<PeerEntry>> = self.peers.lock().unwrap().drain().map(|(_, p)| p).collect();
         for peer in peers {
@@ -485,6 +552,19 @@ impl PrefillSide {
         if map.get(key).is_some_and(|p| Arc::ptr_eq(p, peer)) {
             map.remove(key);
         }
+    }
+}
+
+/// Waits the policy's pause before `attempt`, in short steps: a close meanwhile ends it (`CLOSED`).
+fn pause(comm: &Communicator, policy: &Reconnect, attempt: u32) -> Result<()> {
+    let until = Instant::now() + policy.pause_before(attempt);
+    loop {
+        comm.check_open()?;
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(20)));
     }
 }
 
@@ -564,7 +644,7 @@ mod tests {
         let server = server(events.clone());
         let token = server.admit(peer(), |_| None);
         let (channel, _) =
-            ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(|_: &Directive| {})).unwrap();
+            ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(|_: &Directive| {}), Box::new(|_| {})).unwrap();
         let mut connection =
             Connection { link: Box::new(BreaksDuringWrites), channel, started: RecentIds::default(), mark: 0, number: 1, slices_without_instance: false };
         let mut plan = BlockPlan::default();

@@ -52,7 +52,8 @@ pub const CONVERSATIONS: usize = 512;
 /// The least time a connection attempt to one of a name's addresses is given.
 const MIN_CONNECT_TIME: Duration = Duration::from_millis(250);
 
-/// How long the prefill side waits before it tries again to reach a decode that is not listening (yet).
+/// How long the prefill side waits before it opens again a handshake that a decode closed unanswered (past its
+/// cap on connections still saying their hello).
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// The decode side's listener: a thread per control connection, each answering its requests in turn.
@@ -189,9 +190,10 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    /// Connects to `host:port`; every request on this connection must be answered within `timeout` of now. A
-    /// decode that is not listening yet is waited for, until then. Where `host` is this host, over the Unix
-    /// socket beside the address and port when one listens ([`ControlClient::is_local`]).
+    /// Connects to `host:port`; every request on this connection must be answered within `timeout` of now. An
+    /// address where nothing listens is `UNREACHABLE` at once (trying again is the caller's policy). Where
+    /// `host` is this host, over the Unix socket beside the address and port when one listens
+    /// ([`ControlClient::is_local`]).
     pub fn connect(host: &str, port: u16, timeout: Duration) -> Result<ControlClient> {
         let deadline = Instant::now() + timeout;
         let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -263,38 +265,45 @@ impl ControlClient {
     }
 }
 
-/// A connection to one of `addrs`, and the one it reached, trying again until `deadline` while none listens: over
-/// the Unix socket beside an address of this host where one listens, else over TCP.
+/// A connection to one of `addrs`, and the one it reached: over the Unix socket beside an address of this host
+/// where one listens, else over TCP, each address in turn. Where none takes it, `UNREACHABLE` at once when each
+/// refused it or has no route (nothing listens there: trying again is the caller's policy), else `TIMEOUT`.
 fn open(addrs: &[SocketAddr], endpoint: &str, deadline: Instant, timeout: Duration) -> Result<(Connection, SocketAddr)> {
     if addrs.is_empty() {
         return Err(Error::invalid(format!("cannot connect to {endpoint}: it names no address")));
     }
-    let own: Vec<&SocketAddr> = addrs.iter().filter(|a| net::is_own_address(a.ip())).collect();
+    for addr in addrs.iter().filter(|a| net::is_own_address(a.ip())) {
+        if let Ok(stream) = connection::connect_local(&connection::local_name(LOCAL_NAME, *addr)) {
+            return Ok((Connection::Local(stream), *addr));
+        }
+    }
+    let mut refused = Vec::new();
     let mut last = None;
-    loop {
-        for addr in &own {
-            match connection::connect_local(&connection::local_name(LOCAL_NAME, **addr)) {
-                Ok(stream) => return Ok((Connection::Local(stream), **addr)),
-                Err(e) => last = Some(e),
-            }
+    for (i, addr) in addrs.iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
         }
-        for (i, addr) in addrs.iter().enumerate() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(no_reply(endpoint, timeout, last));
+        // Each address gets its share of the time left: one that drops packets (an IPv6 address of a decode
+        // listening on IPv4 only, say) leaves time for the next.
+        let share = (left / (addrs.len() - i) as u32).max(MIN_CONNECT_TIME).min(left);
+        match TcpStream::connect_timeout(addr, share) {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                return Ok((Connection::Tcp(stream), *addr));
             }
-            // Each address gets its share of the time left: one that drops packets (an IPv6 address of a decode
-            // listening on IPv4 only, say) leaves time for the next.
-            let share = (left / (addrs.len() - i) as u32).max(MIN_CONNECT_TIME).min(left);
-            match TcpStream::connect_timeout(addr, share) {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok((Connection::Tcp(stream), *addr));
-                }
-                Err(e) => last = Some(e),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)) => {
+                refused.push(format!("{addr}: {e}"))
             }
+            Err(e) => last = Some(e),
         }
-        std::thread::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())));
+    }
+    match last {
+        None if refused.len() == addrs.len() => Err(Error::new(
+            ErrorCode::Unreachable,
+            format!("{endpoint} is unreachable ({}): is a decode communicator listening there?", refused.join("; ")),
+        )),
+        last => Err(no_reply(endpoint, timeout, last)),
     }
 }
 
@@ -409,23 +418,13 @@ mod tests {
     }
 
     #[test]
-    fn a_decode_that_starts_late_is_waited_for() {
+    fn a_port_nothing_listens_on_is_unreachable_at_once_and_named() {
         let port = free_port();
-        let late = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            let server = ControlServer::bind(&LOCAL, port, TIME, log(), |_, _| |r: &[u8]| r.to_vec()).unwrap();
-            std::thread::sleep(Duration::from_secs(2));
-            drop(server);
-        });
-        assert_eq!(request("127.0.0.1", port, b"early", TIME).unwrap(), b"early");
-        late.join().unwrap();
-    }
-
-    #[test]
-    fn a_request_without_a_server_times_out() {
-        let err = request("127.0.0.1", free_port(), b"hi", Duration::from_millis(200)).unwrap_err();
-        assert_eq!(err.code(), ErrorCode::Timeout);
-        assert!(err.message().contains("is a decode communicator listening there?"), "{err}");
+        let start = Instant::now();
+        let err = request("127.0.0.1", port, b"hi", Duration::from_secs(5)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Unreachable, "{err}");
+        assert!(err.message().contains(&format!("127.0.0.1:{port}")) && err.message().contains("refused"), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(1), "a refusal is not waited on: {:?}", start.elapsed());
     }
 
     #[test]
