@@ -78,7 +78,7 @@ test.serial('a HostBuffer an open communicator uses cannot be freed; after close
 test.serial('close never blocks the event loop, and says which links it could not stop', async (t) => {
   const shape = { layers: 1, blocks: 16, blockBytes: 1024 }
   const dst = makeCache(shape)
-  const decode = Communicator.decode({ keyPtrs: dst.keyPtrs, valuePtrs: dst.valuePtrs, blockNumber: 16, blockBytes: 1024, ...transportOptions, timeoutMs: 1000 })
+  const decode = Communicator.decode({ keyPtrs: dst.keyPtrs, valuePtrs: dst.valuePtrs, blockNumber: 16, blockBytes: 1024, ...transportOptions, confirmTimeoutMs: 1000 })
   const child = fork(fileURLToPath(new URL('./helpers/prefill-peer.mjs', import.meta.url)), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
   t.teardown(() => child.kill('SIGKILL'))
   const written = new Promise((resolve) => child.once('message', resolve))
@@ -267,4 +267,24 @@ test('a signal stops the wait of connect, revoke and close; what they started go
   t.is(stopped.code, 'ABORTED')
   await prefill.close()
   t.is((await t.throwsAsync(peer.write([0], [0], 0))).code, 'CLOSED')
+})
+
+test('the async constructors open off the event loop and fail as the sync ones do', async (t) => {
+  const shape = { blockNumber: 8, blockBytes: 1024 }
+  const [src, dst] = [Buffer.alloc(8 * 1024, 0x3c), Buffer.alloc(8 * 1024)]
+  const decode = await Communicator.decodeAsync({ keys: [dst], ...shape, ...transportOptions })
+  const prefill = await Communicator.prefillAsync({ keys: [src], ...shape, ...transportOptions })
+  t.teardown(async () => {
+    await prefill.close()
+    await decode.close()
+  })
+  t.is(decode.role, 'decode')
+  const peer = await prefill.connect(HOST, decode.port)
+  await peer.write([2], [5], 0)
+  t.true(dst.subarray(5 * 1024, 6 * 1024).every((b) => b === 0x3c))
+  // Refused before any thread: a bad setting; refused on it: a port in use.
+  t.is((await t.throwsAsync(Communicator.prefillAsync({ keys: [src], ...shape, ibTimeout: 99 }))).code, 'CONFIG')
+  const taken = await t.throwsAsync(Communicator.decodeAsync({ keys: [Buffer.alloc(8 * 1024)], ...shape, ...transportOptions, port: decode.port }))
+  t.is(taken.code, 'TRANSPORT')
+  t.regex(taken.message, /in use/)
 })

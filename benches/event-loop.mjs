@@ -14,7 +14,7 @@ import { Communicator, HostBuffer, RDMACommunicator } from 'kvtransfer'
 const HOST = '127.0.0.1'
 const SHAPE = { blockNumber: 64, blockBytes: 64 << 10 }
 const TIMEOUT_MS = 3000
-const settings = { timeoutMs: TIMEOUT_MS, socketIfname: 'lo', errorFile: '/dev/null' }
+const settings = { connectTimeoutMs: TIMEOUT_MS, stallTimeoutMs: TIMEOUT_MS, confirmTimeoutMs: TIMEOUT_MS, socketIfname: 'lo', errorFile: '/dev/null' }
 const cache = () => ({ keys: [HostBuffer.alloc(SHAPE.blockNumber * SHAPE.blockBytes)], values: [HostBuffer.alloc(SHAPE.blockNumber * SHAPE.blockBytes)], ...SHAPE })
 const ids = [...Array(SHAPE.blockNumber).keys()]
 
@@ -73,7 +73,7 @@ async function decodeWithPeer(seed) {
 
 async function main() {
   const transport = Communicator.decode({ ...cache(), ...settings })
-  console.log(`event loop delay, peers on this host, transport ${transport.transport} (KVCACHE_TRANSPORT), timeoutMs ${TIMEOUT_MS}`)
+  console.log(`event loop delay, peers on this host, transport ${transport.transport} (KVCACHE_TRANSPORT), each timeout ${TIMEOUT_MS} ms`)
   await transport.close()
   for (const stalled of [false, true]) {
     for (const seed of [true, false]) {

@@ -82,7 +82,7 @@ async function main(): Promise<void> {
   srcValues.forEach((b, l) => b.buffer.fill(0x20 + l))
 
   const transport: TransportName = 'tcp'
-  const options: CommunicatorOptions = { transport, timeoutMs: 5000 }
+  const options: CommunicatorOptions = { transport, connectTimeoutMs: 5000 }
   const ptrs = (bufs: HostBuffer[]): Pointer[] => bufs.map((b) => b.ptr)
   const decodeRole: Role = 'decode'
   await using decode = new RDMACommunicator(decodeRole, 0, 0, ptrs(dstKeys), ptrs(dstValues), blocks, blockBytes, 1, 0, options)
@@ -113,7 +113,7 @@ async function main(): Promise<void> {
   check(block(dstValues, 1, 11).every((b) => b === 0x21), 'values of layer 1 landed')
   check(block(dstKeys, 0, 0).every((b) => b === 0), 'untouched blocks stay untouched')
   // The async-first API: a communicator from options, a peer handle per decode.
-  const settings: Settings = { transport: 'tcp', timeoutMs: 5000 }
+  const settings: Settings = { transport: 'tcp', connectTimeoutMs: 5000, stallTimeoutMs: 5000, confirmTimeoutMs: 5000 }
   const scales: ScaleOptions = {}
   const cache: CacheOptions = { keyPtrs: ptrs(srcKeys), valuePtrs: ptrs(srcValues), blockNumber: blocks, blockBytes, ...scales }
   const reconnect: ReconnectPolicy = { retries: 2, backoffMs: 100 }

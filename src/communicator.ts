@@ -13,7 +13,7 @@
  */
 import { EventEmitter } from 'node:events'
 import type { NativeCommunicator, NativePeerEvent } from '../binding.js'
-import { call, fromFailure, invalid, KVTransferError, settled } from './errors.js'
+import { call, fromFailure, invalid, KVTransferError, type NativeFailure, settled } from './errors.js'
 import { native } from './loader.js'
 import {
   type CacheOptions,
@@ -130,6 +130,13 @@ const OPEN = new Set<Communicator>()
  */
 const QUARANTINE: unknown[] = []
 
+/** A native communicator made off the event loop; what held its memory stays referenced by the caller meanwhile. */
+async function opened(init: Parameters<typeof native.openCommunicator>[0]): Promise<NativeCommunicator> {
+  const made = await call(() => native.openCommunicator(init))
+  if (made instanceof native.NativeCommunicator) return made
+  throw fromFailure(made as NativeFailure)
+}
+
 /** The address of a `Buffer`'s first byte. */
 const addressOf = (view: Buffer): bigint => native.bufferAddress(view)
 
@@ -181,6 +188,28 @@ export abstract class Communicator {
     const { init, held } = call(() => toNativeInit('decode', options, port, 1, 0, settings, addressOf))
     // Secure by default: no token and a port beyond loopback is refused unless `insecure` (see Settings).
     return new DecodeCommunicator(call(() => new native.NativeCommunicator({ ...init, secureDefault: true })), held)
+  }
+
+  /**
+   * {@link Communicator.prefill}, with its memory registered off the event loop (an RDMA NIC or a GPU driver
+   * can take seconds over a large cache): the options are checked at once, the rest on a thread of its own.
+   * @throws {KVTransferError} (as a rejection) as {@link Communicator.prefill}.
+   */
+  static async prefillAsync(options: PrefillOptions): Promise<PrefillCommunicator> {
+    const settings = toSettings(options, PREFILL_KEYS)
+    const { init, held } = call(() => toNativeInit('prefill', options, 0, options.tpSize ?? 1, options.tpIdx ?? 0, settings, addressOf))
+    return new PrefillCommunicator(await opened(init), held)
+  }
+
+  /**
+   * {@link Communicator.decode}, with its memory registered and its ports opened off the event loop.
+   * @throws {KVTransferError} (as a rejection) as {@link Communicator.decode}.
+   */
+  static async decodeAsync(options: DecodeOptions): Promise<DecodeCommunicator> {
+    const settings = toSettings(options, DECODE_KEYS)
+    const port = call(() => toPort(options.port ?? 0, true))
+    const { init, held } = call(() => toNativeInit('decode', options, port, 1, 0, settings, addressOf))
+    return new DecodeCommunicator(await opened({ ...init, secureDefault: true }), held)
   }
 
   /**

@@ -63,7 +63,26 @@ export interface Settings {
    * authentication (a decode listening beyond loopback then logs a warning).
    */
   authToken?: string
-  /** Longest a handshake or socket operation may go without progress, in ms (default 10 000). */
+  /**
+   * One attempt to make a connection, in ms (default 10 000): the handshake, then its request channel and data
+   * connection opening (a decode answers a handshake's connection for at most 5 s of it).
+   */
+  connectTimeoutMs?: number
+  /**
+   * The longest a transfer or a socket operation of a working connection may go without progress, in ms
+   * (default 10 000): a TCP read or write, an RDMA completion. Then it fails with `TIMEOUT` and the connection
+   * is dropped. A request channel that hears nothing for this long (and at least 3 s) has ended.
+   */
+  stallTimeoutMs?: number
+  /**
+   * How long a decode's `revoke` and `close` wait for each prefill link to confirm it stopped writing before
+   * cutting it off, in ms (default 10 000).
+   */
+  confirmTimeoutMs?: number
+  /**
+   * Sets `connectTimeoutMs`, `stallTimeoutMs` and `confirmTimeoutMs` at once (each of them, given too, wins).
+   * @deprecated Give the one that says what it times.
+   */
   timeoutMs?: number
   /**
    * `KVCACHE_MAX_PEERS` (default 4096, 1–65 536): the most prefill links a decode keeps at once, and the most
@@ -197,6 +216,9 @@ const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'l
   transport: 'string',
   authToken: 'string',
   timeoutMs: 'number',
+  connectTimeoutMs: 'number',
+  stallTimeoutMs: 'number',
+  confirmTimeoutMs: 'number',
   maxPeers: 'number',
   requestTtlMs: 'number',
   instanceId: 'string',

@@ -12,7 +12,7 @@ export const transportOptions = nic
       gidIndex: Number(process.env.KVTRANSFER_TEST_RDMA_GID_INDEX ?? 1),
       // Notice a dead peer in seconds: 67 ms per transport retry, 5 s without progress at most.
       ibTimeout: 14,
-      timeoutMs: 5000,
+      stallTimeoutMs: 5000,
     }
   : { transport: plain }
 

@@ -28,7 +28,7 @@ fn usage() -> (u64, usize, usize) {
 }
 
 fn communicator(role: Role, cache: &Cache) -> Communicator {
-    let config = Config { transport: TransportChoice::Only(TransportKind::Tcp), timeout: Duration::from_secs(600), ..Config::default() };
+    let config = Config { transport: TransportChoice::Only(TransportKind::Tcp), timeouts: kvtransfer::Timeouts::all(Duration::from_secs(600)), ..Config::default() };
     let spec = CommunicatorSpec { role, gpu_idx: 0, port: 0, cache: common::layout(cache.spec()), tp_size: 1, tp_idx: 0 };
     Communicator::new(spec, config).unwrap()
 }

@@ -94,7 +94,7 @@ fn shm(c: &mut Criterion) {
 
 /// `writeCache` of 1538 scattered blocks, keys and values, between two communicators of this process.
 fn write_1538_scattered(c: &mut Criterion, transport: TransportChoice) {
-    let config = Config { transport, timeout: Duration::from_secs(30), ..Config::default() };
+    let config = Config { transport, timeouts: kvtransfer::Timeouts::all(Duration::from_secs(30)), ..Config::default() };
     let local = scattered(BATCH, 3);
     let remote = scattered(BATCH, 4);
     let mut g = c.benchmark_group(format!("{}_write_1538_scattered", transport.as_str()));

@@ -35,6 +35,9 @@ pub enum Setting {
     Transport,
     AuthToken,
     TimeoutMs,
+    ConnectTimeoutMs,
+    StallTimeoutMs,
+    ConfirmTimeoutMs,
     MaxPeers,
     RequestTtlMs,
     InstanceId,
@@ -46,7 +49,7 @@ pub enum Setting {
 
 impl Setting {
     /// Every setting, in documentation order.
-    pub const ALL: [Setting; 19] = [
+    pub const ALL: [Setting; 22] = [
         Setting::GidIndex,
         Setting::RdmaNics,
         Setting::IbTimeout,
@@ -59,6 +62,9 @@ impl Setting {
         Setting::Transport,
         Setting::AuthToken,
         Setting::TimeoutMs,
+        Setting::ConnectTimeoutMs,
+        Setting::StallTimeoutMs,
+        Setting::ConfirmTimeoutMs,
         Setting::MaxPeers,
         Setting::RequestTtlMs,
         Setting::InstanceId,
@@ -89,7 +95,7 @@ impl Setting {
             Setting::AnswersTo => "KVCACHE_ANSWERS_TO",
             Setting::ReconnectRetries => "KVCACHE_RECONNECT_RETRIES",
             Setting::ReconnectBackoffMs => "KVCACHE_RECONNECT_BACKOFF_MS",
-            Setting::TimeoutMs => return None,
+            Setting::TimeoutMs | Setting::ConnectTimeoutMs | Setting::StallTimeoutMs | Setting::ConfirmTimeoutMs => return None,
         })
     }
 
@@ -108,6 +114,9 @@ impl Setting {
             Setting::Transport => "transport",
             Setting::AuthToken => "authToken",
             Setting::TimeoutMs => "timeoutMs",
+            Setting::ConnectTimeoutMs => "connectTimeoutMs",
+            Setting::StallTimeoutMs => "stallTimeoutMs",
+            Setting::ConfirmTimeoutMs => "confirmTimeoutMs",
             Setting::MaxPeers => "maxPeers",
             Setting::RequestTtlMs => "requestTtlMs",
             Setting::InstanceId => "instanceId",
@@ -231,9 +240,8 @@ pub struct Config {
     pub gdrcopy_flush: bool,
     /// `KVCACHE_TRANSPORT` (default `auto`).
     pub transport: TransportChoice,
-    /// Option `timeoutMs` (default 10 000): the longest a handshake or a socket operation may go without
-    /// progress before it fails with `TIMEOUT`.
-    pub timeout: Duration,
+    /// How long each kind of wait may last: see [`Timeouts`].
+    pub timeouts: Timeouts,
     /// `KVCACHE_AUTH_TOKEN`: the shared secret both sides prove they hold; `None` authenticates nobody.
     pub auth_token: Option<Secret>,
     /// `KVCACHE_MAX_PEERS` (default 4096, 1..=65 536): the most prefill links a decode keeps at once (each a
@@ -260,6 +268,29 @@ pub struct Config {
     /// that would listen beyond loopback without `KVCACHE_AUTH_TOKEN` then refuses to start (`CONFIG`) unless
     /// `insecure` is set. Off for the seed API, which keeps the original's behaviour (with a warning).
     pub refuse_open_listen: bool,
+}
+
+/// How long each kind of wait may last (options `connectTimeoutMs`, `stallTimeoutMs`, `confirmTimeoutMs`, each
+/// 10 000 ms by default; `timeoutMs` sets all three).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timeouts {
+    /// One attempt to make a connection: the handshake (connection, greeting, hello, welcome), then its request
+    /// channel and data connection opening. A decode answers a handshake's connection for at most 5 s of it.
+    pub connect: Duration,
+    /// The longest a transfer or a socket operation of a working connection may go without progress (a TCP
+    /// read or write, an RDMA completion): then it fails with `TIMEOUT` and the connection is dropped. A
+    /// request channel that hears nothing for this long (and at least 3 s) has ended.
+    pub stall: Duration,
+    /// How long a decode's `revoke` and `close` wait for each prefill link to confirm that it stopped writing,
+    /// before cutting it off.
+    pub confirm: Duration,
+}
+
+impl Timeouts {
+    /// The same for every kind of wait.
+    pub fn all(d: Duration) -> Timeouts {
+        Timeouts { connect: d, stall: d, confirm: d }
+    }
 }
 
 /// How a prefill (re)connects to a decode, the same for every call that needs a connection it does not have:
@@ -308,7 +339,7 @@ impl Default for Config {
             error_file: None,
             gdrcopy_flush: false,
             transport: TransportChoice::Auto,
-            timeout: Duration::from_secs(10),
+            timeouts: Timeouts::all(Duration::from_secs(10)),
             auth_token: None,
             max_peers: 4096,
             request_ttl: Duration::from_secs(300),
@@ -394,7 +425,11 @@ impl Config {
                     })?),
                 }
             }
-            Setting::TimeoutMs => self.timeout = Duration::from_millis(whole(v, 1, 86_400_000)?),
+            // Before the three it stands for (in `Setting::ALL`), so each of them wins over it.
+            Setting::TimeoutMs => self.timeouts = Timeouts::all(Duration::from_millis(whole(v, 1, 86_400_000)?)),
+            Setting::ConnectTimeoutMs => self.timeouts.connect = Duration::from_millis(whole(v, 1, 86_400_000)?),
+            Setting::StallTimeoutMs => self.timeouts.stall = Duration::from_millis(whole(v, 1, 86_400_000)?),
+            Setting::ConfirmTimeoutMs => self.timeouts.confirm = Duration::from_millis(whole(v, 1, 86_400_000)?),
             Setting::MaxPeers => self.max_peers = whole(v, 1, 65_536)? as usize,
             Setting::Insecure => self.insecure = flag(v)?,
             Setting::ReconnectRetries => self.reconnect.retries = whole(v, 0, 100)? as u32,
@@ -587,6 +622,15 @@ mod tests {
     }
 
     #[test]
+    fn each_timeout_has_its_own_option_and_timeout_ms_sets_all_three() {
+        let ms = Duration::from_millis;
+        let cfg = load(&[], &[(Setting::StallTimeoutMs, "700"), (Setting::TimeoutMs, "2000"), (Setting::ConfirmTimeoutMs, "300")]).unwrap();
+        assert_eq!(cfg.timeouts, Timeouts { connect: ms(2000), stall: ms(700), confirm: ms(300) });
+        let err = load(&[], &[(Setting::ConnectTimeoutMs, "0")]).unwrap_err();
+        assert!(err.message().contains("option connectTimeoutMs"), "{err}");
+    }
+
+    #[test]
     fn answers_to_is_a_list_of_addresses_with_ports() {
         assert!(load(&[], &[]).unwrap().answers_to.is_empty());
         let cfg = load(&[("KVCACHE_ANSWERS_TO", "203.0.113.7:9000, [2001:db8::7]:9001")], &[]).unwrap();
@@ -625,7 +669,7 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!((cfg.ib_timeout, cfg.debug, cfg.timeout), (20, false, Duration::from_millis(2500)));
+        assert_eq!((cfg.ib_timeout, cfg.debug, cfg.timeouts), (20, false, Timeouts::all(Duration::from_millis(2500))));
         assert_eq!(cfg.rdma_nics, ["mlx5_0", "mlx5_1"]);
         for (setting, value, want) in [
             (Setting::IbTimeout, SettingValue::Number(99.0), "KVCACHE_IB_TIMEOUT (option ibTimeout)=99: expected a whole number"),

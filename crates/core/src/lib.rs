@@ -31,7 +31,7 @@ pub mod transport;
 pub mod wire;
 
 pub use communicator::{Communicator, CommunicatorSpec, Role, TransportKind};
-pub use config::{Config, Reconnect, Setting, SettingValue, TransportChoice};
+pub use config::{Config, Reconnect, Setting, SettingValue, Timeouts, TransportChoice};
 pub use error::{Error, ErrorCode, Result};
 
 /// This library's version.

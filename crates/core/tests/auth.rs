@@ -17,7 +17,7 @@ fn config(token: Option<&str>, error_file: Option<std::path::PathBuf>) -> Config
     let overrides: Vec<(Setting, SettingValue)> = token.map(|t| (Setting::AuthToken, t.into())).into_iter().collect();
     Config {
         transport: TransportChoice::Only(TransportKind::Tcp),
-        timeout: Duration::from_secs(3),
+        timeouts: kvtransfer::Timeouts::all(Duration::from_secs(3)),
         error_file,
         ..Config::load_from(|_| None, &overrides).unwrap()
     }

@@ -16,7 +16,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 fn config(timeout_s: u64, error_file: Option<std::path::PathBuf>) -> Config {
-    Config { transport: TransportChoice::Only(TransportKind::Tcp), timeout: Duration::from_secs(timeout_s), error_file, ..Config::default() }
+    Config { transport: TransportChoice::Only(TransportKind::Tcp), timeouts: kvtransfer::Timeouts::all(Duration::from_secs(timeout_s)), error_file, ..Config::default() }
 }
 
 fn communicator(role: Role, cache: &Cache, config: Config) -> Communicator {

@@ -136,7 +136,7 @@ struct Expect {
 }
 
 fn config(transport: TransportChoice) -> Config {
-    Config { transport, timeout: Duration::from_secs(20), ..Config::default() }
+    Config { transport, timeouts: kvtransfer::Timeouts::all(Duration::from_secs(20)), ..Config::default() }
 }
 
 /// The decode side, in its own process: builds its cache, listens, and checks what it was told to expect.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn config(kind: TransportKind) -> Config {
-    Config { transport: TransportChoice::Only(kind), timeout: Duration::from_secs(2), ..Config::default() }
+    Config { transport: TransportChoice::Only(kind), timeouts: kvtransfer::Timeouts::all(Duration::from_secs(2)), ..Config::default() }
 }
 
 fn communicator(role: Role, cache: &Cache, kind: TransportKind) -> Communicator {

@@ -32,7 +32,7 @@ fn rdma_config(nic: &str) -> Config {
         transport: TransportChoice::Only(TransportKind::Rdma),
         rdma_nics: vec![nic.to_string()],
         gid_index: gid_index(),
-        timeout: Duration::from_secs(20),
+        timeouts: kvtransfer::Timeouts::all(Duration::from_secs(20)),
         ..Config::default()
     }
 }
@@ -198,7 +198,7 @@ fn a_failed_connection_is_rebuilt_for_the_next_call() {
     // keep retrying).
     // The next call tries again by the policy: often enough to span a restart of the decode.
     let reconnect = kvtransfer::Reconnect { retries: 40, backoff: Duration::from_millis(20) };
-    let config = Config { ib_timeout: 14, timeout: Duration::from_secs(3), reconnect, ..rdma_config(&nic) };
+    let config = Config { ib_timeout: 14, timeouts: kvtransfer::Timeouts::all(Duration::from_secs(3)), reconnect, ..rdma_config(&nic) };
     let d = decode(dst.spec(), config.clone());
     let port = d.port();
     let p = prefill(src.spec(), 1, 0, config.clone());

@@ -28,7 +28,7 @@ fn kinds() -> Vec<TransportKind> {
 }
 
 fn config(kind: TransportKind) -> Config {
-    let config = Config { transport: TransportChoice::Only(kind), timeout: Duration::from_secs(5), ..Config::default() };
+    let config = Config { transport: TransportChoice::Only(kind), timeouts: kvtransfer::Timeouts::all(Duration::from_secs(5)), ..Config::default() };
     match (kind, rdma_nic()) {
         (TransportKind::Rdma, Some(nic)) => Config {
             rdma_nics: vec![nic],

@@ -18,7 +18,7 @@ const TOKEN: &str = "shm-grant-test-token-of-32-characters-or-more";
 
 fn config() -> Config {
     let token = [(Setting::AuthToken, SettingValue::from(TOKEN))];
-    Config { transport: TransportChoice::Auto, timeout: Duration::from_secs(5), ..Config::load_from(|_| None, &token).unwrap() }
+    Config { transport: TransportChoice::Auto, timeouts: kvtransfer::Timeouts::all(Duration::from_secs(5)), ..Config::load_from(|_| None, &token).unwrap() }
 }
 
 /// What the children write: a cache made alike in each of them.

@@ -9,7 +9,7 @@ use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, Transp
 use std::time::Duration;
 
 fn config(transport: TransportChoice) -> Config {
-    Config { transport, timeout: Duration::from_secs(5), ..Config::default() }
+    Config { transport, timeouts: kvtransfer::Timeouts::all(Duration::from_secs(5)), ..Config::default() }
 }
 
 fn decode(cache: CacheSpec, transport: TransportChoice) -> Communicator {
@@ -184,7 +184,7 @@ fn over_its_hosts_unix_socket_a_prefill_is_the_process_the_kernel_names() {
     use kvtransfer::wire::{self, Offer, Reply};
     let dst = Cache::new(2, 1, 8, 256, 2);
     let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(dst.spec()), tp_size: 1, tp_idx: 0 };
-    let d = Communicator::new(spec, Config { timeout: Duration::from_secs(1), ..config(TransportChoice::Auto) }).unwrap();
+    let d = Communicator::new(spec, Config { timeouts: kvtransfer::Timeouts::all(Duration::from_secs(1)), ..config(TransportChoice::Auto) }).unwrap();
     // A process that has ended: what this peer names as itself.
     let mut gone = std::process::Command::new("true").spawn().unwrap();
     let gone_pid = gone.id();

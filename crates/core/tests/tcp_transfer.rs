@@ -17,7 +17,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 fn tcp() -> Config {
-    Config { transport: TransportChoice::Only(TransportKind::Tcp), timeout: Duration::from_secs(5), ..Config::default() }
+    Config { transport: TransportChoice::Only(TransportKind::Tcp), timeouts: kvtransfer::Timeouts::all(Duration::from_secs(5)), ..Config::default() }
 }
 
 fn decode(cache: CacheSpec) -> Communicator {
@@ -370,7 +370,7 @@ fn handshake_mismatches_are_errors_on_both_sides() {
 fn a_write_trickled_a_byte_at_a_time_is_given_up_after_its_deadline() {
     let dst = Cache::new(2, 2, 8, 64, 71);
     let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(dst.spec()), tp_size: 1, tp_idx: 0 };
-    let d = Communicator::new(spec, Config { timeout: Duration::from_secs(1), ..tcp() }).unwrap();
+    let d = Communicator::new(spec, Config { timeouts: kvtransfer::Timeouts::all(Duration::from_secs(1)), ..tcp() }).unwrap();
     let (mut s, _channel) = raw_peer::link(d.port(), 2, 64);
     let runs = [kvtransfer::plan::Run { local: 0, remote: 3, count: 1 }];
     let mut header = vec![];

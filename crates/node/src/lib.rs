@@ -64,6 +64,9 @@ pub struct NativeSettings {
     pub transport: Option<String>,
     pub auth_token: Option<String>,
     pub timeout_ms: Option<f64>,
+    pub connect_timeout_ms: Option<f64>,
+    pub stall_timeout_ms: Option<f64>,
+    pub confirm_timeout_ms: Option<f64>,
     pub max_peers: Option<f64>,
     pub request_ttl_ms: Option<f64>,
     pub instance_id: Option<String>,
@@ -97,6 +100,9 @@ impl NativeSettings {
             (Setting::Transport, text(self.transport)),
             (Setting::AuthToken, text(self.auth_token)),
             (Setting::TimeoutMs, number(self.timeout_ms)),
+            (Setting::ConnectTimeoutMs, number(self.connect_timeout_ms)),
+            (Setting::StallTimeoutMs, number(self.stall_timeout_ms)),
+            (Setting::ConfirmTimeoutMs, number(self.confirm_timeout_ms)),
             (Setting::MaxPeers, number(self.max_peers)),
             (Setting::RequestTtlMs, number(self.request_ttl_ms)),
             (Setting::InstanceId, text(self.instance_id)),
@@ -264,39 +270,59 @@ pub struct NativeCommunicator {
     tickets: Arc<Mutex<HashMap<u32, Arc<Cancel>>>>,
 }
 
+/// What a communicator is made of, checked on the calling thread (where the caller's arrays and memory are):
+/// its spec, cache included, and its configuration.
+fn made_of(init: NativeInit) -> kvtransfer::Result<(CommunicatorSpec, Config)> {
+    let role: Role = init.role.parse()?;
+    let config = Config { refuse_open_listen: init.secure_default.unwrap_or(false), ..Config::load(&init.settings.into_overrides())? };
+    let non_negative = |name: &str, v: i64| u64::try_from(v).map_err(|_| invalid(format!("{name} must not be negative")));
+    let spec = CacheSpec {
+        key: addresses("keyPtrs", &init.key_ptrs)?,
+        value: addresses("valuePtrs", &init.value_ptrs)?,
+        key_scale: addresses("keyScalePtrs", &init.key_scale_ptrs)?,
+        value_scale: addresses("valueScalePtrs", &init.value_scale_ptrs)?,
+        block_number: init.block_number,
+        block_bytes: non_negative("blockBytes", init.block_bytes)?,
+        scale_block_bytes: non_negative("scaleBlockBytes", init.scale_block_bytes)?,
+    };
+    // SAFETY: the JavaScript caller's promise, stated in the wrapper's documentation: every address names
+    // memory of this process that holds `blockNumber` blocks per tensor and stays valid (and, for a
+    // decode, writable by the transports) until the communicator is closed.
+    let cache = unsafe { CacheLayout::new(spec) }?;
+    // Memory of a HostBuffer stays allocated while the communicator may use it, however it was given.
+    host_memory::hold_for(&cache)?;
+    let spec = CommunicatorSpec { role, gpu_idx: init.gpu_idx, port: port(init.port)?, cache, tp_size: init.prefill_tp_size, tp_idx: init.prefill_tp_idx };
+    Ok((spec, config))
+}
+
+fn made((spec, config): (CommunicatorSpec, Config)) -> kvtransfer::Result<NativeCommunicator> {
+    Ok(NativeCommunicator { inner: Arc::new(Communicator::new(spec, config)?), tickets: Arc::default() })
+}
+
+/// A communicator made on a thread of its own (registering memory with an RDMA NIC or a GPU driver can take
+/// seconds): resolves with it, or with why it could not be made. The cache and settings are checked here first.
+#[napi(ts_return_type = "Promise<NativeCommunicator | NativeFailure>")]
+pub fn open_communicator(env: &Env, init: NativeInit) -> Result<Object<'_>, ErrorCode> {
+    let parts = guarded(|| made_of(init))?;
+    let (deferred, promise) = env.create_deferred().map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))?;
+    let spawned = std::thread::Builder::new().name("kvtransfer-open".into()).spawn(move || {
+        let outcome = Error::catch_panic(|| made(parts));
+        deferred.resolve(move |_| {
+            Ok(match outcome {
+                Ok(communicator) => Either::A(communicator),
+                Err(e) => Either::B(NativeFailure { code: e.code().as_str().into(), message: e.message().into() }),
+            })
+        })
+    });
+    spawned.map_err(|e| to_napi(Error::io("starting a thread to open the communicator", e)))?;
+    Ok(promise)
+}
+
 #[napi]
 impl NativeCommunicator {
     #[napi(constructor)]
     pub fn new(init: NativeInit) -> Result<Self, ErrorCode> {
-        guarded(|| {
-            let role: Role = init.role.parse()?;
-            let config = Config { refuse_open_listen: init.secure_default.unwrap_or(false), ..Config::load(&init.settings.into_overrides())? };
-            let non_negative = |name: &str, v: i64| u64::try_from(v).map_err(|_| invalid(format!("{name} must not be negative")));
-            let spec = CacheSpec {
-                key: addresses("keyPtrs", &init.key_ptrs)?,
-                value: addresses("valuePtrs", &init.value_ptrs)?,
-                key_scale: addresses("keyScalePtrs", &init.key_scale_ptrs)?,
-                value_scale: addresses("valueScalePtrs", &init.value_scale_ptrs)?,
-                block_number: init.block_number,
-                block_bytes: non_negative("blockBytes", init.block_bytes)?,
-                scale_block_bytes: non_negative("scaleBlockBytes", init.scale_block_bytes)?,
-            };
-            // SAFETY: the JavaScript caller's promise, stated in the wrapper's documentation: every address names
-            // memory of this process that holds `blockNumber` blocks per tensor and stays valid (and, for a
-            // decode, writable by the transports) until the communicator is closed.
-            let cache = unsafe { CacheLayout::new(spec) }?;
-            // Memory of a HostBuffer stays allocated while the communicator may use it, however it was given.
-            host_memory::hold_for(&cache)?;
-            let spec = CommunicatorSpec {
-                role,
-                gpu_idx: init.gpu_idx,
-                port: port(init.port)?,
-                cache,
-                tp_size: init.prefill_tp_size,
-                tp_idx: init.prefill_tp_idx,
-            };
-            Ok(NativeCommunicator { inner: Arc::new(Communicator::new(spec, config)?), tickets: Arc::default() })
-        })
+        guarded(|| made(made_of(init)?))
     }
 
     /// The control port a decode communicator listens on (0 for prefill).

@@ -154,7 +154,7 @@ impl DecodeSide {
         }
         let links = Arc::new(Links { acceptors: acceptors.clone(), requests: requests.clone(), log: log.clone(), uncut: Mutex::default() });
         let channels =
-            Arc::new(ChannelServer::start(env.listen_ips, env.cache.block_number(), env.config.timeout, env.config.max_peers, log.clone(), links.clone())?);
+            Arc::new(ChannelServer::start(env.listen_ips, env.cache.block_number(), env.config.timeouts.stall, env.config.max_peers, log.clone(), links.clone())?);
         let admitting = Arc::new(Admitting {
             cache: env.cache.clone(),
             links: links.clone(),
@@ -163,14 +163,14 @@ impl DecodeSide {
             log: log.clone(),
         });
         let identity = handshake::Identity { key: auth, answers_to: env.config.answers_to.clone() };
-        let control = handshake::answer_on(env.listen_ips, port, env.config.timeout, log.clone(), identity, admitting)?;
+        let control = handshake::answer_on(env.listen_ips, port, env.config.timeouts.connect, log.clone(), identity, admitting)?;
         Ok(DecodeSide {
             port: control.port(),
             transports: acceptors.iter().map(|a| a.kind()).collect(),
             device: acceptors.iter().find_map(|a| a.device().map(str::to_string)),
             requests,
             log: log.clone(),
-            timeout: env.config.timeout,
+            timeout: env.config.timeouts.confirm,
             listening: Mutex::new(Some(Listening { control, channels, links })),
         })
     }

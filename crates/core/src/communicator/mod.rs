@@ -210,7 +210,7 @@ impl Communicator {
     /// Connects to the decode communicator at `ip:port` (whose tensor-parallel size is `dst_tp_size`).
     /// Connecting to a connected peer does nothing.
     pub fn connect(&self, ip: &str, port: u16, dst_tp_size: u32) -> Result<()> {
-        let result = self.prefill("connect").and_then(|p| p.connect(self, ip, port, dst_tp_size));
+        let result = self.prefill("connecting").and_then(|p| p.connect(self, ip, port, dst_tp_size));
         self.logged(|| format!("connect to {ip}:{port}"), result)
     }
 
@@ -249,15 +249,15 @@ impl Communicator {
     /// Tells the decode at `ip:port` that `request` will not complete: its `wait_for` fails with `ABORTED`.
     /// Later writes of the request to that peer fail with `ABORTED`.
     pub fn abort_request(&self, ip: &str, port: u16, request: &RequestId, reason: &str) -> Result<()> {
-        let result = self.prefill("abortRequest").and_then(|p| p.abort(self, ip, port, request, reason));
-        self.logged(|| format!("abortRequest {request:?} to {ip}:{port}"), result)
+        let result = self.prefill("aborting a request").and_then(|p| p.abort(self, ip, port, request, reason));
+        self.logged(|| format!("abort of request {request:?} at {ip}:{port}"), result)
     }
 
     /// Ends the connection to the decode at `ip:port`, after the write in flight; a later `connect` makes a new
     /// one. `NOT_CONNECTED` where there is none.
     pub fn disconnect(&self, ip: &str, port: u16) -> Result<()> {
-        let result = self.prefill("disconnect").and_then(|p| p.disconnect(ip, port));
-        self.logged(|| format!("disconnect from {ip}:{port}"), result)
+        let result = self.prefill("ending a connection").and_then(|p| p.disconnect(ip, port));
+        self.logged(|| format!("end of the connection to {ip}:{port}"), result)
     }
 
     /// [`Communicator::disconnect`] on the peer's own thread, after the calls queued before it.
@@ -269,13 +269,13 @@ impl Communicator {
     /// Prefill: where [`peer_events::PeerEvent`]s go from now on (`None`: nowhere), until the communicator closes.
     /// The sink runs on the thread that saw the change and must not block.
     pub fn on_peer_events(&self, sink: Option<peer_events::PeerEventSink>) -> Result<()> {
-        self.prefill("onPeerEvents")?.on_peer_events(sink);
+        self.prefill("telling peer events")?.on_peer_events(sink);
         Ok(())
     }
 
     /// Decode: the prefill links whose request channel is open, each as `(name, transport)`.
     pub fn peers(&self) -> Result<Vec<(String, TransportKind)>> {
-        Ok(self.decode("peers")?.peers())
+        Ok(self.decode("listing prefill links")?.peers())
     }
 
     /// [`Communicator::abort_request`] on the peer's own thread, after the calls queued before it.
@@ -330,8 +330,8 @@ impl Communicator {
     /// the layer. Fails with `REVOKED` (moving nothing) once the decode has revoked the request, and with
     /// `ABORTED` once this side aborted it.
     pub fn write_request(&self, ip: &str, port: u16, local: &[u32], remote: &[u32], layer: u32, request: Option<&RequestId>) -> Result<()> {
-        let result = self.prefill("writeCache").and_then(|p| p.write(self, ip, port, local, remote, layer, request));
-        self.logged(|| format!("writeCache to {ip}:{port} (layer {layer}, {} blocks)", local.len()), result)
+        let result = self.prefill("writing").and_then(|p| p.write(self, ip, port, local, remote, layer, request));
+        self.logged(|| format!("write to {ip}:{port} (layer {layer}, {} blocks)", local.len()), result)
     }
 
     /// Waits until the `layers` of `request` (every layer, for `None`) have arrived from every prefill rank that
@@ -357,7 +357,7 @@ impl Communicator {
     /// [`Communicator::wait_for`] without blocking: `done` runs (on the thread that completes it) with the
     /// outcome. `token` names the wait for [`Communicator::cancel_wait`].
     pub fn wait_for_then(&self, token: u64, request: &RequestId, layers: Option<Vec<u32>>, done: impl FnOnce(Result<()>) + Send + 'static) {
-        match self.decode("waitFor") {
+        match self.decode("waiting for a request") {
             Ok(d) => d.requests().wait(token, request, layers, Box::new(done)),
             Err(e) => done(Err(e)),
         }
@@ -384,8 +384,8 @@ impl Communicator {
     /// confirms that it stopped and drained the request's writes, or is cut off within the timeout; from then
     /// on their writes of it fail with `REVOKED`. Waits for it fail with `REVOKED`.
     pub fn revoke(&self, request: &RequestId) -> Result<()> {
-        let result = self.decode("revoke").and_then(|d| d.revoke(request));
-        self.logged(|| format!("revoke {request:?}"), result)
+        let result = self.decode("revoking").and_then(|d| d.revoke(request));
+        self.logged(|| format!("revoke of request {request:?}"), result)
     }
 
     /// [`Communicator::revoke`] on a thread of its own; `done` runs there with the outcome.
@@ -447,7 +447,7 @@ impl Communicator {
                 "closed, but {} did not confirm within {} ms that it stopped writing, and a same-host link cannot be \
                  cut off while its process lives: do not reuse the cache's memory until that process ends",
                 uncut.join(", "),
-                self.config.timeout.as_millis()
+                self.config.timeouts.confirm.as_millis()
             ),
         ))
     }

@@ -268,7 +268,7 @@ impl PrefillSide {
         let key = peer_key(ip, port);
         // First the greeting: with a token, nothing is prepared or sent before the decode has proven it holds it.
         let auth = comm.config.auth_token.as_ref().map(|t| AuthKey::new(t.expose()));
-        let greeted = handshake::greet(ip, port, comm.config.timeout, auth).map_err(plain)?;
+        let greeted = handshake::greet(ip, port, comm.config.timeouts.connect, auth).map_err(plain)?;
         // Same-host transports only where the decode knows this process from the kernel.
         let connectors: Vec<_> = connectors.iter().filter(|c| greeted.is_local() || !c.kind().same_host_only()).collect();
         if connectors.is_empty() {
@@ -333,7 +333,7 @@ impl PrefillSide {
             g.endings.ended(&events, &peer, number, cause)
         });
         let (channel, revoked) =
-            ChannelClient::connect(ip, welcome.channel_port, welcome.channel_token, channel_proof, comm.config.timeout, obey, ended)
+            ChannelClient::connect(ip, welcome.channel_port, welcome.channel_token, channel_proof, comm.config.timeouts.connect, obey, ended)
                 .map_err(plain)?;
         for request in revoked {
             lock(&gate.revoked).insert(request);

@@ -174,7 +174,7 @@ impl RdmaContext {
             flush_target,
             path: PathOptions { ack_timeout: config.ib_timeout, retry_count: RETRY_COUNT },
             flush: config.gdrcopy_flush,
-            timeout: config.timeout,
+            timeout: config.timeouts.stall,
         }))
     }
 

@@ -14,7 +14,7 @@ mod staging;
 pub use receiver::{Session, TcpReceiver};
 pub use sender::TcpLink;
 
-use crate::config::Config;
+use crate::config::{Config, Timeouts};
 use crate::error::Result;
 use crate::net;
 use crate::memory::CacheLayout;
@@ -22,7 +22,6 @@ use crate::transport::{self, Accepted, Acceptor, Admission, Answer, Connector, E
 use crate::wire::TransportKind;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The registry entry.
 pub struct Tcp;
@@ -50,11 +49,11 @@ impl Transport for Tcp {
     }
 
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
-        Ok(Arc::new(TcpReceiver::start(env.listen_ips, env.cache.clone(), env.log.clone(), env.config.timeout, env.config.max_peers)?))
+        Ok(Arc::new(TcpReceiver::start(env.listen_ips, env.cache.clone(), env.log.clone(), env.config.timeouts, env.config.max_peers)?))
     }
 
     fn connector(&self, env: &Environment<'_>) -> Result<Arc<dyn Connector>> {
-        Ok(Arc::new(TcpConnector { cache: env.cache.clone(), timeout: env.config.timeout }))
+        Ok(Arc::new(TcpConnector { cache: env.cache.clone(), timeouts: env.config.timeouts }))
     }
 }
 
@@ -85,7 +84,7 @@ impl Acceptor for TcpReceiver {
 /// The prefill's half.
 struct TcpConnector {
     cache: Arc<CacheLayout>,
-    timeout: Duration,
+    timeouts: Timeouts,
 }
 
 impl Connector for TcpConnector {
@@ -94,18 +93,18 @@ impl Connector for TcpConnector {
     }
 
     fn prepare(&self) -> Result<Box<dyn PendingLink>> {
-        Ok(Box::new(TcpPending { cache: self.cache.clone(), timeout: self.timeout }))
+        Ok(Box::new(TcpPending { cache: self.cache.clone(), timeouts: self.timeouts }))
     }
 }
 
 struct TcpPending {
     cache: Arc<CacheLayout>,
-    timeout: Duration,
+    timeouts: Timeouts,
 }
 
 impl PendingLink for TcpPending {
     fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>> {
         let details: TcpDetails = transport::from_details(TransportKind::Tcp, answer.details)?;
-        Ok(Box::new(TcpLink::connect(answer.host, details.port, answer.session, answer.proof, self.cache, self.timeout)?))
+        Ok(Box::new(TcpLink::connect(answer.host, details.port, answer.session, answer.proof, self.cache, self.timeouts)?))
     }
 }

@@ -1,6 +1,7 @@
 //! The decode side of the TCP data path: a listener and one thread per prefill connection, receiving each
 //! write straight into the cache after checking it against the cache's own geometry.
 
+use crate::config::Timeouts;
 use super::frame::{self, Ack, WriteHeader};
 use crate::admission::{self, Admissions, ConnectionHello};
 use crate::auth::Tag;
@@ -36,9 +37,9 @@ pub struct Session {
 struct Shared {
     cache: Arc<CacheLayout>,
     log: Arc<Logger>,
-    timeout: Duration,
+    timeouts: Timeouts,
     stop: AtomicBool,
-    /// Sessions admitted by the handshake: each may open one data connection within `timeout`.
+    /// Sessions admitted by the handshake: each may open one data connection within the connect timeout.
     pending: Admissions<Session>,
     /// The data connection of each session that has one, until its thread ends.
     open: Mutex<HashMap<u64, TcpStream>>,
@@ -52,7 +53,7 @@ struct Shared {
 /// Writes remembered per session for the `Done`s that name them (those that carry no request never do).
 const DELIVERED_KEPT: usize = 4096;
 
-/// Bytes a second a write's payload must at least move: a write gets `timeout` plus its size at this rate in all,
+/// Bytes a second a write's payload must at least move: a write gets the stall timeout plus its size at this rate in all,
 /// so that one trickled a byte at a time cannot hold its connection's thread for ever.
 const MIN_RATE: u64 = 1 << 20;
 
@@ -75,20 +76,20 @@ pub struct TcpReceiver {
 impl TcpReceiver {
     /// Listens on `ips` (one ephemeral port) and receives into `cache`, over at most `max_connections` data
     /// connections at once (more are closed at once).
-    pub fn start(ips: &[IpAddr], cache: Arc<CacheLayout>, log: Arc<Logger>, timeout: Duration, max_connections: usize) -> Result<TcpReceiver> {
+    pub fn start(ips: &[IpAddr], cache: Arc<CacheLayout>, log: Arc<Logger>, timeouts: Timeouts, max_connections: usize) -> Result<TcpReceiver> {
         let shared = Arc::new(Shared {
             cache,
             log: log.clone(),
-            timeout,
+            timeouts,
             stop: AtomicBool::new(false),
-            pending: Admissions::new(timeout, max_connections),
+            pending: Admissions::new(timeouts.connect, max_connections),
             open: Mutex::new(HashMap::new()),
             ended: Condvar::new(),
             delivered: Mutex::new(HashMap::new()),
             digest_key: RandomState::new(),
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, 0, None, "data connection", HelloShape::Fixed(admission::HELLO_LEN), Stage::Served, max_connections, timeout, log, move |stream, hello| {
+        let listener = Listener::start(ips, 0, None, "data connection", HelloShape::Fixed(admission::HELLO_LEN), Stage::Served, max_connections, timeouts.connect, log, move |stream, hello| {
             serve_connection(stream, hello, &s)
         })?;
         Ok(TcpReceiver { listener, shared })
@@ -130,7 +131,7 @@ impl TcpReceiver {
         if let Some(stream) = open.get(&session) {
             let _ = stream.shutdown(Shutdown::Both);
         }
-        let deadline = Instant::now() + self.shared.timeout;
+        let deadline = Instant::now() + self.shared.timeouts.confirm;
         while open.contains_key(&session) && Instant::now() < deadline {
             open = self.shared.ended.wait_timeout(open, deadline - Instant::now()).unwrap().0;
         }
@@ -217,10 +218,10 @@ fn serve_session(stream: TcpStream, shared: &Shared, token: u64, session: Sessio
 fn greet(stream: &mut TcpStream, hello: &[u8], shared: &Shared) -> Result<(u64, Session)> {
     let setup = |e| Error::io("configuring the data socket", e);
     stream.set_nodelay(true).map_err(setup)?;
-    stream.set_write_timeout(Some(shared.timeout)).map_err(setup)?;
+    stream.set_write_timeout(Some(shared.timeouts.stall)).map_err(setup)?;
     let hello: &[u8; admission::HELLO_LEN] = hello.try_into().map_err(|_| Error::protocol("a data hello of the wrong length"))?;
     let hello = ConnectionHello::decode(frame::HELLO_MAGIC, hello)?;
-    stream.set_read_timeout(Some(shared.timeout)).map_err(setup)?;
+    stream.set_read_timeout(Some(shared.timeouts.stall)).map_err(setup)?;
     let handle = stream.try_clone().map_err(setup)?;
     // Moved from pending to open under the lock `cut_off` takes first: a session is one or the other, never
     // neither while its connection may still receive.
@@ -276,7 +277,7 @@ impl Connection<'_> {
         }
         // The whole write, not each read, has a deadline (a write is refused before its payload is read if it
         // announces more than a layer, see `drain`).
-        let deadline = Instant::now() + self.shared.timeout + Duration::from_secs(header.payload_bytes.min(1 << 40) / MIN_RATE);
+        let deadline = Instant::now() + self.shared.timeouts.stall + Duration::from_secs(header.payload_bytes.min(1 << 40) / MIN_RATE);
         self.runs_bytes.resize(header.runs as usize * frame::RUN_LEN, 0);
         read_before(&mut self.stream, &mut self.runs_bytes, deadline).map_err(|e| Error::io("reading the run table", e))?;
         frame::decode_runs(&self.runs_bytes, &mut self.runs);
@@ -295,7 +296,7 @@ impl Connection<'_> {
         };
         ack.encode(&mut self.out);
         // Between writes the connection may stay idle: back to the per-read timeout.
-        self.stream.set_read_timeout(Some(self.shared.timeout)).map_err(|e| Error::io("configuring the data socket", e))?;
+        self.stream.set_read_timeout(Some(self.shared.timeouts.stall)).map_err(|e| Error::io("configuring the data socket", e))?;
         self.stream.write_all(&self.out).map_err(|e| Error::io("sending the ack", e))?;
         Ok(true)
     }

@@ -1,5 +1,6 @@
 //! The prefill side of a TCP connection: one write per `writeCache` call, gathered straight from the cache.
 
+use crate::config::Timeouts;
 use super::frame::{self, Ack, WriteHeader};
 use crate::admission::ConnectionHello;
 use crate::auth::Tag;
@@ -31,15 +32,15 @@ pub struct TcpLink {
 
 impl TcpLink {
     /// Connects to `host:port` and presents the handshake's `token` with its `proof`.
-    pub fn connect(host: &str, port: u16, token: u64, proof: Tag, cache: Arc<CacheLayout>, timeout: Duration) -> Result<TcpLink> {
+    pub fn connect(host: &str, port: u16, token: u64, proof: Tag, cache: Arc<CacheLayout>, timeouts: Timeouts) -> Result<TcpLink> {
         let peer = format!("{host}:{port}");
         let addrs = (host, port)
             .to_socket_addrs()
             .map_err(|e| Error::invalid(format!("cannot resolve {peer}: {e}")))?;
         let mut last = Error::invalid(format!("{peer} resolves to no address"));
         for addr in addrs {
-            match TcpStream::connect_timeout(&addr, timeout) {
-                Ok(stream) => return TcpLink::start(stream, peer, ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token, proof }, cache, timeout),
+            match TcpStream::connect_timeout(&addr, timeouts.connect) {
+                Ok(stream) => return TcpLink::start(stream, peer, ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token, proof }, cache, timeouts.stall),
                 Err(e) => last = Error::io(&format!("connecting the data path to {addr}"), e),
             }
         }
