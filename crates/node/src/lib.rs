@@ -566,7 +566,7 @@ pub fn host_free(env: &Env, buffer: Unknown) -> Result<(), ErrorCode> {
 /// `UNAVAILABLE`, saying why, where there is none.
 #[napi(ts_return_type = "unknown")]
 pub fn rdma_devices(env: &Env) -> Result<Unknown<'_>, ErrorCode> {
-    let devices = guarded(kvtransfer::transport::rdma::devices)?;
+    let devices = guarded(kvtransfer::rdma_devices)?;
     env.to_js_value(&devices).map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))
 }
 

@@ -6,7 +6,7 @@
 //! frame   (either way)              length u32 (of what follows) | kind u8 | body
 //! ```
 //!
-//! A request id is `id length u16 | id` (UTF-8, 1 to [`MAX_REQUEST_ID`] bytes); a reason is `length u16 |
+//! A request id is `id length u16 | id` (UTF-8, 1 to `MAX_REQUEST_ID` bytes); a reason is `length u16 |
 //! text` (at most [`MAX_REASON`] bytes). Bodies, by kind:
 //!
 //! | kind | from | body | meaning |
@@ -34,7 +34,7 @@ pub const MAX_REQUEST_ID: usize = 256;
 /// The longest reason a frame carries (longer ones are cut).
 pub const MAX_REASON: usize = 1024;
 
-/// A request's name, chosen by the engine: 1 to [`MAX_REQUEST_ID`] bytes of UTF-8. Its `Debug` form is the
+/// A request's name, chosen by the engine: 1 to `MAX_REQUEST_ID` bytes of UTF-8. Its `Debug` form is the
 /// quoted id (`"req-3"`), as messages show it.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestId(String);
@@ -46,7 +46,7 @@ impl fmt::Debug for RequestId {
 }
 
 impl RequestId {
-    /// Checks `id`: not empty, at most [`MAX_REQUEST_ID`] bytes.
+    /// Checks `id`: not empty, at most `MAX_REQUEST_ID` bytes.
     pub fn new(id: impl Into<String>) -> Result<RequestId> {
         let id = id.into();
         if id.is_empty() || id.len() > MAX_REQUEST_ID {

@@ -23,8 +23,8 @@
 //! assert_eq!(&dst.as_slice()[1280..1536], &src.as_slice()[768..1024]);
 //! ```
 //!
-//! The prefill side ([`prefill`]) keeps its decode peers and their links; the decode side ([`decode`])
-//! listens and answers handshakes; both follow the rules of [`crate::control::negotiation`], which does no I/O.
+//! The prefill side (`prefill`) keeps its decode peers and their links; the decode side (`decode`)
+//! listens and answers handshakes; both follow the rules of `crate::control::negotiation`, which does no I/O.
 
 mod decode;
 pub mod peer_events;

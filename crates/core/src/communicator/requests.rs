@@ -1,5 +1,5 @@
 //! The decode side's view of requests: which layers of each have arrived, from which prefill links, and what
-//! the engine waits for. Fed by the request channels ([`crate::channel`]); no I/O of its own.
+//! the engine waits for. Fed by the request channels (`crate::channel`); no I/O of its own.
 //!
 //! - A request belongs to the prefill instance that started it, its [`Owner`]: the first `Start` (or `Done`)
 //!   names it. Only that instance's links may write its layers, fail or abort it; what any other link says of
