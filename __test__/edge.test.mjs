@@ -198,7 +198,11 @@ test('a peer that goes and comes back is told as events, and the next write reco
   })
   const told = []
   for (const kind of ['connected', 'disconnected', 'reconnecting']) prefill.on(kind, (e) => told.push({ kind, ...e }))
+  // Events come on the event loop, in order among themselves, but not in step with the calls' promises.
+  const connected = new Promise((resolve) => prefill.once('connected', resolve))
+  const reconnected = new Promise((resolve) => prefill.on('connected', (e) => e.reconnected && resolve(e)))
   const peer = await prefill.connect(HOST, port)
+  await connected
   await peer.write([0], [0], 0)
   const gone = new Promise((resolve) => prefill.once('disconnected', resolve))
   await decode.close()
@@ -213,6 +217,7 @@ test('a peer that goes and comes back is told as events, and the next write reco
   }, 300)
   await peer.write([2, 3], [5, 6], 0)
   t.is(second.blockHash('key', 0, 6), src.blockHash('key', 0, 3))
+  await reconnected
   const kinds = told.map((e) => (e.kind === 'connected' ? `connected${e.reconnected ? ' again' : ''}` : e.kind))
   t.is(kinds[0], 'connected')
   t.is(kinds[1], 'disconnected')
@@ -261,11 +266,42 @@ test('a signal stops the wait of connect, revoke and close; what they started go
   t.is((await t.throwsAsync(decode.revoke('r1', { signal: aborted }))).code, 'ABORTED')
   const peer = await prefill.connect(HOST, decode.port, { signal: new AbortController().signal })
   t.true(peer.connected)
-  // The request was revoked all the same: its writes are refused.
-  t.is((await t.throwsAsync(peer.write([0], [0], 0, { requestId: 'r1' }))).code, 'REVOKED')
-  const stopped = await t.throwsAsync(prefill.close({ signal: aborted }))
-  t.is(stopped.code, 'ABORTED')
+  // Aborted before it started, the revoke did nothing: the request's writes land.
+  await peer.write([0], [0], 0, { requestId: 'r1' })
+  // Aborted while it waits, it is revoked all the same: its writes are refused.
+  const later = new AbortController()
+  const revoking = decode.revoke('r1', { signal: later.signal })
+  later.abort()
+  t.is((await t.throwsAsync(revoking)).code, 'ABORTED')
+  let refused
+  for (const until = Date.now() + 5000; refused === undefined && Date.now() < until; ) {
+    refused = await peer.write([0], [0], 0, { requestId: 'r1' }).then(() => undefined, (err) => err)
+  }
+  t.is(refused?.code, 'REVOKED', 'the revoke went on')
+  // A connect queued behind another to the same peer (one that tries for a while) is cancelled at once.
+  const { createServer } = await import('node:net')
+  const server = createServer().listen(0, HOST)
+  await new Promise((r) => server.once('listening', r))
+  const nobody = server.address().port
+  await new Promise((r) => server.close(r))
+  const slow = prefill.connect(HOST, nobody)
+  const queued = new AbortController()
+  const behind = prefill.connect(HOST, nobody, { signal: queued.signal })
+  const started = Date.now()
+  queued.abort()
+  const cancelled = await t.throwsAsync(behind)
+  t.is(cancelled.code, 'ABORTED')
+  t.regex(cancelled.message, /before it started: no connection was made/)
+  t.true(Date.now() - started < 300, `${Date.now() - started} ms`)
+  t.is((await t.throwsAsync(slow)).code, 'UNREACHABLE')
+  t.is((await t.throwsAsync(prefill.close({ signal: aborted }))).code, 'ABORTED')
+  t.true(peer.connected, 'a close aborted before it started does nothing')
+  const stopping = new AbortController()
+  const closing = prefill.close({ signal: stopping.signal })
+  stopping.abort()
+  t.is((await t.throwsAsync(closing)).code, 'ABORTED')
   await prefill.close()
+  t.false(peer.connected, 'the close went on')
   t.is((await t.throwsAsync(peer.write([0], [0], 0))).code, 'CLOSED')
 })
 

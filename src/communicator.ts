@@ -29,7 +29,7 @@ import {
   toSettings,
 } from './options.js'
 import { Peer } from './peer.js'
-import { abortable, type Notification, NotificationHub, toRequestId, toSignal, type WaitOptions, waitWith } from './requests.js'
+import { abortable, connectWith, type Notification, NotificationHub, toRequestId, toSignal, type WaitOptions, waitWith } from './requests.js'
 
 /** A prefill communicator's options: its cache, its tensor-parallel rank, and settings. */
 export interface PrefillOptions extends CacheOptions, Settings {
@@ -58,15 +58,18 @@ export interface ConnectOptions {
   /** The decode's tensor-parallel size (default 1): each decode block holds `tpSize / dstTpSize` slices. */
   dstTpSize?: number
   /**
-   * Rejects the call with `ABORTED` when it aborts. A connection the call makes after that is closed again;
-   * one that existed before is left as it is.
+   * Cancels the connect while it has not started (it waits behind the peer's earlier calls): it then makes no
+   * connection and rejects with `ABORTED`. A connect that has started runs to its end, as a write does.
    */
   signal?: AbortSignal
 }
 
 /** What may stop waiting for a call: {@link Communicator.close}, {@link DecodeCommunicator.revoke}. */
 export interface SignalOptions {
-  /** Rejects the call with `ABORTED` when it aborts (what the call started goes on). */
+  /**
+   * Aborted already: the call does nothing and rejects with `ABORTED`. Aborted later: the call rejects with
+   * `ABORTED` at once, and what it started goes on to its end.
+   */
   signal?: AbortSignal
 }
 
@@ -249,6 +252,7 @@ export abstract class Communicator {
    */
   close(options: SignalOptions = {}): Promise<void> {
     const signal = call(() => toSignal(options?.signal))
+    if (signal?.aborted) return Promise.reject(new KVTransferError('ABORTED', 'the close was aborted before it started'))
     return signal === undefined ? this.#close() : abortable(this.#close(), signal, 'waiting for the close')
   }
 
@@ -349,23 +353,7 @@ export class PrefillCommunicator extends Communicator {
     const unknown = Object.keys(options).filter((k) => k !== 'dstTpSize' && k !== 'signal')
     if (unknown.length > 0) throw new KVTransferError('CONFIG', `unknown connect option ${JSON.stringify(unknown[0])}`)
     const [host, p, dst] = call(() => [toHost(ip), toPort(port, false), toCount('dstTpSize', options.dstTpSize ?? 1, 1)] as const)
-    const signal = call(() => toSignal(options.signal))
-    const peer = `${host}:${p}`
-    if (signal?.aborted) throw new KVTransferError('ABORTED', 'the connect was aborted before it started', { peer })
-    const before = this.native.isConnected(host, p)
-    const pending = settled(call(() => this.native.connectAsync(host, p, dst)), { peer })
-    try {
-      await abortable(pending, signal, 'the connect', { peer })
-    } catch (err) {
-      // Aborted: a connection the call still makes is closed again (after it, on the peer's thread).
-      if (err instanceof KVTransferError && err.code === 'ABORTED' && signal?.aborted && !before) {
-        pending.then(
-          () => this.native.disconnectAsync(host, p).catch(() => {}),
-          () => {},
-        )
-      }
-      throw err
-    }
+    await connectWith(this.native, host, p, dst, call(() => toSignal(options.signal)))
     return new Peer(this, host, p)
   }
 
@@ -458,6 +446,7 @@ export class DecodeCommunicator extends Communicator {
   async revoke(requestId: string, options: SignalOptions = {}): Promise<void> {
     const id = call(() => toRequestId(requestId))
     const signal = call(() => toSignal(options?.signal))
+    if (signal?.aborted) throw new KVTransferError('ABORTED', `the revoke of request ${JSON.stringify(id)} was aborted before it started`, { requestId: id })
     await abortable(settled(call(() => this.native.revokeAsync(id)), { requestId: id }), signal, `waiting for the revoke of request ${JSON.stringify(id)}`, {
       requestId: id,
     })

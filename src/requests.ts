@@ -131,6 +131,23 @@ export async function abortable<T>(pending: Promise<T>, signal: AbortSignal | un
   }
 }
 
+/**
+ * A connect on the peer's thread, which `signal` cancels while it has not started (it waits behind the peer's
+ * earlier calls): it then makes no connection and rejects with `ABORTED`. Once started it runs to its end.
+ */
+export async function connectWith(native: NativeCommunicator, ip: string, port: number, dstTpSize: number, signal: AbortSignal | undefined): Promise<void> {
+  const context = { peer: `${ip}:${port}` }
+  if (signal?.aborted) throw new KVTransferError('ABORTED', 'the connect was aborted before it started: no connection was made', context)
+  const t = signal !== undefined ? ticket() : 0
+  const pending = call(() => native.connectAsync(ip, port, dstTpSize, t))
+  const cancel = () => {
+    if (!native.cancelCall(t)) return null
+    pending.catch(() => {})
+    return new KVTransferError('ABORTED', 'the connect was aborted before it started: no connection was made')
+  }
+  await cancellable(pending, cancel, signal, undefined, context)
+}
+
 /** A write on the peer's thread, with `options` checked and applied. */
 export async function writeWith(
   native: NativeCommunicator,
@@ -150,7 +167,7 @@ export async function writeWith(
   const t = signal !== undefined || timeoutMs !== undefined ? ticket() : 0
   const pending = call(() => native.writeCacheAsync(ip, port, local, remote, layer, requestId, t))
   const cancel = (code: 'ABORTED' | 'TIMEOUT') => {
-    if (!native.cancelWrite(t)) return null
+    if (!native.cancelCall(t)) return null
     // The promise of the cancelled call settles later with ABORTED; nothing waits for it.
     pending.catch(() => {})
     return code === 'TIMEOUT'

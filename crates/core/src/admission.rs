@@ -20,6 +20,7 @@
 //! assert!(matches!(waiting.take(&parsed), Err(Refused::Unknown)), "a token opens one connection");
 //! ```
 
+use crate::sync::lock;
 use crate::auth::{tags_equal, Tag};
 use crate::codec;
 use crate::error::{Error, Result};
@@ -114,7 +115,7 @@ impl<T> Admissions<T> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiting<T>>> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.waiting)
     }
 
     /// Hands out a token for `value`; `proof(token)` is what its hello must carry (`None`: anything, without

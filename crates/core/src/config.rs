@@ -294,7 +294,8 @@ impl Timeouts {
 }
 
 /// How a prefill (re)connects to a decode, the same for every call that needs a connection it does not have:
-/// `connect`, and any call after the connection ended (a write, an abort). A call makes one attempt and, where
+/// `connect`, and a write after the connection ended (an abort needs none: without a connection the decode has
+/// failed the request already). The call holds the peer meanwhile: its other calls wait. A call makes one attempt and, where
 /// that fails in a way another attempt can mend (`UNREACHABLE`, `TIMEOUT`, `TRANSPORT`), up to `retries` more,
 /// pausing `backoff` before the first of them and twice as long before each next one (at most
 /// [`Reconnect::MAX_PAUSE`]). Then the call fails with the last attempt's error, and a peer whose connection
@@ -441,7 +442,12 @@ impl Config {
                     SettingValue::List(l) => l.iter().map(|a| a.trim().parse::<SocketAddr>()).collect(),
                     _ => return Err(why()),
                 };
-                self.answers_to = addrs.map_err(|_| why())?;
+                let addrs = addrs.map_err(|_| why())?;
+                // An address a connection can never come to would never match.
+                if let Some(a) = addrs.iter().find(|a| a.ip().is_unspecified() || a.port() == 0) {
+                    return Err(format!("{a} is not an address a prefill can dial (give the address and port it dials)"));
+                }
+                self.answers_to = addrs;
             }
             Setting::RequestTtlMs => self.request_ttl = Duration::from_millis(whole(v, 1_000, 86_400_000)?),
             Setting::InstanceId => {
@@ -639,6 +645,10 @@ mod tests {
         let list = SettingValue::List(vec!["203.0.113.7:9000".into(), "[2001:db8::7]:9001".into()]);
         assert_eq!(load_typed(&[], &[(Setting::AnswersTo, list)]).unwrap().answers_to, want);
         // A name, an address without its port, an empty entry: each is refused, naming the variable.
+        for bad in ["0.0.0.0:9000", "203.0.113.7:0", "[::]:9000"] {
+            let err = load(&[("KVCACHE_ANSWERS_TO", bad)], &[]).unwrap_err();
+            assert!(err.message().contains("not an address a prefill can dial"), "{bad}: {err}");
+        }
         for bad in ["decode.example:9000", "203.0.113.7", "203.0.113.7:9000,,", "203.0.113.7:99999"] {
             let err = load(&[("KVCACHE_ANSWERS_TO", bad)], &[]).unwrap_err();
             assert!(err.message().starts_with("KVCACHE_ANSWERS_TO") && err.message().contains("with ports"), "{bad}: {err}");

@@ -32,6 +32,7 @@ macro_rules! internals {
 
 internals!(admission, auth, channel, codec, control, cuda, iov, listener, log, plan, transport, wire);
 mod net;
+mod sync;
 
 // The stable surface: communicators, their configuration and errors, cache memory, the machine report.
 pub mod communicator;

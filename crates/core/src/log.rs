@@ -8,6 +8,7 @@
 //! Log files are created with mode 0600 and never through a symbolic link. Lines a peer can cause (refusals) go
 //! through [`Logger::error_from`], which writes at most [`PER_PEER`] of them per peer every [`WINDOW`].
 
+use crate::sync::lock;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};
@@ -98,7 +99,7 @@ impl Logger {
     /// window before left out.
     fn allowance(&self, peer: &str) -> Option<u64> {
         {
-            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut peers = lock(&self.peers);
             if peers.len() >= PEERS && !peers.contains_key(peer) {
                 peers.retain(|_, (start, ..)| start.elapsed() < WINDOW);
                 if peers.len() >= PEERS {
@@ -193,7 +194,7 @@ impl<'a> MakeWriter<'a> for Sink {
         match self {
             Sink::Stderr => SinkWriter::Stderr(std::io::stderr()),
             // A poisoned lock only means another line panicked half-written: keep logging.
-            Sink::File(f) => SinkWriter::File(f.lock().unwrap_or_else(|p| p.into_inner())),
+            Sink::File(f) => SinkWriter::File(lock(&f)),
         }
     }
 }

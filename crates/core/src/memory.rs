@@ -1,6 +1,7 @@
 //! The memory a communicator owns or registers: the cache layout (one address per layer and tensor, all in
 //! host memory or all on one GPU) and page-aligned host allocations.
 
+use crate::sync::lock;
 use crate::cuda::{self, MemoryKind};
 use crate::error::{Error, Result};
 use std::ptr::NonNull;
@@ -109,19 +110,19 @@ impl CacheLayout {
     /// Keeps `owner` (what owns some of the cache's memory: an allocation of the binding's, say) alive until the
     /// communicator over this layout closes ([`CacheLayout::release_owners`]) or the layout is dropped.
     pub fn hold(&self, owner: Arc<dyn Any + Send + Sync>) {
-        self.owners.0.lock().unwrap_or_else(|p| p.into_inner()).push(owner);
+        lock(&self.owners.0).push(owner);
     }
 
     /// Lets go of the owners held: once nothing reads or writes the cache any more (a closed communicator).
     pub fn release_owners(&self) {
-        self.owners.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        lock(&self.owners.0).clear();
     }
 
     /// Keeps the owners held for the life of the process: where something may still write into the cache after
     /// its communicator closed (a same-host link that could not be stopped), its memory is never given back.
     pub fn quarantine_owners(&self) {
-        let owners = std::mem::take(&mut *self.owners.0.lock().unwrap_or_else(|p| p.into_inner()));
-        QUARANTINE.lock().unwrap_or_else(|p| p.into_inner()).extend(owners);
+        let owners = std::mem::take(&mut *lock(&self.owners.0));
+        lock(&QUARANTINE).extend(owners);
     }
 
     /// Checks a [`CacheSpec`]: list lengths agree, sizes are non-zero, no address is null, no tensor wraps

@@ -63,6 +63,7 @@ pub fn is_this_host(host: &str) -> bool {
 
 /// Whether `ip` is an address of this machine: loopback, or an address of one of its interfaces.
 pub fn is_own_address(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
     ip.is_loopback() || own_addrs().contains(&ip)
 }
 

@@ -253,7 +253,13 @@ fn a_decode_that_comes_back_is_reconnected_by_the_policy_and_each_change_is_told
         assert_eq!(again.block(1, 0, 6), src.block(1, 0, 3));
         back.join().unwrap().close().unwrap();
     });
+    // The decode that came back closed too: told from the channel's thread, soon after.
     let all = told;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while all.lock().unwrap().iter().filter(|e| e.starts_with("disconnected")).count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no second disconnected event: {:?}", all.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let told = all.lock().unwrap().clone();
     assert_eq!(told[0], "connected tcp reconnected=false", "{told:?}");
     assert!(told[1].starts_with("disconnected TRANSPORT") && told[1].contains(&format!("127.0.0.1:{port}")), "{told:?}");

@@ -147,7 +147,10 @@ pub struct NativeFailure {
 
 /// A promise that resolves with `null` on success and with a [`NativeFailure`] otherwise; `start` hands its
 /// completion to the library's threads. It settles exactly once, even when `start` panics (with `INTERNAL`).
-fn promise<'env>(env: &'env Env, start: impl FnOnce(Box<dyn FnOnce(kvtransfer::Result<()>) + Send>)) -> Result<Object<'env>, ErrorCode> {
+/// What completes an asynchronous call.
+type Settle = Box<dyn FnOnce(kvtransfer::Result<()>) + Send>;
+
+fn promise<'env>(env: &'env Env, start: impl FnOnce(Settle)) -> Result<Object<'env>, ErrorCode> {
     let (deferred, promise) = env.create_deferred().map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))?;
     let deferred = Arc::new(std::sync::Mutex::new(Some(deferred)));
     let settle = {
@@ -305,16 +308,22 @@ fn made((spec, config): (CommunicatorSpec, Config)) -> kvtransfer::Result<Native
 pub fn open_communicator(env: &Env, init: NativeInit) -> Result<Object<'_>, ErrorCode> {
     let parts = guarded(|| made_of(init))?;
     let (deferred, promise) = env.create_deferred().map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))?;
-    let spawned = std::thread::Builder::new().name("kvtransfer-open".into()).spawn(move || {
-        let outcome = Error::catch_panic(|| made(parts));
-        deferred.resolve(move |_| {
-            Ok(match outcome {
-                Ok(communicator) => Either::A(communicator),
-                Err(e) => Either::B(NativeFailure { code: e.code().as_str().into(), message: e.message().into() }),
+    let deferred = Arc::new(Mutex::new(Some(deferred)));
+    let settle = move |outcome: kvtransfer::Result<NativeCommunicator>| {
+        if let Some(d) = deferred.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            d.resolve(move |_| {
+                Ok(match outcome {
+                    Ok(communicator) => Either::A(communicator),
+                    Err(e) => Either::B(NativeFailure { code: e.code().as_str().into(), message: e.message().into() }),
+                })
             })
-        })
-    });
-    spawned.map_err(|e| to_napi(Error::io("starting a thread to open the communicator", e)))?;
+        }
+    };
+    let on_thread = settle.clone();
+    let spawned = std::thread::Builder::new().name("kvtransfer-open".into()).spawn(move || on_thread(Error::catch_panic(|| made(parts))));
+    if let Err(e) = spawned {
+        settle(Err(Error::io("starting a thread to open the communicator", e)));
+    }
     Ok(promise)
 }
 
@@ -348,11 +357,29 @@ impl NativeCommunicator {
         guarded(|| self.inner.connect(&ip, self::port(port)?, dst_tp_size))
     }
 
-    /// Connects on the peer's own thread.
+    /// Connects on the peer's own thread; `ticket` (non-zero) names the call for
+    /// [`NativeCommunicator::cancel_call`].
     #[napi(ts_return_type = "Promise<NativeFailure | null>")]
-    pub fn connect_async<'env>(&self, env: &'env Env, ip: String, port: u32, dst_tp_size: u32) -> Result<Object<'env>, ErrorCode> {
+    pub fn connect_async<'env>(&self, env: &'env Env, ip: String, port: u32, dst_tp_size: u32, ticket: Option<u32>) -> Result<Object<'env>, ErrorCode> {
         let port = guarded(|| self::port(port))?;
-        promise(env, |done| self.inner.connect_then(&ip, port, dst_tp_size, done))
+        promise(env, |done| {
+            let (cancel, done) = self.ticketed(ticket, done);
+            self.inner.connect_then(&ip, port, dst_tp_size, cancel, done)
+        })
+    }
+
+    /// The cancellation flag of the call `ticket` (non-zero), registered until the call settles, and the
+    /// call's completion, which forgets it first.
+    fn ticketed(&self, ticket: Option<u32>, done: Settle) -> (Option<Arc<Cancel>>, Settle) {
+        let Some(t) = ticket.filter(|&t| t != 0) else { return (None, done) };
+        let flag = Arc::new(Cancel::default());
+        self.tickets.lock().unwrap_or_else(|p| p.into_inner()).insert(t, flag.clone());
+        let tickets = self.tickets.clone();
+        let settle = move |outcome| {
+            tickets.lock().unwrap_or_else(|p| p.into_inner()).remove(&t);
+            done(outcome)
+        };
+        (Some(flag), Box::new(settle))
     }
 
     /// Whether a working connection exists; never waits for a transfer.
@@ -390,28 +417,16 @@ impl NativeCommunicator {
     ) -> Result<Object<'env>, ErrorCode> {
         let (port, request) = guarded(|| Ok((self::port(port)?, request_id.map(request_id_of).transpose()?)))?;
         let (local, remote) = (local.to_vec(), remote.to_vec());
-        let cancel = ticket.filter(|&t| t != 0).map(|t| {
-            let flag = Arc::new(Cancel::default());
-            self.tickets.lock().unwrap_or_else(|p| p.into_inner()).insert(t, flag.clone());
-            (t, flag)
-        });
-        let tickets = self.tickets.clone();
         promise(env, |done| {
-            let flag = cancel.as_ref().map(|(_, f)| f.clone());
-            let ticket = cancel.map(|(t, _)| t);
-            self.inner.write_cache_then(&ip, port, local, remote, layer, request, flag, move |outcome| {
-                if let Some(t) = ticket {
-                    tickets.lock().unwrap_or_else(|p| p.into_inner()).remove(&t);
-                }
-                done(outcome)
-            })
+            let (cancel, done) = self.ticketed(ticket, done);
+            self.inner.write_cache_then(&ip, port, local, remote, layer, request, cancel, done)
         })
     }
 
-    /// Cancels the asynchronous write `ticket` if it has not started: it then moves nothing (and its promise
-    /// later resolves with `ABORTED`). Returns whether it was cancelled: `false` once it has started.
+    /// Cancels the asynchronous write or connect `ticket` if it has not started: it then does nothing (and its
+    /// promise later resolves with `ABORTED`). Returns whether it was cancelled: `false` once it has started.
     #[napi]
-    pub fn cancel_write(&self, ticket: u32) -> Result<bool, ErrorCode> {
+    pub fn cancel_call(&self, ticket: u32) -> Result<bool, ErrorCode> {
         guarded(|| {
             let flag = self.tickets.lock().unwrap_or_else(|p| p.into_inner()).get(&ticket).cloned();
             Ok(flag.is_some_and(|f| f.cancel()))

@@ -16,6 +16,7 @@ pub mod frame;
 
 pub use frame::{Frame, RequestId};
 
+use crate::sync::lock;
 use crate::admission::{self, Admissions, ConnectionHello};
 use crate::codec;
 use crate::error::{Error, ErrorCode, Result};
@@ -224,9 +225,6 @@ impl Drop for ChannelServer {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Hands the links of admissions let go to [`Events::closed`] (cut off, their resources released).
 fn let_go(shared: &Shared, peers: Vec<PeerInfo>) {
@@ -463,13 +461,16 @@ impl ChannelClient {
     /// Opens the channel at `host:port` with the handshake's `token`. Returns it with the requests the decode
     /// has revoked, which this link must refuse from its first write. From then on a thread of its own answers
     /// the decode: `obey` runs for each directive, and the confirmation is sent once it returns; `ended` runs
-    /// once the channel has ended, with why (also when this side ended it).
+    /// once the channel has ended, with why (also when this side ended it). It must be open by `deadline`; from
+    /// then on a frame that cannot be written for `stall` ends it.
+    #[allow(clippy::too_many_arguments)]
     pub fn connect(
         host: &str,
         port: u16,
         token: u64,
         proof: [u8; 32],
-        timeout: Duration,
+        deadline: Instant,
+        stall: Duration,
         obey: Arc<dyn Fn(&Directive) + Send + Sync>,
         ended: Box<dyn FnOnce(Error) + Send>,
     ) -> Result<(ChannelClient, Vec<RequestId>)> {
@@ -477,8 +478,13 @@ impl ChannelClient {
         let addrs = (host, port).to_socket_addrs().map_err(|e| Error::invalid(format!("cannot resolve {peer}: {e}")))?;
         let mut last = Error::invalid(format!("{peer} resolves to no address"));
         let mut stream = None;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let late = || Error::new(ErrorCode::Timeout, format!("the request channel to {peer} did not open in time"));
         for addr in addrs {
-            match TcpStream::connect_timeout(&addr, timeout) {
+            if left().is_zero() {
+                return Err(late());
+            }
+            match TcpStream::connect_timeout(&addr, left()) {
                 Ok(s) => {
                     stream = Some(s);
                     break;
@@ -489,17 +495,17 @@ impl ChannelClient {
         let mut stream = stream.ok_or(last)?;
         let setup = |e| Error::io("configuring the request channel", e);
         stream.set_nodelay(true).map_err(setup)?;
-        stream.set_read_timeout(Some(timeout)).map_err(setup)?;
-        stream.set_write_timeout(Some(timeout)).map_err(setup)?;
+        let open_within = left().max(Duration::from_millis(1));
+        stream.set_read_timeout(Some(open_within)).map_err(setup)?;
+        stream.set_write_timeout(Some(open_within)).map_err(setup)?;
         let hello = ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token, proof };
         stream.write_all(&hello.encode()).map_err(|e| Error::io("greeting the request channel", e))?;
         let writer = Arc::new(Mutex::new(stream.try_clone().map_err(setup)?));
         let mut body = Vec::new();
         let mut revoked = Vec::new();
-        let deadline = Instant::now() + timeout;
         let mut idle = || match Instant::now() < deadline {
             true => Ok(()),
-            false => Err(Error::new(ErrorCode::Timeout, format!("the request channel to {peer} did not open in time"))),
+            false => Err(late()),
         };
         loop {
             match read_frame(&mut stream, Frame::max_len(0), 0, &mut body, &mut idle)? {
@@ -521,6 +527,7 @@ impl ChannelClient {
             }
         }
         stream.set_read_timeout(Some(PING)).map_err(setup)?;
+        stream.set_write_timeout(Some(stall)).map_err(setup)?;
         let broken = Arc::new(AtomicBool::new(false));
         let (queue, outgoing) = mpsc::channel();
         let (w, b) = (writer.clone(), broken.clone());
@@ -537,11 +544,12 @@ impl ChannelClient {
             .name(format!("kvtransfer-channel {peer}"))
             .spawn(move || {
                 let outcome = answer(stream, &q, &*obey);
-                b.store(true, Ordering::Release);
+                // Told before the channel reads as broken: a call that then finds it broken has nothing to add.
                 ended(outcome.err().unwrap_or_else(|| Error::new(ErrorCode::Transport, "the decode closed the request channel")));
+                b.store(true, Ordering::Release);
             })
             .map_err(|e| Error::io("starting the request channel's thread", e))?;
-        Ok((ChannelClient { queue, writer, out: Vec::new(), broken, sent, timeout }, revoked))
+        Ok((ChannelClient { queue, writer, out: Vec::new(), broken, sent, timeout: stall }, revoked))
     }
 
     /// Whether the channel has ended (the decode closed it, or went away): the link must be rebuilt.
@@ -723,7 +731,7 @@ mod tests {
         let obeyed = Arc::new(Mutex::new(Vec::new()));
         let o = obeyed.clone();
         let (mut client, revoked) =
-            ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(move |d: &Directive| lock(&o).push(d.clone())), Box::new(|_| {}))
+            ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], std::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5), Arc::new(move |d: &Directive| lock(&o).push(d.clone())), Box::new(|_| {}))
                 .unwrap();
         assert_eq!(revoked, [id("old")]);
         client.send(Frame::Start { request: id("a") }).unwrap();
@@ -746,15 +754,15 @@ mod tests {
         let server = server(events.clone());
         let token = server.admit(peer(), |_| None);
         let nothing = Arc::new(|_: &Directive| {});
-        let err = ChannelClient::connect("127.0.0.1", server.port(), token ^ 1, [0; 32], Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).err().unwrap();
+        let err = ChannelClient::connect("127.0.0.1", server.port(), token ^ 1, [0; 32], std::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).err().unwrap();
         assert_eq!(err.code(), ErrorCode::Rejected);
-        let first = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).unwrap();
-        let again = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).err().unwrap();
+        let first = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], std::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).unwrap();
+        let again = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], std::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).err().unwrap();
         assert_eq!(again.code(), ErrorCode::Rejected);
         drop(first);
         server.stop_admitting();
         let late = server.admit(peer(), |_| None);
-        assert!(ChannelClient::connect("127.0.0.1", server.port(), late, [0; 32], Duration::from_secs(5), nothing, Box::new(|_| {})).is_err());
+        assert!(ChannelClient::connect("127.0.0.1", server.port(), late, [0; 32], std::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5), nothing, Box::new(|_| {})).is_err());
     }
 
     #[test]
@@ -775,7 +783,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(200));
         let token = server.admit(peer(), |_| None);
         let started = Instant::now();
-        let (client, _) = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(|_: &Directive| {}), Box::new(|_| {})).unwrap();
+        let (client, _) = ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], std::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5), Arc::new(|_: &Directive| {}), Box::new(|_| {})).unwrap();
         assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
         // At its allowance a host's oldest waiting connection goes (the trickling one was the oldest).
         let mut byte = [0u8; 1];
@@ -795,13 +803,13 @@ mod tests {
         let server = server(events.clone());
         let token = server.admit(peer(), |_| Some([9; 32]));
         let nothing = Arc::new(|_: &Directive| {});
-        let err = ChannelClient::connect("127.0.0.1", server.port(), token, [8; 32], Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).err().unwrap();
+        let err = ChannelClient::connect("127.0.0.1", server.port(), token, [8; 32], std::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).err().unwrap();
         assert_eq!(err.code(), ErrorCode::Rejected, "{err}");
         until("the cut-off", || lock(&events.closed).iter().any(|w| w.contains("without the proof")));
         // Nor does the right proof open it any more: the token was spent.
-        assert!(ChannelClient::connect("127.0.0.1", server.port(), token, [9; 32], Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).is_err());
+        assert!(ChannelClient::connect("127.0.0.1", server.port(), token, [9; 32], std::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5), nothing.clone(), Box::new(|_| {})).is_err());
         let token = server.admit(peer(), |_| Some([9; 32]));
-        ChannelClient::connect("127.0.0.1", server.port(), token, [9; 32], Duration::from_secs(5), nothing, Box::new(|_| {})).unwrap();
+        ChannelClient::connect("127.0.0.1", server.port(), token, [9; 32], std::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5), nothing, Box::new(|_| {})).unwrap();
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The decode side: the control server that answers handshakes, and the accepting half of each transport
 //! set up for the cache.
 
+use crate::sync::lock;
 use super::requests::Requests;
 use crate::auth::AuthKey;
 use crate::channel::{Ask, ChannelServer, Events, Frame, PeerInfo, RequestId};
@@ -55,13 +56,13 @@ impl Links {
     /// Forgets the uncut links of process `pid` among `sessions`: that process says it dropped them.
     fn forget(&self, pid: Option<u32>, sessions: &[u64]) {
         if pid.is_some() && !sessions.is_empty() {
-            self.uncut.lock().unwrap_or_else(|p| p.into_inner()).retain(|p| !(p.pid == pid && sessions.contains(&p.session)));
+            lock(&self.uncut).retain(|p| !(p.pid == pid && sessions.contains(&p.session)));
         }
     }
 
     /// The same-host links that may still write (forgetting those whose process has ended).
     fn uncut(&self) -> Vec<PeerInfo> {
-        let mut uncut = self.uncut.lock().unwrap_or_else(|p| p.into_inner());
+        let mut uncut = lock(&self.uncut);
         uncut.retain(|p| !p.pid.is_some_and(process_gone));
         uncut.clone()
     }
@@ -119,7 +120,7 @@ impl Events for Links {
                  cut off, so revoke and close report it until that process ends",
                 peer.name, peer.transport
             ));
-            let mut uncut = self.uncut.lock().unwrap_or_else(|p| p.into_inner());
+            let mut uncut = lock(&self.uncut);
             if !uncut.iter().any(|p| p.session == peer.session && p.transport == peer.transport) {
                 uncut.push(peer.clone());
             }

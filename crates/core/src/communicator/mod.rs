@@ -34,6 +34,7 @@ mod workers;
 
 use self::decode::DecodeSide;
 use self::prefill::PrefillSide;
+use crate::sync::lock;
 use crate::config::{Config, TransportChoice};
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
@@ -215,10 +216,24 @@ impl Communicator {
     }
 
     /// [`Communicator::connect`] on a thread of the library's own, one per peer: returns at once, and `done`
-    /// runs on that thread with the outcome.
-    pub fn connect_then(self: &Arc<Self>, ip: &str, port: u16, dst_tp_size: u32, done: impl FnOnce(Result<()>) + Send + 'static) {
+    /// runs on that thread with the outcome. A connect cancelled ([`Cancel::cancel`]) before it starts does
+    /// nothing and fails with `ABORTED`; once started, it runs to its end.
+    pub fn connect_then(
+        self: &Arc<Self>,
+        ip: &str,
+        port: u16,
+        dst_tp_size: u32,
+        cancel: Option<Arc<Cancel>>,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
         let (comm, host) = (self.clone(), ip.to_string());
-        self.on_peer_thread(ip, port, move || comm.connect(&host, port, dst_tp_size), done);
+        let work = move || {
+            if cancel.is_some_and(|c| !c.start()) {
+                return Err(Error::new(ErrorCode::Aborted, "the connect was cancelled before it started: no connection was made"));
+            }
+            comm.connect(&host, port, dst_tp_size)
+        };
+        self.on_peer_thread(ip, port, work, done);
     }
 
     /// [`Communicator::write_request`] on the peer's own thread: returns at once, and `done` runs on that thread
@@ -395,12 +410,12 @@ impl Communicator {
         let settle = done.clone();
         let spawned = std::thread::Builder::new().name("kvtransfer-revoke".into()).spawn(move || {
             let outcome = Error::catch_panic(|| comm.revoke(&request));
-            if let Some(done) = settle.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Some(done) = lock(&settle).take() {
                 done(outcome)
             }
         });
         if let Err(e) = spawned {
-            if let Some(done) = done.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Some(done) = lock(&done).take() {
                 done(Err(Error::io("starting a thread to revoke", e)))
             }
         }
@@ -412,14 +427,14 @@ impl Communicator {
     pub fn close(&self) -> Result<()> {
         let (outcome, ended) = &self.close_outcome;
         if self.closed.swap(true, Ordering::AcqRel) {
-            let mut done = outcome.lock().unwrap_or_else(|p| p.into_inner());
+            let mut done = lock(&outcome);
             while done.is_none() {
                 done = ended.wait(done).unwrap_or_else(|p| p.into_inner());
             }
             return done.clone().expect("set before it was signalled");
         }
         let result = self.stop();
-        *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(result.clone());
+        *lock(&outcome) = Some(result.clone());
         ended.notify_all();
         result
     }
@@ -456,7 +471,7 @@ impl Communicator {
     /// be started).
     pub fn close_then<F: FnOnce(Result<()>) + Send + 'static>(self: &Arc<Self>, done: F) {
         fn run<F: FnOnce(Result<()>)>(job: &Mutex<Option<(Arc<Communicator>, F)>>) {
-            if let Some((comm, done)) = job.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Some((comm, done)) = lock(&job).take() {
                 done(Error::catch_panic(|| comm.close()));
             }
         }

@@ -3,6 +3,7 @@
 //! whichever thread saw it happen (a call's, or a request channel's): the sink must not block.
 
 use crate::error::Error;
+use crate::sync::lock;
 use crate::wire::TransportKind;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,17 +28,26 @@ pub type PeerEventSink = Arc<dyn Fn(&PeerEvent) + Send + Sync>;
 /// The sink, shared with the threads that see connections end.
 #[derive(Default)]
 pub(super) struct Events {
-    sink: Mutex<Option<PeerEventSink>>,
+    /// The sink, and whether the communicator closed (then none is ever set again).
+    sink: Mutex<(Option<PeerEventSink>, bool)>,
 }
 
 impl Events {
     pub(super) fn set(&self, sink: Option<PeerEventSink>) {
-        *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = sink;
+        let mut s = lock(&self.sink);
+        if !s.1 {
+            s.0 = sink;
+        }
     }
 
+    /// Nothing is told from now on: once this returns, the sink is not running and never runs again.
+    pub(super) fn close(&self) {
+        *lock(&self.sink) = (None, true);
+    }
+
+    /// Tells `event`, under the lock: the sink must not block (nor call back into the communicator).
     pub(super) fn tell(&self, event: PeerEvent) {
-        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(sink) = sink {
+        if let Some(sink) = &lock(&self.sink).0 {
             sink(&event);
         }
     }
@@ -56,7 +66,7 @@ impl Endings {
     /// Connection `number` of `peer` ended for `cause`: told unless it was already.
     pub(super) fn ended(&self, events: &Events, peer: &str, number: u64, cause: Error) {
         if self.told.fetch_max(number, Ordering::AcqRel) < number {
-            *self.cause.lock().unwrap_or_else(|p| p.into_inner()) = Some(cause.clone());
+            *lock(&self.cause) = Some(cause.clone());
             events.tell(PeerEvent::Disconnected { peer: peer.to_string(), cause });
         }
     }
@@ -66,9 +76,9 @@ impl Endings {
         self.told.fetch_max(number, Ordering::AcqRel);
     }
 
-    /// Why the last connection ended, if it was told.
-    pub(super) fn cause(&self) -> Option<Error> {
-        self.cause.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// Why the last connection ended, if it was told; forgotten from then on (a rebuild asks once).
+    pub(super) fn take_cause(&self) -> Option<Error> {
+        lock(&self.cause).take()
     }
 }
 
@@ -92,6 +102,7 @@ mod tests {
         let told = told.lock().unwrap();
         assert_eq!(told.len(), 2, "{told:?}");
         assert!(told[0].contains("first") && told[1].contains("third"), "{told:?}");
-        assert_eq!(endings.cause().unwrap().code(), ErrorCode::Timeout);
+        assert_eq!(endings.take_cause().unwrap().code(), ErrorCode::Timeout);
+        assert!(endings.take_cause().is_none());
     }
 }

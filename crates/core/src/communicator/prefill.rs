@@ -11,6 +11,7 @@
 //! it by the communicator's [`Reconnect`] policy; each connection that comes up, ends or is being rebuilt is
 //! told as a [`PeerEvent`].
 
+use crate::sync::lock;
 use super::peer_events::{Endings, Events, PeerEvent, PeerEventSink};
 use super::workers::Workers;
 use super::Communicator;
@@ -113,9 +114,6 @@ impl RecentIds {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl PeerEntry {
     fn new(peer: Peer, gate: Arc<Gate>) -> PeerEntry {
@@ -218,11 +216,21 @@ impl PrefillSide {
         SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size)?;
         let gate = Arc::new(Gate::default());
         let peer = self.establish(comm, ip, port, dst_tp_size, &gate, false)?;
+        let (number, transport) = peer.link.as_ref().map(|c| (c.number, c.link.transport())).expect("established");
         // Checked under the map's lock, which `close` takes to clear it: no peer is added after a close.
         let mut peers = self.peers.lock().unwrap();
-        comm.check_open()?;
-        peers.entry(key).or_insert_with(|| Arc::new(PeerEntry::new(peer, gate)));
-        Ok(())
+        let added = comm.check_open().is_ok() && !peers.contains_key(&key);
+        if added {
+            peers.insert(key.clone(), Arc::new(PeerEntry::new(peer, gate)));
+            drop(peers);
+            self.events.tell(PeerEvent::Connected { peer: key, transport, reconnected: false });
+            return Ok(());
+        }
+        // A concurrent connect won, or the communicator closed: this connection goes, untold.
+        drop(peers);
+        gate.endings.ended_here(number);
+        drop(peer);
+        comm.check_open()
     }
 
     /// Runs the handshake with the decode at `ip:port` and opens the link it chose. When a same-host transport
@@ -265,6 +273,8 @@ impl PrefillSide {
         connectors: &[&Arc<dyn Connector>],
     ) -> std::result::Result<Peer, (Error, Option<TransportKind>)> {
         let plain = |e| (e, None);
+        // One deadline for the whole attempt: the handshake, the data connection, the request channel.
+        let deadline = Instant::now() + comm.config.timeouts.connect;
         let key = peer_key(ip, port);
         // First the greeting: with a token, nothing is prepared or sent before the decode has proven it holds it.
         let auth = comm.config.auth_token.as_ref().map(|t| AuthKey::new(t.expose()));
@@ -313,7 +323,9 @@ impl PrefillSide {
             geometry: SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size).map_err(plain)?,
             remote_blocks: welcome.block_number,
             proof: data_proof,
+            deadline,
         };
+        comm.check_open().map_err(plain)?;
         let answer_ratio = answer.geometry.ratio;
         let chosen = pending.into_iter().find(|(kind, _)| *kind == welcome.transport).expect("checked: it was offered");
         let link = chosen.1.finish(&answer).map_err(|e| (e, Some(welcome.transport)))?;
@@ -333,7 +345,7 @@ impl PrefillSide {
             g.endings.ended(&events, &peer, number, cause)
         });
         let (channel, revoked) =
-            ChannelClient::connect(ip, welcome.channel_port, welcome.channel_token, channel_proof, comm.config.timeouts.connect, obey, ended)
+            ChannelClient::connect(ip, welcome.channel_port, welcome.channel_token, channel_proof, deadline, comm.config.timeouts.stall, obey, ended)
                 .map_err(plain)?;
         for request in revoked {
             lock(&gate.revoked).insert(request);
@@ -370,8 +382,8 @@ impl PrefillSide {
     fn establish(&self, comm: &Communicator, ip: &str, port: u16, dst_tp_size: u32, gate: &Arc<Gate>, rebuilding: bool) -> Result<Peer> {
         let key = peer_key(ip, port);
         let policy = comm.config.reconnect;
-        let attempts = policy.retries + 1;
-        let ended = gate.endings.cause();
+        let attempts = policy.retries.saturating_add(1);
+        let ended = gate.endings.take_cause();
         let mut cause = ended.clone().unwrap_or_else(|| Error::new(ErrorCode::NotConnected, format!("the connection to {key} ended")));
         for attempt in 1..=attempts {
             pause(comm, &policy, attempt)?;
@@ -380,9 +392,9 @@ impl PrefillSide {
             }
             match self.handshake(comm, ip, port, dst_tp_size, rebuilding, gate) {
                 Ok(peer) => {
-                    if let Some(c) = &peer.link {
-                        let transport = c.link.transport();
-                        self.events.tell(PeerEvent::Connected { peer: key.clone(), transport, reconnected: rebuilding });
+                    // A new peer is told once it is in the table (see `connect`).
+                    if let Some(c) = peer.link.as_ref().filter(|_| rebuilding) {
+                        self.events.tell(PeerEvent::Connected { peer: key.clone(), transport: c.link.transport(), reconnected: true });
                     }
                     return Ok(peer);
                 }
@@ -537,7 +549,7 @@ impl PrefillSide {
     /// other starts), then drops every connection.
     pub(super) fn close(&self) {
         // Nothing is told once the communicator closes.
-        self.events.set(None);
+        self.events.close();
         self.workers.close();
         let peers: Vec<Arc<PeerEntry>> = self.peers.lock().unwrap().drain().map(|(_, p)| p).collect();
         for peer in peers {
@@ -644,7 +656,7 @@ mod tests {
         let server = server(events.clone());
         let token = server.admit(peer(), |_| None);
         let (channel, _) =
-            ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], Duration::from_secs(5), Arc::new(|_: &Directive| {}), Box::new(|_| {})).unwrap();
+            ChannelClient::connect("127.0.0.1", server.port(), token, [0; 32], std::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5), Arc::new(|_: &Directive| {}), Box::new(|_| {})).unwrap();
         let mut connection =
             Connection { link: Box::new(BreaksDuringWrites), channel, started: RecentIds::default(), mark: 0, number: 1, slices_without_instance: false };
         let mut plan = BlockPlan::default();

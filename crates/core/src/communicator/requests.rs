@@ -16,6 +16,7 @@
 //! - Notifications are collected only once the engine asks for them ([`Requests::next_then`]), at most
 //!   [`MAX_QUEUED`] at a time.
 
+use crate::sync::lock;
 use crate::channel::{Frame, PeerInfo, RequestId};
 use crate::error::{Error, ErrorCode, Result};
 use crate::listener;
@@ -273,7 +274,7 @@ impl Requests {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.table)
     }
 
     /// The revoked requests a newly opened link must learn.

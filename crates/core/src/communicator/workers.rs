@@ -2,6 +2,7 @@
 //! thread, in the order they were made, so a slow peer holds up only its own calls and never a pool that the
 //! rest of the process (a Node.js event loop's file and DNS work, say) depends on.
 
+use crate::sync::lock;
 use crate::error::{Error, ErrorCode, Result};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,7 +78,7 @@ impl Workers {
                         // Idle: leave the map, but only with an empty queue. Calls are queued under the map's
                         // lock, so none can arrive after this; one that arrived just before is run first, in
                         // order, and the thread stays.
-                        let mut guard = all.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut guard = lock(&all);
                         match jobs.try_recv() {
                             Ok(job) => {
                                 drop(guard);

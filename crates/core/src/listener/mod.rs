@@ -20,6 +20,7 @@ pub mod connection;
 
 pub use connection::{Connection, Origin};
 
+use crate::sync::lock;
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
 use mio::event::Source;
@@ -155,9 +156,6 @@ struct Shared {
     conversing: Mutex<Crowd<Connection>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A stream whose reads can be given a timeout.
 pub trait TimedRead: Read {

@@ -157,6 +157,8 @@ pub struct Answer<'a> {
     /// What a connection of this session opens with ([`crate::admission`]): the proof over `session` (zeros
     /// without `KVCACHE_AUTH_TOKEN`).
     pub proof: crate::auth::Tag,
+    /// When this attempt to connect ends (the connect timeout, for the whole handshake).
+    pub deadline: std::time::Instant,
 }
 
 /// A connection being set up: offered in the hello, finished with the decode's answer.

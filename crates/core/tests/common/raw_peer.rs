@@ -72,7 +72,7 @@ pub fn link(port: u16, layers: u32, block_bytes: u64) -> (TcpStream, ChannelClie
     let welcome = handshake(port, layers, block_bytes);
     let data = open_data(&welcome);
     let obey = std::sync::Arc::new(|_: &Directive| {});
-    let (channel, _) = ChannelClient::connect("127.0.0.1", welcome.channel_port, welcome.channel_token, [0; 32], Duration::from_secs(5), obey, Box::new(|_| {})).unwrap();
+    let (channel, _) = ChannelClient::connect("127.0.0.1", welcome.channel_port, welcome.channel_token, [0; 32], std::time::Instant::now() + Duration::from_secs(5), Duration::from_secs(5), obey, Box::new(|_| {})).unwrap();
     (data, channel)
 }
 

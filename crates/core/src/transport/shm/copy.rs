@@ -6,6 +6,7 @@
 //! of at least [`BYTES_PER_THREAD`] per thread is cut into byte-balanced parts: the calling thread copies the
 //! first, short-lived helpers the others, and the write returns once every part has (or the first error).
 
+use crate::sync::lock;
 use crate::iov::{advance, IoVec};
 use std::io;
 use std::sync::{Mutex, OnceLock};
@@ -74,7 +75,7 @@ pub fn write(pid: libc::pid_t, local: &mut Vec<IoVec>, remote: &mut Vec<IoVec>, 
 }
 
 fn take<'a>(slot: &Mutex<Option<Part<'a>>>) -> Option<Part<'a>> {
-    slot.lock().unwrap_or_else(|p| p.into_inner()).take()
+    lock(&slot).take()
 }
 
 /// One thread's share of a write.

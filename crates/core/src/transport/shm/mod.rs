@@ -11,6 +11,7 @@
 mod copy;
 mod ptrace_grant;
 
+use crate::sync::lock;
 use crate::config::Config;
 use crate::cuda::MemoryKind;
 use crate::error::{Error, ErrorCode, Result};
@@ -88,7 +89,7 @@ impl ShmTarget {
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.sessions)
     }
 }
 

@@ -11,6 +11,7 @@
 //!
 //! One grant per process, so one table per process, shared by every decode communicator in it.
 
+use crate::sync::lock;
 use crate::error::{Error, ErrorCode, Result};
 use std::sync::Mutex;
 
@@ -52,7 +53,7 @@ pub(super) fn grant(session: u64, pid: u32) -> Result<()> {
     if scope == 0 || pid == std::process::id() || ancestors().contains(&pid) {
         return Ok(());
     }
-    let mut holders = HOLDERS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut holders = lock(&HOLDERS);
     if let Some(&(_, holder)) = holders.iter().find(|&&(_, holder)| holder != pid) {
         return Err(Error::new(
             ErrorCode::Unavailable,
@@ -71,7 +72,7 @@ pub(super) fn grant(session: u64, pid: u32) -> Result<()> {
 
 /// Ends the grant of every session `ended` names; the last one's end withdraws the grant from its process.
 pub(super) fn withdraw(ended: impl Fn(u64) -> bool) {
-    let mut holders = HOLDERS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut holders = lock(&HOLDERS);
     let before = holders.len();
     holders.retain(|&(session, _)| !ended(session));
     if before > 0 && holders.is_empty() {

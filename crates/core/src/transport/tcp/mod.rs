@@ -105,6 +105,6 @@ struct TcpPending {
 impl PendingLink for TcpPending {
     fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>> {
         let details: TcpDetails = transport::from_details(TransportKind::Tcp, answer.details)?;
-        Ok(Box::new(TcpLink::connect(answer.host, details.port, answer.session, answer.proof, self.cache, self.timeouts)?))
+        Ok(Box::new(TcpLink::connect(answer.host, details.port, answer.session, answer.proof, self.cache, answer.deadline, self.timeouts.stall)?))
     }
 }

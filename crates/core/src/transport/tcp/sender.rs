@@ -1,6 +1,5 @@
 //! The prefill side of a TCP connection: one write per `writeCache` call, gathered straight from the cache.
 
-use crate::config::Timeouts;
 use super::frame::{self, Ack, WriteHeader};
 use crate::admission::ConnectionHello;
 use crate::auth::Tag;
@@ -16,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A connection to one decode peer's TCP data port.
 pub struct TcpLink {
@@ -32,15 +31,19 @@ pub struct TcpLink {
 
 impl TcpLink {
     /// Connects to `host:port` and presents the handshake's `token` with its `proof`.
-    pub fn connect(host: &str, port: u16, token: u64, proof: Tag, cache: Arc<CacheLayout>, timeouts: Timeouts) -> Result<TcpLink> {
+    pub fn connect(host: &str, port: u16, token: u64, proof: Tag, cache: Arc<CacheLayout>, deadline: Instant, stall: Duration) -> Result<TcpLink> {
         let peer = format!("{host}:{port}");
         let addrs = (host, port)
             .to_socket_addrs()
             .map_err(|e| Error::invalid(format!("cannot resolve {peer}: {e}")))?;
         let mut last = Error::invalid(format!("{peer} resolves to no address"));
         for addr in addrs {
-            match TcpStream::connect_timeout(&addr, timeouts.connect) {
-                Ok(stream) => return TcpLink::start(stream, peer, ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token, proof }, cache, timeouts.stall),
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::new(ErrorCode::Timeout, format!("no time was left to open the data connection to {peer}")));
+            }
+            match TcpStream::connect_timeout(&addr, left) {
+                Ok(stream) => return TcpLink::start(stream, peer, ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token, proof }, cache, stall),
                 Err(e) => last = Error::io(&format!("connecting the data path to {addr}"), e),
             }
         }
