@@ -391,5 +391,24 @@ export function toNativeInit(
     prefillTpIdx: toCount('prefillTpIdx', tpIdx, 0),
     settings,
   }
+  // The native layer's words are neutral ("no key cache"); here the parameters have their JavaScript names,
+  // as the caller gave them.
+  const named = (o: keyof CacheOptions, p: string) => (cache[o] !== undefined ? o : p)
+  const keys = named('keys', 'keyPtrs')
+  if (init.keyPtrs.length === 0) throw invalid(`${keys} is empty: give one key cache address per layer`)
+  const lists = [
+    [named('values', 'valuePtrs'), init.valuePtrs],
+    [named('keyScales', 'keyScalePtrs'), init.keyScalePtrs],
+    [named('valueScales', 'valueScalePtrs'), init.valueScalePtrs],
+  ] as const
+  for (const [name, list] of lists) {
+    if (list.length !== 0 && list.length !== init.keyPtrs.length) {
+      throw invalid(`${name} has ${list.length} entries but ${keys} has ${init.keyPtrs.length}: give one per layer (or none)`)
+    }
+  }
+  const scales = lists.slice(1).find(([, list]) => list.length > 0)
+  if (scales !== undefined && scaleBlockBytes === 0) throw invalid(`${scales[0]} were given but scaleBlockBytes is 0`)
+  if (scales === undefined && scaleBlockBytes !== 0) throw invalid('scaleBlockBytes was given without keyScales or valueScales')
+  if (init.prefillTpIdx >= init.prefillTpSize) throw invalid(`prefillTpIdx ${init.prefillTpIdx} is outside [0, ${init.prefillTpSize})`)
   return { init, held }
 }

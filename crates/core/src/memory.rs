@@ -138,23 +138,23 @@ impl CacheLayout {
     pub unsafe fn new(spec: CacheSpec) -> Result<CacheLayout> {
         let layers = spec.key.len();
         if layers == 0 {
-            return Err(Error::invalid("keyPtrs is empty: give one key cache address per layer"));
+            return Err(Error::invalid("no key cache: give one key address per layer"));
         }
         if layers > u32::MAX as usize {
             return Err(Error::invalid("too many layers"));
         }
         if spec.block_number == 0 {
-            return Err(Error::invalid("blockNumber must be at least 1"));
+            return Err(Error::invalid("the block number (blocks per layer) must be at least 1"));
         }
         if spec.block_bytes == 0 {
-            return Err(Error::invalid("blockBytes must be at least 1"));
+            return Err(Error::invalid("the block bytes (bytes per block) must be at least 1"));
         }
         let mut tensors = TensorSet::default();
         tensors.insert(Tensor::Key);
         let lists = [
-            (Tensor::Value, &spec.value, "valuePtrs"),
-            (Tensor::KeyScale, &spec.key_scale, "keyScalePtrs"),
-            (Tensor::ValueScale, &spec.value_scale, "valueScalePtrs"),
+            (Tensor::Value, &spec.value, "value"),
+            (Tensor::KeyScale, &spec.key_scale, "key scale"),
+            (Tensor::ValueScale, &spec.value_scale, "value scale"),
         ];
         for (tensor, list, name) in lists {
             if list.is_empty() {
@@ -162,7 +162,7 @@ impl CacheLayout {
             }
             if list.len() != layers {
                 return Err(Error::invalid(format!(
-                    "{name} has {} entries but keyPtrs has {layers}: give one address per layer (or none)",
+                    "the {name} cache has {} layer addresses but the key cache has {layers}: give one per layer (or none)",
                     list.len()
                 )));
             }
@@ -170,10 +170,10 @@ impl CacheLayout {
         }
         let has_scales = tensors.contains(Tensor::KeyScale) || tensors.contains(Tensor::ValueScale);
         if has_scales && spec.scale_block_bytes == 0 {
-            return Err(Error::invalid("scale pointers were given but scaleBlockBytes is 0"));
+            return Err(Error::invalid("scale caches were given but their block bytes are 0"));
         }
         if !has_scales && spec.scale_block_bytes != 0 {
-            return Err(Error::invalid("scaleBlockBytes was given without keyScalePtrs or valueScalePtrs"));
+            return Err(Error::invalid("scale block bytes were given without a key or value scale cache"));
         }
         let mut layout = CacheLayout {
             layers: layers as u32,
@@ -187,7 +187,7 @@ impl CacheLayout {
         };
         let mut first: Option<(MemoryKind, Tensor, usize)> = None;
         for t in tensors.iter() {
-            let size = layout.tensor_bytes(t).ok_or_else(|| Error::invalid("blockNumber * blockBytes overflows"))?;
+            let size = layout.tensor_bytes(t).ok_or_else(|| Error::invalid("the block number times the block bytes overflows"))?;
             for (layer, &addr) in layout.addrs[t as usize].iter().enumerate() {
                 if addr == 0 {
                     return Err(Error::invalid(format!("the {} address of layer {layer} is null", t.name())));
@@ -404,14 +404,14 @@ mod tests {
     #[test]
     fn refusals() {
         let cases: Vec<(Box<dyn Fn(&mut CacheSpec)>, &str)> = vec![
-            (Box::new(|s| s.key.clear()), "keyPtrs is empty"),
-            (Box::new(|s| s.value.pop().map(drop).unwrap_or(())), "valuePtrs has 2 entries"),
-            (Box::new(|s| s.block_number = 0), "blockNumber"),
-            (Box::new(|s| s.block_bytes = 0), "blockBytes"),
+            (Box::new(|s| s.key.clear()), "no key cache"),
+            (Box::new(|s| s.value.pop().map(drop).unwrap_or(())), "the value cache has 2 layer addresses"),
+            (Box::new(|s| s.block_number = 0), "block number"),
+            (Box::new(|s| s.block_bytes = 0), "block bytes"),
             (Box::new(|s| s.key[1] = 0), "null"),
             (Box::new(|s| s.key[0] = u64::MAX - 10), "wraps"),
-            (Box::new(|s| s.key_scale = vec![1, 2, 3]), "scaleBlockBytes is 0"),
-            (Box::new(|s| s.scale_block_bytes = 4), "without keyScalePtrs"),
+            (Box::new(|s| s.key_scale = vec![1, 2, 3]), "their block bytes are 0"),
+            (Box::new(|s| s.scale_block_bytes = 4), "without a key or value scale cache"),
         ];
         for (mutate, want) in cases {
             let mut s = spec(3);

@@ -32,11 +32,11 @@ impl SliceGeometry {
             return Err(Error::invalid("tensor-parallel sizes must be at least 1"));
         }
         if tp_idx >= tp_size {
-            return Err(Error::invalid(format!("prefillTpIdx {tp_idx} is outside [0, {tp_size})")));
+            return Err(Error::invalid(format!("the prefill's tensor-parallel index {tp_idx} is outside [0, {tp_size})")));
         }
         if tp_size % dst_tp_size != 0 {
             return Err(Error::invalid(format!(
-                "prefillTpSize {tp_size} is not a multiple of the decode's tensor-parallel size {dst_tp_size}"
+                "the prefill's tensor-parallel size {tp_size} is not a multiple of the decode's, {dst_tp_size}"
             )));
         }
         let ratio = tp_size / dst_tp_size;
@@ -149,7 +149,7 @@ impl BlockPlan {
         self.blocks = 0;
         if local.len() != remote.len() {
             return Err(Error::invalid(format!(
-                "localBlockIds has {} ids but remoteBlockIds has {}: they must pair up",
+                "{} local block ids but {} remote ones: they must pair up",
                 local.len(),
                 remote.len()
             )));

@@ -591,7 +591,7 @@ fn write_telling(connection: &mut Connection, plan: &BlockPlan, remote: &[u32], 
     if connection.slices_without_instance {
         // The decode gives a request to the instance that started it: its other ranks would be refused.
         return Err(Error::invalid(
-            "a request written by several ranks into each decode block (prefillTpSize > dstTpSize) needs an \
+            "a request written by several ranks into each decode block (a prefill tensor-parallel size larger than the decode's) needs an \
              instanceId (KVCACHE_INSTANCE_ID) that those ranks share: nothing was written",
         ));
     }

@@ -68,13 +68,13 @@ pub fn check_hello(hello: &Hello, cache: &CacheLayout) -> Result<Agreement> {
     let geometry = SliceGeometry::for_ranks(hello.tp_size, hello.tp_idx, hello.dst_tp_size)?;
     let ratio = geometry.ratio as u64;
     for (what, theirs, ours) in [
-        ("blockBytes", hello.block_bytes, cache.kv_block_bytes()),
-        ("scaleBlockBytes", hello.scale_block_bytes, cache.scale_block_bytes()),
+        ("block bytes", hello.block_bytes, cache.kv_block_bytes()),
+        ("scale block bytes", hello.scale_block_bytes, cache.scale_block_bytes()),
     ] {
         if theirs.checked_mul(ratio) != Some(ours) {
             return Err(Error::invalid(format!(
                 "block geometry mismatch: prefill {what} {theirs} × {ratio} slice(s) per decode block \
-                 (prefillTpSize {} / dstTpSize {}) ≠ this decode's {what} {ours}",
+                 (prefill tensor-parallel size {} / decode's {}) ≠ this decode's {what} {ours}",
                 hello.tp_size, hello.dst_tp_size
             )));
         }
