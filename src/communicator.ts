@@ -64,7 +64,10 @@ export interface ConnectOptions {
   signal?: AbortSignal
 }
 
-/** What may stop waiting for a call: {@link Communicator.close}, {@link DecodeCommunicator.revoke}. */
+/**
+ * What may stop waiting for a call: {@link Communicator.close}, {@link DecodeCommunicator.revoke},
+ * {@link Peer.close}, {@link Peer.abort}.
+ */
 export interface SignalOptions {
   /**
    * Aborted already: the call does nothing and rejects with `ABORTED`. Aborted later: the call rejects with
@@ -358,8 +361,8 @@ export class PrefillCommunicator extends Communicator {
   }
 
   /** Tells the decode at `ip:port` that `requestId` will not complete ({@link Peer.abort}). */
-  async abortRequest(ip: string, port: Port, requestId: string, reason = ''): Promise<void> {
-    await this.peer(ip, port).abort(requestId, reason)
+  async abortRequest(ip: string, port: Port, requestId: string, reason = '', options: SignalOptions = {}): Promise<void> {
+    await this.peer(ip, port).abort(requestId, reason, options)
   }
 
   /** The peer at `ip:port`, whether or not it is connected (its writes say `NOT_CONNECTED` if it is not). */

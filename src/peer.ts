@@ -1,8 +1,8 @@
 /** A decode peer of a prefill {@link Communicator}: the handle its writes go through. */
-import type { PrefillCommunicator } from './communicator.js'
-import { call, invalid, settled } from './errors.js'
+import type { PrefillCommunicator, SignalOptions } from './communicator.js'
+import { call, invalid, KVTransferError, settled } from './errors.js'
 import { type BlockIds, type Transport, toBlockIds, toCount } from './options.js'
-import { toRequestId, type WriteOptions, writeWith } from './requests.js'
+import { abortable, toRequestId, toSignal, type WriteOptions, writeWith } from './requests.js'
 
 /** A decode peer of a prefill communicator. */
 export class Peer {
@@ -55,17 +55,24 @@ export class Peer {
    * {@link PrefillCommunicator.connect} makes a new one.
    * @throws {KVTransferError} (as a rejection) `NOT_CONNECTED` where there is no connection.
    */
-  async close(): Promise<void> {
-    await settled(call(() => this.communicator.native.disconnectAsync(this.ip, this.port)), { peer: `${this.ip}:${this.port}` })
+  async close(options: SignalOptions = {}): Promise<void> {
+    const peer = `${this.ip}:${this.port}`
+    const signal = call(() => toSignal(options?.signal))
+    if (signal?.aborted) throw new KVTransferError('ABORTED', 'the close of the connection was aborted before it started', { peer })
+    await abortable(settled(call(() => this.communicator.native.disconnectAsync(this.ip, this.port)), { peer }), signal, 'waiting for the close of the connection', { peer })
   }
 
   /**
    * Tells the decode that `requestId` will not complete (after the writes queued before): its `waitFor` rejects
    * with `ABORTED` and it gets an `'aborted'` notification. Later writes of the request reject with `ABORTED`.
    */
-  async abort(requestId: string, reason = ''): Promise<void> {
+  async abort(requestId: string, reason = '', options: SignalOptions = {}): Promise<void> {
     const id = call(() => toRequestId(requestId))
     if (typeof reason !== 'string') throw invalid('reason must be a string')
-    await settled(call(() => this.communicator.native.abortRequestAsync(this.ip, this.port, id, reason)), { peer: `${this.ip}:${this.port}`, requestId: id })
+    const context = { peer: `${this.ip}:${this.port}`, requestId: id }
+    const signal = call(() => toSignal(options?.signal))
+    if (signal?.aborted) throw new KVTransferError('ABORTED', `the abort of request ${JSON.stringify(id)} was aborted before it started`, context)
+    const pending = settled(call(() => this.communicator.native.abortRequestAsync(this.ip, this.port, id, reason)), context)
+    await abortable(pending, signal, `waiting for the abort of request ${JSON.stringify(id)}`, context)
   }
 }
