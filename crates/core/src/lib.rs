@@ -12,9 +12,9 @@
 //! [`memory`] → [`error`].
 //!
 //! The stable surface is what these docs show: [`Communicator`] and its [`communicator`] module (requests,
-//! peer events), [`config`], [`error`], [`memory`], [`system`] and [`rdma_devices`]. The other modules are the
-//! library's internals, public only with the feature `internals` (for this crate's own tests, fuzzers and
-//! benchmarks, which speak the protocol by hand).
+//! peer events), [`config`], [`error`], [`memory`], [`metrics`], [`system`] and [`rdma_devices`]. The other
+//! modules are the library's internals, public only with the feature `internals` (for this crate's own tests,
+//! fuzzers and benchmarks, which speak the protocol by hand).
 
 /// Declares the library's internals: `pub(crate)`, and public only with the feature `internals` (hidden from the
 /// docs), which the crate's own tests, fuzzers and benchmarks turn on to play a hostile or buggy peer at the
@@ -39,6 +39,7 @@ pub mod communicator;
 pub mod config;
 pub mod error;
 pub mod memory;
+pub mod metrics;
 pub mod system;
 
 pub use communicator::{Communicator, CommunicatorSpec, Role, TransportKind};
