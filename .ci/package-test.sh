@@ -66,7 +66,9 @@ ls node_modules | grep kvtransfer
 
 echo "== type-checking the examples against the installed package (strict)"
 mkdir examples
-cp "$repo"/examples/{engine.ts,api-tour.ts,quickstart.mjs,tsconfig.json} examples/
+# prom-client for kvtransfer/prometheus (an optional peer dependency), at the version the repository tests.
+npm install --no-audit --no-fund --loglevel=error "prom-client@$(node -p "require('$repo/node_modules/prom-client/package.json').version")"
+cp "$repo"/examples/{engine.ts,api-tour.ts,metrics-server.ts,quickstart.mjs,tsconfig.json} examples/
 npx tsc -p examples --noEmit
 npx tsc -p examples
 
@@ -74,6 +76,7 @@ echo "== running them"
 node examples/quickstart.mjs   # the README's example, as written
 node examples/dist/api-tour.js
 node examples/dist/engine.js
+METRICS_SECONDS=1 node examples/dist/metrics-server.js
 npx kvtransfer info
 KVCACHE_IB_TIMEOUT=99 npx kvtransfer info --json >info.json && { echo "a bad KVCACHE_IB_TIMEOUT must fail info" >&2; exit 1; }
 node -e 'const i = require("./info.json"); const s = i.settings.find((s) => s.env === "KVCACHE_IB_TIMEOUT"); if (!/KVCACHE_IB_TIMEOUT/.test(s.error)) process.exit(1)'

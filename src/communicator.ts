@@ -29,6 +29,7 @@ import {
   toSettings,
 } from './options.js'
 import { Peer } from './peer.js'
+import { type Stats, toStats } from './stats.js'
 import { abortable, connectWith, type Notification, NotificationHub, toRequestId, toSignal, type WaitOptions, waitWith } from './requests.js'
 
 /** A prefill communicator's options: its cache, its tensor-parallel rank, and settings. */
@@ -243,6 +244,14 @@ export abstract class Communicator {
   /** The RDMA device in use (`'mlx5_0'`, `'rxe0'`), or `null` when RDMA is not used. */
   get rdmaDevice(): string | null {
     return this.native.rdmaDevice ?? null
+  }
+
+  /**
+   * What this communicator has counted, per peer and in all (see {@link Stats}): cheap enough to call every
+   * second, and still readable after close. `kvtransfer/prometheus` exports the same counts to Prometheus.
+   */
+  stats(): Stats {
+    return toStats(call(() => this.native.stats()))
   }
 
   /**

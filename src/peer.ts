@@ -2,6 +2,7 @@
 import type { PrefillCommunicator, SignalOptions } from './communicator.js'
 import { call, invalid, KVTransferError, settled } from './errors.js'
 import { type BlockIds, type Transport, toBlockIds, toCount } from './options.js'
+import { emptyPeerStats, type PeerStats } from './stats.js'
 import { abortable, toRequestId, toSignal, type WriteOptions, writeWith } from './requests.js'
 
 /** A decode peer of a prefill communicator. */
@@ -26,6 +27,15 @@ export class Peer {
    */
   get connected(): boolean {
     return this.communicator.native.isConnected(this.ip, this.port)
+  }
+
+  /**
+   * What the communicator has counted about this peer (its entry of {@link PrefillCommunicator.stats}; all zeros
+   * before anything was counted).
+   */
+  stats(): PeerStats {
+    const key = `${this.ip}:${this.port}`
+    return this.communicator.stats().peers.find((p) => p.peer === key) ?? emptyPeerStats(key)
   }
 
   /** The transport the connection uses, or `null` when there is none (or it broke). */

@@ -263,6 +263,10 @@ impl CacheLayout {
     pub fn scale_block_bytes(&self) -> u64 {
         self.scale_block_bytes
     }
+    /// Bytes of one block of one layer, all its tensors together: what writing that block moves.
+    pub fn layer_block_bytes(&self) -> u64 {
+        self.tensors().iter().map(|t| self.block_bytes(t)).sum()
+    }
     /// Bytes of one whole tensor of one layer, `None` on overflow.
     pub fn tensor_bytes(&self, t: Tensor) -> Option<u64> {
         (self.block_number as u64).checked_mul(self.block_bytes(t))

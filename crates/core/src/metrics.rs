@@ -1,9 +1,27 @@
-//! The instruments `stats()` and the Prometheus collectors read (issue 31): counters and latency histograms
-//! that the write path updates without a lock or an allocation. Each is a few relaxed atomics; a snapshot reads
-//! them one by one, so it is consistent per instrument, not across instruments.
+//! What a communicator counts, for `stats()` and the Prometheus collectors (issue 31): counters, gauges and
+//! latency histograms that the write path updates without a lock or an allocation, each a few relaxed atomics.
+//! A snapshot reads them one by one, so it is consistent per instrument, not across instruments.
+//!
+//! Counted per peer: on a prefill, per decode it writes to (`host:port`, as given to `connect`); on a decode,
+//! per prefill host (the address its request channels come from). At most [`MAX_PEERS`] peers are told apart;
+//! later ones are counted together under the name [`OTHER_PEERS`], so an exporter's label values stay bounded.
+//!
+//! A decode does not see the bytes that RDMA, shared memory or CUDA IPC put in its memory: what it counts as
+//! received is what the prefill's notifications (`Done`, sent once the bytes are there) name, so writes without
+//! a request id are counted by the prefill only, on every transport.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::error::ErrorCode;
+use crate::sync::lock;
+use crate::wire::{Role, TransportKind};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Peers counted apart; later ones are counted together as [`OTHER_PEERS`].
+pub const MAX_PEERS: usize = 256;
+/// The peer name of those counted together past [`MAX_PEERS`].
+pub const OTHER_PEERS: &str = "other";
 
 /// A count that only grows.
 #[derive(Debug, Default)]
@@ -19,6 +37,20 @@ impl Counter {
     }
 }
 
+/// A level that goes up and down: calls queued, writes in flight.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The level (never below 0 as read: an increment and its decrement may be seen out of order).
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed).max(0) as u64
+    }
+}
 /// Buckets of a [`Histogram`]: bucket `i` counts samples in `[2^(i-1), 2^i)` nanoseconds (bucket 0: under 1 ns),
 /// so 2^63 ns (292 years) is the last bound.
 const BUCKETS: usize = 64;
@@ -93,6 +125,263 @@ impl HistogramSnapshot {
     }
 }
 
+
+/// Why a decode refused a prefill before any of its bytes could land.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// It did not prove it holds the token (`UNAUTHENTICATED`).
+    Authentication,
+    /// It dialed another address than the one its connection came to (`REJECTED`; see `KVCACHE_ANSWERS_TO`).
+    Address,
+    /// Its cache does not fit this one: layers, tensors, block sizes, tensor-parallel sizes (`INVALID_ARGUMENT`).
+    Mismatch,
+    /// No transport both sides have can take it (`UNAVAILABLE`).
+    Transport,
+    /// It broke the protocol: garbage, another version, a second greeting (`PROTOCOL`).
+    Protocol,
+    /// Its request channel came past `KVCACHE_MAX_PEERS`.
+    Limit,
+    /// Anything else.
+    Other,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 7] =
+        [Refusal::Authentication, Refusal::Address, Refusal::Mismatch, Refusal::Transport, Refusal::Protocol, Refusal::Limit, Refusal::Other];
+
+    /// Its name in `stats()` and as a Prometheus label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Authentication => "authentication",
+            Refusal::Address => "address",
+            Refusal::Mismatch => "mismatch",
+            Refusal::Transport => "transport",
+            Refusal::Protocol => "protocol",
+            Refusal::Limit => "limit",
+            Refusal::Other => "other",
+        }
+    }
+
+    /// The reason a handshake refused with `code` stands for.
+    pub fn of(code: ErrorCode) -> Refusal {
+        match code {
+            ErrorCode::Unauthenticated => Refusal::Authentication,
+            ErrorCode::Rejected => Refusal::Address,
+            ErrorCode::InvalidArgument => Refusal::Mismatch,
+            ErrorCode::Unavailable => Refusal::Transport,
+            ErrorCode::Protocol => Refusal::Protocol,
+            _ => Refusal::Other,
+        }
+    }
+}
+
+/// What becomes of a decode's requests, counted by the prefill host that started each.
+#[derive(Debug, Default)]
+pub struct RequestCounters {
+    pub started: Counter,
+    pub done: Counter,
+    pub failed: Counter,
+    pub aborted: Counter,
+    pub revoked: Counter,
+    pub expired: Counter,
+}
+
+/// Everything counted about one peer.
+#[derive(Debug, Default)]
+pub struct PeerInstruments {
+    /// Prefill: write calls whose bytes are in the decode's memory. Decode: notifications of written layers.
+    pub writes: Counter,
+    /// Blocks and bytes those moved (a prefill's blocks are its own: one slice of a decode block each).
+    pub blocks: Counter,
+    pub bytes: Counter,
+    /// Prefill: calls that failed, by [`ErrorCode::ALL`] index.
+    failures: [Counter; ErrorCode::ALL.len()],
+    /// Prefill: connections made (the first and each rebuilt one). Decode: links admitted.
+    pub connects: Counter,
+    /// Prefill: connections rebuilt by the reconnect policy.
+    pub reconnects: Counter,
+    /// Decode: requests by what became of them.
+    pub requests: RequestCounters,
+    /// Prefill: asynchronous calls waiting behind the peer's earlier ones, and writes running.
+    pub queued: Gauge,
+    pub in_flight: Gauge,
+    /// Prefill: each write call, from its start to its bytes being in the decode's memory (or its failure).
+    pub write_time: Histogram,
+    /// Prefill: each connection made, the handshake, the data link and the request channel.
+    pub handshake_time: Histogram,
+    /// Decode: each layer of a request, from the prefill's `Start` to the layer's notification.
+    pub layer_time: Histogram,
+    /// The transport of the latest connection (a [`TransportKind::ALL`] index + 1; 0: none yet).
+    transport: AtomicU8,
+}
+
+impl PeerInstruments {
+    /// Counts a failed call.
+    pub fn failed(&self, code: ErrorCode) {
+        let i = ErrorCode::ALL.iter().position(|&c| c == code).expect("every code is listed");
+        self.failures[i].add(1);
+    }
+
+    /// Records the transport a connection took.
+    pub fn connected_over(&self, kind: TransportKind) {
+        let i = TransportKind::ALL.iter().position(|&k| k == kind).expect("every transport is listed");
+        self.transport.store(i as u8 + 1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self, peer: &str) -> PeerStats {
+        let r = &self.requests;
+        PeerStats {
+            peer: peer.to_string(),
+            transport: match self.transport.load(Ordering::Relaxed) {
+                0 => None,
+                i => Some(TransportKind::ALL[i as usize - 1]),
+            },
+            writes: self.writes.get(),
+            blocks: self.blocks.get(),
+            bytes: self.bytes.get(),
+            failures: ErrorCode::ALL.iter().zip(&self.failures).map(|(&c, n)| (c, n.get())).filter(|(_, n)| *n > 0).collect(),
+            connects: self.connects.get(),
+            reconnects: self.reconnects.get(),
+            requests: RequestStats {
+                started: r.started.get(),
+                done: r.done.get(),
+                failed: r.failed.get(),
+                aborted: r.aborted.get(),
+                revoked: r.revoked.get(),
+                expired: r.expired.get(),
+            },
+            queued: self.queued.get(),
+            in_flight: self.in_flight.get(),
+            write_time: self.write_time.snapshot(),
+            handshake_time: self.handshake_time.snapshot(),
+            layer_time: self.layer_time.snapshot(),
+        }
+    }
+}
+
+/// A communicator's instruments: per peer, and its own.
+#[derive(Debug)]
+pub struct Instruments {
+    role: Role,
+    /// Peers in the order they were first counted, and where each is in that list. Looked up on connects and
+    /// failures; a write finds its peer's instruments in the peer's own entry.
+    peers: Mutex<(Vec<(String, Arc<PeerInstruments>)>, HashMap<String, usize>)>,
+    /// Decode: prefills refused, by [`Refusal::ALL`] index.
+    refusals: [Counter; Refusal::ALL.len()],
+    /// Decode: revokes asked for, and links cut off because they did not confirm one in time.
+    pub revokes: Counter,
+    pub revoke_cutoffs: Counter,
+}
+
+impl Instruments {
+    pub fn new(role: Role) -> Instruments {
+        Instruments { role, peers: Mutex::default(), refusals: Default::default(), revokes: Counter::default(), revoke_cutoffs: Counter::default() }
+    }
+
+    /// The instruments of `peer`: its own among the first [`MAX_PEERS`], else those of [`OTHER_PEERS`].
+    pub fn peer(&self, peer: &str) -> Arc<PeerInstruments> {
+        let mut table = lock(&self.peers);
+        let (peers, by_name) = &mut *table;
+        if let Some(&i) = by_name.get(peer) {
+            return peers[i].1.clone();
+        }
+        let name = if peers.len() < MAX_PEERS { peer } else { OTHER_PEERS };
+        if let Some(&i) = by_name.get(name) {
+            return peers[i].1.clone();
+        }
+        let instruments = Arc::new(PeerInstruments::default());
+        by_name.insert(name.to_string(), peers.len());
+        peers.push((name.to_string(), instruments.clone()));
+        instruments
+    }
+
+    /// Counts a refused prefill.
+    pub fn refused(&self, why: Refusal) {
+        self.refused_n(why, 1);
+    }
+
+    /// Counts `n` prefills refused for `why` at once.
+    pub fn refused_n(&self, why: Refusal, n: u64) {
+        let i = Refusal::ALL.iter().position(|&r| r == why).expect("every reason is listed");
+        self.refusals[i].add(n);
+    }
+
+    /// What the instruments hold now, with the decode's `levels` (read from its servers and request table).
+    pub fn snapshot(&self, levels: Levels) -> Stats {
+        let peers: Vec<(String, Arc<PeerInstruments>)> = lock(&self.peers).0.clone();
+        let refusals = Refusal::ALL.iter().zip(&self.refusals).map(|(&r, n)| match r {
+            Refusal::Limit => (r, n.get() + levels.refused_at_limit),
+            _ => (r, n.get()),
+        });
+        Stats {
+            role: self.role,
+            peers: peers.iter().map(|(name, p)| p.snapshot(name)).collect(),
+            refusals: refusals.collect(),
+            revokes: self.revokes.get(),
+            revoke_cutoffs: self.revoke_cutoffs.get(),
+            requests_held: levels.requests_held,
+            notifications_dropped: levels.notifications_dropped,
+        }
+    }
+}
+
+/// What a decode reads from its servers and request table rather than counting it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Levels {
+    pub requests_held: u64,
+    pub notifications_dropped: u64,
+    /// Request channels refused because `KVCACHE_MAX_PEERS` were open.
+    pub refused_at_limit: u64,
+}
+
+/// A communicator's instruments as read at one moment ([`crate::Communicator::stats`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub role: Role,
+    /// Per peer, in the order they were first counted.
+    pub peers: Vec<PeerStats>,
+    /// Decode: prefills refused, by reason (every reason, zeros included).
+    pub refusals: Vec<(Refusal, u64)>,
+    /// Decode: revokes asked for, and links cut off because they did not confirm one in time.
+    pub revokes: u64,
+    pub revoke_cutoffs: u64,
+    /// Decode: requests kept now (open, and ended ones remembered), and notifications dropped because the engine
+    /// did not take them (more than `MAX_QUEUED` waiting).
+    pub requests_held: u64,
+    pub notifications_dropped: u64,
+}
+
+/// One peer's instruments as read at one moment ([`PeerInstruments`] says what each counts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStats {
+    pub peer: String,
+    pub transport: Option<TransportKind>,
+    pub writes: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+    /// Codes with at least one failure.
+    pub failures: Vec<(ErrorCode, u64)>,
+    pub connects: u64,
+    pub reconnects: u64,
+    pub requests: RequestStats,
+    pub queued: u64,
+    pub in_flight: u64,
+    pub write_time: HistogramSnapshot,
+    pub handshake_time: HistogramSnapshot,
+    pub layer_time: HistogramSnapshot,
+}
+
+/// A decode's requests by what became of them, as read at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestStats {
+    pub started: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub aborted: u64,
+    pub revoked: u64,
+    pub expired: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +440,36 @@ mod tests {
         assert_eq!(s.count, 40_000);
         assert_eq!(s.buckets.iter().map(|(_, n)| n).sum::<u64>(), 40_000);
         assert_eq!(s.sum, Duration::from_nanos(4 * (0..10_000u64).sum::<u64>()));
+    }
+
+    #[test]
+    fn peers_past_the_limit_are_counted_together() {
+        let m = Instruments::new(Role::Prefill);
+        for i in 0..MAX_PEERS + 5 {
+            m.peer(&format!("10.0.0.{i}:1")).writes.add(1);
+        }
+        m.peer("10.0.0.0:1").writes.add(1);
+        let s = m.snapshot(Levels::default());
+        assert_eq!(s.peers.len(), MAX_PEERS + 1);
+        assert_eq!(s.peers[0].writes, 2, "a known peer keeps its own");
+        let other = s.peers.iter().find(|p| p.peer == OTHER_PEERS).unwrap();
+        assert_eq!(other.writes, 5);
+        assert_eq!(s.peers.iter().map(|p| p.writes).sum::<u64>(), MAX_PEERS as u64 + 6);
+    }
+
+    #[test]
+    fn failures_are_counted_by_code_and_refusals_by_reason() {
+        let m = Instruments::new(Role::Decode);
+        let p = m.peer("a");
+        p.failed(ErrorCode::Revoked);
+        p.failed(ErrorCode::Revoked);
+        p.failed(ErrorCode::Unreachable);
+        m.refused(Refusal::of(ErrorCode::Unauthenticated));
+        m.refused(Refusal::Limit);
+        let s = m.snapshot(Levels { requests_held: 3, ..Levels::default() });
+        assert_eq!(s.peers[0].failures, vec![(ErrorCode::Revoked, 2), (ErrorCode::Unreachable, 1)]);
+        let refused = |r| s.refusals.iter().find(|(x, _)| *x == r).unwrap().1;
+        assert_eq!((refused(Refusal::Authentication), refused(Refusal::Limit), refused(Refusal::Mismatch)), (1, 1, 0));
+        assert_eq!(s.requests_held, 3);
     }
 }

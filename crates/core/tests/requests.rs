@@ -4,40 +4,15 @@
 
 mod common;
 
-use common::Cache;
+use common::{config, kinds, Cache};
 use kvtransfer::communicator::{Notification, RequestId, Status};
 use kvtransfer::memory::CacheSpec;
-use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice, TransportKind};
+use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportKind};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const HOST: &str = "127.0.0.1";
-
-/// The RDMA device to test on, where one is given.
-fn rdma_nic() -> Option<String> {
-    std::env::var("KVTRANSFER_TEST_RDMA_NIC").ok().filter(|n| !n.is_empty())
-}
-
-/// The transports under test: RDMA where a device is given, else TCP and shared memory.
-fn kinds() -> Vec<TransportKind> {
-    match rdma_nic() {
-        Some(_) => vec![TransportKind::Rdma],
-        None => vec![TransportKind::Tcp, TransportKind::Shm],
-    }
-}
-
-fn config(kind: TransportKind) -> Config {
-    let config = Config { transport: TransportChoice::Only(kind), timeouts: kvtransfer::Timeouts::all(Duration::from_secs(5)), ..Config::default() };
-    match (kind, rdma_nic()) {
-        (TransportKind::Rdma, Some(nic)) => Config {
-            rdma_nics: vec![nic],
-            gid_index: std::env::var("KVTRANSFER_TEST_RDMA_GID_INDEX").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
-            ..config
-        },
-        _ => config,
-    }
-}
 
 fn decode(cache: CacheSpec, kind: TransportKind) -> Arc<Communicator> {
     let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(cache), tp_size: 1, tp_idx: 0 };

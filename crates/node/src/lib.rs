@@ -13,6 +13,7 @@ mod host_memory;
 use kvtransfer::communicator::peer_events::{PeerEvent, PeerEventSink};
 use kvtransfer::communicator::{Cancel, Notification, RequestId};
 use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
+use kvtransfer::metrics::{HistogramSnapshot, PeerStats, Stats};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Error, ErrorCode, Role, Setting, SettingValue};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::ThreadsafeFunctionCallMode;
@@ -184,6 +185,106 @@ pub struct NativePeerSummary {
     /// `prefill tp i/n at ip`.
     pub name: String,
     pub transport: String,
+}
+
+/// A named count (a failure code, a refusal reason, a request's end).
+#[napi(object)]
+pub struct NativeCount {
+    pub name: String,
+    pub count: f64,
+}
+
+/// A latency histogram: power-of-two buckets, each with its exclusive upper bound and its samples (not
+/// cumulative), up to the last with any.
+#[napi(object)]
+pub struct NativeHistogram {
+    pub count: f64,
+    pub sum_seconds: f64,
+    pub bounds_seconds: Vec<f64>,
+    pub counts: Vec<f64>,
+}
+
+impl From<&HistogramSnapshot> for NativeHistogram {
+    fn from(h: &HistogramSnapshot) -> Self {
+        NativeHistogram {
+            count: h.count as f64,
+            sum_seconds: h.sum.as_secs_f64(),
+            bounds_seconds: h.buckets.iter().map(|(b, _)| b.as_secs_f64()).collect(),
+            counts: h.buckets.iter().map(|(_, n)| *n as f64).collect(),
+        }
+    }
+}
+
+/// One peer's instruments (`PeerStats` in the wrapper).
+#[napi(object)]
+pub struct NativePeerStats {
+    pub peer: String,
+    pub transport: Option<String>,
+    pub writes: f64,
+    pub blocks: f64,
+    pub bytes: f64,
+    pub failures: Vec<NativeCount>,
+    pub connects: f64,
+    pub reconnects: f64,
+    /// `started`, `done`, `failed`, `aborted`, `revoked`, `expired`.
+    pub requests: Vec<NativeCount>,
+    pub queued: f64,
+    pub in_flight: f64,
+    pub write_time: NativeHistogram,
+    pub handshake_time: NativeHistogram,
+    pub layer_time: NativeHistogram,
+}
+
+/// A communicator's instruments (`Stats` in the wrapper).
+#[napi(object)]
+pub struct NativeStats {
+    pub role: String,
+    pub peers: Vec<NativePeerStats>,
+    pub refusals: Vec<NativeCount>,
+    pub revokes: f64,
+    pub revoke_cutoffs: f64,
+    pub requests_held: f64,
+    pub notifications_dropped: f64,
+}
+
+fn count(name: &str, n: u64) -> NativeCount {
+    NativeCount { name: name.into(), count: n as f64 }
+}
+
+impl From<Stats> for NativeStats {
+    fn from(s: Stats) -> Self {
+        let peer = |p: &PeerStats| {
+            let r = p.requests;
+            NativePeerStats {
+                peer: p.peer.clone(),
+                transport: p.transport.map(|t| t.as_str().into()),
+                writes: p.writes as f64,
+                blocks: p.blocks as f64,
+                bytes: p.bytes as f64,
+                failures: p.failures.iter().map(|(c, n)| count(c.as_str(), *n)).collect(),
+                connects: p.connects as f64,
+                reconnects: p.reconnects as f64,
+                requests: [("started", r.started), ("done", r.done), ("failed", r.failed), ("aborted", r.aborted), ("revoked", r.revoked), ("expired", r.expired)]
+                    .iter()
+                    .map(|(name, n)| count(name, *n))
+                    .collect(),
+                queued: p.queued as f64,
+                in_flight: p.in_flight as f64,
+                write_time: (&p.write_time).into(),
+                handshake_time: (&p.handshake_time).into(),
+                layer_time: (&p.layer_time).into(),
+            }
+        };
+        NativeStats {
+            role: s.role.as_str().into(),
+            peers: s.peers.iter().map(peer).collect(),
+            refusals: s.refusals.iter().map(|(r, n)| count(r.as_str(), *n)).collect(),
+            revokes: s.revokes as f64,
+            revoke_cutoffs: s.revoke_cutoffs as f64,
+            requests_held: s.requests_held as f64,
+            notifications_dropped: s.notifications_dropped as f64,
+        }
+    }
 }
 
 /// A change in a prefill's connection to a decode peer (`PeerEvent` in the wrapper).
@@ -467,6 +568,12 @@ impl NativeCommunicator {
             }
         };
         guarded(|| self.inner.on_peer_events(sink))
+    }
+
+    /// What the communicator has counted; readable after close.
+    #[napi]
+    pub fn stats(&self) -> Result<NativeStats, ErrorCode> {
+        guarded(|| Ok(self.inner.stats().into()))
     }
 
     /// Decode: the prefill links whose request channel is open.

@@ -53,6 +53,8 @@ pub struct PeerInfo {
     pub instance: Option<String>,
     /// Where its request channel comes from (set once the channel opened): logs about it are limited per host.
     pub address: Option<IpAddr>,
+    /// What is counted about its host (see [`crate::metrics`]).
+    pub metrics: Arc<crate::metrics::PeerInstruments>,
 }
 
 /// What the decode does with what its channels say.
@@ -138,6 +140,11 @@ impl ChannelServer {
 
     pub fn port(&self) -> u16 {
         self.listener.port()
+    }
+
+    /// Channels refused because `KVCACHE_MAX_PEERS` were open.
+    pub fn refused_at_limit(&self) -> u64 {
+        self.listener.refused_at_max()
     }
 
     /// Lets the link of `peer` open one channel, within the timeout: returns the token it must present, and
@@ -700,7 +707,7 @@ pub(crate) mod testing {
     }
 
     pub(crate) fn peer() -> PeerInfo {
-        PeerInfo { name: "p".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, pid: None, instance: None, address: None }
+        PeerInfo { name: "p".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, pid: None, instance: None, address: None, metrics: Default::default() }
     }
 
     /// Waits (up to 10 s) until `f` holds.

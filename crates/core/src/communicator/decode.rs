@@ -11,6 +11,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::listener::{self, Origin};
 use crate::log::Logger;
 use crate::memory::CacheLayout;
+use crate::metrics::{Instruments, Levels, Refusal};
 use crate::transport::{Acceptor, Admission, Environment};
 use crate::wire::{self, TransportKind, Welcome, PROTOCOL_VERSION};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ pub(super) struct DecodeSide {
     device: Option<String>,
     requests: Arc<Requests>,
     log: Arc<Logger>,
+    metrics: Arc<Instruments>,
     /// How long links get to confirm a revoke or a close.
     timeout: Duration,
     /// `None` once closed.
@@ -136,7 +138,7 @@ impl Events for Links {
 
 impl DecodeSide {
     /// Starts answering handshakes on `port` (0: any free port) for the transports of `acceptors`.
-    pub(super) fn listen(port: u16, env: &Environment<'_>, acceptors: Vec<Arc<dyn Acceptor>>) -> Result<DecodeSide> {
+    pub(super) fn listen(port: u16, env: &Environment<'_>, acceptors: Vec<Arc<dyn Acceptor>>, metrics: Arc<Instruments>) -> Result<DecodeSide> {
         let log = env.log;
         if env.config.socket_ifname.is_none() && log.debug_enabled() {
             let ips: Vec<String> = env.listen_ips.iter().map(|ip| ip.to_string()).collect();
@@ -148,7 +150,8 @@ impl DecodeSide {
                 "listening on {ip} without KVCACHE_AUTH_TOKEN: any host that reaches this port can write into this cache"
             ));
         }
-        let requests = Arc::new(Requests::new(env.cache.layers(), env.cache.block_number(), env.config.request_ttl, log.clone()));
+        let cache = env.cache;
+        let requests = Arc::new(Requests::new(cache.layers(), cache.block_number(), cache.layer_block_bytes(), env.config.request_ttl, log.clone()));
         for acceptor in &acceptors {
             let r = requests.clone();
             acceptor.watch(Arc::new(move |session, mark| r.on_mark(session, mark)));
@@ -162,6 +165,7 @@ impl DecodeSide {
             acceptors: acceptors.clone(),
             channels: channels.clone(),
             log: log.clone(),
+            metrics: metrics.clone(),
         });
         let identity = handshake::Identity { key: auth, answers_to: env.config.answers_to.clone() };
         let control = handshake::answer_on(env.listen_ips, port, env.config.timeouts.connect, log.clone(), identity, admitting)?;
@@ -171,6 +175,7 @@ impl DecodeSide {
             device: acceptors.iter().find_map(|a| a.device().map(str::to_string)),
             requests,
             log: log.clone(),
+            metrics,
             timeout: env.config.timeouts.confirm,
             listening: Mutex::new(Some(Listening { control, channels, links })),
         })
@@ -186,11 +191,13 @@ impl DecodeSide {
     pub(super) fn revoke(&self, request: &RequestId) -> Result<()> {
         // Remembered first: a link that opens from now on learns it before it may write.
         self.requests.revoke(request);
+        self.metrics.revokes.add(1);
         let Some((channels, links)) = self.listening.lock().unwrap().as_ref().map(|l| (l.channels.clone(), l.links.clone())) else {
             return Ok(());
         };
-        let uncut: Vec<String> = channels
-            .ask_all(&Ask::Revoke(request.clone()), self.timeout)
+        let silent = channels.ask_all(&Ask::Revoke(request.clone()), self.timeout);
+        self.metrics.revoke_cutoffs.add(silent.len() as u64);
+        let uncut: Vec<String> = silent
             .into_iter()
             .filter(|peer| !links.cut_off(peer))
             .chain(links.uncut())
@@ -208,6 +215,16 @@ impl DecodeSide {
                 self.timeout.as_millis()
             ),
         ))
+    }
+
+    /// What `stats()` reads from the request table and the request channels' server.
+    pub(super) fn levels(&self) -> Levels {
+        let listening = self.listening.lock().unwrap();
+        Levels {
+            requests_held: self.requests.held() as u64,
+            notifications_dropped: self.requests.dropped(),
+            refused_at_limit: listening.as_ref().map_or(0, |l| l.channels.refused_at_limit()),
+        }
     }
 
     pub(super) fn port(&self) -> u16 {
@@ -249,6 +266,8 @@ impl DecodeSide {
         // Each channel's end cuts its link off; then the accepting halves stop every data path. Explicitly,
         // not by the last reference going: a revoke in flight may hold one.
         listening.channels.shutdown();
+        // Counted for good once the server has stopped (until then `levels` reads it from the server).
+        self.metrics.refused_n(Refusal::Limit, listening.channels.refused_at_limit());
         for acceptor in &listening.links.acceptors {
             acceptor.close();
         }
@@ -263,9 +282,14 @@ struct Admitting {
     acceptors: Vec<Arc<dyn Acceptor>>,
     channels: Arc<ChannelServer>,
     log: Arc<Logger>,
+    metrics: Arc<Instruments>,
 }
 
 impl Admit for Admitting {
+    fn refused(&self, _origin: Origin, why: &Error) {
+        self.metrics.refused(Refusal::of(why.code()));
+    }
+
     fn welcome(&self, origin: Origin, hello: &wire::Hello, proofs: &Proofs<'_>) -> Result<Welcome> {
         let agreed = negotiation::check_hello(hello, &self.cache)?;
         // Same-host transports write into this process, or map its memory: only for a process of this host that
@@ -309,6 +333,10 @@ impl Admit for Admitting {
             "accepted {peer} over {kind} with {} blocks (slice {} of {} per block)",
             hello.block_number, agreed.geometry.slot, agreed.geometry.ratio
         ));
+        // Counted by the prefill's host: an address, or loopback for a process of this host.
+        let metrics = self.metrics.peer(&origin.ip().to_canonical().to_string());
+        metrics.connects.add(1);
+        metrics.connected_over(kind);
         let channel_token = self.channels.admit(PeerInfo {
             name: peer,
             slot: agreed.geometry.slot,
@@ -318,6 +346,7 @@ impl Admit for Admitting {
             pid: process.filter(|_| kind.same_host_only()),
             instance: hello.instance.clone(),
             address: None,
+            metrics,
         }, |token| proofs.channel(token));
         Ok(Welcome {
             protocol: PROTOCOL_VERSION,

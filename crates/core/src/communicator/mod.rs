@@ -39,6 +39,7 @@ use crate::config::{Config, TransportChoice};
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
 use crate::memory::CacheLayout;
+use crate::metrics::{Instruments, Levels, PeerInstruments, Stats};
 use crate::plan::SliceGeometry;
 use crate::transport::{self, Environment, Transport};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,6 +68,23 @@ impl Cancel {
     /// Starts the call unless it was cancelled; `false` if it must not run.
     fn start(&self) -> bool {
         self.0.compare_exchange(Self::PENDING, Self::STARTED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+}
+
+/// An asynchronous call waiting behind its peer's earlier ones: counted in the peer's `queued` gauge while it
+/// lives.
+struct Queued(Arc<PeerInstruments>);
+
+impl Queued {
+    fn new(metrics: Arc<PeerInstruments>) -> Queued {
+        metrics.queued.add(1);
+        Queued(metrics)
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.queued.add(-1);
     }
 }
 
@@ -99,6 +117,7 @@ pub struct Communicator {
     cache: Arc<CacheLayout>,
     config: Config,
     log: Arc<Logger>,
+    metrics: Arc<Instruments>,
     closed: AtomicBool,
     /// The outcome of the close, once it has ended: a second caller waits for it.
     close_outcome: (Mutex<Option<Result<()>>>, std::sync::Condvar),
@@ -138,18 +157,19 @@ impl Communicator {
             )));
         }
         let env = Environment { cache: &cache, config: &config, gpu_idx: spec.gpu_idx, log: &log, listen_ips: &listen_ips };
+        let metrics = Arc::new(Instruments::new(spec.role));
         let side = match spec.role {
             Role::Prefill => {
                 SliceGeometry::for_ranks(spec.tp_size, spec.tp_idx, 1)?;
                 let connectors = set_up(&env, &kinds, |t| t.connector(&env))?;
-                Side::Prefill(PrefillSide::new(connectors, spec.tp_size, spec.tp_idx))
+                Side::Prefill(PrefillSide::new(connectors, spec.tp_size, spec.tp_idx, metrics.clone()))
             }
             Role::Decode => {
                 let acceptors = set_up(&env, &kinds, |t| t.acceptor(&env))?;
-                Side::Decode(DecodeSide::listen(spec.port, &env, acceptors)?)
+                Side::Decode(DecodeSide::listen(spec.port, &env, acceptors, metrics.clone())?)
             }
         };
-        let comm = Communicator { role: spec.role, gpu_idx: spec.gpu_idx, cache, config, log, closed: AtomicBool::new(false), close_outcome: Default::default(), side };
+        let comm = Communicator { role: spec.role, gpu_idx: spec.gpu_idx, cache, config, log, metrics, closed: AtomicBool::new(false), close_outcome: Default::default(), side };
         comm.log.debug(format!(
             "{} communicator ready: {} layers of {:?}, {} blocks of {} bytes, transports {}{}",
             comm.role.as_str(),
@@ -208,10 +228,26 @@ impl Communicator {
         }
     }
 
+    /// What this communicator has counted (see [`crate::metrics`]): cheap enough to call every second, and
+    /// still readable after `close`.
+    pub fn stats(&self) -> Stats {
+        let levels = match &self.side {
+            Side::Decode(d) => d.levels(),
+            Side::Prefill(_) => Levels::default(),
+        };
+        self.metrics.snapshot(levels)
+    }
+
     /// Connects to the decode communicator at `ip:port` (whose tensor-parallel size is `dst_tp_size`).
     /// Connecting to a connected peer does nothing.
     pub fn connect(&self, ip: &str, port: u16, dst_tp_size: u32) -> Result<()> {
-        let result = self.prefill("connecting").and_then(|p| p.connect(self, ip, port, dst_tp_size));
+        let result = self.prefill("connecting").and_then(|p| {
+            let connected = p.connect(self, ip, port, dst_tp_size);
+            if let Err(e) = &connected {
+                p.metrics_of(ip, port).failed(e.code());
+            }
+            connected
+        });
         self.logged(|| format!("connect to {ip}:{port}"), result)
     }
 
@@ -252,7 +288,10 @@ impl Communicator {
         done: impl FnOnce(Result<()>) + Send + 'static,
     ) {
         let (comm, host) = (self.clone(), ip.to_string());
+        // Counted as queued until it starts, or is dropped without running (the communicator closed).
+        let queued = self.prefill("writing").ok().map(|p| Queued::new(p.metrics_of(ip, port)));
         let work = move || {
+            drop(queued);
             if cancel.is_some_and(|c| !c.start()) {
                 return Err(Error::new(ErrorCode::Aborted, "the write was cancelled before it started: nothing was written"));
             }

@@ -20,6 +20,7 @@ use crate::channel::{ChannelClient, Directive, Frame, RequestId};
 use crate::config::Reconnect;
 use crate::control::handshake::{self, Admitted};
 use crate::error::{Error, ErrorCode, Result};
+use crate::metrics::{Instruments, PeerInstruments};
 use crate::net;
 use crate::plan::{BlockPlan, SliceGeometry};
 use crate::transport::{Answer, Connector, Link, PendingLink};
@@ -42,6 +43,7 @@ pub(super) struct PrefillSide {
     peers: Peers,
     workers: Workers,
     events: Arc<Events>,
+    metrics: Arc<Instruments>,
 }
 
 /// A decode peer and what can be asked of it without waiting for a transfer.
@@ -50,6 +52,8 @@ struct PeerEntry {
     /// The transport of its working link (a [`TransportKind::ALL`] index + 1), or 0 when it broke.
     link: AtomicU8,
     gate: Arc<Gate>,
+    /// What is counted about it (kept by the communicator's instruments across its connections).
+    metrics: Arc<PeerInstruments>,
 }
 
 /// What the decode has told a peer's writes, kept across rebuilds of its link.
@@ -116,8 +120,8 @@ impl RecentIds {
 
 
 impl PeerEntry {
-    fn new(peer: Peer, gate: Arc<Gate>) -> PeerEntry {
-        let entry = PeerEntry { link: AtomicU8::new(0), state: Mutex::new(peer), gate };
+    fn new(peer: Peer, gate: Arc<Gate>, metrics: Arc<PeerInstruments>) -> PeerEntry {
+        let entry = PeerEntry { link: AtomicU8::new(0), state: Mutex::new(peer), gate, metrics };
         entry.update(&entry.state.lock().unwrap());
         entry
     }
@@ -172,8 +176,13 @@ struct Connection {
 }
 
 impl PrefillSide {
-    pub(super) fn new(connectors: Vec<Arc<dyn Connector>>, tp_size: u32, tp_idx: u32) -> PrefillSide {
-        PrefillSide { connectors, tp_size, tp_idx, peers: Mutex::new(HashMap::new()), workers: Workers::new(), events: Arc::default() }
+    pub(super) fn new(connectors: Vec<Arc<dyn Connector>>, tp_size: u32, tp_idx: u32, metrics: Arc<Instruments>) -> PrefillSide {
+        PrefillSide { connectors, tp_size, tp_idx, peers: Mutex::new(HashMap::new()), workers: Workers::new(), events: Arc::default(), metrics }
+    }
+
+    /// The instruments of the peer `ip:port` (for calls that count it before they reach it).
+    pub(super) fn metrics_of(&self, ip: &str, port: u16) -> Arc<PeerInstruments> {
+        self.metrics.peer(&peer_key(ip, port))
     }
 
     /// Where this side's peer events go from now on (`None`: nowhere).
@@ -221,7 +230,7 @@ impl PrefillSide {
         let mut peers = self.peers.lock().unwrap();
         let added = comm.check_open().is_ok() && !peers.contains_key(&key);
         if added {
-            peers.insert(key.clone(), Arc::new(PeerEntry::new(peer, gate)));
+            peers.insert(key.clone(), Arc::new(PeerEntry::new(peer, gate, self.metrics.peer(&key))));
             drop(peers);
             self.events.tell(PeerEvent::Connected { peer: key, transport, reconnected: false });
             return Ok(());
@@ -390,8 +399,18 @@ impl PrefillSide {
             if rebuilding {
                 self.events.tell(PeerEvent::Reconnecting { peer: key.clone(), attempt, attempts, cause: cause.clone() });
             }
+            let started = Instant::now();
             match self.handshake(comm, ip, port, dst_tp_size, rebuilding, gate) {
                 Ok(peer) => {
+                    let metrics = self.metrics.peer(&key);
+                    metrics.handshake_time.record(started.elapsed());
+                    metrics.connects.add(1);
+                    if rebuilding {
+                        metrics.reconnects.add(1);
+                    }
+                    if let Some(c) = peer.link.as_ref() {
+                        metrics.connected_over(c.link.transport());
+                    }
                     // A new peer is told once it is in the table (see `connect`).
                     if let Some(c) = peer.link.as_ref().filter(|_| rebuilding) {
                         self.events.tell(PeerEvent::Connected { peer: key.clone(), transport: c.link.transport(), reconnected: true });
@@ -422,6 +441,7 @@ impl PrefillSide {
         self.peers.lock().unwrap().get(&peer_key(ip, port))?.transport()
     }
 
+    /// Writes, and counts the call on the peer's instruments: its time, and its blocks and bytes or its failure.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn write(
         &self,
@@ -433,8 +453,44 @@ impl PrefillSide {
         layer: u32,
         request: Option<&RequestId>,
     ) -> Result<()> {
+        let started = Instant::now();
         let key = peer_key(ip, port);
-        let peer = self.peer(&key)?;
+        let peer = match self.peer(&key) {
+            Ok(peer) => peer,
+            Err(e) => {
+                self.metrics.peer(&key).failed(e.code());
+                return Err(e);
+            }
+        };
+        let metrics = &peer.metrics;
+        metrics.in_flight.add(1);
+        let result = self.write_to(comm, ip, port, &key, &peer, local, remote, layer, request);
+        metrics.in_flight.add(-1);
+        match &result {
+            Ok(()) => {
+                metrics.writes.add(1);
+                metrics.blocks.add(local.len() as u64);
+                metrics.bytes.add(local.len() as u64 * comm.cache.layer_block_bytes());
+            }
+            Err(e) => metrics.failed(e.code()),
+        }
+        metrics.write_time.record(started.elapsed());
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_to(
+        &self,
+        comm: &Communicator,
+        ip: &str,
+        port: u16,
+        key: &str,
+        peer: &Arc<PeerEntry>,
+        local: &[u32],
+        remote: &[u32],
+        layer: u32,
+        request: Option<&RequestId>,
+    ) -> Result<()> {
         let mut guard = peer.lock();
         // Under the peer's lock, which `close` takes once it has marked the communicator closed.
         comm.check_open()?;

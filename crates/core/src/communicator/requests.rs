@@ -21,6 +21,7 @@ use crate::channel::{Frame, PeerInfo, RequestId};
 use crate::error::{Error, ErrorCode, Result};
 use crate::listener;
 use crate::log::Logger;
+use crate::metrics::PeerInstruments;
 use crate::wire::TransportKind;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -141,6 +142,9 @@ struct Record {
     waiters: Vec<Waiter>,
     /// Its last progress: created, started, or a layer arrived. It expires a time to live after.
     touched: Instant,
+    /// When a prefill started it, and the instruments of that prefill's host, which count what becomes of it.
+    started_at: Instant,
+    metrics: Option<Arc<PeerInstruments>>,
 }
 
 impl Record {
@@ -219,6 +223,8 @@ fn reached(seen: u32, mark: u32) -> bool {
 pub struct Requests {
     layers: u32,
     block_number: u32,
+    /// Bytes of one block of one layer, all tensors: what a notified block brought (one slice of it per rank).
+    layer_block_bytes: u64,
     /// How long a request may go without progress, and how long an ended one is remembered.
     ttl: Duration,
     log: Arc<Logger>,
@@ -245,10 +251,11 @@ impl Due {
 }
 
 impl Requests {
-    pub fn new(layers: u32, block_number: u32, ttl: Duration, log: Arc<Logger>) -> Requests {
+    pub fn new(layers: u32, block_number: u32, layer_block_bytes: u64, ttl: Duration, log: Arc<Logger>) -> Requests {
         Requests {
             layers,
             block_number,
+            layer_block_bytes,
             ttl,
             log,
             table: Mutex::new(Table {
@@ -485,6 +492,8 @@ impl Requests {
             links: HashSet::new(),
             waiters: Vec::new(),
             touched: now,
+            started_at: now,
+            metrics: None,
         };
         t.records.entry(request.clone()).insert_entry(record).into_mut()
     }
@@ -531,6 +540,9 @@ impl Requests {
                 record.ratio = ratio;
                 record.started_by = peer.name.clone();
                 record.touched = now;
+                record.started_at = now;
+                peer.metrics.requests.started.add(1);
+                record.metrics = Some(peer.metrics.clone());
                 t.owners.entry(Some(owner)).or_default().open += 1;
             }
         }
@@ -585,8 +597,15 @@ impl Requests {
             // Progress: a slice of a layer that had not come (one said again keeps nothing alive).
             record.touched = now;
             slots.push(peer.slot);
+            let m = &peer.metrics;
+            m.writes.add(1);
+            m.blocks.add(blocks.len() as u64);
+            m.bytes.add(blocks.len() as u64 * self.layer_block_bytes / record.ratio as u64);
             if slots.len() as u32 == record.ratio {
                 record.complete_layers += 1;
+                if let Some(owner) = &record.metrics {
+                    owner.layer_time.record(now.saturating_duration_since(record.started_at));
+                }
             }
         }
         // A link whose slice has come for every layer is done with the request: its end no longer fails it (it
@@ -600,6 +619,7 @@ impl Requests {
         let ready: Vec<Waiter>;
         (ready, record.waiters) = std::mem::take(&mut record.waiters).into_iter().partition(|w| record.satisfies(&w.layers, self.layers));
         let complete = record.complete_layers == self.layers;
+        let finished_by = if complete { record.metrics.clone() } else { None };
         for w in ready {
             t.waits.remove(&w.token);
             due.settles.push((w.settle, Ok(())));
@@ -613,6 +633,9 @@ impl Requests {
             reason: None,
         };
         if complete {
+            if let Some(m) = finished_by {
+                m.requests.done.add(1);
+            }
             self.end(t, &request, End::Complete, now);
         }
         push(t, due, notification);
@@ -626,6 +649,14 @@ impl Requests {
             return;
         }
         let Some(record) = t.records.get_mut(request).filter(|r| r.end.is_none()) else { return };
+        if let Some(m) = &record.metrics {
+            match status {
+                Status::Aborted => &m.requests.aborted,
+                Status::Expired => &m.requests.expired,
+                Status::Failed | Status::Done => &m.requests.failed,
+            }
+            .add(1);
+        }
         for w in std::mem::take(&mut record.waiters) {
             t.waits.remove(&w.token);
             due.settles.push((w.settle, Err(why.clone())));
@@ -734,7 +765,10 @@ impl Requests {
                     due.settles.push((w.settle, Err(revoked(request))));
                 }
             }
-            if t.records.get(request).is_some_and(|r| r.end.is_none()) {
+            if let Some(record) = t.records.get(request).filter(|r| r.end.is_none()) {
+                if let Some(m) = &record.metrics {
+                    m.requests.revoked.add(1);
+                }
                 self.end(&mut t, request, End::Revoked, Instant::now());
             }
         }
@@ -902,7 +936,7 @@ mod tests {
     use std::sync::mpsc;
 
     fn requests(layers: u32, ttl: Duration) -> Arc<Requests> {
-        Arc::new(Requests::new(layers, 64, ttl, Arc::new(Logger::new(&Config::default(), "test").unwrap())))
+        Arc::new(Requests::new(layers, 64, 1024, ttl, Arc::new(Logger::new(&Config::default(), "test").unwrap())))
     }
 
     fn peer(session: u64, ratio: u32, slot: u32, instance: Option<&str>) -> PeerInfo {
@@ -915,6 +949,7 @@ mod tests {
             pid: None,
             instance: instance.map(str::to_string),
             address: None,
+            metrics: Default::default(),
         }
     }
 

@@ -130,6 +130,9 @@ impl Greeted {
 pub trait Admit: Send + Sync + 'static {
     /// Admits the prefill of `hello`, which comes from `origin`; its connections must open with `proofs`.
     fn welcome(&self, origin: Origin, hello: &Hello, proofs: &Proofs<'_>) -> Result<Welcome>;
+
+    /// A handshake from `origin` was refused with `why` (for the decode's instruments); nothing by default.
+    fn refused(&self, _origin: Origin, _why: &Error) {}
 }
 
 /// Who the decode's half is: the token it proves, and the addresses it answers to besides the one each
@@ -184,6 +187,7 @@ impl Answering {
         answered.unwrap_or_else(|e| {
             // Within the allowance of its host (all of loopback, or an IPv6 /64, is one).
             self.log.error_from(&listener::host_of(origin.ip()).to_string(), format!("refused a handshake from {origin}: {e}"));
+            self.admit.refused(origin, &e);
             Reply::reject(&e)
         })
     }

@@ -30,7 +30,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::IntoRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -150,8 +150,9 @@ struct Shared {
     stop: AtomicBool,
     /// The threads serving connections past their hello, with a handle on each one's socket.
     connections: Mutex<Vec<(Connection, JoinHandle<()>)>>,
-    /// Connections served ([`Stage::Served`]).
+    /// Connections served ([`Stage::Served`]), and those closed because `max` were.
     served: AtomicUsize,
+    refused_at_max: AtomicU64,
     /// Conversations going on ([`Stage::Conversing`]), with a handle to shut each down.
     conversing: Mutex<Crowd<Connection>>,
 }
@@ -375,6 +376,7 @@ impl Listener {
             stop: AtomicBool::new(false),
             connections: Mutex::default(),
             served: AtomicUsize::new(0),
+            refused_at_max: AtomicU64::new(0),
             conversing: Mutex::new(Crowd::new(per_host, all)),
         });
         let poll = Poll::new().map_err(|e| Error::io(&format!("starting the {what} listener"), e))?;
@@ -400,6 +402,11 @@ impl Listener {
     /// The port, the same on every address.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Connections closed after their hello because `max` were served ([`Stage::Served`]).
+    pub fn refused_at_max(&self) -> u64 {
+        self.shared.refused_at_max.load(Ordering::Relaxed)
     }
 
     /// Stops accepting, shuts every connection down and waits for each one's thread. Later calls do nothing.
@@ -567,6 +574,7 @@ impl EventLoop {
             Stage::Served => {
                 let counted = shared.served.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < shared.max).then_some(n + 1));
                 if counted.is_err() {
+                    shared.refused_at_max.fetch_add(1, Ordering::Relaxed);
                     let max = shared.max;
                     shared.log.error_from(&host.to_string(), format!("refused a {what} from {}: {max} are open (KVCACHE_MAX_PEERS)", w.origin));
                     stream.shutdown();

@@ -3,6 +3,34 @@
 
 use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
 use kvtransfer::wire::{Hello, Offer, Role, TransportKind, PROTOCOL_VERSION};
+use kvtransfer::{Config, TransportChoice};
+use std::time::Duration;
+
+/// The RDMA device to test on, where one is given (`KVTRANSFER_TEST_RDMA_NIC`, as in the Soft-RoCE VM).
+pub fn rdma_nic() -> Option<String> {
+    std::env::var("KVTRANSFER_TEST_RDMA_NIC").ok().filter(|n| !n.is_empty())
+}
+
+/// The transports a suite runs over: RDMA where a device is given, else TCP and shared memory.
+pub fn kinds() -> Vec<TransportKind> {
+    match rdma_nic() {
+        Some(_) => vec![TransportKind::Rdma],
+        None => vec![TransportKind::Tcp, TransportKind::Shm],
+    }
+}
+
+/// A configuration of `kind` only, with 5 s timeouts, and the RDMA device and GID index under test for RDMA.
+pub fn config(kind: TransportKind) -> Config {
+    let config = Config { transport: TransportChoice::Only(kind), timeouts: kvtransfer::Timeouts::all(Duration::from_secs(5)), ..Config::default() };
+    match (kind, rdma_nic()) {
+        (TransportKind::Rdma, Some(nic)) => Config {
+            rdma_nics: vec![nic],
+            gid_index: std::env::var("KVTRANSFER_TEST_RDMA_GID_INDEX").ok().and_then(|v| v.parse().ok()).unwrap_or(1),
+            ..config
+        },
+        _ => config,
+    }
+}
 
 /// The hello of a prefill with `layers` layers of keys and values, 8 blocks of `block_bytes`, offering TCP: what
 /// a peer that speaks the handshake by hand sends.
