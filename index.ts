@@ -34,6 +34,7 @@ export {
   type SignalOptions,
 } from './lib/communicator.js'
 export { Peer } from './lib/peer.js'
+export type { LogFields, LogLevel, LogOptions, LogRecord } from './lib/logging.js'
 export { quantile, type HistogramStats, type PeerStats, type RefusalReason, type RequestCounts, type Stats } from './lib/stats.js'
 export { RDMACommunicator } from './lib/compat.js'
 export type { Notification, NotificationStatus, WaitOptions, WriteOptions } from './lib/requests.js'

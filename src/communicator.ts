@@ -28,12 +28,13 @@ import {
   toPort,
   toSettings,
 } from './options.js'
+import { type LogOptions, toLogListener } from './logging.js'
 import { Peer } from './peer.js'
 import { type Stats, toStats } from './stats.js'
 import { abortable, connectWith, type Notification, NotificationHub, toRequestId, toSignal, type WaitOptions, waitWith } from './requests.js'
 
 /** A prefill communicator's options: its cache, its tensor-parallel rank, and settings. */
-export interface PrefillOptions extends CacheOptions, Settings {
+export interface PrefillOptions extends CacheOptions, Settings, LogOptions {
   /** This rank's tensor-parallel size (default 1). */
   tpSize?: number
   /** This rank's tensor-parallel index (default 0). */
@@ -41,7 +42,7 @@ export interface PrefillOptions extends CacheOptions, Settings {
 }
 
 /** A decode communicator's options: its cache, the port it listens on, and settings. */
-export interface DecodeOptions extends CacheOptions, Settings {
+export interface DecodeOptions extends CacheOptions, Settings, LogOptions {
   /** The control port to listen on; 0 (the default) picks a free one, see {@link DecodeCommunicator.port}. */
   port?: number
 }
@@ -121,7 +122,7 @@ export interface PrefillEvents {
   reconnecting: [PeerReconnectingEvent]
 }
 
-const CACHE_KEYS = [...MEMORY_KEYS, 'blockNumber', 'blockBytes', 'scaleBlockBytes', 'gpuIdx']
+const CACHE_KEYS = [...MEMORY_KEYS, 'blockNumber', 'blockBytes', 'scaleBlockBytes', 'gpuIdx', 'onLog']
 const PREFILL_KEYS = new Set([...CACHE_KEYS, 'tpSize', 'tpIdx'])
 const DECODE_KEYS = new Set([...CACHE_KEYS, 'port'])
 
@@ -138,8 +139,8 @@ const OPEN = new Set<Communicator>()
 const QUARANTINE: unknown[] = []
 
 /** A native communicator made off the event loop; what held its memory stays referenced by the caller meanwhile. */
-async function opened(init: Parameters<typeof native.openCommunicator>[0]): Promise<NativeCommunicator> {
-  const made = await call(() => native.openCommunicator(init))
+async function opened(init: Parameters<typeof native.openCommunicator>[0], onLog: unknown): Promise<NativeCommunicator> {
+  const made = await call(() => native.openCommunicator(init, toLogListener(onLog)))
   if (made instanceof native.NativeCommunicator) return made
   throw fromFailure(made as NativeFailure)
 }
@@ -180,7 +181,7 @@ export abstract class Communicator {
   static prefill(options: PrefillOptions): PrefillCommunicator {
     const settings = toSettings(options, PREFILL_KEYS)
     const { init, held } = call(() => toNativeInit('prefill', options, 0, options.tpSize ?? 1, options.tpIdx ?? 0, settings, addressOf))
-    return new PrefillCommunicator(call(() => new native.NativeCommunicator(init)), held)
+    return new PrefillCommunicator(call(() => new native.NativeCommunicator(init, toLogListener(options.onLog))), held)
   }
 
   /**
@@ -194,7 +195,7 @@ export abstract class Communicator {
     const port = call(() => toPort(options.port ?? 0, true))
     const { init, held } = call(() => toNativeInit('decode', options, port, 1, 0, settings, addressOf))
     // Secure by default: no token and a port beyond loopback is refused unless `insecure` (see Settings).
-    return new DecodeCommunicator(call(() => new native.NativeCommunicator({ ...init, secureDefault: true })), held)
+    return new DecodeCommunicator(call(() => new native.NativeCommunicator({ ...init, secureDefault: true }, toLogListener(options.onLog))), held)
   }
 
   /**
@@ -205,7 +206,7 @@ export abstract class Communicator {
   static async prefillAsync(options: PrefillOptions): Promise<PrefillCommunicator> {
     const settings = toSettings(options, PREFILL_KEYS)
     const { init, held } = call(() => toNativeInit('prefill', options, 0, options.tpSize ?? 1, options.tpIdx ?? 0, settings, addressOf))
-    return new PrefillCommunicator(await opened(init), held)
+    return new PrefillCommunicator(await opened(init, options.onLog), held)
   }
 
   /**
@@ -216,7 +217,7 @@ export abstract class Communicator {
     const settings = toSettings(options, DECODE_KEYS)
     const port = call(() => toPort(options.port ?? 0, true))
     const { init, held } = call(() => toNativeInit('decode', options, port, 1, 0, settings, addressOf))
-    return new DecodeCommunicator(await opened({ ...init, secureDefault: true }), held)
+    return new DecodeCommunicator(await opened({ ...init, secureDefault: true }, options.onLog), held)
   }
 
   /**
@@ -224,10 +225,10 @@ export abstract class Communicator {
    * the original's behaviour (a decode listens without a token, with a warning, and does not keep the process
    * alive).
    */
-  static seed(role: Role, options: CacheOptions & Settings, port: number, tpSize: number, tpIdx: number, allowed: ReadonlySet<string>): PrefillCommunicator | DecodeCommunicator {
+  static seed(role: Role, options: CacheOptions & Settings & LogOptions, port: number, tpSize: number, tpIdx: number, allowed: ReadonlySet<string>): PrefillCommunicator | DecodeCommunicator {
     const settings = toSettings(options, new Set([...CACHE_KEYS, ...allowed]))
     const { init, held } = call(() => toNativeInit(role, options, port, tpSize, tpIdx, settings, addressOf))
-    const made = call(() => new native.NativeCommunicator(init))
+    const made = call(() => new native.NativeCommunicator(init, toLogListener(options.onLog)))
     if (role === 'prefill') return new PrefillCommunicator(made, held)
     return new DecodeCommunicator(made, held).unref()
   }

@@ -6,6 +6,7 @@
 import type { NativeInit, NativeSettings } from '../binding.js'
 import { invalid, KVTransferError } from './errors.js'
 import type { HostBuffer } from './host-buffer.js'
+import type { LogOptions } from './logging.js'
 
 /** Which side of the transfer a communicator is. */
 export type Role = 'prefill' | 'decode'
@@ -52,6 +53,12 @@ export interface Settings {
   debugFile?: string
   /** `KVCACHE_ERROR_FILE` (default: standard error). */
   errorFile?: string
+  /**
+   * `KVCACHE_LOG_FORMAT` (default `'text'`): `'json'` writes each line as a JSON object with its fields (`comm`,
+   * `pid`, and where they apply `peer`, `request`, `layer`, `code`). `onLog` routes lines elsewhere.
+   */
+  logFormat?: 'text' | 'json'
+
   /** `KVCACHE_GDRCOPY_FLUSH_ENABLE` (default false). */
   gdrcopyFlushEnable?: boolean
   /** `KVCACHE_TRANSPORT` (default `'auto'`). */
@@ -155,7 +162,7 @@ export interface ScaleOptions {
 }
 
 /** The constructor options of {@link RDMACommunicator}: scales and settings. */
-export interface CommunicatorOptions extends ScaleOptions, Settings {}
+export interface CommunicatorOptions extends ScaleOptions, Settings, LogOptions {}
 
 /**
  * Memory of one cache tensor, given as an object: a `Buffer` or any other `ArrayBufferView`, an `ArrayBuffer`, a
@@ -225,6 +232,7 @@ const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'l
   insecure: 'boolean',
   answersTo: 'list',
   reconnect: 'reconnect',
+  logFormat: 'string',
 }
 /** Settings whose values are never shown, not even in an error. */
 const SECRET_KEYS: ReadonlySet<string> = new Set(['authToken'])

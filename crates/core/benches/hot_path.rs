@@ -151,5 +151,24 @@ fn plain_stream(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, plan, rdma_work_requests, tcp, shm, plain_stream);
+/// What the instruments add to each write call (`stats()`): two clock reads, the in-flight gauge up and down,
+/// three counters and one histogram sample.
+fn metrics(c: &mut Criterion) {
+    let peer = kvtransfer::metrics::PeerInstruments::default();
+    let mut g = c.benchmark_group("metrics");
+    g.bench_function("per_write_call", |b| {
+        b.iter(|| {
+            let started = std::time::Instant::now();
+            peer.in_flight.add(1);
+            peer.in_flight.add(-1);
+            peer.writes.add(1);
+            peer.blocks.add(u64::from(BATCH));
+            peer.bytes.add(u64::from(BATCH) * 2048);
+            peer.write_time.record(started.elapsed());
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, plan, rdma_work_requests, tcp, shm, plain_stream, metrics);
 criterion_main!(benches);

@@ -45,11 +45,12 @@ pub enum Setting {
     AnswersTo,
     ReconnectRetries,
     ReconnectBackoffMs,
+    LogFormat,
 }
 
 impl Setting {
     /// Every setting, in documentation order.
-    pub const ALL: [Setting; 22] = [
+    pub const ALL: [Setting; 23] = [
         Setting::GidIndex,
         Setting::RdmaNics,
         Setting::IbTimeout,
@@ -72,6 +73,7 @@ impl Setting {
         Setting::AnswersTo,
         Setting::ReconnectRetries,
         Setting::ReconnectBackoffMs,
+        Setting::LogFormat,
     ];
 
     /// The environment variable that sets it (`None` for settings that are options only).
@@ -95,6 +97,7 @@ impl Setting {
             Setting::AnswersTo => "KVCACHE_ANSWERS_TO",
             Setting::ReconnectRetries => "KVCACHE_RECONNECT_RETRIES",
             Setting::ReconnectBackoffMs => "KVCACHE_RECONNECT_BACKOFF_MS",
+            Setting::LogFormat => "KVCACHE_LOG_FORMAT",
             Setting::TimeoutMs | Setting::ConnectTimeoutMs | Setting::StallTimeoutMs | Setting::ConfirmTimeoutMs => return None,
         })
     }
@@ -124,6 +127,7 @@ impl Setting {
             Setting::AnswersTo => "answersTo",
             Setting::ReconnectRetries => "reconnect.retries",
             Setting::ReconnectBackoffMs => "reconnect.backoffMs",
+            Setting::LogFormat => "logFormat",
         }
     }
 
@@ -217,6 +221,71 @@ impl TransportChoice {
     }
 }
 
+/// How log lines are written (`KVCACHE_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `2026-12-07T10:00:00Z ERROR kvtransfer: message comm=decode:0 pid=42 peer=10.0.0.3`, one per line.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message`, and each field (`comm`, `pid`,
+    /// `peer`, `request`, `layer`, `code`) as a key of its own.
+    Json,
+}
+
+/// How severe a log line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    /// A failure, or a refusal of a peer: always written.
+    Error,
+    /// Something that works but not as it should (an open listener, a transport a peer could not take).
+    Warn,
+    /// What happens, step by step: written only with `KVCACHE_DEBUG`.
+    Debug,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Debug => "debug",
+        }
+    }
+}
+
+/// One log line, as a [`LogHook`] gets it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogRecord {
+    pub level: LogLevel,
+    pub message: String,
+    /// Its fields, in order: `comm` (`decode:0`), `pid`, and where they apply `peer` (a decode's `host:port`, or
+    /// a prefill's host), `request`, `layer` and `code` (an error code's name).
+    pub fields: Vec<(&'static str, String)>,
+}
+
+impl LogRecord {
+    /// The field `name`, if the line has it.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Where a binding routes log lines (Node's `onLog`): called on the thread that logs, so it must not block.
+/// Lines it gets do not go to standard error (a log file, where one is set, still gets them).
+#[derive(Clone)]
+pub struct LogHook(pub std::sync::Arc<dyn Fn(&LogRecord) + Send + Sync>);
+
+impl fmt::Debug for LogHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LogHook")
+    }
+}
+
+impl PartialEq for LogHook {
+    fn eq(&self, other: &LogHook) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 /// The settings in force for one communicator.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -264,6 +333,10 @@ pub struct Config {
     pub answers_to: Vec<SocketAddr>,
     /// How a prefill (re)connects: see [`Reconnect`].
     pub reconnect: Reconnect,
+    /// `KVCACHE_LOG_FORMAT` (`text`, the default, or `json`): how log lines are written.
+    pub log_format: LogFormat,
+    /// Not a setting: where a binding routes every log line (its `onLog`), in place of standard error.
+    pub log_hook: Option<LogHook>,
     /// Not a setting: set by a binding's API that is secure by default (Node's `Communicator.decode`). A decode
     /// that would listen beyond loopback without `KVCACHE_AUTH_TOKEN` then refuses to start (`CONFIG`) unless
     /// `insecure` is set. Off for the seed API, which keeps the original's behaviour (with a warning).
@@ -348,6 +421,8 @@ impl Default for Config {
             insecure: false,
             answers_to: Vec::new(),
             reconnect: Reconnect::default(),
+            log_format: LogFormat::Text,
+            log_hook: None,
             refuse_open_listen: false,
         }
     }
@@ -448,6 +523,13 @@ impl Config {
                     return Err(format!("{a} is not an address a prefill can dial (give the address and port it dials)"));
                 }
                 self.answers_to = addrs;
+            }
+            Setting::LogFormat => {
+                self.log_format = match text(v)?.to_ascii_lowercase().as_str() {
+                    "text" => LogFormat::Text,
+                    "json" => LogFormat::Json,
+                    _ => return Err("expected text or json".into()),
+                }
             }
             Setting::RequestTtlMs => self.request_ttl = Duration::from_millis(whole(v, 1_000, 86_400_000)?),
             Setting::InstanceId => {

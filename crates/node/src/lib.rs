@@ -14,6 +14,7 @@ use kvtransfer::communicator::peer_events::{PeerEvent, PeerEventSink};
 use kvtransfer::communicator::{Cancel, Notification, RequestId};
 use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
 use kvtransfer::metrics::{HistogramSnapshot, PeerStats, Stats};
+use kvtransfer::config::{LogHook, LogRecord};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Error, ErrorCode, Role, Setting, SettingValue};
 use napi::bindgen_prelude::*;
 use napi::threadsafe_function::ThreadsafeFunctionCallMode;
@@ -75,6 +76,7 @@ pub struct NativeSettings {
     pub answers_to: Option<Either<String, Vec<String>>>,
     pub reconnect_retries: Option<f64>,
     pub reconnect_backoff_ms: Option<f64>,
+    pub log_format: Option<String>,
 }
 
 impl NativeSettings {
@@ -111,6 +113,7 @@ impl NativeSettings {
             (Setting::AnswersTo, list(self.answers_to)),
             (Setting::ReconnectRetries, number(self.reconnect_retries)),
             (Setting::ReconnectBackoffMs, number(self.reconnect_backoff_ms)),
+            (Setting::LogFormat, text(self.log_format)),
         ]
         .into_iter()
         .filter_map(|(setting, value)| value.map(|v| (setting, v)))
@@ -399,15 +402,54 @@ fn made_of(init: NativeInit) -> kvtransfer::Result<(CommunicatorSpec, Config)> {
     Ok((spec, config))
 }
 
+/// One log line (`LogRecord` in the wrapper).
+#[napi(object)]
+pub struct NativeLogRecord {
+    /// `'error'`, `'warn'` or `'debug'`.
+    pub level: String,
+    pub message: String,
+    /// Milliseconds since the epoch, when it was logged.
+    pub time: f64,
+    /// Each field of the line (`comm`, `pid`, and where they apply `peer`, `request`, `layer`, `code`) as text.
+    pub fields: HashMap<String, String>,
+}
+
+/// Routes a communicator's log lines to `listener` (queued for the event loop: the thread that logs never
+/// waits for JavaScript). The listener does not keep the process alive.
+fn log_hook(listener: Function<NativeLogRecord, ()>) -> kvtransfer::Result<LogHook> {
+    let tsfn = listener
+        .build_threadsafe_function()
+        .callee_handled::<false>()
+        .weak::<true>()
+        .build()
+        .map_err(|e| Error::new(ErrorCode::Internal, e.reason))?;
+    Ok(LogHook(Arc::new(move |r: &LogRecord| {
+        let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        let fields = r.fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let record = NativeLogRecord { level: r.level.as_str().into(), message: r.message.clone(), time, fields };
+        tsfn.call(record, ThreadsafeFunctionCallMode::NonBlocking);
+    })))
+}
+
+/// What a communicator is made of, with its log lines routed to `on_log` where one is given.
+fn hooked(init: NativeInit, on_log: Option<Function<NativeLogRecord, ()>>) -> kvtransfer::Result<(CommunicatorSpec, Config)> {
+    let (spec, mut config) = made_of(init)?;
+    config.log_hook = on_log.map(log_hook).transpose()?;
+    Ok((spec, config))
+}
+
 fn made((spec, config): (CommunicatorSpec, Config)) -> kvtransfer::Result<NativeCommunicator> {
     Ok(NativeCommunicator { inner: Arc::new(Communicator::new(spec, config)?), tickets: Arc::default() })
 }
 
 /// A communicator made on a thread of its own (registering memory with an RDMA NIC or a GPU driver can take
 /// seconds): resolves with it, or with why it could not be made. The cache and settings are checked here first.
-#[napi(ts_return_type = "Promise<NativeCommunicator | NativeFailure>")]
-pub fn open_communicator(env: &Env, init: NativeInit) -> Result<Object<'_>, ErrorCode> {
-    let parts = guarded(|| made_of(init))?;
+#[napi(
+    ts_args_type = "init: NativeInit, onLog?: ((record: NativeLogRecord) => void) | null",
+    ts_return_type = "Promise<NativeCommunicator | NativeFailure>"
+)]
+pub fn open_communicator<'env>(env: &'env Env, init: NativeInit, on_log: Option<Function<NativeLogRecord, ()>>) -> Result<Object<'env>, ErrorCode> {
+    let parts = guarded(|| hooked(init, on_log))?;
     let (deferred, promise) = env.create_deferred().map_err(|e| to_napi(Error::new(ErrorCode::Internal, e.reason)))?;
     let deferred = Arc::new(Mutex::new(Some(deferred)));
     let settle = move |outcome: kvtransfer::Result<NativeCommunicator>| {
@@ -430,9 +472,9 @@ pub fn open_communicator(env: &Env, init: NativeInit) -> Result<Object<'_>, Erro
 
 #[napi]
 impl NativeCommunicator {
-    #[napi(constructor)]
-    pub fn new(init: NativeInit) -> Result<Self, ErrorCode> {
-        guarded(|| made(made_of(init)?))
+    #[napi(constructor, ts_args_type = "init: NativeInit, onLog?: ((record: NativeLogRecord) => void) | null")]
+    pub fn new(init: NativeInit, on_log: Option<Function<NativeLogRecord, ()>>) -> Result<Self, ErrorCode> {
+        guarded(|| made(hooked(init, on_log)?))
     }
 
     /// The control port a decode communicator listens on (0 for prefill).

@@ -35,9 +35,9 @@ mod workers;
 use self::decode::DecodeSide;
 use self::prefill::PrefillSide;
 use crate::sync::lock;
-use crate::config::{Config, TransportChoice};
+use crate::config::{Config, LogLevel, TransportChoice};
 use crate::error::{Error, ErrorCode, Result};
-use crate::log::Logger;
+use crate::log::{Fields, Logger};
 use crate::memory::CacheLayout;
 use crate::metrics::{Instruments, Levels, PeerInstruments, Stats};
 use crate::plan::SliceGeometry;
@@ -69,6 +69,14 @@ impl Cancel {
     fn start(&self) -> bool {
         self.0.compare_exchange(Self::PENDING, Self::STARTED, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
+}
+
+/// What a call that failed was about: the fields of its log line.
+#[derive(Default, Clone, Copy)]
+struct About<'a> {
+    peer: Option<(&'a str, u16)>,
+    request: Option<&'a RequestId>,
+    layer: Option<u32>,
 }
 
 /// An asynchronous call waiting behind its peer's earlier ones: counted in the peer's `queued` gauge while it
@@ -248,7 +256,7 @@ impl Communicator {
             }
             connected
         });
-        self.logged(|| format!("connect to {ip}:{port}"), result)
+        self.logged(About { peer: Some((ip, port)), ..About::default() }, || format!("connect to {ip}:{port}"), result)
     }
 
     /// [`Communicator::connect`] on a thread of the library's own, one per peer: returns at once, and `done`
@@ -304,14 +312,15 @@ impl Communicator {
     /// Later writes of the request to that peer fail with `ABORTED`.
     pub fn abort_request(&self, ip: &str, port: u16, request: &RequestId, reason: &str) -> Result<()> {
         let result = self.prefill("aborting a request").and_then(|p| p.abort(self, ip, port, request, reason));
-        self.logged(|| format!("abort of request {request:?} at {ip}:{port}"), result)
+        let about = About { peer: Some((ip, port)), request: Some(request), ..About::default() };
+        self.logged(about, || format!("abort of request {request:?} at {ip}:{port}"), result)
     }
 
     /// Ends the connection to the decode at `ip:port`, after the write in flight; a later `connect` makes a new
     /// one. `NOT_CONNECTED` where there is none.
     pub fn disconnect(&self, ip: &str, port: u16) -> Result<()> {
         let result = self.prefill("ending a connection").and_then(|p| p.disconnect(ip, port));
-        self.logged(|| format!("end of the connection to {ip}:{port}"), result)
+        self.logged(About { peer: Some((ip, port)), ..About::default() }, || format!("end of the connection to {ip}:{port}"), result)
     }
 
     /// [`Communicator::disconnect`] on the peer's own thread, after the calls queued before it.
@@ -385,7 +394,8 @@ impl Communicator {
     /// `ABORTED` once this side aborted it.
     pub fn write_request(&self, ip: &str, port: u16, local: &[u32], remote: &[u32], layer: u32, request: Option<&RequestId>) -> Result<()> {
         let result = self.prefill("writing").and_then(|p| p.write(self, ip, port, local, remote, layer, request));
-        self.logged(|| format!("write to {ip}:{port} (layer {layer}, {} blocks)", local.len()), result)
+        let about = About { peer: Some((ip, port)), request, layer: Some(layer) };
+        self.logged(about, || format!("write to {ip}:{port} (layer {layer}, {} blocks)", local.len()), result)
     }
 
     /// Waits until the `layers` of `request` (every layer, for `None`) have arrived from every prefill rank that
@@ -439,7 +449,7 @@ impl Communicator {
     /// on their writes of it fail with `REVOKED`. Waits for it fail with `REVOKED`.
     pub fn revoke(&self, request: &RequestId) -> Result<()> {
         let result = self.decode("revoking").and_then(|d| d.revoke(request));
-        self.logged(|| format!("revoke of request {request:?}"), result)
+        self.logged(About { request: Some(request), ..About::default() }, || format!("revoke of request {request:?}"), result)
     }
 
     /// [`Communicator::revoke`] on a thread of its own; `done` runs there with the outcome.
@@ -549,11 +559,14 @@ impl Communicator {
         }
     }
 
-    /// Logs a failure; `what` names the operation and is only formatted when there is one to log.
-    /// The caller gets the error; the debug log says it too (the caller decides what else to log).
-    fn logged<T>(&self, what: impl FnOnce() -> String, result: Result<T>) -> Result<T> {
-        if let Err(e) = &result {
-            self.log.debug(format!("{} failed: {e}", what()));
+    /// Logs a failure, with its fields; `what` names the operation and is only formatted when there is one to
+    /// log. The caller gets the error; the debug log says it too (the caller decides what else to log).
+    fn logged<T>(&self, about: About<'_>, what: impl FnOnce() -> String, result: Result<T>) -> Result<T> {
+        if let (Err(e), true) = (&result, self.log.debug_enabled()) {
+            let peer = about.peer.map(|(ip, port)| format!("{ip}:{port}"));
+            let request = about.request.map(|r| r.to_string());
+            let fields = Fields { peer: peer.as_deref(), request: request.as_deref(), layer: about.layer, code: Some(e.code()) };
+            self.log.log(LogLevel::Debug, fields, format!("{} failed: {e}", what()));
         }
         result
     }
