@@ -35,7 +35,7 @@ export {
 } from './lib/communicator.js'
 export { Peer } from './lib/peer.js'
 export type { LogFields, LogLevel, LogOptions, LogRecord } from './lib/logging.js'
-export { quantile, type HistogramStats, type PeerStats, type RefusalReason, type RequestCounts, type Stats } from './lib/stats.js'
+export { quantile, type HistogramStats, type PeerStats, type RefusalReason, type RequestCounts, type Stats, type TransportStats } from './lib/stats.js'
 export { RDMACommunicator } from './lib/compat.js'
 export type { Notification, NotificationStatus, WaitOptions, WriteOptions } from './lib/requests.js'
 export { KVTransferError, type ErrorCode, type ErrorContext } from './lib/errors.js'

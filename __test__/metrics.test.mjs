@@ -111,6 +111,7 @@ test.serial('stats() counts each write, block and byte on both sides, and the by
   t.is(ours.handshakeSeconds.count, 1)
   t.true(quantile(ours.writeSeconds, 0.5) > 0)
   t.deepEqual(prefill.stats().peers, [ours])
+  t.deepEqual(prefill.stats().transports.filter((x) => x.writes > 0), [{ transport: transportName, writes: 8, blocks: 33, bytes: 33 * block }])
 
   await until('the decode counts every request', () => decodePeer(decode)?.requests.done === 3)
   const stats = decode.stats()
@@ -177,7 +178,9 @@ test.serial('the Prometheus text parses and holds the same counts under the docu
     return found[0].value
   }
   const target = `${HOST}:${decode.port}`
-  t.is(value('kvtransfer_bytes_total', { role: 'prefill', peer: target, transport: transportName, rank: '0' }), 2 * 3 * 2 * BLOCK_BYTES)
+  t.is(value('kvtransfer_bytes_total', { role: 'prefill', peer: target, rank: '0' }), 2 * 3 * 2 * BLOCK_BYTES)
+  t.is(value('kvtransfer_transport_bytes_total', { role: 'prefill', transport: transportName }), 2 * 3 * 2 * BLOCK_BYTES)
+  t.is(value('kvtransfer_peer_transport', { role: 'prefill', peer: target, transport: transportName }), 1)
   t.is(value('kvtransfer_bytes_total', { role: 'decode', peer: HOST, rank: '0' }), 2 * 3 * 2 * BLOCK_BYTES)
   t.is(value('kvtransfer_failures_total', { role: 'prefill', code: 'INVALID_ARGUMENT' }), 1)
   t.is(value('kvtransfer_requests_ended_total', { role: 'decode', end: 'done' }), 1)
@@ -198,6 +201,25 @@ test.serial('the Prometheus text parses and holds the same counts under the docu
   // Taken out again: the families go with the last communicator.
   unregister.forEach((f) => f())
   t.is((await registry.metrics()).trim(), '')
+})
+
+test.serial('a registry that served OpenMetrics, or was cleared, still registers and unregisters', async (t) => {
+  const [src, dst] = caches()
+  const { decode, prefill } = open(t, src, dst)
+  const registry = new Registry(Registry.OPENMETRICS_CONTENT_TYPE)
+  const unregister = register(prefill, { registry })
+  const text = await registry.metrics()
+  t.regex(text, /^kvtransfer_transport_writes_total\{role="prefill",transport="tcp"\} 0$/m, "counters end in _total in OpenMetrics too")
+  t.notRegex(text, /_total_total/)
+  unregister()
+  t.is((await registry.metrics()).trim(), '# EOF', 'every family went')
+  // Registered again, and after a clear().
+  register(prefill, { registry })
+  registry.clear()
+  const again = register(decode, { registry })
+  t.regex(await registry.metrics(), /kvtransfer_requests_held\{role="decode"\} 0/)
+  again()
+  t.is((await registry.metrics()).trim(), '# EOF')
 })
 
 test.serial('register refuses labels Prometheus or this module cannot take, and a second communicator of the same labels', (t) => {

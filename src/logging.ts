@@ -48,15 +48,17 @@ export interface LogFields {
 export interface LogOptions {
   /**
    * Gets every log line of the communicator (see {@link LogRecord}), on the event loop, in place of standard
-   * error. It must not throw (what it throws is turned into a process warning); it does not keep the process
-   * alive. `logFormat` and the log files are unaffected.
+   * error, until the communicator is closed. It must not throw (what it throws is turned into a process
+   * warning); it does not keep the process alive. At most 4096 lines wait for the event loop (past that, while
+   * it is blocked, lines are dropped), and lines still waiting when the process exits are lost: an engine that
+   * must keep every error sets `errorFile` too. `logFormat` and the log files are unaffected.
    */
   onLog?: (record: LogRecord) => void
 }
 
 /** @internal The native constructor's log listener for `options.onLog`, checked. */
 export function toLogListener(onLog: unknown): ((record: NativeLogRecord) => void) | undefined {
-  if (onLog === undefined) return undefined
+  if (onLog === undefined || onLog === null) return undefined
   if (typeof onLog !== 'function') throw invalid('onLog must be a function')
   return (r: NativeLogRecord) => {
     const { comm, pid, peer, request, layer, code } = r.fields

@@ -30,12 +30,14 @@ export class Peer {
   }
 
   /**
-   * What the communicator has counted about this peer (its entry of {@link PrefillCommunicator.stats}; all zeros
-   * before anything was counted).
+   * What the communicator has counted about this peer: its entry of {@link PrefillCommunicator.stats}, or, where
+   * more than 256 peers are connected and it came late, the entry it is counted in (`peer: 'other'`); all zeros
+   * before anything was counted.
    */
   stats(): PeerStats {
     const key = `${this.ip}:${this.port}`
-    return this.communicator.stats().peers.find((p) => p.peer === key) ?? emptyPeerStats(key)
+    const peers = this.communicator.stats().peers
+    return peers.find((p) => p.peer === key) ?? (this.connected ? peers.find((p) => p.peer === 'other') : undefined) ?? emptyPeerStats(key)
   }
 
   /** The transport the connection uses, or `null` when there is none (or it broke). */

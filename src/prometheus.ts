@@ -12,8 +12,9 @@
  *
  * Names follow Prometheus' conventions: the `kvtransfer_` prefix, base units (`_bytes`, `_seconds`), `_total` for
  * counters. Labels: `role`, the communicator's own `labels`, and per family `peer`, `transport`, `code`,
- * `reason` or `end`, each from a bounded set (peers past 256 are counted together as `peer="other"`). The
- * README's metrics table lists every family.
+ * `reason` or `end`, each from a bounded set (at most 256 peers, then `peer="other"`). A counter's labels never
+ * change over its life: per-peer families have no `transport` (`kvtransfer_peer_transport` says a peer's), and
+ * the `kvtransfer_transport_*` families count by transport. The README's metrics table lists every family.
  *
  * prom-client's own `Counter` and `Histogram` count in JavaScript; these counts live in the native core, so each
  * family here is a read-only metric (the `name`, `help`, `type` and `get()` that a prom-client `Registry` reads),
@@ -22,7 +23,7 @@
 import type { Registry } from 'prom-client'
 import type { Communicator } from './communicator.js'
 import { invalid, KVTransferError } from './errors.js'
-import type { HistogramStats, PeerStats, Stats } from './stats.js'
+import type { HistogramStats, PeerStats, Stats, TransportStats } from './stats.js'
 
 /** What {@link register} takes besides the communicator. */
 export interface PrometheusOptions {
@@ -71,13 +72,20 @@ type Kind = 'counter' | 'gauge' | 'histogram'
 /** One metric family over every communicator registered on a registry. */
 class Family {
   readonly aggregator = 'sum'
+  /**
+   * The name it is registered under. `name` may differ once the registry has served OpenMetrics (prom-client
+   * then renames counters without `_total`, and adds it back when writing).
+   */
+  readonly key: string
   constructor(
-    readonly name: string,
+    public name: string,
     readonly help: string,
     readonly type: Kind,
     private readonly sources: Set<Source>,
     private readonly read: Read,
-  ) {}
+  ) {
+    this.key = name
+  }
 
   async get(): Promise<{ name: string; help: string; type: Kind; aggregator: string; values: Value[] }> {
     const values = [...this.sources].flatMap((s) => this.read(stats(s), { role: s.communicator.role, ...s.labels }))
@@ -88,9 +96,9 @@ class Family {
   reset(): void {}
 }
 
-const perPeer = (f: (p: PeerStats) => number, extra: (p: PeerStats) => Labels = () => ({})): Read =>
-  (s, base) => s.peers.map((p) => ({ value: f(p), labels: { ...base, peer: p.peer, ...extra(p) } }))
-const withTransport = (p: PeerStats): Labels => ({ transport: p.transport ?? 'none' })
+const perPeer = (f: (p: PeerStats) => number): Read => (s, base) => s.peers.map((p) => ({ value: f(p), labels: { ...base, peer: p.peer } }))
+const perTransport = (f: (t: TransportStats) => number): Read => (s, base) =>
+  s.transports.map((t) => ({ value: f(t), labels: { ...base, transport: t.transport } }))
 const prefill = (read: Read): Read => (s, base) => (s.role === 'prefill' ? read(s, base) : [])
 const decode = (read: Read): Read => (s, base) => (s.role === 'decode' ? read(s, base) : [])
 
@@ -98,7 +106,7 @@ function histogram(name: string, pick: (p: PeerStats) => HistogramStats): Read {
   return (s, base) =>
     s.peers.flatMap((p) => {
       const h = pick(p)
-      const labels = { ...base, peer: p.peer, ...withTransport(p) }
+      const labels = { ...base, peer: p.peer }
       const values: Value[] = BOUNDS_NS.map((ns) => ({
         metricName: `${name}_bucket`,
         labels: { ...labels, le: String(ns / 1e9) },
@@ -113,15 +121,19 @@ function histogram(name: string, pick: (p: PeerStats) => HistogramStats): Read {
 
 /** The families, by name: what each counts is in {@link PeerStats} and {@link Stats}. */
 const FAMILIES: Array<[string, Kind, string, Read]> = [
-  ['kvtransfer_writes_total', 'counter', 'Prefill: write calls whose bytes are in the decode. Decode: notifications of written layers.', perPeer((p) => p.writes, withTransport)],
-  ['kvtransfer_blocks_total', 'counter', 'Blocks those writes moved.', perPeer((p) => p.blocks, withTransport)],
-  ['kvtransfer_bytes_total', 'counter', 'Bytes those writes moved.', perPeer((p) => p.bytes, withTransport)],
+  ['kvtransfer_writes_total', 'counter', 'Prefill: write calls whose bytes are in the decode. Decode: notifications of written layers.', perPeer((p) => p.writes)],
+  ['kvtransfer_blocks_total', 'counter', 'Blocks those writes moved.', perPeer((p) => p.blocks)],
+  ['kvtransfer_bytes_total', 'counter', 'Bytes those writes moved.', perPeer((p) => p.bytes)],
+  ['kvtransfer_transport_writes_total', 'counter', 'Writes (as kvtransfer_writes_total) by transport, all peers together.', perTransport((t) => t.writes)],
+  ['kvtransfer_transport_bytes_total', 'counter', 'Bytes (as kvtransfer_bytes_total) by transport, all peers together.', perTransport((t) => t.bytes)],
+  ['kvtransfer_peer_transport', 'gauge', 'The transport of a peer\'s latest connection (1).', (s, base) =>
+    s.peers.filter((p) => p.transport !== null).map((p) => ({ value: 1, labels: { ...base, peer: p.peer, transport: p.transport as string } }))],
   ['kvtransfer_failures_total', 'counter', 'Prefill: calls to a peer that failed (connect, write), by error code.', prefill((s, base) =>
     s.peers.flatMap((p) => Object.entries(p.failures).map(([code, n]) => ({ value: n ?? 0, labels: { ...base, peer: p.peer, code } }))))],
-  ['kvtransfer_connects_total', 'counter', 'Prefill: connections made. Decode: links admitted.', perPeer((p) => p.connects, withTransport)],
+  ['kvtransfer_connects_total', 'counter', 'Prefill: connections made. Decode: links admitted.', perPeer((p) => p.connects)],
   ['kvtransfer_reconnects_total', 'counter', 'Prefill: connections rebuilt by the reconnect policy.', prefill(perPeer((p) => p.reconnects))],
-  ['kvtransfer_queued_calls', 'gauge', 'Prefill: asynchronous calls waiting behind a peer\'s earlier ones.', prefill(perPeer((p) => p.queued))],
-  ['kvtransfer_writes_in_flight', 'gauge', 'Prefill: writes running.', prefill(perPeer((p) => p.inFlight))],
+  ['kvtransfer_queued_calls', 'gauge', 'Prefill: asynchronous writes waiting behind a peer\'s earlier calls.', prefill(perPeer((p) => p.queued))],
+  ['kvtransfer_writes_in_flight', 'gauge', 'Prefill: write calls under way (running, or waiting for the peer).', prefill(perPeer((p) => p.inFlight))],
   ['kvtransfer_write_seconds', 'histogram', 'Prefill: each write call, from its start to its bytes being in the decode (or its failure).', prefill(histogram('kvtransfer_write_seconds', (p) => p.writeSeconds))],
   ['kvtransfer_handshake_seconds', 'histogram', 'Prefill: each connection made (handshake, data link, request channel).', prefill(histogram('kvtransfer_handshake_seconds', (p) => p.handshakeSeconds))],
   ['kvtransfer_requests_started_total', 'counter', 'Decode: requests a prefill host started.', decode(perPeer((p) => p.requests.started))],
@@ -161,6 +173,11 @@ export function register(communicator: Communicator, options: PrometheusOptions 
     if (typeof value !== 'string') throw invalid(`labels.${name} must be a string`)
   }
   let entry = REGISTERED.get(registry)
+  // A registry cleared since (`registry.clear()`) holds none of the families any more: start again.
+  if (entry && registry.getSingleMetric(entry.families[0].key) !== (entry.families[0] as unknown)) {
+    REGISTERED.delete(registry)
+    entry = undefined
+  }
   const same = (s: Source) => s.communicator.role === communicator.role && JSON.stringify(sorted(s.labels)) === JSON.stringify(sorted(labels))
   if (entry && [...entry.sources].some(same)) {
     throw invalid(`a ${communicator.role} communicator with these labels is on this registry already: give each its own labels (e.g. { rank: '0' })`)
@@ -179,9 +196,9 @@ export function register(communicator: Communicator, options: PrometheusOptions 
   return () => {
     if (!registered.sources.delete(source) || registered.sources.size > 0) return
     for (const family of registered.families) {
-      if (registry.getSingleMetric(family.name) === (family as unknown)) registry.removeSingleMetric(family.name)
+      if (registry.getSingleMetric(family.key) === (family as unknown)) registry.removeSingleMetric(family.key)
     }
-    REGISTERED.delete(registry)
+    if (REGISTERED.get(registry) === registered) REGISTERED.delete(registry)
   }
 }
 

@@ -23,7 +23,7 @@ export interface HistogramStats {
 
 /** A decode's requests by what became of them, counted by the prefill host that started each. */
 export interface RequestCounts {
-  /** Started (its first `Start` from the prefill). */
+  /** Started (its first `Start` from the prefill). Those still open, or open when the decode closed, have no end. */
   started: number
   /** Every layer arrived. */
   done: number
@@ -39,8 +39,9 @@ export interface RequestCounts {
 
 /**
  * One peer's counts. A prefill counts per decode (`host:port`, as given to `connect`); a decode per prefill host
- * (the address its links come from; `127.0.0.1` for this host's processes). Past 256 peers, later ones are
- * counted together as `'other'`.
+ * (the address its links come from, an IPv6 /64 as one; `127.0.0.1` for this host's processes). At most 256
+ * peers are told apart: past that a peer with no connection left is forgotten (the oldest first), and where
+ * every one is connected, newcomers are counted together as `'other'`.
  */
 export interface PeerStats {
   /** A prefill's decode (`host:port`), or a decode's prefill host. */
@@ -53,7 +54,10 @@ export interface PeerStats {
    * name, so writes without a `requestId` are counted by the prefill only).
    */
   writes: number
-  /** The blocks those moved (a prefill's blocks: one slice of a decode block each under hetero TP). */
+  /**
+   * The blocks those moved: a prefill's own blocks, and on a decode the blocks the notifications name, once per
+   * prefill rank under hetero TP (each rank writes one slice of a block). A decode counts what the prefill says.
+   */
   blocks: number
   /** The bytes those moved. */
   bytes: number
@@ -65,9 +69,9 @@ export interface PeerStats {
   reconnects: number
   /** Decode: requests this host started, by their end. */
   requests: RequestCounts
-  /** Prefill: asynchronous calls waiting behind this peer's earlier ones. */
+  /** Prefill: asynchronous writes waiting behind this peer's earlier calls. */
   queued: number
-  /** Prefill: writes to this peer running now. */
+  /** Prefill: write calls to this peer under way (running, or waiting for the one before). */
   inFlight: number
   /** Prefill: each write call, from its start to its bytes being in the decode's memory (or its failure). */
   writeSeconds: HistogramStats
@@ -75,6 +79,18 @@ export interface PeerStats {
   handshakeSeconds: HistogramStats
   /** Decode: each layer of a request, from the prefill's start of the request to the layer's notification. */
   layerSeconds: HistogramStats
+}
+
+/** Writes, blocks and bytes over one transport, all peers together (what {@link PeerStats} counts per peer). */
+export interface TransportStats {
+  /** The transport. */
+  transport: Transport
+  /** Prefill: write calls whose bytes are in the decode. Decode: notifications of a request's layer. */
+  writes: number
+  /** The blocks those moved. */
+  blocks: number
+  /** The bytes those moved. */
+  bytes: number
 }
 
 /** Why a decode refused a prefill before any of its bytes could land. */
@@ -86,6 +102,8 @@ export interface Stats {
   role: Role
   /** Per peer, in the order they were first counted. */
   peers: PeerStats[]
+  /** Per transport (every transport, zeros included). */
+  transports: TransportStats[]
   /**
    * Decode: prefills refused, by reason: `authentication` (no proof of the token), `address` (dialed another
    * address; see `answersTo`), `mismatch` (its cache does not fit), `transport` (no transport in common),
@@ -131,6 +149,7 @@ export function toStats(s: NativeStats): Stats {
       handshakeSeconds: histogram(p.handshakeTime),
       layerSeconds: histogram(p.layerTime),
     })),
+    transports: s.transports.map((t) => ({ transport: t.transport as Transport, writes: t.writes, blocks: t.blocks, bytes: t.bytes })),
     refusals: counts<RefusalReason>(s.refusals),
     revokes: s.revokes,
     revokeCutoffs: s.revokeCutoffs,

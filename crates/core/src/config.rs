@@ -224,10 +224,10 @@ impl TransportChoice {
 /// How log lines are written (`KVCACHE_LOG_FORMAT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
-    /// `2026-12-07T10:00:00Z ERROR kvtransfer: message comm=decode:0 pid=42 peer=10.0.0.3`, one per line.
+    /// `2026-12-07T10:00:00Z ERROR thread kvtransfer: message comm=decode:0 pid=42 peer="10.0.0.3"`, one per line.
     Text,
-    /// One JSON object per line: `timestamp`, `level`, `target`, `message`, and each field (`comm`, `pid`,
-    /// `peer`, `request`, `layer`, `code`) as a key of its own.
+    /// One JSON object per line: `timestamp`, `level`, `threadName`, `target`, `message`, and each field
+    /// (`comm`, `pid`, `peer`, `request`, `layer`, `code`) as a key of its own.
     Json,
 }
 

@@ -50,6 +50,8 @@ pub struct Logger {
     dispatch: Dispatch,
     /// Per peer: when its window began, lines written and lines left out in it.
     peers: Mutex<HashMap<String, (Instant, u32, u64)>>,
+    /// The hook lines go to, until [`Logger::unhook`].
+    hook: Arc<Mutex<Option<LogHook>>>,
 }
 
 /// One event with every field, at a level known when the macro expands (tracing's levels are constants).
@@ -83,8 +85,14 @@ impl Logger {
             }
             false => BoxMakeWriter::new(errors),
         };
-        let dispatch = dispatch(writer, config.debug, config.log_format, config.log_hook.clone());
-        Ok(Logger { tag: tag.into(), debug: config.debug, dispatch, peers: Mutex::default() })
+        let hook = Arc::new(Mutex::new(config.log_hook.clone()));
+        let dispatch = dispatch(writer, config.debug, config.log_format, hooked.then(|| Hooked(hook.clone())));
+        Ok(Logger { tag: tag.into(), debug: config.debug, dispatch, peers: Mutex::default(), hook })
+    }
+
+    /// Lets go of the hook (the communicator closed): later lines go only to the log files, if any.
+    pub fn unhook(&self) {
+        lock(&self.hook).take();
     }
 
     /// Whether debug lines are written (so callers can skip formatting them).
@@ -168,22 +176,24 @@ impl Logger {
     }
 }
 
-fn dispatch(writer: BoxMakeWriter, debug: bool, format: LogFormat, hook: Option<LogHook>) -> Dispatch {
+fn dispatch(writer: BoxMakeWriter, debug: bool, format: LogFormat, hook: Option<Hooked>) -> Dispatch {
     let level = if debug { LevelFilter::DEBUG } else { LevelFilter::WARN };
     let lines = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(false).with_thread_names(true);
     let lines = match format {
         LogFormat::Text => lines.boxed(),
         LogFormat::Json => lines.json().flatten_event(true).with_current_span(false).with_span_list(false).boxed(),
     };
-    let subscriber = tracing_subscriber::registry().with(lines).with(hook.map(Hooked)).with(level);
+    let subscriber = tracing_subscriber::registry().with(lines).with(hook).with(level);
     Dispatch::new(subscriber)
 }
 
-/// Hands each line to a [`LogHook`].
-struct Hooked(LogHook);
+/// Hands each line to a [`LogHook`], while there is one.
+struct Hooked(Arc<Mutex<Option<LogHook>>>);
 
 impl<S: Subscriber> Layer<S> for Hooked {
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        // Called outside the lock: a hook may log.
+        let Some(hook) = lock(&self.0).clone() else { return };
         let level = match *event.metadata().level() {
             Level::ERROR => LogLevel::Error,
             Level::WARN => LogLevel::Warn,
@@ -192,7 +202,7 @@ impl<S: Subscriber> Layer<S> for Hooked {
         let mut record = LogRecord { level, message: String::new(), fields: Vec::new() };
         event.record(&mut Collect(&mut record));
         // A panic in the hook must not take the thread that logged with it.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.0 .0)(&record)));
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (hook.0)(&record)));
     }
 }
 

@@ -3,8 +3,10 @@
 //! A snapshot reads them one by one, so it is consistent per instrument, not across instruments.
 //!
 //! Counted per peer: on a prefill, per decode it writes to (`host:port`, as given to `connect`); on a decode,
-//! per prefill host (the address its request channels come from). At most [`MAX_PEERS`] peers are told apart;
-//! later ones are counted together under the name [`OTHER_PEERS`], so an exporter's label values stay bounded.
+//! per prefill host (the address its handshake came from; an IPv6 /64 is one host, as its log lines say). At
+//! most [`MAX_PEERS`] peers are told apart: past that, a peer with no connection left is forgotten to make room
+//! (the oldest first), and where every one has a connection the newcomer is counted under [`OTHER_PEERS`], so
+//! an exporter's label values stay bounded. Writes, blocks and bytes are also counted per transport.
 //!
 //! A decode does not see the bytes that RDMA, shared memory or CUDA IPC put in its memory: what it counts as
 //! received is what the prefill's notifications (`Done`, sent once the bytes are there) name, so writes without
@@ -34,6 +36,25 @@ impl Counter {
 
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Holds one of a peer's gauges up by one while it lives (however the call that raised it ends).
+pub struct Raised {
+    peer: Arc<PeerInstruments>,
+    gauge: fn(&PeerInstruments) -> &Gauge,
+}
+
+impl Raised {
+    pub fn new(peer: Arc<PeerInstruments>, gauge: fn(&PeerInstruments) -> &Gauge) -> Raised {
+        gauge(&peer).add(1);
+        Raised { peer, gauge }
+    }
+}
+
+impl Drop for Raised {
+    fn drop(&mut self) {
+        (self.gauge)(&self.peer).add(-1);
     }
 }
 
@@ -84,7 +105,9 @@ impl Histogram {
         let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
         let last = counts.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
         HistogramSnapshot {
-            count: self.count.load(Ordering::Relaxed),
+            // The buckets' sum, not the count read apart: a sample recorded meanwhile may be in one and not the
+            // other, and an exporter needs the count to equal its last cumulative bucket.
+            count: counts.iter().sum(),
             sum: Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed)),
             buckets: counts[..last].iter().enumerate().map(|(i, &c)| (upper_bound(i), c)).collect(),
         }
@@ -202,7 +225,8 @@ pub struct PeerInstruments {
     pub reconnects: Counter,
     /// Decode: requests by what became of them.
     pub requests: RequestCounters,
-    /// Prefill: asynchronous calls waiting behind the peer's earlier ones, and writes running.
+    /// Prefill: asynchronous writes waiting behind the peer's earlier calls, and write calls under way (running,
+    /// or waiting for the peer's lock).
     pub queued: Gauge,
     pub in_flight: Gauge,
     /// Prefill: each write call, from its start to its bytes being in the decode's memory (or its failure).
@@ -259,10 +283,29 @@ impl PeerInstruments {
     }
 }
 
-/// A communicator's instruments: per peer, and its own.
+/// Writes, blocks and bytes over one transport, all peers together.
+#[derive(Debug, Default)]
+pub struct TransportCounters {
+    pub writes: Counter,
+    pub blocks: Counter,
+    pub bytes: Counter,
+}
+
+impl TransportCounters {
+    /// Counts one write of `blocks` blocks, `bytes` bytes.
+    pub fn wrote(&self, blocks: u64, bytes: u64) {
+        self.writes.add(1);
+        self.blocks.add(blocks);
+        self.bytes.add(bytes);
+    }
+}
+
+/// A communicator's instruments: per peer, per transport, and its own.
 #[derive(Debug)]
 pub struct Instruments {
     role: Role,
+    /// By [`TransportKind::ALL`] index.
+    transports: [TransportCounters; TransportKind::ALL.len()],
     /// Peers in the order they were first counted, and where each is in that list. Looked up on connects and
     /// failures; a write finds its peer's instruments in the peer's own entry.
     peers: Mutex<(Vec<(String, Arc<PeerInstruments>)>, HashMap<String, usize>)>,
@@ -275,35 +318,48 @@ pub struct Instruments {
 
 impl Instruments {
     pub fn new(role: Role) -> Instruments {
-        Instruments { role, peers: Mutex::default(), refusals: Default::default(), revokes: Counter::default(), revoke_cutoffs: Counter::default() }
+        Instruments { role, transports: Default::default(), peers: Mutex::default(), refusals: Default::default(), revokes: Counter::default(), revoke_cutoffs: Counter::default() }
     }
 
-    /// The instruments of `peer`: its own among the first [`MAX_PEERS`], else those of [`OTHER_PEERS`].
+    /// The instruments of `peer`: its own, made if it has none (when [`MAX_PEERS`] are counted, in place of the
+    /// oldest one with no connection left, else those of [`OTHER_PEERS`]).
     pub fn peer(&self, peer: &str) -> Arc<PeerInstruments> {
         let mut table = lock(&self.peers);
         let (peers, by_name) = &mut *table;
         if let Some(&i) = by_name.get(peer) {
             return peers[i].1.clone();
         }
-        let name = if peers.len() < MAX_PEERS { peer } else { OTHER_PEERS };
-        if let Some(&i) = by_name.get(name) {
-            return peers[i].1.clone();
+        if peers.len() >= MAX_PEERS {
+            // Held by the table alone: no connection, no request and no call in flight counts on it.
+            let idle = peers.iter().position(|(name, p)| Arc::strong_count(p) == 1 && name != OTHER_PEERS);
+            match idle {
+                Some(i) => {
+                    peers.remove(i);
+                    *by_name = peers.iter().enumerate().map(|(i, (name, _))| (name.clone(), i)).collect();
+                }
+                None => {
+                    if let Some(&i) = by_name.get(OTHER_PEERS) {
+                        return peers[i].1.clone();
+                    }
+                }
+            }
         }
+        let name = if peers.len() < MAX_PEERS { peer } else { OTHER_PEERS };
         let instruments = Arc::new(PeerInstruments::default());
         by_name.insert(name.to_string(), peers.len());
         peers.push((name.to_string(), instruments.clone()));
         instruments
     }
 
-    /// Counts a refused prefill.
-    pub fn refused(&self, why: Refusal) {
-        self.refused_n(why, 1);
+    /// The counters of transport `kind`.
+    pub fn transport(&self, kind: TransportKind) -> &TransportCounters {
+        &self.transports[TransportKind::ALL.iter().position(|&k| k == kind).expect("every transport is listed")]
     }
 
-    /// Counts `n` prefills refused for `why` at once.
-    pub fn refused_n(&self, why: Refusal, n: u64) {
+    /// Counts a refused prefill.
+    pub fn refused(&self, why: Refusal) {
         let i = Refusal::ALL.iter().position(|&r| r == why).expect("every reason is listed");
-        self.refusals[i].add(n);
+        self.refusals[i].add(1);
     }
 
     /// What the instruments hold now, with the decode's `levels` (read from its servers and request table).
@@ -316,6 +372,11 @@ impl Instruments {
         Stats {
             role: self.role,
             peers: peers.iter().map(|(name, p)| p.snapshot(name)).collect(),
+            transports: TransportKind::ALL
+                .iter()
+                .zip(&self.transports)
+                .map(|(&kind, c)| TransportStats { transport: kind, writes: c.writes.get(), blocks: c.blocks.get(), bytes: c.bytes.get() })
+                .collect(),
             refusals: refusals.collect(),
             revokes: self.revokes.get(),
             revoke_cutoffs: self.revoke_cutoffs.get(),
@@ -340,6 +401,8 @@ pub struct Stats {
     pub role: Role,
     /// Per peer, in the order they were first counted.
     pub peers: Vec<PeerStats>,
+    /// Writes, blocks and bytes per transport (every transport, zeros included), all peers together.
+    pub transports: Vec<TransportStats>,
     /// Decode: prefills refused, by reason (every reason, zeros included).
     pub refusals: Vec<(Refusal, u64)>,
     /// Decode: revokes asked for, and links cut off because they did not confirm one in time.
@@ -349,6 +412,15 @@ pub struct Stats {
     /// did not take them (more than `MAX_QUEUED` waiting).
     pub requests_held: u64,
     pub notifications_dropped: u64,
+}
+
+/// One transport's counters as read at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportStats {
+    pub transport: TransportKind,
+    pub writes: u64,
+    pub blocks: u64,
+    pub bytes: u64,
 }
 
 /// One peer's instruments as read at one moment ([`PeerInstruments`] says what each counts).
@@ -443,18 +515,41 @@ mod tests {
     }
 
     #[test]
-    fn peers_past_the_limit_are_counted_together() {
+    fn past_the_limit_an_idle_peer_makes_room_and_else_newcomers_are_counted_together() {
         let m = Instruments::new(Role::Prefill);
-        for i in 0..MAX_PEERS + 5 {
-            m.peer(&format!("10.0.0.{i}:1")).writes.add(1);
+        // Every peer held (as a connection holds its instruments), but the first.
+        let mut held: Vec<Arc<PeerInstruments>> = (0..MAX_PEERS).map(|i| m.peer(&format!("10.0.0.{i}:1"))).collect();
+        held.iter().for_each(|p| p.writes.add(1));
+        held.remove(0);
+        // The idle one goes for the newcomer.
+        m.peer("new:1").writes.add(7);
+        let s = m.snapshot(Levels::default());
+        assert_eq!(s.peers.len(), MAX_PEERS);
+        assert!(s.peers.iter().all(|p| p.peer != "10.0.0.0:1"), "the idle peer was forgotten");
+        assert_eq!(s.peers.iter().find(|p| p.peer == "new:1").unwrap().writes, 7);
+        // Now every one is held: newcomers are counted together.
+        let newcomer = m.peer("new:1");
+        for i in 0..5 {
+            m.peer(&format!("late-{i}:1")).writes.add(1);
         }
-        m.peer("10.0.0.0:1").writes.add(1);
         let s = m.snapshot(Levels::default());
         assert_eq!(s.peers.len(), MAX_PEERS + 1);
-        assert_eq!(s.peers[0].writes, 2, "a known peer keeps its own");
-        let other = s.peers.iter().find(|p| p.peer == OTHER_PEERS).unwrap();
-        assert_eq!(other.writes, 5);
-        assert_eq!(s.peers.iter().map(|p| p.writes).sum::<u64>(), MAX_PEERS as u64 + 6);
+        assert_eq!(s.peers.iter().find(|p| p.peer == OTHER_PEERS).unwrap().writes, 5);
+        drop((newcomer, held));
+    }
+
+    #[test]
+    fn a_snapshot_count_always_equals_its_buckets() {
+        let h = Arc::new(Histogram::default());
+        let writer = {
+            let h = h.clone();
+            std::thread::spawn(move || (0..200_000u64).for_each(|i| h.record(Duration::from_nanos(i % 5000))))
+        };
+        while !writer.is_finished() {
+            let s = h.snapshot();
+            assert_eq!(s.count, s.buckets.iter().map(|(_, n)| n).sum::<u64>());
+        }
+        writer.join().unwrap();
     }
 
     #[test]

@@ -80,6 +80,8 @@ fn counters_equal_what_was_written_on_both_sides() {
         assert_eq!((ours.write_time.count, ours.handshake_time.count), (10, 1), "{kind}");
         assert_eq!(ours.write_time.buckets.iter().map(|(_, n)| n).sum::<u64>(), 10, "{kind}");
         assert!(ours.failures.is_empty(), "{kind}: {:?}", ours.failures);
+        let by_transport: Vec<(TransportKind, u64, u64)> = s.transports.iter().filter(|t| t.writes > 0).map(|t| (t.transport, t.writes, t.bytes)).collect();
+        assert_eq!(by_transport, [(kind, 10, 46 * block)], "{kind}");
         assert_eq!((ours.queued, ours.in_flight), (0, 0), "{kind}");
 
         // The decode counts the requests' layers from their notifications, by the prefill's host.
@@ -90,6 +92,8 @@ fn counters_equal_what_was_written_on_both_sides() {
         assert_eq!(theirs.transport, Some(kind), "{kind}");
         assert_eq!((theirs.writes, theirs.blocks, theirs.bytes), (6, 42, 42 * block), "{kind}");
         assert_eq!(theirs.connects, 1, "{kind}");
+        let by_transport: Vec<(TransportKind, u64, u64)> = s.transports.iter().filter(|t| t.writes > 0).map(|t| (t.transport, t.blocks, t.bytes)).collect();
+        assert_eq!(by_transport, [(kind, 42, 42 * block)], "{kind}");
         assert_eq!((theirs.requests.started, theirs.requests.done, theirs.requests.failed), (2, 2, 0), "{kind}");
         assert_eq!(theirs.layer_time.count, 2 * LAYERS as u64, "{kind}");
         assert!(s.refusals.iter().all(|(_, n)| *n == 0), "{kind}: {:?}", s.refusals);

@@ -238,11 +238,21 @@ pub struct NativePeerStats {
     pub layer_time: NativeHistogram,
 }
 
+/// One transport's counters (`TransportStats` in the wrapper).
+#[napi(object)]
+pub struct NativeTransportStats {
+    pub transport: String,
+    pub writes: f64,
+    pub blocks: f64,
+    pub bytes: f64,
+}
+
 /// A communicator's instruments (`Stats` in the wrapper).
 #[napi(object)]
 pub struct NativeStats {
     pub role: String,
     pub peers: Vec<NativePeerStats>,
+    pub transports: Vec<NativeTransportStats>,
     pub refusals: Vec<NativeCount>,
     pub revokes: f64,
     pub revoke_cutoffs: f64,
@@ -281,6 +291,11 @@ impl From<Stats> for NativeStats {
         NativeStats {
             role: s.role.as_str().into(),
             peers: s.peers.iter().map(peer).collect(),
+            transports: s
+                .transports
+                .iter()
+                .map(|t| NativeTransportStats { transport: t.transport.as_str().into(), writes: t.writes as f64, blocks: t.blocks as f64, bytes: t.bytes as f64 })
+                .collect(),
             refusals: s.refusals.iter().map(|(r, n)| count(r.as_str(), *n)).collect(),
             revokes: s.revokes as f64,
             revoke_cutoffs: s.revoke_cutoffs as f64,
@@ -414,13 +429,18 @@ pub struct NativeLogRecord {
     pub fields: HashMap<String, String>,
 }
 
+/// Lines queued for the event loop at most; past that (an event loop stalled under a flood of lines) a line is
+/// dropped rather than memory growing.
+const LOG_QUEUE: usize = 4096;
+
 /// Routes a communicator's log lines to `listener` (queued for the event loop: the thread that logs never
-/// waits for JavaScript). The listener does not keep the process alive.
+/// waits for JavaScript). The listener does not keep the process alive; the communicator lets go of it at close.
 fn log_hook(listener: Function<NativeLogRecord, ()>) -> kvtransfer::Result<LogHook> {
     let tsfn = listener
         .build_threadsafe_function()
         .callee_handled::<false>()
         .weak::<true>()
+        .max_queue_size::<LOG_QUEUE>()
         .build()
         .map_err(|e| Error::new(ErrorCode::Internal, e.reason))?;
     Ok(LogHook(Arc::new(move |r: &LogRecord| {

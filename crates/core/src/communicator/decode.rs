@@ -24,6 +24,8 @@ pub(super) struct DecodeSide {
     requests: Arc<Requests>,
     log: Arc<Logger>,
     metrics: Arc<Instruments>,
+    /// The request channels' server, for what `stats()` reads from it (kept past close: its counts stay).
+    channels: Arc<ChannelServer>,
     /// How long links get to confirm a revoke or a close.
     timeout: Duration,
     /// `None` once closed.
@@ -151,7 +153,8 @@ impl DecodeSide {
             ));
         }
         let cache = env.cache;
-        let requests = Arc::new(Requests::new(cache.layers(), cache.block_number(), cache.layer_block_bytes(), env.config.request_ttl, log.clone()));
+        let requests =
+            Arc::new(Requests::new(cache.layers(), cache.block_number(), cache.layer_block_bytes(), env.config.request_ttl, log.clone(), metrics.clone()));
         for acceptor in &acceptors {
             let r = requests.clone();
             acceptor.watch(Arc::new(move |session, mark| r.on_mark(session, mark)));
@@ -176,6 +179,7 @@ impl DecodeSide {
             requests,
             log: log.clone(),
             metrics,
+            channels: channels.clone(),
             timeout: env.config.timeouts.confirm,
             listening: Mutex::new(Some(Listening { control, channels, links })),
         })
@@ -195,11 +199,11 @@ impl DecodeSide {
         let Some((channels, links)) = self.listening.lock().unwrap().as_ref().map(|l| (l.channels.clone(), l.links.clone())) else {
             return Ok(());
         };
-        let silent = channels.ask_all(&Ask::Revoke(request.clone()), self.timeout);
-        self.metrics.revoke_cutoffs.add(silent.len() as u64);
-        let uncut: Vec<String> = silent
+        let (cut, uncut): (Vec<PeerInfo>, Vec<PeerInfo>) =
+            channels.ask_all(&Ask::Revoke(request.clone()), self.timeout).into_iter().partition(|peer| links.cut_off(peer));
+        self.metrics.revoke_cutoffs.add(cut.len() as u64);
+        let uncut: Vec<String> = uncut
             .into_iter()
-            .filter(|peer| !links.cut_off(peer))
             .chain(links.uncut())
             .map(|peer| format!("{} ({})", peer.name, peer.transport))
             .collect();
@@ -219,11 +223,10 @@ impl DecodeSide {
 
     /// What `stats()` reads from the request table and the request channels' server.
     pub(super) fn levels(&self) -> Levels {
-        let listening = self.listening.lock().unwrap();
         Levels {
             requests_held: self.requests.held() as u64,
             notifications_dropped: self.requests.dropped(),
-            refused_at_limit: listening.as_ref().map_or(0, |l| l.channels.refused_at_limit()),
+            refused_at_limit: self.channels.refused_at_limit(),
         }
     }
 
@@ -266,8 +269,6 @@ impl DecodeSide {
         // Each channel's end cuts its link off; then the accepting halves stop every data path. Explicitly,
         // not by the last reference going: a revoke in flight may hold one.
         listening.channels.shutdown();
-        // Counted for good once the server has stopped (until then `levels` reads it from the server).
-        self.metrics.refused_n(Refusal::Limit, listening.channels.refused_at_limit());
         for acceptor in &listening.links.acceptors {
             acceptor.close();
         }
@@ -333,8 +334,9 @@ impl Admit for Admitting {
             "accepted {peer} over {kind} with {} blocks (slice {} of {} per block)",
             hello.block_number, agreed.geometry.slot, agreed.geometry.ratio
         ));
-        // Counted by the prefill's host: an address, or loopback for a process of this host.
-        let metrics = self.metrics.peer(&origin.ip().to_canonical().to_string());
+        // Counted by the prefill's host (an address, an IPv6 /64, or loopback for a process of this host), as its
+        // log lines name it.
+        let metrics = self.metrics.peer(&listener::host_of(origin.ip()).to_string());
         metrics.connects.add(1);
         metrics.connected_over(kind);
         let channel_token = self.channels.admit(PeerInfo {

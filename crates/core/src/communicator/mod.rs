@@ -39,7 +39,7 @@ use crate::config::{Config, LogLevel, TransportChoice};
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::{Fields, Logger};
 use crate::memory::CacheLayout;
-use crate::metrics::{Instruments, Levels, PeerInstruments, Stats};
+use crate::metrics::{Instruments, Levels, Raised, Stats};
 use crate::plan::SliceGeometry;
 use crate::transport::{self, Environment, Transport};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,23 +77,6 @@ struct About<'a> {
     peer: Option<(&'a str, u16)>,
     request: Option<&'a RequestId>,
     layer: Option<u32>,
-}
-
-/// An asynchronous call waiting behind its peer's earlier ones: counted in the peer's `queued` gauge while it
-/// lives.
-struct Queued(Arc<PeerInstruments>);
-
-impl Queued {
-    fn new(metrics: Arc<PeerInstruments>) -> Queued {
-        metrics.queued.add(1);
-        Queued(metrics)
-    }
-}
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        self.0.queued.add(-1);
-    }
 }
 
 /// A number naming one wait of this process ([`Communicator::wait_for`]).
@@ -296,8 +279,9 @@ impl Communicator {
         done: impl FnOnce(Result<()>) + Send + 'static,
     ) {
         let (comm, host) = (self.clone(), ip.to_string());
-        // Counted as queued until it starts, or is dropped without running (the communicator closed).
-        let queued = self.prefill("writing").ok().map(|p| Queued::new(p.metrics_of(ip, port)));
+        // Counted as queued (for a connected peer) until it starts, or is dropped without running (the
+        // communicator closed).
+        let queued = self.prefill("writing").ok().and_then(|p| p.known_metrics(ip, port)).map(|m| Raised::new(m, |m| &m.queued));
         let work = move || {
             drop(queued);
             if cancel.is_some_and(|c| !c.start()) {
@@ -499,6 +483,8 @@ impl Communicator {
             })
         })?;
         self.log.debug("closed");
+        // Nothing is told after close: the binding's hook (and what it holds) is let go.
+        self.log.unhook();
         if uncut.is_empty() {
             self.cache.release_owners();
             return Ok(());

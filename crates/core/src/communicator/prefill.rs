@@ -20,7 +20,7 @@ use crate::channel::{ChannelClient, Directive, Frame, RequestId};
 use crate::config::Reconnect;
 use crate::control::handshake::{self, Admitted};
 use crate::error::{Error, ErrorCode, Result};
-use crate::metrics::{Instruments, PeerInstruments};
+use crate::metrics::{Instruments, PeerInstruments, Raised};
 use crate::net;
 use crate::plan::{BlockPlan, SliceGeometry};
 use crate::transport::{Answer, Connector, Link, PendingLink};
@@ -183,6 +183,11 @@ impl PrefillSide {
     /// The instruments of the peer `ip:port` (for calls that count it before they reach it).
     pub(super) fn metrics_of(&self, ip: &str, port: u16) -> Arc<PeerInstruments> {
         self.metrics.peer(&peer_key(ip, port))
+    }
+
+    /// The instruments of the peer `ip:port` where it is connected, found through its entry.
+    pub(super) fn known_metrics(&self, ip: &str, port: u16) -> Option<Arc<PeerInstruments>> {
+        self.peers.lock().unwrap().get(&peer_key(ip, port)).map(|p| p.metrics.clone())
     }
 
     /// Where this side's peer events go from now on (`None`: nowhere).
@@ -403,13 +408,13 @@ impl PrefillSide {
             match self.handshake(comm, ip, port, dst_tp_size, rebuilding, gate) {
                 Ok(peer) => {
                     let metrics = self.metrics.peer(&key);
+                    if let Some(c) = peer.link.as_ref() {
+                        metrics.connected_over(c.link.transport());
+                    }
                     metrics.handshake_time.record(started.elapsed());
                     metrics.connects.add(1);
                     if rebuilding {
                         metrics.reconnects.add(1);
-                    }
-                    if let Some(c) = peer.link.as_ref() {
-                        metrics.connected_over(c.link.transport());
                     }
                     // A new peer is told once it is in the table (see `connect`).
                     if let Some(c) = peer.link.as_ref().filter(|_| rebuilding) {
@@ -462,15 +467,20 @@ impl PrefillSide {
                 return Err(e);
             }
         };
-        let metrics = &peer.metrics;
-        metrics.in_flight.add(1);
+        let under_way = Raised::new(peer.metrics.clone(), |m| &m.in_flight);
         let result = self.write_to(comm, ip, port, &key, &peer, local, remote, layer, request);
-        metrics.in_flight.add(-1);
+        drop(under_way);
+        let metrics = &peer.metrics;
         match &result {
             Ok(()) => {
+                let (blocks, bytes) = (local.len() as u64, local.len() as u64 * comm.cache.layer_block_bytes());
                 metrics.writes.add(1);
-                metrics.blocks.add(local.len() as u64);
-                metrics.bytes.add(local.len() as u64 * comm.cache.layer_block_bytes());
+                metrics.blocks.add(blocks);
+                metrics.bytes.add(bytes);
+                // The connection that took it is still there: a write that succeeded leaves it in place.
+                if let Some(kind) = peer.transport() {
+                    self.metrics.transport(kind).wrote(blocks, bytes);
+                }
             }
             Err(e) => metrics.failed(e.code()),
         }

@@ -21,7 +21,7 @@ use crate::channel::{Frame, PeerInfo, RequestId};
 use crate::error::{Error, ErrorCode, Result};
 use crate::listener;
 use crate::log::Logger;
-use crate::metrics::PeerInstruments;
+use crate::metrics::{Instruments, PeerInstruments};
 use crate::wire::TransportKind;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -225,6 +225,8 @@ pub struct Requests {
     block_number: u32,
     /// Bytes of one block of one layer, all tensors: what a notified block brought (one slice of it per rank).
     layer_block_bytes: u64,
+    /// Where what the notifications name is counted per transport.
+    transports: Arc<Instruments>,
     /// How long a request may go without progress, and how long an ended one is remembered.
     ttl: Duration,
     log: Arc<Logger>,
@@ -251,11 +253,12 @@ impl Due {
 }
 
 impl Requests {
-    pub fn new(layers: u32, block_number: u32, layer_block_bytes: u64, ttl: Duration, log: Arc<Logger>) -> Requests {
+    pub fn new(layers: u32, block_number: u32, layer_block_bytes: u64, ttl: Duration, log: Arc<Logger>, transports: Arc<Instruments>) -> Requests {
         Requests {
             layers,
             block_number,
             layer_block_bytes,
+            transports,
             ttl,
             log,
             table: Mutex::new(Table {
@@ -597,10 +600,12 @@ impl Requests {
             // Progress: a slice of a layer that had not come (one said again keeps nothing alive).
             record.touched = now;
             slots.push(peer.slot);
+            let (n, bytes) = (blocks.len() as u64, blocks.len() as u64 * self.layer_block_bytes / record.ratio as u64);
             let m = &peer.metrics;
             m.writes.add(1);
-            m.blocks.add(blocks.len() as u64);
-            m.bytes.add(blocks.len() as u64 * self.layer_block_bytes / record.ratio as u64);
+            m.blocks.add(n);
+            m.bytes.add(bytes);
+            self.transports.transport(peer.transport).wrote(n, bytes);
             if slots.len() as u32 == record.ratio {
                 record.complete_layers += 1;
                 if let Some(owner) = &record.metrics {
@@ -936,7 +941,8 @@ mod tests {
     use std::sync::mpsc;
 
     fn requests(layers: u32, ttl: Duration) -> Arc<Requests> {
-        Arc::new(Requests::new(layers, 64, 1024, ttl, Arc::new(Logger::new(&Config::default(), "test").unwrap())))
+        let (log, metrics) = (Arc::new(Logger::new(&Config::default(), "test").unwrap()), Arc::new(Instruments::new(crate::wire::Role::Decode)));
+        Arc::new(Requests::new(layers, 64, 1024, ttl, log, metrics))
     }
 
     fn peer(session: u64, ratio: u32, slot: u32, instance: Option<&str>) -> PeerInfo {
