@@ -16,6 +16,15 @@ commands:
   info [--json]   what this machine offers kvtransfer: platform, native binary, transports usable here and why
                   not the others, RDMA devices (ports, GIDs), GPUs and driver, the KVCACHE_* variables in force;
                   exits 1 when a KVCACHE_* value would be refused, or no native binary loads
+  bench           the original's benchmark on every transport usable here: a decode in a second process,
+                  N scattered blocks per writeCache call (one thread), each size warmed up, then timed; prints
+                  median, p10 and p90 GB/s and µs per call, and checks the bytes of one write per size;
+                  exits 1 when a check fails
+    --transports t,t   which (default: every host-memory transport usable here)
+    --sizes k,k        block sizes in KiB (default 1,2,4,8,16,32,64,128,256)
+    --batch n          blocks per call (default 1538)     --layers n      layers, written in turn (default 2)
+    --iterations n     timed calls per row (default 20)   --warmup n      untimed calls first (default 3)
+    --key-only         keys only (an MLA cache)           --json, --csv   the rows in that form, nothing else
 
 options:
   -h, --help      this text
@@ -74,13 +83,64 @@ function printWithoutBinary(err: unknown, json: boolean): void {
   console.log(out.join('\n'))
 }
 
+/** A whole number from an option, at least `min`. */
+function count(name: string, text: string | undefined, min: number): number | undefined {
+  if (text === undefined) return undefined
+  const n = Number(text)
+  if (!Number.isInteger(n) || n < min) throw new Error(`--${name} must be a whole number of at least ${min}, not ${JSON.stringify(text)}`)
+  return n
+}
+
+async function bench(values: Record<string, string | boolean | undefined>): Promise<number> {
+  const { runBench, formatCsv, formatTable } = await import('./lib/bench.js')
+  const list = (v: string | boolean | undefined) => (typeof v === 'string' ? v.split(',').map((x) => x.trim()).filter(Boolean) : undefined)
+  let options
+  try {
+    const sizes = list(values.sizes)?.map((k) => count('sizes', k, 1) as number * 1024)
+    options = {
+      transports: list(values.transports),
+      sizes,
+      batch: count('batch', values.batch as string | undefined, 1),
+      layers: count('layers', values.layers as string | undefined, 1),
+      iterations: count('iterations', values.iterations as string | undefined, 1),
+      warmup: count('warmup', values.warmup as string | undefined, 0),
+      keyOnly: values['key-only'] === true,
+    }
+  } catch (err) {
+    console.error(`${err instanceof Error ? err.message : String(err)}\n\n${usage}`)
+    return 2
+  }
+  const quiet = values.json === true || values.csv === true
+  const result = await runBench({
+    ...options,
+    // Progress on standard error, so that standard output holds the table (or the JSON, CSV) alone.
+    onRow: quiet ? undefined : (row, done, total) => process.stderr.write(`  [${done}/${total}] ${row.transport} ${row.blockBytes / 1024} KiB: ${row.gbps.median.toFixed(2)} GB/s\n`),
+  })
+  if (values.json) console.log(JSON.stringify(result, null, 2))
+  else if (values.csv) console.log(formatCsv(result))
+  else console.log(formatTable(result))
+  return result.rows.every((r) => r.verified) && result.rows.length > 0 ? 0 : 1
+}
+
 async function main(args: string[]): Promise<number> {
   let parsed
   try {
     parsed = parseArgs({
       args,
       allowPositionals: true,
-      options: { json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' }, version: { type: 'boolean', short: 'v' } },
+      options: {
+        json: { type: 'boolean' },
+        csv: { type: 'boolean' },
+        transports: { type: 'string' },
+        sizes: { type: 'string' },
+        batch: { type: 'string' },
+        layers: { type: 'string' },
+        iterations: { type: 'string' },
+        warmup: { type: 'string' },
+        'key-only': { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+        version: { type: 'boolean', short: 'v' },
+      },
     })
   } catch (err) {
     console.error(`${err instanceof Error ? err.message : String(err)}\n\n${usage}`)
@@ -95,6 +155,7 @@ async function main(args: string[]): Promise<number> {
     console.log(version())
     return 0
   }
+  if (positionals.length === 1 && positionals[0] === 'bench') return bench(values)
   if (positionals.length !== 1 || positionals[0] !== 'info') {
     console.error(positionals.length === 0 ? usage : `unknown command ${JSON.stringify(positionals.join(' '))}\n\n${usage}`)
     return 2

@@ -78,6 +78,8 @@ node examples/dist/api-tour.js
 node examples/dist/engine.js
 METRICS_SECONDS=1 node examples/dist/metrics-server.js
 npx kvtransfer info
+# The bench from the installed package: a decode process, a write checked byte for byte.
+npx kvtransfer bench --transports tcp --sizes 1,64 --batch 256 --iterations 3
 KVCACHE_IB_TIMEOUT=99 npx kvtransfer info --json >info.json && { echo "a bad KVCACHE_IB_TIMEOUT must fail info" >&2; exit 1; }
 node -e 'const i = require("./info.json"); const s = i.settings.find((s) => s.env === "KVCACHE_IB_TIMEOUT"); if (!/KVCACHE_IB_TIMEOUT/.test(s.error)) process.exit(1)'
 

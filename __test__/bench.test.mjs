@@ -1,0 +1,63 @@
+// `kvtransfer bench` as a user runs it: rows for the transport asked for, numbers that mean something, the
+// bytes of a write checked, JSON and CSV that parse, refusals of bad options.
+import test from 'ava'
+import { execFile } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
+import { HostBuffer } from 'kvtransfer'
+import { digest } from '../lib/bench.js'
+import { transportName } from './helpers/transport.mjs'
+
+const cli = fileURLToPath(new URL('../cli.js', import.meta.url))
+const run = (args) =>
+  new Promise((resolve) => execFile(process.execPath, [cli, 'bench', ...args], { timeout: 120_000 }, (e, stdout, stderr) => resolve({ code: e?.code ?? 0, stdout, stderr })))
+
+// RDMA runs in the Soft-RoCE VM through its own suite; here the host transports.
+const transport = transportName === 'rdma' ? 'tcp' : transportName
+
+test('bench --json measures each size, checks the bytes, and says why a transport cannot run', async (t) => {
+  const { code, stdout, stderr } = await run(['--transports', `${transport},bogus`, '--sizes', '1,4', '--batch', '64', '--iterations', '3', '--warmup', '1', '--json'])
+  t.is(code, 0, stderr)
+  const r = JSON.parse(stdout)
+  t.like(r, { batch: 64, pool: 96, layers: 2, tensors: 2, iterations: 3, warmup: 1 })
+  t.deepEqual(r.rows.map((x) => [x.transport, x.blockBytes, x.calls, x.verified]), [[transport, 1024, 3, true], [transport, 4096, 3, true]])
+  for (const x of r.rows) {
+    t.is(x.bytesPerCall, 64 * x.blockBytes * 2)
+    t.true(x.gbps.p10 <= x.gbps.median && x.gbps.median <= x.gbps.p90 && x.gbps.p10 > 0, JSON.stringify(x.gbps))
+    // µs per call and GB/s say the same thing.
+    t.true(Math.abs(x.bytesPerCall / (x.usPerCall.median * 1e3) - x.gbps.median) / x.gbps.median < 0.01)
+  }
+  t.deepEqual(r.skipped.find((s) => s.transport === 'bogus'), { transport: 'bogus', why: 'not a transport of this version' })
+  t.is(stderr, '', 'quiet with --json')
+})
+
+test('bench --csv writes one line per row; the table names what it ran', async (t) => {
+  const csv = await run(['--transports', transport, '--sizes', '2', '--batch', '32', '--iterations', '2', '--warmup', '0', '--key-only', '--csv'])
+  t.is(csv.code, 0, csv.stderr)
+  const [head, ...lines] = csv.stdout.trim().split('\n')
+  t.is(head.split(',').length, 12)
+  t.is(lines.length, 1)
+  t.regex(lines[0], new RegExp(`^kvtransfer,${transport},2048,32,2,`))
+  t.true(lines[0].endsWith(',true'))
+  const table = await run(['--transports', transport, '--sizes', '1', '--batch', '16', '--iterations', '1'])
+  t.is(table.code, 0, table.stderr)
+  t.regex(table.stdout, /16 scattered blocks per call from a pool of 24, keys and values/)
+  t.regex(table.stdout, new RegExp(`\\| 1 KiB \\| ${transport} \\| [0-9.]+ \\|.*\\| yes \\|`))
+  t.regex(table.stderr, /\[1\/1\]/, 'progress on standard error')
+})
+
+test('bench refuses bad options', async (t) => {
+  for (const args of [['--sizes', '0'], ['--batch', 'many'], ['--iterations', '1.5']]) {
+    const { code, stderr } = await run(args)
+    t.is(code, 2, args.join(' '))
+    t.regex(stderr, /must be a whole number/)
+  }
+})
+
+test("the bench's check tells one byte apart", (t) => {
+  const a = [[HostBuffer.alloc(4096)]]
+  const b = [[HostBuffer.alloc(4096)]]
+  t.is(digest(a, 0, [0, 1, 2, 3], 1024), digest(b, 0, [0, 1, 2, 3], 1024))
+  b[0][0].buffer[3000] = 1
+  t.not(digest(a, 0, [0, 1, 2, 3], 1024), digest(b, 0, [0, 1, 2, 3], 1024))
+  t.is(digest(a, 0, [0, 1], 1024), digest(b, 0, [0, 1], 1024), 'only the blocks named')
+})

@@ -1,0 +1,287 @@
+/**
+ * `kvtransfer bench`: the original's benchmark (1538 scattered blocks per `writeCache` call, one thread, block
+ * sizes 1 KiB to 256 KiB) on every transport usable here, with a decode in a process of its own. Per transport
+ * and size: warm-up calls, then timed calls, each writing 1538 scattered blocks of a larger pool (keys and
+ * values, the layers in turn); the median, p10 and p90 of GB/s and of µs per call; and once per size the bytes
+ * themselves, checked (the decode's blocks cleared, written once more, and hashed on both sides in call order).
+ */
+import { fork } from 'node:child_process'
+import { createHash } from 'node:crypto'
+import { cpus, totalmem } from 'node:os'
+import { join } from 'node:path'
+import { RDMACommunicator } from './compat.js'
+import { HostBuffer } from './host-buffer.js'
+
+/** What {@link runBench} measures. */
+export interface BenchOptions {
+  /** Transports to measure (default: every host-memory transport usable here: `shm`, `rdma`, `tcp`). */
+  transports?: string[]
+  /** Block sizes in bytes (default 1 KiB, 2 KiB … 256 KiB). */
+  sizes?: number[]
+  /** Blocks per call (default 1538, as the original's table). */
+  batch?: number
+  /** Layers, written in turn (default 2). */
+  layers?: number
+  /** Timed calls per transport and size (default 20), after `warmup` (default 3) untimed ones. */
+  iterations?: number
+  warmup?: number
+  /** Keys only (an MLA cache); default keys and values. */
+  keyOnly?: boolean
+  /** Told after each transport and size is measured (for a progress display). */
+  onRow?: (row: BenchRow, done: number, total: number) => void
+}
+
+/** Median, 10th and 90th percentile of a measure over the timed calls. */
+export interface Spread {
+  median: number
+  p10: number
+  p90: number
+}
+
+/** One transport at one block size. */
+export interface BenchRow {
+  system: 'kvtransfer'
+  transport: string
+  blockBytes: number
+  /** Blocks per call, and bytes per call (all tensors). */
+  batch: number
+  bytesPerCall: number
+  calls: number
+  /** GB/s (1e9 bytes per second) and µs per call over the timed calls. */
+  gbps: Spread
+  usPerCall: Spread
+  /** Whether the bytes of a write, hashed on both sides, matched. */
+  verified: boolean
+}
+
+/** A whole run: what it ran on and with, and its rows. */
+export interface BenchResult {
+  date: string
+  machine: { cpus: number; cpuModel: string; memoryBytes: number; platform: string; node: string }
+  batch: number
+  pool: number
+  layers: number
+  tensors: number
+  warmup: number
+  iterations: number
+  rows: BenchRow[]
+  /** Transports asked for that cannot run here, and why. */
+  skipped: Array<{ transport: string; why: string }>
+}
+
+const HOST = '127.0.0.1'
+const KIB = 1024
+export const DEFAULT_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256].map((k) => k * KIB)
+
+/** `n` distinct ids of `[0, pool)` in a scattered order, the same for the same seed. */
+export function scattered(n: number, pool: number, seed: number): Uint32Array {
+  const ids = Uint32Array.from({ length: pool }, (_, i) => i)
+  let x = seed >>> 0
+  for (let i = pool - 1; i > 0; i--) {
+    x = (Math.imul(x, 1103515245) + 12345) >>> 0
+    const j = x % (i + 1)
+    ;[ids[i], ids[j]] = [ids[j], ids[i]]
+  }
+  return ids.slice(0, n)
+}
+
+/** The value of every byte of a source block: distinct per tensor, layer and block. */
+export function blockByte(tensor: number, layer: number, block: number): number {
+  return (block * 31 + layer * 7 + tensor * 101 + 1) & 0xff
+}
+
+/** The cache of one side: per tensor, per layer, one buffer of `pool` blocks. */
+function cache(tensors: number, layers: number, pool: number, blockBytes: number, fill: boolean): HostBuffer[][] {
+  return Array.from({ length: tensors }, (_, t) =>
+    Array.from({ length: layers }, (_, l) => {
+      const hb = HostBuffer.alloc(pool * blockBytes)
+      // Every page touched before timing (first-touch faults would be timed otherwise).
+      if (fill) for (let b = 0; b < pool; b++) hb.buffer.fill(blockByte(t, l, b), b * blockBytes, (b + 1) * blockBytes)
+      else hb.buffer.fill(0)
+      return hb
+    }),
+  )
+}
+
+/** The hash of `ids`' blocks of one layer, in that order, every tensor. */
+export function digest(tensors: HostBuffer[][], layer: number, ids: ArrayLike<number>, blockBytes: number): string {
+  const h = createHash('sha1')
+  for (const t of tensors) for (let i = 0; i < ids.length; i++) h.update(t[layer].buffer.subarray(ids[i] * blockBytes, (ids[i] + 1) * blockBytes))
+  return h.digest('hex')
+}
+
+function spread(values: number[]): Spread {
+  const sorted = [...values].sort((a, b) => a - b)
+  const at = (q: number) => sorted[Math.min(sorted.length - 1, Math.max(0, Math.round(q * (sorted.length - 1))))]
+  return { median: at(0.5), p10: at(0.1), p90: at(0.9) }
+}
+
+/** A decode process, driven over IPC. */
+class Decode {
+  readonly #child = fork(join(__dirname, 'bench-decode.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+  #next = 0
+  ask<T>(op: string, args: object = {}): Promise<T> {
+    const id = ++this.#next
+    return new Promise((resolve, reject) => {
+      const onMessage = (m: { id: number; result?: T; error?: string }) => {
+        if (m.id !== id) return
+        this.#child.off('message', onMessage)
+        this.#child.off('exit', onExit)
+        if (m.error !== undefined) reject(new Error(`the decode process: ${m.error}`))
+        else resolve(m.result as T)
+      }
+      const onExit = (code: number | null) => reject(new Error(`the decode process exited (${code}) during ${op}`))
+      this.#child.on('message', onMessage)
+      this.#child.once('exit', onExit)
+      this.#child.send({ id, op, args })
+    })
+  }
+  async end(): Promise<void> {
+    if (this.#child.exitCode !== null) return
+    const exited = new Promise((r) => this.#child.once('exit', r))
+    this.#child.disconnect()
+    await exited
+  }
+}
+
+/** The host-memory transports usable here, fastest first. */
+function usableTransports(): { usable: string[]; skipped: Array<{ transport: string; why: string }> } {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { systemInfo } = require('./system.js') as typeof import('./system.js')
+  const info = systemInfo()
+  const usable: string[] = []
+  const skipped: Array<{ transport: string; why: string }> = []
+  for (const t of info.transports) {
+    if (t.name === 'cuda-ipc') skipped.push({ transport: t.name, why: 'this bench moves host memory; the GPU suite measures CUDA IPC (.ci/gpu-tests.sh)' })
+    else if (t.usable) usable.push(t.name)
+    else skipped.push({ transport: t.name, why: t.detail })
+  }
+  return { usable, skipped }
+}
+
+/** Runs the bench; see {@link BenchOptions}. */
+export async function runBench(options: BenchOptions = {}): Promise<BenchResult> {
+  const batch = options.batch ?? 1538
+  const layers = options.layers ?? 2
+  const iterations = options.iterations ?? 20
+  const warmup = options.warmup ?? 3
+  const sizes = options.sizes ?? DEFAULT_SIZES
+  const tensors = options.keyOnly ? 1 : 2
+  // A pool half again as large as a call: the call's blocks are scattered across it.
+  const pool = Math.ceil(batch * 1.5)
+  const here = usableTransports()
+  const skipped = options.transports ? here.skipped.filter((s) => options.transports?.includes(s.transport)) : here.skipped.filter((s) => s.transport !== 'cuda-ipc')
+  const transports = options.transports ? options.transports.filter((t) => here.usable.includes(t)) : here.usable
+  for (const t of options.transports ?? []) {
+    if (!here.usable.includes(t) && !skipped.some((s) => s.transport === t)) skipped.push({ transport: t, why: 'not a transport of this version' })
+  }
+  const rows: BenchRow[] = []
+  const total = transports.length * sizes.length
+  for (const transport of transports) {
+    for (const blockBytes of sizes) {
+      const row = await measure({ transport, blockBytes, batch, pool, layers, tensors, iterations, warmup })
+      rows.push(row)
+      options.onRow?.(row, rows.length, total)
+    }
+  }
+  const cpu = cpus()
+  return {
+    date: new Date().toISOString(),
+    machine: { cpus: cpu.length, cpuModel: cpu[0]?.model ?? 'unknown', memoryBytes: totalmem(), platform: `${process.platform}-${process.arch}`, node: process.versions.node },
+    batch,
+    pool,
+    layers,
+    tensors,
+    warmup,
+    iterations,
+    rows,
+    skipped,
+  }
+}
+
+interface Shape {
+  transport: string
+  blockBytes: number
+  batch: number
+  pool: number
+  layers: number
+  tensors: number
+  iterations: number
+  warmup: number
+}
+
+async function measure(s: Shape): Promise<BenchRow> {
+  const decode = new Decode()
+  const src = cache(s.tensors, s.layers, s.pool, s.blockBytes, true)
+  try {
+    const port = await decode.ask<number>('start', { transport: s.transport, blockBytes: s.blockBytes, pool: s.pool, layers: s.layers, tensors: s.tensors })
+    const ptrs = (t: number) => (src[t] ?? []).map((hb) => hb.ptr)
+    const prefill = new RDMACommunicator('prefill', 0, 0, ptrs(0), ptrs(1), s.pool, s.blockBytes, 1, 0, { transport: s.transport as 'tcp' })
+    try {
+      if (!prefill.connect(HOST, port)) throw prefill.lastError
+      const local = scattered(s.batch, s.pool, 1)
+      const remote = scattered(s.batch, s.pool, 2)
+      const write = (layer: number) => {
+        if (prefill.writeCache(HOST, port, local, remote, layer) !== 0) throw prefill.lastError
+      }
+      for (let i = 0; i < s.warmup; i++) write(i % s.layers)
+      const seconds: number[] = []
+      for (let i = 0; i < s.iterations; i++) {
+        const start = process.hrtime.bigint()
+        write(i % s.layers)
+        seconds.push(Number(process.hrtime.bigint() - start) / 1e9)
+      }
+      // The bytes: the decode's blocks cleared, one more write, and both sides' hashes in call order.
+      await decode.ask('clear', { layer: 0, ids: [...remote] })
+      write(0)
+      const theirs = await decode.ask<string>('digest', { layer: 0, ids: [...remote] })
+      const verified = theirs === digest(src, 0, local, s.blockBytes)
+      const bytesPerCall = s.batch * s.blockBytes * s.tensors
+      return {
+        system: 'kvtransfer',
+        transport: prefill.transport,
+        blockBytes: s.blockBytes,
+        batch: s.batch,
+        bytesPerCall,
+        calls: seconds.length,
+        gbps: spread(seconds.map((t) => bytesPerCall / t / 1e9)),
+        usPerCall: spread(seconds.map((t) => t * 1e6)),
+        verified,
+      }
+    } finally {
+      prefill.close()
+    }
+  } finally {
+    await decode.end()
+    for (const t of src) for (const hb of t) hb.free()
+  }
+}
+
+/** The run as the original's table: one row per block size and transport. */
+export function formatTable(r: BenchResult): string {
+  const out = [
+    `kvtransfer bench: ${r.batch} scattered blocks per call from a pool of ${r.pool}, ${r.tensors === 2 ? 'keys and values' : 'keys only'}, ` +
+      `${r.layers} layers in turn, writeCache on one thread; ${r.warmup} warm-up and ${r.iterations} timed calls per row`,
+    `${r.machine.cpuModel}, ${r.machine.cpus} CPUs, ${(r.machine.memoryBytes / 2 ** 30).toFixed(0)} GiB, ${r.machine.platform}, Node.js ${r.machine.node}, ${r.date}`,
+    '',
+    '| block | transport | GB/s (median) | p10 | p90 | µs per call | bytes checked |',
+    '|---|---|---|---|---|---|---|',
+  ]
+  for (const row of [...r.rows].sort((a, b) => a.blockBytes - b.blockBytes || a.transport.localeCompare(b.transport))) {
+    out.push(
+      `| ${row.blockBytes / KIB} KiB | ${row.transport} | ${row.gbps.median.toFixed(2)} | ${row.gbps.p10.toFixed(2)} | ${row.gbps.p90.toFixed(2)} | ` +
+        `${row.usPerCall.median.toFixed(0)} | ${row.verified ? 'yes' : 'MISMATCH'} |`,
+    )
+  }
+  for (const s of r.skipped) out.push('', `${s.transport}: not measured: ${s.why}`)
+  return out.join('\n')
+}
+
+/** The rows as CSV, one line per row. */
+export function formatCsv(r: BenchResult): string {
+  const head = 'system,transport,block_bytes,batch,calls,gbps_median,gbps_p10,gbps_p90,us_per_call_median,us_per_call_p10,us_per_call_p90,verified'
+  const lines = r.rows.map((x) =>
+    [x.system, x.transport, x.blockBytes, x.batch, x.calls, x.gbps.median, x.gbps.p10, x.gbps.p90, x.usPerCall.median, x.usPerCall.p10, x.usPerCall.p90, x.verified].join(','),
+  )
+  return [head, ...lines].join('\n')
+}
