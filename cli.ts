@@ -19,7 +19,8 @@ commands:
   bench           the original's benchmark on every transport usable here: a decode in a second process,
                   N scattered blocks per writeCache call (one thread), each size warmed up, then timed; prints
                   median, p10 and p90 GB/s and µs per call, and checks the bytes of one write per size;
-                  exits 1 when a check fails
+                  exits 1 when a check or a row fails, or nothing could be measured (a size whose two
+                  caches would take over 70% of the free memory is left out, and said so)
     --transports t,t   which (default: every host-memory transport usable here)
     --sizes k,k        block sizes in KiB (default 1,2,4,8,16,32,64,128,256)
     --batch n          blocks per call (default 1538)     --layers n      layers, written in turn (default 2)
@@ -86,16 +87,19 @@ function printWithoutBinary(err: unknown, json: boolean): void {
 /** A whole number from an option, at least `min`. */
 function count(name: string, text: string | undefined, min: number): number | undefined {
   if (text === undefined) return undefined
-  const n = Number(text)
-  if (!Number.isInteger(n) || n < min) throw new Error(`--${name} must be a whole number of at least ${min}, not ${JSON.stringify(text)}`)
+  const n = /^\d{1,9}$/.test(text) ? Number(text) : NaN
+  if (!(n >= min)) throw new Error(`--${name} must be a whole number of at least ${min}, not ${JSON.stringify(text)}`)
   return n
 }
 
+const BENCH_OPTIONS = ['csv', 'transports', 'sizes', 'batch', 'layers', 'iterations', 'warmup', 'key-only']
+
 async function bench(values: Record<string, string | boolean | undefined>): Promise<number> {
-  const { runBench, formatCsv, formatTable } = await import('./lib/bench.js')
   const list = (v: string | boolean | undefined) => (typeof v === 'string' ? v.split(',').map((x) => x.trim()).filter(Boolean) : undefined)
   let options
   try {
+    if (values.json && values.csv) throw new Error('--json and --csv: give one')
+    if (list(values.transports)?.length === 0) throw new Error('--transports names none')
     const sizes = list(values.sizes)?.map((k) => count('sizes', k, 1) as number * 1024)
     options = {
       transports: list(values.transports),
@@ -110,6 +114,14 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
     console.error(`${err instanceof Error ? err.message : String(err)}\n\n${usage}`)
     return 2
   }
+  let bench
+  try {
+    bench = await import('./lib/bench.js')
+  } catch (err) {
+    printWithoutBinary(err, false)
+    return 1
+  }
+  const { runBench, formatCsv, formatTable } = bench
   const quiet = values.json === true || values.csv === true
   const result = await runBench({
     ...options,
@@ -119,7 +131,8 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
   if (values.json) console.log(JSON.stringify(result, null, 2))
   else if (values.csv) console.log(formatCsv(result))
   else console.log(formatTable(result))
-  return result.rows.every((r) => r.verified) && result.rows.length > 0 ? 0 : 1
+  if (result.rows.length === 0 && result.failed.length === 0) console.error('nothing was measured: no transport asked for is usable here')
+  return result.rows.length > 0 && result.failed.length === 0 && result.rows.every((r) => r.verified) ? 0 : 1
 }
 
 async function main(args: string[]): Promise<number> {
@@ -156,6 +169,11 @@ async function main(args: string[]): Promise<number> {
     return 0
   }
   if (positionals.length === 1 && positionals[0] === 'bench') return bench(values)
+  const misplaced = BENCH_OPTIONS.find((o) => values[o as keyof typeof values] !== undefined)
+  if (misplaced) {
+    console.error(`--${misplaced} is an option of bench\n\n${usage}`)
+    return 2
+  }
   if (positionals.length !== 1 || positionals[0] !== 'info') {
     console.error(positionals.length === 0 ? usage : `unknown command ${JSON.stringify(positionals.join(' '))}\n\n${usage}`)
     return 2
@@ -172,6 +190,12 @@ async function main(args: string[]): Promise<number> {
   return info.settings.some((s) => s.error) ? 1 : 0
 }
 
-main(process.argv.slice(2)).then((code) => {
-  process.exitCode = code
-})
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code
+  },
+  (err) => {
+    console.error(`kvtransfer: ${err instanceof Error ? err.message : String(err)}`)
+    process.exitCode = 1
+  },
+)

@@ -3,7 +3,7 @@
 // as prom-client serves it, parsed, with the names the README documents.
 import test from 'ava'
 import { readFileSync } from 'node:fs'
-import { Registry } from 'prom-client'
+import { Counter, Registry } from 'prom-client'
 import { Communicator, KVTransferError, quantile } from 'kvtransfer'
 import { METRIC_NAMES, register } from 'kvtransfer/prometheus'
 import { makeCache } from './helpers/cache.mjs'
@@ -233,6 +233,11 @@ test.serial('register refuses labels Prometheus or this module cannot take, and 
   t.throws(() => register(prefill, { registry }), { code: 'INVALID_ARGUMENT', message: /labels/ })
   register(decode, { registry })
   done()
+  // A name taken by a metric that is not kvtransfer's: refused, and the registry left as it was.
+  const taken = new Registry()
+  new Counter({ name: 'kvtransfer_bytes_total', help: 'someone else\'s', registers: [taken] })
+  t.throws(() => register(prefill, { registry: taken }), { code: 'INVALID_ARGUMENT', message: /kvtransfer_bytes_total/ })
+  t.deepEqual(taken.getMetricsAsArray().map((m) => m.name), ['kvtransfer_bytes_total'])
 })
 
 test('the README documents every metric family', (t) => {

@@ -2,7 +2,7 @@
  * @internal The decode process of `kvtransfer bench` ({@link runBench}): it owns a cache, listens on loopback,
  * and answers the bench over IPC (`start`, `clear`, `digest`) until the bench disconnects.
  */
-import { digest } from './bench.js'
+import { cache, digest } from './bench.js'
 import { RDMACommunicator } from './compat.js'
 import { HostBuffer } from './host-buffer.js'
 
@@ -22,8 +22,7 @@ const handlers: Record<string, (args: never) => unknown> = {
   start(a: Start): number {
     blockBytes = a.blockBytes
     // Zeros, touched before any write (first-touch faults are not the transport's cost).
-    tensors = Array.from({ length: a.tensors }, () => Array.from({ length: a.layers }, () => HostBuffer.alloc(a.pool * a.blockBytes)))
-    for (const t of tensors) for (const hb of t) hb.buffer.fill(0)
+    tensors = cache(a.tensors, a.layers, a.pool, a.blockBytes, false)
     const ptrs = (t: number) => (tensors[t] ?? []).map((hb) => hb.ptr)
     comm = new RDMACommunicator('decode', 0, 0, ptrs(0), ptrs(1), a.pool, a.blockBytes, 1, 0, { transport: a.transport as 'tcp', socketIfname: 'lo' })
     return comm.port

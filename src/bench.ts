@@ -6,8 +6,8 @@
  * themselves, checked (the decode's blocks cleared, written once more, and hashed on both sides in call order).
  */
 import { fork } from 'node:child_process'
-import { createHash } from 'node:crypto'
-import { cpus, totalmem } from 'node:os'
+import { createHash, randomFillSync } from 'node:crypto'
+import { cpus, freemem, totalmem } from 'node:os'
 import { join } from 'node:path'
 import { RDMACommunicator } from './compat.js'
 import { HostBuffer } from './host-buffer.js'
@@ -65,8 +65,10 @@ export interface BenchResult {
   warmup: number
   iterations: number
   rows: BenchRow[]
-  /** Transports asked for that cannot run here, and why. */
-  skipped: Array<{ transport: string; why: string }>
+  /** Transports (and sizes) asked for that were not measured, and why. */
+  skipped: Array<{ transport: string; blockBytes?: number; why: string }>
+  /** Rows that failed, with the error. */
+  failed: Array<{ transport: string; blockBytes: number; error: string }>
 }
 
 const HOST = '127.0.0.1'
@@ -85,22 +87,27 @@ export function scattered(n: number, pool: number, seed: number): Uint32Array {
   return ids.slice(0, n)
 }
 
-/** The value of every byte of a source block: distinct per tensor, layer and block. */
-export function blockByte(tensor: number, layer: number, block: number): number {
-  return (block * 31 + layer * 7 + tensor * 101 + 1) & 0xff
-}
-
-/** The cache of one side: per tensor, per layer, one buffer of `pool` blocks. */
-function cache(tensors: number, layers: number, pool: number, blockBytes: number, fill: boolean): HostBuffer[][] {
-  return Array.from({ length: tensors }, (_, t) =>
-    Array.from({ length: layers }, (_, l) => {
-      const hb = HostBuffer.alloc(pool * blockBytes)
-      // Every page touched before timing (first-touch faults would be timed otherwise).
-      if (fill) for (let b = 0; b < pool; b++) hb.buffer.fill(blockByte(t, l, b), b * blockBytes, (b + 1) * blockBytes)
-      else hb.buffer.fill(0)
-      return hb
-    }),
-  )
+/**
+ * The cache of one side: per tensor, per layer, one buffer of `pool` blocks, every page touched before timing
+ * (first-touch faults would be timed otherwise): random bytes for the source (every block and every offset
+ * differs, so a block from the wrong place or a shifted range is seen), zeros for the decode.
+ */
+export function cache(tensors: number, layers: number, pool: number, blockBytes: number, random: boolean): HostBuffer[][] {
+  const made: HostBuffer[] = []
+  try {
+    return Array.from({ length: tensors }, () =>
+      Array.from({ length: layers }, () => {
+        const hb = HostBuffer.alloc(pool * blockBytes)
+        made.push(hb)
+        if (random) for (let at = 0; at < hb.buffer.length; at += 1 << 30) randomFillSync(hb.buffer, at, Math.min(1 << 30, hb.buffer.length - at))
+        else hb.buffer.fill(0)
+        return hb
+      }),
+    )
+  } catch (e) {
+    for (const hb of made) hb.free()
+    throw e
+  }
 }
 
 /** The hash of `ids`' blocks of one layer, in that order, every tensor. */
@@ -110,36 +117,64 @@ export function digest(tensors: HostBuffer[][], layer: number, ids: ArrayLike<nu
   return h.digest('hex')
 }
 
+/** The median, p10 and p90 of `values` (nearest rank). */
 function spread(values: number[]): Spread {
   const sorted = [...values].sort((a, b) => a - b)
   const at = (q: number) => sorted[Math.min(sorted.length - 1, Math.max(0, Math.round(q * (sorted.length - 1))))]
   return { median: at(0.5), p10: at(0.1), p90: at(0.9) }
 }
 
+/** GB/s from µs per call, call for call: the fastest tenth of calls is GB/s's p90 and µs's p10. */
+function rate(bytes: number, us: Spread): Spread {
+  const gbps = (t: number) => bytes / (t * 1e3)
+  return { median: gbps(us.median), p10: gbps(us.p90), p90: gbps(us.p10) }
+}
+
 /** A decode process, driven over IPC. */
 class Decode {
   readonly #child = fork(join(__dirname, 'bench-decode.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
   #next = 0
+  constructor() {
+    // A child that cannot be started, or a message to one that died: the ask waiting on it fails (below).
+    this.#child.on('error', () => {})
+  }
+  get #gone(): boolean {
+    return this.#child.exitCode !== null || this.#child.signalCode !== null
+  }
   ask<T>(op: string, args: object = {}): Promise<T> {
     const id = ++this.#next
     return new Promise((resolve, reject) => {
-      const onMessage = (m: { id: number; result?: T; error?: string }) => {
-        if (m.id !== id) return
+      const done = () => {
         this.#child.off('message', onMessage)
         this.#child.off('exit', onExit)
+        this.#child.off('error', onError)
+      }
+      const onMessage = (m: { id: number; result?: T; error?: string }) => {
+        if (m.id !== id) return
+        done()
         if (m.error !== undefined) reject(new Error(`the decode process: ${m.error}`))
         else resolve(m.result as T)
       }
-      const onExit = (code: number | null) => reject(new Error(`the decode process exited (${code}) during ${op}`))
+      const onExit = (code: number | null, signal: string | null) => {
+        done()
+        reject(new Error(`the decode process ended (${signal ?? `exit code ${code}`}) during ${op}`))
+      }
+      const onError = (e: Error) => {
+        done()
+        reject(new Error(`the decode process: ${e.message}`))
+      }
+      if (this.#gone || !this.#child.connected) return reject(new Error(`the decode process has ended: cannot ${op}`))
       this.#child.on('message', onMessage)
       this.#child.once('exit', onExit)
+      this.#child.once('error', onError)
       this.#child.send({ id, op, args })
     })
   }
   async end(): Promise<void> {
-    if (this.#child.exitCode !== null) return
+    if (this.#gone) return
     const exited = new Promise((r) => this.#child.once('exit', r))
-    this.#child.disconnect()
+    if (this.#child.connected) this.#child.disconnect()
+    else this.#child.kill()
     await exited
   }
 }
@@ -167,21 +202,32 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
   const warmup = options.warmup ?? 3
   const sizes = options.sizes ?? DEFAULT_SIZES
   const tensors = options.keyOnly ? 1 : 2
-  // A pool half again as large as a call: the call's blocks are scattered across it.
-  const pool = Math.ceil(batch * 1.5)
+  // A pool a quarter larger than a call: the call's blocks are scattered across it.
+  const pool = Math.ceil(batch * 1.25)
   const here = usableTransports()
-  const skipped = options.transports ? here.skipped.filter((s) => options.transports?.includes(s.transport)) : here.skipped.filter((s) => s.transport !== 'cuda-ipc')
+  const skipped: BenchResult['skipped'] = options.transports ? here.skipped.filter((s) => options.transports?.includes(s.transport)) : here.skipped.filter((s) => s.transport !== 'cuda-ipc')
   const transports = options.transports ? options.transports.filter((t) => here.usable.includes(t)) : here.usable
   for (const t of options.transports ?? []) {
     if (!here.usable.includes(t) && !skipped.some((s) => s.transport === t)) skipped.push({ transport: t, why: 'not a transport of this version' })
   }
   const rows: BenchRow[] = []
+  const failed: BenchResult['failed'] = []
   const total = transports.length * sizes.length
   for (const transport of transports) {
     for (const blockBytes of sizes) {
-      const row = await measure({ transport, blockBytes, batch, pool, layers, tensors, iterations, warmup })
-      rows.push(row)
-      options.onRow?.(row, rows.length, total)
+      // Both processes hold the whole cache: a size that would crowd this machine's free memory is left out.
+      const need = 2 * tensors * layers * pool * blockBytes
+      if (need > 0.7 * freemem()) {
+        skipped.push({ transport, blockBytes, why: `both caches take ${(need / 2 ** 30).toFixed(1)} GiB, more than 70% of the free memory` })
+        continue
+      }
+      try {
+        const row = await measure({ transport, blockBytes, batch, pool, layers, tensors, iterations, warmup })
+        rows.push(row)
+        options.onRow?.(row, rows.length, total)
+      } catch (e) {
+        failed.push({ transport, blockBytes, error: e instanceof Error ? e.message : String(e) })
+      }
     }
   }
   const cpu = cpus()
@@ -196,6 +242,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     iterations,
     rows,
     skipped,
+    failed,
   }
 }
 
@@ -212,8 +259,9 @@ interface Shape {
 
 async function measure(s: Shape): Promise<BenchRow> {
   const decode = new Decode()
-  const src = cache(s.tensors, s.layers, s.pool, s.blockBytes, true)
+  let src: HostBuffer[][] = []
   try {
+    src = cache(s.tensors, s.layers, s.pool, s.blockBytes, true)
     const port = await decode.ask<number>('start', { transport: s.transport, blockBytes: s.blockBytes, pool: s.pool, layers: s.layers, tensors: s.tensors })
     const ptrs = (t: number) => (src[t] ?? []).map((hb) => hb.ptr)
     const prefill = new RDMACommunicator('prefill', 0, 0, ptrs(0), ptrs(1), s.pool, s.blockBytes, 1, 0, { transport: s.transport as 'tcp' })
@@ -244,7 +292,7 @@ async function measure(s: Shape): Promise<BenchRow> {
         batch: s.batch,
         bytesPerCall,
         calls: seconds.length,
-        gbps: spread(seconds.map((t) => bytesPerCall / t / 1e9)),
+        gbps: rate(bytesPerCall, spread(seconds.map((t) => t * 1e6))),
         usPerCall: spread(seconds.map((t) => t * 1e6)),
         verified,
       }
@@ -273,7 +321,8 @@ export function formatTable(r: BenchResult): string {
         `${row.usPerCall.median.toFixed(0)} | ${row.verified ? 'yes' : 'MISMATCH'} |`,
     )
   }
-  for (const s of r.skipped) out.push('', `${s.transport}: not measured: ${s.why}`)
+  for (const f of r.failed) out.push('', `${f.transport} ${f.blockBytes / KIB} KiB: FAILED: ${f.error}`)
+  for (const s of r.skipped) out.push('', `${s.transport}${s.blockBytes ? ` ${s.blockBytes / KIB} KiB` : ''}: not measured: ${s.why}`)
   return out.join('\n')
 }
 

@@ -173,8 +173,9 @@ export function register(communicator: Communicator, options: PrometheusOptions 
     if (typeof value !== 'string') throw invalid(`labels.${name} must be a string`)
   }
   let entry = REGISTERED.get(registry)
-  // A registry cleared since (`registry.clear()`) holds none of the families any more: start again.
-  if (entry && registry.getSingleMetric(entry.families[0].key) !== (entry.families[0] as unknown)) {
+  // A registry cleared since (`registry.clear()`), or whose families were taken out, is registered again.
+  if (entry && entry.families.some((f) => registry.getSingleMetric(f.key) !== (f as unknown))) {
+    for (const f of entry.families) if (registry.getSingleMetric(f.key) === (f as unknown)) registry.removeSingleMetric(f.key)
     REGISTERED.delete(registry)
     entry = undefined
   }
@@ -185,6 +186,9 @@ export function register(communicator: Communicator, options: PrometheusOptions 
   if (!entry) {
     const sources = new Set<Source>()
     const families = FAMILIES.map(([name, type, help, read]) => new Family(name, help, type, sources, read))
+    // All or nothing: a name taken by another metric leaves the registry as it was.
+    const taken = families.find((f) => registry.getSingleMetric(f.key) !== undefined)
+    if (taken) throw invalid(`this registry has a metric named ${taken.key} already, which is not kvtransfer's`)
     // A registry holds prom-client's own metric classes; these have the same shape (see the module's comment).
     for (const family of families) registry.registerMetric(family as unknown as Parameters<Registry['registerMetric']>[0])
     entry = { sources, families }

@@ -75,18 +75,18 @@ macro_rules! line {
 impl Logger {
     /// Opens the logs the configuration asks for.
     pub fn new(config: &Config, tag: impl Into<String>) -> Result<Logger> {
-        let hooked = config.log_hook.is_some();
+        let hook = Arc::new(Mutex::new(config.log_hook.clone()));
         // Errors and warnings go to the error log, everything else to the debug log (when it is on).
-        let errors = sink(config.error_file.as_deref(), "KVCACHE_ERROR_FILE", hooked)?.with_filter(|m| *m.level() <= Level::WARN);
+        let errors = sink(config.error_file.as_deref(), "KVCACHE_ERROR_FILE", &hook)?.with_filter(|m| *m.level() <= Level::WARN);
         let writer = match config.debug {
             true => {
-                let debug = sink(config.debug_file.as_deref(), "KVCACHE_DEBUG_FILE", hooked)?.with_filter(|m| *m.level() > Level::WARN);
+                let debug = sink(config.debug_file.as_deref(), "KVCACHE_DEBUG_FILE", &hook)?.with_filter(|m| *m.level() > Level::WARN);
                 BoxMakeWriter::new(errors.and(debug))
             }
             false => BoxMakeWriter::new(errors),
         };
-        let hook = Arc::new(Mutex::new(config.log_hook.clone()));
-        let dispatch = dispatch(writer, config.debug, config.log_format, hooked.then(|| Hooked(hook.clone())));
+        let hooked = config.log_hook.is_some().then(|| Hooked(hook.clone()));
+        let dispatch = dispatch(writer, config.debug, config.log_format, hooked);
         Ok(Logger { tag: tag.into(), debug: config.debug, dispatch, peers: Mutex::default(), hook })
     }
 
@@ -224,16 +224,15 @@ impl Visit for Collect<'_> {
     }
 }
 
-/// Where one log goes: standard error, a file appended to, or nowhere (a hook has the lines).
+/// Where one log goes: a file appended to, or standard error unless a hook has the lines.
 #[derive(Clone)]
 enum Sink {
-    Stderr,
     File(Arc<Mutex<File>>),
-    Nowhere,
+    StderrUnhooked(Arc<Mutex<Option<LogHook>>>),
 }
 
-fn sink(path: Option<&Path>, variable: &str, hooked: bool) -> Result<Sink> {
-    let Some(path) = path else { return Ok(if hooked { Sink::Nowhere } else { Sink::Stderr }) };
+fn sink(path: Option<&Path>, variable: &str, hook: &Arc<Mutex<Option<LogHook>>>) -> Result<Sink> {
+    let Some(path) = path else { return Ok(Sink::StderrUnhooked(hook.clone())) };
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -279,10 +278,10 @@ impl<'a> MakeWriter<'a> for Sink {
     type Writer = SinkWriter<'a>;
     fn make_writer(&'a self) -> SinkWriter<'a> {
         match self {
-            Sink::Stderr => SinkWriter::Stderr(std::io::stderr()),
             // A poisoned lock only means another line panicked half-written: keep logging.
             Sink::File(f) => SinkWriter::File(lock(f)),
-            Sink::Nowhere => SinkWriter::Nowhere,
+            Sink::StderrUnhooked(hook) if lock(hook).is_some() => SinkWriter::Nowhere,
+            Sink::StderrUnhooked(_) => SinkWriter::Stderr(std::io::stderr()),
         }
     }
 }

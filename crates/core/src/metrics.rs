@@ -329,22 +329,22 @@ impl Instruments {
         if let Some(&i) = by_name.get(peer) {
             return peers[i].1.clone();
         }
-        if peers.len() >= MAX_PEERS {
-            // Held by the table alone: no connection, no request and no call in flight counts on it.
-            let idle = peers.iter().position(|(name, p)| Arc::strong_count(p) == 1 && name != OTHER_PEERS);
-            match idle {
+        let named = peers.len() - usize::from(by_name.contains_key(OTHER_PEERS));
+        let mut name = peer;
+        if named >= MAX_PEERS {
+            // Held by the table alone: no connection, no request and no call in flight counts on it (a handle
+            // is only ever handed out here, under this lock, so none can appear meanwhile).
+            match peers.iter().position(|(n, p)| Arc::strong_count(p) == 1 && n != OTHER_PEERS) {
                 Some(i) => {
                     peers.remove(i);
-                    *by_name = peers.iter().enumerate().map(|(i, (name, _))| (name.clone(), i)).collect();
+                    *by_name = peers.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
                 }
-                None => {
-                    if let Some(&i) = by_name.get(OTHER_PEERS) {
-                        return peers[i].1.clone();
-                    }
-                }
+                None => match by_name.get(OTHER_PEERS) {
+                    Some(&i) => return peers[i].1.clone(),
+                    None => name = OTHER_PEERS,
+                },
             }
         }
-        let name = if peers.len() < MAX_PEERS { peer } else { OTHER_PEERS };
         let instruments = Arc::new(PeerInstruments::default());
         by_name.insert(name.to_string(), peers.len());
         peers.push((name.to_string(), instruments.clone()));
@@ -364,14 +364,16 @@ impl Instruments {
 
     /// What the instruments hold now, with the decode's `levels` (read from its servers and request table).
     pub fn snapshot(&self, levels: Levels) -> Stats {
-        let peers: Vec<(String, Arc<PeerInstruments>)> = lock(&self.peers).0.clone();
+        // Read under the table's lock rather than from clones: a clone would make every peer look held, and
+        // none could make room meanwhile.
+        let peers: Vec<PeerStats> = lock(&self.peers).0.iter().map(|(name, p)| p.snapshot(name)).collect();
         let refusals = Refusal::ALL.iter().zip(&self.refusals).map(|(&r, n)| match r {
             Refusal::Limit => (r, n.get() + levels.refused_at_limit),
             _ => (r, n.get()),
         });
         Stats {
             role: self.role,
-            peers: peers.iter().map(|(name, p)| p.snapshot(name)).collect(),
+            peers,
             transports: TransportKind::ALL
                 .iter()
                 .zip(&self.transports)
@@ -535,7 +537,13 @@ mod tests {
         let s = m.snapshot(Levels::default());
         assert_eq!(s.peers.len(), MAX_PEERS + 1);
         assert_eq!(s.peers.iter().find(|p| p.peer == OTHER_PEERS).unwrap().writes, 5);
+        // Once peers let go, a newcomer gets a place of its own again, and there is still one `other`.
         drop((newcomer, held));
+        m.peer("later:1").writes.add(2);
+        let s = m.snapshot(Levels::default());
+        assert_eq!(s.peers.iter().filter(|p| p.peer == OTHER_PEERS).count(), 1);
+        assert_eq!(s.peers.iter().find(|p| p.peer == "later:1").map(|p| p.writes), Some(2));
+        assert_eq!(s.peers.len(), MAX_PEERS + 1);
     }
 
     #[test]

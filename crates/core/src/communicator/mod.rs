@@ -122,11 +122,14 @@ enum Side {
 
 impl Communicator {
     /// Validates the cache, sets up the transports and, for a decode communicator, starts listening.
-    pub fn new(spec: CommunicatorSpec, config: Config) -> Result<Communicator> {
+    pub fn new(spec: CommunicatorSpec, mut config: Config) -> Result<Communicator> {
         let log = Arc::new(Logger::new(&config, format!("{}:{}", spec.role.as_str(), spec.gpu_idx))?);
+        // The logger holds the hook from here on, and lets go of it at close: the configuration kept does not.
+        config.log_hook = None;
         let built = Communicator::build(spec, config, log.clone());
         if let Err(e) = &built {
             log.error(format!("cannot create the communicator: {e}"));
+            log.unhook();
         }
         built
     }
@@ -481,10 +484,12 @@ impl Communicator {
                 }
                 Side::Decode(d) => d.close(),
             })
-        })?;
+        });
         self.log.debug("closed");
-        // Nothing is told after close: the binding's hook (and what it holds) is let go.
+        // Nothing is told to the binding's hook after close: it (and what it holds) is let go, however the
+        // close ended; a later line goes to standard error or the log files.
         self.log.unhook();
+        let uncut = uncut?;
         if uncut.is_empty() {
             self.cache.release_owners();
             return Ok(());

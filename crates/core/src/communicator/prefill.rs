@@ -218,7 +218,7 @@ impl PrefillSide {
                 state.link = None;
             }
             if state.link.is_none() {
-                let rebuilt = self.rebuild(comm, ip, port, &mut state, &peer.gate);
+                let rebuilt = self.rebuild(comm, ip, port, &mut state, &peer.gate, &peer.metrics);
                 peer.update(&state);
                 if let Err(e) = rebuilt {
                     self.forget(&key, &peer);
@@ -229,13 +229,15 @@ impl PrefillSide {
         }
         SliceGeometry::for_ranks(self.tp_size, self.tp_idx, dst_tp_size)?;
         let gate = Arc::new(Gate::default());
-        let peer = self.establish(comm, ip, port, dst_tp_size, &gate, false)?;
+        // Held from the first attempt on: what the connection counts stays the peer's.
+        let metrics = self.metrics.peer(&key);
+        let peer = self.establish(comm, ip, port, dst_tp_size, &gate, &metrics, false)?;
         let (number, transport) = peer.link.as_ref().map(|c| (c.number, c.link.transport())).expect("established");
         // Checked under the map's lock, which `close` takes to clear it: no peer is added after a close.
         let mut peers = self.peers.lock().unwrap();
         let added = comm.check_open().is_ok() && !peers.contains_key(&key);
         if added {
-            peers.insert(key.clone(), Arc::new(PeerEntry::new(peer, gate, self.metrics.peer(&key))));
+            peers.insert(key.clone(), Arc::new(PeerEntry::new(peer, gate, metrics)));
             drop(peers);
             self.events.tell(PeerEvent::Connected { peer: key, transport, reconnected: false });
             return Ok(());
@@ -386,14 +388,24 @@ impl PrefillSide {
     }
 
     /// Replaces a connection that ended with a new one to the same peer, by the reconnect policy.
-    fn rebuild(&self, comm: &Communicator, ip: &str, port: u16, peer: &mut Peer, gate: &Arc<Gate>) -> Result<()> {
-        *peer = self.establish(comm, ip, port, peer.dst_tp_size, gate, true)?;
+    fn rebuild(&self, comm: &Communicator, ip: &str, port: u16, peer: &mut Peer, gate: &Arc<Gate>, metrics: &PeerInstruments) -> Result<()> {
+        *peer = self.establish(comm, ip, port, peer.dst_tp_size, gate, metrics, true)?;
         Ok(())
     }
 
     /// Makes a connection to `ip:port` by the communicator's [`Reconnect`] policy: attempts, with pauses between
     /// them, while the failure is one another attempt can mend. A rebuild (`rebuilding`) tells each attempt.
-    fn establish(&self, comm: &Communicator, ip: &str, port: u16, dst_tp_size: u32, gate: &Arc<Gate>, rebuilding: bool) -> Result<Peer> {
+    #[allow(clippy::too_many_arguments)]
+    fn establish(
+        &self,
+        comm: &Communicator,
+        ip: &str,
+        port: u16,
+        dst_tp_size: u32,
+        gate: &Arc<Gate>,
+        metrics: &PeerInstruments,
+        rebuilding: bool,
+    ) -> Result<Peer> {
         let key = peer_key(ip, port);
         let policy = comm.config.reconnect;
         let attempts = policy.retries.saturating_add(1);
@@ -407,7 +419,6 @@ impl PrefillSide {
             let started = Instant::now();
             match self.handshake(comm, ip, port, dst_tp_size, rebuilding, gate) {
                 Ok(peer) => {
-                    let metrics = self.metrics.peer(&key);
                     if let Some(c) = peer.link.as_ref() {
                         metrics.connected_over(c.link.transport());
                     }
@@ -531,7 +542,7 @@ impl PrefillSide {
             peer.update(state);
         }
         if state.link.is_none() {
-            let rebuilt = self.rebuild(comm, ip, port, state, gate);
+            let rebuilt = self.rebuild(comm, ip, port, state, gate, &peer.metrics);
             peer.update(state);
             if let Err(e) = rebuilt {
                 self.forget(&key, &peer);
