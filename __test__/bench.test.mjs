@@ -28,6 +28,14 @@ test('bench --json measures each size, checks the bytes, and says why a transpor
     t.true(Math.abs(x.bytesPerCall / (x.usPerCall.p10 * 1e3) - x.gbps.p90) / x.gbps.p90 < 1e-9)
   }
   t.deepEqual(r.failed, [])
+  // The ceilings, on the same bytes: a stream, and the copy on one thread (and as many as shm splits over).
+  for (const size of [1024, 4096]) {
+    const names = r.ceilings.filter((c) => c.blockBytes === size).map((c) => c.name)
+    t.deepEqual(names.slice(0, 2), ['tcp-stream', 'memcpy'])
+    t.true(names.length <= 3 && names.slice(2).every((n) => /^memcpy-\d+-threads$/.test(n)), names.join())
+  }
+  for (const c of r.ceilings) t.like(c, { calls: 3, bytesPerCall: 64 * c.blockBytes * 2 })
+  t.true(r.ceilings.every((c) => c.gbps.median > 0))
   t.deepEqual(r.skipped.find((s) => s.transport === 'bogus'), { transport: 'bogus', why: 'not a transport of this version' })
   t.is(stderr, '', 'quiet with --json')
 })
@@ -37,13 +45,16 @@ test('bench --csv writes one line per row; the table names what it ran', async (
   t.is(csv.code, 0, csv.stderr)
   const [head, ...lines] = csv.stdout.trim().split('\n')
   t.is(head.split(',').length, 12)
-  t.is(lines.length, 1)
-  t.regex(lines[0], new RegExp(`^kvtransfer,${transport},2048,32,2,`))
-  t.true(lines[0].endsWith(',true'))
+  const ours = lines.filter((l) => l.startsWith('kvtransfer,'))
+  t.is(ours.length, 1)
+  t.regex(ours[0], new RegExp(`^kvtransfer,${transport},2048,32,2,`))
+  t.true(ours[0].endsWith(',true'))
+  t.true(lines.some((l) => l.startsWith('ceiling,tcp-stream,2048,32,2,')))
   const table = await run(['--transports', transport, '--sizes', '1', '--batch', '16', '--iterations', '1'])
   t.is(table.code, 0, table.stderr)
   t.regex(table.stdout, /16 scattered blocks per call from a pool of 20, keys and values/)
-  t.regex(table.stdout, new RegExp(`\\| 1 KiB \\| ${transport} \\| [0-9.]+ \\|.*\\| yes \\|`))
+  t.regex(table.stdout, new RegExp(`\\| 1 KiB \\| ${transport} \\| [0-9.]+ \\|.*\\| [0-9.]+ of (tcp-stream|memcpy[-a-z0-9]*) \\| yes \\|`))
+  t.regex(table.stdout, /\| 1 KiB \| \(ceiling\) tcp-stream \| [0-9.]+ \|/)
   t.regex(table.stderr, /\[1\/1\]/, 'progress on standard error')
 })
 

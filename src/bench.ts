@@ -11,6 +11,7 @@ import { cpus, freemem, totalmem } from 'node:os'
 import { join } from 'node:path'
 import { RDMACommunicator } from './compat.js'
 import { HostBuffer } from './host-buffer.js'
+import { native } from './loader.js'
 
 /** What {@link runBench} measures. */
 export interface BenchOptions {
@@ -54,6 +55,20 @@ export interface BenchRow {
   verified: boolean
 }
 
+/**
+ * What the machine does without kvtransfer, on the same bytes: one TCP stream over loopback (`tcp-stream`, the
+ * ceiling of our TCP), `memcpy` of the same scattered blocks on one thread (`memcpy`) and split over threads as
+ * the shm transport splits a write (`memcpy-N-threads`, the ceiling of our shm).
+ */
+export interface CeilingRow {
+  name: string
+  blockBytes: number
+  bytesPerCall: number
+  calls: number
+  gbps: Spread
+  usPerCall: Spread
+}
+
 /** A whole run: what it ran on and with, and its rows. */
 export interface BenchResult {
   date: string
@@ -65,6 +80,7 @@ export interface BenchResult {
   warmup: number
   iterations: number
   rows: BenchRow[]
+  ceilings: CeilingRow[]
   /** Transports (and sizes) asked for that were not measured, and why. */
   skipped: Array<{ transport: string; blockBytes?: number; why: string }>
   /** Rows that failed, with the error. */
@@ -211,16 +227,19 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     if (!here.usable.includes(t) && !skipped.some((s) => s.transport === t)) skipped.push({ transport: t, why: 'not a transport of this version' })
   }
   const rows: BenchRow[] = []
+  const ceilings: CeilingRow[] = []
   const failed: BenchResult['failed'] = []
   const total = transports.length * sizes.length
-  for (const transport of transports) {
-    for (const blockBytes of sizes) {
-      // Both processes hold the whole cache: a size that would crowd this machine's free memory is left out.
-      const need = 2 * tensors * layers * pool * blockBytes
-      if (need > 0.7 * freemem()) {
+  for (const blockBytes of sizes) {
+    // Both processes hold the whole cache: a size that would crowd this machine's free memory is left out.
+    const need = 2 * tensors * layers * pool * blockBytes
+    if (need > 0.7 * freemem()) {
+      for (const transport of transports) {
         skipped.push({ transport, blockBytes, why: `both caches take ${(need / 2 ** 30).toFixed(1)} GiB, more than 70% of the free memory` })
-        continue
       }
+      continue
+    }
+    for (const transport of transports) {
       try {
         const row = await measure({ transport, blockBytes, batch, pool, layers, tensors, iterations, warmup })
         rows.push(row)
@@ -229,6 +248,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
         failed.push({ transport, blockBytes, error: e instanceof Error ? e.message : String(e) })
       }
     }
+    if (transports.length > 0) ceilings.push(...ceilingsOf({ blockBytes, batch, pool, tensors, iterations, warmup }))
   }
   const cpu = cpus()
   return {
@@ -241,9 +261,34 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     warmup,
     iterations,
     rows,
+    ceilings,
     skipped,
     failed,
   }
+}
+
+/** The ceilings at one block size (see {@link CeilingRow}). */
+function ceilingsOf(s: { blockBytes: number; batch: number; pool: number; tensors: number; iterations: number; warmup: number }): CeilingRow[] {
+  const bytesPerCall = s.batch * s.blockBytes * s.tensors
+  const row = (name: string, seconds: number[]): CeilingRow => {
+    const us = spread(seconds.map((t) => t * 1e6))
+    return { name, blockBytes: s.blockBytes, bytesPerCall, calls: seconds.length, gbps: rate(bytesPerCall, us), usPerCall: us }
+  }
+  const local = [...scattered(s.batch, s.pool, 1)]
+  const remote = [...scattered(s.batch, s.pool, 2)]
+  const copy = (threads: number) => native.ceilingScatteredCopy(s.blockBytes, local, remote, s.tensors, threads, s.warmup, s.iterations)
+  const threads = native.copyThreads()
+  const out = [row('tcp-stream', native.ceilingTcpStream(bytesPerCall, 256 * KIB, s.warmup, s.iterations)), row('memcpy', copy(1))]
+  if (threads > 1) out.push(row(`memcpy-${threads}-threads`, copy(threads)))
+  return out
+}
+
+/** The ceiling of `transport`'s rows in `r`, by name: a stream for TCP, the copy split as shm splits it. */
+function ceilingOf(r: BenchResult, transport: string, blockBytes: number): CeilingRow | undefined {
+  const at = r.ceilings.filter((c) => c.blockBytes === blockBytes)
+  if (transport === 'tcp') return at.find((c) => c.name === 'tcp-stream')
+  if (transport === 'shm') return at.find((c) => c.name.startsWith('memcpy-')) ?? at.find((c) => c.name === 'memcpy')
+  return undefined
 }
 
 interface Shape {
@@ -312,14 +357,18 @@ export function formatTable(r: BenchResult): string {
       `${r.layers} layers in turn, writeCache on one thread; ${r.warmup} warm-up and ${r.iterations} timed calls per row`,
     `${r.machine.cpuModel}, ${r.machine.cpus} CPUs, ${(r.machine.memoryBytes / 2 ** 30).toFixed(0)} GiB, ${r.machine.platform}, Node.js ${r.machine.node}, ${r.date}`,
     '',
-    '| block | transport | GB/s (median) | p10 | p90 | µs per call | bytes checked |',
-    '|---|---|---|---|---|---|---|',
+    '| block | transport | GB/s (median) | p10 | p90 | µs per call | of its ceiling | bytes checked |',
+    '|---|---|---|---|---|---|---|---|',
   ]
-  for (const row of [...r.rows].sort((a, b) => a.blockBytes - b.blockBytes || a.transport.localeCompare(b.transport))) {
-    out.push(
-      `| ${row.blockBytes / KIB} KiB | ${row.transport} | ${row.gbps.median.toFixed(2)} | ${row.gbps.p10.toFixed(2)} | ${row.gbps.p90.toFixed(2)} | ` +
-        `${row.usPerCall.median.toFixed(0)} | ${row.verified ? 'yes' : 'MISMATCH'} |`,
-    )
+  const line = (size: number, name: string, g: Spread, us: Spread, of: string, checked: string) =>
+    `| ${size / KIB} KiB | ${name} | ${g.median.toFixed(2)} | ${g.p10.toFixed(2)} | ${g.p90.toFixed(2)} | ${us.median.toFixed(0)} | ${of} | ${checked} |`
+  for (const size of [...new Set([...r.rows, ...r.ceilings].map((x) => x.blockBytes))].sort((a, b) => a - b)) {
+    for (const row of r.rows.filter((x) => x.blockBytes === size).sort((a, b) => a.transport.localeCompare(b.transport))) {
+      const ceiling = ceilingOf(r, row.transport, size)
+      const of = ceiling ? `${(row.gbps.median / ceiling.gbps.median).toFixed(2)} of ${ceiling.name}` : '-'
+      out.push(line(size, row.transport, row.gbps, row.usPerCall, of, row.verified ? 'yes' : 'MISMATCH'))
+    }
+    for (const c of r.ceilings.filter((x) => x.blockBytes === size)) out.push(line(size, `(ceiling) ${c.name}`, c.gbps, c.usPerCall, '', ''))
   }
   for (const f of r.failed) out.push('', `${f.transport} ${f.blockBytes / KIB} KiB: FAILED: ${f.error}`)
   for (const s of r.skipped) out.push('', `${s.transport}${s.blockBytes ? ` ${s.blockBytes / KIB} KiB` : ''}: not measured: ${s.why}`)
@@ -332,5 +381,8 @@ export function formatCsv(r: BenchResult): string {
   const lines = r.rows.map((x) =>
     [x.system, x.transport, x.blockBytes, x.batch, x.calls, x.gbps.median, x.gbps.p10, x.gbps.p90, x.usPerCall.median, x.usPerCall.p10, x.usPerCall.p90, x.verified].join(','),
   )
+  for (const c of r.ceilings) {
+    lines.push(['ceiling', c.name, c.blockBytes, r.batch, c.calls, c.gbps.median, c.gbps.p10, c.gbps.p90, c.usPerCall.median, c.usPerCall.p10, c.usPerCall.p90, ''].join(','))
+  }
   return [head, ...lines].join('\n')
 }

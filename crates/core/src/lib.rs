@@ -12,7 +12,7 @@
 //! [`memory`] → [`error`].
 //!
 //! The stable surface is what these docs show: [`Communicator`] and its [`communicator`] module (requests,
-//! peer events), [`config`], [`error`], [`memory`], [`metrics`], [`system`] and [`rdma_devices`]. The other
+//! peer events), [`config`], [`error`], [`memory`], [`metrics`], [`system`], [`ceilings`] and [`rdma_devices`]. The other
 //! modules are the library's internals, public only with the feature `internals` (for this crate's own tests,
 //! fuzzers and benchmarks, which speak the protocol by hand).
 
@@ -34,7 +34,9 @@ internals!(admission, auth, channel, codec, control, cuda, iov, listener, log, p
 mod net;
 mod sync;
 
-// The stable surface: communicators, their configuration and errors, cache memory, the machine report.
+// The stable surface: communicators, their configuration and errors, cache memory, the machine report, and
+// what the machine can do without kvtransfer (the bench's ceilings).
+pub mod ceilings;
 pub mod communicator;
 pub mod config;
 pub mod error;

@@ -693,6 +693,40 @@ impl NativeCommunicator {
     }
 }
 
+/// `kvtransfer bench`'s ceiling: one TCP stream over loopback moving `bytes` per call in writes of `chunk`;
+/// seconds per timed call.
+#[napi]
+pub fn ceiling_tcp_stream(bytes: f64, chunk: u32, warmup: u32, calls: u32) -> Result<Vec<f64>, ErrorCode> {
+    guarded(|| {
+        let bytes = whole_bytes("bytes", bytes)?;
+        let times = kvtransfer::ceilings::tcp_stream(bytes, chunk as usize, warmup as usize, calls as usize)?;
+        Ok(times.iter().map(|t| t.as_secs_f64()).collect())
+    })
+}
+
+/// `kvtransfer bench`'s ceiling: `memcpy` of the scattered blocks `local[i]` → `remote[i]` of `tensors` tensors
+/// on up to `threads` threads; seconds per timed call.
+#[napi]
+pub fn ceiling_scattered_copy(block_bytes: u32, local: Vec<u32>, remote: Vec<u32>, tensors: u32, threads: u32, warmup: u32, calls: u32) -> Result<Vec<f64>, ErrorCode> {
+    guarded(|| {
+        let times = kvtransfer::ceilings::scattered_copy(block_bytes as usize, &local, &remote, tensors as usize, threads as usize, warmup as usize, calls as usize)?;
+        Ok(times.iter().map(|t| t.as_secs_f64()).collect())
+    })
+}
+
+/// The threads the shared-memory transport splits one large write over, here.
+#[napi]
+pub fn copy_threads() -> u32 {
+    kvtransfer::ceilings::copy_threads() as u32
+}
+
+fn whole_bytes(name: &str, v: f64) -> kvtransfer::Result<usize> {
+    if v.fract() != 0.0 || !(0.0..=(1u64 << 40) as f64).contains(&v) {
+        return Err(invalid(format!("{name} must be a whole number of bytes up to 1 TiB")));
+    }
+    Ok(v as usize)
+}
+
 /// Page-aligned, zero-filled host memory as a `Buffer`; the memory is released when the buffer is
 /// collected or detached (see [`host_free`]).
 #[napi]

@@ -8,7 +8,7 @@
 //! Where Yama restricts `ptrace` (`kernel.yama.ptrace_scope` 1), only the process of an authenticated peer is let
 //! write, for as long as it has a session ([`ptrace_grant`]).
 
-mod copy;
+pub(crate) mod copy;
 mod ptrace_grant;
 
 use crate::sync::lock;
