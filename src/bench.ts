@@ -248,7 +248,12 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
         failed.push({ transport, blockBytes, error: e instanceof Error ? e.message : String(e) })
       }
     }
-    if (transports.length > 0) ceilings.push(...ceilingsOf({ blockBytes, batch, pool, tensors, iterations, warmup }))
+    if (transports.length === 0) continue
+    try {
+      ceilings.push(...ceilingsOf({ blockBytes, batch, pool, tensors, layers, iterations, warmup }))
+    } catch (e) {
+      failed.push({ transport: 'ceiling', blockBytes, error: e instanceof Error ? e.message : String(e) })
+    }
   }
   const cpu = cpus()
   return {
@@ -268,7 +273,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
 }
 
 /** The ceilings at one block size (see {@link CeilingRow}). */
-function ceilingsOf(s: { blockBytes: number; batch: number; pool: number; tensors: number; iterations: number; warmup: number }): CeilingRow[] {
+function ceilingsOf(s: { blockBytes: number; batch: number; pool: number; tensors: number; layers: number; iterations: number; warmup: number }): CeilingRow[] {
   const bytesPerCall = s.batch * s.blockBytes * s.tensors
   const row = (name: string, seconds: number[]): CeilingRow => {
     const us = spread(seconds.map((t) => t * 1e6))
@@ -276,10 +281,11 @@ function ceilingsOf(s: { blockBytes: number; batch: number; pool: number; tensor
   }
   const local = [...scattered(s.batch, s.pool, 1)]
   const remote = [...scattered(s.batch, s.pool, 2)]
-  const copy = (threads: number) => native.ceilingScatteredCopy(s.blockBytes, local, remote, s.tensors, threads, s.warmup, s.iterations)
-  const threads = native.copyThreads()
-  const out = [row('tcp-stream', native.ceilingTcpStream(bytesPerCall, 256 * KIB, s.warmup, s.iterations)), row('memcpy', copy(1))]
-  if (threads > 1) out.push(row(`memcpy-${threads}-threads`, copy(threads)))
+  const copy = (threads: number) => native.ceilingScatteredCopy(s.blockBytes, local, remote, s.tensors, s.layers, threads, s.warmup, s.iterations)
+  const out = [row('tcp-stream', native.ceilingTcpStream(bytesPerCall, 256 * KIB, s.warmup, s.iterations)), row('memcpy', copy(1).seconds)]
+  // Split as shm splits this call: a row of its own only where that takes more than one thread.
+  const split = copy(native.copyThreads())
+  if (split.threads > 1) out.push(row(`memcpy-${split.threads}-threads`, split.seconds))
   return out
 }
 

@@ -1,123 +1,192 @@
 //! What this machine can do without kvtransfer, for `kvtransfer bench` to put beside its own rows: one plain TCP
 //! stream of the same bytes over loopback, and `memcpy` of the same scattered blocks (on one thread, and split
-//! over threads as the shared-memory transport splits a write). Each returns the time of every timed call.
+//! over threads as the shared-memory transport splits a write). Each returns the time of every timed call, and
+//! blocks its caller while it runs; memory is reserved fallibly, so a size the machine cannot hold is an error.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::transport::shm::copy::{threads as shm_threads, BYTES_PER_THREAD};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
+
+/// Timed calls at most, and untimed ones.
+pub const MAX_CALLS: usize = 10_000;
+pub const MAX_WARMUP: usize = 1_000;
+/// The largest write of the stream, and the most bytes one call may move.
+pub const MAX_CHUNK: usize = 16 << 20;
+pub const MAX_CALL_BYTES: usize = 64 << 30;
+/// How long the stream may go without progress before it is an error.
+const STALL: Duration = Duration::from_secs(30);
 
 /// The threads the shared-memory transport splits one large write over, here.
 pub fn copy_threads() -> usize {
     shm_threads()
 }
 
+fn check(name: &str, v: usize, min: usize, max: usize) -> Result<usize> {
+    if (min..=max).contains(&v) {
+        return Ok(v);
+    }
+    Err(Error::invalid(format!("{name} must be from {min} to {max}, not {v}")))
+}
+
+/// A zeroed buffer of `len` bytes, or an error where the machine cannot give it (never an abort).
+fn buffer(len: usize) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::new(ErrorCode::Unavailable, format!("cannot allocate {len} bytes")))?;
+    v.resize(len, 0);
+    Ok(v)
+}
+
 /// One TCP stream over loopback moving `bytes` per call in writes of `chunk` bytes: the time of each of `calls`
 /// calls (after `warmup` untimed ones), from the first byte written to the receiver's acknowledgement that the
 /// last one arrived.
 pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Result<Vec<Duration>> {
+    let (bytes, calls, warmup) = (check("bytes", bytes, 1, MAX_CALL_BYTES)?, check("calls", calls, 1, MAX_CALLS)?, check("warmup", warmup, 0, MAX_WARMUP)?);
+    let chunk = check("chunk", chunk, 1, MAX_CHUNK)?.min(bytes);
     let io = |what: &'static str| move |e: std::io::Error| Error::io(what, e);
-    let chunk = chunk.max(1);
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io("binding a loopback port"))?;
-    let addr = listener.local_addr().map_err(io("reading the port"))?;
+    // Connected first (the backlog completes it), then taken from the listener: a stranger that connected to the
+    // port meanwhile is turned away, never served in our place.
+    let mut sender = TcpStream::connect(listener.local_addr().map_err(io("reading the port"))?).map_err(io("connecting over loopback"))?;
+    let ours = sender.local_addr().map_err(io("reading the address"))?;
+    let mut receiver = (0..64)
+        .find_map(|_| listener.accept().ok().filter(|(_, from)| *from == ours).map(|(s, _)| s))
+        .ok_or_else(|| Error::new(ErrorCode::Transport, "the loopback stream's own connection never arrived"))?;
+    for s in [&sender, &receiver] {
+        s.set_nodelay(true).and_then(|()| s.set_read_timeout(Some(STALL))).and_then(|()| s.set_write_timeout(Some(STALL))).map_err(io("setting up the stream"))?;
+    }
     let total = warmup + calls;
-    let receiver = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        let mut buf = vec![0u8; chunk];
+    let mut data = buffer(chunk)?;
+    data.fill(0x5a);
+    let mut sink = buffer(chunk)?;
+    let reading = std::thread::spawn(move || -> std::io::Result<()> {
         for _ in 0..total {
             let mut left = bytes;
             while left > 0 {
-                let n = s.read(&mut buf[..left.min(chunk)])?;
+                let n = receiver.read(&mut sink[..left.min(chunk)])?;
                 if n == 0 {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
                 left -= n;
             }
-            s.write_all(&[1])?;
+            receiver.write_all(&[1])?;
         }
         Ok(())
     });
-    let mut times = Vec::with_capacity(calls);
+    let mut times = Vec::new();
     let sent = (|| -> std::io::Result<()> {
-        let mut s = TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
-        let data = vec![0x5au8; chunk];
         let mut ack = [0u8; 1];
         for i in 0..total {
             let start = Instant::now();
             let mut left = bytes;
             while left > 0 {
                 let n = left.min(chunk);
-                s.write_all(&data[..n])?;
+                sender.write_all(&data[..n])?;
                 left -= n;
             }
-            s.read_exact(&mut ack)?;
+            sender.read_exact(&mut ack)?;
             if i >= warmup {
                 times.push(start.elapsed());
             }
         }
         Ok(())
     })();
-    let received = receiver.join().map_err(|_| Error::new(crate::error::ErrorCode::Internal, "the stream's receiver panicked"))?;
+    // Either side's failure ends the other within the stall timeout (or at once: the socket closes).
+    drop(sender);
+    let received = reading.join().map_err(|_| Error::new(ErrorCode::Internal, "the stream's receiver panicked"))?;
     sent.map_err(io("sending over the loopback stream"))?;
     received.map_err(io("receiving over the loopback stream"))?;
     Ok(times)
 }
 
-/// `memcpy` of scattered blocks: for each of `tensors` tensors, block `local[i]` of a source pool into block
-/// `remote[i]` of a destination pool, on `threads` threads at most, each given at least as many bytes as the
-/// shared-memory transport gives one. The time of each of `calls` calls, after `warmup` untimed ones (at least
-/// one: it touches the destination's pages).
-pub fn scattered_copy(block_bytes: usize, local: &[u32], remote: &[u32], tensors: usize, threads: usize, warmup: usize, calls: usize) -> Result<Vec<Duration>> {
-    if local.len() != remote.len() {
-        return Err(Error::invalid(format!("{} local block ids but {} remote ones", local.len(), remote.len())));
+/// `memcpy` of scattered blocks, as a bench call moves them: for each of `tensors` tensors, block `local[i]` of a
+/// source pool into block `remote[i]` of a destination pool, one of `layers` pools per tensor in turn (each call
+/// the next layer's), on `threads` threads at most, each given at least as many bytes as the shared-memory
+/// transport gives one. Returns the threads used and the time of each of `calls` calls, after `warmup` untimed
+/// ones (at least one per layer: they touch the destination's pages).
+#[allow(clippy::too_many_arguments)]
+pub fn scattered_copy(
+    block_bytes: usize,
+    local: &[u32],
+    remote: &[u32],
+    tensors: usize,
+    layers: usize,
+    threads: usize,
+    warmup: usize,
+    calls: usize,
+) -> Result<(usize, Vec<Duration>)> {
+    let block_bytes = check("block bytes", block_bytes, 1, MAX_CALL_BYTES)?;
+    let (tensors, layers) = (check("tensors", tensors, 1, 4)?, check("layers", layers, 1, 64)?);
+    let (threads, calls, warmup) = (check("threads", threads, 1, 64)?, check("calls", calls, 1, MAX_CALLS)?, check("warmup", warmup, 0, MAX_WARMUP)?);
+    if local.len() != remote.len() || local.is_empty() {
+        return Err(Error::invalid(format!("{} local block ids and {} remote ones: give the same number, at least one", local.len(), remote.len())));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(r) = remote.iter().find(|&&r| !seen.insert(r)) {
+        return Err(Error::invalid(format!("remote block id {r} is listed twice")));
     }
     let pool = |ids: &[u32]| ids.iter().max().map_or(0, |&m| m as usize + 1);
-    let bytes = |blocks: usize| {
-        blocks.checked_mul(block_bytes).filter(|&b| b <= 1 << 40).ok_or_else(|| Error::invalid("the pools would be larger than 1 TiB"))
-    };
-    let (src_bytes, dst_bytes) = (bytes(pool(local))?, bytes(pool(remote))?);
-    let src: Vec<Vec<u8>> = (0..tensors).map(|t| (0..src_bytes).map(|i| (i as u8) ^ (t as u8)).collect()).collect();
-    let mut dst: Vec<Vec<u8>> = (0..tensors).map(|_| vec![0u8; dst_bytes]).collect();
-    let total = local.len() * block_bytes * tensors;
-    let parts = threads.min(total / BYTES_PER_THREAD).max(1);
+    let call_bytes = local.len().checked_mul(block_bytes).and_then(|b| b.checked_mul(tensors)).filter(|&b| b <= MAX_CALL_BYTES);
+    let call_bytes = call_bytes.ok_or_else(|| Error::invalid(format!("a call would move more than {MAX_CALL_BYTES} bytes")))?;
+    let pool_bytes = |ids: &[u32]| pool(ids).checked_mul(block_bytes).ok_or_else(|| Error::invalid("a pool would not fit in memory"));
+    let (src_bytes, dst_bytes) = (pool_bytes(local)?, pool_bytes(remote)?);
+    let mut src = Vec::new();
+    let mut dst = Vec::new();
+    for t in 0..tensors * layers {
+        let mut s = buffer(src_bytes)?;
+        s.iter_mut().enumerate().for_each(|(i, b)| *b = (i as u8) ^ (t as u8));
+        src.push(s);
+        dst.push(buffer(dst_bytes)?);
+    }
+    let parts = threads.min(call_bytes / BYTES_PER_THREAD).max(1);
+    // Per layer, the call's copies, tensor after tensor, cut into `parts` runs of as many bytes each (every
+    // block is as long as the next), built once: a call only copies.
+    let mut per_layer: Vec<Vec<Vec<(&[u8], &mut [u8])>>> = Vec::with_capacity(layers);
+    let mut dst_blocks: Vec<Vec<Option<&mut [u8]>>> = dst.iter_mut().map(|d| d.chunks_mut(block_bytes).map(Some).collect()).collect();
+    for layer in 0..layers {
+        let mut copies = Vec::with_capacity(tensors * local.len());
+        for t in 0..tensors {
+            let i = t * layers + layer;
+            for (&l, &r) in local.iter().zip(remote) {
+                let from = &src[i][l as usize * block_bytes..(l as usize + 1) * block_bytes];
+                let to = dst_blocks[i][r as usize].take().expect("remote ids are distinct");
+                copies.push((from, to));
+            }
+        }
+        let per = copies.len().div_ceil(parts);
+        let mut runs: Vec<Vec<(&[u8], &mut [u8])>> = Vec::with_capacity(parts);
+        let mut copies = copies.into_iter().peekable();
+        while copies.peek().is_some() {
+            runs.push(copies.by_ref().take(per).collect());
+        }
+        per_layer.push(runs);
+    }
+    let untimed = warmup.max(layers);
     let mut times = Vec::with_capacity(calls);
-    for i in 0..warmup.max(1) + calls {
+    for i in 0..untimed + calls {
+        let runs = &mut per_layer[i % layers];
         let start = Instant::now();
-        copy(&src, &mut dst, block_bytes, local, remote, parts);
-        if i >= warmup.max(1) {
+        std::thread::scope(|scope| {
+            let (mine, others) = runs.split_first_mut().expect("at least one run");
+            for run in others {
+                scope.spawn(move || run.iter_mut().for_each(|(from, to)| to.copy_from_slice(from)));
+            }
+            mine.iter_mut().for_each(|(from, to)| to.copy_from_slice(from));
+        });
+        if i >= untimed {
             times.push(start.elapsed());
         }
     }
-    Ok(times)
-}
-
-/// One call of [`scattered_copy`]: the pairs split into `parts` runs of pairs, each on its own thread (the first
-/// on this one).
-fn copy(src: &[Vec<u8>], dst: &mut [Vec<u8>], block_bytes: usize, local: &[u32], remote: &[u32], parts: usize) {
-    // Each thread writes the blocks of its own pairs; remote ids are distinct, so no two write one block. The
-    // destination is split into per-block slices first, which the borrow checker can hand out disjointly.
-    let mut blocks: Vec<Vec<Option<&mut [u8]>>> = dst.iter_mut().map(|d| d.chunks_mut(block_bytes).map(Some).collect()).collect();
-    let mut jobs: Vec<Vec<(&[u8], &mut [u8])>> = (0..parts).map(|_| Vec::new()).collect();
-    let per = local.len().div_ceil(parts);
-    for (t, tensor) in blocks.iter_mut().enumerate() {
-        for (i, (&l, &r)) in local.iter().zip(remote).enumerate() {
-            let from = &src[t][l as usize * block_bytes..(l as usize + 1) * block_bytes];
-            if let Some(to) = tensor[r as usize].take() {
-                jobs[i / per.max(1)].push((from, to));
-            }
+    drop((per_layer, dst_blocks));
+    // The destination holds what the pairs say (checked once, outside the timing).
+    for (i, d) in dst.iter().enumerate() {
+        let (l, r) = (local[0] as usize, remote[0] as usize);
+        if d[r * block_bytes..(r + 1) * block_bytes] != src[i][l * block_bytes..(l + 1) * block_bytes] {
+            return Err(Error::new(ErrorCode::Internal, "the copy did not land where its pair says"));
         }
     }
-    std::thread::scope(|scope| {
-        let mut jobs = jobs.into_iter();
-        let mine = jobs.next().unwrap_or_default();
-        for job in jobs {
-            scope.spawn(move || job.into_iter().for_each(|(from, to)| to.copy_from_slice(from)));
-        }
-        mine.into_iter().for_each(|(from, to)| to.copy_from_slice(from));
-    });
+    Ok((parts, times))
 }
 
 #[cfg(test)]
@@ -129,22 +198,30 @@ mod tests {
         let times = tcp_stream(3 << 20, 256 << 10, 1, 4).unwrap();
         assert_eq!(times.len(), 4);
         assert!(times.iter().all(|t| !t.is_zero()));
+        for (bytes, chunk, calls) in [(0, 1, 1), (1, 0, 1), (1, 1, 0), (1, MAX_CHUNK + 1, 1)] {
+            assert_eq!(tcp_stream(bytes, chunk, 0, calls).unwrap_err().code(), ErrorCode::InvalidArgument);
+        }
     }
 
     #[test]
-    fn the_copy_puts_each_block_where_its_pair_says_on_any_number_of_threads() {
-        for parts in [1, 3] {
-            let (local, remote) = ([4u32, 0, 2], [1u32, 2, 0]);
-            let src: Vec<Vec<u8>> = (0..2).map(|t| (0..5 * 8).map(|i| (i + 100 * t) as u8).collect()).collect();
-            let mut dst: Vec<Vec<u8>> = (0..2).map(|_| vec![0u8; 3 * 8]).collect();
-            copy(&src, &mut dst, 8, &local, &remote, parts);
-            for t in 0..2 {
-                for (l, r) in local.iter().zip(&remote) {
-                    assert_eq!(dst[t][*r as usize * 8..][..8], src[t][*l as usize * 8..][..8], "tensor {t}, {l} → {r}, {parts} parts");
-                }
-            }
+    fn the_copy_lands_where_its_pairs_say_and_refuses_what_it_cannot_do() {
+        let (used, times) = scattered_copy(8, &[4, 0, 2], &[1, 2, 0], 2, 2, 3, 0, 3).unwrap();
+        assert_eq!((used, times.len()), (1, 3), "a small call is one thread's");
+        for bad in [
+            scattered_copy(0, &[1], &[1], 1, 1, 1, 0, 1),
+            scattered_copy(8, &[1], &[], 1, 1, 1, 0, 1),
+            scattered_copy(8, &[1, 2], &[3, 3], 1, 1, 1, 0, 1),
+            scattered_copy(8, &[1], &[1], 0, 1, 1, 0, 1),
+            scattered_copy(8, &[1], &[1], 1, 1, 1, 0, 0),
+        ] {
+            assert_eq!(bad.unwrap_err().code(), ErrorCode::InvalidArgument);
         }
-        assert_eq!(scattered_copy(8, &[1, 2], &[0, 1], 2, 2, 0, 3).unwrap().len(), 3);
-        assert!(scattered_copy(8, &[1], &[], 1, 1, 0, 1).is_err());
+        // Pools the machine cannot hold: an error, not an abort.
+        let huge = scattered_copy(1 << 30, &[u32::MAX], &[u32::MAX], 1, 1, 1, 0, 1);
+        assert_eq!(huge.unwrap_err().code(), ErrorCode::Unavailable);
+        // A large call is split over threads, as shm splits it.
+        let ids: Vec<u32> = (0..64).collect();
+        let (used, _) = scattered_copy(256 << 10, &ids, &ids, 2, 1, 4, 0, 1).unwrap();
+        assert_eq!(used, 4.min(32 << 20 >> 22));
     }
 }

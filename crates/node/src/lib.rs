@@ -705,13 +705,40 @@ pub fn ceiling_tcp_stream(bytes: f64, chunk: u32, warmup: u32, calls: u32) -> Re
 }
 
 /// `kvtransfer bench`'s ceiling: `memcpy` of the scattered blocks `local[i]` → `remote[i]` of `tensors` tensors
-/// on up to `threads` threads; seconds per timed call.
+/// and `layers` layers in turn, on up to `threads` threads. Blocks the event loop while it runs (the bench's own
+/// writes do too).
 #[napi]
-pub fn ceiling_scattered_copy(block_bytes: u32, local: Vec<u32>, remote: Vec<u32>, tensors: u32, threads: u32, warmup: u32, calls: u32) -> Result<Vec<f64>, ErrorCode> {
+#[allow(clippy::too_many_arguments)]
+pub fn ceiling_scattered_copy(
+    block_bytes: u32,
+    local: Vec<u32>,
+    remote: Vec<u32>,
+    tensors: u32,
+    layers: u32,
+    threads: u32,
+    warmup: u32,
+    calls: u32,
+) -> Result<NativeCopyTimes, ErrorCode> {
     guarded(|| {
-        let times = kvtransfer::ceilings::scattered_copy(block_bytes as usize, &local, &remote, tensors as usize, threads as usize, warmup as usize, calls as usize)?;
-        Ok(times.iter().map(|t| t.as_secs_f64()).collect())
+        let (threads, times) = kvtransfer::ceilings::scattered_copy(
+            block_bytes as usize,
+            &local,
+            &remote,
+            tensors as usize,
+            layers as usize,
+            threads as usize,
+            warmup as usize,
+            calls as usize,
+        )?;
+        Ok(NativeCopyTimes { threads: threads as u32, seconds: times.iter().map(|t| t.as_secs_f64()).collect() })
     })
+}
+
+/// The threads a ceiling's copy used, and the seconds of each timed call.
+#[napi(object)]
+pub struct NativeCopyTimes {
+    pub threads: u32,
+    pub seconds: Vec<f64>,
 }
 
 /// The threads the shared-memory transport splits one large write over, here.
