@@ -351,6 +351,16 @@ impl Instruments {
         instruments
     }
 
+    /// Counts one write of `blocks` blocks, `bytes` bytes, on its peer and on the transport that took it.
+    pub fn wrote(&self, peer: &PeerInstruments, transport: Option<TransportKind>, blocks: u64, bytes: u64) {
+        peer.writes.add(1);
+        peer.blocks.add(blocks);
+        peer.bytes.add(bytes);
+        if let Some(kind) = transport {
+            self.transport(kind).wrote(blocks, bytes);
+        }
+    }
+
     /// The counters of transport `kind`.
     pub fn transport(&self, kind: TransportKind) -> &TransportCounters {
         &self.transports[TransportKind::ALL.iter().position(|&k| k == kind).expect("every transport is listed")]

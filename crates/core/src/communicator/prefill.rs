@@ -485,13 +485,8 @@ impl PrefillSide {
         match &result {
             Ok(()) => {
                 let (blocks, bytes) = (local.len() as u64, local.len() as u64 * comm.cache.layer_block_bytes());
-                metrics.writes.add(1);
-                metrics.blocks.add(blocks);
-                metrics.bytes.add(bytes);
                 // The connection that took it is still there: a write that succeeded leaves it in place.
-                if let Some(kind) = peer.transport() {
-                    self.metrics.transport(kind).wrote(blocks, bytes);
-                }
+                self.metrics.wrote(metrics, peer.transport(), blocks, bytes);
             }
             Err(e) => metrics.failed(e.code()),
         }

@@ -225,8 +225,8 @@ pub struct Requests {
     block_number: u32,
     /// Bytes of one block of one layer, all tensors: what a notified block brought (one slice of it per rank).
     layer_block_bytes: u64,
-    /// Where what the notifications name is counted per transport.
-    transports: Arc<Instruments>,
+    /// The communicator's instruments, where what the notifications name is counted (per peer and transport).
+    metrics: Arc<Instruments>,
     /// How long a request may go without progress, and how long an ended one is remembered.
     ttl: Duration,
     log: Arc<Logger>,
@@ -253,12 +253,12 @@ impl Due {
 }
 
 impl Requests {
-    pub fn new(layers: u32, block_number: u32, layer_block_bytes: u64, ttl: Duration, log: Arc<Logger>, transports: Arc<Instruments>) -> Requests {
+    pub fn new(layers: u32, block_number: u32, layer_block_bytes: u64, ttl: Duration, log: Arc<Logger>, metrics: Arc<Instruments>) -> Requests {
         Requests {
             layers,
             block_number,
             layer_block_bytes,
-            transports,
+            metrics,
             ttl,
             log,
             table: Mutex::new(Table {
@@ -601,11 +601,7 @@ impl Requests {
             record.touched = now;
             slots.push(peer.slot);
             let (n, bytes) = (blocks.len() as u64, blocks.len() as u64 * self.layer_block_bytes / record.ratio as u64);
-            let m = &peer.metrics;
-            m.writes.add(1);
-            m.blocks.add(n);
-            m.bytes.add(bytes);
-            self.transports.transport(peer.transport).wrote(n, bytes);
+            self.metrics.wrote(&peer.metrics, Some(peer.transport), n, bytes);
             if slots.len() as u32 == record.ratio {
                 record.complete_layers += 1;
                 if let Some(owner) = &record.metrics {
