@@ -6,6 +6,7 @@
  * @packageDocumentation
  */
 import { createRequire } from 'node:module'
+import { writeFileSync } from 'node:fs'
 import { parseArgs } from 'node:util'
 import type { SystemInfo } from './index.js'
 import { platform } from './lib/platform.js'
@@ -26,6 +27,11 @@ commands:
     --batch n          blocks per call (default 1538)     --layers n      layers, written in turn (default 2)
     --iterations n     timed calls per row (default 20)   --warmup n      untimed calls first (default 3)
     --key-only         keys only (an MLA cache)           --json, --csv   the rows in that form, nothing else
+    --plot FILE        the run as an SVG chart (GB/s against block size; needs: npm install vega vega-lite)
+    --peers p,p        Mooncake and NIXL on the same workload (mooncake, nixl): their drivers run in a Python
+                       environment made and filled from the Python package registry on first use
+    --peers-venv DIR   that environment (default ~/.cache/kvtransfer/peers)
+    --peer-wheels DIR  install the peers from a folder of wheels instead (a machine that reaches no registry)
 
 options:
   -h, --help      this text
@@ -92,7 +98,22 @@ function count(name: string, text: string | undefined, min: number): number | un
   return n
 }
 
-const BENCH_OPTIONS = ['csv', 'transports', 'sizes', 'batch', 'layers', 'iterations', 'warmup', 'key-only']
+const BENCH_OPTIONS = ['csv', 'transports', 'sizes', 'batch', 'layers', 'iterations', 'warmup', 'key-only', 'peers', 'peers-venv', 'peer-wheels', 'plot']
+
+/** A progress display on standard error: a bar redrawn in place on a terminal, a line per step elsewhere. */
+function progress(): (what: string, done: number, total: number) => void {
+  const tty = process.stderr.isTTY === true
+  return (what, done, total) => {
+    if (!tty) {
+      if (what !== 'done') process.stderr.write(`  [${done + 1}/${total}] ${what}\n`)
+      return
+    }
+    const width = 24
+    const filled = Math.round((width * done) / Math.max(1, total))
+    process.stderr.write(`\r\x1b[2K[${'#'.repeat(filled)}${'-'.repeat(width - filled)}] ${done}/${total} ${what === 'done' ? '' : what}`)
+    if (what === 'done') process.stderr.write('\r\x1b[2K')
+  }
+}
 
 async function bench(values: Record<string, string | boolean | undefined>): Promise<number> {
   const list = (v: string | boolean | undefined) => (typeof v === 'string' ? v.split(',').map((x) => x.trim()).filter(Boolean) : undefined)
@@ -109,7 +130,10 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
       iterations: count('iterations', values.iterations as string | undefined, 1),
       warmup: count('warmup', values.warmup as string | undefined, 0),
       keyOnly: values['key-only'] === true,
+      peers: list(values.peers),
+      peerSetup: { venv: values['peers-venv'] as string | undefined, wheels: values['peer-wheels'] as string | undefined },
     }
+    if (options.peers?.length === 0) throw new Error('--peers names none')
   } catch (err) {
     console.error(`${err instanceof Error ? err.message : String(err)}\n\n${usage}`)
     return 2
@@ -123,11 +147,27 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
   }
   const { runBench, formatCsv, formatTable } = bench
   const quiet = values.json === true || values.csv === true
-  const result = await runBench({
-    ...options,
-    // Progress on standard error, so that standard output holds the table (or the JSON, CSV) alone.
-    onRow: quiet ? undefined : (row, done, total) => process.stderr.write(`  [${done}/${total}] ${row.transport} ${row.blockBytes / 1024} KiB: ${row.gbps.median.toFixed(2)} GB/s\n`),
-  })
+  let result
+  try {
+    result = await runBench({
+      ...options,
+      // Progress on standard error, so that standard output holds the table (or the JSON, CSV) alone.
+      onProgress: quiet ? undefined : progress(),
+      peerSetup: { ...options.peerSetup, say: quiet ? undefined : (line: string) => process.stderr.write(`  ${line}\n`) },
+    })
+  } catch (err) {
+    console.error(`${err instanceof Error ? err.message : String(err)}\n\n${usage}`)
+    return 2
+  }
+  if (typeof values.plot === 'string') {
+    const { plotSvg } = await import('./lib/bench-plot.js')
+    try {
+      writeFileSync(values.plot, await plotSvg(result))
+    } catch (err) {
+      console.error(`kvtransfer bench --plot: ${err instanceof Error ? err.message : String(err)}`)
+      return 1
+    }
+  }
   if (values.json) console.log(JSON.stringify(result, null, 2))
   else if (values.csv) console.log(formatCsv(result))
   else console.log(formatTable(result))
@@ -151,6 +191,10 @@ async function main(args: string[]): Promise<number> {
         iterations: { type: 'string' },
         warmup: { type: 'string' },
         'key-only': { type: 'boolean' },
+        peers: { type: 'string' },
+        'peers-venv': { type: 'string' },
+        'peer-wheels': { type: 'string' },
+        plot: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean', short: 'v' },
       },

@@ -78,8 +78,28 @@ node examples/dist/api-tour.js
 node examples/dist/engine.js
 METRICS_SECONDS=1 node examples/dist/metrics-server.js
 npx kvtransfer info
-# The bench from the installed package: a decode process, a write checked byte for byte.
+# The bench from the installed package: a decode process, a write checked byte for byte, the peers (Mooncake,
+# NIXL) installed from the Python package registry into an environment of their own and run on the same
+# workload, and the plot (Vega-Lite, an optional peer dependency, at the version the repository tests).
+npm install --no-audit --no-fund --loglevel=error \
+  "vega@$(node -p "require('$repo/node_modules/vega/package.json').version")" \
+  "vega-lite@$(node -p "require('$repo/node_modules/vega-lite/package.json').version")"
 npx kvtransfer bench --transports tcp --sizes 1,64 --batch 256 --iterations 3
+npx kvtransfer bench --transports tcp,shm --sizes 1,64 --batch 256 --iterations 3 --peers mooncake,nixl \
+  --peers-venv "$PWD/peers-venv" --plot bench.svg --json >bench.json
+node -e '
+  const r = require("./bench.json")
+  for (const peer of ["mooncake", "nixl"]) {
+    const rows = r.rows.filter((x) => x.system === peer)
+    if (rows.length === 0 || !rows.every((x) => x.verified)) {
+      console.error(`${peer} did not run on the bench's workload: ${JSON.stringify(r.skipped)} ${JSON.stringify(r.failed)}`)
+      process.exit(1)
+    }
+  }
+  console.log(`peers ran: ${r.rows.filter((x) => x.system !== "kvtransfer").map((x) => `${x.system} ${x.transport} ${x.blockBytes / 1024} KiB`).join(", ")}`)
+  for (const g of r.goals) console.log(`${g.met ? "met" : "missed"}: ${g.goal} ≥ ${g.target}: ${g.worst.toFixed(2)}`)
+'
+grep -q '<svg' bench.svg
 KVCACHE_IB_TIMEOUT=99 npx kvtransfer info --json >info.json && { echo "a bad KVCACHE_IB_TIMEOUT must fail info" >&2; exit 1; }
 node -e 'const i = require("./info.json"); const s = i.settings.find((s) => s.env === "KVCACHE_IB_TIMEOUT"); if (!/KVCACHE_IB_TIMEOUT/.test(s.error)) process.exit(1)'
 

@@ -53,8 +53,8 @@ test('bench --csv writes one line per row; the table names what it ran', async (
   const table = await run(['--transports', transport, '--sizes', '1', '--batch', '16', '--iterations', '1'])
   t.is(table.code, 0, table.stderr)
   t.regex(table.stdout, /16 scattered blocks per call from a pool of 20, keys and values/)
-  t.regex(table.stdout, new RegExp(`\\| 1 KiB \\| ${transport} \\| [0-9.]+ \\|.*\\| [0-9.]+ of (tcp-stream|memcpy[-a-z0-9]*) \\| yes \\|`))
-  t.regex(table.stdout, /\| 1 KiB \| \(ceiling\) tcp-stream \| [0-9.]+ \|/)
+  t.regex(table.stdout, new RegExp(`\\| 1 KiB \\| kvtransfer \\| ${transport} \\| [0-9.]+ \\|.*\\| [0-9.]+ of (tcp-stream|memcpy[-a-z0-9]*) \\|  \\| yes \\|`))
+  t.regex(table.stdout, /\| 1 KiB \| ceiling \| tcp-stream \| [0-9.]+ \|/)
   t.regex(table.stderr, /\[1\/1\]/, 'progress on standard error')
 })
 
@@ -73,6 +73,9 @@ test('bench refuses bad options', async (t) => {
   const none = await run(['--transports', 'bogus', '--sizes', '1'])
   t.is(none.code, 1)
   t.regex(none.stderr, /nothing was measured/)
+  const peer = await run(['--transports', transport, '--sizes', '1', '--peers', 'mooncake,bogus'])
+  t.is(peer.code, 2)
+  t.regex(peer.stderr, /unknown peer "bogus": the bench knows mooncake, nixl/)
 })
 
 test("the bench's check tells one byte apart", (t) => {

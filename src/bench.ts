@@ -8,7 +8,8 @@
 import { fork } from 'node:child_process'
 import { createHash, randomFillSync } from 'node:crypto'
 import { cpus, freemem, totalmem } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
+import { PEERS, preparePeers, runPeer, type PeerSetup } from './bench-peers.js'
 import { RDMACommunicator } from './compat.js'
 import { HostBuffer } from './host-buffer.js'
 import { native } from './loader.js'
@@ -28,8 +29,14 @@ export interface BenchOptions {
   warmup?: number
   /** Keys only (an MLA cache); default keys and values. */
   keyOnly?: boolean
-  /** Told after each transport and size is measured (for a progress display). */
-  onRow?: (row: BenchRow, done: number, total: number) => void
+  /**
+   * Peers to run on the same workload beside kvtransfer: `mooncake`, `nixl` (their drivers under
+   * `benches/peers/`, in a Python environment made and filled on first use; see {@link PeerSetup}).
+   */
+  peers?: string[]
+  peerSetup?: PeerSetup
+  /** Told before each step (a transport at a size, a peer) starts, for a progress display. */
+  onProgress?: (what: string, done: number, total: number) => void
 }
 
 /** Median, 10th and 90th percentile of a measure over the timed calls. */
@@ -39,10 +46,15 @@ export interface Spread {
   p90: number
 }
 
-/** One transport at one block size. */
+/** One transport of one system (kvtransfer, or a peer) at one block size. */
 export interface BenchRow {
-  system: 'kvtransfer'
+  /** `kvtransfer`, `mooncake` or `nixl`. */
+  system: string
+  /** The transport, and for a peer the settings it ran with (`ucx-tcp-no-progress-thread`). */
   transport: string
+  /** A peer's row: which of kvtransfer's transports it stands beside (`tcp`, `shm`), and how it was run. */
+  compares?: string
+  detail?: string
   blockBytes: number
   /** Blocks per call, and bytes per call (all tensors). */
   batch: number
@@ -85,6 +97,17 @@ export interface BenchResult {
   skipped: Array<{ transport: string; blockBytes?: number; why: string }>
   /** Rows that failed, with the error. */
   failed: Array<{ transport: string; blockBytes: number; error: string }>
+  /** The goals this run can judge, each as its worst ratio over the sizes measured. */
+  goals: Goal[]
+}
+
+/** A goal of the product, judged on this run: the worst ratio over the sizes it covers, and at which size. */
+export interface Goal {
+  goal: string
+  target: number
+  worst: number
+  blockBytes: number
+  met: boolean
 }
 
 const HOST = '127.0.0.1'
@@ -229,7 +252,10 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
   const rows: BenchRow[] = []
   const ceilings: CeilingRow[] = []
   const failed: BenchResult['failed'] = []
-  const total = transports.length * sizes.length
+  const peers = options.peers ?? []
+  for (const p of peers) if (!(p in PEERS)) throw new Error(`unknown peer ${JSON.stringify(p)}: the bench knows ${Object.keys(PEERS).join(', ')}`)
+  const total = transports.length * sizes.length + peers.length
+  let done = 0
   for (const blockBytes of sizes) {
     // Both processes hold the whole cache: a size that would crowd this machine's free memory is left out.
     const need = 2 * tensors * layers * pool * blockBytes
@@ -240,10 +266,9 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
       continue
     }
     for (const transport of transports) {
+      options.onProgress?.(`${transport} ${blockBytes / KIB} KiB`, done++, total)
       try {
-        const row = await measure({ transport, blockBytes, batch, pool, layers, tensors, iterations, warmup })
-        rows.push(row)
-        options.onRow?.(row, rows.length, total)
+        rows.push(await measure({ transport, blockBytes, batch, pool, layers, tensors, iterations, warmup }))
       } catch (e) {
         failed.push({ transport, blockBytes, error: e instanceof Error ? e.message : String(e) })
       }
@@ -255,8 +280,27 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
       failed.push({ transport: 'ceiling', blockBytes, error: e instanceof Error ? e.message : String(e) })
     }
   }
+  // The peers on the sizes measured here, one after the other (a peer's decode is a process of its own, too).
+  const measured = sizes.filter((size) => !skipped.some((s) => s.blockBytes === size))
+  if (peers.length > 0 && measured.length > 0) {
+    let python: string | undefined
+    try {
+      python = preparePeers(peers, gpuHere(), options.peerSetup)
+    } catch (e) {
+      for (const p of peers) skipped.push({ transport: p, why: `cannot set up its driver: ${e instanceof Error ? e.message : String(e)}` })
+    }
+    for (const peer of python ? peers : []) {
+      options.onProgress?.(peer, done++, total)
+      const log = join(dirname(python as string), '..', `${peer}.log`)
+      const run = await runPeer(python as string, peer, { sizes: measured, batch, pool, layers, tensors, iterations, warmup }, log)
+      rows.push(...run.rows)
+      skipped.push(...run.skipped)
+      failed.push(...run.failed)
+    }
+  }
+  options.onProgress?.('done', total, total)
   const cpu = cpus()
-  return {
+  const result = {
     date: new Date().toISOString(),
     machine: { cpus: cpu.length, cpuModel: cpu[0]?.model ?? 'unknown', memoryBytes: totalmem(), platform: `${process.platform}-${process.arch}`, node: process.versions.node },
     batch,
@@ -269,7 +313,46 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     ceilings,
     skipped,
     failed,
+    goals: [] as Goal[],
   }
+  result.goals = goals(result)
+  return result
+}
+
+/** Whether this machine has a GPU (a peer's CUDA wheel then, not its CPU one). */
+function gpuHere(): boolean {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const { systemInfo } = require('./system.js') as typeof import('./system.js')
+  return systemInfo().gpus.devices.length > 0
+}
+
+/**
+ * The goals the run can judge (those whose rows it has): our TCP ahead of every peer's TCP (three times at
+ * 1 KiB) and at 0.8 of one plain stream from 64 KiB; shm 1.5 times NIXL's best same-host path and never slower
+ * than our TCP; CUDA IPC ahead of NIXL's.
+ */
+export function goals(r: Pick<BenchResult, 'rows' | 'ceilings'>): Goal[] {
+  const ours = (transport: string, size: number) => r.rows.find((x) => x.system === 'kvtransfer' && x.transport === transport && x.blockBytes === size && x.verified)?.gbps.median
+  const out: Goal[] = []
+  const judge = (goal: string, target: number, ratios: Array<[number, number | undefined]>) => {
+    const known = ratios.filter((x): x is [number, number] => x[1] !== undefined && Number.isFinite(x[1]))
+    if (known.length === 0) return
+    const [blockBytes, worst] = known.reduce((a, b) => (b[1] < a[1] ? b : a))
+    out.push({ goal, target, worst, blockBytes, met: worst >= target })
+  }
+  const sizes = [...new Set(r.rows.map((x) => x.blockBytes))].sort((a, b) => a - b)
+  // A peer's best row per size among its settings (NIXL with and without its progress thread).
+  const best = (compares: string, size: number, system?: string) =>
+    r.rows.filter((x) => x.system !== 'kvtransfer' && x.compares === compares && x.blockBytes === size && (!system || x.system === system) && x.verified).map((x) => x.gbps.median)
+  const over = (a: number | undefined, peers: number[]) => (a === undefined || peers.length === 0 ? undefined : a / Math.max(...peers))
+  judge('kvtransfer tcp ÷ the best peer TCP', 1, sizes.map((s) => [s, over(ours('tcp', s), best('tcp', s))]))
+  judge('kvtransfer tcp ÷ the best peer TCP, 1 KiB', 3, sizes.filter((s) => s === KIB).map((s) => [s, over(ours('tcp', s), best('tcp', s))]))
+  const stream = (s: number) => r.ceilings.find((c) => c.name === 'tcp-stream' && c.blockBytes === s)?.gbps.median
+  judge('kvtransfer tcp ÷ tcp-stream, from 64 KiB', 0.8, sizes.filter((s) => s >= 64 * KIB).map((s) => [s, over(ours('tcp', s), [stream(s) ?? NaN].filter(Number.isFinite))]))
+  judge("kvtransfer shm ÷ NIXL's best same-host path", 1.5, sizes.map((s) => [s, over(ours('shm', s), best('shm', s, 'nixl'))]))
+  judge('kvtransfer shm ÷ kvtransfer tcp', 1, sizes.map((s) => [s, over(ours('shm', s), [ours('tcp', s) ?? NaN].filter(Number.isFinite))]))
+  judge("kvtransfer cuda-ipc ÷ NIXL's cuda_ipc", 1, sizes.map((s) => [s, over(ours('cuda-ipc', s), best('cuda-ipc', s, 'nixl'))]))
+  return out
 }
 
 /** The ceilings at one block size (see {@link CeilingRow}). */
@@ -297,15 +380,20 @@ function ceilingOf(r: BenchResult, transport: string, blockBytes: number): Ceili
   return undefined
 }
 
-interface Shape {
-  transport: string
-  blockBytes: number
+/** The workload of a run: blocks per call, the pool they are drawn from, layers, tensors, and calls. */
+export interface Workload {
   batch: number
   pool: number
   layers: number
   tensors: number
   iterations: number
   warmup: number
+}
+
+/** One row's workload: a transport at a block size. */
+interface Shape extends Workload {
+  transport: string
+  blockBytes: number
 }
 
 async function measure(s: Shape): Promise<BenchRow> {
@@ -356,26 +444,39 @@ async function measure(s: Shape): Promise<BenchRow> {
   }
 }
 
-/** The run as the original's table: one row per block size and transport. */
+/** The run as the original's table: one row per block size, system and transport. */
 export function formatTable(r: BenchResult): string {
   const out = [
     `kvtransfer bench: ${r.batch} scattered blocks per call from a pool of ${r.pool}, ${r.tensors === 2 ? 'keys and values' : 'keys only'}, ` +
-      `${r.layers} layers in turn, writeCache on one thread; ${r.warmup} warm-up and ${r.iterations} timed calls per row`,
+      `${r.layers} layers in turn, one thread; ${r.warmup} warm-up and ${r.iterations} timed calls per row; host buffers with transparent huge pages advised (as numpy's)`,
     `${r.machine.cpuModel}, ${r.machine.cpus} CPUs, ${(r.machine.memoryBytes / 2 ** 30).toFixed(0)} GiB, ${r.machine.platform}, Node.js ${r.machine.node}, ${r.date}`,
     '',
-    '| block | transport | GB/s (median) | p10 | p90 | µs per call | of its ceiling | bytes checked |',
-    '|---|---|---|---|---|---|---|---|',
+    '| block | system | transport | GB/s (median) | p10 | p90 | µs per call | of its ceiling | kvtransfer ÷ this | bytes checked |',
+    '|---|---|---|---|---|---|---|---|---|---|',
   ]
-  const line = (size: number, name: string, g: Spread, us: Spread, of: string, checked: string) =>
-    `| ${size / KIB} KiB | ${name} | ${g.median.toFixed(2)} | ${g.p10.toFixed(2)} | ${g.p90.toFixed(2)} | ${us.median.toFixed(0)} | ${of} | ${checked} |`
+  const line = (size: number, system: string, name: string, g: Spread, us: Spread, of: string, ratio: string, checked: string) =>
+    `| ${size / KIB} KiB | ${system} | ${name} | ${g.median.toFixed(2)} | ${g.p10.toFixed(2)} | ${g.p90.toFixed(2)} | ${us.median.toFixed(0)} | ${of} | ${ratio} | ${checked} |`
+  const order = (x: BenchRow) => (x.system === 'kvtransfer' ? '' : x.system)
   for (const size of [...new Set([...r.rows, ...r.ceilings].map((x) => x.blockBytes))].sort((a, b) => a - b)) {
-    for (const row of r.rows.filter((x) => x.blockBytes === size).sort((a, b) => a.transport.localeCompare(b.transport))) {
-      const ceiling = ceilingOf(r, row.transport, size)
-      const of = ceiling ? `${(row.gbps.median / ceiling.gbps.median).toFixed(2)} of ${ceiling.name}` : '-'
-      out.push(line(size, row.transport, row.gbps, row.usPerCall, of, row.verified ? 'yes' : 'MISMATCH'))
+    const at = r.rows.filter((x) => x.blockBytes === size)
+    for (const row of at.sort((a, b) => order(a).localeCompare(order(b)) || a.transport.localeCompare(b.transport))) {
+      const checked = row.verified ? 'yes' : 'MISMATCH'
+      if (row.system === 'kvtransfer') {
+        const ceiling = ceilingOf(r, row.transport, size)
+        const of = ceiling ? `${(row.gbps.median / ceiling.gbps.median).toFixed(2)} of ${ceiling.name}` : '-'
+        out.push(line(size, row.system, row.transport, row.gbps, row.usPerCall, of, '', checked))
+      } else {
+        const ours = at.find((x) => x.system === 'kvtransfer' && x.transport === row.compares)
+        const ratio = ours ? `${(ours.gbps.median / row.gbps.median).toFixed(2)}× (${row.compares})` : '-'
+        out.push(line(size, row.system, row.transport, row.gbps, row.usPerCall, '', ratio, checked))
+      }
     }
-    for (const c of r.ceilings.filter((x) => x.blockBytes === size)) out.push(line(size, `(ceiling) ${c.name}`, c.gbps, c.usPerCall, '', ''))
+    for (const c of r.ceilings.filter((x) => x.blockBytes === size)) out.push(line(size, 'ceiling', c.name, c.gbps, c.usPerCall, '', '', ''))
   }
+  if (r.goals.length > 0) out.push('', 'goals (the worst ratio over the sizes measured):')
+  for (const g of r.goals) out.push(`  ${g.met ? 'met   ' : 'MISSED'} ${g.goal} ≥ ${g.target}: ${g.worst.toFixed(2)} (at ${g.blockBytes / KIB} KiB)`)
+  const details = [...new Map(r.rows.filter((x) => x.detail).map((x) => [`${x.system} ${x.transport}`, x.detail])).entries()]
+  if (details.length > 0) out.push('', 'peers, as run:', ...details.map(([k, d]) => `  ${k}: ${d}`))
   for (const f of r.failed) out.push('', `${f.transport} ${f.blockBytes / KIB} KiB: FAILED: ${f.error}`)
   for (const s of r.skipped) out.push('', `${s.transport}${s.blockBytes ? ` ${s.blockBytes / KIB} KiB` : ''}: not measured: ${s.why}`)
   return out.join('\n')

@@ -4,6 +4,7 @@
 //! blocks its caller while it runs; memory is reserved fallibly, so a size the machine cannot hold is an error.
 
 use crate::error::{Error, ErrorCode, Result};
+use crate::memory::HostAllocation;
 use crate::transport::shm::copy::{threads as shm_threads, BYTES_PER_THREAD};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -30,12 +31,10 @@ fn check(name: &str, v: usize, min: usize, max: usize) -> Result<usize> {
     Err(Error::invalid(format!("{name} must be from {min} to {max}, not {v}")))
 }
 
-/// A zeroed buffer of `len` bytes, or an error where the machine cannot give it (never an abort).
-fn buffer(len: usize) -> Result<Vec<u8>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| Error::new(ErrorCode::Unavailable, format!("cannot allocate {len} bytes")))?;
-    v.resize(len, 0);
-    Ok(v)
+/// A zeroed buffer of `len` bytes, mapped as the bench's caches are (huge pages advised), or an error where the
+/// machine cannot give it (never an abort).
+fn buffer(len: usize) -> Result<HostAllocation> {
+    HostAllocation::new(len).map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))
 }
 
 /// One TCP stream over loopback moving `bytes` per call in writes of `chunk` bytes: the time of each of `calls`
@@ -58,13 +57,13 @@ pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Re
     }
     let total = warmup + calls;
     let mut data = buffer(chunk)?;
-    data.fill(0x5a);
+    data.as_mut_slice().fill(0x5a);
     let mut sink = buffer(chunk)?;
     let reading = std::thread::spawn(move || -> std::io::Result<()> {
         for _ in 0..total {
             let mut left = bytes;
             while left > 0 {
-                let n = receiver.read(&mut sink[..left.min(chunk)])?;
+                let n = receiver.read(&mut sink.as_mut_slice()[..left.min(chunk)])?;
                 if n == 0 {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
@@ -82,7 +81,7 @@ pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Re
             let mut left = bytes;
             while left > 0 {
                 let n = left.min(chunk);
-                sender.write_all(&data[..n])?;
+                sender.write_all(&data.as_slice()[..n])?;
                 left -= n;
             }
             sender.read_exact(&mut ack)?;
@@ -135,7 +134,7 @@ pub fn scattered_copy(
     let mut dst = Vec::new();
     for t in 0..tensors * layers {
         let mut s = buffer(src_bytes)?;
-        s.iter_mut().enumerate().for_each(|(i, b)| *b = (i as u8) ^ (t as u8));
+        s.as_mut_slice().iter_mut().enumerate().for_each(|(i, b)| *b = (i as u8) ^ (t as u8));
         src.push(s);
         dst.push(buffer(dst_bytes)?);
     }
@@ -143,13 +142,13 @@ pub fn scattered_copy(
     // Per layer, the call's copies, tensor after tensor, cut into `parts` runs of as many bytes each (every
     // block is as long as the next), built once: a call only copies.
     let mut per_layer: Vec<Vec<Vec<(&[u8], &mut [u8])>>> = Vec::with_capacity(layers);
-    let mut dst_blocks: Vec<Vec<Option<&mut [u8]>>> = dst.iter_mut().map(|d| d.chunks_mut(block_bytes).map(Some).collect()).collect();
+    let mut dst_blocks: Vec<Vec<Option<&mut [u8]>>> = dst.iter_mut().map(|d| d.as_mut_slice().chunks_mut(block_bytes).map(Some).collect()).collect();
     for layer in 0..layers {
         let mut copies = Vec::with_capacity(tensors * local.len());
         for t in 0..tensors {
             let i = t * layers + layer;
             for (&l, &r) in local.iter().zip(remote) {
-                let from = &src[i][l as usize * block_bytes..(l as usize + 1) * block_bytes];
+                let from = &src[i].as_slice()[l as usize * block_bytes..(l as usize + 1) * block_bytes];
                 let to = dst_blocks[i][r as usize].take().expect("remote ids are distinct");
                 copies.push((from, to));
             }
@@ -182,7 +181,7 @@ pub fn scattered_copy(
     // The destination holds what the pairs say (checked once, outside the timing).
     for (i, d) in dst.iter().enumerate() {
         let (l, r) = (local[0] as usize, remote[0] as usize);
-        if d[r * block_bytes..(r + 1) * block_bytes] != src[i][l * block_bytes..(l + 1) * block_bytes] {
+        if d.as_slice()[r * block_bytes..(r + 1) * block_bytes] != src[i].as_slice()[l * block_bytes..(l + 1) * block_bytes] {
             return Err(Error::new(ErrorCode::Internal, "the copy did not land where its pair says"));
         }
     }

@@ -1,0 +1,79 @@
+"""Mooncake Transfer Engine on kvtransfer bench's workload: its TCP transport (`mooncake-transfer-engine-non-cuda`
+here; the CUDA wheel where there is a GPU), peers found by P2P handshake (no metadata server), each call one
+`batch_transfer_sync_write` of every block of the call (keys and values), source and destination registered
+once. Stands beside kvtransfer's TCP.
+
+    python benches/peers/mooncake-driver.py --sizes 1024,65536 [--batch 1538 --layers 2 --iterations 20 --warmup 3]
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+class Mooncake(common.Peer):
+    system = "mooncake"
+
+    def __init__(self):
+        self.engine = None
+        self.target = None
+        self.addrs = None
+
+    def variants(self):
+        # A call is 3076 transfers (1538 blocks, keys and values); Mooncake's TCP transport refuses more than
+        # its default queue per peer holds, so the queue is made as deep as a call.
+        return [("tcp", "tcp", "TCP transport, P2P handshake, batch_transfer_sync_write",
+                 {"MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER": "16384"})]
+
+    def unusable(self):
+        try:
+            from mooncake.engine import TransferEngine  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - the reason is the table's
+            return f"cannot import mooncake.engine ({type(e).__name__}: {e}); it needs libibverbs.so.1 even for TCP"
+        return None
+
+    def _engine(self, protocol):
+        from mooncake.engine import TransferEngine
+        engine = TransferEngine()
+        if engine.initialize("127.0.0.1", "P2PHANDSHAKE", protocol, "") != 0:
+            raise RuntimeError(f"TransferEngine.initialize(127.0.0.1, P2PHANDSHAKE, {protocol}) failed")
+        return engine
+
+    def _register(self, buffers):
+        for t in buffers:
+            for a in t:
+                if self.engine.register_memory(a.ctypes.data, a.nbytes) != 0:
+                    raise RuntimeError("register_memory failed")
+
+    def decode_start(self, variant, buffers, block_bytes):
+        self.engine = self._engine(variant[0])
+        self._register(buffers)
+        return {"port": self.engine.get_rpc_port(), "addrs": [[a.ctypes.data for a in t] for t in buffers]}
+
+    def prefill_start(self, variant, buffers, block_bytes, pool, remote):
+        self.engine = self.engine or self._engine(variant[0])
+        self._register(buffers)
+        self.target = f"127.0.0.1:{remote['port']}"
+        self.block_bytes = block_bytes
+        self.local_addrs = [[a.ctypes.data for a in t] for t in buffers]
+        self.remote_addrs = remote["addrs"]
+        self.lengths = None
+
+    def write(self, layer, local_ids, remote_ids):
+        bb = self.block_bytes
+        src, dst = [], []
+        for t in range(len(self.local_addrs)):
+            src.extend((self.local_addrs[t][layer] + local_ids * bb).tolist())
+            dst.extend((self.remote_addrs[t][layer] + remote_ids * bb).tolist())
+        if self.lengths is None or len(self.lengths) != len(src):
+            self.lengths = [bb] * len(src)
+        if self.engine.batch_transfer_sync_write(self.target, src, dst, self.lengths) != 0:
+            raise RuntimeError("batch_transfer_sync_write failed")
+
+    def prefill_stop(self):
+        pass
+
+
+if __name__ == "__main__":
+    common.main(Mooncake(), os.path.abspath(__file__))

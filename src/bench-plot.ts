@@ -1,0 +1,66 @@
+/**
+ * `kvtransfer bench --plot FILE`: the run as an SVG chart — GB/s (median) against block size, one line per
+ * system and transport, the ceilings dashed — drawn by Vega-Lite and rendered to SVG by Vega in Node. Both are
+ * optional peer dependencies of kvtransfer (`npm install vega vega-lite`), loaded only when a plot is asked for.
+ */
+import type { BenchResult } from './bench.js'
+
+/** The Vega-Lite specification of the run's chart (data inline). */
+export function plotSpec(r: BenchResult): object {
+  const points = [
+    ...r.rows.map((x) => ({ kib: x.blockBytes / 1024, gbps: x.gbps.median, series: `${x.system} ${x.transport}`, kind: 'measured' })),
+    ...r.ceilings.map((c) => ({ kib: c.blockBytes / 1024, gbps: c.gbps.median, series: `ceiling: ${c.name}`, kind: 'ceiling' })),
+  ]
+  return {
+    $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
+    title: {
+      text: `kvtransfer bench: ${r.batch} scattered blocks per call, ${r.tensors === 2 ? 'keys and values' : 'keys only'}`,
+      subtitle: `${r.machine.cpuModel}, ${r.machine.cpus} CPUs, ${r.date}`,
+    },
+    width: 640,
+    height: 400,
+    background: 'white',
+    data: { values: points },
+    mark: { type: 'line', point: true },
+    encoding: {
+      x: { field: 'kib', type: 'quantitative', title: 'block size (KiB)', scale: { type: 'log', base: 2 }, axis: { values: [...new Set(points.map((p) => p.kib))] } },
+      // Logarithmic: the peers' 1 KiB rows are a fiftieth of ours.
+      y: { field: 'gbps', type: 'quantitative', title: 'GB/s (median, log scale)', scale: { type: 'log' } },
+      color: { field: 'series', type: 'nominal', title: null, legend: { labelLimit: 400 } },
+      strokeDash: { field: 'kind', type: 'nominal', legend: null, scale: { domain: ['measured', 'ceiling'], range: [[1, 0], [6, 4]] } },
+    },
+  }
+}
+
+/** Renders {@link plotSpec} to SVG text; throws, saying what to install, where Vega or Vega-Lite is absent. */
+export async function plotSvg(r: BenchResult): Promise<string> {
+  let vega: Vega
+  let vegaLite: VegaLite
+  try {
+    ;[vega, vegaLite] = await Promise.all([importModule<Vega>('vega'), importModule<VegaLite>('vega-lite')])
+  } catch (e) {
+    throw new Error(`--plot draws with Vega-Lite: install it beside kvtransfer (npm install vega vega-lite): ${e instanceof Error ? e.message : String(e)}`)
+  }
+  const compiled = vegaLite.compile(plotSpec(r)).spec
+  const view = new vega.View(vega.parse(compiled), { renderer: 'none' })
+  try {
+    return await view.toSVG()
+  } finally {
+    view.finalize()
+  }
+}
+
+/** The little of Vega and Vega-Lite used here (their own types need the DOM's). */
+interface VegaLite {
+  compile(spec: object): { spec: object }
+}
+interface Vega {
+  parse(spec: object): object
+  View: new (runtime: object, options: { renderer: 'none' }) => { toSVG(): Promise<string>; finalize(): void }
+}
+
+/**
+ * `import()` of an ES module from this CommonJS build: TypeScript would turn a plain `import()` into `require`,
+ * which cannot load Vega's ES modules on every Node.js this package supports.
+ */
+const importModule = new Function('specifier', 'return import(specifier)') as <T>(specifier: string) => Promise<T>
