@@ -27,6 +27,7 @@ commands:
     --batch n          blocks per call (default 1538)     --layers n      layers, written in turn (default 2)
     --iterations n     timed calls per row (default 20)   --warmup n      untimed calls first (default 3)
     --key-only         keys only (an MLA cache)           --json, --csv   the rows in that form, nothing else
+    --writers n        prefills writing into the decode at once, each its own connection (default 1)
     --plot FILE        the run as an SVG chart (GB/s against block size; needs: npm install vega vega-lite)
     --peers p,p        Mooncake and NIXL on the same workload (mooncake, nixl): their drivers run in a Python
                        environment made and filled from the Python package registry on first use
@@ -98,7 +99,7 @@ function count(name: string, text: string | undefined, min: number): number | un
   return n
 }
 
-const BENCH_OPTIONS = ['csv', 'transports', 'sizes', 'batch', 'layers', 'iterations', 'warmup', 'key-only', 'peers', 'peers-venv', 'peer-wheels', 'plot']
+const BENCH_OPTIONS = ['csv', 'transports', 'sizes', 'batch', 'layers', 'iterations', 'warmup', 'key-only', 'writers', 'peers', 'peers-venv', 'peer-wheels', 'plot']
 
 /** A progress display on standard error: a bar redrawn in place on a terminal, a line per step elsewhere. */
 function progress(): (what: string, done: number, total: number) => void {
@@ -129,6 +130,7 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
       layers: count('layers', values.layers as string | undefined, 1),
       iterations: count('iterations', values.iterations as string | undefined, 1),
       warmup: count('warmup', values.warmup as string | undefined, 0),
+      writers: count('writers', values.writers as string | undefined, 1),
       keyOnly: values['key-only'] === true,
       peers: list(values.peers),
       peerSetup: { venv: values['peers-venv'] as string | undefined, wheels: values['peer-wheels'] as string | undefined },
@@ -190,6 +192,7 @@ async function main(args: string[]): Promise<number> {
         layers: { type: 'string' },
         iterations: { type: 'string' },
         warmup: { type: 'string' },
+        writers: { type: 'string' },
         'key-only': { type: 'boolean' },
         peers: { type: 'string' },
         'peers-venv': { type: 'string' },

@@ -8,6 +8,9 @@
 #   bash .ci/gpu-tests.sh run gpu_transfer gpu_copy   # only those parts (unit gpu_memory gpu_transfer
 #                                                     # shm_transfer gpu_copy)
 #   bash .ci/gpu-tests.sh         # both, on a GPU machine that has Rust
+#   bash .ci/gpu-tests.sh wheels  # here: the peers' wheels for that machine (no registry there) into
+#                                 # .carry/peer-wheels/; `run peers` then runs NIXL's cuda_ipc on the same
+#                                 # workload as gpu_copy (carry both folders: .carry/gpu and .carry/peer-wheels)
 #
 # `run` writes the logs and the benchmark table to $OUT (default: .carry/gpu/results) and exits non-zero
 # when a test fails or no GPU is found.
@@ -29,6 +32,23 @@ for line in sys.stdin:
   cargo bench -j2 -p kvtransfer --bench gpu_copy --no-run 2>/dev/null
   cp "$(ls -t target/release/deps/gpu_copy-* | grep -v '\.d$' | head -1)" "$dir/gpu_copy"
   ls -la "$dir"
+}
+
+# NIXL for the GPU machine's Python (3.12, CUDA 13): its wheel without nixl_ep (the expert-parallel kernels,
+# three quarters of it, unused here), so that it fits what can be carried there. Mooncake's CUDA wheel (98 MB)
+# does not fit; the table says so.
+wheels() {
+  local w="$PWD/.carry/peer-wheels" tmp whl
+  rm -rf "$w" && mkdir -p "$w"
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux_2_28_x86_64 -d "$tmp" nixl-cu13==1.5.1
+  whl=$(basename "$tmp"/nixl_cu13-*.whl)
+  mkdir "$tmp/x" && unzip -q "$tmp/$whl" -d "$tmp/x" && rm -rf "$tmp/x/nixl_ep_cu13"
+  grep -v '^nixl_ep_cu13/' "$tmp"/x/nixl_cu13-*.dist-info/RECORD >"$tmp/RECORD" && mv "$tmp/RECORD" "$tmp"/x/nixl_cu13-*.dist-info/RECORD
+  (cd "$tmp/x" && zip -q -9 -r "$w/$whl" .)
+  rm -rf "$tmp"
+  ls -la "$w"
 }
 
 run() {
@@ -88,6 +108,22 @@ run() {
           cat "$out/gpu_copy_to_gpu1.md"
           grep -q '^| 256 KiB' "$out/gpu_copy_to_gpu1.md" || failed=1
         fi ;;
+      peers)
+        # NIXL (UCX cuda_ipc) on gpu_copy's workload: 1538 blocks per call, a permutation of a pool of 1538,
+        # keys and values, one layer, each size's bytes checked; prefill on GPU 0, decode on 0 (and on 1).
+        echo "== peers (NIXL cuda_ipc)"
+        local site="${TMPDIR:-/tmp}/kvtransfer-peers" args=(--gpu --batch 1538 --pool 1538 --layers 1 --sizes 1024,4096,16384,65536,262144)
+        rm -rf "$site"
+        python3 -m pip install --quiet --no-index --no-deps --target "$site" .carry/peer-wheels/*.whl >"$out/peers.log" 2>&1 ||
+          { echo "FAILED  installing the carried wheels (bash .ci/gpu-tests.sh wheels, then carry .carry/peer-wheels)"; cat "$out/peers.log"; failed=1; continue; }
+        for peer in nixl mooncake; do
+          PYTHONPATH="$site" bounded 300 "$out/peers.log" sh -c "python3 benches/peers/$peer-driver.py ${args[*]} >>'$out/peers-gpu0.jsonl'" || failed=1
+          if [ "$gpus" -gt 1 ]; then
+            PYTHONPATH="$site" bounded 300 "$out/peers.log" sh -c "python3 benches/peers/$peer-driver.py ${args[*]} --decode-gpu 1 >>'$out/peers-gpu1.jsonl'" || failed=1
+          fi
+        done
+        cat "$out"/peers-gpu*.jsonl
+        grep -q '"verified": true' "$out/peers-gpu0.jsonl" || failed=1 ;;
       gpu_transfer)
         suite gpu_transfer gpu_transfer
         if [ "$gpus" -gt 1 ]; then KVTRANSFER_TEST_DECODE_GPU=1 suite gpu_transfer_to_gpu1 gpu_transfer; fi ;;
@@ -100,6 +136,7 @@ run() {
 case "${1:-all}" in
   build) build ;;
   run) shift; run "$@" ;;
+  wheels) wheels ;;
   all) build && run ;;
-  *) echo "usage: $0 [build|run]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build|run|wheels]" >&2; exit 2 ;;
 esac

@@ -92,7 +92,7 @@ node -e '
   for (const peer of ["mooncake", "nixl"]) {
     const rows = r.rows.filter((x) => x.system === peer)
     if (rows.length === 0 || !rows.every((x) => x.verified)) {
-      console.error(`${peer} did not run on the bench's workload: ${JSON.stringify(r.skipped)} ${JSON.stringify(r.failed)}`)
+      console.error(`${peer} did not run on the same workload: ${JSON.stringify(r.skipped)} ${JSON.stringify(r.failed)}`)
       process.exit(1)
     }
   }

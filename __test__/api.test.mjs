@@ -4,6 +4,7 @@ import { fileURLToPath } from 'node:url'
 import { createRequire } from 'node:module'
 import * as esm from 'kvtransfer'
 import { RDMACommunicator, HostBuffer, KVTransferError } from 'kvtransfer'
+import { scratchDir } from './helpers/scratch.mjs'
 
 const require = createRequire(import.meta.url)
 const one = { layers: 1, blocks: 4, blockBytes: 64 }
@@ -21,11 +22,10 @@ test('the package loads through import and require alike', (t) => {
 })
 
 test('without a binary for this platform, loading says which platform and which package', async (t) => {
-  const { mkdtempSync, copyFileSync, writeFileSync, mkdirSync, readdirSync } = await import('node:fs')
+  const { copyFileSync, writeFileSync, mkdirSync, readdirSync } = await import('node:fs')
   const { join } = await import('node:path')
-  const { tmpdir } = await import('node:os')
   // The wrapper and the napi loader, with no binary beside them and no per-platform package to find.
-  const dir = mkdtempSync(join(tmpdir(), 'kvt-nobinary-'))
+  const dir = scratchDir(t, 'kvt-nobinary-')
   mkdirSync(join(dir, 'lib'))
   const modules = readdirSync(new URL('../lib', import.meta.url)).filter((f) => f.endsWith('.js')).map((f) => `lib/${f}`)
   for (const f of ['index.js', 'binding.js', ...modules]) copyFileSync(new URL(`../${f}`, import.meta.url), join(dir, f))
@@ -189,7 +189,7 @@ test.serial('options override the environment and are checked the same way', (t)
 })
 
 test('a kernel without RDMA is named as the cause, not as an errno', async (t) => {
-  const { existsSync, mkdtempSync, readFileSync } = await import('node:fs')
+  const { existsSync, readFileSync } = await import('node:fs')
   if (existsSync('/sys/class/infiniband')) return t.pass('this kernel has RDMA devices')
   const { systemInfo, rdmaDevices } = await import('kvtransfer')
   const cause = /this kernel has no RDMA devices \(\/sys\/class\/infiniband does not exist\)/
@@ -211,17 +211,15 @@ test('a kernel without RDMA is named as the cause, not as an errno', async (t) =
   t.regex(systemInfo().transports.find((x) => x.name === 'rdma').detail, cause)
   t.regex(t.throws(() => decodeWith({ transport: 'rdma' })).message, cause)
   const { join } = await import('node:path')
-  const { tmpdir } = await import('node:os')
-  const file = join(mkdtempSync(join(tmpdir(), 'kvt-')), 'debug.log')
+  const file = join(scratchDir(t), 'debug.log')
   decodeWith({ debug: true, debugFile: file }).close()
   t.regex(readFileSync(file, 'utf8'), cause)
 })
 
 test('auto transport says what it picked in the debug log', async (t) => {
-  const { mkdtempSync, readFileSync } = await import('node:fs')
+  const { readFileSync } = await import('node:fs')
   const { join } = await import('node:path')
-  const { tmpdir } = await import('node:os')
-  const file = join(mkdtempSync(join(tmpdir(), 'kvt-')), 'debug.log')
+  const file = join(scratchDir(t), 'debug.log')
   const c = decodeWith({ debug: true, debugFile: file, rdmaNics: 'no-such-nic' })
   t.is(c.transport, 'shm', 'a host-memory cache prefers shared memory, for peers on this host')
   c.close()

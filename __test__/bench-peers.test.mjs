@@ -3,20 +3,15 @@
 // worst ratio over the sizes, and the plot draws every series.
 import test from 'ava'
 import { execFileSync } from 'node:child_process'
-import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { chmodSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { HostBuffer } from 'kvtransfer'
 import { digest, formatTable, goals, scattered } from '../lib/bench.js'
 import { DRIVERS, preparePeers, runPeer } from '../lib/bench-peers.js'
 import { plotSpec, plotSvg } from '../lib/bench-plot.js'
+import { scratchDir } from './helpers/scratch.mjs'
 
-const scratch = (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'kvt-peers-'))
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
-  return dir
-}
 
 const spread = (median) => ({ median, p10: median * 0.9, p90: median * 1.1 })
 const row = (system, transport, kib, gbps, extra = {}) => ({
@@ -47,7 +42,7 @@ print(json.dumps({"ids": ids, "digest": common.digest([[bytearray(${JSON.stringi
 })
 
 test("a driver's rows are taken, its garbage and lies dropped, its failures and its crash said", async (t) => {
-  const dir = scratch(t)
+  const dir = scratchDir(t, 'kvt-peers-')
   const good = row('fake', 'tcp', 1, 0.5, { compares: 'tcp', detail: 'as run' })
   const lines = [
     JSON.stringify({ row: good }),
@@ -77,11 +72,11 @@ test("a driver's rows are taken, its garbage and lies dropped, its failures and 
 })
 
 test('a machine without Python is told so, not failed obscurely', (t) => {
-  const dir = scratch(t)
+  const dir = scratchDir(t, 'kvt-peers-')
   const path = process.env.PATH
   process.env.PATH = dir
   try {
-    t.throws(() => preparePeers(['nixl'], false, { venv: join(dir, 'venv') }), { message: /python3 -m venv \(Python 3\.9 or later with its venv module is needed\) failed: .*ENOENT/ })
+    t.throws(() => preparePeers(['nixl'], { venv: join(dir, 'venv') }), { message: /python3 -m venv \(Python 3\.9 or later with its venv module is needed\) failed: .*ENOENT/ })
   } finally {
     process.env.PATH = path
   }
@@ -138,7 +133,7 @@ test('the plot draws every system and ceiling, the ceilings dashed', async (t) =
 })
 
 test('--plot writes the chart of the run', async (t) => {
-  const dir = scratch(t)
+  const dir = scratchDir(t, 'kvt-peers-')
   const file = join(dir, 'bench.svg')
   const cli = fileURLToPath(new URL('../cli.js', import.meta.url))
   execFileSync(process.execPath, [cli, 'bench', '--transports', 'tcp', '--sizes', '1', '--batch', '16', '--iterations', '1', '--warmup', '0', '--json', '--plot', file])

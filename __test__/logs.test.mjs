@@ -2,11 +2,12 @@
 // lines (logFormat: 'json') that parse, each field a key of its own.
 import test from 'ava'
 import { execFile } from 'node:child_process'
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
-import { networkInterfaces, tmpdir } from 'node:os'
+import { readFileSync } from 'node:fs'
+import { networkInterfaces } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { Communicator, HostBuffer, KVTransferError } from 'kvtransfer'
+import { scratchDir } from './helpers/scratch.mjs'
 
 const child = fileURLToPath(new URL('./helpers/log-child.mjs', import.meta.url))
 const cache = () => ({ keys: [HostBuffer.alloc(4096)], values: [HostBuffer.alloc(4096)], blockNumber: 4, blockBytes: 1024, transport: 'tcp' })
@@ -38,8 +39,7 @@ test('onLog gets each level with its fields, and standard error gets nothing', a
 })
 
 test("logFormat: 'json' writes lines that parse, each field a key", async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'kvt-logs-'))
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  const dir = scratchDir(t, 'kvt-logs-')
   const errorFile = join(dir, 'error.log')
   const decode = Communicator.decode({ ...cache(), socketIfname: 'lo', authToken: token, logFormat: 'json', errorFile })
   const stranger = Communicator.prefill({ ...cache(), reconnect: { retries: 0 } })

@@ -2,12 +2,12 @@
 // broken queue pair. Needs an RDMA device (KVTRANSFER_TEST_RDMA_NIC); `npm run test:rdma` runs it inside a
 // Soft-RoCE VM. Elsewhere the device-free checks run and the rest skip, saying so.
 import test from 'ava'
-import { mkdtempSync, readFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { RDMACommunicator, KVTransferError, rdmaDevices } from 'kvtransfer'
 import { makeCache } from './helpers/cache.mjs'
 import { startDecode } from './helpers/peer.mjs'
+import { scratchDir } from './helpers/scratch.mjs'
 import { transportOptions } from './helpers/transport.mjs'
 
 const HOST = '127.0.0.1'
@@ -53,7 +53,7 @@ test('transport rdma without a usable device is a clear error; auto falls back t
   const err = t.throws(() => prefill(src, { transport: 'rdma', rdmaNics: 'no-such-nic', errorFile: '/dev/null' }))
   t.is(err.code, 'UNAVAILABLE')
   t.regex(err.message, /KVCACHE_TRANSPORT=rdma/)
-  const dir = mkdtempSync(join(tmpdir(), 'kvt-'))
+  const dir = scratchDir(t)
   const debugFile = join(dir, 'debug.log')
   const auto = prefill(src, { transport: 'auto', rdmaNics: 'no-such-nic', debug: true, debugFile })
   t.is(auto.transport, 'shm', 'same-host peers first')

@@ -1,19 +1,19 @@
 // Bad input is refused with a clear error, nothing moves, and nothing hangs or dies.
 import test from 'ava'
 import net from 'node:net'
-import { mkdtempSync, readFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { RDMACommunicator, KVTransferError } from 'kvtransfer'
 import { makeCache } from './helpers/cache.mjs'
 import { startDecode } from './helpers/peer.mjs'
+import { scratchDir } from './helpers/scratch.mjs'
 import { transportOptions } from './helpers/transport.mjs'
 
 const HOST = '127.0.0.1'
 const shape = { layers: 2, blocks: 16, blockBytes: 256 }
 
 async function setup(t, decodeOptions = {}) {
-  const dir = mkdtempSync(join(tmpdir(), 'kvt-'))
+  const dir = scratchDir(t)
   const errorFile = join(dir, 'prefill-errors.log')
   const decode = await startDecode(shape, { options: { ...transportOptions, ...decodeOptions } })
   t.teardown(decode.stop)
@@ -60,7 +60,7 @@ test('invalid writes are refused, logged, and leave the remote cache untouched',
 })
 
 test('handshake mismatches fail connect on the prefill side and are logged on the decode side', async (t) => {
-  const dir = mkdtempSync(join(tmpdir(), 'kvt-'))
+  const dir = scratchDir(t)
   const decodeErrors = join(dir, 'decode-errors.log')
   const decode = await startDecode(shape, { options: { ...transportOptions, errorFile: decodeErrors } })
   t.teardown(decode.stop)

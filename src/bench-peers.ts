@@ -12,11 +12,11 @@ import { createInterface } from 'node:readline'
 import type { BenchRow, Workload } from './bench.js'
 
 /** The peers a run can name, with what their driver needs from the Python package registry. */
-export const PEERS: Record<string, { driver: string; packages: (gpu: boolean) => string[]; noDeps?: boolean }> = {
-  // Its CPU wheel on a machine without a GPU (the CUDA one would not import there).
-  mooncake: { driver: 'mooncake-driver.py', packages: (gpu) => [gpu ? 'mooncake-transfer-engine==0.3.13.post1' : 'mooncake-transfer-engine-non-cuda==0.3.13.post1'] },
+export const PEERS: Record<string, { driver: string; packages: string[]; noDeps?: boolean }> = {
+  // Its CPU wheel: the bench moves host memory (the CUDA wheel would not import on a machine without CUDA).
+  mooncake: { driver: 'mooncake-driver.py', packages: ['mooncake-transfer-engine-non-cuda==0.3.13.post1'] },
   // Installed without its dependencies: it needs numpy only, not torch.
-  nixl: { driver: 'nixl-driver.py', packages: () => ['nixl-cu12==1.5.1'], noDeps: true },
+  nixl: { driver: 'nixl-driver.py', packages: ['nixl-cu12==1.5.1'], noDeps: true },
 }
 const COMMON = ['numpy>=1.26']
 
@@ -55,7 +55,7 @@ function defaultVenv(): string {
  * The environment's Python, with every package `peers` need installed (once: what is installed is remembered in
  * the environment). Throws, with the reason, where no Python, venv or package can be had.
  */
-export function preparePeers(peers: string[], gpu: boolean, setup: PeerSetup = {}): string {
+export function preparePeers(peers: string[], setup: PeerSetup = {}): string {
   const venv = setup.venv ?? defaultVenv()
   const python = join(venv, 'bin', 'python')
   const say = setup.say ?? (() => {})
@@ -83,7 +83,7 @@ export function preparePeers(peers: string[], gpu: boolean, setup: PeerSetup = {
     writeFileSync(marker, JSON.stringify([...installed].sort()))
   }
   pip(COMMON, false)
-  for (const name of peers) pip(PEERS[name].packages(gpu), PEERS[name].noDeps === true)
+  for (const name of peers) pip(PEERS[name].packages, PEERS[name].noDeps === true)
   return python
 }
 

@@ -30,6 +30,12 @@ export interface BenchOptions {
   /** Keys only (an MLA cache); default keys and values. */
   keyOnly?: boolean
   /**
+   * Prefills writing into the one decode at once (default 1: the original's one thread, synchronous
+   * `writeCache`); more each connect on their own and write through `writeCacheAsync`, and a row's call is one
+   * round of all of them. Peers and ceilings run with one writer.
+   */
+  writers?: number
+  /**
    * Peers to run on the same workload beside kvtransfer: `mooncake`, `nixl` (their drivers under
    * `benches/peers/`, in a Python environment made and filled on first use; see {@link PeerSetup}).
    */
@@ -56,8 +62,9 @@ export interface BenchRow {
   compares?: string
   detail?: string
   blockBytes: number
-  /** Blocks per call, and bytes per call (all tensors). */
+  /** Blocks per call of each writer, the writers (prefills writing at once), and bytes per call (all tensors, all writers). */
   batch: number
+  writers?: number
   bytesPerCall: number
   calls: number
   /** GB/s (1e9 bytes per second) and µs per call over the timed calls. */
@@ -91,6 +98,8 @@ export interface BenchResult {
   tensors: number
   warmup: number
   iterations: number
+  /** Prefills writing at once in kvtransfer's rows (1: the original's one thread). */
+  writers: number
   rows: BenchRow[]
   ceilings: CeilingRow[]
   /** Transports (and sizes) asked for that were not measured, and why. */
@@ -243,6 +252,8 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
   const tensors = options.keyOnly ? 1 : 2
   // A pool a quarter larger than a call: the call's blocks are scattered across it.
   const pool = Math.ceil(batch * 1.25)
+  const writers = options.writers ?? 1
+  if (!Number.isInteger(writers) || writers < 1 || writers > 64) throw new Error(`writers must be a whole number from 1 to 64, not ${writers}`)
   const here = usableTransports()
   const skipped: BenchResult['skipped'] = options.transports ? here.skipped.filter((s) => options.transports?.includes(s.transport)) : here.skipped.filter((s) => s.transport !== 'cuda-ipc')
   const transports = options.transports ? options.transports.filter((t) => here.usable.includes(t)) : here.usable
@@ -258,7 +269,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
   let done = 0
   for (const blockBytes of sizes) {
     // Both processes hold the whole cache: a size that would crowd this machine's free memory is left out.
-    const need = 2 * tensors * layers * pool * blockBytes
+    const need = tensors * layers * (pool + Math.ceil(writers * batch * 1.25)) * blockBytes
     if (need > 0.7 * freemem()) {
       for (const transport of transports) {
         skipped.push({ transport, blockBytes, why: `both caches take ${(need / 2 ** 30).toFixed(1)} GiB, more than 70% of the free memory` })
@@ -268,7 +279,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     for (const transport of transports) {
       options.onProgress?.(`${transport} ${blockBytes / KIB} KiB`, done++, total)
       try {
-        rows.push(await measure({ transport, blockBytes, batch, pool, layers, tensors, iterations, warmup }))
+        rows.push(await measure({ transport, blockBytes, batch, pool, layers, tensors, iterations, warmup, writers }))
       } catch (e) {
         failed.push({ transport, blockBytes, error: e instanceof Error ? e.message : String(e) })
       }
@@ -285,7 +296,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
   if (peers.length > 0 && measured.length > 0) {
     let python: string | undefined
     try {
-      python = preparePeers(peers, gpuHere(), options.peerSetup)
+      python = preparePeers(peers, options.peerSetup)
     } catch (e) {
       for (const p of peers) skipped.push({ transport: p, why: `cannot set up its driver: ${e instanceof Error ? e.message : String(e)}` })
     }
@@ -309,6 +320,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     tensors,
     warmup,
     iterations,
+    writers,
     rows,
     ceilings,
     skipped,
@@ -317,13 +329,6 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
   }
   result.goals = goals(result)
   return result
-}
-
-/** Whether this machine has a GPU (a peer's CUDA wheel then, not its CPU one). */
-function gpuHere(): boolean {
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const { systemInfo } = require('./system.js') as typeof import('./system.js')
-  return systemInfo().gpus.devices.length > 0
 }
 
 /**
@@ -390,55 +395,68 @@ export interface Workload {
   warmup: number
 }
 
-/** One row's workload: a transport at a block size. */
+/** One row's workload: a transport at a block size, from `writers` prefills at once. */
 interface Shape extends Workload {
   transport: string
   blockBytes: number
+  writers: number
 }
 
+/**
+ * One row: `writers` prefill communicators (one: the original's synchronous `writeCache` on one thread; more:
+ * each its own connection, all writing at once through `writeCacheAsync`), each its `batch` blocks into blocks
+ * of the decode's that no other writer's call touches. A call is one round of every writer's write.
+ */
 async function measure(s: Shape): Promise<BenchRow> {
   const decode = new Decode()
   let src: HostBuffer[][] = []
+  const prefills: RDMACommunicator[] = []
   try {
     src = cache(s.tensors, s.layers, s.pool, s.blockBytes, true)
-    const port = await decode.ask<number>('start', { transport: s.transport, blockBytes: s.blockBytes, pool: s.pool, layers: s.layers, tensors: s.tensors })
+    // The decode's pool holds every writer's blocks, scattered over it as one writer's are over its own.
+    const remotePool = Math.ceil(s.writers * s.batch * 1.25)
+    const port = await decode.ask<number>('start', { transport: s.transport, blockBytes: s.blockBytes, pool: remotePool, layers: s.layers, tensors: s.tensors })
     const ptrs = (t: number) => (src[t] ?? []).map((hb) => hb.ptr)
-    const prefill = new RDMACommunicator('prefill', 0, 0, ptrs(0), ptrs(1), s.pool, s.blockBytes, 1, 0, { transport: s.transport as 'tcp' })
-    try {
-      if (!prefill.connect(HOST, port)) throw prefill.lastError
-      const local = scattered(s.batch, s.pool, 1)
-      const remote = scattered(s.batch, s.pool, 2)
-      const write = (layer: number) => {
-        if (prefill.writeCache(HOST, port, local, remote, layer) !== 0) throw prefill.lastError
-      }
-      for (let i = 0; i < s.warmup; i++) write(i % s.layers)
-      const seconds: number[] = []
-      for (let i = 0; i < s.iterations; i++) {
-        const start = process.hrtime.bigint()
-        write(i % s.layers)
-        seconds.push(Number(process.hrtime.bigint() - start) / 1e9)
-      }
-      // The bytes: the decode's blocks cleared, one more write, and both sides' hashes in call order.
-      await decode.ask('clear', { layer: 0, ids: [...remote] })
-      write(0)
-      const theirs = await decode.ask<string>('digest', { layer: 0, ids: [...remote] })
-      const verified = theirs === digest(src, 0, local, s.blockBytes)
-      const bytesPerCall = s.batch * s.blockBytes * s.tensors
-      return {
-        system: 'kvtransfer',
-        transport: prefill.transport,
-        blockBytes: s.blockBytes,
-        batch: s.batch,
-        bytesPerCall,
-        calls: seconds.length,
-        gbps: rate(bytesPerCall, spread(seconds.map((t) => t * 1e6))),
-        usPerCall: spread(seconds.map((t) => t * 1e6)),
-        verified,
-      }
-    } finally {
-      prefill.close()
+    for (let w = 0; w < s.writers; w++) {
+      prefills.push(new RDMACommunicator('prefill', 0, 0, ptrs(0), ptrs(1), s.pool, s.blockBytes, 1, 0, { transport: s.transport as 'tcp' }))
+      if (!prefills[w].connect(HOST, port)) throw prefills[w].lastError
+    }
+    const local = scattered(s.batch, s.pool, 1)
+    const all = scattered(s.writers * s.batch, remotePool, 2)
+    const remote = prefills.map((_, w) => all.subarray(w * s.batch, (w + 1) * s.batch))
+    const round = async (layer: number) => {
+      if (s.writers === 1) {
+        if (prefills[0].writeCache(HOST, port, local, remote[0], layer) !== 0) throw prefills[0].lastError
+      } else await Promise.all(prefills.map((p, w) => p.writeCacheAsync(HOST, port, local, remote[w], layer)))
+    }
+    for (let i = 0; i < s.warmup; i++) await round(i % s.layers)
+    const seconds: number[] = []
+    for (let i = 0; i < s.iterations; i++) {
+      const start = process.hrtime.bigint()
+      await round(i % s.layers)
+      seconds.push(Number(process.hrtime.bigint() - start) / 1e9)
+    }
+    // The bytes: the decode's blocks cleared, one more round, and both sides' hashes in call order.
+    await decode.ask('clear', { layer: 0, ids: [...all] })
+    await round(0)
+    const theirs = await decode.ask<string>('digest', { layer: 0, ids: [...all] })
+    const ours = digest(src, 0, Array.from({ length: s.writers }, () => [...local]).flat(), s.blockBytes)
+    const bytesPerCall = s.writers * s.batch * s.blockBytes * s.tensors
+    const us = spread(seconds.map((t) => t * 1e6))
+    return {
+      system: 'kvtransfer',
+      transport: prefills[0].transport,
+      blockBytes: s.blockBytes,
+      batch: s.batch,
+      writers: s.writers,
+      bytesPerCall,
+      calls: seconds.length,
+      gbps: rate(bytesPerCall, us),
+      usPerCall: us,
+      verified: theirs === ours,
     }
   } finally {
+    for (const p of prefills) p.close()
     await decode.end()
     for (const t of src) for (const hb of t) hb.free()
   }
@@ -448,7 +466,7 @@ async function measure(s: Shape): Promise<BenchRow> {
 export function formatTable(r: BenchResult): string {
   const out = [
     `kvtransfer bench: ${r.batch} scattered blocks per call from a pool of ${r.pool}, ${r.tensors === 2 ? 'keys and values' : 'keys only'}, ` +
-      `${r.layers} layers in turn, one thread; ${r.warmup} warm-up and ${r.iterations} timed calls per row; host buffers with transparent huge pages advised (as numpy's)`,
+      `${r.layers} layers in turn, ${r.writers > 1 ? `kvtransfer's rows ${r.writers} prefills writing at once (a call: one round of them)` : 'one thread'}; ${r.warmup} warm-up and ${r.iterations} timed calls per row; host buffers with transparent huge pages advised (as numpy's)`,
     `${r.machine.cpuModel}, ${r.machine.cpus} CPUs, ${(r.machine.memoryBytes / 2 ** 30).toFixed(0)} GiB, ${r.machine.platform}, Node.js ${r.machine.node}, ${r.date}`,
     '',
     '| block | system | transport | GB/s (median) | p10 | p90 | µs per call | of its ceiling | kvtransfer ÷ this | bytes checked |',

@@ -37,9 +37,18 @@ def scattered(n, pool, seed):
     return ids[:n]
 
 
-def cache(tensors, layers, pool, block_bytes, random):
+def cache(tensors, layers, pool, block_bytes, random, gpu=None):
     """Per tensor, per layer, one buffer of `pool` blocks with every page touched: random bytes for the source,
-    zeros for the decode. numpy asks for transparent huge pages for buffers this large, as kvtransfer's do."""
+    zeros for the decode. numpy asks for transparent huge pages for buffers this large, as kvtransfer's do.
+    With `gpu` (an index), the buffers are that GPU's memory, through PyTorch."""
+    if gpu is not None:
+        import torch
+        torch.cuda.set_device(gpu)
+        make = lambda: (torch.randint(0, 256, (pool * block_bytes,), dtype=torch.uint8, device=f"cuda:{gpu}") if random
+                        else torch.zeros(pool * block_bytes, dtype=torch.uint8, device=f"cuda:{gpu}"))
+        out = [[make() for _ in range(layers)] for _ in range(tensors)]
+        torch.cuda.synchronize(gpu)
+        return out
     import numpy as np  # here, not above: the workload's ids and hashes are checked where numpy is absent
     rng = np.random.default_rng(12345)
     out = []
@@ -56,11 +65,17 @@ def cache(tensors, layers, pool, block_bytes, random):
     return out
 
 
+def address(buffer):
+    """A buffer's first byte (a numpy array's, or a PyTorch tensor's on a GPU)."""
+    return buffer.data_ptr() if hasattr(buffer, "data_ptr") else buffer.ctypes.data
+
+
 def digest(buffers, layer, ids, block_bytes):
     """The hash of `ids`' blocks of one layer, in that order, every tensor (as kvtransfer's bench hashes)."""
     h = hashlib.sha1()
     for t in buffers:
-        view = memoryview(t[layer])
+        b = t[layer]
+        view = memoryview(b.cpu().numpy() if hasattr(b, "cpu") else b)
         for i in ids:
             h.update(view[int(i) * block_bytes:(int(i) + 1) * block_bytes])
     return h.hexdigest()
@@ -79,10 +94,11 @@ def rate(bytes_per_call, us):
 
 
 class Peer:
-    """What a driver fills in. `variants()` lists (transport, compares, detail, env): `compares` names our
+    """What a driver fills in; `gpu` says whether the run's buffers are GPU memory. `variants()` lists (transport, compares, detail, env): `compares` names our
     transport the row stands beside (tcp or shm), `env` is set for both processes of that variant."""
 
     system = "peer"
+    gpu = False
 
     def variants(self):
         raise NotImplementedError
@@ -119,8 +135,9 @@ class Peer:
 class Decode:
     """The decode child of one variant and size, driven by JSON lines on its stdin and stdout."""
 
-    def __init__(self, driver, variant, env):
-        self.proc = subprocess.Popen([sys.executable, driver, "--decode", variant], stdin=subprocess.PIPE,
+    def __init__(self, driver, variant, env, gpu):
+        gpu_args = [] if gpu is None else ["--decode-gpu", str(gpu)]
+        self.proc = subprocess.Popen([sys.executable, driver, "--decode", variant, *gpu_args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
 
     def ask(self, op, **args):
@@ -142,7 +159,7 @@ class Decode:
             self.proc.kill()
 
 
-def serve_decode(peer, variant):
+def serve_decode(peer, variant, gpu):
     """The child's loop: `start`, `clear`, `digest`, until stdin closes."""
     out = protocol_stdout()
     buffers, block_bytes = [], 0
@@ -159,7 +176,7 @@ def serve_decode(peer, variant):
         try:
             if m["op"] == "start":
                 block_bytes = m["blockBytes"]
-                buffers = cache(m["tensors"], m["layers"], m["pool"], block_bytes, False)
+                buffers = cache(m["tensors"], m["layers"], m["pool"], block_bytes, False, gpu)
                 result = peer.decode_start(v, buffers, block_bytes)
             elif m["op"] == "clear":
                 for t in buffers:
@@ -181,9 +198,9 @@ def serve_decode(peer, variant):
 def measure(peer, driver, variant, env, a, block_bytes):
     """One variant at one size: warm-up, timed calls, then the bytes checked once."""
     tensors, layers, pool = a.tensors, a.layers, a.pool
-    decode = Decode(driver, variant[0], env)
+    decode = Decode(driver, variant[0], env, (a.decode_gpu or 0) if a.gpu else None)
     try:
-        src = cache(tensors, layers, pool, block_bytes, True)
+        src = cache(tensors, layers, pool, block_bytes, True, 0 if a.gpu else None)
         remote_info = decode.ask("start", blockBytes=block_bytes, pool=pool, layers=layers, tensors=tensors)
         peer.prefill_start(variant, src, block_bytes, pool, remote_info)
         try:
@@ -223,9 +240,12 @@ def main(peer, driver):
     p.add_argument("--tensors", type=int, default=2)
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--gpu", action="store_true", help="GPU memory: the prefill on GPU 0, the decode on --decode-gpu")
+    p.add_argument("--decode-gpu", type=int, default=None, help="the decode's GPU with --gpu (default 0)")
     a = p.parse_args()
+    peer.gpu = a.gpu or a.decode_gpu is not None
     if a.decode:
-        return serve_decode(peer, a.decode)
+        return serve_decode(peer, a.decode, a.decode_gpu)
     out = protocol_stdout()
     a.pool = a.pool or math.ceil(a.batch * 1.25)
     why = peer.unusable()

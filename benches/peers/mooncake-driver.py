@@ -5,6 +5,7 @@ once. Stands beside kvtransfer's TCP.
 
     python benches/peers/mooncake-driver.py --sizes 1024,65536 [--batch 1538 --layers 2 --iterations 20 --warmup 3]
 """
+import importlib
 import os
 import sys
 
@@ -27,8 +28,10 @@ class Mooncake(common.Peer):
                  {"MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER": "16384"})]
 
     def unusable(self):
+        if self.gpu:
+            return "this driver runs Mooncake's TCP transport on host memory only"
         try:
-            from mooncake.engine import TransferEngine  # noqa: F401
+            importlib.import_module("mooncake.engine")
         except Exception as e:  # noqa: BLE001 - the reason is the table's
             return f"cannot import mooncake.engine ({type(e).__name__}: {e}); it needs libibverbs.so.1 even for TCP"
         return None
@@ -43,20 +46,20 @@ class Mooncake(common.Peer):
     def _register(self, buffers):
         for t in buffers:
             for a in t:
-                if self.engine.register_memory(a.ctypes.data, a.nbytes) != 0:
+                if self.engine.register_memory(common.address(a), a.nbytes) != 0:
                     raise RuntimeError("register_memory failed")
 
     def decode_start(self, variant, buffers, block_bytes):
         self.engine = self._engine(variant[0])
         self._register(buffers)
-        return {"port": self.engine.get_rpc_port(), "addrs": [[a.ctypes.data for a in t] for t in buffers]}
+        return {"port": self.engine.get_rpc_port(), "addrs": [[common.address(a) for a in t] for t in buffers]}
 
     def prefill_start(self, variant, buffers, block_bytes, pool, remote):
         self.engine = self.engine or self._engine(variant[0])
         self._register(buffers)
         self.target = f"127.0.0.1:{remote['port']}"
         self.block_bytes = block_bytes
-        self.local_addrs = [[a.ctypes.data for a in t] for t in buffers]
+        self.local_addrs = [[common.address(a) for a in t] for t in buffers]
         self.remote_addrs = remote["addrs"]
         self.lengths = None
 

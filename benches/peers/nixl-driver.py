@@ -33,7 +33,9 @@ class Nixl(common.Peer):
 
     def variants(self):
         out = []
-        for tls, compares, what in (("tcp", "tcp", "UCX_TLS=tcp"), ("same-host", "shm", "UCX's default transports")):
+        kinds = ((("cuda-ipc", "cuda-ipc", "UCX's default transports (cuda_ipc) on GPU memory"),) if self.gpu else
+                 (("tcp", "tcp", "UCX_TLS=tcp"), ("same-host", "shm", "UCX's default transports")))
+        for tls, compares, what in kinds:
             for thread in (True, False):
                 env = {"UCX_TLS": "tcp"} if tls == "tcp" else {}
                 name = f"ucx-{tls}" + ("" if thread else "-no-progress-thread")
@@ -52,18 +54,27 @@ class Nixl(common.Peer):
         thread = not variant[0].endswith("-no-progress-thread")
         return nixl_agent(name, nixl_agent_config(enable_prog_thread=thread, backends=["UCX"]))
 
+    def _memory(self):
+        return "VRAM" if self.gpu else "DRAM"
+
     @staticmethod
-    def _strided(buffers, block_bytes, pool):
+    def _device(a):
+        return a.device.index if hasattr(a, "data_ptr") and a.device.type == "cuda" else 0
+
+    def _register(self, buffers):
+        return self.agent.register_memory([(common.address(a), a.nbytes, self._device(a), "") for t in buffers for a in t], self._memory())
+
+    def _strided(self, buffers, block_bytes, pool):
         # One row per tensor and layer: (address, block length, device, stride, count) — block i of tensor t,
         # layer l is descriptor (t * layers + l) * pool + i.
-        return np.array([[a.ctypes.data, block_bytes, 0, block_bytes, pool] for t in buffers for a in t], dtype=np.uint64)
+        return np.array([[common.address(a), block_bytes, self._device(a), block_bytes, pool] for t in buffers for a in t], dtype=np.uint64)
 
     def needs_idle(self, variant):
         return variant[0].endswith("-no-progress-thread")
 
     def decode_start(self, variant, buffers, block_bytes):
         self.agent = self._agent(variant, "decode")
-        self.reg = self.agent.register_memory([(a.ctypes.data, a.nbytes, 0, "") for t in buffers for a in t], "DRAM")
+        self.reg = self._register(buffers)
         pool = buffers[0][0].nbytes // block_bytes
         return {"metadata": base64.b64encode(self.agent.get_agent_metadata()).decode(),
                 "rows": self._strided(buffers, block_bytes, pool).tolist()}
@@ -75,11 +86,11 @@ class Nixl(common.Peer):
 
     def prefill_start(self, variant, buffers, block_bytes, pool, remote):
         self.agent = self._agent(variant, "prefill")
-        self.reg = self.agent.register_memory([(a.ctypes.data, a.nbytes, 0, "") for t in buffers for a in t], "DRAM")
+        self.reg = self._register(buffers)
         name = self.agent.add_remote_agent(base64.b64decode(remote["metadata"]))
         self.remote_name = name.decode() if isinstance(name, bytes) else name
-        self.local = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._strided(buffers, block_bytes, pool), "DRAM")
-        self.remote = self.agent.prep_xfer_dlist(self.remote_name, np.array(remote["rows"], dtype=np.uint64), "DRAM")
+        self.local = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._strided(buffers, block_bytes, pool), self._memory())
+        self.remote = self.agent.prep_xfer_dlist(self.remote_name, np.array(remote["rows"], dtype=np.uint64), self._memory())
         self.tensors, self.layers, self.pool = len(buffers), len(buffers[0]), pool
 
     def write(self, layer, local_ids, remote_ids):

@@ -37,9 +37,10 @@ fn buffer(len: usize) -> Result<HostAllocation> {
     HostAllocation::new(len).map_err(|e| Error::new(ErrorCode::Unavailable, e.to_string()))
 }
 
-/// One TCP stream over loopback moving `bytes` per call in writes of `chunk` bytes: the time of each of `calls`
-/// calls (after `warmup` untimed ones), from the first byte written to the receiver's acknowledgement that the
-/// last one arrived.
+/// One TCP stream over loopback moving `bytes` per call in writes of `chunk` bytes, from memory as large as a
+/// call into memory as large as a call (the same bytes as a write moves, from and into memory as cold as a
+/// cache's, not one small buffer the CPU's cache keeps hot): the time of each of `calls` calls (after `warmup`
+/// untimed ones), from the first byte written to the receiver's acknowledgement that the last one arrived.
 pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Result<Vec<Duration>> {
     let (bytes, calls, warmup) = (check("bytes", bytes, 1, MAX_CALL_BYTES)?, check("calls", calls, 1, MAX_CALLS)?, check("warmup", warmup, 0, MAX_WARMUP)?);
     let chunk = check("chunk", chunk, 1, MAX_CHUNK)?.min(bytes);
@@ -56,18 +57,20 @@ pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Re
         s.set_nodelay(true).and_then(|()| s.set_read_timeout(Some(STALL))).and_then(|()| s.set_write_timeout(Some(STALL))).map_err(io("setting up the stream"))?;
     }
     let total = warmup + calls;
-    let mut data = buffer(chunk)?;
+    let mut data = buffer(bytes)?;
     data.as_mut_slice().fill(0x5a);
-    let mut sink = buffer(chunk)?;
+    let mut sink = buffer(bytes)?;
+    // Touched before timing, as the bench's caches are.
+    sink.as_mut_slice().fill(0);
     let reading = std::thread::spawn(move || -> std::io::Result<()> {
         for _ in 0..total {
-            let mut left = bytes;
-            while left > 0 {
-                let n = receiver.read(&mut sink.as_mut_slice()[..left.min(chunk)])?;
+            let mut at = 0;
+            while at < bytes {
+                let n = receiver.read(&mut sink.as_mut_slice()[at..bytes.min(at + chunk)])?;
                 if n == 0 {
                     return Err(std::io::ErrorKind::UnexpectedEof.into());
                 }
-                left -= n;
+                at += n;
             }
             receiver.write_all(&[1])?;
         }
@@ -78,11 +81,8 @@ pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Re
         let mut ack = [0u8; 1];
         for i in 0..total {
             let start = Instant::now();
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(chunk);
-                sender.write_all(&data.as_slice()[..n])?;
-                left -= n;
+            for piece in data.as_slice().chunks(chunk) {
+                sender.write_all(piece)?;
             }
             sender.read_exact(&mut ack)?;
             if i >= warmup {
