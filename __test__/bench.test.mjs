@@ -58,6 +58,15 @@ test('bench --csv writes one line per row; the table names what it ran', async (
   t.regex(table.stderr, /\[1\/1\]/, 'progress on standard error')
 })
 
+test('bench --writers: prefills writing at once, each into blocks of its own, every byte checked', async (t) => {
+  const { code, stdout, stderr } = await run(['--transports', transport, '--sizes', '1', '--batch', '32', '--iterations', '2', '--warmup', '1', '--writers', '3', '--json'])
+  t.is(code, 0, stderr)
+  const r = JSON.parse(stdout)
+  t.is(r.writers, 3)
+  t.like(r.rows[0], { writers: 3, batch: 32, bytesPerCall: 3 * 32 * 1024 * 2, verified: true })
+  t.deepEqual(r.goals, [], 'a round of three is judged against nothing that ran one')
+})
+
 test('bench refuses bad options', async (t) => {
   for (const args of [['--sizes', '0'], ['--batch', 'many'], ['--iterations', '1.5'], ['--warmup', '0x10'], ['--layers', '1e3']]) {
     const { code, stderr } = await run(args)

@@ -337,7 +337,9 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
  * than our TCP; CUDA IPC ahead of NIXL's.
  */
 export function goals(r: Pick<BenchResult, 'rows' | 'ceilings'>): Goal[] {
-  const ours = (transport: string, size: number) => r.rows.find((x) => x.system === 'kvtransfer' && x.transport === transport && x.blockBytes === size && x.verified)?.gbps.median
+  // One writer's rows only: the peers and the ceilings run one.
+  const ours = (transport: string, size: number) =>
+    r.rows.find((x) => x.system === 'kvtransfer' && x.transport === transport && x.blockBytes === size && x.verified && (x.writers ?? 1) === 1)?.gbps.median
   const out: Goal[] = []
   const judge = (goal: string, target: number, ratios: Array<[number, number | undefined]>) => {
     const known = ratios.filter((x): x is [number, number] => x[1] !== undefined && Number.isFinite(x[1]))
@@ -480,7 +482,8 @@ export function formatTable(r: BenchResult): string {
     for (const row of at.sort((a, b) => order(a).localeCompare(order(b)) || a.transport.localeCompare(b.transport))) {
       const checked = row.verified ? 'yes' : 'MISMATCH'
       if (row.system === 'kvtransfer') {
-        const ceiling = ceilingOf(r, row.transport, size)
+        // The ceilings move one writer's bytes: no ratio for a round of several.
+        const ceiling = (row.writers ?? 1) === 1 ? ceilingOf(r, row.transport, size) : undefined
         const of = ceiling ? `${(row.gbps.median / ceiling.gbps.median).toFixed(2)} of ${ceiling.name}` : '-'
         out.push(line(size, row.system, row.transport, row.gbps, row.usPerCall, of, '', checked))
       } else {
