@@ -44,10 +44,12 @@ class Mooncake(common.Peer):
         return engine
 
     def _register(self, buffers):
+        self.registered = []
         for t in buffers:
             for a in t:
                 if self.engine.register_memory(common.address(a), a.nbytes) != 0:
                     raise RuntimeError("register_memory failed")
+                self.registered.append(common.address(a))
 
     def decode_start(self, variant, buffers, block_bytes):
         self.engine = self._engine(variant[0])
@@ -75,7 +77,9 @@ class Mooncake(common.Peer):
             raise RuntimeError("batch_transfer_sync_write failed")
 
     def prefill_stop(self):
-        pass
+        # The engine lives on for the next size; the next size's buffers may reuse these addresses.
+        for addr in self.registered:
+            self.engine.unregister_memory(addr)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 /// Most ranges per system call (the kernel's `UIO_MAXIOV`).
 const MAX_IOV: usize = 1024;
 
+/// About the most bytes one read asks for. The kernel copies in and checks every range a call names, so a read
+/// names the ranges it can fill soon (a few MiB) rather than a thousand 256 KiB blocks of which it fills three.
+const MAX_READ: usize = 4 << 20;
+
 /// Writes every range of `iov`, in order, to the socket `fd`. `iov` is consumed (left advanced).
 pub(super) fn write_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
     while !iov.is_empty() {
@@ -41,7 +45,9 @@ pub(super) fn set_read_deadline(stream: &TcpStream, deadline: Instant) -> io::Re
 }
 
 /// Fills every range of `iov`, in order, from the socket `fd`, calling `before_each` before each read (to set
-/// its timeout). End of stream before that is an error.
+/// its timeout). Each read waits until the ranges it names are full (`MSG_WAITALL`: one wake-up and one call per
+/// few MiB, not one per segment that arrives), or until the timeout, a signal or the end of the stream cuts it
+/// short. End of stream before every range is full is an error.
 ///
 /// # Safety
 ///
@@ -49,10 +55,19 @@ pub(super) fn set_read_deadline(stream: &TcpStream, deadline: Instant) -> io::Re
 pub(super) unsafe fn read_all(fd: RawFd, mut iov: &mut [IoVec], mut before_each: impl FnMut() -> io::Result<()>) -> io::Result<()> {
     while !iov.is_empty() {
         before_each()?;
-        let n = iov.len().min(MAX_IOV);
-        // SAFETY: the caller promised the ranges may be overwritten; the kernel writes only into them, or
-        // fails with EFAULT.
-        let read = unsafe { libc::readv(fd, iov.as_ptr(), n as libc::c_int) };
+        let mut n = 0;
+        let mut bytes = 0;
+        while n < iov.len().min(MAX_IOV) && (n == 0 || bytes < MAX_READ) {
+            bytes += iov[n].iov_len;
+            n += 1;
+        }
+        // SAFETY: an all-zero msghdr is valid (no name, no control data); only its ranges are set below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = n as _;
+        // SAFETY: the caller promised the ranges may be overwritten; the kernel writes only into them (the first
+        // `n` of `iov`, initialised iovecs that outlive the call), or fails with EFAULT.
+        let read = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_WAITALL) };
         if read < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
