@@ -43,12 +43,18 @@ print(json.dumps({"ids": ids, "digest": common.digest([[bytearray(${JSON.stringi
 
 test("a driver's rows are taken, its garbage and lies dropped, its failures and its crash said", async (t) => {
   const dir = scratchDir(t, 'kvt-peers-')
-  const good = row('fake', 'tcp', 1, 0.5, { compares: 'tcp', detail: 'as run' })
+  const good = row('nixl', 'tcp', 1, 0.5, { compares: 'tcp', detail: 'as run' })
   const lines = [
     JSON.stringify({ row: good }),
     'not json at all',
-    JSON.stringify({ row: { ...good, gbps: { median: 'fast' } } }),
-    JSON.stringify({ row: { ...good, blockBytes: 1.5 } }),
+    'null',
+    JSON.stringify({ row: { ...good, usPerCall: { median: 'fast' } } }),
+    // Rows in another's name, off the workload, beside no transport of ours, or told twice.
+    JSON.stringify({ row: { ...good, transport: 'ucx-same-host', system: 'kvtransfer', compares: 'shm' } }),
+    JSON.stringify({ row: { ...good, transport: 'big', blockBytes: 2048 } }),
+    JSON.stringify({ row: { ...good, transport: 'short', calls: 2 } }),
+    JSON.stringify({ row: { ...good, transport: 'nic', compares: 'rdma' } }),
+    JSON.stringify({ row: { ...good, gbps: spread(1000) } }),
     JSON.stringify({ failed: { transport: 'tcp', blockBytes: 4096, error: 'RuntimeError: no' } }),
     JSON.stringify({ skipped: { transport: 'rdma', why: 'no NIC' } }),
   ]
@@ -59,7 +65,12 @@ test("a driver's rows are taken, its garbage and lies dropped, its failures and 
   const log = join(dir, 'fake.log')
   const w = { sizes: [1024], batch: 8, pool: 10, layers: 1, tensors: 2, iterations: 3, warmup: 1 }
   const run = await runPeer(python, 'nixl', w, log)
-  t.deepEqual(run.rows, [good])
+  // Its rates are recomputed from its times: the second, faster "same" row is a duplicate, and dropped.
+  t.deepEqual(
+    run.rows.map((r) => [r.system, r.transport, r.compares, r.blockBytes]),
+    [['nixl', 'tcp', 'tcp', 1024], ['nixl', 'ucx-same-host', 'shm', 1024]],
+  )
+  t.deepEqual(run.rows[0].gbps, { median: good.bytesPerCall / (good.usPerCall.median * 1e3), p10: good.bytesPerCall / (good.usPerCall.p90 * 1e3), p90: good.bytesPerCall / (good.usPerCall.p10 * 1e3) })
   t.deepEqual(run.failed, [{ transport: 'nixl tcp', blockBytes: 4096, error: 'RuntimeError: no' }])
   t.deepEqual(run.skipped, [
     { transport: 'nixl rdma', why: 'no NIC' },
@@ -69,6 +80,8 @@ test("a driver's rows are taken, its garbage and lies dropped, its failures and 
   const missing = await runPeer(join(dir, 'no-such-python'), 'nixl', w, log)
   t.deepEqual(missing.rows, [])
   t.regex(missing.skipped[0].why, /its driver could not start: spawn .*ENOENT/)
+  const unwritable = await runPeer(python, 'nixl', w, join(dir, 'no-such-folder', 'x.log'))
+  t.regex(unwritable.skipped[0].why, /cannot write its log .*ENOENT/)
 })
 
 test('a machine without Python is told so, not failed obscurely', (t) => {
@@ -77,6 +90,9 @@ test('a machine without Python is told so, not failed obscurely', (t) => {
   process.env.PATH = dir
   try {
     t.throws(() => preparePeers(['nixl'], { venv: join(dir, 'venv') }), { message: /python3 -m venv \(Python 3\.9 or later with its venv module is needed\) failed: .*ENOENT/ })
+    // A folder that holds something else is not taken for an environment (nor installed into).
+    writeFileSync(join(dir, 'notes.txt'), 'mine')
+    t.throws(() => preparePeers(['nixl'], { venv: dir }), { message: /is not a Python virtual environment \(it has no pyvenv\.cfg\)/ })
   } finally {
     process.env.PATH = path
   }
@@ -97,7 +113,7 @@ test('each goal is its worst ratio over the sizes, judged only where the run has
     row('nixl', 'ucx-same-host', 1, 0.01, { compares: 'shm', verified: false }),
   ]
   const ceilings = [{ name: 'tcp-stream', blockBytes: 64 * 1024, bytesPerCall: 1, calls: 3, gbps: spread(3), usPerCall: spread(1) }]
-  const g = Object.fromEntries(goals({ rows, ceilings }).map((x) => [x.goal, x]))
+  const g = Object.fromEntries(goals({ rows, ceilings, failed: [] }).map((x) => [x.goal, x]))
   t.deepEqual(Object.keys(g), [
     'kvtransfer tcp ÷ the best peer TCP',
     'kvtransfer tcp ÷ the best peer TCP, 1 KiB',
@@ -109,12 +125,17 @@ test('each goal is its worst ratio over the sizes, judged only where the run has
   t.like(g['kvtransfer tcp ÷ the best peer TCP, 1 KiB'], { worst: 3 / 0.06, blockBytes: 1024, met: true, target: 3 })
   t.like(g['kvtransfer tcp ÷ tcp-stream, from 64 KiB'], { worst: 2.7 / 3, met: true })
   t.like(g["kvtransfer shm ÷ NIXL's best same-host path"], { worst: 11 / 5, blockBytes: 65536, met: true })
-  t.like(g['kvtransfer shm ÷ kvtransfer tcp'], { worst: 0.9, blockBytes: 1024, met: false })
+  t.like(g['kvtransfer shm ÷ kvtransfer tcp'], { worst: 0.9, blockBytes: 1024, met: false, sizes: [1024, 65536] })
+  // Where ours failed, or its bytes did not check, and a peer ran: 0 there, not a size left out.
+  const broken = goals({ rows: rows.filter((x) => !(x.system === 'kvtransfer' && x.transport === 'tcp' && x.blockBytes === 1024)), ceilings, failed: [{ transport: 'tcp', blockBytes: 1024, error: 'boom' }] })
+  t.like(broken.find((x) => x.goal === 'kvtransfer tcp ÷ the best peer TCP'), { worst: 0, blockBytes: 1024, met: false, sizes: [1024, 65536] })
+  const mismatched = goals({ rows: rows.map((x) => (x.system === 'kvtransfer' && x.transport === 'shm' && x.blockBytes === 65536 ? { ...x, verified: false } : x)), ceilings })
+  t.like(mismatched.find((x) => x.goal === "kvtransfer shm ÷ NIXL's best same-host path"), { worst: 0, met: false })
 
   const table = formatTable({ date: 'now', machine: { cpus: 2, cpuModel: 'cpu', memoryBytes: 2 ** 30, platform: 'p', node: '20' }, batch: 8, pool: 10, layers: 1, tensors: 2, warmup: 1, iterations: 3, rows, ceilings, skipped: [], failed: [], goals: goals({ rows, ceilings }) })
   t.regex(table, /\| 64 KiB \| nixl \| ucx-tcp \| 3\.00 \|.*\| 0\.90× \(tcp\) \| yes \|/)
   t.regex(table, /\| 1 KiB \| nixl \| ucx-same-host \| 0\.01 \|.*\| MISMATCH \|/)
-  t.regex(table, /MISSED kvtransfer tcp ÷ the best peer TCP ≥ 1: 0\.90 \(at 64 KiB\)/)
+  t.regex(table, /MISSED kvtransfer tcp ÷ the best peer TCP ≥ 1: 0\.90 \(at 64 KiB; over 2 sizes\)/)
   t.regex(table, /met {4}kvtransfer tcp ÷ tcp-stream, from 64 KiB ≥ 0\.8: 0\.90/)
 })
 

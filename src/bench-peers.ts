@@ -5,7 +5,7 @@
  * and the sizes or variants that failed or cannot run here, with the reason.
  */
 import { spawn, spawnSync } from 'node:child_process'
-import { createWriteStream, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { createWriteStream, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { homedir } from 'node:os'
 import { join } from 'node:path'
 import { createInterface } from 'node:readline'
@@ -18,7 +18,8 @@ export const PEERS: Record<string, { driver: string; packages: string[]; noDeps?
   // Installed without its dependencies: it needs numpy only, not torch.
   nixl: { driver: 'nixl-driver.py', packages: ['nixl-cu12==1.5.1'], noDeps: true },
 }
-const COMMON = ['numpy>=1.26']
+// numpy: a range, not a pin (the drivers use little of it, and each Python has its own wheels of it).
+const COMMON = ['numpy>=1.26,<3']
 
 /** Where the drivers and their environment are. */
 export interface PeerSetup {
@@ -44,61 +45,122 @@ export interface PeerRun {
 /** The drivers' folder: `benches/peers/` of the package (this file is `lib/bench-peers.js`). */
 export const DRIVERS = join(__dirname, '..', 'benches', 'peers')
 
-/** How long a driver may go without a line before it is taken for hung. */
+/** How long a driver may go without a line before it is taken for hung, and the longest an install may take. */
 const STALL_MS = 600_000
+const INSTALL_MS = 1_200_000
+
+/** What a driver may stand beside: kvtransfer's transports. */
+const COMPARES = new Set(['tcp', 'shm', 'cuda-ipc'])
 
 function defaultVenv(): string {
   return join(process.env.XDG_CACHE_HOME || join(homedir(), '.cache'), 'kvtransfer', 'peers')
 }
 
 /**
+ * The environment for a peer's processes: ours without the settings of the peers' own libraries (`UCX_*`,
+ * `MC_*`, `NIXL_*`, `PYTHON*`), which would change what a row measures behind its label; each driver sets the
+ * ones its variants need.
+ */
+function peerEnv(): NodeJS.ProcessEnv {
+  return Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^(UCX_|MC_|NIXL_|PYTHON)/.test(k)))
+}
+
+/**
  * The environment's Python, with every package `peers` need installed (once: what is installed is remembered in
- * the environment). Throws, with the reason, where no Python, venv or package can be had.
+ * the environment, with the Python it was installed for). Binary wheels only (no package's setup code runs).
+ * Throws, with the reason, where no Python, venv or package can be had.
  */
 export function preparePeers(peers: string[], setup: PeerSetup = {}): string {
   const venv = setup.venv ?? defaultVenv()
   const python = join(venv, 'bin', 'python')
   const say = setup.say ?? (() => {})
-  const run = (cmd: string, args: string[], what: string) => {
-    const r = spawnSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })
+  const run = (cmd: string, args: string[], what: string): string => {
+    const r = spawnSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: peerEnv(), timeout: INSTALL_MS, killSignal: 'SIGKILL' })
     if (r.error || r.status !== 0) {
       const detail = (r.error?.message ?? `${r.stderr}${r.stdout}`).trim().split('\n').slice(-3).join(' ')
       throw new Error(`${what} failed: ${detail}`)
     }
+    return r.stdout
+  }
+  if (existsSync(venv) && !existsSync(join(venv, 'pyvenv.cfg'))) {
+    if (readdirSync(venv).length > 0) throw new Error(`${venv} is not a Python virtual environment (it has no pyvenv.cfg): give an empty or new folder`)
   }
   if (!existsSync(python)) {
     say(`making a Python environment for the peers in ${venv}`)
     mkdirSync(venv, { recursive: true })
     run('python3', ['-m', 'venv', venv], 'python3 -m venv (Python 3.9 or later with its venv module is needed)')
   }
+  // What was installed, and for which Python: a venv remade (or its Python upgraded) installs again.
+  const version = run(python, ['-I', '-c', 'import sys; print(sys.version)'], `${python}`).trim()
   const marker = join(venv, 'kvtransfer-installed.json')
-  const installed = new Set<string>(existsSync(marker) ? (JSON.parse(readFileSync(marker, 'utf8')) as string[]) : [])
+  let installed = new Set<string>()
+  try {
+    const m = JSON.parse(readFileSync(marker, 'utf8')) as { python?: unknown; packages?: unknown }
+    if (m.python === version && Array.isArray(m.packages)) installed = new Set(m.packages.filter((p): p is string => typeof p === 'string'))
+  } catch {
+    // None yet, or unreadable: install.
+  }
   const source = setup.wheels ? ['--no-index', '--find-links', setup.wheels] : []
   const pip = (packages: string[], noDeps: boolean) => {
     const missing = packages.filter((p) => !installed.has(p))
     if (missing.length === 0) return
     say(`installing ${missing.join(', ')}${setup.wheels ? ` from ${setup.wheels}` : ''}`)
-    run(python, ['-m', 'pip', 'install', '--disable-pip-version-check', '--quiet', ...source, ...(noDeps ? ['--no-deps'] : []), ...missing], `pip install ${missing.join(' ')}`)
+    const flags = ['--disable-pip-version-check', '--quiet', '--only-binary=:all:', ...source, ...(noDeps ? ['--no-deps'] : [])]
+    run(python, ['-I', '-m', 'pip', 'install', ...flags, ...missing], `pip install ${missing.join(' ')}`)
     for (const p of missing) installed.add(p)
-    writeFileSync(marker, JSON.stringify([...installed].sort()))
+    writeFileSync(marker, JSON.stringify({ python: version, packages: [...installed].sort() }))
   }
   pip(COMMON, false)
   for (const name of peers) pip(PEERS[name].packages, PEERS[name].noDeps === true)
   return python
 }
 
+/** Drivers still running, ended with this process (a bench stopped with Ctrl-C leaves none behind). */
+const running = new Set<number>()
+function endAll(): void {
+  for (const pid of running) {
+    try {
+      process.kill(-pid, 'SIGKILL')
+    } catch {
+      // Already gone.
+    }
+  }
+}
+let hooked = false
+function endWithThisProcess(pid: number): void {
+  running.add(pid)
+  if (hooked) return
+  hooked = true
+  process.once('exit', endAll)
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(signal, () => {
+      endAll()
+      process.kill(process.pid, signal)
+    })
+  }
+}
+
 /**
- * Runs one peer's driver on the workload: its rows, and what it could not run and why. The driver's own output
- * (the libraries log a lot) goes to `log`.
+ * Runs one peer's driver on the workload: its rows (checked against the workload, their rates recomputed from
+ * their times), and what it could not run and why. The driver's own output (the libraries log a lot) goes to
+ * `log`.
  */
 export async function runPeer(python: string, peer: string, w: PeerWorkload, log: string): Promise<PeerRun> {
   const out: PeerRun = { rows: [], skipped: [], failed: [] }
-  const args = [join(DRIVERS, PEERS[peer].driver), '--sizes', w.sizes.join(','), '--batch', `${w.batch}`, '--pool', `${w.pool}`, '--layers', `${w.layers}`]
+  const args = ['-I', join(DRIVERS, PEERS[peer].driver), '--sizes', w.sizes.join(','), '--batch', `${w.batch}`, '--pool', `${w.pool}`, '--layers', `${w.layers}`]
   args.push('--tensors', `${w.tensors}`, '--iterations', `${w.iterations}`, '--warmup', `${w.warmup}`)
   const stderr = createWriteStream(log, { flags: 'a' })
-  await new Promise((r) => stderr.once('open', r))
+  const opened = await new Promise<Error | undefined>((resolve) => {
+    stderr.once('open', () => resolve(undefined))
+    stderr.once('error', resolve)
+  })
+  if (opened) {
+    out.skipped.push({ transport: peer, why: `cannot write its log ${log}: ${opened.message}` })
+    return out
+  }
   // A group of its own: a hung driver is ended with its decode children.
-  const child = spawn(python, args, { stdio: ['ignore', 'pipe', stderr], detached: true })
+  const child = spawn(python, args, { stdio: ['ignore', 'pipe', stderr], detached: true, env: peerEnv() })
+  if (child.pid !== undefined) endWithThisProcess(child.pid)
   let timer: NodeJS.Timeout | undefined
   const stall = () => {
     clearTimeout(timer)
@@ -119,27 +181,62 @@ export async function runPeer(python: string, peer: string, w: PeerWorkload, log
     })
     child.once('close', (code) => resolve(code))
   })
+  const seen = new Set<string>()
   for await (const line of createInterface({ input: child.stdout })) {
     stall()
-    let m: { row?: BenchRow; failed?: { transport: string; blockBytes: number; error: string }; skipped?: { transport?: string; why: string } }
+    let m: { row?: unknown; failed?: { transport?: unknown; blockBytes?: unknown; error?: unknown }; skipped?: { transport?: unknown; why?: unknown } }
     try {
       m = JSON.parse(line)
     } catch {
       continue
     }
-    if (m.row && validRow(m.row)) out.rows.push(m.row)
-    else if (m.failed) out.failed.push({ transport: `${peer} ${m.failed.transport}`, blockBytes: m.failed.blockBytes, error: m.failed.error })
-    else if (m.skipped) out.skipped.push({ transport: m.skipped.transport ? `${peer} ${m.skipped.transport}` : peer, why: m.skipped.why })
+    const row = m?.row === undefined ? undefined : checkedRow(m.row, peer, w)
+    if (row && !seen.has(`${row.transport} ${row.blockBytes}`)) {
+      seen.add(`${row.transport} ${row.blockBytes}`)
+      out.rows.push(row)
+    } else if (m?.failed && typeof m.failed.transport === 'string' && Number.isInteger(m.failed.blockBytes)) {
+      out.failed.push({ transport: `${peer} ${m.failed.transport}`, blockBytes: m.failed.blockBytes as number, error: String(m.failed.error) })
+    } else if (m?.skipped && typeof m.skipped.why === 'string') {
+      out.skipped.push({ transport: typeof m.skipped.transport === 'string' ? `${peer} ${m.skipped.transport}` : peer, why: m.skipped.why })
+    }
   }
   const code = await ended
   clearTimeout(timer)
+  if (child.pid !== undefined) running.delete(child.pid)
   stderr.end()
   if (code !== 0 && code !== null) out.skipped.push({ transport: peer, why: `its driver ended with exit code ${code} (its log: ${log})` })
   return out
 }
 
-/** A driver's row, checked for the fields the table and the plot read. */
-function validRow(r: BenchRow): boolean {
-  const spread = (s: unknown) => typeof s === 'object' && s !== null && ['median', 'p10', 'p90'].every((k) => Number.isFinite((s as Record<string, number>)[k]))
-  return typeof r.system === 'string' && typeof r.transport === 'string' && Number.isInteger(r.blockBytes) && spread(r.gbps) && spread(r.usPerCall) && typeof r.verified === 'boolean'
+/**
+ * A driver's row, taken only where it is a row of this peer on this workload: its system is the peer's, its
+ * size one asked for, its shape the workload's, and its rates are recomputed from its times here (a driver
+ * cannot report a speed its times do not show, nor a row in kvtransfer's name).
+ */
+function checkedRow(r: unknown, peer: string, w: PeerWorkload): BenchRow | undefined {
+  if (typeof r !== 'object' || r === null) return undefined
+  const x = r as Record<string, unknown>
+  const us = x.usPerCall as Record<string, unknown> | undefined
+  const times = us && ['median', 'p10', 'p90'].map((k) => us[k])
+  if (!times || !times.every((t) => typeof t === 'number' && Number.isFinite(t) && t > 0)) return undefined
+  const [median, p10, p90] = times as number[]
+  if (!(p10 <= median && median <= p90)) return undefined
+  const blockBytes = x.blockBytes as number
+  if (typeof x.transport !== 'string' || typeof x.verified !== 'boolean' || typeof x.compares !== 'string' || !COMPARES.has(x.compares)) return undefined
+  if (!w.sizes.includes(blockBytes) || x.batch !== w.batch || x.calls !== w.iterations) return undefined
+  const bytesPerCall = w.batch * blockBytes * w.tensors
+  const gbps = (t: number) => bytesPerCall / (t * 1e3)
+  return {
+    system: peer,
+    transport: x.transport,
+    compares: x.compares,
+    detail: typeof x.detail === 'string' ? x.detail : undefined,
+    blockBytes,
+    batch: w.batch,
+    bytesPerCall,
+    calls: w.iterations,
+    gbps: { median: gbps(median), p10: gbps(p90), p90: gbps(p10) },
+    usPerCall: { median, p10, p90 },
+    verified: x.verified,
+  }
 }

@@ -32,15 +32,23 @@ export function plotSpec(r: BenchResult): object {
   }
 }
 
-/** Renders {@link plotSpec} to SVG text; throws, saying what to install, where Vega or Vega-Lite is absent. */
-export async function plotSvg(r: BenchResult): Promise<string> {
-  let vega: Vega
-  let vegaLite: VegaLite
+/** Loads Vega and Vega-Lite; throws, saying what to install, where either is absent. */
+export async function loadVega(): Promise<{ vega: Vega; vegaLite: VegaLite }> {
   try {
-    ;[vega, vegaLite] = await Promise.all([importModule<Vega>('vega'), importModule<VegaLite>('vega-lite')])
+    // Specifiers in variables: the compiler neither rewrites these imports into `require` (this module is
+    // compiled as Node16 CommonJS, where `import()` stays a native import of an ES module) nor loads the
+    // packages' own types (which need the DOM's).
+    const [vegaName, vegaLiteName] = ['vega', 'vega-lite']
+    const [vega, vegaLite] = await Promise.all([import(vegaName) as Promise<Vega>, import(vegaLiteName) as Promise<VegaLite>])
+    return { vega, vegaLite }
   } catch (e) {
     throw new Error(`--plot draws with Vega-Lite: install it beside kvtransfer (npm install vega vega-lite): ${e instanceof Error ? e.message : String(e)}`)
   }
+}
+
+/** Renders {@link plotSpec} to SVG text; throws, saying what to install, where Vega or Vega-Lite is absent. */
+export async function plotSvg(r: BenchResult): Promise<string> {
+  const { vega, vegaLite } = await loadVega()
   const compiled = vegaLite.compile(plotSpec(r)).spec
   const view = new vega.View(vega.parse(compiled), { renderer: 'none' })
   try {
@@ -51,16 +59,10 @@ export async function plotSvg(r: BenchResult): Promise<string> {
 }
 
 /** The little of Vega and Vega-Lite used here (their own types need the DOM's). */
-interface VegaLite {
+export interface VegaLite {
   compile(spec: object): { spec: object }
 }
-interface Vega {
+export interface Vega {
   parse(spec: object): object
   View: new (runtime: object, options: { renderer: 'none' }) => { toSVG(): Promise<string>; finalize(): void }
 }
-
-/**
- * `import()` of an ES module from this CommonJS build: TypeScript would turn a plain `import()` into `require`,
- * which cannot load Vega's ES modules on every Node.js this package supports.
- */
-const importModule = new Function('specifier', 'return import(specifier)') as <T>(specifier: string) => Promise<T>

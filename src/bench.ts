@@ -110,12 +110,17 @@ export interface BenchResult {
   goals: Goal[]
 }
 
-/** A goal of the product, judged on this run: the worst ratio over the sizes it covers, and at which size. */
+/**
+ * A goal of the product, judged on this run: the worst ratio over the sizes it covers (`sizes`: those where the
+ * row it is compared with was measured and checked), and at which size. Where that row was measured but ours
+ * failed or its bytes did not match, the ratio at that size is 0.
+ */
 export interface Goal {
   goal: string
   target: number
   worst: number
   blockBytes: number
+  sizes: number[]
   met: boolean
 }
 
@@ -264,7 +269,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
   const ceilings: CeilingRow[] = []
   const failed: BenchResult['failed'] = []
   const peers = options.peers ?? []
-  for (const p of peers) if (!(p in PEERS)) throw new Error(`unknown peer ${JSON.stringify(p)}: the bench knows ${Object.keys(PEERS).join(', ')}`)
+  for (const p of peers) if (!Object.hasOwn(PEERS, p)) throw new Error(`unknown peer ${JSON.stringify(p)}: the bench knows ${Object.keys(PEERS).join(', ')}`)
   const total = transports.length * sizes.length + peers.length
   let done = 0
   for (const blockBytes of sizes) {
@@ -336,28 +341,33 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
  * 1 KiB) and at 0.8 of one plain stream from 64 KiB; shm 1.5 times NIXL's best same-host path and never slower
  * than our TCP; CUDA IPC ahead of NIXL's.
  */
-export function goals(r: Pick<BenchResult, 'rows' | 'ceilings'>): Goal[] {
-  // One writer's rows only: the peers and the ceilings run one.
-  const ours = (transport: string, size: number) =>
-    r.rows.find((x) => x.system === 'kvtransfer' && x.transport === transport && x.blockBytes === size && x.verified && (x.writers ?? 1) === 1)?.gbps.median
+export function goals(r: Pick<BenchResult, 'rows' | 'ceilings'> & Partial<Pick<BenchResult, 'failed'>>): Goal[] {
+  // One writer's rows only: the peers and the ceilings run one. Ours is 0 where its bytes did not check, and
+  // undefined where it was not measured (a size that failed to run counts through `failed`, below).
+  const failed = r.failed ?? []
+  const ours = (transport: string, size: number): number | undefined => {
+    const row = r.rows.find((x) => x.system === 'kvtransfer' && x.transport === transport && x.blockBytes === size && (x.writers ?? 1) === 1)
+    if (row) return row.verified ? row.gbps.median : 0
+    return failed.some((f) => f.transport === transport && f.blockBytes === size) ? 0 : undefined
+  }
   const out: Goal[] = []
   const judge = (goal: string, target: number, ratios: Array<[number, number | undefined]>) => {
     const known = ratios.filter((x): x is [number, number] => x[1] !== undefined && Number.isFinite(x[1]))
     if (known.length === 0) return
     const [blockBytes, worst] = known.reduce((a, b) => (b[1] < a[1] ? b : a))
-    out.push({ goal, target, worst, blockBytes, met: worst >= target })
+    out.push({ goal, target, worst, blockBytes, sizes: known.map((x) => x[0]), met: worst >= target })
   }
   const sizes = [...new Set(r.rows.map((x) => x.blockBytes))].sort((a, b) => a - b)
   // A peer's best row per size among its settings (NIXL with and without its progress thread).
   const best = (compares: string, size: number, system?: string) =>
     r.rows.filter((x) => x.system !== 'kvtransfer' && x.compares === compares && x.blockBytes === size && (!system || x.system === system) && x.verified).map((x) => x.gbps.median)
-  const over = (a: number | undefined, peers: number[]) => (a === undefined || peers.length === 0 ? undefined : a / Math.max(...peers))
+  const over = (a: number | undefined, others: number[]) => (a === undefined || others.length === 0 ? undefined : a / Math.max(...others))
   judge('kvtransfer tcp ÷ the best peer TCP', 1, sizes.map((s) => [s, over(ours('tcp', s), best('tcp', s))]))
   judge('kvtransfer tcp ÷ the best peer TCP, 1 KiB', 3, sizes.filter((s) => s === KIB).map((s) => [s, over(ours('tcp', s), best('tcp', s))]))
   const stream = (s: number) => r.ceilings.find((c) => c.name === 'tcp-stream' && c.blockBytes === s)?.gbps.median
   judge('kvtransfer tcp ÷ tcp-stream, from 64 KiB', 0.8, sizes.filter((s) => s >= 64 * KIB).map((s) => [s, over(ours('tcp', s), [stream(s) ?? NaN].filter(Number.isFinite))]))
   judge("kvtransfer shm ÷ NIXL's best same-host path", 1.5, sizes.map((s) => [s, over(ours('shm', s), best('shm', s, 'nixl'))]))
-  judge('kvtransfer shm ÷ kvtransfer tcp', 1, sizes.map((s) => [s, over(ours('shm', s), [ours('tcp', s) ?? NaN].filter(Number.isFinite))]))
+  judge('kvtransfer shm ÷ kvtransfer tcp', 1, sizes.map((s) => [s, over(ours('shm', s), [ours('tcp', s) ?? 0].filter((x) => x > 0))]))
   judge("kvtransfer cuda-ipc ÷ NIXL's cuda_ipc", 1, sizes.map((s) => [s, over(ours('cuda-ipc', s), best('cuda-ipc', s, 'nixl'))]))
   return out
 }
@@ -487,7 +497,7 @@ export function formatTable(r: BenchResult): string {
         const of = ceiling ? `${(row.gbps.median / ceiling.gbps.median).toFixed(2)} of ${ceiling.name}` : '-'
         out.push(line(size, row.system, row.transport, row.gbps, row.usPerCall, of, '', checked))
       } else {
-        const ours = at.find((x) => x.system === 'kvtransfer' && x.transport === row.compares)
+        const ours = at.find((x) => x.system === 'kvtransfer' && x.transport === row.compares && x.verified && (x.writers ?? 1) === 1)
         const ratio = ours ? `${(ours.gbps.median / row.gbps.median).toFixed(2)}× (${row.compares})` : '-'
         out.push(line(size, row.system, row.transport, row.gbps, row.usPerCall, '', ratio, checked))
       }
@@ -495,7 +505,7 @@ export function formatTable(r: BenchResult): string {
     for (const c of r.ceilings.filter((x) => x.blockBytes === size)) out.push(line(size, 'ceiling', c.name, c.gbps, c.usPerCall, '', '', ''))
   }
   if (r.goals.length > 0) out.push('', 'goals (the worst ratio over the sizes measured):')
-  for (const g of r.goals) out.push(`  ${g.met ? 'met   ' : 'MISSED'} ${g.goal} ≥ ${g.target}: ${g.worst.toFixed(2)} (at ${g.blockBytes / KIB} KiB)`)
+  for (const g of r.goals) out.push(`  ${g.met ? 'met   ' : 'MISSED'} ${g.goal} ≥ ${g.target}: ${g.worst.toFixed(2)} (at ${g.blockBytes / KIB} KiB; over ${g.sizes.length} size${g.sizes.length === 1 ? '' : 's'})`)
   const details = [...new Map(r.rows.filter((x) => x.detail).map((x) => [`${x.system} ${x.transport}`, x.detail])).entries()]
   if (details.length > 0) out.push('', 'peers, as run:', ...details.map(([k, d]) => `  ${k}: ${d}`))
   for (const f of r.failed) out.push('', `${f.transport} ${f.blockBytes / KIB} KiB: FAILED: ${f.error}`)

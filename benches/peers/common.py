@@ -122,8 +122,13 @@ class Peer:
         pass
 
     # The prefill side, here: connects to the decode from what `decode_start` returned; `write` moves one call.
+    # `prefill_stop` runs even where `prefill_start` failed part-way, and releases what it got.
     def prefill_start(self, variant, buffers, block_bytes, pool, remote):
         raise NotImplementedError
+
+    def plan(self, layers, local_ids, remote_ids):
+        """Before the calls, untimed: whatever a driver can work out once per layer (addresses, indices), as an
+        engine's connector would keep it."""
 
     def write(self, layer, local_ids, remote_ids):
         raise NotImplementedError
@@ -202,11 +207,12 @@ def measure(peer, driver, variant, env, a, block_bytes):
     try:
         src = cache(tensors, layers, pool, block_bytes, True, 0 if a.gpu else None)
         remote_info = decode.ask("start", blockBytes=block_bytes, pool=pool, layers=layers, tensors=tensors)
-        peer.prefill_start(variant, src, block_bytes, pool, remote_info)
         try:
+            peer.prefill_start(variant, src, block_bytes, pool, remote_info)
             import numpy as np
             local = np.array(scattered(a.batch, pool, 1), dtype=np.int64)
             remote = np.array(scattered(a.batch, pool, 2), dtype=np.int64)
+            peer.plan(layers, local, remote)
             for i in range(a.warmup):
                 peer.write(i % layers, local, remote)
             seconds = []
@@ -257,9 +263,9 @@ def main(peer, driver):
         # Each variant in processes of its own: its environment (UCX_TLS, …) is read when its library starts.
         for v in variants:
             env = {**os.environ, **v[3]}
-            child = subprocess.run([sys.executable, driver, "--variant", v[0], *sys.argv[1:]], env=env,
-                                   stdout=subprocess.PIPE, text=True)
-            out.write(child.stdout)
+            # Its lines go straight through, as they come (the bench takes a long silence for a hang).
+            out.flush()
+            child = subprocess.run([sys.executable, driver, "--variant", v[0], *sys.argv[1:]], env=env, stdout=out)
             if child.returncode != 0:
                 out.write(json.dumps({"skipped": {"system": peer.system, "transport": v[0],
                                                   "why": f"its driver ended with exit code {child.returncode}"}}) + "\n")

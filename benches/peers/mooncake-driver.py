@@ -63,23 +63,28 @@ class Mooncake(common.Peer):
         self.block_bytes = block_bytes
         self.local_addrs = [[common.address(a) for a in t] for t in buffers]
         self.remote_addrs = remote["addrs"]
-        self.lengths = None
+
+    def plan(self, layers, local_ids, remote_ids):
+        # Each layer's call: every block's source and destination address, keys then values, and its length.
+        bb = self.block_bytes
+        self.calls = []
+        for layer in range(layers):
+            src, dst = [], []
+            for t in range(len(self.local_addrs)):
+                src.extend((self.local_addrs[t][layer] + local_ids * bb).tolist())
+                dst.extend((self.remote_addrs[t][layer] + remote_ids * bb).tolist())
+            self.calls.append((src, dst, [bb] * len(src)))
 
     def write(self, layer, local_ids, remote_ids):
-        bb = self.block_bytes
-        src, dst = [], []
-        for t in range(len(self.local_addrs)):
-            src.extend((self.local_addrs[t][layer] + local_ids * bb).tolist())
-            dst.extend((self.remote_addrs[t][layer] + remote_ids * bb).tolist())
-        if self.lengths is None or len(self.lengths) != len(src):
-            self.lengths = [bb] * len(src)
-        if self.engine.batch_transfer_sync_write(self.target, src, dst, self.lengths) != 0:
+        src, dst, lengths = self.calls[layer]
+        if self.engine.batch_transfer_sync_write(self.target, src, dst, lengths) != 0:
             raise RuntimeError("batch_transfer_sync_write failed")
 
     def prefill_stop(self):
         # The engine lives on for the next size; the next size's buffers may reuse these addresses.
-        for addr in self.registered:
+        for addr in getattr(self, "registered", []):
             self.engine.unregister_memory(addr)
+        self.registered = []
 
 
 if __name__ == "__main__":

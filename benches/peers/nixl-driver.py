@@ -18,11 +18,15 @@ import common  # noqa: E402
 
 
 def api():
-    try:
-        from nixl._api import nixl_agent, nixl_agent_config
-    except ImportError:
-        from nixl_cu12._api import nixl_agent, nixl_agent_config
-    return nixl_agent, nixl_agent_config
+    """NIXL's Python API, from whichever of its wheels is installed (`nixl`, `nixl-cu12`, `nixl-cu13`)."""
+    import importlib
+    for name in ("nixl._api", "nixl_cu12._api", "nixl_cu13._api"):
+        try:
+            m = importlib.import_module(name)
+            return m.nixl_agent, m.nixl_agent_config
+        except ImportError as e:
+            error = e
+    raise error
 
 
 class Nixl(common.Peer):
@@ -93,10 +97,15 @@ class Nixl(common.Peer):
         self.remote = self.agent.prep_xfer_dlist(self.remote_name, np.array(remote["rows"], dtype=np.uint64), self._memory())
         self.tensors, self.layers, self.pool = len(buffers), len(buffers[0]), pool
 
+    def plan(self, layers, local_ids, remote_ids):
+        # Each layer's descriptor indices on both sides, keys then values.
+        self.indices = []
+        for layer in range(layers):
+            base = [(t * self.layers + layer) * self.pool for t in range(self.tensors)]
+            self.indices.append((np.concatenate([b + local_ids for b in base]), np.concatenate([b + remote_ids for b in base])))
+
     def write(self, layer, local_ids, remote_ids):
-        base = [(t * self.layers + layer) * self.pool for t in range(self.tensors)]
-        li = np.concatenate([b + local_ids for b in base])
-        ri = np.concatenate([b + remote_ids for b in base])
+        li, ri = self.indices[layer]
         handle = self.agent.make_prepped_xfer("WRITE", self.local, li, self.remote, ri)
         try:
             state = self.agent.transfer(handle)
@@ -108,12 +117,20 @@ class Nixl(common.Peer):
             self.agent.release_xfer_handle(handle)
 
     def prefill_stop(self):
-        if self.agent is not None:
-            self.agent.release_dlist_handle(self.local)
-            self.agent.release_dlist_handle(self.remote)
+        # Whatever `prefill_start` got, in the reverse order.
+        if self.agent is None:
+            return
+        for name in ("local", "remote"):
+            if getattr(self, name, None) is not None:
+                self.agent.release_dlist_handle(getattr(self, name))
+                setattr(self, name, None)
+        if getattr(self, "remote_name", None) is not None:
             self.agent.remove_remote_agent(self.remote_name)
+            self.remote_name = None
+        if getattr(self, "reg", None) is not None:
             self.agent.deregister_memory(self.reg)
-            self.agent = None
+            self.reg = None
+        self.agent = None
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ pub(super) unsafe fn read_all(fd: RawFd, mut iov: &mut [IoVec], mut before_each:
 mod tests {
     use super::*;
     use crate::iov::{iovec, IoVecs};
+    use std::io::Write;
     use std::os::fd::AsRawFd;
 
     #[test]
@@ -109,6 +110,51 @@ mod tests {
         for i in 0..2500 {
             assert_eq!(dst[(2499 - i) * 4..(2500 - i) * 4], src[i * 4..i * 4 + 4]);
         }
+    }
+
+    #[test]
+    fn a_read_larger_than_one_call_names_arrives_whole() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let total = 3 * MAX_READ + 12_345;
+        let src: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+        let mut dst = vec![0u8; total];
+        let sent = src.clone();
+        let t = std::thread::spawn(move || {
+            let mut out = [iovec(sent.as_ptr() as u64, sent.len() as u64)];
+            write_all(a.as_raw_fd(), &mut out).unwrap();
+            a
+        });
+        // Two ranges larger than one read asks for, then a thousand small ones.
+        let base = dst.as_mut_ptr() as u64;
+        let big = 2 * MAX_READ as u64 - 7;
+        let mut inn = vec![iovec(base, big), iovec(base + big, MAX_READ as u64 + 1)];
+        let mut at = big + MAX_READ as u64 + 1;
+        while at < total as u64 {
+            let len = (total as u64 - at).min(11);
+            inn.push(iovec(base + at, len));
+            at += len;
+        }
+        let mut calls = 0;
+        // SAFETY: the ranges are `dst`'s, which outlives the call.
+        unsafe { read_all(b.as_raw_fd(), &mut inn, || Ok(calls += 1)) }.unwrap();
+        t.join().unwrap();
+        assert!(dst == src, "every byte where it belongs");
+        assert!(calls >= 4, "no call names more than about MAX_READ bytes ({calls} calls)");
+    }
+
+    #[test]
+    fn a_sender_that_stalls_ends_the_read_at_its_timeout() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        (&a).write_all(&[7u8; 100]).unwrap();
+        let mut buf = vec![0u8; 1000];
+        let mut iov = [iovec(buf.as_mut_ptr() as u64, 1000)];
+        let start = Instant::now();
+        // SAFETY: the range is `buf`'s.
+        let err = unsafe { read_all(b.as_raw_fd(), &mut iov, || b.set_read_timeout(Some(Duration::from_millis(200)))) }.unwrap_err();
+        assert!(matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(5), "the wait for all of it is bounded by the timeout");
+        assert_eq!(buf[..100], [7u8; 100], "what came is kept");
+        drop(a);
     }
 
     #[test]
