@@ -34,6 +34,17 @@ commands:
     --peers-venv DIR   that environment (default ~/.cache/kvtransfer/peers)
     --peer-wheels DIR  install the peers from a folder of wheels instead (a machine that reaches no registry)
 
+  soak            mixed traffic for a while, checked and watched: a decode here and N prefills in a second
+                  process run requests into it (most complete; some aborted, some losing their connection
+                  mid-request, some revoked by the decode); every completed layer checked byte for byte; each
+                  interval and at the end: requests by how they ended, calls, bytes, errors by code, write
+                  p50/p99, and each process's memory, threads and descriptors; exits 1 on a byte that does not
+                  check, a request that never ends, or growth past a bound
+    --duration t       how long new requests start (default 60s; 500ms, 90s, 10m, 1h)
+    --peers n          prefill communicators (default 4)    --interval t   between lines (default 10s)
+    --transport t      tcp, shm, rdma (default: the automatic choice)
+    --seed n           the run's choices (default: from the clock; printed)   --json   the result at the end
+
 options:
   -h, --help      this text
   -v, --version   the version of kvtransfer`
@@ -99,6 +110,67 @@ function count(name: string, text: string | undefined, min: number): number | un
   return n
 }
 
+/** Says what was wrong with the command line, then the usage; the exit code for it. */
+function refused(err: unknown): number {
+  console.error(`${err instanceof Error ? err.message : String(err)}\n\n${usage}`)
+  return 2
+}
+
+/** A command's module, or undefined (and said why) where the native binary does not load. */
+async function load<T>(importer: () => Promise<T>): Promise<T | undefined> {
+  try {
+    return await importer()
+  } catch (err) {
+    printWithoutBinary(err, false)
+    return undefined
+  }
+}
+
+const SOAK_OPTIONS = ['duration', 'interval', 'transport', 'seed']
+
+/** `90s`, `10m`, `500ms`, `1h` (a bare number is seconds), in milliseconds. */
+function duration(name: string, text: string | undefined): number | undefined {
+  if (text === undefined) return undefined
+  const m = /^(\d{1,7})(ms|s|m|h)?$/.exec(text)
+  if (!m || Number(m[1]) === 0) throw new Error(`--${name} must be a duration such as 500ms, 90s, 10m or 1h, not ${JSON.stringify(text)}`)
+  const unit: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }
+  return Number(m[1]) * unit[m[2] ?? 's']
+}
+
+async function soak(values: Record<string, string | boolean | undefined>): Promise<number> {
+  let options
+  try {
+    const transport = values.transport as string | undefined
+    if (transport !== undefined && !['tcp', 'shm', 'rdma', 'cuda-ipc'].includes(transport)) throw new Error(`--transport must be tcp, shm or rdma, not ${JSON.stringify(transport)}`)
+    options = {
+      durationMs: duration('duration', values.duration as string | undefined),
+      intervalMs: duration('interval', values.interval as string | undefined),
+      peers: count('peers', values.peers as string | undefined, 1),
+      seed: count('seed', values.seed as string | undefined, 0),
+      transport: transport as 'tcp' | undefined,
+    }
+    if ((options.peers ?? 0) > 64) throw new Error('--peers must be at most 64')
+  } catch (err) {
+    return refused(err)
+  }
+  const soakModule = await load(() => import('./lib/soak.js'))
+  if (!soakModule) return 1
+  const { runSoak, formatSample } = soakModule
+  const seed = options.seed ?? Date.now() % 2 ** 31
+  if (!values.json) console.log(`kvtransfer soak: ${options.peers ?? 4} prefills into one decode for ${((options.durationMs ?? 60_000) / 1000).toFixed(0)} s, seed ${seed}`)
+  const result = await runSoak({ ...options, seed, onSample: values.json ? undefined : (s) => console.log(formatSample(s)) })
+  const counts = (r: Record<string, number>) => Object.entries(r).map(([k, v]) => `${k} ${v}`).join(', ') || 'none'
+  if (values.json) console.log(JSON.stringify({ seed, ...result }, null, 2))
+  else {
+    const p99 = Math.max(...result.samples.map((s) => s.latencyUs?.p99 ?? 0))
+    const peak = (side: 'decode' | 'prefill') => Math.max(...result.samples.map((s) => s[side]?.peakRssBytes ?? 0)) / 2 ** 20
+    console.log(`in all: requests ${counts(result.requests)}; ${result.calls} calls, ${(result.bytes / 1e9).toFixed(2)} GB; errors ${counts(result.errors)}`)
+    console.log(`  worst interval's write p99 ${p99.toFixed(0)} µs; peak memory decode ${peak('decode').toFixed(0)} MiB, prefill ${peak('prefill').toFixed(0)} MiB`)
+    console.log(result.failures.length === 0 ? 'passed: every completed layer checked, every request ended, no growth past the bounds' : `FAILED:\n  ${result.failures.slice(0, 20).join('\n  ')}`)
+  }
+  return result.failures.length === 0 ? 0 : 1
+}
+
 const BENCH_OPTIONS = ['csv', 'transports', 'sizes', 'batch', 'layers', 'iterations', 'warmup', 'key-only', 'writers', 'peers', 'peers-venv', 'peer-wheels', 'plot']
 
 /** A progress display on standard error: a bar redrawn in place on a terminal, a line per step elsewhere. */
@@ -137,16 +209,10 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
     }
     if (options.peers?.length === 0) throw new Error('--peers names none')
   } catch (err) {
-    console.error(`${err instanceof Error ? err.message : String(err)}\n\n${usage}`)
-    return 2
+    return refused(err)
   }
-  let bench
-  try {
-    bench = await import('./lib/bench.js')
-  } catch (err) {
-    printWithoutBinary(err, false)
-    return 1
-  }
+  const bench = await load(() => import('./lib/bench.js'))
+  if (!bench) return 1
   const { runBench, formatCsv, formatTable } = bench
   const quiet = values.json === true || values.csv === true
   // The plot's packages are looked for before a run that may take long, not after it.
@@ -168,8 +234,7 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
       peerSetup: { ...options.peerSetup, say: quiet ? undefined : (line: string) => process.stderr.write(`  ${line}\n`) },
     })
   } catch (err) {
-    console.error(`${err instanceof Error ? err.message : String(err)}\n\n${usage}`)
-    return 2
+    return refused(err)
   }
   if (values.json) console.log(JSON.stringify(result, null, 2))
   else if (values.csv) console.log(formatCsv(result))
@@ -211,13 +276,16 @@ async function main(args: string[]): Promise<number> {
         'peers-venv': { type: 'string' },
         'peer-wheels': { type: 'string' },
         plot: { type: 'string' },
+        duration: { type: 'string' },
+        interval: { type: 'string' },
+        transport: { type: 'string' },
+        seed: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean', short: 'v' },
       },
     })
   } catch (err) {
-    console.error(`${err instanceof Error ? err.message : String(err)}\n\n${usage}`)
-    return 2
+    return refused(err)
   }
   const { values, positionals } = parsed
   if (values.help) {
@@ -228,10 +296,25 @@ async function main(args: string[]): Promise<number> {
     console.log(version())
     return 0
   }
-  if (positionals.length === 1 && positionals[0] === 'bench') return bench(values)
-  const misplaced = BENCH_OPTIONS.find((o) => values[o as keyof typeof values] !== undefined)
+  if (positionals.length === 1 && positionals[0] === 'bench') {
+    const misplaced = SOAK_OPTIONS.find((o) => values[o as keyof typeof values] !== undefined)
+    if (misplaced) {
+      console.error(`--${misplaced} is an option of soak\n\n${usage}`)
+      return 2
+    }
+    return bench(values)
+  }
+  if (positionals.length === 1 && positionals[0] === 'soak') {
+    const misplaced = BENCH_OPTIONS.find((o) => o !== 'peers' && values[o as keyof typeof values] !== undefined)
+    if (misplaced) {
+      console.error(`--${misplaced} is an option of bench\n\n${usage}`)
+      return 2
+    }
+    return soak(values)
+  }
+  const misplaced = [...BENCH_OPTIONS, ...SOAK_OPTIONS].find((o) => values[o as keyof typeof values] !== undefined)
   if (misplaced) {
-    console.error(`--${misplaced} is an option of bench\n\n${usage}`)
+    console.error(`--${misplaced} is an option of ${SOAK_OPTIONS.includes(misplaced) ? 'soak' : 'bench'}\n\n${usage}`)
     return 2
   }
   if (positionals.length !== 1 || positionals[0] !== 'info') {

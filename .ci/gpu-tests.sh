@@ -119,15 +119,17 @@ run() {
         : >"$out/peers-gpu0.jsonl"; : >"$out/peers-gpu1.jsonl"
         for peer in nixl mooncake; do
           # A hard limit: timeout signals its whole process group, the driver's decode process included.
-          PYTHONPATH="$site" timeout -k 10 300 python3 "benches/peers/$peer-driver.py" "${args[@]}" >>"$out/peers-gpu0.jsonl" 2>>"$out/peers.log" || failed=1
-          if [ "$gpus" -gt 1 ]; then
-            PYTHONPATH="$site" timeout -k 10 300 python3 "benches/peers/$peer-driver.py" "${args[@]}" --decode-gpu 1 >>"$out/peers-gpu1.jsonl" 2>>"$out/peers.log" || failed=1
+          local rc=0
+          PYTHONPATH="$site" timeout -k 10 300 python3 "benches/peers/$peer-driver.py" "${args[@]}" >>"$out/peers-gpu0.jsonl" 2>>"$out/peers.log" || rc=$?
+          if [ "$gpus" -gt 1 ] && [ "$rc" = 0 ]; then
+            PYTHONPATH="$site" timeout -k 10 300 python3 "benches/peers/$peer-driver.py" "${args[@]}" --decode-gpu 1 >>"$out/peers-gpu1.jsonl" 2>>"$out/peers.log" || rc=$?
           fi
+          if [ "$rc" != 0 ]; then echo "FAILED  $peer's driver (exit $rc; 124: it ran past 300 s)"; failed=1; fi
         done
         cat "$out"/peers-gpu*.jsonl
-        # NIXL's rows there, every one checked; no size failed.
-        grep -q '"system": "nixl".*"verified": true' "$out/peers-gpu0.jsonl" || failed=1
-        if grep -qE '"verified": false|"failed"' "$out"/peers-gpu*.jsonl; then failed=1; fi ;;
+        # NIXL's rows there: every size of both its settings, every one checked; no size failed, no variant crashed.
+        [ "$(grep -c '"system": "nixl".*"verified": true' "$out/peers-gpu0.jsonl")" -ge 10 ] || { echo "FAILED  fewer than 10 checked NIXL rows"; failed=1; }
+        if grep -qE '"verified": false|"failed"|exit code' "$out"/peers-gpu*.jsonl; then echo "FAILED  a NIXL size or variant (above)"; failed=1; fi ;;
       gpu_transfer)
         suite gpu_transfer gpu_transfer
         if [ "$gpus" -gt 1 ]; then KVTRANSFER_TEST_DECODE_GPU=1 suite gpu_transfer_to_gpu1 gpu_transfer; fi ;;

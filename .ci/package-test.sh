@@ -100,6 +100,9 @@ node -e '
   for (const g of r.goals) console.log(`${g.met ? "met" : "missed"}: ${g.goal} ≥ ${g.target}: ${g.worst.toFixed(2)}`)
 '
 grep -q '<svg' bench.svg
+# The soak, bounded: mixed traffic checked byte for byte, on each host transport (exit 1 on any failure).
+npx kvtransfer soak --duration 90s --interval 30s --peers 4 --transport tcp
+npx kvtransfer soak --duration 90s --interval 30s --peers 4 --transport shm
 KVCACHE_IB_TIMEOUT=99 npx kvtransfer info --json >info.json && { echo "a bad KVCACHE_IB_TIMEOUT must fail info" >&2; exit 1; }
 node -e 'const i = require("./info.json"); const s = i.settings.find((s) => s.env === "KVCACHE_IB_TIMEOUT"); if (!/KVCACHE_IB_TIMEOUT/.test(s.error)) process.exit(1)'
 

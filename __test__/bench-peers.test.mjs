@@ -32,7 +32,7 @@ test("the peers' driver draws the same blocks and hashes them as the bench does"
   const py = `import sys, json; sys.path.insert(0, ${JSON.stringify(DRIVERS)}); import common
 ids = common.scattered(40, 48, 2)
 print(json.dumps({"ids": ids, "digest": common.digest([[bytearray(${JSON.stringify(bytes)})]], 0, ids[:7], 64)}))`
-  const got = JSON.parse(execFileSync('python3', ['-c', py], { encoding: 'utf8' }))
+  const got = JSON.parse(execFileSync('python3', ['-B', '-c', py], { encoding: 'utf8' }))
   const ids = [...scattered(40, 48, 2)]
   t.deepEqual(got.ids, ids)
   const hb = HostBuffer.alloc(bytes.length)

@@ -127,17 +127,16 @@ function endAll(): void {
   }
 }
 let hooked = false
+function onSignal(signal: NodeJS.Signals): void {
+  endAll()
+  process.kill(process.pid, signal)
+}
 function endWithThisProcess(pid: number): void {
   running.add(pid)
   if (hooked) return
   hooked = true
   process.once('exit', endAll)
-  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-    process.once(signal, () => {
-      endAll()
-      process.kill(process.pid, signal)
-    })
-  }
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) process.once(signal, onSignal)
 }
 
 /**
@@ -147,7 +146,8 @@ function endWithThisProcess(pid: number): void {
  */
 export async function runPeer(python: string, peer: string, w: PeerWorkload, log: string): Promise<PeerRun> {
   const out: PeerRun = { rows: [], skipped: [], failed: [] }
-  const args = ['-I', join(DRIVERS, PEERS[peer].driver), '--sizes', w.sizes.join(','), '--batch', `${w.batch}`, '--pool', `${w.pool}`, '--layers', `${w.layers}`]
+  // Isolated (no PYTHON* settings, no user site) and writing no bytecode beside the drivers.
+  const args = ['-I', '-B', join(DRIVERS, PEERS[peer].driver), '--sizes', w.sizes.join(','), '--batch', `${w.batch}`, '--pool', `${w.pool}`, '--layers', `${w.layers}`]
   args.push('--tensors', `${w.tensors}`, '--iterations', `${w.iterations}`, '--warmup', `${w.warmup}`)
   const stderr = createWriteStream(log, { flags: 'a' })
   const opened = await new Promise<Error | undefined>((resolve) => {
@@ -203,6 +203,11 @@ export async function runPeer(python: string, peer: string, w: PeerWorkload, log
   const code = await ended
   clearTimeout(timer)
   if (child.pid !== undefined) running.delete(child.pid)
+  if (running.size === 0 && hooked) {
+    hooked = false
+    process.off('exit', endAll)
+    for (const signal of ['SIGINT', 'SIGTERM'] as const) process.off(signal, onSignal)
+  }
   stderr.end()
   if (code !== 0 && code !== null) out.skipped.push({ transport: peer, why: `its driver ended with exit code ${code} (its log: ${log})` })
   return out

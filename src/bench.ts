@@ -5,7 +5,7 @@
  * values, the layers in turn); the median, p10 and p90 of GB/s and of µs per call; and once per size the bytes
  * themselves, checked (the decode's blocks cleared, written once more, and hashed on both sides in call order).
  */
-import { fork } from 'node:child_process'
+import { fork, spawn, spawnSync } from 'node:child_process'
 import { createHash, randomFillSync } from 'node:crypto'
 import { cpus, freemem, totalmem } from 'node:os'
 import { dirname, join } from 'node:path'
@@ -291,7 +291,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     }
     if (transports.length === 0) continue
     try {
-      ceilings.push(...ceilingsOf({ blockBytes, batch, pool, tensors, layers, iterations, warmup }))
+      ceilings.push(...ceilingsOf({ blockBytes, batch, pool, tensors, layers, iterations, warmup }, transports.includes('rdma')))
     } catch (e) {
       failed.push({ transport: 'ceiling', blockBytes, error: e instanceof Error ? e.message : String(e) })
     }
@@ -332,7 +332,8 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     failed,
     goals: [] as Goal[],
   }
-  result.goals = goals(result)
+  // A failed size of a round of several writers says nothing about one writer's goals.
+  result.goals = goals({ ...result, failed: writers > 1 ? [] : result.failed })
   return result
 }
 
@@ -373,7 +374,7 @@ export function goals(r: Pick<BenchResult, 'rows' | 'ceilings'> & Partial<Pick<B
 }
 
 /** The ceilings at one block size (see {@link CeilingRow}). */
-function ceilingsOf(s: { blockBytes: number; batch: number; pool: number; tensors: number; layers: number; iterations: number; warmup: number }): CeilingRow[] {
+function ceilingsOf(s: { blockBytes: number; batch: number; pool: number; tensors: number; layers: number; iterations: number; warmup: number }, rdma: boolean): CeilingRow[] {
   const bytesPerCall = s.batch * s.blockBytes * s.tensors
   const row = (name: string, seconds: number[]): CeilingRow => {
     const us = spread(seconds.map((t) => t * 1e6))
@@ -386,7 +387,40 @@ function ceilingsOf(s: { blockBytes: number; batch: number; pool: number; tensor
   // Split as shm splits this call: a row of its own only where that takes more than one thread.
   const split = copy(native.copyThreads())
   if (split.threads > 1) out.push(row(`memcpy-${split.threads}-threads`, split.seconds))
+  // The NIC's own: as many writes of one block as the timed calls make, one after another on one queue pair.
+  const gbps = rdma ? ibWriteBw(s.blockBytes, s.batch * s.tensors * s.iterations) : undefined
+  if (gbps !== undefined) out.push(row('ib_write_bw', [bytesPerCall / (gbps * 1e9)]))
   return out
+}
+
+/**
+ * perftest's `ib_write_bw` on the device and GID kvtransfer uses (`KVCACHE_RDMA_NICS`, `KVCACHE_RDMA_GID_INDEX`),
+ * server and client on this host: GB/s of `writes` `RDMA_WRITE`s of `blockBytes`, or undefined where perftest is
+ * not installed (the table then has no NIC ceiling). Throws where it is installed and fails.
+ */
+function ibWriteBw(blockBytes: number, writes: number): number | undefined {
+  if (spawnSync('ib_write_bw', ['--version'], { stdio: 'ignore' }).error) return undefined
+  const device = (process.env.KVCACHE_RDMA_NICS ?? '').split(',')[0].trim() || undefined
+  const common = [...(device ? ['-d', device] : []), '-x', process.env.KVCACHE_RDMA_GID_INDEX ?? '3', '-F', '-s', `${blockBytes}`, '-n', `${writes}`, '--report_gbits']
+  const port = `${18515 + (process.pid % 1000)}`
+  const server = spawn('ib_write_bw', [...common, '-p', port], { stdio: 'ignore' })
+  try {
+    // The server listens within a moment; the client retries its connection meanwhile.
+    let client
+    for (let attempt = 0; attempt < 20; attempt++) {
+      client = spawnSync('ib_write_bw', [...common, '-p', port, '127.0.0.1'], { encoding: 'utf8', timeout: 120_000 })
+      if (client.status === 0) break
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 250)
+    }
+    if (client?.status !== 0) throw new Error(`ib_write_bw failed: ${`${client?.stderr ?? ''}${client?.stdout ?? ''}`.trim().split('\n').slice(-2).join(' ')}`)
+    // The result line: bytes, iterations, peak and average Gb/s, message rate.
+    const line = client.stdout.split('\n').map((l) => l.trim().split(/\s+/)).find((f) => f[0] === `${blockBytes}` && f.length >= 4)
+    const gbits = Number(line?.[3])
+    if (!(gbits > 0)) throw new Error(`ib_write_bw printed no bandwidth for ${blockBytes} bytes`)
+    return gbits / 8
+  } finally {
+    server.kill('SIGKILL')
+  }
 }
 
 /** The ceiling of `transport`'s rows in `r`, by name: a stream for TCP, the copy split as shm splits it. */
@@ -394,6 +428,7 @@ function ceilingOf(r: BenchResult, transport: string, blockBytes: number): Ceili
   const at = r.ceilings.filter((c) => c.blockBytes === blockBytes)
   if (transport === 'tcp') return at.find((c) => c.name === 'tcp-stream')
   if (transport === 'shm') return at.find((c) => c.name.startsWith('memcpy-')) ?? at.find((c) => c.name === 'memcpy')
+  if (transport === 'rdma') return at.find((c) => c.name === 'ib_write_bw')
   return undefined
 }
 

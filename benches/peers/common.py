@@ -93,6 +93,11 @@ def rate(bytes_per_call, us):
     return {"median": gbps(us["median"]), "p10": gbps(us["p90"]), "p90": gbps(us["p10"])}
 
 
+def python():
+    """This interpreter, with the flags it runs with (isolated, no bytecode), for the processes it starts."""
+    return [sys.executable, *(["-I"] if sys.flags.isolated else []), *(["-B"] if sys.flags.dont_write_bytecode else [])]
+
+
 class Peer:
     """What a driver fills in; `gpu` says whether the run's buffers are GPU memory. `variants()` lists (transport, compares, detail, env): `compares` names our
     transport the row stands beside (tcp or shm), `env` is set for both processes of that variant."""
@@ -142,7 +147,7 @@ class Decode:
 
     def __init__(self, driver, variant, env, gpu):
         gpu_args = [] if gpu is None else ["--decode-gpu", str(gpu)]
-        self.proc = subprocess.Popen([sys.executable, driver, "--decode", variant, *gpu_args], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([*python(), driver, "--decode", variant, *gpu_args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
 
     def ask(self, op, **args):
@@ -225,7 +230,10 @@ def measure(peer, driver, variant, env, a, block_bytes):
             theirs = decode.ask("digest", layer=0, ids=remote.tolist())
             verified = theirs == digest(src, 0, local, block_bytes)
         finally:
-            peer.prefill_stop()
+            try:
+                peer.prefill_stop()
+            except Exception as e:  # noqa: BLE001 - the error that ended the size is the one to report
+                print(f"releasing {peer.system} {variant[0]} after {block_bytes} B: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
         decode.end()
     bytes_per_call = a.batch * block_bytes * tensors
@@ -265,7 +273,7 @@ def main(peer, driver):
             env = {**os.environ, **v[3]}
             # Its lines go straight through, as they come (the bench takes a long silence for a hang).
             out.flush()
-            child = subprocess.run([sys.executable, driver, "--variant", v[0], *sys.argv[1:]], env=env, stdout=out)
+            child = subprocess.run([*python(), driver, "--variant", v[0], *sys.argv[1:]], env=env, stdout=out)
             if child.returncode != 0:
                 out.write(json.dumps({"skipped": {"system": peer.system, "transport": v[0],
                                                   "why": f"its driver ended with exit code {child.returncode}"}}) + "\n")

@@ -20,13 +20,14 @@ import common  # noqa: E402
 def api():
     """NIXL's Python API, from whichever of its wheels is installed (`nixl`, `nixl-cu12`, `nixl-cu13`)."""
     import importlib
-    for name in ("nixl._api", "nixl_cu12._api", "nixl_cu13._api"):
+    for package in ("nixl", "nixl_cu12", "nixl_cu13"):
         try:
-            m = importlib.import_module(name)
+            m = importlib.import_module(f"{package}._api")
             return m.nixl_agent, m.nixl_agent_config
-        except ImportError as e:
-            error = e
-    raise error
+        except ModuleNotFoundError as e:
+            if e.name != package:
+                raise  # the wheel is there and failed to import: that is the reason to give
+    raise ModuleNotFoundError("none of nixl, nixl-cu12, nixl-cu13 is installed")
 
 
 class Nixl(common.Peer):

@@ -1,0 +1,47 @@
+// `kvtransfer soak` as CI runs it, briefly: requests complete, are aborted, lose their connection and are
+// revoked; every completed layer checks; the figures are there each interval; growth past a bound is caught.
+import test from 'ava'
+import { execFile } from 'node:child_process'
+import { fileURLToPath } from 'node:url'
+import { growth, runSoak } from '../lib/soak.js'
+import { transportName } from './helpers/transport.mjs'
+
+// RDMA runs in the Soft-RoCE VM through its own suite; here the host transports.
+const transport = transportName === 'rdma' ? 'tcp' : transportName
+
+test('a short soak: every kind of end, every completed layer checked, figures each interval', async (t) => {
+  const intervals = []
+  const r = await runSoak({ durationMs: 3000, intervalMs: 1000, peers: 3, transport, seed: 11, abortRate: 0.2, reconnectRate: 0.1, revokeRate: 0.2, onSample: (s) => intervals.push(s) })
+  t.deepEqual(r.failures, [])
+  t.true(r.requests.complete > 10, JSON.stringify(r.requests))
+  for (const end of ['aborted', 'revoked', 'failed']) t.true(r.requests[end] > 0, `${end}: ${JSON.stringify(r.requests)}`)
+  t.true(intervals.length >= 3)
+  t.is(r.samples.length, intervals.length)
+  t.is(r.calls, intervals.reduce((a, s) => a + s.calls, 0))
+  t.is(r.bytes, r.calls * 32 * 16384 * 2, 'a call moves its 32 blocks of keys and values')
+  const s = intervals[0]
+  t.true(s.latencyUs.p50 > 0 && s.latencyUs.p99 >= s.latencyUs.p50)
+  for (const f of [s.decode, s.prefill]) t.true(f.rssBytes > 0 && f.peakRssBytes >= f.rssBytes && f.threads > 0 && f.descriptors > 0, JSON.stringify(f))
+  t.true((r.errors.REVOKED ?? 0) > 0, "a revoked request's next write was refused")
+})
+
+test('growth past a bound is a failure, within it is not', (t) => {
+  const f = (rssMiB, threads, descriptors) => ({ rssBytes: rssMiB * 2 ** 20, peakRssBytes: rssMiB * 2 ** 20, threads, descriptors })
+  const sample = (decode, prefill) => ({ elapsedMs: 0, requests: {}, calls: 0, bytes: 0, errors: {}, latencyUs: null, decode, prefill })
+  t.deepEqual(growth([sample(f(100, 10, 40), f(100, 10, 40)), sample(f(200, 18, 56), f(100, 10, 40))]), [])
+  t.deepEqual(growth([sample(f(100, 10, 40), f(100, 10, 40)), sample(f(250, 19, 57), f(100, 10, 40))]), [
+    "the decode's memory grew from 100 to 250 MiB",
+    "the decode's threads grew from 10 to 19",
+    "the decode's descriptors grew from 40 to 57",
+  ])
+})
+
+test('soak refuses bad options', async (t) => {
+  const cli = fileURLToPath(new URL('../cli.js', import.meta.url))
+  const run = (args) => new Promise((resolve) => execFile(process.execPath, [cli, 'soak', ...args], (e, stdout, stderr) => resolve({ code: e?.code ?? 0, stderr })))
+  for (const [args, why] of [[['--duration', '10 minutes'], /must be a duration/], [['--peers', '0'], /whole number of at least 1/], [['--peers', '65'], /at most 64/], [['--transport', 'carrier-pigeon'], /must be tcp, shm or rdma/], [['--sizes', '1'], /is an option of bench/]]) {
+    const r = await run(args)
+    t.is(r.code, 2, args.join(' '))
+    t.regex(r.stderr, why)
+  }
+})

@@ -1,0 +1,301 @@
+/**
+ * `kvtransfer soak`: mixed traffic for a while, checked and watched. A decode here and `peers` prefill
+ * communicators in a second process run requests of `layers` layers into it, one after another per peer:
+ * most complete, some are aborted by their prefill part-way, some lose their connection mid-request (the peer
+ * connects again), and the decode revokes some after their first layer. Every layer of a request that
+ * completes is checked byte for byte against what the prefill computed; every other request must end in a
+ * rejected `waitFor`, and is revoked before its blocks are used again. Every interval, and at the end: requests
+ * by how they ended, calls and bytes, errors by code, write latency (p50, p99), and each process's memory
+ * (RSS and its peak), threads and descriptors. The run fails on any byte that does not check, any request that
+ * neither completes nor ends within its deadline, and any growth of memory, threads or descriptors past a
+ * bound once warmed up.
+ */
+import { fork } from 'node:child_process'
+import { createHash } from 'node:crypto'
+import { readdirSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { Communicator, type DecodeCommunicator } from './communicator.js'
+import { KVTransferError } from './errors.js'
+import { HostBuffer } from './host-buffer.js'
+import type { Transport } from './options.js'
+
+/** What a soak runs. */
+export interface SoakOptions {
+  /** How long the prefills start new requests (default 60 s). */
+  durationMs?: number
+  /** Prefill communicators writing into the decode at once (default 4). */
+  peers?: number
+  /** How often a line is printed (default 10 s). */
+  intervalMs?: number
+  /** The transport (default: the decode's automatic choice). */
+  transport?: Transport
+  /** Layers of a request, blocks of a request, bytes of a block (default 4, 32, 16 KiB). */
+  layers?: number
+  blocksPerRequest?: number
+  blockBytes?: number
+  /** Shares of requests aborted by their prefill, whose connection is closed mid-request, revoked by the decode. */
+  abortRate?: number
+  reconnectRate?: number
+  revokeRate?: number
+  /** Seeds the run's choices (default: from the clock). */
+  seed?: number
+  /** Told each interval's figures, and the last. */
+  onSample?: (s: SoakSample) => void
+}
+
+/** One process's footprint. */
+export interface Footprint {
+  rssBytes: number
+  peakRssBytes: number
+  threads: number
+  descriptors: number
+}
+
+/** One interval's figures (the counts are of that interval). */
+export interface SoakSample {
+  elapsedMs: number
+  requests: Record<string, number>
+  calls: number
+  bytes: number
+  errors: Record<string, number>
+  latencyUs: { p50: number; p99: number } | null
+  decode: Footprint
+  prefill: Footprint | null
+}
+
+/** A whole run: every interval, the totals, and what failed it. */
+export interface SoakResult {
+  samples: SoakSample[]
+  requests: Record<string, number>
+  calls: number
+  bytes: number
+  errors: Record<string, number>
+  /** Layers whose bytes did not check, requests that never ended, growth past the bounds, a crashed prefill. */
+  failures: string[]
+}
+
+/** @internal What the soak sends the prefill process. */
+export interface SoakPlan {
+  port: number
+  peers: number
+  layers: number
+  blocksPerPeer: number
+  blocksPerRequest: number
+  blockBytes: number
+  transport?: Transport
+  durationMs: number
+  abortRate: number
+  reconnectRate: number
+  seed: number
+}
+
+/** @internal What the prefill process reports. */
+export type PrefillReport =
+  | { type: 'start'; request: string; peer: number; blocks: number[]; leaves: boolean }
+  | { type: 'end'; request: string; peer: number; end: string }
+  | { type: 'sample'; calls: number; bytes: number; errors: Record<string, number>; latencies: number[] }
+  | { type: 'finished' }
+  | { type: 'crashed'; error: string }
+
+/**
+ * @internal Stands in for the model: the bytes of block `i` (in request order) of one layer's keys (`tensor`
+ * 0) or values (1) of `request`. Both sides compute it, so the decode knows what the prefill wrote.
+ */
+export function modelBlock(request: string, layer: number, tensor: number, i: number, out: Buffer): void {
+  let x = createHash('sha1').update(`${request}/${layer}/${tensor}/${i}`).digest().readUInt32LE(0) || 1
+  for (let o = 0; o + 4 <= out.length; o += 4) {
+    x = (Math.imul(x, 1664525) + 1013904223) >>> 0
+    out.writeUInt32LE(x, o)
+  }
+}
+
+/** How a request ended, by the code its `waitFor` rejected with. */
+const ENDS: Record<string, string> = { TRANSPORT: 'failed', ABORTED: 'aborted', REVOKED: 'revoked', EXPIRED: 'expired' }
+
+/** How long a request may go without ending before the run calls it hung. */
+const REQUEST_DEADLINE_MS = 30_000
+
+/** The footprint of process `pid` (Linux: from /proc), or null where it cannot be read. */
+export function footprint(pid: number | 'self'): Footprint | null {
+  try {
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8')
+    const field = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+)`, 'm').exec(status)?.[1] ?? NaN)
+    return { rssBytes: field('VmRSS') * 1024, peakRssBytes: field('VmHWM') * 1024, threads: field('Threads'), descriptors: readdirSync(`/proc/${pid}/fd`).length }
+  } catch {
+    return null
+  }
+}
+
+function quantile(sorted: number[], q: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.round(q * (sorted.length - 1))))]
+}
+
+function add(into: Record<string, number>, from: Record<string, number>): void {
+  for (const [k, v] of Object.entries(from)) into[k] = (into[k] ?? 0) + v
+}
+
+/** Runs the soak; see {@link SoakOptions}. */
+export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
+  const peers = options.peers ?? 4
+  const layers = options.layers ?? 4
+  const blocksPerRequest = options.blocksPerRequest ?? 32
+  const blockBytes = options.blockBytes ?? 16 * 1024
+  const durationMs = options.durationMs ?? 60_000
+  const intervalMs = options.intervalMs ?? 10_000
+  const revokeRate = options.revokeRate ?? 0.1
+  const seed = options.seed ?? Date.now() % 2 ** 31
+  if (!(Number.isInteger(peers) && peers >= 1 && peers <= 64)) throw new Error(`peers must be from 1 to 64, not ${peers}`)
+  if (!(Number.isInteger(layers) && layers >= 2 && layers <= 64)) throw new Error(`layers must be from 2 to 64, not ${layers}`)
+  // Each peer's range of the decode holds a request with room to scatter it.
+  const blocksPerPeer = blocksPerRequest * 2
+  const keys = Array.from({ length: layers }, () => HostBuffer.alloc(peers * blocksPerPeer * blockBytes))
+  const values = Array.from({ length: layers }, () => HostBuffer.alloc(peers * blocksPerPeer * blockBytes))
+  const result: SoakResult = { samples: [], requests: {}, calls: 0, bytes: 0, errors: {}, failures: [] }
+  const ended = (how: string) => (result.requests[how] = (result.requests[how] ?? 0) + 1)
+  let interval: Record<string, number> = {}
+  const endedNow = (how: string) => {
+    ended(how)
+    interval[how] = (interval[how] ?? 0) + 1
+  }
+  let decode: DecodeCommunicator | undefined
+  const child = fork(join(__dirname, 'soak-prefill.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+  try {
+    decode = await Communicator.decodeAsync({ keys, values, blockNumber: peers * blocksPerPeer, blockBytes, port: 0, socketIfname: 'lo', transport: options.transport })
+    const d = decode
+    const start = Date.now()
+    let random = seed >>> 0 || 1
+    const rand = () => {
+      random = (Math.imul(random, 1103515245) + 12345) >>> 0
+      return random / 2 ** 32
+    }
+    const checks: Promise<void>[] = []
+    let samples: Extract<PrefillReport, { type: 'sample' }> | undefined
+    let sampled: (() => void) | undefined
+    let finished: (error?: string) => void = () => {}
+    const done = new Promise<string | undefined>((resolve) => (finished = resolve))
+    const send = (m: object) => {
+      if (child.connected) child.send(m)
+    }
+    // The decode's side of one request: each layer awaited and checked, or its end seen; then its blocks freed.
+    const follow = async (request: string, blocks: number[], revoke: boolean) => {
+      let how = 'complete'
+      try {
+        for (let layer = 0; layer < layers; layer++) {
+          await d.waitFor(request, { layers: [layer], timeoutMs: REQUEST_DEADLINE_MS })
+          const want = Buffer.alloc(blockBytes)
+          for (const [t, tensor] of [keys, values].entries()) {
+            blocks.forEach((id, i) => {
+              modelBlock(request, layer, t, i, want)
+              if (!tensor[layer].buffer.subarray(id * blockBytes, (id + 1) * blockBytes).equals(want)) {
+                result.failures.push(`${request}: layer ${layer}, ${t === 0 ? 'key' : 'value'} block ${id} does not hold the prefill's bytes`)
+              }
+            })
+          }
+          if (revoke && layer === 0) {
+            how = 'revoked'
+            break
+          }
+        }
+      } catch (e) {
+        if (e instanceof KVTransferError && e.code === 'TIMEOUT') {
+          how = 'hung'
+          result.failures.push(`${request}: neither complete nor ended within ${REQUEST_DEADLINE_MS / 1000} s`)
+        } else how = e instanceof KVTransferError ? (ENDS[e.code] ?? e.code.toLowerCase()) : 'error'
+      }
+      // Whatever did not complete is revoked before its blocks are used again: once that resolves, none of
+      // its writes can land later.
+      if (how !== 'complete') {
+        await d.revoke(request).catch((e: unknown) => {
+          result.failures.push(`${request}: revoke failed: ${e instanceof Error ? e.message : String(e)}`)
+        })
+      }
+      endedNow(how)
+      send({ type: 'released', request })
+    }
+    child.on('message', (m: PrefillReport) => {
+      if (m.type === 'start') checks.push(follow(m.request, m.blocks, !m.leaves && rand() < revokeRate))
+      else if (m.type === 'sample') {
+        samples = m
+        sampled?.()
+      } else if (m.type === 'finished') finished()
+      else if (m.type === 'crashed') finished(m.error)
+    })
+    child.once('exit', (code, signal) => finished(`the prefill process ended (${signal ?? `exit code ${code}`})`))
+    send({
+      type: 'plan',
+      plan: { port: d.port, peers, layers, blocksPerPeer, blocksPerRequest, blockBytes, transport: options.transport, durationMs, abortRate: options.abortRate ?? 0.1, reconnectRate: options.reconnectRate ?? 0.05, seed } satisfies SoakPlan,
+    })
+    const sample = async (): Promise<void> => {
+      const got = new Promise<void>((resolve) => {
+        sampled = resolve
+        setTimeout(resolve, 5_000)
+      })
+      samples = undefined
+      send({ type: 'sample' })
+      await got
+      const s = samples as Extract<PrefillReport, { type: 'sample' }> | undefined
+      const sorted = [...(s?.latencies ?? [])].sort((a, b) => a - b)
+      const row: SoakSample = {
+        elapsedMs: Date.now() - start,
+        requests: interval,
+        calls: s?.calls ?? 0,
+        bytes: s?.bytes ?? 0,
+        errors: s?.errors ?? {},
+        latencyUs: sorted.length ? { p50: quantile(sorted, 0.5), p99: quantile(sorted, 0.99) } : null,
+        decode: footprint('self') ?? { rssBytes: NaN, peakRssBytes: NaN, threads: NaN, descriptors: NaN },
+        prefill: child.pid !== undefined ? footprint(child.pid) : null,
+      }
+      interval = {}
+      result.calls += row.calls
+      result.bytes += row.bytes
+      add(result.errors, row.errors)
+      result.samples.push(row)
+      options.onSample?.(row)
+    }
+    let over: string | undefined | null = null
+    done.then((e) => (over = e))
+    while (over === null) {
+      await Promise.race([done, new Promise((r) => setTimeout(r, intervalMs))])
+      if (over === null) await sample()
+    }
+    if (over) result.failures.push(over)
+    await Promise.all(checks)
+    await sample()
+    result.failures.push(...growth(result.samples))
+    if ((result.requests.complete ?? 0) === 0) result.failures.push('no request completed')
+    return result
+  } finally {
+    if (child.connected) child.disconnect()
+    await decode?.close()
+    for (const hb of [...keys, ...values]) hb.free()
+  }
+}
+
+/**
+ * Growth past the bounds, from the first sample on (the warm-up) to the last: memory by more than half and
+ * 64 MiB, threads by more than 8, descriptors by more than 16, in either process.
+ */
+export function growth(samples: SoakSample[]): string[] {
+  if (samples.length < 2) return []
+  const [first, last] = [samples[0], samples[samples.length - 1]]
+  const out: string[] = []
+  for (const side of ['decode', 'prefill'] as const) {
+    const a = first[side]
+    const b = last[side]
+    if (!a || !b) continue
+    if (b.rssBytes > a.rssBytes * 1.5 + 64 * 2 ** 20) out.push(`the ${side}'s memory grew from ${(a.rssBytes / 2 ** 20).toFixed(0)} to ${(b.rssBytes / 2 ** 20).toFixed(0)} MiB`)
+    if (b.threads > a.threads + 8) out.push(`the ${side}'s threads grew from ${a.threads} to ${b.threads}`)
+    if (b.descriptors > a.descriptors + 16) out.push(`the ${side}'s descriptors grew from ${a.descriptors} to ${b.descriptors}`)
+  }
+  return out
+}
+
+/** One line of figures. */
+export function formatSample(s: SoakSample): string {
+  const mib = (f: Footprint | null) => (f ? `${(f.rssBytes / 2 ** 20).toFixed(0)} MiB (peak ${(f.peakRssBytes / 2 ** 20).toFixed(0)}), ${f.threads} threads, ${f.descriptors} fds` : '-')
+  const counts = (r: Record<string, number>) => Object.entries(r).map(([k, v]) => `${k} ${v}`).join(', ') || 'none'
+  return [
+    `${(s.elapsedMs / 1000).toFixed(0)} s: requests ${counts(s.requests)}; ${s.calls} calls, ${(s.bytes / 1e9).toFixed(2)} GB; errors ${counts(s.errors)}`,
+    `  write p50 ${s.latencyUs ? s.latencyUs.p50.toFixed(0) : '-'} µs, p99 ${s.latencyUs ? s.latencyUs.p99.toFixed(0) : '-'} µs; decode ${mib(s.decode)}; prefill ${mib(s.prefill)}`,
+  ].join('\n')
+}
