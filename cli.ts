@@ -132,16 +132,18 @@ const SOAK_OPTIONS = ['duration', 'interval', 'transport', 'seed']
 function duration(name: string, text: string | undefined): number | undefined {
   if (text === undefined) return undefined
   const m = /^(\d{1,7})(ms|s|m|h)?$/.exec(text)
-  if (!m || Number(m[1]) === 0) throw new Error(`--${name} must be a duration such as 500ms, 90s, 10m or 1h, not ${JSON.stringify(text)}`)
   const unit: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }
-  return Number(m[1]) * unit[m[2] ?? 's']
+  const ms = m ? Number(m[1]) * unit[m[2] ?? 's'] : NaN
+  // At most a day: longer does not fit a timer.
+  if (!(ms >= 1 && ms <= 86_400_000)) throw new Error(`--${name} must be a duration from 1ms to 24h such as 500ms, 90s, 10m or 1h, not ${JSON.stringify(text)}`)
+  return ms
 }
 
 async function soak(values: Record<string, string | boolean | undefined>): Promise<number> {
   let options
   try {
     const transport = values.transport as string | undefined
-    if (transport !== undefined && !['tcp', 'shm', 'rdma', 'cuda-ipc'].includes(transport)) throw new Error(`--transport must be tcp, shm or rdma, not ${JSON.stringify(transport)}`)
+    if (transport !== undefined && !['tcp', 'shm', 'rdma'].includes(transport)) throw new Error(`--transport must be tcp, shm or rdma, not ${JSON.stringify(transport)}`)
     options = {
       durationMs: duration('duration', values.duration as string | undefined),
       intervalMs: duration('interval', values.interval as string | undefined),
@@ -150,6 +152,7 @@ async function soak(values: Record<string, string | boolean | undefined>): Promi
       transport: transport as 'tcp' | undefined,
     }
     if ((options.peers ?? 0) > 64) throw new Error('--peers must be at most 64')
+    if ((options.intervalMs ?? 10_000) * 2 > (options.durationMs ?? 60_000)) throw new Error('--interval must be at most half of --duration (growth is judged between samples taken while traffic runs)')
   } catch (err) {
     return refused(err)
   }
@@ -194,6 +197,7 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
   try {
     if (values.json && values.csv) throw new Error('--json and --csv: give one')
     if (list(values.transports)?.length === 0) throw new Error('--transports names none')
+    if (typeof values.peers === 'string' && /^\d+$/.test(values.peers)) throw new Error('--peers of bench names peers (mooncake,nixl); a number of prefills is an option of soak')
     const sizes = list(values.sizes)?.map((k) => count('sizes', k, 1) as number * 1024)
     options = {
       transports: list(values.transports),

@@ -39,7 +39,7 @@ test('growth past a bound is a failure, within it is not', (t) => {
 test('soak refuses bad options', async (t) => {
   const cli = fileURLToPath(new URL('../cli.js', import.meta.url))
   const run = (args) => new Promise((resolve) => execFile(process.execPath, [cli, 'soak', ...args], (e, stdout, stderr) => resolve({ code: e?.code ?? 0, stderr })))
-  for (const [args, why] of [[['--duration', '10 minutes'], /must be a duration/], [['--peers', '0'], /whole number of at least 1/], [['--peers', '65'], /at most 64/], [['--transport', 'carrier-pigeon'], /must be tcp, shm or rdma/], [['--sizes', '1'], /is an option of bench/]]) {
+  for (const [args, why] of [[['--duration', '10 minutes'], /must be a duration/], [['--peers', '0'], /whole number of at least 1/], [['--peers', '65'], /at most 64/], [['--transport', 'carrier-pigeon'], /must be tcp, shm or rdma/], [['--sizes', '1'], /is an option of bench/], [['--duration', '3s', '--interval', '2s'], /at most half of --duration/]]) {
     const r = await run(args)
     t.is(r.code, 2, args.join(' '))
     t.regex(r.stderr, why)

@@ -5,7 +5,7 @@
  * values, the layers in turn); the median, p10 and p90 of GB/s and of µs per call; and once per size the bytes
  * themselves, checked (the decode's blocks cleared, written once more, and hashed on both sides in call order).
  */
-import { fork, spawn, spawnSync } from 'node:child_process'
+import { fork, spawn, spawnSync, type SpawnSyncReturns } from 'node:child_process'
 import { createHash, randomFillSync } from 'node:crypto'
 import { cpus, freemem, totalmem } from 'node:os'
 import { dirname, join } from 'node:path'
@@ -403,23 +403,35 @@ function ibWriteBw(blockBytes: number, writes: number): number | undefined {
   const device = (process.env.KVCACHE_RDMA_NICS ?? '').split(',')[0].trim() || undefined
   const common = [...(device ? ['-d', device] : []), '-x', process.env.KVCACHE_RDMA_GID_INDEX ?? '3', '-F', '-s', `${blockBytes}`, '-n', `${writes}`, '--report_gbits']
   const port = `${18515 + (process.pid % 1000)}`
-  const server = spawn('ib_write_bw', [...common, '-p', port], { stdio: 'ignore' })
+  // The server serves one client and ends; it is bounded in time itself, and ended with this process.
+  let server: ReturnType<typeof spawn> | undefined
+  let serverSaid = ''
+  const stopServer = () => server?.kill('SIGKILL')
+  process.once('exit', stopServer)
   try {
-    // The server listens within a moment; the client retries its connection meanwhile.
-    let client
-    for (let attempt = 0; attempt < 20; attempt++) {
+    let client: SpawnSyncReturns<string> | undefined
+    // Retried only while the server is not listening yet, for 10 s at most.
+    for (const until = Date.now() + 10_000; Date.now() < until; ) {
+      if (!server || server.exitCode !== null || server.signalCode !== null) {
+        server = spawn('timeout', ['-k', '5', '300', 'ib_write_bw', ...common, '-p', port], { stdio: ['ignore', 'ignore', 'pipe'] })
+        server.stderr?.on('data', (b: Buffer) => (serverSaid = (serverSaid + b.toString()).slice(-400)))
+      }
       client = spawnSync('ib_write_bw', [...common, '-p', port, '127.0.0.1'], { encoding: 'utf8', timeout: 120_000 })
-      if (client.status === 0) break
+      if (client.status === 0 || !/connect|refused/i.test(`${client.stderr}${client.stdout}`)) break
       Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 250)
     }
-    if (client?.status !== 0) throw new Error(`ib_write_bw failed: ${`${client?.stderr ?? ''}${client?.stdout ?? ''}`.trim().split('\n').slice(-2).join(' ')}`)
-    // The result line: bytes, iterations, peak and average Gb/s, message rate.
+    if (client?.status !== 0) {
+      const said = `${client?.stderr ?? ''}${client?.stdout ?? ''}`.trim().split('\n').slice(-2).join(' ')
+      throw new Error(`ib_write_bw failed: ${said}${serverSaid ? ` (its server: ${serverSaid.trim().split('\n').slice(-1)[0]})` : ''}`)
+    }
+    // The result line: bytes, iterations, peak and average Gb/s (decimal), message rate.
     const line = client.stdout.split('\n').map((l) => l.trim().split(/\s+/)).find((f) => f[0] === `${blockBytes}` && f.length >= 4)
     const gbits = Number(line?.[3])
     if (!(gbits > 0)) throw new Error(`ib_write_bw printed no bandwidth for ${blockBytes} bytes`)
     return gbits / 8
   } finally {
-    server.kill('SIGKILL')
+    stopServer()
+    process.off('exit', stopServer)
   }
 }
 

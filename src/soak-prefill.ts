@@ -10,7 +10,7 @@ import { Communicator, type PrefillCommunicator } from './communicator.js'
 import type { Peer } from './peer.js'
 import { KVTransferError } from './errors.js'
 import { HostBuffer } from './host-buffer.js'
-import { modelBlock, type SoakPlan, type PrefillReport } from './soak.js'
+import { modelBlock, type PrefillReport, type RequestPlan, type SoakPlan } from './soak.js'
 
 const HOST = '127.0.0.1'
 
@@ -55,7 +55,8 @@ async function peerLoop(p: SoakPlan, index: number, deadline: number): Promise<v
       const leaveAt = roll < p.abortRate ? 1 + Math.floor(rand() * (p.layers - 1)) : -1
       const reconnectAt = roll >= p.abortRate && roll < p.abortRate + p.reconnectRate ? 1 + Math.floor(rand() * (p.layers - 1)) : -1
       const freed = new Promise<void>((resolve) => released.set(request, resolve))
-      process.send?.({ type: 'start', request, peer: index, blocks: remote, leaves: leaveAt >= 0 } satisfies PrefillReport)
+      const plan: RequestPlan = leaveAt >= 0 ? 'abort' : reconnectAt >= 0 ? 'reconnect' : 'complete'
+      process.send?.({ type: 'start', request, peer: index, blocks: remote, plan } satisfies PrefillReport)
       let end = 'complete'
       for (let layer = 0; layer < p.layers; layer++) {
         if (layer === leaveAt) {
@@ -105,12 +106,12 @@ function shuffle<T>(a: T[], rand: () => number): T[] {
   return a
 }
 
-process.on('message', (m: { type: 'plan'; plan: SoakPlan } | { type: 'released'; request: string } | { type: 'sample' }) => {
+process.on('message', (m: { type: 'plan'; plan: SoakPlan } | { type: 'released'; request: string } | { type: 'sample'; seq: number }) => {
   if (m.type === 'released') {
     released.get(m.request)?.()
     released.delete(m.request)
   } else if (m.type === 'sample') {
-    process.send?.({ type: 'sample', calls, bytes, errors, latencies } satisfies PrefillReport)
+    process.send?.({ type: 'sample', seq: m.seq, calls, bytes, errors, latencies } satisfies PrefillReport)
     calls = 0
     bytes = 0
     errors = {}

@@ -89,11 +89,14 @@ export interface SoakPlan {
   seed: number
 }
 
+/** @internal What a request's prefill means to do with it: complete it, abort it, or lose its connection. */
+export type RequestPlan = 'complete' | 'abort' | 'reconnect'
+
 /** @internal What the prefill process reports. */
 export type PrefillReport =
-  | { type: 'start'; request: string; peer: number; blocks: number[]; leaves: boolean }
+  | { type: 'start'; request: string; peer: number; blocks: number[]; plan: RequestPlan }
   | { type: 'end'; request: string; peer: number; end: string }
-  | { type: 'sample'; calls: number; bytes: number; errors: Record<string, number>; latencies: number[] }
+  | { type: 'sample'; seq: number; calls: number; bytes: number; errors: Record<string, number>; latencies: number[] }
   | { type: 'finished' }
   | { type: 'crashed'; error: string }
 
@@ -112,8 +115,19 @@ export function modelBlock(request: string, layer: number, tensor: number, i: nu
 /** How a request ended, by the code its `waitFor` rejected with. */
 const ENDS: Record<string, string> = { TRANSPORT: 'failed', ABORTED: 'aborted', REVOKED: 'revoked', EXPIRED: 'expired' }
 
-/** How long a request may go without ending before the run calls it hung. */
+/** How long a request may take, from its start to its end, before the run calls it hung. */
 const REQUEST_DEADLINE_MS = 30_000
+
+/**
+ * How each request must end, at the decode and at its prefill, by its plan: a request revoked by the decode
+ * may also have been written whole before the revoke reached its prefill.
+ */
+const EXPECTED: Record<RequestPlan | 'revoke', { decode: string; prefill: string[] }> = {
+  complete: { decode: 'complete', prefill: ['complete'] },
+  abort: { decode: 'aborted', prefill: ['aborted'] },
+  reconnect: { decode: 'failed', prefill: ['reconnected'] },
+  revoke: { decode: 'revoked', prefill: ['revoked', 'complete'] },
+}
 
 /** The footprint of process `pid` (Linux: from /proc), or null where it cannot be read. */
 export function footprint(pid: number | 'self'): Footprint | null {
@@ -146,21 +160,37 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
   const seed = options.seed ?? Date.now() % 2 ** 31
   if (!(Number.isInteger(peers) && peers >= 1 && peers <= 64)) throw new Error(`peers must be from 1 to 64, not ${peers}`)
   if (!(Number.isInteger(layers) && layers >= 2 && layers <= 64)) throw new Error(`layers must be from 2 to 64, not ${layers}`)
+  // Growth is judged between samples taken while traffic runs: at least two of them.
+  if (intervalMs * 2 > durationMs) throw new Error(`the interval (${intervalMs} ms) must be at most half the duration (${durationMs} ms)`)
   // Each peer's range of the decode holds a request with room to scatter it.
   const blocksPerPeer = blocksPerRequest * 2
   const keys = Array.from({ length: layers }, () => HostBuffer.alloc(peers * blocksPerPeer * blockBytes))
   const values = Array.from({ length: layers }, () => HostBuffer.alloc(peers * blocksPerPeer * blockBytes))
   const result: SoakResult = { samples: [], requests: {}, calls: 0, bytes: 0, errors: {}, failures: [] }
-  const ended = (how: string) => (result.requests[how] = (result.requests[how] ?? 0) + 1)
   let interval: Record<string, number> = {}
   const endedNow = (how: string) => {
-    ended(how)
+    result.requests[how] = (result.requests[how] ?? 0) + 1
     interval[how] = (interval[how] ?? 0) + 1
   }
   let decode: DecodeCommunicator | undefined
-  const child = fork(join(__dirname, 'soak-prefill.js'), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+  // The prefill's own output goes to standard error: standard output may be the soak's JSON.
+  const child = fork(join(__dirname, 'soak-prefill.js'), [], { stdio: ['ignore', 2, 2, 'ipc'] })
+  let finished: (error?: string) => void = () => {}
+  const done = new Promise<string | undefined>((resolve) => (finished = resolve))
+  child.once('exit', (code, signal) => finished(`the prefill process ended (${signal ?? `exit code ${code}`}) before its last request`))
+  child.on('error', (e) => finished(`the prefill process: ${e.message}`))
+  const send = (m: object) => {
+    if (child.connected) child.send(m, (e) => e && finished(`the prefill process: ${e.message}`))
+  }
+  const timers = new Set<NodeJS.Timeout>()
+  const sleep = (ms: number) =>
+    new Promise<void>((resolve) => {
+      const t = setTimeout(() => (timers.delete(t), resolve()), ms)
+      timers.add(t)
+    })
   try {
-    decode = await Communicator.decodeAsync({ keys, values, blockNumber: peers * blocksPerPeer, blockBytes, port: 0, socketIfname: 'lo', transport: options.transport })
+    // Ended requests are forgotten after a few seconds, so that what a request leaves behind shows as growth.
+    decode = await Communicator.decodeAsync({ keys, values, blockNumber: peers * blocksPerPeer, blockBytes, port: 0, socketIfname: 'lo', transport: options.transport, requestTtlMs: 5_000 })
     const d = decode
     const start = Date.now()
     let random = seed >>> 0 || 1
@@ -169,70 +199,88 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       return random / 2 ** 32
     }
     const checks: Promise<void>[] = []
-    let samples: Extract<PrefillReport, { type: 'sample' }> | undefined
-    let sampled: (() => void) | undefined
-    let finished: (error?: string) => void = () => {}
-    const done = new Promise<string | undefined>((resolve) => (finished = resolve))
-    const send = (m: object) => {
-      if (child.connected) child.send(m)
+    // How each request ended on either side, judged once both have.
+    const ends = new Map<string, { expected: (typeof EXPECTED)[keyof typeof EXPECTED]; decode?: string; prefill?: string }>()
+    const judge = (request: string) => {
+      const e = ends.get(request)
+      if (!e || e.decode === undefined || e.prefill === undefined) return
+      ends.delete(request)
+      if (e.decode !== e.expected.decode) result.failures.push(`${request}: ended ${e.decode} at the decode, where ${e.expected.decode} was due`)
+      if (!e.expected.prefill.includes(e.prefill)) result.failures.push(`${request}: ended ${e.prefill} at its prefill, where ${e.expected.prefill.join(' or ')} was due`)
+    }
+    const want = Buffer.alloc(blockBytes)
+    /** The blocks of `layer` that do not hold what the prefill computed for `request`. */
+    const check = (request: string, layer: number, blocks: number[], when: string) => {
+      for (const [t, tensor] of [keys, values].entries()) {
+        blocks.forEach((id, i) => {
+          modelBlock(request, layer, t, i, want)
+          if (!tensor[layer].buffer.subarray(id * blockBytes, (id + 1) * blockBytes).equals(want)) {
+            result.failures.push(`${request}: layer ${layer}, ${t === 0 ? 'key' : 'value'} block ${id} does not hold the prefill's bytes ${when}`)
+          }
+        })
+      }
     }
     // The decode's side of one request: each layer awaited and checked, or its end seen; then its blocks freed.
     const follow = async (request: string, blocks: number[], revoke: boolean) => {
+      const deadline = Date.now() + REQUEST_DEADLINE_MS
       let how = 'complete'
       try {
         for (let layer = 0; layer < layers; layer++) {
-          await d.waitFor(request, { layers: [layer], timeoutMs: REQUEST_DEADLINE_MS })
-          const want = Buffer.alloc(blockBytes)
-          for (const [t, tensor] of [keys, values].entries()) {
-            blocks.forEach((id, i) => {
-              modelBlock(request, layer, t, i, want)
-              if (!tensor[layer].buffer.subarray(id * blockBytes, (id + 1) * blockBytes).equals(want)) {
-                result.failures.push(`${request}: layer ${layer}, ${t === 0 ? 'key' : 'value'} block ${id} does not hold the prefill's bytes`)
-              }
-            })
-          }
-          if (revoke && layer === 0) {
+          await d.waitFor(request, { layers: [layer], timeoutMs: Math.max(1, deadline - Date.now()) })
+          check(request, layer, blocks, 'once its layer arrived')
+          if (revoke) {
             how = 'revoked'
             break
           }
         }
+        // Nothing of another request landed in them meanwhile (a late write of a revoked one, say).
+        if (how === 'complete') for (let layer = 0; layer < layers; layer++) check(request, layer, blocks, 'when the request ended')
       } catch (e) {
         if (e instanceof KVTransferError && e.code === 'TIMEOUT') {
           how = 'hung'
           result.failures.push(`${request}: neither complete nor ended within ${REQUEST_DEADLINE_MS / 1000} s`)
-        } else how = e instanceof KVTransferError ? (ENDS[e.code] ?? e.code.toLowerCase()) : 'error'
+        } else how = e instanceof KVTransferError ? (ENDS[e.code] ?? e.code.toLowerCase()) : `error (${String(e)})`
       }
       // Whatever did not complete is revoked before its blocks are used again: once that resolves, none of
       // its writes can land later.
       if (how !== 'complete') {
-        await d.revoke(request).catch((e: unknown) => {
+        await d.revoke(request, { signal: AbortSignal.timeout(REQUEST_DEADLINE_MS) }).catch((e: unknown) => {
           result.failures.push(`${request}: revoke failed: ${e instanceof Error ? e.message : String(e)}`)
         })
       }
       endedNow(how)
+      const e = ends.get(request)
+      if (e) e.decode = how
+      judge(request)
       send({ type: 'released', request })
     }
+    let samples: Extract<PrefillReport, { type: 'sample' }> | undefined
+    let sampled: (() => void) | undefined
+    let seq = 0
     child.on('message', (m: PrefillReport) => {
-      if (m.type === 'start') checks.push(follow(m.request, m.blocks, !m.leaves && rand() < revokeRate))
-      else if (m.type === 'sample') {
+      if (m.type === 'start') {
+        const revoke = m.plan === 'complete' && rand() < revokeRate
+        ends.set(m.request, { expected: EXPECTED[revoke ? 'revoke' : m.plan] })
+        checks.push(follow(m.request, m.blocks, revoke))
+      } else if (m.type === 'end') {
+        const e = ends.get(m.request)
+        if (e) e.prefill = m.end
+        judge(m.request)
+      } else if (m.type === 'sample' && m.seq === seq) {
         samples = m
         sampled?.()
       } else if (m.type === 'finished') finished()
       else if (m.type === 'crashed') finished(m.error)
     })
-    child.once('exit', (code, signal) => finished(`the prefill process ended (${signal ?? `exit code ${code}`})`))
     send({
       type: 'plan',
       plan: { port: d.port, peers, layers, blocksPerPeer, blocksPerRequest, blockBytes, transport: options.transport, durationMs, abortRate: options.abortRate ?? 0.1, reconnectRate: options.reconnectRate ?? 0.05, seed } satisfies SoakPlan,
     })
-    const sample = async (): Promise<void> => {
-      const got = new Promise<void>((resolve) => {
-        sampled = resolve
-        setTimeout(resolve, 5_000)
-      })
+    const sample = async (): Promise<SoakSample> => {
       samples = undefined
-      send({ type: 'sample' })
-      await got
+      const got = new Promise<void>((resolve) => (sampled = resolve))
+      send({ type: 'sample', seq: ++seq })
+      await Promise.race([got, sleep(5_000)])
       const s = samples as Extract<PrefillReport, { type: 'sample' }> | undefined
       const sorted = [...(s?.latencies ?? [])].sort((a, b) => a - b)
       const row: SoakSample = {
@@ -251,23 +299,42 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       add(result.errors, row.errors)
       result.samples.push(row)
       options.onSample?.(row)
+      return row
     }
     let over: string | undefined | null = null
-    done.then((e) => (over = e))
+    void done.then((e) => (over = e))
+    // The samples taken while traffic runs are the ones growth is judged on (at the end the prefill has
+    // closed its communicators, and what they leaked is gone with them).
+    const running: SoakSample[] = []
+    const limit = start + durationMs + 2 * REQUEST_DEADLINE_MS + 30_000
     while (over === null) {
-      await Promise.race([done, new Promise((r) => setTimeout(r, intervalMs))])
-      if (over === null) await sample()
+      await Promise.race([done, sleep(intervalMs)])
+      if (over !== null) break
+      running.push(await sample())
+      if (Date.now() > limit) {
+        over = `the run did not end within ${((limit - start) / 1000).toFixed(0)} s`
+        break
+      }
     }
     if (over) result.failures.push(over)
-    await Promise.all(checks)
+    await Promise.race([Promise.all(checks), sleep(2 * REQUEST_DEADLINE_MS).then(() => result.failures.push('a request was still being followed at the end'))])
     await sample()
-    result.failures.push(...growth(result.samples))
+    result.failures.push(...growth(running))
+    for (const request of ends.keys()) result.failures.push(`${request}: its end was not told by both sides`)
     if ((result.requests.complete ?? 0) === 0) result.failures.push('no request completed')
     return result
   } finally {
+    for (const t of timers) clearTimeout(t)
     if (child.connected) child.disconnect()
-    await decode?.close()
-    for (const hb of [...keys, ...values]) hb.free()
+    const gone = new Promise((r) => (child.exitCode !== null || child.signalCode !== null ? r(null) : child.once('exit', r)))
+    const t = setTimeout(() => child.kill('SIGKILL'), 10_000)
+    await gone
+    clearTimeout(t)
+    try {
+      await decode?.close()
+    } finally {
+      for (const hb of [...keys, ...values]) hb.free()
+    }
   }
 }
 
