@@ -531,8 +531,10 @@ export function formatTable(r: BenchResult): string {
     '| block | system | transport | GB/s (median) | p10 | p90 | µs per call | of its ceiling | kvtransfer ÷ this | bytes checked |',
     '|---|---|---|---|---|---|---|---|---|---|',
   ]
+  // Two decimals, or three significant digits below 1 GB/s (Soft-RoCE moves hundredths).
+  const gb = (x: number) => (x >= 1 ? x.toFixed(2) : x.toPrecision(3))
   const line = (size: number, system: string, name: string, g: Spread, us: Spread, of: string, ratio: string, checked: string) =>
-    `| ${size / KIB} KiB | ${system} | ${name} | ${g.median.toFixed(2)} | ${g.p10.toFixed(2)} | ${g.p90.toFixed(2)} | ${us.median.toFixed(0)} | ${of} | ${ratio} | ${checked} |`
+    `| ${size / KIB} KiB | ${system} | ${name} | ${gb(g.median)} | ${gb(g.p10)} | ${gb(g.p90)} | ${us.median.toFixed(0)} | ${of} | ${ratio} | ${checked} |`
   const order = (x: BenchRow) => (x.system === 'kvtransfer' ? '' : x.system)
   for (const size of [...new Set([...r.rows, ...r.ceilings].map((x) => x.blockBytes))].sort((a, b) => a - b)) {
     const at = r.rows.filter((x) => x.blockBytes === size)
