@@ -79,7 +79,7 @@ test.serial('systemInfo reports versions, platform, binary, transports and flags
   t.regex(info.binary, /kvtransfer[.-]linux-/)
   t.deepEqual(info.transports.map((x) => x.name), ['cuda-ipc', 'shm', 'rdma', 'tcp'])
   t.true(info.transports.find((x) => x.name === 'tcp').usable)
-  t.is(info.settings.length, 19)
+  t.is(info.settings.length, 20)
   process.env.KVCACHE_RDMA_GID_INDEX = 'three'
   process.env.KVCACHE_AUTH_TOKEN = 'a secret nobody may read here'
   try {

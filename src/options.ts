@@ -97,6 +97,12 @@ export interface Settings {
    */
   maxPeers?: number
   /**
+   * `KVCACHE_TCP_CONNECTIONS` (default 4, or the CPUs the process may use where fewer; 1–16): the data
+   * connections of a TCP link. A write is split over as many of them as give each piece at least 1 MiB, each
+   * piece sent by a thread of its own; the two sides use the lower of their settings.
+   */
+  tcpConnections?: number
+  /**
    * `KVCACHE_REQUEST_TTL_MS` (default 300 000, 1 000–86 400 000), on a decode: a request that makes no progress
    * for this long (no layer arrives) ends `'expired'` (its `waitFor` rejects with `EXPIRED`, a notification says
    * so), and an ended request is remembered for a late `waitFor` for as long.
@@ -227,6 +233,7 @@ const SETTING_TYPES: Record<keyof Settings, 'number' | 'boolean' | 'string' | 'l
   stallTimeoutMs: 'number',
   confirmTimeoutMs: 'number',
   maxPeers: 'number',
+  tcpConnections: 'number',
   requestTtlMs: 'number',
   instanceId: 'string',
   insecure: 'boolean',

@@ -75,7 +75,7 @@ fn main() {
     for i in 0..REFUSED {
         let mut frame = Vec::new();
         let runs = [kvtransfer::plan::Run { local: 0, remote: 63, count: 2 }];
-        WriteHeader { layer: 0, runs: 1, tensors: 0b11, seq: i as u64, payload_bytes: 2 * 2 * 4096 }.encode_with_runs(&runs, &mut frame);
+        WriteHeader { layer: 0, runs: 1, tensors: 0b11, seq: i as u64, payload_bytes: 2 * 2 * 4096, part: 0, parts: 1 }.encode_with_runs(&runs, &mut frame);
         frame.resize(frame.len() + 2 * 2 * 4096, 0xEE);
         s.write_all(&frame).unwrap();
         assert_ne!(raw_peer::read_ack(&mut s).0, 0, "write {i} was taken");

@@ -1,8 +1,9 @@
-//! How a decode admits the connections a handshake promised: the TCP data connection and the request channel
-//! of a link each present a one-time token (random, from the OS) that the welcome named, with the proof that
-//! the prefill holds `KVCACHE_AUTH_TOKEN` (an HMAC over that token and the handshake's nonces, zeros without a
-//! token). One path for both ports: a token opens one connection, within the time it is given; an unknown, used,
-//! expired or unproven one opens nothing; at most a set number wait at once (past that the oldest goes).
+//! How a decode admits the connections a handshake promised: the TCP data connections and the request channel
+//! of a link each present a token (random, from the OS) that the welcome named, with the proof that the prefill
+//! holds `KVCACHE_AUTH_TOKEN` (an HMAC over that token and the handshake's nonces, zeros without a token). One
+//! path for both ports: a token opens the connections it was handed out for (one request channel; a link's TCP
+//! data connections), within the time it is given; an unknown, used up, expired or unproven one opens nothing;
+//! at most a set number wait at once (past that the oldest goes).
 //!
 //! ```text
 //! connection hello (prefill → decode, once)  magic [u8; 4] | protocol u32 | token u64 | proof [u8; 32]   48 bytes
@@ -12,12 +13,12 @@
 //! use kvtransfer::admission::{Admissions, ConnectionHello, Refused};
 //! use std::time::Duration;
 //! let waiting = Admissions::new(Duration::from_secs(5), 16);
-//! let (token, pushed_out) = waiting.admit("link 1", |_| Some([7; 32]));
+//! let (token, pushed_out) = waiting.admit("link 1", 1, |_| Some([7; 32]));
 //! assert!(pushed_out.is_empty());
 //! let hello = ConnectionHello { magic: *b"KVTN", protocol: 5, token, proof: [7; 32] };
 //! let parsed = ConnectionHello::decode(*b"KVTN", &hello.encode()).unwrap();
 //! assert_eq!(waiting.take(&parsed), Ok("link 1"));
-//! assert!(matches!(waiting.take(&parsed), Err(Refused::Unknown)), "a token opens one connection");
+//! assert!(matches!(waiting.take(&parsed), Err(Refused::Unknown)), "a token for one connection opens one");
 //! ```
 
 use crate::sync::lock;
@@ -99,9 +100,11 @@ struct Waiting<T> {
     value: T,
     at: Instant,
     proof: Option<Tag>,
+    /// Connections it may still open.
+    left: u32,
 }
 
-/// Tokens handed out by handshakes, each waiting for its one connection, with what it admits (`T`).
+/// Tokens handed out by handshakes, each waiting for its connections, with what it admits (`T`).
 pub struct Admissions<T> {
     waiting: Mutex<HashMap<u64, Waiting<T>>>,
     ttl: Duration,
@@ -118,10 +121,10 @@ impl<T> Admissions<T> {
         lock(&self.waiting)
     }
 
-    /// Hands out a token for `value`; `proof(token)` is what its hello must carry (`None`: anything, without
-    /// `KVCACHE_AUTH_TOKEN`). Returns the token, and what was let go to make room: the expired, and past `max`
-    /// the oldest.
-    pub fn admit(&self, value: T, proof: impl FnOnce(u64) -> Option<Tag>) -> (u64, Vec<T>) {
+    /// Hands out a token for `value` that opens `connections` connections (at least one); `proof(token)` is what
+    /// their hellos must carry (`None`: anything, without `KVCACHE_AUTH_TOKEN`). Returns the token, and what was
+    /// let go to make room: the expired, and past `max` the oldest.
+    pub fn admit(&self, value: T, connections: u32, proof: impl FnOnce(u64) -> Option<Tag>) -> (u64, Vec<T>) {
         let mut waiting = self.lock();
         let mut gone = take_expired(&mut waiting, self.ttl);
         if waiting.len() >= self.max {
@@ -134,21 +137,31 @@ impl<T> Admissions<T> {
                 break token;
             }
         };
-        waiting.insert(token, Waiting { value, at: Instant::now(), proof: proof(token) });
+        waiting.insert(token, Waiting { value, at: Instant::now(), proof: proof(token), left: connections.max(1) });
         (token, gone)
     }
 
-    /// Uses up the token of `hello`: what it admits, or why not.
-    pub fn take(&self, hello: &ConnectionHello) -> std::result::Result<T, Refused<T>> {
+    /// Opens one of the connections the token of `hello` was handed out for (the last uses it up): what it
+    /// admits, or why not. An expired or unproven hello lets go of the token's other connections too.
+    pub fn take(&self, hello: &ConnectionHello) -> std::result::Result<T, Refused<T>>
+    where
+        T: Clone,
+    {
         if hello.protocol != PROTOCOL_VERSION {
             return Err(Refused::Version(hello.protocol));
         }
-        let Some(w) = self.lock().remove(&hello.token) else { return Err(Refused::Unknown) };
-        if w.at.elapsed() >= self.ttl {
-            return Err(Refused::Expired(w.value));
+        let mut waiting = self.lock();
+        let Some(w) = waiting.get_mut(&hello.token) else { return Err(Refused::Unknown) };
+        let expired = w.at.elapsed() >= self.ttl;
+        let unproven = w.proof.is_some_and(|expected| !tags_equal(&expected, &hello.proof));
+        if !expired && !unproven && w.left > 1 {
+            w.left -= 1;
+            return Ok(w.value.clone());
         }
-        match w.proof {
-            Some(expected) if !tags_equal(&expected, &hello.proof) => Err(Refused::Unproven(w.value)),
+        let w = waiting.remove(&hello.token).expect("found above");
+        match (expired, unproven) {
+            (true, _) => Err(Refused::Expired(w.value)),
+            (_, true) => Err(Refused::Unproven(w.value)),
             _ => Ok(w.value),
         }
     }
@@ -185,28 +198,42 @@ mod tests {
     #[test]
     fn a_token_opens_one_connection_with_its_proof_within_its_time() {
         let waiting = Admissions::new(Duration::from_millis(200), 8);
-        let (a, _) = waiting.admit(1, |t| Some([t as u8; 32]));
-        let (b, _) = waiting.admit(2, |t| Some([t as u8; 32]));
-        let (c, _) = waiting.admit(3, |_| None);
+        let (a, _) = waiting.admit(1, 1, |t| Some([t as u8; 32]));
+        let (b, _) = waiting.admit(2, 1, |t| Some([t as u8; 32]));
+        let (c, _) = waiting.admit(3, 1, |_| None);
         assert_eq!(waiting.take(&hello(a, [0xEE; 32])), Err(Refused::Unproven(1)), "a token seen on the way, without the proof");
         assert_eq!(waiting.take(&hello(a, [a as u8; 32])), Err(Refused::Unknown), "and it is used up");
         assert_eq!(waiting.take(&ConnectionHello { protocol: PROTOCOL_VERSION - 1, ..hello(b, [b as u8; 32]) }), Err(Refused::Version(PROTOCOL_VERSION - 1)));
         assert_eq!(waiting.take(&hello(b, [b as u8; 32])), Ok(2));
         assert_eq!(waiting.take(&hello(c, [9; 32])), Ok(3), "without a token any proof will do");
-        let (d, _) = waiting.admit(4, |_| None);
+        let (d, _) = waiting.admit(4, 1, |_| None);
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(waiting.take(&hello(d, [0; 32])), Err(Refused::Expired(4)));
-        let (_, _) = waiting.admit(5, |_| None);
+        let (_, _) = waiting.admit(5, 1, |_| None);
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(waiting.expired(), [5]);
     }
 
     #[test]
+    fn a_token_for_several_connections_opens_that_many_and_no_more() {
+        let waiting = Admissions::new(Duration::from_secs(5), 8);
+        let (t, _) = waiting.admit("link", 3, |t| Some([t as u8; 32]));
+        for _ in 0..3 {
+            assert_eq!(waiting.take(&hello(t, [t as u8; 32])), Ok("link"));
+        }
+        assert_eq!(waiting.take(&hello(t, [t as u8; 32])), Err(Refused::Unknown), "used up");
+        let (u, _) = waiting.admit("other", 3, |u| Some([u as u8; 32]));
+        assert_eq!(waiting.take(&hello(u, [u as u8; 32])), Ok("other"));
+        assert_eq!(waiting.take(&hello(u, [0xEE; 32])), Err(Refused::Unproven("other")), "a stranger's hello");
+        assert_eq!(waiting.take(&hello(u, [u as u8; 32])), Err(Refused::Unknown), "lets go of the rest");
+    }
+
+    #[test]
     fn past_its_cap_the_oldest_goes() {
         let waiting = Admissions::new(Duration::from_secs(5), 2);
-        let (first, _) = waiting.admit("a", |_| None);
-        waiting.admit("b", |_| None);
-        let (_, gone) = waiting.admit("c", |_| None);
+        let (first, _) = waiting.admit("a", 1, |_| None);
+        waiting.admit("b", 1, |_| None);
+        let (_, gone) = waiting.admit("c", 1, |_| None);
         assert_eq!(gone, ["a"]);
         assert_eq!(waiting.take(&hello(first, [0; 32])), Err(Refused::Unknown));
     }

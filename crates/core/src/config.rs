@@ -39,6 +39,7 @@ pub enum Setting {
     StallTimeoutMs,
     ConfirmTimeoutMs,
     MaxPeers,
+    TcpConnections,
     RequestTtlMs,
     InstanceId,
     Insecure,
@@ -50,7 +51,7 @@ pub enum Setting {
 
 impl Setting {
     /// Every setting, in documentation order.
-    pub const ALL: [Setting; 23] = [
+    pub const ALL: [Setting; 24] = [
         Setting::GidIndex,
         Setting::RdmaNics,
         Setting::IbTimeout,
@@ -67,6 +68,7 @@ impl Setting {
         Setting::StallTimeoutMs,
         Setting::ConfirmTimeoutMs,
         Setting::MaxPeers,
+        Setting::TcpConnections,
         Setting::RequestTtlMs,
         Setting::InstanceId,
         Setting::Insecure,
@@ -91,6 +93,7 @@ impl Setting {
             Setting::Transport => "KVCACHE_TRANSPORT",
             Setting::AuthToken => "KVCACHE_AUTH_TOKEN",
             Setting::MaxPeers => "KVCACHE_MAX_PEERS",
+            Setting::TcpConnections => "KVCACHE_TCP_CONNECTIONS",
             Setting::RequestTtlMs => "KVCACHE_REQUEST_TTL_MS",
             Setting::InstanceId => "KVCACHE_INSTANCE_ID",
             Setting::Insecure => "KVCACHE_INSECURE",
@@ -121,6 +124,7 @@ impl Setting {
             Setting::StallTimeoutMs => "stallTimeoutMs",
             Setting::ConfirmTimeoutMs => "confirmTimeoutMs",
             Setting::MaxPeers => "maxPeers",
+            Setting::TcpConnections => "tcpConnections",
             Setting::RequestTtlMs => "requestTtlMs",
             Setting::InstanceId => "instanceId",
             Setting::Insecure => "insecure",
@@ -317,6 +321,11 @@ pub struct Config {
     /// request channel, and a TCP data connection or RDMA queue pair), and the most admitted ones waiting to
     /// open; past that a new connection is closed, and the oldest waiting admission is let go.
     pub max_peers: usize,
+    /// `KVCACHE_TCP_CONNECTIONS` (default 4, or the CPUs this process may use where fewer; 1..=16): the data
+    /// connections of a TCP link. A write is split over as many of them as give each piece at least
+    /// [`TCP_STRIPE_BYTES`], each piece sent by a thread of its own; the two sides use the lower of their
+    /// settings.
+    pub tcp_connections: u32,
     /// `KVCACHE_REQUEST_TTL_MS` (default 300 000, 1 000..=86 400 000): a decode gives up a request that made no
     /// progress for this long (it ends `expired`), and remembers an ended one for as long.
     pub request_ttl: Duration,
@@ -342,6 +351,12 @@ pub struct Config {
     /// `insecure` is set. Off for the seed API, which keeps the original's behaviour (with a warning).
     pub refuse_open_listen: bool,
 }
+
+/// The most data connections a TCP link may have (`KVCACHE_TCP_CONNECTIONS`).
+pub const MAX_TCP_CONNECTIONS: u32 = 16;
+/// The least a TCP write sends on each connection it is split over: smaller writes take fewer connections (a
+/// write under twice this takes one).
+pub const TCP_STRIPE_BYTES: u64 = 1 << 20;
 
 /// How long each kind of wait may last (options `connectTimeoutMs`, `stallTimeoutMs`, `confirmTimeoutMs`, each
 /// 10 000 ms by default; `timeoutMs` sets all three).
@@ -416,6 +431,7 @@ impl Default for Config {
             timeouts: Timeouts::all(Duration::from_secs(10)),
             auth_token: None,
             max_peers: 4096,
+            tcp_connections: std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(4),
             request_ttl: Duration::from_secs(300),
             instance_id: None,
             insecure: false,
@@ -507,6 +523,7 @@ impl Config {
             Setting::StallTimeoutMs => self.timeouts.stall = Duration::from_millis(whole(v, 1, 86_400_000)?),
             Setting::ConfirmTimeoutMs => self.timeouts.confirm = Duration::from_millis(whole(v, 1, 86_400_000)?),
             Setting::MaxPeers => self.max_peers = whole(v, 1, 65_536)? as usize,
+            Setting::TcpConnections => self.tcp_connections = whole(v, 1, MAX_TCP_CONNECTIONS as u64)? as u32,
             Setting::Insecure => self.insecure = flag(v)?,
             Setting::ReconnectRetries => self.reconnect.retries = whole(v, 0, 100)? as u32,
             Setting::ReconnectBackoffMs => self.reconnect.backoff = Duration::from_millis(whole(v, 1, 60_000)?),
@@ -663,11 +680,22 @@ mod tests {
             ("KVCACHE_GDRCOPY_FLUSH_ENABLE", "yes please"),
             ("KVCACHE_RDMA_NICS", "mlx5_0,,mlx5_1"),
             ("KVCACHE_TRANSPORT", "carrier-pigeon"),
+            ("KVCACHE_TCP_CONNECTIONS", "0"),
+            ("KVCACHE_TCP_CONNECTIONS", "17"),
+            ("KVCACHE_TCP_CONNECTIONS", "2.5"),
         ] {
             let err = load(&[(var, value)], &[]).unwrap_err();
             assert_eq!(err.code(), crate::ErrorCode::Config);
             assert!(err.message().starts_with(var), "{err}");
         }
+    }
+
+    #[test]
+    fn tcp_connections_are_1_to_16_and_4_by_default_or_the_cpus_where_fewer() {
+        let cpus = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(load(&[], &[]).unwrap().tcp_connections, cpus.min(4));
+        assert_eq!(load(&[("KVCACHE_TCP_CONNECTIONS", "1")], &[]).unwrap().tcp_connections, 1);
+        assert_eq!(load_typed(&[], &[(Setting::TcpConnections, SettingValue::Number(16.0))]).unwrap().tcp_connections, 16);
     }
 
     #[test]

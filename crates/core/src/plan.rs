@@ -270,6 +270,29 @@ pub fn coalesce(local: &[u32], remote: &[u32], runs: &mut Vec<Run>) {
     runs.push(cur);
 }
 
+/// Splits `runs` into `pieces` consecutive pieces of the same number of blocks (the first ones one more where it
+/// does not divide), cutting a run where a piece ends: concatenated, they are `runs`. `out` is reused.
+pub fn split_runs(runs: &[Run], pieces: usize, out: &mut Vec<Vec<Run>>) {
+    let pieces = pieces.max(1);
+    let total: u64 = runs.iter().map(|r| r.count as u64).sum();
+    out.resize_with(pieces, Vec::new);
+    out.iter_mut().for_each(Vec::clear);
+    let mut rest = runs.iter().copied();
+    let mut carried: Option<Run> = None;
+    for (i, piece) in out.iter_mut().enumerate() {
+        let mut want = total / pieces as u64 + u64::from((i as u64) < total % pieces as u64);
+        while want > 0 {
+            let Some(run) = carried.take().or_else(|| rest.next()) else { break };
+            let take = (run.count as u64).min(want) as u32;
+            piece.push(Run { count: take, ..run });
+            if take < run.count {
+                carried = Some(Run { local: run.local + take, remote: run.remote + take, count: run.count - take });
+            }
+            want -= take as u64;
+        }
+    }
+}
+
 /// Checks runs received from a peer against the receiver's own cache: each must lie inside
 /// `[0, block_number)` and no two may overlap, so a write never covers more than the cache once (and never
 /// expands into more ranges than the cache has blocks). `sorted` is scratch space, reused between calls.
@@ -330,6 +353,28 @@ pub fn check_remote_layout(region_bytes: &[Vec<u64>], cache: &CacheLayout, ratio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_runs_cuts_equal_consecutive_pieces() {
+        let runs = [Run { local: 0, remote: 10, count: 5 }, Run { local: 9, remote: 3, count: 2 }];
+        let mut out = vec![];
+        split_runs(&runs, 3, &mut out);
+        assert_eq!(
+            out,
+            [
+                vec![Run { local: 0, remote: 10, count: 3 }],
+                vec![Run { local: 3, remote: 13, count: 2 }],
+                vec![Run { local: 9, remote: 3, count: 2 }],
+            ]
+        );
+        split_runs(&runs, 1, &mut out);
+        assert_eq!(out, [runs.to_vec()]);
+        split_runs(&runs[..1], 4, &mut out);
+        let counts: Vec<u32> = out.iter().map(|p| p.iter().map(|r| r.count).sum()).collect();
+        assert_eq!(counts, [2, 1, 1, 1]);
+        let joined: Vec<u32> = out.iter().flatten().flat_map(|r| (0..r.count).map(move |k| r.remote + k)).collect();
+        assert_eq!(joined, [10, 11, 12, 13, 14], "concatenated, the pieces are the runs");
+    }
 
     fn plan(local: &[u32], remote: &[u32]) -> Result<Vec<Run>> {
         let mut p = BlockPlan::default();

@@ -163,7 +163,7 @@ mod tests {
     #[test]
     fn every_variable_is_reported_and_tcp_is_always_there() {
         let r = SystemReport::gather_from(|_| None);
-        assert_eq!(r.settings.len(), 19);
+        assert_eq!(r.settings.len(), 20);
         assert!(r.settings.iter().any(|s| s.env == "KVCACHE_IB_TIMEOUT"));
         let names: Vec<&str> = r.transports.iter().map(|t| t.name).collect();
         assert_eq!(names, ["cuda-ipc", "shm", "rdma", "tcp"], "every registered transport, fastest first");

@@ -121,7 +121,7 @@ fn thousands_of_refused_writes_leave_the_decode_as_it_was_and_its_log_short() {
         };
         let runs: Vec<kvtransfer::plan::Run> = runs.iter().map(|&(remote, count)| kvtransfer::plan::Run { local: 0, remote, count }).collect();
         let mut frame = vec![];
-        WriteHeader { layer, runs: runs.len() as u32, tensors: 0b11, seq: i as u64, payload_bytes: payload }.encode_with_runs(&runs, &mut frame);
+        WriteHeader { layer, runs: runs.len() as u32, tensors: 0b11, seq: i as u64, payload_bytes: payload, part: 0, parts: 1 }.encode_with_runs(&runs, &mut frame);
         frame.resize(frame.len() + payload as usize, 0xEE);
         s.write_all(&frame).unwrap();
         let (status, reason) = raw_peer::read_ack(&mut s);

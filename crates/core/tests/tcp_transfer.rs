@@ -16,8 +16,14 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+/// TCP only, 5 s timeouts, four data connections a link (the default on a machine of four CPUs or more).
 fn tcp() -> Config {
-    Config { transport: TransportChoice::Only(TransportKind::Tcp), timeouts: kvtransfer::Timeouts::all(Duration::from_secs(5)), ..Config::default() }
+    Config {
+        transport: TransportChoice::Only(TransportKind::Tcp),
+        timeouts: kvtransfer::Timeouts::all(Duration::from_secs(5)),
+        tcp_connections: 4,
+        ..Config::default()
+    }
 }
 
 fn decode(cache: CacheSpec) -> Communicator {
@@ -289,7 +295,7 @@ fn forged_writes_are_refused_by_the_decode_side() {
     let send = |s: &mut TcpStream, layer: u32, runs: &[(u32, u32)], payload: u64| {
         let runs: Vec<kvtransfer::plan::Run> = runs.iter().map(|&(remote, count)| kvtransfer::plan::Run { local: 0, remote, count }).collect();
         let mut buf = vec![];
-        WriteHeader { layer, runs: runs.len() as u32, tensors: 0b11, seq: 1, payload_bytes: payload }.encode_with_runs(&runs, &mut buf);
+        WriteHeader { layer, runs: runs.len() as u32, tensors: 0b11, seq: 1, payload_bytes: payload, part: 0, parts: 1 }.encode_with_runs(&runs, &mut buf);
         buf.extend(std::iter::repeat_n(0xEEu8, payload as usize));
         s.write_all(&buf).unwrap();
     };
@@ -344,7 +350,7 @@ fn garbage_on_the_wire_does_not_hurt_the_decode_side() {
     // An absurd payload on a refused write also ends the connection rather than being drained.
     let mut s = data_connection(d.port(), 1, 64);
     let mut hdr = vec![];
-    WriteHeader { layer: 9, runs: 0, tensors: 0b11, seq: 1, payload_bytes: u64::MAX }.encode_with_runs(&[], &mut hdr);
+    WriteHeader { layer: 9, runs: 0, tensors: 0b11, seq: 1, payload_bytes: u64::MAX, part: 0, parts: 1 }.encode_with_runs(&[], &mut hdr);
     s.write_all(&hdr).unwrap();
     assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
     assert!(dst.snapshot() == before);
@@ -380,7 +386,7 @@ fn a_write_trickled_a_byte_at_a_time_is_given_up_after_its_deadline() {
     let (mut s, _channel) = raw_peer::link(d.port(), 2, 64);
     let runs = [kvtransfer::plan::Run { local: 0, remote: 3, count: 1 }];
     let mut header = vec![];
-    WriteHeader { layer: 0, runs: 1, tensors: 0b11, seq: 1, payload_bytes: 2 * 64 }.encode_with_runs(&runs, &mut header);
+    WriteHeader { layer: 0, runs: 1, tensors: 0b11, seq: 1, payload_bytes: 2 * 64, part: 0, parts: 1 }.encode_with_runs(&runs, &mut header);
     s.write_all(&header).unwrap();
     // One byte every 300 ms: each read comes well within the timeout, the write never within its deadline.
     let mut trickle = s.try_clone().unwrap();
@@ -411,7 +417,7 @@ fn a_notification_of_blocks_the_link_did_not_deliver_cuts_it_off() {
     // Block 3 of layer 0 arrives, and is notified: accepted.
     let mut buf = vec![];
     let runs = [kvtransfer::plan::Run { local: 0, remote: 3, count: 1 }];
-    WriteHeader { layer: 0, runs: 1, tensors: 0b11, seq: 1, payload_bytes: 2 * 64 }.encode_with_runs(&runs, &mut buf);
+    WriteHeader { layer: 0, runs: 1, tensors: 0b11, seq: 1, payload_bytes: 2 * 64, part: 0, parts: 1 }.encode_with_runs(&runs, &mut buf);
     buf.extend([0xAB; 2 * 64]);
     data.write_all(&buf).unwrap();
     assert_eq!(read_ack(&mut data).0, 0);
@@ -425,4 +431,96 @@ fn a_notification_of_blocks_the_link_did_not_deliver_cuts_it_off() {
     assert!(matches!(data.read(&mut byte), Ok(0) | Err(_)), "the link was not cut off");
     let err = d.wait_for(&r, None, Duration::from_secs(5)).unwrap_err();
     assert_eq!(err.code(), ErrorCode::Transport, "{err}");
+}
+
+#[test]
+fn a_large_write_goes_in_pieces_over_the_links_connections_and_its_notification_is_believed() {
+    use kvtransfer::channel::RequestId;
+    use kvtransfer::config::{LogHook, LogRecord};
+    // 32 blocks of 256 KiB a tensor: a call of all of them is 16 MiB, in four pieces (one a connection).
+    let src = Cache::new(2, 2, 32, 256 << 10, 110);
+    let dst = Cache::new(2, 2, 40, 256 << 10, 111);
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let l = lines.clone();
+    let hook = LogHook(std::sync::Arc::new(move |r: &LogRecord| l.lock().unwrap().push(r.message.clone())));
+    let spec = CommunicatorSpec { role: Role::Decode, gpu_idx: 0, port: 0, cache: common::layout(dst.spec()), tp_size: 1, tp_idx: 0 };
+    let d = Communicator::new(spec, Config { debug: true, log_hook: Some(hook), ..tcp() }).unwrap();
+    let p = prefill(src.spec(), 1, 0);
+    p.connect("127.0.0.1", d.port(), 1).unwrap();
+    let local: Vec<u32> = (0..32).rev().collect();
+    let remote: Vec<u32> = (0..32).map(|i| 39 - i).collect();
+    let r = RequestId::new("pieces").unwrap();
+    for layer in 0..2 {
+        p.write_request("127.0.0.1", d.port(), &local, &remote, layer, Some(&r)).unwrap();
+    }
+    // Its notifications name every block of the call: the decode believes them only once every piece is in.
+    d.wait_for(&r, Some(vec![0, 1]), Duration::from_secs(5)).unwrap();
+    let opened = lines.lock().unwrap().iter().filter(|m| m.starts_with("data path open")).count();
+    assert_eq!(opened, 4, "the link opens KVCACHE_TCP_CONNECTIONS data connections");
+    for layer in 0..2 {
+        for t in 0..2 {
+            for (l, r) in local.iter().zip(&remote) {
+                assert!(dst.block(t, layer, *r) == src.block(t, layer, *l), "tensor {t} layer {layer} block {l}->{r}");
+            }
+        }
+    }
+    let pieces: Vec<String> = lines.lock().unwrap().iter().filter(|m| m.contains(" piece ")).cloned().collect();
+    for k in 1..=4 {
+        assert_eq!(pieces.iter().filter(|m| m.contains(&format!("piece {k} of 4"))).count(), 2, "{pieces:?}");
+    }
+    // A small call goes whole over one connection.
+    p.write_cache("127.0.0.1", d.port(), &[1], &[2], 0).unwrap();
+    assert!(dst.block(0, 0, 2) == src.block(0, 0, 1));
+    assert_eq!(lines.lock().unwrap().iter().filter(|m| m.contains(" piece ")).count(), 8);
+}
+
+#[test]
+fn a_split_write_counts_only_once_every_piece_has_arrived() {
+    use kvtransfer::channel::{Frame, RequestId};
+    use kvtransfer::plan::Run;
+    let dst = Cache::new(2, 2, 8, 64, 112);
+    let d = decode(dst.spec());
+    let mut hello = common::hello(2, 64);
+    hello.offers[0].details = serde_json::json!({ "connections": 2 });
+    let welcome = raw_peer::handshake_hello(d.port(), &hello);
+    assert_eq!(welcome.details["connections"], 2, "the lower of both sides' settings");
+    let (mut a, mut b) = (raw_peer::open_data(&welcome), raw_peer::open_data(&welcome));
+    let third = raw_peer::try_open_data(&welcome);
+    assert!(third.is_err(), "a session opens the connections it was admitted for, and no more");
+    let obey = std::sync::Arc::new(|_: &kvtransfer::channel::Directive| {});
+    let (mut channel, _) = kvtransfer::channel::ChannelClient::connect(
+        "127.0.0.1",
+        welcome.channel_port,
+        welcome.channel_token,
+        [0; 32],
+        std::time::Instant::now() + Duration::from_secs(5),
+        Duration::from_secs(5),
+        obey,
+        Box::new(|_| {}),
+    )
+    .unwrap();
+    let piece = |s: &mut TcpStream, layer: u32, seq: u64, part: u8, remote: u32, fill: u8| {
+        let mut buf = vec![];
+        let runs = [Run { local: 0, remote, count: 1 }];
+        WriteHeader { layer, runs: 1, tensors: 0b11, part, parts: 2, seq, payload_bytes: 2 * 64 }.encode_with_runs(&runs, &mut buf);
+        buf.extend([fill; 2 * 64]);
+        s.write_all(&buf).unwrap();
+        assert_eq!(read_ack(s).0, 0);
+    };
+    // Blocks 3 and 5 of layer 0, one piece on each connection: the notification naming both is believed.
+    piece(&mut a, 0, 1, 0, 3, 0xA1);
+    piece(&mut b, 0, 1, 1, 5, 0xA2);
+    let r = RequestId::new("split").unwrap();
+    channel.send_direct(&Frame::Start { request: r.clone() }).unwrap();
+    channel.send_direct(&Frame::Done { request: r.clone(), layer: 0, mark: 1, blocks: vec![3, 5] }).unwrap();
+    d.wait_for(&r, Some(vec![0]), Duration::from_secs(5)).unwrap();
+    assert_eq!(dst.block(1, 0, 5), &[0xA2; 64][..]);
+    // Layer 1: only the first piece arrives; a notification of the whole write is a lie, and cuts the link off.
+    piece(&mut a, 1, 2, 0, 4, 0xB1);
+    channel.send_direct(&Frame::Done { request: r.clone(), layer: 1, mark: 2, blocks: vec![4, 6] }).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(matches!(b.read(&mut byte), Ok(0) | Err(_)), "the link was not cut off");
+    assert!(matches!(a.read(&mut byte), Ok(0) | Err(_)), "every connection of the link is cut off");
+    assert_eq!(d.wait_for(&r, None, Duration::from_secs(5)).unwrap_err().code(), ErrorCode::Transport);
 }

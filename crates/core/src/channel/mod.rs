@@ -151,7 +151,7 @@ impl ChannelServer {
     /// (given `proof`, which turns the token into what the hello must carry) the proof it must carry. Tokens that
     /// expired unused are dropped, and their links handed to [`Events::closed`] (cut off).
     pub fn admit(&self, peer: PeerInfo, proof: impl FnOnce(u64) -> Option<[u8; 32]>) -> u64 {
-        let (token, gone) = self.shared.pending.admit(peer, proof);
+        let (token, gone) = self.shared.pending.admit(peer, 1, proof);
         let_go(&self.shared, gone);
         token
     }

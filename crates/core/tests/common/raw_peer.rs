@@ -14,11 +14,15 @@ use std::time::Duration;
 
 /// The decode's welcome to a TCP prefill of `layers` layers of `block_bytes` blocks (without a token).
 pub fn handshake(port: u16, layers: u32, block_bytes: u64) -> Welcome {
-    let hello = crate::common::hello(layers, block_bytes);
+    handshake_hello(port, &crate::common::hello(layers, block_bytes))
+}
+
+/// The decode's welcome to `hello` (without a token).
+pub fn handshake_hello(port: u16, hello: &Hello) -> Welcome {
     let mut c = control::ControlClient::connect("127.0.0.1", port, Duration::from_secs(5)).unwrap();
     let greeting = wire::encode(&Request::Greeting { protocol: PROTOCOL_VERSION, nonce: [1; 16] });
     assert!(matches!(wire::decode_reply(&c.ask(&greeting).unwrap()).unwrap(), Reply::Challenge { proof: None, .. }));
-    let hello = Request::Hello { hello: String::from_utf8(wire::encode(&hello)).unwrap(), mac: None };
+    let hello = Request::Hello { hello: String::from_utf8(wire::encode(hello)).unwrap(), mac: None };
     let Reply::Welcome { welcome, .. } = wire::decode_reply(&c.ask(&wire::encode(&hello)).unwrap()).unwrap() else { panic!("no welcome") };
     wire::decode_welcome(welcome.as_bytes()).unwrap()
 }
@@ -76,13 +80,19 @@ pub fn link(port: u16, layers: u32, block_bytes: u64) -> (TcpStream, ChannelClie
     (data, channel)
 }
 
-fn open_data(welcome: &Welcome) -> TcpStream {
+/// Opens a data connection of the session `welcome` admits.
+pub fn open_data(welcome: &Welcome) -> TcpStream {
+    try_open_data(welcome).unwrap()
+}
+
+/// Opens a data connection of the session `welcome` admits, or says how the decode refused it.
+pub fn try_open_data(welcome: &Welcome) -> kvtransfer::Result<TcpStream> {
     let mut s = TcpStream::connect(("127.0.0.1", welcome.details["port"].as_u64().unwrap() as u16)).unwrap();
     s.write_all(&ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token: welcome.session, proof: [0; 32] }.encode()).unwrap();
     let mut ack = [0u8; frame::HELLO_ACK_LEN];
-    s.read_exact(&mut ack).unwrap();
-    frame::decode_hello_ack(&ack).unwrap();
-    s
+    s.read_exact(&mut ack).map_err(|e| kvtransfer::Error::new(kvtransfer::ErrorCode::Transport, e.to_string()))?;
+    frame::decode_hello_ack(&ack)?;
+    Ok(s)
 }
 
 /// The next ack on a data connection: its status and reason.

@@ -3,15 +3,24 @@
 //! ```text
 //! data hello  (prefill → decode, once)  a connection hello for "KVTD" ([`crate::admission`]) 48 bytes
 //! hello ack   (decode → prefill, once)  magic "KVTK" | status u32                         8 bytes
-//! write       (prefill → decode)        magic "KVTW" | layer u32 | runs u32 | tensors u8 | 3 pad
-//!                                       | seq u64 | payload bytes u64                     32 bytes
+//! write       (prefill → decode)        magic "KVTW" | layer u32 | runs u32 | tensors u8 | part u8
+//!                                       | parts u8 | 1 pad | seq u64 | payload bytes u64   32 bytes
 //!                                       then runs × (remote start u32 | count u32), then the payload:
 //!                                       for each tensor in mask order, for each run, its blocks' bytes
+//! ```
+//!
+//! A call's write goes whole over one of the link's connections (`part` 0 of `parts` 1), or split into
+//! `parts` consecutive pieces of its block list, piece `part` over connection `part`, all with the call's `seq`:
+//! each piece is a write of its own (checked, received and acked alone), and the call has arrived once every
+//! piece has.
+//!
+//! ```text
 //! ack         (decode → prefill)        magic "KVTA" | status u32 | seq u64 | reason len u32 | 4 pad
 //!                                       then the reason (UTF-8)                           24 bytes + reason
 //! ```
 
 use crate::codec::{put_u32, put_u64, u32_at, u64_at};
+use crate::config::MAX_TCP_CONNECTIONS;
 use crate::error::{Error, ErrorCode, Result};
 use crate::plan::Run;
 
@@ -61,6 +70,9 @@ pub struct WriteHeader {
     pub layer: u32,
     pub runs: u32,
     pub tensors: u8,
+    /// Which piece of its call this write is, of how many (0 of 1: the whole call).
+    pub part: u8,
+    pub parts: u8,
     pub seq: u64,
     pub payload_bytes: u64,
 }
@@ -73,7 +85,7 @@ impl WriteHeader {
         put_u32(out, WRITE_MAGIC);
         put_u32(out, self.layer);
         put_u32(out, self.runs);
-        out.extend_from_slice(&[self.tensors, 0, 0, 0]);
+        out.extend_from_slice(&[self.tensors, self.part, self.parts, 0]);
         put_u64(out, self.seq);
         put_u64(out, self.payload_bytes);
         for r in runs {
@@ -91,11 +103,16 @@ impl WriteHeader {
             layer: u32_at(b, 4),
             runs: u32_at(b, 8),
             tensors: b[12],
+            part: b[13],
+            parts: b[14],
             seq: u64_at(b, 16),
             payload_bytes: u64_at(b, 24),
         };
         if h.runs > MAX_RUNS {
             return Err(Error::protocol(format!("a write claims {} runs (at most {MAX_RUNS})", h.runs)));
+        }
+        if h.parts == 0 || h.part >= h.parts || h.parts as u32 > MAX_TCP_CONNECTIONS {
+            return Err(Error::protocol(format!("a write claims to be piece {} of {} (at most {MAX_TCP_CONNECTIONS} pieces)", h.part, h.parts)));
         }
         Ok(h)
     }
@@ -146,7 +163,7 @@ mod tests {
 
     #[test]
     fn write_header_round_trips() {
-        let h = WriteHeader { layer: 3, runs: 2, tensors: 0b11, seq: 77, payload_bytes: 4096 };
+        let h = WriteHeader { layer: 3, runs: 2, tensors: 0b11, part: 2, parts: 3, seq: 77, payload_bytes: 4096 };
         let runs = [Run { local: 9, remote: 1, count: 2 }, Run { local: 0, remote: 7, count: 1 }];
         let mut buf = vec![];
         h.encode_with_runs(&runs, &mut buf);
@@ -161,9 +178,14 @@ mod tests {
     fn garbage_is_refused() {
         assert!(WriteHeader::decode(&[0xAB; WRITE_HEADER_LEN]).is_err());
         let mut buf = vec![];
-        WriteHeader { layer: 0, runs: MAX_RUNS + 1, tensors: 1, seq: 0, payload_bytes: 0 }.encode_with_runs(&[], &mut buf);
+        WriteHeader { layer: 0, runs: MAX_RUNS + 1, tensors: 1, seq: 0, payload_bytes: 0, part: 0, parts: 1 }.encode_with_runs(&[], &mut buf);
         let err = WriteHeader::decode(buf[..WRITE_HEADER_LEN].try_into().unwrap()).unwrap_err();
         assert!(err.message().contains("runs"));
+        for (part, parts) in [(0, 0), (2, 2), (0, MAX_TCP_CONNECTIONS as u8 + 1)] {
+            WriteHeader { layer: 0, runs: 1, tensors: 1, part, parts, seq: 0, payload_bytes: 0 }.encode_with_runs(&[], &mut buf);
+            let err = WriteHeader::decode(buf[..WRITE_HEADER_LEN].try_into().unwrap()).unwrap_err();
+            assert!(err.message().contains("piece"), "{part} of {parts}: {err}");
+        }
         assert!(decode_hello_ack(&[2; HELLO_ACK_LEN]).is_err());
         assert!(Ack::decode_fixed(&[3; ACK_LEN]).is_err());
     }

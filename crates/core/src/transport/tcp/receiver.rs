@@ -1,5 +1,5 @@
-//! The decode side of the TCP data path: a listener and one thread per prefill connection, receiving each
-//! write straight into the cache after checking it against the cache's own geometry.
+//! The decode side of the TCP data path: a listener and one thread per prefill connection (a link has one or
+//! several), receiving each write straight into the cache after checking it against the cache's own geometry.
 
 use crate::config::Timeouts;
 use super::frame::{self, Ack, WriteHeader};
@@ -19,7 +19,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,19 +39,64 @@ struct Shared {
     log: Arc<Logger>,
     timeouts: Timeouts,
     stop: AtomicBool,
-    /// Sessions admitted by the handshake: each may open one data connection within the connect timeout.
+    /// Sessions admitted by the handshake: each may open its data connections within the connect timeout.
     pending: Admissions<Session>,
-    /// The data connection of each session that has one, until its thread ends.
-    open: Mutex<HashMap<u64, TcpStream>>,
+    /// The data connections of each session that has one (by a number of their own), until their threads end.
+    open: Mutex<HashMap<u64, Vec<(u64, TcpStream)>>>,
+    /// Numbers the connections in `open`.
+    next_connection: AtomicU64,
     ended: Condvar,
     /// What each session's latest writes delivered, for [`TcpReceiver::delivered`], until the session is cut off.
-    delivered: Mutex<HashMap<u64, VecDeque<u64>>>,
+    delivered: Mutex<HashMap<u64, Delivered>>,
+    /// The most data connections a session may open.
+    connections: u32,
     /// Keys the digests of what was delivered (a peer cannot aim a digest it does not know the key of).
     digest_key: RandomState,
 }
 
 /// Writes remembered per session for the `Done`s that name them (those that carry no request never do).
 const DELIVERED_KEPT: usize = 4096;
+
+/// What one session's writes delivered.
+#[derive(Default)]
+struct Delivered {
+    /// The digests of its latest whole writes, oldest first.
+    writes: VecDeque<u64>,
+    /// The pieces of a split write that have arrived, until the last does.
+    assembling: Option<Assembly>,
+}
+
+/// The pieces of one split write (`seq`) received so far: each one's block ids, in its order.
+struct Assembly {
+    seq: u64,
+    layer: u32,
+    pieces: Vec<Option<Vec<u32>>>,
+}
+
+impl Delivered {
+    /// Records a piece; returns the whole write's block ids once its last piece is in. A piece of another write
+    /// starts over (a link sends the next write only once every piece of the last was acked).
+    fn add_piece(&mut self, header: &WriteHeader, blocks: Vec<u32>) -> Option<Vec<u32>> {
+        let same = |a: &Assembly| a.seq == header.seq && a.layer == header.layer && a.pieces.len() == header.parts as usize;
+        if !self.assembling.as_ref().is_some_and(same) {
+            self.assembling = Some(Assembly { seq: header.seq, layer: header.layer, pieces: vec![None; header.parts as usize] });
+        }
+        let assembly = self.assembling.as_mut().expect("set above");
+        assembly.pieces[header.part as usize] = Some(blocks);
+        if assembly.pieces.iter().any(Option::is_none) {
+            return None;
+        }
+        let pieces = self.assembling.take().expect("set above").pieces;
+        Some(pieces.into_iter().flatten().flatten().collect())
+    }
+
+    fn push(&mut self, digest: u64) {
+        if self.writes.len() == DELIVERED_KEPT {
+            self.writes.pop_front();
+        }
+        self.writes.push_back(digest);
+    }
+}
 
 /// Bytes a second a write's payload must at least move: a write gets the stall timeout plus its size at this rate in all,
 /// so that one trickled a byte at a time cannot hold its connection's thread for ever.
@@ -74,22 +119,32 @@ pub struct TcpReceiver {
 }
 
 impl TcpReceiver {
-    /// Listens on `ips` (one ephemeral port) and receives into `cache`, over at most `max_connections` data
-    /// connections at once (more are closed at once).
-    pub fn start(ips: &[IpAddr], cache: Arc<CacheLayout>, log: Arc<Logger>, timeouts: Timeouts, max_connections: usize) -> Result<TcpReceiver> {
+    /// Listens on `ips` (one ephemeral port) and receives into `cache`, from at most `max_sessions` sessions of
+    /// at most `connections` data connections each at once (more are closed at once).
+    pub fn start(
+        ips: &[IpAddr],
+        cache: Arc<CacheLayout>,
+        log: Arc<Logger>,
+        timeouts: Timeouts,
+        max_sessions: usize,
+        connections: u32,
+    ) -> Result<TcpReceiver> {
         let shared = Arc::new(Shared {
             cache,
             log: log.clone(),
             timeouts,
             stop: AtomicBool::new(false),
-            pending: Admissions::new(timeouts.connect, max_connections),
+            pending: Admissions::new(timeouts.connect, max_sessions),
             open: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(0),
             ended: Condvar::new(),
             delivered: Mutex::new(HashMap::new()),
             digest_key: RandomState::new(),
+            connections,
         });
         let s = shared.clone();
-        let listener = Listener::start(ips, 0, None, "data connection", HelloShape::Fixed(admission::HELLO_LEN), Stage::Served, max_connections, timeouts.connect, log, move |stream, hello| {
+        let most = max_sessions.saturating_mul(connections as usize);
+        let listener = Listener::start(ips, 0, None, "data connection", HelloShape::Fixed(admission::HELLO_LEN), Stage::Served, most, timeouts.connect, log, move |stream, hello| {
             serve_connection(stream, hello, &s)
         })?;
         Ok(TcpReceiver { listener, shared })
@@ -100,20 +155,26 @@ impl TcpReceiver {
         self.listener.port()
     }
 
-    /// Registers a session agreed by the handshake; its data connection presents the returned token, with the
-    /// proof `proof(token)` gives (any, where it gives `None`). Sessions whose connection never came are let go
-    /// (their links are cut off by their request channel's expiry).
-    pub fn admit(&self, session: Session, proof: impl FnOnce(u64) -> Option<Tag>) -> u64 {
-        self.shared.pending.admit(session, proof).0
+    /// The most data connections a session may open.
+    pub fn connections(&self) -> u32 {
+        self.shared.connections
     }
 
-    /// Whether `session`'s data connection delivered a write of exactly `blocks` of `layer` (in that order)
-    /// that no earlier call named: the evidence a `Done` of it must have. Writes before the one found are
-    /// forgotten (a link's `Done`s come in the order of its writes).
+    /// Registers a session agreed by the handshake, with `connections` data connections (at most
+    /// [`TcpReceiver::connections`]); each presents the returned token, with the proof `proof(token)` gives (any,
+    /// where it gives `None`). Sessions whose connections never came are let go (their links are cut off by
+    /// their request channel's expiry).
+    pub fn admit(&self, session: Session, connections: u32, proof: impl FnOnce(u64) -> Option<Tag>) -> u64 {
+        self.shared.pending.admit(session, connections.clamp(1, self.shared.connections), proof).0
+    }
+
+    /// Whether `session`'s data connections delivered a write of exactly `blocks` of `layer` (in that order;
+    /// every piece of a split one) that no earlier call named: the evidence a `Done` of it must have. Writes
+    /// before the one found are forgotten (a link's `Done`s come in the order of its writes).
     pub fn delivered(&self, session: u64, layer: u32, blocks: &[u32]) -> bool {
         let wanted = digest(&self.shared.digest_key, layer, blocks.iter().copied());
         let mut delivered = self.shared.delivered.lock().unwrap();
-        let Some(writes) = delivered.get_mut(&session) else { return false };
+        let Some(writes) = delivered.get_mut(&session).map(|d| &mut d.writes) else { return false };
         match writes.iter().position(|&d| d == wanted) {
             Some(i) => {
                 writes.drain(..=i);
@@ -123,12 +184,12 @@ impl TcpReceiver {
         }
     }
 
-    /// Ends `session`: its token no longer opens a connection, and its connection is shut down. Returns whether
-    /// its thread has stopped receiving (it waits up to the timeout for that).
+    /// Ends `session`: its token no longer opens a connection, and its connections are shut down. Returns
+    /// whether their threads have stopped receiving (it waits up to the timeout for that).
     pub fn cut_off(&self, session: u64) -> bool {
         let mut open = self.shared.open.lock().unwrap();
         self.shared.pending.withdraw(session);
-        if let Some(stream) = open.get(&session) {
+        for (_, stream) in open.get(&session).into_iter().flatten() {
             let _ = stream.shutdown(Shutdown::Both);
         }
         let deadline = Instant::now() + self.shared.timeouts.confirm;
@@ -161,7 +222,7 @@ impl Drop for TcpReceiver {
 
 fn serve_connection(mut stream: TcpStream, hello: Hello, shared: &Shared) {
     let peer = hello.origin.to_string();
-    let (token, session) = match greet(&mut stream, &hello.bytes, shared) {
+    let (token, number, session) = match greet(&mut stream, &hello.bytes, shared) {
         Ok(admitted) => admitted,
         Err(e) => {
             if !shared.stop.load(Ordering::Acquire) {
@@ -172,7 +233,19 @@ fn serve_connection(mut stream: TcpStream, hello: Hello, shared: &Shared) {
         }
     };
     serve_session(stream, shared, token, session, &peer);
-    shared.open.lock().unwrap().remove(&token);
+    forget_connection(shared, token, number);
+}
+
+/// Takes connection `number` of session `token` out of `open` (the session with its last one).
+fn forget_connection(shared: &Shared, token: u64, number: u64) {
+    let mut open = shared.open.lock().unwrap();
+    if let Some(streams) = open.get_mut(&token) {
+        streams.retain(|(n, _)| *n != number);
+        if streams.is_empty() {
+            open.remove(&token);
+        }
+    }
+    drop(open);
     shared.ended.notify_all();
 }
 
@@ -214,8 +287,9 @@ fn serve_session(stream: TcpStream, shared: &Shared, token: u64, session: Sessio
     let _ = conn.stream.shutdown(Shutdown::Both);
 }
 
-/// Reads the data hello and answers it; the session it names is consumed.
-fn greet(stream: &mut TcpStream, hello: &[u8], shared: &Shared) -> Result<(u64, Session)> {
+/// Reads the data hello and answers it, opening one of the connections of the session it names: returns the
+/// session's token, the connection's number in `open`, and the session.
+fn greet(stream: &mut TcpStream, hello: &[u8], shared: &Shared) -> Result<(u64, u64, Session)> {
     let setup = |e| Error::io("configuring the data socket", e);
     stream.set_nodelay(true).map_err(setup)?;
     stream.set_write_timeout(Some(shared.timeouts.stall)).map_err(setup)?;
@@ -225,20 +299,20 @@ fn greet(stream: &mut TcpStream, hello: &[u8], shared: &Shared) -> Result<(u64, 
     let handle = stream.try_clone().map_err(setup)?;
     // Moved from pending to open under the lock `cut_off` takes first: a session is one or the other, never
     // neither while its connection may still receive.
+    let number = shared.next_connection.fetch_add(1, Ordering::Relaxed);
     let session = {
         let mut open = shared.open.lock().unwrap();
-        let session = shared.pending.take(&hello).map(|s| (hello.token, s));
+        let session = shared.pending.take(&hello).map(|s| (hello.token, number, s));
         if session.is_ok() {
-            open.insert(hello.token, handle);
+            open.entry(hello.token).or_default().push((number, handle));
         }
         session
     };
     let session = session.map_err(|refused| refused.into_parts("data connection").0);
     let status = session.as_ref().map_or_else(|e| e.code().to_wire(), |_| 0);
     if let Err(e) = stream.write_all(&frame::encode_hello_ack(status)) {
-        if let Ok((token, _)) = &session {
-            shared.open.lock().unwrap().remove(token);
-            shared.ended.notify_all();
+        if let Ok((token, number, _)) = &session {
+            forget_connection(shared, *token, *number);
         }
         return Err(Error::io("answering the data hello", e));
     }
@@ -285,7 +359,7 @@ impl Connection<'_> {
         let ack = match self.check(&header) {
             Ok(()) => {
                 self.receive(&header, deadline)?;
-                self.remember(header.layer);
+                self.remember(&header);
                 Ack { status: 0, seq: header.seq, reason: String::new() }
             }
             Err(refusal) => {
@@ -301,21 +375,27 @@ impl Connection<'_> {
         Ok(true)
     }
 
-    /// Records that the write just received (its runs) delivered its blocks of `layer`.
-    fn remember(&self, layer: u32) {
-        let blocks = self.runs.iter().flat_map(|r| (0..r.count).map(move |i| r.remote + i));
-        let d = digest(&self.shared.digest_key, layer, blocks);
+    /// Records that the write just received (its runs) delivered its blocks, once the whole write has (every
+    /// piece of a split one).
+    fn remember(&self, header: &WriteHeader) {
+        let mut blocks = self.runs.iter().flat_map(|r| (0..r.count).map(move |i| r.remote + i));
         // Only while its session is open (not after a cut-off that forgot it). Locks in `cut_off`'s order.
         let open = self.shared.open.lock().unwrap();
         if !open.contains_key(&self.token) {
             return;
         }
         let mut delivered = self.shared.delivered.lock().unwrap();
-        let writes = delivered.entry(self.token).or_default();
-        if writes.len() == DELIVERED_KEPT {
-            writes.pop_front();
-        }
-        writes.push_back(d);
+        let session = delivered.entry(self.token).or_default();
+        let key = &self.shared.digest_key;
+        let d = if header.parts == 1 {
+            digest(key, header.layer, &mut blocks)
+        } else {
+            match session.add_piece(header, blocks.collect()) {
+                Some(all) => digest(key, header.layer, all.into_iter()),
+                None => return,
+            }
+        };
+        session.push(d);
     }
 
     /// Waits for the next header; idle time between writes is not a stall.
@@ -396,8 +476,9 @@ impl Connection<'_> {
 
     fn log_received(&self, header: &WriteHeader) -> Result<()> {
         if self.shared.log.debug_enabled() {
+            let piece = if header.parts > 1 { format!(" piece {} of {}", header.part + 1, header.parts) } else { String::new() };
             self.shared.log.debug(format!(
-                "received layer {} ({} runs, {} bytes) from {}",
+                "received layer {}{piece} ({} runs, {} bytes) from {}",
                 header.layer,
                 self.runs.len(),
                 header.payload_bytes,
