@@ -44,6 +44,9 @@ commands:
     --peers n          prefill communicators (default 4)    --interval t   between lines (default 10s)
     --transport t      tcp, shm, rdma (default: the automatic choice)
     --seed n           the run's choices (default: from the clock; printed)   --json   the result at the end
+    --chaos t          about this often, kill the prefill process (a new one takes its place) or stop it for up
+                       to 2 s, at a random moment of its requests; a killed one's requests must each end at the
+                       decode, and the next process's complete (default: off; e.g. 1s)
 
 options:
   -h, --help      this text
@@ -126,7 +129,7 @@ async function load<T>(importer: () => Promise<T>): Promise<T | undefined> {
   }
 }
 
-const SOAK_OPTIONS = ['duration', 'interval', 'transport', 'seed']
+const SOAK_OPTIONS = ['duration', 'interval', 'transport', 'seed', 'chaos']
 
 /** `90s`, `10m`, `500ms`, `1h` (a bare number is seconds), in milliseconds. */
 function duration(name: string, text: string | undefined): number | undefined {
@@ -150,7 +153,9 @@ async function soak(values: Record<string, string | boolean | undefined>): Promi
       peers: count('peers', values.peers as string | undefined, 1),
       seed: count('seed', values.seed as string | undefined, 0),
       transport: transport as 'tcp' | undefined,
+      chaosMs: duration('chaos', values.chaos as string | undefined),
     }
+    if (options.chaosMs !== undefined && options.chaosMs < 100) throw new Error('--chaos must be at least 100ms')
     if ((options.peers ?? 0) > 64) throw new Error('--peers must be at most 64')
     if ((options.intervalMs ?? 10_000) * 2 > (options.durationMs ?? 60_000)) throw new Error('--interval must be at most half of --duration (growth is judged between samples taken while traffic runs)')
   } catch (err) {
@@ -169,6 +174,11 @@ async function soak(values: Record<string, string | boolean | undefined>): Promi
     const peak = (side: 'decode' | 'prefill') => Math.max(...result.samples.map((s) => s[side]?.peakRssBytes ?? 0)) / 2 ** 20
     console.log(`in all: requests ${counts(result.requests)}; ${result.calls} calls, ${(result.bytes / 1e9).toFixed(2)} GB; errors ${counts(result.errors)}`)
     console.log(`  worst interval's write p99 ${p99.toFixed(0)} µs; peak memory decode ${peak('decode').toFixed(0)} MiB, prefill ${peak('prefill').toFixed(0)} MiB`)
+    const c = result.chaos
+    if (c) {
+      const after = c.endedAfterKillMs ? `; the last of a killed prefill's requests ended ${c.endedAfterKillMs.p50} ms after its kill (p50), ${c.endedAfterKillMs.max} ms at most` : ''
+      console.log(`  chaos: ${c.kills} kills, ${c.stops} stops; a killed prefill's requests ended at the decode ${counts(c.killedRequests)}${after}`)
+    }
     console.log(result.failures.length === 0 ? 'passed: every completed layer checked, every request ended, no growth past the bounds' : `FAILED:\n  ${result.failures.slice(0, 20).join('\n  ')}`)
   }
   return result.failures.length === 0 ? 0 : 1
@@ -284,6 +294,7 @@ async function main(args: string[]): Promise<number> {
         interval: { type: 'string' },
         transport: { type: 'string' },
         seed: { type: 'string' },
+        chaos: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean', short: 'v' },
       },

@@ -103,6 +103,9 @@ grep -q '<svg' bench.svg
 # The soak, bounded: mixed traffic checked byte for byte, on each host transport (exit 1 on any failure).
 npx kvtransfer soak --duration 90s --interval 30s --peers 4 --transport tcp
 npx kvtransfer soak --duration 90s --interval 30s --peers 4 --transport shm
+# And with chaos: the prefill process killed or stopped about once a second, at random moments of its requests.
+npx kvtransfer soak --duration 90s --interval 30s --peers 4 --transport tcp --chaos 1s
+npx kvtransfer soak --duration 90s --interval 30s --peers 4 --transport shm --chaos 1s
 KVCACHE_IB_TIMEOUT=99 npx kvtransfer info --json >info.json && { echo "a bad KVCACHE_IB_TIMEOUT must fail info" >&2; exit 1; }
 node -e 'const i = require("./info.json"); const s = i.settings.find((s) => s.env === "KVCACHE_IB_TIMEOUT"); if (!/KVCACHE_IB_TIMEOUT/.test(s.error)) process.exit(1)'
 

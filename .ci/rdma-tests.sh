@@ -3,7 +3,9 @@
 #   1. one VM, both ends on rxe0: the Rust RDMA and request tests, every ava suite over RDMA, the demo over RDMA; and shm
 #      under Yama's ptrace_scope 1 (which this kernel may lack), as an unprivileged user;
 #   2. two VMs joined by a virtual link (two hosts): the demo and the request scenarios across them
-#      (`__test__/helpers/pair-requests.mjs`), then again with 1% packet loss.
+#      (`__test__/helpers/pair-requests.mjs`), then again with 1% packet loss;
+#   3. the same pair with a bad network, over TCP and over RDMA (`__test__/helpers/pair-faults.mjs`): delay,
+#      loss, reordering, duplication, and cuts of 5 s and 20 s, each then healed.
 # Build first (`npm run build`); cargo builds the Rust test binary here. Where the VM cannot be booted
 # (no root to install qemu) the suites are skipped with a message, unless KVTRANSFER_REQUIRE_RDMA=1.
 set -euo pipefail
@@ -73,6 +75,22 @@ echo "== RDMA, two hosts (a: decode, b: prefill) =="
     else
       sleep 3
       PAIR_PORT=\$port DECODE_HOST=\$RXE_VM_PEER node __test__/helpers/pair-requests.mjs prefill
+    fi
+  done
+"
+echo "== a bad network between the two hosts: netem delay, loss, reordering, duplication, cuts of 5 s and 20 s =="
+"$vm" --pair -- bash -c "
+  set -e
+  export KVCACHE_AUTH_TOKEN=pair-faults-0123456789abcdef0123456789
+  for transport in tcp rdma; do
+    echo \"-- faults over \$transport\"
+    port=\$([ \$transport = tcp ] && echo 23480 || echo 23490)
+    if [ \$transport = rdma ]; then export ${rdma_env[*]}; else export KVCACHE_TRANSPORT=tcp; fi
+    if [ \"\$RXE_VM_HOST\" = a ]; then
+      PAIR_PORT=\$port node __test__/helpers/pair-faults.mjs decode
+    else
+      sleep 3
+      PAIR_PORT=\$port DECODE_HOST=\$RXE_VM_PEER node __test__/helpers/pair-faults.mjs prefill
     fi
   done
 "

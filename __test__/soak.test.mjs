@@ -27,6 +27,16 @@ timed('a short soak: every kind of end, every completed layer checked, figures e
   t.true((r.errors.REVOKED ?? 0) > 0, "a revoked request's next write was refused")
 })
 
+timed('chaos: killed and stopped prefills; every request of a killed one ends at the decode, the next one serves', async (t) => {
+  const r = await runSoak({ durationMs: 20_000, intervalMs: 5000, peers: 2, transport, seed: 5, chaosMs: 700 })
+  t.deepEqual(r.failures, [])
+  t.true(r.chaos.kills >= 2 && r.chaos.stops >= 1, JSON.stringify(r.chaos))
+  const killed = Object.values(r.chaos.killedRequests).reduce((a, n) => a + n, 0)
+  t.true(killed > 0, JSON.stringify(r.chaos))
+  t.true((r.chaos.killedRequests.failed ?? 0) > 0, `the decode was told a killed prefill's requests failed: ${JSON.stringify(r.chaos)}`)
+  t.true(r.requests.complete > 10, JSON.stringify(r.requests))
+})
+
 test('growth past a bound is a failure, within it is not', (t) => {
   const f = (rssMiB, threads, descriptors) => ({ rssBytes: rssMiB * 2 ** 20, peakRssBytes: rssMiB * 2 ** 20, threads, descriptors })
   const sample = (decode, prefill) => ({ elapsedMs: 0, requests: {}, calls: 0, bytes: 0, errors: {}, latencyUs: null, decode, prefill })

@@ -41,13 +41,13 @@ async function peerLoop(p: SoakPlan, index: number, deadline: number): Promise<v
     blockNumber: p.blocksPerPeer,
     blockBytes: p.blockBytes,
     transport: p.transport,
-    instanceId: `soak-prefill-${index}`,
+    instanceId: `soak-${p.name}-prefill-${index}`,
   })
   const rand = random(p.seed * 7919 + index)
   let peer: Peer = await comm.connect(HOST, p.port)
   try {
     for (let n = 0; Date.now() < deadline; n++) {
-      const request = `p${index}-r${n}`
+      const request = `${p.name}-p${index}-r${n}`
       // Its blocks on both sides, scattered: the decode's are this peer's range, shuffled.
       const local = shuffle(Array.from({ length: p.blocksPerRequest }, (_, i) => i), rand)
       const remote = shuffle(Array.from({ length: p.blocksPerPeer }, (_, i) => index * p.blocksPerPeer + i), rand).slice(0, p.blocksPerRequest)

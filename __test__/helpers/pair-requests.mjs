@@ -9,7 +9,7 @@
 import { fork } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { fileURLToPath } from 'node:url'
-import { RDMACommunicator, HostBuffer } from 'kvtransfer'
+import { fillBlock, pairCache } from './pair-cache.mjs'
 
 const LAYERS = 4
 const BLOCKS = 256
@@ -18,22 +18,8 @@ const MANY = 8
 const PORT = Number(process.env.PAIR_PORT ?? 23460)
 const HOST = process.env.DECODE_HOST ?? '127.0.0.1'
 
-// The prefill's blocks hold bytes derived from (layer, tensor, block): the decode checks them without being told.
-function fillBlock(buf, layer, tensor, block) {
-  let x = (layer * 7919 + tensor * 104729 + block * 1299709 + 17) >>> 0
-  for (let i = 0; i < buf.length; i += 4) {
-    x = (Math.imul(x, 1664525) + 1013904223) >>> 0
-    buf.writeUInt32LE(x, i)
-  }
-}
-
-function cache() {
-  const keys = Array.from({ length: LAYERS }, () => HostBuffer.alloc(BLOCKS * BLOCK_BYTES))
-  const values = Array.from({ length: LAYERS }, () => HostBuffer.alloc(BLOCKS * BLOCK_BYTES))
-  // The decode may still be starting on the other host when the prefill connects: try for about half a minute.
-  const reconnect = { retries: 10, backoffMs: 200 }
-  return { keys, values, comm: (role, port) => new RDMACommunicator(role, 0, port, keys.map((b) => b.ptr), values.map((b) => b.ptr), BLOCKS, BLOCK_BYTES, 1, 0, { reconnect }) }
-}
+// The decode may still be starting on the other host when the prefill connects: try for about half a minute.
+const cache = () => pairCache(LAYERS, BLOCKS, BLOCK_BYTES, { reconnect: { retries: 10, backoffMs: 200 } })
 
 // Request m-k moves prefill blocks 16k..16k+15 into decode blocks 128+16k..: each request its own blocks.
 const manyIds = (k) => ({ local: [...Array(16).keys()].map((i) => 16 * k + i), remote: [...Array(16).keys()].map((i) => 128 + 16 * k + i) })

@@ -30,7 +30,7 @@ macro_rules! internals {
     )*};
 }
 
-internals!(admission, auth, channel, codec, control, cuda, iov, listener, log, plan, transport, wire);
+internals!(admission, auth, channel, codec, control, cuda, iov, listener, log, plan, process, transport, wire);
 mod net;
 mod sync;
 

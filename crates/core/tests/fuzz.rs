@@ -219,7 +219,7 @@ fn tcp_frames_and_run_tables() {
 fn request_channel_frames() {
     let log = Arc::new(Logger::new(&Config::default(), "fuzz").unwrap());
     let requests = Requests::new(2, 8, 1024, Duration::from_secs(60), log, std::sync::Arc::new(kvtransfer::metrics::Instruments::new(kvtransfer::Role::Decode)));
-    let peer = PeerInfo { name: "fuzz".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, pid: None, instance: None, address: None, metrics: Default::default() };
+    let peer = PeerInfo { name: "fuzz".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, process: None, instance: None, address: None, metrics: Default::default() };
     let link = std::cell::Cell::new(0u64);
     proptest!(config(), |(bytes in inputs("channel"))| {
         // A frame as the channel reads it: a length, then that many bytes.

@@ -47,7 +47,7 @@ pub struct PeerInfo {
     pub transport: TransportKind,
     pub session: u64,
     /// Its process, for a same-host transport (which the decode cannot cut off: it waits for the process).
-    pub pid: Option<u32>,
+    pub process: Option<Arc<crate::process::PeerProcess>>,
     /// The prefill instance it belongs to (its ranks share it), when the engine named one: the owner of the
     /// requests it starts. `None`: an instance of its own.
     pub instance: Option<String>,
@@ -707,7 +707,7 @@ pub(crate) mod testing {
     }
 
     pub(crate) fn peer() -> PeerInfo {
-        PeerInfo { name: "p".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, pid: None, instance: None, address: None, metrics: Default::default() }
+        PeerInfo { name: "p".into(), slot: 0, ratio: 1, transport: TransportKind::Tcp, session: 1, process: None, instance: None, address: None, metrics: Default::default() }
     }
 
     /// Waits (up to 10 s) until `f` holds.

@@ -12,10 +12,15 @@ use crate::listener::{self, Origin};
 use crate::log::Logger;
 use crate::memory::CacheLayout;
 use crate::metrics::{Instruments, Levels, Refusal};
+use crate::process::PeerProcess;
 use crate::transport::{Acceptor, Admission, Environment};
 use crate::wire::{self, TransportKind, Welcome, PROTOCOL_VERSION};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a same-host process whose link ended or did not answer is given to finish ending, before the link
+/// counts as one that may still write: a killed process closes its sockets before it has ended.
+const ENDING: Duration = Duration::from_millis(200);
 
 pub(super) struct DecodeSide {
     port: u16,
@@ -51,23 +56,26 @@ struct Links {
 
 impl Links {
     /// Stops the data path of `peer`. `false` where its transport cannot (a same-host one) and its process
-    /// still lives.
-    fn cut_off(&self, peer: &PeerInfo) -> bool {
+    /// still lives `ending` from now.
+    fn cut_off(&self, peer: &PeerInfo, ending: Duration) -> bool {
         let stopped = self.acceptors.iter().find(|a| a.kind() == peer.transport).is_some_and(|a| a.cut_off(peer.session));
-        stopped || peer.pid.is_some_and(process_gone)
+        stopped || peer.process.as_ref().is_some_and(|p| p.ends_by(Instant::now() + ending))
     }
 
     /// Forgets the uncut links of process `pid` among `sessions`: that process says it dropped them.
     fn forget(&self, pid: Option<u32>, sessions: &[u64]) {
         if pid.is_some() && !sessions.is_empty() {
-            lock(&self.uncut).retain(|p| !(p.pid == pid && sessions.contains(&p.session)));
+            lock(&self.uncut).retain(|p| !(p.process.as_ref().map(|p| p.pid()) == pid && sessions.contains(&p.session)));
         }
     }
 
-    /// The same-host links that may still write (forgetting those whose process has ended).
-    fn uncut(&self) -> Vec<PeerInfo> {
+    /// The same-host links that may still write once `until` has passed (forgetting those whose process has
+    /// ended by then; each is waited for, without holding the list).
+    fn uncut(&self, until: Instant) -> Vec<PeerInfo> {
+        let waiting = lock(&self.uncut).clone();
+        let ended: Vec<u64> = waiting.iter().filter(|p| p.process.as_ref().is_some_and(|p| p.ends_by(until))).map(|p| p.session).collect();
         let mut uncut = lock(&self.uncut);
-        uncut.retain(|p| !p.pid.is_some_and(process_gone));
+        uncut.retain(|p| !ended.contains(&p.session));
         uncut.clone()
     }
 }
@@ -81,21 +89,6 @@ fn same_user_and_pid_namespace(origin: Origin, pid: u32) -> bool {
     let namespace = |of: &str| std::fs::read_link(format!("/proc/{of}/ns/pid")).ok();
     matches!(origin, Origin::Process { uid, .. } if uid == user)
         && namespace(&pid.to_string()).is_some_and(|theirs| Some(theirs) == namespace("self"))
-}
-
-/// Whether process `pid` has ended: gone, or a zombie (no memory left to write from). A reused pid reads as
-/// alive: the safe side.
-fn process_gone(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
-    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
-    if unsafe { libc::kill(pid, 0) } == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-        return true;
-    }
-    // `/proc/<pid>/stat`: "pid (comm) S ...": the state follows the last ')'.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])))
-        .unwrap_or(false)
 }
 
 impl Events for Links {
@@ -118,15 +111,24 @@ impl Events for Links {
     }
 
     fn closed(&self, channel: u64, peer: &PeerInfo, why: &str, goodbye: bool) {
-        if !self.cut_off(peer) && !goodbye {
-            self.log.error(format!(
-                "the request channel of {} ({}) ended ({why}) while its process lives: a same-host link cannot be \
-                 cut off, so revoke and close report it until that process ends",
-                peer.name, peer.transport
-            ));
-            let mut uncut = lock(&self.uncut);
-            if !uncut.iter().any(|p| p.session == peer.session && p.transport == peer.transport) {
-                uncut.push(peer.clone());
+        if !self.cut_off(peer, Duration::ZERO) && !goodbye {
+            // One that may still write from now on (a revoke meanwhile waits for it), until its process is seen
+            // to end: a killed one closes its sockets a moment before it has ended.
+            let same = |p: &PeerInfo| p.session == peer.session && p.transport == peer.transport;
+            {
+                let mut uncut = lock(&self.uncut);
+                if !uncut.iter().any(same) {
+                    uncut.push(peer.clone());
+                }
+            }
+            if peer.process.as_ref().is_some_and(|p| p.ends_by(Instant::now() + ENDING)) {
+                lock(&self.uncut).retain(|p| !same(p));
+            } else {
+                self.log.error(format!(
+                    "the request channel of {} ({}) ended ({why}) while its process lives: a same-host link cannot be \
+                     cut off, so revoke and close report it until that process ends",
+                    peer.name, peer.transport
+                ));
             }
         }
         self.log.debug(format!("request channel from {} ended: {why}", peer.name));
@@ -199,12 +201,13 @@ impl DecodeSide {
         let Some((channels, links)) = self.listening.lock().unwrap().as_ref().map(|l| (l.channels.clone(), l.links.clone())) else {
             return Ok(());
         };
+        let until = Instant::now() + self.timeout;
         let (cut, uncut): (Vec<PeerInfo>, Vec<PeerInfo>) =
-            channels.ask_all(&Ask::Revoke(request.clone()), self.timeout).into_iter().partition(|peer| links.cut_off(peer));
+            channels.ask_all(&Ask::Revoke(request.clone()), self.timeout).into_iter().partition(|peer| links.cut_off(peer, ENDING));
         self.metrics.revoke_cutoffs.add(cut.len() as u64);
         let uncut: Vec<String> = uncut
             .into_iter()
-            .chain(links.uncut())
+            .chain(links.uncut(until))
             .map(|peer| format!("{} ({})", peer.name, peer.transport))
             .collect();
         if uncut.is_empty() {
@@ -255,9 +258,10 @@ impl DecodeSide {
         let Some(listening) = self.listening.lock().unwrap().take() else { return Vec::new() };
         drop(listening.control);
         listening.channels.stop_admitting();
+        let until = Instant::now() + self.timeout;
         let silent = listening.channels.ask_all(&Ask::Close, self.timeout);
         let mut uncut = Vec::new();
-        for peer in silent.into_iter().filter(|p| !listening.links.cut_off(p)).chain(listening.links.uncut()) {
+        for peer in silent.into_iter().filter(|p| !listening.links.cut_off(p, ENDING)).chain(listening.links.uncut(until)) {
             self.log.error(format!(
                 "closing: {} ({}) did not confirm that it stopped writing, and a same-host link cannot be cut off \
                  while its process lives",
@@ -345,7 +349,7 @@ impl Admit for Admitting {
             ratio: agreed.geometry.ratio,
             transport: kind,
             session: accepted.session,
-            pid: process.filter(|_| kind.same_host_only()),
+            process: process.filter(|_| kind.same_host_only()).map(|pid| Arc::new(PeerProcess::watch(pid))),
             instance: hello.instance.clone(),
             address: None,
             metrics,

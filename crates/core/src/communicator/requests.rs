@@ -948,7 +948,7 @@ mod tests {
             ratio,
             transport: TransportKind::Tcp,
             session,
-            pid: None,
+            process: None,
             instance: instance.map(str::to_string),
             address: None,
             metrics: Default::default(),
