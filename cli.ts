@@ -163,7 +163,10 @@ async function soak(values: Record<string, string | boolean | undefined>): Promi
   }
   const soakModule = await load(() => import('./lib/soak.js'))
   if (!soakModule) return 1
-  const { runSoak, formatSample } = soakModule
+  const { runSoak, formatSample, chaosMinDurationMs } = soakModule
+  if (options.chaosMs !== undefined && (options.durationMs ?? 60_000) < chaosMinDurationMs(options.chaosMs)) {
+    return refused(new Error(`--chaos needs a --duration of at least ${Math.ceil(chaosMinDurationMs(options.chaosMs) / 1000)}s (chaos stops in time for the last prefill to serve)`))
+  }
   const seed = options.seed ?? Date.now() % 2 ** 31
   if (!values.json) console.log(`kvtransfer soak: ${options.peers ?? 4} prefills into one decode for ${((options.durationMs ?? 60_000) / 1000).toFixed(0)} s, seed ${seed}`)
   const result = await runSoak({ ...options, seed, onSample: values.json ? undefined : (s) => console.log(formatSample(s)) })

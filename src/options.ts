@@ -98,7 +98,7 @@ export interface Settings {
   maxPeers?: number
   /**
    * `KVCACHE_TCP_CONNECTIONS` (default 4, or the CPUs the process may use where fewer; 1–16): the data
-   * connections of a TCP link. A write is split over as many of them as give each piece at least 1 MiB, each
+   * connections of a TCP link. A write is split over as many of them as give each piece about 1 MiB or more, each
    * piece sent by a thread of its own; the two sides use the lower of their settings.
    */
   tcpConnections?: number

@@ -159,6 +159,16 @@ const KILLED_TOLD_MS = 5_000
 /** The longest a chaos stop lasts (well within the stall timeout: the link lives on). */
 const STOP_MS = 2_000
 
+/** How long before the end chaos stops: room for the last kill (up to `KILLED_TOLD_MS` and a second) and for the next process to serve. */
+function chaosMarginMs(chaosMs: number): number {
+  return Math.max(3 * chaosMs, KILLED_TOLD_MS + 7_000)
+}
+
+/** The shortest run chaos every `chaosMs` has room in. */
+export function chaosMinDurationMs(chaosMs: number): number {
+  return chaosMarginMs(chaosMs) + 2 * chaosMs
+}
+
 /** One prefill process of the run. */
 interface Prefill {
   /** Names its requests. */
@@ -208,7 +218,8 @@ function add(into: Record<string, number>, from: Record<string, number>): void {
 export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
   const peers = options.peers ?? 4
   const layers = options.layers ?? 4
-  const blocksPerRequest = options.blocksPerRequest ?? 32
+  // 2 MiB a write: over TCP a call is split over the link's connections (from 2 MiB).
+  const blocksPerRequest = options.blocksPerRequest ?? 64
   const blockBytes = options.blockBytes ?? 16 * 1024
   const durationMs = options.durationMs ?? 60_000
   const intervalMs = options.intervalMs ?? 10_000
@@ -216,6 +227,8 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
   const seed = options.seed ?? Date.now() % 2 ** 31
   const chaosMs = options.chaosMs ?? 0
   if (!(chaosMs === 0 || chaosMs >= 100)) throw new Error(`chaos must be at least 100 ms apart, not ${chaosMs}`)
+  const chaosMargin = chaosMarginMs(chaosMs)
+  if (chaosMs > 0 && durationMs < chaosMinDurationMs(chaosMs)) throw new Error(`chaos needs a duration of at least ${chaosMinDurationMs(chaosMs)} ms`)
   const chaos = chaosMs > 0 ? { kills: 0, stops: 0, killedRequests: {} as Record<string, number>, afterKill: [] as number[] } : undefined
   // Whether the prefill process now alive completed a request (the survivors serve new peers).
   let completedLast = false
@@ -447,13 +460,15 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     // Chaos until shortly before the last requests start; the process then alive finishes the run.
     const chaosRun = (async () => {
       if (!chaos) return
-      const until = start + durationMs - Math.max(3 * chaosMs, 5_000)
+      const until = start + durationMs - chaosMargin
       for (;;) {
         await Promise.race([done, sleep(chaosMs * (0.5 + rand()))])
         if (over !== null || Date.now() >= until) return
         await (rand() < 0.5 ? kill() : stop())
       }
-    })()
+    })().catch((e: unknown) => {
+      result.failures.push(`chaos failed: ${e instanceof Error ? e.message : String(e)}`)
+    })
     // The samples taken while traffic runs are the ones growth is judged on (at the end the prefill has
     // closed its communicators, and what they leaked is gone with them).
     const running: SoakSample[] = []

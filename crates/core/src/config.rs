@@ -323,8 +323,8 @@ pub struct Config {
     pub max_peers: usize,
     /// `KVCACHE_TCP_CONNECTIONS` (default 4, or the CPUs this process may use where fewer; 1..=16): the data
     /// connections of a TCP link. A write is split over as many of them as give each piece at least
-    /// [`TCP_STRIPE_BYTES`], each piece sent by a thread of its own; the two sides use the lower of their
-    /// settings.
+    /// [`TCP_STRIPE_BYTES`] (cut at block boundaries), each piece sent by a thread of its own; the two sides use
+    /// the lower of their settings.
     pub tcp_connections: u32,
     /// `KVCACHE_REQUEST_TTL_MS` (default 300 000, 1 000..=86 400 000): a decode gives up a request that made no
     /// progress for this long (it ends `expired`), and remembers an ended one for as long.

@@ -426,9 +426,7 @@ fn a_notification_of_blocks_the_link_did_not_deliver_cuts_it_off() {
     d.wait_for(&r, Some(vec![0]), Duration::from_secs(5)).unwrap();
     // Layer 1's blocks 4 and 5 never came: a notification of them is a lie, and its link is cut off.
     channel.send_direct(&Frame::Done { request: r.clone(), layer: 1, mark: 2, blocks: vec![4, 5] }).unwrap();
-    data.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut byte = [0u8; 1];
-    assert!(matches!(data.read(&mut byte), Ok(0) | Err(_)), "the link was not cut off");
+    assert_closed_by_decode(&mut data, "the link was not cut off");
     let err = d.wait_for(&r, None, Duration::from_secs(5)).unwrap_err();
     assert_eq!(err.code(), ErrorCode::Transport, "{err}");
 }
@@ -474,21 +472,25 @@ fn a_large_write_goes_in_pieces_over_the_links_connections_and_its_notification_
     assert_eq!(lines.lock().unwrap().iter().filter(|m| m.contains(" piece ")).count(), 8);
 }
 
-#[test]
-fn a_split_write_counts_only_once_every_piece_has_arrived() {
-    use kvtransfer::channel::{Frame, RequestId};
-    use kvtransfer::plan::Run;
-    let dst = Cache::new(2, 2, 8, 64, 112);
-    let d = decode(dst.spec());
+/// Asserts that the decode closed `s` (within 5 s): an end of stream or a reset, never a read that timed out.
+fn assert_closed_by_decode(s: &mut TcpStream, what: &str) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut byte = [0u8; 1];
+    match s.read(&mut byte) {
+        Ok(0) => {}
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted) => {}
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+/// A link admitted for two data connections, spoken by hand: both connections and the request channel.
+fn split_link(port: u16) -> (TcpStream, TcpStream, kvtransfer::channel::ChannelClient, kvtransfer::wire::Welcome) {
     let mut hello = common::hello(2, 64);
     hello.offers[0].details = serde_json::json!({ "connections": 2 });
-    let welcome = raw_peer::handshake_hello(d.port(), &hello);
-    assert_eq!(welcome.details["connections"], 2, "the lower of both sides' settings");
-    let (mut a, mut b) = (raw_peer::open_data(&welcome), raw_peer::open_data(&welcome));
-    let third = raw_peer::try_open_data(&welcome);
-    assert!(third.is_err(), "a session opens the connections it was admitted for, and no more");
+    let welcome = raw_peer::handshake_hello(port, &hello);
+    let (a, b) = (raw_peer::open_data(&welcome), raw_peer::open_data(&welcome));
     let obey = std::sync::Arc::new(|_: &kvtransfer::channel::Directive| {});
-    let (mut channel, _) = kvtransfer::channel::ChannelClient::connect(
+    let (channel, _) = kvtransfer::channel::ChannelClient::connect(
         "127.0.0.1",
         welcome.channel_port,
         welcome.channel_token,
@@ -499,28 +501,61 @@ fn a_split_write_counts_only_once_every_piece_has_arrived() {
         Box::new(|_| {}),
     )
     .unwrap();
-    let piece = |s: &mut TcpStream, layer: u32, seq: u64, part: u8, remote: u32, fill: u8| {
-        let mut buf = vec![];
-        let runs = [Run { local: 0, remote, count: 1 }];
-        WriteHeader { layer, runs: 1, tensors: 0b11, part, parts: 2, seq, payload_bytes: 2 * 64 }.encode_with_runs(&runs, &mut buf);
-        buf.extend([fill; 2 * 64]);
-        s.write_all(&buf).unwrap();
-        assert_eq!(read_ack(s).0, 0);
-    };
+    (a, b, channel, welcome)
+}
+
+/// Sends piece `part` of `parts` of write `seq` (block `remote` of `layer`, filled with `fill`) and reads its ack.
+fn send_piece(s: &mut TcpStream, layer: u32, seq: u64, part: u8, parts: u8, remote: u32, fill: u8) -> (u32, String) {
+    let mut buf = vec![];
+    let runs = [kvtransfer::plan::Run { local: 0, remote, count: 1 }];
+    WriteHeader { layer, runs: 1, tensors: 0b11, part, parts, seq, payload_bytes: 2 * 64 }.encode_with_runs(&runs, &mut buf);
+    buf.extend([fill; 2 * 64]);
+    s.write_all(&buf).unwrap();
+    read_ack(s)
+}
+
+#[test]
+fn a_split_write_counts_only_once_every_piece_has_arrived() {
+    use kvtransfer::channel::{Frame, RequestId};
+    let dst = Cache::new(2, 2, 8, 64, 112);
+    let d = decode(dst.spec());
+    let (mut a, mut b, mut channel, welcome) = split_link(d.port());
+    assert_eq!(welcome.details["connections"], 2, "the lower of both sides' settings");
+    assert!(raw_peer::try_open_data(&welcome).is_err(), "a session opens the connections it was admitted for, and no more");
     // Blocks 3 and 5 of layer 0, one piece on each connection: the notification naming both is believed.
-    piece(&mut a, 0, 1, 0, 3, 0xA1);
-    piece(&mut b, 0, 1, 1, 5, 0xA2);
+    assert_eq!(send_piece(&mut a, 0, 1, 0, 2, 3, 0xA1).0, 0);
+    assert_eq!(send_piece(&mut b, 0, 1, 1, 2, 5, 0xA2).0, 0);
     let r = RequestId::new("split").unwrap();
     channel.send_direct(&Frame::Start { request: r.clone() }).unwrap();
     channel.send_direct(&Frame::Done { request: r.clone(), layer: 0, mark: 1, blocks: vec![3, 5] }).unwrap();
     d.wait_for(&r, Some(vec![0]), Duration::from_secs(5)).unwrap();
     assert_eq!(dst.block(1, 0, 5), &[0xA2; 64][..]);
+    // More pieces than the link has connections: refused, and the connection stays usable.
+    let (status, reason) = send_piece(&mut a, 1, 2, 0, 3, 6, 0xC1);
+    assert!(status != 0 && reason.contains("pieces"), "{reason}");
     // Layer 1: only the first piece arrives; a notification of the whole write is a lie, and cuts the link off.
-    piece(&mut a, 1, 2, 0, 4, 0xB1);
+    assert_eq!(send_piece(&mut a, 1, 3, 0, 2, 4, 0xB1).0, 0);
     channel.send_direct(&Frame::Done { request: r.clone(), layer: 1, mark: 2, blocks: vec![4, 6] }).unwrap();
-    b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut byte = [0u8; 1];
-    assert!(matches!(b.read(&mut byte), Ok(0) | Err(_)), "the link was not cut off");
-    assert!(matches!(a.read(&mut byte), Ok(0) | Err(_)), "every connection of the link is cut off");
+    assert_closed_by_decode(&mut b, "the link was not cut off");
+    assert_closed_by_decode(&mut a, "every connection of the link is cut off");
     assert_eq!(d.wait_for(&r, None, Duration::from_secs(5)).unwrap_err().code(), ErrorCode::Transport);
+}
+
+#[test]
+fn pieces_that_do_not_make_one_write_are_no_evidence() {
+    use kvtransfer::channel::{Frame, RequestId};
+    let dst = Cache::new(2, 2, 8, 64, 113);
+    let d = decode(dst.spec());
+    // The same piece twice (blocks 3, then 4), or two pieces of one write number but of different layers: the
+    // notification naming both blocks is refused, and the link cut off.
+    for (case, second) in [("the same piece twice", (0u32, 0u8)), ("pieces of two layers", (1, 1))] {
+        let (mut a, mut b, mut channel, _) = split_link(d.port());
+        assert_eq!(send_piece(&mut a, 0, 1, 0, 2, 3, 0xD1).0, 0, "{case}");
+        assert_eq!(send_piece(&mut b, second.0, 1, second.1, 2, 4, 0xD2).0, 0, "{case}");
+        let r = RequestId::new(format!("lie-{}", second.1)).unwrap();
+        channel.send_direct(&Frame::Start { request: r.clone() }).unwrap();
+        channel.send_direct(&Frame::Done { request: r.clone(), layer: 0, mark: 1, blocks: vec![3, 4] }).unwrap();
+        assert_closed_by_decode(&mut a, case);
+        assert_eq!(d.wait_for(&r, None, Duration::from_secs(5)).unwrap_err().code(), ErrorCode::Transport, "{case}");
+    }
 }

@@ -63,6 +63,11 @@ pub trait Events: Send + Sync {
     fn opened(&self, channel: u64, peer: &PeerInfo) -> Vec<RequestId>;
     /// A prefill's `Start`, `Done`, `Failed` or `Abort`. An error closes the channel.
     fn frame(&self, channel: u64, peer: &PeerInfo, frame: Frame) -> Result<()>;
+    /// The channel is ending (it is still among the open ones, which a revoke asks): called just before
+    /// [`Events::closed`].
+    fn ending(&self, peer: &PeerInfo, goodbye: bool) {
+        let _ = (peer, goodbye);
+    }
     /// The channel ended, `why`. `goodbye`: the prefill said its link writes nothing more before it ended.
     fn closed(&self, channel: u64, peer: &PeerInfo, why: &str, goodbye: bool);
     /// Called about every 100 ms while the server runs (the decode's timers ride on it). Returns requests that
@@ -310,6 +315,7 @@ fn serve(mut stream: TcpStream, hello: Hello, shared: &Shared) {
         Ok(()) => "it closed".to_string(),
         Err(e) => e.message().to_string(),
     };
+    shared.events.ending(&peer, goodbye);
     lock(&shared.live).remove(&channel);
     let _ = stream.shutdown(Shutdown::Both);
     // The peer's end is handled (its data path cut off) before anyone waiting on its confirmation goes on.

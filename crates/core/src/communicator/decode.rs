@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 /// How long a same-host process whose link ended or did not answer is given to finish ending, before the link
 /// counts as one that may still write: a killed process closes its sockets before it has ended.
-const ENDING: Duration = Duration::from_millis(200);
+const ENDING: Duration = Duration::from_secs(1);
 
 pub(super) struct DecodeSide {
     port: u16,
@@ -49,34 +49,52 @@ struct Links {
     acceptors: Vec<Arc<dyn Acceptor>>,
     requests: Arc<Requests>,
     log: Arc<Logger>,
-    /// Same-host links whose channel ended without a goodbye while their process lives: they might still
-    /// write, and nothing here can stop them.
-    uncut: Mutex<Vec<PeerInfo>>,
+    /// Same-host links whose channel ended without a goodbye while their process lives (or is still ending),
+    /// each with when its channel ended: they might still write, and nothing here can stop them.
+    uncut: Mutex<Vec<(PeerInfo, Instant)>>,
+}
+
+/// Whether `a` and `b` are one link.
+fn same_link(a: &PeerInfo, b: &PeerInfo) -> bool {
+    a.session == b.session && a.transport == b.transport
 }
 
 impl Links {
     /// Stops the data path of `peer`. `false` where its transport cannot (a same-host one) and its process
-    /// still lives `ending` from now.
-    fn cut_off(&self, peer: &PeerInfo, ending: Duration) -> bool {
+    /// still lives at `until`.
+    fn cut_off(&self, peer: &PeerInfo, until: Instant) -> bool {
         let stopped = self.acceptors.iter().find(|a| a.kind() == peer.transport).is_some_and(|a| a.cut_off(peer.session));
-        stopped || peer.process.as_ref().is_some_and(|p| p.ends_by(Instant::now() + ending))
+        stopped || peer.process.as_ref().is_some_and(|p| p.ends_by(until))
     }
 
     /// Forgets the uncut links of process `pid` among `sessions`: that process says it dropped them.
     fn forget(&self, pid: Option<u32>, sessions: &[u64]) {
         if pid.is_some() && !sessions.is_empty() {
-            lock(&self.uncut).retain(|p| !(p.process.as_ref().map(|p| p.pid()) == pid && sessions.contains(&p.session)));
+            lock(&self.uncut).retain(|(p, _)| !(p.process.as_ref().map(|p| p.pid()) == pid && sessions.contains(&p.session)));
         }
     }
 
-    /// The same-host links that may still write once `until` has passed (forgetting those whose process has
-    /// ended by then; each is waited for, without holding the list).
-    fn uncut(&self, until: Instant) -> Vec<PeerInfo> {
-        let waiting = lock(&self.uncut).clone();
-        let ended: Vec<u64> = waiting.iter().filter(|p| p.process.as_ref().is_some_and(|p| p.ends_by(until))).map(|p| p.session).collect();
+    /// Counts `peer` among the links that may still write (if it is not already).
+    fn keep_uncut(&self, peer: &PeerInfo) {
         let mut uncut = lock(&self.uncut);
-        uncut.retain(|p| !ended.contains(&p.session));
-        uncut.clone()
+        if !uncut.iter().any(|(p, _)| same_link(p, peer)) {
+            uncut.push((peer.clone(), Instant::now()));
+        }
+    }
+
+    /// The same-host links that may still write, forgetting those whose process has ended. One whose channel
+    /// ended less than [`ENDING`] ago is given the rest of that time to end (without holding the list): a killed
+    /// process closes its sockets a moment before it has ended.
+    fn uncut(&self) -> Vec<PeerInfo> {
+        let waiting = lock(&self.uncut).clone();
+        let ended: Vec<PeerInfo> = waiting
+            .into_iter()
+            .filter(|(p, since)| p.process.as_ref().is_some_and(|proc| proc.ends_by(*since + ENDING)))
+            .map(|(p, _)| p)
+            .collect();
+        let mut uncut = lock(&self.uncut);
+        uncut.retain(|(p, _)| !ended.iter().any(|e| same_link(e, p)));
+        uncut.iter().map(|(p, _)| p.clone()).collect()
     }
 }
 
@@ -110,26 +128,25 @@ impl Events for Links {
         self.requests.on_frame(channel, peer, frame)
     }
 
+    fn ending(&self, peer: &PeerInfo, goodbye: bool) {
+        // Before its channel leaves the open ones: a revoke finds a same-host link among those it asks, or among
+        // those that may still write.
+        if !goodbye && peer.process.is_some() {
+            self.keep_uncut(peer);
+        }
+    }
+
     fn closed(&self, channel: u64, peer: &PeerInfo, why: &str, goodbye: bool) {
-        if !self.cut_off(peer, Duration::ZERO) && !goodbye {
-            // One that may still write from now on (a revoke meanwhile waits for it), until its process is seen
-            // to end: a killed one closes its sockets a moment before it has ended.
-            let same = |p: &PeerInfo| p.session == peer.session && p.transport == peer.transport;
-            {
-                let mut uncut = lock(&self.uncut);
-                if !uncut.iter().any(same) {
-                    uncut.push(peer.clone());
-                }
-            }
-            if peer.process.as_ref().is_some_and(|p| p.ends_by(Instant::now() + ENDING)) {
-                lock(&self.uncut).retain(|p| !same(p));
-            } else {
-                self.log.error(format!(
-                    "the request channel of {} ({}) ended ({why}) while its process lives: a same-host link cannot be \
-                     cut off, so revoke and close report it until that process ends",
-                    peer.name, peer.transport
-                ));
-            }
+        let ended = self.cut_off(peer, Instant::now()) || goodbye || peer.process.as_ref().is_some_and(|p| p.ends_by(Instant::now() + ENDING));
+        if ended {
+            lock(&self.uncut).retain(|(p, _)| !same_link(p, peer));
+        } else {
+            self.keep_uncut(peer);
+            self.log.error(format!(
+                "the request channel of {} ({}) ended ({why}) while its process lives: a same-host link cannot be \
+                 cut off, so revoke and close report it until that process ends",
+                peer.name, peer.transport
+            ));
         }
         self.log.debug(format!("request channel from {} ended: {why}", peer.name));
         self.requests.on_link_end(channel, peer, why);
@@ -201,13 +218,13 @@ impl DecodeSide {
         let Some((channels, links)) = self.listening.lock().unwrap().as_ref().map(|l| (l.channels.clone(), l.links.clone())) else {
             return Ok(());
         };
-        let until = Instant::now() + self.timeout;
-        let (cut, uncut): (Vec<PeerInfo>, Vec<PeerInfo>) =
-            channels.ask_all(&Ask::Revoke(request.clone()), self.timeout).into_iter().partition(|peer| links.cut_off(peer, ENDING));
+        let asked = channels.ask_all(&Ask::Revoke(request.clone()), self.timeout);
+        let until = Instant::now() + ENDING;
+        let (cut, uncut): (Vec<PeerInfo>, Vec<PeerInfo>) = asked.into_iter().partition(|peer| links.cut_off(peer, until));
         self.metrics.revoke_cutoffs.add(cut.len() as u64);
         let uncut: Vec<String> = uncut
             .into_iter()
-            .chain(links.uncut(until))
+            .chain(links.uncut())
             .map(|peer| format!("{} ({})", peer.name, peer.transport))
             .collect();
         if uncut.is_empty() {
@@ -258,10 +275,10 @@ impl DecodeSide {
         let Some(listening) = self.listening.lock().unwrap().take() else { return Vec::new() };
         drop(listening.control);
         listening.channels.stop_admitting();
-        let until = Instant::now() + self.timeout;
         let silent = listening.channels.ask_all(&Ask::Close, self.timeout);
+        let until = Instant::now() + ENDING;
         let mut uncut = Vec::new();
-        for peer in silent.into_iter().filter(|p| !listening.links.cut_off(p, ENDING)).chain(listening.links.uncut(until)) {
+        for peer in silent.into_iter().filter(|p| !listening.links.cut_off(p, until)).chain(listening.links.uncut()) {
             self.log.error(format!(
                 "closing: {} ({}) did not confirm that it stopped writing, and a same-host link cannot be cut off \
                  while its process lives",

@@ -10,9 +10,10 @@
 //! ```
 //!
 //! A call's write goes whole over one of the link's connections (`part` 0 of `parts` 1), or split into
-//! `parts` consecutive pieces of its block list, piece `part` over connection `part`, all with the call's `seq`:
-//! each piece is a write of its own (checked, received and acked alone), and the call has arrived once every
-//! piece has.
+//! `parts` consecutive pieces of its block list, all with the call's `seq` (the prefill sends piece `part` over its
+//! connection `part`; the decode takes a piece from any of the link's connections): each piece is a write of its
+//! own (checked, received and acked alone), and the call has arrived once every piece of one `seq` and layer
+//! has.
 //!
 //! ```text
 //! ack         (decode → prefill)        magic "KVTA" | status u32 | seq u64 | reason len u32 | 4 pad

@@ -87,8 +87,8 @@ impl Acceptor for TcpReceiver {
             return Err(Error::protocol(format!("the prefill offers {offered} TCP data connections (1 to {MAX_TCP_CONNECTIONS})")));
         }
         let connections = offered.min(self.connections());
-        let session = Session { peer: admission.peer.to_string(), geometry: admission.geometry, tensors: admission.tensors };
-        let session = self.admit(session, connections, admission.proof);
+        let session = Session { peer: admission.peer.to_string(), geometry: admission.geometry, tensors: admission.tensors, connections };
+        let session = self.admit(session, admission.proof);
         Ok(Accepted { session, details: transport::to_details(&TcpDetails { port: self.port(), connections }) })
     }
 

@@ -32,6 +32,8 @@ pub struct Session {
     pub geometry: SliceGeometry,
     /// The tensors it sends.
     pub tensors: TensorSet,
+    /// The data connections it opens (a write comes in at most as many pieces).
+    pub connections: u32,
 }
 
 struct Shared {
@@ -160,12 +162,13 @@ impl TcpReceiver {
         self.shared.connections
     }
 
-    /// Registers a session agreed by the handshake, with `connections` data connections (at most
+    /// Registers a session agreed by the handshake, with its data connections (at most
     /// [`TcpReceiver::connections`]); each presents the returned token, with the proof `proof(token)` gives (any,
     /// where it gives `None`). Sessions whose connections never came are let go (their links are cut off by
     /// their request channel's expiry).
-    pub fn admit(&self, session: Session, connections: u32, proof: impl FnOnce(u64) -> Option<Tag>) -> u64 {
-        self.shared.pending.admit(session, connections.clamp(1, self.shared.connections), proof).0
+    pub fn admit(&self, session: Session, proof: impl FnOnce(u64) -> Option<Tag>) -> u64 {
+        let connections = session.connections;
+        self.shared.pending.admit(session, connections, proof).0
     }
 
     /// Whether `session`'s data connections delivered a write of exactly `blocks` of `layer` (in that order;
@@ -423,6 +426,9 @@ impl Connection<'_> {
         let cache = &*self.shared.cache;
         if header.layer >= cache.layers() {
             return Err(Error::invalid(format!("layer {} is outside [0, {})", header.layer, cache.layers())));
+        }
+        if header.parts as u32 > self.session.connections {
+            return Err(Error::invalid(format!("a write in {} pieces, where the link has {} connections", header.parts, self.session.connections)));
         }
         if header.tensors != self.session.tensors.bits() {
             return Err(Error::invalid(format!(

@@ -191,12 +191,18 @@ impl Link for TcpLink {
                 })
                 .collect();
             let mine = first.send(cache, &pieces[0], piece(0), peer);
-            sent.into_iter().fold(mine, |result, other| {
-                let other = other.and_then(|handle| {
-                    handle.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "a thread sending a piece of the write panicked")))
-                });
-                result.and(other)
-            })
+            let results = std::iter::once(mine).chain(sent.into_iter().map(|other| {
+                other.and_then(|handle| {
+                    handle.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Transport, "a thread sending a piece of the write panicked")))
+                })
+            }));
+            // A refusal leaves its connection in step (the decode drained the piece and answered); any other
+            // failure may not, so it is the one returned, and the link is rebuilt.
+            let errors: Vec<Error> = results.filter_map(Result::err).collect();
+            match errors.iter().position(|e| e.code() != ErrorCode::Rejected).or((!errors.is_empty()).then_some(0)) {
+                Some(i) => Err(errors.into_iter().nth(i).expect("found above")),
+                None => Ok(()),
+            }
         })
     }
 
