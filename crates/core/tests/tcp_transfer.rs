@@ -554,7 +554,8 @@ fn pieces_that_do_not_make_one_write_are_no_evidence() {
         assert_eq!(send_piece(&mut b, second.0, 1, second.1, 2, 4, 0xD2).0, 0, "{case}");
         let r = RequestId::new(format!("lie-{}", second.1)).unwrap();
         channel.send_direct(&Frame::Start { request: r.clone() }).unwrap();
-        channel.send_direct(&Frame::Done { request: r.clone(), layer: 0, mark: 1, blocks: vec![3, 4] }).unwrap();
+        // Named by the layer of the last piece, as a write assembled from both would be.
+        channel.send_direct(&Frame::Done { request: r.clone(), layer: second.0, mark: 1, blocks: vec![3, 4] }).unwrap();
         assert_closed_by_decode(&mut a, case);
         assert_eq!(d.wait_for(&r, None, Duration::from_secs(5)).unwrap_err().code(), ErrorCode::Transport, "{case}");
     }
