@@ -14,7 +14,7 @@
 import { execFileSync } from 'node:child_process'
 import { createServer, connect } from 'node:net'
 import { createInterface } from 'node:readline'
-import { fillBlock, pairCache } from './pair-cache.mjs'
+import { codeOf, failer, fillBlock, pairCache } from './pair-cache.mjs'
 
 const LAYERS = 4
 const BLOCKS = 256
@@ -47,11 +47,7 @@ const cache = () =>
 const ids = (k) => ({ local: [...Array(128).keys()].map((i) => (i * 7 + k) % 128), remote: [...Array(128).keys()].map((i) => 255 - i) })
 const requestOf = (name) => `${TRANSPORT}-${name}`
 const seconds = (ms) => `${(ms / 1000).toFixed(1)} s`
-const fail = (what) => {
-  console.error(`[faults] FAILED: ${what}`)
-  process.exit(1)
-}
-const codeOf = (promise) => promise.then(() => 'OK', (e) => e.code ?? String(e))
+const fail = failer('faults')
 
 async function decode() {
   const c = cache()

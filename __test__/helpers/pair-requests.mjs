@@ -9,7 +9,7 @@
 import { fork } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { fileURLToPath } from 'node:url'
-import { fillBlock, pairCache } from './pair-cache.mjs'
+import { codeOf, failer, fillBlock, pairCache } from './pair-cache.mjs'
 
 const LAYERS = 4
 const BLOCKS = 256
@@ -27,11 +27,7 @@ const manyIds = (k) => ({ local: [...Array(16).keys()].map((i) => 16 * k + i), r
 const staleIds = (n) => ({ local: [...Array(32).keys()].map((i) => i + 32 * (n % 2)), remote: [...Array(32).keys()] })
 
 const sha = (b) => createHash('sha256').update(b).digest('hex')
-const fail = (what) => {
-  console.error(`[pair] FAILED: ${what}`)
-  process.exit(1)
-}
-const codeOf = (promise) => promise.then(() => 'OK', (e) => e.code ?? String(e))
+const fail = failer('pair')
 
 async function decode() {
   const c = cache()
