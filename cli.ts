@@ -34,19 +34,23 @@ commands:
     --peers-venv DIR   that environment (default ~/.cache/kvtransfer/peers)
     --peer-wheels DIR  install the peers from a folder of wheels instead (a machine that reaches no registry)
 
-  soak            mixed traffic for a while, checked and watched: a decode here and N prefills in a second
-                  process run requests into it (most complete; some aborted, some losing their connection
+  soak            mixed traffic for a while, checked and watched: decodes here and N prefills in other
+                  processes run requests into them (most complete; some aborted, some losing their connection
                   mid-request, some revoked by the decode); every completed layer checked byte for byte; each
                   interval and at the end: requests by how they ended, calls, bytes, errors by code, write
-                  p50/p99, and each process's memory, threads and descriptors; exits 1 on a byte that does not
-                  check, a request that never ends, or growth past a bound
+                  p50/p99, and each side's memory, threads, descriptors, data connections, queue pairs and
+                  registered regions; exits 1 on a byte that does not check, a request that never ends, growth
+                  past a bound, or anything the decodes still hold once every prefill has gone
     --duration t       how long new requests start (default 60s; 500ms, 90s, 10m, 1h)
-    --peers n          prefill communicators (default 4)    --interval t   between lines (default 10s)
+    --peers n          prefill communicators per process (default 4)    --interval t   between lines (default 10s)
+    --prefills n       prefill processes (default 1)      --decodes n     decodes, each its own cache (default 1)
+    --layers n         layers of a request (default 4)    --plot FILE     the footprint over time, as SVG
     --transport t      tcp, shm, rdma (default: the automatic choice)
     --seed n           the run's choices (default: from the clock; printed)   --json   the result at the end
-    --chaos t          about this often, kill the prefill process (a new one takes its place) or stop it for up
-                       to 2 s, at a random moment of its requests; a killed one's requests must each end at the
-                       decode, and the next process's complete (default: off; e.g. 1s)
+    --chaos t          about this often, kill the prefill or the decode process (a new one takes its place) or
+                       stop it for up to 2 s, at a random moment of its requests; a killed prefill's requests
+                       must each end at the decode, a killed decode's at their prefill, and the next process's
+                       complete (default: off; e.g. 1s)
 
 options:
   -h, --help      this text
@@ -129,7 +133,9 @@ async function load<T>(importer: () => Promise<T>): Promise<T | undefined> {
   }
 }
 
-const SOAK_OPTIONS = ['duration', 'interval', 'transport', 'seed', 'chaos']
+const SOAK_OPTIONS = ['duration', 'interval', 'transport', 'seed', 'chaos', 'prefills', 'decodes']
+/** Options both commands take. */
+const SHARED_OPTIONS = ['peers', 'layers', 'plot']
 
 /** `90s`, `10m`, `500ms`, `1h` (a bare number is seconds), in milliseconds. */
 function duration(name: string, text: string | undefined): number | undefined {
@@ -151,12 +157,19 @@ async function soak(values: Record<string, string | boolean | undefined>): Promi
       durationMs: duration('duration', values.duration as string | undefined),
       intervalMs: duration('interval', values.interval as string | undefined),
       peers: count('peers', values.peers as string | undefined, 1),
+      prefills: count('prefills', values.prefills as string | undefined, 1),
+      decodes: count('decodes', values.decodes as string | undefined, 1),
+      layers: count('layers', values.layers as string | undefined, 2),
       seed: count('seed', values.seed as string | undefined, 0),
       transport: transport as 'tcp' | undefined,
       chaosMs: duration('chaos', values.chaos as string | undefined),
     }
     if (options.chaosMs !== undefined && options.chaosMs < 100) throw new Error('--chaos must be at least 100ms')
     if ((options.peers ?? 0) > 64) throw new Error('--peers must be at most 64')
+    if ((options.prefills ?? 0) > 32) throw new Error('--prefills must be at most 32')
+    if ((options.decodes ?? 0) > 16) throw new Error('--decodes must be at most 16')
+    if ((options.layers ?? 0) > 64) throw new Error('--layers must be at most 64')
+    if (options.chaosMs !== undefined && (options.prefills ?? 1) > 1) throw new Error('--chaos kills and stops the prefill process: it runs with one (--prefills 1)')
     if ((options.intervalMs ?? 10_000) * 2 > (options.durationMs ?? 60_000)) throw new Error('--interval must be at most half of --duration (growth is judged between samples taken while traffic runs)')
   } catch (err) {
     return refused(err)
@@ -164,11 +177,25 @@ async function soak(values: Record<string, string | boolean | undefined>): Promi
   const soakModule = await load(() => import('./lib/soak.js'))
   if (!soakModule) return 1
   const { runSoak, formatSample, chaosMinDurationMs } = soakModule
+  // The plot's packages are looked for before a run that may take long, not after it.
+  const plot = typeof values.plot === 'string' ? await import('./lib/plot.js') : undefined
+  if (plot) {
+    try {
+      await plot.loadVega()
+    } catch (err) {
+      console.error(`kvtransfer soak --plot: ${err instanceof Error ? err.message : String(err)}`)
+      return 2
+    }
+  }
   if (options.chaosMs !== undefined && (options.durationMs ?? 60_000) < chaosMinDurationMs(options.chaosMs)) {
     return refused(new Error(`--chaos needs a --duration of at least ${Math.ceil(chaosMinDurationMs(options.chaosMs) / 1000)}s (chaos stops in time for the last prefill to serve)`))
   }
   const seed = options.seed ?? Date.now() % 2 ** 31
-  if (!values.json) console.log(`kvtransfer soak: ${options.peers ?? 4} prefills into one decode for ${((options.durationMs ?? 60_000) / 1000).toFixed(0)} s, seed ${seed}`)
+  const prefills = options.prefills ?? 1
+  const decodes = options.decodes ?? 1
+  const plural = (n: number, what: string) => `${n} ${what}${n === 1 ? '' : 's'}`
+  const what = `${plural(prefills, 'prefill process')} of ${plural(options.peers ?? 4, 'communicator')} into ${plural(decodes, 'decode')} for ${((options.durationMs ?? 60_000) / 1000).toFixed(0)} s${options.transport ? ` over ${options.transport}` : ''}, seed ${seed}`
+  if (!values.json) console.log(`kvtransfer soak: ${what}`)
   const result = await runSoak({ ...options, seed, onSample: values.json ? undefined : (s) => console.log(formatSample(s)) })
   const counts = (r: Record<string, number>) => Object.entries(r).map(([k, v]) => `${k} ${v}`).join(', ') || 'none'
   if (values.json) console.log(JSON.stringify({ seed, ...result }, null, 2))
@@ -179,10 +206,21 @@ async function soak(values: Record<string, string | boolean | undefined>): Promi
     console.log(`  worst interval's write p99 ${p99.toFixed(0)} µs; peak memory decode ${peak('decode').toFixed(0)} MiB, prefill ${peak('prefill').toFixed(0)} MiB`)
     const c = result.chaos
     if (c) {
-      const after = c.endedAfterKillMs ? `; the last of a killed prefill's requests ended ${c.endedAfterKillMs.p50} ms after its kill (p50), ${c.endedAfterKillMs.max} ms at most` : ''
-      console.log(`  chaos: ${c.kills} kills, ${c.stops} stops; a killed prefill's requests ended at the decode ${counts(c.killedRequests)}${after}`)
+      const ms = (x: { p50: number; max: number } | null, what: string) => (x ? `; ${what} ${x.p50} ms after its kill (p50), ${x.max} ms at most` : '')
+      console.log(`  chaos on the prefill: ${c.kills} kills, ${c.stops} stops; a killed prefill's requests ended at the decode ${counts(c.killedRequests)}${ms(c.endedAfterKillMs, 'the last of them ended')}`)
+      console.log(
+        `  chaos on the decode: ${c.decodeKills} kills, ${c.decodeStops} stops; a killed decode's requests ended at their prefill ${counts(c.lostRequests)}${ms(c.prefillEndedAfterDecodeKillMs, 'the last of them ended')}${ms(c.servingAgainAfterDecodeKillMs, 'a request completed on the next decode')}`,
+      )
     }
     console.log(result.failures.length === 0 ? 'passed: every completed layer checked, every request ended, no growth past the bounds' : `FAILED:\n  ${result.failures.slice(0, 20).join('\n  ')}`)
+  }
+  if (plot) {
+    try {
+      writeFileSync(values.plot as string, await plot.svgOf(plot.soakSpec(result, what)))
+    } catch (err) {
+      console.error(`kvtransfer soak --plot: ${err instanceof Error ? err.message : String(err)}`)
+      return 1
+    }
   }
   return result.failures.length === 0 ? 0 : 1
 }
@@ -233,7 +271,7 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
   const { runBench, formatCsv, formatTable } = bench
   const quiet = values.json === true || values.csv === true
   // The plot's packages are looked for before a run that may take long, not after it.
-  const plot = typeof values.plot === 'string' ? await import('./lib/bench-plot.js') : undefined
+  const plot = typeof values.plot === 'string' ? await import('./lib/plot.js') : undefined
   if (plot) {
     try {
       await plot.loadVega()
@@ -259,7 +297,7 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
   // The run is printed first: a plot that cannot be written loses nothing else.
   if (plot) {
     try {
-      writeFileSync(values.plot as string, await plot.plotSvg(result))
+      writeFileSync(values.plot as string, await plot.svgOf(plot.benchSpec(result)))
     } catch (err) {
       console.error(`kvtransfer bench --plot: ${err instanceof Error ? err.message : String(err)}`)
       return 1
@@ -298,6 +336,8 @@ async function main(args: string[]): Promise<number> {
         transport: { type: 'string' },
         seed: { type: 'string' },
         chaos: { type: 'string' },
+        prefills: { type: 'string' },
+        decodes: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
         version: { type: 'boolean', short: 'v' },
       },
@@ -323,7 +363,7 @@ async function main(args: string[]): Promise<number> {
     return bench(values)
   }
   if (positionals.length === 1 && positionals[0] === 'soak') {
-    const misplaced = BENCH_OPTIONS.find((o) => o !== 'peers' && values[o as keyof typeof values] !== undefined)
+    const misplaced = BENCH_OPTIONS.find((o) => !SHARED_OPTIONS.includes(o) && values[o as keyof typeof values] !== undefined)
     if (misplaced) {
       console.error(`--${misplaced} is an option of bench\n\n${usage}`)
       return 2

@@ -58,6 +58,7 @@ export type {
 } from './lib/options.js'
 export {
   rdmaDevices,
+  resources,
   systemInfo,
   type GpuInfo,
   type GpusInfo,
@@ -65,6 +66,7 @@ export {
   type RdmaGid,
   type RdmaInfo,
   type RdmaPort,
+  type Resources,
   type SettingInfo,
   type SystemInfo,
   type TransportInfo,

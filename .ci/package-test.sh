@@ -106,6 +106,12 @@ npx kvtransfer soak --duration 90s --interval 30s --peers 4 --transport shm
 # And with chaos: the prefill process killed or stopped about once a second, at random moments of its requests.
 npx kvtransfer soak --duration 90s --interval 30s --peers 4 --transport tcp --chaos 1s
 npx kvtransfer soak --duration 90s --interval 30s --peers 4 --transport shm --chaos 1s
+# Load: 16 prefill processes into one decode, and one prefill process into 8 decodes, each request of 8 layers;
+# every byte checked, the footprint (memory, threads, descriptors, data connections) flat after the first
+# interval, and nothing the decodes hold once every prefill has gone. The footprint over time is drawn.
+npx kvtransfer soak --duration 60s --interval 15s --prefills 16 --peers 1 --layers 8 --transport tcp --plot soak-fan-in.svg
+npx kvtransfer soak --duration 60s --interval 15s --decodes 8 --peers 2 --layers 8 --transport tcp --plot soak-fan-out.svg
+grep -q '<svg' soak-fan-in.svg && grep -q '<svg' soak-fan-out.svg
 KVCACHE_IB_TIMEOUT=99 npx kvtransfer info --json >info.json && { echo "a bad KVCACHE_IB_TIMEOUT must fail info" >&2; exit 1; }
 node -e 'const i = require("./info.json"); const s = i.settings.find((s) => s.env === "KVCACHE_IB_TIMEOUT"); if (!/KVCACHE_IB_TIMEOUT/.test(s.error)) process.exit(1)'
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The RDMA suites, inside Soft-RoCE VMs (this kernel may have no RDMA; the VM's has rdma_rxe):
-#   1. one VM, both ends on rxe0: the Rust RDMA and request tests, every ava suite over RDMA, the demo over RDMA; and shm
-#      under Yama's ptrace_scope 1 (which this kernel may lack), as an unprivileged user;
+#   1. one VM, both ends on rxe0: the Rust RDMA and request tests, every ava suite over RDMA, the demo over RDMA, a
+#      soak with chaos and a load run over RDMA (queue pairs and registered regions watched); and shm under Yama's
+#      ptrace_scope 1 (which this kernel may lack), as an unprivileged user;
 #   2. two VMs joined by a virtual link (two hosts): the demo and the request scenarios across them
 #      (`__test__/helpers/pair-requests.mjs`), then again with 1% packet loss;
 #   3. the same pair with a bad network, over TCP and over RDMA (`__test__/helpers/pair-faults.mjs`): delay,
@@ -44,6 +45,9 @@ env KVTRANSFER_TEST_RDMA_NIC=rxe0 KVTRANSFER_TEST_RDMA_GID_INDEX=1 "$vm" -- bash
   npx ava
   echo '-- demo over RDMA'
   env ${rdma_env[*]} node examples/demo.mjs
+  echo '-- soak over RDMA: chaos (the prefill process killed or stopped), then a load run of 4 prefill processes'
+  env ${rdma_env[*]} node cli.js soak --duration 60s --interval 20s --peers 2 --transport rdma --seed 41 --chaos 2s
+  env ${rdma_env[*]} node cli.js soak --duration 40s --interval 10s --prefills 4 --peers 1 --layers 8 --transport rdma --seed 42
   echo '-- shm under Yama ptrace_scope 1, as an unprivileged user'
   install -m 755 $grant_bin /tmp/shm_grant
   sysctl -qw kernel.yama.ptrace_scope=1
@@ -85,7 +89,7 @@ echo "== a bad network between the two hosts: netem delay, loss, reordering, dup
   for transport in tcp rdma; do
     echo \"-- faults over \$transport\"
     port=\$([ \$transport = tcp ] && echo 23480 || echo 23490)
-    if [ \$transport = rdma ]; then export ${rdma_env[*]}; else export KVCACHE_TRANSPORT=tcp; fi
+    if [ \$transport = rdma ]; then export ${rdma_env[*]}; else export KVCACHE_TRANSPORT=tcp KVCACHE_TCP_CONNECTIONS=2; fi
     if [ \"\$RXE_VM_HOST\" = a ]; then
       PAIR_PORT=\$port timeout 600 node __test__/helpers/pair-faults.mjs decode
     else

@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url'
 import { HostBuffer } from 'kvtransfer'
 import { digest, formatTable, goals, scattered } from '../lib/bench.js'
 import { DRIVERS, preparePeers, runPeer } from '../lib/bench-peers.js'
-import { plotSpec, plotSvg } from '../lib/bench-plot.js'
+import { benchSpec, svgOf } from '../lib/plot.js'
 import { scratchDir } from './helpers/scratch.mjs'
 
 
@@ -144,10 +144,10 @@ test('the plot draws every system and ceiling, the ceilings dashed', async (t) =
   const ceilings = [{ name: 'tcp-stream', blockBytes: 1024, bytesPerCall: 1, calls: 3, gbps: spread(3.3), usPerCall: spread(1) }]
   const r = { date: 'today', machine: { cpus: 2, cpuModel: 'cpu', memoryBytes: 1, platform: 'p', node: '20' }, batch: 8, pool: 10, layers: 1, tensors: 2, warmup: 1, iterations: 3, rows, ceilings, skipped: [], failed: [], goals: [] }
   t.deepEqual(
-    plotSpec(r).data.values.map((p) => [p.series, p.kib, p.kind]),
+    benchSpec(r).data.values.map((p) => [p.series, p.kib, p.kind]),
     [['kvtransfer tcp', 1, 'measured'], ['kvtransfer tcp', 4, 'measured'], ['nixl ucx-tcp', 1, 'measured'], ['ceiling: tcp-stream', 1, 'ceiling']],
   )
-  const svg = await plotSvg(r)
+  const svg = await svgOf(benchSpec(r))
   t.regex(svg, /^<svg /)
   for (const name of ['kvtransfer tcp', 'nixl ucx-tcp', 'ceiling: tcp-stream', 'block size (KiB)']) t.true(svg.includes(name), name)
   t.regex(svg, /stroke-dasharray="6,4"/, 'a dashed ceiling')

@@ -4,7 +4,7 @@
 import test from 'ava'
 import { readFileSync } from 'node:fs'
 import { Counter, Registry } from 'prom-client'
-import { Communicator, KVTransferError, quantile } from 'kvtransfer'
+import { Communicator, KVTransferError, quantile, resources } from 'kvtransfer'
 import { METRIC_NAMES, register } from 'kvtransfer/prometheus'
 import { makeCache } from './helpers/cache.mjs'
 import { transportName, transportOptions } from './helpers/transport.mjs'
@@ -122,6 +122,30 @@ test.serial('stats() counts each write, block and byte on both sides, and the by
   t.is(theirs.layerSeconds.count, 3 * LAYERS)
   t.is(theirs.connects, 1)
   t.is(stats.requestsHeld, 3)
+})
+
+test.serial('resources() counts the data connections, queue pairs and registered regions this process holds, and they go back', async (t) => {
+  const [src, dst] = caches()
+  const none = resources()
+  const options = (c) => ({ keyPtrs: c.keyPtrs, valuePtrs: c.valuePtrs, blockNumber: BLOCKS, blockBytes: BLOCK_BYTES, ...transportOptions, tcpConnections: 2 })
+  const decode = Communicator.decode(options(dst))
+  const prefill = Communicator.prefill(options(src))
+  const opened = resources()
+  const peer = await prefill.connect(HOST, decode.port)
+  await peer.write([1, 2], [3, 4], 0)
+  const linked = resources()
+  const more = (k) => linked[k] - opened[k]
+  if (transportName === 'tcp') t.deepEqual([more('tcpDataConnections'), more('rdmaQueuePairs')], [4, 0], "two connections, both ends in this process")
+  if (transportName === 'shm') t.deepEqual([more('tcpDataConnections'), more('rdmaQueuePairs')], [0, 0])
+  if (transportName === 'rdma') {
+    t.is(more('tcpDataConnections'), 0)
+    t.true(more('rdmaQueuePairs') >= 2, `the link's queue pair and the decode's: ${JSON.stringify([opened, linked])}`)
+    t.true(opened.rdmaMemoryRegions > none.rdmaMemoryRegions, 'the caches are registered')
+  }
+  await prefill.close()
+  await decode.close()
+  await until('every link let go', () => JSON.stringify(resources()) === JSON.stringify(none))
+  t.deepEqual(resources(), none)
 })
 
 test.serial('calls waiting behind a peer\'s earlier ones are counted as queued until they run', async (t) => {

@@ -1,7 +1,7 @@
 /**
- * @internal The prefill process of `kvtransfer soak` ({@link runSoak}): `peers` prefill communicators, each
- * running requests one after another into its own range of the decode's blocks until the deadline, each
- * request's layers written in turn under its id. Now and then a request is aborted part-way (its client left),
+ * @internal A prefill process of `kvtransfer soak` ({@link runSoak}): `peers` prefill communicators, each
+ * connected to every decode and running requests one after another into its own range of their blocks until the
+ * deadline, each request to the next decode in turn, its layers written in turn under its id. Now and then a request is aborted part-way (its client left),
  * or its peer's connection is closed and made again mid-request. Tells the soak over IPC when a request
  * starts and ends, and what its calls did, and starts the next request of a peer only once the decode has
  * released the last one's blocks.
@@ -10,6 +10,7 @@ import { Communicator, type PrefillCommunicator } from './communicator.js'
 import type { Peer } from './peer.js'
 import { KVTransferError } from './errors.js'
 import { HostBuffer } from './host-buffer.js'
+import { resources } from './system.js'
 import { modelBlock, type PrefillReport, type RequestPlan, type SoakPlan } from './soak.js'
 
 const HOST = '127.0.0.1'
@@ -44,19 +45,36 @@ async function peerLoop(p: SoakPlan, index: number, deadline: number): Promise<v
     instanceId: `soak-${p.name}-prefill-${index}`,
   })
   const rand = random(p.seed * 7919 + index)
-  let peer: Peer = await comm.connect(HOST, p.port)
+  const peers: Peer[] = []
+  /** Connects to decode `at` (again), retrying while it is away: chaos may be replacing the decode process. */
+  const connect = async (at: number) => {
+    for (;;) {
+      try {
+        peers[at] = await comm.connect(HOST, p.ports[at])
+        return
+      } catch (e) {
+        count(e)
+        if (Date.now() > deadline + 30_000) throw e
+        await new Promise((resolve) => setTimeout(resolve, 200))
+      }
+    }
+  }
   try {
+    for (let at = 0; at < p.ports.length; at++) await connect(at)
     for (let n = 0; Date.now() < deadline; n++) {
       const request = `${p.name}-p${index}-r${n}`
+      const at = (index + n) % p.ports.length
+      const peer = peers[at]
       // Its blocks on both sides, scattered: the decode's are this peer's range, shuffled.
       const local = shuffle(Array.from({ length: p.blocksPerRequest }, (_, i) => i), rand)
-      const remote = shuffle(Array.from({ length: p.blocksPerPeer }, (_, i) => index * p.blocksPerPeer + i), rand).slice(0, p.blocksPerRequest)
+      const first = (p.firstPeer + index) * p.blocksPerPeer
+      const remote = shuffle(Array.from({ length: p.blocksPerPeer }, (_, i) => first + i), rand).slice(0, p.blocksPerRequest)
       const roll = rand()
       const leaveAt = roll < p.abortRate ? 1 + Math.floor(rand() * (p.layers - 1)) : -1
       const reconnectAt = roll >= p.abortRate && roll < p.abortRate + p.reconnectRate ? 1 + Math.floor(rand() * (p.layers - 1)) : -1
       const freed = new Promise<void>((resolve) => released.set(request, resolve))
       const plan: RequestPlan = leaveAt >= 0 ? 'abort' : reconnectAt >= 0 ? 'reconnect' : 'complete'
-      process.send?.({ type: 'start', request, peer: index, blocks: remote, plan } satisfies PrefillReport)
+      process.send?.({ type: 'start', request, peer: index, decode: at, blocks: remote, plan } satisfies PrefillReport)
       let end = 'complete'
       for (let layer = 0; layer < p.layers; layer++) {
         if (layer === leaveAt) {
@@ -68,7 +86,7 @@ async function peerLoop(p: SoakPlan, index: number, deadline: number): Promise<v
           // The connection goes away mid-request (as a restarted link would); the request cannot complete.
           end = 'reconnected'
           await peer.close().catch((e: unknown) => count(e))
-          peer = await comm.connect(HOST, p.port)
+          await connect(at)
           break
         }
         for (const t of [0, 1]) local.forEach((id, i) => modelBlock(request, layer, t, i, tensors[t][layer].buffer.subarray(id * p.blockBytes, (id + 1) * p.blockBytes)))
@@ -81,6 +99,8 @@ async function peerLoop(p: SoakPlan, index: number, deadline: number): Promise<v
         } catch (e) {
           count(e)
           end = e instanceof KVTransferError ? e.code.toLowerCase() : 'error'
+          // Its decode went away and could not be reached again within the reconnect policy: connect anew.
+          if (e instanceof KVTransferError && e.code === 'NOT_CONNECTED') await connect(at)
           break
         }
       }
@@ -111,7 +131,7 @@ process.on('message', (m: { type: 'plan'; plan: SoakPlan } | { type: 'released';
     released.get(m.request)?.()
     released.delete(m.request)
   } else if (m.type === 'sample') {
-    process.send?.({ type: 'sample', seq: m.seq, calls, bytes, errors, latencies } satisfies PrefillReport)
+    process.send?.({ type: 'sample', seq: m.seq, calls, bytes, errors, latencies, resources: resources() } satisfies PrefillReport)
     calls = 0
     bytes = 0
     errors = {}

@@ -139,3 +139,22 @@ export function systemInfo(): SystemInfo {
   }
 }
 
+
+/**
+ * What this process holds through kvtransfer, all its communicators together: the kernel and device resources
+ * its links live on. Each returns to where it was once the links that took it are gone, so a count that only
+ * grows is a leak (`kvtransfer soak` samples these).
+ */
+export interface Resources {
+  /** RDMA queue pairs: each link's on a prefill, each session's on a decode, and those of the flush reads. */
+  rdmaQueuePairs: number
+  /** RDMA memory regions registered: the caches', and the flush reads' targets. */
+  rdmaMemoryRegions: number
+  /** TCP data connections, both ends (a link of `tcpConnections` connections counts as that many). */
+  tcpDataConnections: number
+}
+
+/** This process's live {@link Resources}, read from the native counters (cheap: three atomic loads). */
+export function resources(): Resources {
+  return call(() => native.resources())
+}

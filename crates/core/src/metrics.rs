@@ -39,30 +39,44 @@ impl Counter {
     }
 }
 
-/// Holds one of a peer's gauges up by one while it lives (however the call that raised it ends).
-pub struct Raised {
-    peer: Arc<PeerInstruments>,
-    gauge: fn(&PeerInstruments) -> &Gauge,
+/// Holds a gauge up by one while it lives (however the call or the resource that raised it ends): one of a peer's
+/// (`Raised::new(peer, |m| &m.in_flight)`) or of this process's (`Raised::new(&RESOURCES, |r| &r.rdma_queue_pairs)`).
+pub struct Raised<O = Arc<PeerInstruments>> {
+    owner: O,
+    gauge: for<'a> fn(&'a O) -> &'a Gauge,
 }
 
-impl Raised {
-    pub fn new(peer: Arc<PeerInstruments>, gauge: fn(&PeerInstruments) -> &Gauge) -> Raised {
-        gauge(&peer).add(1);
-        Raised { peer, gauge }
+impl<O> Raised<O> {
+    pub fn new(owner: O, gauge: for<'a> fn(&'a O) -> &'a Gauge) -> Raised<O> {
+        gauge(&owner).add(1);
+        Raised { owner, gauge }
     }
 }
 
-impl Drop for Raised {
+impl<O> Drop for Raised<O> {
     fn drop(&mut self) {
-        (self.gauge)(&self.peer).add(-1);
+        (self.gauge)(&self.owner).add(-1);
     }
 }
+
+impl<O> std::fmt::Debug for Raised<O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Raised")
+    }
+}
+
+/// A process-wide gauge held up: see [`RESOURCES`].
+pub type HeldResource = Raised<&'static Resources>;
 
 /// A level that goes up and down: calls queued, writes in flight.
 #[derive(Debug, Default)]
 pub struct Gauge(AtomicI64);
 
 impl Gauge {
+    pub const fn new() -> Gauge {
+        Gauge(AtomicI64::new(0))
+    }
+
     pub fn add(&self, n: i64) {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
@@ -72,6 +86,22 @@ impl Gauge {
         self.0.load(Ordering::Relaxed).max(0) as u64
     }
 }
+/// What this process holds through kvtransfer, all communicators together: the kernel and device resources
+/// its links live on, for a soak or an operator to watch for leaks (`resources()` in the wrapper). Each is held up by a [`Raised`] field of what owns the resource.
+#[derive(Debug, Default)]
+pub struct Resources {
+    /// RDMA queue pairs (a link's on the prefill; a session's on the decode; the flush reads' too).
+    pub rdma_queue_pairs: Gauge,
+    /// RDMA memory regions registered (the cache's, a flush target's).
+    pub rdma_memory_regions: Gauge,
+    /// TCP data connections, both ends (the request channels and handshakes are not counted).
+    pub tcp_data_connections: Gauge,
+}
+
+/// This process's [`Resources`].
+pub static RESOURCES: Resources =
+    Resources { rdma_queue_pairs: Gauge::new(), rdma_memory_regions: Gauge::new(), tcp_data_connections: Gauge::new() };
+
 /// Buckets of a [`Histogram`]: bucket `i` counts samples in `[2^(i-1), 2^i)` nanoseconds (bucket 0: under 1 ns),
 /// so 2^63 ns (292 years) is the last bound.
 const BUCKETS: usize = 64;

@@ -749,6 +749,26 @@ pub fn copy_threads() -> u32 {
     kvtransfer::ceilings::copy_threads() as u32
 }
 
+/// What this process holds through kvtransfer, all communicators together (`Resources` in the wrapper).
+#[napi(object)]
+pub struct NativeResources {
+    pub rdma_queue_pairs: u32,
+    pub rdma_memory_regions: u32,
+    pub tcp_data_connections: u32,
+}
+
+/// This process's live queue pairs, registered regions and data connections (`resources()` in the wrapper).
+#[napi]
+pub fn resources() -> NativeResources {
+    let r = &kvtransfer::metrics::RESOURCES;
+    let n = |g: &kvtransfer::metrics::Gauge| g.get().min(u32::MAX as u64) as u32;
+    NativeResources {
+        rdma_queue_pairs: n(&r.rdma_queue_pairs),
+        rdma_memory_regions: n(&r.rdma_memory_regions),
+        tcp_data_connections: n(&r.tcp_data_connections),
+    }
+}
+
 fn whole_bytes(name: &str, v: f64) -> kvtransfer::Result<usize> {
     if v.fract() != 0.0 || !(0.0..=(1u64 << 40) as f64).contains(&v) {
         return Err(invalid(format!("{name} must be a whole number of bytes up to 1 TiB")));

@@ -3,6 +3,7 @@
 use super::device::{check, os_error, Device, PORT};
 use super::registration::ProtectionDomain;
 use crate::error::{Error, ErrorCode, Result};
+use crate::metrics::{HeldResource, Raised, RESOURCES};
 use rdma_mummy_sys as ibv;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -111,6 +112,7 @@ pub struct QueuePair {
     /// For a queue pair that receives ([`QueuePair::receiving`]); dropped after its CQ.
     channel: Option<CompletionChannel>,
     pd: Arc<ProtectionDomain>,
+    _counted: HeldResource,
 }
 
 // SAFETY: posting and polling take `&mut self`, so one thread at a time uses a QP; libibverbs allows a QP
@@ -155,7 +157,8 @@ impl QueuePair {
             return Err(os_error(&format!("creating a queue pair on {}", device.name())));
         }
         let psn = initial_psn(qp);
-        let mut qp = QueuePair { qp, depth, psn, cq, channel, pd: pd.clone() };
+        let counted = Raised::new(&RESOURCES, |r| &r.rdma_queue_pairs);
+        let mut qp = QueuePair { qp, depth, psn, cq, channel, pd: pd.clone(), _counted: counted };
         // SAFETY: as above.
         let mut attr: ibv::ibv_qp_attr = unsafe { std::mem::zeroed() };
         attr.qp_state = ibv::ibv_qp_state::IBV_QPS_INIT;

@@ -3,6 +3,7 @@
 use super::device::{os_error, Device};
 use crate::cuda::{self, MemoryKind};
 use crate::error::{Error, Result};
+use crate::metrics::{HeldResource, Raised, RESOURCES};
 use std::os::fd::AsRawFd;
 use crate::memory::{CacheLayout, Tensor};
 use crate::plan;
@@ -92,6 +93,7 @@ pub struct MemoryRegion {
     mr: *mut ibv::ibv_mr,
     path: RegistrationPath,
     _pd: Arc<ProtectionDomain>,
+    _counted: HeldResource,
 }
 
 // SAFETY: an MR is immutable after registration; the pointer is only freed in Drop.
@@ -121,7 +123,7 @@ impl MemoryRegion {
                 }
             });
             return match dmabuf {
-                Ok(mr) => Ok(MemoryRegion { mr, path: RegistrationPath::DmaBuf, _pd: pd.clone() }),
+                Ok(mr) => Ok(MemoryRegion::counted(mr, RegistrationPath::DmaBuf, pd)),
                 Err(dmabuf_error) => MemoryRegion::reg_mr(pd, addr, len, access, RegistrationPath::PeerMemory).map_err(|e| {
                     Error::new(
                         e.code(),
@@ -148,7 +150,11 @@ impl MemoryRegion {
         if mr.is_null() {
             return Err(os_error("ibv_reg_mr"));
         }
-        Ok(MemoryRegion { mr, path, _pd: pd.clone() })
+        Ok(MemoryRegion::counted(mr, path, pd))
+    }
+
+    fn counted(mr: *mut ibv::ibv_mr, path: RegistrationPath, pd: &Arc<ProtectionDomain>) -> MemoryRegion {
+        MemoryRegion { mr, path, _pd: pd.clone(), _counted: Raised::new(&RESOURCES, |r| &r.rdma_memory_regions) }
     }
 
     /// How the region was registered.

@@ -14,24 +14,62 @@ const MAX_IOV: usize = 1024;
 /// names the ranges it can fill soon (a few MiB) rather than a thousand 256 KiB blocks of which it fills three.
 const MAX_READ: usize = 4 << 20;
 
-/// Writes every range of `iov`, in order, to the socket `fd`. `iov` is consumed (left advanced).
-pub(super) fn write_all(fd: RawFd, mut iov: &mut [IoVec]) -> io::Result<()> {
+/// Writes every range of `iov`, in order, to the socket `fd`, failing with `TimedOut` once the socket has taken
+/// no byte for `stall`. `iov` is consumed (left advanced).
+///
+/// The socket's own send timeout is no stall timeout: it counts from the start of each call, so a call that
+/// moved some bytes and then waited returns at its timeout, and the next one waits all over again (a link cut in
+/// the middle of a write failed it after twice the stall). Here each wait counts from the last byte taken.
+pub(super) fn write_all(fd: RawFd, mut iov: &mut [IoVec], stall: Duration) -> io::Result<()> {
+    let mut progress = Instant::now();
     while !iov.is_empty() {
-        let n = iov.len().min(MAX_IOV);
-        // SAFETY: `iov[..n]` are initialised iovecs; the kernel only reads the ranges they name, and a range
-        // this process cannot read makes writev fail with EFAULT instead of touching it.
-        let written = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
+        // SAFETY: an all-zero msghdr is valid (no name, no control data); only its ranges are set below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len().min(MAX_IOV) as _;
+        // SAFETY: the ranges are initialised iovecs that outlive the call; the kernel only reads the ranges they
+        // name, and a range this process cannot read makes the call fail with EFAULT instead of touching it.
+        let written = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
         if written < 0 {
             let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    wait_writable(fd, progress + stall)?;
+                    continue;
+                }
+                _ => return Err(err),
             }
-            return Err(err);
         }
+        progress = Instant::now();
         let first = advance(iov, written as usize);
         iov = &mut iov[first..];
     }
     Ok(())
+}
+
+/// Waits until the socket `fd` takes bytes again (or has failed, which the next send reports), or `until`.
+fn wait_writable(fd: RawFd, until: Instant) -> io::Result<()> {
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer took no byte for the stall timeout"));
+        }
+        let mut polled = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+        // Rounded up, so that a wait never ends just before `until` and spins.
+        let ms = left.as_micros().div_ceil(1000).min(libc::c_int::MAX as u128) as libc::c_int;
+        // SAFETY: `polled` is one valid pollfd that outlives the call.
+        match unsafe { libc::poll(&mut polled, 1, ms) } {
+            0 => continue,
+            n if n > 0 => return Ok(()),
+            _ => {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
 }
 
 /// Gives `stream`'s next read the time left until `deadline` (`TimedOut` once none is left): called before each
@@ -88,7 +126,7 @@ pub(super) unsafe fn read_all(fd: RawFd, mut iov: &mut [IoVec], mut before_each:
 mod tests {
     use super::*;
     use crate::iov::{iovec, IoVecs};
-    use std::io::Write;
+    use std::io::{Read, Write};
     use std::os::fd::AsRawFd;
 
     #[test]
@@ -101,7 +139,7 @@ mod tests {
         let mut inn: Vec<IoVec> = (0..2500).map(|i| iovec(dst.as_mut_ptr() as u64 + (2499 - i) * 4, 4)).collect();
         let t = std::thread::spawn(move || {
             let mut out = out;
-            write_all(a.as_raw_fd(), &mut out.0).unwrap();
+            write_all(a.as_raw_fd(), &mut out.0, Duration::from_secs(10)).unwrap();
             a
         });
         // SAFETY: the ranges are `dst`'s, which outlives the call.
@@ -121,7 +159,7 @@ mod tests {
         let sent = src.clone();
         let t = std::thread::spawn(move || {
             let mut out = [iovec(sent.as_ptr() as u64, sent.len() as u64)];
-            write_all(a.as_raw_fd(), &mut out).unwrap();
+            write_all(a.as_raw_fd(), &mut out, Duration::from_secs(10)).unwrap();
             a
         });
         // Two ranges larger than one read asks for, then a thousand small ones.
@@ -158,10 +196,33 @@ mod tests {
     }
 
     #[test]
+    fn a_write_fails_one_stall_after_the_last_byte_taken() {
+        // The reader takes one batch half a stall into the write, then nothing: the write fails a stall after that
+        // batch, not a stall after the call that took it returned (as a socket send timeout does: 1.5 stalls).
+        let stall = Duration::from_secs(1);
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let src = vec![5u8; 64 << 20];
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(stall / 2);
+            let mut buf = vec![0u8; 1 << 20];
+            let _ = (&b).read(&mut buf).unwrap();
+            let last = Instant::now();
+            (b, last)
+        });
+        let mut out = [iovec(src.as_ptr() as u64, src.len() as u64)];
+        let err = write_all(a.as_raw_fd(), &mut out, stall).unwrap_err();
+        let failed = Instant::now();
+        let (_b, last) = reader.join().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        let after = failed - last;
+        assert!(after >= stall * 9 / 10 && after < stall * 13 / 10, "failed {after:?} after the last byte taken (stall {stall:?})");
+    }
+
+    #[test]
     fn bad_addresses_fail_cleanly() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut bad = [iovec(8, 16)];
-        let err = write_all(a.as_raw_fd(), &mut bad).unwrap_err();
+        let err = write_all(a.as_raw_fd(), &mut bad, Duration::from_secs(10)).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
     }
 

@@ -12,6 +12,7 @@ use crate::listener::{host_of, read_before, Hello, HelloShape, Listener, Stage};
 use crate::error::{Error, Result};
 use crate::log::Logger;
 use crate::memory::{CacheLayout, TensorSet};
+use crate::metrics::{HeldResource, Raised, RESOURCES};
 use crate::plan::{self, check_remote_runs, Run, SliceGeometry};
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
@@ -273,6 +274,7 @@ fn serve_session(stream: TcpStream, shared: &Shared, token: u64, session: Sessio
         iov: IoVecs::default(),
         out: Vec::new(),
         staging,
+        _counted: Raised::new(&RESOURCES, |r| &r.tcp_data_connections),
     };
     loop {
         match conn.serve_one() {
@@ -336,6 +338,7 @@ struct Connection<'a> {
     out: Vec<u8>,
     /// For a cache in GPU memory.
     staging: Option<Staging>,
+    _counted: HeldResource,
 }
 
 impl Connection<'_> {

@@ -9,6 +9,7 @@ use super::staging::Staging;
 use crate::iov::{iovec, IoVecs};
 use crate::error::{Error, ErrorCode, Result};
 use crate::memory::CacheLayout;
+use crate::metrics::{HeldResource, Raised, RESOURCES};
 use crate::config::TCP_STRIPE_BYTES;
 use crate::plan::{self, BlockPlan, Run, SliceGeometry};
 use crate::transport::Link;
@@ -44,6 +45,9 @@ struct DataStream {
     iov: IoVecs,
     /// For a cache in GPU memory.
     staging: Option<Staging>,
+    /// The longest a send may go without the socket taking a byte.
+    stall: Duration,
+    _counted: HeldResource,
 }
 
 /// Which piece of which write a [`DataStream::send`] is.
@@ -114,7 +118,7 @@ impl DataStream {
         })?;
         frame::decode_hello_ack(&ack)?;
         let staging = Staging::for_cache(cache)?;
-        Ok(DataStream { stream, header: Vec::new(), iov: IoVecs::default(), staging })
+        Ok(DataStream { stream, header: Vec::new(), iov: IoVecs::default(), staging, stall: timeout, _counted: Raised::new(&RESOURCES, |r| &r.tcp_data_connections) })
     }
 
     /// Sends the blocks of `runs` (a whole write, or one piece of it) and waits for the decode's ack.
@@ -125,13 +129,13 @@ impl DataStream {
         let payload_bytes: u64 = tensors.iter().map(|t| blocks * cache.block_bytes(t)).sum();
         let header = WriteHeader { layer, runs: runs.len() as u32, tensors: tensors.bits(), part, parts, seq, payload_bytes };
         header.encode_with_runs(runs, &mut self.header);
-        let fd = self.stream.as_raw_fd();
+        let (fd, stall) = (self.stream.as_raw_fd(), self.stall);
         let failed = |e| Error::io(&format!("sending layer {layer} to {peer}"), e);
         if let Some(staging) = &mut self.staging {
-            io::write_all(fd, &mut [iovec(self.header.as_ptr() as u64, self.header.len() as u64)]).map_err(failed)?;
+            io::write_all(fd, &mut [iovec(self.header.as_ptr() as u64, self.header.len() as u64)], stall).map_err(failed)?;
             // SAFETY: the runs are the plan's, or a piece of them (`split_runs`), and the plan checked every
             // local id against this cache's block count.
-            unsafe { staging.send(cache, layer, runs, |addr, len| io::write_all(fd, &mut [iovec(addr, len)]).map_err(failed)) }?;
+            unsafe { staging.send(cache, layer, runs, |addr, len| io::write_all(fd, &mut [iovec(addr, len)], stall).map_err(failed)) }?;
             return self.read_ack(seq, peer);
         }
         let iov = &mut self.iov.0;
@@ -141,7 +145,7 @@ impl DataStream {
         plan::for_each_segment(runs, tensors, |t| cache.block_bytes(t), SliceGeometry::WHOLE, |s| {
             iov.push(iovec(cache.addr(s.tensor, layer) + s.local, s.len))
         });
-        io::write_all(fd, iov).map_err(failed)?;
+        io::write_all(fd, iov, stall).map_err(failed)?;
         self.read_ack(seq, peer)
     }
 
