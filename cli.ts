@@ -193,8 +193,8 @@ async function soak(values: Record<string, string | boolean | undefined>): Promi
   const seed = options.seed ?? Date.now() % 2 ** 31
   const prefills = options.prefills ?? 1
   const decodes = options.decodes ?? 1
-  const plural = (n: number, what: string) => `${n} ${what}${n === 1 ? '' : 's'}`
-  const what = `${plural(prefills, 'prefill process')} of ${plural(options.peers ?? 4, 'communicator')} into ${plural(decodes, 'decode')} for ${((options.durationMs ?? 60_000) / 1000).toFixed(0)} s${options.transport ? ` over ${options.transport}` : ''}, seed ${seed}`
+  const plural = (n: number, one: string, many = `${one}s`) => `${n} ${n === 1 ? one : many}`
+  const what = `${plural(prefills, 'prefill process', 'prefill processes')} of ${plural(options.peers ?? 4, 'communicator')} into ${plural(decodes, 'decode')} for ${((options.durationMs ?? 60_000) / 1000).toFixed(0)} s${options.transport ? ` over ${options.transport}` : ''}, seed ${seed}`
   if (!values.json) console.log(`kvtransfer soak: ${what}`)
   const result = await runSoak({ ...options, seed, onSample: values.json ? undefined : (s) => console.log(formatSample(s)) })
   const counts = (r: Record<string, number>) => Object.entries(r).map(([k, v]) => `${k} ${v}`).join(', ') || 'none'

@@ -50,8 +50,8 @@ export async function loadVega(): Promise<{ vega: Vega; vegaLite: VegaLite }> {
 
 /**
  * The Vega-Lite specification of a soak's chart: one panel per measure (memory, threads, descriptors, data
- * connections, queue pairs, registered regions) over time, a line for the decodes' process and one for the
- * prefill processes together; `title` says what ran.
+ * connections, queue pairs, registered regions; those that stayed at 0 left out) over time, a line for the decode
+ * process and one for the prefill processes together; `title` says what ran.
  */
 export function soakSpec(r: SoakResult, title: string): object {
   const measures: Array<[string, (f: NonNullable<SoakResult['samples'][number]['prefill']>) => number | undefined]> = [
@@ -62,7 +62,7 @@ export function soakSpec(r: SoakResult, title: string): object {
     ['RDMA queue pairs', (f) => f.resources?.rdmaQueuePairs],
     ['RDMA registered regions', (f) => f.resources?.rdmaMemoryRegions],
   ]
-  const points = r.samples.flatMap((s) =>
+  const all = r.samples.flatMap((s) =>
     (['decode', 'prefill'] as const).flatMap((side) => {
       const f = s[side]
       if (!f) return []
@@ -72,6 +72,9 @@ export function soakSpec(r: SoakResult, title: string): object {
       })
     }),
   )
+  // A measure that stayed at 0 throughout (queue pairs over TCP, say) is left out.
+  const shown = new Set(all.filter((p) => p.value !== 0).map((p) => p.measure))
+  const points = all.filter((p) => shown.has(p.measure))
   return {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
     title: { text: 'kvtransfer soak: footprint over time', subtitle: title },
@@ -84,7 +87,7 @@ export function soakSpec(r: SoakResult, title: string): object {
       mark: { type: 'line', point: true },
       encoding: {
         x: { field: 'seconds', type: 'quantitative', title: 'seconds into the run' },
-        y: { field: 'value', type: 'quantitative', title: null, scale: { zero: true } },
+        y: { field: 'value', type: 'quantitative', title: null, scale: { zero: true }, axis: { format: ',d', tickMinStep: 1 } },
         color: { field: 'side', type: 'nominal', title: null },
       },
     },

@@ -30,9 +30,10 @@ async function open(p: DecodePlan): Promise<void> {
     keys: Array.from({ length: p.layers }, () => HostBuffer.alloc(p.blockNumber * p.blockBytes)),
     values: Array.from({ length: p.layers }, () => HostBuffer.alloc(p.blockNumber * p.blockBytes)),
   }))
-  // Ended requests are forgotten after a few seconds, so that what a request leaves behind shows as growth.
+  // Ended requests are forgotten after 15 s, so that what a request leaves behind shows as growth; an open one
+  // expires after as long without progress (longer than a layer takes in the emulated Soft-RoCE VM).
   for (const [i, cache] of caches.entries()) {
-    decodes.push(await Communicator.decodeAsync({ ...cache, blockNumber: p.blockNumber, blockBytes: p.blockBytes, port: p.ports[i], socketIfname: 'lo', transport: p.transport, requestTtlMs: 5_000 }))
+    decodes.push(await Communicator.decodeAsync({ ...cache, blockNumber: p.blockNumber, blockBytes: p.blockBytes, port: p.ports[i], socketIfname: 'lo', transport: p.transport, requestTtlMs: 15_000 }))
   }
   before = resources()
   tell({ type: 'ready', ports: decodes.map((d) => d.port) })

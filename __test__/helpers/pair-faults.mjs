@@ -28,6 +28,8 @@ const TRANSPORT = process.env.KVCACHE_TRANSPORT ?? 'auto'
 const BLOCK_BYTES = TRANSPORT === 'tcp' ? 8192 : 4096
 // The longest any request may take to end at the decode before it counts as hung.
 const HUNG_MS = 90_000
+// The stall timeout (the default), a write's deadline once the link stops taking bytes.
+const STALL_MS = 10_000
 
 const CASES = [
   { name: 'delay', netem: ['delay', '10ms', '5ms', 'distribution', 'normal'] },
@@ -105,6 +107,9 @@ async function decode() {
     if (v.outcome !== 'complete' && end === 'OK') fail(`${request}: a write of the prefill failed (${v.code}), but the decode saw the request complete`)
     if (v.outcome !== 'complete' && end !== 'TRANSPORT') fail(`${request}: the decode was not told the request failed (${end})`)
     if (name.startsWith('partition-20') && v.outcome === 'complete') fail(`${request}: a 20 s cut was expected to fail the request`)
+    // Its deadline is the stall timeout, counted from the last byte the link took (about the cut), once: not
+    // once per socket call or per piece of a split write.
+    if (v.failedAfterMs !== undefined && v.failedAfterMs > STALL_MS + 2_000) fail(`${request}: its failing write ended ${seconds(v.failedAfterMs)} after the cut, past its deadline (the ${seconds(STALL_MS)} stall timeout)`)
     if (name === 'after-partition' && end !== 'OK') fail(`${request}: the request after the long cut did not complete`)
     if (!name.startsWith('partition') && end !== 'OK') fail(`${request}: ${name} alone must not fail a request`)
     // The next case writes the same blocks: only once these are checked.

@@ -46,7 +46,9 @@ struct Listening {
 
 /// The prefill links' data paths, as the request channels see them: a link whose channel ends is cut off.
 struct Links {
-    acceptors: Vec<Arc<dyn Acceptor>>,
+    /// Let go at close: an RDMA one holds the cache's registered regions, which then go with it (not when the
+    /// binding's object is collected; the request channels' server, kept for its counts, holds these links).
+    acceptors: Mutex<Vec<Arc<dyn Acceptor>>>,
     requests: Arc<Requests>,
     log: Arc<Logger>,
     /// Same-host links whose channel ended without a goodbye while their process lives (or is still ending),
@@ -60,10 +62,15 @@ fn same_link(a: &PeerInfo, b: &PeerInfo) -> bool {
 }
 
 impl Links {
+    /// The accepting half of `kind`, while open.
+    fn acceptor(&self, kind: TransportKind) -> Option<Arc<dyn Acceptor>> {
+        lock(&self.acceptors).iter().find(|a| a.kind() == kind).cloned()
+    }
+
     /// Stops the data path of `peer`. `false` where its transport cannot (a same-host one) and its process
     /// still lives at `until`.
     fn cut_off(&self, peer: &PeerInfo, until: Instant) -> bool {
-        let stopped = self.acceptors.iter().find(|a| a.kind() == peer.transport).is_some_and(|a| a.cut_off(peer.session));
+        let stopped = self.acceptor(peer.transport).is_some_and(|a| a.cut_off(peer.session));
         stopped || peer.process.as_ref().is_some_and(|p| p.ends_by(until))
     }
 
@@ -117,7 +124,7 @@ impl Events for Links {
 
     fn frame(&self, channel: u64, peer: &PeerInfo, frame: Frame) -> Result<()> {
         if let Frame::Done { layer, blocks, .. } = &frame {
-            let acceptor = self.acceptors.iter().find(|a| a.kind() == peer.transport);
+            let acceptor = self.acceptor(peer.transport);
             if !blocks.is_empty() && !acceptor.is_some_and(|a| a.delivered(peer.session, *layer, blocks)) {
                 return Err(Error::protocol(format!(
                     "a notification of {} blocks of layer {layer} that its link did not deliver",
@@ -178,13 +185,12 @@ impl DecodeSide {
             let r = requests.clone();
             acceptor.watch(Arc::new(move |session, mark| r.on_mark(session, mark)));
         }
-        let links = Arc::new(Links { acceptors: acceptors.clone(), requests: requests.clone(), log: log.clone(), uncut: Mutex::default() });
+        let links = Arc::new(Links { acceptors: Mutex::new(acceptors.clone()), requests: requests.clone(), log: log.clone(), uncut: Mutex::default() });
         let channels =
             Arc::new(ChannelServer::start(env.listen_ips, env.cache.block_number(), env.config.timeouts.stall, env.config.max_peers, log.clone(), links.clone())?);
         let admitting = Arc::new(Admitting {
             cache: env.cache.clone(),
             links: links.clone(),
-            acceptors: acceptors.clone(),
             channels: channels.clone(),
             log: log.clone(),
             metrics: metrics.clone(),
@@ -290,7 +296,8 @@ impl DecodeSide {
         // Each channel's end cuts its link off; then the accepting halves stop every data path. Explicitly,
         // not by the last reference going: a revoke in flight may hold one.
         listening.channels.shutdown();
-        for acceptor in &listening.links.acceptors {
+        let acceptors = std::mem::take(&mut *lock(&listening.links.acceptors));
+        for acceptor in &acceptors {
             acceptor.close();
         }
         uncut
@@ -301,7 +308,6 @@ impl DecodeSide {
 struct Admitting {
     cache: Arc<CacheLayout>,
     links: Arc<Links>,
-    acceptors: Vec<Arc<dyn Acceptor>>,
     channels: Arc<ChannelServer>,
     log: Arc<Logger>,
     metrics: Arc<Instruments>,
@@ -321,13 +327,14 @@ impl Admit for Admitting {
         let same_host = process.is_some();
         self.links.forget(process, &hello.dropped);
         let offers: Vec<TransportKind> = hello.offers.iter().map(|o| o.transport).collect();
-        let ours: Vec<TransportKind> = self.acceptors.iter().map(|a| a.kind()).collect();
+        let acceptors = lock(&self.links.acceptors).clone();
+        let ours: Vec<TransportKind> = acceptors.iter().map(|a| a.kind()).collect();
         let peer = format!("prefill tp {}/{}", hello.tp_idx, hello.tp_size);
         // The first transport that takes this peer; one may be unavailable to it alone (shm's one ptrace grant).
         let mut refusal = None;
         let mut taken = None;
         for kind in negotiation::choose(&offers, &ours, same_host)? {
-            let acceptor = self.acceptors.iter().find(|a| a.kind() == kind).expect("chosen among ours");
+            let acceptor = acceptors.iter().find(|a| a.kind() == kind).expect("chosen among ours");
             let offer = hello.offers.iter().find(|o| o.transport == kind).expect("chosen among the offers");
             let admission = Admission {
                 peer: &peer,

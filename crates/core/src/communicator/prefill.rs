@@ -36,8 +36,12 @@ const REMEMBERED: usize = 65536;
 type Peers = Mutex<HashMap<String, Arc<PeerEntry>>>;
 
 pub(super) struct PrefillSide {
-    /// One connecting half per transport set up, preferred first.
-    connectors: Vec<Arc<dyn Connector>>,
+    /// One connecting half per transport set up, preferred first; let go at close (an RDMA one holds the cache's
+    /// registered regions).
+    connectors: Mutex<Vec<Arc<dyn Connector>>>,
+    /// Their transports, and the RDMA device, kept past close.
+    kinds: Vec<TransportKind>,
+    device: Option<String>,
     tp_size: u32,
     tp_idx: u32,
     peers: Peers,
@@ -177,7 +181,19 @@ struct Connection {
 
 impl PrefillSide {
     pub(super) fn new(connectors: Vec<Arc<dyn Connector>>, tp_size: u32, tp_idx: u32, metrics: Arc<Instruments>) -> PrefillSide {
-        PrefillSide { connectors, tp_size, tp_idx, peers: Mutex::new(HashMap::new()), workers: Workers::new(), events: Arc::default(), metrics }
+        let kinds = connectors.iter().map(|c| c.kind()).collect();
+        let device = connectors.iter().find_map(|c| c.device().map(str::to_string));
+        PrefillSide {
+            connectors: Mutex::new(connectors),
+            kinds,
+            device,
+            tp_size,
+            tp_idx,
+            peers: Mutex::new(HashMap::new()),
+            workers: Workers::new(),
+            events: Arc::default(),
+            metrics,
+        }
     }
 
     /// The instruments of the peer `ip:port` (for calls that count it before they reach it).
@@ -196,11 +212,11 @@ impl PrefillSide {
     }
 
     pub(super) fn transports(&self) -> Vec<TransportKind> {
-        self.connectors.iter().map(|c| c.kind()).collect()
+        self.kinds.clone()
     }
 
     pub(super) fn device(&self) -> Option<&str> {
-        self.connectors.iter().find_map(|c| c.device())
+        self.device.as_deref()
     }
 
     pub(super) fn tp_description(&self) -> String {
@@ -257,7 +273,8 @@ impl PrefillSide {
         // they are offered only to a decode reached at an address of this host, never to one elsewhere that
         // could pass on the details of a process here.
         let local = net::is_this_host(ip);
-        let mut offers: Vec<&Arc<dyn Connector>> = self.connectors.iter().filter(|c| local || !c.kind().same_host_only()).collect();
+        let connectors = lock(&self.connectors).clone();
+        let mut offers: Vec<&Arc<dyn Connector>> = connectors.iter().filter(|c| local || !c.kind().same_host_only()).collect();
         if offers.is_empty() {
             return Err(Error::new(
                 ErrorCode::Unavailable,
@@ -627,6 +644,9 @@ impl PrefillSide {
         for peer in peers {
             peer.lock().link = None;
         }
+        // What the connecting halves hold (an RDMA one: the cache's registered regions) goes once the links that
+        // use it have: not when the binding's object is collected.
+        lock(&self.connectors).clear();
     }
 
     /// Drops a peer whose connection could not be rebuilt, so later calls say `NOT_CONNECTED`; a newer peer
