@@ -133,6 +133,35 @@ async function load<T>(importer: () => Promise<T>): Promise<T | undefined> {
   }
 }
 
+type Plot = typeof import('./lib/plot.js')
+
+/**
+ * `--plot`'s module, with its packages looked for before a run that may take long, not after it: undefined
+ * without `--plot`, null (said why) where they are absent.
+ */
+async function plotFor(command: string, file: string | boolean | undefined): Promise<Plot | undefined | null> {
+  if (typeof file !== 'string') return undefined
+  const plot = await import('./lib/plot.js')
+  try {
+    await plot.loadVega()
+    return plot
+  } catch (err) {
+    console.error(`kvtransfer ${command} --plot: ${err instanceof Error ? err.message : String(err)}`)
+    return null
+  }
+}
+
+/** Writes the chart `svg` draws to `file`; false (said why) where it cannot be drawn or written. */
+async function writePlot(command: string, file: string, svg: () => Promise<string>): Promise<boolean> {
+  try {
+    writeFileSync(file, await svg())
+    return true
+  } catch (err) {
+    console.error(`kvtransfer ${command} --plot: ${err instanceof Error ? err.message : String(err)}`)
+    return false
+  }
+}
+
 const SOAK_OPTIONS = ['duration', 'interval', 'transport', 'seed', 'chaos', 'prefills', 'decodes']
 /** Options both commands take. */
 const SHARED_OPTIONS = ['peers', 'layers', 'plot']
@@ -177,16 +206,8 @@ async function soak(values: Record<string, string | boolean | undefined>): Promi
   const soakModule = await load(() => import('./lib/soak.js'))
   if (!soakModule) return 1
   const { runSoak, formatSample, chaosMinDurationMs } = soakModule
-  // The plot's packages are looked for before a run that may take long, not after it.
-  const plot = typeof values.plot === 'string' ? await import('./lib/plot.js') : undefined
-  if (plot) {
-    try {
-      await plot.loadVega()
-    } catch (err) {
-      console.error(`kvtransfer soak --plot: ${err instanceof Error ? err.message : String(err)}`)
-      return 2
-    }
-  }
+  const plot = await plotFor('soak', values.plot)
+  if (plot === null) return 2
   if (options.chaosMs !== undefined && (options.durationMs ?? 60_000) < chaosMinDurationMs(options.chaosMs)) {
     return refused(new Error(`--chaos needs a --duration of at least ${Math.ceil(chaosMinDurationMs(options.chaosMs) / 1000)}s (chaos stops in time for the last prefill to serve)`))
   }
@@ -214,14 +235,7 @@ async function soak(values: Record<string, string | boolean | undefined>): Promi
     }
     console.log(result.failures.length === 0 ? 'passed: every completed layer checked, every request ended, no growth past the bounds' : `FAILED:\n  ${result.failures.slice(0, 20).join('\n  ')}`)
   }
-  if (plot) {
-    try {
-      writeFileSync(values.plot as string, await plot.svgOf(plot.soakSpec(result, what)))
-    } catch (err) {
-      console.error(`kvtransfer soak --plot: ${err instanceof Error ? err.message : String(err)}`)
-      return 1
-    }
-  }
+  if (plot && !(await writePlot('soak', values.plot as string, () => plot.svgOf(plot.soakSpec(result, what))))) return 1
   return result.failures.length === 0 ? 0 : 1
 }
 
@@ -270,16 +284,8 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
   if (!bench) return 1
   const { runBench, formatCsv, formatTable } = bench
   const quiet = values.json === true || values.csv === true
-  // The plot's packages are looked for before a run that may take long, not after it.
-  const plot = typeof values.plot === 'string' ? await import('./lib/plot.js') : undefined
-  if (plot) {
-    try {
-      await plot.loadVega()
-    } catch (err) {
-      console.error(`kvtransfer bench --plot: ${err instanceof Error ? err.message : String(err)}`)
-      return 2
-    }
-  }
+  const plot = await plotFor('bench', values.plot)
+  if (plot === null) return 2
   let result
   try {
     result = await runBench({
@@ -295,14 +301,7 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
   else if (values.csv) console.log(formatCsv(result))
   else console.log(formatTable(result))
   // The run is printed first: a plot that cannot be written loses nothing else.
-  if (plot) {
-    try {
-      writeFileSync(values.plot as string, await plot.svgOf(plot.benchSpec(result)))
-    } catch (err) {
-      console.error(`kvtransfer bench --plot: ${err instanceof Error ? err.message : String(err)}`)
-      return 1
-    }
-  }
+  if (plot && !(await writePlot('bench', values.plot as string, () => plot.svgOf(plot.benchSpec(result))))) return 1
   // Judged on kvtransfer's own rows: a peer that failed is said in the output, not a failure of ours.
   const ours = result.rows.filter((r) => r.system === 'kvtransfer')
   const oursFailed = result.failed.filter((f) => !(options.peers ?? []).some((p) => f.transport.startsWith(`${p} `)))

@@ -22,8 +22,8 @@ const tell = (m: DecodeReport) => process.send?.(m)
 let decodes: DecodeCommunicator[] = []
 let caches: Array<{ keys: HostBuffer[]; values: HostBuffer[] }> = []
 let plan: DecodePlan | undefined
-/** What the decodes held before any prefill came. */
-let before = resources()
+/** The regions the decodes registered before any prefill came (their caches'). */
+let ownRegions = 0
 
 async function open(p: DecodePlan): Promise<void> {
   caches = p.ports.map(() => ({
@@ -35,7 +35,7 @@ async function open(p: DecodePlan): Promise<void> {
   for (const [i, cache] of caches.entries()) {
     decodes.push(await Communicator.decodeAsync({ ...cache, blockNumber: p.blockNumber, blockBytes: p.blockBytes, port: p.ports[i], socketIfname: 'lo', transport: p.transport, requestTtlMs: 15_000 }))
   }
-  before = resources()
+  ownRegions = resources().rdmaMemoryRegions
   tell({ type: 'ready', ports: decodes.map((d) => d.port) })
 }
 
@@ -95,11 +95,15 @@ function openRequests(): number {
   )
 }
 
-/** Waits (up to `ms`) for the decodes to hold no more than before any prefill came; what they still hold. */
+/**
+ * Waits (up to `ms`) for the decodes to hold nothing of their links: no data connection, no queue pair (a decode
+ * holds neither without a link), no region but their caches'. What they still hold.
+ */
 async function letGo(ms: number): Promise<string[]> {
   const left = () => {
     const now = resources()
-    return (['rdmaQueuePairs', 'rdmaMemoryRegions', 'tcpDataConnections'] as const).filter((k) => now[k] > before[k]).map((k) => `${k} ${before[k]} → ${now[k]}`)
+    const most = { rdmaQueuePairs: 0, rdmaMemoryRegions: ownRegions, tcpDataConnections: 0 }
+    return (['rdmaQueuePairs', 'rdmaMemoryRegions', 'tcpDataConnections'] as const).filter((k) => now[k] > most[k]).map((k) => `${k} ${most[k]} → ${now[k]}`)
   }
   const until = Date.now() + ms
   while (left().length > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50))
@@ -127,8 +131,15 @@ process.on('message', (m: DecodeOrder) => {
 // Closed once the soak lets go of it: the decodes, then their caches.
 process.on('disconnect', () => {
   void (async () => {
-    for (const d of decodes) await d.close().catch(() => {})
-    for (const c of caches) for (const hb of [...c.keys, ...c.values]) hb.free()
+    for (const [i, d] of decodes.entries()) {
+      try {
+        await d.close()
+        for (const hb of [...caches[i].keys, ...caches[i].values]) hb.free()
+      } catch (e) {
+        // A link that never confirmed may still write into this cache: it is not freed (the process ends anyway).
+        console.error(`soak decode ${i}: ${e instanceof Error ? e.message : String(e)}`)
+      }
+    }
     process.exit(0)
   })()
 })

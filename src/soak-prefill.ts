@@ -99,12 +99,13 @@ async function peerLoop(p: SoakPlan, index: number, deadline: number): Promise<v
         } catch (e) {
           count(e)
           end = e instanceof KVTransferError ? e.code.toLowerCase() : 'error'
-          // Its decode went away and could not be reached again within the reconnect policy: connect anew.
-          if (e instanceof KVTransferError && e.code === 'NOT_CONNECTED') await connect(at)
           break
         }
       }
       process.send?.({ type: 'end', request, peer: index, end } satisfies PrefillReport)
+      // Its decode went away and could not be reached again within the reconnect policy: connect anew (once the
+      // request's end is told).
+      if (end === 'not_connected') await connect(at)
       await freed
     }
   } finally {

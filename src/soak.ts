@@ -47,8 +47,9 @@ export interface SoakOptions {
   /**
    * Chaos: about this often (ms, at random between half and one and a half times it), the prefill process or
    * the decode process is killed (SIGKILL; a new one takes its place, a decode on the same ports) or stopped for
-   * up to 2 s (SIGSTOP, then SIGCONT), at a random moment of its requests: in rounds of six, the prefill killed,
-   * stopped, the decode killed, the prefill stopped, killed, the decode stopped. Off by default.
+   * up to 2 s (SIGSTOP, then SIGCONT), at a random moment of its requests: in rounds of six (the prefill killed,
+   * the decode killed, the prefill stopped, the decode stopped, the prefill killed, stopped), the decode only in
+   * the first half of the chaos. Off by default.
    */
   chaosMs?: number
   /** Told each interval's figures, and the last. */
@@ -451,7 +452,8 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       endedNow(m.how)
       if (m.how === 'complete') {
         e.by.completed = true
-        if (chaos && decodeKilledAt !== undefined) {
+        // Only the decode that replaced the killed one serves again (the killed one's last messages may still come).
+        if (chaos && decodeKilledAt !== undefined && from === decode && !from.killed) {
           chaos.servingAgain.push(Date.now() - decodeKilledAt)
           decodeKilledAt = undefined
         }
@@ -690,14 +692,26 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     void done.then((e) => (over = e))
     // Chaos until shortly before the last requests start; the processes then alive finish the run. The events
     // come at random moments in a fixed round, so that a short run sees every kind: two in three hit the prefill.
-    const round = [kill, () => stop(slots[0], 'stops'), killDecode, () => stop(slots[0], 'stops'), kill, () => stop(decode as Decode, 'decodeStops')]
+    // The decode is hit only in the first half of that time, so that the one serving last lives through samples
+    // enough for its growth to be judged.
+    const round: Array<[onDecode: boolean, event: () => Promise<void>]> = [
+      [false, kill],
+      [true, killDecode],
+      [false, () => stop(slots[0], 'stops')],
+      [true, () => stop(decode as Decode, 'decodeStops')],
+      [false, kill],
+      [false, () => stop(slots[0], 'stops')],
+    ]
     const chaosRun = (async () => {
       if (!chaos) return
       const until = start + durationMs - chaosMargin
+      const decodeUntil = start + (durationMs - chaosMargin) / 2
       for (let n = 0; ; n++) {
         await Promise.race([done, sleep(chaosMs * (0.5 + rand()))])
         if (over !== null || Date.now() >= until) return
-        await round[n % round.length]()
+        const [onDecode, event] = round[n % round.length]
+        if (onDecode && Date.now() >= decodeUntil) continue
+        await event()
       }
     })().catch((e: unknown) => {
       result.failures.push(`chaos failed: ${e instanceof Error ? e.message : String(e)}`)

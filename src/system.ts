@@ -146,9 +146,9 @@ export function systemInfo(): SystemInfo {
  * grows is a leak (`kvtransfer soak` samples these).
  */
 export interface Resources {
-  /** RDMA queue pairs: each link's on a prefill, each session's on a decode, and those of the flush reads. */
+  /** RDMA queue pairs: each link's on a prefill (its flush reads go on it too), each session's on a decode. */
   rdmaQueuePairs: number
-  /** RDMA memory regions registered: the caches', and the flush reads' targets. */
+  /** RDMA memory regions registered: the caches', and one scratch region per communicator (a flush read's target). */
   rdmaMemoryRegions: number
   /** TCP data connections, both ends (a link of `tcpConnections` connections counts as that many). */
   tcpDataConnections: number

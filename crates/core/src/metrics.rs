@@ -86,13 +86,15 @@ impl Gauge {
         self.0.load(Ordering::Relaxed).max(0) as u64
     }
 }
+
 /// What this process holds through kvtransfer, all communicators together: the kernel and device resources
-/// its links live on, for a soak or an operator to watch for leaks (`resources()` in the wrapper). Each is held up by a [`Raised`] field of what owns the resource.
+/// its links live on, for a soak or an operator to watch for leaks (`resources()` in the wrapper). Each is
+/// held up by a [`Raised`] field of what owns the resource.
 #[derive(Debug, Default)]
 pub struct Resources {
-    /// RDMA queue pairs (a link's on the prefill; a session's on the decode; the flush reads' too).
+    /// RDMA queue pairs: a link's on the prefill (its flush reads go on it too), a session's on the decode.
     pub rdma_queue_pairs: Gauge,
-    /// RDMA memory regions registered (the cache's, a flush target's).
+    /// RDMA memory regions registered: the cache's, and each RDMA context's scratch region (a flush read's target).
     pub rdma_memory_regions: Gauge,
     /// TCP data connections, both ends (the request channels and handshakes are not counted).
     pub tcp_data_connections: Gauge,

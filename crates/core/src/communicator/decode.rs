@@ -70,7 +70,8 @@ impl Links {
     /// Stops the data path of `peer`. `false` where its transport cannot (a same-host one) and its process
     /// still lives at `until`.
     fn cut_off(&self, peer: &PeerInfo, until: Instant) -> bool {
-        let stopped = self.acceptor(peer.transport).is_some_and(|a| a.cut_off(peer.session));
+        // Once closed, the accepting halves have stopped every data path they could (not a same-host one).
+        let stopped = self.acceptor(peer.transport).map_or(!peer.transport.same_host_only(), |a| a.cut_off(peer.session));
         stopped || peer.process.as_ref().is_some_and(|p| p.ends_by(until))
     }
 

@@ -269,6 +269,8 @@ impl PrefillSide {
     /// was chosen but cannot be opened (another container, memory the driver cannot share), the handshake runs
     /// again without it.
     fn handshake(&self, comm: &Communicator, ip: &str, port: u16, dst_tp_size: u32, rebuilt: bool, gate: &Arc<Gate>) -> Result<Peer> {
+        // A closed side has let go of its connecting halves: `CLOSED`, not "no transport for this address".
+        comm.check_open()?;
         // Same-host transports write into another process (or map its GPU memory) at addresses the decode names:
         // they are offered only to a decode reached at an address of this host, never to one elsewhere that
         // could pass on the details of a process here.
