@@ -46,7 +46,7 @@ env KVTRANSFER_TEST_RDMA_NIC=rxe0 KVTRANSFER_TEST_RDMA_GID_INDEX=1 "$vm" -- bash
   echo '-- demo over RDMA'
   env ${rdma_env[*]} node examples/demo.mjs
   echo '-- soak over RDMA: chaos (the prefill process killed or stopped), then a load run of 4 prefill processes'
-  env ${rdma_env[*]} node cli.js soak --duration 60s --interval 20s --peers 2 --transport rdma --seed 41 --chaos 2s
+  env ${rdma_env[*]} node cli.js soak --duration 60s --interval 15s --peers 2 --transport rdma --seed 41 --chaos 2s
   env ${rdma_env[*]} node cli.js soak --duration 40s --interval 10s --prefills 4 --peers 1 --layers 8 --transport rdma --seed 42
   echo '-- shm under Yama ptrace_scope 1, as an unprivileged user'
   install -m 755 $grant_bin /tmp/shm_grant

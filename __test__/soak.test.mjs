@@ -34,7 +34,8 @@ timed('chaos: killed and stopped prefills and decodes; every request of a killed
   // told its link ended), a killed decode's request its prefill never ended, a request of the next process that
   // hung or never completed.
   t.deepEqual(r.failures, [])
-  // About ten events in its eighteen seconds of chaos, in rounds of six: every kind at least once.
+  // About ten events in its eighteen seconds of chaos, in rounds of six (the decode's in the first fifteen
+  // seconds): every kind at least once.
   const c = r.chaos
   t.true(c.kills >= 1 && c.stops >= 1 && c.decodeKills >= 1 && c.decodeStops >= 1, JSON.stringify(c))
   t.true(Object.values(c.killedRequests).reduce((a, n) => a + n, 0) > 0, JSON.stringify(c))

@@ -22,7 +22,7 @@ const tell = (m: DecodeReport) => process.send?.(m)
 let decodes: DecodeCommunicator[] = []
 let caches: Array<{ keys: HostBuffer[]; values: HostBuffer[] }> = []
 let plan: DecodePlan | undefined
-/** The regions the decodes registered before any prefill came (their caches'). */
+/** The regions the decodes registered before any prefill came (their caches', scratch pages and flush words). */
 let ownRegions = 0
 
 async function open(p: DecodePlan): Promise<void> {

@@ -48,8 +48,8 @@ export interface SoakOptions {
    * Chaos: about this often (ms, at random between half and one and a half times it), the prefill process or
    * the decode process is killed (SIGKILL; a new one takes its place, a decode on the same ports) or stopped for
    * up to 2 s (SIGSTOP, then SIGCONT), at a random moment of its requests: in rounds of six (the prefill killed,
-   * the decode killed, the prefill stopped, the decode stopped, the prefill killed, stopped), the decode only in
-   * the first half of the chaos. Off by default.
+   * the decode killed, the prefill stopped, the decode stopped, the prefill killed, stopped), the decode only until
+   * two intervals and 5 s before the end (at least the first half of the chaos). Off by default.
    */
   chaosMs?: number
   /** Told each interval's figures, and the last. */
@@ -659,7 +659,8 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
       const all = new Promise<void>((resolve) => (sampled = () => askedOf.every((p) => p.sample) && resolve()))
       const seq = ++sampleSeq
       for (const p of askedOf) send(p, { type: 'sample', seq })
-      const decodeBy = decode
+      // The decode process that took the sample, once it serves (one still starting is no warm-up to judge from).
+      const decodeBy = decodeKilledAt === undefined ? decode : undefined
       const [decodeSample] = await Promise.all([ask('sample'), Promise.race([all, sleep(5_000)])])
       const decodeFootprint = decodeSample?.type === 'sample' ? decodeSample.footprint : null
       const replies = askedOf.flatMap((p) => (p.sample ? [p.sample] : []))
@@ -692,8 +693,8 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     void done.then((e) => (over = e))
     // Chaos until shortly before the last requests start; the processes then alive finish the run. The events
     // come at random moments in a fixed round, so that a short run sees every kind: two in three hit the prefill.
-    // The decode is hit only in the first half of that time, so that the one serving last lives through samples
-    // enough for its growth to be judged.
+    // The decode is hit only until two intervals and 5 s before the end (or the first half of that time, where
+    // that is later), so that the one serving last lives through samples enough for its growth to be judged.
     const round: Array<[onDecode: boolean, event: () => Promise<void>]> = [
       [false, kill],
       [true, killDecode],
@@ -705,7 +706,7 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     const chaosRun = (async () => {
       if (!chaos) return
       const until = start + durationMs - chaosMargin
-      const decodeUntil = start + (durationMs - chaosMargin) / 2
+      const decodeUntil = Math.min(until, start + Math.max((durationMs - chaosMargin) / 2, durationMs - 2 * intervalMs - 5_000))
       for (let n = 0; ; n++) {
         await Promise.race([done, sleep(chaosMs * (0.5 + rand()))])
         if (over !== null || Date.now() >= until) return
@@ -743,6 +744,7 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     const last = decode
     const judged = running.filter((r) => r.decodeBy === last).map((r) => (chaos ? { ...r.row, prefill: null } : r.row))
     result.failures.push(...growth(judged, prefillCount))
+    if (chaos && judged.length < 2) result.failures.push(`the decode serving last was sampled ${judged.length} times while traffic ran: too few to judge its growth (a shorter interval)`)
     for (const [request, e] of ends) if (e.decode === undefined || e.prefill === undefined) result.failures.push(`${request}: its end was not told by both sides`)
     if ((result.requests.complete ?? 0) === 0) result.failures.push('no request completed')
     if (chaos) {

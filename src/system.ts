@@ -148,7 +148,7 @@ export function systemInfo(): SystemInfo {
 export interface Resources {
   /** RDMA queue pairs: each link's on a prefill (its flush reads go on it too), each session's on a decode. */
   rdmaQueuePairs: number
-  /** RDMA memory regions registered: the caches', and one scratch region per communicator (a flush read's target). */
+  /** RDMA memory regions registered: the caches', each RDMA communicator's scratch page (where its flush reads land), and a decode's flush word (what they read). */
   rdmaMemoryRegions: number
   /** TCP data connections, both ends (a link of `tcpConnections` connections counts as that many). */
   tcpDataConnections: number

@@ -94,7 +94,8 @@ impl Gauge {
 pub struct Resources {
     /// RDMA queue pairs: a link's on the prefill (its flush reads go on it too), a session's on the decode.
     pub rdma_queue_pairs: Gauge,
-    /// RDMA memory regions registered: the cache's, and each RDMA context's scratch region (a flush read's target).
+    /// RDMA memory regions registered: the caches', each RDMA communicator's scratch page (where its flush reads
+    /// land), and a decode's flush word (what they read).
     pub rdma_memory_regions: Gauge,
     /// TCP data connections, both ends (the request channels and handshakes are not counted).
     pub tcp_data_connections: Gauge,

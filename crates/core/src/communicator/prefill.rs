@@ -269,13 +269,14 @@ impl PrefillSide {
     /// was chosen but cannot be opened (another container, memory the driver cannot share), the handshake runs
     /// again without it.
     fn handshake(&self, comm: &Communicator, ip: &str, port: u16, dst_tp_size: u32, rebuilt: bool, gate: &Arc<Gate>) -> Result<Peer> {
-        // A closed side has let go of its connecting halves: `CLOSED`, not "no transport for this address".
-        comm.check_open()?;
         // Same-host transports write into another process (or map its GPU memory) at addresses the decode names:
         // they are offered only to a decode reached at an address of this host, never to one elsewhere that
         // could pass on the details of a process here.
         let local = net::is_this_host(ip);
         let connectors = lock(&self.connectors).clone();
+        // A closed side has let go of its connecting halves (after it says it is closed): `CLOSED`, not "no
+        // transport for this address".
+        comm.check_open()?;
         let mut offers: Vec<&Arc<dyn Connector>> = connectors.iter().filter(|c| local || !c.kind().same_host_only()).collect();
         if offers.is_empty() {
             return Err(Error::new(
