@@ -49,7 +49,7 @@ export interface SoakOptions {
    * the decode process is killed (SIGKILL; a new one takes its place, a decode on the same ports) or stopped for
    * up to 2 s (SIGSTOP, then SIGCONT), at a random moment of its requests: in rounds of six (the prefill killed,
    * the decode killed, the prefill stopped, the decode stopped, the prefill killed, stopped), the decode only until
-   * two intervals and 5 s before the end (at least the first half of the chaos). Off by default.
+   * three intervals before the end (so that the one serving last is sampled twice). Off by default.
    */
   chaosMs?: number
   /** Told each interval's figures, and the last. */
@@ -693,8 +693,8 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     void done.then((e) => (over = e))
     // Chaos until shortly before the last requests start; the processes then alive finish the run. The events
     // come at random moments in a fixed round, so that a short run sees every kind: two in three hit the prefill.
-    // The decode is hit only until two intervals and 5 s before the end (or the first half of that time, where
-    // that is later), so that the one serving last lives through samples enough for its growth to be judged.
+    // The decode is hit only until three intervals before the end, so that the one serving last (once it serves:
+    // within an interval) is sampled at least twice while traffic runs, for its growth to be judged.
     const round: Array<[onDecode: boolean, event: () => Promise<void>]> = [
       [false, kill],
       [true, killDecode],
@@ -706,7 +706,7 @@ export async function runSoak(options: SoakOptions = {}): Promise<SoakResult> {
     const chaosRun = (async () => {
       if (!chaos) return
       const until = start + durationMs - chaosMargin
-      const decodeUntil = Math.min(until, start + Math.max((durationMs - chaosMargin) / 2, durationMs - 2 * intervalMs - 5_000))
+      const decodeUntil = Math.min(until, start + durationMs - 3 * intervalMs)
       for (let n = 0; ; n++) {
         await Promise.race([done, sleep(chaosMs * (0.5 + rand()))])
         if (over !== null || Date.now() >= until) return
