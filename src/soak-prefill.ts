@@ -1,8 +1,8 @@
 /**
  * @internal A prefill process of `kvtransfer soak` ({@link runSoak}): `peers` prefill communicators, each
  * connected to every decode and running requests one after another into its own range of their blocks until the
- * deadline, each request to the next decode in turn, its layers written in turn under its id. Now and then a request is aborted part-way (its client left),
- * or its peer's connection is closed and made again mid-request. Tells the soak over IPC when a request
+ * deadline, each request to the next decode in turn, its layers written in turn under its id. Now and then a
+ * request is aborted part-way (its client left), or its peer's connection is closed and made again mid-request. Tells the soak over IPC when a request
  * starts and ends, and what its calls did, and starts the next request of a peer only once the decode has
  * released the last one's blocks.
  */

@@ -139,16 +139,18 @@ export function systemInfo(): SystemInfo {
   }
 }
 
-
 /**
  * What this process holds through kvtransfer, all its communicators together: the kernel and device resources
- * its links live on. Each returns to where it was once the links that took it are gone, so a count that only
- * grows is a leak (`kvtransfer soak` samples these).
+ * its links live on. Each returns to where it was once the links that took it are gone (a cache's regions once
+ * its communicator is closed), so a count that only grows is a leak (`kvtransfer soak` samples these).
  */
 export interface Resources {
   /** RDMA queue pairs: each link's on a prefill (its flush reads go on it too), each session's on a decode. */
   rdmaQueuePairs: number
-  /** RDMA memory regions registered: the caches', each RDMA communicator's scratch page (where its flush reads land), and a decode's flush word (what they read). */
+  /**
+   * RDMA memory regions registered: the caches', each RDMA communicator's scratch page (where its flush reads
+   * land), and a decode's flush word (what they read).
+   */
   rdmaMemoryRegions: number
   /** TCP data connections, both ends (a link of `tcpConnections` connections counts as that many). */
   tcpDataConnections: number

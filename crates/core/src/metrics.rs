@@ -59,12 +59,6 @@ impl<O> Drop for Raised<O> {
     }
 }
 
-impl<O> std::fmt::Debug for Raised<O> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Raised")
-    }
-}
-
 /// A process-wide gauge held up: see [`RESOURCES`].
 pub type HeldResource = Raised<&'static Resources>;
 
