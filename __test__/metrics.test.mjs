@@ -135,8 +135,8 @@ test.serial('resources() counts the data connections, queue pairs and registered
   await peer.write([1, 2], [3, 4], 0)
   const linked = resources()
   const more = (k) => linked[k] - opened[k]
-  if (transportName === 'tcp') t.deepEqual([more('tcpDataConnections'), more('rdmaQueuePairs')], [4, 0], "two connections, both ends in this process")
-  if (transportName === 'shm') t.deepEqual([more('tcpDataConnections'), more('rdmaQueuePairs')], [0, 0])
+  if (transportName === 'tcp') t.deepEqual([more('tcpDataConnections'), more('shmRings'), more('rdmaQueuePairs')], [4, 0, 0], "two connections, both ends in this process")
+  if (transportName === 'shm') t.deepEqual([more('tcpDataConnections'), more('shmRings'), more('rdmaQueuePairs')], [0, 2, 0], 'one ring, mapped by both ends')
   if (transportName === 'rdma') {
     t.is(more('tcpDataConnections'), 0)
     t.true(more('rdmaQueuePairs') >= 2, `the link's queue pair and the decode's: ${JSON.stringify([opened, linked])}`)

@@ -44,7 +44,7 @@ timed('chaos: killed and stopped prefills and decodes; every request of a killed
 })
 
 test('growth past a bound is a failure, within it is not', (t) => {
-  const held = (n) => ({ rdmaQueuePairs: n, rdmaMemoryRegions: n, tcpDataConnections: n })
+  const held = (n) => ({ rdmaQueuePairs: n, rdmaMemoryRegions: n, tcpDataConnections: n, shmRings: n })
   const f = (rssMiB, threads, descriptors, resources = held(4)) => ({ rssBytes: rssMiB * 2 ** 20, peakRssBytes: rssMiB * 2 ** 20, threads, descriptors, resources })
   const sample = (decode, prefill) => ({ elapsedMs: 0, requests: {}, calls: 0, bytes: 0, errors: {}, latencyUs: null, decode, prefill })
   t.deepEqual(growth([sample(f(100, 10, 40), f(100, 10, 40)), sample(f(200, 18, 56, held(20)), f(100, 10, 40))]), [])

@@ -59,6 +59,7 @@ export function soakSpec(r: SoakResult, title: string): object {
     ['threads', (f) => f.threads],
     ['descriptors', (f) => f.descriptors],
     ['TCP data connections', (f) => f.resources?.tcpDataConnections],
+    ['shared-memory rings', (f) => f.resources?.shmRings],
     ['RDMA queue pairs', (f) => f.resources?.rdmaQueuePairs],
     ['RDMA registered regions', (f) => f.resources?.rdmaMemoryRegions],
   ]

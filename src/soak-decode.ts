@@ -102,8 +102,8 @@ function openRequests(): number {
 async function letGo(ms: number): Promise<string[]> {
   const left = () => {
     const now = resources()
-    const most = { rdmaQueuePairs: 0, rdmaMemoryRegions: ownRegions, tcpDataConnections: 0 }
-    return (['rdmaQueuePairs', 'rdmaMemoryRegions', 'tcpDataConnections'] as const).filter((k) => now[k] > most[k]).map((k) => `${k} ${most[k]} → ${now[k]}`)
+    const most = { rdmaQueuePairs: 0, rdmaMemoryRegions: ownRegions, tcpDataConnections: 0, shmRings: 0 }
+    return (['rdmaQueuePairs', 'rdmaMemoryRegions', 'tcpDataConnections', 'shmRings'] as const).filter((k) => now[k] > most[k]).map((k) => `${k} ${most[k]} → ${now[k]}`)
   }
   const until = Date.now() + ms
   while (left().length > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50))

@@ -300,6 +300,7 @@ function together(each: Footprint[]): Footprint | null {
       rdmaQueuePairs: held.reduce((n, r) => n + r.rdmaQueuePairs, 0),
       rdmaMemoryRegions: held.reduce((n, r) => n + r.rdmaMemoryRegions, 0),
       tcpDataConnections: held.reduce((n, r) => n + r.tcpDataConnections, 0),
+      shmRings: held.reduce((n, r) => n + r.shmRings, 0),
     },
   }
 }
@@ -794,7 +795,7 @@ export function growth(samples: SoakSample[], prefills = 1): string[] {
     if (b.descriptors > a.descriptors + prefills * 16) out.push(`the ${side}'s descriptors grew from ${a.descriptors} to ${b.descriptors}`)
     const [ra, rb] = [a.resources, b.resources]
     if (ra && rb) {
-      for (const [k, what] of [['rdmaQueuePairs', 'queue pairs'], ['rdmaMemoryRegions', 'registered regions'], ['tcpDataConnections', 'data connections']] as const) {
+      for (const [k, what] of [['rdmaQueuePairs', 'queue pairs'], ['rdmaMemoryRegions', 'registered regions'], ['tcpDataConnections', 'data connections'], ['shmRings', 'shared rings']] as const) {
         if (rb[k] > ra[k] + prefills * 16) out.push(`the ${side}'s ${what} grew from ${ra[k]} to ${rb[k]}`)
       }
     }
@@ -804,7 +805,7 @@ export function growth(samples: SoakSample[], prefills = 1): string[] {
 
 /** One line of figures. */
 export function formatSample(s: SoakSample): string {
-  const held = (r: Resources | null) => (r ? `, ${r.tcpDataConnections} data connections, ${r.rdmaQueuePairs} QPs, ${r.rdmaMemoryRegions} MRs` : '')
+  const held = (r: Resources | null) => (r ? `, ${r.tcpDataConnections} data connections, ${r.shmRings} shm rings, ${r.rdmaQueuePairs} QPs, ${r.rdmaMemoryRegions} MRs` : '')
   const mib = (f: Footprint | null) =>
     f ? `${(f.rssBytes / 2 ** 20).toFixed(0)} MiB (peak ${(f.peakRssBytes / 2 ** 20).toFixed(0)}), ${f.threads} threads, ${f.descriptors} fds${held(f.resources)}` : '-'
   const counts = (r: Record<string, number>) => Object.entries(r).map(([k, v]) => `${k} ${v}`).join(', ') || 'none'

@@ -154,9 +154,11 @@ export interface Resources {
   rdmaMemoryRegions: number
   /** TCP data connections, both ends (a link of `tcpConnections` connections counts as that many). */
   tcpDataConnections: number
+  /** Mappings of shared-memory rings, both ends (each shm link has one ring, mapped by each side). */
+  shmRings: number
 }
 
-/** This process's live {@link Resources}, read from the native counters (cheap: three atomic loads). */
+/** This process's live {@link Resources}, read from the native counters (cheap: four atomic loads). */
 export function resources(): Resources {
   return call(() => native.resources())
 }

@@ -10,7 +10,7 @@ mod common;
 mod raw_peer;
 
 use common::Cache;
-use kvtransfer::transport::tcp::frame::WriteHeader;
+use kvtransfer::transport::frame::WriteHeader;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice, TransportKind};
 use std::io::Write;
 use std::net::TcpStream;

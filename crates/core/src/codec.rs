@@ -2,7 +2,7 @@
 //! big-endian (network order), and a message of no fixed size is a frame, its length (u32) then its bytes. The
 //! control port's messages are frames of JSON ([`crate::wire`]); the request channel's are frames of
 //! [`crate::channel::Frame`]; a data or channel connection opens with an [`crate::admission::ConnectionHello`];
-//! the TCP data path's writes are fixed headers, run tables and payload ([`crate::transport::tcp::frame`]).
+//! the TCP data path's writes are fixed headers, run tables and payload ([`crate::transport::frame`]).
 //!
 //! ```
 //! use kvtransfer::codec::{self, Reader};

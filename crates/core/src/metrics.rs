@@ -93,11 +93,13 @@ pub struct Resources {
     pub rdma_memory_regions: Gauge,
     /// TCP data connections, both ends (the request channels and handshakes are not counted).
     pub tcp_data_connections: Gauge,
+    /// Mappings of shared-memory rings, both ends (a shm session has one ring, mapped by each side).
+    pub shm_rings: Gauge,
 }
 
 /// This process's [`Resources`].
 pub static RESOURCES: Resources =
-    Resources { rdma_queue_pairs: Gauge::new(), rdma_memory_regions: Gauge::new(), tcp_data_connections: Gauge::new() };
+    Resources { rdma_queue_pairs: Gauge::new(), rdma_memory_regions: Gauge::new(), tcp_data_connections: Gauge::new(), shm_rings: Gauge::new() };
 
 /// Buckets of a [`Histogram`]: bucket `i` counts samples in `[2^(i-1), 2^i)` nanoseconds (bucket 0: under 1 ns),
 /// so 2^63 ns (292 years) is the last bound.

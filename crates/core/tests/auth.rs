@@ -183,7 +183,7 @@ fn a_second_greeting_on_one_connection_is_refused() {
 #[test]
 fn a_data_connection_opens_only_with_the_proof_of_its_own_handshake() {
     use kvtransfer::admission::ConnectionHello;
-    use kvtransfer::transport::tcp::frame;
+    use kvtransfer::transport::frame;
     use std::io::{Read, Write};
     let dst = Cache::new(2, 2, 8, 64, 12);
     let d = decode(&dst, config(Some(TOKEN), Some(error_log("data-proof"))));

@@ -9,7 +9,7 @@ mod raw_peer;
 
 use common::Cache;
 use kvtransfer::listener::greeting_caps;
-use kvtransfer::transport::tcp::frame::WriteHeader;
+use kvtransfer::transport::frame::WriteHeader;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Role, TransportChoice, TransportKind};
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -16,7 +16,7 @@ use kvtransfer::communicator::requests::Requests;
 use kvtransfer::memory::{CacheSpec, TensorSet};
 use kvtransfer::plan::{self, Run, SliceGeometry};
 use kvtransfer::admission::{self, ConnectionHello};
-use kvtransfer::transport::tcp::frame::{self as tcp, Ack, WriteHeader};
+use kvtransfer::transport::frame::{self as tcp, Ack, WriteHeader};
 use kvtransfer::transport::{cuda_ipc::IpcWelcome, from_details, rdma::RdmaWelcome, shm::ShmWelcome};
 use kvtransfer::wire::{self, TransportKind};
 use proptest::prelude::*;
@@ -237,6 +237,42 @@ fn request_channel_frames() {
             if n % 64 == 0 {
                 requests.on_link_end(n % 4, &peer, "fuzz");
             }
+        }
+    });
+}
+
+/// The slots of the shared-memory ring: the same header and run table as a TCP write, then the payload, read
+/// by the decode's ring thread. Whatever a slot says, nothing outside the cache changes, and a refused slot
+/// changes nothing at all.
+#[test]
+fn shm_ring_slots() {
+    use kvtransfer::transport::shm::ring::{RingSession, SlotReader, SLOT_BYTES};
+    const GUARD: usize = 4096;
+    let log = Arc::new(Logger::new(&Config::default(), "fuzz").unwrap());
+    proptest!(config(), |(bytes in inputs("tcp"), ratio in prop::sample::select(vec![1u32, 2, 4]), keys_only in any::<bool>())| {
+        // 2 layers × (keys, values) × 8 blocks of 1 KiB, each tensor between guard bytes.
+        let tensor = 8 * 1024;
+        let mut memory = vec![0x5Au8; 4 * (GUARD + tensor) + GUARD];
+        let base = memory.as_mut_ptr() as u64;
+        let at = |i: u64| base + GUARD as u64 + i * (GUARD + tensor) as u64;
+        let spec = CacheSpec {
+            key: vec![at(0), at(1)],
+            value: if keys_only { vec![] } else { vec![at(2), at(3)] },
+            block_number: 8,
+            block_bytes: 1024,
+            ..CacheSpec::default()
+        };
+        let layout = Arc::new(common::layout(spec));
+        let session = RingSession { cache: layout.clone(), tensors: layout.tensors(), geometry: SliceGeometry { ratio, slot: 0 }, peer: "fuzz".into(), log: log.clone() };
+        let mut slot = vec![0u8; SLOT_BYTES];
+        slot[..bytes.len().min(SLOT_BYTES)].copy_from_slice(&bytes[..bytes.len().min(SLOT_BYTES)]);
+        let before = memory.clone();
+        let taken = SlotReader::default().take(&slot, &session);
+        let changed: Vec<usize> = (0..memory.len()).filter(|&i| memory[i] != before[i]).collect();
+        let inside = |i: &usize| (0..4).any(|t| (at(t) - base) as usize <= *i && *i < (at(t) - base) as usize + tensor) && (!keys_only || *i < (at(2) - base) as usize);
+        prop_assert!(changed.iter().all(inside), "a slot changed bytes outside the cache: {:?}", &changed[..changed.len().min(8)]);
+        if taken.is_err() {
+            prop_assert!(changed.is_empty(), "a refused slot changed {} bytes", changed.len());
         }
     });
 }

@@ -10,7 +10,7 @@ mod raw_peer;
 use common::Cache;
 use raw_peer::{data_connection, read_ack};
 use kvtransfer::memory::CacheSpec;
-use kvtransfer::transport::tcp::frame::WriteHeader;
+use kvtransfer::transport::frame::WriteHeader;
 use kvtransfer::{Communicator, CommunicatorSpec, Config, ErrorCode, Role, TransportChoice, TransportKind};
 use std::io::{Read, Write};
 use std::net::TcpStream;

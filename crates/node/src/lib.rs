@@ -755,9 +755,10 @@ pub struct NativeResources {
     pub rdma_queue_pairs: u32,
     pub rdma_memory_regions: u32,
     pub tcp_data_connections: u32,
+    pub shm_rings: u32,
 }
 
-/// This process's live queue pairs, registered regions and data connections (`resources()` in the wrapper).
+/// This process's live queue pairs, registered regions, data connections and shared rings (`resources()` in the wrapper).
 #[napi]
 pub fn resources() -> NativeResources {
     let r = &kvtransfer::metrics::RESOURCES;
@@ -766,6 +767,7 @@ pub fn resources() -> NativeResources {
         rdma_queue_pairs: n(&r.rdma_queue_pairs),
         rdma_memory_regions: n(&r.rdma_memory_regions),
         tcp_data_connections: n(&r.tcp_data_connections),
+        shm_rings: n(&r.shm_rings),
     }
 }
 

@@ -8,6 +8,7 @@
 //! Transports never import each other, the control plane or the communicator.
 
 pub mod cuda_ipc;
+pub mod frame;
 pub mod rdma;
 pub mod shm;
 pub mod tcp;

@@ -5,7 +5,7 @@
 use kvtransfer::channel::{ChannelClient, Directive};
 use kvtransfer::control;
 use kvtransfer::admission::ConnectionHello;
-use kvtransfer::transport::tcp::frame;
+use kvtransfer::transport::frame;
 use kvtransfer::wire::{self, Hello, Reply, Request, Welcome, PROTOCOL_VERSION};
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -1,6 +1,8 @@
 //! The shared-memory transport: prefill and decode on one host, caches in host memory. The prefill writes
 //! straight into the decode process's cache with `process_vm_writev` (one copy, no work on the decode side,
-//! large writes split over a few threads: [`copy`]), the same one-sided shape as an RDMA write.
+//! large writes split over a few threads: [`copy`]), the same one-sided shape as an RDMA write. A call of small
+//! blocks, whose ranges cost the kernel more than their bytes, goes through a ring both processes map instead,
+//! which a thread of the decode copies out of ([`ring`]).
 //!
 //! The decode side shows a random 64-bit word at a known address; the prefill reads it back before each write,
 //! so a decode that closed, died, or whose pid now names another process is never written into.
@@ -10,19 +12,28 @@
 
 pub(crate) mod copy;
 mod ptrace_grant;
+pub mod ring;
 
 use crate::sync::lock;
 use crate::config::Config;
 use crate::cuda::MemoryKind;
 use crate::error::{Error, ErrorCode, Result};
 use crate::iov::{iovec, IoVecs};
+use crate::log::Logger;
 use crate::memory::{CacheLayout, Tensor};
 use crate::plan::{self, BlockPlan, SliceGeometry};
 use crate::transport::{self, Accepted, Acceptor, Admission, Answer, Connector, Environment, Link, PendingLink, Transport};
 use crate::wire::TransportKind;
+use ring::{RingOffer, RingServer, RingSession, RingWriter};
 use serde::{Deserialize, Serialize};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A call whose ranges average at most this many bytes goes through the ring ([`ring`]); larger ones with
+/// `process_vm_writev`, one copy instead of two.
+const RING_MEAN_RANGE: u64 = 16 << 10;
 
 /// The registry entry.
 pub struct Shm;
@@ -41,11 +52,11 @@ impl Transport for Shm {
     }
 
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
-        Ok(Arc::new(ShmTarget::new(env.cache)?))
+        Ok(Arc::new(ShmTarget::new(env.cache, env.log)?))
     }
 
     fn connector(&self, env: &Environment<'_>) -> Result<Arc<dyn Connector>> {
-        Ok(Arc::new(ShmConnector { cache: env.cache.clone() }))
+        Ok(Arc::new(ShmConnector { cache: env.cache.clone(), stall: env.config.timeouts.stall }))
     }
 }
 
@@ -58,6 +69,9 @@ pub struct ShmWelcome {
     pub nonce: u64,
     /// `[tensor][layer]`, in [`Tensor::ALL`] order; empty lists for absent tensors.
     pub regions: Vec<Vec<ShmRegion>>,
+    /// This session's ring, where the decode could make one (absent from older decodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring: Option<RingOffer>,
 }
 
 /// One tensor of one layer of the decode's cache: `len` bytes at `addr` in the decode process.
@@ -71,25 +85,44 @@ pub struct ShmRegion {
 pub struct ShmTarget {
     probe: Box<AtomicU64>,
     welcome: ShmWelcome,
-    /// Sessions whose peer process holds this process's ptrace grant through this cache.
-    sessions: Mutex<Vec<u64>>,
+    cache: Arc<CacheLayout>,
+    log: Arc<Logger>,
+    /// Sessions whose peer process holds this process's ptrace grant through this cache, each with its ring.
+    sessions: Mutex<Vec<(u64, Option<RingServer>)>>,
 }
 
 impl ShmTarget {
     /// Prepares the cache for same-host writers; a Yama setting that forbids them makes the transport
     /// unavailable.
-    pub fn new(cache: &CacheLayout) -> Result<ShmTarget> {
+    pub fn new(cache: &Arc<CacheLayout>, log: &Arc<Logger>) -> Result<ShmTarget> {
         ptrace_grant::writers_permitted()?;
         let nonce = crate::auth::random_u64();
         let probe = Box::new(AtomicU64::new(nonce));
         let len = |t: Tensor| cache.tensor_bytes(t).expect("checked by CacheLayout");
         let regions = Tensor::ALL.iter().map(|&t| cache.addrs(t).iter().map(|&addr| ShmRegion { addr, len: len(t) }).collect()).collect();
-        let welcome = ShmWelcome { pid: std::process::id(), probe: probe.as_ptr() as u64, nonce, regions };
-        Ok(ShmTarget { probe, welcome, sessions: Mutex::default() })
+        let welcome = ShmWelcome { pid: std::process::id(), probe: probe.as_ptr() as u64, nonce, regions, ring: None };
+        Ok(ShmTarget { probe, welcome, cache: cache.clone(), log: log.clone(), sessions: Mutex::default() })
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Option<RingServer>)>> {
         lock(&self.sessions)
+    }
+
+    /// A ring for a new session, or none where this host cannot make one (the session then writes every call
+    /// with `process_vm_writev`).
+    fn ring(&self, admission: &Admission<'_>) -> Option<(RingOffer, RingServer)> {
+        let made = ring::create().and_then(|(fd, memory)| {
+            let offer = RingOffer { fd: fd.as_raw_fd(), bytes: ring::RING_BYTES as u64 };
+            let session = RingSession {
+                cache: self.cache.clone(),
+                tensors: admission.tensors,
+                geometry: admission.geometry,
+                peer: admission.peer.to_string(),
+                log: self.log.clone(),
+            };
+            Ok((offer, RingServer::start(memory, fd, session)?))
+        });
+        made.map_err(|e| self.log.warn(format!("no shared ring for {}: {e}", admission.peer))).ok()
     }
 }
 
@@ -104,21 +137,30 @@ impl Acceptor for ShmTarget {
         };
         let session = crate::auth::random_u64();
         ptrace_grant::grant(session, pid)?;
-        self.sessions().push(session);
-        Ok(Accepted { session, details: transport::to_details(&self.welcome) })
+        let (offer, server) = self.ring(admission).unzip();
+        self.sessions().push((session, server));
+        Ok(Accepted { session, details: transport::to_details(&ShmWelcome { ring: offer, ..self.welcome.clone() }) })
     }
 
     /// Withdraws the session's part of the ptrace grant, so its process starts no more writes. Returns `false`:
     /// a `process_vm_writev` it already started may still land, and nothing here can tell when it ends.
     fn cut_off(&self, session: u64) -> bool {
-        self.sessions().retain(|&s| s != session);
+        // Its ring stops (the thread joined) outside the lock.
+        let ended: Vec<_> = {
+            let mut sessions = self.sessions();
+            let (ended, kept) = std::mem::take(&mut *sessions).into_iter().partition(|(s, _)| *s == session);
+            *sessions = kept;
+            ended
+        };
+        drop(ended);
         ptrace_grant::withdraw(|s| s == session);
         false
     }
 
     fn close(&self) {
         let ended = std::mem::take(&mut *self.sessions());
-        ptrace_grant::withdraw(|s| ended.contains(&s));
+        ptrace_grant::withdraw(|s| ended.iter().any(|(e, _)| *e == s));
+        drop(ended);
     }
 }
 
@@ -133,6 +175,8 @@ impl Drop for ShmTarget {
 /// The prefill's half.
 struct ShmConnector {
     cache: Arc<CacheLayout>,
+    /// The longest a write may wait for the decode to take from the ring.
+    stall: Duration,
 }
 
 impl Connector for ShmConnector {
@@ -141,32 +185,43 @@ impl Connector for ShmConnector {
     }
 
     fn prepare(&self) -> Result<Box<dyn PendingLink>> {
-        Ok(Box::new(ShmConnector { cache: self.cache.clone() }))
+        Ok(Box::new(ShmConnector { cache: self.cache.clone(), stall: self.stall }))
     }
 }
 
 impl PendingLink for ShmConnector {
     fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>> {
         let welcome: ShmWelcome = transport::from_details(TransportKind::Shm, answer.details)?;
-        Ok(Box::new(ShmLink::open(answer.peer.to_string(), self.cache, &welcome, answer.geometry, answer.remote_blocks)?))
+        let link = ShmLink::open(answer.peer.to_string(), self.cache, &welcome, answer.geometry, answer.remote_blocks)?;
+        Ok(Box::new(ShmLink { stall: self.stall, ..link }))
     }
 }
 
 /// A prefill's connection to one decode peer on the same host.
 pub struct ShmLink {
-    peer: String,
+    decode: DecodeProcess,
     cache: Arc<CacheLayout>,
     geometry: SliceGeometry,
-    pid: libc::pid_t,
-    probe: u64,
-    nonce: u64,
     remote: [Vec<u64>; 4],
     local_iov: IoVecs,
     remote_iov: IoVecs,
+    /// The session's ring, where the decode made one and this process could take it.
+    ring: Option<RingWriter>,
+    /// The longest a write waits for the decode to take from the ring.
+    stall: Duration,
+}
+
+/// The decode process a link writes into, and its liveness word.
+struct DecodeProcess {
+    peer: String,
+    pid: libc::pid_t,
+    probe: u64,
+    nonce: u64,
 }
 
 impl ShmLink {
-    /// Checks the peer's layout against the agreed geometry and that this process may write into it.
+    /// Checks the peer's layout against the agreed geometry and that this process may write into it, and takes
+    /// its ring where it offers one.
     pub(crate) fn open(peer: String, cache: Arc<CacheLayout>, welcome: &ShmWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<ShmLink> {
         // A real decode is a live process of its own with a random liveness word: anything else is not believed.
         if welcome.pid == 0 || welcome.pid > i32::MAX as u32 {
@@ -181,23 +236,31 @@ impl ShmLink {
         for t in Tensor::ALL {
             remote[t as usize] = welcome.regions[t as usize].iter().map(|r| r.addr).collect();
         }
-        let link = ShmLink {
-            peer,
-            cache,
-            geometry,
-            pid: welcome.pid as libc::pid_t,
-            probe: welcome.probe,
-            nonce: welcome.nonce,
-            remote,
-            local_iov: IoVecs::default(),
-            remote_iov: IoVecs::default(),
+        let decode = DecodeProcess { peer, pid: welcome.pid as libc::pid_t, probe: welcome.probe, nonce: welcome.nonce };
+        decode.check()?;
+        // Its ring is taken only now that the process is known to be the decode's; a ring that cannot be taken
+        // leaves every call to `process_vm_writev`, and one that is not what it should be ends the link.
+        let ring = match welcome.ring.map(|offer| ring::take(decode.pid, offer)) {
+            Some(Err(e)) if e.code() == ErrorCode::Protocol => return Err(e),
+            Some(taken) => taken.ok(),
+            None => None,
         };
-        link.check_peer()?;
-        Ok(link)
+        Ok(ShmLink { decode, cache, geometry, remote, local_iov: IoVecs::default(), remote_iov: IoVecs::default(), ring, stall: Duration::from_secs(10) })
     }
 
+    /// Whether a call goes through the ring: its ranges are small (see [`RING_MEAN_RANGE`]).
+    fn through_ring(&self, plan: &BlockPlan) -> bool {
+        let cache = &*self.cache;
+        let ranges_per_tensor = if self.geometry.ratio == 1 { plan.runs().len() } else { plan.blocks() as usize };
+        let ranges = (ranges_per_tensor * cache.tensors().iter().count()).max(1) as u64;
+        let bytes = plan.blocks() as u64 * cache.tensors().iter().map(|t| cache.block_bytes(t)).sum::<u64>();
+        self.ring.is_some() && bytes / ranges <= RING_MEAN_RANGE
+    }
+}
+
+impl DecodeProcess {
     /// Reads the decode's liveness word: the same process, still open, and this process may reach it.
-    fn check_peer(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         let mut word = 0u64;
         let local = [iovec(&mut word as *mut u64 as u64, 8)];
         let remote = [iovec(self.probe, 8)];
@@ -224,23 +287,30 @@ impl ShmLink {
 
 impl Link for ShmLink {
     fn write(&mut self, plan: &BlockPlan) -> Result<()> {
-        self.check_peer()?;
+        self.decode.check()?;
         let layer = plan.layer();
+        let (pid, peer) = (self.decode.pid, &self.decode.peer);
+        if self.through_ring(plan) {
+            let (ring, decode) = (self.ring.as_mut().expect("checked by through_ring"), &self.decode);
+            return ring
+                .write(&self.cache, plan, self.stall, &|| decode.check())
+                .map_err(|e| Error::new(e.code(), format!("writing layer {layer} into the decode process {pid} ({peer}) through the shared ring: {}", e.message())));
+        }
         let (local, remote) = (&mut self.local_iov.0, &mut self.remote_iov.0);
         local.clear();
         remote.clear();
         // Inside the peer's tensor: the ids were checked against its block count, its layout at open.
-        let (cache, peer) = (&*self.cache, &self.remote);
+        let (cache, regions) = (&*self.cache, &self.remote);
         plan::for_each_segment(plan.runs(), cache.tensors(), |t| cache.block_bytes(t), self.geometry, |s| {
             local.push(iovec(cache.addr(s.tensor, layer) + s.local, s.len));
-            remote.push(iovec(peer[s.tensor as usize][layer as usize] + s.remote, s.len));
+            remote.push(iovec(regions[s.tensor as usize][layer as usize] + s.remote, s.len));
         });
-        copy::write(self.pid, local, remote, copy::threads()).map_err(|e| {
+        copy::write(pid, local, remote, copy::threads()).map_err(|e| {
             let code = match e.raw_os_error() {
                 Some(libc::EPERM) => ErrorCode::Unavailable,
                 _ => ErrorCode::Transport,
             };
-            Error::new(code, format!("writing layer {layer} into the decode process {} ({}): {e}", self.pid, self.peer))
+            Error::new(code, format!("writing layer {layer} into the decode process {pid} ({peer}): {e}"))
         })
     }
 

@@ -6,9 +6,8 @@
 //! port, how many data connections to open (the lower of both sides' `KVCACHE_TCP_CONNECTIONS`) and a random
 //! session name, which the prefill's half ([`TcpLink`]) presents on each of them. A large write is split over
 //! the connections, one thread sending each piece: one TCP stream is bounded by the one core that copies its
-//! bytes (see [`frame`]).
+//! bytes (see [`crate::transport::frame`]).
 
-pub mod frame;
 mod io;
 mod receiver;
 mod sender;

@@ -2,7 +2,7 @@
 //! several), receiving each write straight into the cache after checking it against the cache's own geometry.
 
 use crate::config::Timeouts;
-use super::frame::{self, Ack, WriteHeader};
+use crate::transport::frame::{self, Ack, WriteHeader};
 use crate::admission::{self, Admissions, ConnectionHello};
 use crate::auth::Tag;
 use super::io;
@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::log::Logger;
 use crate::memory::{CacheLayout, TensorSet};
 use crate::metrics::{HeldResource, Raised, RESOURCES};
-use crate::plan::{self, check_remote_runs, Run, SliceGeometry};
+use crate::plan::{self, Run, SliceGeometry};
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -426,30 +426,10 @@ impl Connection<'_> {
 
     /// The receiver's own validation: whatever arrives, nothing lands outside the registered cache.
     fn check(&mut self, header: &WriteHeader) -> Result<()> {
-        let cache = &*self.shared.cache;
-        if header.layer >= cache.layers() {
-            return Err(Error::invalid(format!("layer {} is outside [0, {})", header.layer, cache.layers())));
-        }
         if header.parts as u32 > self.session.connections {
             return Err(Error::invalid(format!("a write in {} pieces, where the link has {} connections", header.parts, self.session.connections)));
         }
-        if header.tensors != self.session.tensors.bits() {
-            return Err(Error::invalid(format!(
-                "the write carries tensors {:#06b}, the handshake agreed {:#06b}",
-                header.tensors,
-                self.session.tensors.bits()
-            )));
-        }
-        let blocks = check_remote_runs(&self.runs, cache.block_number(), &mut self.sorted)?;
-        let ratio = self.session.geometry.ratio as u64;
-        let expected: u64 = self.session.tensors.iter().map(|t| blocks * (cache.block_bytes(t) / ratio)).sum();
-        if expected != header.payload_bytes {
-            return Err(Error::invalid(format!(
-                "the write announces {} payload bytes but its {blocks} blocks make {expected}",
-                header.payload_bytes
-            )));
-        }
-        Ok(())
+        header.check(&self.runs, &self.shared.cache, self.session.tensors, self.session.geometry, &mut self.sorted).map(drop)
     }
 
     /// Reads the payload straight into the cache.

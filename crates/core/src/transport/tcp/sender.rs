@@ -1,7 +1,7 @@
 //! The prefill side of a TCP link: one write per `writeCache` call, gathered straight from the cache, whole over
 //! one connection or in pieces over several.
 
-use super::frame::{self, Ack, WriteHeader};
+use crate::transport::frame::{self, Ack, WriteHeader};
 use crate::admission::ConnectionHello;
 use crate::auth::Tag;
 use super::io;

@@ -1,4 +1,6 @@
-//! The TCP data path's messages, in the one codec of the ports ([`crate::codec`]: big-endian integers).
+//! The data path's messages, in the one codec of the ports ([`crate::codec`]: big-endian integers): what goes
+//! over TCP's data connections, and the write header and run table that start each slot of the shared-memory
+//! ring ([`crate::transport::shm`]).
 //!
 //! ```text
 //! data hello  (prefill → decode, once)  a connection hello for "KVTD" ([`crate::admission`]) 48 bytes
@@ -23,7 +25,8 @@
 use crate::codec::{put_u32, put_u64, u32_at, u64_at};
 use crate::config::MAX_TCP_CONNECTIONS;
 use crate::error::{Error, ErrorCode, Result};
-use crate::plan::Run;
+use crate::memory::{CacheLayout, TensorSet};
+use crate::plan::{check_remote_runs, Run, SliceGeometry};
 
 /// What a data connection's hello starts with.
 pub const HELLO_MAGIC: [u8; 4] = *b"KVTD";
@@ -93,6 +96,28 @@ impl WriteHeader {
             put_u32(out, r.remote);
             put_u32(out, r.count);
         }
+    }
+
+    /// The receiver's own check of a write (its header and run table) against its cache and what the handshake
+    /// agreed: whatever arrives, nothing lands outside the cache. Returns the write's blocks. `sorted` is
+    /// scratch.
+    pub fn check(&self, runs: &[Run], cache: &CacheLayout, tensors: TensorSet, geometry: SliceGeometry, sorted: &mut Vec<(u32, u32)>) -> Result<u64> {
+        if self.layer >= cache.layers() {
+            return Err(Error::invalid(format!("layer {} is outside [0, {})", self.layer, cache.layers())));
+        }
+        if self.tensors != tensors.bits() {
+            return Err(Error::invalid(format!("the write carries tensors {:#06b}, the handshake agreed {:#06b}", self.tensors, tensors.bits())));
+        }
+        if runs.len() != self.runs as usize {
+            return Err(Error::protocol(format!("a write announces {} runs and carries {}", self.runs, runs.len())));
+        }
+        let blocks = check_remote_runs(runs, cache.block_number(), sorted)?;
+        let ratio = geometry.ratio as u64;
+        let expected: u64 = tensors.iter().map(|t| blocks * (cache.block_bytes(t) / ratio)).sum();
+        if expected != self.payload_bytes {
+            return Err(Error::invalid(format!("the write announces {} payload bytes but its {blocks} blocks make {expected}", self.payload_bytes)));
+        }
+        Ok(blocks)
     }
 
     /// Parses a header; garbage (bad magic, absurd run count) is a protocol error.

@@ -1,0 +1,618 @@
+//! The shared ring: how a write of small blocks reaches a decode of this host.
+//!
+//! `process_vm_writev` pins the target's pages for each range it is given: about 0.3 µs a range, so a call of
+//! 3076 ranges of 1 KiB spends most of its time there, not copying. For such calls the prefill instead gathers
+//! the blocks into a slot of a ring both processes map, and a thread of the decode copies each slot out into its
+//! cache: two `memcpy`s, on two cores at once, and no page lookups.
+//!
+//! The ring is a sealed memfd of the decode (its size can never change, so a mapping of it never faults): a
+//! control page, then [`SLOTS`] slots of [`SLOT_BYTES`]. A slot is one piece of a write in the data path's
+//! framing ([`crate::transport::frame`]): the write header, its run table, then the payload, each tensor's
+//! blocks in run order. The prefill counts the slots it posted and the decode the slots it took, each in a word
+//! of the control page that the other side waits on (a futex of the shared mapping); a write returns once the
+//! decode has taken every slot of it, so its bytes are in the cache, as after `process_vm_writev`.
+//!
+//! The decode checks each slot as the TCP receiver checks a write, from its own copy of the header and run
+//! table: a prefill that lies in the ring writes nothing outside the cache, and stops the ring. The prefill
+//! trusts nothing of the ring either: a count that runs ahead of its own, or a stopped decode, fails the write.
+//!
+//! Who may reach the ring: the prefill takes the decode's descriptor of it with `pidfd_getfd`, which the kernel
+//! allows only where it would allow `process_vm_writev` (the same ptrace check, and the same Yama grant); the
+//! decode closes its descriptor once the first slot is posted, so that from then on only the two mappings reach
+//! it.
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::log::Logger;
+use crate::memory::{CacheLayout, TensorSet};
+use crate::metrics::{HeldResource, Raised, RESOURCES};
+use crate::plan::{self, BlockPlan, Run, SliceGeometry};
+use crate::transport::frame::{self, WriteHeader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Slots of a ring: a power of two, so that the wrapping counts name slots alike.
+pub const SLOTS: u32 = 8;
+/// Bytes of a slot: its header, run table and payload.
+pub const SLOT_BYTES: usize = 256 << 10;
+/// The control page: the two counts and the decode's verdict, each on a cache line of its own.
+const CONTROL_BYTES: usize = 4096;
+/// The whole ring.
+pub const RING_BYTES: usize = CONTROL_BYTES + SLOTS as usize * SLOT_BYTES;
+/// Slots posted by the prefill (written by it alone).
+const POSTED: usize = 0;
+/// Slots taken by the decode (written by it alone).
+const TAKEN: usize = 64;
+/// 0 while the decode serves the ring; the wire code of why it stopped.
+const STOPPED: usize = 128;
+
+/// How long either side sleeps before looking again at what the futex did not wake it for (its peer's death,
+/// its own stop).
+const NAP: Duration = Duration::from_millis(50);
+
+/// What the decode tells the prefill the ring is, in its welcome.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct RingOffer {
+    /// The decode's descriptor of the ring's memfd.
+    pub fd: i32,
+    pub bytes: u64,
+}
+
+/// A mapping of a ring, unmapped on drop.
+struct Mapping {
+    base: *mut u8,
+    _counted: HeldResource,
+}
+
+// SAFETY: the mapping is shared memory that both processes change; this process touches it only through the
+// control words' atomics and through copies of whole slots, made by whichever thread owns the writer or the
+// server, so moving or sharing the pointer between threads adds nothing.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps the whole of a ring's memfd.
+    fn map(fd: &OwnedFd) -> Result<Mapping> {
+        // SAFETY: a new shared mapping of RING_BYTES of a file that holds them (created so, or checked sealed at
+        // that size by `take`): nothing else of this process is touched.
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), RING_BYTES, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        if base == libc::MAP_FAILED {
+            return Err(Error::io("mapping the shared ring", std::io::Error::last_os_error()));
+        }
+        Ok(Mapping { base: base.cast(), _counted: Raised::new(&RESOURCES, |r| &r.shm_rings) })
+    }
+
+    fn word(&self, at: usize) -> &AtomicU32 {
+        // SAFETY: `at` is one of the control page's word offsets (4-aligned, inside the mapping, which lives as
+        // long as `self`); the page is only ever accessed as these atomics, by both processes.
+        unsafe { &*self.base.add(at).cast::<AtomicU32>() }
+    }
+
+    fn slot(&self, n: u32) -> *mut u8 {
+        // SAFETY: inside the mapping: CONTROL_BYTES + (n mod SLOTS) × SLOT_BYTES + SLOT_BYTES ≤ RING_BYTES.
+        unsafe { self.base.add(CONTROL_BYTES + (n % SLOTS) as usize * SLOT_BYTES) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, used by no one once its owner is dropped.
+        unsafe { libc::munmap(self.base.cast(), RING_BYTES) };
+    }
+}
+
+/// How long a side polls a word before it sleeps on it: the other side is usually part-way through a slot (tens
+/// of µs), and a futex sleep and wake-up cost about as much again.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// Waits while `word` holds `seen`: polls it for [`SPIN`], then sleeps for at most `timeout` (a futex of the
+/// shared mapping, so the other process can wake it).
+fn wait(word: &AtomicU32, seen: u32, timeout: Duration) {
+    let polling = Instant::now();
+    while polling.elapsed() < SPIN {
+        if word.load(Ordering::Acquire) != seen {
+            return;
+        }
+        std::hint::spin_loop();
+    }
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
+    // SAFETY: FUTEX_WAIT reads the aligned word and the timespec, both valid for the call; it returns at once
+    // where the word no longer holds `seen`, and any error (EINTR, EAGAIN, ETIMEDOUT) only ends the wait early.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, seen, &ts as *const libc::timespec, 0usize, 0u32) };
+}
+
+/// Wakes whoever waits on `word`, in either process.
+fn wake(word: &AtomicU32) {
+    // SAFETY: FUTEX_WAKE only reads the word's address.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0usize, 0usize, 0u32) };
+}
+
+fn os_error(context: &str) -> Error {
+    Error::io(context, std::io::Error::last_os_error())
+}
+
+/// A new ring, for the decode's side: its memfd (sealed at [`RING_BYTES`]) and the decode's mapping of it.
+pub fn create() -> Result<(OwnedFd, RingServerMemory)> {
+    // SAFETY: the name is a NUL-terminated string; the flags ask for a new anonymous file.
+    let raw = unsafe { libc::memfd_create(c"kvtransfer-ring".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if raw < 0 {
+        return Err(os_error("creating the shared ring"));
+    }
+    // SAFETY: `raw` is the descriptor just created, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: plain system calls on the descriptor owned above.
+    unsafe {
+        if libc::ftruncate(fd.as_raw_fd(), RING_BYTES as libc::off_t) != 0 {
+            return Err(os_error("sizing the shared ring"));
+        }
+        if libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL) != 0 {
+            return Err(os_error("sealing the shared ring"));
+        }
+    }
+    let memory = RingServerMemory(Mapping::map(&fd)?);
+    Ok((fd, memory))
+}
+
+/// The decode's mapping of a ring it created, until a server takes it.
+pub struct RingServerMemory(Mapping);
+
+/// Takes descriptor `fd` of process `pid` (the decode's ring) and maps it, for the prefill's side. Refused unless
+/// it is a memfd sealed against shrinking, of [`RING_BYTES`]: a file the decode could cut short would kill this
+/// process (SIGBUS) at the next copy into it.
+pub fn take(pid: libc::pid_t, offer: RingOffer) -> Result<RingWriter> {
+    if offer.bytes != RING_BYTES as u64 || offer.fd < 0 {
+        return Err(Error::protocol(format!("the decode offers a ring of {} bytes at descriptor {} (expected {RING_BYTES})", offer.bytes, offer.fd)));
+    }
+    // SAFETY: plain system calls; each descriptor returned is owned at once.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(os_error("opening the decode process"));
+    }
+    // SAFETY: `pidfd` was just returned to this process and is owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    // SAFETY: as above.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), offer.fd, 0) };
+    if raw < 0 {
+        return Err(os_error("taking the decode's shared ring"));
+    }
+    // SAFETY: a new descriptor of this process, owned by nothing else. pidfd_getfd sets close-on-exec.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    // SAFETY: reads the descriptor's seals and size into locals.
+    let (seals, size) = unsafe {
+        let seals = libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS);
+        let mut st: libc::stat = std::mem::zeroed();
+        let size = if libc::fstat(fd.as_raw_fd(), &mut st) == 0 { st.st_size as i64 } else { -1 };
+        (seals, size)
+    };
+    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 || size != RING_BYTES as i64 {
+        return Err(Error::protocol(format!("the decode's ring is not a sealed memfd of {RING_BYTES} bytes (seals {seals}, {size} bytes)")));
+    }
+    Ok(RingWriter { mem: Mapping::map(&fd)?, posted: 0, header: Vec::new(), chunk: Vec::new(), seq: 0 })
+}
+
+/// The prefill's side of a ring.
+pub struct RingWriter {
+    mem: Mapping,
+    /// Slots posted so far (this side's own count; the word in the ring is only told it).
+    posted: u32,
+    header: Vec<u8>,
+    chunk: Vec<Run>,
+    seq: u64,
+}
+
+impl RingWriter {
+    /// Moves the plan's blocks into the decode through the ring; returns once the decode has copied every one
+    /// into its cache. Fails with `TIMEOUT` where the decode takes nothing for `stall`, and as `alive` says (it
+    /// is asked while the decode takes nothing: a decode that died never answers).
+    pub fn write(&mut self, cache: &CacheLayout, plan: &BlockPlan, stall: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
+        let tensors = cache.tensors();
+        let per_block: u64 = tensors.iter().map(|t| cache.block_bytes(t)).sum();
+        let capacity = (SLOT_BYTES - frame::WRITE_HEADER_LEN) as u64;
+        if per_block + frame::RUN_LEN as u64 > capacity {
+            return Err(Error::new(ErrorCode::Internal, format!("a block of {per_block} bytes is larger than a ring slot")));
+        }
+        self.seq += 1;
+        let (layer, seq) = (plan.layer(), self.seq);
+        let mut runs = plan.runs().iter().copied();
+        let mut rest: Option<Run> = runs.next();
+        while rest.is_some() {
+            // The next slot's runs: as many blocks as fit, a run cut where the slot fills.
+            self.chunk.clear();
+            let mut room = capacity;
+            while let Some(run) = rest {
+                let fit = ((room.saturating_sub(frame::RUN_LEN as u64)) / per_block).min(run.count as u64) as u32;
+                if fit == 0 {
+                    break;
+                }
+                self.chunk.push(Run { local: run.local, remote: run.remote, count: fit });
+                room -= frame::RUN_LEN as u64 + fit as u64 * per_block;
+                rest = if fit == run.count { runs.next() } else { Some(Run { local: run.local + fit, remote: run.remote + fit, count: run.count - fit }) };
+            }
+            self.room_for_one(stall, alive)?;
+            self.fill(cache, layer, seq, tensors);
+            self.posted = self.posted.wrapping_add(1);
+            self.mem.word(POSTED).store(self.posted, Ordering::Release);
+            wake(self.mem.word(POSTED));
+        }
+        self.until_taken(0, stall, alive)
+    }
+
+    /// Writes the slot `posted` names: the header and run table of `self.chunk`, then its blocks.
+    fn fill(&mut self, cache: &CacheLayout, layer: u32, seq: u64, tensors: TensorSet) {
+        let blocks: u64 = self.chunk.iter().map(|r| r.count as u64).sum();
+        let payload_bytes: u64 = tensors.iter().map(|t| blocks * cache.block_bytes(t)).sum();
+        let header = WriteHeader { layer, runs: self.chunk.len() as u32, tensors: tensors.bits(), part: 0, parts: 1, seq, payload_bytes };
+        header.encode_with_runs(&self.chunk, &mut self.header);
+        let slot = self.mem.slot(self.posted);
+        // SAFETY: the header and run table, then the payload, fit the slot (the chunk was cut to its capacity);
+        // the slot is this side's until it is posted (the decode took it, `room_for_one`); the sources are the
+        // plan's blocks, inside the cache (its ids were checked against the block count).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.header.as_ptr(), slot, self.header.len());
+            let mut at = self.header.len();
+            plan::for_each_segment(&self.chunk, tensors, |t| cache.block_bytes(t), SliceGeometry::WHOLE, |s| {
+                std::ptr::copy_nonoverlapping((cache.addr(s.tensor, layer) + s.local) as *const u8, slot.add(at), s.len as usize);
+                at += s.len as usize;
+            });
+        }
+    }
+
+    /// Waits until a slot is free.
+    fn room_for_one(&self, stall: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
+        self.until_taken(SLOTS - 1, stall, alive)
+    }
+
+    /// Waits until at most `pending` posted slots are left for the decode to take.
+    fn until_taken(&self, pending: u32, stall: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
+        let (taken_word, stopped) = (self.mem.word(TAKEN), self.mem.word(STOPPED));
+        let mut last = (taken_word.load(Ordering::Acquire), Instant::now());
+        loop {
+            let taken = taken_word.load(Ordering::Acquire);
+            let code = stopped.load(Ordering::Acquire);
+            if code != 0 {
+                return Err(Error::new(ErrorCode::from_wire(code), "the decode stopped serving the shared ring (it closed, cut this link off, or refused a write: see its log)"));
+            }
+            let left = self.posted.wrapping_sub(taken);
+            if left > SLOTS {
+                return Err(Error::protocol(format!("the decode's ring says {taken} slots taken of {} posted", self.posted)));
+            }
+            if left <= pending {
+                return Ok(());
+            }
+            if taken != last.0 {
+                last = (taken, Instant::now());
+            } else if last.1.elapsed() >= stall {
+                return Err(Error::new(ErrorCode::Timeout, format!("the decode took nothing from the shared ring for {} ms", stall.as_millis())));
+            }
+            wait(taken_word, taken, NAP);
+            if taken_word.load(Ordering::Acquire) == taken {
+                alive()?;
+            }
+        }
+    }
+}
+
+/// What a server copies a slot's blocks into, and what it checks them against.
+pub struct RingSession {
+    pub cache: Arc<CacheLayout>,
+    pub tensors: TensorSet,
+    pub geometry: SliceGeometry,
+    pub peer: String,
+    pub log: Arc<Logger>,
+}
+
+/// The decode's side of a ring: a thread that copies each posted slot into the cache.
+pub struct RingServer {
+    mem: Arc<Mapping>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RingServer {
+    /// Serves `memory` (whose memfd is `fd`, kept open until the prefill has posted once) for `session`.
+    pub fn start(memory: RingServerMemory, fd: OwnedFd, session: RingSession) -> Result<RingServer> {
+        let mem = Arc::new(memory.0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, s) = (mem.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("kvtransfer shm ring".into())
+            .stack_size(256 << 10)
+            .spawn(move || {
+                // A panic (a bug) still tells the prefill, which would otherwise wait out its stall.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(&m, fd, &s, &session))).is_err() {
+                    m.word(STOPPED).store(ErrorCode::Internal.to_wire(), Ordering::Release);
+                    wake(m.word(TAKEN));
+                }
+            })
+            .map_err(|e| Error::io("starting the shared ring's thread", e))?;
+        Ok(RingServer { mem, stop, thread: Some(thread) })
+    }
+
+    /// Stops serving: once this returns, nothing more of the ring lands in the cache, and the prefill's writes
+    /// fail (`TRANSPORT`).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        wake(self.mem.word(POSTED));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RingServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The server's loop: takes slots in order until stopped, or until one fails its check.
+fn serve(mem: &Mapping, fd: OwnedFd, stop: &AtomicBool, session: &RingSession) {
+    let mut fd = Some(fd);
+    let (posted_word, taken_word) = (mem.word(POSTED), mem.word(TAKEN));
+    let mut taken = 0u32;
+    let mut reader = SlotReader::default();
+    let verdict = loop {
+        if stop.load(Ordering::Acquire) {
+            break ErrorCode::Transport;
+        }
+        let posted = posted_word.load(Ordering::Acquire);
+        if posted == taken {
+            wait(posted_word, taken, NAP);
+            continue;
+        }
+        // The prefill has the ring: nobody else may take it from here on.
+        fd = None;
+        if posted.wrapping_sub(taken) > SLOTS {
+            session.log.error_from(&session.peer, format!("{} posted {posted} slots of the shared ring where {taken} were taken: stopped", session.peer));
+            break ErrorCode::Protocol;
+        }
+        // SAFETY: a slot of the ring's mapping, which lives as long as `mem`.
+        if let Err(e) = unsafe { reader.copy_out(mem.slot(taken), session) } {
+            session.log.error_from(&session.peer, format!("refused a write from {} through the shared ring: {e}", session.peer));
+            break ErrorCode::Protocol;
+        }
+        taken = taken.wrapping_add(1);
+        taken_word.store(taken, Ordering::Release);
+        wake(taken_word);
+    };
+    drop(fd);
+    mem.word(STOPPED).store(verdict.to_wire(), Ordering::Release);
+    wake(taken_word);
+}
+
+/// Checks slots and copies their blocks into the cache; holds its own copies of each slot's header and run table.
+#[derive(Default)]
+pub struct SlotReader {
+    table: Vec<u8>,
+    runs: Vec<Run>,
+    sorted: Vec<(u32, u32)>,
+}
+
+impl SlotReader {
+    /// [`SlotReader::copy_out`] of a slot's bytes held in this process (the fuzz target's way in).
+    pub fn take(&mut self, slot: &[u8], session: &RingSession) -> Result<()> {
+        assert_eq!(slot.len(), SLOT_BYTES, "a whole slot");
+        // SAFETY: SLOT_BYTES readable bytes, checked above.
+        unsafe { self.copy_out(slot.as_ptr(), session) }
+    }
+
+    /// Checks the slot at `slot` and copies its blocks into the cache.
+    ///
+    /// # Safety
+    /// `slot` points to [`SLOT_BYTES`] bytes that stay readable during the call (another process may change
+    /// them meanwhile).
+    unsafe fn copy_out(&mut self, slot: *const u8, session: &RingSession) -> Result<()> {
+        let cache = &*session.cache;
+        let mut raw = [0u8; frame::WRITE_HEADER_LEN];
+        // SAFETY: the header's bytes are inside the slot; copied before anything is read from them, so the
+        // prefill cannot change what was checked.
+        unsafe { std::ptr::copy_nonoverlapping(slot, raw.as_mut_ptr(), raw.len()) };
+        let header = WriteHeader::decode(&raw)?;
+        let table_bytes = header.runs as usize * frame::RUN_LEN;
+        if header.parts != 1 || frame::WRITE_HEADER_LEN + table_bytes > SLOT_BYTES {
+            return Err(Error::protocol(format!("a slot claims {} runs in piece {} of {}", header.runs, header.part, header.parts)));
+        }
+        self.table.resize(table_bytes, 0);
+        // SAFETY: the table lies inside the slot (checked above); copied as the header was.
+        unsafe { std::ptr::copy_nonoverlapping(slot.add(frame::WRITE_HEADER_LEN), self.table.as_mut_ptr(), table_bytes) };
+        frame::decode_runs(&self.table, &mut self.runs);
+        header.check(&self.runs, cache, session.tensors, session.geometry, &mut self.sorted)?;
+        let payload_at = frame::WRITE_HEADER_LEN + table_bytes;
+        if payload_at as u64 + header.payload_bytes > SLOT_BYTES as u64 {
+            return Err(Error::protocol(format!("a slot claims {} payload bytes, past its end", header.payload_bytes)));
+        }
+        let geometry = session.geometry;
+        let slice = |t| cache.block_bytes(t) / geometry.ratio as u64;
+        let mut at = payload_at;
+        // SAFETY: `check` proved every run inside [0, block_number) of this cache, so each segment is a slice of a
+        // block of it (see `plan::for_each_segment`), which the layout's owner promised may be written; the
+        // segments add up to the payload's bytes, which lie inside the slot (checked above). The prefill may
+        // change the payload while it is copied: its own bytes, torn.
+        unsafe {
+            plan::for_each_segment(&self.runs, session.tensors, slice, geometry, |s| {
+                std::ptr::copy_nonoverlapping(slot.add(at), (cache.addr(s.tensor, header.layer) + s.remote) as *mut u8, s.len as usize);
+                at += s.len as usize;
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::memory::CacheSpec;
+
+    /// Two layers of keys and values, `blocks` blocks of `bytes` each, in buffers the test owns.
+    struct Buffers {
+        memory: Vec<Vec<u8>>,
+        layout: Arc<CacheLayout>,
+    }
+
+    impl Buffers {
+        fn new(blocks: u32, bytes: u64, seed: u8) -> Buffers {
+            let mut memory: Vec<Vec<u8>> = (0..4).map(|i| (0..blocks as usize * bytes as usize).map(|b| (b * 31 + b / 977 + i * 7) as u8 ^ seed).collect()).collect();
+            let addr = |m: &mut Vec<u8>| m.as_mut_ptr() as u64;
+            let (k0, k1, v0, v1) = {
+                let [a, b, c, d] = &mut memory[..] else { unreachable!() };
+                (addr(a), addr(b), addr(c), addr(d))
+            };
+            // SAFETY: four buffers of blocks × bytes each, owned by the returned value for as long as the layout.
+            let layout = unsafe { CacheLayout::new(CacheSpec { key: vec![k0, k1], value: vec![v0, v1], block_number: blocks, block_bytes: bytes, ..Default::default() }) }.unwrap();
+            Buffers { memory, layout: Arc::new(layout) }
+        }
+
+        /// Block `id` of tensor `t` (0 key, 1 value) of `layer`.
+        fn block(&self, t: usize, layer: usize, id: u32) -> &[u8] {
+            let bytes = self.layout.block_bytes(crate::memory::Tensor::Key) as usize;
+            &self.memory[t * 2 + layer][id as usize * bytes..(id as usize + 1) * bytes]
+        }
+    }
+
+    fn session(cache: &Arc<CacheLayout>) -> RingSession {
+        RingSession {
+            cache: cache.clone(),
+            tensors: cache.tensors(),
+            geometry: SliceGeometry::WHOLE,
+            peer: "test".into(),
+            log: Arc::new(Logger::new(&Config::default(), "test").unwrap()),
+        }
+    }
+
+    /// A ring served for `dst`, and this process's writer of it (taken as a prefill takes it).
+    fn ring(dst: &Buffers) -> (RingWriter, RingServer) {
+        let (fd, memory) = create().unwrap();
+        let offer = RingOffer { fd: fd.as_raw_fd(), bytes: RING_BYTES as u64 };
+        let writer = take(std::process::id() as libc::pid_t, offer).unwrap();
+        (writer, RingServer::start(memory, fd, session(&dst.layout)).unwrap())
+    }
+
+    fn plan(src: &Buffers, local: &[u32], remote: &[u32], layer: u32) -> BlockPlan {
+        let mut plan = BlockPlan::default();
+        plan.build(local, remote, layer, 2, src.layout.block_number(), src.layout.block_number()).unwrap();
+        plan
+    }
+
+    const STALL: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn writes_of_many_slots_land_every_byte() {
+        // 1000-byte blocks (no multiple of anything), 700 of 900 scattered per call: 1.4 MB, six slots a call,
+        // so three calls go round the ring of eight twice.
+        let (src, dst) = (Buffers::new(900, 1000, 1), Buffers::new(900, 1000, 2));
+        let (mut writer, _server) = ring(&dst);
+        for (call, layer) in [0u32, 1, 0].into_iter().enumerate() {
+            let local: Vec<u32> = (0..700).map(|i| (i * 7 + call as u32) % 900).collect();
+            let remote: Vec<u32> = (0..700).map(|i| (i * 11 + 5 * call as u32) % 900).collect();
+            writer.write(&src.layout, &plan(&src, &local, &remote, layer), STALL, &|| Ok(())).unwrap();
+            for t in 0..2 {
+                for (l, r) in local.iter().zip(&remote) {
+                    assert!(dst.block(t, layer as usize, *r) == src.block(t, layer as usize, *l), "call {call} tensor {t}: {l} -> {r}");
+                }
+            }
+        }
+        assert_eq!(writer.posted, 18);
+    }
+
+    /// Posts one slot by hand: `header` with `runs`, then `payload` bytes of 0xEE.
+    fn post(writer: &mut RingWriter, header: WriteHeader, runs: &[Run], payload: usize) {
+        header.encode_with_runs(runs, &mut writer.header);
+        let slot = writer.mem.slot(writer.posted);
+        // SAFETY: the tests' slots are far smaller than a slot.
+        unsafe {
+            std::ptr::copy_nonoverlapping(writer.header.as_ptr(), slot, writer.header.len());
+            std::ptr::write_bytes(slot.add(writer.header.len()), 0xEE, payload);
+        }
+        writer.posted = writer.posted.wrapping_add(1);
+        writer.mem.word(POSTED).store(writer.posted, Ordering::Release);
+        wake(writer.mem.word(POSTED));
+    }
+
+    #[test]
+    fn a_slot_that_lies_lands_nothing_and_stops_the_ring() {
+        let good = WriteHeader { layer: 1, runs: 1, tensors: 0b11, part: 0, parts: 1, seq: 1, payload_bytes: 2 * 4 * 100 };
+        let run = Run { local: 0, remote: 10, count: 4 };
+        let lies: [(&str, WriteHeader, Run); 6] = [
+            ("a layer past the cache's", WriteHeader { layer: 2, ..good }, run),
+            ("a run past the cache's blocks", good, Run { remote: 28, ..run }),
+            ("more payload than its blocks", WriteHeader { payload_bytes: good.payload_bytes + 100, ..good }, run),
+            ("tensors the handshake did not agree", WriteHeader { tensors: 0b1, payload_bytes: 400, ..good }, run),
+            ("a piece of a split write", WriteHeader { part: 1, parts: 2, ..good }, run),
+            ("a run table longer than its slot", WriteHeader { runs: (SLOT_BYTES / frame::RUN_LEN) as u32, ..good }, run),
+        ];
+        for (lie, header, run) in lies {
+            let dst = Buffers::new(30, 100, 2);
+            let before = dst.memory.clone();
+            let (mut writer, _server) = ring(&dst);
+            post(&mut writer, header, &[run], 800);
+            let e = writer.until_taken(0, STALL, &|| Ok(())).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::Protocol, "{lie}: {e}");
+            assert!(dst.memory == before, "{lie}: the cache changed");
+            // The ring stays stopped: a real write fails too.
+            let src = Buffers::new(30, 100, 1);
+            let e = writer.write(&src.layout, &plan(&src, &[1], &[1], 0), STALL, &|| Ok(())).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::Protocol, "{lie}: {e}");
+        }
+        // The same slot, told the truth, lands.
+        let dst = Buffers::new(30, 100, 2);
+        let (mut writer, _server) = ring(&dst);
+        post(&mut writer, good, &[run], 800);
+        writer.until_taken(0, STALL, &|| Ok(())).unwrap();
+        assert!(dst.block(1, 1, 13).iter().all(|&b| b == 0xEE));
+    }
+
+    #[test]
+    fn a_stopped_server_fails_the_next_write_at_once() {
+        let (src, dst) = (Buffers::new(64, 512, 1), Buffers::new(64, 512, 2));
+        let (mut writer, mut server) = ring(&dst);
+        writer.write(&src.layout, &plan(&src, &[1, 2], &[3, 4], 0), STALL, &|| Ok(())).unwrap();
+        server.stop();
+        let before = dst.memory.clone();
+        let started = Instant::now();
+        let e = writer.write(&src.layout, &plan(&src, &[5], &[6], 1), STALL, &|| Ok(())).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Transport, "{e}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(dst.memory == before, "a stopped ring wrote into the cache");
+    }
+
+    #[test]
+    fn a_decode_that_takes_nothing_times_out_or_is_found_dead() {
+        let (src, _dst) = (Buffers::new(64, 512, 1), Buffers::new(64, 512, 2));
+        let (fd, _memory) = create().unwrap();
+        let mut writer = take(std::process::id() as libc::pid_t, RingOffer { fd: fd.as_raw_fd(), bytes: RING_BYTES as u64 }).unwrap();
+        let started = Instant::now();
+        let e = writer.write(&src.layout, &plan(&src, &[1], &[1], 0), Duration::from_millis(300), &|| Ok(())).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Timeout, "{e}");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "{took:?}");
+        // Asked while nothing is taken: a decode found gone ends the write long before its stall.
+        let started = Instant::now();
+        let gone = || Err(Error::new(ErrorCode::Transport, "the decode process is gone"));
+        let e = writer.write(&src.layout, &plan(&src, &[1], &[1], 0), STALL, &gone).unwrap_err();
+        assert!(e.message().contains("is gone") && started.elapsed() < Duration::from_secs(1), "{e} after {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn only_a_sealed_memfd_of_the_ring_size_is_taken() {
+        let me = std::process::id() as libc::pid_t;
+        // SAFETY: a new memfd, owned at once; sized, never sealed.
+        let unsealed = unsafe {
+            let fd = OwnedFd::from_raw_fd(libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC));
+            assert_eq!(libc::ftruncate(fd.as_raw_fd(), RING_BYTES as libc::off_t), 0);
+            fd
+        };
+        let e = take(me, RingOffer { fd: unsealed.as_raw_fd(), bytes: RING_BYTES as u64 }).err().unwrap();
+        assert_eq!(e.code(), ErrorCode::Protocol, "{e}");
+        assert!(e.message().contains("sealed"), "{e}");
+        let (fd, _memory) = create().unwrap();
+        let e = take(me, RingOffer { fd: fd.as_raw_fd(), bytes: 4096 }).err().unwrap();
+        assert_eq!(e.code(), ErrorCode::Protocol, "{e}");
+        let e = take(me, RingOffer { fd: 1 << 20, bytes: RING_BYTES as u64 }).err().unwrap();
+        assert_ne!(e.code(), ErrorCode::Protocol, "a descriptor that is not there: {e}");
+        // SAFETY: the ring's descriptor: a shrink is refused by its seal.
+        assert_ne!(unsafe { libc::ftruncate(fd.as_raw_fd(), 4096) }, 0);
+    }
+}
