@@ -55,6 +55,7 @@ test('growth past a bound is a failure, within it is not', (t) => {
     "the prefill's queue pairs grew from 4 to 21",
     "the prefill's registered regions grew from 4 to 21",
     "the prefill's data connections grew from 4 to 21",
+    "the prefill's shared rings grew from 4 to 21",
   ])
   // Bounds scale with the prefill processes the decodes serve.
   t.deepEqual(growth([sample(f(100, 10, 40), f(100, 10, 40)), sample(f(250, 19, 57, held(36)), f(100, 10, 40))], 2), [])

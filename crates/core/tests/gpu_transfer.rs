@@ -164,9 +164,11 @@ fn decode_child() {
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap();
         if let Some(args) = line.strip_prefix("WAIT ") {
-            let (id, layer) = args.split_once(' ').unwrap();
-            let request = kvtransfer::communicator::RequestId::new(id).unwrap();
-            let outcome = decode.wait_for(&request, Some(vec![layer.parse().unwrap()]), Duration::from_secs(20));
+            // WAIT <request> <layer> [<ms>, default 20 s]
+            let a: Vec<&str> = args.split(' ').collect();
+            let request = kvtransfer::communicator::RequestId::new(a[0]).unwrap();
+            let ms = a.get(2).map_or(20_000, |ms| ms.parse().unwrap());
+            let outcome = decode.wait_for(&request, Some(vec![a[1].parse().unwrap()]), Duration::from_millis(ms));
             println!("WAITED {}", outcome.map_or_else(|e| e.code().as_str().to_string(), |()| "OK".into()));
             std::io::stdout().flush().unwrap();
             continue;
@@ -184,6 +186,11 @@ fn decode_child() {
         if let Some(id) = line.strip_prefix("REVOKE ") {
             let outcome = decode.revoke(&kvtransfer::communicator::RequestId::new(id).unwrap());
             println!("REVOKED {}", unchanged_after(&cache, outcome));
+            std::io::stdout().flush().unwrap();
+            continue;
+        }
+        if line == "HELD" {
+            println!("HELD {}", decode.stats().requests_held);
             std::io::stdout().flush().unwrap();
             continue;
         }
@@ -621,4 +628,232 @@ fn cuda_ipc_notifications_come_after_the_bytes_and_revoke_stops_a_writer() {
     let err = err.unwrap_or_else(|| panic!("the writer was never stopped: {writes} writes, the last after the close"));
     assert!(writes > 0, "the writer never wrote");
     eprintln!("the writer stopped after {writes} writes: {err}");
+}
+
+const PREFILL_CHILD: &str = "KVTRANSFER_TEST_PREFILL_CHILD";
+
+/// A prefill in its own process, for the chaos test: connects to the decode at the port it is given and runs
+/// requests `r-<k>` (`k` from the first it is given) of every layer, one after another, until it is killed;
+/// prints `STARTED k` before each request's first write and `COMPLETED k` after its last.
+#[test]
+fn prefill_child() {
+    let Ok(args) = std::env::var(PREFILL_CHILD) else { return };
+    let a: Vec<u64> = args.split(',').map(|x| x.parse().unwrap()).collect();
+    let (port, first, layers, block_bytes) = (a[0] as u16, a[1] as u32, a[2] as usize, a[3]);
+    let src = TestCache::new(Some(0), 2, layers, 256, block_bytes, 1);
+    let p = prefill(&src, 1, 0, TransportChoice::Only(TransportKind::CudaIpc));
+    p.connect("127.0.0.1", port, 1).unwrap();
+    let remote: Vec<u32> = (0..32).collect();
+    for k in first.. {
+        let local: Vec<u32> = (0..32).map(|i| (k * 32 + i) % 256).collect();
+        let request = kvtransfer::communicator::RequestId::new(format!("r-{k}")).unwrap();
+        println!("STARTED {k}");
+        std::io::stdout().flush().unwrap();
+        for layer in 0..layers as u32 {
+            if let Err(e) = p.write_request("127.0.0.1", port, &local, &remote, layer, Some(&request)) {
+                println!("FAILED {k} {}", e.code().as_str());
+                std::io::stdout().flush().unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                break;
+            }
+        }
+        println!("COMPLETED {k}");
+        std::io::stdout().flush().unwrap();
+    }
+}
+
+/// A prefill process of [`prefill_child`], and what it printed.
+struct PrefillProcess {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    started: Vec<u32>,
+    completed: Vec<u32>,
+}
+
+impl PrefillProcess {
+    fn start(port: u16, first: u32, layers: usize, block_bytes: u64) -> PrefillProcess {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["prefill_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(PREFILL_CHILD, format!("{port},{first},{layers},{block_bytes}"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        PrefillProcess { child, lines, started: Vec::new(), completed: Vec::new() }
+    }
+
+    /// Takes what it printed so far (within `wait`); `false` once it has ended (its output closed).
+    fn read(&mut self, wait: Duration) -> bool {
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let number = |p: &str| line.rsplit_once(p).and_then(|(_, k)| k.trim().parse::<u32>().ok());
+                    if let Some(k) = number("STARTED ") {
+                        self.started.push(k);
+                    } else if let Some(k) = number("COMPLETED ") {
+                        self.completed.push(k);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return true,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: a signal to this test's own child, which has not been reaped yet (`kill` waits for it).
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, signal) }, 0);
+    }
+
+    /// SIGKILL, then reaped, then everything it printed read.
+    fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.child.wait().unwrap();
+        while self.read(Duration::from_secs(5)) {}
+    }
+}
+
+/// `p`-th percentile of `ms` (sorted here).
+fn percentile(ms: &mut [u128], p: usize) -> u128 {
+    ms.sort_unstable();
+    ms.get((ms.len().saturating_sub(1)) * p / 100).copied().unwrap_or(0)
+}
+
+/// Chaos over CUDA IPC: prefill processes killed (some stopped and resumed first) at random moments of their
+/// requests, again and again, then the decode process killed under a writing prefill and replaced. Each killed
+/// prefill's requests must end at the decode (none held 5 s after the kill), every `Done` notification must
+/// find its request's bytes in the cache, and the decode must keep serving new prefills; each killed decode
+/// must fail the prefill's write within its deadline, and the next decode complete a request. Iterations:
+/// `KVTRANSFER_TEST_CHAOS_ITERATIONS` (default 30, and a fifth as many decode kills).
+#[test]
+fn cuda_ipc_chaos_kills_and_stops_prefills_and_decodes() {
+    if !gpu() {
+        return;
+    }
+    let iterations: u32 = std::env::var("KVTRANSFER_TEST_CHAOS_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let (layers, block_bytes) = (4usize, 64 * 1024u64);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ std::process::id() as u64;
+    let mut random = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut d = DecodeProcess::start("cuda-ipc", true, 2, layers, 64, block_bytes, 2);
+    let (mut stops, mut ended_ms, mut outcomes) = (0, Vec::new(), std::collections::BTreeMap::<String, u32>::new());
+    for i in 0..iterations {
+        let mut p = PrefillProcess::start(d.port, i * 100_000, layers, block_bytes);
+        // Until its first request has started, then a random moment of its requests.
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while p.started.is_empty() {
+            assert!(p.read(Duration::from_millis(20)) && std::time::Instant::now() < until, "prefill {i} never started a request");
+        }
+        p.read(Duration::from_millis(random(150)));
+        if random(3) == 0 {
+            p.signal(libc::SIGSTOP);
+            std::thread::sleep(Duration::from_millis(100 + random(700)));
+            p.signal(libc::SIGCONT);
+            stops += 1;
+            p.read(Duration::from_millis(random(50)));
+        }
+        p.kill();
+        let killed = std::time::Instant::now();
+        // The decode ends every request of the killed process it held.
+        loop {
+            let held: u64 = d.ask("HELD", "HELD").parse().unwrap();
+            if held == 0 {
+                break;
+            }
+            assert!(killed.elapsed() < Duration::from_secs(5), "iteration {i}: the decode still held {held} requests 5 s after the kill");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ended_ms.push(killed.elapsed().as_millis());
+        // What the request in flight became at the decode: complete, failed with its connection, or never heard of
+        // (a wait that runs out: the decode holds nothing, so it never had it).
+        let last = *p.started.last().unwrap();
+        let outcome = d.ask(&format!("WAIT r-{last} {} 300", layers - 1), "WAITED");
+        let outcome = match outcome.as_str() {
+            "OK" => "complete".to_string(),
+            "TIMEOUT" => "unheard".to_string(),
+            code => code.to_lowercase(),
+        };
+        assert!(["complete", "unheard", "transport", "aborted"].contains(&outcome.as_str()), "iteration {i}: request r-{last} ended {outcome}");
+        *outcomes.entry(outcome).or_default() += 1;
+        let done = p.completed.iter().filter(|&&k| k != last).count();
+        *outcomes.entry("completed before it".into()).or_default() += done as u32;
+    }
+    // Every Done notification found its bytes in place.
+    let notes = d.ask("NOTES 1", "NOTES");
+    assert!(!notes.contains("EARLY"), "a notification came before its bytes: {notes}");
+    let checked = notes.split(';').filter(|n| n.ends_with(":OK")).count();
+    assert!(outcomes.get("completed before it").copied().unwrap_or(0) > 0, "no killed prefill completed a request: {outcomes:?}");
+    // The survivor serves a new prefill, whose request completes.
+    let src = TestCache::new(Some(0), 2, layers, 256, block_bytes, 1);
+    let p = prefill(&src, 1, 0, TransportChoice::Only(TransportKind::CudaIpc));
+    let remote: Vec<u32> = (0..32).collect();
+    let local = |k: u32| -> Vec<u32> { (0..32).map(|i| (k * 32 + i) % 256).collect() };
+    let write_request = |port: u16, k: u32| -> kvtransfer::Result<()> {
+        let request = kvtransfer::communicator::RequestId::new(format!("r-{k}")).unwrap();
+        (0..layers as u32).try_for_each(|layer| p.write_request("127.0.0.1", port, &local(k), &remote, layer, Some(&request)))
+    };
+    p.connect("127.0.0.1", d.port, 1).unwrap();
+    write_request(d.port, 7).unwrap();
+    assert_eq!(d.ask(&format!("WAIT r-7 {}", layers - 1), "WAITED"), "OK");
+    // The decode killed under a writing prefill, and replaced.
+    let (mut failed_ms, mut serving_ms, mut codes) = (Vec::new(), Vec::new(), std::collections::BTreeMap::<String, u32>::new());
+    for j in 0..(iterations / 5).max(1) {
+        let port = d.port;
+        let victim = d.child.id() as i32;
+        let killer = std::thread::spawn({
+            let wait = Duration::from_millis(50 + random(200));
+            move || {
+                std::thread::sleep(wait);
+                // SAFETY: a signal to the decode child, reaped only when `d` is replaced below.
+                unsafe { libc::kill(victim, libc::SIGKILL) };
+                std::time::Instant::now()
+            }
+        });
+        let (mut k, writing) = (1000 * (j + 1), std::time::Instant::now());
+        let failure = loop {
+            if let Err(e) = write_request(port, k) {
+                break e;
+            }
+            assert!(writing.elapsed() < Duration::from_secs(30), "decode kill {j}: the prefill still writes 30 s later");
+            k += 1;
+        };
+        let killed = killer.join().unwrap();
+        let failed = std::time::Instant::now();
+        assert!(failed.duration_since(killed) < Duration::from_secs(20), "decode kill {j}: the write failed {:?} after it", failed - killed);
+        failed_ms.push(failed.saturating_duration_since(killed).as_millis());
+        *codes.entry(failure.code().as_str().to_string()).or_default() += 1;
+        drop(std::mem::replace(&mut d, DecodeProcess::start("cuda-ipc", true, 2, layers, 64, block_bytes, 2)));
+        p.connect("127.0.0.1", d.port, 1).unwrap();
+        write_request(d.port, 7).unwrap();
+        assert_eq!(d.ask(&format!("WAIT r-7 {}", layers - 1), "WAITED"), "OK");
+        serving_ms.push(killed.elapsed().as_millis());
+    }
+    let notes = d.ask("NOTES 1", "NOTES");
+    assert!(!notes.contains("EARLY"), "a notification came before its bytes: {notes}");
+    eprintln!(
+        "CHAOS cuda-ipc: {iterations} prefill kills ({stops} stopped and resumed first): the request in flight {outcomes:?}; \
+         the decode held none of them {} ms after the kill (p50; {} max); {checked} notifications, each found its bytes; \
+         {} decode kills: the prefill's write failed {codes:?} {} ms after the kill (p50; {} max), a request completed on the next decode {} ms after it (p50; {} max)",
+        percentile(&mut ended_ms, 50),
+        percentile(&mut ended_ms, 100),
+        failed_ms.len(),
+        percentile(&mut failed_ms, 50),
+        percentile(&mut failed_ms, 100),
+        percentile(&mut serving_ms, 50),
+        percentile(&mut serving_ms, 100),
+    );
 }
