@@ -267,7 +267,7 @@ fn shm_ring_slots() {
         let mut slot = vec![0u8; SLOT_BYTES];
         slot[..bytes.len().min(SLOT_BYTES)].copy_from_slice(&bytes[..bytes.len().min(SLOT_BYTES)]);
         let before = memory.clone();
-        let taken = SlotReader::default().take(&slot, &session);
+        let taken = SlotReader::default().check_and_copy(&slot, &session);
         let changed: Vec<usize> = (0..memory.len()).filter(|&i| memory[i] != before[i]).collect();
         let inside = |i: &usize| (0..4).any(|t| (at(t) - base) as usize <= *i && *i < (at(t) - base) as usize + tensor) && (!keys_only || *i < (at(2) - base) as usize);
         prop_assert!(changed.iter().all(inside), "a slot changed bytes outside the cache: {:?}", &changed[..changed.len().min(8)]);

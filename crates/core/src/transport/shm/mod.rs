@@ -26,7 +26,6 @@ use crate::transport::{self, Accepted, Acceptor, Admission, Answer, Connector, E
 use crate::wire::TransportKind;
 use ring::{RingOffer, RingServer, RingSession, RingWriter};
 use serde::{Deserialize, Serialize};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -111,8 +110,7 @@ impl ShmTarget {
     /// A ring for a new session, or none where this host cannot make one (the session then writes every call
     /// with `process_vm_writev`).
     fn ring(&self, admission: &Admission<'_>) -> Option<(RingOffer, RingServer)> {
-        let made = ring::create().and_then(|(fd, memory)| {
-            let offer = RingOffer { fd: fd.as_raw_fd(), bytes: ring::RING_BYTES as u64 };
+        let made = ring::create().and_then(|(fd, memory, offer)| {
             let session = RingSession {
                 cache: self.cache.clone(),
                 tensors: admission.tensors,
@@ -158,9 +156,10 @@ impl Acceptor for ShmTarget {
     }
 
     fn close(&self) {
-        let ended = std::mem::take(&mut *self.sessions());
-        ptrace_grant::withdraw(|s| ended.iter().any(|(e, _)| *e == s));
-        drop(ended);
+        // The rings first (as `cut_off`): a write under way then fails as stopped, not as refused by ptrace.
+        let ended: Vec<(u64, Option<RingServer>)> = std::mem::take(&mut *self.sessions());
+        let sessions: Vec<u64> = ended.into_iter().map(|(session, _ring)| session).collect();
+        ptrace_grant::withdraw(|s| sessions.contains(&s));
     }
 }
 
@@ -192,8 +191,7 @@ impl Connector for ShmConnector {
 impl PendingLink for ShmConnector {
     fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>> {
         let welcome: ShmWelcome = transport::from_details(TransportKind::Shm, answer.details)?;
-        let link = ShmLink::open(answer.peer.to_string(), self.cache, &welcome, answer.geometry, answer.remote_blocks)?;
-        Ok(Box::new(ShmLink { stall: self.stall, ..link }))
+        Ok(Box::new(ShmLink::open(answer.peer.to_string(), self.cache, &welcome, answer.geometry, answer.remote_blocks, self.stall)?))
     }
 }
 
@@ -222,7 +220,7 @@ struct DecodeProcess {
 impl ShmLink {
     /// Checks the peer's layout against the agreed geometry and that this process may write into it, and takes
     /// its ring where it offers one.
-    pub(crate) fn open(peer: String, cache: Arc<CacheLayout>, welcome: &ShmWelcome, geometry: SliceGeometry, remote_blocks: u32) -> Result<ShmLink> {
+    pub(crate) fn open(peer: String, cache: Arc<CacheLayout>, welcome: &ShmWelcome, geometry: SliceGeometry, remote_blocks: u32, stall: Duration) -> Result<ShmLink> {
         // A real decode is a live process of its own with a random liveness word: anything else is not believed.
         if welcome.pid == 0 || welcome.pid > i32::MAX as u32 {
             return Err(Error::protocol(format!("the decode names process {}", welcome.pid)));
@@ -238,24 +236,29 @@ impl ShmLink {
         }
         let decode = DecodeProcess { peer, pid: welcome.pid as libc::pid_t, probe: welcome.probe, nonce: welcome.nonce };
         decode.check()?;
-        // Its ring is taken only now that the process is known to be the decode's; a ring that cannot be taken
-        // leaves every call to `process_vm_writev`, and one that is not what it should be ends the link.
+        // Its ring is taken, and claimed, only now that the process is known to be the decode's; a ring that
+        // cannot be taken leaves every call to `process_vm_writev`, and one that is not what it should be ends
+        // the link.
         let ring = match welcome.ring.map(|offer| ring::take(decode.pid, offer)) {
+            Some(Ok(mut ring)) => {
+                ring.claim(&cache, stall, &|| decode.check())?;
+                Some(ring)
+            }
             Some(Err(e)) if e.code() == ErrorCode::Protocol => return Err(e),
-            Some(taken) => taken.ok(),
-            None => None,
+            Some(Err(_)) | None => None,
         };
-        Ok(ShmLink { decode, cache, geometry, remote, local_iov: IoVecs::default(), remote_iov: IoVecs::default(), ring, stall: Duration::from_secs(10) })
+        Ok(ShmLink { decode, cache, geometry, remote, local_iov: IoVecs::default(), remote_iov: IoVecs::default(), ring, stall })
     }
+}
 
-    /// Whether a call goes through the ring: its ranges are small (see [`RING_MEAN_RANGE`]).
-    fn through_ring(&self, plan: &BlockPlan) -> bool {
-        let cache = &*self.cache;
-        let ranges_per_tensor = if self.geometry.ratio == 1 { plan.runs().len() } else { plan.blocks() as usize };
-        let ranges = (ranges_per_tensor * cache.tensors().iter().count()).max(1) as u64;
-        let bytes = plan.blocks() as u64 * cache.tensors().iter().map(|t| cache.block_bytes(t)).sum::<u64>();
-        self.ring.is_some() && bytes / ranges <= RING_MEAN_RANGE
-    }
+/// Whether a call goes through the ring rather than `process_vm_writev`: its ranges average at most
+/// [`RING_MEAN_RANGE`] (a range is a run of each tensor, or a block's slice where the decode's blocks are
+/// larger), and a block fits a slot.
+fn through_ring(plan: &BlockPlan, cache: &CacheLayout, geometry: SliceGeometry) -> bool {
+    let ranges_per_tensor = if geometry.ratio == 1 { plan.runs().len() } else { plan.blocks() as usize };
+    let ranges = (ranges_per_tensor * cache.tensors().iter().count()).max(1) as u64;
+    let per_block: u64 = cache.tensors().iter().map(|t| cache.block_bytes(t)).sum();
+    RingWriter::fits(per_block) && plan.blocks() as u64 * per_block / ranges <= RING_MEAN_RANGE
 }
 
 impl DecodeProcess {
@@ -290,8 +293,8 @@ impl Link for ShmLink {
         self.decode.check()?;
         let layer = plan.layer();
         let (pid, peer) = (self.decode.pid, &self.decode.peer);
-        if self.through_ring(plan) {
-            let (ring, decode) = (self.ring.as_mut().expect("checked by through_ring"), &self.decode);
+        if let Some(ring) = self.ring.as_mut().filter(|_| through_ring(plan, &self.cache, self.geometry)) {
+            let decode = &self.decode;
             return ring
                 .write(&self.cache, plan, self.stall, &|| decode.check())
                 .map_err(|e| Error::new(e.code(), format!("writing layer {layer} into the decode process {pid} ({peer}) through the shared ring: {}", e.message())));
@@ -316,5 +319,46 @@ impl Link for ShmLink {
 
     fn transport(&self) -> TransportKind {
         TransportKind::Shm
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::CacheSpec;
+
+    fn cache(block_bytes: u64, values: bool) -> CacheLayout {
+        let spec = CacheSpec { key: vec![0x10_0000], value: if values { vec![0x90_0000] } else { vec![] }, block_number: 64, block_bytes, ..Default::default() };
+        // SAFETY: made-up addresses: the tests only ask which path a call takes.
+        unsafe { CacheLayout::new(spec) }.unwrap()
+    }
+
+    fn plan(local: &[u32], remote: &[u32]) -> BlockPlan {
+        let mut plan = BlockPlan::default();
+        plan.build(local, remote, 0, 1, 64, 64).unwrap();
+        plan
+    }
+
+    #[test]
+    fn small_ranges_go_through_the_ring_large_ones_do_not() {
+        let scattered = plan(&[1, 5, 9, 13], &[2, 6, 10, 14]);
+        let contiguous = plan(&[1, 2, 3, 4], &[2, 3, 4, 5]);
+        let half = SliceGeometry { ratio: 2, slot: 0 };
+        for (block_bytes, p, geometry, ring) in [
+            (1024, &scattered, SliceGeometry::WHOLE, true),
+            (16 << 10, &scattered, SliceGeometry::WHOLE, true),
+            (32 << 10, &scattered, SliceGeometry::WHOLE, false),
+            // One run of four 8 KiB blocks is a 32 KiB range, and four 1 KiB blocks a 4 KiB one.
+            (8 << 10, &contiguous, SliceGeometry::WHOLE, false),
+            (1024, &contiguous, SliceGeometry::WHOLE, true),
+            // Into larger decode blocks each block is a range of its own.
+            (8 << 10, &contiguous, half, true),
+            // A block (keys and values) larger than a slot never does.
+            (128 << 10, &scattered, SliceGeometry::WHOLE, false),
+        ] {
+            assert_eq!(through_ring(p, &cache(block_bytes, true), geometry), ring, "{block_bytes} bytes, {:?}, ratio {}", p.runs(), geometry.ratio);
+        }
+        // Keys only: half the bytes a block.
+        assert!(through_ring(&scattered, &cache(16 << 10, false), SliceGeometry::WHOLE));
     }
 }

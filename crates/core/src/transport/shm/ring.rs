@@ -17,9 +17,10 @@
 //! trusts nothing of the ring either: a count that runs ahead of its own, or a stopped decode, fails the write.
 //!
 //! Who may reach the ring: the prefill takes the decode's descriptor of it with `pidfd_getfd`, which the kernel
-//! allows only where it would allow `process_vm_writev` (the same ptrace check, and the same Yama grant); the
-//! decode closes its descriptor once the first slot is posted, so that from then on only the two mappings reach
-//! it.
+//! allows only where it would allow `process_vm_writev` (the same ptrace check, and the same Yama grant), checks
+//! the ring's random name against the one the decode's welcome gave, and at once posts an empty slot
+//! ([`RingWriter::claim`]); the decode closes its descriptor at the first slot. A process of the same user that
+//! opened it through `/proc` before then keeps what it opened (see `SECURITY.md`).
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::log::Logger;
@@ -28,7 +29,7 @@ use crate::metrics::{HeldResource, Raised, RESOURCES};
 use crate::plan::{self, BlockPlan, Run, SliceGeometry};
 use crate::transport::frame::{self, WriteHeader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,16 +38,24 @@ use std::time::{Duration, Instant};
 pub const SLOTS: u32 = 8;
 /// Bytes of a slot: its header, run table and payload.
 pub const SLOT_BYTES: usize = 256 << 10;
-/// The control page: the two counts and the decode's verdict, each on a cache line of its own.
+/// The control page: the two counts, the decode's verdict and the ring's name, each on a cache line of its own.
 const CONTROL_BYTES: usize = 4096;
 /// The whole ring.
 pub const RING_BYTES: usize = CONTROL_BYTES + SLOTS as usize * SLOT_BYTES;
-/// Slots posted by the prefill (written by it alone).
-const POSTED: usize = 0;
-/// Slots taken by the decode (written by it alone).
-const TAKEN: usize = 64;
-/// 0 while the decode serves the ring; the wire code of why it stopped.
-const STOPPED: usize = 128;
+
+/// The words of the control page.
+#[derive(Clone, Copy)]
+enum Word {
+    /// Slots posted by the prefill (written by it alone).
+    Posted = 0,
+    /// Slots taken by the decode (written by it alone).
+    Taken = 64,
+    /// 0 while the decode serves the ring; why it stopped: `PROTOCOL` (a slot that lied) or `TRANSPORT`.
+    Stopped = 128,
+}
+
+/// Where the ring's random name lies (a u64, written by the decode before it offers the ring).
+const NAME: usize = 192;
 
 /// How long either side sleeps before looking again at what the futex did not wake it for (its peer's death,
 /// its own stop).
@@ -58,6 +67,8 @@ pub struct RingOffer {
     /// The decode's descriptor of the ring's memfd.
     pub fd: i32,
     pub bytes: u64,
+    /// The random name the ring holds: a descriptor number reused for another session's ring is not taken.
+    pub name: u64,
 }
 
 /// A mapping of a ring, unmapped on drop.
@@ -84,10 +95,15 @@ impl Mapping {
         Ok(Mapping { base: base.cast(), _counted: Raised::new(&RESOURCES, |r| &r.shm_rings) })
     }
 
-    fn word(&self, at: usize) -> &AtomicU32 {
-        // SAFETY: `at` is one of the control page's word offsets (4-aligned, inside the mapping, which lives as
+    fn word(&self, word: Word) -> &AtomicU32 {
+        // SAFETY: each word's offset is 4-aligned and inside the control page, inside the mapping (which lives as
         // long as `self`); the page is only ever accessed as these atomics, by both processes.
-        unsafe { &*self.base.add(at).cast::<AtomicU32>() }
+        unsafe { &*self.base.add(word as usize).cast::<AtomicU32>() }
+    }
+
+    fn name(&self) -> &AtomicU64 {
+        // SAFETY: as for `word`: 8-aligned, inside the control page, only accessed as this atomic.
+        unsafe { &*self.base.add(NAME).cast::<AtomicU64>() }
     }
 
     fn slot(&self, n: u32) -> *mut u8 {
@@ -107,11 +123,11 @@ impl Drop for Mapping {
 /// of µs), and a futex sleep and wake-up cost about as much again.
 const SPIN: Duration = Duration::from_micros(50);
 
-/// Waits while `word` holds `seen`: polls it for [`SPIN`], then sleeps for at most `timeout` (a futex of the
+/// Waits while `word` holds `seen`: polls it for `spin`, then sleeps for at most `timeout` (a futex of the
 /// shared mapping, so the other process can wake it).
-fn wait(word: &AtomicU32, seen: u32, timeout: Duration) {
+fn wait(word: &AtomicU32, seen: u32, spin: Duration, timeout: Duration) {
     let polling = Instant::now();
-    while polling.elapsed() < SPIN {
+    while polling.elapsed() < spin {
         if word.load(Ordering::Acquire) != seen {
             return;
         }
@@ -133,8 +149,9 @@ fn os_error(context: &str) -> Error {
     Error::io(context, std::io::Error::last_os_error())
 }
 
-/// A new ring, for the decode's side: its memfd (sealed at [`RING_BYTES`]) and the decode's mapping of it.
-pub fn create() -> Result<(OwnedFd, RingServerMemory)> {
+/// A new ring, for the decode's side: its memfd (sealed at [`RING_BYTES`]), the decode's mapping of it, and
+/// what the prefill is told of it.
+pub fn create() -> Result<(OwnedFd, RingServerMemory, RingOffer)> {
     // SAFETY: the name is a NUL-terminated string; the flags ask for a new anonymous file.
     let raw = unsafe { libc::memfd_create(c"kvtransfer-ring".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if raw < 0 {
@@ -151,16 +168,19 @@ pub fn create() -> Result<(OwnedFd, RingServerMemory)> {
             return Err(os_error("sealing the shared ring"));
         }
     }
-    let memory = RingServerMemory(Mapping::map(&fd)?);
-    Ok((fd, memory))
+    let memory = Mapping::map(&fd)?;
+    let name = crate::auth::random_u64();
+    memory.name().store(name, Ordering::Release);
+    let offer = RingOffer { fd: fd.as_raw_fd(), bytes: RING_BYTES as u64, name };
+    Ok((fd, RingServerMemory(memory), offer))
 }
 
 /// The decode's mapping of a ring it created, until a server takes it.
 pub struct RingServerMemory(Mapping);
 
-/// Takes descriptor `fd` of process `pid` (the decode's ring) and maps it, for the prefill's side. Refused unless
-/// it is a memfd sealed against shrinking, of [`RING_BYTES`]: a file the decode could cut short would kill this
-/// process (SIGBUS) at the next copy into it.
+/// Takes the ring `offer` names in process `pid` (the decode) and maps it, for the prefill's side. Refused unless
+/// it is a memfd sealed against shrinking, of [`RING_BYTES`] (a file the decode could cut short would kill this
+/// process with SIGBUS at the next copy into it), that holds the offer's name.
 pub fn take(pid: libc::pid_t, offer: RingOffer) -> Result<RingWriter> {
     if offer.bytes != RING_BYTES as u64 || offer.fd < 0 {
         return Err(Error::protocol(format!("the decode offers a ring of {} bytes at descriptor {} (expected {RING_BYTES})", offer.bytes, offer.fd)));
@@ -189,7 +209,11 @@ pub fn take(pid: libc::pid_t, offer: RingOffer) -> Result<RingWriter> {
     if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 || size != RING_BYTES as i64 {
         return Err(Error::protocol(format!("the decode's ring is not a sealed memfd of {RING_BYTES} bytes (seals {seals}, {size} bytes)")));
     }
-    Ok(RingWriter { mem: Mapping::map(&fd)?, posted: 0, header: Vec::new(), chunk: Vec::new(), seq: 0 })
+    let mem = Mapping::map(&fd)?;
+    if mem.name().load(Ordering::Acquire) != offer.name {
+        return Err(Error::protocol("the decode's descriptor holds another ring than the one its welcome named"));
+    }
+    Ok(RingWriter { mem, posted: 0, taken: 0, header: Vec::new(), chunk: Vec::new(), seq: 0 })
 }
 
 /// The prefill's side of a ring.
@@ -197,12 +221,36 @@ pub struct RingWriter {
     mem: Mapping,
     /// Slots posted so far (this side's own count; the word in the ring is only told it).
     posted: u32,
+    /// Slots the decode has taken, as far as this side has seen (never believed to go back).
+    taken: u32,
     header: Vec<u8>,
     chunk: Vec<Run>,
     seq: u64,
 }
 
 impl RingWriter {
+    /// Whether a block of `per_block` bytes (every tensor) fits a slot.
+    pub fn fits(per_block: u64) -> bool {
+        per_block + (frame::WRITE_HEADER_LEN + frame::RUN_LEN) as u64 <= SLOT_BYTES as u64
+    }
+
+    /// Posts an empty slot and waits for the decode to take it: from then on the decode holds no descriptor of
+    /// the ring, and this side knows it serves.
+    pub fn claim(&mut self, cache: &CacheLayout, stall: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
+        self.chunk.clear();
+        self.seq += 1;
+        self.room_for_one(stall, alive)?;
+        self.fill(cache, 0, self.seq, cache.tensors());
+        self.post();
+        self.until_taken(0, stall, alive)
+    }
+
+    fn post(&mut self) {
+        self.posted = self.posted.wrapping_add(1);
+        self.mem.word(Word::Posted).store(self.posted, Ordering::Release);
+        wake(self.mem.word(Word::Posted));
+    }
+
     /// Moves the plan's blocks into the decode through the ring; returns once the decode has copied every one
     /// into its cache. Fails with `TIMEOUT` where the decode takes nothing for `stall`, and as `alive` says (it
     /// is asked while the decode takes nothing: a decode that died never answers).
@@ -210,7 +258,7 @@ impl RingWriter {
         let tensors = cache.tensors();
         let per_block: u64 = tensors.iter().map(|t| cache.block_bytes(t)).sum();
         let capacity = (SLOT_BYTES - frame::WRITE_HEADER_LEN) as u64;
-        if per_block + frame::RUN_LEN as u64 > capacity {
+        if !RingWriter::fits(per_block) {
             return Err(Error::new(ErrorCode::Internal, format!("a block of {per_block} bytes is larger than a ring slot")));
         }
         self.seq += 1;
@@ -232,9 +280,7 @@ impl RingWriter {
             }
             self.room_for_one(stall, alive)?;
             self.fill(cache, layer, seq, tensors);
-            self.posted = self.posted.wrapping_add(1);
-            self.mem.word(POSTED).store(self.posted, Ordering::Release);
-            wake(self.mem.word(POSTED));
+            self.post();
         }
         self.until_taken(0, stall, alive)
     }
@@ -260,34 +306,37 @@ impl RingWriter {
     }
 
     /// Waits until a slot is free.
-    fn room_for_one(&self, stall: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
+    fn room_for_one(&mut self, stall: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
         self.until_taken(SLOTS - 1, stall, alive)
     }
 
     /// Waits until at most `pending` posted slots are left for the decode to take.
-    fn until_taken(&self, pending: u32, stall: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
-        let (taken_word, stopped) = (self.mem.word(TAKEN), self.mem.word(STOPPED));
-        let mut last = (taken_word.load(Ordering::Acquire), Instant::now());
+    fn until_taken(&mut self, pending: u32, stall: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
+        let mut progress = Instant::now();
         loop {
-            let taken = taken_word.load(Ordering::Acquire);
-            let code = stopped.load(Ordering::Acquire);
-            if code != 0 {
-                return Err(Error::new(ErrorCode::from_wire(code), "the decode stopped serving the shared ring (it closed, cut this link off, or refused a write: see its log)"));
+            let taken = self.mem.word(Word::Taken).load(Ordering::Acquire);
+            match self.mem.word(Word::Stopped).load(Ordering::Acquire) {
+                0 => {}
+                code if ErrorCode::from_wire(code) == ErrorCode::Protocol => {
+                    return Err(Error::protocol("the decode refused a slot of the shared ring and stopped it (see its log)"));
+                }
+                _ => return Err(Error::new(ErrorCode::Transport, "the decode stopped serving the shared ring (it closed, or cut this link off)")),
             }
-            let left = self.posted.wrapping_sub(taken);
-            if left > SLOTS {
-                return Err(Error::protocol(format!("the decode's ring says {taken} slots taken of {} posted", self.posted)));
+            // Only forward, and never past what was posted: a decode that says otherwise is not believed.
+            if taken.wrapping_sub(self.taken) > self.posted.wrapping_sub(self.taken) {
+                return Err(Error::protocol(format!("the decode's ring says {taken} slots taken, where {} were and {} are posted", self.taken, self.posted)));
             }
-            if left <= pending {
+            if taken != self.taken {
+                (self.taken, progress) = (taken, Instant::now());
+            }
+            if self.posted.wrapping_sub(taken) <= pending {
                 return Ok(());
             }
-            if taken != last.0 {
-                last = (taken, Instant::now());
-            } else if last.1.elapsed() >= stall {
+            if progress.elapsed() >= stall {
                 return Err(Error::new(ErrorCode::Timeout, format!("the decode took nothing from the shared ring for {} ms", stall.as_millis())));
             }
-            wait(taken_word, taken, NAP);
-            if taken_word.load(Ordering::Acquire) == taken {
+            wait(self.mem.word(Word::Taken), taken, SPIN, NAP);
+            if self.mem.word(Word::Taken).load(Ordering::Acquire) == taken {
                 alive()?;
             }
         }
@@ -322,8 +371,8 @@ impl RingServer {
             .spawn(move || {
                 // A panic (a bug) still tells the prefill, which would otherwise wait out its stall.
                 if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(&m, fd, &s, &session))).is_err() {
-                    m.word(STOPPED).store(ErrorCode::Internal.to_wire(), Ordering::Release);
-                    wake(m.word(TAKEN));
+                    m.word(Word::Stopped).store(ErrorCode::Transport.to_wire(), Ordering::Release);
+                    wake(m.word(Word::Taken));
                 }
             })
             .map_err(|e| Error::io("starting the shared ring's thread", e))?;
@@ -334,7 +383,7 @@ impl RingServer {
     /// fail (`TRANSPORT`).
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        wake(self.mem.word(POSTED));
+        wake(self.mem.word(Word::Posted));
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -350,18 +399,22 @@ impl Drop for RingServer {
 /// The server's loop: takes slots in order until stopped, or until one fails its check.
 fn serve(mem: &Mapping, fd: OwnedFd, stop: &AtomicBool, session: &RingSession) {
     let mut fd = Some(fd);
-    let (posted_word, taken_word) = (mem.word(POSTED), mem.word(TAKEN));
+    let (posted_word, taken_word) = (mem.word(Word::Posted), mem.word(Word::Taken));
     let mut taken = 0u32;
     let mut reader = SlotReader::default();
+    // Polls only while a write is under way (a slot was taken since the last sleep): an idle ring only sleeps.
+    let mut busy = false;
     let verdict = loop {
         if stop.load(Ordering::Acquire) {
             break ErrorCode::Transport;
         }
         let posted = posted_word.load(Ordering::Acquire);
         if posted == taken {
-            wait(posted_word, taken, NAP);
+            wait(posted_word, taken, if busy { SPIN } else { Duration::ZERO }, NAP);
+            busy = false;
             continue;
         }
+        busy = true;
         // The prefill has the ring: nobody else may take it from here on.
         fd = None;
         if posted.wrapping_sub(taken) > SLOTS {
@@ -378,7 +431,7 @@ fn serve(mem: &Mapping, fd: OwnedFd, stop: &AtomicBool, session: &RingSession) {
         wake(taken_word);
     };
     drop(fd);
-    mem.word(STOPPED).store(verdict.to_wire(), Ordering::Release);
+    mem.word(Word::Stopped).store(verdict.to_wire(), Ordering::Release);
     wake(taken_word);
 }
 
@@ -392,7 +445,7 @@ pub struct SlotReader {
 
 impl SlotReader {
     /// [`SlotReader::copy_out`] of a slot's bytes held in this process (the fuzz target's way in).
-    pub fn take(&mut self, slot: &[u8], session: &RingSession) -> Result<()> {
+    pub fn check_and_copy(&mut self, slot: &[u8], session: &RingSession) -> Result<()> {
         assert_eq!(slot.len(), SLOT_BYTES, "a whole slot");
         // SAFETY: SLOT_BYTES readable bytes, checked above.
         unsafe { self.copy_out(slot.as_ptr(), session) }
@@ -484,8 +537,7 @@ mod tests {
 
     /// A ring served for `dst`, and this process's writer of it (taken as a prefill takes it).
     fn ring(dst: &Buffers) -> (RingWriter, RingServer) {
-        let (fd, memory) = create().unwrap();
-        let offer = RingOffer { fd: fd.as_raw_fd(), bytes: RING_BYTES as u64 };
+        let (fd, memory, offer) = create().unwrap();
         let writer = take(std::process::id() as libc::pid_t, offer).unwrap();
         (writer, RingServer::start(memory, fd, session(&dst.layout)).unwrap())
     }
@@ -500,13 +552,14 @@ mod tests {
 
     #[test]
     fn writes_of_many_slots_land_every_byte() {
-        // 1000-byte blocks (no multiple of anything), 700 of 900 scattered per call: 1.4 MB, six slots a call,
-        // so three calls go round the ring of eight twice.
+        // 1000-byte blocks (no multiple of anything), 700 of 900 per call: 1.4 MB, six slots a call, so three
+        // calls go round the ring of eight twice; the second call's runs are long, and cut where slots fill.
         let (src, dst) = (Buffers::new(900, 1000, 1), Buffers::new(900, 1000, 2));
         let (mut writer, _server) = ring(&dst);
         for (call, layer) in [0u32, 1, 0].into_iter().enumerate() {
-            let local: Vec<u32> = (0..700).map(|i| (i * 7 + call as u32) % 900).collect();
-            let remote: Vec<u32> = (0..700).map(|i| (i * 11 + 5 * call as u32) % 900).collect();
+            let scattered = |i: u32, a: u32, b: u32| if call == 1 { (i + b) % 900 } else { (i * a + b) % 900 };
+            let local: Vec<u32> = (0..700).map(|i| scattered(i, 7, call as u32)).collect();
+            let remote: Vec<u32> = (0..700).map(|i| scattered(i, 11, 5 * call as u32)).collect();
             writer.write(&src.layout, &plan(&src, &local, &remote, layer), STALL, &|| Ok(())).unwrap();
             for t in 0..2 {
                 for (l, r) in local.iter().zip(&remote) {
@@ -517,51 +570,92 @@ mod tests {
         assert_eq!(writer.posted, 18);
     }
 
-    /// Posts one slot by hand: `header` with `runs`, then `payload` bytes of 0xEE.
+    #[test]
+    fn a_claim_is_taken_and_closes_the_decodes_descriptor() {
+        let (src, dst) = (Buffers::new(8, 100, 1), Buffers::new(8, 100, 2));
+        let (fd, memory, offer) = create().unwrap();
+        let raw = fd.as_raw_fd();
+        let mut writer = take(std::process::id() as libc::pid_t, offer).unwrap();
+        let _server = RingServer::start(memory, fd, session(&dst.layout)).unwrap();
+        // SAFETY: only asks whether the descriptor is open.
+        assert!(unsafe { libc::fcntl(raw, libc::F_GETFD) } >= 0, "the decode holds its descriptor until the claim");
+        let before = dst.memory.clone();
+        writer.claim(&src.layout, STALL, &|| Ok(())).unwrap();
+        assert!(dst.memory == before, "an empty slot wrote nothing");
+        // SAFETY: as above.
+        assert!(unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0, "the decode's descriptor is closed once the ring is claimed");
+    }
+
+    /// Posts one slot by hand: `header` with `runs`, then `payload` bytes of 0xEE (at most what the slot holds).
     fn post(writer: &mut RingWriter, header: WriteHeader, runs: &[Run], payload: usize) {
         header.encode_with_runs(runs, &mut writer.header);
         let slot = writer.mem.slot(writer.posted);
-        // SAFETY: the tests' slots are far smaller than a slot.
+        let payload = payload.min(SLOT_BYTES - writer.header.len());
+        // SAFETY: the header, run table and payload are cut to the slot's size.
         unsafe {
             std::ptr::copy_nonoverlapping(writer.header.as_ptr(), slot, writer.header.len());
             std::ptr::write_bytes(slot.add(writer.header.len()), 0xEE, payload);
         }
-        writer.posted = writer.posted.wrapping_add(1);
-        writer.mem.word(POSTED).store(writer.posted, Ordering::Release);
-        wake(writer.mem.word(POSTED));
+        writer.post();
     }
 
     #[test]
     fn a_slot_that_lies_lands_nothing_and_stops_the_ring() {
-        let good = WriteHeader { layer: 1, runs: 1, tensors: 0b11, part: 0, parts: 1, seq: 1, payload_bytes: 2 * 4 * 100 };
+        // 300 blocks of 1000 bytes: a run of 200 blocks (400 KB of keys and values) is more than a slot holds.
+        let good = WriteHeader { layer: 1, runs: 1, tensors: 0b11, part: 0, parts: 1, seq: 1, payload_bytes: 2 * 4 * 1000 };
         let run = Run { local: 0, remote: 10, count: 4 };
-        let lies: [(&str, WriteHeader, Run); 6] = [
+        let lies: [(&str, WriteHeader, Run); 7] = [
             ("a layer past the cache's", WriteHeader { layer: 2, ..good }, run),
-            ("a run past the cache's blocks", good, Run { remote: 28, ..run }),
+            ("a run past the cache's blocks", good, Run { remote: 298, ..run }),
             ("more payload than its blocks", WriteHeader { payload_bytes: good.payload_bytes + 100, ..good }, run),
-            ("tensors the handshake did not agree", WriteHeader { tensors: 0b1, payload_bytes: 400, ..good }, run),
+            ("tensors the handshake did not agree", WriteHeader { tensors: 0b1, payload_bytes: 4000, ..good }, run),
             ("a piece of a split write", WriteHeader { part: 1, parts: 2, ..good }, run),
             ("a run table longer than its slot", WriteHeader { runs: (SLOT_BYTES / frame::RUN_LEN) as u32, ..good }, run),
+            ("a payload past the slot's end", WriteHeader { payload_bytes: 2 * 200 * 1000, ..good }, Run { count: 200, ..run }),
         ];
         for (lie, header, run) in lies {
-            let dst = Buffers::new(30, 100, 2);
+            let dst = Buffers::new(300, 1000, 2);
             let before = dst.memory.clone();
             let (mut writer, _server) = ring(&dst);
-            post(&mut writer, header, &[run], 800);
+            post(&mut writer, header, &[run], header.payload_bytes as usize);
             let e = writer.until_taken(0, STALL, &|| Ok(())).unwrap_err();
             assert_eq!(e.code(), ErrorCode::Protocol, "{lie}: {e}");
             assert!(dst.memory == before, "{lie}: the cache changed");
             // The ring stays stopped: a real write fails too.
-            let src = Buffers::new(30, 100, 1);
+            let src = Buffers::new(300, 1000, 1);
             let e = writer.write(&src.layout, &plan(&src, &[1], &[1], 0), STALL, &|| Ok(())).unwrap_err();
             assert_eq!(e.code(), ErrorCode::Protocol, "{lie}: {e}");
         }
         // The same slot, told the truth, lands.
-        let dst = Buffers::new(30, 100, 2);
+        let dst = Buffers::new(300, 1000, 2);
         let (mut writer, _server) = ring(&dst);
-        post(&mut writer, good, &[run], 800);
+        post(&mut writer, good, &[run], 8000);
         writer.until_taken(0, STALL, &|| Ok(())).unwrap();
         assert!(dst.block(1, 1, 13).iter().all(|&b| b == 0xEE));
+    }
+
+    #[test]
+    fn a_decode_whose_counts_lie_is_not_believed() {
+        let src = Buffers::new(64, 512, 1);
+        let (fd, _memory, offer) = create().unwrap();
+        let mut writer = take(std::process::id() as libc::pid_t, offer).unwrap();
+        // Taken past what was posted, then (once one slot was taken) going back: neither holds a write up.
+        for (posted_before, lie) in [(0u32, 3u32), (1, u32::MAX)] {
+            writer.posted = posted_before;
+            writer.taken = posted_before;
+            writer.mem.word(Word::Taken).store(lie, Ordering::Release);
+            let started = Instant::now();
+            let e = writer.write(&src.layout, &plan(&src, &[1], &[1], 0), STALL, &|| Ok(())).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::Protocol, "{e}");
+            assert!(started.elapsed() < Duration::from_secs(1));
+        }
+        // A verdict of its own choosing is read as a stop, not passed on.
+        writer.mem.word(Word::Taken).store(writer.posted, Ordering::Release);
+        writer.taken = writer.posted;
+        writer.mem.word(Word::Stopped).store(ErrorCode::Revoked.to_wire(), Ordering::Release);
+        let e = writer.write(&src.layout, &plan(&src, &[1], &[1], 0), STALL, &|| Ok(())).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Transport, "{e}");
+        drop(fd);
     }
 
     #[test]
@@ -581,8 +675,8 @@ mod tests {
     #[test]
     fn a_decode_that_takes_nothing_times_out_or_is_found_dead() {
         let (src, _dst) = (Buffers::new(64, 512, 1), Buffers::new(64, 512, 2));
-        let (fd, _memory) = create().unwrap();
-        let mut writer = take(std::process::id() as libc::pid_t, RingOffer { fd: fd.as_raw_fd(), bytes: RING_BYTES as u64 }).unwrap();
+        let (_fd, _memory, offer) = create().unwrap();
+        let mut writer = take(std::process::id() as libc::pid_t, offer).unwrap();
         let started = Instant::now();
         let e = writer.write(&src.layout, &plan(&src, &[1], &[1], 0), Duration::from_millis(300), &|| Ok(())).unwrap_err();
         assert_eq!(e.code(), ErrorCode::Timeout, "{e}");
@@ -596,22 +690,39 @@ mod tests {
     }
 
     #[test]
-    fn only_a_sealed_memfd_of_the_ring_size_is_taken() {
+    fn only_a_sealed_memfd_of_the_ring_size_and_name_is_taken() {
         let me = std::process::id() as libc::pid_t;
-        // SAFETY: a new memfd, owned at once; sized, never sealed.
-        let unsealed = unsafe {
-            let fd = OwnedFd::from_raw_fd(libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC));
-            assert_eq!(libc::ftruncate(fd.as_raw_fd(), RING_BYTES as libc::off_t), 0);
-            fd
+        let memfd = |bytes: usize, seals: i32| {
+            // SAFETY: a new memfd, owned at once, sized and sealed as asked.
+            unsafe {
+                let fd = OwnedFd::from_raw_fd(libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING));
+                assert_eq!(libc::ftruncate(fd.as_raw_fd(), bytes as libc::off_t), 0);
+                assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals), 0);
+                fd
+            }
         };
-        let e = take(me, RingOffer { fd: unsealed.as_raw_fd(), bytes: RING_BYTES as u64 }).err().unwrap();
+        let offer = |fd: &OwnedFd| RingOffer { fd: fd.as_raw_fd(), bytes: RING_BYTES as u64, name: 0 };
+        let mut pipe = [0; 2];
+        // SAFETY: a new pipe, its ends owned at once.
+        let pipe = unsafe {
+            assert_eq!(libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC), 0);
+            (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1]))
+        };
+        let (unsealed, short) = (memfd(RING_BYTES, 0), memfd(4096, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW));
+        for (what, fd) in [("an unsealed memfd", &unsealed), ("a sealed memfd of 4 KiB", &short), ("a pipe", &pipe.0)] {
+            let e = take(me, offer(fd)).err().unwrap();
+            assert_eq!(e.code(), ErrorCode::Protocol, "{what}: {e}");
+            assert!(e.message().contains("sealed memfd"), "{what}: {e}");
+        }
+        // A real ring, offered with another size or another name.
+        let (fd, _memory, real) = create().unwrap();
+        let e = take(me, RingOffer { bytes: 4096, ..real }).err().unwrap();
         assert_eq!(e.code(), ErrorCode::Protocol, "{e}");
-        assert!(e.message().contains("sealed"), "{e}");
-        let (fd, _memory) = create().unwrap();
-        let e = take(me, RingOffer { fd: fd.as_raw_fd(), bytes: 4096 }).err().unwrap();
-        assert_eq!(e.code(), ErrorCode::Protocol, "{e}");
-        let e = take(me, RingOffer { fd: 1 << 20, bytes: RING_BYTES as u64 }).err().unwrap();
+        let e = take(me, RingOffer { name: real.name ^ 1, ..real }).err().unwrap();
+        assert!(e.code() == ErrorCode::Protocol && e.message().contains("another ring"), "{e}");
+        let e = take(me, RingOffer { fd: 1 << 20, ..real }).err().unwrap();
         assert_ne!(e.code(), ErrorCode::Protocol, "a descriptor that is not there: {e}");
+        assert!(take(me, real).is_ok());
         // SAFETY: the ring's descriptor: a shrink is refused by its seal.
         assert_ne!(unsafe { libc::ftruncate(fd.as_raw_fd(), 4096) }, 0);
     }
