@@ -124,7 +124,7 @@ test.serial('stats() counts each write, block and byte on both sides, and the by
   t.is(stats.requestsHeld, 3)
 })
 
-test.serial('resources() counts the data connections, queue pairs and registered regions this process holds, and they go back', async (t) => {
+test.serial('resources() counts the data connections, shared rings, queue pairs and registered regions this process holds, and they go back', async (t) => {
   const [src, dst] = caches()
   const none = resources()
   const options = (c) => ({ keyPtrs: c.keyPtrs, valuePtrs: c.valuePtrs, blockNumber: BLOCKS, blockBytes: BLOCK_BYTES, ...transportOptions, tcpConnections: 2 })
@@ -136,7 +136,19 @@ test.serial('resources() counts the data connections, queue pairs and registered
   const linked = resources()
   const more = (k) => linked[k] - opened[k]
   if (transportName === 'tcp') t.deepEqual([more('tcpDataConnections'), more('shmRings'), more('rdmaQueuePairs')], [4, 0, 0], "two connections, both ends in this process")
-  if (transportName === 'shm') t.deepEqual([more('tcpDataConnections'), more('shmRings'), more('rdmaQueuePairs')], [0, 2, 0], 'one ring, mapped by both ends')
+  if (transportName === 'shm') {
+    t.deepEqual([more('tcpDataConnections'), more('shmRings'), more('rdmaQueuePairs')], [0, 2, 0], 'one ring, mapped by both ends')
+    // Blocks too large for the ring to take a call: no ring is asked for, none made.
+    const big = { layers: LAYERS, blocks: 4, blockBytes: 64 * 1024 }
+    const [a, b] = [makeCache(big), makeCache(big)]
+    const bigOptions = (c) => ({ keyPtrs: c.keyPtrs, valuePtrs: c.valuePtrs, blockNumber: 4, blockBytes: 64 * 1024, ...transportOptions })
+    const bigDecode = Communicator.decode(bigOptions(b))
+    const bigPrefill = Communicator.prefill(bigOptions(a))
+    await (await bigPrefill.connect(HOST, bigDecode.port)).write([1], [2], 0)
+    t.is(resources().shmRings, linked.shmRings, 'no ring for 64 KiB blocks')
+    await bigPrefill.close()
+    await bigDecode.close()
+  }
   if (transportName === 'rdma') {
     t.is(more('tcpDataConnections'), 0)
     t.true(more('rdmaQueuePairs') >= 2, `the link's queue pair and the decode's: ${JSON.stringify([opened, linked])}`)

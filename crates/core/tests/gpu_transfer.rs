@@ -119,6 +119,24 @@ impl TestCache {
         }
         out
     }
+
+    /// Block `block` of tensor `t`, layer `layer`, read back.
+    fn read_block(&self, t: usize, layer: usize, block: u32) -> Vec<u8> {
+        let bb = self.block_bytes as usize;
+        let at = (layer * self.blocks as usize + block as usize) * bb;
+        assert!(block < self.blocks && layer < self.layers);
+        let mut out = vec![0u8; bb];
+        if let Some(ordinal) = self.gpu {
+            Gpu::get(ordinal).unwrap().bind().unwrap();
+            // SAFETY: copies one block, inside the allocation (checked above), into `out`, which is as long.
+            let rc = unsafe { cu::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut _, self.bases[t] + at as u64, bb) };
+            assert_eq!(rc, cu::CUresult::CUDA_SUCCESS);
+        } else {
+            // SAFETY: one block inside the host allocation (checked above), which is alive.
+            out.copy_from_slice(unsafe { std::slice::from_raw_parts((self.bases[t] as usize + at) as *const u8, bb) });
+        }
+        out
+    }
 }
 
 /// Bytes `[offset, offset + len)` of decode block `block` (tensor, layer) should hold the first `len` bytes of
@@ -191,7 +209,8 @@ fn decode_child() {
         }
         if line == "OPEN" {
             // Requests started and not yet ended, from every prefill (as `kvtransfer soak` counts them).
-            let open: u64 = decode.stats().peers.iter().map(|p| p.requests).map(|r| r.started - r.done - r.failed - r.aborted - r.revoked - r.expired).sum();
+            let ended = |r: kvtransfer::metrics::RequestStats| r.done + r.failed + r.aborted + r.revoked + r.expired;
+            let open: u64 = decode.stats().peers.iter().map(|p| p.requests.started.saturating_sub(ended(p.requests))).sum();
             println!("OPEN {open}");
             std::io::stdout().flush().unwrap();
             continue;
@@ -238,19 +257,18 @@ fn unchanged_after(cache: &TestCache, outcome: kvtransfer::Result<()>) -> String
     }
 }
 
-/// Request `r-<k>` writes source blocks `(k * 32 + i) % 256` (seed 1) into decode blocks `i`, for `i` in
-/// `0..32`: blocks reused by every request, so a notification that came before its bytes finds another
-/// request's bytes there.
+/// Request `r-<k>` writes source blocks `(k * 32 + i) % 256` (seed 1) into decode blocks `i` (`0..32`, or the
+/// two of [`chaos_request`]): blocks reused by other requests, so a notification that came before its bytes
+/// finds another request's bytes there.
 fn notification_holds_its_bytes(cache: &TestCache, n: &kvtransfer::communicator::Notification) -> bool {
     let k: u32 = n.request_id.trim_start_matches("r-").parse().unwrap_or(0);
     let layer = n.layer.unwrap_or(0) as usize;
-    let (bb, layer_bytes) = (cache.block_bytes as usize, cache.blocks as usize * cache.block_bytes as usize);
+    let bb = cache.block_bytes as usize;
     (0..cache.tensors).all(|t| {
-        let got = cache.read(t);
         n.block_ids.iter().all(|&i| {
             let src = ((k * 32 + i) % 256) as usize;
-            let at = layer * layer_bytes + i as usize * bb;
-            (0..bb).all(|b| got[at + b] == pattern(1, t, layer, src * bb + b))
+            let got = cache.read_block(t, layer, i);
+            (0..bb).all(|b| got[b] == pattern(1, t, layer, src * bb + b))
         })
     })
 }
@@ -645,23 +663,31 @@ fn prefill_child() {
     let src = TestCache::new(Some(0), 2, layers, 256, block_bytes, 1);
     let p = prefill(&src, 1, 0, TransportChoice::Only(TransportKind::CudaIpc));
     p.connect("127.0.0.1", port, 1).unwrap();
-    let remote: Vec<u32> = (0..32).collect();
-    'requests: for k in first.. {
-        let local: Vec<u32> = (0..32).map(|i| (k * 32 + i) % 256).collect();
-        let request = kvtransfer::communicator::RequestId::new(format!("r-{k}")).unwrap();
+    for k in first.. {
         println!("STARTED {k}");
         std::io::stdout().flush().unwrap();
-        for layer in 0..layers as u32 {
-            if let Err(e) = p.write_request("127.0.0.1", port, &local, &remote, layer, Some(&request)) {
+        match chaos_request(&p, port, k, layers) {
+            Ok(()) => println!("COMPLETED {k}"),
+            Err(e) => {
                 println!("FAILED {k} {}", e.code().as_str());
-                std::io::stdout().flush().unwrap();
                 std::thread::sleep(Duration::from_millis(50));
-                continue 'requests;
             }
         }
-        println!("COMPLETED {k}");
         std::io::stdout().flush().unwrap();
     }
+}
+
+/// Request `r-<k>` of the chaos test, every layer: two decode blocks of 64 (`2 × (k mod 32)` and the next), so a
+/// block is written again only 32 requests later, and a pause of 1 ms after it, so that the decode's check of
+/// each notification (a read of its blocks) keeps up: a check that ran behind would find a later request's
+/// bytes and call the notification early.
+fn chaos_request(p: &Communicator, port: u16, k: u32, layers: usize) -> kvtransfer::Result<()> {
+    let remote: Vec<u32> = (0..2).map(|i| (k % 32) * 2 + i).collect();
+    let local: Vec<u32> = remote.iter().map(|&i| (k * 32 + i) % 256).collect();
+    let request = kvtransfer::communicator::RequestId::new(format!("r-{k}")).unwrap();
+    let written = (0..layers as u32).try_for_each(|layer| p.write_request("127.0.0.1", port, &local, &remote, layer, Some(&request)));
+    std::thread::sleep(Duration::from_millis(1));
+    written
 }
 
 /// A prefill process of [`prefill_child`], and what it printed.
@@ -810,15 +836,11 @@ fn cuda_ipc_chaos_kills_and_stops_prefills_and_decodes() {
     // The survivor serves a new prefill, whose request completes.
     let src = TestCache::new(Some(0), 2, layers, 256, block_bytes, 1);
     let p = prefill(&src, 1, 0, TransportChoice::Only(TransportKind::CudaIpc));
-    let remote: Vec<u32> = (0..32).collect();
-    let local = |k: u32| -> Vec<u32> { (0..32).map(|i| (k * 32 + i) % 256).collect() };
-    let write_request = |port: u16, k: u32| -> kvtransfer::Result<()> {
-        let request = kvtransfer::communicator::RequestId::new(format!("r-{k}")).unwrap();
-        (0..layers as u32).try_for_each(|layer| p.write_request("127.0.0.1", port, &local(k), &remote, layer, Some(&request)))
-    };
+    let write_request = |port: u16, k: u32| chaos_request(&p, port, k, layers);
     p.connect("127.0.0.1", d.port, 1).unwrap();
-    write_request(d.port, 7).unwrap();
-    assert_eq!(d.ask(&format!("WAIT r-7 {}", layers - 1), "WAITED"), "OK");
+    // A request id no prefill of the chaos used (theirs start at multiples of 100,000).
+    write_request(d.port, 99_999).unwrap();
+    assert_eq!(d.ask(&format!("WAIT r-99999 {}", layers - 1), "WAITED"), "OK");
     // The decode killed under a writing prefill, and replaced.
     let (mut failed_ms, mut serving_ms, mut codes) = (Vec::new(), Vec::new(), std::collections::BTreeMap::<String, u32>::new());
     for j in 0..(iterations / 5).max(1) {
@@ -855,8 +877,8 @@ fn cuda_ipc_chaos_kills_and_stops_prefills_and_decodes() {
         *codes.entry(code.as_str().to_string()).or_default() += 1;
         drop(std::mem::replace(&mut d, DecodeProcess::start("cuda-ipc", true, 2, layers, 64, block_bytes, 2)));
         p.connect("127.0.0.1", d.port, 1).unwrap();
-        write_request(d.port, 7).unwrap();
-        assert_eq!(d.ask(&format!("WAIT r-7 {}", layers - 1), "WAITED"), "OK");
+        write_request(d.port, 99_999).unwrap();
+        assert_eq!(d.ask(&format!("WAIT r-99999 {}", layers - 1), "WAITED"), "OK");
         serving_ms.push(killed.elapsed().as_millis());
     }
     let notes = d.ask("NOTES 1", "NOTES");

@@ -53,7 +53,7 @@ impl Transport for Shm {
     }
 
     fn acceptor(&self, env: &Environment<'_>) -> Result<Arc<dyn Acceptor>> {
-        Ok(Arc::new(ShmTarget::new(env.cache, env.log)?))
+        Ok(Arc::new(ShmTarget::new(env.cache, env.log, env.config.timeouts.connect)?))
     }
 
     fn connector(&self, env: &Environment<'_>) -> Result<Arc<dyn Connector>> {
@@ -75,6 +75,14 @@ pub struct ShmWelcome {
     pub ring: Option<RingOffer>,
 }
 
+/// What the prefill's half offers: whether it would write calls through a ring (its blocks are small enough
+/// for some calls to; absent from older prefills, which never do).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct ShmOffer {
+    #[serde(default)]
+    pub ring: bool,
+}
+
 /// One tensor of one layer of the decode's cache: `len` bytes at `addr` in the decode process.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct ShmRegion {
@@ -88,6 +96,8 @@ pub struct ShmTarget {
     welcome: ShmWelcome,
     cache: Arc<CacheLayout>,
     log: Arc<Logger>,
+    /// How long a new ring waits for its prefill's claim before the decode lets go of its descriptor.
+    claim_within: Duration,
     /// Sessions whose peer process holds this process's ptrace grant through this cache, each with its ring.
     sessions: Mutex<Vec<(u64, Option<RingServer>)>>,
 }
@@ -95,23 +105,27 @@ pub struct ShmTarget {
 impl ShmTarget {
     /// Prepares the cache for same-host writers; a Yama setting that forbids them makes the transport
     /// unavailable.
-    pub fn new(cache: &Arc<CacheLayout>, log: &Arc<Logger>) -> Result<ShmTarget> {
+    pub fn new(cache: &Arc<CacheLayout>, log: &Arc<Logger>, claim_within: Duration) -> Result<ShmTarget> {
         ptrace_grant::writers_permitted()?;
         let nonce = crate::auth::random_u64();
         let probe = Box::new(AtomicU64::new(nonce));
         let len = |t: Tensor| cache.tensor_bytes(t).expect("checked by CacheLayout");
         let regions = Tensor::ALL.iter().map(|&t| cache.addrs(t).iter().map(|&addr| ShmRegion { addr, len: len(t) }).collect()).collect();
         let welcome = ShmWelcome { pid: std::process::id(), probe: probe.as_ptr() as u64, nonce, regions, ring: None };
-        Ok(ShmTarget { probe, welcome, cache: cache.clone(), log: log.clone(), sessions: Mutex::default() })
+        Ok(ShmTarget { probe, welcome, cache: cache.clone(), log: log.clone(), claim_within, sessions: Mutex::default() })
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Option<RingServer>)>> {
         lock(&self.sessions)
     }
 
-    /// A ring for a new session, or none where this host cannot make one (the session then writes every call
-    /// with `process_vm_writev`).
-    fn ring(&self, admission: &Admission<'_>) -> Option<(RingOffer, RingServer)> {
+    /// A ring for a new session whose prefill asks for one, or none where this host cannot make one (the session
+    /// then writes every call with `process_vm_writev`).
+    fn ring(&self, admission: &Admission<'_>) -> Result<Option<(RingOffer, RingServer)>> {
+        let offer: Option<ShmOffer> = transport::from_details(TransportKind::Shm, admission.details)?;
+        if !offer.unwrap_or_default().ring {
+            return Ok(None);
+        }
         let made = ring::create().and_then(|(fd, memory, offer)| {
             let session = RingSession {
                 cache: self.cache.clone(),
@@ -120,9 +134,9 @@ impl ShmTarget {
                 peer: admission.peer.to_string(),
                 log: self.log.clone(),
             };
-            Ok((offer, RingServer::start(memory, fd, session)?))
+            Ok((offer, RingServer::start(memory, fd, self.claim_within, session)?))
         });
-        made.map_err(|e| self.log.warn(format!("no shared ring for {}: {e}", admission.peer))).ok()
+        Ok(made.map_err(|e| self.log.warn(format!("no shared ring for {}: {e}", admission.peer))).ok())
     }
 }
 
@@ -135,9 +149,10 @@ impl Acceptor for ShmTarget {
         let Some(pid) = admission.pid else {
             return Err(Error::new(ErrorCode::Unavailable, "shm: the peer did not name its process"));
         };
+        let ring = self.ring(admission)?;
         let session = crate::auth::random_u64();
         ptrace_grant::grant(session, pid)?;
-        let (offer, server) = self.ring(admission).unzip();
+        let (offer, server) = ring.unzip();
         self.sessions().push((session, server));
         Ok(Accepted { session, details: transport::to_details(&ShmWelcome { ring: offer, ..self.welcome.clone() }) })
     }
@@ -159,8 +174,8 @@ impl Acceptor for ShmTarget {
 
     fn close(&self) {
         // The rings first (as `cut_off`): a write under way then fails as stopped, not as refused by ptrace.
-        let ended: Vec<(u64, Option<RingServer>)> = std::mem::take(&mut *self.sessions());
-        let sessions: Vec<u64> = ended.into_iter().map(|(session, _ring)| session).collect();
+        let (sessions, rings): (Vec<u64>, Vec<Option<RingServer>>) = std::mem::take(&mut *self.sessions()).into_iter().unzip();
+        drop(rings);
         ptrace_grant::withdraw(|s| sessions.contains(&s));
     }
 }
@@ -191,9 +206,20 @@ impl Connector for ShmConnector {
 }
 
 impl PendingLink for ShmConnector {
+    /// Asks for a ring where some calls would go through it: where a block's mean range (its tensors' blocks, as
+    /// this side holds them) is small enough, and fits a slot.
+    fn offer(&self) -> serde_json::Value {
+        let cache = &*self.cache;
+        let per_block: u64 = cache.tensors().iter().map(|t| cache.block_bytes(t)).sum();
+        let mean = per_block / cache.tensors().iter().count().max(1) as u64;
+        transport::to_details(&ShmOffer { ring: RingWriter::fits(per_block) && mean <= RING_MEAN_RANGE })
+    }
+
     fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>> {
         let welcome: ShmWelcome = transport::from_details(TransportKind::Shm, answer.details)?;
-        Ok(Box::new(ShmLink::open(answer.peer.to_string(), self.cache, &welcome, answer.geometry, answer.remote_blocks, self.stall)?))
+        // The claim is part of the handshake: it waits no longer than the handshake may.
+        let claim = answer.deadline.saturating_duration_since(std::time::Instant::now()).min(self.stall);
+        Ok(Box::new(ShmLink::open(answer.peer.to_string(), self.cache, &welcome, answer.geometry, answer.remote_blocks, claim, self.stall)?))
     }
 }
 
@@ -221,8 +247,17 @@ struct DecodeProcess {
 
 impl ShmLink {
     /// Checks the peer's layout against the agreed geometry and that this process may write into it, and takes
-    /// its ring where it offers one.
-    pub(crate) fn open(peer: String, cache: Arc<CacheLayout>, welcome: &ShmWelcome, geometry: SliceGeometry, remote_blocks: u32, stall: Duration) -> Result<ShmLink> {
+    /// its ring where it offers one (claimed within `claim`); a write waits at most `stall` for the ring.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn open(
+        peer: String,
+        cache: Arc<CacheLayout>,
+        welcome: &ShmWelcome,
+        geometry: SliceGeometry,
+        remote_blocks: u32,
+        claim: Duration,
+        stall: Duration,
+    ) -> Result<ShmLink> {
         // A real decode is a live process of its own with a random liveness word: anything else is not believed.
         if welcome.pid == 0 || welcome.pid > i32::MAX as u32 {
             return Err(Error::protocol(format!("the decode names process {}", welcome.pid)));
@@ -243,7 +278,7 @@ impl ShmLink {
         // the link.
         let ring = match welcome.ring.map(|offer| ring::take(decode.pid, offer)) {
             Some(Ok(mut ring)) => {
-                ring.claim(&cache, stall, &|| decode.check())?;
+                ring.claim(&cache, claim, &|| decode.check())?;
                 Some(ring)
             }
             Some(Err(e)) if e.code() == ErrorCode::Protocol => return Err(e),

@@ -152,8 +152,15 @@ fn os_error(context: &str) -> Error {
 /// A new ring, for the decode's side: its memfd (sealed at [`RING_BYTES`]), the decode's mapping of it, and
 /// what the prefill is told of it.
 pub fn create() -> Result<(OwnedFd, RingServerMemory, RingOffer)> {
+    // Never executable (kernels from 6.3 warn about a memfd that could be, and `vm.memfd_noexec` = 2 refuses
+    // one); older kernels do not know the flag.
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
     // SAFETY: the name is a NUL-terminated string; the flags ask for a new anonymous file.
-    let raw = unsafe { libc::memfd_create(c"kvtransfer-ring".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let mut raw = unsafe { libc::memfd_create(c"kvtransfer-ring".as_ptr(), flags | libc::MFD_NOEXEC_SEAL) };
+    if raw < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // SAFETY: as above.
+        raw = unsafe { libc::memfd_create(c"kvtransfer-ring".as_ptr(), flags) };
+    }
     if raw < 0 {
         return Err(os_error("creating the shared ring"));
     }
@@ -360,8 +367,9 @@ pub struct RingServer {
 }
 
 impl RingServer {
-    /// Serves `memory` (whose memfd is `fd`, kept open until the prefill has posted once) for `session`.
-    pub fn start(memory: RingServerMemory, fd: OwnedFd, session: RingSession) -> Result<RingServer> {
+    /// Serves `memory` (whose memfd is `fd`, kept open until the prefill has posted once, or for `claim_within`
+    /// at most) for `session`.
+    pub fn start(memory: RingServerMemory, fd: OwnedFd, claim_within: Duration, session: RingSession) -> Result<RingServer> {
         let mem = Arc::new(memory.0);
         let stop = Arc::new(AtomicBool::new(false));
         let (m, s) = (mem.clone(), stop.clone());
@@ -370,7 +378,7 @@ impl RingServer {
             .stack_size(256 << 10)
             .spawn(move || {
                 // A panic (a bug) still tells the prefill, which would otherwise wait out its stall.
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(&m, fd, &s, &session))).is_err() {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(&m, fd, claim_within, &s, &session))).is_err() {
                     m.word(Word::Stopped).store(ErrorCode::Transport.to_wire(), Ordering::Release);
                     wake(m.word(Word::Taken));
                 }
@@ -397,8 +405,9 @@ impl Drop for RingServer {
 }
 
 /// The server's loop: takes slots in order until stopped, or until one fails its check.
-fn serve(mem: &Mapping, fd: OwnedFd, stop: &AtomicBool, session: &RingSession) {
+fn serve(mem: &Mapping, fd: OwnedFd, claim_within: Duration, stop: &AtomicBool, session: &RingSession) {
     let mut fd = Some(fd);
+    let claim_by = Instant::now() + claim_within;
     let (posted_word, taken_word) = (mem.word(Word::Posted), mem.word(Word::Taken));
     let mut taken = 0u32;
     let mut reader = SlotReader::default();
@@ -410,6 +419,10 @@ fn serve(mem: &Mapping, fd: OwnedFd, stop: &AtomicBool, session: &RingSession) {
         }
         let posted = posted_word.load(Ordering::Acquire);
         if posted == taken {
+            // A prefill that has not claimed the ring by now never will (it could not take it): nobody else may.
+            if fd.is_some() && Instant::now() >= claim_by {
+                fd = None;
+            }
             wait(posted_word, taken, if busy { SPIN } else { Duration::ZERO }, NAP);
             busy = false;
             continue;
@@ -539,7 +552,7 @@ mod tests {
     fn ring(dst: &Buffers) -> (RingWriter, RingServer) {
         let (fd, memory, offer) = create().unwrap();
         let writer = take(std::process::id() as libc::pid_t, offer).unwrap();
-        (writer, RingServer::start(memory, fd, session(&dst.layout)).unwrap())
+        (writer, RingServer::start(memory, fd, STALL, session(&dst.layout)).unwrap())
     }
 
     fn plan(src: &Buffers, local: &[u32], remote: &[u32], layer: u32) -> BlockPlan {
@@ -576,14 +589,34 @@ mod tests {
         let (fd, memory, offer) = create().unwrap();
         let raw = fd.as_raw_fd();
         let mut writer = take(std::process::id() as libc::pid_t, offer).unwrap();
-        let _server = RingServer::start(memory, fd, session(&dst.layout)).unwrap();
-        // SAFETY: only asks whether the descriptor is open.
-        assert!(unsafe { libc::fcntl(raw, libc::F_GETFD) } >= 0, "the decode holds its descriptor until the claim");
+        let _server = RingServer::start(memory, fd, STALL, session(&dst.layout)).unwrap();
+        assert!(names_the_ring(raw, &writer), "the decode holds its descriptor until the claim");
         let before = dst.memory.clone();
         writer.claim(&src.layout, STALL, &|| Ok(())).unwrap();
         assert!(dst.memory == before, "an empty slot wrote nothing");
-        // SAFETY: as above.
-        assert!(unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0, "the decode's descriptor is closed once the ring is claimed");
+        assert!(!names_the_ring(raw, &writer), "the decode's descriptor is closed once the ring is claimed");
+        // Unclaimed, the decode lets go of it after its claim time all the same.
+        let (fd, memory, offer) = create().unwrap();
+        let raw = fd.as_raw_fd();
+        let writer = take(std::process::id() as libc::pid_t, offer).unwrap();
+        let _server = RingServer::start(memory, fd, Duration::from_millis(200), session(&dst.layout)).unwrap();
+        assert!(names_the_ring(raw, &writer));
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!names_the_ring(raw, &writer), "the decode's descriptor outlived its claim time");
+    }
+
+    /// Whether descriptor `raw` of this process is (still) the memfd `writer` maps: the same file, by its inode
+    /// (a number alone may have been reused by another test's descriptor).
+    fn names_the_ring(raw: i32, writer: &RingWriter) -> bool {
+        // SAFETY: fstat into a local; a closed descriptor fails.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(raw, &mut st) } != 0 {
+            return false;
+        }
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let start = format!("{:x}-", writer.mem.base as usize);
+        let line = maps.lines().find(|l| l.starts_with(&start)).expect("the ring's mapping");
+        line.split_whitespace().nth(4) == Some(st.st_ino.to_string().as_str())
     }
 
     /// Posts one slot by hand: `header` with `runs`, then `payload` bytes of 0xEE (at most what the slot holds).
