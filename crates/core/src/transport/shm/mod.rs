@@ -209,10 +209,9 @@ impl PendingLink for ShmConnector {
     /// Asks for a ring where some calls would go through it: where a block's mean range (its tensors' blocks, as
     /// this side holds them) is small enough, and fits a slot.
     fn offer(&self) -> serde_json::Value {
+        // A call of one block has the largest ranges a call can have: one a tensor.
         let cache = &*self.cache;
-        let per_block: u64 = cache.tensors().iter().map(|t| cache.block_bytes(t)).sum();
-        let mean = per_block / cache.tensors().iter().count().max(1) as u64;
-        transport::to_details(&ShmOffer { ring: RingWriter::fits(per_block) && mean <= RING_MEAN_RANGE })
+        transport::to_details(&ShmOffer { ring: ring_takes(cache, cache.layer_block_bytes(), cache.tensors().iter().count()) })
     }
 
     fn finish(self: Box<Self>, answer: &Answer<'_>) -> Result<Box<dyn Link>> {
@@ -293,9 +292,12 @@ impl ShmLink {
 /// larger), and a block fits a slot.
 fn through_ring(plan: &BlockPlan, cache: &CacheLayout, geometry: SliceGeometry) -> bool {
     let ranges_per_tensor = if geometry.ratio == 1 { plan.runs().len() } else { plan.blocks() as usize };
-    let ranges = (ranges_per_tensor * cache.tensors().iter().count()).max(1) as u64;
-    let per_block: u64 = cache.tensors().iter().map(|t| cache.block_bytes(t)).sum();
-    RingWriter::fits(per_block) && plan.blocks() as u64 * per_block / ranges <= RING_MEAN_RANGE
+    ring_takes(cache, plan.blocks() as u64 * cache.layer_block_bytes(), ranges_per_tensor * cache.tensors().iter().count())
+}
+
+/// Whether `bytes` in `ranges` average at most [`RING_MEAN_RANGE`] a range, and a block of `cache` fits a slot.
+fn ring_takes(cache: &CacheLayout, bytes: u64, ranges: usize) -> bool {
+    RingWriter::fits(cache.layer_block_bytes()) && bytes / ranges.max(1) as u64 <= RING_MEAN_RANGE
 }
 
 impl DecodeProcess {

@@ -247,7 +247,7 @@ impl RingWriter {
         self.chunk.clear();
         self.seq += 1;
         self.room_for_one(stall, alive)?;
-        self.fill(cache, 0, self.seq, cache.tensors());
+        self.fill(cache, 0, self.seq);
         self.post();
         self.until_taken(0, stall, alive)
     }
@@ -262,8 +262,7 @@ impl RingWriter {
     /// into its cache. Fails with `TIMEOUT` where the decode takes nothing for `stall`, and as `alive` says (it
     /// is asked while the decode takes nothing: a decode that died never answers).
     pub fn write(&mut self, cache: &CacheLayout, plan: &BlockPlan, stall: Duration, alive: &dyn Fn() -> Result<()>) -> Result<()> {
-        let tensors = cache.tensors();
-        let per_block: u64 = tensors.iter().map(|t| cache.block_bytes(t)).sum();
+        let per_block = cache.layer_block_bytes();
         let capacity = (SLOT_BYTES - frame::WRITE_HEADER_LEN) as u64;
         if !RingWriter::fits(per_block) {
             return Err(Error::new(ErrorCode::Internal, format!("a block of {per_block} bytes is larger than a ring slot")));
@@ -286,16 +285,17 @@ impl RingWriter {
                 rest = if fit == run.count { runs.next() } else { Some(Run { local: run.local + fit, remote: run.remote + fit, count: run.count - fit }) };
             }
             self.room_for_one(stall, alive)?;
-            self.fill(cache, layer, seq, tensors);
+            self.fill(cache, layer, seq);
             self.post();
         }
         self.until_taken(0, stall, alive)
     }
 
     /// Writes the slot `posted` names: the header and run table of `self.chunk`, then its blocks.
-    fn fill(&mut self, cache: &CacheLayout, layer: u32, seq: u64, tensors: TensorSet) {
+    fn fill(&mut self, cache: &CacheLayout, layer: u32, seq: u64) {
+        let tensors = cache.tensors();
         let blocks: u64 = self.chunk.iter().map(|r| r.count as u64).sum();
-        let payload_bytes: u64 = tensors.iter().map(|t| blocks * cache.block_bytes(t)).sum();
+        let payload_bytes = blocks * cache.layer_block_bytes();
         let header = WriteHeader { layer, runs: self.chunk.len() as u32, tensors: tensors.bits(), part: 0, parts: 1, seq, payload_bytes };
         header.encode_with_runs(&self.chunk, &mut self.header);
         let slot = self.mem.slot(self.posted);
