@@ -22,7 +22,9 @@ commands:
                   median, p10 and p90 GB/s and µs per call, and checks the bytes of one write per size;
                   exits 1 when a check or a row fails, or nothing could be measured (a size whose two
                   caches would take over 70% of the free memory is left out, and said so)
-    --transports t,t   which (default: every host-memory transport usable here)
+    --transports t,t   which (default: every transport usable here; cuda-ipc moves GPU memory, the prefill's
+                       cache on GPU 0 and the decode's on --decode-gpu, beside one device copy as its ceiling)
+    --decode-gpu n     the decode's GPU in cuda-ipc rows (default 0; another GPU: copies between GPUs)
     --sizes k,k        block sizes in KiB (default 1,2,4,8,16,32,64,128,256)
     --batch n          blocks per call (default 1538)     --layers n      layers, written in turn (default 2)
     --iterations n     timed calls per row (default 20)   --warmup n      untimed calls first (default 3)
@@ -239,7 +241,7 @@ async function soak(values: Record<string, string | boolean | undefined>): Promi
   return result.failures.length === 0 ? 0 : 1
 }
 
-const BENCH_OPTIONS = ['csv', 'transports', 'sizes', 'batch', 'layers', 'iterations', 'warmup', 'key-only', 'writers', 'peers', 'peers-venv', 'peer-wheels', 'plot']
+const BENCH_OPTIONS = ['csv', 'transports', 'sizes', 'batch', 'layers', 'iterations', 'warmup', 'key-only', 'writers', 'decode-gpu', 'peers', 'peers-venv', 'peer-wheels', 'plot']
 
 /** A progress display on standard error: a bar redrawn in place on a terminal, a line per step elsewhere. */
 function progress(): (what: string, done: number, total: number) => void {
@@ -272,6 +274,7 @@ async function bench(values: Record<string, string | boolean | undefined>): Prom
       iterations: count('iterations', values.iterations as string | undefined, 1),
       warmup: count('warmup', values.warmup as string | undefined, 0),
       writers: count('writers', values.writers as string | undefined, 1),
+      decodeGpu: count('decode-gpu', values['decode-gpu'] as string | undefined, 0),
       keyOnly: values['key-only'] === true,
       peers: list(values.peers),
       peerSetup: { venv: values['peers-venv'] as string | undefined, wheels: values['peer-wheels'] as string | undefined },
@@ -325,6 +328,7 @@ async function main(args: string[]): Promise<number> {
         iterations: { type: 'string' },
         warmup: { type: 'string' },
         writers: { type: 'string' },
+        'decode-gpu': { type: 'string' },
         'key-only': { type: 'boolean' },
         peers: { type: 'string' },
         'peers-venv': { type: 'string' },

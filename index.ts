@@ -39,6 +39,7 @@ export { quantile, type HistogramStats, type PeerStats, type RefusalReason, type
 export { RDMACommunicator } from './lib/compat.js'
 export type { Notification, NotificationStatus, WaitOptions, WriteOptions } from './lib/requests.js'
 export { KVTransferError, type ErrorCode, type ErrorContext } from './lib/errors.js'
+export { DeviceBuffer } from './lib/device-buffer.js'
 export { HostBuffer } from './lib/host-buffer.js'
 export { platform } from './lib/loader.js'
 export type {

@@ -6,11 +6,17 @@
 #   bash .ci/gpu-tests.sh build   # here (Rust): builds the test and bench binaries into .carry/gpu/
 #   bash .ci/gpu-tests.sh run     # on the GPU machine, in a copy of this tree that has .carry/gpu/
 #   bash .ci/gpu-tests.sh run gpu_transfer gpu_copy   # only those parts (unit gpu_memory gpu_transfer
-#                                                     # shm_transfer gpu_copy)
+#                                                     # shm_transfer gpu_copy node)
 #   bash .ci/gpu-tests.sh         # both, on a GPU machine that has Rust
 #   bash .ci/gpu-tests.sh wheels  # here: the peers' wheels for that machine (no registry there) into
 #                                 # .carry/peer-wheels/; `run peers` then runs NIXL's cuda_ipc on the same
 #                                 # workload as gpu_copy (carry both folders: .carry/gpu and .carry/peer-wheels)
+#
+# The part `node` is the package as a user runs it there: this machine's Node.js binary, the built package and
+# ava travel in .carry/node/node.tar.xz (the GPU machine has no Node.js and reaches no registry); it runs the
+# DeviceBuffer tests and `kvtransfer bench` (CUDA IPC beside one device copy, and the host transports), on GPU 0
+# and, with two GPUs, into GPU 1; NIXL beside it where .carry/peer-wheels came too. What can be carried at once
+# is 64 MiB: .carry/gpu (14 MB) for the Rust parts, .carry/node (27 MB) and .carry/peer-wheels (31 MB) for `node`.
 #
 # `run` writes the logs and the benchmark table to $OUT (default: .carry/gpu/results) and exits non-zero
 # when a test fails or no GPU is found.
@@ -32,6 +38,27 @@ for line in sys.stdin:
   cargo bench -j2 -p kvtransfer --bench gpu_copy --no-run 2>/dev/null
   cp "$(ls -t target/release/deps/gpu_copy-* | grep -v '\.d$' | head -1)" "$dir/gpu_copy"
   ls -la "$dir"
+  node_bundle
+}
+
+# Node.js, the built package (its JavaScript, native binary and CLI) and ava with what it needs, as one archive.
+node_bundle() {
+  npm run --silent build >/dev/null
+  local stage nodedir=.carry/node
+  rm -rf "$nodedir" && mkdir -p "$nodedir"
+  stage=$(mktemp -d)
+  mkdir -p "$stage/.carry/node/bin"
+  cp "$(command -v node)" "$stage/.carry/node/bin/node"
+  cp -r lib binding.js index.js cli.js prometheus.js kvtransfer.*.node "$stage/"
+  node -e '
+    const path = require("path"), fs = require("fs"), seen = new Set()
+    const find = (name, from) => { for (let d = from; ; d = path.dirname(d)) { const p = path.join(d, "node_modules", name); if (fs.existsSync(path.join(p, "package.json"))) return p; if (d === path.dirname(d)) return null } }
+    const walk = (dir) => { if (seen.has(dir)) return; seen.add(dir); const pj = require(path.join(dir, "package.json")); for (const n of Object.keys({ ...pj.dependencies, ...pj.optionalDependencies })) { const r = find(n, dir); if (r) walk(r) } }
+    walk(path.resolve("node_modules/ava"))
+    for (const d of seen) console.log(path.relative(process.cwd(), d))' | while read -r d; do mkdir -p "$stage/$(dirname "$d")" && cp -r "$d" "$stage/$d"; done
+  tar -C "$stage" -cf - . | xz -T2 -6 >"$nodedir/node.tar.xz"
+  rm -rf "$stage"
+  ls -la "$nodedir"
 }
 
 # NIXL for the GPU machine's Python (3.12, CUDA 13): its wheel without nixl_ep (the expert-parallel kernels,
@@ -97,7 +124,11 @@ run() {
     done
   }
   local parts=("$@")
-  [ ${#parts[@]} -gt 0 ] || parts=(unit gpu_memory gpu_transfer shm_transfer gpu_copy)
+  if [ ${#parts[@]} -eq 0 ]; then
+    parts=(unit gpu_memory gpu_transfer shm_transfer gpu_copy)
+    # `node` with the whole suite only where its archive came (it does not fit beside the rest: see the top).
+    if [ -f .carry/node/node.tar.xz ]; then parts+=(node); else echo "(part node not run: .carry/node was not carried)"; fi
+  fi
   for part in "${parts[@]}"; do
     case "$part" in
       gpu_copy)
@@ -132,6 +163,35 @@ run() {
         # NIXL's rows there: every size of both its settings, every one checked; no size failed, no variant crashed.
         [ "$(grep -c '"system": "nixl".*"verified": true' "$out/peers-gpu0.jsonl")" -ge 10 ] || { echo "FAILED  fewer than 10 checked NIXL rows"; failed=1; }
         if grep -qE '"verified": false|"failed"|exit code' "$out"/peers-gpu*.jsonl; then echo "FAILED  a NIXL size or variant (above)"; failed=1; fi ;;
+      node)
+        # The package there: its DeviceBuffer tests under ava, then the bench, whose rows check their bytes.
+        echo "== node"
+        tar -xJf .carry/node/node.tar.xz || { echo "FAILED  unpacking .carry/node/node.tar.xz (bash .ci/gpu-tests.sh build, then carry .carry/node)"; failed=1; continue; }
+        local node=.carry/node/bin/node
+        "$node" --version >"$out/node.log" 2>&1 || { echo "FAILED  Node.js does not run here"; cat "$out/node.log"; failed=1; continue; }
+        if bounded 300 "$out/node.log" "$node" node_modules/ava/entrypoints/cli.mjs --timeout 5m __test__/device-buffer.test.mjs && ! grep -q 'skipped' <(tail -5 "$out/node.log"); then
+          echo "ok      ava __test__/device-buffer.test.mjs"
+        else
+          echo "FAILED  ava __test__/device-buffer.test.mjs"; tail -40 "$out/node.log"; failed=1
+        fi
+        local to
+        for to in $(seq 0 $((gpus > 1 ? 1 : 0))); do
+          local name=bench-gpu$to transports=cuda-ipc,shm,tcp peers=()
+          [ "$to" = 0 ] || transports=cuda-ipc
+          # NIXL beside it where its wheel was carried (bash .ci/gpu-tests.sh wheels), in an environment that sees
+          # the machine's PyTorch; Mooncake's CUDA wheel does not fit what can be carried.
+          if ls .carry/peer-wheels/*.whl >/dev/null 2>&1; then
+            peers=(--peers nixl --peer-wheels .carry/peer-wheels --peers-venv "${TMPDIR:-/tmp}/kvtransfer-peers-venv")
+          fi
+          echo "== kvtransfer bench --transports $transports --decode-gpu $to"
+          local rc=0
+          timeout -k 10 540 "$node" cli.js bench --transports "$transports" --decode-gpu "$to" "${peers[@]}" --json >"$out/$name.json" 2>"$out/$name.err" || rc=$?
+          if [ "$rc" = 0 ]; then
+            "$node" -e 'console.log(require("./lib/bench.js").formatTable(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"))))' "$out/$name.json" | tee "$out/$name.md"
+          else
+            echo "FAILED  the bench (exit $rc; 124: it ran past 540 s)"; tail -20 "$out/$name.err"; head -c 4000 "$out/$name.json"; failed=1
+          fi
+        done ;;
       gpu_transfer)
         suite gpu_transfer gpu_transfer
         if [ "$gpus" -gt 1 ]; then KVTRANSFER_TEST_DECODE_GPU=1 suite gpu_transfer_to_gpu1 gpu_transfer; fi ;;

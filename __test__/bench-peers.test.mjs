@@ -84,6 +84,23 @@ test("a driver's rows are taken, its garbage and lies dropped, its failures and 
   t.regex(unwritable.skipped[0].why, /cannot write its log .*ENOENT/)
 })
 
+test('a GPU run asks the driver for GPU memory and takes its CUDA IPC rows only; a host run takes none of them', async (t) => {
+  const dir = scratchDir(t, 'kvt-peers-')
+  const host = row('nixl', 'tcp', 1, 0.5, { compares: 'tcp' })
+  const gpu = row('nixl', 'cuda-ipc', 1, 9, { compares: 'cuda-ipc' })
+  // A stand-in Python that says its arguments, then one row of each kind.
+  const python = join(dir, 'python')
+  writeFileSync(python, `#!/bin/sh\necho "$@" >&2\ncat <<'EOF'\n${JSON.stringify({ row: host })}\n${JSON.stringify({ row: gpu })}\nEOF\n`)
+  chmodSync(python, 0o755)
+  const w = { sizes: [1024], batch: 8, pool: 10, layers: 1, tensors: 2, iterations: 3, warmup: 1 }
+  const onHost = await runPeer(python, 'nixl', w, join(dir, 'host.log'))
+  t.deepEqual(onHost.rows.map((r) => r.transport), ['tcp'])
+  t.notRegex(readFileSync(join(dir, 'host.log'), 'utf8'), /--gpu/)
+  const onGpu = await runPeer(python, 'nixl', { ...w, gpu: { decode: 1 } }, join(dir, 'gpu.log'))
+  t.deepEqual(onGpu.rows.map((r) => r.transport), ['cuda-ipc'])
+  t.regex(readFileSync(join(dir, 'gpu.log'), 'utf8'), /--gpu --decode-gpu 1/)
+})
+
 test('a machine without Python is told so, not failed obscurely', (t) => {
   const dir = scratchDir(t, 'kvt-peers-')
   const path = process.env.PATH

@@ -11,12 +11,21 @@ import { join } from 'node:path'
 import { createInterface } from 'node:readline'
 import type { BenchRow, Workload } from './bench.js'
 
-/** The peers a run can name, with what their driver needs from the Python package registry. */
-export const PEERS: Record<string, { driver: string; packages: string[]; noDeps?: boolean }> = {
-  // Its CPU wheel: the bench moves host memory (the CUDA wheel would not import on a machine without CUDA).
+/**
+ * The peers a run can name, with what their driver needs from the Python package registry (`cuda13`: instead,
+ * where the CUDA driver is 13 or later).
+ */
+export const PEERS: Record<string, { driver: string; packages: string[]; cuda13?: string[]; noDeps?: boolean }> = {
+  // Its CPU wheel: its driver moves host memory only (the CUDA wheel would not import on a machine without CUDA).
   mooncake: { driver: 'mooncake-driver.py', packages: ['mooncake-transfer-engine-non-cuda==0.3.13.post1'] },
-  // Installed without its dependencies: it needs numpy only, not torch.
-  nixl: { driver: 'nixl-driver.py', packages: ['nixl-cu12==1.5.1'], noDeps: true },
+  // Installed without its dependencies: it needs numpy only, not torch (GPU rows allocate through the machine's).
+  nixl: { driver: 'nixl-driver.py', packages: ['nixl-cu12==1.5.1'], cuda13: ['nixl-cu13==1.5.1'], noDeps: true },
+}
+
+/** The packages of `peer` for a CUDA driver of major version `cuda` (0: none). */
+export function peerPackages(peer: string, cuda: number): string[] {
+  const p = PEERS[peer]
+  return cuda >= 13 && p.cuda13 ? p.cuda13 : p.packages
 }
 // numpy: a range, not a pin (the drivers use little of it, and each Python has its own wheels of it).
 const COMMON = ['numpy>=1.26,<3']
@@ -29,11 +38,18 @@ export interface PeerSetup {
   wheels?: string
   /** Told what the setup is doing (it can take minutes the first time). */
   say?: (line: string) => void
+  /**
+   * The major version of the CUDA driver here (0 or absent: none), which picks a peer's CUDA build. Where set, an
+   * environment made here also sees the machine's own packages: the GPU rows allocate through its PyTorch.
+   */
+  cuda?: number
 }
 
 /** The bench's workload at the sizes it measured. */
 export interface PeerWorkload extends Workload {
   sizes: number[]
+  /** GPU memory (beside kvtransfer's CUDA IPC rows): the prefill's on GPU 0, the decode's on `decode`. */
+  gpu?: { decode: number }
 }
 
 export interface PeerRun {
@@ -88,7 +104,8 @@ export function preparePeers(peers: string[], setup: PeerSetup = {}): string {
   if (!existsSync(python)) {
     say(`making a Python environment for the peers in ${venv}`)
     mkdirSync(venv, { recursive: true })
-    run('python3', ['-m', 'venv', venv], 'python3 -m venv (Python 3.9 or later with its venv module is needed)')
+    const site = setup.cuda ? ['--system-site-packages'] : []
+    run('python3', ['-m', 'venv', ...site, venv], 'python3 -m venv (Python 3.9 or later with its venv module is needed)')
   }
   // What was installed, and for which Python: a venv remade (or its Python upgraded) installs again.
   const version = run(python, ['-I', '-c', 'import sys; print(sys.version)'], `${python}`).trim()
@@ -111,7 +128,7 @@ export function preparePeers(peers: string[], setup: PeerSetup = {}): string {
     writeFileSync(marker, JSON.stringify({ python: version, packages: [...installed].sort() }))
   }
   pip(COMMON, false)
-  for (const name of peers) pip(PEERS[name].packages, PEERS[name].noDeps === true)
+  for (const name of peers) pip(peerPackages(name, setup.cuda ?? 0), PEERS[name].noDeps === true)
   return python
 }
 
@@ -149,6 +166,7 @@ export async function runPeer(python: string, peer: string, w: PeerWorkload, log
   // Isolated (no PYTHON* settings, no user site) and writing no bytecode beside the drivers.
   const args = ['-I', '-B', join(DRIVERS, PEERS[peer].driver), '--sizes', w.sizes.join(','), '--batch', `${w.batch}`, '--pool', `${w.pool}`, '--layers', `${w.layers}`]
   args.push('--tensors', `${w.tensors}`, '--iterations', `${w.iterations}`, '--warmup', `${w.warmup}`)
+  if (w.gpu) args.push('--gpu', '--decode-gpu', `${w.gpu.decode}`)
   const stderr = createWriteStream(log, { flags: 'a' })
   const opened = await new Promise<Error | undefined>((resolve) => {
     stderr.once('open', () => resolve(undefined))
@@ -229,6 +247,8 @@ function checkedRow(r: unknown, peer: string, w: PeerWorkload): BenchRow | undef
   const blockBytes = x.blockBytes as number
   if (typeof x.transport !== 'string' || typeof x.verified !== 'boolean' || typeof x.compares !== 'string' || !COMPARES.has(x.compares)) return undefined
   if (!w.sizes.includes(blockBytes) || x.batch !== w.batch || x.calls !== w.iterations) return undefined
+  // GPU rows from a GPU run only, host rows from a host run only.
+  if ((x.compares === 'cuda-ipc') !== (w.gpu !== undefined)) return undefined
   const bytesPerCall = w.batch * blockBytes * w.tensors
   const gbps = (t: number) => bytesPerCall / (t * 1e3)
   return {

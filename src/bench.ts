@@ -1,6 +1,7 @@
 /**
  * `kvtransfer bench`: the original's benchmark (1538 scattered blocks per `writeCache` call, one thread, block
- * sizes 1 KiB to 256 KiB) on every transport usable here, with a decode in a process of its own. Per transport
+ * sizes 1 KiB to 256 KiB) on every transport usable here, with a decode in a process of its own: host memory on
+ * TCP, shm and RDMA, GPU memory on CUDA IPC (the prefill's cache on GPU 0, the decode's on `decodeGpu`). Per transport
  * and size: warm-up calls, then timed calls, each writing 1538 scattered blocks of a larger pool (keys and
  * values, the layers in turn); the median, p10 and p90 of GB/s and of µs per call; and once per size the bytes
  * themselves, checked (the decode's blocks cleared, written once more, and hashed on both sides in call order).
@@ -11,13 +12,16 @@ import { cpus, freemem, totalmem } from 'node:os'
 import { dirname, join } from 'node:path'
 import { PEERS, preparePeers, runPeer, type PeerSetup } from './bench-peers.js'
 import { RDMACommunicator } from './compat.js'
+import { DeviceBuffer } from './device-buffer.js'
 import { HostBuffer } from './host-buffer.js'
 import { native } from './loader.js'
 
 /** What {@link runBench} measures. */
 export interface BenchOptions {
-  /** Transports to measure (default: every host-memory transport usable here: `shm`, `rdma`, `tcp`). */
+  /** Transports to measure (default: every transport usable here: `shm`, `rdma`, `tcp`, and `cuda-ipc` on a GPU machine). */
   transports?: string[]
+  /** The decode's GPU in CUDA IPC rows (default 0, the prefill's): another GPU measures copies between GPUs. */
+  decodeGpu?: number
   /** Block sizes in bytes (default 1 KiB, 2 KiB … 256 KiB). */
   sizes?: number[]
   /** Blocks per call (default 1538, as the original's table). */
@@ -77,7 +81,8 @@ export interface BenchRow {
 /**
  * What the machine does without kvtransfer, on the same bytes: one TCP stream over loopback (`tcp-stream`, the
  * ceiling of our TCP), `memcpy` of the same scattered blocks on one thread (`memcpy`) and split over threads as
- * the shm transport splits a write (`memcpy-N-threads`, the ceiling of our shm).
+ * the shm transport splits a write (`memcpy-N-threads`, the ceiling of our shm), `ib_write_bw` (RDMA's), and one
+ * device copy of a call's bytes from the prefill's GPU to the decode's (`device-copy`, the ceiling of CUDA IPC).
  */
 export interface CeilingRow {
   name: string
@@ -91,7 +96,7 @@ export interface CeilingRow {
 /** A whole run: what it ran on and with, and its rows. */
 export interface BenchResult {
   date: string
-  machine: { cpus: number; cpuModel: string; memoryBytes: number; platform: string; node: string }
+  machine: { cpus: number; cpuModel: string; memoryBytes: number; platform: string; node: string; gpus: string[] }
   batch: number
   pool: number
   layers: number
@@ -100,6 +105,8 @@ export interface BenchResult {
   iterations: number
   /** Prefills writing at once in kvtransfer's rows (1: the original's one thread). */
   writers: number
+  /** The GPUs of CUDA IPC rows, where there are any: the prefill's (always 0) and the decode's. */
+  gpus?: { prefill: number; decode: number }
   rows: BenchRow[]
   ceilings: CeilingRow[]
   /** Transports (and sizes) asked for that were not measured, and why. */
@@ -140,16 +147,27 @@ export function scattered(n: number, pool: number, seed: number): Uint32Array {
   return ids.slice(0, n)
 }
 
+/** One tensor of one layer of a bench cache: host memory, or a GPU's. */
+export type CacheBuffer = HostBuffer | DeviceBuffer
+
 /**
- * The cache of one side: per tensor, per layer, one buffer of `pool` blocks, every page touched before timing
- * (first-touch faults would be timed otherwise): random bytes for the source (every block and every offset
- * differs, so a block from the wrong place or a shifted range is seen), zeros for the decode.
+ * The cache of one side: per tensor, per layer, one buffer of `pool` blocks (on GPU `gpu` where given), every
+ * page touched before timing (first-touch faults would be timed otherwise): random bytes for the source (every
+ * block and every offset differs, so a block from the wrong place or a shifted range is seen), zeros for the decode.
  */
-export function cache(tensors: number, layers: number, pool: number, blockBytes: number, random: boolean): HostBuffer[][] {
-  const made: HostBuffer[] = []
+export function cache(tensors: number, layers: number, pool: number, blockBytes: number, random: boolean, gpu?: number): CacheBuffer[][] {
+  const made: CacheBuffer[] = []
+  const chunk = 64 << 20
   try {
     return Array.from({ length: tensors }, () =>
       Array.from({ length: layers }, () => {
+        if (gpu !== undefined) {
+          // Zeroed by the driver; random bytes copied in a chunk at a time.
+          const db = DeviceBuffer.alloc(gpu, pool * blockBytes)
+          made.push(db)
+          for (let at = 0; random && at < db.byteLength; at += chunk) db.write(randomFillSync(Buffer.allocUnsafe(Math.min(chunk, db.byteLength - at))), at)
+          return db
+        }
         const hb = HostBuffer.alloc(pool * blockBytes)
         made.push(hb)
         if (random) for (let at = 0; at < hb.buffer.length; at += 1 << 30) randomFillSync(hb.buffer, at, Math.min(1 << 30, hb.buffer.length - at))
@@ -158,15 +176,20 @@ export function cache(tensors: number, layers: number, pool: number, blockBytes:
       }),
     )
   } catch (e) {
-    for (const hb of made) hb.free()
+    for (const b of made) b.free()
     throw e
   }
 }
 
+/** Block `id` of a cache buffer: a view of host memory, a copy of device memory. */
+export function block(b: CacheBuffer, id: number, blockBytes: number): Buffer {
+  return b instanceof HostBuffer ? b.buffer.subarray(id * blockBytes, (id + 1) * blockBytes) : b.read(id * blockBytes, blockBytes)
+}
+
 /** The hash of `ids`' blocks of one layer, in that order, every tensor. */
-export function digest(tensors: HostBuffer[][], layer: number, ids: ArrayLike<number>, blockBytes: number): string {
+export function digest(tensors: CacheBuffer[][], layer: number, ids: ArrayLike<number>, blockBytes: number): string {
   const h = createHash('sha1')
-  for (const t of tensors) for (let i = 0; i < ids.length; i++) h.update(t[layer].buffer.subarray(ids[i] * blockBytes, (ids[i] + 1) * blockBytes))
+  for (const t of tensors) for (let i = 0; i < ids.length; i++) h.update(block(t[layer], ids[i], blockBytes))
   return h.digest('hex')
 }
 
@@ -232,20 +255,23 @@ class Decode {
   }
 }
 
-/** The host-memory transports usable here, fastest first. */
-function usableTransports(): { usable: string[]; skipped: Array<{ transport: string; why: string }> } {
+/** The transports usable here, fastest first, the GPUs' names and the CUDA driver's major version. */
+function usableTransports(): { usable: string[]; skipped: Array<{ transport: string; why: string }>; gpus: string[]; cuda: number } {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const { systemInfo } = require('./system.js') as typeof import('./system.js')
   const info = systemInfo()
   const usable: string[] = []
   const skipped: Array<{ transport: string; why: string }> = []
   for (const t of info.transports) {
-    if (t.name === 'cuda-ipc') skipped.push({ transport: t.name, why: 'this bench moves host memory; the GPU suite measures CUDA IPC (.ci/gpu-tests.sh)' })
-    else if (t.usable) usable.push(t.name)
+    if (t.usable) usable.push(t.name)
     else skipped.push({ transport: t.name, why: t.detail })
   }
-  return { usable, skipped }
+  // The CUDA driver's major version (`13.0` → 13), 0 without one: it picks a peer's CUDA build.
+  return { usable, skipped, gpus: info.gpus.devices.map((g) => g.name), cuda: Number.parseInt(info.gpus.driver ?? '0', 10) || 0 }
 }
+
+/** Whether `transport` moves GPU memory in the bench (the others move host memory). */
+const onGpu = (transport: string) => transport === 'cuda-ipc'
 
 /** Runs the bench; see {@link BenchOptions}. */
 export async function runBench(options: BenchOptions = {}): Promise<BenchResult> {
@@ -259,7 +285,11 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
   const pool = Math.ceil(batch * 1.25)
   const writers = options.writers ?? 1
   if (!Number.isInteger(writers) || writers < 1 || writers > 64) throw new Error(`writers must be a whole number from 1 to 64, not ${writers}`)
+  const decodeGpu = options.decodeGpu ?? 0
   const here = usableTransports()
+  if (!Number.isInteger(decodeGpu) || decodeGpu < 0 || (options.decodeGpu !== undefined && decodeGpu >= here.gpus.length)) {
+    throw new Error(`decodeGpu must be a GPU of this machine (${here.gpus.length === 0 ? 'it has none' : `0 to ${here.gpus.length - 1}`}), not ${options.decodeGpu}`)
+  }
   const skipped: BenchResult['skipped'] = options.transports ? here.skipped.filter((s) => options.transports?.includes(s.transport)) : here.skipped.filter((s) => s.transport !== 'cuda-ipc')
   const transports = options.transports ? options.transports.filter((t) => here.usable.includes(t)) : here.usable
   for (const t of options.transports ?? []) {
@@ -270,28 +300,31 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
   const failed: BenchResult['failed'] = []
   const peers = options.peers ?? []
   for (const p of peers) if (!Object.hasOwn(PEERS, p)) throw new Error(`unknown peer ${JSON.stringify(p)}: the bench knows ${Object.keys(PEERS).join(', ')}`)
-  const total = transports.length * sizes.length + peers.length
+  // A peer runs once on host memory where a host transport is measured, once on GPU memory where CUDA IPC is.
+  const peerRuns = [...(transports.some((t) => !onGpu(t)) ? [undefined] : []), ...(transports.some(onGpu) ? [{ decode: decodeGpu }] : [])]
+  const total = transports.length * sizes.length + peers.length * peerRuns.length
   let done = 0
   for (const blockBytes of sizes) {
-    // Both processes hold the whole cache: a size that would crowd this machine's free memory is left out.
+    // Both processes hold the whole cache: a size that would crowd this machine's free memory is left out (of
+    // the host-memory transports: CUDA IPC's caches are GPU memory, and a GPU without room fails the row).
     const need = tensors * layers * (pool + Math.ceil(writers * batch * 1.25)) * blockBytes
-    if (need > 0.7 * freemem()) {
-      for (const transport of transports) {
-        skipped.push({ transport, blockBytes, why: `both caches take ${(need / 2 ** 30).toFixed(1)} GiB, more than 70% of the free memory` })
-      }
-      continue
+    const roomy = need <= 0.7 * freemem()
+    const here = transports.filter((t) => roomy || onGpu(t))
+    for (const transport of transports.filter((t) => !here.includes(t))) {
+      skipped.push({ transport, blockBytes, why: `both caches take ${(need / 2 ** 30).toFixed(1)} GiB, more than 70% of the free memory` })
     }
-    for (const transport of transports) {
+    for (const transport of here) {
       options.onProgress?.(`${transport} ${blockBytes / KIB} KiB`, done++, total)
       try {
-        rows.push(await measure({ transport, blockBytes, batch, pool, layers, tensors, iterations, warmup, writers }))
+        rows.push(await measure({ transport, blockBytes, batch, pool, layers, tensors, iterations, warmup, writers, decodeGpu }))
       } catch (e) {
         failed.push({ transport, blockBytes, error: e instanceof Error ? e.message : String(e) })
       }
     }
-    if (transports.length === 0) continue
+    if (here.length === 0) continue
     try {
-      ceilings.push(...ceilingsOf({ blockBytes, batch, pool, tensors, layers, iterations, warmup }, transports.includes('rdma')))
+      const host = here.some((t) => !onGpu(t))
+      ceilings.push(...ceilingsOf({ blockBytes, batch, pool, tensors, layers, iterations, warmup }, { host, rdma: here.includes('rdma'), gpus: here.includes('cuda-ipc') ? [0, decodeGpu] : undefined }))
     } catch (e) {
       failed.push({ transport: 'ceiling', blockBytes, error: e instanceof Error ? e.message : String(e) })
     }
@@ -301,24 +334,26 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
   if (peers.length > 0 && measured.length > 0) {
     let python: string | undefined
     try {
-      python = preparePeers(peers, options.peerSetup)
+      python = preparePeers(peers, { ...options.peerSetup, cuda: here.cuda })
     } catch (e) {
       for (const p of peers) skipped.push({ transport: p, why: `cannot set up its driver: ${e instanceof Error ? e.message : String(e)}` })
     }
     for (const peer of python ? peers : []) {
-      options.onProgress?.(peer, done++, total)
-      const log = join(dirname(python as string), '..', `${peer}.log`)
-      const run = await runPeer(python as string, peer, { sizes: measured, batch, pool, layers, tensors, iterations, warmup }, log)
-      rows.push(...run.rows)
-      skipped.push(...run.skipped)
-      failed.push(...run.failed)
+      for (const gpu of peerRuns) {
+        options.onProgress?.(`${peer}${gpu ? ' (GPU memory)' : ''}`, done++, total)
+        const log = join(dirname(python as string), '..', `${peer}.log`)
+        const run = await runPeer(python as string, peer, { sizes: measured, batch, pool, layers, tensors, iterations, warmup, gpu }, log)
+        rows.push(...run.rows)
+        skipped.push(...run.skipped)
+        failed.push(...run.failed)
+      }
     }
   }
   options.onProgress?.('done', total, total)
   const cpu = cpus()
   const result = {
     date: new Date().toISOString(),
-    machine: { cpus: cpu.length, cpuModel: cpu[0]?.model ?? 'unknown', memoryBytes: totalmem(), platform: `${process.platform}-${process.arch}`, node: process.versions.node },
+    machine: { cpus: cpu.length, cpuModel: cpu[0]?.model ?? 'unknown', memoryBytes: totalmem(), platform: `${process.platform}-${process.arch}`, node: process.versions.node, gpus: here.gpus },
     batch,
     pool,
     layers,
@@ -326,6 +361,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     warmup,
     iterations,
     writers,
+    ...(transports.includes('cuda-ipc') ? { gpus: { prefill: 0, decode: decodeGpu } } : {}),
     rows,
     ceilings,
     skipped,
@@ -373,23 +409,34 @@ export function goals(r: Pick<BenchResult, 'rows' | 'ceilings'> & Partial<Pick<B
   return out
 }
 
-/** The ceilings at one block size (see {@link CeilingRow}). */
-function ceilingsOf(s: { blockBytes: number; batch: number; pool: number; tensors: number; layers: number; iterations: number; warmup: number }, rdma: boolean): CeilingRow[] {
+/**
+ * The ceilings at one block size (see {@link CeilingRow}): the host's where a host-memory transport ran (the NIC's
+ * where RDMA did), and one device copy from GPU `gpus[0]` to GPU `gpus[1]` where CUDA IPC did.
+ */
+function ceilingsOf(
+  s: { blockBytes: number; batch: number; pool: number; tensors: number; layers: number; iterations: number; warmup: number },
+  with_: { host: boolean; rdma: boolean; gpus?: [number, number] },
+): CeilingRow[] {
   const bytesPerCall = s.batch * s.blockBytes * s.tensors
   const row = (name: string, seconds: number[]): CeilingRow => {
     const us = spread(seconds.map((t) => t * 1e6))
     return { name, blockBytes: s.blockBytes, bytesPerCall, calls: seconds.length, gbps: rate(bytesPerCall, us), usPerCall: us }
   }
-  const local = [...scattered(s.batch, s.pool, 1)]
-  const remote = [...scattered(s.batch, s.pool, 2)]
-  const copy = (threads: number) => native.ceilingScatteredCopy(s.blockBytes, local, remote, s.tensors, s.layers, threads, s.warmup, s.iterations)
-  const out = [row('tcp-stream', native.ceilingTcpStream(bytesPerCall, 256 * KIB, s.warmup, s.iterations)), row('memcpy', copy(1).seconds)]
-  // Split as shm splits this call: a row of its own only where that takes more than one thread.
-  const split = copy(native.copyThreads())
-  if (split.threads > 1) out.push(row(`memcpy-${split.threads}-threads`, split.seconds))
+  const out: CeilingRow[] = []
+  if (with_.host) {
+    const local = [...scattered(s.batch, s.pool, 1)]
+    const remote = [...scattered(s.batch, s.pool, 2)]
+    const copy = (threads: number) => native.ceilingScatteredCopy(s.blockBytes, local, remote, s.tensors, s.layers, threads, s.warmup, s.iterations)
+    out.push(row('tcp-stream', native.ceilingTcpStream(bytesPerCall, 256 * KIB, s.warmup, s.iterations)), row('memcpy', copy(1).seconds))
+    // Split as shm splits this call: a row of its own only where that takes more than one thread.
+    const split = copy(native.copyThreads())
+    if (split.threads > 1) out.push(row(`memcpy-${split.threads}-threads`, split.seconds))
+  }
   // The NIC's own: as many writes of one block as the timed calls make, one after another on one queue pair.
-  const gbps = rdma ? ibWriteBw(s.blockBytes, s.batch * s.tensors * s.iterations) : undefined
+  const gbps = with_.rdma ? ibWriteBw(s.blockBytes, s.batch * s.tensors * s.iterations) : undefined
   if (gbps !== undefined) out.push(row('ib_write_bw', [bytesPerCall / (gbps * 1e9)]))
+  // The GPUs' own: a call's bytes in one device copy, as contiguous as a copy gets.
+  if (with_.gpus) out.push(row('device-copy', native.ceilingDeviceCopy(with_.gpus[0], with_.gpus[1], bytesPerCall, s.warmup, s.iterations)))
   return out
 }
 
@@ -435,12 +482,13 @@ function ibWriteBw(blockBytes: number, writes: number): number | undefined {
   }
 }
 
-/** The ceiling of `transport`'s rows in `r`, by name: a stream for TCP, the copy split as shm splits it. */
+/** The ceiling of `transport`'s rows in `r`, by name: a stream for TCP, the copy split as shm splits it, the NIC's own for RDMA, a device copy for CUDA IPC. */
 function ceilingOf(r: BenchResult, transport: string, blockBytes: number): CeilingRow | undefined {
   const at = r.ceilings.filter((c) => c.blockBytes === blockBytes)
   if (transport === 'tcp') return at.find((c) => c.name === 'tcp-stream')
   if (transport === 'shm') return at.find((c) => c.name.startsWith('memcpy-')) ?? at.find((c) => c.name === 'memcpy')
   if (transport === 'rdma') return at.find((c) => c.name === 'ib_write_bw')
+  if (transport === 'cuda-ipc') return at.find((c) => c.name === 'device-copy')
   return undefined
 }
 
@@ -459,6 +507,8 @@ interface Shape extends Workload {
   transport: string
   blockBytes: number
   writers: number
+  /** The decode's GPU, where the transport moves GPU memory (the prefill's is GPU 0). */
+  decodeGpu: number
 }
 
 /**
@@ -468,13 +518,15 @@ interface Shape extends Workload {
  */
 async function measure(s: Shape): Promise<BenchRow> {
   const decode = new Decode()
-  let src: HostBuffer[][] = []
+  let src: CacheBuffer[][] = []
   const prefills: RDMACommunicator[] = []
+  const gpu = onGpu(s.transport)
   try {
-    src = cache(s.tensors, s.layers, s.pool, s.blockBytes, true)
+    src = cache(s.tensors, s.layers, s.pool, s.blockBytes, true, gpu ? 0 : undefined)
     // The decode's pool holds every writer's blocks, scattered over it as one writer's are over its own.
     const remotePool = Math.ceil(s.writers * s.batch * 1.25)
-    const port = await decode.ask<number>('start', { transport: s.transport, blockBytes: s.blockBytes, pool: remotePool, layers: s.layers, tensors: s.tensors })
+    const start = { transport: s.transport, blockBytes: s.blockBytes, pool: remotePool, layers: s.layers, tensors: s.tensors, gpu: gpu ? s.decodeGpu : undefined }
+    const port = await decode.ask<number>('start', start)
     const ptrs = (t: number) => (src[t] ?? []).map((hb) => hb.ptr)
     for (let w = 0; w < s.writers; w++) {
       prefills.push(new RDMACommunicator('prefill', 0, 0, ptrs(0), ptrs(1), s.pool, s.blockBytes, 1, 0, { transport: s.transport as 'tcp' }))
@@ -527,6 +579,9 @@ export function formatTable(r: BenchResult): string {
     `kvtransfer bench: ${r.batch} scattered blocks per call from a pool of ${r.pool}, ${r.tensors === 2 ? 'keys and values' : 'keys only'}, ` +
       `${r.layers} layers in turn, ${r.writers > 1 ? `kvtransfer's rows ${r.writers} prefills writing at once (a call: one round of them)` : 'one thread'}; ${r.warmup} warm-up and ${r.iterations} timed calls per row; host buffers with transparent huge pages advised (as numpy's)`,
     `${r.machine.cpuModel}, ${r.machine.cpus} CPUs, ${(r.machine.memoryBytes / 2 ** 30).toFixed(0)} GiB, ${r.machine.platform}, Node.js ${r.machine.node}, ${r.date}`,
+    ...(r.gpus
+      ? [`CUDA IPC rows: GPU memory, the prefill's cache on GPU ${r.gpus.prefill} (${r.machine.gpus[r.gpus.prefill] ?? '?'}), the decode's on GPU ${r.gpus.decode} (${r.machine.gpus[r.gpus.decode] ?? '?'})`]
+      : []),
     '',
     '| block | system | transport | GB/s (median) | p10 | p90 | µs per call | of its ceiling | kvtransfer ÷ this | bytes checked |',
     '|---|---|---|---|---|---|---|---|---|---|',

@@ -5,6 +5,7 @@
  */
 import type { NativeInit, NativeSettings } from '../binding.js'
 import { invalid, KVTransferError } from './errors.js'
+import type { DeviceBuffer } from './device-buffer.js'
 import type { HostBuffer } from './host-buffer.js'
 import type { LogOptions } from './logging.js'
 
@@ -172,20 +173,20 @@ export interface CommunicatorOptions extends ScaleOptions, Settings, LogOptions 
 
 /**
  * Memory of one cache tensor, given as an object: a `Buffer` or any other `ArrayBufferView`, an `ArrayBuffer`, a
- * {@link HostBuffer}, or `{ ptr, byteLength }` for memory JavaScript cannot hold (a GPU allocation). The
- * communicator keeps the object referenced until it is closed; a `HostBuffer` cannot be freed meanwhile
- * (`IN_USE`). A resizable buffer is refused; do not transfer or detach an `ArrayBuffer` a communicator uses (its
+ * {@link HostBuffer}, a {@link DeviceBuffer}, or `{ ptr, byteLength }` for other memory JavaScript cannot hold (a GPU
+ * allocation). The communicator keeps the object referenced until it is closed; a `HostBuffer` or `DeviceBuffer`
+ * cannot be freed meanwhile (`IN_USE`). A resizable buffer is refused; do not transfer or detach an `ArrayBuffer` a communicator uses (its
  * memory would go while the communicator still writes there): a `HostBuffer` cannot be.
  */
 export type CacheMemory = ArrayBufferView | ArrayBuffer | MemoryDescriptor
 
-/** Memory named by its address and size: a {@link HostBuffer}, or memory JavaScript cannot hold (GPU memory). */
+/** Memory named by its address and size: a {@link HostBuffer}, a {@link DeviceBuffer}, or other memory JavaScript cannot hold (GPU memory). */
 export interface MemoryDescriptor {
   /** The address of the first byte. */
   readonly ptr: Pointer
   /** Its size in bytes. */
   readonly byteLength: number
-  /** Whether it was given back (a freed `HostBuffer` is refused). */
+  /** Whether it was given back (a freed `HostBuffer` or `DeviceBuffer` is refused). */
   readonly freed?: boolean
 }
 
@@ -196,7 +197,7 @@ export interface MemoryDescriptor {
  *
  * Memory given by address must stay valid, and hold `blockNumber` blocks, until the communicator is closed: a
  * decode lets peers, the kernel, a NIC or a GPU kernel write there, a prefill reads there. That is the caller's
- * promise, except for memory of a {@link HostBuffer} (the library holds it, however it was handed over) and for
+ * promise, except for memory of a {@link HostBuffer} or {@link DeviceBuffer} (the library holds it, however it was handed over) and for
  * GPU memory, whose allocation's size the driver checks.
  */
 export interface CacheOptions extends ScaleOptions {
@@ -359,7 +360,7 @@ function toTensor(
       ;[ptr, length] = [address(Buffer.from(m)), m.byteLength]
     } else if (typeof m === 'object' && m !== null && 'ptr' in m && 'byteLength' in m) {
       const d = m as { ptr: unknown; byteLength: unknown; freed?: unknown }
-      if (d.freed === true) throw invalid(`${name} is a HostBuffer that was freed`)
+      if (d.freed === true) throw invalid(`${name} was freed`)
       ;[ptr] = toPointers(name, [d.ptr as Pointer])
       length = toCount(`${name}.byteLength`, d.byteLength, 1, Number.MAX_SAFE_INTEGER)
     } else {

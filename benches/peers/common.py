@@ -205,6 +205,18 @@ def serve_decode(peer, variant, gpu):
     os._exit(0)
 
 
+def no_torch_gpu():
+    """Why GPU rows cannot run in this Python (they allocate through PyTorch), or None."""
+    try:
+        import torch
+    except Exception as e:  # noqa: BLE001 - the reason is the table's
+        return (f"GPU memory is allocated through PyTorch, which this Python cannot import ({type(e).__name__}: {e}); "
+                "make the peers' environment with --system-site-packages where PyTorch is installed")
+    if not torch.cuda.is_available():
+        return "PyTorch here sees no GPU"
+    return None
+
+
 def measure(peer, driver, variant, env, a, block_bytes):
     """One variant at one size: warm-up, timed calls, then the bytes checked once."""
     tensors, layers, pool = a.tensors, a.layers, a.pool
@@ -262,7 +274,7 @@ def main(peer, driver):
         return serve_decode(peer, a.decode, a.decode_gpu)
     out = protocol_stdout()
     a.pool = a.pool or math.ceil(a.batch * 1.25)
-    why = peer.unusable()
+    why = peer.unusable() or (peer.gpu and no_torch_gpu())
     if why:
         out.write(json.dumps({"skipped": {"system": peer.system, "why": why}}) + "\n")
         return

@@ -1,6 +1,7 @@
 //! What this machine can do without kvtransfer, for `kvtransfer bench` to put beside its own rows: one plain TCP
 //! stream of the same bytes over loopback, and `memcpy` of the same scattered blocks (on one thread, and split
-//! over threads as the shared-memory transport splits a write). Each returns the time of every timed call, and
+//! over threads as the shared-memory transport splits a write), and on a GPU one large device copy of the same
+//! bytes (the ceiling of CUDA IPC). Each returns the time of every timed call, and
 //! blocks its caller while it runs; memory is reserved fallibly, so a size the machine cannot hold is an error.
 
 use crate::error::{Error, ErrorCode, Result};
@@ -186,6 +187,26 @@ pub fn scattered_copy(
         }
     }
     Ok((parts, times))
+}
+
+/// One device copy of `bytes` from memory of GPU `from` into memory of GPU `to` (the same GPU, or a peer: what
+/// CUDA IPC between the two does at best), on a stream of `from`: the time of each of `calls` calls, after `warmup`
+/// untimed ones. `UNAVAILABLE` without a CUDA driver or where the memory cannot be had.
+pub fn device_copy(from: u32, to: u32, bytes: usize, warmup: usize, calls: usize) -> Result<Vec<Duration>> {
+    use crate::cuda::{CopyStream, Gpu};
+    use crate::memory::DeviceAllocation;
+    let (bytes, calls, warmup) = (check("bytes", bytes, 1, MAX_CALL_BYTES)?, check("calls", calls, 1, MAX_CALLS)?, check("warmup", warmup, 0, MAX_WARMUP)?);
+    let (src, dst) = (DeviceAllocation::new(from, bytes)?, DeviceAllocation::new(to, bytes)?);
+    let stream = CopyStream::new(Gpu::get(from)?)?;
+    let mut times = Vec::with_capacity(calls);
+    for i in 0..warmup + calls {
+        let start = Instant::now();
+        stream.copy(&dst.0, &src.0)?;
+        if i >= warmup {
+            times.push(start.elapsed());
+        }
+    }
+    Ok(times)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The memory a communicator owns or registers: the cache layout (one address per layer and tensor, all in
-//! host memory or all on one GPU) and page-aligned host allocations.
+//! host memory or all on one GPU), page-aligned host allocations, and device allocations for callers that have
+//! no GPU allocator of their own.
 
 use crate::sync::lock;
 use crate::cuda::{self, MemoryKind};
@@ -381,9 +382,74 @@ impl Drop for HostAllocation {
     }
 }
 
+/// Zeroed memory of one GPU (`cuMemAlloc`: CUDA IPC and RDMA can use it), freed on drop: device caches for a
+/// caller with no GPU allocator of its own (the Node.js binding's `DeviceBuffer`, its bench and tests). Bytes go
+/// in and out by copies ([`write`](Self::write), [`read`](Self::read)); the host never maps it.
+pub struct DeviceAllocation(pub(crate) cuda::gpu::DeviceBuffer);
+
+impl std::fmt::Debug for DeviceAllocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceAllocation({} bytes at {:#x} on GPU {})", self.len(), self.addr(), self.gpu())
+    }
+}
+
+impl DeviceAllocation {
+    /// `len` bytes (at least 1) on GPU `gpu`. `UNAVAILABLE` without a CUDA driver, without that GPU, or where
+    /// it has not the memory.
+    pub fn new(gpu: u32, len: usize) -> Result<DeviceAllocation> {
+        if len == 0 {
+            return Err(Error::invalid("cannot allocate 0 bytes"));
+        }
+        let count = cuda::devices()?.len();
+        if gpu as usize >= count {
+            let have = match count {
+                0 => "this machine has no GPU that a CUDA driver serves".to_string(),
+                n => format!("this process sees {n} GPU(s), 0 to {}", n - 1),
+            };
+            return Err(Error::new(crate::error::ErrorCode::Unavailable, format!("no GPU {gpu}: {have}")));
+        }
+        Ok(DeviceAllocation(cuda::gpu::DeviceBuffer::zeroed(cuda::Gpu::get(gpu)?, len)?))
+    }
+    /// The device address of the first byte.
+    pub fn addr(&self) -> u64 {
+        self.0.addr()
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Always false: allocations have at least one byte.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    /// The GPU it lives on.
+    pub fn gpu(&self) -> u32 {
+        self.0.gpu().ordinal()
+    }
+    /// Copies `bytes` in from `offset`; `INVALID_ARGUMENT` past the end.
+    pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<()> {
+        self.0.write(offset, bytes)
+    }
+    /// Copies `out.len()` bytes out from `offset`; `INVALID_ARGUMENT` past the end.
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.0.read(offset, out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_memory_without_a_gpu_is_a_clear_error() {
+        if !cuda::devices().unwrap().is_empty() {
+            return; // the GPU suite covers a machine with one (gpu_memory.rs)
+        }
+        let e = DeviceAllocation::new(0, 4096).unwrap_err();
+        assert_eq!(e.code(), crate::error::ErrorCode::Unavailable);
+        assert!(e.message().contains("no GPU 0"), "{e}");
+        assert_eq!(DeviceAllocation::new(0, 0).unwrap_err().code(), crate::error::ErrorCode::InvalidArgument);
+    }
 
     fn spec(layers: usize) -> CacheSpec {
         CacheSpec {

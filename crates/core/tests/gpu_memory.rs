@@ -118,3 +118,41 @@ fn the_copy_kernel_moves_each_item_of_a_long_range_once() {
         }
     }
 }
+
+#[test]
+fn a_device_allocation_round_trips_its_bytes_and_refuses_ranges_past_its_end() {
+    use kvtransfer::memory::DeviceAllocation;
+    let Some(probe) = device_alloc("a_device_allocation_round_trips_its_bytes_and_refuses_ranges_past_its_end", 1) else { return };
+    // SAFETY: the probe was allocated just above and nothing else holds it.
+    unsafe { cu::cuMemFree_v2(probe) };
+    let memory = DeviceAllocation::new(0, 1 << 20).unwrap();
+    assert_eq!((memory.len(), memory.gpu()), (1 << 20, 0));
+    assert_eq!(cuda::memory_kind(memory.addr()), MemoryKind::Device { ordinal: 0 });
+    let mut out = vec![1u8; 4096];
+    memory.read(8192, &mut out).unwrap();
+    assert!(out.iter().all(|&b| b == 0), "zeroed");
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    memory.write(12_345, &data).unwrap();
+    let mut back = vec![0u8; data.len() + 2];
+    memory.read(12_344, &mut back).unwrap();
+    assert_eq!((back[0], &back[1..=data.len()], back[data.len() + 1]), (0, &data[..], 0), "only the range written changed");
+    for (offset, len) in [((1 << 20) - 1, 2), (1 << 20, 1), (usize::MAX, 1)] {
+        let e = memory.write(offset, &vec![0; len]).unwrap_err();
+        assert_eq!(e.code(), kvtransfer::ErrorCode::InvalidArgument, "{e}");
+        assert_eq!(memory.read(offset, &mut vec![0; len]).unwrap_err().code(), kvtransfer::ErrorCode::InvalidArgument);
+    }
+    let count = cuda::devices().unwrap().len() as u32;
+    let e = DeviceAllocation::new(count, 1).unwrap_err();
+    assert!(e.message().contains(&format!("no GPU {count}")), "{e}");
+}
+
+#[test]
+fn the_device_copy_ceiling_times_each_call() {
+    let Some(probe) = device_alloc("the_device_copy_ceiling_times_each_call", 1) else { return };
+    // SAFETY: the probe was allocated just above and nothing else holds it.
+    unsafe { cu::cuMemFree_v2(probe) };
+    let times = kvtransfer::ceilings::device_copy(0, 0, 64 << 20, 2, 5).unwrap();
+    assert_eq!(times.len(), 5);
+    assert!(times.iter().all(|t| !t.is_zero()));
+    assert_eq!(kvtransfer::ceilings::device_copy(0, 0, 0, 0, 1).unwrap_err().code(), kvtransfer::ErrorCode::InvalidArgument);
+}

@@ -8,11 +8,11 @@
 //! - This file is the one place where a JavaScript caller's promise about raw addresses (that they name memory
 //!   which stays valid until `close()`) becomes the core's `unsafe` contract ([`NativeCommunicator::new`]).
 
-mod host_memory;
+mod allocations;
 
 use kvtransfer::communicator::peer_events::{PeerEvent, PeerEventSink};
 use kvtransfer::communicator::{Cancel, Notification, RequestId};
-use kvtransfer::memory::{CacheLayout, CacheSpec, HostAllocation};
+use kvtransfer::memory::{CacheLayout, CacheSpec, DeviceAllocation, HostAllocation};
 use kvtransfer::metrics::{HistogramSnapshot, PeerStats, Stats};
 use kvtransfer::config::{LogHook, LogRecord};
 use kvtransfer::{Communicator, CommunicatorSpec, Config, Error, ErrorCode, Role, Setting, SettingValue};
@@ -413,8 +413,8 @@ fn made_of(init: NativeInit) -> kvtransfer::Result<(CommunicatorSpec, Config)> {
     // memory of this process that holds `blockNumber` blocks per tensor and stays valid (and, for a
     // decode, writable by the transports) until the communicator is closed.
     let cache = unsafe { CacheLayout::new(spec) }?;
-    // Memory of a HostBuffer stays allocated while the communicator may use it, however it was given.
-    host_memory::hold_for(&cache)?;
+    // Memory of a HostBuffer or DeviceBuffer stays allocated while the communicator may use it, however it was given.
+    allocations::hold_for(&cache)?;
     let spec = CommunicatorSpec { role, gpu_idx: init.gpu_idx, port: port(init.port)?, cache, tp_size: init.prefill_tp_size, tp_idx: init.prefill_tp_idx };
     Ok((spec, config))
 }
@@ -786,7 +786,7 @@ pub fn host_alloc(env: &Env, bytes: i64) -> Result<BufferSlice<'_>, ErrorCode> {
     let mut memory = guarded(|| HostAllocation::new(len))?;
     let data = memory.as_mut_slice().as_mut_ptr();
     let memory = Arc::new(memory);
-    host_memory::register(&memory);
+    allocations::register(memory.addr(), memory.len(), "HostBuffer", &memory);
     // SAFETY: `data` is `len` bytes owned by `memory` (a mapping that never moves), a reference to which moves
     // into the finaliser: it lives at least as long as the buffer's backing store (longer while a communicator
     // holds it too).
@@ -822,13 +822,88 @@ pub fn host_free(env: &Env, buffer: Unknown) -> Result<(), ErrorCode> {
     if status != napi::sys::Status::napi_ok {
         return Err(to_napi(invalid("free() expects the Buffer of a HostBuffer".into())));
     }
-    guarded(|| host_memory::check_free(data as u64))?;
+    guarded(|| allocations::check_free(data as u64))?;
     // SAFETY: `arraybuffer` was just returned by napi for this env.
     let status = unsafe { napi::sys::napi_detach_arraybuffer(env.raw(), arraybuffer) };
     if status != napi::sys::Status::napi_ok {
         return Err(to_napi(invalid("this buffer's memory cannot be detached".into())));
     }
     Ok(())
+}
+
+/// Zeroed memory of one GPU (`DeviceBuffer` in the wrapper): its bytes go in and out by copies. Freed by
+/// [`NativeDeviceBuffer::free`] or when collected, but never while a communicator holds it.
+#[napi]
+pub struct NativeDeviceBuffer {
+    memory: Option<Arc<DeviceAllocation>>,
+}
+
+#[napi]
+impl NativeDeviceBuffer {
+    /// `bytes` (at least 1) on GPU `gpu`: `UNAVAILABLE` without a CUDA driver, that GPU or the memory.
+    #[napi(constructor)]
+    pub fn new(gpu: u32, bytes: f64) -> Result<NativeDeviceBuffer, ErrorCode> {
+        guarded(|| {
+            let len = whole_bytes("bytes", bytes)?;
+            let memory = Arc::new(DeviceAllocation::new(gpu, len)?);
+            allocations::register(memory.addr(), memory.len(), "DeviceBuffer", &memory);
+            Ok(NativeDeviceBuffer { memory: Some(memory) })
+        })
+    }
+
+    fn memory(&self) -> kvtransfer::Result<&Arc<DeviceAllocation>> {
+        self.memory.as_ref().ok_or_else(|| invalid("this DeviceBuffer was freed".into()))
+    }
+
+    /// The device address of its first byte.
+    #[napi(getter)]
+    pub fn ptr(&self) -> Result<BigInt, ErrorCode> {
+        guarded(|| Ok(BigInt::from(self.memory()?.addr())))
+    }
+
+    /// Copies `data` in from byte `offset`.
+    #[napi]
+    pub fn write(&self, offset: f64, data: Uint8Array) -> Result<(), ErrorCode> {
+        guarded(|| self.memory()?.write(whole_bytes("offset", offset)?, &data))
+    }
+
+    /// A copy of `length` bytes from byte `offset`.
+    #[napi]
+    pub fn read(&self, offset: f64, length: f64) -> Result<Buffer, ErrorCode> {
+        guarded(|| {
+            let memory = self.memory()?;
+            let (offset, length) = (whole_bytes("offset", offset)?, whole_bytes("length", length)?);
+            if offset.checked_add(length).is_none_or(|end| end > memory.len()) {
+                return Err(invalid(format!("{length} bytes from offset {offset} run past the end of this DeviceBuffer ({} bytes)", memory.len())));
+            }
+            let mut out = vec![0u8; length];
+            memory.read(offset, &mut out)?;
+            Ok(out.into())
+        })
+    }
+
+    /// Gives the memory back; `IN_USE` while an open communicator uses it. Twice is harmless.
+    #[napi]
+    pub fn free(&mut self) -> Result<(), ErrorCode> {
+        guarded(|| {
+            if let Some(memory) = &self.memory {
+                allocations::check_free(memory.addr())?;
+            }
+            self.memory = None;
+            Ok(())
+        })
+    }
+}
+
+/// `kvtransfer bench`'s ceiling for CUDA IPC: one device copy of `bytes` from GPU `from` to GPU `to`; seconds
+/// per timed call.
+#[napi]
+pub fn ceiling_device_copy(from: u32, to: u32, bytes: f64, warmup: u32, calls: u32) -> Result<Vec<f64>, ErrorCode> {
+    guarded(|| {
+        let bytes = whole_bytes("bytes", bytes)?;
+        let times = kvtransfer::ceilings::device_copy(from, to, bytes, warmup as usize, calls as usize)?;
+        Ok(times.iter().map(|t| t.as_secs_f64()).collect())
+    })
 }
 
 /// The RDMA devices this machine has, with their ports and GIDs (`RdmaDevice[]` in the wrapper). Fails with

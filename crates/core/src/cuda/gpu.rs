@@ -165,6 +165,17 @@ impl CopyStream {
         event.record(&self.stream).map_err(|e| driver_error(e, "recording a CUDA event"))
     }
 
+    /// Copies all of `src` into the start of `dst` (which may be another GPU's) and waits for it: one large
+    /// device copy, the ceiling a transfer between GPUs is measured against.
+    pub fn copy(&self, dst: &DeviceBuffer, src: &DeviceBuffer) -> Result<()> {
+        let to = dst.range(0, src.len)?;
+        self.gpu.bind()?;
+        // SAFETY: both ranges lie inside live allocations (`src` whole, `dst` checked above); both buffers are
+        // borrowed until the stream has finished the copy (waited for below).
+        super::check(unsafe { sys::cuMemcpyDtoDAsync_v2(to, src.ptr, src.len, self.raw()) }, "copying between device buffers")?;
+        self.synchronize()
+    }
+
     /// The raw stream, for copies the driver does itself.
     pub fn raw(&self) -> sys::CUstream {
         self.stream.cu_stream()
@@ -246,8 +257,8 @@ impl PinnedBuffer {
     }
 }
 
-/// A few bytes of one GPU's memory, freed on drop: what the NIC reads to flush its writes into that GPU (the
-/// RDMA flush target).
+/// Memory of one GPU (`cuMemAlloc`, so CUDA IPC and dma-buf export work on it), freed on drop: the RDMA flush
+/// target, and the device caches of `DeviceBuffer` in the Node.js binding (its bench and tests).
 pub struct DeviceBuffer {
     gpu: Arc<Gpu>,
     ptr: sys::CUdeviceptr,
@@ -269,6 +280,55 @@ impl DeviceBuffer {
         // SAFETY: `ptr` is `len >= bytes.len()` bytes of device memory just allocated; `bytes` is a live slice.
         unsafe { cudarc::driver::result::memcpy_htod_sync(ptr, bytes) }.map_err(|e| driver_error(e, "filling device memory"))?;
         Ok(buffer)
+    }
+
+    /// `len` bytes (at least one) of the memory of `gpu`, zeroed.
+    pub fn zeroed(gpu: Arc<Gpu>, len: usize) -> Result<DeviceBuffer> {
+        gpu.bind()?;
+        let len = len.max(1);
+        // SAFETY: the GPU's context is current on this thread (bound above).
+        let ptr = unsafe { cudarc::driver::result::malloc_sync(len) }
+            .map_err(|e| driver_error(e, &format!("allocating {len} bytes on GPU {}", gpu.ordinal())))?;
+        let buffer = DeviceBuffer { gpu, ptr, len };
+        // SAFETY: `ptr` is `len` bytes of device memory just allocated in the current context.
+        unsafe { cudarc::driver::result::memset_d8_sync(ptr, 0, len) }.map_err(|e| driver_error(e, "zeroing device memory"))?;
+        Ok(buffer)
+    }
+
+    /// The device range of `len` bytes from `offset`, or `INVALID_ARGUMENT` where it runs past the end.
+    fn range(&self, offset: usize, len: usize) -> Result<sys::CUdeviceptr> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(self.ptr + offset as u64),
+            _ => Err(Error::invalid(format!("{len} bytes from offset {offset} run past the end of {} bytes of device memory", self.len))),
+        }
+    }
+
+    /// Copies `bytes` into this memory from `offset`, returning once they are there.
+    pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<()> {
+        let at = self.range(offset, bytes.len())?;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        // SAFETY: `at..at + bytes.len()` lies inside this allocation (checked above), which lives as long as
+        // `self`; `bytes` is a live slice; the copy is synchronous, so nothing of `bytes` is read after return.
+        unsafe { cudarc::driver::result::memcpy_htod_sync(at, bytes) }.map_err(|e| driver_error(e, "copying into device memory"))
+    }
+
+    /// Copies `out.len()` bytes of this memory from `offset` into `out`.
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        let at = self.range(offset, out.len())?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        // SAFETY: as in `write`; `out` is a live, exclusively borrowed slice the synchronous copy fills.
+        unsafe { cudarc::driver::result::memcpy_dtoh_sync(out, at) }.map_err(|e| driver_error(e, "copying out of device memory"))
+    }
+
+    /// The GPU it lives on.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
     }
 
     /// Its device address.
