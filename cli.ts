@@ -27,7 +27,8 @@ commands:
     --decode-gpu n     the decode's GPU in cuda-ipc rows (default 0; another GPU: copies between GPUs)
     --sizes k,k        block sizes in KiB (default 1,2,4,8,16,32,64,128,256)
     --batch n          blocks per call (default 1538)     --layers n      layers, written in turn (default 2)
-    --iterations n     timed calls per row (default 20)   --warmup n      untimed calls first (default 3)
+    --iterations n     timed calls per row (default 20)   --warmup n      untimed calls first (default 3,
+                                                          going on for 200 ms at least; 0: none)
     --key-only         keys only (an MLA cache)           --json, --csv   the rows in that form, nothing else
     --writers n        prefills writing into the decode at once, each its own connection (default 1)
     --plot FILE        the run as an SVG chart (GB/s against block size; needs: npm install vega vega-lite)

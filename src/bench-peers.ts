@@ -48,6 +48,8 @@ export interface PeerSetup {
 /** The bench's workload at the sizes it measured. */
 export interface PeerWorkload extends Workload {
   sizes: number[]
+  /** The least time the untimed calls take (the driver's default: 200 ms). */
+  warmupMs?: number
   /** GPU memory (beside kvtransfer's CUDA IPC rows): the prefill's on GPU 0, the decode's on `decode`. */
   gpu?: { decode: number }
 }
@@ -166,6 +168,7 @@ export async function runPeer(python: string, peer: string, w: PeerWorkload, log
   // Isolated (no PYTHON* settings, no user site) and writing no bytecode beside the drivers.
   const args = ['-I', '-B', join(DRIVERS, PEERS[peer].driver), '--sizes', w.sizes.join(','), '--batch', `${w.batch}`, '--pool', `${w.pool}`, '--layers', `${w.layers}`]
   args.push('--tensors', `${w.tensors}`, '--iterations', `${w.iterations}`, '--warmup', `${w.warmup}`)
+  if (w.warmupMs !== undefined) args.push('--warmup-ms', `${w.warmupMs}`)
   if (w.gpu) args.push('--gpu', '--decode-gpu', `${w.gpu.decode}`)
   const stderr = createWriteStream(log, { flags: 'a' })
   const opened = await new Promise<Error | undefined>((resolve) => {

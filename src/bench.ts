@@ -28,7 +28,11 @@ export interface BenchOptions {
   batch?: number
   /** Layers, written in turn (default 2). */
   layers?: number
-  /** Timed calls per transport and size (default 20), after `warmup` (default 3) untimed ones. */
+  /**
+   * Timed calls per transport and size (default 20), after `warmup` (default 3) untimed ones, which go on until
+   * {@link WARMUP_MS} have passed (none with `warmup` 0): a thread a transport starts at connect may share its
+   * first CPU with the writer until the scheduler moves it, and that is not the steady state a row measures.
+   */
   iterations?: number
   warmup?: number
   /** Keys only (an MLA cache); default keys and values. */
@@ -134,6 +138,8 @@ export interface Goal {
 const HOST = '127.0.0.1'
 const KIB = 1024
 export const DEFAULT_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256].map((k) => k * KIB)
+/** The least time the untimed calls of a row take (the peers' drivers warm up by the same rule). */
+export const WARMUP_MS = 200
 
 /** `n` distinct ids of `[0, pool)` in a scattered order, the same for the same seed. */
 export function scattered(n: number, pool: number, seed: number): Uint32Array {
@@ -342,7 +348,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
       for (const gpu of peerRuns) {
         options.onProgress?.(`${peer}${gpu ? ' (GPU memory)' : ''}`, done++, total)
         const log = join(dirname(python as string), '..', `${peer}.log`)
-        const run = await runPeer(python as string, peer, { sizes: measured, batch, pool, layers, tensors, iterations, warmup, gpu }, log)
+        const run = await runPeer(python as string, peer, { sizes: measured, batch, pool, layers, tensors, iterations, warmup, warmupMs: WARMUP_MS, gpu }, log)
         rows.push(...run.rows)
         skipped.push(...run.skipped)
         failed.push(...run.failed)
@@ -540,7 +546,9 @@ async function measure(s: Shape): Promise<BenchRow> {
         if (prefills[0].writeCache(HOST, port, local, remote[0], layer) !== 0) throw prefills[0].lastError
       } else await Promise.all(prefills.map((p, w) => p.writeCacheAsync(HOST, port, local, remote[w], layer)))
     }
-    for (let i = 0; i < s.warmup; i++) await round(i % s.layers)
+    const warming = process.hrtime.bigint()
+    const warm = () => Number(process.hrtime.bigint() - warming) / 1e6 >= WARMUP_MS
+    for (let i = 0; i < s.warmup || (s.warmup > 0 && !warm()); i++) await round(i % s.layers)
     const seconds: number[] = []
     for (let i = 0; i < s.iterations; i++) {
       const start = process.hrtime.bigint()
@@ -577,7 +585,7 @@ async function measure(s: Shape): Promise<BenchRow> {
 export function formatTable(r: BenchResult): string {
   const out = [
     `kvtransfer bench: ${r.batch} scattered blocks per call from a pool of ${r.pool}, ${r.tensors === 2 ? 'keys and values' : 'keys only'}, ` +
-      `${r.layers} layers in turn, ${r.writers > 1 ? `kvtransfer's rows ${r.writers} prefills writing at once (a call: one round of them)` : 'one thread'}; ${r.warmup} warm-up and ${r.iterations} timed calls per row; host buffers with transparent huge pages advised (as numpy's)`,
+      `${r.layers} layers in turn, ${r.writers > 1 ? `kvtransfer's rows ${r.writers} prefills writing at once (a call: one round of them)` : 'one thread'}; ${r.warmup} warm-up calls (${WARMUP_MS} ms at least) and ${r.iterations} timed ones per row; host buffers with transparent huge pages advised (as numpy's)`,
     `${r.machine.cpuModel}, ${r.machine.cpus} CPUs, ${(r.machine.memoryBytes / 2 ** 30).toFixed(0)} GiB, ${r.machine.platform}, Node.js ${r.machine.node}, ${r.date}`,
     ...(r.gpus
       ? [`CUDA IPC rows: GPU memory, the prefill's cache on GPU ${r.gpus.prefill} (${r.machine.gpus[r.gpus.prefill] ?? '?'}), the decode's on GPU ${r.gpus.decode} (${r.machine.gpus[r.gpus.decode] ?? '?'})`]

@@ -230,8 +230,11 @@ def measure(peer, driver, variant, env, a, block_bytes):
             local = np.array(scattered(a.batch, pool, 1), dtype=np.int64)
             remote = np.array(scattered(a.batch, pool, 2), dtype=np.int64)
             peer.plan(layers, local, remote)
-            for i in range(a.warmup):
+            # At least `warmup` calls, going on until `warmup_ms` have passed (none with warmup 0), as kvtransfer's.
+            i, warming = 0, time.perf_counter()
+            while i < a.warmup or (a.warmup > 0 and time.perf_counter() - warming < a.warmup_ms / 1e3):
                 peer.write(i % layers, local, remote)
+                i += 1
             seconds = []
             for i in range(a.iterations):
                 start = time.perf_counter_ns()
@@ -266,6 +269,7 @@ def main(peer, driver):
     p.add_argument("--tensors", type=int, default=2)
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup-ms", type=float, default=200, help="untimed calls go on at least this long (with --warmup > 0)")
     p.add_argument("--gpu", action="store_true", help="GPU memory: the prefill on GPU 0, the decode on --decode-gpu")
     p.add_argument("--decode-gpu", type=int, default=None, help="the decode's GPU with --gpu (default 0)")
     a = p.parse_args()

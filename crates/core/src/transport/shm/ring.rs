@@ -124,14 +124,16 @@ impl Drop for Mapping {
 const SPIN: Duration = Duration::from_micros(50);
 
 /// Waits while `word` holds `seen`: polls it for `spin`, then sleeps for at most `timeout` (a futex of the
-/// shared mapping, so the other process can wake it).
+/// shared mapping, so the other process can wake it). Each poll yields the CPU: where the scheduler has put both
+/// sides on one CPU (it does, for a while, after the ring's thread starts) the side that waits lets the other
+/// on, and both stay runnable, so the scheduler sees two tasks on one CPU and moves one.
 fn wait(word: &AtomicU32, seen: u32, spin: Duration, timeout: Duration) {
     let polling = Instant::now();
     while polling.elapsed() < spin {
         if word.load(Ordering::Acquire) != seen {
             return;
         }
-        std::hint::spin_loop();
+        std::thread::yield_now();
     }
     let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
     // SAFETY: FUTEX_WAIT reads the aligned word and the timespec, both valid for the call; it returns at once
