@@ -138,7 +138,7 @@ export interface Goal {
 const HOST = '127.0.0.1'
 const KIB = 1024
 export const DEFAULT_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256].map((k) => k * KIB)
-/** The least time the untimed calls of a row take (the peers' drivers warm up by the same rule). */
+/** The least time the untimed calls of a row take (the peers' drivers and the ceilings warm up by the same rule). */
 export const WARMUP_MS = 200
 
 /** `n` distinct ids of `[0, pool)` in a scattered order, the same for the same seed. */

@@ -17,6 +17,15 @@ pub const MAX_WARMUP: usize = 1_000;
 /// The largest write of the stream, and the most bytes one call may move.
 pub const MAX_CHUNK: usize = 16 << 20;
 pub const MAX_CALL_BYTES: usize = 64 << 30;
+/// The least time untimed calls take, where there are any (as `kvtransfer bench`'s own rows warm up): a thread
+/// started for the measure may share the caller's CPU until the scheduler moves it, tens of ms.
+pub const WARMUP_AT_LEAST: Duration = Duration::from_millis(200);
+
+/// Whether untimed call `i` (from 0) is still warm-up, for `warmup` calls asked and warm-up begun at `since`.
+fn warming(i: usize, warmup: usize, since: Instant) -> bool {
+    i < warmup || (warmup > 0 && since.elapsed() < WARMUP_AT_LEAST)
+}
+
 /// How long the stream may go without progress before it is an error.
 const STALL: Duration = Duration::from_secs(30);
 
@@ -41,7 +50,7 @@ fn buffer(len: usize) -> Result<HostAllocation> {
 /// One TCP stream over loopback moving `bytes` per call in writes of `chunk` bytes, from memory as large as a
 /// call into memory as large as a call (the same bytes as a write moves, from and into memory as cold as a
 /// cache's, not one small buffer the CPU's cache keeps hot): the time of each of `calls` calls (after `warmup`
-/// untimed ones), from the first byte written to the receiver's acknowledgement that the last one arrived.
+/// untimed ones, [`WARMUP_AT_LEAST`] in all), from the first byte written to the receiver's acknowledgement that the last one arrived.
 pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Result<Vec<Duration>> {
     let (bytes, calls, warmup) = (check("bytes", bytes, 1, MAX_CALL_BYTES)?, check("calls", calls, 1, MAX_CALLS)?, check("warmup", warmup, 0, MAX_WARMUP)?);
     let chunk = check("chunk", chunk, 1, MAX_CHUNK)?.min(bytes);
@@ -57,38 +66,45 @@ pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Re
     for s in [&sender, &receiver] {
         s.set_nodelay(true).and_then(|()| s.set_read_timeout(Some(STALL))).and_then(|()| s.set_write_timeout(Some(STALL))).map_err(io("setting up the stream"))?;
     }
-    let total = warmup + calls;
     let mut data = buffer(bytes)?;
     data.as_mut_slice().fill(0x5a);
     let mut sink = buffer(bytes)?;
     // Touched before timing, as the bench's caches are.
     sink.as_mut_slice().fill(0);
+    // Calls until the sender closes the stream, which it does between two calls.
     let reading = std::thread::spawn(move || -> std::io::Result<()> {
-        for _ in 0..total {
+        loop {
             let mut at = 0;
             while at < bytes {
                 let n = receiver.read(&mut sink.as_mut_slice()[at..bytes.min(at + chunk)])?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                match n {
+                    0 if at == 0 => return Ok(()),
+                    0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    _ => at += n,
                 }
-                at += n;
             }
             receiver.write_all(&[1])?;
         }
-        Ok(())
     });
     let mut times = Vec::new();
     let sent = (|| -> std::io::Result<()> {
         let mut ack = [0u8; 1];
-        for i in 0..total {
+        let mut call = || -> std::io::Result<Duration> {
             let start = Instant::now();
             for piece in data.as_slice().chunks(chunk) {
                 sender.write_all(piece)?;
             }
             sender.read_exact(&mut ack)?;
-            if i >= warmup {
-                times.push(start.elapsed());
-            }
+            Ok(start.elapsed())
+        };
+        let since = Instant::now();
+        let mut i = 0;
+        while warming(i, warmup, since) {
+            call()?;
+            i += 1;
+        }
+        for _ in 0..calls {
+            times.push(call()?);
         }
         Ok(())
     })();
@@ -104,7 +120,7 @@ pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Re
 /// source pool into block `remote[i]` of a destination pool, one of `layers` pools per tensor in turn (each call
 /// the next layer's), on `threads` threads at most, each given at least as many bytes as the shared-memory
 /// transport gives one. Returns the threads used and the time of each of `calls` calls, after `warmup` untimed
-/// ones (at least one per layer: they touch the destination's pages).
+/// ones (at least one per layer: they touch the destination's pages; [`WARMUP_AT_LEAST`] in all).
 #[allow(clippy::too_many_arguments)]
 pub fn scattered_copy(
     block_bytes: usize,
@@ -162,9 +178,8 @@ pub fn scattered_copy(
         }
         per_layer.push(runs);
     }
-    let untimed = warmup.max(layers);
     let mut times = Vec::with_capacity(calls);
-    for i in 0..untimed + calls {
+    let mut call = |i: usize| {
         let runs = &mut per_layer[i % layers];
         let start = Instant::now();
         std::thread::scope(|scope| {
@@ -174,9 +189,16 @@ pub fn scattered_copy(
             }
             mine.iter_mut().for_each(|(from, to)| to.copy_from_slice(from));
         });
-        if i >= untimed {
-            times.push(start.elapsed());
-        }
+        start.elapsed()
+    };
+    let (since, mut i) = (Instant::now(), 0);
+    while warming(i, warmup.max(layers), since) {
+        call(i);
+        i += 1;
+    }
+    for _ in 0..calls {
+        times.push(call(i));
+        i += 1;
     }
     drop((per_layer, dst_blocks));
     // The destination holds what the pairs say (checked once, outside the timing).
@@ -191,20 +213,23 @@ pub fn scattered_copy(
 
 /// One device copy of `bytes` from memory of GPU `from` into memory of GPU `to` (the same GPU, or a peer: what
 /// CUDA IPC between the two does at best), on a stream of `from`: the time of each of `calls` calls, after `warmup`
-/// untimed ones. `UNAVAILABLE` without a CUDA driver or where the memory cannot be had.
+/// untimed ones ([`WARMUP_AT_LEAST`] in all). `UNAVAILABLE` without a CUDA driver or where the memory cannot be had.
 pub fn device_copy(from: u32, to: u32, bytes: usize, warmup: usize, calls: usize) -> Result<Vec<Duration>> {
     use crate::cuda::{CopyStream, Gpu};
     use crate::memory::DeviceAllocation;
     let (bytes, calls, warmup) = (check("bytes", bytes, 1, MAX_CALL_BYTES)?, check("calls", calls, 1, MAX_CALLS)?, check("warmup", warmup, 0, MAX_WARMUP)?);
     let (src, dst) = (DeviceAllocation::new(from, bytes)?, DeviceAllocation::new(to, bytes)?);
     let stream = CopyStream::new(Gpu::get(from)?)?;
+    let (since, mut i) = (Instant::now(), 0);
+    while warming(i, warmup, since) {
+        stream.copy(&dst.0, &src.0)?;
+        i += 1;
+    }
     let mut times = Vec::with_capacity(calls);
-    for i in 0..warmup + calls {
+    for _ in 0..calls {
         let start = Instant::now();
         stream.copy(&dst.0, &src.0)?;
-        if i >= warmup {
-            times.push(start.elapsed());
-        }
+        times.push(start.elapsed());
     }
     Ok(times)
 }
