@@ -69,10 +69,17 @@ impl TcpLink {
             .map_err(|e| Error::invalid(format!("cannot resolve {peer}: {e}")))?
             .collect();
         let hello = ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token, proof };
-        let mut streams = Vec::with_capacity(data.connections as usize);
-        for _ in 0..data.connections {
-            streams.push(DataStream::open(&addrs, &peer, hello, &cache, deadline, stall)?);
-        }
+        // All at once, a thread each: a link costs one connection's round trips however many it opens. Where one
+        // fails, the others are dropped (closed) with it.
+        let streams = std::thread::scope(|scope| {
+            let opening: Vec<_> = (0..data.connections)
+                .map(|_| scope.spawn(|| DataStream::open(&addrs, &peer, hello, &cache, deadline, stall)))
+                .collect();
+            opening
+                .into_iter()
+                .map(|o| o.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "opening a data connection panicked"))))
+                .collect::<Result<Vec<_>>>()
+        })?;
         Ok(TcpLink { streams, peer, cache, seq: 0, pieces: Vec::new() })
     }
 
