@@ -3,7 +3,8 @@
 # then the GPU benchmark; where the machine has two GPUs or more, the transfer tests and the benchmark again
 # with the decode process on GPU 1 (cross-GPU, peer copies). GPU machines often have CUDA but no Rust, so it runs in two halves:
 #
-#   bash .ci/gpu-tests.sh build   # here (Rust): builds the test and bench binaries into .carry/gpu/
+#   bash .ci/gpu-tests.sh build   # here (Rust, Node.js, npm): the test and bench binaries into .carry/gpu/,
+#                                 # Node.js with the built package and ava into .carry/node/
 #   bash .ci/gpu-tests.sh run     # on the GPU machine, in a copy of this tree that has .carry/gpu/
 #   bash .ci/gpu-tests.sh run gpu_transfer gpu_copy   # only those parts (unit gpu_memory gpu_transfer
 #                                                     # shm_transfer gpu_copy node)
@@ -56,7 +57,8 @@ node_bundle() {
     const walk = (dir) => { if (seen.has(dir)) return; seen.add(dir); const pj = require(path.join(dir, "package.json")); for (const n of Object.keys({ ...pj.dependencies, ...pj.optionalDependencies })) { const r = find(n, dir); if (r) walk(r) } }
     walk(path.resolve("node_modules/ava"))
     for (const d of seen) console.log(path.relative(process.cwd(), d))' | while read -r d; do mkdir -p "$stage/$(dirname "$d")" && cp -r "$d" "$stage/$d"; done
-  tar -C "$stage" -cf - . | xz -T2 -6 >"$nodedir/node.tar.xz"
+  # Its entries, not `.`: unpacking must not change the mode of the folder it is unpacked in.
+  (cd "$stage" && tar -cf - .carry binding.js cli.js index.js prometheus.js kvtransfer.*.node lib node_modules) | xz -T2 -6 >"$nodedir/node.tar.xz"
   rm -rf "$stage"
   ls -la "$nodedir"
 }
@@ -89,20 +91,22 @@ run() {
   gpus=$(nvidia-smi -L | grep -c '^GPU ')
   if [ "$gpus" -gt 1 ]; then nvidia-smi topo -m >>"$out/gpu.txt"; fi
   # bounded SECONDS LOG CMD...: runs CMD, appending its output to LOG; if it outlives SECONDS, the stacks of
-  # its processes go into LOG (a hang is a failure to explain, not just to kill) and it is killed.
+  # its processes go into LOG (a hang is a failure to explain, not just to kill) and it is killed with every
+  # process it started (a group of its own: ava's workers, a bench's decode, a driver's children).
   bounded() {
     local limit=$1 log=$2; shift 2
-    "$@" >>"$log" 2>&1 &
+    setsid "$@" >>"$log" 2>&1 &
     local pid=$! waited=0
     while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$limit" ]; do sleep 1; waited=$((waited + 1)); done
     if kill -0 "$pid" 2>/dev/null; then
       echo "HUNG after ${limit}s: $*" | tee -a "$log"
-      for p in $pid $(pgrep -P "$pid") $(pgrep -f "$dir/" | grep -v "^$pid\$"); do
+      for p in $(pgrep -g "$pid"); do
         echo "--- process $p: $(tr '\0' ' ' </proc/$p/cmdline 2>/dev/null)" >>"$log"
         for t in /proc/$p/task/*; do echo "task ${t##*/} $(cat $t/comm 2>/dev/null) wchan=$(cat $t/wchan 2>/dev/null)" >>"$log"; done
         command -v cuda-gdb >/dev/null && timeout 60 cuda-gdb -p "$p" -batch -ex 'thread apply all bt 12' >>"$log" 2>&1
       done
-      pkill -9 -f "$dir/" 2>/dev/null; kill -9 "$pid" 2>/dev/null
+      kill -9 -- -"$pid" 2>/dev/null
+      pkill -9 -f "\.carry/(gpu|node)/" 2>/dev/null
       wait "$pid" 2>/dev/null
       return 1
     fi
@@ -185,7 +189,7 @@ run() {
           fi
           echo "== kvtransfer bench --transports $transports --decode-gpu $to"
           local rc=0
-          timeout -k 10 540 "$node" cli.js bench --transports "$transports" --decode-gpu "$to" "${peers[@]}" --json >"$out/$name.json" 2>"$out/$name.err" || rc=$?
+          timeout -k 10 540 "$node" cli.js bench --transports "$transports" --decode-gpu "$to" ${peers[@]+"${peers[@]}"} --json >"$out/$name.json" 2>"$out/$name.err" || rc=$?
           if [ "$rc" = 0 ]; then
             "$node" -e 'console.log(require("./lib/bench.js").formatTable(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"))))' "$out/$name.json" | tee "$out/$name.md"
           else
@@ -205,6 +209,6 @@ case "${1:-all}" in
   build) build ;;
   run) shift; run "$@" ;;
   wheels) wheels ;;
-  all) build && run ;;
+  all) build; run ;;
   *) echo "usage: $0 [build|run|wheels]" >&2; exit 2 ;;
 esac

@@ -4,7 +4,7 @@ import test from 'ava'
 import { execFile } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import { HostBuffer } from 'kvtransfer'
-import { digest } from '../lib/bench.js'
+import { digest, warmUp } from '../lib/bench.js'
 import { transportName } from './helpers/transport.mjs'
 
 const cli = fileURLToPath(new URL('../cli.js', import.meta.url))
@@ -94,4 +94,17 @@ test("the bench's check tells one byte apart", (t) => {
   b[0][0].buffer[3000] = 1
   t.not(digest(a, 0, [0, 1, 2, 3], 1024), digest(b, 0, [0, 1, 2, 3], 1024))
   t.is(digest(a, 0, [0, 1], 1024), digest(b, 0, [0, 1], 1024), 'only the blocks named')
+})
+
+test('a warm-up makes its calls and lasts its time; none makes none', async (t) => {
+  const count = async (calls, ms) => {
+    let n = 0
+    t.is(await warmUp(calls, ms, async () => void n++), n)
+    return n
+  }
+  t.is(await count(0, 10_000), 0, 'no calls asked: no time either')
+  t.is(await count(3, 0), 3)
+  const started = process.hrtime.bigint()
+  t.true((await count(1, 30)) > 1)
+  t.true(Number(process.hrtime.bigint() - started) / 1e6 >= 30)
 })

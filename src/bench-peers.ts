@@ -15,9 +15,13 @@ import type { BenchRow, Workload } from './bench.js'
  * The peers a run can name, with what their driver needs from the Python package registry (`cuda13`: instead,
  * where the CUDA driver is 13 or later).
  */
-export const PEERS: Record<string, { driver: string; packages: string[]; cuda13?: string[]; noDeps?: boolean }> = {
+export const PEERS: Record<string, { driver: string; packages: string[]; cuda13?: string[]; noDeps?: boolean; hostOnly?: string }> = {
   // Its CPU wheel: its driver moves host memory only (the CUDA wheel would not import on a machine without CUDA).
-  mooncake: { driver: 'mooncake-driver.py', packages: ['mooncake-transfer-engine-non-cuda==0.3.13.post1'] },
+  mooncake: {
+    driver: 'mooncake-driver.py',
+    packages: ['mooncake-transfer-engine-non-cuda==0.3.13.post1'],
+    hostOnly: "its driver runs Mooncake's TCP transport on host memory only (its CUDA wheel, 98 MB, is not installed)",
+  },
   // Installed without its dependencies: it needs numpy only, not torch (GPU rows allocate through the machine's).
   nixl: { driver: 'nixl-driver.py', packages: ['nixl-cu12==1.5.1'], cuda13: ['nixl-cu13==1.5.1'], noDeps: true },
 }
@@ -39,8 +43,9 @@ export interface PeerSetup {
   /** Told what the setup is doing (it can take minutes the first time). */
   say?: (line: string) => void
   /**
-   * The major version of the CUDA driver here (0 or absent: none), which picks a peer's CUDA build. Where set, an
-   * environment made here also sees the machine's own packages: the GPU rows allocate through its PyTorch.
+   * The major version of the CUDA driver here (0 or absent: none), which picks a peer's CUDA build. Where set, the
+   * environment also sees the machine's own packages (the GPU rows allocate through its PyTorch; where the
+   * wheels come from `wheels`, numpy comes from there too).
    */
   cuda?: number
 }
@@ -103,11 +108,15 @@ export function preparePeers(peers: string[], setup: PeerSetup = {}): string {
   if (existsSync(venv) && !existsSync(join(venv, 'pyvenv.cfg'))) {
     if (readdirSync(venv).length > 0) throw new Error(`${venv} is not a Python virtual environment (it has no pyvenv.cfg): give an empty or new folder`)
   }
+  const site = setup.cuda ? ['--system-site-packages'] : []
   if (!existsSync(python)) {
     say(`making a Python environment for the peers in ${venv}`)
     mkdirSync(venv, { recursive: true })
-    const site = setup.cuda ? ['--system-site-packages'] : []
     run('python3', ['-m', 'venv', ...site, venv], 'python3 -m venv (Python 3.9 or later with its venv module is needed)')
+  } else if (setup.cuda && !/^include-system-site-packages\s*=\s*true\s*$/im.test(readFileSync(join(venv, 'pyvenv.cfg'), 'utf8'))) {
+    // Made on a run without GPU rows: opened to the machine's packages now (its PyTorch), what it holds kept.
+    say(`letting ${venv} see this machine's Python packages (the GPU rows allocate through its PyTorch)`)
+    run('python3', ['-m', 'venv', '--upgrade', ...site, venv], 'python3 -m venv --upgrade --system-site-packages')
   }
   // What was installed, and for which Python: a venv remade (or its Python upgraded) installs again.
   const version = run(python, ['-I', '-c', 'import sys; print(sys.version)'], `${python}`).trim()
@@ -120,17 +129,26 @@ export function preparePeers(peers: string[], setup: PeerSetup = {}): string {
     // None yet, or unreadable: install.
   }
   const source = setup.wheels ? ['--no-index', '--find-links', setup.wheels] : []
-  const pip = (packages: string[], noDeps: boolean) => {
+  const remember = () => writeFileSync(marker, JSON.stringify({ python: version, packages: [...installed].sort() }))
+  const pip = (packages: string[], noDeps: boolean, instead: string[] = []) => {
+    // Another build of the same library (NIXL for the other CUDA) goes first: both install the same module.
+    const other = instead.filter((p) => installed.has(p) && !packages.includes(p))
+    if (other.length > 0) {
+      say(`uninstalling ${other.join(', ')} for ${packages.join(', ')}`)
+      run(python, ['-I', '-m', 'pip', 'uninstall', '--yes', '--quiet', ...other.map((p) => p.split('==')[0])], `pip uninstall ${other.join(' ')}`)
+      for (const p of other) installed.delete(p)
+      remember()
+    }
     const missing = packages.filter((p) => !installed.has(p))
     if (missing.length === 0) return
     say(`installing ${missing.join(', ')}${setup.wheels ? ` from ${setup.wheels}` : ''}`)
     const flags = ['--disable-pip-version-check', '--quiet', '--only-binary=:all:', ...source, ...(noDeps ? ['--no-deps'] : [])]
     run(python, ['-I', '-m', 'pip', 'install', ...flags, ...missing], `pip install ${missing.join(' ')}`)
     for (const p of missing) installed.add(p)
-    writeFileSync(marker, JSON.stringify({ python: version, packages: [...installed].sort() }))
+    remember()
   }
   pip(COMMON, false)
-  for (const name of peers) pip(peerPackages(name, setup.cuda ?? 0), PEERS[name].noDeps === true)
+  for (const name of peers) pip(peerPackages(name, setup.cuda ?? 0), PEERS[name].noDeps === true, [...PEERS[name].packages, ...(PEERS[name].cuda13 ?? [])])
   return python
 }
 

@@ -106,6 +106,8 @@ export interface BenchResult {
   layers: number
   tensors: number
   warmup: number
+  /** The least time a row's (and a peer's, and a ceiling's) untimed calls took, where there were any. */
+  warmupMs?: number
   iterations: number
   /** Prefills writing at once in kvtransfer's rows (1: the original's one thread). */
   writers: number
@@ -197,6 +199,18 @@ export function digest(tensors: CacheBuffer[][], layer: number, ids: ArrayLike<n
   const h = createHash('sha1')
   for (const t of tensors) for (let i = 0; i < ids.length; i++) h.update(block(t[layer], ids[i], blockBytes))
   return h.digest('hex')
+}
+
+/**
+ * Runs `call` (given its number from 0) `calls` times at least and, where that is more than none, until `ms` have
+ * passed; resolves with how many it ran.
+ */
+export async function warmUp(calls: number, ms: number, call: (i: number) => Promise<void>): Promise<number> {
+  const since = process.hrtime.bigint()
+  const passed = () => Number(process.hrtime.bigint() - since) / 1e6 >= ms
+  let i = 0
+  for (; i < calls || (calls > 0 && !passed()); i++) await call(i)
+  return i
 }
 
 /** The median, p10 and p90 of `values` (nearest rank). */
@@ -293,8 +307,9 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
   if (!Number.isInteger(writers) || writers < 1 || writers > 64) throw new Error(`writers must be a whole number from 1 to 64, not ${writers}`)
   const decodeGpu = options.decodeGpu ?? 0
   const here = usableTransports()
-  if (!Number.isInteger(decodeGpu) || decodeGpu < 0 || (options.decodeGpu !== undefined && decodeGpu >= here.gpus.length)) {
-    throw new Error(`decodeGpu must be a GPU of this machine (${here.gpus.length === 0 ? 'it has none' : `0 to ${here.gpus.length - 1}`}), not ${options.decodeGpu}`)
+  // Judged against the GPUs there are; without any, CUDA IPC is not measured (and says why), whatever the number.
+  if (!Number.isInteger(decodeGpu) || decodeGpu < 0 || (here.gpus.length > 0 && decodeGpu >= here.gpus.length)) {
+    throw new Error(`decodeGpu must be a GPU of this machine (0 to ${here.gpus.length - 1}), not ${options.decodeGpu}`)
   }
   const skipped: BenchResult['skipped'] = options.transports ? here.skipped.filter((s) => options.transports?.includes(s.transport)) : here.skipped.filter((s) => s.transport !== 'cuda-ipc')
   const transports = options.transports ? options.transports.filter((t) => here.usable.includes(t)) : here.usable
@@ -315,11 +330,11 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     // the host-memory transports: CUDA IPC's caches are GPU memory, and a GPU without room fails the row).
     const need = tensors * layers * (pool + Math.ceil(writers * batch * 1.25)) * blockBytes
     const roomy = need <= 0.7 * freemem()
-    const here = transports.filter((t) => roomy || onGpu(t))
-    for (const transport of transports.filter((t) => !here.includes(t))) {
+    const runnable = transports.filter((t) => roomy || onGpu(t))
+    for (const transport of transports.filter((t) => !runnable.includes(t))) {
       skipped.push({ transport, blockBytes, why: `both caches take ${(need / 2 ** 30).toFixed(1)} GiB, more than 70% of the free memory` })
     }
-    for (const transport of here) {
+    for (const transport of runnable) {
       options.onProgress?.(`${transport} ${blockBytes / KIB} KiB`, done++, total)
       try {
         rows.push(await measure({ transport, blockBytes, batch, pool, layers, tensors, iterations, warmup, writers, decodeGpu }))
@@ -327,17 +342,19 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
         failed.push({ transport, blockBytes, error: e instanceof Error ? e.message : String(e) })
       }
     }
-    if (here.length === 0) continue
+    if (runnable.length === 0) continue
     try {
-      const host = here.some((t) => !onGpu(t))
-      ceilings.push(...ceilingsOf({ blockBytes, batch, pool, tensors, layers, iterations, warmup }, { host, rdma: here.includes('rdma'), gpus: here.includes('cuda-ipc') ? [0, decodeGpu] : undefined }))
+      const host = runnable.some((t) => !onGpu(t))
+      ceilings.push(...ceilingsOf({ blockBytes, batch, pool, tensors, layers, iterations, warmup }, { host, rdma: runnable.includes('rdma'), gpus: runnable.includes('cuda-ipc') ? [0, decodeGpu] : undefined }))
     } catch (e) {
       failed.push({ transport: 'ceiling', blockBytes, error: e instanceof Error ? e.message : String(e) })
     }
   }
-  // The peers on the sizes measured here, one after the other (a peer's decode is a process of its own, too).
-  const measured = sizes.filter((size) => !skipped.some((s) => s.blockBytes === size))
-  if (peers.length > 0 && measured.length > 0) {
+  // The peers on the sizes measured here (on host memory, those a host transport ran at; on GPU memory, those
+  // CUDA IPC ran at), one after the other (a peer's decode is a process of its own, too).
+  const measured = (gpu: boolean) =>
+    sizes.filter((size) => transports.some((t) => onGpu(t) === gpu && !skipped.some((s) => s.transport === t && s.blockBytes === size)))
+  if (peers.length > 0 && peerRuns.some((gpu) => measured(gpu !== undefined).length > 0)) {
     let python: string | undefined
     try {
       python = preparePeers(peers, { ...options.peerSetup, cuda: here.cuda })
@@ -347,8 +364,12 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     for (const peer of python ? peers : []) {
       for (const gpu of peerRuns) {
         options.onProgress?.(`${peer}${gpu ? ' (GPU memory)' : ''}`, done++, total)
+        if (gpu && PEERS[peer].hostOnly) {
+          skipped.push({ transport: peer, why: `on GPU memory: ${PEERS[peer].hostOnly}` })
+          continue
+        }
         const log = join(dirname(python as string), '..', `${peer}.log`)
-        const run = await runPeer(python as string, peer, { sizes: measured, batch, pool, layers, tensors, iterations, warmup, warmupMs: WARMUP_MS, gpu }, log)
+        const run = await runPeer(python as string, peer, { sizes: measured(gpu !== undefined), batch, pool, layers, tensors, iterations, warmup, warmupMs: WARMUP_MS, gpu }, log)
         rows.push(...run.rows)
         skipped.push(...run.skipped)
         failed.push(...run.failed)
@@ -365,6 +386,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     layers,
     tensors,
     warmup,
+    warmupMs: warmup > 0 ? WARMUP_MS : 0,
     iterations,
     writers,
     ...(transports.includes('cuda-ipc') ? { gpus: { prefill: 0, decode: decodeGpu } } : {}),
@@ -421,7 +443,7 @@ export function goals(r: Pick<BenchResult, 'rows' | 'ceilings'> & Partial<Pick<B
  */
 function ceilingsOf(
   s: { blockBytes: number; batch: number; pool: number; tensors: number; layers: number; iterations: number; warmup: number },
-  with_: { host: boolean; rdma: boolean; gpus?: [number, number] },
+  measuring: { host: boolean; rdma: boolean; gpus?: [number, number] },
 ): CeilingRow[] {
   const bytesPerCall = s.batch * s.blockBytes * s.tensors
   const row = (name: string, seconds: number[]): CeilingRow => {
@@ -429,20 +451,20 @@ function ceilingsOf(
     return { name, blockBytes: s.blockBytes, bytesPerCall, calls: seconds.length, gbps: rate(bytesPerCall, us), usPerCall: us }
   }
   const out: CeilingRow[] = []
-  if (with_.host) {
+  if (measuring.host) {
     const local = [...scattered(s.batch, s.pool, 1)]
     const remote = [...scattered(s.batch, s.pool, 2)]
-    const copy = (threads: number) => native.ceilingScatteredCopy(s.blockBytes, local, remote, s.tensors, s.layers, threads, s.warmup, s.iterations)
-    out.push(row('tcp-stream', native.ceilingTcpStream(bytesPerCall, 256 * KIB, s.warmup, s.iterations)), row('memcpy', copy(1).seconds))
+    const copy = (threads: number) => native.ceilingScatteredCopy(s.blockBytes, local, remote, s.tensors, s.layers, threads, s.warmup, WARMUP_MS, s.iterations)
+    out.push(row('tcp-stream', native.ceilingTcpStream(bytesPerCall, 256 * KIB, s.warmup, WARMUP_MS, s.iterations)), row('memcpy', copy(1).seconds))
     // Split as shm splits this call: a row of its own only where that takes more than one thread.
     const split = copy(native.copyThreads())
     if (split.threads > 1) out.push(row(`memcpy-${split.threads}-threads`, split.seconds))
   }
   // The NIC's own: as many writes of one block as the timed calls make, one after another on one queue pair.
-  const gbps = with_.rdma ? ibWriteBw(s.blockBytes, s.batch * s.tensors * s.iterations) : undefined
+  const gbps = measuring.rdma ? ibWriteBw(s.blockBytes, s.batch * s.tensors * s.iterations) : undefined
   if (gbps !== undefined) out.push(row('ib_write_bw', [bytesPerCall / (gbps * 1e9)]))
   // The GPUs' own: a call's bytes in one device copy, as contiguous as a copy gets.
-  if (with_.gpus) out.push(row('device-copy', native.ceilingDeviceCopy(with_.gpus[0], with_.gpus[1], bytesPerCall, s.warmup, s.iterations)))
+  if (measuring.gpus) out.push(row('device-copy', native.ceilingDeviceCopy(measuring.gpus[0], measuring.gpus[1], bytesPerCall, s.warmup, WARMUP_MS, s.iterations)))
   return out
 }
 
@@ -526,14 +548,14 @@ async function measure(s: Shape): Promise<BenchRow> {
   const decode = new Decode()
   let src: CacheBuffer[][] = []
   const prefills: RDMACommunicator[] = []
-  const gpu = onGpu(s.transport)
+  const onDevice = onGpu(s.transport)
   try {
-    src = cache(s.tensors, s.layers, s.pool, s.blockBytes, true, gpu ? 0 : undefined)
+    src = cache(s.tensors, s.layers, s.pool, s.blockBytes, true, onDevice ? 0 : undefined)
     // The decode's pool holds every writer's blocks, scattered over it as one writer's are over its own.
     const remotePool = Math.ceil(s.writers * s.batch * 1.25)
-    const start = { transport: s.transport, blockBytes: s.blockBytes, pool: remotePool, layers: s.layers, tensors: s.tensors, gpu: gpu ? s.decodeGpu : undefined }
+    const start = { transport: s.transport, blockBytes: s.blockBytes, pool: remotePool, layers: s.layers, tensors: s.tensors, gpu: onDevice ? s.decodeGpu : undefined }
     const port = await decode.ask<number>('start', start)
-    const ptrs = (t: number) => (src[t] ?? []).map((hb) => hb.ptr)
+    const ptrs = (t: number) => (src[t] ?? []).map((b) => b.ptr)
     for (let w = 0; w < s.writers; w++) {
       prefills.push(new RDMACommunicator('prefill', 0, 0, ptrs(0), ptrs(1), s.pool, s.blockBytes, 1, 0, { transport: s.transport as 'tcp' }))
       if (!prefills[w].connect(HOST, port)) throw prefills[w].lastError
@@ -546,9 +568,7 @@ async function measure(s: Shape): Promise<BenchRow> {
         if (prefills[0].writeCache(HOST, port, local, remote[0], layer) !== 0) throw prefills[0].lastError
       } else await Promise.all(prefills.map((p, w) => p.writeCacheAsync(HOST, port, local, remote[w], layer)))
     }
-    const warming = process.hrtime.bigint()
-    const warm = () => Number(process.hrtime.bigint() - warming) / 1e6 >= WARMUP_MS
-    for (let i = 0; i < s.warmup || (s.warmup > 0 && !warm()); i++) await round(i % s.layers)
+    await warmUp(s.warmup, WARMUP_MS, (i) => round(i % s.layers))
     const seconds: number[] = []
     for (let i = 0; i < s.iterations; i++) {
       const start = process.hrtime.bigint()
@@ -577,7 +597,7 @@ async function measure(s: Shape): Promise<BenchRow> {
   } finally {
     for (const p of prefills) p.close()
     await decode.end()
-    for (const t of src) for (const hb of t) hb.free()
+    for (const t of src) for (const b of t) b.free()
   }
 }
 
@@ -585,7 +605,7 @@ async function measure(s: Shape): Promise<BenchRow> {
 export function formatTable(r: BenchResult): string {
   const out = [
     `kvtransfer bench: ${r.batch} scattered blocks per call from a pool of ${r.pool}, ${r.tensors === 2 ? 'keys and values' : 'keys only'}, ` +
-      `${r.layers} layers in turn, ${r.writers > 1 ? `kvtransfer's rows ${r.writers} prefills writing at once (a call: one round of them)` : 'one thread'}; ${r.warmup} warm-up calls (${WARMUP_MS} ms at least) and ${r.iterations} timed ones per row; host buffers with transparent huge pages advised (as numpy's)`,
+      `${r.layers} layers in turn, ${r.writers > 1 ? `kvtransfer's rows ${r.writers} prefills writing at once (a call: one round of them)` : 'one thread'}; ${r.warmup} warm-up calls${r.warmupMs ? ` (${r.warmupMs} ms at least)` : ''} and ${r.iterations} timed ones per row; host buffers with transparent huge pages advised (as numpy's)`,
     `${r.machine.cpuModel}, ${r.machine.cpus} CPUs, ${(r.machine.memoryBytes / 2 ** 30).toFixed(0)} GiB, ${r.machine.platform}, Node.js ${r.machine.node}, ${r.date}`,
     ...(r.gpus
       ? [`CUDA IPC rows: GPU memory, the prefill's cache on GPU ${r.gpus.prefill} (${r.machine.gpus[r.gpus.prefill] ?? '?'}), the decode's on GPU ${r.gpus.decode} (${r.machine.gpus[r.gpus.decode] ?? '?'})`]

@@ -1,3 +1,4 @@
+import { constants } from 'node:buffer'
 import { call } from './errors.js'
 import { native } from './loader.js'
 import { toCount } from './options.js'
@@ -11,12 +12,13 @@ import { toCount } from './options.js'
  * const db = DeviceBuffer.alloc(0, 1 << 20)   // 1 MiB on GPU 0
  * db.write(Buffer.from('abc'), 4096)          // copied in at byte 4096
  * db.read(4096, 3)                            // a Buffer copied out: 'abc'
- * const decode = Communicator.decode({ keys: [db], blockNumber: 256, blockBytes: 4096, keyOnly: true })
+ * const decode = Communicator.decode({ keys: [db], blockNumber: 256, blockBytes: 4096 })   // keys only
  * ```
  *
- * The memory lives as long as the `DeviceBuffer` is referenced or a communicator uses it: a communicator given
- * this memory (as the `DeviceBuffer`, or by its address) keeps it allocated until it is closed, and
- * {@link DeviceBuffer.free} is refused meanwhile. JavaScript never maps it: bytes go in and out by copies.
+ * The memory lives until {@link DeviceBuffer.free} (or until the `DeviceBuffer` is collected: the engine does not
+ * know how much GPU memory it holds, so free it rather than wait), and while a communicator uses it: a
+ * communicator given this memory (as the `DeviceBuffer`, or by its address) keeps it allocated until it is
+ * closed, and `free()` is refused meanwhile. JavaScript never maps it: bytes go in and out by copies.
  */
 export class DeviceBuffer {
   /** The device address of the first byte. */
@@ -62,11 +64,13 @@ export class DeviceBuffer {
 
   /**
    * A copy of `length` bytes (default: to the end) from byte `offset` (default 0).
-   * @throws {KVTransferError} `INVALID_ARGUMENT` past the end or after `free()`.
+   * @throws {KVTransferError} `INVALID_ARGUMENT` past the end, past the largest `Buffer`, or after `free()`;
+   * `UNAVAILABLE` where the host memory to copy into cannot be had.
    */
   read(offset = 0, length = this.byteLength - offset): Buffer {
     const at = call(() => toCount('offset', offset, 0, Number.MAX_SAFE_INTEGER))
-    const n = call(() => toCount('length', length, 0, Number.MAX_SAFE_INTEGER))
+    // No larger than a Buffer can be: read a large buffer a part at a time.
+    const n = call(() => toCount('length', length, 0, constants.MAX_LENGTH))
     return call(() => this.#native.read(at, n))
   }
 

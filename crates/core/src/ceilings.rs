@@ -17,14 +17,42 @@ pub const MAX_WARMUP: usize = 1_000;
 /// The largest write of the stream, and the most bytes one call may move.
 pub const MAX_CHUNK: usize = 16 << 20;
 pub const MAX_CALL_BYTES: usize = 64 << 30;
-/// The least time untimed calls take, where there are any (as `kvtransfer bench`'s own rows warm up): a thread
-/// started for the measure may share the caller's CPU until the scheduler moves it, tens of ms.
-pub const WARMUP_AT_LEAST: Duration = Duration::from_millis(200);
-
-/// Whether untimed call `i` (from 0) is still warm-up, for `warmup` calls asked and warm-up begun at `since`.
-fn warming(i: usize, warmup: usize, since: Instant) -> bool {
-    i < warmup || (warmup > 0 && since.elapsed() < WARMUP_AT_LEAST)
+/// The untimed calls before the timed ones: at least `calls`, going on (where there are any) until `at_least` has
+/// passed, as `kvtransfer bench`'s own rows warm up (a thread started for the measure may share the caller's CPU
+/// until the scheduler moves it, tens of ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Warmup {
+    pub calls: usize,
+    pub at_least: Duration,
 }
+
+impl Warmup {
+    /// Whether the warm-up goes on after `done` calls, begun at `since`.
+    fn goes_on(&self, done: usize, since: Instant) -> bool {
+        done < self.calls || (self.calls > 0 && since.elapsed() < self.at_least)
+    }
+
+    /// Runs `call` for as long as the warm-up goes on; returns how many calls it made.
+    fn run<E>(&self, mut call: impl FnMut(usize) -> std::result::Result<(), E>) -> std::result::Result<usize, E> {
+        let (since, mut done) = (Instant::now(), 0);
+        while self.goes_on(done, since) {
+            call(done)?;
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    fn checked(self) -> Result<Warmup> {
+        check("warmup", self.calls, 0, MAX_WARMUP)?;
+        if self.at_least > MAX_WARMUP_TIME {
+            return Err(Error::invalid(format!("a warm-up of at least {:?} is longer than {MAX_WARMUP_TIME:?}", self.at_least)));
+        }
+        Ok(self)
+    }
+}
+
+/// The longest a warm-up may be made to last.
+pub const MAX_WARMUP_TIME: Duration = Duration::from_secs(60);
 
 /// How long the stream may go without progress before it is an error.
 const STALL: Duration = Duration::from_secs(30);
@@ -49,10 +77,10 @@ fn buffer(len: usize) -> Result<HostAllocation> {
 
 /// One TCP stream over loopback moving `bytes` per call in writes of `chunk` bytes, from memory as large as a
 /// call into memory as large as a call (the same bytes as a write moves, from and into memory as cold as a
-/// cache's, not one small buffer the CPU's cache keeps hot): the time of each of `calls` calls (after `warmup`
-/// untimed ones, [`WARMUP_AT_LEAST`] in all), from the first byte written to the receiver's acknowledgement that the last one arrived.
-pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Result<Vec<Duration>> {
-    let (bytes, calls, warmup) = (check("bytes", bytes, 1, MAX_CALL_BYTES)?, check("calls", calls, 1, MAX_CALLS)?, check("warmup", warmup, 0, MAX_WARMUP)?);
+/// cache's, not one small buffer the CPU's cache keeps hot): the time of each of `calls` calls (after the
+/// `warmup`), from the first byte written to the receiver's acknowledgement that the last one arrived.
+pub fn tcp_stream(bytes: usize, chunk: usize, warmup: Warmup, calls: usize) -> Result<Vec<Duration>> {
+    let (bytes, calls, warmup) = (check("bytes", bytes, 1, MAX_CALL_BYTES)?, check("calls", calls, 1, MAX_CALLS)?, warmup.checked()?);
     let chunk = check("chunk", chunk, 1, MAX_CHUNK)?.min(bytes);
     let io = |what: &'static str| move |e: std::io::Error| Error::io(what, e);
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io("binding a loopback port"))?;
@@ -97,12 +125,7 @@ pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Re
             sender.read_exact(&mut ack)?;
             Ok(start.elapsed())
         };
-        let since = Instant::now();
-        let mut i = 0;
-        while warming(i, warmup, since) {
-            call()?;
-            i += 1;
-        }
+        warmup.run(|_| call().map(drop))?;
         for _ in 0..calls {
             times.push(call()?);
         }
@@ -119,8 +142,8 @@ pub fn tcp_stream(bytes: usize, chunk: usize, warmup: usize, calls: usize) -> Re
 /// `memcpy` of scattered blocks, as a bench call moves them: for each of `tensors` tensors, block `local[i]` of a
 /// source pool into block `remote[i]` of a destination pool, one of `layers` pools per tensor in turn (each call
 /// the next layer's), on `threads` threads at most, each given at least as many bytes as the shared-memory
-/// transport gives one. Returns the threads used and the time of each of `calls` calls, after `warmup` untimed
-/// ones (at least one per layer: they touch the destination's pages; [`WARMUP_AT_LEAST`] in all).
+/// transport gives one. Returns the threads used and the time of each of `calls` calls, after the `warmup` (at
+/// least one call per layer, which touch the destination's pages).
 #[allow(clippy::too_many_arguments)]
 pub fn scattered_copy(
     block_bytes: usize,
@@ -129,12 +152,12 @@ pub fn scattered_copy(
     tensors: usize,
     layers: usize,
     threads: usize,
-    warmup: usize,
+    warmup: Warmup,
     calls: usize,
 ) -> Result<(usize, Vec<Duration>)> {
     let block_bytes = check("block bytes", block_bytes, 1, MAX_CALL_BYTES)?;
     let (tensors, layers) = (check("tensors", tensors, 1, 4)?, check("layers", layers, 1, 64)?);
-    let (threads, calls, warmup) = (check("threads", threads, 1, 64)?, check("calls", calls, 1, MAX_CALLS)?, check("warmup", warmup, 0, MAX_WARMUP)?);
+    let (threads, calls, warmup) = (check("threads", threads, 1, 64)?, check("calls", calls, 1, MAX_CALLS)?, warmup.checked()?);
     if local.len() != remote.len() || local.is_empty() {
         return Err(Error::invalid(format!("{} local block ids and {} remote ones: give the same number, at least one", local.len(), remote.len())));
     }
@@ -191,11 +214,12 @@ pub fn scattered_copy(
         });
         start.elapsed()
     };
-    let (since, mut i) = (Instant::now(), 0);
-    while warming(i, warmup.max(layers), since) {
+    // A call per layer at least, which touch the pages; the time floor only where warm-up calls were asked for.
+    let touching = Warmup { calls: warmup.calls.max(layers), at_least: if warmup.calls > 0 { warmup.at_least } else { Duration::ZERO } };
+    let mut i = touching.run(|i| {
         call(i);
-        i += 1;
-    }
+        Ok::<(), ()>(())
+    }).expect("a copy cannot fail");
     for _ in 0..calls {
         times.push(call(i));
         i += 1;
@@ -212,19 +236,15 @@ pub fn scattered_copy(
 }
 
 /// One device copy of `bytes` from memory of GPU `from` into memory of GPU `to` (the same GPU, or a peer: what
-/// CUDA IPC between the two does at best), on a stream of `from`: the time of each of `calls` calls, after `warmup`
-/// untimed ones ([`WARMUP_AT_LEAST`] in all). `UNAVAILABLE` without a CUDA driver or where the memory cannot be had.
-pub fn device_copy(from: u32, to: u32, bytes: usize, warmup: usize, calls: usize) -> Result<Vec<Duration>> {
+/// CUDA IPC between the two does at best), on a stream of `from`: the time of each of `calls` calls, after
+/// the `warmup`. `UNAVAILABLE` without a CUDA driver or where the memory cannot be had.
+pub fn device_copy(from: u32, to: u32, bytes: usize, warmup: Warmup, calls: usize) -> Result<Vec<Duration>> {
     use crate::cuda::{CopyStream, Gpu};
     use crate::memory::DeviceAllocation;
-    let (bytes, calls, warmup) = (check("bytes", bytes, 1, MAX_CALL_BYTES)?, check("calls", calls, 1, MAX_CALLS)?, check("warmup", warmup, 0, MAX_WARMUP)?);
+    let (bytes, calls, warmup) = (check("bytes", bytes, 1, MAX_CALL_BYTES)?, check("calls", calls, 1, MAX_CALLS)?, warmup.checked()?);
     let (src, dst) = (DeviceAllocation::new(from, bytes)?, DeviceAllocation::new(to, bytes)?);
     let stream = CopyStream::new(Gpu::get(from)?)?;
-    let (since, mut i) = (Instant::now(), 0);
-    while warming(i, warmup, since) {
-        stream.copy(&dst.0, &src.0)?;
-        i += 1;
-    }
+    warmup.run(|_| stream.copy(&dst.0, &src.0))?;
     let mut times = Vec::with_capacity(calls);
     for _ in 0..calls {
         let start = Instant::now();
@@ -238,35 +258,51 @@ pub fn device_copy(from: u32, to: u32, bytes: usize, warmup: usize, calls: usize
 mod tests {
     use super::*;
 
+    const NONE: Warmup = Warmup { calls: 0, at_least: Duration::ZERO };
+
+    #[test]
+    fn a_warm_up_makes_its_calls_and_lasts_its_time_and_none_makes_none() {
+        let count = |w: Warmup| w.run(|_| Ok::<(), ()>(())).unwrap();
+        assert_eq!(count(NONE), 0);
+        assert_eq!(count(Warmup { calls: 0, at_least: Duration::from_secs(60) }), 0, "no calls asked: no time either");
+        assert_eq!(count(Warmup { calls: 3, at_least: Duration::ZERO }), 3);
+        let started = Instant::now();
+        assert!(count(Warmup { calls: 1, at_least: Duration::from_millis(30) }) > 1);
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        let failing = Warmup { calls: 5, at_least: Duration::ZERO }.run(|i| if i == 2 { Err(i) } else { Ok(()) });
+        assert_eq!(failing, Err(2), "a failed call ends it");
+        assert_eq!(Warmup { calls: 1, at_least: MAX_WARMUP_TIME * 2 }.checked().unwrap_err().code(), ErrorCode::InvalidArgument);
+    }
+
     #[test]
     fn a_stream_moves_its_bytes_each_call() {
-        let times = tcp_stream(3 << 20, 256 << 10, 1, 4).unwrap();
+        let times = tcp_stream(3 << 20, 256 << 10, Warmup { calls: 1, at_least: Duration::ZERO }, 4).unwrap();
         assert_eq!(times.len(), 4);
         assert!(times.iter().all(|t| !t.is_zero()));
         for (bytes, chunk, calls) in [(0, 1, 1), (1, 0, 1), (1, 1, 0), (1, MAX_CHUNK + 1, 1)] {
-            assert_eq!(tcp_stream(bytes, chunk, 0, calls).unwrap_err().code(), ErrorCode::InvalidArgument);
+            assert_eq!(tcp_stream(bytes, chunk, NONE, calls).unwrap_err().code(), ErrorCode::InvalidArgument);
         }
     }
 
     #[test]
     fn the_copy_lands_where_its_pairs_say_and_refuses_what_it_cannot_do() {
-        let (used, times) = scattered_copy(8, &[4, 0, 2], &[1, 2, 0], 2, 2, 3, 0, 3).unwrap();
+        let (used, times) = scattered_copy(8, &[4, 0, 2], &[1, 2, 0], 2, 2, 3, NONE, 3).unwrap();
         assert_eq!((used, times.len()), (1, 3), "a small call is one thread's");
         for bad in [
-            scattered_copy(0, &[1], &[1], 1, 1, 1, 0, 1),
-            scattered_copy(8, &[1], &[], 1, 1, 1, 0, 1),
-            scattered_copy(8, &[1, 2], &[3, 3], 1, 1, 1, 0, 1),
-            scattered_copy(8, &[1], &[1], 0, 1, 1, 0, 1),
-            scattered_copy(8, &[1], &[1], 1, 1, 1, 0, 0),
+            scattered_copy(0, &[1], &[1], 1, 1, 1, NONE, 1),
+            scattered_copy(8, &[1], &[], 1, 1, 1, NONE, 1),
+            scattered_copy(8, &[1, 2], &[3, 3], 1, 1, 1, NONE, 1),
+            scattered_copy(8, &[1], &[1], 0, 1, 1, NONE, 1),
+            scattered_copy(8, &[1], &[1], 1, 1, 1, NONE, 0),
         ] {
             assert_eq!(bad.unwrap_err().code(), ErrorCode::InvalidArgument);
         }
         // Pools the machine cannot hold: an error, not an abort.
-        let huge = scattered_copy(1 << 30, &[u32::MAX], &[u32::MAX], 1, 1, 1, 0, 1);
+        let huge = scattered_copy(1 << 30, &[u32::MAX], &[u32::MAX], 1, 1, 1, NONE, 1);
         assert_eq!(huge.unwrap_err().code(), ErrorCode::Unavailable);
         // A large call is split over threads, as shm splits it.
         let ids: Vec<u32> = (0..64).collect();
-        let (used, _) = scattered_copy(256 << 10, &ids, &ids, 2, 1, 4, 0, 1).unwrap();
+        let (used, _) = scattered_copy(256 << 10, &ids, &ids, 2, 1, 4, NONE, 1).unwrap();
         assert_eq!(used, 4.min(32 << 20 >> 22));
     }
 }

@@ -151,8 +151,10 @@ fn the_device_copy_ceiling_times_each_call() {
     let Some(probe) = device_alloc("the_device_copy_ceiling_times_each_call", 1) else { return };
     // SAFETY: the probe was allocated just above and nothing else holds it.
     unsafe { cu::cuMemFree_v2(probe) };
-    let times = kvtransfer::ceilings::device_copy(0, 0, 64 << 20, 2, 5).unwrap();
+    use kvtransfer::ceilings::Warmup;
+    let warmup = Warmup { calls: 2, at_least: std::time::Duration::from_millis(20) };
+    let times = kvtransfer::ceilings::device_copy(0, 0, 64 << 20, warmup, 5).unwrap();
     assert_eq!(times.len(), 5);
     assert!(times.iter().all(|t| !t.is_zero()));
-    assert_eq!(kvtransfer::ceilings::device_copy(0, 0, 0, 0, 1).unwrap_err().code(), kvtransfer::ErrorCode::InvalidArgument);
+    assert_eq!(kvtransfer::ceilings::device_copy(0, 0, 0, warmup, 1).unwrap_err().code(), kvtransfer::ErrorCode::InvalidArgument);
 }

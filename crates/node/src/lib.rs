@@ -695,13 +695,18 @@ impl NativeCommunicator {
     }
 }
 
+/// A ceiling's warm-up: `calls` untimed calls at least, going on (where there are any) for `ms`.
+fn warm_up(calls: u32, ms: u32) -> kvtransfer::ceilings::Warmup {
+    kvtransfer::ceilings::Warmup { calls: calls as usize, at_least: std::time::Duration::from_millis(ms as u64) }
+}
+
 /// `kvtransfer bench`'s ceiling: one TCP stream over loopback moving `bytes` per call in writes of `chunk`;
 /// seconds per timed call.
 #[napi]
-pub fn ceiling_tcp_stream(bytes: f64, chunk: u32, warmup: u32, calls: u32) -> Result<Vec<f64>, ErrorCode> {
+pub fn ceiling_tcp_stream(bytes: f64, chunk: u32, warmup: u32, warmup_ms: u32, calls: u32) -> Result<Vec<f64>, ErrorCode> {
     guarded(|| {
         let bytes = whole_bytes("bytes", bytes)?;
-        let times = kvtransfer::ceilings::tcp_stream(bytes, chunk as usize, warmup as usize, calls as usize)?;
+        let times = kvtransfer::ceilings::tcp_stream(bytes, chunk as usize, warm_up(warmup, warmup_ms), calls as usize)?;
         Ok(times.iter().map(|t| t.as_secs_f64()).collect())
     })
 }
@@ -719,6 +724,7 @@ pub fn ceiling_scattered_copy(
     layers: u32,
     threads: u32,
     warmup: u32,
+    warmup_ms: u32,
     calls: u32,
 ) -> Result<NativeCopyTimes, ErrorCode> {
     guarded(|| {
@@ -729,7 +735,7 @@ pub fn ceiling_scattered_copy(
             tensors as usize,
             layers as usize,
             threads as usize,
-            warmup as usize,
+            warm_up(warmup, warmup_ms),
             calls as usize,
         )?;
         Ok(NativeCopyTimes { threads: threads as u32, seconds: times.iter().map(|t| t.as_secs_f64()).collect() })
@@ -832,7 +838,8 @@ pub fn host_free(env: &Env, buffer: Unknown) -> Result<(), ErrorCode> {
 }
 
 /// Zeroed memory of one GPU (`DeviceBuffer` in the wrapper): its bytes go in and out by copies. Freed by
-/// [`NativeDeviceBuffer::free`] or when collected, but never while a communicator holds it.
+/// [`NativeDeviceBuffer::free`] or when collected (the engine does not know its size: call `free()`), but never
+/// while a communicator holds it.
 #[napi]
 pub struct NativeDeviceBuffer {
     memory: Option<Arc<DeviceAllocation>>,
@@ -876,7 +883,10 @@ impl NativeDeviceBuffer {
             if offset.checked_add(length).is_none_or(|end| end > memory.len()) {
                 return Err(invalid(format!("{length} bytes from offset {offset} run past the end of this DeviceBuffer ({} bytes)", memory.len())));
             }
-            let mut out = vec![0u8; length];
+            // Fallibly: a read as large as the GPU's memory is an error, never an abort of the process.
+            let mut out = Vec::new();
+            out.try_reserve_exact(length).map_err(|_| Error::new(ErrorCode::Unavailable, format!("cannot allocate {length} bytes of host memory to read into")))?;
+            out.resize(length, 0);
             memory.read(offset, &mut out)?;
             Ok(out.into())
         })
@@ -898,10 +908,10 @@ impl NativeDeviceBuffer {
 /// `kvtransfer bench`'s ceiling for CUDA IPC: one device copy of `bytes` from GPU `from` to GPU `to`; seconds
 /// per timed call.
 #[napi]
-pub fn ceiling_device_copy(from: u32, to: u32, bytes: f64, warmup: u32, calls: u32) -> Result<Vec<f64>, ErrorCode> {
+pub fn ceiling_device_copy(from: u32, to: u32, bytes: f64, warmup: u32, warmup_ms: u32, calls: u32) -> Result<Vec<f64>, ErrorCode> {
     guarded(|| {
         let bytes = whole_bytes("bytes", bytes)?;
-        let times = kvtransfer::ceilings::device_copy(from, to, bytes, warmup as usize, calls as usize)?;
+        let times = kvtransfer::ceilings::device_copy(from, to, bytes, warm_up(warmup, warmup_ms), calls as usize)?;
         Ok(times.iter().map(|t| t.as_secs_f64()).collect())
     })
 }

@@ -265,20 +265,18 @@ pub struct DeviceBuffer {
     len: usize,
 }
 
-// SAFETY: a device address and the GPU that owns it; the memory is only touched by the NIC and by `Drop`.
+// SAFETY: a device address and the GPU that owns it, no host pointer. Every use through `&self` (`write`, `read`,
+// `copy`) is a synchronous driver copy of a range checked against `len`; no Rust reference ever aliases the device
+// bytes, so copies from two threads can race only on them, never on memory Rust reads; the allocation is freed
+// once, by `Drop`, after every `&self` user has returned.
 unsafe impl Send for DeviceBuffer {}
 unsafe impl Sync for DeviceBuffer {}
 
 impl DeviceBuffer {
     /// A copy of `bytes` (at least one) in the memory of `gpu`.
     pub fn with_bytes(gpu: Arc<Gpu>, bytes: &[u8]) -> Result<DeviceBuffer> {
-        gpu.bind()?;
-        let len = bytes.len().max(1);
-        // SAFETY: the GPU's context is current on this thread (bound above).
-        let ptr = unsafe { cudarc::driver::result::malloc_sync(len) }.map_err(|e| driver_error(e, "allocating device memory"))?;
-        let buffer = DeviceBuffer { gpu, ptr, len };
-        // SAFETY: `ptr` is `len >= bytes.len()` bytes of device memory just allocated; `bytes` is a live slice.
-        unsafe { cudarc::driver::result::memcpy_htod_sync(ptr, bytes) }.map_err(|e| driver_error(e, "filling device memory"))?;
+        let buffer = DeviceBuffer::zeroed(gpu, bytes.len())?;
+        buffer.write(0, bytes)?;
         Ok(buffer)
     }
 

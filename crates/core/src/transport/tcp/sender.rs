@@ -69,17 +69,26 @@ impl TcpLink {
             .map_err(|e| Error::invalid(format!("cannot resolve {peer}: {e}")))?
             .collect();
         let hello = ConnectionHello { magic: frame::HELLO_MAGIC, protocol: PROTOCOL_VERSION, token, proof };
-        // All at once, a thread each: a link costs one connection's round trips however many it opens. Where one
-        // fails, the others are dropped (closed) with it.
-        let streams = std::thread::scope(|scope| {
-            let opening: Vec<_> = (0..data.connections)
-                .map(|_| scope.spawn(|| DataStream::open(&addrs, &peer, hello, &cache, deadline, stall)))
+        let open = || DataStream::open(&addrs, &peer, hello, &cache, deadline, stall);
+        // The first alone: a refusal (an expired or unproven token, a full decode) is said as the decode said it,
+        // not as the "unknown token" its siblings would meet once it used the token up. Then the others at once,
+        // a thread each: a link costs two connections' round trips however many it opens. Where one fails, the
+        // others are dropped (closed) with it.
+        let mut streams = vec![open()?];
+        let rest = std::thread::scope(|scope| {
+            let opening: Vec<_> = (1..data.connections)
+                .map(|i| std::thread::Builder::new().name(format!("kvtransfer tcp open {i}")).spawn_scoped(scope, open))
                 .collect();
             opening
                 .into_iter()
-                .map(|o| o.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "opening a data connection panicked"))))
+                .map(|o| match o {
+                    Ok(thread) => thread.join().unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "opening a data connection panicked"))),
+                    // No thread to be had (a limit of the process): this one opens it.
+                    Err(_) => open(),
+                })
                 .collect::<Result<Vec<_>>>()
         })?;
+        streams.extend(rest);
         Ok(TcpLink { streams, peer, cache, seq: 0, pieces: Vec::new() })
     }
 
