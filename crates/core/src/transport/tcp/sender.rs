@@ -230,3 +230,45 @@ impl Link for TcpLink {
         TransportKind::Tcp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{CacheSpec, HostAllocation};
+    use std::net::TcpListener;
+
+    #[test]
+    fn a_link_whose_later_connection_is_refused_fails_and_closes_the_ones_it_opened() {
+        // A data port that accepts two connections and closes the third at its hello, as a decode that refuses it.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let mut accepted = Vec::new();
+            for n in 0..3 {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut hello = [0u8; crate::admission::HELLO_LEN];
+                s.read_exact(&mut hello).unwrap();
+                if n < 2 {
+                    s.write_all(&frame::encode_hello_ack(0)).unwrap();
+                    accepted.push(s);
+                }
+            }
+            // What became of the two accepted: each ends (EOF) once the link has given up.
+            accepted
+                .into_iter()
+                .map(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    matches!(s.read(&mut [0u8; 1]), Ok(0))
+                })
+                .collect::<Vec<_>>()
+        });
+        let memory = HostAllocation::new(4096).unwrap();
+        // SAFETY: the memory outlives the layout, and nothing is written through it (no write is made).
+        let cache = Arc::new(unsafe { CacheLayout::new(CacheSpec { key: vec![memory.addr()], block_number: 4, block_bytes: 1024, ..CacheSpec::default() }) }.unwrap());
+        let data = DataPort { host: "127.0.0.1", port, connections: 3 };
+        let e = TcpLink::connect(data, 7, [0; 32], cache, Instant::now() + Duration::from_secs(5), Duration::from_secs(5)).err().expect("refused");
+        assert_eq!(e.code(), ErrorCode::Transport, "{e}");
+        assert!(e.message().contains("closed the data connection before accepting it"), "{e}");
+        assert_eq!(server.join().unwrap(), vec![true, true], "the connections it had opened were closed with it");
+    }
+}
