@@ -345,7 +345,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     if (runnable.length === 0) continue
     try {
       const host = runnable.some((t) => !onGpu(t))
-      ceilings.push(...ceilingsOf({ blockBytes, batch, pool, tensors, layers, iterations, warmup }, { host, rdma: runnable.includes('rdma'), gpus: runnable.includes('cuda-ipc') ? [0, decodeGpu] : undefined }))
+      ceilings.push(...ceilingsOf({ blockBytes, batch, pool, tensors, layers, iterations, warmup }, { host, rdma: runnable.includes('rdma'), gpus: runnable.some(onGpu) ? [0, decodeGpu] : undefined }))
     } catch (e) {
       failed.push({ transport: 'ceiling', blockBytes, error: e instanceof Error ? e.message : String(e) })
     }
@@ -389,7 +389,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchResult>
     warmupMs: warmup > 0 ? WARMUP_MS : 0,
     iterations,
     writers,
-    ...(transports.includes('cuda-ipc') ? { gpus: { prefill: 0, decode: decodeGpu } } : {}),
+    ...(transports.some(onGpu) ? { gpus: { prefill: 0, decode: decodeGpu } } : {}),
     rows,
     ceilings,
     skipped,

@@ -400,8 +400,8 @@ impl DeviceAllocation {
         if len == 0 {
             return Err(Error::invalid("cannot allocate 0 bytes"));
         }
-        let count = cuda::devices()?.len();
-        if gpu as usize >= count {
+        let count = cuda::device_count()?;
+        if gpu >= count {
             let have = match count {
                 0 => "this machine has no GPU that a CUDA driver serves".to_string(),
                 n => format!("this process sees {n} GPU(s), 0 to {}", n - 1),
@@ -430,9 +430,10 @@ impl DeviceAllocation {
     pub fn write(&self, offset: usize, bytes: &[u8]) -> Result<()> {
         self.0.write(offset, bytes)
     }
-    /// Copies `out.len()` bytes out from `offset`; `INVALID_ARGUMENT` past the end.
-    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
-        self.0.read(offset, out)
+    /// A copy of `len` bytes from `offset`; `INVALID_ARGUMENT` past the end, `UNAVAILABLE` where the host memory
+    /// to copy into cannot be had.
+    pub fn read(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
+        self.0.read(offset, len)
     }
 }
 

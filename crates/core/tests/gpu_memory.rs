@@ -128,18 +128,15 @@ fn a_device_allocation_round_trips_its_bytes_and_refuses_ranges_past_its_end() {
     let memory = DeviceAllocation::new(0, 1 << 20).unwrap();
     assert_eq!((memory.len(), memory.gpu()), (1 << 20, 0));
     assert_eq!(cuda::memory_kind(memory.addr()), MemoryKind::Device { ordinal: 0 });
-    let mut out = vec![1u8; 4096];
-    memory.read(8192, &mut out).unwrap();
-    assert!(out.iter().all(|&b| b == 0), "zeroed");
+    assert!(memory.read(8192, 4096).unwrap().iter().all(|&b| b == 0), "zeroed");
     let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
     memory.write(12_345, &data).unwrap();
-    let mut back = vec![0u8; data.len() + 2];
-    memory.read(12_344, &mut back).unwrap();
+    let back = memory.read(12_344, data.len() + 2).unwrap();
     assert_eq!((back[0], &back[1..=data.len()], back[data.len() + 1]), (0, &data[..], 0), "only the range written changed");
     for (offset, len) in [((1 << 20) - 1, 2), (1 << 20, 1), (usize::MAX, 1)] {
         let e = memory.write(offset, &vec![0; len]).unwrap_err();
         assert_eq!(e.code(), kvtransfer::ErrorCode::InvalidArgument, "{e}");
-        assert_eq!(memory.read(offset, &mut vec![0; len]).unwrap_err().code(), kvtransfer::ErrorCode::InvalidArgument);
+        assert_eq!(memory.read(offset, len).unwrap_err().code(), kvtransfer::ErrorCode::InvalidArgument);
     }
     let count = cuda::devices().unwrap().len() as u32;
     let e = DeviceAllocation::new(count, 1).unwrap_err();

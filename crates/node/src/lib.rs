@@ -877,19 +877,7 @@ impl NativeDeviceBuffer {
     /// A copy of `length` bytes from byte `offset`.
     #[napi]
     pub fn read(&self, offset: f64, length: f64) -> Result<Buffer, ErrorCode> {
-        guarded(|| {
-            let memory = self.memory()?;
-            let (offset, length) = (whole_bytes("offset", offset)?, whole_bytes("length", length)?);
-            if offset.checked_add(length).is_none_or(|end| end > memory.len()) {
-                return Err(invalid(format!("{length} bytes from offset {offset} run past the end of this DeviceBuffer ({} bytes)", memory.len())));
-            }
-            // Fallibly: a read as large as the GPU's memory is an error, never an abort of the process.
-            let mut out = Vec::new();
-            out.try_reserve_exact(length).map_err(|_| Error::new(ErrorCode::Unavailable, format!("cannot allocate {length} bytes of host memory to read into")))?;
-            out.resize(length, 0);
-            memory.read(offset, &mut out)?;
-            Ok(out.into())
-        })
+        guarded(|| Ok(self.memory()?.read(whole_bytes("offset", offset)?, whole_bytes("length", length)?)?.into()))
     }
 
     /// Gives the memory back; `IN_USE` while an open communicator uses it. Twice is harmless.

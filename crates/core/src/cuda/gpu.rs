@@ -313,15 +313,19 @@ impl DeviceBuffer {
         unsafe { cudarc::driver::result::memcpy_htod_sync(at, bytes) }.map_err(|e| driver_error(e, "copying into device memory"))
     }
 
-    /// Copies `out.len()` bytes of this memory from `offset` into `out`.
-    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
-        let at = self.range(offset, out.len())?;
-        if out.is_empty() {
-            return Ok(());
+    /// A copy of `len` bytes of this memory from `offset`. The host memory is reserved fallibly, once the range
+    /// is known to be inside: a read as large as a GPU is an `UNAVAILABLE` error, never an abort.
+    pub fn read(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
+        let at = self.range(offset, len)?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(len).map_err(|_| Error::new(ErrorCode::Unavailable, format!("cannot allocate {len} bytes of host memory to read into")))?;
+        out.resize(len, 0);
+        if len > 0 {
+            self.gpu.bind()?;
+            // SAFETY: as in `write`; `out` is a live, exclusively owned buffer of `len` bytes the synchronous copy fills.
+            unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut out, at) }.map_err(|e| driver_error(e, "copying out of device memory"))?;
         }
-        self.gpu.bind()?;
-        // SAFETY: as in `write`; `out` is a live, exclusively borrowed slice the synchronous copy fills.
-        unsafe { cudarc::driver::result::memcpy_dtoh_sync(out, at) }.map_err(|e| driver_error(e, "copying out of device memory"))
+        Ok(out)
     }
 
     /// The GPU it lives on.

@@ -53,13 +53,7 @@ pub struct GpuInfo {
 
 /// The GPUs the driver sees (none without a driver).
 pub fn devices() -> Result<Vec<GpuInfo>> {
-    if driver_version().is_none() {
-        return Ok(Vec::new());
-    }
-    let mut count = 0;
-    // SAFETY: the driver is initialised; it writes the count.
-    check(unsafe { cu::cuDeviceGetCount(&mut count) }, "counting GPUs")?;
-    (0..count.max(0))
+    (0..device_count()? as i32)
         .map(|ordinal| {
             let (mut dev, mut bytes, mut major, mut minor) = (0, 0usize, 0, 0);
             let mut name = [0 as std::ffi::c_char; 256];
@@ -78,6 +72,17 @@ pub fn devices() -> Result<Vec<GpuInfo>> {
             Ok(GpuInfo { ordinal: ordinal as u32, name, memory_bytes: bytes as u64, compute_capability: format!("{major}.{minor}") })
         })
         .collect()
+}
+
+/// How many GPUs the driver sees (none without a driver).
+pub fn device_count() -> Result<u32> {
+    if driver_version().is_none() {
+        return Ok(0);
+    }
+    let mut count = 0;
+    // SAFETY: the driver is initialised; it writes the count.
+    check(unsafe { cu::cuDeviceGetCount(&mut count) }, "counting GPUs")?;
+    Ok(count.max(0) as u32)
 }
 
 /// Asks the driver whether `addr` is device memory.

@@ -610,8 +610,9 @@ mod tests {
     /// Whether descriptor `raw` of this process is (still) the memfd `writer` maps: the same file, by its inode
     /// (a number alone may have been reused by another test's descriptor).
     fn names_the_ring(raw: i32, writer: &RingWriter) -> bool {
-        // SAFETY: fstat into a local; a closed descriptor fails.
+        // SAFETY: `stat` is plain integers, for which all zeros is a valid value.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into the local `st`; a closed descriptor fails and writes nothing.
         if unsafe { libc::fstat(raw, &mut st) } != 0 {
             return false;
         }
